@@ -1,0 +1,278 @@
+"""The BlobService interface, its reader/writer types, and verify-on-read.
+
+A blob is named by the BLAKE3 of its bytes.  Backends implement a small
+abstract core (``has``, ``chunks``, ``_open_read``, ``open_write``); the base
+class wraps every reader a backend hands out in :class:`VerifyingReader`, so
+a corrupt backend cannot pass wrong bytes through a full read unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import blake3
+
+from nixcas.castore.digest import B3Digest
+from nixcas.errors import ChecksumMismatch, StorageError, ValidationError
+
+__all__ = [
+    "READ_BLOCK",
+    "BlobReader",
+    "BlobService",
+    "BlobWriter",
+    "BytesReader",
+    "ChunkMeta",
+    "VerifyingReader",
+]
+
+READ_BLOCK = 1 << 20
+"""Block size used when streaming blobs (1 MiB)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    """One chunk of a chunked blob: its digest and its (uncompressed) size."""
+
+    digest: B3Digest
+    size: int
+
+
+class BlobReader(ABC):
+    """An async, seekable reader over one blob's bytes."""
+
+    @abstractmethod
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all remaining for ``n < 0``); ``b""`` at EOF."""
+
+    @abstractmethod
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to ``offset`` (relative to ``whence``); return the new position."""
+
+    @abstractmethod
+    def tell(self) -> int:
+        """The current position."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; the reader must not be used afterwards."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def iter_blocks(self, block: int = READ_BLOCK) -> AsyncIterator[bytes]:
+        """The remaining bytes, in blocks of at most ``block`` bytes."""
+        while data := await self.read(block):
+            yield data
+
+    async def read_all(self) -> bytes:
+        """All remaining bytes (only for blobs known to be small)."""
+        return b"".join([b async for b in self.iter_blocks()])
+
+
+def resolve_seek(pos: int, size: int, offset: int, whence: int) -> int:
+    """The absolute position a ``seek`` lands on; rejects negatives and bad ``whence``."""
+    if whence == io.SEEK_SET:
+        target = offset
+    elif whence == io.SEEK_CUR:
+        target = pos + offset
+    elif whence == io.SEEK_END:
+        target = size + offset
+    else:
+        raise ValidationError(f"invalid whence {whence}")
+    if target < 0:
+        raise ValidationError(f"cannot seek to negative position {target}")
+    return target
+
+
+class BytesReader(BlobReader):
+    """A :class:`BlobReader` over bytes already in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
+        out = bytes(self._data[self._pos : end])
+        self._pos = max(self._pos, end)
+        return out
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = resolve_seek(self._pos, len(self._data), offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class VerifyingReader(BlobReader):
+    """Hashes what is read sequentially from the start and checks it at EOF.
+
+    While reads are contiguous from position 0, every byte goes into a BLAKE3
+    hasher; when the inner reader reports EOF the digest is compared and a
+    mismatch raises :class:`ChecksumMismatch` instead of a clean EOF.  A
+    seek elsewhere suspends verification until the reader is back at the
+    hashed frontier (range reads are verified chunk-wise by chunked backends).
+    """
+
+    def __init__(self, inner: BlobReader, digest: B3Digest) -> None:
+        self._inner = inner
+        self._digest = digest
+        self._hasher = blake3.blake3()
+        self._hashed = 0
+        self._verified = False
+
+    async def read(self, n: int = -1) -> bytes:
+        pos = self._inner.tell()
+        data = await self._inner.read(n)
+        if pos == self._hashed and not self._verified:
+            if data:
+                self._hasher.update(data)
+                self._hashed += len(data)
+            # An empty read, or a read of "everything remaining", ends the blob.
+            if (not data and n != 0) or (data and n < 0):
+                self._verify()
+        return data
+
+    def _verify(self) -> None:
+        got = B3Digest(self._hasher.digest())
+        if got != self._digest:
+            raise ChecksumMismatch(f"blob {self._digest.hex()}", self._digest.hex(), got.hex())
+        self._verified = True
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return await self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class BlobWriter(ABC):
+    """Receives a blob's bytes; :meth:`close` makes it visible and returns its digest.
+
+    Nothing becomes visible before :meth:`close` returns.  :meth:`abort` (or
+    leaving ``async with`` by an exception) discards everything written.
+    Calling :meth:`close` again returns the same digest; writing after close
+    or abort is an error.
+    """
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append ``data``."""
+
+    @abstractmethod
+    async def close(self) -> B3Digest:
+        """Finish the blob, make it visible, return its digest."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Discard what was written; nothing becomes visible."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is not None:
+            await asyncio.shield(self.abort())
+
+
+class WriterState:
+    """Bookkeeping shared by writers: closed/aborted state, size, declared size."""
+
+    def __init__(self, expected_size: int | None) -> None:
+        self.expected_size = expected_size
+        self.written = 0
+        self.digest: B3Digest | None = None
+        self.aborted = False
+
+    def check_writable(self, data_len: int) -> None:
+        if self.aborted:
+            raise StorageError("blob writer was aborted")
+        if self.digest is not None:
+            raise StorageError("blob writer is already closed")
+        self.written += data_len
+        if self.expected_size is not None and self.written > self.expected_size:
+            raise ValidationError(
+                f"blob is larger than its declared size {self.expected_size} (got at least {self.written})"
+            )
+
+    def check_complete(self) -> None:
+        if self.aborted:
+            raise StorageError("blob writer was aborted")
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise ValidationError(
+                f"blob is shorter than its declared size {self.expected_size} (got {self.written})"
+            )
+
+
+class BlobService(ABC):
+    """Stores blobs by BLAKE3 digest.  Absence is ``None``/``False``, never an exception."""
+
+    @abstractmethod
+    async def has(self, digest: B3Digest) -> bool:
+        """Whether the blob exists."""
+
+    @abstractmethod
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """``None`` if missing; ``[]`` if stored without finer chunking; else the chunk list."""
+
+    @abstractmethod
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        """Backend hook: an unverified reader, or ``None`` if missing."""
+
+    @abstractmethod
+    async def open_write(self, expected_size: int | None = None) -> BlobWriter:
+        """A writer for a new blob; ``expected_size`` (if given) is enforced at close."""
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        """A seekable reader whose sequential full read is verified against ``digest``."""
+        reader = await self._open_read(digest)
+        return None if reader is None else VerifyingReader(reader, digest)
+
+    async def put(self, data: bytes) -> B3Digest:
+        """Store a blob held in memory; return its digest."""
+        writer = await self.open_write(len(data))
+        async with writer:
+            await writer.write(data)
+            return await writer.close()
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Store several in-memory blobs; backends may batch this."""
+        return list(await asyncio.gather(*(self.put(b) for b in blobs)))
+
+    async def read(self, digest: B3Digest) -> bytes | None:
+        """The whole blob in memory (only for blobs known to be small), verified."""
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            return await reader.read_all()
+
+    async def sync(self) -> None:  # noqa: B027 - optional hook
+        """Make every blob written so far durable (a barrier before metadata refers to them)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources held by the service."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,62 @@
+"""The object layout shared by object-store blob backends (snix compatible).
+
+Under a base path:
+
+* ``blobs/b3/<hex[0:4]>/<hex>`` — the blob index: a serialized
+  ``StatBlobResponse`` listing the blob's chunks; an empty list (zero bytes)
+  means "one chunk, which is the blob itself".  Written last.
+* ``chunks/b3/<hex[0:4]>/<hex>`` — one chunk's bytes, zstd-compressed as a
+  single frame.  The empty blob has no chunk object, only its index.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
+from nixcas.castore.blob.base import ChunkMeta
+from nixcas.castore.digest import DIGEST_LEN, B3Digest
+from nixcas.errors import StorageError
+
+__all__ = ["ZSTD_LEVEL", "blob_index_key", "chunk_key", "decode_index", "encode_index"]
+
+ZSTD_LEVEL = 1
+"""Default zstd level for new chunks: fast, and any level decodes the same."""
+
+
+def _key(kind: str, digest: B3Digest) -> str:
+    h = digest.hex()
+    return f"{kind}/b3/{h[:4]}/{h}"
+
+
+def blob_index_key(digest: B3Digest) -> str:
+    """Object key of a blob's index."""
+    return _key("blobs", digest)
+
+
+def chunk_key(digest: B3Digest) -> str:
+    """Object key of a chunk's compressed bytes."""
+    return _key("chunks", digest)
+
+
+def encode_index(chunks: list[ChunkMeta]) -> bytes:
+    """Serialize a chunk list as a ``StatBlobResponse`` (empty for < 2 chunks)."""
+    if len(chunks) < 2:
+        return b""
+    msg = pb.StatBlobResponse(chunks=[pb.StatBlobResponse.ChunkMeta(digest=c.digest, size=c.size) for c in chunks])
+    return msg.SerializeToString(deterministic=True)
+
+
+def decode_index(digest: B3Digest, data: bytes) -> list[ChunkMeta]:
+    """Parse a blob index; a malformed one is a storage error."""
+    msg = pb.StatBlobResponse()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as e:
+        raise StorageError(f"blob index of {digest.hex()} is corrupt: {e}") from None
+    chunks = []
+    for i, c in enumerate(msg.chunks):
+        if len(c.digest) != DIGEST_LEN:
+            raise StorageError(f"blob index of {digest.hex()}: chunk {i} has digest length {len(c.digest)}")
+        chunks.append(ChunkMeta(B3Digest(c.digest), c.size))
+    return chunks

@@ -1,0 +1,341 @@
+"""``objectstore+file:///abs/path`` — the snix object layout on a local filesystem.
+
+Blocking filesystem work runs in worker threads; every object appears by an
+atomic ``rename`` of a finished temporary file (chunk first, index last), so
+readers never see a partial object and an interrupted write leaves only a
+file under ``tmp/``.  Durability is batched: :meth:`LocalBlobService.sync`
+is a barrier (``syncfs``) that importers call once before they publish
+metadata referring to the blobs, instead of an ``fsync`` per file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, BinaryIO
+from urllib.parse import SplitResult, unquote
+
+import blake3
+import zstandard
+
+from nixcas.castore.blob.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    BytesReader,
+    ChunkMeta,
+    WriterState,
+    resolve_seek,
+)
+from nixcas.castore.blob.chunked import ChunkedReader
+from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index
+from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
+from nixcas.errors import ConfigurationError, StorageError
+from nixcas.urls import query_options
+
+__all__ = ["LocalBlobService"]
+
+SPILL_THRESHOLD = 1 << 20
+"""Writers keep up to this many bytes in memory before spilling to a temp file."""
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+class LocalBlobService(BlobService):
+    """Blobs as zstd-compressed chunk files plus index files under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL) -> None:
+        self.root = Path(root)
+        self.zstd_level = zstd_level
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._made_dirs: set[Path] = set()
+        self._dirty = False
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> LocalBlobService:
+        """``objectstore+file:///abs/path[?zstd_level=N]``."""
+        if url.netloc:
+            raise ConfigurationError(f"{url.geturl()!r}: file URLs take no host (write file:///abs/path)")
+        path = unquote(url.path)
+        if not path.startswith("/") or path.rstrip("/") == "":
+            raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path other than /")
+        options = query_options(url, {"zstd_level"})
+        level = ZSTD_LEVEL
+        if "zstd_level" in options:
+            try:
+                level = int(options["zstd_level"])
+            except ValueError:
+                raise ConfigurationError(f"{url.geturl()!r}: zstd_level must be an integer") from None
+        return cls(path, zstd_level=level)
+
+    def __repr__(self) -> str:
+        return f"LocalBlobService({str(self.root)!r})"
+
+    # -- paths -----------------------------------------------------------------
+
+    def _index_path(self, digest: B3Digest) -> Path:
+        return self.root / blob_index_key(digest)
+
+    def _chunk_path(self, digest: B3Digest) -> Path:
+        return self.root / chunk_key(digest)
+
+    def _ensure_parent(self, path: Path) -> None:
+        parent = path.parent
+        if parent not in self._made_dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(parent)
+
+    # -- synchronous primitives (run in worker threads) --------------------------
+
+    def _publish(self, tmp_path: str, final: Path) -> None:
+        """Move a finished temp file into place (or drop it if already present)."""
+        if final.exists():
+            os.unlink(tmp_path)
+            return
+        self._ensure_parent(final)
+        os.rename(tmp_path, final)
+
+    def _write_index(self, digest: B3Digest) -> None:
+        """Publish an empty index (single chunk / empty blob); it is written last."""
+        path = self._index_path(digest)
+        self._ensure_parent(path)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+
+    def _store_sync(self, data: bytes | memoryview) -> B3Digest:
+        digest = B3Digest(blake3.blake3(data).digest())
+        if self._index_path(digest).exists():
+            return digest
+        if len(data) and not self._chunk_path(digest).exists():
+            compressed = zstandard.ZstdCompressor(level=self.zstd_level).compress(data)
+            fd, tmp_path = tempfile.mkstemp(dir=self._tmp)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(compressed)
+                self._publish(tmp_path, self._chunk_path(digest))
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_path)
+                raise
+        self._write_index(digest)
+        self._dirty = True
+        return digest
+
+    def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        try:
+            data = self._index_path(digest).read_bytes()
+        except FileNotFoundError:
+            return [] if self._chunk_path(digest).exists() else None
+        return decode_index(digest, data)
+
+    # -- BlobService -------------------------------------------------------------
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await asyncio.to_thread(
+            lambda: self._index_path(digest).exists() or self._chunk_path(digest).exists()
+        )
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        return await asyncio.to_thread(self._chunks_sync, digest)
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        chunk_path = self._chunk_path(digest)
+        if await asyncio.to_thread(chunk_path.exists):
+            return _ZstdFileReader(chunk_path)
+        chunks = await self.chunks(digest)
+        if chunks is None:
+            return None
+        if not chunks:
+            if digest == EMPTY_DIGEST:
+                return BytesReader(b"")
+            raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
+        return ChunkedReader(self.open_read, chunks)
+
+    async def open_write(self, expected_size: int | None = None) -> BlobWriter:
+        return _LocalBlobWriter(self, expected_size)
+
+    async def put(self, data: bytes) -> B3Digest:
+        return await asyncio.to_thread(self._store_sync, data)
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        return await asyncio.to_thread(lambda: [self._store_sync(b) for b in blobs])
+
+    async def sync(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            await asyncio.to_thread(_syncfs, self.root)
+
+
+class _ZstdFileReader(BlobReader):
+    """Streams one zstd-compressed chunk file; backward seeks restart the stream."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._file: BinaryIO | None = None
+        self._stream: IO[bytes] | None = None
+        self._pos = 0  # position of the decompressed stream
+        self._want = 0  # position the caller asked for
+        self._size: int | None = None
+
+    def _open_sync(self) -> None:
+        self._close_sync()
+        self._file = open(self._path, "rb")  # noqa: SIM115 - closed in _close_sync
+        self._stream = zstandard.ZstdDecompressor().stream_reader(self._file, read_across_frames=True)
+        self._pos = 0
+
+    def _close_sync(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _size_sync(self) -> int:
+        if self._size is None:
+            with open(self._path, "rb") as f:
+                size = zstandard.frame_content_size(f.read(18))
+            if size < 0:  # not recorded in the frame header: count
+                with open(self._path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as s:
+                    size = 0
+                    while block := s.read(1 << 20):
+                        size += len(block)
+            self._size = size
+        return self._size
+
+    def _read_sync(self, n: int) -> bytes:
+        if self._stream is None or self._want < self._pos:
+            self._open_sync()
+        assert self._stream is not None
+        while self._pos < self._want:  # forward seek: decompress and drop
+            skipped = self._stream.read(min(self._want - self._pos, 1 << 20))
+            if not skipped:
+                return b""
+            self._pos += len(skipped)
+        data = self._stream.read(n) if n >= 0 else self._stream.readall()
+        self._pos += len(data)
+        self._want = self._pos
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            return b""
+        return await asyncio.to_thread(self._read_sync, n)
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        size = await asyncio.to_thread(self._size_sync) if whence == io.SEEK_END else 0
+        self._want = resolve_seek(self._want, size, offset, whence)
+        return self._want
+
+    def tell(self) -> int:
+        return self._want
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close_sync)
+
+
+class _LocalBlobWriter(BlobWriter):
+    """Buffers small blobs in memory; spills larger ones to a compressed temp file."""
+
+    def __init__(self, service: LocalBlobService, expected_size: int | None) -> None:
+        self._service = service
+        self._state = WriterState(expected_size)
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._tmp_path: str | None = None
+        self._file: BinaryIO | None = None
+        self._compressor: zstandard.ZstdCompressionWriter | None = None
+
+    def _spill_sync(self, data: list[bytes]) -> None:
+        if self._compressor is None:
+            fd, self._tmp_path = tempfile.mkstemp(dir=self._service._tmp)
+            self._file = os.fdopen(fd, "wb")
+            cctx = zstandard.ZstdCompressor(level=self._service.zstd_level, threads=-1)
+            size = self._state.expected_size if self._state.expected_size is not None else -1
+            self._compressor = cctx.stream_writer(self._file, size=size, closefd=False)
+        for block in data:
+            self._hasher.update(block)
+            self._compressor.write(block)
+
+    async def write(self, data: bytes) -> None:
+        self._state.check_writable(len(data))
+        if not data:
+            return
+        if self._compressor is None and self._buffered + len(data) <= SPILL_THRESHOLD:
+            self._buffer.append(bytes(data))
+            self._buffered += len(data)
+            return
+        pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
+        try:
+            await asyncio.to_thread(self._spill_sync, pending)
+        except BaseException:
+            await self.abort()
+            raise
+
+    def _finish_sync(self) -> B3Digest:
+        assert self._compressor is not None and self._file is not None and self._tmp_path is not None
+        self._compressor.flush(zstandard.FLUSH_FRAME)
+        self._compressor.close()
+        self._file.close()
+        self._compressor = None
+        self._file = None
+        digest = B3Digest(self._hasher.digest())
+        service = self._service
+        service._publish(self._tmp_path, service._chunk_path(digest))
+        self._tmp_path = None
+        service._write_index(digest)
+        service._dirty = True
+        return digest
+
+    async def close(self) -> B3Digest:
+        if self._state.digest is not None:
+            return self._state.digest
+        try:
+            self._state.check_complete()
+            if self._compressor is None:
+                data, self._buffer = b"".join(self._buffer), []
+                digest = await asyncio.to_thread(self._service._store_sync, data)
+            else:
+                digest = await asyncio.to_thread(self._finish_sync)
+        except BaseException:
+            await self.abort()
+            raise
+        self._state.digest = digest
+        return digest
+
+    def _discard_sync(self) -> None:
+        if self._compressor is not None:
+            with contextlib.suppress(Exception):
+                self._compressor.close()
+            self._compressor = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp_path)
+            self._tmp_path = None
+
+    async def abort(self) -> None:
+        if self._state.digest is None and not self._state.aborted:
+            self._state.aborted = True
+            self._buffer = []
+            await asyncio.to_thread(self._discard_sync)

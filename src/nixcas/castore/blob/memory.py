@@ -1,0 +1,72 @@
+"""``memory://`` — blobs in a dict, for tests and ephemeral use."""
+
+from __future__ import annotations
+
+from urllib.parse import SplitResult
+
+import blake3
+
+from nixcas.castore.blob.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    BytesReader,
+    ChunkMeta,
+    WriterState,
+)
+from nixcas.castore.digest import B3Digest
+from nixcas.urls import require_bare_url
+
+__all__ = ["MemoryBlobService"]
+
+
+class MemoryBlobService(BlobService):
+    """Keeps every blob in process memory."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[B3Digest, bytes] = {}
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> MemoryBlobService:
+        require_bare_url(url)
+        return cls()
+
+    async def has(self, digest: B3Digest) -> bool:
+        return digest in self._blobs
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        return [] if digest in self._blobs else None
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        data = self._blobs.get(digest)
+        return None if data is None else BytesReader(data)
+
+    async def open_write(self, expected_size: int | None = None) -> BlobWriter:
+        return _MemoryBlobWriter(self._blobs, expected_size)
+
+
+class _MemoryBlobWriter(BlobWriter):
+    def __init__(self, blobs: dict[B3Digest, bytes], expected_size: int | None) -> None:
+        self._blobs = blobs
+        self._parts: list[bytes] = []
+        self._hasher = blake3.blake3()
+        self._state = WriterState(expected_size)
+
+    async def write(self, data: bytes) -> None:
+        self._state.check_writable(len(data))
+        self._hasher.update(data)
+        self._parts.append(bytes(data))
+
+    async def close(self) -> B3Digest:
+        if self._state.digest is None:
+            self._state.check_complete()
+            digest = B3Digest(self._hasher.digest())
+            self._blobs.setdefault(digest, b"".join(self._parts))
+            self._parts = []
+            self._state.digest = digest
+        return self._state.digest
+
+    async def abort(self) -> None:
+        if self._state.digest is None:
+            self._state.aborted = True
+            self._parts = []

@@ -1,0 +1,157 @@
+"""The DirectoryService interface, closure uploads, and verify-on-read.
+
+Backends store canonical Directory bytes by digest and implement three
+primitives (``_get_raw``, ``_get_many_raw``, ``_put_raw``).  The base class
+re-hashes every stored value it hands out (a corrupt backend raises
+:class:`~nixcas.errors.ChecksumMismatch`), walks closures breadth-first, and
+validates uploads leaves-to-root before a single byte is committed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Self
+
+import blake3
+
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.castore.graph import LeavesToRootValidator
+from nixcas.errors import ChecksumMismatch, StorageError
+
+__all__ = ["DirectoryPutter", "DirectoryService"]
+
+
+def _verified(digest: B3Digest, raw: bytes) -> Directory:
+    got = blake3.blake3(raw).digest()
+    if got != digest:
+        raise ChecksumMismatch(f"directory {digest.hex()}", digest.hex(), got.hex())
+    try:
+        return Directory.decode(raw)
+    except ValueError as e:
+        raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
+
+
+class DirectoryService(ABC):
+    """Stores Directory messages by digest.  Absence is ``None`` / an empty stream."""
+
+    # -- backend primitives ----------------------------------------------------
+
+    @abstractmethod
+    async def _get_raw(self, digest: B3Digest) -> bytes | None:
+        """The stored canonical bytes for ``digest``, or ``None``."""
+
+    async def _get_many_raw(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        """Stored bytes for those of ``digests`` that exist (backends may batch)."""
+        found: dict[B3Digest, bytes] = {}
+        for d in digests:
+            raw = await self._get_raw(d)
+            if raw is not None:
+                found[d] = raw
+        return found
+
+    @abstractmethod
+    async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Store all ``items`` atomically (all or nothing); existing ones are kept."""
+
+    # -- public interface ------------------------------------------------------
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        """One Directory, verified against ``digest``."""
+        raw = await self._get_raw(digest)
+        return None if raw is None else _verified(digest, raw)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        """The closure of ``root``: root first, then breadth-first, each Directory once.
+
+        A missing root yields nothing; a missing descendant is a
+        :class:`~nixcas.errors.StorageError` (the store lost part of a closure).
+        """
+        seen = {root}
+        level = [root]
+        while level:
+            found = await self._get_many_raw(level)
+            next_level: list[B3Digest] = []
+            for digest in level:
+                raw = found.get(digest)
+                if raw is None:
+                    if digest == root:
+                        return
+                    raise StorageError(f"directory {digest.hex()} is referenced but missing")
+                directory = _verified(digest, raw)
+                yield directory
+                for _, child in directory.directories():
+                    if child.digest not in seen:
+                        seen.add(child.digest)
+                        next_level.append(child.digest)
+            level = next_level
+
+    async def put(self, directory: Directory) -> B3Digest:
+        """Store one Directory (its children are not checked); return its digest."""
+        await self._put_raw([(directory.digest, directory.encode())])
+        return directory.digest
+
+    def put_multiple_start(self) -> DirectoryPutter:
+        """Start uploading a closure, leaves first; see :class:`DirectoryPutter`."""
+        return DirectoryPutter(self)
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources held by the service."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class DirectoryPutter:
+    """Collects a closure leaves-to-root and commits it atomically on :meth:`close`.
+
+    Each :meth:`put` is checked at once (a child must have been put earlier in
+    this putter, with its true size); :meth:`close` checks that the closure is
+    non-empty with exactly one root, then stores everything in one step and
+    returns the root digest.  Nothing is visible before that; :meth:`abort`
+    (or leaving ``async with`` by an exception) drops it all.
+    """
+
+    def __init__(self, service: DirectoryService) -> None:
+        self._service = service
+        self._validator = LeavesToRootValidator()
+        self._root: B3Digest | None = None
+        self._aborted = False
+
+    async def put(self, directory: Directory) -> None:
+        """Add one Directory; its sub-directories must already have been put."""
+        if self._root is not None or self._aborted:
+            raise StorageError("directory putter is already closed")
+        self._validator.add(directory)
+
+    async def close(self) -> B3Digest:
+        """Validate and commit the closure; return the root digest."""
+        if self._root is None:
+            if self._aborted:
+                raise StorageError("directory putter was aborted")
+            root, directories = self._validator.finish()
+            await self._service._put_raw([(d.digest, d.encode()) for d in directories])
+            self._root = root
+        return self._root
+
+    async def abort(self) -> None:
+        """Discard everything put so far."""
+        if self._root is None:
+            self._aborted = True
+            self._validator = LeavesToRootValidator()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is not None:
+            await self.abort()

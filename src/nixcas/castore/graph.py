@@ -1,0 +1,79 @@
+"""Validation of directory closures as they travel between services.
+
+* :class:`LeavesToRootValidator` checks an upload: every child must have been
+  sent earlier in the same closure with the size it really has, and at the end
+  there must be exactly one root.
+* :class:`RootToLeavesValidator` checks a download: the first directory is the
+  requested root and every later one must be a child of one already received.
+"""
+
+from __future__ import annotations
+
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.errors import ClosureError, StorageError
+
+__all__ = ["LeavesToRootValidator", "RootToLeavesValidator"]
+
+
+class LeavesToRootValidator:
+    """Accumulates a closure sent leaves first; duplicates are dropped."""
+
+    def __init__(self) -> None:
+        self._seen: dict[B3Digest, Directory] = {}
+        self._referenced: set[B3Digest] = set()
+
+    def add(self, directory: Directory) -> bool:
+        """Check ``directory`` against what came before; ``False`` for a duplicate."""
+        digest = directory.digest
+        if digest in self._seen:
+            return False
+        for name, child in directory.directories():
+            known = self._seen.get(child.digest)
+            if known is None:
+                raise ClosureError(
+                    f"directory {digest.hex()}: {name[:300]!r} points to {child.digest.hex()}, "
+                    "which was not uploaded before it (dangling pointer)"
+                )
+            if known.size != child.size:
+                raise ClosureError(
+                    f"directory {digest.hex()}: {name[:300]!r} has wrong size, "
+                    f"specified {child.size}, recorded {known.size}"
+                )
+            self._referenced.add(child.digest)
+        self._seen[digest] = directory
+        return True
+
+    def finish(self) -> tuple[B3Digest, list[Directory]]:
+        """The root digest and the directories in upload order (leaves first)."""
+        if not self._seen:
+            raise ClosureError("got no directories (empty closure)")
+        roots = [d for d in self._seen if d not in self._referenced]
+        if len(roots) != 1:
+            raise ClosureError(
+                f"graph has disconnected roots: {len(roots)} directories are not referenced by any other"
+            )
+        return roots[0], list(self._seen.values())
+
+
+class RootToLeavesValidator:
+    """Checks a closure received root first (as ``get_recursive`` yields it)."""
+
+    def __init__(self, root: B3Digest) -> None:
+        self._expected: set[B3Digest] = {root}
+        self._received: set[B3Digest] = set()
+
+    def add(self, directory: Directory) -> None:
+        """Accept ``directory`` only if it was announced by the root or a received parent."""
+        digest = directory.digest
+        if digest not in self._expected:
+            raise StorageError(f"received unexpected directory {digest.hex()}")
+        self._received.add(digest)
+        for _, child in directory.directories():
+            self._expected.add(child.digest)
+
+    def finish(self) -> None:
+        """Fail unless every announced directory was received."""
+        missing = self._expected - self._received
+        if missing:
+            raise StorageError(f"closure incomplete: still expected {len(missing)} directories")

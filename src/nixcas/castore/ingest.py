@@ -1,0 +1,322 @@
+"""Turning a filesystem tree (or any post-order entry stream) into castore nodes.
+
+:func:`ingest_entries` is the generic core: it consumes entries children
+before parents, builds each Directory when its own entry arrives, validates
+the closure as it goes and commits it in one step at the end.
+:func:`ingest_path` feeds it from a filesystem walk: symlinks are not
+followed, the owner-exec bit becomes ``executable``, sockets/FIFOs/devices
+are refused with the path named.  Small files are read and uploaded in
+batches; large files stream in blocks; reading runs ahead of uploading in a
+worker thread, and the bytes in flight are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nixcas.castore.blob.base import BlobService
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.errors import IngestError, StorageError, ValidationError
+
+__all__ = ["IngestEntry", "Progress", "ingest_entries", "ingest_path", "upload_stream"]
+
+SMALL_FILE = 256 << 10
+"""Files up to this size are read whole and uploaded in batches."""
+BATCH_FILES = 512
+BATCH_BYTES = 16 << 20
+READ_BLOCK = 4 << 20
+LARGE_PARALLEL = 2
+
+Progress = Callable[[int], None]
+"""Called with the number of content bytes just ingested."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestEntry:
+    """One filesystem object, by path relative to the parent of the root.
+
+    ``node`` is ``None`` for a directory, whose node is built from the
+    entries that came before it.
+    """
+
+    path: tuple[bytes, ...]
+    node: Node | None
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return os.fsdecode(b"/".join(path))
+
+
+class _Builder:
+    """Assembles Directories from post-order entries."""
+
+    def __init__(self, directories: DirectoryService) -> None:
+        self._pending: dict[tuple[bytes, ...], list[tuple[bytes, Node]]] = {}
+        self._putter: DirectoryPutter | None = None
+        self._directories = directories
+        self.root: Node | None = None
+
+    async def add(self, entry: IngestEntry) -> None:
+        path = entry.path
+        if self.root is not None:
+            raise IngestError(f"{_show(path)}: entry after the root")
+        if not path:
+            raise IngestError("entry with an empty path")
+        node = entry.node
+        if node is None:
+            children = self._pending.pop(path, [])
+            try:
+                directory = Directory(children)
+            except ValidationError as e:
+                raise IngestError(f"{_show(path)}: {e}") from None
+            if self._putter is None:
+                self._putter = self._directories.put_multiple_start()
+            await self._putter.put(directory)
+            node = directory.node()
+        if len(path) == 1:
+            if self._pending:
+                stray = _show(next(iter(self._pending)))
+                raise IngestError(f"{stray}: not below the root {_show(path)} (or listed after it)")
+            self.root = node
+        else:
+            self._pending.setdefault(path[:-1], []).append((path[-1], node))
+
+    async def finish(self) -> Node:
+        if self.root is None:
+            raise IngestError("input ended before its root")
+        if self._putter is not None:
+            digest = await self._putter.close()
+            if not isinstance(self.root, DirectoryNode) or digest != self.root.digest:
+                raise StorageError(f"directory service returned root {digest.hex()} for {self.root}")
+        return self.root
+
+    async def abort(self) -> None:
+        if self._putter is not None:
+            await self._putter.abort()
+
+
+async def ingest_entries(
+    entries: AsyncIterable[IngestEntry] | Iterable[IngestEntry],
+    directories: DirectoryService,
+    *,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+) -> Node:
+    """Build and store the Directories of a post-order entry stream; return the root node.
+
+    The last entry is the root (one path component).  All Directories are
+    committed together at the end, after ``before_commit`` (used to make the
+    blobs durable first); on any error nothing is committed.
+    """
+    builder = _Builder(directories)
+    try:
+        if isinstance(entries, AsyncIterable):
+            async for entry in entries:
+                await builder.add(entry)
+        else:
+            for entry in entries:
+                await builder.add(entry)
+        if before_commit is not None:
+            await before_commit()
+        return await builder.finish()
+    except BaseException:
+        await builder.abort()
+        raise
+
+
+async def upload_stream(
+    blobs: BlobService,
+    read: Callable[[int], bytes],
+    size: int,
+    what: str,
+    progress: Progress | None = None,
+) -> B3Digest:
+    """Upload ``size`` bytes from a blocking ``read(n)`` callable, in blocks, off the event loop."""
+    writer = await blobs.open_write(size)
+    async with writer:
+        remaining = size
+        while remaining > 0:
+            block = await asyncio.to_thread(read, min(READ_BLOCK, remaining))
+            if not block:
+                raise IngestError(f"{what}: ended after {size - remaining} of {size} bytes")
+            await writer.write(block)
+            remaining -= len(block)
+            if progress is not None:
+                progress(len(block))
+        if await asyncio.to_thread(read, 1):
+            raise IngestError(f"{what}: longer than its declared size {size}")
+        return await writer.close()
+
+
+# -- filesystem walk --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _FileItem:
+    path: tuple[bytes, ...]
+    fs_path: bytes
+    size: int
+    executable: bool
+    data: bytes | None  # the contents, for small files
+
+
+_Item = IngestEntry | _FileItem
+
+
+def _walk(fs_path: bytes, path: tuple[bytes, ...]) -> Iterator[_Item]:
+    """Post-order walk; small files come with their contents."""
+    try:
+        st = os.lstat(fs_path)
+    except OSError as e:
+        raise IngestError(f"{os.fsdecode(fs_path)}: cannot stat: {e.strerror}") from None
+    mode = st.st_mode
+    if stat.S_ISDIR(mode):
+        try:
+            with os.scandir(fs_path) as it:
+                names = [entry.name for entry in it]
+        except OSError as e:
+            raise IngestError(f"{os.fsdecode(fs_path)}: cannot list directory: {e.strerror}") from None
+        for name in names:
+            yield from _walk(os.path.join(fs_path, name), (*path, name))
+        yield IngestEntry(path, None)
+    elif stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(fs_path)
+            yield IngestEntry(path, SymlinkNode(target))
+        except OSError as e:
+            raise IngestError(f"{os.fsdecode(fs_path)}: cannot read symlink: {e.strerror}") from None
+        except ValidationError as e:
+            raise IngestError(f"{os.fsdecode(fs_path)}: {e}") from None
+    elif stat.S_ISREG(mode):
+        executable = bool(mode & stat.S_IXUSR)
+        data = _read_small(fs_path, st.st_size) if st.st_size <= SMALL_FILE else None
+        yield _FileItem(path, fs_path, st.st_size, executable, data)
+    else:
+        kind = (
+            "socket" if stat.S_ISSOCK(mode) else
+            "FIFO" if stat.S_ISFIFO(mode) else
+            "character device" if stat.S_ISCHR(mode) else
+            "block device" if stat.S_ISBLK(mode) else
+            f"file of mode {mode:o}"
+        )  # fmt: skip
+        raise IngestError(f"{os.fsdecode(fs_path)}: cannot import a {kind}")
+
+
+def _read_small(fs_path: bytes, size: int) -> bytes:
+    try:
+        with open(fs_path, "rb") as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise IngestError(f"{os.fsdecode(fs_path)}: cannot read: {e.strerror}") from None
+    if len(data) != size:
+        raise IngestError(f"{os.fsdecode(fs_path)}: changed while being imported (size {size}, read {len(data)})")
+    return data
+
+
+def _batches(items: Iterator[_Item]) -> Iterator[list[_Item]]:
+    batch: list[_Item] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        if isinstance(item, _FileItem) and item.data is not None:
+            size += item.size
+        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress | None) -> FileNode:
+    where = os.fsdecode(item.fs_path)
+    try:
+        f = await asyncio.to_thread(open, item.fs_path, "rb")
+    except OSError as e:
+        raise IngestError(f"{where}: cannot read: {e.strerror}") from None
+    try:
+        digest = await upload_stream(blobs, f.read, item.size, f"{where} (changed while being imported)", progress)
+    except OSError as e:
+        if isinstance(e, StorageError):
+            raise
+        raise IngestError(f"{where}: cannot read: {e.strerror}") from None
+    except ValidationError as e:
+        raise IngestError(f"{where}: {e}") from None
+    finally:
+        await asyncio.to_thread(f.close)
+    return FileNode(digest, item.size, item.executable)
+
+
+async def _entries_from_walk(
+    root: bytes, blobs: BlobService, progress: Progress | None
+) -> AsyncIterable[IngestEntry]:
+    name = os.path.basename(os.path.normpath(root)) or b"root"
+    batches = _batches(_walk(root, (name,)))
+    large_slots = asyncio.Semaphore(LARGE_PARALLEL)
+
+    def next_batch() -> list[_Item] | None:
+        return next(batches, None)
+
+    async def large(item: _FileItem) -> FileNode:
+        async with large_slots:
+            return await _upload_large(blobs, item, progress)
+
+    async def small(items: list[_FileItem]) -> list[FileNode]:
+        if not items:
+            return []
+        digests = await blobs.put_many([i.data for i in items if i.data is not None])
+        if progress is not None:
+            progress(sum(i.size for i in items))
+        return [FileNode(d, i.size, i.executable) for d, i in zip(digests, items, strict=True)]
+
+    upcoming = asyncio.ensure_future(asyncio.to_thread(next_batch))
+    in_flight: list[asyncio.Future[Any]] = []
+    try:
+        while (batch := await upcoming) is not None:
+            # The next batch is read (in a thread) while this one uploads.
+            upcoming = asyncio.ensure_future(asyncio.to_thread(next_batch))
+            smalls = [i for i in batch if isinstance(i, _FileItem) and i.data is not None]
+            larges = {
+                id(i): asyncio.ensure_future(large(i))
+                for i in batch
+                if isinstance(i, _FileItem) and i.data is None
+            }
+            small_task = asyncio.ensure_future(small(smalls))
+            in_flight = [small_task, *larges.values()]
+            small_nodes = iter(await small_task)
+            for item in batch:
+                if isinstance(item, IngestEntry):
+                    yield item
+                elif item.data is not None:
+                    yield IngestEntry(item.path, next(small_nodes))
+                else:
+                    yield IngestEntry(item.path, await larges[id(item)])
+    finally:
+        for t in [*in_flight, upcoming]:
+            t.cancel()
+        await asyncio.gather(*in_flight, upcoming, return_exceptions=True)
+
+
+async def ingest_path(
+    path: str | os.PathLike[str] | bytes,
+    blobs: BlobService,
+    directories: DirectoryService,
+    *,
+    progress: Progress | None = None,
+) -> Node:
+    """Import a file, symlink or directory tree; return its root node.
+
+    A root symlink is imported as a symlink.  Errors name the offending path;
+    on error no Directory is stored (blobs already uploaded stay, unreferenced).
+    """
+    root = os.fsencode(Path(os.fsdecode(path)))
+    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress)) as entries:
+        return await ingest_entries(entries, directories, before_commit=blobs.sync)

@@ -1,0 +1,119 @@
+"""Nodes (directory / file / symlink) and the rules for names and symlink targets.
+
+A node carries no name: a name is given to it by the Directory that holds it,
+or by a context such as a store path.  Nodes are immutable and validated when
+constructed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from nixcas.castore.digest import B3Digest
+from nixcas.errors import InvalidNameError, InvalidSymlinkTargetError, ValidationError
+
+MAX_NAME_LEN = 255
+MAX_TARGET_LEN = 4095
+U64_MAX = 2**64 - 1
+
+
+def validate_name(name: bytes) -> bytes:
+    """Check a path component; return it unchanged.
+
+    Rules in order: non-empty, not ``..``, not ``.``, at most 255 bytes, no NUL,
+    no ``/``.  Any other bytes (also non-UTF-8) are allowed.
+    """
+    if not name:
+        raise InvalidNameError(name, "empty")
+    if name == b"..":
+        raise InvalidNameError(name, "is '..'")
+    if name == b".":
+        raise InvalidNameError(name, "is '.'")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidNameError(name, f"longer than {MAX_NAME_LEN} bytes ({len(name)})")
+    if b"\0" in name:
+        raise InvalidNameError(name, "contains NUL")
+    if b"/" in name:
+        raise InvalidNameError(name, "contains '/'")
+    return name
+
+
+def validate_symlink_target(target: bytes) -> bytes:
+    """Check a symlink target: non-empty, at most 4095 bytes, no NUL."""
+    if not target:
+        raise InvalidSymlinkTargetError(target, "empty")
+    if len(target) > MAX_TARGET_LEN:
+        raise InvalidSymlinkTargetError(target, f"longer than {MAX_TARGET_LEN} bytes ({len(target)})")
+    if b"\0" in target:
+        raise InvalidSymlinkTargetError(target, "contains NUL")
+    return target
+
+
+def _check_size(size: int) -> None:
+    if not 0 <= size <= U64_MAX:
+        raise ValidationError(f"size {size} is not an unsigned 64-bit integer")
+
+
+def _as_digest(digest: bytes) -> B3Digest:
+    return digest if type(digest) is B3Digest else B3Digest(digest)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryNode:
+    """A reference to a Directory by digest, with the Directory's size."""
+
+    digest: B3Digest
+    size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", _as_digest(self.digest))
+        _check_size(self.size)
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode:
+    """A reference to a blob by digest, with its size and executable bit."""
+
+    digest: B3Digest
+    size: int
+    executable: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", _as_digest(self.digest))
+        _check_size(self.size)
+
+
+@dataclass(frozen=True, slots=True)
+class SymlinkNode:
+    """A symbolic link; the target is raw bytes."""
+
+    target: bytes
+
+    def __post_init__(self) -> None:
+        validate_symlink_target(self.target)
+
+
+Node: TypeAlias = DirectoryNode | FileNode | SymlinkNode
+
+
+def node_kind(node: Node) -> str:
+    """``"directory"``, ``"file"`` or ``"symlink"``."""
+    if isinstance(node, DirectoryNode):
+        return "directory"
+    if isinstance(node, FileNode):
+        return "file"
+    return "symlink"
+
+
+__all__ = [
+    "MAX_NAME_LEN",
+    "MAX_TARGET_LEN",
+    "DirectoryNode",
+    "FileNode",
+    "Node",
+    "SymlinkNode",
+    "node_kind",
+    "validate_name",
+    "validate_symlink_target",
+]

@@ -1,0 +1,102 @@
+"""Every error nixcas raises, in one hierarchy.
+
+::
+
+    NixcasError
+    ├── ValidationError (ValueError)          bad input: the caller can fix it
+    │   ├── InvalidDigestError                wrong length / unparsable digest text
+    │   ├── InvalidNameError                  a path component breaks the name rules
+    │   ├── InvalidSymlinkTargetError         a symlink target breaks the target rules
+    │   ├── DirectoryError                    a Directory breaks sorting/uniqueness/size rules
+    │   ├── ClosureError                      an uploaded closure is dangling/disconnected/empty
+    │   └── IngestError                       a path or archive cannot be imported
+    ├── ConfigurationError (ValueError)       a service URL or composition is unusable
+    ├── StorageError (OSError)                a backend failed or returned bad data
+    │   └── ChecksumMismatch                  data did not hash to the digest it was read by
+    └── NotFoundError (FileNotFoundError)     something named explicitly does not exist
+
+Services report a plain absence as ``None`` (or an empty stream), not as an
+exception; :class:`NotFoundError` is for callers that asked for something that
+must exist (the CLI, the library facade).
+"""
+
+from __future__ import annotations
+
+
+class NixcasError(Exception):
+    """Root of all nixcas errors."""
+
+
+class ValidationError(NixcasError, ValueError):
+    """Input violates a rule of the data model or the protocol."""
+
+
+class InvalidDigestError(ValidationError):
+    """A digest has the wrong length or cannot be parsed."""
+
+
+class InvalidNameError(ValidationError):
+    """A name (path component) is empty, ``.``, ``..``, too long, or holds NUL or ``/``."""
+
+    def __init__(self, name: bytes, reason: str) -> None:
+        super().__init__(f"invalid name {name[:300]!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class InvalidSymlinkTargetError(ValidationError):
+    """A symlink target is empty, too long, or holds NUL."""
+
+    def __init__(self, target: bytes, reason: str) -> None:
+        super().__init__(f"invalid symlink target {target[:300]!r}: {reason}")
+        self.target = target
+        self.reason = reason
+
+
+class DirectoryError(ValidationError):
+    """A Directory is not canonical or not consistent."""
+
+
+class ClosureError(ValidationError):
+    """A set of directories uploaded together is not a valid closure."""
+
+
+class IngestError(ValidationError):
+    """A filesystem path or archive cannot be imported."""
+
+
+class ConfigurationError(NixcasError, ValueError):
+    """A service URL or composition cannot be turned into a service."""
+
+
+class StorageError(NixcasError, OSError):
+    """A backend failed, or handed out data that is not what was stored."""
+
+
+class ChecksumMismatch(StorageError):
+    """Data read for a digest hashes to something else."""
+
+    def __init__(self, what: str, expected: object, got: object) -> None:
+        super().__init__(f"{what}: checksum mismatch, expected {expected}, got {got}")
+        self.expected = expected
+        self.got = got
+
+
+class NotFoundError(NixcasError, FileNotFoundError):
+    """A blob, directory or path that was asked for by name does not exist."""
+
+
+__all__ = [
+    "ChecksumMismatch",
+    "ClosureError",
+    "ConfigurationError",
+    "DirectoryError",
+    "IngestError",
+    "InvalidDigestError",
+    "InvalidNameError",
+    "InvalidSymlinkTargetError",
+    "NixcasError",
+    "NotFoundError",
+    "StorageError",
+    "ValidationError",
+]

@@ -1,0 +1,35 @@
+"""Small helpers for turning service URLs into backend configurations."""
+
+from __future__ import annotations
+
+from urllib.parse import SplitResult, parse_qsl
+
+from nixcas.errors import ConfigurationError
+
+__all__ = ["query_options", "require_bare_url", "url_tag"]
+
+
+def url_tag(url: SplitResult) -> str:
+    """The backend tag: the scheme up to the first ``+`` (``grpc+unix`` → ``grpc``)."""
+    return url.scheme.split("+", 1)[0]
+
+
+def require_bare_url(url: SplitResult) -> None:
+    """Reject host, path and query on URLs like ``memory://``."""
+    if url.netloc or url.path or url.query or url.fragment:
+        raise ConfigurationError(
+            f"{url.geturl()!r}: {url.scheme}:// takes no host, path or options (write {url.scheme}://)"
+        )
+
+
+def query_options(url: SplitResult, allowed: set[str]) -> dict[str, str]:
+    """URL query parameters, rejecting any not in ``allowed`` or given twice."""
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)):
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise ConfigurationError(f"{url.geturl()!r}: unknown option {key!r} (known: {known})")
+        if key in options:
+            raise ConfigurationError(f"{url.geturl()!r}: option {key!r} given twice")
+        options[key] = value
+    return options
