@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import os
 import stat
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,9 +255,7 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
     return FileNode(digest, item.size, item.executable)
 
 
-async def _entries_from_walk(
-    root: bytes, blobs: BlobService, progress: Progress | None
-) -> AsyncIterable[IngestEntry]:
+async def _entries_from_walk(root: bytes, blobs: BlobService, progress: Progress | None) -> AsyncGenerator[IngestEntry, None]:
     name = os.path.basename(os.path.normpath(root)) or b"root"
     batches = _batches(_walk(root, (name,)))
     large_slots = asyncio.Semaphore(LARGE_PARALLEL)
@@ -285,9 +283,7 @@ async def _entries_from_walk(
             upcoming = asyncio.ensure_future(asyncio.to_thread(next_batch))
             smalls = [i for i in batch if isinstance(i, _FileItem) and i.data is not None]
             larges = {
-                id(i): asyncio.ensure_future(large(i))
-                for i in batch
-                if isinstance(i, _FileItem) and i.data is None
+                id(i): asyncio.ensure_future(large(i)) for i in batch if isinstance(i, _FileItem) and i.data is None
             }
             small_task = asyncio.ensure_future(small(smalls))
             in_flight = [small_task, *larges.values()]

@@ -55,9 +55,7 @@ def node_to_proto(name: bytes, node: Node) -> pb.Node:
     if isinstance(node, DirectoryNode):
         return pb.Node(directory=pb.DirectoryNode(name=name, digest=node.digest, size=node.size))
     if isinstance(node, FileNode):
-        return pb.Node(
-            file=pb.FileNode(name=name, digest=node.digest, size=node.size, executable=node.executable)
-        )
+        return pb.Node(file=pb.FileNode(name=name, digest=node.digest, size=node.size, executable=node.executable))
     return pb.Node(symlink=pb.SymlinkNode(name=name, target=node.target))
 
 

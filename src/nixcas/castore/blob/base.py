@@ -215,9 +215,7 @@ class WriterState:
         if self.aborted:
             raise StorageError("blob writer was aborted")
         if self.expected_size is not None and self.written != self.expected_size:
-            raise ValidationError(
-                f"blob is shorter than its declared size {self.expected_size} (got {self.written})"
-            )
+            raise ValidationError(f"blob is shorter than its declared size {self.expected_size} (got {self.written})")
 
 
 class BlobService(ABC):

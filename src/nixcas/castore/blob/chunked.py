@@ -49,13 +49,13 @@ class ChunkedReader(BlobReader):
             return reader
         await self._drop_current()
         chunk = self._chunks[index]
-        reader = await self._open_chunk(chunk.digest)
-        if reader is None:
+        opened = await self._open_chunk(chunk.digest)
+        if opened is None:
             raise StorageError(f"chunk {chunk.digest.hex()} not found")
         if offset:
-            await reader.seek(offset)
-        self._cur = (index, reader)
-        return reader
+            await opened.seek(offset)
+        self._cur = (index, opened)
+        return opened
 
     async def _drop_current(self) -> None:
         if self._cur is not None:

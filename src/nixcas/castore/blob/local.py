@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import BinaryIO
 from urllib.parse import SplitResult, unquote
 
 import blake3
@@ -148,9 +148,7 @@ class LocalBlobService(BlobService):
     # -- BlobService -------------------------------------------------------------
 
     async def has(self, digest: B3Digest) -> bool:
-        return await asyncio.to_thread(
-            lambda: self._index_path(digest).exists() or self._chunk_path(digest).exists()
-        )
+        return await asyncio.to_thread(lambda: self._index_path(digest).exists() or self._chunk_path(digest).exists())
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return await asyncio.to_thread(self._chunks_sync, digest)
@@ -189,7 +187,7 @@ class _ZstdFileReader(BlobReader):
     def __init__(self, path: Path) -> None:
         self._path = path
         self._file: BinaryIO | None = None
-        self._stream: IO[bytes] | None = None
+        self._stream: zstandard.ZstdDecompressionReader | None = None
         self._pos = 0  # position of the decompressed stream
         self._want = 0  # position the caller asked for
         self._size: int | None = None
@@ -229,7 +227,7 @@ class _ZstdFileReader(BlobReader):
             if not skipped:
                 return b""
             self._pos += len(skipped)
-        data = self._stream.read(n) if n >= 0 else self._stream.readall()
+        data = self._stream.read(n)
         self._pos += len(data)
         self._want = self._pos
         return data
@@ -293,7 +291,7 @@ class _LocalBlobWriter(BlobWriter):
     def _finish_sync(self) -> B3Digest:
         assert self._compressor is not None and self._file is not None and self._tmp_path is not None
         self._compressor.flush(zstandard.FLUSH_FRAME)
-        self._compressor.close()
+        self._compressor.close()  # type: ignore[no-untyped-call]
         self._file.close()
         self._compressor = None
         self._file = None
@@ -324,7 +322,7 @@ class _LocalBlobWriter(BlobWriter):
     def _discard_sync(self) -> None:
         if self._compressor is not None:
             with contextlib.suppress(Exception):
-                self._compressor.close()
+                self._compressor.close()  # type: ignore[no-untyped-call]
             self._compressor = None
         if self._file is not None:
             self._file.close()

@@ -1,0 +1,54 @@
+# nixcas — `make run` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test lint typecheck pytest proto bench system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev]'
+	touch $@ $(VENV)/.installed-run
+
+## run: ingest examples/ into the embedded default store and list the result
+run: $(VENV)/.installed-run
+	@$(BIN)/nixcas castore ingest examples --json | tee $(VENV)/last-ingest.json
+	@$(BIN)/nixcas castore ls --recursive \
+		"$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["digest"])' $(VENV)/last-ingest.json)"
+
+## system-deps: Debian packages the tests need (idempotent)
+system-deps:
+	@scripts/system-deps.sh test
+
+## test: ruff, mypy --strict, pytest
+test: system-deps $(VENV)/.installed-dev lint typecheck pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+## proto: regenerate src/nixcas/_proto from proto/
+proto: $(VENV)/.installed-dev
+	$(BIN)/python scripts/genproto.py
+
+## bench: the import benchmark against nix-store --add (needs nix-bin)
+bench: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	$(BIN)/python bench/import_tree.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

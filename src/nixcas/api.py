@@ -1,0 +1,174 @@
+"""The library entry point: open a store, ingest paths, read blobs, walk trees.
+
+Example::
+
+    import asyncio, nixcas
+
+    async def main() -> None:
+        async with await nixcas.open_store("/tmp/demo-store") as store:
+            root = await store.ingest("some/dir")
+            async for path, node in store.walk(root):
+                print(path, node)
+
+    asyncio.run(main())
+
+A blocking twin lives in :mod:`nixcas.sync`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, Self
+
+from nixcas.castore.blob.base import BlobReader, BlobService
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.ingest import Progress, ingest_path
+from nixcas.castore.nodes import DirectoryNode, Node
+from nixcas.errors import NotFoundError
+from nixcas.registry import blob_service_from_url, directory_service_from_url
+
+__all__ = ["Store", "default_store_dir", "open_store", "service_urls"]
+
+
+def default_store_dir() -> Path:
+    """``$NIXCAS_STORE_DIR``, else ``$XDG_DATA_HOME/nixcas``, else ``~/.local/share/nixcas``."""
+    explicit = os.environ.get("NIXCAS_STORE_DIR")
+    if explicit:
+        return Path(explicit)
+    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(data_home) / "nixcas"
+
+
+def service_urls(
+    store_dir: str | os.PathLike[str] | None = None,
+    *,
+    blob_service_url: str | None = None,
+    directory_service_url: str | None = None,
+) -> tuple[str, str]:
+    """The blob and directory service URLs: explicit ones, else those of the embedded store.
+
+    The embedded store keeps blobs in ``DIR/blobs`` (object layout) and
+    directories in ``DIR/directories.sqlite``.
+    """
+    base = Path(store_dir) if store_dir is not None else default_store_dir()
+    base = base.expanduser().absolute()
+    return (
+        blob_service_url or f"objectstore+file://{base / 'blobs'}",
+        directory_service_url or f"sqlite://{base / 'directories.sqlite'}",
+    )
+
+
+@dataclass
+class Store:
+    """A blob service and a directory service used together."""
+
+    blobs: BlobService
+    directories: DirectoryService
+
+    @classmethod
+    async def open(
+        cls,
+        store_dir: str | os.PathLike[str] | None = None,
+        *,
+        blob_service_url: str | None = None,
+        directory_service_url: str | None = None,
+    ) -> Store:
+        """Open services by URL; what is not given comes from the embedded store in ``store_dir``."""
+        blob_url, dir_url = service_urls(
+            store_dir, blob_service_url=blob_service_url, directory_service_url=directory_service_url
+        )
+        blobs = blob_service_from_url(blob_url)
+        try:
+            directories = directory_service_from_url(dir_url)
+        except BaseException:
+            await blobs.close()
+            raise
+        return cls(blobs, directories)
+
+    async def ingest(self, path: str | os.PathLike[str], *, progress: Progress | None = None) -> Node:
+        """Import a file, symlink or directory tree; return its root node."""
+        return await ingest_path(path, self.blobs, self.directories, progress=progress)
+
+    async def ingest_archive(
+        self, source: str | os.PathLike[str] | BinaryIO, *, progress: Progress | None = None
+    ) -> Node:
+        """Import a tar archive (plain, gzip, xz or zstd); return its root node."""
+        from nixcas.castore.archive import ingest_archive
+
+        return await ingest_archive(source, self.blobs, self.directories, progress=progress)
+
+    async def open_blob(self, digest: B3Digest) -> BlobReader:
+        """A verified, seekable reader; :class:`~nixcas.errors.NotFoundError` if absent."""
+        reader = await self.blobs.open_read(digest)
+        if reader is None:
+            raise NotFoundError(f"blob {digest.hex()} not found")
+        return reader
+
+    async def read_blob(self, digest: B3Digest) -> bytes:
+        """A whole blob in memory (for small blobs), verified."""
+        async with await self.open_blob(digest) as reader:
+            return await reader.read_all()
+
+    async def get_directory(self, digest: B3Digest) -> Directory:
+        """One Directory; :class:`~nixcas.errors.NotFoundError` if absent."""
+        directory = await self.directories.get(digest)
+        if directory is None:
+            raise NotFoundError(f"directory {digest.hex()} not found")
+        return directory
+
+    async def walk(self, root: Node | B3Digest) -> AsyncIterator[tuple[bytes, Node]]:
+        """Every node below ``root`` (a node or a directory digest), depth-first in name order.
+
+        Paths are ``/``-joined names relative to the root; the root itself is ``b""``.
+        """
+        if isinstance(root, B3Digest):
+            root = (await self.get_directory(root)).node()
+        yield b"", root
+        if not isinstance(root, DirectoryNode):
+            return
+        closure = {d.digest: d async for d in self.directories.get_recursive(root.digest)}
+        if root.digest not in closure:
+            raise NotFoundError(f"directory {root.digest.hex()} not found")
+        stack: list[tuple[bytes, Iterator[tuple[bytes, Node]]]] = [(b"", iter(closure[root.digest]))]
+        while stack:
+            prefix, entries = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
+            name, node = entry
+            path = prefix + b"/" + name if prefix else name
+            yield path, node
+            if isinstance(node, DirectoryNode):
+                stack.append((path, iter(closure[node.digest])))
+
+    async def close(self) -> None:
+        """Close both services."""
+        try:
+            await self.blobs.close()
+        finally:
+            await self.directories.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def open_store(
+    store_dir: str | os.PathLike[str] | None = None,
+    *,
+    blob_service_url: str | None = None,
+    directory_service_url: str | None = None,
+) -> Store:
+    """Open a :class:`Store` (see :meth:`Store.open`)."""
+    return await Store.open(store_dir, blob_service_url=blob_service_url, directory_service_url=directory_service_url)

@@ -1,0 +1,1 @@
+"""The ``nixcas`` command line."""

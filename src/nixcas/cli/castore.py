@@ -1,0 +1,136 @@
+"""``nixcas castore …``: the content-addressed layer alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.cli.common import Settings, parse_digest, run, show_bytes
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    """The ``--json`` form of a node."""
+    if isinstance(node, DirectoryNode):
+        return {"type": "directory", "digest": node.digest.hex(), "size": node.size}
+    if isinstance(node, FileNode):
+        return {"type": "file", "digest": node.digest.hex(), "size": node.size, "executable": node.executable}
+    return {"type": "symlink", "target": show_bytes(node.target)}
+
+
+def node_line(node: Node) -> str:
+    """A one-line human form of a node."""
+    if isinstance(node, DirectoryNode):
+        return f"directory {node.digest.hex()} size={node.size}"
+    if isinstance(node, FileNode):
+        return f"file {node.digest.hex()} size={node.size}" + (" executable" if node.executable else "")
+    return f"symlink -> {show_bytes(node.target)}"
+
+
+@click.group()
+def castore() -> None:
+    """Content-addressed blobs and directories (no Nix involved)."""
+
+
+@castore.command()
+@click.argument("path", type=click.Path(exists=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the root node as JSON.")
+@click.option(
+    "--as",
+    "kind",
+    type=click.Choice(["auto", "path", "tar"]),
+    default="auto",
+    show_default=True,
+    help="Import PATH as a filesystem object or as a tar archive (auto: tar if the name ends in .tar[.gz|.xz|.zst]).",
+)
+@click.pass_obj
+def ingest(settings: Settings, path: Path, as_json: bool, kind: str) -> None:
+    """Import a file, symlink, directory tree or tarball; print its root node."""
+    if not os.path.lexists(path):
+        raise click.BadParameter(f"{path}: no such file or directory", param_hint="PATH")
+    as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
+
+    async def go() -> Node:
+        show = sys.stderr.isatty()
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("ingesting {task.description}"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        with progress if show else nullcontext():
+            task = progress.add_task(str(path), total=None) if show else None
+
+            def advance(n: int) -> None:
+                if task is not None:
+                    progress.advance(task, n)
+
+            async with await settings.open_store() as store:
+                if as_tar:
+                    return await store.ingest_archive(path, progress=advance)
+                return await store.ingest(path, progress=advance)
+
+    node = run(go)
+    click.echo(json.dumps(node_json(node)) if as_json else node_line(node))
+
+
+@castore.command()
+@click.argument("digest")
+@click.option("-r", "--recursive", is_flag=True, help="List the whole tree below the directory.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_obj
+def ls(settings: Settings, digest: str, recursive: bool, as_json: bool) -> None:
+    """List the entries of the directory DIGEST."""
+    root = parse_digest(digest)
+
+    async def go() -> None:
+        async with await settings.open_store() as store:
+            if recursive:
+                entries = store.walk(root)
+                await anext(entries)  # the root itself
+                async for path, node in entries:
+                    emit(path, node)
+            else:
+                for name, node in await store.get_directory(root):
+                    emit(name, node)
+
+    def emit(name: bytes, node: Node) -> None:
+        if as_json:
+            click.echo(json.dumps({"name": show_bytes(name), **node_json(node)}))
+        elif isinstance(node, SymlinkNode):
+            click.echo(f"symlink {'-':>64} {'':>12} {show_bytes(name)} -> {show_bytes(node.target)}")
+        else:
+            kind = "dir" if isinstance(node, DirectoryNode) else "exe" if node.executable else "file"
+            click.echo(f"{kind:<7} {node.digest.hex()} {node.size:>12} {show_bytes(name)}")
+
+    run(go)
+
+
+@castore.command()
+@click.argument("digest")
+@click.pass_obj
+def cat(settings: Settings, digest: str) -> None:
+    """Write the blob DIGEST to standard output (verified as it streams)."""
+    blob = parse_digest(digest)
+
+    async def go() -> None:
+        out = sys.stdout.buffer
+        async with await settings.open_store() as store, await store.open_blob(blob) as reader:
+            async for block in reader.iter_blocks():
+                out.write(block)
+        out.flush()
+
+    run(go)

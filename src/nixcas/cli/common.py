@@ -1,0 +1,70 @@
+"""What every subcommand shares: global options, running async code, reporting errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from nixcas.api import Store
+from nixcas.castore.digest import B3Digest
+from nixcas.errors import ConfigurationError, NixcasError
+
+T = TypeVar("T")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The global options given before the subcommand."""
+
+    store_dir: str | None
+    blob_service_addr: str | None
+    directory_service_addr: str | None
+
+    async def open_store(self) -> Store:
+        return await Store.open(
+            self.store_dir,
+            blob_service_url=self.blob_service_addr,
+            directory_service_url=self.directory_service_addr,
+        )
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    """Print one error line to stderr and exit."""
+    click.echo(f"nixcas: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; turn every expected failure into one line on stderr and an exit code."""
+    try:
+        return asyncio.run(coro_fn())
+    except ConfigurationError as e:
+        fail(str(e), EXIT_USAGE)
+    except NixcasError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def parse_digest(text: str) -> B3Digest:
+    """A digest argument (hex, ``b3:…`` or ``blake3-…``), or a usage error."""
+    try:
+        return B3Digest.parse(text)
+    except NixcasError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def show_bytes(raw: bytes) -> str:
+    """Names and targets for display and JSON (undecodable bytes kept via surrogateescape)."""
+    return os.fsdecode(raw)

@@ -1,0 +1,13 @@
+"""Shared test material: named fixtures and backend-independent contract suites.
+
+* :mod:`nixcas.testing.fixtures` — the tvix/snix fixture blobs and Directories.
+* :mod:`nixcas.testing.blobservice` — :class:`BlobServiceSuite`, the BlobService contract.
+* :mod:`nixcas.testing.directoryservice` — :class:`DirectoryServiceSuite`, the
+  DirectoryService contract.
+
+A backend's test module subclasses a suite (the subclass name must start with
+``Test``) and provides the service fixture; optional "raw" hooks (corrupting
+stored data, listing temporary files) let the suite check what the service
+interface alone cannot.  The suites import pytest, so this package is only for
+test code.
+"""

@@ -1,0 +1,171 @@
+"""The `nixcas` command line, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import blake3
+import pytest
+
+EMPTY_HEX = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+COMPLICATED_HEX = "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
+
+
+def nixcas(
+    *args: str, store: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR")}
+    full_env.update(env or {})
+    prefix = ["--store-dir", str(store)] if store is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "nixcas.cli.main", *prefix, *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=False,
+    )
+
+
+def make_complicated(root: Path) -> Path:
+    tree = root / "complicated"
+    (tree / "keep").mkdir(parents=True)
+    (tree / "keep" / ".keep").touch()
+    (tree / ".keep").touch()
+    (tree / "aa").symlink_to("/nix/store/somewhereelse")
+    return tree
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    assert result.returncode == code, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0]
+
+
+def test_ingest_ls_cat_roundtrip(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    tree = make_complicated(tmp_path)
+    (tree / "keep" / "data").write_bytes(b"Hello World!")
+    result = nixcas("castore", "ingest", str(tree), "--json", store=store)
+    assert result.returncode == 0, result.stderr
+    root = json.loads(result.stdout)
+    assert root["type"] == "directory" and root["size"] == 10
+
+    listing = nixcas("castore", "ls", root["digest"], "--json", store=store)
+    entries = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert [e["name"] for e in entries] == [".keep", "aa", "keep"]
+    assert entries[1] == {"name": "aa", "type": "symlink", "target": "/nix/store/somewhereelse"}
+
+    recursive = nixcas("castore", "ls", "-r", root["digest"], "--json", store=store)
+    names = [json.loads(line)["name"] for line in recursive.stdout.splitlines()]
+    assert names == [".keep", "aa", "keep", "keep/.keep", "keep/data"]
+    data = next(json.loads(line) for line in recursive.stdout.splitlines() if "keep/data" in line)
+    assert data["digest"] == blake3.blake3(b"Hello World!").hexdigest()
+
+    cat = subprocess.run(
+        [sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store), "castore", "cat", data["digest"]],
+        capture_output=True,
+        check=True,
+    )
+    assert cat.stdout == b"Hello World!"
+
+
+def test_ingest_matches_the_complicated_vector_and_env_store_dir(tmp_path: Path) -> None:
+    tree = make_complicated(tmp_path)
+    result = nixcas("castore", "ingest", str(tree), "--json", env={"NIXCAS_STORE_DIR": str(tmp_path / "s")})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"type": "directory", "digest": COMPLICATED_HEX, "size": 8}
+    assert (tmp_path / "s" / "directories.sqlite").exists()
+    assert (tmp_path / "s" / "blobs" / "blobs" / "b3" / EMPTY_HEX[:4] / EMPTY_HEX).exists()
+
+
+def test_ingest_file_and_symlink_roots(tmp_path: Path) -> None:
+    f = tmp_path / "tool"
+    f.write_bytes(b"\x00\x01")
+    f.chmod(0o755)
+    link = tmp_path / "link"
+    link.symlink_to("tool")
+    file_out = json.loads(nixcas("castore", "ingest", str(f), "--json", store=tmp_path / "s").stdout)
+    assert file_out == {
+        "type": "file",
+        "digest": "7b7015bb92cf0b318037702a6cdd81dee41224f734684c2c122cd6359cb1ee63",
+        "size": 2,
+        "executable": True,
+    }
+    assert json.loads(nixcas("castore", "ingest", str(link), "--json", store=tmp_path / "s").stdout) == {
+        "type": "symlink",
+        "target": "tool",
+    }
+    human = nixcas("castore", "ingest", str(f), store=tmp_path / "s")
+    assert human.stdout.strip() == f"file {file_out['digest']} size=2 executable"
+
+
+def test_ingest_tarball_equals_tree(tmp_path: Path) -> None:
+    tree = make_complicated(tmp_path)
+    archive = tmp_path / "c.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tree, arcname="complicated")
+    out = nixcas("castore", "ingest", str(archive), "--json", store=tmp_path / "s")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["digest"] == COMPLICATED_HEX
+    as_blob = nixcas("castore", "ingest", "--as", "path", str(archive), "--json", store=tmp_path / "s")
+    assert json.loads(as_blob.stdout)["type"] == "file"
+
+
+def test_service_addr_options(tmp_path: Path) -> None:
+    tree = make_complicated(tmp_path)
+    blobs = f"objectstore+file://{tmp_path / 'b'}"
+    dirs = f"sqlite://{tmp_path / 'd.sqlite'}"
+    out = nixcas("--blob-service-addr", blobs, "--directory-service-addr", dirs, "castore", "ingest", str(tree))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "d.sqlite").exists() and (tmp_path / "b" / "blobs").is_dir()
+    via_env = nixcas("castore", "ls", COMPLICATED_HEX, env={"BLOB_SERVICE_ADDR": blobs, "DIRECTORY_SERVICE_ADDR": dirs})
+    assert via_env.returncode == 0 and "keep" in via_env.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragment"),
+    [
+        (["castore", "ls", "abc"], 2, "cannot parse digest"),
+        (["castore", "ls", "0" * 64], 1, "not found"),
+        (["castore", "cat", "0" * 64], 1, "not found"),
+        (["castore", "ingest", "/nonexistent/path"], 2, "no such file"),
+        (["--blob-service-addr", "bogus://", "castore", "ls", "0" * 64], 2, "unknown type 'bogus'"),
+        (["--directory-service-addr", "memory://x", "castore", "ls", "0" * 64], 2, "takes no host"),
+    ],
+)
+def test_errors_are_one_line(tmp_path: Path, args: list[str], code: int, fragment: str) -> None:
+    result = nixcas(*args, store=tmp_path / "s")
+    assert result.returncode == code, result
+    assert "Traceback" not in result.stderr
+    assert fragment in result.stderr
+
+
+def test_special_file_is_refused_and_nothing_committed(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "ok").write_text("fine")
+    os.mkfifo(tree / "pipe")
+    result = nixcas("castore", "ingest", str(tree), store=tmp_path / "s")
+    assert_one_line_error(result, 1, f"{tree / 'pipe'}: cannot import a FIFO")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "s" / "directories.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM directories").fetchone() == (0,)
+
+
+def test_corrupt_blob_is_detected_by_cat(tmp_path: Path) -> None:
+    import zstandard
+
+    f = tmp_path / "f"
+    f.write_bytes(b"precious data")
+    digest = json.loads(nixcas("castore", "ingest", str(f), "--json", store=tmp_path / "s").stdout)["digest"]
+    chunk = tmp_path / "s" / "blobs" / "chunks" / "b3" / digest[:4] / digest
+    chunk.write_bytes(zstandard.ZstdCompressor().compress(b"precious dat4"))
+    result = nixcas("castore", "cat", digest, store=tmp_path / "s")
+    assert_one_line_error(result, 1, "checksum mismatch")
