@@ -200,7 +200,7 @@ class _ZstdFileReader(BlobReader):
 
     def _close_sync(self) -> None:
         if self._stream is not None:
-            self._stream.close()
+            self._stream.close()  # type: ignore[no-untyped-call]
             self._stream = None
         if self._file is not None:
             self._file.close()
