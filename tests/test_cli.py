@@ -169,3 +169,46 @@ def test_corrupt_blob_is_detected_by_cat(tmp_path: Path) -> None:
     chunk.write_bytes(zstandard.ZstdCompressor().compress(b"precious dat4"))
     result = nixcas("castore", "cat", digest, store=tmp_path / "s")
     assert_one_line_error(result, 1, "checksum mismatch")
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_unreadable_input_as_unprivileged_user(kind: str) -> None:
+    """chmod 000 only bites without root: as root, the CLI is run as `nobody` through setpriv."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and setpriv (util-linux) is missing: cannot drop privileges")
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    work = Path(tempfile.mkdtemp(prefix="nixcas-unreadable-"))
+    try:
+        work.chmod(0o777)
+        tree = work / "tree"
+        tree.mkdir()
+        (tree / "ok").write_text("fine")
+        bad = tree / "secret"
+        if kind == "file":
+            bad.write_text("hidden")
+        else:
+            bad.mkdir()
+        bad.chmod(0)
+        store = work / "store"
+        store.mkdir()
+        store.chmod(0o777)
+        result = subprocess.run(
+            [*prefix, sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store), "castore", "ingest", str(tree)],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "HOME": str(work)},
+        )
+        assert_one_line_error(result, 1, f"{bad}: cannot")
+        assert "Permission denied" in result.stderr
+        with sqlite3.connect(store / "directories.sqlite") as db:
+            assert db.execute("SELECT count(*) FROM directories").fetchone() == (0,)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

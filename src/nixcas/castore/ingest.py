@@ -172,8 +172,8 @@ class _FileItem:
 _Item = IngestEntry | _FileItem
 
 
-def _walk(fs_path: bytes, path: tuple[bytes, ...]) -> Iterator[_Item]:
-    """Post-order walk; small files come with their contents."""
+def _visit(fs_path: bytes, path: tuple[bytes, ...]) -> _Item | list[bytes]:
+    """One filesystem object: a directory's entry names, or an item for anything else."""
     try:
         st = os.lstat(fs_path)
     except OSError as e:
@@ -182,33 +182,49 @@ def _walk(fs_path: bytes, path: tuple[bytes, ...]) -> Iterator[_Item]:
     if stat.S_ISDIR(mode):
         try:
             with os.scandir(fs_path) as it:
-                names = [entry.name for entry in it]
+                return [entry.name for entry in it]
         except OSError as e:
             raise IngestError(f"{os.fsdecode(fs_path)}: cannot list directory: {e.strerror}") from None
-        for name in names:
-            yield from _walk(os.path.join(fs_path, name), (*path, name))
-        yield IngestEntry(path, None)
-    elif stat.S_ISLNK(mode):
+    if stat.S_ISLNK(mode):
         try:
-            target = os.readlink(fs_path)
-            yield IngestEntry(path, SymlinkNode(target))
+            return IngestEntry(path, SymlinkNode(os.readlink(fs_path)))
         except OSError as e:
             raise IngestError(f"{os.fsdecode(fs_path)}: cannot read symlink: {e.strerror}") from None
         except ValidationError as e:
             raise IngestError(f"{os.fsdecode(fs_path)}: {e}") from None
-    elif stat.S_ISREG(mode):
-        executable = bool(mode & stat.S_IXUSR)
+    if stat.S_ISREG(mode):
         data = _read_small(fs_path, st.st_size) if st.st_size <= SMALL_FILE else None
-        yield _FileItem(path, fs_path, st.st_size, executable, data)
-    else:
-        kind = (
-            "socket" if stat.S_ISSOCK(mode) else
-            "FIFO" if stat.S_ISFIFO(mode) else
-            "character device" if stat.S_ISCHR(mode) else
-            "block device" if stat.S_ISBLK(mode) else
-            f"file of mode {mode:o}"
-        )  # fmt: skip
-        raise IngestError(f"{os.fsdecode(fs_path)}: cannot import a {kind}")
+        return _FileItem(path, fs_path, st.st_size, bool(mode & stat.S_IXUSR), data)
+    kind = (
+        "socket" if stat.S_ISSOCK(mode) else
+        "FIFO" if stat.S_ISFIFO(mode) else
+        "character device" if stat.S_ISCHR(mode) else
+        "block device" if stat.S_ISBLK(mode) else
+        f"file of mode {mode:o}"
+    )  # fmt: skip
+    raise IngestError(f"{os.fsdecode(fs_path)}: cannot import a {kind}")
+
+
+def _walk(fs_path: bytes, path: tuple[bytes, ...]) -> Iterator[_Item]:
+    """Post-order walk without recursion (any depth); small files come with their contents."""
+    first = _visit(fs_path, path)
+    if not isinstance(first, list):
+        yield first
+        return
+    stack = [(fs_path, path, iter(first))]
+    while stack:
+        parent_fs, parent, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            yield IngestEntry(parent, None)
+            continue
+        child_fs, child = os.path.join(parent_fs, name), (*parent, name)
+        visited = _visit(child_fs, child)
+        if isinstance(visited, list):
+            stack.append((child_fs, child, iter(visited)))
+        else:
+            yield visited
 
 
 def _read_small(fs_path: bytes, size: int) -> bytes:
@@ -255,7 +271,9 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
     return FileNode(digest, item.size, item.executable)
 
 
-async def _entries_from_walk(root: bytes, blobs: BlobService, progress: Progress | None) -> AsyncGenerator[IngestEntry, None]:
+async def _entries_from_walk(
+    root: bytes, blobs: BlobService, progress: Progress | None
+) -> AsyncGenerator[IngestEntry, None]:
     name = os.path.basename(os.path.normpath(root)) or b"root"
     batches = _batches(_walk(root, (name,)))
     large_slots = asyncio.Semaphore(LARGE_PARALLEL)

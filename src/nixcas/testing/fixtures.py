@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
-from nixcas.castore.nodes import DirectoryNode, FileNode, SymlinkNode
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = [
     "BLOB_A",
@@ -61,13 +61,12 @@ DIRECTORY_A = Directory()
 DIRECTORY_WITH_KEEP = Directory({b".keep": FileNode(EMPTY_DIGEST, 0, executable=False)})
 """``{file '.keep' -> EMPTY}``."""
 
-DIRECTORY_COMPLICATED = Directory(
-    {
-        b"keep": DirectoryNode(DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.size),
-        b".keep": FileNode(EMPTY_DIGEST, 0, executable=False),
-        b"aa": SymlinkNode(SYMLINK_TARGET),
-    }
-)
+_COMPLICATED_ENTRIES: dict[bytes, Node] = {
+    b"keep": DirectoryNode(DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.size),
+    b".keep": FileNode(EMPTY_DIGEST, 0, executable=False),
+    b"aa": SymlinkNode(SYMLINK_TARGET),
+}
+DIRECTORY_COMPLICATED = Directory(_COMPLICATED_ENTRIES)
 """``{dir 'keep' -> WITH_KEEP, file '.keep' -> EMPTY, symlink 'aa' -> /nix/store/somewhereelse}``."""
 
 DIRECTORY_B = Directory({b"a": DirectoryNode(DIRECTORY_A.digest, DIRECTORY_A.size)})

@@ -274,7 +274,11 @@ class _LocalBlobWriter(BlobWriter):
             self._compressor.write(block)
 
     async def write(self, data: bytes) -> None:
-        self._state.check_writable(len(data))
+        try:
+            self._state.check_writable(len(data))
+        except ValueError:
+            await self.abort()
+            raise
         if not data:
             return
         if self._compressor is None and self._buffered + len(data) <= SPILL_THRESHOLD:

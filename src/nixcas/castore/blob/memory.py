@@ -53,7 +53,11 @@ class _MemoryBlobWriter(BlobWriter):
         self._state = WriterState(expected_size)
 
     async def write(self, data: bytes) -> None:
-        self._state.check_writable(len(data))
+        try:
+            self._state.check_writable(len(data))
+        except ValueError:
+            await self.abort()
+            raise
         self._hasher.update(data)
         self._parts.append(bytes(data))
 

@@ -39,8 +39,13 @@ class SqliteDirectoryService(DirectoryService):
 
     def __init__(self, path: str | None) -> None:
         self.path = path
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixcas-sqlite")
-        self._conn: sqlite3.Connection = self._executor.submit(self._connect).result()
+        try:
+            self._conn: sqlite3.Connection = self._executor.submit(self._connect).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -72,6 +77,9 @@ class SqliteDirectoryService(DirectoryService):
         return f"SqliteDirectoryService({self.path!r})"
 
     async def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise StorageError(f"directory database {self.path or ':memory:'} is closed")
+
         def guarded() -> T:
             try:
                 return fn()
@@ -109,5 +117,8 @@ class SqliteDirectoryService(DirectoryService):
         await self._run(put)
 
     async def close(self) -> None:
+        if self._closed:
+            return
         await self._run(self._conn.close)
+        self._closed = True
         self._executor.shutdown(wait=True)

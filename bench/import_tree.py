@@ -1,0 +1,627 @@
+#!/usr/bin/env python3
+"""Benchmark: import a generated tree with ``nixcas castore ingest`` and with ``nix-store --add``.
+
+Run from the repository root::
+
+    .venv/bin/python bench/import_tree.py [--files 10000] [--large 8] [--large-mib 64] [--runs 3]
+                                          [--workdir DIR] [--keep] [--json OUT] [--profile]
+
+The tree is generated deterministically from ``--seed``:
+
+* ``--files`` small files of 1-16 KiB spread over ``tree/dNN/sNN/`` (20 x 20 leaf
+  directories, so ~25 files per leaf, 20 entries in the upper levels); every
+  10th file is executable; half of the files (chosen by the seeded RNG) are
+  incompressible random bytes, the other half are "compressible": random bytes
+  mapped onto a 16-letter alphabet (4 bits of entropy per byte, so zstd roughly
+  halves them);
+* one relative symlink to a sibling file in every 20th leaf directory, plus one
+  dangling symlink at the top;
+* ``--large`` files of ``--large-mib`` MiB under ``tree/large/``; even-numbered
+  ones incompressible, odd-numbered ones compressible as above.
+
+Both tools are driven as subprocesses.  Each child is reaped with
+``os.wait4`` so that its own peak RSS (``ru_maxrss``, KiB on Linux) and CPU
+times are recorded, and wall time is measured with ``time.perf_counter``
+around ``Popen`` .. ``wait4``.  One untimed warm-up round of each tool comes
+first (the tree is hot in the page cache for both), then the tools alternate
+run by run (nixcas, nix-store, nixcas, ...), and ``sync`` is called (untimed)
+before every run so that one tool's pending write-back is not charged to the
+other (nixcas ends with a ``syncfs`` of its store's file system, which may
+also be the file system of ``/nix/store``).
+
+Both tools really write everything in every run: every nixcas run gets a
+fresh, empty ``--store-dir``, and before every round the tree directory is
+renamed (``tree-0``, ``tree-1``, ...), which gives ``nix-store --add`` a new
+store path (same NAR hash, checked) each time.  All results are deleted at
+the end (``nix-store --delete``, ``rm -r``).  ``--delete-between`` instead
+deletes the previous nix path before each nix run and each nixcas store right
+after its run, with a fixed tree name.  Beware: on ext4 *without a journal*,
+creating inodes within a minute or so of deleting thousands makes every
+create scan the recently deleted ones (``recently_deleted()`` in
+``find_inode_bit``), which inflates the system time of later runs for both
+tools; deferring the deletions avoids that, and for the same reason
+back-to-back invocations of this script should be a few minutes apart.
+
+Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_MIN = 1 << 10
+SMALL_MAX = 16 << 10
+FANOUT = 20
+"""Entries per directory in the two upper levels (``dNN`` and ``sNN``)."""
+EXEC_EVERY = 10
+SYMLINK_EVERY_LEAF = 20
+LARGE_BLOCK = 4 << 20
+ALPHABET = b"etaoinshrdlucmfw"
+COMPRESSIBLE_TABLE = bytes(ALPHABET[b & 0x0F] for b in range(256))
+PROFILE_LINES = 30
+
+
+# -- tree generation ---------------------------------------------------------------
+
+
+@dataclass
+class TreeStats:
+    """What was generated."""
+
+    root: str
+    small_files: int = 0
+    large_files: int = 0
+    executables: int = 0
+    symlinks: int = 0
+    directories: int = 0
+    content_bytes: int = 0
+    compressible_bytes: int = 0
+    generate_seconds: float = 0.0
+
+
+def _content(rng: random.Random, size: int, compressible: bool) -> bytes:
+    data = rng.randbytes(size)
+    return data.translate(COMPRESSIBLE_TABLE) if compressible else data
+
+
+def generate_tree(root: Path, n_files: int, n_large: int, large_mib: int, seed: int) -> TreeStats:
+    """Write the benchmark tree at ``root`` (which must not exist)."""
+    start = time.perf_counter()
+    stats = TreeStats(root=str(root))
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not crypto
+    root.mkdir(parents=True)
+    stats.directories += 1
+    leaves: list[Path] = []
+    for i in range(FANOUT):
+        top = root / f"d{i:02d}"
+        top.mkdir()
+        stats.directories += 1
+        for j in range(FANOUT):
+            leaf = top / f"s{j:02d}"
+            leaf.mkdir()
+            stats.directories += 1
+            leaves.append(leaf)
+    first_in_leaf: dict[int, str] = {}
+    for k in range(n_files):
+        leaf_index = k % len(leaves)
+        name = f"f{k:05d}.dat"
+        size = rng.randint(SMALL_MIN, SMALL_MAX)
+        compressible = rng.random() < 0.5
+        data = _content(rng, size, compressible)
+        path = leaves[leaf_index] / name
+        path.write_bytes(data)
+        if k % EXEC_EVERY == 0:
+            path.chmod(0o755)
+            stats.executables += 1
+        first_in_leaf.setdefault(leaf_index, name)
+        stats.small_files += 1
+        stats.content_bytes += size
+        if compressible:
+            stats.compressible_bytes += size
+    for leaf_index, name in sorted(first_in_leaf.items()):
+        if leaf_index % SYMLINK_EVERY_LEAF == 0:
+            (leaves[leaf_index] / "link").symlink_to(name)
+            stats.symlinks += 1
+    (root / "dangling").symlink_to("does/not/exist")
+    stats.symlinks += 1
+    if n_large:
+        large_dir = root / "large"
+        large_dir.mkdir()
+        stats.directories += 1
+        size = large_mib << 20
+        for k in range(n_large):
+            compressible = k % 2 == 1
+            with open(large_dir / f"big{k:02d}.bin", "wb") as f:
+                remaining = size
+                while remaining:
+                    n = min(LARGE_BLOCK, remaining)
+                    f.write(_content(rng, n, compressible))
+                    remaining -= n
+            stats.large_files += 1
+            stats.content_bytes += size
+            if compressible:
+                stats.compressible_bytes += size
+    stats.generate_seconds = time.perf_counter() - start
+    return stats
+
+
+# -- running children ----------------------------------------------------------------
+
+
+@dataclass
+class ChildResult:
+    """One child process: what it printed and what it cost."""
+
+    argv: list[str]
+    returncode: int
+    seconds: float
+    maxrss_kib: int
+    user_seconds: float
+    system_seconds: float
+    stdout: str
+    stderr: str
+
+
+def run_child(argv: list[str], env: dict[str, str] | None = None) -> ChildResult:
+    """Run ``argv`` to completion; time it and read its own rusage via ``wait4``."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen from waiting again
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    return ChildResult(
+        argv=argv,
+        returncode=proc.returncode,
+        seconds=seconds,
+        maxrss_kib=usage.ru_maxrss,
+        user_seconds=usage.ru_utime,
+        system_seconds=usage.ru_stime,
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+def check_ok(result: ChildResult) -> None:
+    """Abort the benchmark if a child failed."""
+    if result.returncode != 0:
+        sys.stderr.write(
+            f"command failed with exit code {result.returncode}: {' '.join(result.argv)}\n"
+            f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}\n"
+        )
+        raise SystemExit(1)
+
+
+@dataclass
+class Run:
+    """One timed (or warm-up) run of one tool."""
+
+    tool: str
+    index: int
+    warmup: bool
+    seconds: float
+    maxrss_kib: int
+    user_seconds: float
+    system_seconds: float
+    output: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    """Drives the two tools against one tree.
+
+    By default nothing is deleted until the end: every nixcas run gets a new
+    store directory, and before every round the tree directory is renamed
+    (``tree-0``, ``tree-1``, ...) so that ``nix-store --add`` yields a new store
+    path (same NAR hash, different name) instead of finding the previous one.
+    With ``delete_between`` the previous nix path is deleted with
+    ``nix-store --delete`` before each nix run and each nixcas store is removed
+    right after its run, keeping the tree name fixed.
+    """
+
+    def __init__(self, tree: Path, workdir: Path, nixcas: str, nix_store: str, *, delete_between: bool) -> None:
+        self.tree = tree
+        self.workdir = workdir
+        self.nixcas = nixcas
+        self.nix_store = nix_store
+        self.delete_between = delete_between
+        self.runs: list[Run] = []
+        self._store_counter = 0
+        self._stores: list[Path] = []
+        self.nixcas_root: dict[str, Any] | None = None
+        self.nix_paths: list[str] = []
+        self.nix_nar_hash: str | None = None
+
+    def rename_tree(self, name: str) -> None:
+        """Give the tree a new name (no-op with ``delete_between``)."""
+        if self.delete_between or self.tree.name == name:
+            return
+        target = self.tree.with_name(name)
+        os.rename(self.tree, target)
+        self.tree = target
+
+    def fresh_store_dir(self) -> Path:
+        self._store_counter += 1
+        path = self.workdir / f"nixcas-store-{self._store_counter}"
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir()
+        self._stores.append(path)
+        return path
+
+    def drop_store(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        self._stores.remove(path)
+
+    def run_nixcas(self, index: int, warmup: bool) -> Run:
+        store = self.fresh_store_dir()
+        os.sync()
+        result = run_child([self.nixcas, "--store-dir", str(store), "castore", "ingest", str(self.tree), "--json"])
+        check_ok(result)
+        root = json.loads(result.stdout)
+        if not isinstance(root, dict) or root.get("type") != "directory":
+            raise SystemExit(f"nixcas: expected a directory node, got {result.stdout!r}")
+        if self.nixcas_root is None:
+            self.nixcas_root = root
+        elif root != self.nixcas_root:
+            raise SystemExit(f"nixcas: root changed between runs: {self.nixcas_root} -> {root}")
+        store_bytes = disk_usage(store)
+        if self.delete_between:
+            self.drop_store(store)
+        run = Run(
+            tool="nixcas",
+            index=index,
+            warmup=warmup,
+            seconds=result.seconds,
+            maxrss_kib=result.maxrss_kib,
+            user_seconds=result.user_seconds,
+            system_seconds=result.system_seconds,
+            output=result.stdout.strip(),
+            extra={"store_bytes_on_disk": store_bytes, "tree": str(self.tree)},
+        )
+        self.runs.append(run)
+        return run
+
+    def delete_nix_paths(self) -> None:
+        """``nix-store --delete`` every path added so far (failures, e.g. already gone, are ignored)."""
+        if self.nix_paths:
+            run_child([self.nix_store, "--delete", *self.nix_paths])
+            self.nix_paths = []
+
+    def run_nix(self, index: int, warmup: bool) -> Run:
+        if self.delete_between:
+            self.delete_nix_paths()
+        os.sync()
+        result = run_child([self.nix_store, "--add", str(self.tree)])
+        check_ok(result)
+        path = result.stdout.strip()
+        if not path.startswith("/nix/store/") or not os.path.isdir(path):
+            raise SystemExit(f"nix-store --add: expected a /nix/store directory, got {result.stdout!r}")
+        if path in self.nix_paths:
+            raise SystemExit(f"nix-store --add: {path} was already added in this benchmark")
+        self.nix_paths.append(path)
+        query = run_child([self.nix_store, "--query", "--hash", path])
+        check_ok(query)
+        nar_hash = query.stdout.strip()
+        if self.nix_nar_hash is None:
+            self.nix_nar_hash = nar_hash
+        elif nar_hash != self.nix_nar_hash:
+            raise SystemExit(f"nix-store --add: NAR hash changed between runs: {self.nix_nar_hash} -> {nar_hash}")
+        run = Run(
+            tool="nix-store",
+            index=index,
+            warmup=warmup,
+            seconds=result.seconds,
+            maxrss_kib=result.maxrss_kib,
+            user_seconds=result.user_seconds,
+            system_seconds=result.system_seconds,
+            output=path,
+            extra={"nar_hash": nar_hash},
+        )
+        self.runs.append(run)
+        return run
+
+    def cleanup(self) -> None:
+        self.delete_nix_paths()
+        for store in list(self._stores):
+            self.drop_store(store)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk below ``path`` (like ``du -s --block-size=1``)."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [*dirnames, *filenames]:
+            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+# -- machine facts -------------------------------------------------------------------
+
+
+def _command_output(argv: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def machine_facts(nix_store: str, workdir: Path) -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "sched_affinity_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model(),
+        "memory_total_kib": _meminfo_total(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "nix_store_version": _command_output([nix_store, "--version"]),
+        "nixcas_commit": _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO),
+        "nixcas_dirty": bool(_command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO)),
+        "workdir_fs": _command_output(["df", "--output=source,fstype", str(workdir)]),
+        "nix_store_fs": _command_output(["df", "--output=source,fstype", "/nix/store"]),
+    }
+
+
+def _meminfo_total() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# -- profile ---------------------------------------------------------------------------
+
+
+def run_profile(bench: Bench, python: str) -> dict[str, Any]:
+    """Run nixcas once under cProfile (main thread only!) and return the top of the report."""
+    bench.rename_tree("tree-profile")
+    store = bench.fresh_store_dir()
+    os.sync()
+    argv = [
+        python,
+        "-m",
+        "cProfile",
+        "-s",
+        "cumtime",
+        "-m",
+        "nixcas.cli.main",
+        "--store-dir",
+        str(store),
+        "castore",
+        "ingest",
+        str(bench.tree),
+    ]
+    result = run_child(argv)
+    check_ok(result)
+    lines = result.stdout.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls")), None)
+    if header is None:
+        top = lines[:PROFILE_LINES]
+    else:
+        preamble = [line for line in lines[:header] if "function calls" in line or "Ordered by" in line]
+        top = [*preamble, lines[header], *lines[header + 1 : header + 1 + PROFILE_LINES]]
+    return {
+        "argv": argv,
+        "store_bytes_on_disk": disk_usage(store),
+        "seconds": result.seconds,
+        "maxrss_kib": result.maxrss_kib,
+        "user_seconds": result.user_seconds,
+        "system_seconds": result.system_seconds,
+        "top": top,
+    }
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def summarize(runs: list[Run], content_bytes: int) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    for tool in ("nixcas", "nix-store"):
+        timed = [r for r in runs if r.tool == tool and not r.warmup]
+        if not timed:
+            continue
+        median = statistics.median(r.seconds for r in timed)
+        summary[tool] = {
+            "runs": [r.seconds for r in timed],
+            "median_seconds": median,
+            "mb_per_second": content_bytes / median / 1e6,
+            "max_peak_rss_mib": max(r.maxrss_kib for r in timed) / 1024,
+            "median_user_seconds": statistics.median(r.user_seconds for r in timed),
+            "median_system_seconds": statistics.median(r.system_seconds for r in timed),
+        }
+    if "nixcas" in summary and "nix-store" in summary:
+        ratio = summary["nixcas"]["median_seconds"] / summary["nix-store"]["median_seconds"]
+        summary["nixcas"]["ratio_to_nix"] = ratio
+        summary["nix-store"]["ratio_to_nix"] = 1.0
+    return summary
+
+
+def print_report(facts: dict[str, Any], stats: TreeStats, runs: list[Run], summary: dict[str, dict[str, Any]]) -> None:
+    print()
+    print("## Machine")
+    for key, value in facts.items():
+        print(f"- {key}: {value}")
+    print()
+    print("## Tree")
+    mib = stats.content_bytes / (1 << 20)
+    print(
+        f"- {stats.small_files} small files (1-16 KiB), {stats.large_files} large files, "
+        f"{stats.directories} directories, {stats.symlinks} symlinks, {stats.executables} executables"
+    )
+    print(
+        f"- content: {stats.content_bytes} bytes ({mib:.1f} MiB), of which "
+        f"{stats.compressible_bytes / max(stats.content_bytes, 1):.0%} compressible (4-bit alphabet), "
+        f"the rest incompressible random"
+    )
+    print(f"- generated in {stats.generate_seconds:.1f} s at {stats.root}")
+    print()
+    print("## Runs (alternating; warm-up runs are not counted)")
+    print()
+    print("| tool | run | wall s | user s | sys s | peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in runs:
+        label = "warm-up" if r.warmup else str(r.index)
+        print(
+            f"| {r.tool} | {label} | {r.seconds:.2f} | {r.user_seconds:.2f} | {r.system_seconds:.2f} "
+            f"| {r.maxrss_kib / 1024:.1f} |"
+        )
+    print()
+    print("## Results")
+    print()
+    print("| tool | median s | MB/s | peak RSS MiB | ratio vs nix-store |")
+    print("|---|---:|---:|---:|---:|")
+    for tool, s in summary.items():
+        ratio = s.get("ratio_to_nix")
+        ratio_text = f"{ratio:.2f}x" if ratio is not None else "-"
+        print(
+            f"| {tool} | {s['median_seconds']:.2f} | {s['mb_per_second']:.0f} | {s['max_peak_rss_mib']:.1f} "
+            f"| {ratio_text} |"
+        )
+    print()
+    print("MB/s = total file content bytes / median wall seconds / 10^6; peak RSS = max over timed runs.")
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=10_000, help="number of small files (default 10000)")
+    p.add_argument("--large", type=int, default=8, help="number of large files (default 8)")
+    p.add_argument("--large-mib", type=int, default=64, help="size of each large file in MiB (default 64)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per tool (default 3; 0 skips timing)")
+    p.add_argument("--seed", type=int, default=20240901, help="seed of the tree generator")
+    p.add_argument("--workdir", type=Path, help="work directory (default: a new temp dir under /var/tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (and the tree) at the end")
+    p.add_argument(
+        "--delete-between",
+        action="store_true",
+        help="delete each result before the next run instead of at the end (slow on ext4 without a journal: "
+        "creating inodes right after deleting thousands makes ext4 scan the recently deleted ones)",
+    )
+    p.add_argument("--json", type=Path, metavar="OUT", help="write all raw numbers to this JSON file")
+    p.add_argument("--profile", action="store_true", help="also run nixcas once under cProfile and print the top")
+    p.add_argument("--nixcas", default=str(REPO / ".venv" / "bin" / "nixcas"), help="nixcas executable")
+    p.add_argument("--python", default=sys.executable, help="python of the venv nixcas is installed in")
+    p.add_argument("--nix-store", default=shutil.which("nix-store") or "nix-store", help="nix-store executable")
+    args = p.parse_args(argv)
+    if args.files < 0 or args.large < 0 or args.large_mib < 0 or args.runs < 0:
+        p.error("counts must not be negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="import-tree-", dir=args.workdir))
+    else:
+        workdir = Path(tempfile.mkdtemp(prefix="nixcas-import-tree-", dir="/var/tmp"))
+    bench: Bench | None = None
+    try:
+        tree = workdir / "tree"
+        print(f"generating tree in {tree} ...", flush=True)
+        stats = generate_tree(tree, args.files, args.large, args.large_mib, args.seed)
+        print(
+            f"  {stats.small_files + stats.large_files} files, {stats.content_bytes / (1 << 20):.1f} MiB "
+            f"in {stats.generate_seconds:.1f} s",
+            flush=True,
+        )
+        facts = machine_facts(args.nix_store, workdir)
+        facts["protocol"] = "delete-between" if args.delete_between else "deferred-delete"
+        bench = Bench(tree, workdir, args.nixcas, args.nix_store, delete_between=args.delete_between)
+
+        if args.runs:
+            for i in range(args.runs + 1):
+                warmup = i == 0
+                bench.rename_tree(f"tree-{i}")
+                for tool in ("nixcas", "nix-store"):
+                    print(f"{'warm-up' if warmup else f'run {i}'}: {tool} ...", flush=True)
+                    r = bench.run_nixcas(i, warmup) if tool == "nixcas" else bench.run_nix(i, warmup)
+                    print(
+                        f"  {r.seconds:.2f} s (user {r.user_seconds:.2f}, sys {r.system_seconds:.2f}), "
+                        f"{r.maxrss_kib / 1024:.1f} MiB",
+                        flush=True,
+                    )
+
+        profile: dict[str, Any] | None = None
+        if args.profile:
+            print("profiling nixcas under cProfile (main thread only) ...", flush=True)
+            profile = run_profile(bench, args.python)
+
+        summary = summarize(bench.runs, stats.content_bytes)
+        print_report(facts, stats, bench.runs, summary)
+        if bench.nixcas_root is not None:
+            print(f"nixcas root: {json.dumps(bench.nixcas_root)}")
+        if bench.nix_nar_hash is not None:
+            print(f"nix NAR hash (every run): {bench.nix_nar_hash}")
+        if profile is not None:
+            print()
+            print(
+                f"## cProfile of one nixcas ingest (wall {profile['seconds']:.2f} s, "
+                f"user {profile['user_seconds']:.2f} s, sys {profile['system_seconds']:.2f} s, "
+                f"peak RSS {profile['maxrss_kib'] / 1024:.1f} MiB)"
+            )
+            print()
+            print("```")
+            print("\n".join(profile["top"]))
+            print("```")
+
+        if args.json is not None:
+            report = {
+                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "machine": facts,
+                "tree": asdict(stats),
+                "runs": [asdict(r) for r in bench.runs],
+                "summary": summary,
+                "nixcas_root": bench.nixcas_root,
+                "nix_nar_hash": bench.nix_nar_hash,
+                "profile": profile,
+            }
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"\nwrote {args.json}")
+    finally:
+        if bench is not None:
+            bench.cleanup()
+        if args.keep:
+            print(f"kept {workdir} (tree: {bench.tree if bench is not None else workdir / 'tree'})")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
