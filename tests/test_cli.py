@@ -200,7 +200,17 @@ def test_unreadable_input_as_unprivileged_user(kind: str) -> None:
         store.mkdir()
         store.chmod(0o777)
         result = subprocess.run(
-            [*prefix, sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store), "castore", "ingest", str(tree)],
+            [
+                *prefix,
+                sys.executable,
+                "-m",
+                "nixcas.cli.main",
+                "--store-dir",
+                str(store),
+                "castore",
+                "ingest",
+                str(tree),
+            ],
             capture_output=True,
             text=True,
             check=False,
