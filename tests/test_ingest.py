@@ -370,9 +370,16 @@ class FaultyFile:
 
 @pytest.fixture
 def faulty_open(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Make ``open`` inside the ingest module fail for one path, in a chosen way."""
+    """Make reading one path fail in a chosen way.
+
+    Large files are read through ``open`` inside the ingest module, small ones
+    through ``os.open``/``os.read``; both are patched, filtered by path.
+    """
     real_open = builtins.open
+    real_os_open = os.open
+    real_os_read = os.read
     faults: dict[bytes, str] = {}
+    fd_faults: dict[int, str] = {}
 
     def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
         mode = faults.get(os.fsencode(file))
@@ -381,10 +388,37 @@ def faulty_open(monkeypatch: pytest.MonkeyPatch) -> Any:
         f = real_open(file, *args, **kwargs)
         return f if mode is None else FaultyFile(f, mode)
 
+    def fake_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        fault = faults.get(os.fsencode(path)) if isinstance(path, (str, bytes, os.PathLike)) else None
+        if fault == "eacces":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        fd = real_os_open(path, flags, mode, dir_fd=dir_fd)
+        if fault is not None:
+            fd_faults[fd] = fault
+        else:
+            fd_faults.pop(fd, None)
+        return fd
+
+    def fake_os_read(fd: int, n: int) -> bytes:
+        fault = fd_faults.get(fd)
+        if fault == "eio":
+            raise OSError(errno.EIO, "Input/output error")
+        data = real_os_read(fd, n)
+        if fault == "short" and data:
+            fd_faults[fd] = "eof"
+            return data[:-1]
+        if fault == "eof":
+            return b""
+        if fault == "long":
+            return data + b"x" if data else b""
+        return data
+
     def arm(path: Path, mode: str) -> None:
         faults[os.fsencode(path)] = mode
 
     monkeypatch.setattr(ingest_module, "open", fake_open, raising=False)
+    monkeypatch.setattr(os, "open", fake_os_open)
+    monkeypatch.setattr(os, "read", fake_os_read)
     return arm
 
 

@@ -15,8 +15,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import io
+import itertools
 import os
-import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -63,9 +64,12 @@ class LocalBlobService(BlobService):
     def __init__(self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL) -> None:
         self.root = Path(root)
         self.zstd_level = zstd_level
-        self._tmp = self.root / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._made_dirs: set[Path] = set()
+        self._root = str(self.root)
+        self._tmp = f"{self._root}/tmp"
+        os.makedirs(self._tmp, exist_ok=True)
+        self._made_dirs: set[str] = set()
+        self._counter = itertools.count()
+        self._local = threading.local()
         self._dirty = False
 
     @classmethod
@@ -90,46 +94,78 @@ class LocalBlobService(BlobService):
 
     # -- paths -----------------------------------------------------------------
 
-    def _index_path(self, digest: B3Digest) -> Path:
-        return self.root / blob_index_key(digest)
+    def _index_path(self, digest: B3Digest) -> str:
+        return f"{self._root}/{blob_index_key(digest)}"
 
-    def _chunk_path(self, digest: B3Digest) -> Path:
-        return self.root / chunk_key(digest)
-
-    def _ensure_parent(self, path: Path) -> None:
-        parent = path.parent
-        if parent not in self._made_dirs:
-            parent.mkdir(parents=True, exist_ok=True)
-            self._made_dirs.add(parent)
+    def _chunk_path(self, digest: B3Digest) -> str:
+        return f"{self._root}/{chunk_key(digest)}"
 
     # -- synchronous primitives (run in worker threads) --------------------------
+    #
+    # These are the hot path of an import (tens of thousands of calls), so they
+    # use plain os.* calls on str paths: no Path objects, no buffered file
+    # objects, no existence check that the next call would repeat.
 
-    def _publish(self, tmp_path: str, final: Path) -> None:
-        """Move a finished temp file into place (or drop it if already present)."""
-        if final.exists():
-            os.unlink(tmp_path)
+    def _make_parent(self, path: str) -> None:
+        parent = os.path.dirname(path)
+        if parent in self._made_dirs:
             return
-        self._ensure_parent(final)
-        os.rename(tmp_path, final)
+        try:
+            os.mkdir(parent)
+        except FileNotFoundError:
+            os.makedirs(parent, exist_ok=True)
+        except FileExistsError:
+            pass
+        self._made_dirs.add(parent)
+
+    def _temp_path(self) -> str:
+        return f"{self._tmp}/{os.getpid()}.{threading.get_ident()}.{next(self._counter)}"
+
+    def _publish(self, tmp_path: str, final: str) -> None:
+        """Move a finished temp file into place; an existing final file has the same content."""
+        try:
+            os.rename(tmp_path, final)
+        except FileNotFoundError:
+            if not os.path.exists(tmp_path):
+                raise
+            self._make_parent(final)
+            os.rename(tmp_path, final)
 
     def _write_index(self, digest: B3Digest) -> None:
         """Publish an empty index (single chunk / empty blob); it is written last."""
         path = self._index_path(digest)
-        self._ensure_parent(path)
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            os.close(os.open(path, flags, 0o644))
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            self._make_parent(path)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, flags, 0o644))
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.zstd_level)
+        return cctx
 
     def _store_sync(self, data: bytes | memoryview) -> B3Digest:
         digest = B3Digest(blake3.blake3(data).digest())
-        if self._index_path(digest).exists():
+        if os.path.exists(self._index_path(digest)):
             return digest
-        if len(data) and not self._chunk_path(digest).exists():
-            compressed = zstandard.ZstdCompressor(level=self.zstd_level).compress(data)
-            fd, tmp_path = tempfile.mkstemp(dir=self._tmp)
+        chunk_path = self._chunk_path(digest)
+        if len(data) and not os.path.exists(chunk_path):
+            tmp_path = self._temp_path()
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(compressed)
-                self._publish(tmp_path, self._chunk_path(digest))
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    view = memoryview(self._compressor().compress(data))
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
+                self._publish(tmp_path, chunk_path)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_path)
@@ -140,22 +176,25 @@ class LocalBlobService(BlobService):
 
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         try:
-            data = self._index_path(digest).read_bytes()
+            with open(self._index_path(digest), "rb") as f:
+                data = f.read()
         except FileNotFoundError:
-            return [] if self._chunk_path(digest).exists() else None
+            return [] if os.path.exists(self._chunk_path(digest)) else None
         return decode_index(digest, data)
 
     # -- BlobService -------------------------------------------------------------
 
     async def has(self, digest: B3Digest) -> bool:
-        return await asyncio.to_thread(lambda: self._index_path(digest).exists() or self._chunk_path(digest).exists())
+        return await asyncio.to_thread(
+            lambda: os.path.exists(self._index_path(digest)) or os.path.exists(self._chunk_path(digest))
+        )
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return await asyncio.to_thread(self._chunks_sync, digest)
 
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         chunk_path = self._chunk_path(digest)
-        if await asyncio.to_thread(chunk_path.exists):
+        if await asyncio.to_thread(os.path.exists, chunk_path):
             return _ZstdFileReader(chunk_path)
         chunks = await self.chunks(digest)
         if chunks is None:
@@ -184,7 +223,7 @@ class LocalBlobService(BlobService):
 class _ZstdFileReader(BlobReader):
     """Streams one zstd-compressed chunk file; backward seeks restart the stream."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self._path = path
         self._file: BinaryIO | None = None
         self._stream: zstandard.ZstdDecompressionReader | None = None
@@ -257,16 +296,16 @@ class _LocalBlobWriter(BlobWriter):
         self._state = WriterState(expected_size)
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._hasher = blake3.blake3()
         self._tmp_path: str | None = None
         self._file: BinaryIO | None = None
         self._compressor: zstandard.ZstdCompressionWriter | None = None
 
     def _spill_sync(self, data: list[bytes]) -> None:
         if self._compressor is None:
-            fd, self._tmp_path = tempfile.mkstemp(dir=self._service._tmp)
-            self._file = os.fdopen(fd, "wb")
-            cctx = zstandard.ZstdCompressor(level=self._service.zstd_level, threads=-1)
+            self._tmp_path = self._service._temp_path()
+            self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed in _finish_sync/_discard_sync
+            cctx = zstandard.ZstdCompressor(level=self._service.zstd_level)
             size = self._state.expected_size if self._state.expected_size is not None else -1
             self._compressor = cctx.stream_writer(self._file, size=size, closefd=False)
         for block in data:
