@@ -222,3 +222,47 @@ def test_unreadable_input_as_unprivileged_user(kind: str) -> None:
             assert db.execute("SELECT count(*) FROM directories").fetchone() == (0,)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """With stderr on a terminal, ingest draws a progress bar there (and stdout stays clean)."""
+    import pty
+
+    tree = make_complicated(tmp_path)
+    (tree / "big").write_bytes(os.urandom(3 << 20))
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nixcas.cli.main",
+                "--store-dir",
+                str(tmp_path / "s"),
+                "castore",
+                "ingest",
+                str(tree),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            check=False,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert proc.stdout.decode().startswith("directory ")
+    assert b"ingesting" in b"".join(chunks)
