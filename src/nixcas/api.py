@@ -21,9 +21,9 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import BinaryIO, Self
+from typing import BinaryIO
 
+from nixcas._aio import Closing
 from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
@@ -65,7 +65,7 @@ def service_urls(
 
 
 @dataclass
-class Store:
+class Store(Closing):
     """A blob service and a directory service used together."""
 
     blobs: BlobService
@@ -154,14 +154,6 @@ class Store:
             await self.blobs.close()
         finally:
             await self.directories.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
 
 async def open_store(

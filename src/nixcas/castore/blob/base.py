@@ -13,11 +13,10 @@ import io
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import blake3
 
+from nixcas._aio import AbortOnError, Closing
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, StorageError, ValidationError
 
@@ -43,7 +42,7 @@ class ChunkMeta:
     size: int
 
 
-class BlobReader(ABC):
+class BlobReader(Closing, ABC):
     """An async, seekable reader over one blob's bytes."""
 
     @abstractmethod
@@ -57,17 +56,6 @@ class BlobReader(ABC):
     @abstractmethod
     def tell(self) -> int:
         """The current position."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources; the reader must not be used afterwards."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def iter_blocks(self, block: int = READ_BLOCK) -> AsyncIterator[bytes]:
         """The remaining bytes, in blocks of at most ``block`` bytes."""
@@ -160,7 +148,7 @@ class VerifyingReader(BlobReader):
         await self._inner.close()
 
 
-class BlobWriter(ABC):
+class BlobWriter(AbortOnError, ABC):
     """Receives a blob's bytes; :meth:`close` makes it visible and returns its digest.
 
     Nothing becomes visible before :meth:`close` returns.  :meth:`abort` (or
@@ -180,15 +168,6 @@ class BlobWriter(ABC):
     @abstractmethod
     async def abort(self) -> None:
         """Discard what was written; nothing becomes visible."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if et is not None:
-            await asyncio.shield(self.abort())
 
 
 class WriterState:
@@ -218,7 +197,7 @@ class WriterState:
             raise ValidationError(f"blob is shorter than its declared size {self.expected_size} (got {self.written})")
 
 
-class BlobService(ABC):
+class BlobService(Closing, ABC):
     """Stores blobs by BLAKE3 digest.  Absence is ``None``/``False``, never an exception."""
 
     @abstractmethod
@@ -261,16 +240,5 @@ class BlobService(ABC):
         async with reader:
             return await reader.read_all()
 
-    async def sync(self) -> None:  # noqa: B027 - optional hook
+    async def sync(self) -> None:
         """Make every blob written so far durable (a barrier before metadata refers to them)."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources held by the service."""
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

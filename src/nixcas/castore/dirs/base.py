@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
-from typing import Self
 
 import blake3
 
+from nixcas._aio import AbortOnError, Closing
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.graph import LeavesToRootValidator
@@ -34,7 +33,7 @@ def _verified(digest: B3Digest, raw: bytes) -> Directory:
         raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
 
 
-class DirectoryService(ABC):
+class DirectoryService(Closing, ABC):
     """Stores Directory messages by digest.  Absence is ``None`` / an empty stream."""
 
     # -- backend primitives ----------------------------------------------------
@@ -97,19 +96,8 @@ class DirectoryService(ABC):
         """Start uploading a closure, leaves first; see :class:`DirectoryPutter`."""
         return DirectoryPutter(self)
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources held by the service."""
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-
-class DirectoryPutter:
+class DirectoryPutter(AbortOnError):
     """Collects a closure leaves-to-root and commits it atomically on :meth:`close`.
 
     Each :meth:`put` is checked at once (a child must have been put earlier in
@@ -146,12 +134,3 @@ class DirectoryPutter:
         if self._root is None:
             self._aborted = True
             self._validator = LeavesToRootValidator()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if et is not None:
-            await self.abort()

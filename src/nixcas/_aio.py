@@ -1,0 +1,44 @@
+"""Async context-manager behaviour shared by services, readers, writers and putters."""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Self
+
+__all__ = ["AbortOnError", "Closing"]
+
+
+class Closing:
+    """``async with x:`` closes ``x`` on the way out, whatever happened."""
+
+    async def close(self) -> None:
+        """Release resources; the object must not be used afterwards."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class AbortOnError:
+    """``async with x:`` calls ``x.abort()`` if the block raised (also on cancellation).
+
+    Success is explicit: the block must call the object's own finishing method
+    (``close()``), so an early exit can never publish half a result.
+    """
+
+    async def abort(self) -> None:
+        """Discard everything so far."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is not None:
+            await asyncio.shield(self.abort())
