@@ -19,7 +19,7 @@ import stat
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
@@ -36,6 +36,9 @@ BATCH_FILES = 512
 BATCH_BYTES = 16 << 20
 READ_BLOCK = 1 << 20
 LARGE_PARALLEL = 2
+BATCHES_AHEAD = 3
+
+T = TypeVar("T")
 
 Progress = Callable[[int], None]
 """Called with the number of content bytes just ingested."""
@@ -172,6 +175,15 @@ class _FileItem:
 _Item = IngestEntry | _FileItem
 
 
+@dataclass(slots=True)
+class _Started:
+    """A batch whose uploads are under way."""
+
+    items: list[_Item]
+    small: asyncio.Future[list[FileNode]]
+    larges: dict[int, asyncio.Future[FileNode]]
+
+
 def _visit(fs_path: bytes, path: tuple[bytes, ...]) -> _Item | list[bytes]:
     """One filesystem object: a directory's entry names, or an item for anything else."""
     try:
@@ -295,34 +307,57 @@ async def _entries_from_walk(
         if not items:
             return []
         digests = await blobs.put_many([i.data for i in items if i.data is not None])
+        for i in items:
+            i.data = None  # uploaded: do not hold the bytes until the entry is emitted
         if progress is not None:
             progress(sum(i.size for i in items))
         return [FileNode(d, i.size, i.executable) for d, i in zip(digests, items, strict=True)]
 
-    upcoming = asyncio.ensure_future(asyncio.to_thread(next_batch))
-    in_flight: list[asyncio.Future[Any]] = []
+    # A producer reads batches (in a thread) and starts their uploads at once;
+    # the consumer below emits entries in walk order.  The queue bounds how far
+    # the producer runs ahead, hence the bytes held in memory; small-file
+    # batches and large-file streams overlap instead of waiting for each other.
+    queue: asyncio.Queue[_Started | BaseException | None] = asyncio.Queue(maxsize=BATCHES_AHEAD)
+    started: set[asyncio.Future[Any]] = set()
+
+    def track(fut: asyncio.Future[T]) -> asyncio.Future[T]:
+        started.add(fut)
+        fut.add_done_callback(started.discard)
+        return fut
+
+    async def produce() -> None:
+        try:
+            while (batch := await asyncio.to_thread(next_batch)) is not None:
+                smalls = [i for i in batch if isinstance(i, _FileItem) and i.data is not None]
+                small_task = track(asyncio.ensure_future(small(smalls)))
+                larges = {
+                    id(i): track(asyncio.ensure_future(large(i)))
+                    for i in batch
+                    if isinstance(i, _FileItem) and i.data is None
+                }
+                await queue.put(_Started(batch, small_task, larges))
+            await queue.put(None)
+        except BaseException as e:  # handed to the consumer, which raises it
+            await queue.put(e)
+
+    producer = asyncio.ensure_future(produce())
     try:
-        while (batch := await upcoming) is not None:
-            # The next batch is read (in a thread) while this one uploads.
-            upcoming = asyncio.ensure_future(asyncio.to_thread(next_batch))
-            smalls = [i for i in batch if isinstance(i, _FileItem) and i.data is not None]
-            larges = {
-                id(i): asyncio.ensure_future(large(i)) for i in batch if isinstance(i, _FileItem) and i.data is None
-            }
-            small_task = asyncio.ensure_future(small(smalls))
-            in_flight = [small_task, *larges.values()]
-            small_nodes = iter(await small_task)
-            for item in batch:
+        while (started_batch := await queue.get()) is not None:
+            if isinstance(started_batch, BaseException):
+                raise started_batch
+            small_nodes = iter(await started_batch.small)
+            for item in started_batch.items:
                 if isinstance(item, IngestEntry):
                     yield item
-                elif item.data is not None:
+                elif (large_task := started_batch.larges.get(id(item))) is None:
                     yield IngestEntry(item.path, next(small_nodes))
                 else:
-                    yield IngestEntry(item.path, await larges[id(item)])
+                    yield IngestEntry(item.path, await large_task)
     finally:
-        for t in [*in_flight, upcoming]:
+        pending = [producer, *started]
+        for t in pending:
             t.cancel()
-        await asyncio.gather(*in_flight, upcoming, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def ingest_path(

@@ -17,6 +17,7 @@ import ctypes.util
 import io
 import itertools
 import os
+import secrets
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,7 @@ class LocalBlobService(BlobService):
         os.makedirs(self._tmp, exist_ok=True)
         self._made_dirs: set[str] = set()
         self._counter = itertools.count()
+        self._temp_prefix = f"{os.getpid()}.{secrets.token_hex(6)}"
         self._local = threading.local()
         self._dirty = False
 
@@ -106,43 +108,39 @@ class LocalBlobService(BlobService):
     # use plain os.* calls on str paths: no Path objects, no buffered file
     # objects, no existence check that the next call would repeat.
 
-    def _make_parent(self, path: str) -> None:
+    def _dir_for(self, path: str) -> None:
+        """Create the shard directory of ``path`` once per process (before, not after, a failure)."""
         parent = os.path.dirname(path)
-        if parent in self._made_dirs:
-            return
-        try:
-            os.mkdir(parent)
-        except FileNotFoundError:
-            os.makedirs(parent, exist_ok=True)
-        except FileExistsError:
-            pass
-        self._made_dirs.add(parent)
+        if parent not in self._made_dirs:
+            try:
+                os.mkdir(parent)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                os.makedirs(parent, exist_ok=True)
+            self._made_dirs.add(parent)
 
-    def _temp_path(self) -> str:
-        return f"{self._tmp}/{os.getpid()}.{threading.get_ident()}.{next(self._counter)}"
+    def _new_temp(self) -> tuple[str, int]:
+        """A new, exclusively created temp file (path, fd) under ``tmp/``."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        while True:
+            path = f"{self._tmp}/{self._temp_prefix}.{next(self._counter)}"
+            try:
+                return path, os.open(path, flags, 0o644)
+            except FileExistsError:  # a forked sibling with the same prefix: take the next number
+                continue
 
     def _publish(self, tmp_path: str, final: str) -> None:
         """Move a finished temp file into place; an existing final file has the same content."""
-        try:
-            os.rename(tmp_path, final)
-        except FileNotFoundError:
-            if not os.path.exists(tmp_path):
-                raise
-            self._make_parent(final)
-            os.rename(tmp_path, final)
+        self._dir_for(final)
+        os.rename(tmp_path, final)
 
     def _write_index(self, digest: B3Digest) -> None:
         """Publish an empty index (single chunk / empty blob); it is written last."""
         path = self._index_path(digest)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            os.close(os.open(path, flags, 0o644))
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            self._make_parent(path)
-            with contextlib.suppress(FileExistsError):
-                os.close(os.open(path, flags, 0o644))
+        self._dir_for(path)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
@@ -154,18 +152,17 @@ class LocalBlobService(BlobService):
         digest = B3Digest(blake3.blake3(data).digest())
         if os.path.exists(self._index_path(digest)):
             return digest
-        chunk_path = self._chunk_path(digest)
-        if len(data) and not os.path.exists(chunk_path):
-            tmp_path = self._temp_path()
+        # No index: write the chunk even if a crash left one behind (same bytes).
+        if len(data):
+            tmp_path, fd = self._new_temp()
             try:
-                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 try:
                     view = memoryview(self._compressor().compress(data))
                     while view:
                         view = view[os.write(fd, view) :]
                 finally:
                     os.close(fd)
-                self._publish(tmp_path, chunk_path)
+                self._publish(tmp_path, self._chunk_path(digest))
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_path)
@@ -303,8 +300,8 @@ class _LocalBlobWriter(BlobWriter):
 
     def _spill_sync(self, data: list[bytes]) -> None:
         if self._compressor is None:
-            self._tmp_path = self._service._temp_path()
-            self._file = open(self._tmp_path, "xb")  # noqa: SIM115 - closed in _finish_sync/_discard_sync
+            self._tmp_path, fd = self._service._new_temp()
+            self._file = os.fdopen(fd, "wb")
             cctx = zstandard.ZstdCompressor(level=self._service.zstd_level)
             size = self._state.expected_size if self._state.expected_size is not None else -1
             self._compressor = cctx.stream_writer(self._file, size=size, closefd=False)
