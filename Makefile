@@ -48,7 +48,7 @@ proto: $(VENV)/.installed-dev
 ## bench: the import benchmark against nix-store --add (needs nix-bin)
 bench: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
-	$(BIN)/python bench/import_tree.py
+	$(BIN)/python bench/import_tree.py --workdir .bench-work --runs 7 --json .bench-work/import_tree.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

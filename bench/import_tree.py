@@ -5,6 +5,7 @@ Run from the repository root::
 
     .venv/bin/python bench/import_tree.py [--files 10000] [--large 8] [--large-mib 64] [--runs 3]
                                           [--workdir DIR] [--keep] [--json OUT] [--profile]
+                                          [--seed N] [--delete-between]
 
 The tree is generated deterministically from ``--seed``:
 
@@ -40,7 +41,10 @@ creating inodes within a minute or so of deleting thousands makes every
 create scan the recently deleted ones (``recently_deleted()`` in
 ``find_inode_bit``), which inflates the system time of later runs for both
 tools; deferring the deletions avoids that, and for the same reason
-back-to-back invocations of this script should be a few minutes apart.
+invocations of this script (or anything else deleting many files on that
+file system) should be at least 6 minutes apart (ext4 looks back 60 s, or
+360 s while the inode table block is dirty).  The load average is recorded at
+start and end to flag concurrent activity.
 
 Only the standard library is used.
 """
@@ -376,9 +380,28 @@ def cpu_model() -> str | None:
     return None
 
 
+def create_probe(parent: Path, count: int = 2000) -> float:
+    """Microseconds per empty-file creation in a new directory below ``parent``.
+
+    On some VMs, metadata operations in different parts of one filesystem
+    differ by 30x; both tools' outputs should land in comparable places.
+    """
+    probe = Path(tempfile.mkdtemp(prefix=".create-probe-", dir=parent))
+    try:
+        start = time.perf_counter()
+        for i in range(count):
+            os.close(os.open(probe / str(i), os.O_CREAT | os.O_WRONLY, 0o644))
+        return (time.perf_counter() - start) / count * 1e6
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def machine_facts(nix_store: str, workdir: Path) -> dict[str, Any]:
     return {
+        "file_create_us_workdir": round(create_probe(workdir), 1),
+        "file_create_us_nix_store": round(create_probe(Path("/nix/store")), 1),
         "nproc": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
         "sched_affinity_cpus": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model(),
         "memory_total_kib": _meminfo_total(),
@@ -386,7 +409,7 @@ def machine_facts(nix_store: str, workdir: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "nix_store_version": _command_output([nix_store, "--version"]),
         "nixcas_commit": _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO),
-        "nixcas_dirty": bool(_command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO)),
+        "nixcas_src_dirty": bool(_command_output(["git", "status", "--porcelain", "--", "src"], cwd=REPO)),
         "workdir_fs": _command_output(["df", "--output=source,fstype", str(workdir)]),
         "nix_store_fs": _command_output(["df", "--output=source,fstype", "/nix/store"]),
     }
@@ -463,10 +486,17 @@ def summarize(runs: list[Run], content_bytes: int) -> dict[str, dict[str, Any]]:
             "median_user_seconds": statistics.median(r.user_seconds for r in timed),
             "median_system_seconds": statistics.median(r.system_seconds for r in timed),
         }
+    for tool in summary:
+        summary[tool]["min_seconds"] = min(summary[tool]["runs"])
     if "nixcas" in summary and "nix-store" in summary:
-        ratio = summary["nixcas"]["median_seconds"] / summary["nix-store"]["median_seconds"]
-        summary["nixcas"]["ratio_to_nix"] = ratio
-        summary["nix-store"]["ratio_to_nix"] = 1.0
+        ours, theirs = summary["nixcas"], summary["nix-store"]
+        ours["ratio_to_nix"] = ours["median_seconds"] / theirs["median_seconds"]
+        theirs["ratio_to_nix"] = 1.0
+        # Runs alternate, so run i of each tool saw the same machine state:
+        # the median of the per-pair ratios is the least noisy comparison.
+        pairs = [a / b for a, b in zip(ours["runs"], theirs["runs"], strict=False)]
+        ours["paired_ratio_median"] = statistics.median(pairs)
+        ours["best_ratio"] = ours["min_seconds"] / theirs["min_seconds"]
     return summary
 
 
@@ -502,17 +532,24 @@ def print_report(facts: dict[str, Any], stats: TreeStats, runs: list[Run], summa
     print()
     print("## Results")
     print()
-    print("| tool | median s | MB/s | peak RSS MiB | ratio vs nix-store |")
-    print("|---|---:|---:|---:|---:|")
+    print("| tool | median s | min s | MB/s | peak RSS MiB | ratio (median) | ratio (paired) | ratio (best) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for tool, s in summary.items():
-        ratio = s.get("ratio_to_nix")
-        ratio_text = f"{ratio:.2f}x" if ratio is not None else "-"
+
+        def ratio(key: str, s: dict[str, Any] = s) -> str:
+            value = s.get(key)
+            return f"{value:.2f}x" if value is not None else "-"
+
         print(
-            f"| {tool} | {s['median_seconds']:.2f} | {s['mb_per_second']:.0f} | {s['max_peak_rss_mib']:.1f} "
-            f"| {ratio_text} |"
+            f"| {tool} | {s['median_seconds']:.2f} | {s['min_seconds']:.2f} | {s['mb_per_second']:.0f} "
+            f"| {s['max_peak_rss_mib']:.1f} | {ratio('ratio_to_nix')} | {ratio('paired_ratio_median')} "
+            f"| {ratio('best_ratio')} |"
         )
     print()
-    print("MB/s = total file content bytes / median wall seconds / 10^6; peak RSS = max over timed runs.")
+    print(
+        "MB/s = total file content bytes / median wall seconds / 10^6; peak RSS = max over timed runs; "
+        "ratio (paired) = median over runs i of nixcas_i / nix_i (runs alternate); ratio (best) = min / min."
+    )
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -583,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
             print("profiling nixcas under cProfile (main thread only) ...", flush=True)
             profile = run_profile(bench, args.python)
 
+        facts["loadavg_end"] = os.getloadavg()
         summary = summarize(bench.runs, stats.content_bytes)
         print_report(facts, stats, bench.runs, summary)
         if bench.nixcas_root is not None:
