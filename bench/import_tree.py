@@ -241,7 +241,10 @@ class Bench:
     right after its run, keeping the tree name fixed.
     """
 
-    def __init__(self, tree: Path, workdir: Path, nixcas: str, nix_store: str, *, delete_between: bool) -> None:
+    def __init__(
+        self, tree: Path, workdir: Path, nixcas: str, nix_store: str, *, delete_between: bool, warm_shards: bool = False
+    ) -> None:
+        self.warm_shards = warm_shards
         self.tree = tree
         self.workdir = workdir
         self.nixcas = nixcas
@@ -269,6 +272,14 @@ class Bench:
             shutil.rmtree(path)
         path.mkdir()
         self._stores.append(path)
+        if self.warm_shards:
+            # A store that has seen a few hundred thousand blobs has every shard
+            # directory already; create them (untimed) to measure that steady state.
+            for kind in ("chunks", "blobs"):
+                base = path / "blobs" / kind / "b3"
+                base.mkdir(parents=True)
+                for shard in range(1 << 16):
+                    os.mkdir(base / f"{shard:04x}")
         return path
 
     def drop_store(self, path: Path) -> None:
@@ -562,6 +573,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--large-mib", type=int, default=64, help="size of each large file in MiB (default 64)")
     p.add_argument("--runs", type=int, default=3, help="timed runs per tool (default 3; 0 skips timing)")
     p.add_argument("--seed", type=int, default=20240901, help="seed of the tree generator")
+    p.add_argument(
+        "--warm-shards",
+        action="store_true",
+        help="pre-create (untimed) all 2x65536 shard directories in each nixcas store: a well-used store",
+    )
     p.add_argument("--workdir", type=Path, help="work directory (default: a new temp dir under /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (and the tree) at the end")
     p.add_argument(
@@ -600,7 +616,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         facts = machine_facts(args.nix_store, workdir)
         facts["protocol"] = "delete-between" if args.delete_between else "deferred-delete"
-        bench = Bench(tree, workdir, args.nixcas, args.nix_store, delete_between=args.delete_between)
+        facts["nixcas_store"] = "warm shards (all shard directories exist)" if args.warm_shards else "fresh, empty"
+        bench = Bench(
+            tree, workdir, args.nixcas, args.nix_store, delete_between=args.delete_between, warm_shards=args.warm_shards
+        )
 
         if args.runs:
             for i in range(args.runs + 1):
