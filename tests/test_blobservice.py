@@ -43,7 +43,10 @@ def unzstd(data: bytes) -> bytes:
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    """Object files below ``root`` (the shared empty-index file under ``.links/`` is not an object)."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir() and p.relative_to(root).parts[0] != ".links"
+    )
 
 
 # -- the contract, per backend ---------------------------------------------------
@@ -350,3 +353,60 @@ async def test_multi_chunk_corrupt_chunk(local: BlobService, root: Path) -> None
     key_path(root, "chunks", b3(CHUNKS[1])).write_bytes(zstd(b"\x02\x03\x04\xff"))
     with pytest.raises(ChecksumMismatch):
         await local.read(blob)
+
+
+def _index(root: Path, data: bytes) -> Path:
+    h = blake3.blake3(data).hexdigest()
+    return root / "blobs" / "b3" / h[:4] / h
+
+
+async def test_empty_indexes_share_one_inode(local: BlobService, root: Path) -> None:
+    await local.put_many([b"one", b"two", b""])
+    await local.put(b"three")
+    indexes = [_index(root, d) for d in (b"one", b"two", b"", b"three")]
+    assert all(p.read_bytes() == b"" for p in indexes)
+    assert len({p.stat().st_ino for p in indexes}) == 1
+    assert len(list((root / ".links").iterdir())) == 1
+
+
+async def test_link_count_limit_starts_a_new_shared_file(
+    local: BlobService, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    real_link = os.link
+    calls = {"n": 0}
+
+    def link_full_once(src: str, dst: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.EMLINK, "Too many links", src)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", link_full_once)
+    await local.put(b"first")
+    await local.put(b"second")  # the first source is "full": a new one is started
+    await local.put(b"third")
+    inodes = [_index(root, d).stat().st_ino for d in (b"first", b"second", b"third")]
+    assert inodes[0] != inodes[1] == inodes[2]
+    assert len(list((root / ".links").iterdir())) == 2
+    assert all(_index(root, d).read_bytes() == b"" for d in (b"first", b"second", b"third"))
+
+
+async def test_without_hard_links_indexes_are_plain_files(
+    local: BlobService, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+
+    monkeypatch.setattr(os, "link", no_links)
+    await local.put(b"alpha")
+    await local.put(b"beta")
+    a, b = _index(root, b"alpha"), _index(root, b"beta")
+    assert a.read_bytes() == b.read_bytes() == b""
+    assert a.stat().st_ino != b.stat().st_ino
+    assert await local.read(B3Digest(blake3.blake3(b"beta").digest())) == b"beta"

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import io
 import itertools
 import os
@@ -71,6 +72,10 @@ class LocalBlobService(BlobService):
         self._made_dirs: set[str] = set()
         self._counter = itertools.count()
         self._temp_prefix = f"{os.getpid()}.{secrets.token_hex(6)}"
+        self._links_dir = f"{self._root}/.links"
+        self._link_path: str | None = None
+        self._links_work = True
+        self._link_lock = threading.Lock()
         self._local = threading.local()
         self._dirty = False
 
@@ -136,11 +141,47 @@ class LocalBlobService(BlobService):
         os.rename(tmp_path, final)
 
     def _write_index(self, digest: B3Digest) -> None:
-        """Publish an empty index (single chunk / empty blob); it is written last."""
+        """Publish an empty index (single chunk / empty blob); it is written last.
+
+        All empty indexes are the same bytes, so, like ``nix-store --optimise``,
+        they are hard links to one empty file under ``.links/`` (saving an inode
+        per blob).  Indexes are never written in place, only created or
+        replaced, so sharing is safe.  Past the link-count limit a new shared
+        file is started; where hard links are unsupported, plain files are made.
+        """
         path = self._index_path(digest)
         self._dir_for(path)
+        for _ in range(3):
+            source = self._link_source()
+            if source is None:
+                break
+            try:
+                os.link(source, path)
+                return
+            except FileExistsError:
+                return
+            except OSError as e:
+                self._link_failed(source, e)
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+
+    def _link_source(self) -> str | None:
+        """The shared empty file to link indexes to (``None``: hard links do not work here)."""
+        with self._link_lock:
+            if self._link_path is None and self._links_work:
+                os.makedirs(self._links_dir, exist_ok=True)
+                path = f"{self._links_dir}/empty-index.{self._temp_prefix}.{next(self._counter)}"
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+                self._link_path = path
+            return self._link_path
+
+    def _link_failed(self, source: str, error: OSError) -> None:
+        with self._link_lock:
+            if self._link_path != source:
+                return  # another thread already moved on
+            self._link_path = None  # EMLINK, or the shared file vanished: start a new one
+            if error.errno in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES):
+                self._links_work = False
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
