@@ -310,7 +310,6 @@ async def test_missing_path(stores: Stores, src: Path) -> None:
 
 # Unreadable files and unlistable directories (real chmod 000; as root, run without the DAC
 # capabilities) are tested end to end in tests/test_cli.py::test_unreadable_input_as_unprivileged_user.
-# (as root: without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH).
 
 
 class FaultyFile:
