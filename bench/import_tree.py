@@ -310,19 +310,8 @@ class Bench:
         store_bytes = disk_usage(store)
         if self.delete_between:
             self.drop_store(store)
-        run = Run(
-            tool="nixcas",
-            index=index,
-            warmup=warmup,
-            seconds=result.seconds,
-            maxrss_kib=result.maxrss_kib,
-            user_seconds=result.user_seconds,
-            system_seconds=result.system_seconds,
-            output=result.stdout.strip(),
-            extra={"store_bytes_on_disk": store_bytes, "tree": str(self.tree)},
-        )
-        self.runs.append(run)
-        return run
+        extra = {"store_bytes_on_disk": store_bytes, "tree": str(self.tree)}
+        return self._record("nixcas", index, warmup, result, result.stdout.strip(), extra)
 
     def delete_nix_paths(self) -> None:
         """``nix-store --delete`` every path added so far (failures, e.g. already gone, are ignored)."""
@@ -349,16 +338,21 @@ class Bench:
             self.nix_nar_hash = nar_hash
         elif nar_hash != self.nix_nar_hash:
             raise SystemExit(f"nix-store --add: NAR hash changed between runs: {self.nix_nar_hash} -> {nar_hash}")
+        return self._record("nix-store", index, warmup, result, path, {"nar_hash": nar_hash})
+
+    def _record(
+        self, tool: str, index: int, warmup: bool, result: ChildResult, output: str, extra: dict[str, Any]
+    ) -> Run:
         run = Run(
-            tool="nix-store",
+            tool=tool,
             index=index,
             warmup=warmup,
             seconds=result.seconds,
             maxrss_kib=result.maxrss_kib,
             user_seconds=result.user_seconds,
             system_seconds=result.system_seconds,
-            output=path,
-            extra={"nar_hash": nar_hash},
+            output=output,
+            extra=extra,
         )
         self.runs.append(run)
         return run
