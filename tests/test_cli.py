@@ -140,10 +140,7 @@ def test_service_addr_options(tmp_path: Path) -> None:
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, args: list[str], code: int, fragment: str) -> None:
-    result = nixcas(*args, store=tmp_path / "s")
-    assert result.returncode == code, result
-    assert "Traceback" not in result.stderr
-    assert fragment in result.stderr
+    assert_one_line_error(nixcas(*args, store=tmp_path / "s"), code, fragment)
 
 
 def test_special_file_is_refused_and_nothing_committed(tmp_path: Path) -> None:
@@ -261,3 +258,23 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout.decode().startswith("directory ")
     assert b"ingesting" in b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["castore", "ls"], "Missing argument 'DIGEST'"),
+        (["castore", "bogus"], "No such command 'bogus'"),
+        (["--bogus"], "No such option '--bogus'"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], fragment: str) -> None:
+    assert_one_line_error(nixcas(*args, store=tmp_path / "s"), 2, fragment)
+
+
+def test_help_and_version(tmp_path: Path) -> None:
+    assert "castore" in nixcas("--help").stdout
+    assert nixcas("--version").stdout.strip() == "nixcas, version 0.1.0"
+    bare = nixcas()
+    assert bare.returncode == 2
+    assert "Usage: nixcas" in bare.stderr

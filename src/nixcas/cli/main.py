@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from nixcas import __version__
 from nixcas.cli.castore import castore
-from nixcas.cli.common import Settings
+from nixcas.cli.common import EXIT_USAGE, Settings, fail
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,8 +33,20 @@ cli.add_command(castore)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    cli(prog_name="nixcas")
+    """Console-script entry point: every error is one line on stderr."""
+    try:
+        code = cli.main(prog_name="nixcas", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `nixcas` / `nixcas castore`: show help
+        click.echo(e.format_message(), err=True)
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        fail(e.format_message() + hint, EXIT_USAGE)
+    except click.ClickException as e:
+        fail(e.format_message(), e.exit_code)
+    except click.Abort:
+        fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
