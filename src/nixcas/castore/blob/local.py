@@ -48,6 +48,9 @@ __all__ = ["LocalBlobService"]
 SPILL_THRESHOLD = 1 << 20
 """Writers keep up to this many bytes in memory before spilling to a temp file."""
 
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+"""Flags for creating a file that must not exist yet."""
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
@@ -127,11 +130,10 @@ class LocalBlobService(BlobService):
 
     def _new_temp(self) -> tuple[str, int]:
         """A new, exclusively created temp file (path, fd) under ``tmp/``."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         while True:
             path = f"{self._tmp}/{self._temp_prefix}.{next(self._counter)}"
             try:
-                return path, os.open(path, flags, 0o644)
+                return path, os.open(path, _CREATE_NEW, 0o644)
             except FileExistsError:  # a forked sibling with the same prefix: take the next number
                 continue
 
@@ -140,8 +142,8 @@ class LocalBlobService(BlobService):
         self._dir_for(final)
         os.rename(tmp_path, final)
 
-    def _write_index(self, digest: B3Digest) -> None:
-        """Publish an empty index (single chunk / empty blob); it is written last.
+    def _write_index(self, path: str) -> None:
+        """Publish an empty index at ``path`` (single chunk / empty blob); it is written last.
 
         All empty indexes are the same bytes, so, like ``nix-store --optimise``,
         they are hard links to one empty file under ``.links/`` (saving an inode
@@ -149,7 +151,6 @@ class LocalBlobService(BlobService):
         replaced, so sharing is safe.  Past the link-count limit a new shared
         file is started; where hard links are unsupported, plain files are made.
         """
-        path = self._index_path(digest)
         self._dir_for(path)
         for _ in range(3):
             source = self._link_source()
@@ -163,7 +164,7 @@ class LocalBlobService(BlobService):
             except OSError as e:
                 self._link_failed(source, e)
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+            os.close(os.open(path, _CREATE_NEW, 0o644))
 
     def _link_source(self) -> str | None:
         """The shared empty file to link indexes to (``None``: hard links do not work here)."""
@@ -171,7 +172,7 @@ class LocalBlobService(BlobService):
             if self._link_path is None and self._links_work:
                 os.makedirs(self._links_dir, exist_ok=True)
                 path = f"{self._links_dir}/empty-index.{self._temp_prefix}.{next(self._counter)}"
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+                os.close(os.open(path, _CREATE_NEW, 0o644))
                 self._link_path = path
             return self._link_path
 
@@ -191,7 +192,8 @@ class LocalBlobService(BlobService):
 
     def _store_sync(self, data: bytes | memoryview) -> B3Digest:
         digest = B3Digest(blake3.blake3(data).digest())
-        if os.path.exists(self._index_path(digest)):
+        index_path = self._index_path(digest)
+        if os.path.exists(index_path):
             return digest
         # No index: write the chunk even if a crash left one behind (same bytes).
         if len(data):
@@ -208,7 +210,7 @@ class LocalBlobService(BlobService):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_path)
                 raise
-        self._write_index(digest)
+        self._write_index(index_path)
         self._dirty = True
         return digest
 
@@ -380,7 +382,7 @@ class _LocalBlobWriter(BlobWriter):
         service = self._service
         service._publish(self._tmp_path, service._chunk_path(digest))
         self._tmp_path = None
-        service._write_index(digest)
+        service._write_index(service._index_path(digest))
         service._dirty = True
         return digest
 
