@@ -6,6 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from google.protobuf.descriptor import Descriptor, FileDescriptor
+
+from nixcas._proto.snix.castore.protos import castore_pb2 as snix_castore_pb2
+from nixcas._proto.snix.castore.protos import rpc_blobstore_pb2 as snix_rpc_blobstore_pb2
+from nixcas._proto.snix.castore.protos import rpc_directory_pb2 as snix_rpc_directory_pb2
+from nixcas._proto.snix.store.protos import pathinfo_pb2 as snix_pathinfo_pb2
+from nixcas._proto.snix.store.protos import rpc_pathinfo_pb2 as snix_rpc_pathinfo_pb2
 from nixcas._proto.tvix.castore.protos import castore_pb2, rpc_blobstore_pb2, rpc_directory_pb2
 from nixcas._proto.tvix.store.protos import pathinfo_pb2, rpc_pathinfo_pb2
 
@@ -67,3 +74,46 @@ def test_field_numbers() -> None:
     }
     assert pathinfo_pb2.NARInfo.CA.Hash.Value("FLAT_SHA512") == 8
     assert fields(rpc_pathinfo_pb2.CalculateNARResponse) == {"nar_size": 1, "nar_sha256": 2}
+
+
+def _wire_shape(file: FileDescriptor) -> dict[str, object]:
+    """Every message's fields (number, type, label) and every method's streaming shape, names excluded."""
+
+    def message(m: Descriptor) -> object:
+        nested = sorted((message(n) for n in m.nested_types), key=repr)
+        return sorted((f.number, f.type, f.is_repeated) for f in m.fields), nested
+
+    return {
+        "messages": sorted((message(m) for m in file.message_types_by_name.values()), key=repr),
+        "methods": sorted(
+            (
+                s.name,
+                m.name,
+                m.client_streaming,
+                m.server_streaming,
+                m.input_type.fields[0].number if m.input_type.fields else 0,
+            )
+            for s in file.services_by_name.values()
+            for m in s.methods
+        ),
+    }
+
+
+def test_snix_protos_are_the_tvix_wire_format_under_snix_names() -> None:
+    pairs = [
+        (castore_pb2, snix_castore_pb2),
+        (rpc_blobstore_pb2, snix_rpc_blobstore_pb2),
+        (rpc_directory_pb2, snix_rpc_directory_pb2),
+        (pathinfo_pb2, snix_pathinfo_pb2),
+        (rpc_pathinfo_pb2, snix_rpc_pathinfo_pb2),
+    ]
+    for tvix, snix in pairs:
+        assert snix.DESCRIPTOR.name == tvix.DESCRIPTOR.name.replace("tvix/", "snix/", 1)
+        assert snix.DESCRIPTOR.package == tvix.DESCRIPTOR.package.replace("tvix.", "snix.", 1)
+        assert _wire_shape(snix.DESCRIPTOR) == _wire_shape(tvix.DESCRIPTOR)
+    # the renames of reference §11
+    assert [f.name for f in snix_castore_pb2.Entry.DESCRIPTOR.oneofs] == ["entry"]
+    assert snix_castore_pb2.Directory.DESCRIPTOR.fields_by_name["files"].message_type.name == "FileEntry"
+    assert snix_pathinfo_pb2.PathInfo.DESCRIPTOR.fields_by_name["entry"].number == 1
+    method = snix_rpc_pathinfo_pb2.DESCRIPTOR.services_by_name["PathInfoService"].methods_by_name["CalculateNAR"]
+    assert method.input_type.full_name == "snix.castore.v1.Entry"
