@@ -113,7 +113,9 @@ def test_snix_protos_are_the_tvix_wire_format_under_snix_names() -> None:
         assert _wire_shape(snix.DESCRIPTOR) == _wire_shape(tvix.DESCRIPTOR)
     # the renames of reference §11
     assert [f.name for f in snix_castore_pb2.Entry.DESCRIPTOR.oneofs] == ["entry"]
-    assert snix_castore_pb2.Directory.DESCRIPTOR.fields_by_name["files"].message_type.name == "FileEntry"
+    files = snix_castore_pb2.Directory.DESCRIPTOR.fields_by_name["files"].message_type
+    assert files is not None
+    assert files.name == "FileEntry"
     assert snix_pathinfo_pb2.PathInfo.DESCRIPTOR.fields_by_name["entry"].number == 1
     method = snix_rpc_pathinfo_pb2.DESCRIPTOR.services_by_name["PathInfoService"].methods_by_name["CalculateNAR"]
     assert method.input_type.full_name == "snix.castore.v1.Entry"
