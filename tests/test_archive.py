@@ -17,6 +17,7 @@ from typing import Self
 
 import blake3
 import pytest
+import pytest_asyncio
 import zstandard
 
 from nixcas.castore.archive import ingest_archive
@@ -120,20 +121,20 @@ async def listing(dirs: DirectoryService, node: Node) -> object:
     return {name: await listing(dirs, child) for name, child in directory}
 
 
-def memory_stores() -> tuple[BlobService, MemoryDirectoryService]:
-    dirs = directory_service_from_url("memory://")
+async def memory_stores() -> tuple[BlobService, MemoryDirectoryService]:
+    dirs = await directory_service_from_url("memory://")
     assert isinstance(dirs, MemoryDirectoryService)
-    return blob_service_from_url("memory://"), dirs
+    return await blob_service_from_url("memory://"), dirs
 
 
-@pytest.fixture
-def blobs() -> BlobService:
-    return blob_service_from_url("memory://")
+@pytest_asyncio.fixture
+async def blobs() -> BlobService:
+    return await blob_service_from_url("memory://")
 
 
-@pytest.fixture
-def dirs() -> MemoryDirectoryService:
-    svc = directory_service_from_url("memory://")
+@pytest_asyncio.fixture
+async def dirs() -> MemoryDirectoryService:
+    svc = await directory_service_from_url("memory://")
     assert isinstance(svc, MemoryDirectoryService)
     return svc
 
@@ -188,9 +189,9 @@ async def test_same_as_ingest_path(tmp_path: Path, compression: str) -> None:
         tf.add(tmp_path / "tree", arcname="tree")
     archive = write(tmp_path / "archive", compress(buf.getvalue(), compression))  # no telling suffix
 
-    blobs, dirs = memory_stores()
+    blobs, dirs = await memory_stores()
     node = await ingest_archive(archive, blobs, dirs)
-    expected = await ingest_path(tmp_path / "tree", *memory_stores())
+    expected = await ingest_path(tmp_path / "tree", *await memory_stores())
     assert node == expected
     assert isinstance(node, DirectoryNode)
     root = await dirs.get(node.digest)
@@ -205,7 +206,7 @@ async def test_implicit_parents(blobs: BlobService, dirs: MemoryDirectoryService
     explicit = TarBuilder().dir("top").dir("top/a").dir("top/a/b").file("top/a/b/f", b"1").file("top/g", b"2").data()
     implicit = TarBuilder().file("top/a/b/f", b"1").file("top/g", b"2").data()
     node = await ingest_archive(io.BytesIO(implicit), blobs, dirs)
-    assert node == await ingest_archive(io.BytesIO(explicit), *memory_stores())
+    assert node == await ingest_archive(io.BytesIO(explicit), *await memory_stores())
     assert await listing(dirs, node) == {
         b"a": {b"b": {b"f": ("file", 1, False, b3file(b"1"))}},
         b"g": ("file", 1, False, b3file(b"2")),
@@ -333,11 +334,11 @@ async def test_local_backends(tmp_path: Path) -> None:
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         tf.add(tmp_path / "tree", arcname="tree")
     archive = write(tmp_path / "tree.tgz", buf.getvalue())
-    blobs = blob_service_from_url(f"objectstore+file://{tmp_path}/blobs")
-    dirs = directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")
+    blobs = await blob_service_from_url(f"objectstore+file://{tmp_path}/blobs")
+    dirs = await directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")
     try:
         node = await ingest_archive(archive, blobs, dirs)
-        assert node == await ingest_path(tmp_path / "tree", *memory_stores())
+        assert node == await ingest_path(tmp_path / "tree", *await memory_stores())
         assert isinstance(node, DirectoryNode)
         digests = [d.digest async for d in dirs.get_recursive(node.digest)]
         assert digests[0] == node.digest
@@ -354,13 +355,13 @@ async def test_local_backends(tmp_path: Path) -> None:
 
 async def test_file_object_sources(tmp_path: Path) -> None:
     tar = compress(TarBuilder().file("top/a", b"a" * 5000).symlink("top/l", "a").data(), "xz")
-    expected = await ingest_archive(io.BytesIO(tar), *memory_stores())
+    expected = await ingest_archive(io.BytesIO(tar), *await memory_stores())
 
     # An open file, read from its current position and left open.
     path = write(tmp_path / "x", b"junk" + tar)
     with path.open("rb") as f:
         f.seek(4)
-        assert await ingest_archive(f, *memory_stores()) == expected
+        assert await ingest_archive(f, *await memory_stores()) == expected
         assert not f.closed
 
     # A pipe, which hands out short reads.
@@ -375,14 +376,14 @@ async def test_file_object_sources(tmp_path: Path) -> None:
     feeder.start()
     try:
         with os.fdopen(r, "rb", buffering=0) as source:
-            assert await ingest_archive(source, *memory_stores()) == expected
+            assert await ingest_archive(source, *await memory_stores()) == expected
     finally:
         feeder.join()
 
 
 async def test_multi_frame_and_skippable_zstd(blobs: BlobService, dirs: MemoryDirectoryService) -> None:
     tar = TarBuilder().file("top/a", os.urandom(100_000)).file("top/b", b"b").data()
-    expected = await ingest_archive(io.BytesIO(tar), *memory_stores())
+    expected = await ingest_archive(io.BytesIO(tar), *await memory_stores())
     cctx = zstandard.ZstdCompressor(level=1, write_checksum=True)
     frames = cctx.compress(tar[:70_000]) + cctx.compress(tar[70_000:])
     skippable = b"\x50\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"abc"
@@ -391,7 +392,7 @@ async def test_multi_frame_and_skippable_zstd(blobs: BlobService, dirs: MemoryDi
 
 async def test_multi_member_gzip(blobs: BlobService, dirs: MemoryDirectoryService) -> None:
     tar = TarBuilder().file("top/a", b"a" * 3000).data()
-    expected = await ingest_archive(io.BytesIO(tar), *memory_stores())
+    expected = await ingest_archive(io.BytesIO(tar), *await memory_stores())
     assert await ingest_archive(io.BytesIO(gzip.compress(tar[:1000]) + gzip.compress(tar[1000:])), blobs, dirs) == (
         expected
     )
@@ -399,7 +400,7 @@ async def test_multi_member_gzip(blobs: BlobService, dirs: MemoryDirectoryServic
 
 async def test_missing_end_of_archive_blocks_is_accepted(blobs: BlobService, dirs: MemoryDirectoryService) -> None:
     tar = TarBuilder(tarfile.USTAR_FORMAT).file("top/a", b"a" * 100).data()
-    expected = await ingest_archive(io.BytesIO(tar), *memory_stores())
+    expected = await ingest_archive(io.BytesIO(tar), *await memory_stores())
     assert await ingest_archive(io.BytesIO(tar[:1024]), blobs, dirs) == expected  # header + one data block
 
 
@@ -549,8 +550,8 @@ async def test_unreadable_path(tmp_path: Path, blobs: BlobService, dirs: MemoryD
 
 async def test_error_leaves_sqlite_empty(tmp_path: Path) -> None:
     tar = valid_prefix().special("top/h", tarfile.LNKTYPE, "top/a").data()
-    blobs = blob_service_from_url(f"objectstore+file://{tmp_path}/blobs")
-    dirs = directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")
+    blobs = await blob_service_from_url(f"objectstore+file://{tmp_path}/blobs")
+    dirs = await directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")
     try:
         with pytest.raises(IngestError, match="hard link"):
             await ingest_archive(io.BytesIO(tar), blobs, dirs)

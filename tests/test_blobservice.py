@@ -55,7 +55,7 @@ def files_under(root: Path) -> list[str]:
 class TestMemoryBlobService(BlobServiceSuite):
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
-        svc = blob_service_from_url("memory://")
+        svc = await blob_service_from_url("memory://")
         assert isinstance(svc, MemoryBlobService)
         yield svc
         await svc.close()
@@ -79,7 +79,7 @@ class TestLocalBlobService(BlobServiceSuite):
 
     @pytest_asyncio.fixture
     async def blob_service(self, root: Path) -> AsyncIterator[BlobService]:
-        svc = blob_service_from_url(f"objectstore+file://{root}")
+        svc = await blob_service_from_url(f"objectstore+file://{root}")
         assert isinstance(svc, LocalBlobService)
         yield svc
         await svc.close()
@@ -108,7 +108,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest_asyncio.fixture
 async def local(root: Path) -> AsyncIterator[BlobService]:
-    svc = blob_service_from_url(f"objectstore+file://{root}")
+    svc = await blob_service_from_url(f"objectstore+file://{root}")
     yield svc
     await svc.close()
 
@@ -159,7 +159,7 @@ async def test_layout_empty_blob(local: BlobService, root: Path) -> None:
 
 async def test_layout_zstd_level_option(root: Path) -> None:
     data = b"abc" * 10_000
-    svc = blob_service_from_url(f"objectstore+file://{root}?zstd_level=19")
+    svc = await blob_service_from_url(f"objectstore+file://{root}?zstd_level=19")
     digest = await svc.put(data)
     assert unzstd(key_path(root, "chunks", digest).read_bytes()) == data
     assert await svc.read(digest) == data
@@ -167,7 +167,7 @@ async def test_layout_zstd_level_option(root: Path) -> None:
 
 async def test_persistence_across_reopen(root: Path) -> None:
     url = f"objectstore+file://{root}"
-    first = blob_service_from_url(url)
+    first = await blob_service_from_url(url)
     small = await first.put(b"Hello World!")
     writer = await first.open_write()
     big = bytes(range(256)) * 8192  # 2 MiB, written through the spill path
@@ -175,7 +175,7 @@ async def test_persistence_across_reopen(root: Path) -> None:
     big_digest = await writer.close()
     await first.sync()
     await first.close()
-    second = blob_service_from_url(url)
+    second = await blob_service_from_url(url)
     assert await second.read(small) == b"Hello World!"
     assert await second.read(big_digest) == big
 

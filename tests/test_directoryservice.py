@@ -40,7 +40,7 @@ def sqlite_raw_store(svc: DirectoryService) -> RawStore:
 class TestMemoryDirectoryService(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = directory_service_from_url("memory://")
+        svc = await directory_service_from_url("memory://")
         assert isinstance(svc, MemoryDirectoryService)
         yield svc
         await svc.close()
@@ -59,7 +59,7 @@ class TestMemoryDirectoryService(DirectoryServiceSuite):
 class TestSqliteMemoryDirectoryService(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = directory_service_from_url("sqlite://")
+        svc = await directory_service_from_url("sqlite://")
         assert isinstance(svc, SqliteDirectoryService)
         assert svc.path is None
         yield svc
@@ -73,7 +73,7 @@ class TestSqliteMemoryDirectoryService(DirectoryServiceSuite):
 class TestSqliteFileDirectoryService(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self, tmp_path: Path) -> AsyncIterator[DirectoryService]:
-        svc = directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")
+        svc = await directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")
         assert isinstance(svc, SqliteDirectoryService)
         yield svc
         await svc.close()
@@ -95,13 +95,13 @@ async def upload_complicated(svc: DirectoryService) -> B3Digest:
 
 async def test_sqlite_persistence_across_reopen(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/sub/dir/d.sqlite"  # parent directories are created
-    first = directory_service_from_url(url)
+    first = await directory_service_from_url(url)
     root = await upload_complicated(first)
     assert root.hex() == COMPLICATED_HEX
     await first.close()
     assert (tmp_path / "sub" / "dir" / "d.sqlite").is_file()
 
-    second = directory_service_from_url(url)
+    second = await directory_service_from_url(url)
     try:
         got = [d async for d in second.get_recursive(root)]
         assert [d.digest.hex() for d in got] == [COMPLICATED_HEX, WITH_KEEP_HEX]
@@ -114,7 +114,7 @@ async def test_sqlite_persistence_across_reopen(tmp_path: Path) -> None:
 async def test_sqlite_file_content(tmp_path: Path) -> None:
     """After close, the database holds digest -> canonical bytes, readable by anyone."""
     path = tmp_path / "d.sqlite"
-    svc = directory_service_from_url(f"sqlite://{path}")
+    svc = await directory_service_from_url(f"sqlite://{path}")
     await upload_complicated(svc)
     await svc.close()
     conn = sqlite3.connect(path)
@@ -128,8 +128,8 @@ async def test_sqlite_file_content(tmp_path: Path) -> None:
 
 
 async def test_sqlite_memory_is_private() -> None:
-    a = directory_service_from_url("sqlite://")
-    b = directory_service_from_url("sqlite://")
+    a = await directory_service_from_url("sqlite://")
+    b = await directory_service_from_url("sqlite://")
     try:
         root = await upload_complicated(a)
         assert await a.get(root) is not None
@@ -143,7 +143,7 @@ async def test_sqlite_memory_is_private() -> None:
 async def test_sqlite_put_is_atomic(tmp_path: Path, where: str) -> None:
     """A batch that fails midway (a value SQLite cannot bind) leaves nothing behind."""
     url = "sqlite://" if where == "memory" else f"sqlite://{tmp_path}/d.sqlite"
-    svc = directory_service_from_url(url)
+    svc = await directory_service_from_url(url)
     try:
         good = B3Digest(bytes.fromhex(WITH_KEEP_HEX))
         items = [(good, DIRECTORY_WITH_KEEP.encode()), (B3Digest(bytes(32)), ["not", "bytes"])]
@@ -160,7 +160,7 @@ async def test_sqlite_put_is_atomic(tmp_path: Path, where: str) -> None:
 @pytest.mark.parametrize("where", ["memory", "file"])
 async def test_sqlite_close(tmp_path: Path, where: str) -> None:
     url = "sqlite://" if where == "memory" else f"sqlite://{tmp_path}/d.sqlite"
-    svc = directory_service_from_url(url)
+    svc = await directory_service_from_url(url)
     root = await upload_complicated(svc)
     await svc.close()
     await svc.close()  # closing twice is harmless
@@ -170,9 +170,9 @@ async def test_sqlite_close(tmp_path: Path, where: str) -> None:
 
 async def test_sqlite_async_with(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/d.sqlite"
-    async with directory_service_from_url(url) as svc:
+    async with await directory_service_from_url(url) as svc:
         root = await upload_complicated(svc)
-    async with directory_service_from_url(url) as svc:
+    async with await directory_service_from_url(url) as svc:
         got = await svc.get(root)
         assert got is not None
         assert got.digest.hex() == COMPLICATED_HEX

@@ -56,8 +56,8 @@ async def stores(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Stores]:
     blob_url, dir_url = request.param
-    blobs = blob_service_from_url(blob_url.format(tmp=tmp_path / "store"))
-    directories = directory_service_from_url(dir_url.format(tmp=tmp_path / "store"))
+    blobs = await blob_service_from_url(blob_url.format(tmp=tmp_path / "store"))
+    directories = await directory_service_from_url(dir_url.format(tmp=tmp_path / "store"))
     s = Stores(blobs, directories)
     real_put_raw = directories._put_raw
 

@@ -27,7 +27,7 @@ from nixcas.registry import blob_service_from_url, directory_service_from_url
     ],
 )
 async def test_blob_url_good(tmp_path: Path, url: str, cls: type) -> None:
-    svc = blob_service_from_url(url.format(tmp=tmp_path))
+    svc = await blob_service_from_url(url.format(tmp=tmp_path))
     try:
         assert type(svc) is cls
         digest = await svc.put(b"hello")
@@ -37,7 +37,7 @@ async def test_blob_url_good(tmp_path: Path, url: str, cls: type) -> None:
 
 
 async def test_blob_url_path(tmp_path: Path) -> None:
-    svc = blob_service_from_url(f"objectstore+file://{tmp_path}/x")
+    svc = await blob_service_from_url(f"objectstore+file://{tmp_path}/x")
     assert isinstance(svc, LocalBlobService)
     assert svc.root == tmp_path / "x"
     await svc.put(b"hello")
@@ -69,9 +69,9 @@ async def test_blob_url_path(tmp_path: Path) -> None:
         "://",
     ],
 )
-def test_blob_url_bad(tmp_path: Path, url: str) -> None:
+async def test_blob_url_bad(tmp_path: Path, url: str) -> None:
     with pytest.raises(ConfigurationError):
-        blob_service_from_url(url.format(tmp=tmp_path))
+        await blob_service_from_url(url.format(tmp=tmp_path))
     assert not (tmp_path / "x").exists()
 
 
@@ -84,7 +84,7 @@ def test_blob_url_bad(tmp_path: Path, url: str) -> None:
     ],
 )
 async def test_directory_url_good(tmp_path: Path, url: str, cls: type) -> None:
-    svc = directory_service_from_url(url.format(tmp=tmp_path))
+    svc = await directory_service_from_url(url.format(tmp=tmp_path))
     try:
         assert type(svc) is cls
         assert await svc.get(bytes(32)) is None  # type: ignore[arg-type]
@@ -93,12 +93,12 @@ async def test_directory_url_good(tmp_path: Path, url: str, cls: type) -> None:
 
 
 async def test_directory_url_sqlite_path(tmp_path: Path) -> None:
-    svc = directory_service_from_url(f"sqlite://{tmp_path}/x.sqlite")
+    svc = await directory_service_from_url(f"sqlite://{tmp_path}/x.sqlite")
     assert isinstance(svc, SqliteDirectoryService)
     assert svc.path == f"{tmp_path}/x.sqlite"
     await svc.close()
     assert (tmp_path / "x.sqlite").is_file()
-    mem = directory_service_from_url("sqlite://")
+    mem = await directory_service_from_url("sqlite://")
     assert isinstance(mem, SqliteDirectoryService)
     assert mem.path is None
     await mem.close()
@@ -122,13 +122,13 @@ async def test_directory_url_sqlite_path(tmp_path: Path) -> None:
         "",
     ],
 )
-def test_directory_url_bad(tmp_path: Path, url: str) -> None:
+async def test_directory_url_bad(tmp_path: Path, url: str) -> None:
     with pytest.raises(ConfigurationError):
-        directory_service_from_url(url.format(tmp=tmp_path))
+        await directory_service_from_url(url.format(tmp=tmp_path))
     assert not (tmp_path / "x.sqlite").exists()
     assert not (tmp_path / "dir").exists()
 
 
-def test_configuration_error_is_value_error() -> None:
+async def test_configuration_error_is_value_error() -> None:
     with pytest.raises(ValueError, match="memory"):
-        blob_service_from_url("memory://foo")
+        await blob_service_from_url("memory://foo")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,8 +30,8 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.castore.nodes import DirectoryNode, Node
+from nixcas.composition import Composition
 from nixcas.errors import NotFoundError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 
 __all__ = ["Store", "default_store_dir", "open_store", "service_urls"]
 
@@ -45,23 +45,15 @@ def default_store_dir() -> Path:
     return Path(data_home) / "nixcas"
 
 
-def service_urls(
-    store_dir: str | os.PathLike[str] | None = None,
-    *,
-    blob_service_url: str | None = None,
-    directory_service_url: str | None = None,
-) -> tuple[str, str]:
-    """The blob and directory service URLs: explicit ones, else those of the embedded store.
+def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """The blob and directory service URLs of the embedded store in ``store_dir``.
 
     The embedded store keeps blobs in ``DIR/blobs`` (object layout) and
     directories in ``DIR/directories.sqlite``.
     """
     base = Path(store_dir) if store_dir is not None else default_store_dir()
     base = base.expanduser().absolute()
-    return (
-        blob_service_url or f"objectstore+file://{base / 'blobs'}",
-        directory_service_url or f"sqlite://{base / 'directories.sqlite'}",
-    )
+    return f"objectstore+file://{base / 'blobs'}", f"sqlite://{base / 'directories.sqlite'}"
 
 
 @dataclass
@@ -70,6 +62,8 @@ class Store(Closing):
 
     blobs: BlobService
     directories: DirectoryService
+    composition: Composition = field(default_factory=Composition)
+    """Owns every service instance; closing the store closes it."""
 
     @classmethod
     async def open(
@@ -78,18 +72,30 @@ class Store(Closing):
         *,
         blob_service_url: str | None = None,
         directory_service_url: str | None = None,
+        composition: Composition | str | os.PathLike[str] | None = None,
     ) -> Store:
-        """Open services by URL; what is not given comes from the embedded store in ``store_dir``."""
-        blob_url, dir_url = service_urls(
-            store_dir, blob_service_url=blob_service_url, directory_service_url=directory_service_url
-        )
-        blobs = blob_service_from_url(blob_url)
+        """Open the services to use.
+
+        Each service is, by priority: the explicit URL (or the name of a
+        composition entry), the composition's entrypoint (``root``), the
+        embedded store in ``store_dir``.
+        """
+        if composition is None:
+            composition = Composition()
+        elif not isinstance(composition, Composition):
+            composition = Composition.from_toml(composition)
+        blob_url, dir_url = service_urls(store_dir)
         try:
-            directories = directory_service_from_url(dir_url)
+            blobs = await composition.blob_service(
+                blob_service_url or composition.entrypoint("blobservices") or blob_url
+            )
+            directories = await composition.directory_service(
+                directory_service_url or composition.entrypoint("directoryservices") or dir_url
+            )
         except BaseException:
-            await blobs.close()
+            await composition.close()
             raise
-        return cls(blobs, directories)
+        return cls(blobs, directories, composition)
 
     async def ingest(self, path: str | os.PathLike[str], *, progress: Progress | None = None) -> Node:
         """Import a file, symlink or directory tree; return its root node."""
@@ -149,11 +155,12 @@ class Store(Closing):
                 stack.append((path, iter(closure[node.digest])))
 
     async def close(self) -> None:
-        """Close both services."""
+        """Close both services and everything the composition opened for them."""
         try:
             await self.blobs.close()
-        finally:
             await self.directories.close()
+        finally:
+            await self.composition.close()
 
 
 async def open_store(
@@ -161,6 +168,12 @@ async def open_store(
     *,
     blob_service_url: str | None = None,
     directory_service_url: str | None = None,
+    composition: Composition | str | os.PathLike[str] | None = None,
 ) -> Store:
     """Open a :class:`Store` (see :meth:`Store.open`)."""
-    return await Store.open(store_dir, blob_service_url=blob_service_url, directory_service_url=directory_service_url)
+    return await Store.open(
+        store_dir,
+        blob_service_url=blob_service_url,
+        directory_service_url=directory_service_url,
+        composition=composition,
+    )

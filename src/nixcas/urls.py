@@ -6,7 +6,7 @@ from urllib.parse import SplitResult, parse_qsl
 
 from nixcas.errors import ConfigurationError
 
-__all__ = ["query_options", "require_bare_url", "url_tag"]
+__all__ = ["near_far_from_url", "query_options", "require_bare_url", "url_tag"]
 
 
 def url_tag(url: SplitResult) -> str:
@@ -33,3 +33,16 @@ def query_options(url: SplitResult, allowed: set[str]) -> dict[str, str]:
             raise ConfigurationError(f"{url.geturl()!r}: option {key!r} given twice")
         options[key] = value
     return options
+
+
+def near_far_from_url(url: SplitResult) -> tuple[str, str]:
+    """``combined://?near=A&far=B`` / ``cache://?near=A&far=B`` → ``(A, B)``; both required."""
+    if url.netloc or url.path or url.fragment:
+        raise ConfigurationError(f"{url.geturl()!r}: {url.scheme}:// takes only ?near=…&far=… (no host or path)")
+    options = query_options(url, {"near", "far"})
+    missing = [key for key in ("near", "far") if not options.get(key)]
+    if missing:
+        raise ConfigurationError(
+            f"{url.geturl()!r}: missing {' and '.join(missing)} (write {url.scheme}://?near=…&far=…)"
+        )
+    return options["near"], options["far"]

@@ -5,7 +5,7 @@ Usage in a backend's test module::
     class TestMyBlobService(BlobServiceSuite):
         @pytest_asyncio.fixture
         async def blob_service(self) -> AsyncIterator[BlobService]:
-            svc = blob_service_from_url("my://...")
+            svc = await blob_service_from_url("my://...")
             yield svc
             await svc.close()
 

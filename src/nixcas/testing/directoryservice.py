@@ -11,7 +11,7 @@ Usage in a backend's test module::
     class TestMyDirectoryService(DirectoryServiceSuite):
         @pytest_asyncio.fixture
         async def directory_service(self) -> AsyncIterator[DirectoryService]:
-            svc = directory_service_from_url("my://...")
+            svc = await directory_service_from_url("my://...")
             yield svc
             await svc.close()
 

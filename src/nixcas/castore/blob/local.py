@@ -21,9 +21,10 @@ import os
 import secrets
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-from urllib.parse import SplitResult, unquote
+from typing import BinaryIO, ClassVar, Self
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import blake3
 import zstandard
@@ -40,10 +41,11 @@ from nixcas.castore.blob.base import (
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
+from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options
 
-__all__ = ["LocalBlobService"]
+__all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
 
 SPILL_THRESHOLD = 1 << 20
 """Writers keep up to this many bytes in memory before spilling to a temp file."""
@@ -61,6 +63,62 @@ def _syncfs(path: Path) -> None:
             os.sync()
     finally:
         os.close(fd)
+
+
+_OPTIONS = {"zstd_level"}
+
+
+@dataclass(frozen=True)
+class LocalBlobServiceConfig(ServiceConfig[BlobService]):
+    """``objectstore+file:///abs/path[?zstd_level=N]``.
+
+    Composition: ``type = "objectstore"``, ``object_store_url = "file:///abs/path"``,
+    ``object_store_options = { zstd_level = "3" }`` (the tvix/snix field names).
+    """
+
+    type_tag: ClassVar[str] = "objectstore"
+    object_store_url: str
+    object_store_options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        inner = url.scheme.partition("+")[2]
+        options = query_options(url, _OPTIONS if inner == "file" else set())
+        if url.path and not url.path.startswith("/"):
+            raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path (write objectstore+file:///abs/path)")
+        bare = urlunsplit((inner, url.netloc, url.path, "", ""))
+        config = cls(bare, options)
+        config.validate(repr(url.geturl()))
+        return config
+
+    def validate(self, where: str) -> None:
+        url = urlsplit(self.object_store_url)
+        if url.scheme != "file":
+            raise ConfigurationError(
+                f"{where}: unsupported object store {url.scheme or '(none)'!r} (supported: objectstore+file)"
+            )
+        if url.netloc:
+            raise ConfigurationError(f"{where}: file URLs take no host (write file:///abs/path)")
+        if url.query or url.fragment:
+            raise ConfigurationError(f"{where}: options go into object_store_options, not the URL")
+        path = unquote(url.path)
+        if not path.startswith("/") or path.rstrip("/") == "":
+            raise ConfigurationError(f"{where}: needs an absolute path other than /")
+        unknown = set(self.object_store_options) - _OPTIONS
+        if unknown:
+            raise ConfigurationError(f"{where}: unknown option {min(unknown)!r} (known: {', '.join(sorted(_OPTIONS))})")
+        if "zstd_level" in self.object_store_options:
+            try:
+                level = int(self.object_store_options["zstd_level"])
+            except ValueError:
+                raise ConfigurationError(f"{where}: zstd_level must be an integer") from None
+            if not -7 <= level <= 22:
+                raise ConfigurationError(f"{where}: zstd_level must be between -7 and 22")
+
+    async def build(self, resolver: Resolver) -> BlobService:
+        path = unquote(urlsplit(self.object_store_url).path)
+        level = int(self.object_store_options.get("zstd_level", ZSTD_LEVEL))
+        return await asyncio.to_thread(LocalBlobService, path, zstd_level=level)
 
 
 class LocalBlobService(BlobService):
@@ -81,23 +139,6 @@ class LocalBlobService(BlobService):
         self._link_lock = threading.Lock()
         self._local = threading.local()
         self._dirty = False
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> LocalBlobService:
-        """``objectstore+file:///abs/path[?zstd_level=N]``."""
-        if url.netloc:
-            raise ConfigurationError(f"{url.geturl()!r}: file URLs take no host (write file:///abs/path)")
-        path = unquote(url.path)
-        if not path.startswith("/") or path.rstrip("/") == "":
-            raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path other than /")
-        options = query_options(url, {"zstd_level"})
-        level = ZSTD_LEVEL
-        if "zstd_level" in options:
-            try:
-                level = int(options["zstd_level"])
-            except ValueError:
-                raise ConfigurationError(f"{url.geturl()!r}: zstd_level must be an integer") from None
-        return cls(path, zstd_level=level)
 
     def __repr__(self) -> str:
         return f"LocalBlobService({str(self.root)!r})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Self
 from urllib.parse import SplitResult
 
 import blake3
@@ -15,9 +17,25 @@ from nixcas.castore.blob.base import (
     WriterState,
 )
 from nixcas.castore.digest import B3Digest
+from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
-__all__ = ["MemoryBlobService"]
+__all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
+
+
+@dataclass(frozen=True)
+class MemoryBlobServiceConfig(ServiceConfig[BlobService]):
+    """``memory://`` (no host, path or options); composition: ``type = "memory"``."""
+
+    type_tag: ClassVar[str] = "memory"
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        require_bare_url(url)
+        return cls()
+
+    async def build(self, resolver: Resolver) -> BlobService:
+        return MemoryBlobService()
 
 
 class MemoryBlobService(BlobService):
@@ -25,11 +43,6 @@ class MemoryBlobService(BlobService):
 
     def __init__(self) -> None:
         self._blobs: dict[B3Digest, bytes] = {}
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> MemoryBlobService:
-        require_bare_url(url)
-        return cls()
 
     async def has(self, digest: B3Digest) -> bool:
         return digest in self._blobs

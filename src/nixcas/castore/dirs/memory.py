@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Self
 from urllib.parse import SplitResult
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
-__all__ = ["MemoryDirectoryService"]
+__all__ = ["MemoryDirectoryService", "MemoryDirectoryServiceConfig"]
+
+
+@dataclass(frozen=True)
+class MemoryDirectoryServiceConfig(ServiceConfig[DirectoryService]):
+    """``memory://`` (no host, path or options); composition: ``type = "memory"``."""
+
+    type_tag: ClassVar[str] = "memory"
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        require_bare_url(url)
+        return cls()
+
+    async def build(self, resolver: Resolver) -> DirectoryService:
+        return MemoryDirectoryService()
 
 
 class MemoryDirectoryService(DirectoryService):
@@ -17,11 +35,6 @@ class MemoryDirectoryService(DirectoryService):
 
     def __init__(self) -> None:
         self._data: dict[B3Digest, bytes] = {}
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> MemoryDirectoryService:
-        require_bare_url(url)
-        return cls()
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
         return self._data.get(digest)

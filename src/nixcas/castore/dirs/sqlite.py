@@ -12,16 +12,18 @@ import asyncio
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, unquote
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options
 
-__all__ = ["SqliteDirectoryService"]
+__all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
 
 T = TypeVar("T")
 
@@ -32,6 +34,34 @@ CREATE TABLE IF NOT EXISTS directories (
 ) WITHOUT ROWID;
 """
 _BATCH = 500  # stays below SQLite's host-parameter limit
+
+
+@dataclass(frozen=True)
+class SqliteDirectoryServiceConfig(ServiceConfig[DirectoryService]):
+    """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
+
+    type_tag: ClassVar[str] = "sqlite"
+    path: str | None = None
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        if url.netloc:
+            raise ConfigurationError(f"{url.geturl()!r}: sqlite URLs take no host (write sqlite:///abs/path)")
+        query_options(url, set())
+        config = cls(unquote(url.path) or None)
+        config.validate(repr(url.geturl()))
+        return config
+
+    def validate(self, where: str) -> None:
+        if self.path is None:
+            return
+        if not self.path.startswith("/"):
+            raise ConfigurationError(f"{where}: needs an absolute path")
+        if self.path.rstrip("/") == "" or self.path.endswith("/"):
+            raise ConfigurationError(f"{where}: needs a file path, not a directory")
+
+    async def build(self, resolver: Resolver) -> DirectoryService:
+        return SqliteDirectoryService(self.path)
 
 
 class SqliteDirectoryService(DirectoryService):
@@ -59,19 +89,6 @@ class SqliteDirectoryService(DirectoryService):
         except (sqlite3.Error, OSError) as e:
             raise StorageError(f"cannot open directory database {self.path or ':memory:'}: {e}") from e
         return conn
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> SqliteDirectoryService:
-        """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory)."""
-        if url.netloc:
-            raise ConfigurationError(f"{url.geturl()!r}: sqlite URLs take no host (write sqlite:///abs/path)")
-        query_options(url, set())
-        path = unquote(url.path)
-        if not path:
-            return cls(None)
-        if path.rstrip("/") == "" or path.endswith("/"):
-            raise ConfigurationError(f"{url.geturl()!r}: needs a file path, not a directory")
-        return cls(path)
 
     def __repr__(self) -> str:
         return f"SqliteDirectoryService({self.path!r})"

@@ -1,0 +1,160 @@
+"""``combined`` — a near blob service in front of a far one, filled as it is read.
+
+Reads are served from *near* when it has the blob.  Otherwise the blob is
+streamed from *far* and, while the caller reads it from the start, copied
+into *near*; once the whole blob has passed and hashed to its digest the
+copy is committed, so the next read is local.  A read that stops early or
+seeks away abandons the copy (nothing partial becomes visible).  Writes go
+to near only.  (tvix reads through without filling; see reference §4.5.)
+
+Composition::
+
+    [blobservices.root]
+    type = "combined"
+    near = "local"        # tvix spelling: local
+    far = "upstream"      # tvix spelling: remote
+
+URL form: ``combined://?near=URL&far=URL`` (percent-encoded URLs or names).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Self
+from urllib.parse import SplitResult
+
+import blake3
+
+from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from nixcas.castore.digest import B3Digest
+from nixcas.config import Resolver, ServiceConfig
+from nixcas.urls import near_far_from_url
+
+__all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CombinedBlobServiceConfig(ServiceConfig[BlobService]):
+    """``near`` and ``far``: names (or URLs) of two blob services."""
+
+    type_tag: ClassVar[str] = "combined"
+    aliases: ClassVar[dict[str, str]] = {"local": "near", "remote": "far"}
+    near: str
+    far: str
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        return cls(*near_far_from_url(url))
+
+    async def build(self, resolver: Resolver) -> BlobService:
+        near = await resolver.blob_service(self.near)
+        far = await resolver.blob_service(self.far)
+        return CombinedBlobService(near, far, close_inner=resolver.owns_instances)
+
+
+class CombinedBlobService(BlobService):
+    """Near first; far-fetched blobs are written into near while they stream."""
+
+    def __init__(self, near: BlobService, far: BlobService, *, close_inner: bool = False) -> None:
+        self.near = near
+        self.far = far
+        self._close_inner = close_inner
+
+    def __repr__(self) -> str:
+        return f"CombinedBlobService(near={self.near!r}, far={self.far!r})"
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await self.near.has(digest) or await self.far.has(digest)
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        found = await self.near.chunks(digest)
+        return found if found is not None else await self.far.chunks(digest)
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        # The outer VerifyingReader (base class) checks the bytes handed out;
+        # inner readers come unverified to avoid hashing everything twice.
+        reader = await self.near._open_read(digest)
+        if reader is not None:
+            return reader
+        reader = await self.far._open_read(digest)
+        if reader is None:
+            return None
+        return _FillingReader(reader, digest, await self.near.open_write())
+
+    async def open_write(self, expected_size: int | None = None) -> BlobWriter:
+        return await self.near.open_write(expected_size)
+
+    async def sync(self) -> None:
+        await self.near.sync()
+
+    async def close(self) -> None:
+        if self._close_inner:
+            try:
+                await self.near.close()
+            finally:
+                await self.far.close()
+
+
+class _FillingReader(BlobReader):
+    """Reads far; copies a sequential read from the start into a near writer, committed if it verifies."""
+
+    def __init__(self, inner: BlobReader, digest: B3Digest, writer: BlobWriter) -> None:
+        self._inner = inner
+        self._digest = digest
+        self._writer: BlobWriter | None = writer
+        self._hasher = blake3.blake3()
+        self._copied = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        pos = self._inner.tell()
+        data = await self._inner.read(n)
+        if self._writer is None:
+            return data
+        if pos != self._copied:
+            await self._abandon()
+        elif data:
+            self._hasher.update(data)
+            self._copied += len(data)
+            try:
+                await self._writer.write(data)
+            except Exception as e:  # the near store failing must not fail the read
+                log.warning("combined: copying blob %s into near failed: %s", self._digest.hex(), e)
+                await self._abandon()
+            if n < 0:
+                await self._commit()
+        elif n != 0:
+            await self._commit()
+        return data
+
+    async def _commit(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if self._hasher.digest() != self._digest:
+            await writer.abort()  # far sent wrong bytes; the outer reader raises
+            return
+        try:
+            await writer.close()
+        except Exception as e:
+            log.warning("combined: storing blob %s near failed: %s", self._digest.hex(), e)
+
+    async def _abandon(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            await writer.abort()
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return await self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    async def close(self) -> None:
+        try:
+            await self._abandon()
+        finally:
+            await self._inner.close()

@@ -1,0 +1,292 @@
+"""``grpc+unix:///sock``, ``grpc+http(s)://host:port`` — a remote BlobService.
+
+Nothing a remote sends is trusted: ``Read`` data goes through the base
+class's :class:`~nixcas.castore.blob.base.VerifyingReader` (a sequential read
+ends in :class:`~nixcas.errors.ChecksumMismatch` instead of EOF when the bytes
+do not hash to the digest asked for), the digest a ``Put`` answers with is
+compared with the one computed locally while sending, and chunk lists are
+validated.  Blobs stream in both directions; nothing is buffered whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass
+from typing import ClassVar, Final, Self, TypeAlias, cast
+from urllib.parse import SplitResult
+
+import blake3
+import grpc
+import grpc.aio
+
+from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
+from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta, WriterState, resolve_seek
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.grpc.channel import GrpcConnection, GrpcEndpoint
+from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
+from nixcas.castore.grpc.status import client_errors, error_from_status
+from nixcas.config import Resolver, ServiceConfig
+from nixcas.errors import InvalidDigestError, StorageError
+
+__all__ = ["WRITE_MESSAGE_SIZE", "GrpcBlobService", "GrpcBlobServiceConfig"]
+
+WRITE_MESSAGE_SIZE: Final = 256 << 10
+"""Largest ``BlobChunk`` a writer sends (larger writes are split)."""
+
+_PACKAGE = "castore.v1"
+
+
+@dataclass(frozen=True)
+class GrpcBlobServiceConfig(ServiceConfig[BlobService]):
+    """``grpc+unix:///abs/socket`` or ``grpc+http(s)://host[:port]``; composition: ``url``."""
+
+    type_tag: ClassVar[str] = "grpc"
+    url: str
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        GrpcEndpoint.parse(url)
+        return cls(url.geturl())
+
+    def validate(self, where: str) -> None:
+        GrpcEndpoint.parse(self.url)
+
+    async def build(self, resolver: Resolver) -> BlobService:
+        return GrpcBlobService(await GrpcConnection.open(GrpcEndpoint.parse(self.url)))
+
+
+_ReadCall: TypeAlias = "grpc.aio.UnaryStreamCall[blob_pb.ReadBlobRequest, bytes]"
+
+
+async def _next_data(call: _ReadCall) -> bytes:
+    """The next non-empty data of a Read stream; ``b""`` at its end."""
+    while True:
+        data = await call.read()
+        if data is grpc.aio.EOF:
+            return b""
+        if data:
+            return cast(bytes, data)
+
+
+class GrpcBlobService(BlobService):
+    """A BlobService served by a nixcas, tvix or snix daemon."""
+
+    def __init__(self, connection: GrpcConnection) -> None:
+        self._connection = connection
+        self.url = connection.endpoint.url
+        channel, method = connection.channel, connection.method
+        self._stat = channel.unary_unary(
+            method(_PACKAGE, "BlobService", "Stat"),
+            request_serializer=blob_pb.StatBlobRequest.SerializeToString,
+            response_deserializer=blob_pb.StatBlobResponse.FromString,
+        )
+        self._read = channel.unary_stream(
+            method(_PACKAGE, "BlobService", "Read"),
+            request_serializer=blob_pb.ReadBlobRequest.SerializeToString,
+            response_deserializer=decode_blob_chunk,
+        )
+        self._put = channel.stream_unary(
+            method(_PACKAGE, "BlobService", "Put"),
+            request_serializer=encode_blob_chunk,
+            response_deserializer=blob_pb.PutBlobResponse.FromString,
+        )
+
+    def __repr__(self) -> str:
+        return f"GrpcBlobService({self.url!r})"
+
+    async def _stat_or_none(self, digest: B3Digest, send_chunks: bool) -> blob_pb.StatBlobResponse | None:
+        try:
+            response = await self._stat(blob_pb.StatBlobRequest(digest=digest, send_chunks=send_chunks))
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise error_from_status(e.code(), e.details(), f"{self.url}: Stat {digest.hex()}") from None
+        return cast(blob_pb.StatBlobResponse, response)
+
+    async def has(self, digest: B3Digest) -> bool:
+        return await self._stat_or_none(digest, send_chunks=False) is not None
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        response = await self._stat_or_none(digest, send_chunks=True)
+        if response is None:
+            return None
+        chunks: list[ChunkMeta] = []
+        for chunk in response.chunks:
+            try:
+                chunks.append(ChunkMeta(B3Digest(chunk.digest), chunk.size))
+            except InvalidDigestError as e:
+                raise StorageError(f"{self.url}: Stat {digest.hex()}: bad chunk digest: {e}") from None
+            if chunk.size == 0:
+                raise StorageError(f"{self.url}: Stat {digest.hex()}: empty chunk {chunk.digest.hex()}")
+        return chunks
+
+    async def _start_read(self, digest: B3Digest) -> tuple[_ReadCall, bytes] | None:
+        """A Read call and its first data (``b""`` for an empty blob), or ``None`` if missing."""
+        call: _ReadCall = self._read(blob_pb.ReadBlobRequest(digest=digest))
+        try:
+            first = await _next_data(call)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise error_from_status(e.code(), e.details(), f"{self.url}: Read {digest.hex()}") from None
+        return call, first
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        started = await self._start_read(digest)
+        if started is None:
+            return None
+        return _GrpcBlobReader(self, digest, *started)
+
+    async def open_write(self, expected_size: int | None = None) -> BlobWriter:
+        return _GrpcBlobWriter(self, expected_size)
+
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+class _GrpcBlobReader(BlobReader):
+    """Streams one Read call; seeking forward skips, seeking backward restarts the call."""
+
+    def __init__(self, service: GrpcBlobService, digest: B3Digest, call: _ReadCall, first: bytes) -> None:
+        self._service = service
+        self._digest = digest
+        self._call: _ReadCall | None = None
+        self._start(call, first)
+        self._size: int | None = None
+
+    def _start(self, call: _ReadCall, first: bytes) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._call = call
+        self._buffer = memoryview(first)
+        self._stream_pos = 0  # blob offset of the start of _buffer
+        self._pos = 0
+        self._eof = not first
+
+    def _where(self) -> str:
+        return f"{self._service.url}: Read {self._digest.hex()}"
+
+    async def _next_message(self) -> bool:
+        """Move to the next message; ``False`` at the end of the stream."""
+        self._stream_pos += len(self._buffer)
+        self._buffer = memoryview(b"")
+        if self._eof or self._call is None:
+            return False
+        async with client_errors(self._where()):
+            data = await _next_data(self._call)
+        if not data:
+            self._eof = True
+            self._size = self._stream_pos
+            return False
+        self._buffer = memoryview(data)
+        return True
+
+    async def read(self, n: int = -1) -> bytes:
+        parts: list[bytes] = []
+        remaining = n
+        while remaining != 0:
+            offset = self._pos - self._stream_pos
+            if offset >= len(self._buffer):  # also skips what a forward seek jumped over
+                if (parts and n >= 0) or not await self._next_message():
+                    break
+                continue
+            take = len(self._buffer) - offset if n < 0 else min(len(self._buffer) - offset, remaining)
+            parts.append(bytes(self._buffer[offset : offset + take]))
+            self._pos += take
+            remaining -= take if n >= 0 else 0
+        return b"".join(parts)
+
+    async def _blob_size(self) -> int:
+        if self._size is None:
+            chunks = await self._service.chunks(self._digest)
+            if chunks:
+                self._size = sum(c.size for c in chunks)
+            else:  # no chunk list: count a second stream through
+                started = await self._service._start_read(self._digest)
+                if started is None:
+                    raise StorageError(f"{self._where()}: blob disappeared")
+                call, data = started
+                size = 0
+                async with client_errors(self._where()):
+                    while data:
+                        size += len(data)
+                        data = await _next_data(call)
+                self._size = size
+        return self._size
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        size = await self._blob_size() if whence == io.SEEK_END else 0
+        target = resolve_seek(self._pos, size, offset, whence)
+        if target < self._stream_pos:
+            started = await self._service._start_read(self._digest)
+            if started is None:
+                raise StorageError(f"{self._where()}: blob disappeared")
+            self._start(*started)
+        self._pos = target
+        return target
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class _GrpcBlobWriter(BlobWriter):
+    """Streams ``BlobChunk``s of a Put call; the blob exists once the server answered."""
+
+    def __init__(self, service: GrpcBlobService, expected_size: int | None) -> None:
+        self._service = service
+        self._state = WriterState(expected_size)
+        self._hasher = blake3.blake3()
+        self._call: grpc.aio.StreamUnaryCall[bytes, blob_pb.PutBlobResponse] | None = None
+
+    def _started(self) -> grpc.aio.StreamUnaryCall[bytes, blob_pb.PutBlobResponse]:
+        if self._call is None:
+            self._call = self._service._put()
+        return self._call
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._state.check_writable(len(data))
+        except ValueError:
+            await self.abort()
+            raise
+        if not data:
+            return
+        self._hasher.update(data)
+        call = self._started()
+        async with client_errors(f"{self._service.url}: Put"):
+            view = memoryview(data)
+            for start in range(0, len(view), WRITE_MESSAGE_SIZE):
+                await call.write(bytes(view[start : start + WRITE_MESSAGE_SIZE]))
+
+    async def close(self) -> B3Digest:
+        if self._state.digest is not None:
+            return self._state.digest
+        try:
+            self._state.check_complete()
+            call = self._started()
+            async with client_errors(f"{self._service.url}: Put"):
+                await call.done_writing()
+                response = await call
+            local = B3Digest(self._hasher.digest())
+            if response.digest != local:
+                raise StorageError(
+                    f"{self._service.url}: Put answered {response.digest.hex()}, the data sent is {local.hex()}"
+                )
+        except BaseException:
+            await self.abort()
+            raise
+        self._state.digest = local
+        return local
+
+    async def abort(self) -> None:
+        if self._state.digest is None and not self._state.aborted:
+            self._state.aborted = True
+            if self._call is not None:
+                self._call.cancel()
+                await asyncio.sleep(0)

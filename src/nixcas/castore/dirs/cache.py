@@ -1,0 +1,115 @@
+"""``cache`` — a near directory service in front of a far one.
+
+``get``/``get_recursive`` answer from *near* when it holds the whole closure;
+otherwise the closure is fetched from *far*, checked root-to-leaves (every
+directory announced by its parent, nothing missing), stored into near as one
+validated leaves-first upload, and then served.  Writes go to near.
+
+Composition::
+
+    [directoryservices.root]
+    type = "cache"
+    near = "lru"
+    far = "upstream"
+
+URL form: ``cache://?near=URL&far=URL`` (percent-encoded URLs or names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Self
+from urllib.parse import SplitResult
+
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.graph import RootToLeavesValidator
+from nixcas.config import Resolver, ServiceConfig
+from nixcas.errors import StorageError
+from nixcas.urls import near_far_from_url
+
+__all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig"]
+
+
+@dataclass(frozen=True)
+class CacheDirectoryServiceConfig(ServiceConfig[DirectoryService]):
+    """``near`` and ``far``: names (or URLs) of two directory services."""
+
+    type_tag: ClassVar[str] = "cache"
+    near: str
+    far: str
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        return cls(*near_far_from_url(url))
+
+    async def build(self, resolver: Resolver) -> DirectoryService:
+        near = await resolver.directory_service(self.near)
+        far = await resolver.directory_service(self.far)
+        return CacheDirectoryService(near, far, close_inner=resolver.owns_instances)
+
+
+class CacheDirectoryService(DirectoryService):
+    """Closures come from near if complete there, else from far (and are then kept near)."""
+
+    def __init__(self, near: DirectoryService, far: DirectoryService, *, close_inner: bool = False) -> None:
+        self.near = near
+        self.far = far
+        self._close_inner = close_inner
+
+    def __repr__(self) -> str:
+        return f"CacheDirectoryService(near={self.near!r}, far={self.far!r})"
+
+    async def _near_closure(self, root: B3Digest) -> list[Directory] | None:
+        """The closure from near, or ``None`` if near lacks any part of it (e.g. evicted)."""
+        try:
+            closure = [d async for d in self.near.get_recursive(root)]
+        except StorageError:
+            return None
+        return closure or None
+
+    async def _far_closure(self, root: B3Digest) -> list[Directory]:
+        """The closure from far, validated and stored near; ``[]`` if far lacks the root."""
+        validator = RootToLeavesValidator(root)
+        closure: list[Directory] = []
+        async for directory in self.far.get_recursive(root):
+            validator.add(directory)
+            closure.append(directory)
+        if not closure:
+            return []
+        validator.finish()
+        async with self.near.put_multiple_start() as putter:
+            for directory in reversed(closure):  # breadth-first reversed: children before parents
+                await putter.put(directory)
+            await putter.close()
+        return closure
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        found = await self.near.get(digest)
+        if found is not None:
+            return found
+        closure = await self._far_closure(digest)
+        return closure[0] if closure else None
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        closure = await self._near_closure(root)
+        if closure is None:
+            closure = await self._far_closure(root)
+        for directory in closure:
+            yield directory
+
+    async def _get_raw(self, digest: B3Digest) -> bytes | None:
+        found = await self.get(digest)
+        return None if found is None else found.encode()
+
+    async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
+        await self.near._put_raw(items)
+
+    async def close(self) -> None:
+        if self._close_inner:
+            try:
+                await self.near.close()
+            finally:
+                await self.far.close()

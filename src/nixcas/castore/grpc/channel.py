@@ -1,0 +1,136 @@
+"""``grpc+unix:///abs/socket``, ``grpc+http://host:port``, ``grpc+https://host:port`` → a channel.
+
+Options (URL query): ``wait-connect=1`` connects while the service is built
+and fails then if nobody answers (default: connect lazily on the first
+call); ``connect-timeout=SECONDS`` bounds that wait (default 10);
+``protocol=tvix|snix`` picks the service names spoken (default ``tvix``;
+nixcas daemons answer both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import SplitResult, unquote, urlsplit
+
+import grpc
+import grpc.aio
+
+from nixcas.errors import ConfigurationError, StorageError
+from nixcas.urls import query_options
+
+__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_SIZE", "GrpcConnection", "GrpcEndpoint"]
+
+MAX_MESSAGE_SIZE: Final = 256 << 20
+"""Largest message sent or accepted (256 MiB).
+
+A Directory has no entry limit, and at ~300 bytes per entry the gRPC default
+of 4 MiB would cap it near 14,000 entries; both ends raise the limit."""
+
+CHANNEL_OPTIONS: Final = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+)
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+_PROTOCOLS = ("tvix", "snix")
+
+
+@dataclass(frozen=True)
+class GrpcEndpoint:
+    """Where a gRPC client connects and how."""
+
+    url: str
+    target: str
+    tls: bool
+    wait_connect: bool = False
+    connect_timeout: float = 10.0
+    protocol: str = "tvix"
+
+    @classmethod
+    def parse(cls, url: str | SplitResult) -> GrpcEndpoint:
+        parts = urlsplit(url) if isinstance(url, str) else url
+        text = parts.geturl()
+        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol"})
+        transport = parts.scheme.partition("+")[2]
+        if parts.fragment:
+            raise ConfigurationError(f"{text!r}: fragments are not allowed")
+        if transport == "unix":
+            if parts.netloc:
+                raise ConfigurationError(f"{text!r}: unix socket URLs take no host (write grpc+unix:///abs/socket)")
+            path = unquote(parts.path)
+            if not path.startswith("/") or path.endswith("/"):
+                raise ConfigurationError(f"{text!r}: needs the absolute path of a socket")
+            target, tls = f"unix:{path}", False
+        elif transport in ("http", "https"):
+            if parts.path not in ("", "/"):
+                raise ConfigurationError(
+                    f"{text!r}: grpc+{transport} URLs take no path (write grpc+{transport}://host:port)"
+                )
+            try:
+                host, port = parts.hostname, parts.port
+            except ValueError as e:
+                raise ConfigurationError(f"{text!r}: {e}") from None
+            if not host:
+                raise ConfigurationError(f"{text!r}: needs a host")
+            if parts.username or parts.password:
+                raise ConfigurationError(f"{text!r}: credentials in the URL are not supported")
+            tls = transport == "https"
+            port = port or (443 if tls else 80)
+            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        else:
+            raise ConfigurationError(f"{text!r}: unknown gRPC transport (use grpc+unix, grpc+http or grpc+https)")
+        wait = options.get("wait-connect", "0").lower()
+        if wait not in _BOOLEANS:
+            raise ConfigurationError(f"{text!r}: wait-connect must be 0 or 1")
+        try:
+            timeout = float(options.get("connect-timeout", "10"))
+        except ValueError:
+            raise ConfigurationError(f"{text!r}: connect-timeout must be a number of seconds") from None
+        if not timeout > 0:
+            raise ConfigurationError(f"{text!r}: connect-timeout must be positive")
+        protocol = options.get("protocol", "tvix")
+        if protocol not in _PROTOCOLS:
+            raise ConfigurationError(f"{text!r}: protocol must be one of {', '.join(_PROTOCOLS)}")
+        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol)
+
+
+class GrpcConnection:
+    """One channel to a nixcas/tvix/snix daemon, shared by a client's calls."""
+
+    def __init__(self, endpoint: GrpcEndpoint) -> None:
+        self.endpoint = endpoint
+        if endpoint.tls:
+            self.channel = grpc.aio.secure_channel(
+                endpoint.target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
+        self._closed = False
+
+    def method(self, package: str, service: str, name: str) -> str:
+        """The full method path, e.g. ``/tvix.castore.v1.BlobService/Read``."""
+        return f"/{self.endpoint.protocol}.{package}.{service}/{name}"
+
+    async def connect(self) -> None:
+        """Wait until the channel is ready (``wait-connect=1``); fail with a clear error if not."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), self.endpoint.connect_timeout)
+        except TimeoutError:
+            await self.close()
+            raise StorageError(
+                f"{self.endpoint.url}: cannot connect within {self.endpoint.connect_timeout:g} s"
+            ) from None
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.channel.close()
+
+    @classmethod
+    async def open(cls, endpoint: GrpcEndpoint) -> GrpcConnection:
+        connection = cls(endpoint)
+        if endpoint.wait_connect:
+            await connection.connect()
+        return connection

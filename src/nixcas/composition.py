@@ -1,0 +1,196 @@
+"""Named service instances wired together: URL references and TOML composition files.
+
+A composition file has one table per service kind, each mapping instance
+names to a backend config (``type`` plus that backend's fields)::
+
+    [blobservices.root]
+    type = "combined"
+    near = "local"
+    far = "upstream"
+
+    [blobservices.local]
+    type = "objectstore"
+    object_store_url = "file:///var/lib/nixcas/blobs"
+
+    [blobservices.upstream]
+    type = "grpc"
+    url = "grpc+http://cache.example:8000"
+
+    [directoryservices.root]
+    type = "cache"
+    near = "lru"
+    far = "upstream"
+
+    [directoryservices.lru]
+    type = "lru"
+    capacity = 100000
+
+    [directoryservices.upstream]
+    type = "grpc"
+    url = "grpc+http://cache.example:8000"
+
+The entrypoint of each kind is ``root`` (snix; tvix's ``default`` is accepted
+when there is no ``root``).  Wherever a name is expected, a service URL may
+stand instead (``near = "memory://"``).  Instances are built on first use and
+shared: one name is one object, even when asked for concurrently.  A cycle
+(``a`` wraps ``b`` wraps ``a``) is a :class:`~nixcas.errors.ConfigurationError`
+naming the whole chain.  Closing the composition closes every instance it
+built, dependants first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any, Final, cast
+
+from nixcas._aio import Closing
+from nixcas.castore.blob.base import BlobService
+from nixcas.castore.dirs.base import DirectoryService
+from nixcas.config import ServiceConfig
+from nixcas.errors import ConfigurationError
+from nixcas.registry import KINDS, parse_service_url
+
+__all__ = ["ENTRYPOINT", "Composition"]
+
+ENTRYPOINT: Final = "root"
+LEGACY_ENTRYPOINT: Final = "default"
+
+_Key = tuple[str, str]
+_BUILDING: contextvars.ContextVar[tuple[_Key, ...]] = contextvars.ContextVar("nixcas_composition_building", default=())
+
+
+def _describe(key: _Key) -> str:
+    return f"{key[0]}.{key[1]}"
+
+
+class Composition(Closing):
+    """Service configs by kind and name, built lazily into shared instances."""
+
+    def __init__(
+        self, configs: Mapping[str, Mapping[str, ServiceConfig[object]]] | None = None, *, owns_instances: bool = False
+    ) -> None:
+        self._configs: dict[str, dict[str, ServiceConfig[object]]] = {kind: {} for kind in KINDS}
+        for kind, table in (configs or {}).items():
+            if kind not in KINDS:
+                raise ConfigurationError(f"unknown service kind {kind!r} (known: {', '.join(KINDS)})")
+            self._configs[kind].update(table)
+        self.owns_instances = owns_instances
+        self._instances: dict[_Key, object] = {}
+        self._pending: dict[_Key, asyncio.Future[object]] = {}
+        self._order: list[object] = []
+
+    # -- loading -----------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "composition") -> Composition:
+        """Parse a decoded composition document; every entry is checked now."""
+        configs: dict[str, dict[str, ServiceConfig[object]]] = {}
+        for kind, table in data.items():
+            if kind not in KINDS:
+                raise ConfigurationError(
+                    f"{source}: unknown table [{kind}] (expected {', '.join(f'[{k}]' for k in KINDS)})"
+                )
+            if not isinstance(table, Mapping):
+                raise ConfigurationError(f"{source}: [{kind}] must be a table of named services")
+            configs[kind] = {}
+            for name, entry in table.items():
+                where = f"{source}: {kind}.{name}"
+                if "://" in name:
+                    raise ConfigurationError(f"{where}: instance names cannot look like URLs")
+                if not isinstance(entry, Mapping):
+                    raise ConfigurationError(f"{where}: must be a table with a 'type' field")
+                fields = dict(entry)
+                tag = fields.pop("type", None)
+                if not isinstance(tag, str):
+                    raise ConfigurationError(f"{where}: missing 'type' (known: {', '.join(sorted(KINDS[kind]))})")
+                backend = KINDS[kind].get(tag)
+                if backend is None:
+                    raise ConfigurationError(f"{where}: unknown type {tag!r} (known: {', '.join(sorted(KINDS[kind]))})")
+                configs[kind][name] = backend.from_table(fields, where)
+        return cls(configs)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Composition:
+        """Read a TOML composition file."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigurationError(f"{os.fspath(path)}: invalid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigurationError(f"{os.fspath(path)}: cannot read composition file: {e.strerror}") from None
+        return cls.from_dict(data, os.fspath(path))
+
+    # -- lookup ------------------------------------------------------------------
+
+    def entrypoint(self, kind: str) -> str | None:
+        """The name of ``kind``'s entrypoint (``root``, else ``default``), if the composition defines one."""
+        for name in (ENTRYPOINT, LEGACY_ENTRYPOINT):
+            if name in self._configs[kind]:
+                return name
+        return None
+
+    async def blob_service(self, name: str) -> BlobService:
+        """The blob service called ``name`` (or described by the URL ``name``)."""
+        return cast(BlobService, await self.get("blobservices", name))
+
+    async def directory_service(self, name: str) -> DirectoryService:
+        """The directory service called ``name`` (or described by the URL ``name``)."""
+        return cast(DirectoryService, await self.get("directoryservices", name))
+
+    def _config(self, kind: str, name: str) -> ServiceConfig[object]:
+        config = self._configs[kind].get(name)
+        if config is not None:
+            return config
+        if "://" in name:
+            return parse_service_url(kind, name)
+        known = ", ".join(sorted(self._configs[kind])) or "none defined"
+        noun = kind.removesuffix("services") + " service"
+        raise ConfigurationError(f"no {noun} named {name!r} in the composition (defined: {known})")
+
+    async def get(self, kind: str, name: str) -> object:
+        """The instance ``kind``/``name``, built on first use and shared afterwards."""
+        key = (kind, name)
+        if key in self._instances:
+            return self._instances[key]
+        chain = _BUILDING.get()
+        if key in chain:
+            cycle = " -> ".join(_describe(k) for k in (*chain[chain.index(key) :], key))
+            raise ConfigurationError(f"recursion not allowed in the composition: {cycle}")
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        config = self._config(kind, name)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        token = _BUILDING.set((*chain, key))
+        try:
+            instance = await config.build(self)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: concurrent waiters re-raise it themselves
+            raise
+        finally:
+            _BUILDING.reset(token)
+            del self._pending[key]
+        self._instances[key] = instance
+        self._order.append(instance)
+        future.set_result(instance)
+        return instance
+
+    async def close(self) -> None:
+        """Close every instance built, most recently built (the wrappers) first."""
+        first_error: BaseException | None = None
+        while self._order:
+            instance = self._order.pop()
+            try:
+                await cast(Closing, instance).close()
+            except Exception as e:  # keep closing the others
+                first_error = first_error or e
+        self._instances.clear()
+        if first_error is not None:
+            raise first_error
