@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -28,13 +28,37 @@ class Settings:
     store_dir: str | None
     blob_service_addr: str | None
     directory_service_addr: str | None
+    composition: str | None = None
 
     async def open_store(self) -> Store:
         return await Store.open(
             self.store_dir,
             blob_service_url=self.blob_service_addr,
             directory_service_url=self.directory_service_addr,
+            composition=self.composition,
         )
+
+    def override(self, **values: str | None) -> Settings:
+        """These settings with the given options replaced where they were given."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The store-selection options, for commands that also take them after their name."""
+    for option in reversed(
+        [
+            click.option("--store-dir", type=click.Path(file_okay=False), help="Embedded store directory."),
+            click.option("--blob-service-addr", metavar="URL", help="Blob service URL (or composition name)."),
+            click.option(
+                "--directory-service-addr", metavar="URL", help="Directory service URL (or composition name)."
+            ),
+            click.option(
+                "--composition", type=click.Path(dir_okay=False), help="TOML composition file (entrypoints: root)."
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

@@ -9,6 +9,7 @@ import click
 from nixcas import __version__
 from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail
+from nixcas.cli.daemon import daemon
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,15 +22,26 @@ from nixcas.cli.common import EXIT_USAGE, Settings, fail
 )
 @click.option("--blob-service-addr", envvar="BLOB_SERVICE_ADDR", metavar="URL", help="Blob service URL.")
 @click.option("--directory-service-addr", envvar="DIRECTORY_SERVICE_ADDR", metavar="URL", help="Directory service URL.")
+@click.option(
+    "--composition",
+    envvar="NIXCAS_COMPOSITION",
+    type=click.Path(dir_okay=False),
+    help="TOML composition file; its 'root' entries are the services used (service addrs may name entries).",
+)
 @click.pass_context
 def cli(
-    ctx: click.Context, store_dir: str | None, blob_service_addr: str | None, directory_service_addr: str | None
+    ctx: click.Context,
+    store_dir: str | None,
+    blob_service_addr: str | None,
+    directory_service_addr: str | None,
+    composition: str | None,
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
-    ctx.obj = Settings(store_dir, blob_service_addr, directory_service_addr)
+    ctx.obj = Settings(store_dir, blob_service_addr, directory_service_addr, composition)
 
 
 cli.add_command(castore)
+cli.add_command(daemon)
 
 
 def main() -> None:

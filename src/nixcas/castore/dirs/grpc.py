@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self, cast
 from urllib.parse import SplitResult
 
+import blake3
 import grpc
 import grpc.aio
 
@@ -74,11 +75,18 @@ class GrpcDirectoryService(DirectoryService):
     def __repr__(self) -> str:
         return f"GrpcDirectoryService({self.url!r})"
 
-    def _decode(self, raw: bytes, what: str) -> Directory:
+    def _checked(self, raw: bytes, expected: B3Digest, where: str) -> Directory:
+        """``raw`` decoded, if it is the Directory ``expected`` names (canonical or not)."""
+        got = B3Digest(blake3.blake3(raw).digest())
         try:
-            return Directory.decode(raw)
+            directory = Directory.decode(raw)
         except ValidationError as e:
-            raise StorageError(f"{self.url}: {what}: received an invalid directory: {e}") from None
+            if got != expected:
+                raise ChecksumMismatch(f"{where}: received directory", expected.hex(), got.hex()) from None
+            raise StorageError(f"{where}: received an invalid directory: {e}") from None
+        if directory.digest != expected:
+            raise ChecksumMismatch(f"{where}: received directory", expected.hex(), directory.digest.hex())
+        return directory
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
         directory = await self.get(digest)
@@ -97,10 +105,7 @@ class GrpcDirectoryService(DirectoryService):
             call.cancel()
         if raw is grpc.aio.EOF:
             return None
-        directory = self._decode(cast(bytes, raw), where)
-        if directory.digest != digest:
-            raise ChecksumMismatch(f"{where}: received directory", digest.hex(), directory.digest.hex())
-        return directory
+        return self._checked(cast(bytes, raw), digest, where)
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         where = f"{self.url}: Get {root.hex()} (recursive)"
@@ -110,7 +115,13 @@ class GrpcDirectoryService(DirectoryService):
         try:
             async with client_errors(where):
                 async for raw in call:
-                    directory = self._decode(raw, where)
+                    if received == 0:
+                        directory = self._checked(raw, root, where)
+                    else:
+                        try:
+                            directory = Directory.decode(raw)
+                        except ValidationError as e:
+                            raise StorageError(f"{where}: received an invalid directory: {e}") from None
                     validator.add(directory)
                     received += 1
                     yield directory

@@ -1,0 +1,71 @@
+"""``nixcas daemon``: serve the store over gRPC until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import click
+
+from nixcas.cli.common import Settings, run, service_options
+from nixcas.server import DEFAULT_LISTEN, start_server
+
+
+@click.command()
+@click.option(
+    "-l",
+    "--listen-address",
+    "listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    metavar="ADDR",
+    help="host:port ([::1]:8000; port 0 picks a free one) or a unix socket path (/abs or ./rel).",
+)
+@service_options
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back).",
+)
+@click.pass_obj
+def daemon(
+    settings: Settings,
+    listen: str,
+    store_dir: str | None,
+    blob_service_addr: str | None,
+    directory_service_addr: str | None,
+    composition: str | None,
+    shutdown_grace: float,
+) -> None:
+    """Serve the blob and directory services over gRPC (tvix.* and snix.* names, health, reflection).
+
+    Prints one line 'listening on URL' to stdout once it accepts connections.
+    """
+    settings = settings.override(
+        store_dir=store_dir,
+        blob_service_addr=blob_service_addr,
+        directory_service_addr=directory_service_addr,
+        composition=composition,
+    )
+    logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with await settings.open_store() as store:
+            running = await start_server(listen, store.blobs, store.directories)
+            try:
+                click.echo(f"listening on {running.url}")
+                logging.info("blobs: %r; directories: %r", store.blobs, store.directories)
+                await stop.wait()
+                logging.info("shutting down (grace %g s)", shutdown_grace)
+            finally:
+                await running.stop(shutdown_grace)
+
+    run(go)
