@@ -11,6 +11,7 @@ including the client going away.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Final, TypeAlias
 
@@ -34,6 +35,18 @@ READ_MESSAGE_SIZE: Final = 256 << 10
 """Bytes per ``BlobChunk`` sent by ``Read`` (bench/grpc_throughput.py picked it)."""
 
 Context: TypeAlias = "grpc.aio.ServicerContext[object, object]"
+
+
+async def _ensure_not_cancelled(context: Context) -> None:
+    """Raise if the client cancelled (call before committing an upload).
+
+    grpc.aio ends a client stream the same way for a half-close and for a
+    client that went away (RST_STREAM); the cancellation arrives one loop turn
+    later.  Yielding once lets it land before anything becomes visible.
+    """
+    await asyncio.sleep(0)
+    if context.cancelled():
+        raise asyncio.CancelledError
 
 
 class BlobServiceServicer:
@@ -75,6 +88,7 @@ class BlobServiceServicer:
                 async for chunk in requests:
                     if chunk.data:
                         await writer.write(chunk.data)
+                await _ensure_not_cancelled(context)
                 digest = await writer.close()
             return blob_pb.PutBlobResponse(digest=digest)
 
@@ -108,6 +122,7 @@ class DirectoryServiceServicer:
             async with self._directories.put_multiple_start() as putter:
                 async for message in requests:
                     await putter.put(Directory.from_proto(message))
+                await _ensure_not_cancelled(context)
                 root = await putter.close()
             return dir_pb.PutDirectoryResponse(root_digest=root)
 
