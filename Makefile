@@ -18,11 +18,11 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[dev]'
 	touch $@ $(VENV)/.installed-run
 
-## run: ingest examples/ into the embedded default store and list the result
+## run: ingest examples/ into the embedded default store, then serve it over gRPC (Ctrl-C stops)
+LISTEN ?= 127.0.0.1:8000
 run: $(VENV)/.installed-run
 	@$(BIN)/nixcas castore ingest examples --json | tee $(VENV)/last-ingest.json
-	@$(BIN)/nixcas castore ls --recursive \
-		"$$($(BIN)/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["digest"])' $(VENV)/last-ingest.json)"
+	@$(BIN)/nixcas daemon --listen-address $(LISTEN)
 
 ## system-deps: Debian packages the tests need (idempotent)
 system-deps:
