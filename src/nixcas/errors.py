@@ -9,7 +9,11 @@
     │   ├── InvalidSymlinkTargetError         a symlink target breaks the target rules
     │   ├── DirectoryError                    a Directory breaks sorting/uniqueness/size rules
     │   ├── ClosureError                      an uploaded closure is dangling/disconnected/empty
-    │   └── IngestError                       a path or archive cannot be imported
+    │   ├── IngestError                       a path or archive cannot be imported
+    │   ├── NixbaseError                      text is not valid nixbase32 / a Nix hash
+    │   ├── StorePathError                    a store path (or its name) breaks the rules
+    │   ├── NarError                          a NAR stream is malformed
+    │   └── PathInfoError                     a PathInfo (or narinfo) is inconsistent
     ├── ConfigurationError (ValueError)       a service URL or composition is unusable
     ├── StorageError (OSError)                a backend failed or returned bad data
     │   └── ChecksumMismatch                  data did not hash to the digest it was read by
@@ -65,6 +69,22 @@ class IngestError(ValidationError):
     """A filesystem path or archive cannot be imported."""
 
 
+class NixbaseError(ValidationError):
+    """Text is not valid nixbase32, or not a valid Nix hash / CA string."""
+
+
+class StorePathError(ValidationError):
+    """A store path or store path name breaks the rules of the Nix store."""
+
+
+class NarError(ValidationError):
+    """A NAR byte stream is malformed (bad token, padding, name, order, size, ...)."""
+
+
+class PathInfoError(ValidationError):
+    """A PathInfo (or narinfo) is inconsistent: references, names, digests, signatures, CA."""
+
+
 class ConfigurationError(NixcasError, ValueError):
     """A service URL or composition cannot be turned into a service."""
 
@@ -95,8 +115,12 @@ __all__ = [
     "InvalidDigestError",
     "InvalidNameError",
     "InvalidSymlinkTargetError",
+    "NarError",
+    "NixbaseError",
     "NixcasError",
     "NotFoundError",
+    "PathInfoError",
     "StorageError",
+    "StorePathError",
     "ValidationError",
 ]

@@ -70,9 +70,13 @@ DIRECTORY_SERVICES: Final = _by_tag(
     CacheDirectoryServiceConfig,
     LruDirectoryServiceConfig,
 )
+PATHINFO_SERVICES: Final[dict[str, type[ServiceConfig[object]]]] = {}
+"""Filled by the Nix layer (:mod:`nixcas.store`)."""
+
 KINDS: Final[Mapping[str, Mapping[str, type[ServiceConfig[object]]]]] = {
     "blobservices": BLOB_SERVICES,
     "directoryservices": DIRECTORY_SERVICES,
+    "pathinfoservices": PATHINFO_SERVICES,
 }
 
 
