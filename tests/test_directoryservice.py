@@ -30,9 +30,9 @@ def sqlite_raw_store(svc: DirectoryService) -> RawStore:
 
     async def store(digest: B3Digest, raw: bytes) -> None:
         def write() -> None:
-            svc._conn.execute("INSERT OR REPLACE INTO directories (digest, data) VALUES (?, ?)", (digest, raw))
+            svc._db.conn.execute("INSERT OR REPLACE INTO directories (digest, data) VALUES (?, ?)", (digest, raw))
 
-        await svc._run(write)
+        await svc._db.run(write)
 
     return store
 

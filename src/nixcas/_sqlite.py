@@ -1,0 +1,112 @@
+"""One SQLite database used from one dedicated worker thread (shared by the SQLite backends).
+
+The event loop never blocks on SQLite: every statement runs in the
+database's own single thread, so one connection serves all calls in order.
+Files use WAL with ``synchronous=FULL`` (a committed transaction survives a
+crash); no path means a private in-memory database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Self, TypeVar
+from urllib.parse import SplitResult, unquote
+
+from nixcas.errors import ConfigurationError, StorageError
+from nixcas.urls import query_options
+
+__all__ = ["SqliteDatabase", "SqlitePathConfig"]
+
+T = TypeVar("T")
+
+BATCH = 500
+"""Rows per ``IN (…)`` query: below SQLite's host-parameter limit."""
+
+
+@dataclass(frozen=True)
+class SqlitePathConfig:
+    """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
+
+    type_tag: ClassVar[str] = "sqlite"
+    path: str | None = None
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        if url.netloc:
+            raise ConfigurationError(f"{url.geturl()!r}: sqlite URLs take no host (write sqlite:///abs/path)")
+        query_options(url, set())
+        config = cls(unquote(url.path) or None)
+        config.validate(repr(url.geturl()))
+        return config
+
+    def validate(self, where: str) -> None:
+        if self.path is None:
+            return
+        if not self.path.startswith("/"):
+            raise ConfigurationError(f"{where}: needs an absolute path")
+        if self.path.rstrip("/") == "" or self.path.endswith("/"):
+            raise ConfigurationError(f"{where}: needs a file path, not a directory")
+
+
+class SqliteDatabase:
+    """A connection with its own thread; ``what`` names it in errors ("directory database")."""
+
+    def __init__(self, path: str | None, schema: str, what: str) -> None:
+        self.path = path
+        self._schema = schema
+        self._what = f"{what} {path or ':memory:'}"
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixcas-sqlite")
+        try:
+            self.conn: sqlite3.Connection = self._executor.submit(self._connect).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            if self.path is not None:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
+            if self.path is not None:
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(self._schema)
+        except (sqlite3.Error, OSError) as e:
+            raise StorageError(f"cannot open {self._what}: {e}") from e
+        return conn
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in the database thread; SQLite errors become :class:`StorageError`."""
+        if self._closed:
+            raise StorageError(f"{self._what} is closed")
+
+        def guarded() -> T:
+            try:
+                return fn()
+            except sqlite3.Error as e:
+                raise StorageError(f"{self._what}: {e}") from e
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
+        """``fn`` wrapped in one immediate write transaction (for :meth:`run`)."""
+
+        def run_in_transaction() -> T:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return fn(self.conn)
+
+        return run_in_transaction
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.run(self.conn.close)
+        self._closed = True
+        self._executor.shutdown(wait=True)
