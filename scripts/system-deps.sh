@@ -3,7 +3,7 @@
 # Usage: scripts/system-deps.sh test|bench
 set -euo pipefail
 case "${1:-test}" in
-  test)  packages=() ;;                # the foundation tests need nothing beyond Python
+  test)  packages=(nix-bin) ;;         # real Nix to compare store paths and NARs with
   bench) packages=(nix-bin time) ;;    # nix-store --add as the peer; GNU time for peak RSS
   *) echo "system-deps: unknown profile $1" >&2; exit 2 ;;
 esac

@@ -32,6 +32,8 @@ from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.castore.nodes import DirectoryNode, Node
 from nixcas.composition import Composition
 from nixcas.errors import NotFoundError
+from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
+from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = ["Store", "default_store_dir", "open_store", "service_urls"]
 
@@ -45,15 +47,19 @@ def default_store_dir() -> Path:
     return Path(data_home) / "nixcas"
 
 
-def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str]:
-    """The blob and directory service URLs of the embedded store in ``store_dir``.
+def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str, str]:
+    """The blob, directory and path info service URLs of the embedded store in ``store_dir``.
 
-    The embedded store keeps blobs in ``DIR/blobs`` (object layout) and
-    directories in ``DIR/directories.sqlite``.
+    The embedded store keeps blobs in ``DIR/blobs`` (object layout),
+    directories in ``DIR/directories.sqlite`` and path infos in ``DIR/pathinfo.sqlite``.
     """
     base = Path(store_dir) if store_dir is not None else default_store_dir()
     base = base.expanduser().absolute()
-    return f"objectstore+file://{base / 'blobs'}", f"sqlite://{base / 'directories.sqlite'}"
+    return (
+        f"objectstore+file://{base / 'blobs'}",
+        f"sqlite://{base / 'directories.sqlite'}",
+        f"sqlite://{base / 'pathinfo.sqlite'}",
+    )
 
 
 @dataclass
@@ -62,8 +68,11 @@ class Store(Closing):
 
     blobs: BlobService
     directories: DirectoryService
+    pathinfos: PathInfoService | None = None
+    """Present when the store was opened with ``with_pathinfo`` (the Nix layer)."""
     composition: Composition = field(default_factory=Composition)
     """Owns every service instance; closing the store closes it."""
+    _nar: NarCalculationService | None = field(default=None, repr=False)
 
     @classmethod
     async def open(
@@ -72,9 +81,11 @@ class Store(Closing):
         *,
         blob_service_url: str | None = None,
         directory_service_url: str | None = None,
+        pathinfo_service_url: str | None = None,
         composition: Composition | str | os.PathLike[str] | None = None,
+        with_pathinfo: bool = False,
     ) -> Store:
-        """Open the services to use.
+        """Open the services to use (the path info service only ``with_pathinfo``).
 
         Each service is, by priority: the explicit URL (or the name of a
         composition entry), the composition's entrypoint (``root``), the
@@ -84,7 +95,7 @@ class Store(Closing):
             composition = Composition()
         elif not isinstance(composition, Composition):
             composition = Composition.from_toml(composition)
-        blob_url, dir_url = service_urls(store_dir)
+        blob_url, dir_url, pathinfo_url = service_urls(store_dir)
         try:
             blobs = await composition.blob_service(
                 blob_service_url or composition.entrypoint("blobservices") or blob_url
@@ -92,10 +103,22 @@ class Store(Closing):
             directories = await composition.directory_service(
                 directory_service_url or composition.entrypoint("directoryservices") or dir_url
             )
+            pathinfos = None
+            if with_pathinfo:
+                pathinfos = await composition.pathinfo_service(
+                    pathinfo_service_url or composition.entrypoint("pathinfoservices") or pathinfo_url
+                )
         except BaseException:
             await composition.close()
             raise
-        return cls(blobs, directories, composition)
+        return cls(blobs, directories, pathinfos, composition)
+
+    def nar_calculation(self) -> NarCalculationService:
+        """NAR size/hash of nodes: the remote daemon's when the path infos are remote, else local (cached)."""
+        if self._nar is None:
+            remote = self.pathinfos.nar_calculation_service() if self.pathinfos is not None else None
+            self._nar = remote or SimpleNarCalculationService(self.blobs, self.directories)
+        return self._nar
 
     async def ingest(self, path: str | os.PathLike[str], *, progress: Progress | None = None) -> Node:
         """Import a file, symlink or directory tree; return its root node."""
@@ -159,6 +182,8 @@ class Store(Closing):
         try:
             await self.blobs.close()
             await self.directories.close()
+            if self.pathinfos is not None:
+                await self.pathinfos.close()
         finally:
             await self.composition.close()
 
@@ -168,12 +193,16 @@ async def open_store(
     *,
     blob_service_url: str | None = None,
     directory_service_url: str | None = None,
+    pathinfo_service_url: str | None = None,
     composition: Composition | str | os.PathLike[str] | None = None,
+    with_pathinfo: bool = False,
 ) -> Store:
     """Open a :class:`Store` (see :meth:`Store.open`)."""
     return await Store.open(
         store_dir,
         blob_service_url=blob_service_url,
         directory_service_url=directory_service_url,
+        pathinfo_service_url=pathinfo_service_url,
         composition=composition,
+        with_pathinfo=with_pathinfo,
     )

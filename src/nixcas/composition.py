@@ -45,7 +45,7 @@ import contextvars
 import os
 import tomllib
 from collections.abc import Mapping
-from typing import Any, Final, cast
+from typing import Any, Final, NoReturn, cast
 
 from nixcas._aio import Closing
 from nixcas.castore.blob.base import BlobService
@@ -53,6 +53,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.registry import KINDS, parse_service_url
+from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = ["ENTRYPOINT", "Composition"]
 
@@ -65,6 +66,42 @@ _BUILDING: contextvars.ContextVar[tuple[_Key, ...]] = contextvars.ContextVar("ni
 
 def _describe(key: _Key) -> str:
     return f"{key[0]}.{key[1]}"
+
+
+def _recursion(cycle: tuple[_Key, ...], where: str = "") -> NoReturn:
+    path = " -> ".join(_describe(k) for k in cycle)
+    raise ConfigurationError(f"{where}recursion not allowed in the composition: {path}")
+
+
+def _check_references(configs: Mapping[str, Mapping[str, ServiceConfig[object]]], source: str) -> None:
+    """Every name a service refers to is defined (in the same kind), and nothing refers to itself."""
+    done: set[_Key] = set()
+
+    def visit(key: _Key, config: ServiceConfig[object], path: tuple[_Key, ...]) -> None:
+        path = (*path, key)
+        for field, kind in config.references.items():
+            ref = getattr(config, field)
+            child = (kind, ref)
+            if child in path:
+                _recursion((*path[path.index(child) :], child), f"{source}: {_describe(path[0])}: ")
+            if child in done:
+                continue
+            found = configs.get(kind, {}).get(ref)
+            if found is None and "://" in ref:
+                found = parse_service_url(kind, ref)  # already checked when its user was parsed
+            if found is None:
+                known = ", ".join(sorted(configs.get(kind, {}))) or "none defined"
+                noun = kind.removesuffix("services") + " service"
+                raise ConfigurationError(
+                    f"{source}: {_describe(path[0])}: {field} = {ref!r}: no {noun} named {ref!r} (defined: {known})"
+                )
+            visit(child, found, path)
+        done.add(key)
+
+    for kind, table in configs.items():
+        for name, config in table.items():
+            if (kind, name) not in done:
+                visit((kind, name), config, ())
 
 
 class Composition(Closing):
@@ -81,6 +118,7 @@ class Composition(Closing):
         self.owns_instances = owns_instances
         self._instances: dict[_Key, object] = {}
         self._pending: dict[_Key, asyncio.Future[object]] = {}
+        self._waiting: dict[_Key, _Key] = {}  # a key being built -> the key its build waits for
         self._order: list[object] = []
 
     # -- loading -----------------------------------------------------------------
@@ -106,11 +144,13 @@ class Composition(Closing):
                 fields = dict(entry)
                 tag = fields.pop("type", None)
                 if not isinstance(tag, str):
-                    raise ConfigurationError(f"{where}: missing 'type' (known: {', '.join(sorted(KINDS[kind]))})")
+                    problem = "missing 'type'" if tag is None else f"'type' must be a string, got {tag!r}"
+                    raise ConfigurationError(f"{where}: {problem} (known: {', '.join(sorted(KINDS[kind]))})")
                 backend = KINDS[kind].get(tag)
                 if backend is None:
                     raise ConfigurationError(f"{where}: unknown type {tag!r} (known: {', '.join(sorted(KINDS[kind]))})")
                 configs[kind][name] = backend.from_table(fields, where)
+        _check_references(configs, source)
         return cls(configs)
 
     @classmethod
@@ -121,6 +161,8 @@ class Composition(Closing):
                 data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigurationError(f"{os.fspath(path)}: invalid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigurationError(f"{os.fspath(path)}: invalid TOML: not UTF-8 (at byte {e.start})") from None
         except OSError as e:
             raise ConfigurationError(f"{os.fspath(path)}: cannot read composition file: {e.strerror}") from None
         return cls.from_dict(data, os.fspath(path))
@@ -142,6 +184,10 @@ class Composition(Closing):
         """The directory service called ``name`` (or described by the URL ``name``)."""
         return cast(DirectoryService, await self.get("directoryservices", name))
 
+    async def pathinfo_service(self, name: str) -> PathInfoService:
+        """The path info service called ``name`` (or described by the URL ``name``)."""
+        return cast(PathInfoService, await self.get("pathinfoservices", name))
+
     def _config(self, kind: str, name: str) -> ServiceConfig[object]:
         config = self._configs[kind].get(name)
         if config is not None:
@@ -159,11 +205,33 @@ class Composition(Closing):
             return self._instances[key]
         chain = _BUILDING.get()
         if key in chain:
-            cycle = " -> ".join(_describe(k) for k in (*chain[chain.index(key) :], key))
-            raise ConfigurationError(f"recursion not allowed in the composition: {cycle}")
+            _recursion((*chain[chain.index(key) :], key))
+        if self.owns_instances:  # every reference is a private instance of its user: build, do not share
+            token = _BUILDING.set((*chain, key))
+            try:
+                return await self._config(kind, name).build(self)
+            finally:
+                _BUILDING.reset(token)
+        if chain:  # the build of chain[-1] now waits for key
+            self._waiting[chain[-1]] = key
+        try:
+            return await self._get_shared(key, chain)
+        finally:
+            if chain:
+                self._waiting.pop(chain[-1], None)
+
+    async def _get_shared(self, key: _Key, chain: tuple[_Key, ...]) -> object:
         pending = self._pending.get(key)
         if pending is not None:
+            # Another task builds key.  If that build (transitively) waits for one of
+            # ours, waiting for it would never end: that is a cycle too.
+            path = [key]
+            while (waited := self._waiting.get(path[-1])) is not None and len(path) <= len(self._waiting):
+                path.append(waited)
+                if waited in chain:
+                    _recursion((*chain[chain.index(waited) :], *path))
             return await asyncio.shield(pending)
+        kind, name = key
         config = self._config(kind, name)
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._pending[key] = future

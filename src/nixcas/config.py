@@ -99,6 +99,9 @@ class ServiceConfig(ABC, Generic[S_co]):
     aliases: ClassVar[Mapping[str, str]] = {}
     """Alternative field names accepted in tables (e.g. tvix's ``local`` for ``near``)."""
 
+    references: ClassVar[Mapping[str, str]] = {}
+    """Fields naming another service (a composition name or a URL), each with that service's kind."""
+
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         """The config a URL describes; backends without a URL form refuse."""
@@ -123,11 +126,31 @@ class ServiceConfig(ABC, Generic[S_co]):
             if required and name not in values:
                 raise ConfigurationError(f"{where}: missing field {name!r} for type {cls.type_tag!r}")
         config = cls(**values)
-        config.validate(where)
+        try:
+            config.validate(where)
+        except ConfigurationError as e:  # some validators do not know where they are
+            if str(e).startswith(where):
+                raise
+            raise ConfigurationError(f"{where}: {e}") from None
+        config.check_references(where)
         return config
 
     def validate(self, where: str) -> None:
         """Check values beyond their types (hook; raise :class:`ConfigurationError`)."""
+
+    def check_references(self, where: str) -> None:
+        """Refuse empty references and parse those that are URLs, so a bad one fails now, not when built."""
+        from nixcas.registry import parse_service_url
+
+        for name, kind in self.references.items():
+            ref = getattr(self, name)
+            if not ref:
+                raise ConfigurationError(f"{where}: {name} must name a service (a composition entry or a URL)")
+            if "://" in ref:
+                try:
+                    parse_service_url(kind, ref)
+                except ConfigurationError as e:
+                    raise ConfigurationError(f"{where}: {name}: {e}") from None
 
     @abstractmethod
     async def build(self, resolver: Resolver) -> S_co:

@@ -18,6 +18,10 @@ directory services
 ``grpc+…``                       :class:`~nixcas.castore.dirs.grpc.GrpcDirectoryService`
 ``cache://?near=A&far=B``        :class:`~nixcas.castore.dirs.cache.CacheDirectoryService`
 ``lru://?capacity=N``            :class:`~nixcas.castore.dirs.lru.LruDirectoryService`
+path info services
+``memory://``                    :class:`~nixcas.store.pathinfo.memory.MemoryPathInfoService`
+``sqlite:///p.sqlite``           :class:`~nixcas.store.pathinfo.sqlite.SqlitePathInfoService`
+``grpc+…``                       :class:`~nixcas.store.pathinfo.grpc.GrpcPathInfoService`
 ===============================  ======================================================
 
 ``A``/``B`` are names in a composition file, or (percent-encoded) URLs.
@@ -44,6 +48,10 @@ from nixcas.castore.dirs.memory import MemoryDirectoryServiceConfig
 from nixcas.castore.dirs.sqlite import SqliteDirectoryServiceConfig
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
+from nixcas.store.pathinfo.base import PathInfoService
+from nixcas.store.pathinfo.grpc import GrpcPathInfoServiceConfig
+from nixcas.store.pathinfo.memory import MemoryPathInfoServiceConfig
+from nixcas.store.pathinfo.sqlite import SqlitePathInfoServiceConfig
 from nixcas.urls import url_tag
 
 __all__ = [
@@ -53,6 +61,7 @@ __all__ = [
     "blob_service_from_url",
     "directory_service_from_url",
     "parse_service_url",
+    "pathinfo_service_from_url",
 ]
 
 
@@ -70,8 +79,7 @@ DIRECTORY_SERVICES: Final = _by_tag(
     CacheDirectoryServiceConfig,
     LruDirectoryServiceConfig,
 )
-PATHINFO_SERVICES: Final[dict[str, type[ServiceConfig[object]]]] = {}
-"""Filled by the Nix layer (:mod:`nixcas.store`)."""
+PATHINFO_SERVICES: Final = _by_tag(MemoryPathInfoServiceConfig, SqlitePathInfoServiceConfig, GrpcPathInfoServiceConfig)
 
 KINDS: Final[Mapping[str, Mapping[str, type[ServiceConfig[object]]]]] = {
     "blobservices": BLOB_SERVICES,
@@ -111,3 +119,11 @@ async def directory_service_from_url(url: str) -> DirectoryService:
 
     config = parse_service_url("directoryservices", url)
     return cast(DirectoryService, await config.build(Composition(owns_instances=True)))
+
+
+async def pathinfo_service_from_url(url: str) -> PathInfoService:
+    """A :class:`PathInfoService` for ``url``; closing it closes whatever it wraps."""
+    from nixcas.composition import Composition
+
+    config = parse_service_url("pathinfoservices", url)
+    return cast(PathInfoService, await config.build(Composition(owns_instances=True)))

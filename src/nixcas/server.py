@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import stat
@@ -40,6 +41,9 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.grpc.channel import CHANNEL_OPTIONS
 from nixcas.castore.grpc.servicers import add_castore_servicers
 from nixcas.errors import ConfigurationError
+from nixcas.store.grpc.servicer import add_store_servicers
+from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
+from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = ["DEFAULT_LISTEN", "RunningServer", "parse_listen_address", "start_server"]
 
@@ -107,6 +111,30 @@ def _clear_stale_socket(path: str) -> None:
         raise ConfigurationError(f"listen address {path}: another server is listening there")
     finally:
         probe.close()
+
+
+def _check_bindable(bind: str, listen: str) -> None:
+    """Fail with the system's reason if ``host:port`` cannot be listened on.
+
+    grpc's own error says only "Failed to bind" and logs the reason to stderr
+    itself, which breaks the one-line error of the CLI.
+    """
+    host, _, port = bind.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigurationError(f"cannot listen on {listen}: {e.strerror}") from None
+    errors: list[OSError] = []
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as e:
+                errors.append(e)
+    in_use = [e for e in errors if e.errno == errno.EADDRINUSE]
+    if in_use or (errors and len(errors) == len(infos)):
+        raise ConfigurationError(f"cannot listen on {listen}: {(in_use or errors)[0].strerror}")
 
 
 def _descriptor_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.DescriptorPool:
@@ -185,11 +213,30 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
-async def start_server(listen: str, blobs: BlobService, directories: DirectoryService) -> RunningServer:
-    """Serve the services on ``listen``; return once the socket accepts connections."""
+async def start_server(
+    listen: str,
+    blobs: BlobService,
+    directories: DirectoryService,
+    *,
+    pathinfos: PathInfoService | None = None,
+    nar_calculation: NarCalculationService | None = None,
+) -> RunningServer:
+    """Serve the services on ``listen``; return once the socket accepts connections.
+
+    With ``pathinfos`` the PathInfoService is served too; its ``CalculateNAR``
+    uses ``nar_calculation``, else what ``pathinfos`` offers, else a caching
+    renderer over ``blobs`` and ``directories``.
+    """
     address = parse_listen_address(listen)
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # grpc sets SO_REUSEPORT by default: a second daemon on a taken port would
+    # silently share it (the kernel spreading connections over both stores).
+    server = grpc.aio.server(options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)))
     names = add_castore_servicers(server, blobs, directories)
+    if pathinfos is not None:
+        nar = nar_calculation or pathinfos.nar_calculation_service()
+        if nar is None:
+            nar = SimpleNarCalculationService(blobs, directories)
+        names += add_store_servicers(server, pathinfos, nar)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *names):
@@ -197,6 +244,8 @@ async def start_server(listen: str, blobs: BlobService, directories: DirectorySe
     _add_reflection(server, [*names, HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA])
     if address.unix_path is not None:
         _clear_stale_socket(address.unix_path)
+    else:
+        _check_bindable(address.bind, listen)
     try:
         port = server.add_insecure_port(address.bind)
     except RuntimeError as e:

@@ -33,12 +33,12 @@ T = TypeVar("T")
 class SyncStore:
     """A :class:`~nixcas.api.Store` driven from synchronous code."""
 
-    def __init__(self, store_dir: str | os.PathLike[str] | None = None, **urls: str | None) -> None:
+    def __init__(self, store_dir: str | os.PathLike[str] | None = None, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nixcas-sync", daemon=True)
         self._thread.start()
         try:
-            self.store: Store = self._run(Store.open(store_dir, **urls))
+            self.store: Store = self._run(Store.open(store_dir, **options))
         except BaseException:
             self._stop()
             raise

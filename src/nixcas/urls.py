@@ -6,7 +6,7 @@ from urllib.parse import SplitResult, parse_qsl
 
 from nixcas.errors import ConfigurationError
 
-__all__ = ["near_far_from_url", "query_options", "require_bare_url", "url_tag"]
+__all__ = ["near_far_from_url", "query_options", "require_bare_url", "require_plain_scheme", "url_tag", "url_text"]
 
 
 def url_tag(url: SplitResult) -> str:
@@ -14,8 +14,15 @@ def url_tag(url: SplitResult) -> str:
     return url.scheme.split("+", 1)[0]
 
 
+def require_plain_scheme(url: SplitResult) -> None:
+    """Reject a ``+suffix`` on schemes that take none (``combined+x://`` is not ``combined://``)."""
+    if "+" in url.scheme:
+        raise ConfigurationError(f"{url.geturl()!r}: unknown type {url.scheme!r} (write {url_tag(url)}://)")
+
+
 def require_bare_url(url: SplitResult) -> None:
     """Reject host, path and query on URLs like ``memory://``."""
+    require_plain_scheme(url)
     if url.netloc or url.path or url.query or url.fragment:
         raise ConfigurationError(
             f"{url.geturl()!r}: {url.scheme}:// takes no host, path or options (write {url.scheme}://)"
@@ -37,6 +44,7 @@ def query_options(url: SplitResult, allowed: set[str]) -> dict[str, str]:
 
 def near_far_from_url(url: SplitResult) -> tuple[str, str]:
     """``combined://?near=A&far=B`` / ``cache://?near=A&far=B`` → ``(A, B)``; both required."""
+    require_plain_scheme(url)
     if url.netloc or url.path or url.fragment:
         raise ConfigurationError(f"{url.geturl()!r}: {url.scheme}:// takes only ?near=…&far=… (no host or path)")
     options = query_options(url, {"near", "far"})
@@ -46,3 +54,13 @@ def near_far_from_url(url: SplitResult) -> tuple[str, str]:
             f"{url.geturl()!r}: missing {' and '.join(missing)} (write {url.scheme}://?near=…&far=…)"
         )
     return options["near"], options["far"]
+
+
+def url_text(url: SplitResult) -> str:
+    """``url`` as text, always with ``//`` after the scheme (``geturl()`` drops it when there is no host)."""
+    text = f"{url.scheme}://{url.netloc}{url.path}"
+    if url.query:
+        text += f"?{url.query}"
+    if url.fragment:
+        text += f"#{url.fragment}"
+    return text

@@ -29,13 +29,16 @@ class Settings:
     blob_service_addr: str | None
     directory_service_addr: str | None
     composition: str | None = None
+    pathinfo_service_addr: str | None = None
 
-    async def open_store(self) -> Store:
+    async def open_store(self, *, with_pathinfo: bool = False) -> Store:
         return await Store.open(
             self.store_dir,
             blob_service_url=self.blob_service_addr,
             directory_service_url=self.directory_service_addr,
+            pathinfo_service_url=self.pathinfo_service_addr,
             composition=self.composition,
+            with_pathinfo=with_pathinfo,
         )
 
     def override(self, **values: str | None) -> Settings:
@@ -51,6 +54,9 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--blob-service-addr", metavar="URL", help="Blob service URL (or composition name)."),
             click.option(
                 "--directory-service-addr", metavar="URL", help="Directory service URL (or composition name)."
+            ),
+            click.option(
+                "--path-info-service-addr", metavar="URL", help="Path info service URL (or composition name)."
             ),
             click.option(
                 "--composition", type=click.Path(dir_okay=False), help="TOML composition file (entrypoints: root)."

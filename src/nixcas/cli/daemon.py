@@ -38,10 +38,11 @@ def daemon(
     store_dir: str | None,
     blob_service_addr: str | None,
     directory_service_addr: str | None,
+    path_info_service_addr: str | None,
     composition: str | None,
     shutdown_grace: float,
 ) -> None:
-    """Serve the blob and directory services over gRPC (tvix.* and snix.* names, health, reflection).
+    """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
@@ -49,6 +50,7 @@ def daemon(
         store_dir=store_dir,
         blob_service_addr=blob_service_addr,
         directory_service_addr=directory_service_addr,
+        pathinfo_service_addr=path_info_service_addr,
         composition=composition,
     )
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
@@ -58,11 +60,19 @@ def daemon(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with await settings.open_store() as store:
-            running = await start_server(listen, store.blobs, store.directories)
+        async with await settings.open_store(with_pathinfo=True) as store:
+            running = await start_server(
+                listen,
+                store.blobs,
+                store.directories,
+                pathinfos=store.pathinfos,
+                nar_calculation=store.nar_calculation(),
+            )
             try:
                 click.echo(f"listening on {running.url}")
-                logging.info("blobs: %r; directories: %r", store.blobs, store.directories)
+                logging.info(
+                    "blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos
+                )
                 await stop.wait()
                 logging.info("shutting down (grace %g s)", shutdown_grace)
             finally:

@@ -10,6 +10,7 @@ from nixcas import __version__
 from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail
 from nixcas.cli.daemon import daemon
+from nixcas.cli.store import copy, dump_path, import_, path_info
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,10 +19,11 @@ from nixcas.cli.daemon import daemon
     "--store-dir",
     envvar="NIXCAS_STORE_DIR",
     type=click.Path(file_okay=False),
-    help="Embedded store: blobs in DIR/blobs, directories in DIR/directories.sqlite [default: $XDG_DATA_HOME/nixcas].",
+    help="Embedded store: DIR/blobs, DIR/directories.sqlite, DIR/pathinfo.sqlite [default: $XDG_DATA_HOME/nixcas].",
 )
 @click.option("--blob-service-addr", envvar="BLOB_SERVICE_ADDR", metavar="URL", help="Blob service URL.")
 @click.option("--directory-service-addr", envvar="DIRECTORY_SERVICE_ADDR", metavar="URL", help="Directory service URL.")
+@click.option("--path-info-service-addr", envvar="PATH_INFO_SERVICE_ADDR", metavar="URL", help="Path info service URL.")
 @click.option(
     "--composition",
     envvar="NIXCAS_COMPOSITION",
@@ -34,14 +36,19 @@ def cli(
     store_dir: str | None,
     blob_service_addr: str | None,
     directory_service_addr: str | None,
+    path_info_service_addr: str | None,
     composition: str | None,
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
-    ctx.obj = Settings(store_dir, blob_service_addr, directory_service_addr, composition)
+    ctx.obj = Settings(store_dir, blob_service_addr, directory_service_addr, composition, path_info_service_addr)
 
 
 cli.add_command(castore)
 cli.add_command(daemon)
+cli.add_command(import_)
+cli.add_command(dump_path)
+cli.add_command(path_info)
+cli.add_command(copy)
 
 
 def main() -> None:

@@ -43,16 +43,24 @@ class CombinedBlobServiceConfig(ServiceConfig[BlobService]):
 
     type_tag: ClassVar[str] = "combined"
     aliases: ClassVar[dict[str, str]] = {"local": "near", "remote": "far"}
+    references: ClassVar[dict[str, str]] = {"near": "blobservices", "far": "blobservices"}
     near: str
     far: str
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
-        return cls(*near_far_from_url(url))
+        config = cls(*near_far_from_url(url))
+        config.check_references(repr(url.geturl()))
+        return config
 
     async def build(self, resolver: Resolver) -> BlobService:
         near = await resolver.blob_service(self.near)
-        far = await resolver.blob_service(self.far)
+        try:
+            far = await resolver.blob_service(self.far)
+        except BaseException:
+            if resolver.owns_instances:  # nobody else will close it
+                await near.close()
+            raise
         return CombinedBlobService(near, far, close_inner=resolver.owns_instances)
 
 

@@ -28,6 +28,7 @@ from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
 from nixcas.castore.grpc.status import client_errors, error_from_status
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import InvalidDigestError, StorageError
+from nixcas.urls import url_text
 
 __all__ = ["WRITE_MESSAGE_SIZE", "GrpcBlobService", "GrpcBlobServiceConfig"]
 
@@ -47,7 +48,7 @@ class GrpcBlobServiceConfig(ServiceConfig[BlobService]):
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         GrpcEndpoint.parse(url)
-        return cls(url.geturl())
+        return cls(url_text(url))
 
     def validate(self, where: str) -> None:
         GrpcEndpoint.parse(self.url)

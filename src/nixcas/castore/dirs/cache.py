@@ -38,17 +38,51 @@ class CacheDirectoryServiceConfig(ServiceConfig[DirectoryService]):
     """``near`` and ``far``: names (or URLs) of two directory services."""
 
     type_tag: ClassVar[str] = "cache"
+    references: ClassVar[dict[str, str]] = {"near": "directoryservices", "far": "directoryservices"}
     near: str
     far: str
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
-        return cls(*near_far_from_url(url))
+        config = cls(*near_far_from_url(url))
+        config.check_references(repr(url.geturl()))
+        return config
 
     async def build(self, resolver: Resolver) -> DirectoryService:
         near = await resolver.directory_service(self.near)
-        far = await resolver.directory_service(self.far)
+        try:
+            far = await resolver.directory_service(self.far)
+        except BaseException:
+            if resolver.owns_instances:  # nobody else will close it
+                await near.close()
+            raise
         return CacheDirectoryService(near, far, close_inner=resolver.owns_instances)
+
+
+def _leaves_first(closure: Sequence[Directory]) -> list[Directory]:
+    """A complete closure (root first) reordered so that each directory follows all its sub-directories.
+
+    Reversed breadth-first order is not enough: a directory reachable at two
+    depths (``D -> A`` and ``D -> B -> A``) is yielded at the shallower one,
+    so reversing puts ``B`` before ``A``.  This is a depth-first post-order.
+    """
+    by_digest = {d.digest: d for d in closure}
+    order: list[Directory] = []
+    done: set[B3Digest] = set()
+    stack: list[tuple[Directory, bool]] = [(closure[0], False)]
+    while stack:
+        directory, children_done = stack.pop()
+        if directory.digest in done:
+            continue
+        if children_done:
+            done.add(directory.digest)
+            order.append(directory)
+            continue
+        stack.append((directory, True))
+        for _, child in directory.directories():
+            if child.digest not in done:
+                stack.append((by_digest[child.digest], False))
+    return order
 
 
 class CacheDirectoryService(DirectoryService):
@@ -81,7 +115,7 @@ class CacheDirectoryService(DirectoryService):
             return []
         validator.finish()
         async with self.near.put_multiple_start() as putter:
-            for directory in reversed(closure):  # breadth-first reversed: children before parents
+            for directory in _leaves_first(closure):
                 await putter.put(directory)
             await putter.close()
         return closure

@@ -29,6 +29,7 @@ from nixcas.castore.grpc.codec import identity
 from nixcas.castore.grpc.status import client_errors, error_from_status
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, StorageError, ValidationError
+from nixcas.urls import url_text
 
 __all__ = ["GrpcDirectoryService", "GrpcDirectoryServiceConfig"]
 
@@ -45,7 +46,7 @@ class GrpcDirectoryServiceConfig(ServiceConfig[DirectoryService]):
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         GrpcEndpoint.parse(url)
-        return cls(url.geturl())
+        return cls(url_text(url))
 
     def validate(self, where: str) -> None:
         GrpcEndpoint.parse(self.url)

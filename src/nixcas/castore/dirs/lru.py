@@ -19,7 +19,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError
-from nixcas.urls import query_options
+from nixcas.urls import query_options, require_plain_scheme
 
 __all__ = ["LruDirectoryService", "LruDirectoryServiceConfig"]
 
@@ -33,6 +33,7 @@ class LruDirectoryServiceConfig(ServiceConfig[DirectoryService]):
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
+        require_plain_scheme(url)
         if url.netloc or url.path or url.fragment:
             raise ConfigurationError(f"{url.geturl()!r}: lru:// takes only ?capacity=N")
         options = query_options(url, {"capacity"})

@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from nixcas.errors import ConfigurationError, StorageError
-from nixcas.urls import query_options
+from nixcas.urls import query_options, url_text
 
 __all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_SIZE", "GrpcConnection", "GrpcEndpoint"]
 
@@ -51,7 +51,7 @@ class GrpcEndpoint:
     @classmethod
     def parse(cls, url: str | SplitResult) -> GrpcEndpoint:
         parts = urlsplit(url) if isinstance(url, str) else url
-        text = parts.geturl()
+        text = url if isinstance(url, str) else url_text(parts)
         options = query_options(parts, {"wait-connect", "connect-timeout", "protocol"})
         transport = parts.scheme.partition("+")[2]
         if parts.fragment:

@@ -1,0 +1,1 @@
+"""PathInfo records and the services that store them."""

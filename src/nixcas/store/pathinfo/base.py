@@ -1,0 +1,81 @@
+"""The PathInfoService interface and verify-on-read.
+
+Backends store serialized ``PathInfo`` messages keyed by the 20-byte store
+path digest and implement three primitives (``_get_raw``, ``_put_raw``,
+``_list_raw``).  The base class decodes and validates everything it hands
+out and checks that a record really is the one asked for, so a corrupt
+backend raises :class:`~nixcas.errors.StorageError` instead of answering
+with the wrong path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from nixcas._aio import Closing
+from nixcas.errors import PathInfoError, StorageError, ValidationError
+from nixcas.store import nixbase32
+from nixcas.store.nar.hashing import NarCalculationService
+from nixcas.store.pathinfo.model import PathInfo
+from nixcas.store.store_path import DIGEST_SIZE
+
+__all__ = ["PathInfoService", "check_digest"]
+
+
+def check_digest(digest: bytes) -> bytes:
+    """``digest`` if it is a 20-byte store path digest, else :class:`ValidationError`."""
+    if len(digest) != DIGEST_SIZE:
+        raise ValidationError(f"invalid output digest length: {len(digest)} (want {DIGEST_SIZE})")
+    return bytes(digest)
+
+
+def _verified(digest: bytes, raw: bytes, where: str) -> PathInfo:
+    try:
+        info = PathInfo.decode(raw)
+    except PathInfoError as e:
+        raise StorageError(f"{where}: stored path info for {nixbase32.encode(digest)} is invalid: {e}") from None
+    if info.digest != digest:
+        raise StorageError(
+            f"{where}: stored path info for {nixbase32.encode(digest)} describes {info.store_path} instead"
+        )
+    return info
+
+
+class PathInfoService(Closing, ABC):
+    """Stores PathInfo records by store path digest.  Absence is ``None``."""
+
+    # -- backend primitives ----------------------------------------------------
+
+    @abstractmethod
+    async def _get_raw(self, digest: bytes) -> bytes | None:
+        """The stored message for ``digest``, or ``None``."""
+
+    @abstractmethod
+    async def _put_raw(self, digest: bytes, raw: bytes) -> None:
+        """Store (or replace) the message for ``digest``."""
+
+    @abstractmethod
+    def _list_raw(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        """Every stored (digest, message) pair."""
+
+    # -- public interface ------------------------------------------------------
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        """The PathInfo of the store path with this 20-byte digest, validated."""
+        raw = await self._get_raw(check_digest(digest))
+        return None if raw is None else _verified(digest, raw, repr(self))
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        """Store ``info`` (replacing an earlier record of the same path); return what was stored."""
+        await self._put_raw(info.digest, info.encode())
+        return info
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        """Every PathInfo, validated, in no particular order."""
+        async for digest, raw in self._list_raw():
+            yield _verified(digest, raw, repr(self))
+
+    def nar_calculation_service(self) -> NarCalculationService | None:
+        """A service that computes NAR size/hash where the data lives (a remote daemon), if any."""
+        return None

@@ -1,0 +1,46 @@
+"""``memory://`` — PathInfo records in a dict."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import ClassVar, Self
+from urllib.parse import SplitResult
+
+from nixcas.config import Resolver, ServiceConfig
+from nixcas.store.pathinfo.base import PathInfoService
+from nixcas.urls import require_bare_url
+
+__all__ = ["MemoryPathInfoService", "MemoryPathInfoServiceConfig"]
+
+
+@dataclass(frozen=True)
+class MemoryPathInfoServiceConfig(ServiceConfig[PathInfoService]):
+    """``memory://``; composition: ``type = "memory"``."""
+
+    type_tag: ClassVar[str] = "memory"
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        require_bare_url(url)
+        return cls()
+
+    async def build(self, resolver: Resolver) -> PathInfoService:
+        return MemoryPathInfoService()
+
+
+class MemoryPathInfoService(PathInfoService):
+    """Keeps serialized PathInfo messages in process memory."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+
+    async def _get_raw(self, digest: bytes) -> bytes | None:
+        return self._data.get(digest)
+
+    async def _put_raw(self, digest: bytes, raw: bytes) -> None:
+        self._data[digest] = raw
+
+    async def _list_raw(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        for item in list(self._data.items()):
+            yield item

@@ -1,0 +1,231 @@
+"""PathInfo: what the store knows about one store path, and its protobuf form.
+
+A PathInfo ties a store path to a castore root node and carries the NAR
+metadata Nix needs (size, SHA-256, references, signatures, deriver, CA).
+:meth:`PathInfo.from_proto` validates a ``tvix.store.v1.PathInfo`` message in
+the order of reference §1.8, so the first problem reported is the one a
+tvix daemon would report.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
+from nixcas.castore.nodes import Node
+from nixcas.castore.proto import node_from_proto, node_to_proto
+from nixcas.errors import NixbaseError, PathInfoError, StorePathError, ValidationError
+from nixcas.store import nixbase32
+from nixcas.store.hashes import CAHash, HashAlgo, NixHash
+from nixcas.store.store_path import STORE_DIR, StorePath
+
+__all__ = ["PathInfo", "Signature"]
+
+SIGNATURE_SIZE: Final = 64
+_KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A narinfo signature: key name and 64 ed25519 signature bytes; text form ``name:base64``."""
+
+    name: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.data) != SIGNATURE_SIZE:
+            raise PathInfoError(f"signature {self.name!r}: {len(self.data)} bytes, want {SIGNATURE_SIZE}")
+
+    @classmethod
+    def parse(cls, text: str) -> Signature:
+        name, sep, b64 = text.strip().partition(":")
+        if not sep or not _KEY_NAME.fullmatch(name):
+            raise PathInfoError(f"invalid signature {text[:100]!r}: expected <key name>:<base64>")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except binascii.Error:
+            raise PathInfoError(f"invalid signature {text[:100]!r}: bad base64") from None
+        return cls(name, data)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{base64.b64encode(self.data).decode()}"
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """A store path's root node and NAR metadata.  Keyed by ``store_path.digest``."""
+
+    store_path: StorePath
+    node: Node
+    references: tuple[StorePath, ...]
+    nar_size: int
+    nar_sha256: bytes
+    signatures: tuple[Signature, ...] = ()
+    deriver: StorePath | None = None
+    """The deriver, its name without the ``.drv`` suffix (as tvix stores it)."""
+    ca: CAHash | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "references", tuple(self.references))
+        object.__setattr__(self, "signatures", tuple(self.signatures))
+        if len(self.nar_sha256) != 32:
+            raise PathInfoError(f"{self.store_path}: NAR sha256 has {len(self.nar_sha256)} bytes, want 32")
+        if not 0 <= self.nar_size < 1 << 64:
+            raise PathInfoError(f"{self.store_path}: NAR size {self.nar_size} out of range")
+
+    @property
+    def digest(self) -> bytes:
+        """The 20-byte key: the store path's digest."""
+        return self.store_path.digest
+
+    @property
+    def nar_hash(self) -> NixHash:
+        return NixHash(HashAlgo.SHA256, self.nar_sha256)
+
+    def with_signatures(self, signatures: Iterable[Signature]) -> PathInfo:
+        """A copy with ``signatures`` appended (duplicates dropped)."""
+        merged = list(self.signatures)
+        for sig in signatures:
+            if sig not in merged:
+                merged.append(sig)
+        return PathInfo(
+            self.store_path,
+            self.node,
+            self.references,
+            self.nar_size,
+            self.nar_sha256,
+            tuple(merged),
+            self.deriver,
+            self.ca,
+        )
+
+    # -- protobuf -----------------------------------------------------------------
+
+    def to_proto(self) -> pb.PathInfo:
+        msg = pb.PathInfo(node=node_to_proto(self.store_path.basename.encode(), self.node))
+        msg.references.extend(ref.digest for ref in self.references)
+        info = msg.narinfo
+        info.nar_size = self.nar_size
+        info.nar_sha256 = self.nar_sha256
+        for sig in self.signatures:
+            info.signatures.add(name=sig.name, data=sig.data)
+        info.reference_names.extend(ref.basename for ref in self.references)
+        if self.deriver is not None:
+            info.deriver.name = self.deriver.name
+            info.deriver.digest = self.deriver.digest
+        if self.ca is not None:
+            info.ca.type = self.ca.proto_type  # type: ignore[assignment]
+            info.ca.digest = self.ca.hash.digest
+        return msg
+
+    def encode(self) -> bytes:
+        """The serialized ``PathInfo`` message (deterministic)."""
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> bytes:
+        return self.to_proto().SerializeToString(deterministic=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> PathInfo:
+        msg = pb.PathInfo()
+        try:
+            msg.ParseFromString(data)
+        except DecodeError as e:
+            raise PathInfoError(f"cannot decode PathInfo message: {e}") from None
+        return cls.from_proto(msg)
+
+    @classmethod
+    def from_proto(cls, msg: pb.PathInfo) -> PathInfo:
+        """Validate a ``PathInfo`` message (checks in the order of reference §1.8)."""
+        if not msg.HasField("narinfo"):
+            raise PathInfoError("invalid path info: narinfo field missing")
+        info = msg.narinfo
+        for i, ref in enumerate(msg.references):
+            if len(ref) != 20:
+                raise PathInfoError(f"invalid path info: reference {i} has {len(ref)} bytes, want 20")
+        if len(info.reference_names) != len(msg.references):
+            raise PathInfoError(
+                f"invalid path info: {len(msg.references)} references but {len(info.reference_names)} reference names"
+            )
+        references: list[StorePath] = []
+        for i, (ref_name, ref_digest) in enumerate(zip(info.reference_names, msg.references, strict=True)):
+            try:
+                reference = StorePath.from_basename(ref_name)
+            except StorePathError as e:
+                raise PathInfoError(f"invalid path info: reference name {i} {ref_name[:100]!r}: {e}") from None
+            if reference.digest != ref_digest:
+                raise PathInfoError(
+                    f"invalid path info: reference name {i} {ref_name!r} does not match its digest "
+                    f"{nixbase32.encode(ref_digest)}"
+                )
+            references.append(reference)
+        if not msg.HasField("node"):
+            raise PathInfoError("invalid path info: no root node")
+        try:
+            name, node = node_from_proto(msg.node)
+        except ValidationError as e:
+            raise PathInfoError(f"invalid path info: invalid root node: {e}") from None
+        try:
+            store_path = StorePath.from_basename(name)
+        except StorePathError as e:
+            raise PathInfoError(f"invalid path info: root node name {name[:100]!r} is no store path: {e}") from None
+        if len(info.nar_sha256) != 32:
+            raise PathInfoError(f"invalid path info: nar_sha256 has {len(info.nar_sha256)} bytes, want 32")
+        deriver: StorePath | None = None
+        if info.HasField("deriver"):
+            try:
+                deriver = StorePath(info.deriver.digest, info.deriver.name)
+            except StorePathError as e:
+                raise PathInfoError(f"invalid path info: invalid deriver: {e}") from None
+        signatures: list[Signature] = []
+        for i, sig in enumerate(info.signatures):
+            if len(sig.data) != SIGNATURE_SIZE:
+                raise PathInfoError(
+                    f"invalid path info: signature {i} has {len(sig.data)} bytes, want {SIGNATURE_SIZE}"
+                )
+            signatures.append(Signature(sig.name, sig.data))
+        ca: CAHash | None = None
+        if info.HasField("ca"):
+            try:
+                ca = CAHash.from_proto(info.ca.type, info.ca.digest)
+            except NixbaseError as e:
+                raise PathInfoError(f"invalid path info: CA: {e}") from None
+        return cls(store_path, node, tuple(references), info.nar_size, info.nar_sha256, tuple(signatures), deriver, ca)
+
+    # -- display ------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, object]:
+        """The ``path-info --json`` form (Nix's field names where Nix has one)."""
+        from nixcas.castore.nodes import DirectoryNode, FileNode
+
+        node: dict[str, object]
+        if isinstance(self.node, DirectoryNode):
+            node = {"type": "directory", "digest": self.node.digest.hex(), "size": self.node.size}
+        elif isinstance(self.node, FileNode):
+            node = {
+                "type": "file",
+                "digest": self.node.digest.hex(),
+                "size": self.node.size,
+                "executable": self.node.executable,
+            }
+        else:
+            node = {"type": "symlink", "target": self.node.target.decode(errors="surrogateescape")}
+        return {
+            "path": str(self.store_path),
+            "narHash": self.nar_hash.to_sri(),
+            "narSize": self.nar_size,
+            "references": sorted(str(r) for r in self.references),
+            "ca": None if self.ca is None else str(self.ca),
+            "signatures": [str(s) for s in self.signatures],
+            "deriver": None if self.deriver is None else f"{STORE_DIR}/{self.deriver.basename}.drv",
+            "rootNode": node,
+        }

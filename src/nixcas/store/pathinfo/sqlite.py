@@ -1,0 +1,73 @@
+"""``sqlite:///abs/path.sqlite`` — PathInfo records in one SQLite table (``sqlite://``: in memory)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from nixcas._sqlite import SqliteDatabase, SqlitePathConfig
+from nixcas.config import Resolver, ServiceConfig
+from nixcas.store.pathinfo.base import PathInfoService
+
+__all__ = ["SqlitePathInfoService", "SqlitePathInfoServiceConfig"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pathinfo (
+    digest BLOB PRIMARY KEY NOT NULL CHECK (length(digest) = 20),
+    data   BLOB NOT NULL
+) WITHOUT ROWID;
+"""
+_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class SqlitePathInfoServiceConfig(SqlitePathConfig, ServiceConfig[PathInfoService]):
+    """``sqlite:///abs/path`` or ``sqlite://``; composition: ``path`` (optional)."""
+
+    async def build(self, resolver: Resolver) -> PathInfoService:
+        return SqlitePathInfoService(self.path)
+
+
+class SqlitePathInfoService(PathInfoService):
+    """Serialized PathInfo messages keyed by store path digest; ``list`` pages through by key."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._db = SqliteDatabase(path, _SCHEMA, "path info database")
+
+    def __repr__(self) -> str:
+        return f"SqlitePathInfoService({self.path!r})"
+
+    async def _get_raw(self, digest: bytes) -> bytes | None:
+        def get() -> bytes | None:
+            row = self._db.conn.execute("SELECT data FROM pathinfo WHERE digest = ?", (digest,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._db.run(get)
+
+    async def _put_raw(self, digest: bytes, raw: bytes) -> None:
+        await self._db.run(
+            self._db.transaction(
+                lambda conn: conn.execute("INSERT OR REPLACE INTO pathinfo (digest, data) VALUES (?, ?)", (digest, raw))
+            )
+        )
+
+    async def _list_raw(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        after = b""
+        while True:
+
+            def page(after: bytes = after) -> list[tuple[bytes, bytes]]:
+                rows = self._db.conn.execute(
+                    "SELECT digest, data FROM pathinfo WHERE digest > ? ORDER BY digest LIMIT ?", (after, _PAGE)
+                )
+                return [(bytes(d), bytes(v)) for d, v in rows]
+
+            rows = await self._db.run(page)
+            for row in rows:
+                yield row
+            if len(rows) < _PAGE:
+                return
+            after = rows[-1][0]
+
+    async def close(self) -> None:
+        await self._db.close()
