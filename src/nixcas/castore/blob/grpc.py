@@ -260,10 +260,21 @@ class _GrpcBlobWriter(BlobWriter):
             return
         self._hasher.update(data)
         call = self._started()
-        async with client_errors(f"{self._service.url}: Put"):
-            view = memoryview(data)
-            for start in range(0, len(view), WRITE_MESSAGE_SIZE):
-                await call.write(bytes(view[start : start + WRITE_MESSAGE_SIZE]))
+        try:
+            async with client_errors(f"{self._service.url}: Put"):
+                view = memoryview(data)
+                for start in range(0, len(view), WRITE_MESSAGE_SIZE):
+                    await call.write(bytes(view[start : start + WRITE_MESSAGE_SIZE]))
+        except asyncio.InvalidStateError:  # the server already ended the call
+            raise await self._ended(call) from None
+
+    async def _ended(self, call: grpc.aio.StreamUnaryCall[bytes, blob_pb.PutBlobResponse]) -> StorageError:
+        """The error for a Put the server ended before the data was complete."""
+        code, details = await call.code(), await call.details()
+        await self.abort()
+        if code == grpc.StatusCode.OK:
+            return StorageError(f"{self._service.url}: Put: the server ended the upload early")
+        return error_from_status(code, details, f"{self._service.url}: Put")
 
     async def close(self) -> B3Digest:
         if self._state.digest is not None:

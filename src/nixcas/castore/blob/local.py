@@ -20,10 +20,10 @@ import itertools
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, ClassVar, Self
+from typing import BinaryIO, ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import blake3
@@ -46,6 +46,8 @@ from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options
 
 __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
+
+T = TypeVar("T")
 
 SPILL_THRESHOLD = 1 << 20
 """Writers keep up to this many bytes in memory before spilling to a temp file."""
@@ -369,6 +371,22 @@ class _ZstdFileReader(BlobReader):
         await asyncio.to_thread(self._close_sync)
 
 
+async def _to_thread_uninterrupted(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread; if cancelled meanwhile, wait for the thread before re-raising.
+
+    A worker thread cannot be stopped, so cleanup (``abort``) must not start
+    while it still writes the temp file or renames it into place.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        raise
+
+
 class _LocalBlobWriter(BlobWriter):
     """Buffers small blobs in memory; spills larger ones to a compressed temp file."""
 
@@ -407,7 +425,7 @@ class _LocalBlobWriter(BlobWriter):
             return
         pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
         try:
-            await asyncio.to_thread(self._spill_sync, pending)
+            await _to_thread_uninterrupted(lambda: self._spill_sync(pending))
         except BaseException:
             await self.abort()
             raise
@@ -434,9 +452,9 @@ class _LocalBlobWriter(BlobWriter):
             self._state.check_complete()
             if self._compressor is None:
                 data, self._buffer = b"".join(self._buffer), []
-                digest = await asyncio.to_thread(self._service._store_sync, data)
+                digest = await _to_thread_uninterrupted(lambda: self._service._store_sync(data))
             else:
-                digest = await asyncio.to_thread(self._finish_sync)
+                digest = await _to_thread_uninterrupted(self._finish_sync)
         except BaseException:
             await self.abort()
             raise

@@ -41,10 +41,15 @@ async def _ensure_not_cancelled(context: Context) -> None:
     """Raise if the client cancelled (call before committing an upload).
 
     grpc.aio ends a client stream the same way for a half-close and for a
-    client that went away (RST_STREAM); the cancellation arrives one loop turn
-    later.  Yielding once lets it land before anything becomes visible.
+    client that went away (RST_STREAM); the cancellation is only noticed
+    later.  Sending the initial metadata is an operation through the gRPC
+    core, which already knows the stream was reset: it fails (or leaves the
+    context cancelled) then, before anything becomes visible.
     """
-    await asyncio.sleep(0)
+    try:
+        await context.send_initial_metadata(())
+    except Exception as e:  # the call is gone
+        raise asyncio.CancelledError from e
     if context.cancelled():
         raise asyncio.CancelledError
 

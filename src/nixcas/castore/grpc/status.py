@@ -108,7 +108,7 @@ async def rpc_errors(context: grpc.aio.ServicerContext[object, object], what: st
         await context.abort(code, message)
 
 
-def error_from_status(code: grpc.StatusCode, details: str | None, where: str) -> NixcasError:
+def error_from_status(code: grpc.StatusCode, details: str | None, where: str) -> RemoteError:
     """The nixcas error for a status a remote returned."""
     message = f"{where}: {details or code.name.lower()}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
