@@ -12,22 +12,17 @@ or break a daemon start their own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import select
 import signal
 import socket
-import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import ClassVar, cast
 
 import blake3
 import grpc
@@ -47,22 +42,21 @@ from nixcas.castore.grpc.status import RemoteError
 from nixcas.errors import StorageError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.testing.blobservice import BlobServiceSuite, TempFiles
+from nixcas.testing.daemon import (
+    STARTUP_TIMEOUT,
+    Daemon,
+    clean_env,
+    files_under,
+    nixcas_command,
+    read_line,
+    running_daemon,
+    short_tmpdir,
+)
 from nixcas.testing.directoryservice import DirectoryServiceSuite
 from nixcas.testing.fixtures import DIRECTORY_A, DIRECTORY_B, DIRECTORY_WITH_KEEP
 
-STARTUP_TIMEOUT = 20.0
-"""Seconds a daemon may take to print its 'listening on' line."""
-
 SPILL = (1 << 20) + 4096
 """More than the local backend buffers in memory: a Put this large has a temp file under blobs/tmp."""
-
-_ENV_OVERRIDES = (
-    "BLOB_SERVICE_ADDR",
-    "DIRECTORY_SERVICE_ADDR",
-    "PATH_INFO_SERVICE_ADDR",
-    "NIXCAS_STORE_DIR",
-    "NIXCAS_COMPOSITION",
-)
 
 CASTORE_SERVICES = {
     "tvix.castore.v1.BlobService",
@@ -92,15 +86,6 @@ def noise(seed: bytes, size: int) -> bytes:
 # -- running nixcas ------------------------------------------------------------------
 
 
-def nixcas_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nixcas.cli.main", *args]
-
-
-def clean_env() -> dict[str, str]:
-    """This environment without the variables that would pick another store."""
-    return {k: v for k, v in os.environ.items() if k not in _ENV_OVERRIDES}
-
-
 def run_nixcas(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run nixcas to completion (for invocations expected to fail at startup)."""
     return subprocess.run(
@@ -123,19 +108,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int | 
     return lines[0]
 
 
-def files_under(root: Path) -> list[str]:
-    if not root.exists():
-        return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
-
-
-@contextlib.contextmanager
-def short_tmpdir() -> Iterator[Path]:
-    """A directory with a short path (unix socket paths are limited to 107 bytes)."""
-    with tempfile.TemporaryDirectory(prefix="nixcas-t-") as d:
-        yield Path(d)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,140 +121,6 @@ def stale_socket(path: Path) -> None:
     s.listen()
     s.close()
     assert stat.S_ISSOCK(path.lstat().st_mode)
-
-
-@dataclass
-class Daemon:
-    """A running ``nixcas daemon`` subprocess."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    store: Path | None
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def unix_path(self) -> Path | None:
-        prefix = "grpc+unix://"
-        return Path(self.url.removeprefix(prefix)) if self.url.startswith(prefix) else None
-
-    @property
-    def target(self) -> str:
-        """The grpc channel target."""
-        if self.unix_path is not None:
-            return f"unix:{self.unix_path}"
-        return self.url.removeprefix("grpc+http://")
-
-    def client_url(self, **options: str) -> str:
-        options = {"wait-connect": "1", "connect-timeout": "10", **options}
-        return self.url + "?" + "&".join(f"{k}={v}" for k, v in options.items())
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"daemon {self.pid} did not exit within {timeout} s; stderr:\n{self.stderr()}")
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then wait for the exit code."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    # -- the embedded store on disk ------------------------------------------------
-
-    def temp_files(self) -> list[str]:
-        assert self.store is not None
-        return files_under(self.store / "blobs" / "tmp")
-
-    def settled_temp_files(self, timeout: float = 5.0) -> list[str]:
-        """Temp files left once the daemon had ``timeout`` seconds to clean up after a cancelled call."""
-        deadline = time.monotonic() + timeout
-        while (left := self.temp_files()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return left
-
-    def reset(self) -> None:
-        """Empty the store behind the daemon's back (it keeps no caches of either)."""
-        assert self.store is not None
-        for kind in ("blobs", "chunks"):
-            for path in (self.store / "blobs" / kind).rglob("*"):
-                if not path.is_dir():
-                    path.unlink()
-        db = sqlite3.connect(self.store / "directories.sqlite", timeout=10)
-        try:
-            with db:
-                db.execute("DELETE FROM directories")
-        finally:
-            db.close()
-
-
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
-    """The first stdout line, or ``b""`` if the process ended (or timed out) before one."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    out = b""
-    while b"\n" not in out:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return b""
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if ready:
-            data = os.read(fd, 4096)
-            if not data:
-                return b""
-            out += data
-    return out
-
-
-def start_daemon(
-    *daemon_args: str, store: Path | None, log: Path, global_args: Sequence[str] = (), store_global: bool = True
-) -> Daemon:
-    """Start ``nixcas daemon`` and wait for its 'listening on' line."""
-    store_args = ["--store-dir", str(store)] if store is not None else []
-    args = [*global_args, *(store_args if store_global else []), "daemon", *daemon_args]
-    if not store_global:
-        args += store_args
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(nixcas_command(*args), stdout=subprocess.PIPE, stderr=err, env=clean_env())
-    daemon = Daemon(proc, "", store, log)
-    try:
-        line = _read_line(proc, STARTUP_TIMEOUT).decode()
-        if not line.startswith("listening on ") or not line.endswith("\n") or line.count("\n") != 1:
-            pytest.fail(f"daemon did not start: stdout {line!r}, exit {proc.poll()}, stderr:\n{daemon.stderr()}")
-        daemon.url = line.removeprefix("listening on ").strip()
-    except BaseException:
-        daemon.kill()
-        raise
-    return daemon
-
-
-@contextlib.contextmanager
-def running_daemon(*daemon_args: str, store: Path | None, log: Path, **kwargs: Any) -> Iterator[Daemon]:
-    """A daemon that is killed (by PID) when the block is left, however it is left."""
-    daemon = start_daemon(*daemon_args, store=store, log=log, **kwargs)
-    try:
-        yield daemon
-    finally:
-        daemon.kill()
 
 
 def spawn_python(script: str) -> subprocess.Popen[bytes]:
@@ -717,7 +555,7 @@ async def test_client_killed_mid_put_leaves_nothing(own_daemon: Daemon, tmp_path
     )
     client = spawn_python(script)
     try:
-        line = await asyncio.to_thread(_read_line, client, STARTUP_TIMEOUT)
+        line = await asyncio.to_thread(read_line, client, STARTUP_TIMEOUT)
         assert line == b"written\n"
         await wait_until(own_daemon.temp_files, what="the daemon's temp file")
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nixcas.store import nixbase32
+from nixcas.testing.daemon import running_daemon, short_tmpdir
 from nixcas.testing.nix import NIX, NIX_INSTANTIATE, NIX_STORE, needs_nix, run_nix
 
 pytestmark = needs_nix
@@ -255,3 +256,27 @@ def test_copy_bad_input(tmp_path: Path, document: str) -> None:
     result = nixcas(tmp_path / "store", "copy", input=document.encode())
     assert result.returncode == 2
     assert result.stderr.decode().count("\n") == 1
+
+
+def test_import_and_dump_through_the_daemon(tmp_path: Path) -> None:
+    """All three services on a daemon: the NAR hash is computed there (CalculateNAR), results as with Nix."""
+    items = sources(tmp_path)
+    with (
+        short_tmpdir() as sockets,
+        running_daemon(
+            "-l", str(sockets / "d.sock"), store=tmp_path / "daemon-store", log=tmp_path / "daemon.log"
+        ) as daemon,
+    ):
+        url = daemon.client_url()
+        remote = ["--blob-service-addr", url, "--directory-service-addr", url, "--path-info-service-addr", url]
+        client_store = tmp_path / "client-store"
+        printed = ok(nixcas(client_store, *remote, "import", *map(str, items))).splitlines()
+        assert printed == [nix_add(tmp_path, p) for p in items]
+        for item, store_path in zip(items, printed, strict=True):
+            assert nixcas(client_store, *remote, "dump-path", store_path).stdout == nix_dump(tmp_path, item)
+        assert daemon.stop() == 0
+    assert not client_store.exists()  # nothing was stored locally
+    # the daemon's embedded store has everything, also when read directly
+    daemon_store = tmp_path / "daemon-store"
+    for item, store_path in zip(items, printed, strict=True):
+        assert nixcas(daemon_store, "dump-path", store_path).stdout == nix_dump(tmp_path, item)
