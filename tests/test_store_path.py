@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import random
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ from nixcas.store.store_path import (
     make_store_path,
     validate_name,
 )
+from nixcas.testing.nix import NIX_HASH, NIX_INSTANTIATE, NIX_STORE, needs_nix, run_nix
 
 VECTORS_FILE = Path(__file__).parent / "data" / "vectors.json"
 
@@ -799,25 +797,9 @@ def test_vectors_file_agrees() -> None:
 
 # ============================================================== against Nix itself (if installed)
 
-NIX_STORE = shutil.which("nix-store")
-NIX_HASH = shutil.which("nix-hash")
-NIX_INSTANTIATE = shutil.which("nix-instantiate")
-needs_nix = pytest.mark.skipif(NIX_STORE is None or NIX_HASH is None, reason="nix-store not installed (Debian nix-bin)")
-
-
-def _nix_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
-    env["HOME"] = str(tmp_path / "home")
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    env["NIX_CONFIG"] = "experimental-features = nix-command\nsandbox = false\nsubstituters =\n"
-    return env
-
 
 def _run(args: list[str], tmp_path: Path) -> str:
-    result = subprocess.run(args, capture_output=True, text=True, env=_nix_env(tmp_path), timeout=120, check=False)
-    assert result.returncode == 0, f"{args}: {result.stderr}"
-    return result.stdout.strip()
+    return str(run_nix(args, tmp_path))
 
 
 def _random_tree(root: Path, rng: random.Random, depth: int = 0) -> None:
