@@ -278,3 +278,50 @@ def test_help_and_version(tmp_path: Path) -> None:
     bare = nixcas()
     assert bare.returncode == 2
     assert "Usage: nixcas" in bare.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("[blobservices.root\n", "invalid TOML"),
+        ('[blobservices.root]\ntype = "nope"\n', "unknown type 'nope'"),
+        ('[blobservices.root]\ntype = "combined"\nnear = "a"\nfar = "root"\n', "'a'"),
+        ('[blobservices.root]\ntype = "combined"\nnear = "root"\nfar = "root"\n', "recursion"),
+        ('[directoryservices.root]\ntype = "lru"\ncapacity = "ten"\n', "integer"),
+        ("[stuff]\n", "unknown table"),
+    ],
+)
+def test_bad_composition_file_is_one_line(tmp_path: Path, toml: str, fragment: str) -> None:
+    composition = tmp_path / "c.toml"
+    composition.write_text(toml)
+    result = nixcas("--composition", str(composition), "castore", "ls", "0" * 64, store=tmp_path / "s")
+    assert_one_line_error(result, 2, fragment)
+    assert str(composition) in result.stderr
+
+
+def test_composition_file_serves_the_commands(tmp_path: Path) -> None:
+    composition = tmp_path / "c.toml"
+    composition.write_text(
+        f"""
+[blobservices.root]
+type = "combined"
+near = "near"
+far = "objectstore+file://{tmp_path / "far"}"
+
+[blobservices.near]
+type = "objectstore"
+object_store_url = "file://{tmp_path / "near"}"
+
+[directoryservices.root]
+type = "sqlite"
+path = "{tmp_path / "dirs.sqlite"}"
+"""
+    )
+    tree = make_complicated(tmp_path)
+    out = nixcas("--composition", str(composition), "castore", "ingest", "--json", str(tree))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["digest"] == COMPLICATED_HEX
+    assert (tmp_path / "near" / "blobs").is_dir()  # writes go near
+    assert not (tmp_path / "far" / "blobs").exists() or not any((tmp_path / "far" / "blobs").rglob("*"))
+    listed = nixcas("--composition", str(composition), "castore", "ls", COMPLICATED_HEX)
+    assert listed.returncode == 0 and "keep" in listed.stdout
