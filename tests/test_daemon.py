@@ -798,3 +798,10 @@ async def test_write_after_the_daemon_died_is_a_storage_error(tmp_path: Path) ->
                 with pytest.raises(StorageError):
                     await writer.write(b"second part")
                 await writer.abort()
+
+
+async def test_put_many_thousands_of_blobs_across_processes(any_daemon: Daemon) -> None:
+    """A channel fails somewhere past a thousand simultaneous Put streams; put_many stays below."""
+    async with await blob_service_from_url(any_daemon.client_url()) as blobs:
+        data = [b"many %d" % i for i in range(3000)]
+        assert await blobs.put_many(data) == [b3(d) for d in data]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -584,3 +584,75 @@ async def test_proxy_passes_status_codes_through(server: RunningServer, tmp_path
         await proxy.stop(0)
         await upstream_blobs.close()
         await upstream_dirs.close()
+
+
+# -- review findings: limits, broken channels, durability, protocol hints -------------
+
+
+async def test_put_many_thousands_of_blobs(server: RunningServer) -> None:
+    svc = await blob_service_from_url(server.url)
+    try:
+        blobs = [b"blob %d" % i for i in range(3000)]
+        digests = await svc.put_many(blobs)
+        assert digests == [b3(b) for b in blobs]
+        assert all([await svc.has(d) for d in digests[::300]])
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b"y" * (1 << 20)])
+async def test_put_to_unreachable_server_is_a_storage_error(tmp_path: Path, data: bytes) -> None:
+    svc = await blob_service_from_url(f"grpc+unix://{tmp_path}/nobody.sock")
+    try:
+        with pytest.raises(StorageError):
+            await svc.put(data)
+    finally:
+        await svc.close()
+
+
+class SyncCountingBlobService(MemoryBlobService):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def sync(self) -> None:
+        self.log.append("sync")
+
+
+class LoggingDirectoryService(MemoryDirectoryService):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
+        self.log.append("directories")
+        await super()._put_raw(items)
+
+
+async def test_daemon_syncs_blobs_before_committing_directories(tmp_path: Path) -> None:
+    log: list[str] = []
+    running = await start_server(str(tmp_path / "s.sock"), SyncCountingBlobService(log), LoggingDirectoryService(log))
+    try:
+        dirs = await directory_service_from_url(running.url)
+        async with dirs.put_multiple_start() as putter:
+            await putter.put(DIRECTORY_WITH_KEEP)
+            await putter.put(DIRECTORY_COMPLICATED)
+            await putter.close()
+        await dirs.close()
+    finally:
+        await running.stop(0)
+    assert log == ["sync", "directories"]
+
+
+async def test_wrong_protocol_names_the_option(tmp_path: Path) -> None:
+    bare = grpc.aio.server()
+    bare.add_insecure_port(f"unix:{tmp_path}/bare.sock")
+    await bare.start()
+    try:
+        svc = await blob_service_from_url(f"grpc+unix://{tmp_path}/bare.sock")
+        with pytest.raises(RemoteError, match=r"protocol=snix") as info:
+            await svc.has(b3(b"x"))
+        assert info.value.code == grpc.StatusCode.UNIMPLEMENTED
+        await svc.close()
+    finally:
+        await bare.stop(0)

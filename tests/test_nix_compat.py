@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from nixcas.store import nixbase32
+from nixcas.store.importer import parse_path_infos, references_first
 from nixcas.testing.daemon import running_daemon, short_tmpdir
 from nixcas.testing.nix import NIX, NIX_INSTANTIATE, NIX_STORE, needs_nix, run_nix
 
@@ -280,3 +281,50 @@ def test_import_and_dump_through_the_daemon(tmp_path: Path) -> None:
     daemon_store = tmp_path / "daemon-store"
     for item, store_path in zip(items, printed, strict=True):
         assert nixcas(daemon_store, "dump-path", store_path).stdout == nix_dump(tmp_path, item)
+
+
+def test_copy_orders_references_first_and_refuses_missing_ones(
+    tmp_path: Path, nix_closure: tuple[Path, str, list[dict[str, object]]]
+) -> None:
+    nix_store_dir, top, infos = nix_closure
+    by_path = {str(i["path"]): i for i in infos}
+    exported = parse_path_infos(infos)
+    ordered = [str(e.store_path) for e in references_first(reversed(exported))]
+    for position, path in enumerate(ordered):
+        for ref in by_path[path]["references"]:  # type: ignore[attr-defined]
+            assert ordered.index(ref) < position
+    store = tmp_path / "store"
+    only_top = [by_path[top]]
+    result = nixcas(store, "copy", "--nix-store-dir", str(nix_store_dir), input=json.dumps(only_top).encode())
+    assert result.returncode == 1
+    assert "neither in the input nor in the store" in result.stderr.decode()
+    assert nixcas(store, "path-info", top).returncode == 1
+
+
+def test_remote_path_infos_with_local_blobs(tmp_path: Path) -> None:
+    """Mixed services: the NAR hash is computed locally (the daemon has none of the blobs)."""
+    items = sources(tmp_path)[:3]
+    with (
+        short_tmpdir() as sockets,
+        running_daemon(
+            "-l", str(sockets / "d.sock"), store=tmp_path / "daemon-store", log=tmp_path / "daemon.log"
+        ) as daemon,
+    ):
+        store = tmp_path / "local"
+        printed = ok(nixcas(store, "--path-info-service-addr", daemon.client_url(), "import", *map(str, items)))
+        assert printed.splitlines() == [nix_add(tmp_path, p) for p in items]
+
+
+def test_dump_path_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(4 << 20))
+    store = tmp_path / "store"
+    store_path = ok(nixcas(store, "import", str(big))).strip()
+    command = [sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store), "dump-path", store_path]
+    dump = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert dump.stdout is not None
+    assert len(dump.stdout.read(10)) == 10
+    dump.stdout.close()
+    assert dump.wait(timeout=60) == 141
+    assert dump.stderr is not None
+    assert dump.stderr.read() == b""

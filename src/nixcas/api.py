@@ -114,9 +114,16 @@ class Store(Closing):
         return cls(blobs, directories, pathinfos, composition)
 
     def nar_calculation(self) -> NarCalculationService:
-        """NAR size/hash of nodes: the remote daemon's when the path infos are remote, else local (cached)."""
+        """NAR size/hash of nodes (cached per node).
+
+        Computed by the daemon (``CalculateNAR``) when blobs, directories and path
+        infos all live on the same one, so no blob travels back; else locally.
+        """
         if self._nar is None:
             remote = self.pathinfos.nar_calculation_service() if self.pathinfos is not None else None
+            targets = {getattr(s, "target", None) for s in (self.blobs, self.directories, self.pathinfos)}
+            if remote is None or len(targets) != 1 or None in targets:
+                remote = None
             self._nar = remote or SimpleNarCalculationService(self.blobs, self.directories)
         return self._nar
 

@@ -236,7 +236,7 @@ async def start_server(
         nar = nar_calculation or pathinfos.nar_calculation_service()
         if nar is None:
             nar = SimpleNarCalculationService(blobs, directories)
-        names += add_store_servicers(server, pathinfos, nar)
+        names += add_store_servicers(server, pathinfos, nar, blobs.sync)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *names):

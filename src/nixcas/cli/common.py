@@ -19,6 +19,8 @@ T = TypeVar("T")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; turn every expected failure into one line on stderr and an exit code."""
     try:
         return asyncio.run(coro_fn())
+    except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     except ConfigurationError as e:
         fail(str(e), EXIT_USAGE)
     except NixcasError as e:

@@ -18,7 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nixcas.api import Store
 from nixcas.cli.common import Settings, run
 from nixcas.errors import NotFoundError, PathInfoError, StorePathError
-from nixcas.store.importer import Services, copy_path, import_path, parse_path_infos, path_to_name
+from nixcas.store.importer import (
+    Services,
+    copy_path,
+    import_path,
+    parse_path_infos,
+    path_to_name,
+    references_first,
+)
 from nixcas.store.nar.render import render_nar
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import STORE_DIR, StorePath
@@ -170,7 +177,7 @@ def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
     """
     name = getattr(source, "name", "-")
     try:
-        infos = parse_path_infos(json.load(source), name)
+        infos = references_first(parse_path_infos(json.load(source), name))
     except json.JSONDecodeError as e:
         raise click.BadParameter(f"{name}: not JSON: {e}", param_hint="SOURCE") from None
     except PathInfoError as e:
@@ -180,6 +187,17 @@ def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
         copied = skipped = 0
         async with await settings.open_store(with_pathinfo=True) as store:
             svc = services(store)
+            present = {i.store_path for i in infos}
+            for exported in infos:  # every reference is in the input or already in the store
+                for ref in exported.references:
+                    if ref in present:
+                        continue
+                    found = await svc.pathinfos.get(ref.digest)
+                    if found is None or found.store_path != ref:
+                        raise PathInfoError(
+                            f"{exported.store_path} refers to {ref}, which is neither in the input nor in the store"
+                        )
+                    present.add(ref)
             with progress_bar("copying", len(infos)) as bar:
                 task = bar.add_task("", total=len(infos)) if bar is not None else None
                 for exported in infos:

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import STORE_DIR, StorePath, build_nar_path, validate_name
 
-__all__ = ["ExportedPathInfo", "copy_path", "import_path", "parse_path_infos", "path_to_name"]
+__all__ = [
+    "ExportedPathInfo",
+    "copy_path",
+    "import_path",
+    "parse_path_infos",
+    "path_to_name",
+    "references_first",
+]
 
 
 def path_to_name(path: str | os.PathLike[str]) -> str:
@@ -154,6 +161,37 @@ def parse_path_infos(data: object, source: str = "input") -> list[ExportedPathIn
             raise PathInfoError(f"{where}: expected an object")
         result.append(_one(entry, key, where))
     return result
+
+
+def references_first(infos: Iterable[ExportedPathInfo]) -> list[ExportedPathInfo]:
+    """``infos`` ordered so that every path comes after the paths it refers to (self-references aside).
+
+    ``nix path-info --recursive`` lists paths by name, not by dependency; copying in
+    this order means an interrupted copy never leaves a path whose references are missing.
+    """
+    by_path = {info.store_path: info for info in infos}
+    ordered: list[ExportedPathInfo] = []
+    state: dict[StorePath, int] = {}  # 1 = visiting, 2 = done
+    for start in by_path:
+        stack: list[tuple[StorePath, Iterator[StorePath]]] = []
+        if state.get(start) == 2:
+            continue
+        state[start] = 1
+        stack.append((start, iter(by_path[start].references)))
+        while stack:
+            path, refs = stack[-1]
+            ref = next(refs, None)
+            if ref is None:
+                stack.pop()
+                state[path] = 2
+                ordered.append(by_path[path])
+            elif ref != path and ref in by_path:
+                if state.get(ref) == 1:
+                    raise PathInfoError(f"reference cycle between {path} and {ref}")
+                if ref not in state:
+                    state[ref] = 1
+                    stack.append((ref, iter(by_path[ref].references)))
+    return ordered
 
 
 async def copy_path(

@@ -11,7 +11,9 @@ validated.  Blobs stream in both directions; nothing is buffered whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final, Self, TypeAlias, cast
 from urllib.parse import SplitResult
@@ -34,6 +36,9 @@ __all__ = ["WRITE_MESSAGE_SIZE", "GrpcBlobService", "GrpcBlobServiceConfig"]
 
 WRITE_MESSAGE_SIZE: Final = 256 << 10
 """Largest ``BlobChunk`` a writer sends (larger writes are split)."""
+
+PUT_MANY_PARALLEL: Final = 32
+"""Concurrent Put streams of one ``put_many`` (a channel fails somewhere past a thousand)."""
 
 _PACKAGE = "castore.v1"
 
@@ -76,6 +81,7 @@ class GrpcBlobService(BlobService):
     def __init__(self, connection: GrpcConnection) -> None:
         self._connection = connection
         self.url = connection.endpoint.url
+        self.target = connection.endpoint.target
         channel, method = connection.channel, connection.method
         self._stat = channel.unary_unary(
             method(_PACKAGE, "BlobService", "Stat"),
@@ -141,6 +147,22 @@ class GrpcBlobService(BlobService):
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _GrpcBlobWriter(self, expected_size)
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """At most :data:`PUT_MANY_PARALLEL` Put streams at once; the first failure cancels the rest."""
+        limit = asyncio.Semaphore(PUT_MANY_PARALLEL)
+
+        async def one(data: bytes) -> B3Digest:
+            async with limit:
+                return await self.put(data)
+
+        tasks = [asyncio.ensure_future(one(b)) for b in blobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         await self._connection.close()
@@ -283,7 +305,8 @@ class _GrpcBlobWriter(BlobWriter):
             self._state.check_complete()
             call = self._started()
             async with client_errors(f"{self._service.url}: Put"):
-                await call.done_writing()
+                with contextlib.suppress(grpc.aio.BaseError):  # a failed call: awaiting it gives the status
+                    await call.done_writing()
                 response = await call
             local = B3Digest(self._hasher.digest())
             if response.digest != local:

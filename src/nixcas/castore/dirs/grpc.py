@@ -61,6 +61,7 @@ class GrpcDirectoryService(DirectoryService):
     def __init__(self, connection: GrpcConnection) -> None:
         self._connection = connection
         self.url = connection.endpoint.url
+        self.target = connection.endpoint.target
         channel, method = connection.channel, connection.method
         self._get = channel.unary_stream(
             method(_PACKAGE, "DirectoryService", "Get"),

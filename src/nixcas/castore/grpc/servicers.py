@@ -12,7 +12,7 @@ including the client going away.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeAlias
 
 import grpc.aio
@@ -99,13 +99,21 @@ class BlobServiceServicer:
 
 
 class DirectoryServiceServicer:
-    """``DirectoryService``: ``Get`` (single or recursive) and ``Put`` (a closure) over a :class:`DirectoryService`."""
+    """``DirectoryService``: ``Get`` (single or recursive) and ``Put`` (a closure) over a :class:`DirectoryService`.
+
+    ``before_commit`` runs before a closure is committed: the daemon passes
+    its blob service's ``sync``, so directories never become durable before
+    the blobs they refer to (as an embedded import does it).
+    """
 
     # Directories go out as the canonical bytes the store already holds.
     SERIALIZERS: Final = {"Get": identity}
 
-    def __init__(self, directories: DirectoryService) -> None:
+    def __init__(
+        self, directories: DirectoryService, before_commit: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._directories = directories
+        self._before_commit = before_commit
 
     async def Get(self, request: dir_pb.GetDirectoryRequest, context: Context) -> AsyncIterator[bytes]:
         async with rpc_errors(context, "DirectoryService.Get"):
@@ -128,6 +136,8 @@ class DirectoryServiceServicer:
                 async for message in requests:
                     await putter.put(Directory.from_proto(message))
                 await _ensure_not_cancelled(context)
+                if self._before_commit is not None:
+                    await self._before_commit()
                 root = await putter.close()
             return dir_pb.PutDirectoryResponse(root_digest=root)
 
@@ -140,5 +150,5 @@ def add_castore_servicers(server: grpc.aio.Server, blobs: BlobService, directori
     )
     return [
         *add_servicer(server, BlobServiceServicer(blobs), services[0]),
-        *add_servicer(server, DirectoryServiceServicer(directories), services[1]),
+        *add_servicer(server, DirectoryServiceServicer(directories, blobs.sync), services[1]),
     ]

@@ -119,6 +119,9 @@ def error_from_status(code: grpc.StatusCode, details: str | None, where: str) ->
         return RemoteError(f"{where}: server unavailable: {details}", code)
     if code == grpc.StatusCode.DATA_LOSS:
         return RemoteError(f"{where}: remote data loss: {details}", code)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        hint = "a snix daemon needs ?protocol=snix in the URL, a tvix one ?protocol=tvix"
+        return RemoteError(f"{where}: UNIMPLEMENTED: {details} ({hint})", code)
     return RemoteError(f"{where}: {code.name}: {details}", code)
 
 
@@ -129,5 +132,5 @@ async def client_errors(where: str) -> AsyncIterator[None]:
         yield
     except grpc.aio.AioRpcError as e:
         raise error_from_status(e.code(), e.details(), where) from None
-    except grpc.aio.UsageError as e:
-        raise StorageError(f"{where}: {e}") from None
+    except grpc.aio.BaseError as e:  # usage or internal errors of grpc itself
+        raise StorageError(f"{where}: {type(e).__name__}: {e}") from None

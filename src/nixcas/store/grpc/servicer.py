@@ -11,7 +11,7 @@ unknown path ``NOT_FOUND``; ``Put`` validates the message (``INVALID_ARGUMENT
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeAlias
 
 import grpc
@@ -40,9 +40,15 @@ class PathInfoServiceServicer:
 
     SERIALIZERS: Final = {"Get": identity, "List": identity}
 
-    def __init__(self, pathinfos: PathInfoService, nar_calculation: NarCalculationService) -> None:
+    def __init__(
+        self,
+        pathinfos: PathInfoService,
+        nar_calculation: NarCalculationService,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._pathinfos = pathinfos
         self._nar = nar_calculation
+        self._before_commit = before_commit
 
     async def Get(self, request: rpc_pb.GetPathInfoRequest, context: Context) -> bytes:
         if request.WhichOneof("by_what") is None:
@@ -60,7 +66,9 @@ class PathInfoServiceServicer:
             try:
                 info = PathInfo.from_proto(request)
             except PathInfoError as e:
-                raise ValidationError(f"Invalid path info: {e}") from None
+                raise ValidationError(f"Invalid path info: {str(e).removeprefix('invalid path info: ')}") from None
+            if self._before_commit is not None:
+                await self._before_commit()  # the blobs it refers to are durable first
             stored = await self._pathinfos.put(info)
             return stored.to_proto()
         raise AssertionError("unreachable")  # pragma: no cover
@@ -82,8 +90,11 @@ class PathInfoServiceServicer:
 
 
 def add_store_servicers(
-    server: grpc.aio.Server, pathinfos: PathInfoService, nar_calculation: NarCalculationService
+    server: grpc.aio.Server,
+    pathinfos: PathInfoService,
+    nar_calculation: NarCalculationService,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
 ) -> list[str]:
-    """Serve ``pathinfos`` on ``server`` under the tvix and snix names."""
+    """Serve ``pathinfos`` on ``server`` under the tvix and snix names (``before_commit``: see the servicer)."""
     service = rpc_pb.DESCRIPTOR.services_by_name["PathInfoService"]
-    return add_servicer(server, PathInfoServiceServicer(pathinfos, nar_calculation), service)
+    return add_servicer(server, PathInfoServiceServicer(pathinfos, nar_calculation, before_commit), service)

@@ -60,6 +60,7 @@ class GrpcPathInfoService(PathInfoService):
     def __init__(self, connection: GrpcConnection) -> None:
         self._connection = connection
         self.url = connection.endpoint.url
+        self.target = connection.endpoint.target
         channel, method = connection.channel, connection.method
         self._get = channel.unary_unary(
             method(_PACKAGE, "PathInfoService", "Get"),
@@ -115,9 +116,13 @@ class GrpcPathInfoService(PathInfoService):
 
     async def _list_raw(self) -> AsyncIterator[tuple[bytes, bytes]]:
         where = f"{self.url}: List"
-        async with client_errors(where):
-            async for raw in self._list(rpc_pb.ListPathInfoRequest()):
-                yield self._decoded(raw, where).digest, raw
+        call = self._list(rpc_pb.ListPathInfoRequest())
+        try:
+            async with client_errors(where):
+                async for raw in call:
+                    yield self._decoded(raw, where).digest, raw
+        finally:
+            call.cancel()
 
     def nar_calculation_service(self) -> NarCalculationService:
         return _GrpcNarCalculationService(self)
