@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,23 @@ pytest: $(VENV)/.installed-dev
 proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
-## bench: the import benchmark against nix-store --add (needs nix-bin)
-bench: $(VENV)/.installed-dev
+## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
+bench: bench-import bench-grpc bench-nar
+
+## bench-import: castore ingest against nix-store --add (needs nix-bin)
+bench-import: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	$(BIN)/python bench/import_tree.py --workdir .bench-work --runs 7 --json .bench-work/import_tree.json
+
+## bench-grpc: Put/Read of a 256 MiB blob and a 10,000-directory recursive Get over TCP and a unix socket
+bench-grpc: $(VENV)/.installed-dev
+	@mkdir -p .bench-work
+	$(BIN)/python bench/grpc_throughput.py --json .bench-work/grpc_throughput.json
+
+## bench-nar: NAR render against nix-store --dump, NAR ingest (needs nix-bin)
+bench-nar: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	$(BIN)/python bench/nar.py --workdir .bench-work/nar --json .bench-work/nar.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
