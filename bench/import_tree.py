@@ -375,7 +375,7 @@ def disk_usage(path: Path) -> int:
 # -- machine facts -------------------------------------------------------------------
 
 
-def _command_output(argv: list[str], cwd: Path | None = None) -> str | None:
+def command_output(argv: list[str], cwd: Path | None = None) -> str | None:
     try:
         done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     except OSError:
@@ -415,10 +415,9 @@ def create_probe(parent: Path, count: int = 500) -> float:
     return (time.perf_counter() - start) / count * 1e6
 
 
-def machine_facts(nix_store: str, workdir: Path, store_parent: Path) -> dict[str, Any]:
+def base_facts(workdir: Path) -> dict[str, Any]:
+    """What every benchmark records about the machine and the code measured."""
     return {
-        "file_create_us_workdir": round(create_probe(workdir), 1),
-        "file_create_us_store_parent": round(create_probe(store_parent), 1),
         "nproc": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "sched_affinity_cpus": len(os.sched_getaffinity(0)),
@@ -426,11 +425,19 @@ def machine_facts(nix_store: str, workdir: Path, store_parent: Path) -> dict[str
         "memory_total_kib": _meminfo_total(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "nix_store_version": _command_output([nix_store, "--version"]),
-        "nixcas_commit": _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO),
-        "nixcas_src_dirty": bool(_command_output(["git", "status", "--porcelain", "--", "src"], cwd=REPO)),
-        "workdir_fs": _command_output(["df", "--output=source,fstype", str(workdir)]),
-        "nix_store_fs": _command_output(["df", "--output=source,fstype", "/nix/store"]),
+        "nixcas_commit": command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO),
+        "nixcas_src_dirty": bool(command_output(["git", "status", "--porcelain", "--", "src"], cwd=REPO)),
+        "workdir_fs": command_output(["df", "--output=source,fstype", str(workdir)]),
+    }
+
+
+def machine_facts(nix_store: str, workdir: Path, store_parent: Path) -> dict[str, Any]:
+    return {
+        "file_create_us_workdir": round(create_probe(workdir), 1),
+        "file_create_us_store_parent": round(create_probe(store_parent), 1),
+        **base_facts(workdir),
+        "nix_store_version": command_output([nix_store, "--version"]),
+        "nix_store_fs": command_output(["df", "--output=source,fstype", "/nix/store"]),
     }
 
 

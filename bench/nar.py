@@ -72,7 +72,6 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -90,7 +89,16 @@ import blake3
 import zstandard
 
 # The sibling script (``bench/`` is on sys.path when this file is run): the same tree generator.
-from import_tree import COMPRESSIBLE_TABLE, LARGE_BLOCK, PROBE_DIRS, TreeStats, cpu_model, create_probe, generate_tree
+from import_tree import (
+    COMPRESSIBLE_TABLE,
+    LARGE_BLOCK,
+    PROBE_DIRS,
+    TreeStats,
+    base_facts,
+    command_output,
+    create_probe,
+    generate_tree,
+)
 
 from nixcas.api import Store
 from nixcas.castore.blob.layout import chunk_key
@@ -668,32 +676,11 @@ def verdicts(summary: dict[str, dict[str, Any]], trees: list[Tree]) -> list[str]
 # -- machine facts ------------------------------------------------------------------------------
 
 
-def _command_output(argv: list[str], cwd: Path | None = None) -> str | None:
-    try:
-        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
-    except OSError:
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
 def machine_facts(nix_store: str, workdir: Path) -> dict[str, Any]:
-    mem_kib = None
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
     return {
         "file_create_us_workdir": round(create_probe(workdir), 1),
-        "nproc": os.cpu_count(),
-        "loadavg_start": os.getloadavg(),
-        "cpu_model": cpu_model(),
-        "memory_total_kib": mem_kib,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "nix_store_version": _command_output([nix_store, "--version"]),
-        "nixcas_commit": _command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO),
-        "nixcas_src_dirty": bool(_command_output(["git", "status", "--porcelain", "--", "src"], cwd=REPO)),
-        "workdir_fs": _command_output(["df", "--output=source,fstype", str(workdir)]),
+        **base_facts(workdir),
+        "nix_store_version": command_output([nix_store, "--version"]),
     }
 
 
