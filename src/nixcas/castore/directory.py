@@ -42,12 +42,15 @@ class Directory:
 
     _entries: tuple[tuple[bytes, Node], ...]
 
-    def __init__(self, entries: Mapping[bytes, Node] | Iterable[tuple[bytes, Node]] = ()) -> None:
+    def __init__(
+        self, entries: Mapping[bytes, Node] | Iterable[tuple[bytes, Node]] = (), *, _names_checked: bool = False
+    ) -> None:
         items = entries.items() if isinstance(entries, Mapping) else entries
         index: dict[bytes, Node] = {}
         size = 0
         for name, node in items:
-            validate_name(name)
+            if not _names_checked:
+                validate_name(name)
             if name in index:
                 raise DirectoryError(f"duplicate name {name[:300]!r}")
             if not isinstance(node, (DirectoryNode, FileNode, SymlinkNode)):
@@ -158,7 +161,7 @@ class Directory:
                         raise DirectoryError(f"duplicate name {name[:300]!r}")
                 prev = name
                 entries.append(convert(item))  # type: ignore[arg-type]
-        return cls(entries)
+        return cls(entries, _names_checked=True)  # each converter validated its name
 
     @classmethod
     def decode(cls, data: bytes) -> Directory:

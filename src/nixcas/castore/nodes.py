@@ -55,10 +55,6 @@ def _check_size(size: int) -> None:
         raise ValidationError(f"size {size} is not an unsigned 64-bit integer")
 
 
-def _as_digest(digest: bytes) -> B3Digest:
-    return digest if type(digest) is B3Digest else B3Digest(digest)
-
-
 @dataclass(frozen=True, slots=True)
 class DirectoryNode:
     """A reference to a Directory by digest, with the Directory's size."""
@@ -67,8 +63,10 @@ class DirectoryNode:
     size: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "digest", _as_digest(self.digest))
-        _check_size(self.size)
+        if type(self.digest) is not B3Digest:
+            object.__setattr__(self, "digest", B3Digest(self.digest))
+        if not 0 <= self.size <= U64_MAX:
+            _check_size(self.size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +78,10 @@ class FileNode:
     executable: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "digest", _as_digest(self.digest))
-        _check_size(self.size)
+        if type(self.digest) is not B3Digest:
+            object.__setattr__(self, "digest", B3Digest(self.digest))
+        if not 0 <= self.size <= U64_MAX:
+            _check_size(self.size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -316,3 +316,19 @@ class DirectoryServiceSuite:
         with pytest.raises(StorageError):
             await collect_into(directory_service, top.digest, seen)
         assert seen in ([], [top.digest], [top.digest, _digest("B")])
+
+    # -- raw closures (what servers pass on) ----------------------------------------
+
+    async def test_get_recursive_raw_matches(self, directory_service: DirectoryService) -> None:
+        root = await upload(directory_service, [DIRECTORY_A, DIRECTORY_B, DIRECTORY_D])
+        raw = [item async for item in directory_service.get_recursive_raw(root)]
+        assert [d.hex() for d, _ in raw] == [DIGEST_HEX["D"], DIGEST_HEX["A"], DIGEST_HEX["B"]]
+        for digest, data in raw:
+            assert blake3.blake3(data).digest() == digest  # the canonical bytes, independently hashed
+        assert [item async for item in directory_service.get_recursive_raw(DUMMY_DIGEST)] == []
+
+    async def test_get_recursive_raw_corrupted(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
+        digest = await directory_service.put(DIRECTORY_WITH_KEEP)
+        await store_raw(digest, DIRECTORY_B.encode())
+        with pytest.raises(ChecksumMismatch):
+            [item async for item in directory_service.get_recursive_raw(digest)]

@@ -13,8 +13,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 
 import blake3
+from google.protobuf.message import DecodeError
 
 from nixcas._aio import AbortOnError, Closing
+from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.graph import LeavesToRootValidator
@@ -23,13 +25,25 @@ from nixcas.errors import ChecksumMismatch, StorageError
 __all__ = ["DirectoryPutter", "DirectoryService"]
 
 
-def _verified(digest: B3Digest, raw: bytes) -> Directory:
+def _check_hash(digest: B3Digest, raw: bytes) -> None:
     got = blake3.blake3(raw).digest()
     if got != digest:
         raise ChecksumMismatch(f"directory {digest.hex()}", digest.hex(), got.hex())
+
+
+def _verified(digest: B3Digest, raw: bytes) -> Directory:
+    _check_hash(digest, raw)
     try:
         return Directory.decode(raw)
     except ValueError as e:
+        raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
+
+
+def _child_digests(digest: B3Digest, raw: bytes) -> list[B3Digest]:
+    """The sub-directory digests in a stored Directory (hash already checked)."""
+    try:
+        return [B3Digest(entry.digest) for entry in pb.Directory.FromString(raw).directories]
+    except (DecodeError, ValueError) as e:
         raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
 
 
@@ -68,6 +82,25 @@ class DirectoryService(Closing, ABC):
         A missing root yields nothing; a missing descendant is a
         :class:`~nixcas.errors.StorageError` (the store lost part of a closure).
         """
+        async for digest, raw in self._walk(root):
+            yield _verified(digest, raw)
+
+    async def get_recursive_raw(self, root: B3Digest) -> AsyncIterator[tuple[B3Digest, bytes]]:
+        """:meth:`get_recursive` as (digest, canonical bytes), for passing directories on unchanged.
+
+        Every value is checked against its digest; the structure is not decoded
+        again (it was validated when stored, and the hash proves it unchanged).
+        Services that override :meth:`get_recursive` get this on top of it.
+        """
+        if type(self).get_recursive is not DirectoryService.get_recursive:
+            async for directory in self.get_recursive(root):
+                yield directory.digest, directory.encode()
+            return
+        async for item in self._walk(root):
+            yield item
+
+    async def _walk(self, root: B3Digest) -> AsyncIterator[tuple[B3Digest, bytes]]:
+        """Breadth-first over stored values, each hash-checked; children read from the protobuf."""
         seen = {root}
         level = [root]
         while level:
@@ -79,12 +112,12 @@ class DirectoryService(Closing, ABC):
                     if digest == root:
                         return
                     raise StorageError(f"directory {digest.hex()} is referenced but missing")
-                directory = _verified(digest, raw)
-                yield directory
-                for _, child in directory.directories():
-                    if child.digest not in seen:
-                        seen.add(child.digest)
-                        next_level.append(child.digest)
+                _check_hash(digest, raw)
+                yield digest, raw
+                for child in _child_digests(digest, raw):
+                    if child not in seen:
+                        seen.add(child)
+                        next_level.append(child)
             level = next_level
 
     async def put(self, directory: Directory) -> B3Digest:

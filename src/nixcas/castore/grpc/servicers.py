@@ -122,8 +122,8 @@ class DirectoryServiceServicer:
             digest = B3Digest(request.digest)
             if request.recursive:
                 # A missing root is an empty stream with status OK (as tvix).
-                async for directory in self._directories.get_recursive(digest):
-                    yield directory.encode()
+                async for _, raw in self._directories.get_recursive_raw(digest):
+                    yield raw
                 return
             found = await self._directories.get(digest)
             if found is None:
