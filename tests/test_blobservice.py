@@ -4,7 +4,7 @@ checks of the on-disk object layout of ``objectstore+file://``."""
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import blake3
@@ -410,3 +410,130 @@ async def test_without_hard_links_indexes_are_plain_files(
     assert a.read_bytes() == b.read_bytes() == b""
     assert a.stat().st_ino != b.stat().st_ino
     assert await local.read(B3Digest(blake3.blake3(b"beta").digest())) == b"beta"
+
+
+# -- objectstore+file: read_many ----------------------------------------------------------
+
+
+async def test_read_many_one_thread_round_trip(local: BlobService, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of single-chunk blobs costs one worker-thread hop (open, read, unzstd, hash each)."""
+    import asyncio
+
+    blobs = [b"small blob %d" % i * (i + 1) for i in range(100)]
+    await local.put_many(blobs)
+    real_to_thread = asyncio.to_thread
+    calls = []
+
+    async def counting_to_thread(fn: object, /, *args: object, **kwargs: object) -> object:
+        calls.append(fn)
+        return await real_to_thread(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+    wanted = {b3(b): len(b) for b in blobs} | {b3(b"missing"): 7}
+    assert await local.read_many(wanted) == {b3(b): b for b in blobs}
+    assert len(calls) == 1
+
+
+async def test_read_many_multi_chunk(local: BlobService, root: Path) -> None:
+    blob = write_chunked_blob(root, CHUNKS)
+    small = await local.put(b"single")
+    assert await local.read_many({blob: 16, small: 6}) == {blob: CHUNKED, small: b"single"}
+    assert await local.read_many({blob: 15, small: 6}) == {small: b"single"}
+
+
+@pytest.mark.parametrize("declared", [[2, 5, 1, 2, 7], [2, 3, 1, 2, 7], [2, 4, 1, 2, 6]])
+async def test_read_many_multi_chunk_wrong_size(local: BlobService, root: Path, declared: list[int]) -> None:
+    blob = write_chunked_blob(root, CHUNKS, declared)
+    with pytest.raises(StorageError):
+        await local.read_many({blob: 100})
+
+
+async def test_read_many_multi_chunk_broken(local: BlobService, root: Path) -> None:
+    blob = write_chunked_blob(root, CHUNKS)
+    key_path(root, "chunks", b3(CHUNKS[1])).write_bytes(zstd(b"\x02\x03\x04\xff"))
+    with pytest.raises(ChecksumMismatch):
+        await local.read_many({blob: 16})
+    key_path(root, "chunks", b3(CHUNKS[2])).unlink()
+    with pytest.raises(StorageError):
+        await local.read_many({blob: 16})
+
+
+async def test_read_many_index_without_chunk_object(local: BlobService, root: Path) -> None:
+    digest = await local.put(b"Hello World")
+    key_path(root, "chunks", digest).unlink()
+    with pytest.raises(StorageError, match="chunk object missing"):
+        await local.read_many({digest: 11})
+
+
+def zstd_unsized(data: bytes) -> bytes:
+    """One zstd frame that does not record its content size (as streaming writers make them)."""
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(write_content_size=False).stream_writer(out, closefd=False) as w:
+        w.write(data)
+    assert zstandard.frame_content_size(out.getvalue()) == -1
+    return out.getvalue()
+
+
+SKIPPABLE = b"\x50\x2a\x4d\x18" + (1 << 20).to_bytes(4, "little") + bytes(1 << 20)
+"""A skippable zstd frame of 1 MiB (decoders ignore it)."""
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        pytest.param(zstd_unsized, id="no-content-size"),
+        pytest.param(lambda d: zstd(d[:7]) + zstd(d[7:]), id="two-frames"),
+        pytest.param(lambda d: zstd(d) + SKIPPABLE, id="skippable-frame-after"),
+        pytest.param(lambda d: zstd(d)[:-2], id="truncated"),
+    ],
+)
+async def test_read_many_unusual_chunk_files(local: BlobService, root: Path, encode: Callable[[bytes], bytes]) -> None:
+    """Chunk files the fast path does not take are read like open_read reads them."""
+    data = b"unusual chunk file " * 20
+    digest = await local.put(data)
+    key_path(root, "chunks", digest).write_bytes(encode(data))
+    try:
+        expected = await local.read(digest)
+    except ChecksumMismatch:
+        with pytest.raises(ChecksumMismatch):
+            await local.read_many({digest: len(data)})
+        return
+    assert expected == data
+    assert await local.read_many({digest: len(data)}) == {digest: data}
+    assert await local.read_many({digest: len(data) - 1}) == {}
+
+
+@pytest.mark.parametrize("sized", [True, False])
+@pytest.mark.parametrize("cap", [pytest.param(1000, id="per-blob-path"), pytest.param(100_000, id="batch-path")])
+async def test_read_many_does_not_inflate_too_large_blobs(
+    local: BlobService, root: Path, sized: bool, cap: int
+) -> None:
+    """A blob whose frame holds far more than the maximum is never decompressed whole.
+
+    (The compressed file, ~2 KiB, is too big for a 1000-byte blob: that one
+    takes the per-blob path; for 100,000 bytes the batch path checks the frame.)
+    """
+    import tracemalloc
+
+    bomb = bytes(64 << 20)
+    digest = b3(bomb)
+    compressed = zstd(bomb) if sized else zstd_unsized(bomb)
+    assert len(compressed) < 1 << 20
+    write_object(key_path(root, "chunks", digest), compressed)
+    write_object(key_path(root, "blobs", digest), b"")
+    tracemalloc.start()
+    try:
+        assert await local.read_many({digest: cap}) == {}
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+async def test_garbage_chunk_is_a_storage_error(local: BlobService, root: Path) -> None:
+    digest = await local.put(b"hello world" * 100)
+    key_path(root, "chunks", digest).write_bytes(b"garbage, not a zstd frame")
+    with pytest.raises(StorageError, match="cannot decompress"):
+        await local.read(digest)
+    with pytest.raises(StorageError, match="cannot decompress"):
+        await local.read_many({digest: 1100})

@@ -295,6 +295,76 @@ class BlobServiceSuite:
         with pytest.raises(ChecksumMismatch):
             await blob_service.read(digest)
 
+    # -- read_many -------------------------------------------------------------------
+
+    async def test_read_many(self, blob_service: BlobService) -> None:
+        present = [EMPTY, BLOB_A, HELLOWORLD, BLOB_B, b"x" * 1000]
+        await blob_service.put_many(present)
+        missing = [b"not stored", b"also missing"]
+        wanted = {b3(data): len(data) for data in present + missing}
+        found = await blob_service.read_many(wanted)
+        assert found == {b3(data): data for data in present}
+        assert all(type(data) is bytes for data in found.values())
+        # a roomier maximum changes nothing; parallel=1 reads one blob after another
+        roomy = {digest: size + 100 for digest, size in wanted.items()}
+        assert await blob_service.read_many(roomy, parallel=1) == found
+        assert await blob_service.read_many({}) == {}
+
+    async def test_read_many_empty_blob(self, blob_service: BlobService) -> None:
+        digest = await blob_service.put(EMPTY)
+        assert await blob_service.read_many({digest: 0}) == {digest: b""}
+        assert await blob_service.read_many({digest: 5}) == {digest: b""}
+
+    async def test_read_many_only_missing(self, blob_service: BlobService) -> None:
+        assert await blob_service.read_many({b3(HELLOWORLD): 12, b3(EMPTY): 0}) == {}
+
+    async def test_read_many_many_blobs(self, blob_service: BlobService) -> None:
+        blobs = [b"blob %d " % i * (i % 7 + 1) for i in range(150)]
+        await blob_service.put_many(blobs[::2])  # every other one is missing
+        found = await blob_service.read_many({b3(b): len(b) for b in blobs}, parallel=3)
+        assert found == {b3(b): b for b in blobs[::2]}
+
+    @pytest.mark.parametrize("data", [pytest.param(HELLOWORLD, id="HELLOWORLD"), pytest.param(BLOB_B, id="BLOB_B")])
+    async def test_read_many_max_size(self, blob_service: BlobService, data: bytes) -> None:
+        """A blob larger than its maximum is left out (like a missing one), not an error."""
+        digest = await blob_service.put(data)
+        other = await blob_service.put(BLOB_A)
+        size = len(data)
+        assert await blob_service.read_many({digest: size}) == {digest: data}
+        assert await blob_service.read_many({digest: size - 1, other: 2}) == {other: BLOB_A}
+        assert await blob_service.read_many({digest: 0, other: 1}) == {}
+        with pytest.raises(ValidationError):
+            await blob_service.read_many({digest: -1})
+
+    @pytest.mark.parametrize("declare_size", [True, False])
+    async def test_read_many_large(self, blob_service: BlobService, declare_size: bool) -> None:
+        digest = await write_parts(blob_service, LARGE_SIZE if declare_size else None, split(LARGE, 3))
+        assert await blob_service.read_many({digest: LARGE_SIZE}) == {digest: LARGE}
+        assert await blob_service.read_many({digest: LARGE_SIZE - 1}) == {}
+        assert await blob_service.read_many({digest: 1000}) == {}
+
+    @pytest.mark.parametrize(
+        ("data", "bad"),
+        [
+            pytest.param(HELLOWORLD, b"Hello World?", id="same-length"),
+            pytest.param(HELLOWORLD, b"Hello", id="shorter"),
+            pytest.param(BLOB_A, b"\x00\x01\x02", id="longer"),
+            pytest.param(BLOB_B, BLOB_B[:-1] + b"\xff", id="BLOB_B-last-byte"),
+        ],
+    )
+    async def test_read_many_verifies(
+        self, blob_service: BlobService, corrupt_blob: BlobCorrupter, data: bytes, bad: bytes
+    ) -> None:
+        digest = await blob_service.put(data)
+        good = await blob_service.put(b"fine")
+        await corrupt_blob(digest, bad)
+        with pytest.raises(ChecksumMismatch, match=digest.hex()):
+            await blob_service.read_many({good: 4, digest: max(len(data), len(bad))})
+        with pytest.raises(ChecksumMismatch):
+            await blob_service.read_many({digest: max(len(data), len(bad))}, parallel=1)
+        if len(bad) > len(data):  # too large for the size asked for: left out, not read
+            assert await blob_service.read_many({good: 4, digest: len(data)}) == {good: b"fine"}
+
     # -- writer lifecycle --------------------------------------------------------
 
     @pytest.mark.parametrize(

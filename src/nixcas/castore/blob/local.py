@@ -20,7 +20,7 @@ import itertools
 import os
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Self, TypeVar
@@ -30,6 +30,7 @@ import blake3
 import zstandard
 
 from nixcas.castore.blob.base import (
+    BlobChecker,
     BlobReader,
     BlobService,
     BlobWriter,
@@ -54,6 +55,20 @@ SPILL_THRESHOLD = 1 << 20
 
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 """Flags for creating a file that must not exist yet."""
+_READ_ONLY = os.O_RDONLY | os.O_CLOEXEC
+
+
+class _Slow:
+    """Marker: this blob needs the general (streaming, per-blob) read path."""
+
+
+_SLOW = _Slow()
+
+
+def _compressed_bound(size: int) -> int:
+    """The largest single zstd frame holding ``size`` bytes (``ZSTD_COMPRESSBOUND`` plus header/checksum slack)."""
+    return size + (size >> 8) + ((((128 << 10) - size) >> 11) if size < (128 << 10) else 0) + 64
+
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -257,6 +272,86 @@ class LocalBlobService(BlobService):
         self._dirty = True
         return digest
 
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dctx: zstandard.ZstdDecompressor | None = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        return dctx
+
+    def _read_small_sync(self, dctx: zstandard.ZstdDecompressor, digest: B3Digest, cap: int) -> bytes | _Slow | None:
+        """A single-chunk blob's bytes if it has at most ``cap`` of them; ``None`` if missing or larger.
+
+        The fast path of :meth:`read_many`: one ``open``, one ``read``, one
+        ``decompress`` (with a reused context) per blob.  The frame header's
+        content size is checked against ``cap`` before anything is
+        decompressed, and the output is bounded by it (a frame that does not
+        record its size is decompressed to at most ``cap + 1`` bytes).
+        Anything unusual (a multi-chunk blob, an index without its chunk, a
+        header frame followed by more frames, a compressed file too big for
+        ``cap``, a decompression error) gives :data:`_SLOW`: the per-blob
+        path reads it (bounded) and reports errors exactly as
+        :meth:`open_read` does.
+        """
+        try:
+            fd = os.open(self._chunk_path(digest), _READ_ONLY)
+        except FileNotFoundError:
+            try:
+                index_size = os.stat(self._index_path(digest)).st_size
+            except FileNotFoundError:
+                return None
+            if index_size == 0 and digest == EMPTY_DIGEST:
+                return b""
+            return _SLOW  # chunk list, or an index without its chunk object
+        try:
+            size = os.fstat(fd).st_size
+            if size > _compressed_bound(cap):
+                return _SLOW
+            parts = []
+            got = 0
+            while got < size:
+                part = os.read(fd, size - got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+        finally:
+            os.close(fd)
+        compressed = parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            content_size = zstandard.frame_content_size(compressed)
+            if content_size > cap:
+                return None
+            if content_size >= 0:  # libzstd holds the frame to exactly this size
+                return dctx.decompress(compressed, max_output_size=cap, allow_extra_data=False)
+            # Not recorded (a streaming writer): decompress at most cap + 1 bytes.
+            out: list[bytes] = []
+            got = 0
+            with dctx.stream_reader(compressed, read_across_frames=True) as stream:
+                while got <= cap:
+                    block = stream.read(cap + 1 - got)
+                    if not block:
+                        return b"".join(out)
+                    out.append(block)
+                    got += len(block)
+            return None
+        except zstandard.ZstdError:
+            return _SLOW
+
+    def _read_many_sync(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker
+    ) -> tuple[dict[B3Digest, bytes], list[B3Digest]]:
+        """The blobs read (and verified) on the fast path, and those that need the per-blob path."""
+        dctx = self._decompressor()
+        found: dict[B3Digest, bytes] = {}
+        slow: list[B3Digest] = []
+        for digest, cap in max_sizes.items():
+            data = self._read_small_sync(dctx, digest, cap)
+            if isinstance(data, bytes):
+                found[digest] = checker.check(digest, data)
+            elif data is _SLOW:
+                slow.append(digest)
+        return found, slow
+
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         try:
             with open(self._index_path(digest), "rb") as f:
@@ -287,6 +382,16 @@ class LocalBlobService(BlobService):
                 return BytesReader(b"")
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
         return ChunkedReader(self.open_read, chunks)
+
+    async def _read_many(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
+    ) -> dict[B3Digest, bytes]:
+        # One worker-thread round trip for the whole batch (reading, decompressing
+        # and hashing); the rare blobs it cannot take go through the per-blob path.
+        found, slow = await asyncio.to_thread(self._read_many_sync, max_sizes, checker)
+        if slow:
+            found.update(await self._read_each({d: max_sizes[d] for d in slow}, parallel))
+        return found
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _LocalBlobWriter(self, expected_size)
@@ -357,10 +462,16 @@ class _ZstdFileReader(BlobReader):
     async def read(self, n: int = -1) -> bytes:
         if n == 0:
             return b""
-        return await asyncio.to_thread(self._read_sync, n)
+        try:
+            return await asyncio.to_thread(self._read_sync, n)
+        except zstandard.ZstdError as e:
+            raise StorageError(f"chunk {self._path}: cannot decompress: {e}") from None
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        size = await asyncio.to_thread(self._size_sync) if whence == io.SEEK_END else 0
+        try:
+            size = await asyncio.to_thread(self._size_sync) if whence == io.SEEK_END else 0
+        except zstandard.ZstdError as e:
+            raise StorageError(f"chunk {self._path}: cannot decompress: {e}") from None
         self._want = resolve_seek(self._want, size, offset, whence)
         return self._want
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self
 from urllib.parse import SplitResult
@@ -9,6 +10,7 @@ from urllib.parse import SplitResult
 import blake3
 
 from nixcas.castore.blob.base import (
+    BlobChecker,
     BlobReader,
     BlobService,
     BlobWriter,
@@ -53,6 +55,12 @@ class MemoryBlobService(BlobService):
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         data = self._blobs.get(digest)
         return None if data is None else BytesReader(data)
+
+    async def _read_many(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
+    ) -> dict[B3Digest, bytes]:
+        blobs = self._blobs
+        return {d: data for d, cap in max_sizes.items() if (data := blobs.get(d)) is not None and len(data) <= cap}
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _MemoryBlobWriter(self._blobs, expected_size)
