@@ -968,3 +968,19 @@ async def test_lru_get_recursive_refreshes() -> None:
 def test_lru_capacity_must_be_positive(capacity: int) -> None:
     with pytest.raises(ConfigurationError):
         LruDirectoryService(capacity)
+
+
+async def test_combined_read_many_fills_near_with_verified_blobs() -> None:
+    near, far = MemoryBlobService(), MemoryBlobService()
+    svc = CombinedBlobService(near, far)
+    in_near = await near.put(b"near one")
+    in_far = [await far.put(b"far %d" % i) for i in range(5)]
+    got = await svc.read_many({d: 100 for d in [in_near, *in_far]})
+    assert got[in_near] == b"near one"
+    assert [got[d] for d in in_far] == [b"far %d" % i for i in range(5)]
+    assert all([await near.has(d) for d in in_far])  # kept near
+    bad = await far.put(b"to be corrupted")
+    far._blobs[bad] = b"corrupted!"
+    with pytest.raises(ChecksumMismatch):
+        await svc.read_many({bad: 100})
+    assert not await near.has(bad)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Self
 from urllib.parse import SplitResult
 
 import blake3
 
-from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BlobWriter, ChunkMeta
 from nixcas.castore.digest import B3Digest
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import near_far_from_url
@@ -92,6 +93,24 @@ class CombinedBlobService(BlobService):
         if reader is None:
             return None
         return _FillingReader(reader, digest, await self.near.open_write())
+
+    async def _read_many(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
+    ) -> dict[B3Digest, bytes]:
+        """Near's batch first; the rest from far, verified, then kept near too."""
+        found = await self.near._read_many(max_sizes, checker, parallel)
+        rest = {digest: cap for digest, cap in max_sizes.items() if digest not in found}
+        if rest:
+            fetched = await self.far._read_many(rest, checker, parallel)
+            for digest, data in fetched.items():
+                if not checker.checked(digest, data):
+                    checker.check(digest, data)  # only verified bytes land near
+            try:
+                await self.near.put_many(list(fetched.values()))
+            except Exception as e:  # the near store failing must not fail the read
+                log.warning("combined: copying %d blobs into near failed: %s", len(fetched), e)
+            found.update(fetched)
+        return found
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return await self.near.open_write(expected_size)
