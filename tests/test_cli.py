@@ -325,3 +325,14 @@ path = "{tmp_path / "dirs.sqlite"}"
     assert not (tmp_path / "far" / "blobs").exists() or not any((tmp_path / "far" / "blobs").rglob("*"))
     listed = nixcas("--composition", str(composition), "castore", "ls", COMPLICATED_HEX)
     assert listed.returncode == 0 and "keep" in listed.stdout
+
+
+def test_tune_malloc_on_glibc() -> None:
+    import ctypes.util
+    import platform
+
+    from nixcas.cli.common import tune_malloc
+
+    if platform.libc_ver()[0] != "glibc" or ctypes.util.find_library("c") is None:
+        pytest.skip("not a glibc system: the allocator is left alone")
+    assert tune_malloc() is True

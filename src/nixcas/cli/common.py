@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -67,6 +69,30 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ):
         f = option(f)
     return f
+
+
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 256 << 20
+
+
+def tune_malloc() -> bool:
+    """Keep large buffers on the heap (glibc): fewer page faults, ~2x gRPC blob throughput.
+
+    glibc serves blocks above its (dynamic) mmap threshold with fresh mappings
+    and trims freed memory eagerly, so a process moving blobs in 1 MiB messages
+    faults in and clears new pages for every message (bench/grpc_throughput.py:
+    up to 200k faults per 256 MiB Put).  A fixed 32 MiB mmap threshold and a
+    256 MiB trim threshold keep those buffers reused, at the cost of holding up
+    to 256 MiB of freed heap.  ``GLIBC_TUNABLES``, if set, still wins.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name)
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False  # not glibc
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from nixcas import __version__
 from nixcas.cli.castore import castore
-from nixcas.cli.common import EXIT_USAGE, Settings, fail
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
 from nixcas.cli.daemon import daemon
 from nixcas.cli.store import copy, dump_path, import_, path_info
 
@@ -53,6 +54,8 @@ cli.add_command(copy)
 
 def main() -> None:
     """Console-script entry point: every error is one line on stderr."""
+    if "GLIBC_TUNABLES" not in os.environ:
+        tune_malloc()
     try:
         code = cli.main(prog_name="nixcas", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # bare `nixcas` / `nixcas castore`: show help

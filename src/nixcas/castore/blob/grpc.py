@@ -215,10 +215,13 @@ class _GrpcBlobReader(BlobReader):
                     break
                 continue
             take = len(self._buffer) - offset if n < 0 else min(len(self._buffer) - offset, remaining)
-            parts.append(bytes(self._buffer[offset : offset + take]))
+            if offset == 0 and take == len(self._buffer):
+                parts.append(cast(bytes, self._buffer.obj))  # a whole message: its bytes, no copy
+            else:
+                parts.append(bytes(self._buffer[offset : offset + take]))
             self._pos += take
             remaining -= take if n >= 0 else 0
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _blob_size(self) -> int:
         if self._size is None:
