@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nixcas.store import nixbase32
-from nixcas.store.importer import parse_path_infos, references_first
+from nixcas.store.importer import check_content_address, parse_path_infos, references_first
 from nixcas.testing.daemon import running_daemon, short_tmpdir
 from nixcas.testing.nix import NIX, NIX_INSTANTIATE, NIX_STORE, needs_nix, run_nix
 
@@ -328,3 +328,20 @@ def test_dump_path_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     assert dump.wait(timeout=60) == 141
     assert dump.stderr is not None
     assert dump.stderr.read() == b""
+
+
+def test_copy_refuses_a_content_address_that_does_not_fit(
+    tmp_path: Path, nix_closure: tuple[Path, str, list[dict[str, object]]]
+) -> None:
+    nix_store_dir, _, infos = nix_closure
+    # every CA Nix reported fits its path (text paths with references, a source tree)
+    for exported in parse_path_infos(infos):
+        check_content_address(exported)
+    by_path = {str(i["path"]): i for i in infos}
+    leaf = next(p for p, i in by_path.items() if not i["references"] and str(i["ca"]).startswith("text:"))
+    by_path[leaf]["ca"] = "text:sha256:" + "1" * 52
+    store = tmp_path / "store"
+    result = nixcas(store, "copy", "--nix-store-dir", str(nix_store_dir), input=json.dumps(infos).encode())
+    assert result.returncode == 1
+    assert "content address" in result.stderr.decode()
+    assert nixcas(store, "path-info", leaf).returncode == 1

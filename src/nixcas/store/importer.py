@@ -26,7 +26,7 @@ from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.nar.hashing import NarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
-from nixcas.store.store_path import STORE_DIR, StorePath, build_nar_path, validate_name
+from nixcas.store.store_path import STORE_DIR, StorePath, build_ca_path, build_nar_path, validate_name
 
 __all__ = [
     "ExportedPathInfo",
@@ -34,6 +34,7 @@ __all__ = [
     "import_path",
     "parse_path_infos",
     "path_to_name",
+    "check_content_address",
     "references_first",
 ]
 
@@ -194,6 +195,25 @@ def references_first(infos: Iterable[ExportedPathInfo]) -> list[ExportedPathInfo
     return ordered
 
 
+def check_content_address(exported: ExportedPathInfo) -> None:
+    """A path with a CA must be the store path that CA (and its references) give; else :class:`IngestError`."""
+    if exported.ca is None:
+        return
+    references = [r for r in exported.references if r != exported.store_path]
+    self_reference = len(references) != len(exported.references)
+    try:
+        expected = build_ca_path(exported.store_path.name, exported.ca, references, self_reference)
+    except (StorePathError, NixbaseError) as e:
+        raise IngestError(f"{exported.store_path}: content address {exported.ca} is not possible here: {e}") from None
+    if expected != exported.store_path:
+        raise IngestError(
+            f"{exported.store_path}: content address {exported.ca} with its references gives {expected} instead"
+        )
+    nar_sha256 = exported.ca.kind is CAKind.NAR and exported.ca.hash.algo is HashAlgo.SHA256
+    if nar_sha256 and exported.ca.hash.digest != exported.nar_hash.digest:
+        raise IngestError(f"{exported.store_path}: content address {exported.ca} differs from its NAR hash")
+
+
 async def copy_path(
     exported: ExportedPathInfo,
     services: Services,
@@ -206,6 +226,7 @@ async def copy_path(
     The NAR size and hash of what was ingested must equal what Nix recorded
     (else :class:`~nixcas.errors.IngestError`; the PathInfo is not written).
     """
+    check_content_address(exported)
     source = Path(os.fspath(store_dir)) / exported.store_path.basename
     node = await ingest_path(source, services.blobs, services.directories, progress=progress)
     nar_size, nar_sha256 = await services.nar.calculate_nar(node)
