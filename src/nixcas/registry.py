@@ -31,33 +31,26 @@ Unknown tags, hosts or paths where none belong, and unknown options raise
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Final, cast
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
-from nixcas.castore.blob.base import BlobService
-from nixcas.castore.blob.combined import CombinedBlobServiceConfig
-from nixcas.castore.blob.grpc import GrpcBlobServiceConfig
-from nixcas.castore.blob.local import LocalBlobServiceConfig
-from nixcas.castore.blob.memory import MemoryBlobServiceConfig
-from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.dirs.cache import CacheDirectoryServiceConfig
-from nixcas.castore.dirs.grpc import GrpcDirectoryServiceConfig
-from nixcas.castore.dirs.lru import LruDirectoryServiceConfig
-from nixcas.castore.dirs.memory import MemoryDirectoryServiceConfig
-from nixcas.castore.dirs.sqlite import SqliteDirectoryServiceConfig
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
-from nixcas.store.pathinfo.base import PathInfoService
-from nixcas.store.pathinfo.grpc import GrpcPathInfoServiceConfig
-from nixcas.store.pathinfo.memory import MemoryPathInfoServiceConfig
-from nixcas.store.pathinfo.sqlite import SqlitePathInfoServiceConfig
 from nixcas.urls import url_tag
+
+if TYPE_CHECKING:
+    from nixcas.castore.blob.base import BlobService
+    from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = [
     "BLOB_SERVICES",
     "DIRECTORY_SERVICES",
     "KINDS",
+    "PATHINFO_SERVICES",
+    "BackendTable",
     "blob_service_from_url",
     "directory_service_from_url",
     "parse_service_url",
@@ -65,21 +58,58 @@ __all__ = [
 ]
 
 
-def _by_tag(*configs: type[ServiceConfig[object]]) -> dict[str, type[ServiceConfig[object]]]:
-    return {c.type_tag: c for c in configs}
+class BackendTable(Mapping[str, type[ServiceConfig[object]]]):
+    """Tag → config class, each backend module imported on first use.
+
+    Keeps ``import nixcas`` (and every CLI start) from loading grpc, SQLite
+    and friends for backends the command never touches.
+    """
+
+    def __init__(self, entries: Mapping[str, str]) -> None:
+        self._paths = dict(entries)
+        self._loaded: dict[str, type[ServiceConfig[object]]] = {}
+
+    def __getitem__(self, tag: str) -> type[ServiceConfig[object]]:
+        config = self._loaded.get(tag)
+        if config is None:
+            module, _, name = self._paths[tag].rpartition(".")
+            config = cast(type[ServiceConfig[object]], getattr(importlib.import_module(module), name))
+            if config.type_tag != tag:
+                raise AssertionError(f"registry: {self._paths[tag]} has tag {config.type_tag!r}, not {tag!r}")
+            self._loaded[tag] = config
+        return config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
 
 
-BLOB_SERVICES: Final = _by_tag(
-    MemoryBlobServiceConfig, LocalBlobServiceConfig, GrpcBlobServiceConfig, CombinedBlobServiceConfig
+BLOB_SERVICES: Final = BackendTable(
+    {
+        "memory": "nixcas.castore.blob.memory.MemoryBlobServiceConfig",
+        "objectstore": "nixcas.castore.blob.local.LocalBlobServiceConfig",
+        "grpc": "nixcas.castore.blob.grpc.GrpcBlobServiceConfig",
+        "combined": "nixcas.castore.blob.combined.CombinedBlobServiceConfig",
+    }
 )
-DIRECTORY_SERVICES: Final = _by_tag(
-    MemoryDirectoryServiceConfig,
-    SqliteDirectoryServiceConfig,
-    GrpcDirectoryServiceConfig,
-    CacheDirectoryServiceConfig,
-    LruDirectoryServiceConfig,
+DIRECTORY_SERVICES: Final = BackendTable(
+    {
+        "memory": "nixcas.castore.dirs.memory.MemoryDirectoryServiceConfig",
+        "sqlite": "nixcas.castore.dirs.sqlite.SqliteDirectoryServiceConfig",
+        "grpc": "nixcas.castore.dirs.grpc.GrpcDirectoryServiceConfig",
+        "cache": "nixcas.castore.dirs.cache.CacheDirectoryServiceConfig",
+        "lru": "nixcas.castore.dirs.lru.LruDirectoryServiceConfig",
+    }
 )
-PATHINFO_SERVICES: Final = _by_tag(MemoryPathInfoServiceConfig, SqlitePathInfoServiceConfig, GrpcPathInfoServiceConfig)
+PATHINFO_SERVICES: Final = BackendTable(
+    {
+        "memory": "nixcas.store.pathinfo.memory.MemoryPathInfoServiceConfig",
+        "sqlite": "nixcas.store.pathinfo.sqlite.SqlitePathInfoServiceConfig",
+        "grpc": "nixcas.store.pathinfo.grpc.GrpcPathInfoServiceConfig",
+    }
+)
 
 KINDS: Final[Mapping[str, Mapping[str, type[ServiceConfig[object]]]]] = {
     "blobservices": BLOB_SERVICES,
