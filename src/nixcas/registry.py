@@ -140,7 +140,7 @@ async def blob_service_from_url(url: str) -> BlobService:
     from nixcas.composition import Composition
 
     config = parse_service_url("blobservices", url)
-    return cast(BlobService, await config.build(Composition(owns_instances=True)))
+    return cast("BlobService", await config.build(Composition(owns_instances=True)))
 
 
 async def directory_service_from_url(url: str) -> DirectoryService:
@@ -148,7 +148,7 @@ async def directory_service_from_url(url: str) -> DirectoryService:
     from nixcas.composition import Composition
 
     config = parse_service_url("directoryservices", url)
-    return cast(DirectoryService, await config.build(Composition(owns_instances=True)))
+    return cast("DirectoryService", await config.build(Composition(owns_instances=True)))
 
 
 async def pathinfo_service_from_url(url: str) -> PathInfoService:
@@ -156,4 +156,4 @@ async def pathinfo_service_from_url(url: str) -> PathInfoService:
     from nixcas.composition import Composition
 
     config = parse_service_url("pathinfoservices", url)
-    return cast(PathInfoService, await config.build(Composition(owns_instances=True)))
+    return cast("PathInfoService", await config.build(Composition(owns_instances=True)))
