@@ -15,8 +15,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Final, Self, TypeAlias, cast
-from urllib.parse import SplitResult
+from typing import Final, TypeAlias, cast
 
 import blake3
 import grpc
@@ -25,12 +24,11 @@ import grpc.aio
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
 from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta, WriterState, resolve_seek
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.grpc.channel import GrpcConnection, GrpcEndpoint
+from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
 from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
 from nixcas.castore.grpc.status import client_errors, error_from_status
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import InvalidDigestError, StorageError
-from nixcas.urls import url_text
 
 __all__ = ["WRITE_MESSAGE_SIZE", "GrpcBlobService", "GrpcBlobServiceConfig"]
 
@@ -44,22 +42,11 @@ _PACKAGE = "castore.v1"
 
 
 @dataclass(frozen=True)
-class GrpcBlobServiceConfig(ServiceConfig[BlobService]):
+class GrpcBlobServiceConfig(GrpcUrlConfig, ServiceConfig[BlobService]):
     """``grpc+unix:///abs/socket`` or ``grpc+http(s)://host[:port]``; composition: ``url``."""
 
-    type_tag: ClassVar[str] = "grpc"
-    url: str
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        GrpcEndpoint.parse(url)
-        return cls(url_text(url))
-
-    def validate(self, where: str) -> None:
-        GrpcEndpoint.parse(self.url)
-
     async def build(self, resolver: Resolver) -> BlobService:
-        return GrpcBlobService(await GrpcConnection.open(GrpcEndpoint.parse(self.url)))
+        return GrpcBlobService(await self.connect())
 
 
 _ReadCall: TypeAlias = "grpc.aio.UnaryStreamCall[blob_pb.ReadBlobRequest, bytes]"
@@ -75,13 +62,11 @@ async def _next_data(call: _ReadCall) -> bytes:
             return cast(bytes, data)
 
 
-class GrpcBlobService(BlobService):
+class GrpcBlobService(GrpcClient, BlobService):
     """A BlobService served by a nixcas, tvix or snix daemon."""
 
     def __init__(self, connection: GrpcConnection) -> None:
-        self._connection = connection
-        self.url = connection.endpoint.url
-        self.target = connection.endpoint.target
+        super().__init__(connection)
         channel, method = connection.channel, connection.method
         self._stat = channel.unary_unary(
             method(_PACKAGE, "BlobService", "Stat"),
@@ -98,9 +83,6 @@ class GrpcBlobService(BlobService):
             request_serializer=encode_blob_chunk,
             response_deserializer=blob_pb.PutBlobResponse.FromString,
         )
-
-    def __repr__(self) -> str:
-        return f"GrpcBlobService({self.url!r})"
 
     async def _stat_or_none(self, digest: B3Digest, send_chunks: bool) -> blob_pb.StatBlobResponse | None:
         try:
@@ -163,9 +145,6 @@ class GrpcBlobService(BlobService):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def close(self) -> None:
-        await self._connection.close()
 
 
 class _GrpcBlobReader(BlobReader):

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Self, cast
-from urllib.parse import SplitResult
+from typing import cast
 
 import blake3
 import grpc
@@ -24,12 +23,11 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator
-from nixcas.castore.grpc.channel import GrpcConnection, GrpcEndpoint
+from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
 from nixcas.castore.grpc.codec import identity
 from nixcas.castore.grpc.status import client_errors, error_from_status
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, StorageError, ValidationError
-from nixcas.urls import url_text
 
 __all__ = ["GrpcDirectoryService", "GrpcDirectoryServiceConfig"]
 
@@ -37,31 +35,18 @@ _PACKAGE = "castore.v1"
 
 
 @dataclass(frozen=True)
-class GrpcDirectoryServiceConfig(ServiceConfig[DirectoryService]):
+class GrpcDirectoryServiceConfig(GrpcUrlConfig, ServiceConfig[DirectoryService]):
     """``grpc+unix:///abs/socket`` or ``grpc+http(s)://host[:port]``; composition: ``url``."""
 
-    type_tag: ClassVar[str] = "grpc"
-    url: str
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        GrpcEndpoint.parse(url)
-        return cls(url_text(url))
-
-    def validate(self, where: str) -> None:
-        GrpcEndpoint.parse(self.url)
-
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return GrpcDirectoryService(await GrpcConnection.open(GrpcEndpoint.parse(self.url)))
+        return GrpcDirectoryService(await self.connect())
 
 
-class GrpcDirectoryService(DirectoryService):
+class GrpcDirectoryService(GrpcClient, DirectoryService):
     """A DirectoryService served by a nixcas, tvix or snix daemon."""
 
     def __init__(self, connection: GrpcConnection) -> None:
-        self._connection = connection
-        self.url = connection.endpoint.url
-        self.target = connection.endpoint.target
+        super().__init__(connection)
         channel, method = connection.channel, connection.method
         self._get = channel.unary_stream(
             method(_PACKAGE, "DirectoryService", "Get"),
@@ -73,9 +58,6 @@ class GrpcDirectoryService(DirectoryService):
             request_serializer=identity,
             response_deserializer=dir_pb.PutDirectoryResponse.FromString,
         )
-
-    def __repr__(self) -> str:
-        return f"GrpcDirectoryService({self.url!r})"
 
     def _checked(self, raw: bytes, expected: B3Digest, where: str) -> Directory:
         """``raw`` decoded, if it is the Directory ``expected`` names (canonical or not)."""
@@ -142,6 +124,3 @@ class GrpcDirectoryService(DirectoryService):
             raise StorageError(
                 f"{where}: server answered root {response.root_digest.hex()}, expected {items[-1][0].hex()}"
             )
-
-    async def close(self) -> None:
-        await self._connection.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final, Self
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import grpc
@@ -20,7 +20,7 @@ import grpc.aio
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options, url_text
 
-__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_SIZE", "GrpcConnection", "GrpcEndpoint"]
+__all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_SIZE", "GrpcClient", "GrpcConnection", "GrpcEndpoint", "GrpcUrlConfig"]
 
 MAX_MESSAGE_SIZE: Final = 256 << 20
 """Largest message sent or accepted (256 MiB).
@@ -134,3 +134,40 @@ class GrpcConnection:
         if endpoint.wait_connect:
             await connection.connect()
         return connection
+
+
+@dataclass(frozen=True)
+class GrpcUrlConfig:
+    """``grpc+unix:///abs/socket`` or ``grpc+http(s)://host[:port]``; composition: ``url``.
+
+    The config every gRPC client backend shares; each adds ``build`` for its service.
+    """
+
+    type_tag: ClassVar[str] = "grpc"
+    url: str
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        GrpcEndpoint.parse(url)
+        return cls(url_text(url))
+
+    def validate(self, where: str) -> None:
+        GrpcEndpoint.parse(self.url)
+
+    async def connect(self) -> GrpcConnection:
+        return await GrpcConnection.open(GrpcEndpoint.parse(self.url))
+
+
+class GrpcClient:
+    """What every gRPC client backend keeps of its connection: ``url``, ``target``, and closing it."""
+
+    def __init__(self, connection: GrpcConnection) -> None:
+        self._connection = connection
+        self.url = connection.endpoint.url
+        self.target = connection.endpoint.target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    async def close(self) -> None:
+        await self._connection.close()

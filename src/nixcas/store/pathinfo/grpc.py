@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
 
 import grpc
 import grpc.aio
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as castore_pb
 from nixcas._proto.tvix.store.protos import rpc_pathinfo_pb2 as rpc_pb
-from nixcas.castore.grpc.channel import GrpcConnection, GrpcEndpoint
+from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
 from nixcas.castore.grpc.codec import identity
 from nixcas.castore.grpc.status import client_errors, error_from_status
 from nixcas.castore.nodes import Node
@@ -28,7 +26,6 @@ from nixcas.errors import PathInfoError, StorageError
 from nixcas.store.nar.hashing import NarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService, check_digest
 from nixcas.store.pathinfo.model import PathInfo
-from nixcas.urls import url_text
 
 __all__ = ["GrpcPathInfoService", "GrpcPathInfoServiceConfig"]
 
@@ -36,31 +33,18 @@ _PACKAGE = "store.v1"
 
 
 @dataclass(frozen=True)
-class GrpcPathInfoServiceConfig(ServiceConfig[PathInfoService]):
+class GrpcPathInfoServiceConfig(GrpcUrlConfig, ServiceConfig[PathInfoService]):
     """``grpc+unix:///abs/socket`` or ``grpc+http(s)://host[:port]``; composition: ``url``."""
 
-    type_tag: ClassVar[str] = "grpc"
-    url: str
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        GrpcEndpoint.parse(url)
-        return cls(url_text(url))
-
-    def validate(self, where: str) -> None:
-        GrpcEndpoint.parse(self.url)
-
     async def build(self, resolver: Resolver) -> PathInfoService:
-        return GrpcPathInfoService(await GrpcConnection.open(GrpcEndpoint.parse(self.url)))
+        return GrpcPathInfoService(await self.connect())
 
 
-class GrpcPathInfoService(PathInfoService):
+class GrpcPathInfoService(GrpcClient, PathInfoService):
     """A PathInfoService served by a nixcas, tvix or snix daemon."""
 
     def __init__(self, connection: GrpcConnection) -> None:
-        self._connection = connection
-        self.url = connection.endpoint.url
-        self.target = connection.endpoint.target
+        super().__init__(connection)
         channel, method = connection.channel, connection.method
         self._get = channel.unary_unary(
             method(_PACKAGE, "PathInfoService", "Get"),
@@ -82,9 +66,6 @@ class GrpcPathInfoService(PathInfoService):
             request_serializer=castore_pb.Node.SerializeToString,
             response_deserializer=rpc_pb.CalculateNARResponse.FromString,
         )
-
-    def __repr__(self) -> str:
-        return f"GrpcPathInfoService({self.url!r})"
 
     def _decoded(self, raw: bytes, where: str) -> PathInfo:
         try:
@@ -134,9 +115,6 @@ class GrpcPathInfoService(PathInfoService):
         if len(response.nar_sha256) != 32:
             raise StorageError(f"{self.url}: CalculateNAR answered a {len(response.nar_sha256)}-byte sha256")
         return response.nar_size, response.nar_sha256
-
-    async def close(self) -> None:
-        await self._connection.close()
 
 
 class _GrpcNarCalculationService(NarCalculationService):
