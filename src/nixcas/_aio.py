@@ -6,7 +6,7 @@ import asyncio
 from types import TracebackType
 from typing import Self
 
-__all__ = ["AbortOnError", "Closing"]
+__all__ = ["AbortOnError", "Closing", "close_all"]
 
 
 class Closing:
@@ -42,3 +42,15 @@ class AbortOnError:
     ) -> None:
         if et is not None:
             await asyncio.shield(self.abort())
+
+
+async def close_all(*objects: Closing) -> None:
+    """Close every one of ``objects``, even when an earlier close fails (the first error is raised)."""
+    first: BaseException | None = None
+    for obj in objects:
+        try:
+            await obj.close()
+        except BaseException as e:
+            first = first or e
+    if first is not None:
+        raise first

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
 
-__all__ = ["Resolver", "ServiceConfig"]
+__all__ = ["NearFarConfig", "Resolver", "ServiceConfig"]
 
 S_co = TypeVar("S_co", covariant=True)
 
@@ -58,6 +58,8 @@ class Resolver(Protocol):
     async def blob_service(self, name: str) -> BlobService: ...
 
     async def directory_service(self, name: str) -> DirectoryService: ...
+
+    async def get(self, kind: str, name: str) -> object: ...
 
 
 def _type_name(tp: object) -> str:
@@ -155,3 +157,35 @@ class ServiceConfig(ABC, Generic[S_co]):
     @abstractmethod
     async def build(self, resolver: Resolver) -> S_co:
         """Open the service."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NearFarConfig(ServiceConfig[S_co]):
+    """A wrapper of two services of one kind: ``near`` and ``far`` (names or URLs).
+
+    URL form ``<tag>://?near=URL&far=URL``; :meth:`open_pair` opens both, closing
+    near again if far fails when nobody else owns it.
+    """
+
+    near: str
+    far: str
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        from nixcas.urls import near_far_from_url
+
+        config = cls(*near_far_from_url(url))
+        config.check_references(repr(url.geturl()))
+        return config
+
+    async def open_pair(self, resolver: Resolver) -> tuple[Any, Any]:
+        """The near and far services (of the kind named in :attr:`references`)."""
+        kind = self.references["near"]
+        near = await resolver.get(kind, self.near)
+        try:
+            far = await resolver.get(kind, self.far)
+        except BaseException:
+            if resolver.owns_instances:  # nobody else will close it
+                await near.close()  # type: ignore[attr-defined]
+            raise
+        return near, far

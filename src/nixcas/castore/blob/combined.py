@@ -23,15 +23,14 @@ import io
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
+from typing import ClassVar
 
 import blake3
 
+from nixcas._aio import close_all
 from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BlobWriter, ChunkMeta
 from nixcas.castore.digest import B3Digest
-from nixcas.config import Resolver, ServiceConfig
-from nixcas.urls import near_far_from_url
+from nixcas.config import NearFarConfig, Resolver
 
 __all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
 
@@ -39,29 +38,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CombinedBlobServiceConfig(ServiceConfig[BlobService]):
+class CombinedBlobServiceConfig(NearFarConfig[BlobService]):
     """``near`` and ``far``: names (or URLs) of two blob services."""
 
     type_tag: ClassVar[str] = "combined"
     aliases: ClassVar[dict[str, str]] = {"local": "near", "remote": "far"}
     references: ClassVar[dict[str, str]] = {"near": "blobservices", "far": "blobservices"}
-    near: str
-    far: str
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        config = cls(*near_far_from_url(url))
-        config.check_references(repr(url.geturl()))
-        return config
 
     async def build(self, resolver: Resolver) -> BlobService:
-        near = await resolver.blob_service(self.near)
-        try:
-            far = await resolver.blob_service(self.far)
-        except BaseException:
-            if resolver.owns_instances:  # nobody else will close it
-                await near.close()
-            raise
+        near, far = await self.open_pair(resolver)
         return CombinedBlobService(near, far, close_inner=resolver.owns_instances)
 
 
@@ -120,10 +105,7 @@ class CombinedBlobService(BlobService):
 
     async def close(self) -> None:
         if self._close_inner:
-            try:
-                await self.near.close()
-            finally:
-                await self.far.close()
+            await close_all(self.near, self.far)
 
 
 class _FillingReader(BlobReader):

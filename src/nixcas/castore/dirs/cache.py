@@ -19,43 +19,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
+from typing import ClassVar
 
+from nixcas._aio import close_all
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator
-from nixcas.config import Resolver, ServiceConfig
+from nixcas.config import NearFarConfig, Resolver
 from nixcas.errors import StorageError
-from nixcas.urls import near_far_from_url
 
 __all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig"]
 
 
 @dataclass(frozen=True)
-class CacheDirectoryServiceConfig(ServiceConfig[DirectoryService]):
+class CacheDirectoryServiceConfig(NearFarConfig[DirectoryService]):
     """``near`` and ``far``: names (or URLs) of two directory services."""
 
     type_tag: ClassVar[str] = "cache"
     references: ClassVar[dict[str, str]] = {"near": "directoryservices", "far": "directoryservices"}
-    near: str
-    far: str
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        config = cls(*near_far_from_url(url))
-        config.check_references(repr(url.geturl()))
-        return config
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        near = await resolver.directory_service(self.near)
-        try:
-            far = await resolver.directory_service(self.far)
-        except BaseException:
-            if resolver.owns_instances:  # nobody else will close it
-                await near.close()
-            raise
+        near, far = await self.open_pair(resolver)
         return CacheDirectoryService(near, far, close_inner=resolver.owns_instances)
 
 
@@ -143,7 +128,4 @@ class CacheDirectoryService(DirectoryService):
 
     async def close(self) -> None:
         if self._close_inner:
-            try:
-                await self.near.close()
-            finally:
-                await self.far.close()
+            await close_all(self.near, self.far)
