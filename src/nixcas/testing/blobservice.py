@@ -100,6 +100,15 @@ BLOBS = [
 ]
 
 
+CORRUPTIONS = [
+    pytest.param(HELLOWORLD, b"Hello World?", id="same-length"),
+    pytest.param(HELLOWORLD, b"Hello", id="shorter"),
+    pytest.param(BLOB_A, b"\x00\x01\x02", id="longer"),
+    pytest.param(BLOB_B, BLOB_B[:-1] + b"\xff", id="BLOB_B-last-byte"),
+]
+"""(content, what the store holds instead) pairs for the verify-on-read tests."""
+
+
 class BlobServiceSuite:
     """Contract tests; a subclass provides the ``blob_service`` fixture."""
 
@@ -273,15 +282,7 @@ class BlobServiceSuite:
 
     # -- verify-on-read ----------------------------------------------------------
 
-    @pytest.mark.parametrize(
-        ("data", "bad"),
-        [
-            pytest.param(HELLOWORLD, b"Hello World?", id="same-length"),
-            pytest.param(HELLOWORLD, b"Hello", id="shorter"),
-            pytest.param(BLOB_A, b"\x00\x01\x02", id="longer"),
-            pytest.param(BLOB_B, BLOB_B[:-1] + b"\xff", id="BLOB_B-last-byte"),
-        ],
-    )
+    @pytest.mark.parametrize(("data", "bad"), CORRUPTIONS)
     async def test_verify_on_read(
         self, blob_service: BlobService, corrupt_blob: BlobCorrupter, data: bytes, bad: bytes
     ) -> None:
@@ -343,15 +344,7 @@ class BlobServiceSuite:
         assert await blob_service.read_many({digest: LARGE_SIZE - 1}) == {}
         assert await blob_service.read_many({digest: 1000}) == {}
 
-    @pytest.mark.parametrize(
-        ("data", "bad"),
-        [
-            pytest.param(HELLOWORLD, b"Hello World?", id="same-length"),
-            pytest.param(HELLOWORLD, b"Hello", id="shorter"),
-            pytest.param(BLOB_A, b"\x00\x01\x02", id="longer"),
-            pytest.param(BLOB_B, BLOB_B[:-1] + b"\xff", id="BLOB_B-last-byte"),
-        ],
-    )
+    @pytest.mark.parametrize(("data", "bad"), CORRUPTIONS)
     async def test_read_many_verifies(
         self, blob_service: BlobService, corrupt_blob: BlobCorrupter, data: bytes, bad: bytes
     ) -> None:
