@@ -82,8 +82,9 @@ class DirectoryService(Closing, ABC):
         A missing root yields nothing; a missing descendant is a
         :class:`~nixcas.errors.StorageError` (the store lost part of a closure).
         """
-        async for digest, raw in self._walk(root):
-            yield _verified(digest, raw)
+        async for _, _, directory in self._walk(root, decode=True):
+            assert directory is not None
+            yield directory
 
     async def get_recursive_raw(self, root: B3Digest) -> AsyncIterator[tuple[B3Digest, bytes]]:
         """:meth:`get_recursive` as (digest, canonical bytes), for passing directories on unchanged.
@@ -96,11 +97,16 @@ class DirectoryService(Closing, ABC):
             async for directory in self.get_recursive(root):
                 yield directory.digest, directory.encode()
             return
-        async for item in self._walk(root):
-            yield item
+        async for digest, raw, _ in self._walk(root, decode=False):
+            yield digest, raw
 
-    async def _walk(self, root: B3Digest) -> AsyncIterator[tuple[B3Digest, bytes]]:
-        """Breadth-first over stored values, each hash-checked; children read from the protobuf."""
+    async def _walk(self, root: B3Digest, *, decode: bool) -> AsyncIterator[tuple[B3Digest, bytes, Directory | None]]:
+        """Breadth-first over stored values, each hash-checked.
+
+        With ``decode`` each value is also decoded (and validated) and its
+        children come from the Directory; without, only the child digests are
+        read from the protobuf.
+        """
         seen = {root}
         level = [root]
         while level:
@@ -112,9 +118,14 @@ class DirectoryService(Closing, ABC):
                     if digest == root:
                         return
                     raise StorageError(f"directory {digest.hex()} is referenced but missing")
-                _check_hash(digest, raw)
-                yield digest, raw
-                for child in _child_digests(digest, raw):
+                directory = _verified(digest, raw) if decode else None
+                if directory is not None:
+                    children = [node.digest for _, node in directory.directories()]
+                else:
+                    _check_hash(digest, raw)
+                    children = _child_digests(digest, raw)
+                yield digest, raw, directory
+                for child in children:
                     if child not in seen:
                         seen.add(child)
                         next_level.append(child)
