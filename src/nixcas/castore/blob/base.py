@@ -225,6 +225,14 @@ class BlobWriter(AbortOnError, ABC):
     async def abort(self) -> None:
         """Discard what was written; nothing becomes visible."""
 
+    async def _admit(self, state: WriterState, size: int) -> None:
+        """Account for ``size`` more bytes; a write the blob cannot take aborts the writer, then raises."""
+        try:
+            state.check_writable(size)
+        except ValueError:
+            await self.abort()
+            raise
+
 
 class WriterState:
     """Bookkeeping shared by writers: closed/aborted state, size, declared size."""

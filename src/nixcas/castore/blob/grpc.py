@@ -255,11 +255,7 @@ class _GrpcBlobWriter(BlobWriter):
         return self._call
 
     async def write(self, data: bytes) -> None:
-        try:
-            self._state.check_writable(len(data))
-        except ValueError:
-            await self.abort()
-            raise
+        await self._admit(self._state, len(data))
         if not data:
             return
         self._hasher.update(data)

@@ -523,11 +523,7 @@ class _LocalBlobWriter(BlobWriter):
             self._compressor.write(block)
 
     async def write(self, data: bytes) -> None:
-        try:
-            self._state.check_writable(len(data))
-        except ValueError:
-            await self.abort()
-            raise
+        await self._admit(self._state, len(data))
         if not data:
             return
         if self._compressor is None and self._buffered + len(data) <= SPILL_THRESHOLD:

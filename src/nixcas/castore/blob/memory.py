@@ -74,11 +74,7 @@ class _MemoryBlobWriter(BlobWriter):
         self._state = WriterState(expected_size)
 
     async def write(self, data: bytes) -> None:
-        try:
-            self._state.check_writable(len(data))
-        except ValueError:
-            await self.abort()
-            raise
+        await self._admit(self._state, len(data))
         self._hasher.update(data)
         self._parts.append(bytes(data))
 
