@@ -361,6 +361,13 @@ class CastoreFs(pyfuse3.Operations):
             raise _fail(errno.ENOSYS)
         return list(self._xattrs(self._inode(inode)))
 
+    # -- state -----------------------------------------------------------------------------
+
+    def stats(self) -> str:
+        """What the mount holds in memory (logged on SIGUSR1 and at unmount)."""
+        files = sum(isinstance(h, _FileHandle) for h in self.handles.values())
+        return f"{len(self.inodes)} inodes, {files} open files, {len(self.handles) - files} open directories"
+
     # -- shutdown -------------------------------------------------------------------------
 
     async def close(self) -> None:
@@ -383,6 +390,8 @@ async def serve(
 ) -> None:
     """Mount ``fs`` read-only at ``mountpoint`` and serve it until unmounted or SIGINT/SIGTERM.
 
+    SIGUSR1 logs how many inodes and handles the filesystem holds.
+
     The mount is removed however this returns.  Only one mount per process
     (a libfuse session is process-global in pyfuse3).
     """
@@ -396,12 +405,14 @@ async def serve(
     try:
         for sig in signals:
             loop.add_signal_handler(sig, pyfuse3.terminate)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("holding %s", fs.stats()))
         if on_mounted is not None:
             on_mounted()
         await pyfuse3.main()
     finally:
-        for sig in signals:
+        for sig in (*signals, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+        log.info("session ended holding %s", fs.stats())
         try:
             await fs.close()
         finally:

@@ -1,0 +1,129 @@
+"""Running ``nixcas … mount`` as a real subprocess from tests and benchmarks (started and killed by PID)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nixcas.testing.daemon import clean_env, nixcas_command, read_line
+
+__all__ = ["FUSE_SKIP_REASON", "Mount", "needs_fuse", "running_mount", "start_mount", "unmount"]
+
+MOUNT_TIMEOUT = 20.0
+"""Seconds a mount may take to print its 'mounted at' line."""
+
+
+def _fuse_skip_reason() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is absent on this machine: FUSE mounts are impossible here"
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        return "not root and fusermount3 is missing (Debian fuse3; `make test` installs it): cannot mount"
+    return None
+
+
+FUSE_SKIP_REASON = _fuse_skip_reason()
+
+needs_fuse = pytest.mark.skipif(FUSE_SKIP_REASON is not None, reason=FUSE_SKIP_REASON or "")
+
+
+def unmount(mountpoint: Path) -> None:
+    """Detach ``mountpoint`` if something is still mounted there (lazily, so a hung server cannot block us)."""
+    if not os.path.ismount(mountpoint):
+        return
+    if shutil.which("fusermount3"):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
+    if os.path.ismount(mountpoint):
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+@dataclass
+class Mount:
+    """A running ``nixcas … mount`` subprocess and its mountpoint."""
+
+    proc: subprocess.Popen[bytes]
+    path: Path
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"mount {self.pid} did not exit within {timeout} s; stderr:\n{self.stderr()}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then the exit code (the mount must be gone then)."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """Remove the mount and the process, whatever state they are in."""
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait()
+        unmount(self.path)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """The first stderr line containing ``text`` (waiting for it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.stderr().splitlines():
+                if text in line:
+                    return line
+            if time.monotonic() > deadline:
+                pytest.fail(f"no log line with {text!r} within {timeout} s; stderr:\n{self.stderr()}")
+            time.sleep(0.05)
+
+
+def start_mount(args: Sequence[str], mountpoint: Path, log: Path, *, env: dict[str, str] | None = None) -> Mount:
+    """Run ``nixcas *args`` (a mount command ending in the mountpoint) and wait until it is mounted."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(nixcas_command(*args), stdout=subprocess.PIPE, stderr=err, env=env or clean_env())
+    mount = Mount(proc, mountpoint, log)
+    try:
+        line = read_line(proc, MOUNT_TIMEOUT).decode()
+        if line != f"mounted at {mountpoint.absolute()}\n":
+            pytest.fail(f"mount did not start: stdout {line!r}, exit {proc.poll()}, stderr:\n{mount.stderr()}")
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.ismount(mountpoint):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"{mountpoint} is not a mount point; stderr:\n{mount.stderr()}")
+            time.sleep(0.02)
+    except BaseException:
+        mount.kill()
+        raise
+    return mount
+
+
+@contextlib.contextmanager
+def running_mount(
+    args: Sequence[str], mountpoint: Path, log: Path, *, env: dict[str, str] | None = None
+) -> Iterator[Mount]:
+    """A mount that is unmounted and killed (by PID) when the block is left, however it is left."""
+    mount = start_mount(args, mountpoint, log, env=env)
+    try:
+        yield mount
+    finally:
+        mount.kill()
