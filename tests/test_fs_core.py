@@ -1,0 +1,245 @@
+"""The filesystem core without a mount: read-ahead over a blob reader, inode accounting and eviction, errno rules.
+
+The mount itself is tested in ``test_fuse.py``; these tests look at what a
+mount cannot show (how often the underlying reader is read and sought, what
+the inode table holds) by calling the operations directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+
+import pyfuse3
+import pytest
+
+from nixcas.castore.blob.base import BlobReader, BytesReader, VerifyingReader
+from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.fs.fuse import CastoreFs
+from nixcas.castore.fs.reader import ReadAhead
+from nixcas.castore.fs.roots import DirectoryRootNodes
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.errors import ChecksumMismatch, StorageError
+from nixcas.testing.fixtures import BLOB_B, DIRECTORY_WITH_KEEP, HELLOWORLD, SYMLINK_TARGET
+
+MiB = 1 << 20
+DATA = bytes(range(256)) * (10 * MiB // 256) + b"tail"
+
+
+class CountingReader(BlobReader):
+    """A reader over bytes that records every seek and how many bytes it handed out."""
+
+    def __init__(self, data: bytes) -> None:
+        self.inner = BytesReader(data)
+        self.seeks: list[int] = []
+        self.bytes_read = 0
+        self.closed = False
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self.inner.read(n)
+        self.bytes_read += len(data)
+        return data
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.seeks.append(offset)
+        return await self.inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.inner.tell()
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def drain(ra: ReadAhead) -> None:
+    """Let the background read-ahead finish what it wants to read."""
+    task = ra._task
+    if task is not None:
+        await task
+
+
+async def test_sequential_reads_never_seek_and_read_each_byte_once() -> None:
+    inner = CountingReader(DATA)
+    ra = ReadAhead(inner, len(DATA))
+    out = bytearray()
+    widest = 0
+    for offset in range(0, len(DATA), 128 << 10):
+        out += await ra.pread(offset, 128 << 10)
+        start, end = ra.window()
+        widest = max(widest, end - start)
+    assert bytes(out) == DATA
+    assert inner.seeks == []
+    assert inner.bytes_read == len(DATA)
+    assert widest <= 10 * MiB  # behind (1 MiB) + read-ahead (8 MiB) + one block
+    await ra.close()
+    assert inner.closed
+
+
+async def test_read_ahead_runs_ahead_of_the_reader() -> None:
+    inner = CountingReader(DATA)
+    ra = ReadAhead(inner, len(DATA), ahead=4 * MiB)
+    assert await ra.pread(0, 4096) == DATA[:4096]
+    await drain(ra)
+    assert inner.bytes_read == 4 * MiB + MiB  # the first block plus 4 MiB past what was asked
+    await ra.close()
+
+
+async def test_far_reads_seek_without_rereading() -> None:
+    inner = CountingReader(DATA)
+    ra = ReadAhead(inner, len(DATA), ahead=MiB)
+    assert await ra.pread(9 * MiB, 100) == DATA[9 * MiB : 9 * MiB + 100]
+    assert inner.seeks == [9 * MiB]  # forward: one seek, nothing before it read
+    assert inner.bytes_read == MiB
+    assert await ra.pread(MiB // 2, 10) == DATA[MiB // 2 : MiB // 2 + 10]
+    assert inner.seeks == [9 * MiB, MiB // 2]  # backward: one seek to the offset
+    # A slightly out-of-order read right behind the position is served from the window.
+    await ra.pread(MiB // 2 + 10, 100_000)
+    await drain(ra)
+    seeks = len(inner.seeks)
+    assert await ra.pread(MiB // 2 + 5, 20) == DATA[MiB // 2 + 5 : MiB // 2 + 25]
+    assert len(inner.seeks) == seeks
+    await ra.close()
+
+
+async def test_reads_at_and_past_the_end() -> None:
+    ra = ReadAhead(CountingReader(DATA), len(DATA))
+    assert await ra.pread(len(DATA) - 2, 100) == b"il"
+    assert await ra.pread(len(DATA), 100) == b""
+    assert await ra.pread(len(DATA) + 100, 100) == b""
+    assert await ra.pread(5, 0) == b""
+    await ra.close()
+    with pytest.raises(StorageError, match="closed"):
+        await ra.pread(0, 1)
+
+
+async def test_blob_shorter_or_longer_than_its_size_fails() -> None:
+    short = ReadAhead(CountingReader(DATA[:1000]), 2000, name="short blob")
+    with pytest.raises(StorageError, match="short blob: ended after 1000 bytes, expected 2000"):
+        await short.pread(500, 1000)
+    long = ReadAhead(CountingReader(DATA[:3000]), 2000, name="long blob")
+    assert await long.pread(0, 1000) == DATA[:1000]
+    with pytest.raises(StorageError, match="longer than its recorded size 2000"):
+        await long.pread(1000, 1000)
+
+
+async def test_corrupt_blob_fails_the_last_read() -> None:
+    wrong = B3Digest.of(b"something else")
+    ra = ReadAhead(VerifyingReader(BytesReader(BLOB_B), wrong), len(BLOB_B))
+    assert await ra.pread(0, 4096) == BLOB_B[:4096]
+    with pytest.raises(ChecksumMismatch):
+        await ra.pread(len(BLOB_B) - 10, 10)
+    with pytest.raises(ChecksumMismatch):  # and stays failed
+        await ra.pread(len(BLOB_B) - 10, 10)
+
+
+async def test_right_blob_passes_verification() -> None:
+    ra = ReadAhead(VerifyingReader(BytesReader(BLOB_B), B3Digest.of(BLOB_B)), len(BLOB_B))
+    got = b"".join([await ra.pread(o, 65536) for o in range(0, len(BLOB_B), 65536)])
+    assert got == BLOB_B
+
+
+# -- operations called directly -------------------------------------------------------------
+
+
+@pytest.fixture
+async def fs() -> CastoreFs:
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    digest = await blobs.put(HELLOWORLD)
+    await dirs.put(DIRECTORY_WITH_KEEP)
+    inner_entries: dict[bytes, Node] = {
+        b"plain": FileNode(digest, len(HELLOWORLD)),
+        b"exec": FileNode(digest, len(HELLOWORLD), executable=True),
+        b"link": SymlinkNode(SYMLINK_TARGET),
+        b"keep": DirectoryNode(DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.size),
+    }
+    inner = Directory(inner_entries)
+    await dirs.put(inner)
+    root_entries: dict[bytes, Node] = {
+        b"sub": DirectoryNode(inner.digest, inner.size),
+        b"gone": DirectoryNode(B3Digest.of(b"no such directory"), 0),
+        b"plain": FileNode(digest, len(HELLOWORLD)),
+    }
+    return CastoreFs(DirectoryRootNodes(Directory(root_entries)), blobs, dirs)
+
+
+def errno_of(exc: pytest.ExceptionInfo[pyfuse3.FUSEError]) -> int:
+    return exc.value.errno
+
+
+async def test_lookups_are_counted_and_forgotten(fs: CastoreFs) -> None:
+    sub = await fs.lookup(1, b"sub")
+    plain = await fs.lookup(sub.st_ino, b"plain")
+    again = await fs.lookup(1, b"plain")  # the same node at another path: the same inode
+    assert again.st_ino == plain.st_ino
+    exe = await fs.lookup(sub.st_ino, b"exec")
+    assert exe.st_ino != plain.st_ino
+    assert (exe.st_mode & 0o777, plain.st_mode & 0o777) == (0o555, 0o444)
+    assert len(fs.inodes) == 4
+    await fs.forget([(plain.st_ino, 1)])
+    assert (await fs.getattr(plain.st_ino)).st_ino == plain.st_ino  # one reference left
+    await fs.forget([(plain.st_ino, 1), (exe.st_ino, 1)])
+    assert len(fs.inodes) == 2
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await fs.getattr(plain.st_ino)
+    assert errno_of(info) == errno.ENOENT
+    await fs.forget([(sub.st_ino, 1)])
+    assert len(fs.inodes) == 1  # only the root; the fetched directory went with its inode
+    fresh = await fs.lookup(1, b"plain")
+    assert fresh.st_ino > exe.st_ino  # numbers are never reused
+
+
+async def test_open_read_release_leaves_nothing(fs: CastoreFs) -> None:
+    attrs = await fs.lookup(1, b"plain")
+    info = await fs.open(attrs.st_ino, 0)
+    assert info.keep_cache
+    assert await fs.read(info.fh, 6, 100) == HELLOWORLD[6:]
+    await fs.release(info.fh)
+    await fs.forget([(attrs.st_ino, 1)])
+    assert (len(fs.inodes), fs.handles) == (1, {})
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda fs, sub: fs.lookup(1, b"."), errno.ENOENT),
+        (lambda fs, sub: fs.lookup(1, b"a/b"), errno.ENOENT),
+        (lambda fs, sub: fs.lookup(1, b"absent"), errno.ENOENT),
+        (lambda fs, sub: fs.lookup(sub, b"absent"), errno.ENOENT),
+        (lambda fs, sub: fs.getattr(999), errno.ENOENT),
+        (lambda fs, sub: fs.opendir(1, None), errno.EPERM),
+        (lambda fs, sub: fs.readlink(sub), errno.EINVAL),
+        (lambda fs, sub: fs.readlink(1), errno.EINVAL),
+        (lambda fs, sub: fs.open(sub, 0, None), errno.EISDIR),
+        (lambda fs, sub: fs.getxattr(sub, b"user.tvix.castore.directory.digest"), errno.ENOSYS),
+        (lambda fs, sub: fs.listxattr(sub), errno.ENOSYS),
+        (lambda fs, sub: fs.read(12345, 0, 1), errno.EBADF),
+    ],
+)
+async def test_errno_rules(fs: CastoreFs, call: object, code: int) -> None:
+    sub = (await fs.lookup(1, b"sub")).st_ino
+    assert callable(call)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await call(fs, sub)
+    assert errno_of(info) == code
+
+
+async def test_missing_directory_is_eio_and_retried(fs: CastoreFs, caplog: pytest.LogCaptureFixture) -> None:
+    gone = (await fs.lookup(1, b"gone")).st_ino
+    for _ in range(2):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.lookup(gone, b"x")
+        assert errno_of(info) == errno.EIO
+    assert "reading directory /gone: directory b3:" in caplog.text
+    assert fs.inodes.get(gone) is not None and fs.inodes.get(gone).loading is None  # type: ignore[union-attr]
+
+
+async def test_writes_flags_are_erofs(fs: CastoreFs) -> None:
+    attrs = await fs.lookup(1, b"plain")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fs.open(attrs.st_ino, flags)
+        assert errno_of(info) == errno.EROFS
