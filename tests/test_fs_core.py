@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+from collections.abc import AsyncIterator
 
 import pyfuse3
 import pytest
@@ -19,7 +20,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
-from nixcas.castore.fs.fuse import CastoreFs
+from nixcas.castore.fs.fuse import CastoreFs, _RootListing
 from nixcas.castore.fs.reader import ReadAhead
 from nixcas.castore.fs.roots import DirectoryRootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -243,3 +244,35 @@ async def test_writes_flags_are_erofs(fs: CastoreFs) -> None:
         with pytest.raises(pyfuse3.FUSEError) as info:
             await fs.open(attrs.st_ino, flags)
         assert errno_of(info) == errno.EROFS
+
+
+class CountingRoots(DirectoryRootNodes):
+    """Root nodes that count how often a listing was started."""
+
+    def __init__(self, directory: Directory) -> None:
+        super().__init__(directory)
+        self.listings = 0
+
+    async def list(self) -> AsyncIterator[tuple[bytes, Node]]:
+        self.listings += 1
+        async for entry in super().list():
+            yield entry
+
+
+async def test_root_listing_keeps_only_what_is_still_needed_and_restarts_on_rewind() -> None:
+    digest = B3Digest.of(HELLOWORLD)
+    roots = CountingRoots(Directory({f"e{i:04d}".encode(): FileNode(digest, 12) for i in range(1000)}))
+    listing = _RootListing(roots)
+    for index in range(0, 1000, 100):  # the kernel reads in batches, passing back the next offset
+        listing.forget_before(index)
+        for i in range(index, index + 100):
+            entry = await listing.entry(i)
+            assert entry is not None and entry[0] == f"e{i:04d}".encode()
+        assert len(listing._entries) <= 100
+    assert await listing.entry(1000) is None
+    assert roots.listings == 1
+    listing.forget_before(1000)
+    entry = await listing.entry(0)  # rewinddir
+    assert entry is not None and entry[0] == b"e0000"
+    assert roots.listings == 2
+    await listing.close()

@@ -27,8 +27,8 @@ import os
 import re
 import signal
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import pyfuse3
@@ -75,24 +75,44 @@ def _fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
-@dataclass(eq=False)
 class _RootListing:
-    """An open listing of the root: entries pulled from :meth:`RootNodes.list` as the kernel asks."""
+    """An open listing of the root: entries pulled from :meth:`RootNodes.list` as the kernel asks.
 
-    stream: AsyncIterator[tuple[bytes, Node]]
-    entries: list[tuple[bytes, Node]] = field(default_factory=list)
-    done: bool = False
+    Only entries from the last offset asked for on are kept; an earlier offset
+    (``rewinddir``) restarts the stream, so a listing of a huge root holds
+    little memory.
+    """
+
+    def __init__(self, roots: RootNodes) -> None:
+        self._roots = roots
+        self._stream = roots.list()
+        self._base = 0
+        """The index of ``_entries[0]`` in the stream."""
+        self._entries: list[tuple[bytes, Node]] = []
+        self._done = False
 
     async def entry(self, index: int) -> tuple[bytes, Node] | None:
-        while len(self.entries) <= index and not self.done:
+        """The ``index``-th entry of the listing, or ``None`` past its end."""
+        if index < self._base:
+            await self.close()
+            self._stream, self._base, self._entries, self._done = self._roots.list(), 0, [], False
+        while self._base + len(self._entries) <= index and not self._done:
             try:
-                self.entries.append(await anext(self.stream))
+                self._entries.append(await anext(self._stream))
             except StopAsyncIteration:
-                self.done = True
-        return self.entries[index] if index < len(self.entries) else None
+                self._done = True
+        if index >= self._base + len(self._entries):
+            return None
+        return self._entries[index - self._base]
+
+    def forget_before(self, index: int) -> None:
+        """Entries before ``index`` will not be asked for again (short of a rewind)."""
+        drop = min(max(0, index - self._base), len(self._entries))
+        del self._entries[:drop]
+        self._base += drop
 
     async def close(self) -> None:
-        aclose = getattr(self.stream, "aclose", None)
+        aclose = getattr(self._stream, "aclose", None)
         if aclose is not None:
             await aclose()
 
@@ -278,7 +298,7 @@ class CastoreFs(pyfuse3.Operations):
         if dir_inode.ino == ROOT_INODE:
             if not self.list_root:
                 raise _fail(errno.EPERM)
-            return self._add_handle(_RootListing(self.roots.list()))
+            return self._add_handle(_RootListing(self.roots))
         if not isinstance(dir_inode.node, DirectoryNode):
             raise _fail(errno.ENOTDIR)
         return self._add_handle(_DirHandle(dir_inode))
@@ -287,6 +307,7 @@ class CastoreFs(pyfuse3.Operations):
         handle = self._handle(fh)
         if isinstance(handle, _RootListing):
             root = self.inodes.root
+            handle.forget_before(start_id)
             index = start_id
             while entry := await self._guard("listing", root, handle.entry(index)):
                 if not self._reply(token, root, *entry, index + 1):
