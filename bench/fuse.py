@@ -28,7 +28,7 @@ Every timed operation is a child process, timed by wall clock:
     that one file), so the bytes come from the disk;
   - *mount over gRPC, fresh*: a fresh mount whose blob and directory services
     are a ``nixcas daemon`` on a unix socket serving the same store.
-* **find + stat**: ``find DIR -printf '%i %m %s %p\\n'`` (one ``lstat`` per
+* **find + stat**: ``find DIR -printf '%i %m %s %P\\n'`` (one ``lstat`` per
   entry) of the 10,000-file tree: *local* (dentries cached), *mount, fresh*
   (every directory fetched on first access), *mount, again*, and *mount over
   gRPC, fresh*.
@@ -37,7 +37,8 @@ One untimed warm-up checks correctness (SHA-256 of the large file and the
 ``find`` output through the mount equal the local ones) and warms the page
 cache; then ``--runs`` rounds, each running every measurement once.  The
 mount's peak RSS after reading the 1 GiB file is taken from
-``/proc/PID/status`` (``VmHWM``).  Medians are reported; MB/s = bytes /
+``/proc/PID/status`` (``VmHWM``), and the CPU time the mount (and the
+daemon) spent during each measurement from ``/proc/PID/stat``.  Medians are reported; MB/s = bytes /
 median seconds / 10^6.
 """
 
@@ -52,7 +53,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -132,15 +139,23 @@ class Bench:
         self.big = self.src / "large" / "big.bin"
         self.small = self.src / "small"
         self.samples: dict[str, list[float]] = {}
+        self.cpu: dict[str, list[float]] = {}
+        self.daemon_pid: int | None = None
         self.rss: list[float] = []
         self.digest = ""
         self.chunk: Path | None = None
         self.mounts = 0
         self.entries = 0
 
-    def record(self, key: str, seconds: float) -> None:
+    def record(self, key: str, fn: Callable[[], float], *pids: int) -> None:
+        """Time ``fn`` (its own wall clock) and the CPU the given server processes spent meanwhile."""
+        before = [cpu_seconds(pid) for pid in pids]
+        seconds = fn()
+        cpu = sum(cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True))
         self.samples.setdefault(key, []).append(seconds)
-        print(f"  {key:<34} {seconds:8.3f} s", flush=True)
+        if pids:
+            self.cpu.setdefault(key, []).append(cpu)
+        print(f"  {key:<34} {seconds:8.3f} s" + (f"  (server CPU {cpu:.2f} s)" if pids else ""), flush=True)
 
     def prepare(self) -> None:
         if not self.big.exists():
@@ -195,25 +210,27 @@ class Bench:
 
     def round(self, grpc_url: str | None) -> None:
         assert self.chunk is not None
-        self.record("read local, page cache", dd(self.big))
+        big = Path("large") / "big.bin"
+        self.record("read local, page cache", lambda: dd(self.big))
         with self.mount() as m:
-            self.record("read mount, fresh", dd(m.path / "large" / "big.bin"))
+            self.record("read mount, fresh", lambda: dd(m.path / big), m.pid)
             self.rss.append(peak_rss_mib(m.pid))
-            self.record("read mount, again", dd(m.path / "large" / "big.bin"))
+            self.record("read mount, again", lambda: dd(m.path / big), m.pid)
         evict(self.big)
-        self.record("read local, cold", dd(self.big))
+        self.record("read local, cold", lambda: dd(self.big))
         evict(self.chunk)
         with self.mount() as m:
-            self.record("read mount, cold", dd(m.path / "large" / "big.bin"))
-        self.record("find local", find(self.small)[0])
+            self.record("read mount, cold", lambda: dd(m.path / big), m.pid)
+        self.record("find local", lambda: find(self.small)[0])
         with self.mount() as m:
-            self.record("find mount, fresh", find(m.path / "small")[0])
-            self.record("find mount, again", find(m.path / "small")[0])
+            self.record("find mount, fresh", lambda: find(m.path / "small")[0], m.pid)
+            self.record("find mount, again", lambda: find(m.path / "small")[0], m.pid)
         if grpc_url is not None:
+            assert self.daemon_pid is not None
             with self.mount("--blob-service-addr", grpc_url, "--directory-service-addr", grpc_url) as m:
-                self.record("read mount over gRPC, fresh", dd(m.path / "large" / "big.bin"))
+                self.record("read mount over gRPC, fresh", lambda: dd(m.path / big), m.pid, self.daemon_pid)
             with self.mount("--blob-service-addr", grpc_url, "--directory-service-addr", grpc_url) as m:
-                self.record("find mount over gRPC, fresh", find(m.path / "small")[0])
+                self.record("find mount over gRPC, fresh", lambda: find(m.path / "small")[0], m.pid, self.daemon_pid)
 
     def run(self) -> dict[str, Any]:
         self.prepare()
@@ -224,6 +241,7 @@ class Bench:
                 log = self.work / "daemon.log"
                 daemon = stack.enter_context(running_daemon("-l", f"{sock_dir}/d.sock", store=self.store, log=log))
                 url = daemon.client_url()
+                self.daemon_pid = daemon.pid
             for i in range(self.args.runs):
                 print(f"round {i + 1}/{self.args.runs}", flush=True)
                 self.round(url)
@@ -232,16 +250,19 @@ class Bench:
     def report(self) -> dict[str, Any]:
         size = self.args.large_mib * MIB
         rows: dict[str, Any] = {}
-        print(f"\n{'measurement':<34} {'median s':>9} {'min s':>8} {'MB/s':>8}")
+        print(f"\n{'measurement':<34} {'median s':>9} {'min s':>8} {'MB/s':>8} {'server CPU s':>13}")
         for key, values in self.samples.items():
             median = statistics.median(values)
             row: dict[str, Any] = {"median_s": median, "min_s": min(values), "runs": values}
-            mbs = ""
+            mbs = cpu = ""
             if key.startswith("read"):
                 row["mb_s"] = size / median / 1e6
                 mbs = f"{row['mb_s']:8.0f}"
+            if key in self.cpu:
+                row["server_cpu_s"] = self.cpu[key]
+                cpu = f"{statistics.median(self.cpu[key]):13.2f}"
             rows[key] = row
-            print(f"{key:<34} {median:9.3f} {min(values):8.3f} {mbs:>8}")
+            print(f"{key:<34} {median:9.3f} {min(values):8.3f} {mbs:>8} {cpu:>13}")
         seq = rows["read mount, fresh"]["mb_s"]
         find_s = rows["find mount, fresh"]["median_s"]
         verdicts = [
