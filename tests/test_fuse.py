@@ -29,7 +29,7 @@ import zstandard
 
 from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon, short_tmpdir
 from nixcas.testing.fixtures import BLOB_B, HELLOWORLD, SYMLINK_TARGET
-from nixcas.testing.fuse import Mount, needs_fuse, running_mount, start_mount
+from nixcas.testing.fuse import Mount, mount_impossible, needs_fuse, running_mount, start_mount
 
 pytestmark = needs_fuse
 
@@ -111,6 +111,14 @@ def errno_of(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
     except OSError as e:
         return e.errno or 0
     pytest.fail(f"{getattr(fn, '__name__', fn)}{args} did not fail")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _can_mount(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skip (saying why) when libfuse refuses to mount on this machine although /dev/fuse exists."""
+    reason = mount_impossible(tmp_path_factory.mktemp("probe"))
+    if reason is not None:
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,7 +17,15 @@ import pytest
 
 from nixcas.testing.daemon import clean_env, nixcas_command, read_line
 
-__all__ = ["FUSE_SKIP_REASON", "Mount", "needs_fuse", "running_mount", "start_mount", "unmount"]
+__all__ = [
+    "FUSE_SKIP_REASON",
+    "Mount",
+    "mount_impossible",
+    "needs_fuse",
+    "running_mount",
+    "start_mount",
+    "unmount",
+]
 
 MOUNT_TIMEOUT = 20.0
 """Seconds a mount may take to print its 'mounted at' line."""
@@ -33,6 +42,53 @@ def _fuse_skip_reason() -> str | None:
 FUSE_SKIP_REASON = _fuse_skip_reason()
 
 needs_fuse = pytest.mark.skipif(FUSE_SKIP_REASON is not None, reason=FUSE_SKIP_REASON or "")
+
+
+def mount_impossible(workdir: Path) -> str | None:
+    """Why this machine cannot mount at all (libfuse refuses: no permission, no kernel support), or None.
+
+    Mounts an empty directory with ``nixcas castore mount``.  Only a refusal
+    by libfuse itself counts; any other failure is left to the tests to report.
+    """
+    store, mountpoint, empty = workdir / "store", workdir / "mp", workdir / "empty"
+    mountpoint.mkdir()
+    empty.mkdir()
+    env = clean_env()
+    ingest = subprocess.run(
+        nixcas_command("--store-dir", str(store), "castore", "ingest", str(empty), "--json"),
+        capture_output=True,
+        env=env,
+        check=True,
+    )
+    digest = json.loads(ingest.stdout)["digest"]
+    proc = subprocess.Popen(
+        nixcas_command("--store-dir", str(store), "castore", "mount", digest, str(mountpoint)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        line = read_line(proc, MOUNT_TIMEOUT)
+        if line.startswith(b"mounted at "):
+            return None
+        proc.wait(MOUNT_TIMEOUT)
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode(errors="replace")
+        if "cannot mount at" in err:
+            return "mounting is impossible here: " + " / ".join(err.strip().splitlines())
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        unmount(mountpoint)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def unmount(mountpoint: Path) -> None:
