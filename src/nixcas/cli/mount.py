@@ -89,15 +89,12 @@ def serve_mount(
 @click.pass_obj
 def mount(
     settings: Settings,
+    /,
     mountpoint: Path,
     list_root: bool,
     allow_other: bool,
     show_xattr: bool,
-    store_dir: str | None,
-    blob_service_addr: str | None,
-    directory_service_addr: str | None,
-    path_info_service_addr: str | None,
-    composition: str | None,
+    **services: str | None,
 ) -> None:
     """Mount the store paths read-only at MOUNTPOINT (one entry per <hash>-<name>), until unmounted or signalled.
 
@@ -105,13 +102,7 @@ def mount(
     """
     from nixcas.store.fs import PathInfoRootNodes
 
-    settings = settings.override(
-        store_dir=store_dir,
-        blob_service_addr=blob_service_addr,
-        directory_service_addr=directory_service_addr,
-        pathinfo_service_addr=path_info_service_addr,
-        composition=composition,
-    )
+    settings = settings.with_service_options(services)
 
     async def roots(store: Store) -> RootNodes:
         assert store.pathinfos is not None

@@ -6,16 +6,16 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from nixcas.testing.daemon import clean_env, nixcas_command, read_line
+from nixcas.testing.daemon import ServerProcess, clean_env, nixcas_command, read_line
 
 __all__ = [
     "FUSE_SKIP_REASON",
@@ -102,44 +102,18 @@ def unmount(mountpoint: Path) -> None:
 
 
 @dataclass
-class Mount:
+class Mount(ServerProcess):
     """A running ``nixcas … mount`` subprocess and its mountpoint."""
 
-    proc: subprocess.Popen[bytes]
-    path: Path
-    log: Path
+    path: Path = Path()
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"mount {self.pid} did not exit within {timeout} s; stderr:\n{self.stderr()}")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then the exit code (the mount must be gone then)."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-        return self.wait(timeout)
+    kind: ClassVar[str] = "mount"
+    exit_timeout: ClassVar[float] = 20.0
 
     def kill(self) -> None:
         """Remove the mount and the process, whatever state they are in."""
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.proc.wait()
+        super().kill()
         unmount(self.path)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
         """The first stderr line containing ``text`` (waiting for it)."""
@@ -157,7 +131,7 @@ def start_mount(args: Sequence[str], mountpoint: Path, log: Path, *, env: dict[s
     """Run ``nixcas *args`` (a mount command ending in the mountpoint) and wait until it is mounted."""
     with open(log, "wb") as err:
         proc = subprocess.Popen(nixcas_command(*args), stdout=subprocess.PIPE, stderr=err, env=env or clean_env())
-    mount = Mount(proc, mountpoint, log)
+    mount = Mount(proc, log, path=mountpoint)
     try:
         line = read_line(proc, MOUNT_TIMEOUT).decode()
         if line != f"mounted at {mountpoint.absolute()}\n":
