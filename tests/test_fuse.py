@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import stat
@@ -365,6 +366,30 @@ def test_plain_mount_refuses_root_listing_and_xattrs(tmp_path: Path, store: tupl
         assert "unmounted" in mount.stderr()
     finally:
         mount.kill()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="acting as another user needs root and setpriv"
+)
+@pytest.mark.parametrize("allow_other", [False, True])
+def test_allow_other(store: tuple[Path, str], allow_other: bool) -> None:
+    with short_tmpdir() as work:
+        work.chmod(0o755)  # nobody must reach the mountpoint itself
+        options = ["--allow-other"] if allow_other else []
+        mount = castore_mount(store[0], store[1], work / "mp", work / "log", *options)
+        try:
+            as_nobody = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(mount.path / "README")],
+                capture_output=True,
+                check=False,
+                timeout=30,
+            )
+        finally:
+            mount.kill()
+    if allow_other:
+        assert (as_nobody.returncode, as_nobody.stdout) == (0, HELLOWORLD), as_nobody.stderr
+    else:
+        assert as_nobody.returncode != 0 and b"Permission denied" in as_nobody.stderr
 
 
 # -- content missing from the store; stopped by SIGINT ------------------------------------------------
