@@ -19,7 +19,9 @@ from nixcas.castore.blob.base import BlobReader, BytesReader, VerifyingReader
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.fs.directories import DirectoryFetcher
 from nixcas.castore.fs.fuse import CastoreFs, _RootListing
 from nixcas.castore.fs.reader import ReadAhead
 from nixcas.castore.fs.roots import DirectoryRootNodes
@@ -276,3 +278,79 @@ async def test_root_listing_keeps_only_what_is_still_needed_and_restarts_on_rewi
     assert entry is not None and entry[0] == b"e0000"
     assert roots.listings == 2
     await listing.close()
+
+
+# -- directory fetches -----------------------------------------------------------------------
+
+
+class CountingDirectories(MemoryDirectoryService):
+    """Counts the requests a fetcher makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets = 0
+        self.recursive = 0
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        self.gets += 1
+        return await super().get(digest)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        self.recursive += 1
+        async for directory in super().get_recursive(root):
+            yield directory
+
+
+async def three_levels(dirs: DirectoryService, leaves: int = 3) -> tuple[Directory, list[Directory]]:
+    """A root with ``leaves`` sub-directories, each holding one file; all stored."""
+    digest = B3Digest.of(HELLOWORLD)
+    children = [Directory({f"file{i}".encode(): FileNode(digest, 12)}) for i in range(leaves)]
+    for child in children:
+        await dirs.put(child)
+    root = Directory({f"d{i}".encode(): child.node() for i, child in enumerate(children)})
+    await dirs.put(root)
+    return root, children
+
+
+async def test_small_subtree_comes_in_one_request() -> None:
+    dirs = CountingDirectories()
+    root, children = await three_levels(dirs)
+    fetcher = DirectoryFetcher(dirs)
+    assert await fetcher.get(root.node()) == root
+    assert len(fetcher) == 3
+    for child in children:
+        assert await fetcher.get(child.node()) == child
+    assert (dirs.recursive, dirs.gets, len(fetcher)) == (1, 0, 0)
+
+
+async def test_large_subtree_is_fetched_level_by_level() -> None:
+    dirs = CountingDirectories()
+    root, children = await three_levels(dirs)
+    fetcher = DirectoryFetcher(dirs, closure_max_size=root.size - 1)
+    assert await fetcher.get(root.node()) == root
+    assert (dirs.recursive, dirs.gets, len(fetcher)) == (0, 1, 0)
+    assert await fetcher.get(children[0].node()) == children[0]  # small: its own closure
+    assert dirs.recursive == 1
+
+
+async def test_missing_descendant_falls_back_to_the_directory_alone(caplog: pytest.LogCaptureFixture) -> None:
+    dirs = CountingDirectories()
+    lost = Directory({b"x": FileNode(B3Digest.of(HELLOWORLD), 12)})
+    root = Directory({b"lost": lost.node()})
+    await dirs.put(root)  # its child was never stored
+    fetcher = DirectoryFetcher(dirs)
+    assert await fetcher.get(root.node()) == root
+    assert "cannot fetch its closure whole" in caplog.text
+    assert await fetcher.get(lost.node()) is None
+    assert await fetcher.get(DirectoryNode(B3Digest(bytes(32)), 2)) is None
+
+
+async def test_directories_kept_ahead_are_bounded() -> None:
+    dirs = CountingDirectories()
+    root, children = await three_levels(dirs, leaves=10)
+    fetcher = DirectoryFetcher(dirs, keep_entries=4)
+    await fetcher.get(root.node())
+    assert len(fetcher) == 4  # one entry each: the newest four kept
+    assert await fetcher.get(children[-1].node()) == children[-1]
+    assert await fetcher.get(children[0].node()) == children[0]  # dropped: fetched again
+    assert dirs.recursive == 2

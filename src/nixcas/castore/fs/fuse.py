@@ -37,6 +37,7 @@ import pyfuse3.asyncio
 from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.fs.directories import DirectoryFetcher
 from nixcas.castore.fs.inodes import ROOT_INODE, Inode, InodeTable
 from nixcas.castore.fs.reader import ReadAhead
 from nixcas.castore.fs.roots import RootNodes
@@ -149,6 +150,7 @@ class CastoreFs(pyfuse3.Operations):
         self.list_root = list_root
         self.show_xattr = show_xattr
         self.inodes = InodeTable()
+        self.fetcher = DirectoryFetcher(directories)
         self.handles: dict[int, _RootListing | _DirHandle | _FileHandle] = {}
         self._handle_ids = itertools.count(1)
         self.after_init: Callable[[], None] | None = None
@@ -244,7 +246,7 @@ class CastoreFs(pyfuse3.Operations):
         return directory
 
     async def _fetch_directory(self, node: DirectoryNode) -> Directory:
-        directory = await self.directories.get(node.digest)
+        directory = await self.fetcher.get(node)
         if directory is None:
             raise _Missing(f"directory {node.digest} not found")
         return directory
@@ -395,7 +397,10 @@ class CastoreFs(pyfuse3.Operations):
     def stats(self) -> str:
         """What the mount holds in memory (logged on SIGUSR1 and at unmount)."""
         files = sum(isinstance(h, _FileHandle) for h in self.handles.values())
-        return f"{len(self.inodes)} inodes, {files} open files, {len(self.handles) - files} open directories"
+        return (
+            f"{len(self.inodes)} inodes, {len(self.fetcher)} directories fetched ahead, "
+            f"{files} open files, {len(self.handles) - files} open directories"
+        )
 
     # -- shutdown -------------------------------------------------------------------------
 
