@@ -2,6 +2,7 @@
 
 - :mod:`.roots` — :class:`RootNodes`, what the root of a mount holds, and a Directory as one;
 - :mod:`.inodes` — inode numbers, sharing of identical content, eviction;
+- :mod:`.directories` — directory fetches, small subtrees in one request;
 - :mod:`.reader` — positional reads with read-ahead over a blob reader;
 - :mod:`.fuse` — the pyfuse3 operations and the mount loop (imports pyfuse3).
 """

@@ -181,8 +181,8 @@ class CastoreFs(pyfuse3.Operations):
         return fh
 
     @staticmethod
-    async def _guard(what: str, inode: Inode | None, op: Awaitable[T], code: int = errno.EIO) -> T:
-        """Await ``op``; a store failure is logged with the path and answered with ``code``."""
+    async def _guard(what: str, inode: Inode | None, op: Awaitable[T]) -> T:
+        """Await ``op``; a store failure is logged with the path and answered with ``EIO``."""
         try:
             return await op
         except pyfuse3.FUSEError:
@@ -190,7 +190,7 @@ class CastoreFs(pyfuse3.Operations):
         except (NixcasError, OSError) as e:
             where = inode.show_path() if inode is not None else "/"
             log.error("%s %s: %s", what, where, e)
-            raise _fail(code) from None
+            raise _fail(errno.EIO) from None
         except Exception:
             where = inode.show_path() if inode is not None else "/"
             log.exception("%s %s: unexpected error", what, where)
