@@ -7,9 +7,11 @@ the inode table holds) by calling the operations directly.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import os
+import random
 from collections.abc import AsyncIterator
 
 import pyfuse3
@@ -105,6 +107,20 @@ async def test_far_reads_seek_without_rereading() -> None:
     seeks = len(inner.seeks)
     assert await ra.pread(MiB // 2 + 5, 20) == DATA[MiB // 2 + 5 : MiB // 2 + 25]
     assert len(inner.seeks) == seeks
+    await ra.close()
+
+
+async def test_concurrent_reads_of_one_handle() -> None:
+    """The kernel sends several reads of one open file at once; each gets its own bytes."""
+    rng = random.Random(8)  # noqa: S311
+    ra = ReadAhead(CountingReader(DATA), len(DATA), ahead=2 * MiB)
+    sequential = [(o, 128 << 10) for o in range(0, 4 * MiB, 128 << 10)]
+    scattered = [(rng.randrange(len(DATA)), rng.randrange(1, 300_000)) for _ in range(60)]
+    requests = sequential + scattered
+    rng.shuffle(requests)
+    results = await asyncio.gather(*(ra.pread(o, n) for o, n in requests))
+    for (offset, size), data in zip(requests, results, strict=True):
+        assert data == DATA[offset : offset + size], (offset, size)
     await ra.close()
 
 

@@ -69,14 +69,20 @@ def serve_mount(
                 await roots(store), store.blobs, store.directories, list_root=list_root, show_xattr=show_xattr
             )
 
-            def mounted() -> None:
+            mounted = False
+
+            def on_mounted() -> None:
+                nonlocal mounted
+                mounted = True
                 click.echo(f"mounted at {where}")
                 logging.info("serving %r, %r at %s", store.blobs, store.directories, where)
 
             try:
-                await serve(fs, where, allow_other=allow_other, on_mounted=mounted)
-            except RuntimeError as e:  # pyfuse3 reports mount failures this way (libfuse printed why)
-                fail(f"cannot mount at {where}: {e}")
+                await serve(fs, where, allow_other=allow_other, on_mounted=on_mounted)
+            except RuntimeError as e:
+                if mounted:
+                    raise
+                fail(f"cannot mount at {where}: {e}")  # pyfuse3's words; libfuse printed why above
             logging.info("unmounted %s", where)
 
     run(go)
