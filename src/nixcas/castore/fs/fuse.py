@@ -469,8 +469,9 @@ async def serve(
     if allow_other:
         options.add("allow_other")
     where = os.path.abspath(mountpoint)
+    real = os.path.realpath(where)  # now: once mounted, looking at the mount point needs this very loop
     fs.after_init = lambda: log.info(
-        "kernel read-ahead %s", f"{read_ahead_kib} KiB" if set_read_ahead(where, read_ahead_kib) else "unchanged"
+        "kernel read-ahead %s", f"{read_ahead_kib} KiB" if set_read_ahead(real, read_ahead_kib) else "unchanged"
     )
     pyfuse3.init(fs, where, options)
     loop = asyncio.get_running_loop()
