@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
 ## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
-bench: bench-import bench-grpc bench-nar
+bench: bench-import bench-grpc bench-nar bench-fuse
 
 ## bench-import: castore ingest against nix-store --add (needs nix-bin)
 bench-import: $(VENV)/.installed-dev
@@ -62,6 +62,11 @@ bench-grpc: $(VENV)/.installed-dev
 bench-nar: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	$(BIN)/python bench/nar.py --workdir .bench-work/nar --json .bench-work/nar.json
+
+## bench-fuse: 1 GiB sequential read and find+stat of 10,000 files through a mount vs the local disk (needs /dev/fuse)
+bench-fuse: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	$(BIN)/python bench/fuse.py --workdir .bench-work/fuse --json .bench-work/fuse.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

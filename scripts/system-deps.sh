@@ -3,8 +3,8 @@
 # Usage: scripts/system-deps.sh test|bench
 set -euo pipefail
 case "${1:-test}" in
-  test)  packages=(nix-bin) ;;         # real Nix to compare store paths and NARs with
-  bench) packages=(nix-bin time) ;;    # nix-store --add as the peer; GNU time for peak RSS
+  test)  packages=(nix-bin fuse3 libfuse3-dev pkg-config gcc python3-dev) ;;  # real Nix; FUSE mounts (pyfuse3 is built)
+  bench) packages=(nix-bin time fuse3 libfuse3-dev pkg-config gcc python3-dev) ;;  # nix-store --add; GNU time; FUSE
   *) echo "system-deps: unknown profile $1" >&2; exit 2 ;;
 esac
 missing=()

@@ -13,8 +13,11 @@ import click
 from rich.console import Console
 from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
+from nixcas.api import Store
+from nixcas.castore.fs.roots import DirectoryRootNodes, RootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.cli.common import Settings, parse_digest, run, show_bytes
+from nixcas.cli.mount import mount_options, serve_mount
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
 
@@ -134,3 +137,23 @@ def cat(settings: Settings, digest: str) -> None:
         out.flush()
 
     run(go)
+
+
+@castore.command()
+@click.argument("digest")
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@mount_options
+@click.pass_obj
+def mount(
+    settings: Settings, digest: str, mountpoint: Path, list_root: bool, allow_other: bool, show_xattr: bool
+) -> None:
+    """Mount the directory DIGEST read-only at MOUNTPOINT, until unmounted or signalled.
+
+    Its entries are the root of the mount; contents are fetched lazily.
+    """
+    root = parse_digest(digest)
+
+    async def roots(store: Store) -> RootNodes:
+        return DirectoryRootNodes(await store.get_directory(root))
+
+    serve_mount(settings, mountpoint, roots, list_root=list_root, allow_other=allow_other, show_xattr=show_xattr)

@@ -7,7 +7,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
@@ -48,6 +48,16 @@ class Settings:
     def override(self, **values: str | None) -> Settings:
         """These settings with the given options replaced where they were given."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def with_service_options(self, options: Mapping[str, str | None]) -> Settings:
+        """These settings with the options of :func:`service_options` given after a command's name."""
+        return self.override(
+            store_dir=options.get("store_dir"),
+            blob_service_addr=options.get("blob_service_addr"),
+            directory_service_addr=options.get("directory_service_addr"),
+            pathinfo_service_addr=options.get("path_info_service_addr"),
+            composition=options.get("composition"),
+        )
 
 
 def service_options(f: Callable[..., Any]) -> Callable[..., Any]:

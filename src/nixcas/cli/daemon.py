@@ -32,27 +32,12 @@ from nixcas.server import DEFAULT_LISTEN, start_server
     help="On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back).",
 )
 @click.pass_obj
-def daemon(
-    settings: Settings,
-    listen: str,
-    store_dir: str | None,
-    blob_service_addr: str | None,
-    directory_service_addr: str | None,
-    path_info_service_addr: str | None,
-    composition: str | None,
-    shutdown_grace: float,
-) -> None:
+def daemon(settings: Settings, /, listen: str, shutdown_grace: float, **services: str | None) -> None:
     """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
-    settings = settings.override(
-        store_dir=store_dir,
-        blob_service_addr=blob_service_addr,
-        directory_service_addr=directory_service_addr,
-        pathinfo_service_addr=path_info_service_addr,
-        composition=composition,
-    )
+    settings = settings.with_service_options(services)
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:

@@ -11,6 +11,7 @@ from nixcas import __version__
 from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
 from nixcas.cli.daemon import daemon
+from nixcas.cli.mount import mount
 from nixcas.cli.store import copy, dump_path, import_, path_info
 
 
@@ -50,6 +51,7 @@ cli.add_command(import_)
 cli.add_command(dump_path)
 cli.add_command(path_info)
 cli.add_command(copy)
+cli.add_command(mount)
 
 
 def main() -> None:

@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 __all__ = [
     "STARTUP_TIMEOUT",
     "Daemon",
+    "ServerProcess",
     "clean_env",
     "files_under",
     "nixcas_command",
@@ -65,17 +66,55 @@ def short_tmpdir() -> Iterator[Path]:
 
 
 @dataclass
-class Daemon:
-    """A running ``nixcas daemon`` subprocess."""
+class ServerProcess:
+    """A long-running ``nixcas`` subprocess (a daemon, a mount) with its stderr in a log file."""
 
     proc: subprocess.Popen[bytes]
-    url: str
-    store: Path | None
     log: Path
+
+    kind: ClassVar[str] = "process"
+    exit_timeout: ClassVar[float] = 10.0
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        timeout = self.exit_timeout if timeout is None else timeout
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.kind} {self.pid} did not exit within {timeout} s; stderr:\n{self.stderr()}")
+
+    def stop(self, timeout: float | None = None) -> int:
+        """SIGTERM, then wait for the exit code."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@dataclass
+class Daemon(ServerProcess):
+    """A running ``nixcas daemon`` subprocess."""
+
+    url: str = ""
+    store: Path | None = None
+
+    kind: ClassVar[str] = "daemon"
 
     @property
     def unix_path(self) -> Path | None:
@@ -92,32 +131,6 @@ class Daemon:
     def client_url(self, **options: str) -> str:
         options = {"wait-connect": "1", "connect-timeout": "10", **options}
         return self.url + "?" + "&".join(f"{k}={v}" for k, v in options.items())
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 10.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"daemon {self.pid} did not exit within {timeout} s; stderr:\n{self.stderr()}")
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then wait for the exit code."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
     # -- the embedded store on disk ------------------------------------------------
 
@@ -176,7 +189,7 @@ def start_daemon(
         args += store_args
     with open(log, "wb") as err:
         proc = subprocess.Popen(nixcas_command(*args), stdout=subprocess.PIPE, stderr=err, env=clean_env())
-    daemon = Daemon(proc, "", store, log)
+    daemon = Daemon(proc, log, store=store)
     try:
         line = read_line(proc, STARTUP_TIMEOUT).decode()
         if not line.startswith("listening on ") or not line.endswith("\n") or line.count("\n") != 1:

@@ -1,0 +1,125 @@
+"""``nixcas mount`` (store paths) and what ``nixcas castore mount`` shares with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nixcas.api import Store
+from nixcas.castore.fs.roots import RootNodes
+from nixcas.cli.common import Settings, fail, run, service_options
+
+
+def mount_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every mount command takes."""
+    for option in reversed(
+        [
+            click.option(
+                "-l", "--list-root", is_flag=True, help="Allow listing the root (otherwise readdir of it is EPERM)."
+            ),
+            click.option("--allow-other", is_flag=True, help="Let other users access the mount (FUSE allow_other)."),
+            click.option(
+                "--show-xattr",
+                is_flag=True,
+                help="Offer user.{tvix,snix}.castore.{blob,directory}.digest extended attributes.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise click.BadParameter(f"{mountpoint}: not a directory", param_hint="MOUNTPOINT")
+    if os.path.ismount(mountpoint):
+        raise click.BadParameter(f"{mountpoint}: something is already mounted there", param_hint="MOUNTPOINT")
+
+
+def serve_mount(
+    settings: Settings,
+    mountpoint: Path,
+    roots: Callable[[Store], Awaitable[RootNodes]],
+    *,
+    list_root: bool,
+    allow_other: bool,
+    show_xattr: bool,
+    with_pathinfo: bool = False,
+) -> None:
+    """Open the store, mount what ``roots`` gives at ``mountpoint``, serve until unmounted or signalled.
+
+    Prints ``mounted at /abs/mountpoint`` on stdout once mounted.
+    """
+    try:
+        from nixcas.castore.fs.fuse import CastoreFs, serve
+    except ImportError as e:
+        fail(f"FUSE support needs pyfuse3 (pip install 'nixcas[fuse]'; it builds against libfuse3-dev): {e}")
+    check_mountpoint(mountpoint)
+    logging.basicConfig(level=logging.INFO, format="nixcas mount: %(levelname)s: %(message)s")
+    where = mountpoint.absolute()
+
+    async def go() -> None:
+        async with await settings.open_store(with_pathinfo=with_pathinfo) as store:
+            fs = CastoreFs(
+                await roots(store), store.blobs, store.directories, list_root=list_root, show_xattr=show_xattr
+            )
+
+            mounted = False
+
+            def on_mounted() -> None:
+                nonlocal mounted
+                mounted = True
+                click.echo(f"mounted at {where}")
+                logging.info("serving %r, %r at %s", store.blobs, store.directories, where)
+
+            try:
+                await serve(fs, where, allow_other=allow_other, on_mounted=on_mounted)
+            except RuntimeError as e:
+                if mounted:
+                    raise
+                fail(f"cannot mount at {where}: {e}")  # pyfuse3's words; libfuse printed why above
+            logging.info("unmounted %s", where)
+
+    run(go)
+
+
+@click.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@mount_options
+@service_options
+@click.pass_obj
+def mount(
+    settings: Settings,
+    /,
+    mountpoint: Path,
+    list_root: bool,
+    allow_other: bool,
+    show_xattr: bool,
+    **services: str | None,
+) -> None:
+    """Mount the store paths read-only at MOUNTPOINT (one entry per <hash>-<name>), until unmounted or signalled.
+
+    Contents are fetched lazily: directories on first access, file data as it is read.
+    """
+    from nixcas.store.fs import PathInfoRootNodes
+
+    settings = settings.with_service_options(services)
+
+    async def roots(store: Store) -> RootNodes:
+        assert store.pathinfos is not None
+        return PathInfoRootNodes(store.pathinfos)
+
+    serve_mount(
+        settings,
+        mountpoint,
+        roots,
+        list_root=list_root,
+        allow_other=allow_other,
+        show_xattr=show_xattr,
+        with_pathinfo=True,
+    )
