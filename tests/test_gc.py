@@ -95,7 +95,7 @@ def subtrees(root: Path) -> set[object]:
     return found
 
 
-LIB = {"l1": b"library one\n", "l2": b"library two\n" * 100}
+LIB: dict[str, object] = {"l1": b"library one\n", "l2": b"library two\n" * 100}
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ __all__ = [
 KINDS = ("directory", "blob", "chunk")
 """The kinds of object a collection reports on, in sweep order."""
 
-FOREVER_NS = 1 << 63
+FOREVER_NS = (1 << 63) - 1
 """A cutoff no object is younger than (deletes unconditionally: repairs)."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,6 +163,8 @@ def delete(settings: Settings, store_paths: tuple[str, ...], force: bool) -> Non
 
 async def _repair_source(url: str) -> Store:
     """``--repair-from``: a service URL (all three services there, e.g. a daemon) or a store directory."""
+    if "://" not in url and not os.path.isdir(url):
+        raise ConfigurationError(f"--repair-from {url!r}: not a store directory or a service URL")
     if "://" in url:
         return await Store.open(
             blob_service_url=url, directory_service_url=url, pathinfo_service_url=url, with_pathinfo=True
