@@ -18,8 +18,8 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.testing.daemon import running_daemon
+from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
 from nixcas.testing.nix import NIX_STORE, run_nix
-from tests.test_gc import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
 
 CHUNKS = [bytes([i]) * 40_000 + bytes(range(256)) for i in range(3)]
 """The content of ``data/chunked``, stored in the damaged store as a three-chunk blob."""
