@@ -17,7 +17,7 @@ import click
 
 from nixcas.api import Store, default_store_dir
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.gc import WriteLeases
+from nixcas.castore.gc import SweepableBlobs, SweepableDirectories, WriteLeases
 from nixcas.errors import ConfigurationError, NixcasError
 
 T = TypeVar("T")
@@ -62,9 +62,12 @@ class Settings:
 
     @asynccontextmanager
     async def open_store_to_write(self, *, with_pathinfo: bool = False) -> AsyncIterator[Store]:
-        """:meth:`open_store` under a write lease (held until the store is closed)."""
-        with self.write_lease():
-            async with await self.open_store(with_pathinfo=with_pathinfo) as store:
+        """:meth:`open_store`, under a write lease (until closed) when GC can act on its services."""
+        async with await self.open_store(with_pathinfo=with_pathinfo) as store:
+            if isinstance(store.blobs, SweepableBlobs) or isinstance(store.directories, SweepableDirectories):
+                with self.write_lease():
+                    yield store
+            else:
                 yield store
 
     def override(self, **values: str | None) -> Settings:
