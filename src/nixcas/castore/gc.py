@@ -28,6 +28,7 @@ import fcntl
 import os
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,6 +326,8 @@ class GcReport:
     cutoff_ns: int
     kinds: dict[str, KindReport] = field(default_factory=lambda: {k: KindReport() for k in KINDS})
     missing_directories: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per phase: ``mark``, then the sweep of each kind."""
 
     @property
     def freed(self) -> int:
@@ -342,6 +345,7 @@ class GcReport:
             "freed_bytes": self.freed_bytes,
             "missing_directories": self.missing_directories,
             "kinds": {name: k.to_json() for name, k in self.kinds.items()},
+            "seconds": {name: round(t, 3) for name, t in self.seconds.items()},
         }
 
 
@@ -424,9 +428,18 @@ async def collect(
     progress = progress or _NoProgress()
     report = GcReport(dry_run, cutoff_ns)
 
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        report.seconds[name] = now - started
+        started = now
+
     progress.phase("marking", None)
     marked = await mark(directories, root_directories, root_blobs, on_directory=progress.advance)
     report.missing_directories = len(marked.missing_directories)
+    lap("mark")
 
     progress.phase("directories", None)
     await _sweep(
@@ -438,6 +451,7 @@ async def collect(
         dry_run,
         progress,
     )
+    lap("directory")
 
     # A single-chunk blob's chunk object has the blob's own digest; marked blobs keep theirs
     # even if their index went missing.
@@ -458,6 +472,7 @@ async def collect(
         progress,
         survivors=keep_chunks,
     )
+    lap("blob")
     progress.phase("chunks", None)
     await _sweep(
         sweep_blobs.scan_chunks(),
@@ -468,4 +483,5 @@ async def collect(
         dry_run,
         progress,
     )
+    lap("chunk")
     return report
