@@ -70,4 +70,4 @@ clean:
 bench-gc: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	@mkdir -p .bench-work
-	$(BIN)/python bench/gc.py --workdir .bench-work --json .bench-work/gc.json
+	$(BIN)/python bench/gc_sweep.py --workdir .bench-work --json .bench-work/gc.json

@@ -3,7 +3,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/gc.py [--objects 100000] [--workdir DIR] [--json OUT] [--skip-nix]
+    .venv/bin/python bench/gc_sweep.py [--objects 100000] [--workdir DIR] [--json OUT] [--skip-nix]
 
 **nixcas.**  An embedded store (``objectstore+file`` blobs, ``sqlite``
 directories) is filled through the library with ``--objects`` castore
