@@ -151,6 +151,33 @@ def parse_duration(text: str) -> int:
     return total
 
 
+def scan_in_memory(data: dict[B3Digest, bytes], mtimes: dict[B3Digest, int]) -> Iterator[list[StoredObject]]:
+    """The objects of an in-memory backend (``digest -> bytes``, ``digest -> mtime``), in batches."""
+    items = list(data.items())
+    for i in range(0, len(items), SCAN_BATCH):
+        yield [StoredObject(d, len(raw), mtimes.get(d, 0)) for d, raw in items[i : i + SCAN_BATCH]]
+
+
+def delete_in_memory(
+    data: dict[B3Digest, bytes], mtimes: dict[B3Digest, int], objects: Sequence[StoredObject], cutoff_ns: int
+) -> Deletion:
+    """Delete-if-older for an in-memory backend (runs on the event loop: atomic with its puts)."""
+    done = Deletion()
+    for obj in objects:
+        if obj.digest not in data:
+            continue
+        if mtimes.get(obj.digest, 0) >= cutoff_ns:
+            done.kept.append(obj)
+        else:
+            del data[obj.digest]
+            mtimes.pop(obj.digest, None)
+            done.deleted.append(obj)
+    return done
+
+
+SCAN_BATCH = 1000
+
+
 # -- write leases ------------------------------------------------------------------
 
 

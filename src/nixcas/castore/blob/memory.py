@@ -20,7 +20,7 @@ from nixcas.castore.blob.base import (
     WriterState,
 )
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
@@ -71,26 +71,15 @@ class MemoryBlobService(BlobService):
     # -- garbage collection (nixcas.castore.gc) ------------------------------------
 
     async def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
-        items = list(self._blobs.items())
-        for i in range(0, len(items), 1000):
-            yield [StoredObject(d, len(data), self._mtimes.get(d, 0)) for d, data in items[i : i + 1000]]
+        for batch in scan_in_memory(self._blobs, self._mtimes):
+            yield batch
 
     async def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
         return  # blobs are kept whole
         yield
 
     async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        done = Deletion()
-        for obj in objects:
-            if obj.digest not in self._blobs:
-                continue
-            if self._mtimes.get(obj.digest, 0) >= cutoff_ns:
-                done.kept.append(obj)
-            else:
-                del self._blobs[obj.digest]
-                self._mtimes.pop(obj.digest, None)
-                done.deleted.append(obj)
-        return done
+        return delete_in_memory(self._blobs, self._mtimes, objects, cutoff_ns)
 
     async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         return Deletion()

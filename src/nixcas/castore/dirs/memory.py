@@ -10,7 +10,7 @@ from urllib.parse import SplitResult
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
@@ -54,19 +54,8 @@ class MemoryDirectoryService(DirectoryService):
     # -- garbage collection (nixcas.castore.gc) ------------------------------------
 
     async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
-        items = list(self._data.items())
-        for i in range(0, len(items), 1000):
-            yield [StoredObject(d, len(raw), self._mtimes.get(d, 0)) for d, raw in items[i : i + 1000]]
+        for batch in scan_in_memory(self._data, self._mtimes):
+            yield batch
 
     async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        done = Deletion()
-        for obj in objects:
-            if obj.digest not in self._data:
-                continue
-            if self._mtimes.get(obj.digest, 0) >= cutoff_ns:
-                done.kept.append(obj)
-            else:
-                del self._data[obj.digest]
-                self._mtimes.pop(obj.digest, None)
-                done.deleted.append(obj)
-        return done
+        return delete_in_memory(self._data, self._mtimes, objects, cutoff_ns)
