@@ -158,7 +158,7 @@ def main() -> None:
     if args.objects < 200 or args.objects % 200:
         parser.error("--objects must be a positive multiple of 200")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        work = Path(tmp)
+        work = Path(tmp).absolute()
         results: dict[str, Any] = {
             "objects": args.objects,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
