@@ -339,6 +339,15 @@ def test_pins(tmp_path: Path, trees: dict[str, Path]) -> None:
     assert nixcas("castore", "ls", "-r", a_root, store=store).returncode == 0
     assert nixcas("castore", "ls", b_root, store=store).returncode == 1
 
+    single = tmp_path / "single-file"
+    single.write_bytes(b"a pinned blob\n")
+    pinned = nixcas("castore", "ingest", str(single), "--json", "--pin", "blob", store=store)
+    assert json.loads(pinned.stdout)["type"] == "file"
+    backdate(store, 3600)
+    report = gc_json(store, "--grace", "0s")
+    assert report["freed"] == 0 and report["missing_directories"] == 0  # a pinned blob is a blob root
+    assert nixcas("castore", "cat", json.loads(pinned.stdout)["digest"], store=store).stdout == "a pinned blob\n"
+
     one_line_error(nixcas("castore", "unpin", "b", store=store), 1, "no pin named 'b'")
     one_line_error(nixcas("castore", "pin", "gone", b_root, store=store), 1, "no such directory or blob")
     one_line_error(nixcas("castore", "pin", "bad name", a_root, store=store), 2, "contains ' '")

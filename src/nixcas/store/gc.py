@@ -40,14 +40,23 @@ class Roots:
     pathinfos: int = 0
     pins: int = 0
 
-    def add(self, node: Node | B3Digest) -> None:
+    pinned: list[B3Digest] = field(default_factory=list)
+    """Pinned digests: directories or blobs (:meth:`resolve_pins` sorts them)."""
+
+    def add(self, node: Node) -> None:
         if isinstance(node, DirectoryNode):
             self.directories.append(node.digest)
         elif isinstance(node, FileNode):
             self.blobs.append(node.digest)
-        elif isinstance(node, B3Digest):  # a pin: a directory or a blob, whichever exists
-            self.directories.append(node)
-            self.blobs.append(node)
+
+    async def resolve_pins(self, directories: DirectoryService) -> None:
+        """Each pinned digest is a directory root if such a directory is stored, else a blob root."""
+        for i in range(0, len(self.pinned), 1000):
+            batch = self.pinned[i : i + 1000]
+            found = await directories.get_many_raw(batch)
+            for digest in batch:
+                (self.directories if digest in found else self.blobs).append(digest)
+        self.pinned = []
 
 
 async def gather_roots(pathinfos: PathInfoService | None, pins: PinStore | None) -> Roots:
@@ -59,7 +68,7 @@ async def gather_roots(pathinfos: PathInfoService | None, pins: PinStore | None)
             roots.pathinfos += 1
     if pins is not None:
         for pin in await pins.list():
-            roots.add(pin.digest)
+            roots.pinned.append(pin.digest)
             roots.pins += 1
     return roots
 
@@ -81,6 +90,7 @@ async def collect_garbage(
         raise ValidationError("the grace period cannot be negative")
     cutoff_ns = leases.cutoff_ns(grace_ns)
     roots = await gather_roots(pathinfos, pins)
+    await roots.resolve_pins(directories)
     report = await collect(
         blobs,
         directories,
