@@ -476,3 +476,30 @@ def test_gc_concurrent_with_imports_never_breaks_a_path(tmp_path: Path) -> None:
     final = gc_json(store, "--grace", "0s")
     assert final["missing_directories"] == 0
     assert nixcas("fsck", "--check-contents", "--check-nar", store=store).returncode == 0
+
+
+def test_temporary_files_and_interrupted_deletions(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    digest = asyncio.run(put_blob(store, b"kept by a pin\n"))
+    assert nixcas("castore", "pin", "p", digest.hex(), store=store).returncode == 0
+    tmp = store / "blobs" / "tmp"
+    stale, fresh = tmp / "123.abc.7", tmp / "123.abc.8"
+    stale.write_bytes(b"x" * 10)
+    fresh.write_bytes(b"y")
+    os.utime(stale, ns=(0, time.time_ns() - 2 * HOUR_NS))
+    # A collection that died between moving a chunk aside and deleting it:
+    chunk = store / "blobs" / chunk_key(digest)
+    moved = tmp / f"gc.999.abcdef.0.chunks.{digest.hex()}"
+    chunk.rename(moved)
+    report = gc_json(store, "--grace", "1h")
+    assert freed(report, "temporary") == (1, 10)
+    assert not stale.exists() and fresh.exists() and not moved.exists() and chunk.exists()
+    assert nixcas("castore", "cat", digest.hex(), store=store).stdout == "kept by a pin\n"
+    assert nixcas("fsck", "--check-contents", store=store).returncode == 0
+
+
+def test_one_collection_at_a_time(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    with WriteLeases(store / "leases").collecting():
+        one_line_error(nixcas("gc", store=store), 1, "another garbage collection is running on this store")
+    assert nixcas("gc", store=store).returncode == 0

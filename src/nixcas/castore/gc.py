@@ -59,7 +59,7 @@ __all__ = [
     "require_sweepable",
 ]
 
-KINDS = ("directory", "blob", "chunk")
+KINDS = ("directory", "blob", "chunk", "temporary")
 """The kinds of object a collection reports on, in sweep order."""
 
 FOREVER_NS = (1 << 63) - 1
@@ -105,6 +105,14 @@ class SweepableBlobs(Protocol):
 
     async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         """Delete those chunk objects that are still older than ``cutoff_ns``."""
+
+
+@runtime_checkable
+class HasTemporaryFiles(Protocol):
+    """A backend that keeps temporary files (the local blob store's ``tmp/``)."""
+
+    async def sweep_temporary(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        """Undo interrupted deletions; remove temporary files older than the cutoff; return those removed."""
 
 
 @runtime_checkable
@@ -207,6 +215,20 @@ class WriteLeases:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """One collection at a time per store (another one running is a :class:`StorageError`)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".gc.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StorageError(f"another garbage collection is running on this store ({self.directory})") from None
+            yield
+        finally:
             os.close(fd)
 
     def now_ns(self) -> int:
@@ -511,4 +533,10 @@ async def collect(
         progress,
     )
     lap("chunk")
+    if isinstance(blobs, HasTemporaryFiles):
+        swept = await blobs.sweep_temporary(cutoff_ns, dry_run)
+        temporary = report.kinds["temporary"]
+        temporary.scanned = temporary.freed = len(swept)
+        temporary.freed_bytes = sum(o.size for o in swept)
+        lap("temporary")
     return report

@@ -88,18 +88,19 @@ async def collect_garbage(
     require_sweepable(blobs, directories)
     if grace_ns < 0:
         raise ValidationError("the grace period cannot be negative")
-    cutoff_ns = leases.cutoff_ns(grace_ns)
-    roots = await gather_roots(pathinfos, pins)
-    await roots.resolve_pins(directories)
-    report = await collect(
-        blobs,
-        directories,
-        roots.directories,
-        roots.blobs,
-        cutoff_ns=cutoff_ns,
-        dry_run=dry_run,
-        progress=progress,
-    )
+    with leases.collecting():
+        cutoff_ns = leases.cutoff_ns(grace_ns)
+        roots = await gather_roots(pathinfos, pins)
+        await roots.resolve_pins(directories)
+        report = await collect(
+            blobs,
+            directories,
+            roots.directories,
+            roots.blobs,
+            cutoff_ns=cutoff_ns,
+            dry_run=dry_run,
+            progress=progress,
+        )
     return report, roots
 
 

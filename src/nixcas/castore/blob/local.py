@@ -494,15 +494,17 @@ class LocalBlobService(BlobService):
     def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
         return self._scan("chunks")
 
-    def _trash_path(self) -> str:
-        return f"{self._tmp}/gc.{self._temp_prefix}.{next(self._counter)}"
+    def _trash_path(self, path: str) -> str:
+        """Where a deletion moves ``path`` first; the name keeps its key, so an interrupted one can be undone."""
+        kind, name = path[len(self._root) + 1 :].split("/", 1)[0], os.path.basename(path)
+        return f"{self._tmp}/gc.{self._temp_prefix}.{next(self._counter)}.{kind}.{name}"
 
     def _delete_sync(self, path: str, age: Callable[[str], int], cutoff_ns: int) -> bool | None:
         """Move ``path`` aside, look at its age again, then drop it (``True``) or put it back (``False``).
 
         ``None``: it was already gone.  Putting back never replaces a file written meanwhile.
         """
-        trash = self._trash_path()
+        trash = self._trash_path(path)
         try:
             os.rename(path, trash)
         except FileNotFoundError:
@@ -514,7 +516,8 @@ class LocalBlobService(BlobService):
                 return False
             return True
         finally:
-            os.unlink(trash)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(trash)
 
     def _delete_objects_sync(self, objects: Sequence[StoredObject], cutoff_ns: int, blobs: bool) -> Deletion:
         done = Deletion()
@@ -540,6 +543,39 @@ class LocalBlobService(BlobService):
 
     async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, True)
+
+    def _sweep_temporary_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        """Undo interrupted deletions (``gc.…`` names: moved back); remove other temp files older than the cutoff."""
+        swept: list[StoredObject] = []
+        for entry in list(os.scandir(self._tmp)):
+            parts = entry.name.split(".")
+            if entry.name.startswith("gc.") and len(parts) == 6 and parts[4] in ("blobs", "chunks"):
+                try:
+                    digest = B3Digest(bytes.fromhex(parts[5]))
+                except ValueError:
+                    digest = None
+                if digest is not None and len(digest) == DIGEST_LEN:
+                    if not dry_run:  # put it back: the next collection decides again
+                        final = f"{self._root}/{blob_index_key(digest) if parts[4] == 'blobs' else chunk_key(digest)}"
+                        self._dir_for(final)
+                        with contextlib.suppress(FileExistsError, FileNotFoundError):
+                            os.link(entry.path, final)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                    continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime_ns < cutoff_ns:  # left by a writer that died (live writers keep it fresh)
+                if not dry_run:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                swept.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
+        return swept
+
+    async def sweep_temporary(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        return await asyncio.to_thread(self._sweep_temporary_sync, cutoff_ns, dry_run)
 
     async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, False)
