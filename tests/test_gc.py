@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import blake3
@@ -23,7 +24,7 @@ from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
-from nixcas.castore.gc import WriteLeases, collect, parse_duration
+from nixcas.castore.gc import StoredObject, WriteLeases, collect, parse_duration
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.errors import ConfigurationError
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
@@ -503,3 +504,70 @@ def test_one_collection_at_a_time(tmp_path: Path) -> None:
     with WriteLeases(store / "leases").collecting():
         one_line_error(nixcas("gc", store=store), 1, "another garbage collection is running on this store")
     assert nixcas("gc", store=store).returncode == 0
+
+
+@pytest.fixture(params=["memory", "objectstore+file"])
+def sweepable_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> MemoryBlobService | LocalBlobService:
+    return MemoryBlobService() if request.param == "memory" else LocalBlobService(tmp_path / "blobs")
+
+
+async def scan_all(scan: AsyncIterator[list[StoredObject]]) -> dict[B3Digest, StoredObject]:
+    return {o.digest: o async for batch in scan for o in batch}
+
+
+async def test_sweepable_blob_contract(sweepable_blobs: MemoryBlobService | LocalBlobService) -> None:
+    blobs = sweepable_blobs
+    before = time.time_ns() - 10**9  # filesystem clocks are coarse
+    small, big = b"a small blob", os.urandom(3 << 20)
+    digests = [await blobs.put(small), await blobs.put(big)]
+    stored = await scan_all(blobs.scan_blobs())
+    assert set(stored) == set(digests) and all(o.mtime_ns >= before for o in stored.values())
+
+    kept = await blobs.delete_blobs(list(stored.values()), before)  # younger than the cutoff: kept
+    assert kept.deleted == [] and len(kept.kept) == 2 and all([await blobs.has(d) for d in digests])
+
+    old = stored[digests[0]].mtime_ns
+    await asyncio.sleep(0.05)
+    await blobs.put(small)  # a re-put refreshes the age
+    assert (await scan_all(blobs.scan_blobs()))[digests[0]].mtime_ns > old
+
+    now = time.time_ns() + 10**9
+    gone = await blobs.delete_blobs(list(stored.values()), now)
+    assert len(gone.deleted) == 2 and gone.kept == []
+    chunks = list((await scan_all(blobs.scan_chunks())).values())
+    assert len((await blobs.delete_chunks(chunks, now)).deleted) == len(chunks)
+    assert not any([await blobs.has(d) for d in digests])
+    again = await blobs.delete_blobs(list(stored.values()), now)  # already gone: success, nothing counted
+    assert again.deleted == [] and again.kept == []
+    assert await blobs.put(small) == digests[0] and await blobs.read(digests[0]) == small  # and it can come back
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def sweepable_dirs(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[MemoryDirectoryService | SqliteDirectoryService]:
+    service = MemoryDirectoryService() if request.param == "memory" else SqliteDirectoryService(str(tmp_path / "d.db"))
+    yield service
+    await service.close()
+
+
+async def test_sweepable_directory_contract(sweepable_dirs: MemoryDirectoryService | SqliteDirectoryService) -> None:
+    dirs = sweepable_dirs
+    leaf = Directory([(b"f", FileNode(EMPTY_DIGEST, 0))])
+    top = Directory([(b"leaf", leaf.node())])
+    before = time.time_ns()
+    await dirs.put(leaf)
+    await dirs.put(top)
+    stored = await scan_all(dirs.scan_directories())
+    assert set(stored) == {leaf.digest, top.digest}
+    assert stored[leaf.digest].size == len(leaf.encode()) and stored[leaf.digest].mtime_ns >= before
+    assert len((await dirs.delete_directories(list(stored.values()), before)).kept) == 2
+    await asyncio.sleep(0.01)
+    await dirs.put(leaf)
+    assert (await scan_all(dirs.scan_directories()))[leaf.digest].mtime_ns > stored[leaf.digest].mtime_ns
+    cutoff = time.time_ns() + 1
+    done = await dirs.delete_directories([stored[top.digest]], cutoff)
+    assert done.deleted == [stored[top.digest]] and await dirs.get(top.digest) is None
+    assert await dirs.get(leaf.digest) == leaf
+    again = await dirs.delete_directories([stored[top.digest]], cutoff)
+    assert again.deleted == [] and again.kept == []
