@@ -241,3 +241,18 @@ def test_unreferenced_damage_is_reported(tmp_path: Path) -> None:
     result = nixcas("fsck", "--check-contents", store=store)
     assert result.returncode == 1
     assert result.stdout.splitlines()[0].startswith(f"(unreferenced): blob {digest.hex()} is corrupt")
+
+
+def test_invalid_pathinfo_record(damaged: tuple[Path, Path, PathInfo, dict[str, B3Digest]]) -> None:
+    good, bad, info, _ = damaged
+    with sqlite3.connect(bad / "pathinfo.sqlite") as conn:
+        conn.execute("UPDATE pathinfo SET data = ? WHERE digest = ?", (b"\xff garbage", info.digest))
+    conn.close()
+    one_line_error(nixcas("gc", store=bad), 1, "is invalid")  # no collection without knowing every root
+    result = nixcas("fsck", store=bad)
+    assert result.returncode == 1
+    hash_part = str(info.store_path)[len("/nix/store/") :].split("-", 1)[0]
+    assert result.stdout.startswith(f"/nix/store/{hash_part}: pathinfo-record {hash_part} is invalid: ")
+    repaired = nixcas("fsck", "--repair-from", str(good), store=bad)
+    assert repaired.returncode == 0, repaired
+    assert nixcas("path-info", str(info.store_path), store=bad).returncode == 0

@@ -23,11 +23,12 @@ from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.pins import PinStore
 from nixcas.errors import NixcasError
+from nixcas.store import nixbase32
 from nixcas.store.hashes import HashAlgo, NixHash
 from nixcas.store.nar.render import nar_size_sha256
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo
-from nixcas.store.store_path import StorePath
+from nixcas.store.store_path import STORE_DIR, StorePath
 
 __all__ = ["FsckReport", "RepairSource", "fsck"]
 
@@ -86,8 +87,12 @@ class _Pass:
 
         checker.on_object = counted
         if self.pathinfos is not None:
-            async for info in self.pathinfos.list():
-                self.infos[info.store_path] = info
+            async for digest, info in self.pathinfos.list_checked():
+                if isinstance(info, PathInfo):
+                    self.infos[info.store_path] = info
+                else:
+                    where = f"{STORE_DIR}/{nixbase32.encode(digest)}"
+                    yield Problem(where, "pathinfo-record", nixbase32.encode(digest), f"is invalid: {info}")
         for path, info in sorted(self.infos.items(), key=lambda kv: str(kv[0])):
             async for problem in checker.walk(str(path), info.node):
                 yield problem
@@ -196,6 +201,14 @@ async def _repair(
             return False
         theirs = await source.pathinfos.get(path.digest)
         if theirs is None or theirs.store_path != path:
+            return False
+        await repairer.tree(theirs.node)
+        await pathinfos.put(theirs)
+        return True
+    if problem.kind == "pathinfo-record":
+        digest = nixbase32.decode(problem.name)
+        theirs = None if source.pathinfos is None else await source.pathinfos.get(digest)
+        if theirs is None or pathinfos is None:
             return False
         await repairer.tree(theirs.node)
         await pathinfos.put(theirs)

@@ -426,14 +426,26 @@ class LocalBlobService(BlobService):
             index_size = os.stat(self._index_path(digest)).st_size
         except FileNotFoundError:
             return False
-        try:
-            if index_size:
+        if index_size:
+            try:
                 os.utime(self._index_path(digest))
-            else:
-                os.utime(self._chunk_path(digest))  # missing: the blob is damaged, the put repairs it
+            except FileNotFoundError:
+                return False
+        elif not self._refresh_chunk_sync(digest):
+            return False  # the chunk is missing: the blob is damaged, the put repairs it
+        return os.path.exists(self._index_path(digest))
+
+    def _refresh_chunk_sync(self, digest: B3Digest) -> bool:
+        """A writer found chunk ``digest`` stored: refresh its age so GC keeps it; ``False``: gone, write it.
+
+        Every writer that skips writing a chunk because it exists must call this
+        (a content-defined chunker deduplicating chunks included).
+        """
+        try:
+            os.utime(self._chunk_path(digest))
         except FileNotFoundError:
             return False
-        return os.path.exists(self._index_path(digest))
+        return True
 
     def _mtime_sync(self, path: str) -> int:
         try:
