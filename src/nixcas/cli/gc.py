@@ -90,10 +90,10 @@ def gc_summary(report: GcReport) -> list[str]:
     lines = []
     for kind in KINDS:
         k = report.kinds[kind]
-        lines.append(
-            f"{PLURAL[kind]:<12} {verb} {k.freed:>8} ({human_bytes(k.freed_bytes):>10}); "
-            f"{k.live} live, {k.young} kept as younger than the cutoff"
-        )
+        counts = f"{PLURAL[kind]:<12} {verb} {k.freed:>8} ({human_bytes(k.freed_bytes):>10})"
+        if kind != "temporary":
+            counts += f"; {k.live} live, {k.young} kept as younger than the cutoff"
+        lines.append(counts)
     lines.append(f"{'total':<12} {verb} {report.freed:>8} ({human_bytes(report.freed_bytes):>10})")
     if report.missing_directories:
         lines.append(f"warning: {report.missing_directories} referenced directories are missing (run nixcas fsck)")
