@@ -159,6 +159,9 @@ def parse_duration(text: str) -> int:
     return total
 
 
+SCAN_BATCH = 1000
+
+
 def scan_in_memory(data: dict[B3Digest, bytes], mtimes: dict[B3Digest, int]) -> Iterator[list[StoredObject]]:
     """The objects of an in-memory backend (``digest -> bytes``, ``digest -> mtime``), in batches."""
     items = list(data.items())
@@ -183,9 +186,6 @@ def delete_in_memory(
     return done
 
 
-SCAN_BATCH = 1000
-
-
 # -- write leases ------------------------------------------------------------------
 
 
@@ -207,14 +207,19 @@ class WriteLeases:
     def hold(self) -> Iterator[None]:
         """A lease for the duration of the ``with`` block."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"{os.getpid()}.{secrets.token_hex(8)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        name = f"{os.getpid()}.{secrets.token_hex(8)}"
+        path = self.directory / name
+        # Locked under a hidden name first, so no collector ever sees it unlocked (and takes it for stale).
+        hidden = self.directory / f".new.{name}"
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(hidden, path)
             yield
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            for leftover in (path, hidden):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
             os.close(fd)
 
     @contextlib.contextmanager
@@ -250,7 +255,7 @@ class WriteLeases:
         except FileNotFoundError:
             return None
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") and not entry.name.startswith(".new."):
                 continue
             try:
                 fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -261,7 +266,8 @@ class WriteLeases:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    oldest = start if oldest is None else min(oldest, start)
+                    if not entry.name.startswith("."):  # a ".new." one is renamed before its first write
+                        oldest = start if oldest is None else min(oldest, start)
                     continue
                 # Nobody holds it: the writer died (or released it just now); it protects nothing.
                 with contextlib.suppress(FileNotFoundError):
@@ -412,9 +418,6 @@ class _NoProgress:
 
     def advance(self, n: int) -> None:
         pass
-
-
-SWEEP_BATCH = 1000
 
 
 async def _sweep(
