@@ -207,19 +207,23 @@ class WriteLeases:
     def hold(self) -> Iterator[None]:
         """A lease for the duration of the ``with`` block."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}.{secrets.token_hex(8)}"
-        path = self.directory / name
-        # Locked under a hidden name first, so no collector ever sees it unlocked (and takes it for stale).
-        hidden = self.directory / f".new.{name}"
-        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        while True:
+            name = f"{os.getpid()}.{secrets.token_hex(8)}"
+            path = self.directory / name
+            # Locked under a hidden name first, so no collector sees it unlocked and takes it for a dead one.
+            hidden = self.directory / f".new.{name}"
+            fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.rename(hidden, path)
+                break
+            except FileNotFoundError:  # a collector removed it in the instant before the lock: again
+                os.close(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.rename(hidden, path)
             yield
         finally:
-            for leftover in (path, hidden):
-                with contextlib.suppress(FileNotFoundError):
-                    leftover.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
             os.close(fd)
 
     @contextlib.contextmanager
