@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import blake3
@@ -24,7 +24,7 @@ from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
-from nixcas.castore.gc import StoredObject, WriteLeases, collect, parse_duration
+from nixcas.castore.gc import Deletion, StoredObject, WriteLeases, collect, parse_duration
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.errors import ConfigurationError
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
@@ -571,3 +571,47 @@ async def test_sweepable_directory_contract(sweepable_dirs: MemoryDirectoryServi
     assert await dirs.get(leaf.digest) == leaf
     again = await dirs.delete_directories([stored[top.digest]], cutoff)
     assert again.deleted == [] and again.kept == []
+
+
+class _ReputBeforeDelete(LocalBlobService):
+    """Re-puts chosen blobs after the sweep's scan saw them old, just before it deletes them."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reput: list[bytes] = []
+
+    async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        for data in self.reput:
+            await self.put(data)
+        return await super().delete_blobs(objects, cutoff_ns)
+
+    async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        for data in self.reput:
+            await self.put(data)
+        return await super().delete_chunks(objects, cutoff_ns)
+
+
+async def test_objects_written_or_reput_while_gc_runs_survive(tmp_path: Path) -> None:
+    blobs = _ReputBeforeDelete(tmp_path / "blobs")
+    dirs = SqliteDirectoryService(str(tmp_path / "directories.sqlite"))
+    try:
+        old, doomed = b"old, re-put during the sweep", b"old and unreferenced"
+        await blobs.put(old)
+        await blobs.put(doomed)
+        for p in (tmp_path / "blobs").rglob("*"):
+            if p.is_file():
+                os.utime(p, ns=(0, time.time_ns() - HOUR_NS))
+        new_dir = Directory([(b"n", FileNode(B3Digest(blake3.blake3(b"new").digest()), 3))])
+        cutoff = WriteLeases(tmp_path / "leases").cutoff_ns(0)  # the collection starts
+        new = await blobs.put(b"new")  # written after its cutoff was fixed, referenced by nothing
+        await dirs.put(new_dir)
+        blobs.reput = [old]  # re-put after the scan found it old, before the deletion
+        report = await collect(blobs, dirs, [], cutoff_ns=cutoff)
+        assert report.kinds["blob"].freed == 1 and report.kinds["blob"].young == 2  # only the doomed one goes
+        assert report.kinds["directory"].freed == 0
+        assert await blobs.read(B3Digest(blake3.blake3(old).digest())) == old
+        assert await blobs.read(new) == b"new"
+        assert await dirs.get(new_dir.digest) == new_dir
+        assert not await blobs.has(B3Digest(blake3.blake3(doomed).digest()))
+    finally:
+        await dirs.close()
