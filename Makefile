@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
 ## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
-bench: bench-import bench-grpc bench-nar bench-fuse
+bench: bench-import bench-grpc bench-nar bench-fuse bench-gc
 
 ## bench-import: castore ingest against nix-store --add (needs nix-bin)
 bench-import: $(VENV)/.installed-dev
@@ -70,3 +70,9 @@ bench-fuse: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+## bench-gc: nixcas gc (mark + sweep) on 100,000 objects vs nix-store --gc on 100,000 paths (needs nix-bin)
+bench-gc: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/gc_sweep.py --workdir .bench-work --json .bench-work/gc.json

@@ -56,9 +56,12 @@ class SqlitePathConfig:
 class SqliteDatabase:
     """A connection with its own thread; ``what`` names it in errors ("directory database")."""
 
-    def __init__(self, path: str | None, schema: str, what: str) -> None:
+    def __init__(
+        self, path: str | None, schema: str, what: str, migrate: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
         self.path = path
         self._schema = schema
+        self._migrate = migrate
         self._what = f"{what} {path or ':memory:'}"
         self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixcas-sqlite")
@@ -77,6 +80,8 @@ class SqliteDatabase:
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(self._schema)
+            if self._migrate is not None:  # bring a database made by an older schema up to date
+                self._migrate(conn)
         except (sqlite3.Error, OSError) as e:
             raise StorageError(f"cannot open {self._what}: {e}") from e
         return conn

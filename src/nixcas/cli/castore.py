@@ -16,8 +16,10 @@ from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, T
 from nixcas.api import Store
 from nixcas.castore.fs.roots import DirectoryRootNodes, RootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.cli.common import Settings, parse_digest, run, show_bytes
+from nixcas.castore.pins import PinStore, validate_pin_name
+from nixcas.cli.common import PINS_DB, Settings, parse_digest, run, show_bytes
 from nixcas.cli.mount import mount_options, serve_mount
+from nixcas.errors import NixcasError, ValidationError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
 
@@ -40,6 +42,14 @@ def node_line(node: Node) -> str:
     return f"symlink -> {show_bytes(node.target)}"
 
 
+async def pin_node(settings: Settings, name: str, node: Node) -> None:
+    """Pin a root node (a directory or a file) as ``name``."""
+    if isinstance(node, SymlinkNode):
+        raise ValidationError("a symlink has no digest to pin (pin the directory that holds it)")
+    async with PinStore(str(settings.store_root() / PINS_DB)) as pins:
+        await pins.pin(name, node.digest)
+
+
 @click.group()
 def castore() -> None:
     """Content-addressed blobs and directories (no Nix involved)."""
@@ -56,9 +66,15 @@ def castore() -> None:
     show_default=True,
     help="Import PATH as a filesystem object or as a tar archive (auto: tar if the name ends in .tar[.gz|.xz|.zst]).",
 )
+@click.option("--pin", "pin_name", metavar="NAME", help="Pin the root as NAME (a GC root), before GC can see it.")
 @click.pass_obj
-def ingest(settings: Settings, path: Path, as_json: bool, kind: str) -> None:
+def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: str | None) -> None:
     """Import a file, symlink, directory tree or tarball; print its root node."""
+    if pin_name is not None:
+        try:
+            validate_pin_name(pin_name)
+        except NixcasError as e:
+            raise click.BadParameter(str(e), param_hint="--pin") from None
     if not os.path.lexists(path):
         raise click.BadParameter(f"{path}: no such file or directory", param_hint="PATH")
     as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
@@ -81,10 +97,14 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str) -> None:
                 if task is not None:
                     progress.advance(task, n)
 
-            async with await settings.open_store() as store:
+            async with settings.open_store_to_write() as store:
                 if as_tar:
-                    return await store.ingest_archive(path, progress=advance)
-                return await store.ingest(path, progress=advance)
+                    node = await store.ingest_archive(path, progress=advance)
+                else:
+                    node = await store.ingest(path, progress=advance)
+                if pin_name is not None:
+                    await pin_node(settings, pin_name, node)
+                return node
 
     node = run(go)
     click.echo(json.dumps(node_json(node)) if as_json else node_line(node))

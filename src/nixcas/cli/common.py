@@ -7,20 +7,27 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
-from nixcas.api import Store
+from nixcas.api import Store, default_store_dir
 from nixcas.castore.digest import B3Digest
+from nixcas.castore.gc import SweepableBlobs, SweepableDirectories, WriteLeases
 from nixcas.errors import ConfigurationError, NixcasError
 
 T = TypeVar("T")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+LEASES_DIR = "leases"
+"""Under the store directory: the write leases GC respects (see nixcas.castore.gc.WriteLeases)."""
+PINS_DB = "pins.sqlite"
+"""Under the store directory: castore pins."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
 
@@ -44,6 +51,24 @@ class Settings:
             composition=self.composition,
             with_pathinfo=with_pathinfo,
         )
+
+    def store_root(self) -> Path:
+        """The embedded store directory (pins, write leases; blobs and databases unless overridden)."""
+        return (Path(self.store_dir) if self.store_dir else default_store_dir()).expanduser().absolute()
+
+    def write_lease(self) -> AbstractContextManager[None]:
+        """Held by commands that write: GC keeps everything written since it was taken."""
+        return WriteLeases(self.store_root() / LEASES_DIR).hold()
+
+    @asynccontextmanager
+    async def open_store_to_write(self, *, with_pathinfo: bool = False) -> AsyncIterator[Store]:
+        """:meth:`open_store`, under a write lease (until closed) when GC can act on its services."""
+        async with await self.open_store(with_pathinfo=with_pathinfo) as store:
+            if isinstance(store.blobs, SweepableBlobs) or isinstance(store.directories, SweepableDirectories):
+                with self.write_lease():
+                    yield store
+            else:
+                yield store
 
     def override(self, **values: str | None) -> Settings:
         """These settings with the given options replaced where they were given."""

@@ -11,6 +11,7 @@ from nixcas import __version__
 from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
 from nixcas.cli.daemon import daemon
+from nixcas.cli.gc import delete, fsck_command, gc, pin, pins, unpin
 from nixcas.cli.mount import mount
 from nixcas.cli.store import copy, dump_path, import_, path_info
 
@@ -52,6 +53,12 @@ cli.add_command(dump_path)
 cli.add_command(path_info)
 cli.add_command(copy)
 cli.add_command(mount)
+cli.add_command(gc)
+cli.add_command(delete)
+cli.add_command(fsck_command)
+castore.add_command(pin)
+castore.add_command(unpin)
+castore.add_command(pins)
 
 
 def main() -> None:

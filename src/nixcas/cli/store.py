@@ -87,7 +87,7 @@ def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
             raise click.BadParameter(str(e), param_hint="PATHS") from None
 
     async def go() -> None:
-        async with await settings.open_store(with_pathinfo=True) as store:
+        async with settings.open_store_to_write(with_pathinfo=True) as store:
             svc = services(store)
             limit = asyncio.Semaphore(IMPORT_PARALLEL)
 
@@ -185,7 +185,7 @@ def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
 
     async def go() -> tuple[int, int]:
         copied = skipped = 0
-        async with await settings.open_store(with_pathinfo=True) as store:
+        async with settings.open_store_to_write(with_pathinfo=True) as store:
             svc = services(store)
             present = {i.store_path for i in infos}
             for exported in infos:  # every reference is in the input or already in the store

@@ -20,7 +20,7 @@ import itertools
 import os
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Self, TypeVar
@@ -41,7 +41,8 @@ from nixcas.castore.blob.base import (
 )
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index
-from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
+from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
+from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options
@@ -251,7 +252,7 @@ class LocalBlobService(BlobService):
     def _store_sync(self, data: bytes | memoryview) -> B3Digest:
         digest = B3Digest(blake3.blake3(data).digest())
         index_path = self._index_path(digest)
-        if os.path.exists(index_path):
+        if os.path.exists(index_path) and self._touch_sync(digest):
             return digest
         # No index: write the chunk even if a crash left one behind (same bytes).
         if len(data):
@@ -406,6 +407,190 @@ class LocalBlobService(BlobService):
         if self._dirty:
             self._dirty = False
             await asyncio.to_thread(_syncfs, self.root)
+
+    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    #
+    # A blob's age is the mtime of its chunk object (single-chunk blobs; the
+    # empty index is a hard link shared by many blobs, so its own mtime means
+    # nothing) or of its index when the index lists chunks.  A put that finds
+    # the blob present refreshes that age (_touch_sync); deletions move the
+    # object aside first and look at the age again, so a refresh racing the
+    # sweep either lands before (the object is put back) or fails (the put
+    # writes the object anew).
+
+    def _touch_sync(self, digest: B3Digest) -> bool:
+        """A put found ``digest``'s index: refresh the blob's age; ``False`` if it must be written anew."""
+        if digest == EMPTY_DIGEST:
+            return True
+        try:
+            index_size = os.stat(self._index_path(digest)).st_size
+        except FileNotFoundError:
+            return False
+        if index_size:
+            try:
+                os.utime(self._index_path(digest))
+            except FileNotFoundError:
+                return False
+        elif not self._refresh_chunk_sync(digest):
+            return False  # the chunk is missing: the blob is damaged, the put repairs it
+        return os.path.exists(self._index_path(digest))
+
+    def _refresh_chunk_sync(self, digest: B3Digest) -> bool:
+        """A writer found chunk ``digest`` stored: refresh its age so GC keeps it; ``False``: gone, write it.
+
+        Every writer that skips writing a chunk because it exists must call this
+        (a content-defined chunker deduplicating chunks included).
+        """
+        try:
+            os.utime(self._chunk_path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _mtime_sync(self, path: str) -> int:
+        try:
+            return os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return -1
+
+    def _shards(self, kind: str) -> list[str]:
+        try:
+            return sorted(e.path for e in os.scandir(f"{self._root}/{kind}/b3") if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    def _scan_sync(self, shards: Sequence[str], blobs: bool) -> list[StoredObject]:
+        found: list[StoredObject] = []
+        for shard in shards:
+            try:
+                entries = list(os.scandir(shard))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    raw = bytes.fromhex(entry.name)
+                except ValueError:
+                    continue
+                if len(raw) != DIGEST_LEN:
+                    continue
+                digest = B3Digest(raw)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not blobs:
+                    found.append(StoredObject(digest, st.st_size, st.st_mtime_ns))
+                    continue
+                chunks: tuple[B3Digest, ...] = ()
+                mtime = self._mtime_sync(self._chunk_path(digest))
+                if st.st_size:
+                    try:
+                        with open(entry.path, "rb") as f:
+                            chunks = tuple(c.digest for c in decode_index(digest, f.read()))
+                    except FileNotFoundError:
+                        continue
+                    mtime = max(mtime, st.st_mtime_ns)
+                found.append(StoredObject(digest, st.st_size, mtime, chunks))
+        return found
+
+    async def _scan(self, kind: str) -> AsyncIterator[list[StoredObject]]:
+        shards = await asyncio.to_thread(self._shards, kind)
+        for i in range(0, len(shards), 256):
+            batch = await asyncio.to_thread(self._scan_sync, shards[i : i + 256], kind == "blobs")
+            if batch:
+                yield batch
+
+    def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
+        return self._scan("blobs")
+
+    def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
+        return self._scan("chunks")
+
+    def _trash_path(self, path: str) -> str:
+        """Where a deletion moves ``path`` first; the name keeps its key, so an interrupted one can be undone."""
+        kind, name = path[len(self._root) + 1 :].split("/", 1)[0], os.path.basename(path)
+        return f"{self._tmp}/gc.{self._temp_prefix}.{next(self._counter)}.{kind}.{name}"
+
+    def _delete_sync(self, path: str, age: Callable[[str], int], cutoff_ns: int) -> bool | None:
+        """Move ``path`` aside, look at its age again, then drop it (``True``) or put it back (``False``).
+
+        ``None``: it was already gone.  Putting back never replaces a file written meanwhile.
+        """
+        trash = self._trash_path(path)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return None
+        try:
+            if age(trash) >= cutoff_ns:
+                with contextlib.suppress(FileExistsError):
+                    os.link(trash, path)
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(trash)
+
+    def _delete_objects_sync(self, objects: Sequence[StoredObject], cutoff_ns: int, blobs: bool) -> Deletion:
+        done = Deletion()
+        for obj in objects:
+            if blobs:
+                if obj.digest == EMPTY_DIGEST:
+                    done.kept.append(obj)
+                    continue
+                chunk = self._chunk_path(obj.digest)
+
+                def age(moved: str, chunk: str = chunk) -> int:
+                    own = os.stat(moved)
+                    return max(self._mtime_sync(chunk), own.st_mtime_ns if own.st_size else -1)
+
+                result = self._delete_sync(self._index_path(obj.digest), age, cutoff_ns)
+            else:
+                result = self._delete_sync(self._chunk_path(obj.digest), self._mtime_sync, cutoff_ns)
+            if result is True:
+                done.deleted.append(obj)
+            elif result is False:
+                done.kept.append(obj)
+        return done
+
+    async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, True)
+
+    def _sweep_temporary_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        """Undo interrupted deletions (``gc.…`` names: moved back); remove other temp files older than the cutoff."""
+        swept: list[StoredObject] = []
+        for entry in list(os.scandir(self._tmp)):
+            parts = entry.name.split(".")
+            if entry.name.startswith("gc.") and len(parts) == 6 and parts[4] in ("blobs", "chunks"):
+                try:
+                    digest = B3Digest(bytes.fromhex(parts[5]))
+                except ValueError:
+                    digest = None
+                if digest is not None and len(digest) == DIGEST_LEN:
+                    if not dry_run:  # put it back: the next collection decides again
+                        final = f"{self._root}/{blob_index_key(digest) if parts[4] == 'blobs' else chunk_key(digest)}"
+                        self._dir_for(final)
+                        with contextlib.suppress(FileExistsError, FileNotFoundError):
+                            os.link(entry.path, final)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                    continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_mtime_ns < cutoff_ns:  # left by a writer that died (live writers keep it fresh)
+                if not dry_run:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                swept.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
+        return swept
+
+    async def sweep_temporary(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        return await asyncio.to_thread(self._sweep_temporary_sync, cutoff_ns, dry_run)
+
+    async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, False)
 
 
 class _ZstdFileReader(BlobReader):

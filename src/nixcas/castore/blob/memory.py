@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 from urllib.parse import SplitResult
@@ -19,6 +20,7 @@ from nixcas.castore.blob.base import (
     WriterState,
 )
 from nixcas.castore.digest import B3Digest
+from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
@@ -45,6 +47,7 @@ class MemoryBlobService(BlobService):
 
     def __init__(self) -> None:
         self._blobs: dict[B3Digest, bytes] = {}
+        self._mtimes: dict[B3Digest, int] = {}
 
     async def has(self, digest: B3Digest) -> bool:
         return digest in self._blobs
@@ -63,12 +66,29 @@ class MemoryBlobService(BlobService):
         return {d: data for d, cap in max_sizes.items() if (data := blobs.get(d)) is not None and len(data) <= cap}
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
-        return _MemoryBlobWriter(self._blobs, expected_size)
+        return _MemoryBlobWriter(self._blobs, expected_size, self._mtimes)
+
+    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+
+    async def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
+        for batch in scan_in_memory(self._blobs, self._mtimes):
+            yield batch
+
+    async def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
+        return  # blobs are kept whole
+        yield
+
+    async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        return delete_in_memory(self._blobs, self._mtimes, objects, cutoff_ns)
+
+    async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        return Deletion()
 
 
 class _MemoryBlobWriter(BlobWriter):
-    def __init__(self, blobs: dict[B3Digest, bytes], expected_size: int | None) -> None:
+    def __init__(self, blobs: dict[B3Digest, bytes], expected_size: int | None, mtimes: dict[B3Digest, int]) -> None:
         self._blobs = blobs
+        self._mtimes = mtimes
         self._parts: list[bytes] = []
         self._hasher = blake3.blake3()
         self._state = WriterState(expected_size)
@@ -83,6 +103,7 @@ class _MemoryBlobWriter(BlobWriter):
             self._state.check_complete()
             digest = B3Digest(self._hasher.digest())
             self._blobs.setdefault(digest, b"".join(self._parts))
+            self._mtimes[digest] = time.time_ns()  # a re-put makes it young again (GC)
             self._parts = []
             self._state.digest = digest
         return self._state.digest

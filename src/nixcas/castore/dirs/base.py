@@ -76,6 +76,10 @@ class DirectoryService(Closing, ABC):
         raw = await self._get_raw(digest)
         return None if raw is None else _verified(digest, raw)
 
+    async def get_many_raw(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        """Stored bytes of those of ``digests`` that exist, *unchecked* (GC and fsck check them themselves)."""
+        return await self._get_many_raw(digests)
+
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         """The closure of ``root``: root first, then breadth-first, each Directory once.
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 from urllib.parse import SplitResult
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
@@ -35,6 +37,7 @@ class MemoryDirectoryService(DirectoryService):
 
     def __init__(self) -> None:
         self._data: dict[B3Digest, bytes] = {}
+        self._mtimes: dict[B3Digest, int] = {}
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
         return self._data.get(digest)
@@ -43,5 +46,16 @@ class MemoryDirectoryService(DirectoryService):
         return {d: self._data[d] for d in digests if d in self._data}
 
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
+        now = time.time_ns()
         for digest, raw in items:
             self._data.setdefault(digest, raw)
+            self._mtimes[digest] = now
+
+    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+
+    async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
+        for batch in scan_in_memory(self._data, self._mtimes):
+            yield batch
+
+    async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        return delete_in_memory(self._data, self._mtimes, objects, cutoff_ns)

@@ -8,12 +8,15 @@ private in-memory database.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from nixcas._sqlite import BATCH, SqliteDatabase, SqlitePathConfig
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
@@ -21,9 +24,24 @@ __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS directories (
     digest BLOB PRIMARY KEY NOT NULL CHECK (length(digest) = 32),
-    data   BLOB NOT NULL
+    data   BLOB NOT NULL,
+    mtime  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 """
+_PAGE = 1000
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Databases made before GC have no ``mtime``: add it, stamping existing rows with the migration time.
+
+    (Not 0: a collection right after an upgrade still gives them the grace period.)
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(directories)")}
+    if "mtime" not in columns:
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ALTER TABLE directories ADD COLUMN mtime INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE directories SET mtime = ?", (time.time_ns(),))
 
 
 @dataclass(frozen=True)
@@ -39,7 +57,7 @@ class SqliteDirectoryService(DirectoryService):
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self._db = SqliteDatabase(path, _SCHEMA, "directory database")
+        self._db = SqliteDatabase(path, _SCHEMA, "directory database", _migrate)
 
     def __repr__(self) -> str:
         return f"SqliteDirectoryService({self.path!r})"
@@ -65,11 +83,52 @@ class SqliteDirectoryService(DirectoryService):
         return await self._db.run(get_many)
 
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
-        await self._db.run(
-            self._db.transaction(
-                lambda conn: conn.executemany("INSERT OR IGNORE INTO directories (digest, data) VALUES (?, ?)", items)
+        # A directory already stored keeps its bytes but gets the new time: re-referenced, it is young again.
+        def put(conn: sqlite3.Connection) -> None:
+            now = time.time_ns()
+            conn.executemany(
+                "INSERT INTO directories (digest, data, mtime) VALUES (?, ?, ?)"
+                " ON CONFLICT (digest) DO UPDATE SET mtime = excluded.mtime",
+                [(digest, raw, now) for digest, raw in items],
             )
-        )
+
+        await self._db.run(self._db.transaction(put))
 
     async def close(self) -> None:
         await self._db.close()
+
+    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+
+    async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
+        after = b""
+        while True:
+
+            def page(after: bytes = after) -> list[StoredObject]:
+                rows = self._db.conn.execute(
+                    "SELECT digest, length(data), mtime FROM directories WHERE digest > ? ORDER BY digest LIMIT ?",
+                    (after, _PAGE),
+                )
+                return [StoredObject(B3Digest(d), size, mtime) for d, size, mtime in rows]
+
+            batch = await self._db.run(page)
+            if batch:
+                yield batch
+            if len(batch) < _PAGE:
+                return
+            after = batch[-1].digest
+
+    async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        # Check and delete are one statement inside one write transaction: a concurrent
+        # re-put either lands first (the row is young and stays) or after (it is inserted anew).
+        def delete(conn: sqlite3.Connection) -> Deletion:
+            done = Deletion()
+            for obj in objects:
+                if conn.execute(
+                    "DELETE FROM directories WHERE digest = ? AND mtime < ?", (obj.digest, cutoff_ns)
+                ).rowcount:
+                    done.deleted.append(obj)
+                elif conn.execute("SELECT 1 FROM directories WHERE digest = ?", (obj.digest,)).fetchone():
+                    done.kept.append(obj)
+            return done
+
+        return await self._db.run(self._db.transaction(delete))

@@ -76,6 +76,14 @@ class PathInfoService(Closing, ABC):
         async for digest, raw in self._list_raw():
             yield _verified(digest, raw, repr(self))
 
+    async def list_checked(self) -> AsyncIterator[tuple[bytes, PathInfo | StorageError]]:
+        """Every record as (digest, PathInfo), or (digest, the error) for one that is invalid (for fsck)."""
+        async for digest, raw in self._list_raw():
+            try:
+                yield digest, _verified(digest, raw, repr(self))
+            except StorageError as e:
+                yield digest, e
+
     def nar_calculation_service(self) -> NarCalculationService | None:
         """A service that computes NAR size/hash where the data lives (a remote daemon), if any."""
         return None

@@ -44,3 +44,7 @@ class MemoryPathInfoService(PathInfoService):
     async def _list_raw(self) -> AsyncIterator[tuple[bytes, bytes]]:
         for item in list(self._data.items()):
             yield item
+
+    async def delete(self, digest: bytes) -> bool:
+        """Remove the record of this store path digest; whether there was one."""
+        return self._data.pop(digest, None) is not None

@@ -69,5 +69,15 @@ class SqlitePathInfoService(PathInfoService):
                 return
             after = rows[-1][0]
 
+    async def delete(self, digest: bytes) -> bool:
+        """Remove the record of this store path digest; whether there was one."""
+        return bool(
+            await self._db.run(
+                self._db.transaction(
+                    lambda conn: conn.execute("DELETE FROM pathinfo WHERE digest = ?", (digest,)).rowcount
+                )
+            )
+        )
+
     async def close(self) -> None:
         await self._db.close()

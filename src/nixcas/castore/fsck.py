@@ -1,0 +1,278 @@
+"""Store verification for the castore: walk trees and stored objects, report every problem with its path.
+
+:class:`CastoreChecker` checks what a root node reaches (directories present,
+hashing to their digest, decodable, with the sizes their parents record;
+blobs present with all their chunks, and with ``check_contents`` read back
+whole, hashed and measured) and, for backends that can enumerate
+(:class:`~nixcas.castore.gc.SweepableDirectories` /
+:class:`~nixcas.castore.gc.SweepableBlobs`), every stored object whether
+reachable or not.  :class:`CastoreRepairer` replaces damaged objects with
+verified copies from another store.  Nothing here knows about Nix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import blake3
+
+from nixcas.castore.blob.base import BlobService
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.gc import FOREVER_NS, StoredObject, SweepableBlobs, SweepableDirectories
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node
+from nixcas.errors import ChecksumMismatch, NixcasError, StorageError
+
+__all__ = ["CastoreChecker", "CastoreRepairer", "Problem"]
+
+UNREFERENCED = "(unreferenced)"
+"""The path of a problem found in a stored object no root reaches."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong: where (a path below a root, or :data:`UNREFERENCED`), which object, what."""
+
+    path: str
+    kind: str
+    """``directory``, ``blob``, ``chunk`` or (Nix layer) ``pathinfo``."""
+    name: str
+    """The object's digest in hex (or a store path)."""
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.kind} {self.name} {self.message}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind, "object": self.name, "problem": self.message}
+
+
+def _join(prefix: str, name: bytes) -> str:
+    return f"{prefix}/{name.decode(errors='backslashreplace')}"
+
+
+class CastoreChecker:
+    """Checks trees and stored objects; each object is examined once however often it is reached."""
+
+    def __init__(self, blobs: BlobService, directories: DirectoryService, *, check_contents: bool = False) -> None:
+        self.blobs = blobs
+        self.directories = directories
+        self.check_contents = check_contents
+        self._dirs: dict[B3Digest, Directory | str] = {}
+        self._blob_results: dict[B3Digest, tuple[str | None, int | None]] = {}
+        self.on_object: Callable[[], None] | None = None
+
+    # -- single objects ------------------------------------------------------------
+
+    def _decode(self, digest: B3Digest, raw: bytes | None) -> Directory | str:
+        if raw is None:
+            return "is missing"
+        got = blake3.blake3(raw).digest()
+        if got != digest:
+            return f"is corrupt (its stored bytes hash to {got.hex()})"
+        try:
+            return Directory.decode(raw)
+        except ValueError as e:
+            return f"is stored in an invalid form: {e}"
+
+    async def _load(self, digests: list[B3Digest]) -> None:
+        wanted = [d for d in dict.fromkeys(digests) if d not in self._dirs]
+        if wanted:
+            found = await self.directories.get_many_raw(wanted)
+            for d in wanted:
+                self._dirs[d] = self._decode(d, found.get(d))
+                if self.on_object is not None:
+                    self.on_object()
+
+    async def directory(self, digest: B3Digest) -> Directory | str:
+        """The decoded Directory, or what is wrong with it."""
+        await self._load([digest])
+        return self._dirs[digest]
+
+    async def blob(self, digest: B3Digest) -> tuple[str | None, int | None]:
+        """What is wrong with a blob (``None``: nothing found) and its size if it was read."""
+        if digest not in self._blob_results:
+            self._blob_results[digest] = await self._check_blob(digest)
+            if self.on_object is not None:
+                self.on_object()
+        return self._blob_results[digest]
+
+    async def _check_blob(self, digest: B3Digest) -> tuple[str | None, int | None]:
+        try:
+            chunks = await self.blobs.chunks(digest)
+            if chunks is None:
+                return "is missing", None
+            for chunk in chunks:
+                if not await self.blobs.has(chunk.digest):
+                    return f"is missing its chunk {chunk.digest.hex()}", None
+            reader = await self.blobs.open_read(digest)
+            if reader is None:
+                return "is missing", None
+            async with reader:
+                if not self.check_contents:
+                    return None, sum(c.size for c in chunks) if chunks else None
+                size = 0
+                async for block in reader.iter_blocks():
+                    size += len(block)
+                return None, size
+        except ChecksumMismatch as e:
+            return f"is corrupt (its bytes hash to {e.got})", None
+        except NixcasError as e:
+            return f"cannot be read: {e}", None
+
+    async def chunk(self, digest: B3Digest) -> str | None:
+        """What is wrong with a chunk object (read whole and hashed)."""
+        return (await self._check_blob(digest))[0] if self.check_contents else None
+
+    # -- trees ---------------------------------------------------------------------
+
+    async def walk(self, label: str, node: Node) -> AsyncIterator[Problem]:
+        """Every problem below ``node``, whose path is ``label``; breadth-first, directories fetched per level."""
+        level: list[tuple[str, Node]] = [(label, node)]
+        while level:
+            await self._load([n.digest for _, n in level if isinstance(n, DirectoryNode)])
+            next_level: list[tuple[str, Node]] = []
+            for path, n in level:
+                if isinstance(n, DirectoryNode):
+                    found = self._dirs[n.digest]
+                    if isinstance(found, str):
+                        yield Problem(path, "directory", n.digest.hex(), found)
+                        continue
+                    if found.size != n.size:
+                        yield Problem(
+                            path, "directory", n.digest.hex(), f"has size {found.size}, its parent records {n.size}"
+                        )
+                    next_level.extend((_join(path, name), child) for name, child in found)
+                elif isinstance(n, FileNode):
+                    problem, size = await self.blob(n.digest)
+                    if problem is not None:
+                        yield Problem(path, "blob", n.digest.hex(), problem)
+                    elif size is not None and size != n.size:
+                        yield Problem(path, "blob", n.digest.hex(), f"has {size} bytes, its directory records {n.size}")
+            level = next_level
+
+    def reached(self, kind: str, digest: B3Digest) -> bool:
+        """Whether a tree walk already examined this object."""
+        return digest in (self._dirs if kind == "directory" else self._blob_results)
+
+    # -- everything stored -----------------------------------------------------------
+
+    async def stored_directories(self, sweepable: SweepableDirectories) -> AsyncIterator[Problem]:
+        """Every stored directory no walk reached: re-hashed, decoded, its sub-directories present."""
+        async for batch in sweepable.scan_directories():
+            fresh = [o.digest for o in batch if o.digest not in self._dirs]
+            await self._load(fresh)
+            children: list[tuple[B3Digest, bytes, DirectoryNode]] = []
+            for digest in fresh:
+                found = self._dirs[digest]
+                if isinstance(found, str):
+                    yield Problem(UNREFERENCED, "directory", digest.hex(), found)
+                else:
+                    children.extend((digest, name, n) for name, n in found.directories())
+            await self._load([n.digest for _, _, n in children])
+            for parent, name, n in children:
+                found = self._dirs[n.digest]
+                if isinstance(found, str):
+                    where = f"{UNREFERENCED} {parent.hex()}/{name.decode(errors='backslashreplace')}"
+                    yield Problem(where, "directory", n.digest.hex(), found)
+
+    async def stored_blobs(self, sweepable: SweepableBlobs) -> AsyncIterator[Problem]:
+        """Every stored blob and chunk object no walk reached (read back with ``check_contents``)."""
+        async for batch in sweepable.scan_blobs():
+            for obj in batch:
+                if obj.digest not in self._blob_results:
+                    problem, _ = await self.blob(obj.digest)
+                    if problem is not None:
+                        yield Problem(UNREFERENCED, "blob", obj.digest.hex(), problem)
+        if not self.check_contents:
+            return
+        async for batch in sweepable.scan_chunks():
+            for obj in batch:
+                if obj.digest in self._blob_results:
+                    continue  # a single-chunk blob's chunk, read as that blob
+                problem = await self.chunk(obj.digest)
+                if self.on_object is not None:
+                    self.on_object()
+                if problem is not None:
+                    yield Problem(UNREFERENCED, "chunk", obj.digest.hex(), problem)
+
+
+class CastoreRepairer:
+    """Replaces damaged or missing objects of ``blobs``/``directories`` by verified copies from a source."""
+
+    def __init__(
+        self,
+        blobs: BlobService,
+        directories: DirectoryService,
+        source_blobs: BlobService,
+        source_directories: DirectoryService,
+    ) -> None:
+        self.blobs = blobs
+        self.directories = directories
+        self.source_blobs = source_blobs
+        self.source_directories = source_directories
+
+    async def _drop_blob(self, digest: B3Digest) -> None:
+        """Remove a damaged blob (its index and its own chunk object) so a put writes it anew."""
+        if isinstance(self.blobs, SweepableBlobs):
+            obj = StoredObject(digest, 0, 0)
+            await self.blobs.delete_blobs([obj], FOREVER_NS)
+            await self.blobs.delete_chunks([obj], FOREVER_NS)
+
+    async def blob(self, digest: B3Digest) -> bool:
+        """Refetch one blob (streamed, verified on both ends); ``False`` if the source lacks it."""
+        reader = await self.source_blobs.open_read(digest)
+        if reader is None:
+            return False
+        async with reader:
+            await self._drop_blob(digest)
+            writer = await self.blobs.open_write()
+            async with writer:
+                async for block in reader.iter_blocks():
+                    await writer.write(block)
+                got = await writer.close()
+        if got != digest:
+            raise StorageError(f"repair of blob {digest.hex()}: the source sent a blob hashing to {got.hex()}")
+        return True
+
+    async def chunk(self, digest: B3Digest) -> bool:
+        """A damaged chunk object: drop it (the blobs listing it are refetched, which rewrites their data)."""
+        if isinstance(self.blobs, SweepableBlobs):
+            await self.blobs.delete_chunks([StoredObject(digest, 0, 0)], FOREVER_NS)
+        return False
+
+    async def directory(self, digest: B3Digest) -> bool:
+        """Refetch a directory's closure from the source (damaged local copies dropped first)."""
+        closure = [d async for d in self.source_directories.get_recursive(digest)]
+        if not closure:
+            return False
+        if isinstance(self.directories, SweepableDirectories):
+            local = await self.directories.get_many_raw([d.digest for d in closure])
+            damaged = [
+                StoredObject(d.digest, 0, 0)
+                for d in closure
+                if d.digest in local and blake3.blake3(local[d.digest]).digest() != d.digest
+            ]
+            await self.directories.delete_directories(damaged, FOREVER_NS)
+        async with self.directories.put_multiple_start() as putter:
+            for d in reversed(closure):
+                await putter.put(d)
+            await putter.close()
+        return True
+
+    async def tree(self, node: Node) -> None:
+        """Make everything ``node`` reaches present and intact locally, fetching what is not."""
+        if isinstance(node, DirectoryNode):
+            closure = [d async for d in self.source_directories.get_recursive(node.digest)]
+            if closure:
+                await self.directory(node.digest)
+            files = [n for d in closure for _, n in d if isinstance(n, FileNode)]
+        else:
+            files = [node] if isinstance(node, FileNode) else []
+        checker = CastoreChecker(self.blobs, self.directories, check_contents=True)
+        for f in files:
+            problem, _ = await checker.blob(f.digest)
+            if problem is not None:
+                await self.blob(f.digest)
