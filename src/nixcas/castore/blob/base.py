@@ -35,6 +35,7 @@ __all__ = [
     "BlobWriter",
     "BytesReader",
     "ChunkMeta",
+    "ChunkStore",
     "VerifyingReader",
 ]
 
@@ -380,3 +381,33 @@ class BlobService(Closing, ABC):
 
     async def sync(self) -> None:
         """Make every blob written so far durable (a barrier before metadata refers to them)."""
+
+
+class ChunkStore(ABC):
+    """What a blob service that keeps blobs as chunks plus an index offers beyond :class:`BlobService`.
+
+    Implemented by backends of the object-store layout (``objectstore+file``);
+    the ``combined`` service uses it to copy a blob chunk by chunk: it asks
+    which chunks are missing, puts those (each checked against its digest),
+    and puts the index last, once the whole blob has been verified.
+    """
+
+    @abstractmethod
+    async def missing_chunks(self, chunks: Sequence[ChunkMeta]) -> list[ChunkMeta]:
+        """Those of ``chunks`` not stored here (in the given order)."""
+
+    @abstractmethod
+    async def read_chunk(self, chunk: ChunkMeta) -> bytes | None:
+        """One chunk's bytes, checked against its size and digest; ``None`` if it is not stored."""
+
+    @abstractmethod
+    async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
+        """Store one chunk if absent; ``data`` must hash to ``chunk.digest`` (checked)."""
+
+    @abstractmethod
+    async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        """Publish blob ``digest`` as the concatenation of ``chunks`` (which must all be stored).
+
+        The caller vouches that the concatenation hashes to ``digest``: it has
+        hashed it (a backend cannot without reading every chunk back).
+        """

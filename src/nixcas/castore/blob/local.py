@@ -1,9 +1,11 @@
 """``objectstore+file:///abs/path`` — the snix object layout on a local filesystem.
 
-Blocking filesystem work runs in worker threads; every object appears by an
-atomic ``rename`` of a finished temporary file (chunk first, index last), so
-readers never see a partial object and an interrupted write leaves only a
-file under ``tmp/``.  Durability is batched: :meth:`LocalBlobService.sync`
+Blobs are cut into chunks by FastCDC 2020 (:mod:`.chunking`, the snix
+parameters).  Blocking filesystem work runs in worker threads; every object
+appears by an atomic ``rename`` of a finished temporary file (chunks first,
+each only if absent, index last), so readers never see a partial object and
+an interrupted write leaves only a file under ``tmp/`` (and, for a
+multi-chunk blob, chunks no index refers to yet).  Durability is batched: :meth:`LocalBlobService.sync`
 is a barrier (``syncfs``) that importers call once before they publish
 metadata referring to the blobs, instead of an ``fsync`` per file.
 """
@@ -36,14 +38,23 @@ from nixcas.castore.blob.base import (
     BlobWriter,
     BytesReader,
     ChunkMeta,
+    ChunkStore,
     WriterState,
     resolve_seek,
 )
 from nixcas.castore.blob.chunked import ChunkedReader
-from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index
+from nixcas.castore.blob.chunking import (
+    MIN_CHUNK_SIZE,
+    Chunker,
+    check_chunk,
+    check_chunk_list,
+    cut,
+    decompress_chunk,
+)
+from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index, encode_index
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.errors import ConfigurationError, StorageError
+from nixcas.errors import ConfigurationError, StorageError, ValidationError
 from nixcas.urls import query_options
 
 __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
@@ -51,7 +62,10 @@ __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
 T = TypeVar("T")
 
 SPILL_THRESHOLD = 1 << 20
-"""Writers keep up to this many bytes in memory before spilling to a temp file."""
+"""Writers keep up to this many bytes in memory before they start writing chunks."""
+
+READ_WINDOW = 4
+"""Chunks a sequential read of a chunked blob keeps in flight (decompressed in worker threads)."""
 
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 """Flags for creating a file that must not exist yet."""
@@ -138,7 +152,7 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
         return await asyncio.to_thread(LocalBlobService, path, zstd_level=level)
 
 
-class LocalBlobService(BlobService):
+class LocalBlobService(BlobService, ChunkStore):
     """Blobs as zstd-compressed chunk files plus index files under ``root``."""
 
     def __init__(self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL) -> None:
@@ -248,26 +262,65 @@ class LocalBlobService(BlobService):
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.zstd_level)
         return cctx
 
+    def _write_chunk_sync(self, digest: B3Digest, data: bytes | memoryview) -> None:
+        """Compress ``data`` into chunk object ``digest`` (replacing any leftover: same bytes)."""
+        tmp_path, fd = self._new_temp()
+        try:
+            try:
+                view = memoryview(self._compressor().compress(data))
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            self._publish(tmp_path, self._chunk_path(digest))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+            raise
+        self._dirty = True
+
+    def _put_chunks_sync(self, chunks: Sequence[bytes | memoryview]) -> list[ChunkMeta]:
+        """Store each chunk unless present (a chunk of a multi-chunk blob); their metadata."""
+        metas = []
+        for data in chunks:
+            digest = B3Digest(blake3.blake3(data).digest())
+            if not os.path.exists(self._chunk_path(digest)):
+                self._write_chunk_sync(digest, data)
+            metas.append(ChunkMeta(digest, len(data)))
+        return metas
+
+    def _put_index_sync(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        """Publish the index of a multi-chunk blob (after its chunks), unless present."""
+        path = self._index_path(digest)
+        if os.path.exists(path):
+            return
+        tmp_path, fd = self._new_temp()
+        try:
+            try:
+                view = memoryview(encode_index(list(chunks)))
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            self._publish(tmp_path, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+            raise
+        self._dirty = True
+
     def _store_sync(self, data: bytes | memoryview) -> B3Digest:
         digest = B3Digest(blake3.blake3(data).digest())
         index_path = self._index_path(digest)
         if os.path.exists(index_path):
             return digest
+        pieces = cut(data) if len(data) > MIN_CHUNK_SIZE else [data]
+        if len(pieces) > 1:
+            self._put_index_sync(digest, self._put_chunks_sync(pieces))
+            return digest
         # No index: write the chunk even if a crash left one behind (same bytes).
         if len(data):
-            tmp_path, fd = self._new_temp()
-            try:
-                try:
-                    view = memoryview(self._compressor().compress(data))
-                    while view:
-                        view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
-                self._publish(tmp_path, self._chunk_path(digest))
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_path)
-                raise
+            self._write_chunk_sync(digest, data)
         self._write_index(index_path)
         self._dirty = True
         return digest
@@ -358,7 +411,21 @@ class LocalBlobService(BlobService):
                 data = f.read()
         except FileNotFoundError:
             return [] if os.path.exists(self._chunk_path(digest)) else None
-        return decode_index(digest, data)
+        chunks = decode_index(digest, data)
+        check_chunk_list(digest, chunks, str(self))
+        return chunks
+
+    def _read_chunk_sync(self, chunk: ChunkMeta) -> bytes | None:
+        try:
+            with open(self._chunk_path(chunk.digest), "rb") as f:
+                compressed = f.read(_compressed_bound(chunk.size) + 1)
+        except FileNotFoundError:
+            return None
+        where = f"{self}: chunk {chunk.digest.hex()}"
+        if len(compressed) > _compressed_bound(chunk.size):
+            raise StorageError(f"{where}: compressed object is larger than {chunk.size} bytes can compress to")
+        data = decompress_chunk(self._decompressor(), compressed, chunk.size, where)
+        return check_chunk(chunk, data, str(self))
 
     # -- BlobService -------------------------------------------------------------
 
@@ -381,7 +448,34 @@ class LocalBlobService(BlobService):
             if digest == EMPTY_DIGEST:
                 return BytesReader(b"")
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
-        return ChunkedReader(self.open_read, chunks)
+        return ChunkedReader(self._fetch_chunk, chunks, window=READ_WINDOW)
+
+    async def _fetch_chunk(self, chunk: ChunkMeta) -> bytes:
+        data = await self.read_chunk(chunk)
+        if data is None:
+            raise StorageError(f"{self}: chunk {chunk.digest.hex()} not found")
+        return data
+
+    # -- ChunkStore ----------------------------------------------------------------
+
+    async def missing_chunks(self, chunks: Sequence[ChunkMeta]) -> list[ChunkMeta]:
+        return await asyncio.to_thread(lambda: [c for c in chunks if not os.path.exists(self._chunk_path(c.digest))])
+
+    async def read_chunk(self, chunk: ChunkMeta) -> bytes | None:
+        return await asyncio.to_thread(self._read_chunk_sync, chunk)
+
+    async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
+        check_chunk(chunk, data, "put_chunk")
+        await _to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
+
+    async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        check_chunk_list(digest, chunks, "put_index")
+        missing = await self.missing_chunks(chunks)
+        if missing:
+            raise StorageError(f"{self}: index of {digest.hex()} refers to missing chunk {missing[0].digest.hex()}")
+        if len(chunks) < 2:
+            raise ValidationError(f"put_index: blob {digest.hex()}: a chunk list needs at least two chunks")
+        await _to_thread_uninterrupted(lambda: self._put_index_sync(digest, chunks))
 
     async def _read_many(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
@@ -499,7 +593,16 @@ async def _to_thread_uninterrupted(fn: Callable[[], T]) -> T:
 
 
 class _LocalBlobWriter(BlobWriter):
-    """Buffers small blobs in memory; spills larger ones to a compressed temp file."""
+    """Buffers small blobs in memory; cuts larger ones into chunks staged as temp files.
+
+    Up to :data:`SPILL_THRESHOLD` bytes stay in memory (a small blob is then
+    stored in one step at close).  Past that, bytes go through a
+    :class:`~nixcas.castore.blob.chunking.Chunker`; each final chunk that is
+    not stored yet is compressed into a temp file under ``tmp/`` in a worker
+    thread, so memory stays bounded by the chunker's buffer.  :meth:`close`
+    renames the staged chunks into place and writes the index last;
+    :meth:`abort` deletes them, so an abandoned upload leaves nothing.
+    """
 
     def __init__(self, service: LocalBlobService, expected_size: int | None) -> None:
         self._service = service
@@ -507,49 +610,58 @@ class _LocalBlobWriter(BlobWriter):
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._hasher = blake3.blake3()
-        self._tmp_path: str | None = None
-        self._file: BinaryIO | None = None
-        self._compressor: zstandard.ZstdCompressionWriter | None = None
+        self._chunker: Chunker | None = None
+        self._chunks: list[ChunkMeta] = []
+        self._staged: dict[B3Digest, str] = {}  # chunk digest -> its temp file
 
-    def _spill_sync(self, data: list[bytes]) -> None:
-        if self._compressor is None:
-            self._tmp_path, fd = self._service._new_temp()
-            self._file = os.fdopen(fd, "wb")
-            cctx = zstandard.ZstdCompressor(level=self._service.zstd_level)
-            size = self._state.expected_size if self._state.expected_size is not None else -1
-            self._compressor = cctx.stream_writer(self._file, size=size, closefd=False)
+    def _stage_sync(self, chunks: list[bytes]) -> None:
+        service = self._service
+        for data in chunks:
+            digest = B3Digest(blake3.blake3(data).digest())
+            self._chunks.append(ChunkMeta(digest, len(data)))
+            if digest in self._staged or os.path.exists(service._chunk_path(digest)):
+                continue  # stored already (written only if absent)
+            tmp_path, fd = service._new_temp()
+            self._staged[digest] = tmp_path
+            with contextlib.closing(os.fdopen(fd, "wb")) as f:
+                f.write(service._compressor().compress(data))
+
+    def _feed_sync(self, data: list[bytes]) -> None:
+        if self._chunker is None:
+            self._chunker = Chunker()
         for block in data:
             self._hasher.update(block)
-            self._compressor.write(block)
+            self._stage_sync(self._chunker.feed(block))
 
     async def write(self, data: bytes) -> None:
         await self._admit(self._state, len(data))
         if not data:
             return
-        if self._compressor is None and self._buffered + len(data) <= SPILL_THRESHOLD:
+        if self._chunker is None and self._buffered + len(data) <= SPILL_THRESHOLD:
             self._buffer.append(bytes(data))
             self._buffered += len(data)
             return
         pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
         try:
-            await _to_thread_uninterrupted(lambda: self._spill_sync(pending))
+            await _to_thread_uninterrupted(lambda: self._feed_sync(pending))
         except BaseException:
             await self.abort()
             raise
 
     def _finish_sync(self) -> B3Digest:
-        assert self._compressor is not None and self._file is not None and self._tmp_path is not None
-        self._compressor.flush(zstandard.FLUSH_FRAME)
-        self._compressor.close()  # type: ignore[no-untyped-call]
-        self._file.close()
-        self._compressor = None
-        self._file = None
+        assert self._chunker is not None
+        chunker, self._chunker = self._chunker, None
+        self._stage_sync(chunker.finish())
         digest = B3Digest(self._hasher.digest())
         service = self._service
-        service._publish(self._tmp_path, service._chunk_path(digest))
-        self._tmp_path = None
-        service._write_index(service._index_path(digest))
+        while self._staged:  # chunks first ...
+            chunk, tmp_path = self._staged.popitem()
+            service._publish(tmp_path, service._chunk_path(chunk))
         service._dirty = True
+        if len(self._chunks) == 1:  # ... then the index (one chunk: it is the blob; empty index)
+            service._write_index(service._index_path(digest))
+        else:
+            service._put_index_sync(digest, self._chunks)
         return digest
 
     async def close(self) -> B3Digest:
@@ -557,7 +669,7 @@ class _LocalBlobWriter(BlobWriter):
             return self._state.digest
         try:
             self._state.check_complete()
-            if self._compressor is None:
+            if self._chunker is None:
                 data, self._buffer = b"".join(self._buffer), []
                 digest = await _to_thread_uninterrupted(lambda: self._service._store_sync(data))
             else:
@@ -569,20 +681,14 @@ class _LocalBlobWriter(BlobWriter):
         return digest
 
     def _discard_sync(self) -> None:
-        if self._compressor is not None:
-            with contextlib.suppress(Exception):
-                self._compressor.close()  # type: ignore[no-untyped-call]
-            self._compressor = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tmp_path is not None:
+        while self._staged:
+            _, tmp_path = self._staged.popitem()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._tmp_path)
-            self._tmp_path = None
+                os.unlink(tmp_path)
 
     async def abort(self) -> None:
         if self._state.digest is None and not self._state.aborted:
             self._state.aborted = True
             self._buffer = []
+            self._chunker = None
             await asyncio.to_thread(self._discard_sync)
