@@ -39,6 +39,7 @@ from nixcas.errors import ChecksumMismatch, StorageError, ValidationError
 
 __all__ = [
     "GROUP_LOG",
+    "GROUP_SIZE",
     "HEADER_LEN",
     "PARENT_LEN",
     "BaoMismatch",
@@ -48,12 +49,15 @@ __all__ = [
     "group_count",
     "groups_for_range",
     "outboard_len",
+    "outboard_size",
     "verify_groups",
     "verify_slice",
 ]
 
 GROUP_LOG: Final = 4
 """Chunk groups of 2**4 BLAKE3 chunks = 16 KiB: the outboards nixcas serves (``Stat.bao``)."""
+GROUP_SIZE: Final = 1024 << GROUP_LOG
+"""Bytes per chunk group (16 KiB)."""
 HEADER_LEN: Final = 8
 PARENT_LEN: Final = 64
 _BATCH_GROUP_BYTES: Final = 4 << 20
@@ -198,6 +202,11 @@ def _parse_header(outboard: bytes, group_log: int) -> tuple[int, int]:
         what = "truncated" if len(outboard) < want else "too long"
         raise StorageError(f"outboard is {what}: {len(outboard)} bytes, a {size}-byte blob needs {want}")
     return size, group_count(size, group_log)
+
+
+def outboard_size(outboard: bytes, group_log: int = GROUP_LOG) -> int:
+    """The blob length an outboard states, once its length is checked against it."""
+    return _parse_header(outboard, group_log)[0]
 
 
 def groups_for_range(size: int, start: int, end: int, group_log: int = GROUP_LOG) -> range:

@@ -22,11 +22,12 @@ class ChunkedReader(BlobReader):
     is handed out at chunk granularity).  The reader keeps the current
     chunk: reads and seeks inside it cost nothing; a seek elsewhere finds the
     chunk by binary search over the chunk offsets (O(log n)).  While reading
-    sequentially it keeps up to ``window`` chunks in flight ahead (a window
-    of 1 fetches on demand), so at most ``window`` chunks are held at once.
+    sequentially it keeps the following chunks in flight, as many as fit in
+    ``window_bytes`` (by their declared sizes; 0 fetches on demand), so
+    memory stays bounded by the current chunk plus that window.
     """
 
-    def __init__(self, fetch: FetchChunk, chunks: Sequence[ChunkMeta], *, window: int = 1) -> None:
+    def __init__(self, fetch: FetchChunk, chunks: Sequence[ChunkMeta], *, window_bytes: int = 0) -> None:
         self._fetch = fetch
         self._chunks = list(chunks)
         self._starts: list[int] = []
@@ -35,7 +36,7 @@ class ChunkedReader(BlobReader):
             self._starts.append(total)
             total += c.size
         self._size = total
-        self._window = max(1, window)
+        self._window_bytes = window_bytes
         self._pos = 0
         self._cur: tuple[int, memoryview] | None = None
         self._ahead: dict[int, asyncio.Future[bytes]] = {}
@@ -57,7 +58,12 @@ class ChunkedReader(BlobReader):
             return self._cur[1]
         sequential = self._cur is None or self._cur[0] + 1 == index
         self._cur = None
-        wanted = range(index, min(len(self._chunks), index + (self._window if sequential else 1)))
+        end = index + 1
+        budget = self._window_bytes if sequential else 0
+        while end < len(self._chunks) and budget >= self._chunks[end].size:
+            budget -= self._chunks[end].size
+            end += 1
+        wanted = range(index, end)
         self._cancel_ahead(wanted)
         for i in wanted:
             if i not in self._ahead:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import blake3
 import zstandard
 from pyfastcdc import FastCDC
 
-from nixcas.castore.blob.base import ChunkMeta
+from nixcas.castore.blob.base import ChunkMeta, check_chunk
 from nixcas.castore.digest import B3Digest
-from nixcas.errors import ChecksumMismatch, StorageError
+from nixcas.errors import StorageError
 
 __all__ = [
     "AVG_CHUNK_SIZE",
@@ -97,16 +96,6 @@ class Chunker:
         del chunks
         self._buffer = buffer[len(buffer) - keep :] if keep else bytearray()
         return out
-
-
-def check_chunk(meta: ChunkMeta, data: bytes, where: str) -> bytes:
-    """``data`` if it is ``meta``'s chunk (size and BLAKE3); otherwise a :class:`StorageError`."""
-    if len(data) != meta.size:
-        raise StorageError(f"{where}: chunk {meta.digest.hex()} has {len(data)} bytes, its index declares {meta.size}")
-    got = blake3.blake3(data).digest()
-    if got != meta.digest:
-        raise ChecksumMismatch(f"{where}: chunk {meta.digest.hex()}", meta.digest.hex(), got.hex())
-    return data
 
 
 def check_chunk_list(digest: B3Digest, chunks: Sequence[ChunkMeta], where: str) -> None:

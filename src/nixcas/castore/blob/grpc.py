@@ -6,6 +6,11 @@ ends in :class:`~nixcas.errors.ChecksumMismatch` instead of EOF when the bytes
 do not hash to the digest asked for), the digest a ``Put`` answers with is
 compared with the one computed locally while sending, and chunk lists are
 validated.  Blobs stream in both directions; nothing is buffered whole.
+
+A blob the server stores in chunks (``Stat`` lists two or more) is read
+chunk by chunk: one ``Read`` per chunk, up to :data:`READ_WINDOW` bytes of
+them in flight at once, each chunk checked against its BLAKE3 before any of
+its bytes are handed out.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import grpc.aio
 
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
 from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta, WriterState, resolve_seek
+from nixcas.castore.blob.chunked import ChunkedReader
+from nixcas.castore.blob.chunking import check_chunk_list
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
 from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
@@ -34,6 +41,9 @@ __all__ = ["WRITE_MESSAGE_SIZE", "GrpcBlobService", "GrpcBlobServiceConfig"]
 
 WRITE_MESSAGE_SIZE: Final = 1 << 20
 """Largest ``BlobChunk`` a writer sends (larger writes are split); 1 MiB was fastest in bench/grpc_throughput.py."""
+
+READ_WINDOW: Final = 8 << 20
+"""Bytes of chunks a sequential read of a chunked blob fetches ahead, in parallel ``Read`` calls."""
 
 PUT_MANY_PARALLEL: Final = 32
 """Concurrent Put streams of one ``put_many`` (a channel fails somewhere past a thousand)."""
@@ -84,9 +94,12 @@ class GrpcBlobService(GrpcClient, BlobService):
             response_deserializer=blob_pb.PutBlobResponse.FromString,
         )
 
-    async def _stat_or_none(self, digest: B3Digest, send_chunks: bool) -> blob_pb.StatBlobResponse | None:
+    async def _stat_or_none(
+        self, digest: B3Digest, send_chunks: bool, send_bao: bool = False
+    ) -> blob_pb.StatBlobResponse | None:
         try:
-            response = await self._stat(blob_pb.StatBlobRequest(digest=digest, send_chunks=send_chunks))
+            request = blob_pb.StatBlobRequest(digest=digest, send_chunks=send_chunks, send_bao=send_bao)
+            response = await self._stat(request)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -106,9 +119,19 @@ class GrpcBlobService(GrpcClient, BlobService):
                 chunks.append(ChunkMeta(B3Digest(chunk.digest), chunk.size))
             except InvalidDigestError as e:
                 raise StorageError(f"{self.url}: Stat {digest.hex()}: bad chunk digest: {e}") from None
-            if chunk.size == 0:
-                raise StorageError(f"{self.url}: Stat {digest.hex()}: empty chunk {chunk.digest.hex()}")
+        check_chunk_list(digest, chunks, f"{self.url}: Stat")
         return chunks
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        """``Stat(send_bao)``: the server's outboard, unverified (check it with :mod:`nixcas.castore.bao`)."""
+        response = await self._stat_or_none(digest, send_chunks=False, send_bao=True)
+        if response is None:
+            return None
+        if not response.bao:
+            raise StorageError(
+                f"{self.url}: Stat {digest.hex()}: the server sent no bao outboard (tvix/snix send none)"
+            )
+        return response.bao
 
     async def _start_read(self, digest: B3Digest) -> tuple[_ReadCall, bytes] | None:
         """A Read call and its first data (``b""`` for an empty blob), or ``None`` if missing."""
@@ -122,10 +145,41 @@ class GrpcBlobService(GrpcClient, BlobService):
         return call, first
 
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        chunks = await self.chunks(digest)
+        if chunks is None:
+            return None
+        if len(chunks) >= 2:
+            return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
         started = await self._start_read(digest)
         if started is None:
             return None
         return _GrpcBlobReader(self, digest, *started)
+
+    async def _fetch_chunk(self, chunk: ChunkMeta) -> bytes:
+        data = await self.read_chunk(chunk)
+        if data is None:
+            raise StorageError(f"{self.url}: chunk {chunk.digest.hex()} not found")
+        return data
+
+    async def _read_capped(self, digest: B3Digest, cap: int) -> bytes | None:
+        """One ``Read`` (no ``Stat`` first: the path of many small blobs), stopped past ``cap`` bytes."""
+        started = await self._start_read(digest)
+        if started is None:
+            return None
+        call, data = started
+        parts: list[bytes] = []
+        got = 0
+        try:
+            async with client_errors(f"{self.url}: Read {digest.hex()}"):
+                while data:
+                    parts.append(data)
+                    got += len(data)
+                    if got > cap:
+                        return None
+                    data = await _next_data(call)
+        finally:
+            call.cancel()
+        return b"".join(parts)
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _GrpcBlobWriter(self, expected_size)

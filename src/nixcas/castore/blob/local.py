@@ -31,6 +31,7 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 import blake3
 import zstandard
 
+from nixcas.castore.bao import outboard_len
 from nixcas.castore.blob.base import (
     BlobChecker,
     BlobReader,
@@ -40,18 +41,18 @@ from nixcas.castore.blob.base import (
     ChunkMeta,
     ChunkStore,
     WriterState,
+    check_chunk,
     resolve_seek,
 )
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.chunking import (
     MIN_CHUNK_SIZE,
     Chunker,
-    check_chunk,
     check_chunk_list,
     cut,
     decompress_chunk,
 )
-from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index, encode_index
+from nixcas.castore.blob.layout import ZSTD_LEVEL, bao_key, blob_index_key, chunk_key, decode_index, encode_index
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError, ValidationError
@@ -64,8 +65,8 @@ T = TypeVar("T")
 SPILL_THRESHOLD = 1 << 20
 """Writers keep up to this many bytes in memory before they start writing chunks."""
 
-READ_WINDOW = 4
-"""Chunks a sequential read of a chunked blob keeps in flight (decompressed in worker threads)."""
+READ_WINDOW = 2 << 20
+"""Bytes of chunks a sequential read of a chunked blob keeps in flight (decompressed in worker threads)."""
 
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 """Flags for creating a file that must not exist yet."""
@@ -264,20 +265,7 @@ class LocalBlobService(BlobService, ChunkStore):
 
     def _write_chunk_sync(self, digest: B3Digest, data: bytes | memoryview) -> None:
         """Compress ``data`` into chunk object ``digest`` (replacing any leftover: same bytes)."""
-        tmp_path, fd = self._new_temp()
-        try:
-            try:
-                view = memoryview(self._compressor().compress(data))
-                while view:
-                    view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
-            self._publish(tmp_path, self._chunk_path(digest))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
-            raise
-        self._dirty = True
+        self._put_object_sync(self._chunk_path(digest), self._compressor().compress(data))
 
     def _put_chunks_sync(self, chunks: Sequence[bytes | memoryview]) -> list[ChunkMeta]:
         """Store each chunk unless present (a chunk of a multi-chunk blob); their metadata."""
@@ -292,12 +280,15 @@ class LocalBlobService(BlobService, ChunkStore):
     def _put_index_sync(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
         """Publish the index of a multi-chunk blob (after its chunks), unless present."""
         path = self._index_path(digest)
-        if os.path.exists(path):
-            return
+        if not os.path.exists(path):
+            self._put_object_sync(path, encode_index(list(chunks)))
+
+    def _put_object_sync(self, path: str, data: bytes) -> None:
+        """Publish ``data`` at ``path`` (written to a temp file, then renamed into place)."""
         tmp_path, fd = self._new_temp()
         try:
             try:
-                view = memoryview(encode_index(list(chunks)))
+                view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
             finally:
@@ -448,7 +439,28 @@ class LocalBlobService(BlobService, ChunkStore):
             if digest == EMPTY_DIGEST:
                 return BytesReader(b"")
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
-        return ChunkedReader(self._fetch_chunk, chunks, window=READ_WINDOW)
+        return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``."""
+        path = f"{self._root}/{bao_key(digest)}"
+
+        def load() -> bytes | None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+            return data if size >= 0 and len(data) == outboard_len(size) else None  # else: computed anew
+
+        cached = await asyncio.to_thread(load)
+        if cached is not None:
+            return cached
+        computed = await super().outboard(digest)
+        if computed is not None:
+            await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
+        return computed
 
     async def _fetch_chunk(self, chunk: ChunkMeta) -> bytes:
         data = await self.read_chunk(chunk)

@@ -1,0 +1,326 @@
+"""Chunks and bao across services: Stat(send_chunks/send_bao) over gRPC, chunk-wise client reads,
+chunk-level ``combined`` copies (bytes on the wire counted), and verified ranges from lying peers."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import blake3
+import grpc
+import grpc.aio
+import pytest
+import pytest_asyncio
+import zstandard
+from pyfastcdc import FastCDC
+
+from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
+from nixcas.castore import bao
+from nixcas.castore.blob.base import BlobReader, BlobService, ChunkMeta
+from nixcas.castore.blob.combined import CombinedBlobService
+from nixcas.castore.blob.grpc import GrpcBlobService
+from nixcas.castore.blob.local import LocalBlobService
+from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.blob.verified import read_verified_range
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.errors import ChecksumMismatch, NotFoundError, StorageError, ValidationError
+from nixcas.registry import blob_service_from_url
+from nixcas.server import RunningServer, start_server
+
+
+def b3(data: bytes) -> B3Digest:
+    return B3Digest(blake3.blake3(data).digest())
+
+
+def noise(seed: bytes, size: int) -> bytes:
+    return blake3.blake3(seed).digest(length=size)
+
+
+def snix_chunks(data: bytes) -> list[bytes]:
+    cdc = FastCDC(256 << 10, min_size=128 << 10, max_size=512 << 10, normalized_chunking=1)
+    return [bytes(c.data) for c in cdc.cut_buf(data)]
+
+
+def key_path(root: Path, kind: str, digest: bytes) -> Path:
+    h = digest.hex()
+    return root / kind / "b3" / h[:4] / h
+
+
+class CountingLocal(LocalBlobService):
+    """A far store that counts the blob bytes its readers hand to the gRPC servicer (= bytes on the wire)."""
+
+    served = 0
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        reader = await super()._open_read(digest)
+        return None if reader is None else _Counting(reader, self)
+
+
+class _Counting(BlobReader):
+    def __init__(self, inner: BlobReader, owner: CountingLocal) -> None:
+        self._inner = inner
+        self._owner = owner
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._inner.read(n)
+        self._owner.served += len(data)
+        return data
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return await self._inner.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._inner.tell()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class LyingLocal(LocalBlobService):
+    """Serves whatever its files hold, unchecked, and an outboard set by the test."""
+
+    fake_outboard: bytes | None = None
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        return await self._open_read(digest)
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        return self.fake_outboard if self.fake_outboard is not None else await super().outboard(digest)
+
+
+class LyingMemory(MemoryBlobService):
+    fake_outboard: bytes | None = None
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        return await self._open_read(digest)
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        return self.fake_outboard
+
+
+async def serve(blobs: BlobService) -> RunningServer:
+    return await start_server("127.0.0.1:0", blobs, MemoryDirectoryService())
+
+
+@pytest_asyncio.fixture
+async def far_store(tmp_path: Path) -> CountingLocal:
+    return CountingLocal(tmp_path / "far")
+
+
+@pytest_asyncio.fixture
+async def far_server(far_store: CountingLocal) -> AsyncIterator[RunningServer]:
+    running = await serve(far_store)
+    yield running
+    await running.stop(0)
+
+
+@pytest_asyncio.fixture
+async def client(far_server: RunningServer) -> AsyncIterator[GrpcBlobService]:
+    svc = await blob_service_from_url(far_server.url)
+    assert isinstance(svc, GrpcBlobService)
+    yield svc
+    await svc.close()
+
+
+BIG = noise(b"big v1", 8 << 20)
+BIG_V2 = BIG[: 5 << 20] + noise(b"patch", 50_000) + BIG[(5 << 20) + 50_000 :]
+
+
+# -- Stat ---------------------------------------------------------------------------------------
+
+
+async def test_stat_send_chunks_and_send_bao(far_store: CountingLocal, far_server: RunningServer) -> None:
+    digest = await far_store.put(BIG)
+    target = far_server.url.removeprefix("grpc+http://")
+    async with grpc.aio.insecure_channel(target) as channel:
+        stat = channel.unary_unary(
+            "/tvix.castore.v1.BlobService/Stat",
+            request_serializer=blob_pb.StatBlobRequest.SerializeToString,
+            response_deserializer=blob_pb.StatBlobResponse.FromString,
+        )
+        plain = await stat(blob_pb.StatBlobRequest(digest=digest))
+        assert list(plain.chunks) == [] and plain.bao == b""
+        with_chunks = await stat(blob_pb.StatBlobRequest(digest=digest, send_chunks=True))
+        assert [(c.digest, c.size) for c in with_chunks.chunks] == [(b3(c), len(c)) for c in snix_chunks(BIG)]
+        with_bao = await stat(blob_pb.StatBlobRequest(digest=digest, send_bao=True))
+        assert list(with_bao.chunks) == []
+        assert len(with_bao.bao) == 8 + 64 * (len(BIG) // 16384 - 1)
+        assert bao.verify_groups(digest, with_bao.bao, {g: BIG[g * 16384 : (g + 1) * 16384] for g in range(512)})
+        both = await stat(blob_pb.StatBlobRequest(digest=digest, send_chunks=True, send_bao=True))
+        assert both.bao == with_bao.bao and len(both.chunks) == len(with_chunks.chunks)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stat(blob_pb.StatBlobRequest(digest=b3(b"missing"), send_bao=True))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # computed once, then kept in the object store
+    assert key_path(far_store.root, "bao", digest).read_bytes() == with_bao.bao
+
+
+# -- the gRPC client reads chunk by chunk -------------------------------------------------------------
+
+
+async def test_client_reads_chunked_blob_chunk_by_chunk(client: GrpcBlobService, far_store: CountingLocal) -> None:
+    digest = await far_store.put(BIG)
+    reader = await client.open_read(digest)
+    assert reader is not None
+    async with reader:
+        assert await reader.read_all() == BIG
+        await reader.seek(3_000_000)
+        assert await reader.read(10) == BIG[3_000_000:3_000_010]
+    assert await client.read(digest) == BIG
+
+
+async def test_client_checks_each_chunk(tmp_path: Path) -> None:
+    """A server handing out a chunk with wrong bytes: the client refuses it before handing any of them out."""
+    liar = LyingLocal(tmp_path / "liar")
+    digest = await liar.put(BIG)
+    chunks = snix_chunks(BIG)
+    bad = bytearray(chunks[3])
+    bad[100] ^= 1
+    key_path(tmp_path / "liar", "chunks", b3(chunks[3])).write_bytes(zstandard.ZstdCompressor().compress(bytes(bad)))
+    running = await serve(liar)
+    try:
+        async with await blob_service_from_url(running.url) as svc:
+            reader = await svc.open_read(digest)
+            assert reader is not None
+            async with reader:
+                await reader.seek(sum(map(len, chunks[:3])) + 50)
+                with pytest.raises(ChecksumMismatch, match=b3(chunks[3]).hex()):
+                    await reader.read(100)
+    finally:
+        await running.stop(0)
+
+
+# -- chunk-level combined ------------------------------------------------------------------------------
+
+
+async def test_combined_second_version_costs_only_changed_chunks(
+    client: GrpcBlobService, far_store: CountingLocal, tmp_path: Path
+) -> None:
+    v1, v2 = await far_store.put(BIG), await far_store.put(BIG_V2)
+    near = LocalBlobService(tmp_path / "near")
+    combined = CombinedBlobService(near, client)
+    far_store.served = 0
+    assert await combined.read(v1) == BIG
+    assert far_store.served == len(BIG)  # every chunk once
+    far_store.served = 0
+    assert await combined.read(v2) == BIG_V2
+    old = {b3(c) for c in snix_chunks(BIG)}
+    changed = [c for c in snix_chunks(BIG_V2) if b3(c) not in old]
+    assert 1 <= len(changed) <= 6
+    assert far_store.served == sum(map(len, changed)) < len(BIG_V2) // 4
+    # near now serves both by itself
+    far_store.served = 0
+    assert await combined.read(v1) == BIG and await combined.read(v2) == BIG_V2
+    assert far_store.served == 0
+    assert await near.chunks(v2) == [ChunkMeta(b3(c), len(c)) for c in snix_chunks(BIG_V2)]
+
+
+async def test_combined_far_sends_wrong_chunk_bytes(tmp_path: Path) -> None:
+    liar = LyingLocal(tmp_path / "liar")
+    digest = await liar.put(BIG)
+    chunks = snix_chunks(BIG)
+    bad = bytearray(chunks[5])
+    bad[0] ^= 1
+    key_path(tmp_path / "liar", "chunks", b3(chunks[5])).write_bytes(zstandard.ZstdCompressor().compress(bytes(bad)))
+    running = await serve(liar)
+    near = LocalBlobService(tmp_path / "near")
+    try:
+        async with await blob_service_from_url(running.url) as far:
+            combined = CombinedBlobService(near, far)
+            with pytest.raises(ChecksumMismatch, match=b3(chunks[5]).hex()):
+                await combined.read(digest)
+    finally:
+        await running.stop(0)
+    # nothing wrong near: no index, not the bad chunk; every chunk that is there is right
+    assert not await near.has(digest)
+    assert not key_path(tmp_path / "near", "chunks", b3(chunks[5])).exists()
+    for path in (tmp_path / "near" / "chunks").rglob("*"):
+        if path.is_file():
+            assert b3(zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())).hex() == path.name
+
+
+async def test_combined_far_chunk_list_not_adding_up(tmp_path: Path) -> None:
+    """Far lists real chunks for a blob, but together they are another blob: no index near."""
+    far = LocalBlobService(tmp_path / "far")
+    chunks = snix_chunks(BIG)
+    await far.put(BIG)
+    claimed = b3(b"claimed blob")
+    listed = [ChunkMeta(b3(c), len(c)) for c in chunks[::-1]]
+    await far.put_index(claimed, listed)
+    near = LocalBlobService(tmp_path / "near")
+    combined = CombinedBlobService(near, far)
+    with pytest.raises(ChecksumMismatch):
+        await combined.read(claimed)
+    assert not await near.has(claimed)
+    assert not key_path(tmp_path / "near", "blobs", claimed).exists()
+
+
+# -- verified ranges ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_verified_range_from_a_daemon(tmp_path: Path, chunked: bool) -> None:
+    store: BlobService = LocalBlobService(tmp_path / "s") if chunked else MemoryBlobService()
+    digest = await store.put(BIG)
+    running = await serve(store)
+    try:
+        async with await blob_service_from_url(running.url) as svc:
+            for start, length in [(0, 1), (16383, 2), (3_000_000, 700_000), (len(BIG) - 5, 5), (100, 0)]:
+                assert await read_verified_range(svc, digest, start, length) == BIG[start : start + length]
+            with pytest.raises(ValidationError, match="past the end"):
+                await read_verified_range(svc, digest, len(BIG) - 5, 6)
+            with pytest.raises(NotFoundError):
+                await read_verified_range(svc, b3(b"missing"), 0, 1)
+    finally:
+        await running.stop(0)
+
+
+async def lying_daemon_range(liar: LyingMemory, digest: B3Digest, start: int, length: int) -> bytes:
+    running = await serve(liar)
+    try:
+        async with await blob_service_from_url(running.url) as svc:
+            return await read_verified_range(svc, digest, start, length)
+    finally:
+        await running.stop(0)
+
+
+async def test_verified_range_names_the_group_a_peer_lied_about() -> None:
+    liar = LyingMemory()
+    digest = b3(BIG)
+    tampered = bytearray(BIG)
+    tampered[5 * 16384 + 77] ^= 0x40
+    liar._blobs[digest] = bytes(tampered)
+    liar.fake_outboard = bao.encode_outboard(BIG)  # the true outboard: only the data lies
+    assert await lying_daemon_range(liar, digest, 0, 16384) == BIG[:16384]  # untouched groups verify
+    with pytest.raises(bao.BaoMismatch, match="chunk group 5 ") as info:
+        await lying_daemon_range(liar, digest, 4 * 16384, 3 * 16384)
+    assert info.value.group == 5
+
+
+async def test_verified_range_outboard_not_matching_the_root() -> None:
+    liar = LyingMemory()
+    digest = b3(BIG)
+    liar._blobs[digest] = BIG
+    liar.fake_outboard = bao.encode_outboard(BIG_V2)
+    with pytest.raises(bao.BaoMismatch, match="outboard parent node 0"):
+        await lying_daemon_range(liar, digest, 0, 100)
+
+
+async def test_verified_range_truncated_outboard() -> None:
+    liar = LyingMemory()
+    digest = b3(BIG)
+    liar._blobs[digest] = BIG
+    liar.fake_outboard = bao.encode_outboard(BIG)[:-64]
+    with pytest.raises(StorageError, match="truncated"):
+        await lying_daemon_range(liar, digest, 0, 100)
+
+
+async def test_verified_range_snix_daemon_without_outboard() -> None:
+    liar = LyingMemory()
+    digest = b3(BIG)
+    liar._blobs[digest] = BIG
+    liar.fake_outboard = b""  # what a tvix/snix daemon answers to send_bao
+    with pytest.raises(StorageError, match="no bao outboard"):
+        await lying_daemon_range(liar, digest, 0, 100)
