@@ -169,3 +169,37 @@ def test_the_last_group_is_required() -> None:
     root = B3Digest(blake3.blake3(data).digest())
     with pytest.raises(ValidationError, match="last chunk group"):
         bao.verify_groups(root, bao.encode_outboard(data), {0: data[:16384]})
+
+
+def prune_to_groups(outboard_1k: bytes, size: int, group_chunks: int) -> bytes:
+    """The 16 KiB-group outboard derived from bao's 1 KiB one: keep the parents above whole groups.
+
+    Written independently of nixcas.castore.bao: a pre-order walk of bao's
+    tree (left subtree = largest power of two of chunks below the count)
+    that keeps each parent covering more than ``group_chunks`` chunks.
+    """
+    kept = [outboard_1k[:8]]
+    index = 0
+
+    def walk(chunks: int) -> None:
+        nonlocal index
+        if chunks == 1:
+            return
+        node = outboard_1k[8 + 64 * index : 8 + 64 * (index + 1)]
+        index += 1
+        if chunks > group_chunks:
+            kept.append(node)
+        left = 1
+        while left * 2 < chunks:
+            left *= 2
+        walk(left)
+        walk(chunks - left)
+
+    walk(max(1, -(-size // 1024)))
+    return b"".join(kept)
+
+
+@pytest.mark.parametrize("size", [16385, 3 * 16384, 100_000, 1 << 20, (1 << 20) + 5000])
+def test_16k_outboard_is_the_1k_outboard_above_the_groups(size: int) -> None:
+    data = blake3.blake3(b"prune %d" % size).digest(length=size)
+    assert bao.encode_outboard(data) == prune_to_groups(bao.encode_outboard(data, 0), size, 16)

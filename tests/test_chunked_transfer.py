@@ -4,6 +4,9 @@ chunk-level ``combined`` copies (bytes on the wire counted), and verified ranges
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -324,3 +327,43 @@ async def test_verified_range_snix_daemon_without_outboard() -> None:
     liar.fake_outboard = b""  # what a tvix/snix daemon answers to send_bao
     with pytest.raises(StorageError, match="no bao outboard"):
         await lying_daemon_range(liar, digest, 0, 100)
+
+
+# -- nixcas castore cat --range ----------------------------------------------------------------------
+
+
+def test_cat_range_verified(tmp_path: Path) -> None:
+    from test_cli import assert_one_line_error, nixcas
+
+    data = noise(b"cat range", (1 << 20) + 12345)
+    (tmp_path / "f").write_bytes(data)
+    store = tmp_path / "s"
+    digest = nixcas("castore", "ingest", str(tmp_path / "f"), "--json", store=store)
+    hexdigest = json.loads(digest.stdout)["digest"]
+    for spec, want in [("100:200", data[100:200]), ("1000000:", data[1000000:]), ("5:5", b"")]:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nixcas.cli.main",
+                "--store-dir",
+                str(store),
+                "castore",
+                "cat",
+                hexdigest,
+                "--range",
+                spec,
+            ],
+            capture_output=True,
+            check=True,
+        )
+        assert result.stdout == want
+    assert_one_line_error(
+        nixcas("castore", "cat", hexdigest, "--range", f"0:{len(data) + 1}", store=store), 1, "past the end"
+    )
+    assert_one_line_error(nixcas("castore", "cat", hexdigest, "--range", "9:3", store=store), 2, "START:END")
+    # an outboard that lies (kept in the store's bao/ objects): nothing is written, the node is named
+    key_path(store / "blobs", "bao", b3(data)).write_bytes(bao.encode_outboard(noise(b"other", len(data))))
+    lied = nixcas("castore", "cat", hexdigest, "--range", "0:10", store=store)
+    assert_one_line_error(lied, 1, "outboard parent node 0")
+    assert lied.stdout == ""
