@@ -19,9 +19,9 @@ Three parts, all in one run:
   package hash of them (Rust, SIMD, one thread) as the ceiling.
 * **dedup**: a tree of ``--tree-mib`` MiB (large files of 1-8 MiB and small
   files of 4-64 KiB, random bytes so compression plays no part) and a second
-  version in which 10 % of the bytes changed: a contiguous third of every
-  third large file overwritten, a few 4 KiB insertions, every tenth small file
-  rewritten.  Both versions go into one store each of nixcas
+  version in which 10 % of the bytes changed: a contiguous third of some
+  large files overwritten, a 4 KiB insertion in every seventh large file,
+  every tenth small file rewritten.  Both versions go into one store each of nixcas
   (``Store.ingest``, the embedded store), ``casync make`` (one
   ``--store``, default chunk sizes) and ``borg create`` (one repository,
   ``--encryption=none``, default chunker).  Reported: the bytes each store
@@ -152,29 +152,36 @@ def make_versions(base: Path, total: int, seed: int) -> tuple[Path, Path, int, i
         files.append((f"d{k % 16:02d}/f{k:05d}.{'big' if large else 'dat'}", rng.randbytes(n)))
         size += n
         k += 1
+    # 10 % of the bytes change: every tenth small file is rewritten, every seventh large file gets a
+    # 4 KiB insertion, and a contiguous third of large files (in a shuffled order) is overwritten
+    # until the total reaches 10 % (the last region trimmed to hit it).
+    target = size // 10
     changed = 0
-    edited: list[tuple[str, bytes]] = []
-    large_seen = small_seen = 0
-    for name, data in files:
-        new = data
-        if name.endswith(".big"):
-            large_seen += 1
-            if large_seen % 3 == 0:
-                start = rng.randrange(0, len(data) * 2 // 3)
-                span = len(data) // 3
-                new = data[:start] + rng.randbytes(span) + data[start + span :]
-                changed += span
-            elif large_seen % 7 == 0:
-                at = rng.randrange(0, len(data))
-                new = data[:at] + rng.randbytes(4096) + data[at:]
-                changed += 4096
-        else:
-            small_seen += 1
-            if small_seen % 10 == 0:
-                new = rng.randbytes(len(data))
-                changed += len(data)
-        edited.append((name, new))
-    for root, content in ((v1, files), (v2, edited)):
+    edited = dict(files)
+    names = [name for name, _ in files]
+    seen = {".dat": 0, ".big": 0}
+    for name in names:
+        data = edited[name]
+        kind = name[-4:]
+        seen[kind] += 1
+        if kind == ".dat" and seen[kind] % 10 == 0:
+            edited[name] = rng.randbytes(len(data))
+            changed += len(data)
+        elif kind == ".big" and seen[kind] % 7 == 0:
+            at = rng.randrange(0, len(data))
+            edited[name] = data[:at] + rng.randbytes(4096) + data[at:]
+            changed += 4096
+    big_files = [name for name in names if name.endswith(".big")]
+    rng.shuffle(big_files)
+    for name in big_files:
+        if changed >= target:
+            break
+        data = edited[name]
+        span = min(len(data) // 3, target - changed)
+        start = rng.randrange(0, len(data) - span)
+        edited[name] = data[:start] + rng.randbytes(span) + data[start + span :]
+        changed += span
+    for root, content in ((v1, files), (v2, list(edited.items()))):
         for name, data in content:
             path = root / name
             path.parent.mkdir(parents=True, exist_ok=True)

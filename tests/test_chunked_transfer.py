@@ -3,7 +3,6 @@ chunk-level ``combined`` copies (bytes on the wire counted), and verified ranges
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import pytest_asyncio
 import zstandard
 from pyfastcdc import FastCDC
+from test_nar import InstrumentedBlobs
 
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
 from nixcas.castore import bao
@@ -51,36 +51,6 @@ def key_path(root: Path, kind: str, digest: bytes) -> Path:
     return root / kind / "b3" / h[:4] / h
 
 
-class CountingLocal(LocalBlobService):
-    """A far store that counts the blob bytes its readers hand to the gRPC servicer (= bytes on the wire)."""
-
-    served = 0
-
-    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
-        reader = await super()._open_read(digest)
-        return None if reader is None else _Counting(reader, self)
-
-
-class _Counting(BlobReader):
-    def __init__(self, inner: BlobReader, owner: CountingLocal) -> None:
-        self._inner = inner
-        self._owner = owner
-
-    async def read(self, n: int = -1) -> bytes:
-        data = await self._inner.read(n)
-        self._owner.served += len(data)
-        return data
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return await self._inner.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._inner.tell()
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class LyingLocal(LocalBlobService):
     """Serves whatever its files hold, unchecked, and an outboard set by the test."""
 
@@ -108,13 +78,19 @@ async def serve(blobs: BlobService) -> RunningServer:
 
 
 @pytest_asyncio.fixture
-async def far_store(tmp_path: Path) -> CountingLocal:
-    return CountingLocal(tmp_path / "far")
+async def far_store(tmp_path: Path) -> LocalBlobService:
+    return LocalBlobService(tmp_path / "far")
 
 
 @pytest_asyncio.fixture
-async def far_server(far_store: CountingLocal) -> AsyncIterator[RunningServer]:
-    running = await serve(far_store)
+async def far_counted(far_store: LocalBlobService) -> InstrumentedBlobs:
+    """Counts the blob bytes the far daemon's readers hand to its servicer: the bytes on the wire."""
+    return InstrumentedBlobs(far_store)
+
+
+@pytest_asyncio.fixture
+async def far_server(far_counted: InstrumentedBlobs) -> AsyncIterator[RunningServer]:
+    running = await serve(far_counted)
     yield running
     await running.stop(0)
 
@@ -134,7 +110,7 @@ BIG_V2 = BIG[: 5 << 20] + noise(b"patch", 50_000) + BIG[(5 << 20) + 50_000 :]
 # -- Stat ---------------------------------------------------------------------------------------
 
 
-async def test_stat_send_chunks_and_send_bao(far_store: CountingLocal, far_server: RunningServer) -> None:
+async def test_stat_send_chunks_and_send_bao(far_store: LocalBlobService, far_server: RunningServer) -> None:
     digest = await far_store.put(BIG)
     target = far_server.url.removeprefix("grpc+http://")
     async with grpc.aio.insecure_channel(target) as channel:
@@ -156,14 +132,16 @@ async def test_stat_send_chunks_and_send_bao(far_store: CountingLocal, far_serve
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stat(blob_pb.StatBlobRequest(digest=b3(b"missing"), send_bao=True))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    # computed once, then kept in the object store
+    # the object store computes it once, then keeps it
+    assert await far_store.outboard(digest) == with_bao.bao
     assert key_path(far_store.root, "bao", digest).read_bytes() == with_bao.bao
+    assert await far_store.outboard(digest) == with_bao.bao
 
 
 # -- the gRPC client reads chunk by chunk -------------------------------------------------------------
 
 
-async def test_client_reads_chunked_blob_chunk_by_chunk(client: GrpcBlobService, far_store: CountingLocal) -> None:
+async def test_client_reads_chunked_blob_chunk_by_chunk(client: GrpcBlobService, far_store: LocalBlobService) -> None:
     digest = await far_store.put(BIG)
     reader = await client.open_read(digest)
     assert reader is not None
@@ -199,24 +177,24 @@ async def test_client_checks_each_chunk(tmp_path: Path) -> None:
 
 
 async def test_combined_second_version_costs_only_changed_chunks(
-    client: GrpcBlobService, far_store: CountingLocal, tmp_path: Path
+    client: GrpcBlobService, far_store: LocalBlobService, far_counted: InstrumentedBlobs, tmp_path: Path
 ) -> None:
     v1, v2 = await far_store.put(BIG), await far_store.put(BIG_V2)
     near = LocalBlobService(tmp_path / "near")
     combined = CombinedBlobService(near, client)
-    far_store.served = 0
+    far_counted.bytes_read = 0
     assert await combined.read(v1) == BIG
-    assert far_store.served == len(BIG)  # every chunk once
-    far_store.served = 0
+    assert far_counted.bytes_read == len(BIG)  # every chunk once
+    far_counted.bytes_read = 0
     assert await combined.read(v2) == BIG_V2
     old = {b3(c) for c in snix_chunks(BIG)}
     changed = [c for c in snix_chunks(BIG_V2) if b3(c) not in old]
     assert 1 <= len(changed) <= 6
-    assert far_store.served == sum(map(len, changed)) < len(BIG_V2) // 4
+    assert far_counted.bytes_read == sum(map(len, changed)) < len(BIG_V2) // 4
     # near now serves both by itself
-    far_store.served = 0
+    far_counted.bytes_read = 0
     assert await combined.read(v1) == BIG and await combined.read(v2) == BIG_V2
-    assert far_store.served == 0
+    assert far_counted.bytes_read == 0
     assert await near.chunks(v2) == [ChunkMeta(b3(c), len(c)) for c in snix_chunks(BIG_V2)]
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "check_chunk",
     "check_chunk_list",
     "cut",
+    "decompress_at_most",
     "decompress_chunk",
 ]
 
@@ -107,31 +108,40 @@ def check_chunk_list(digest: B3Digest, chunks: Sequence[ChunkMeta], where: str) 
             )
 
 
-def decompress_chunk(dctx: zstandard.ZstdDecompressor, compressed: bytes, size: int, where: str) -> bytes:
-    """The bytes of one compressed chunk, which must be exactly ``size`` long.
+def decompress_at_most(dctx: zstandard.ZstdDecompressor, compressed: bytes, cap: int) -> bytes | None:
+    """All bytes of the zstd frames in ``compressed`` if there are at most ``cap``; else ``None``.
 
-    Bounded: at most ``size + 1`` bytes are ever produced, whatever the
-    frame claims, so a zstd bomb costs nothing.  A frame header that records
-    another size is refused before decompressing.
+    Never produces more than ``cap + 1`` bytes: a frame header recording a
+    larger size is refused before decompressing, one recording its size is
+    held to it by libzstd, and one that does not is read until ``cap + 1``
+    bytes.  :class:`zstandard.ZstdError` propagates.
     """
+    content_size = zstandard.frame_content_size(compressed)
+    if content_size > cap:
+        return None
+    if content_size >= 0:  # libzstd holds the frame to exactly this size
+        return dctx.decompress(compressed, max_output_size=cap, allow_extra_data=False)
+    parts: list[bytes] = []
+    got = 0
+    with dctx.stream_reader(compressed, read_across_frames=True) as stream:
+        while got <= cap:
+            block = stream.read(cap + 1 - got)
+            if not block:
+                return b"".join(parts)
+            parts.append(block)
+            got += len(block)
+    return None
+
+
+def decompress_chunk(dctx: zstandard.ZstdDecompressor, compressed: bytes, size: int, where: str) -> bytes:
+    """The bytes of one compressed chunk, which must be exactly ``size`` long (bounded, see above)."""
     try:
         declared = zstandard.frame_content_size(compressed)
-        if declared >= 0:
-            if declared != size:
-                raise StorageError(f"{where}: chunk expands to {declared} bytes, its index declares {size}")
-            # libzstd holds a frame to the content size its header records.
-            return dctx.decompress(compressed, max_output_size=size, allow_extra_data=False)
-        parts: list[bytes] = []
-        got = 0
-        with dctx.stream_reader(compressed, read_across_frames=True) as stream:
-            while got <= size:
-                block = stream.read(size + 1 - got)
-                if not block:
-                    break
-                parts.append(block)
-                got += len(block)
+        if declared >= 0 and declared != size:
+            raise StorageError(f"{where}: chunk expands to {declared} bytes, its index declares {size}")
+        data = decompress_at_most(dctx, compressed, size)
     except zstandard.ZstdError as e:
         raise StorageError(f"{where}: cannot decompress chunk: {e}") from None
-    if got > size:
+    if data is None:
         raise StorageError(f"{where}: chunk expands beyond the {size} bytes its index declares")
-    return b"".join(parts)
+    return data

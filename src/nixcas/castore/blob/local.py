@@ -50,6 +50,7 @@ from nixcas.castore.blob.chunking import (
     Chunker,
     check_chunk_list,
     cut,
+    decompress_at_most,
     decompress_chunk,
 )
 from nixcas.castore.blob.layout import ZSTD_LEVEL, bao_key, blob_index_key, chunk_key, decode_index, encode_index
@@ -362,22 +363,7 @@ class LocalBlobService(BlobService, ChunkStore):
             os.close(fd)
         compressed = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
-            content_size = zstandard.frame_content_size(compressed)
-            if content_size > cap:
-                return None
-            if content_size >= 0:  # libzstd holds the frame to exactly this size
-                return dctx.decompress(compressed, max_output_size=cap, allow_extra_data=False)
-            # Not recorded (a streaming writer): decompress at most cap + 1 bytes.
-            out: list[bytes] = []
-            got = 0
-            with dctx.stream_reader(compressed, read_across_frames=True) as stream:
-                while got <= cap:
-                    block = stream.read(cap + 1 - got)
-                    if not block:
-                        return b"".join(out)
-                    out.append(block)
-                    got += len(block)
-            return None
+            return decompress_at_most(dctx, compressed, cap)
         except zstandard.ZstdError:
             return _SLOW
 
