@@ -13,9 +13,7 @@ import click
 from rich.console import Console
 from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
-from nixcas.castore import bao
 from nixcas.castore.blob.base import BlobService
-from nixcas.castore.blob.verified import read_verified_range
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.cli.common import Settings, parse_digest, run, show_bytes
@@ -171,6 +169,9 @@ def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
 
 async def write_verified_range(blobs: BlobService, blob: B3Digest, start: int, end: int, out: BinaryIO) -> None:
     """Bytes ``[start, end)`` (``end`` -1: to the end) in verified pieces; one outboard fetch."""
+    from nixcas.castore import bao  # NumPy: loaded only for --range
+    from nixcas.castore.blob.verified import read_verified_range
+
     outboard = await blobs.outboard(blob)
     if outboard is None:
         raise NotFoundError(f"blob {blob.hex()} not found")

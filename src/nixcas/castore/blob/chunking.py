@@ -76,27 +76,30 @@ class Chunker:
         """Bytes held back (at most the cut threshold plus one write)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes | memoryview) -> list[bytes]:
-        """Add ``data``; the chunks now known to be final (the held-back tail excluded)."""
+    def feed(self, data: bytes | memoryview) -> list[memoryview]:
+        """Add ``data``; the chunks now known to be final (the held-back tail excluded).
+
+        The chunks are views into a buffer the chunker no longer writes to:
+        valid until the caller drops them, without a copy.
+        """
         self._buffer += data
         if len(self._buffer) < self._threshold:
             return []
         return self._cut(final=False)
 
-    def finish(self) -> list[bytes]:
+    def finish(self) -> list[memoryview]:
         """The remaining chunks at the end of the blob."""
         return self._cut(final=True)
 
-    def _cut(self, *, final: bool) -> list[bytes]:
+    def _cut(self, *, final: bool) -> list[memoryview]:
         buffer = self._buffer
         if not buffer:
             return []
         chunks = [c.data for c in self._cdc.cut_buf(buffer)]
         keep = 0 if final else len(chunks[-1])
-        out = [bytes(c) for c in (chunks if final else chunks[:-1])]
-        del chunks
+        # A new buffer for what follows; the old one lives on under the views handed out.
         self._buffer = buffer[len(buffer) - keep :] if keep else bytearray()
-        return out
+        return chunks if final else chunks[:-1]
 
 
 def check_chunk_list(digest: B3Digest, chunks: Sequence[ChunkMeta], where: str) -> None:

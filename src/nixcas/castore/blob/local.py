@@ -31,7 +31,6 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 import blake3
 import zstandard
 
-from nixcas.castore.bao import outboard_len
 from nixcas.castore.blob.base import (
     BlobChecker,
     BlobReader,
@@ -429,6 +428,8 @@ class LocalBlobService(BlobService, ChunkStore):
 
     async def outboard(self, digest: B3Digest) -> bytes | None:
         """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``."""
+        from nixcas.castore.bao import outboard_len  # NumPy: loaded only when outboards are asked for
+
         path = f"{self._root}/{bao_key(digest)}"
 
         def load() -> bytes | None:
@@ -612,7 +613,7 @@ class _LocalBlobWriter(BlobWriter):
         self._chunks: list[ChunkMeta] = []
         self._staged: dict[B3Digest, str] = {}  # chunk digest -> its temp file
 
-    def _stage_sync(self, chunks: list[bytes]) -> None:
+    def _stage_sync(self, chunks: Sequence[bytes | memoryview]) -> None:
         service = self._service
         for data in chunks:
             digest = B3Digest(blake3.blake3(data).digest())
