@@ -287,3 +287,52 @@ async def test_put_chunk_and_index_refuse_bad_input(local: LocalBlobService) -> 
     await local.put_chunk(other, CHUNKS[1])
     await local.put_index(blob, [good, other])
     assert await local.read(blob) == CHUNKS[0] + CHUNKS[1]
+
+
+# -- the chunked reader ----------------------------------------------------------------------------
+
+
+async def test_chunked_reader_fetches_each_chunk_once_and_bounds_its_window() -> None:
+    import asyncio
+
+    from nixcas.castore.blob.chunked import ChunkedReader
+
+    pieces = [noise(b"piece %d" % i, 1000 + 10 * i) for i in range(20)]
+    metas = [ChunkMeta(b3(p), len(p)) for p in pieces]
+    by_digest = {b3(p): p for p in pieces}
+    fetched: list[int] = []
+    in_flight = 0
+    most = 0
+
+    async def fetch(meta: ChunkMeta) -> bytes:
+        nonlocal in_flight, most
+        fetched.append(metas.index(meta))
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.001)
+        finally:
+            in_flight -= 1
+        return by_digest[meta.digest]
+
+    blob = b"".join(pieces)
+    reader = ChunkedReader(fetch, metas, window_bytes=3 * 1100)
+    async with reader:
+        await reader.seek(5000)  # chunk 4 (offsets by binary search), and the window after it
+        assert await reader.read(10) == blob[5000:5010]
+        assert fetched == [4, 5, 6, 7]
+        # seeks and reads inside the current chunk fetch nothing
+        await reader.seek(5003)
+        assert await reader.read(5) == blob[5003:5008]
+        await reader.seek(4990)
+        assert await reader.read(3) == blob[4990:4993]
+        assert fetched == [4, 5, 6, 7]
+        # a sequential read fetches ahead, but never more than the window (3 chunks) beyond the current one
+        await reader.seek(0)
+        before = len(fetched)
+        out = bytearray()
+        while data := await reader.read(700):
+            out += data
+        assert bytes(out) == blob
+        assert 2 <= most <= 4
+        assert sorted(fetched[before:]) == list(range(20))  # each once
