@@ -336,3 +336,39 @@ async def test_chunked_reader_fetches_each_chunk_once_and_bounds_its_window() ->
         assert bytes(out) == blob
         assert 2 <= most <= 4
         assert sorted(fetched[before:]) == list(range(20))  # each once
+
+
+# -- avg_chunk_size (the snix composition field) ----------------------------------------------------
+
+
+async def test_avg_chunk_size_from_a_composition(tmp_path: Path) -> None:
+    from nixcas.composition import Composition
+
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        f'[blobservices.root]\ntype = "objectstore"\nobject_store_url = "file://{tmp_path}/o"\navg_chunk_size = 65536\n'
+    )
+    comp = Composition.from_toml(toml)
+    try:
+        svc = await comp.blob_service("root")
+        data = noise(b"avg 64k", 3 << 20)
+        digest = await svc.put(data)
+        want = [bytes(c.data) for c in FastCDC(65536, min_size=32768, max_size=131072).cut_buf(data)]
+        assert await svc.chunks(digest) == [ChunkMeta(b3(c), len(c)) for c in want]
+        assert await svc.read(digest) == data
+    finally:
+        await comp.close()
+
+
+@pytest.mark.parametrize("value", ["100000", "512", "4194304", '"big"'])
+def test_avg_chunk_size_refused(tmp_path: Path, value: str) -> None:
+    from nixcas.composition import Composition
+    from nixcas.errors import ConfigurationError
+
+    toml = tmp_path / "c.toml"
+    url = f"file://{tmp_path}/o"
+    toml.write_text(
+        f'[blobservices.root]\ntype = "objectstore"\nobject_store_url = "{url}"\navg_chunk_size = {value}\n'
+    )
+    with pytest.raises(ConfigurationError, match="avg_chunk_size"):
+        Composition.from_toml(toml)

@@ -29,8 +29,10 @@ from nixcas.errors import StorageError
 __all__ = [
     "AVG_CHUNK_SIZE",
     "CUT_THRESHOLD",
+    "MAX_AVG_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "MAX_INDEX_CHUNK_SIZE",
+    "MIN_AVG_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "Chunker",
     "check_chunk",
@@ -48,6 +50,9 @@ MAX_CHUNK_SIZE = AVG_CHUNK_SIZE * 2
 """The largest chunk the writer produces."""
 CUT_THRESHOLD = 2 * MAX_CHUNK_SIZE
 """:class:`Chunker` cuts once this many bytes are buffered (the held-back tail, ~1/4 of it, is scanned again)."""
+MIN_AVG_CHUNK_SIZE = 1 << 10
+MAX_AVG_CHUNK_SIZE = 2 << 20
+"""The ``avg_chunk_size`` range accepted (pyfastcdc's; the maximum chunk is twice the average)."""
 MAX_INDEX_CHUNK_SIZE = 64 << 20
 """The largest chunk an index may declare (read whole into memory, so it is bounded; snix's max is 2·avg)."""
 

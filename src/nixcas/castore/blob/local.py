@@ -45,7 +45,9 @@ from nixcas.castore.blob.base import (
 )
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.chunking import (
-    MIN_CHUNK_SIZE,
+    AVG_CHUNK_SIZE,
+    MAX_AVG_CHUNK_SIZE,
+    MIN_AVG_CHUNK_SIZE,
     Chunker,
     check_chunk_list,
     cut,
@@ -105,12 +107,14 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
     """``objectstore+file:///abs/path[?zstd_level=N]``.
 
     Composition: ``type = "objectstore"``, ``object_store_url = "file:///abs/path"``,
-    ``object_store_options = { zstd_level = "3" }`` (the tvix/snix field names).
+    ``object_store_options = { zstd_level = "3" }``, ``avg_chunk_size = 262144`` (the
+    tvix/snix field names; as in snix, the URL form always uses the default chunk size).
     """
 
     type_tag: ClassVar[str] = "objectstore"
     object_store_url: str
     object_store_options: dict[str, str] = field(default_factory=dict)
+    avg_chunk_size: int = AVG_CHUNK_SIZE
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
@@ -146,19 +150,27 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
                 raise ConfigurationError(f"{where}: zstd_level must be an integer") from None
             if not -7 <= level <= 22:
                 raise ConfigurationError(f"{where}: zstd_level must be between -7 and 22")
+        avg = self.avg_chunk_size
+        if not (MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE and avg & (avg - 1) == 0):
+            raise ConfigurationError(
+                f"{where}: avg_chunk_size must be a power of two from {MIN_AVG_CHUNK_SIZE} to {MAX_AVG_CHUNK_SIZE}"
+            )
 
     async def build(self, resolver: Resolver) -> BlobService:
         path = unquote(urlsplit(self.object_store_url).path)
         level = int(self.object_store_options.get("zstd_level", ZSTD_LEVEL))
-        return await asyncio.to_thread(LocalBlobService, path, zstd_level=level)
+        return await asyncio.to_thread(LocalBlobService, path, zstd_level=level, avg_chunk_size=self.avg_chunk_size)
 
 
 class LocalBlobService(BlobService, ChunkStore):
     """Blobs as zstd-compressed chunk files plus index files under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL, avg_chunk_size: int = AVG_CHUNK_SIZE
+    ) -> None:
         self.root = Path(root)
         self.zstd_level = zstd_level
+        self.avg_chunk_size = avg_chunk_size
         self._root = str(self.root)
         self._tmp = f"{self._root}/tmp"
         os.makedirs(self._tmp, exist_ok=True)
@@ -305,7 +317,7 @@ class LocalBlobService(BlobService, ChunkStore):
         index_path = self._index_path(digest)
         if os.path.exists(index_path):
             return digest
-        pieces = cut(data) if len(data) > MIN_CHUNK_SIZE else [data]
+        pieces = cut(data, self.avg_chunk_size) if len(data) > self.avg_chunk_size // 2 else [data]
         if len(pieces) > 1:
             self._put_index_sync(digest, self._put_chunks_sync(pieces))
             return digest
@@ -627,7 +639,7 @@ class _LocalBlobWriter(BlobWriter):
 
     def _feed_sync(self, data: list[bytes]) -> None:
         if self._chunker is None:
-            self._chunker = Chunker()
+            self._chunker = Chunker(self._service.avg_chunk_size)
         for block in data:
             self._hasher.update(block)
             self._stage_sync(self._chunker.feed(block))
