@@ -75,14 +75,17 @@ class ChunkedReader(BlobReader):
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
             return b"".join([b async for b in self.iter_blocks()])
-        if n == 0 or self._pos >= self._size:
-            return b""
-        index = bisect.bisect_right(self._starts, self._pos) - 1
-        data = await self._chunk(index)
-        offset = self._pos - self._starts[index]
-        out = bytes(data[offset : offset + n])
-        self._pos += len(out)
-        return out
+        parts: list[memoryview] = []
+        want = min(n, self._size - self._pos)
+        while want > 0:  # across chunk ends, so callers get the n bytes they asked for
+            index = bisect.bisect_right(self._starts, self._pos) - 1
+            data = await self._chunk(index)
+            offset = self._pos - self._starts[index]
+            part = data[offset : offset + want]
+            parts.append(part)
+            self._pos += len(part)
+            want -= len(part)
+        return b"".join(parts)
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._pos = resolve_seek(self._pos, self._size, offset, whence)
