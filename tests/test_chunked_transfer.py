@@ -73,6 +73,18 @@ class LyingMemory(MemoryBlobService):
         return self.fake_outboard
 
 
+async def liar_with_bad_chunk(tmp_path: Path, index: int) -> tuple[LyingLocal, B3Digest, list[bytes]]:
+    """A store holding BIG whose chunk ``index`` has one flipped bit on disk (served unchecked)."""
+    liar = LyingLocal(tmp_path / "liar")
+    digest = await liar.put(BIG)
+    chunks = snix_chunks(BIG)
+    bad = bytearray(chunks[index])
+    bad[100] ^= 1
+    path = key_path(tmp_path / "liar", "chunks", b3(chunks[index]))
+    path.write_bytes(zstandard.ZstdCompressor().compress(bytes(bad)))
+    return liar, digest, chunks
+
+
 async def serve(blobs: BlobService) -> RunningServer:
     return await start_server("127.0.0.1:0", blobs, MemoryDirectoryService())
 
@@ -154,12 +166,7 @@ async def test_client_reads_chunked_blob_chunk_by_chunk(client: GrpcBlobService,
 
 async def test_client_checks_each_chunk(tmp_path: Path) -> None:
     """A server handing out a chunk with wrong bytes: the client refuses it before handing any of them out."""
-    liar = LyingLocal(tmp_path / "liar")
-    digest = await liar.put(BIG)
-    chunks = snix_chunks(BIG)
-    bad = bytearray(chunks[3])
-    bad[100] ^= 1
-    key_path(tmp_path / "liar", "chunks", b3(chunks[3])).write_bytes(zstandard.ZstdCompressor().compress(bytes(bad)))
+    liar, digest, chunks = await liar_with_bad_chunk(tmp_path, 3)
     running = await serve(liar)
     try:
         async with await blob_service_from_url(running.url) as svc:
@@ -199,12 +206,7 @@ async def test_combined_second_version_costs_only_changed_chunks(
 
 
 async def test_combined_far_sends_wrong_chunk_bytes(tmp_path: Path) -> None:
-    liar = LyingLocal(tmp_path / "liar")
-    digest = await liar.put(BIG)
-    chunks = snix_chunks(BIG)
-    bad = bytearray(chunks[5])
-    bad[0] ^= 1
-    key_path(tmp_path / "liar", "chunks", b3(chunks[5])).write_bytes(zstandard.ZstdCompressor().compress(bytes(bad)))
+    liar, digest, chunks = await liar_with_bad_chunk(tmp_path, 5)
     running = await serve(liar)
     near = LocalBlobService(tmp_path / "near")
     try:
