@@ -67,6 +67,9 @@ T = TypeVar("T")
 SPILL_THRESHOLD = 1 << 20
 """Writers keep up to this many bytes in memory before they start writing chunks."""
 
+WHOLE_READ = 1 << 20
+"""Chunk objects up to this size (compressed) are read and decompressed in one step (up to 4x that)."""
+
 READ_WINDOW = 2 << 20
 """Bytes of chunks a sequential read of a chunked blob keeps in flight (decompressed in worker threads)."""
 
@@ -425,9 +428,30 @@ class LocalBlobService(BlobService, ChunkStore):
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return await asyncio.to_thread(self._chunks_sync, digest)
 
+    def _read_object_sync(self, chunk_path: str) -> bytes | _Slow | None:
+        """A chunk object's bytes in one go if it is small; ``None`` if absent; :data:`_SLOW`: stream it."""
+        try:
+            fd = os.open(chunk_path, _READ_ONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size > WHOLE_READ:
+                return _SLOW
+            compressed = os.read(fd, WHOLE_READ + 1)
+        finally:
+            os.close(fd)
+        try:
+            data = decompress_at_most(self._decompressor(), compressed, 4 * WHOLE_READ)
+        except zstandard.ZstdError:
+            return _SLOW  # the streaming reader reports it
+        return _SLOW if data is None else data
+
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         chunk_path = self._chunk_path(digest)
-        if await asyncio.to_thread(os.path.exists, chunk_path):
+        found = await asyncio.to_thread(self._read_object_sync, chunk_path)
+        if isinstance(found, bytes):
+            return BytesReader(found)
+        if found is _SLOW:
             return _ZstdFileReader(chunk_path)
         chunks = await self.chunks(digest)
         if chunks is None:
