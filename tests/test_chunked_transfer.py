@@ -20,7 +20,7 @@ from test_nar import InstrumentedBlobs
 
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
 from nixcas.castore import bao
-from nixcas.castore.blob.base import BlobReader, BlobService, ChunkMeta
+from nixcas.castore.blob.base import BlobReader, BlobService, BytesReader, ChunkMeta
 from nixcas.castore.blob.combined import CombinedBlobService
 from nixcas.castore.blob.grpc import GrpcBlobService
 from nixcas.castore.blob.local import LocalBlobService
@@ -347,3 +347,55 @@ def test_cat_range_verified(tmp_path: Path) -> None:
     lied = nixcas("castore", "cat", hexdigest, "--range", "0:10", store=store)
     assert_one_line_error(lied, 1, "outboard parent node 0")
     assert lied.stdout == ""
+
+
+async def test_client_sequential_read_is_one_stream_seeks_fetch_chunks(
+    client: GrpcBlobService, far_store: LocalBlobService, far_counted: InstrumentedBlobs
+) -> None:
+    digest = await far_store.put(BIG)
+    chunks = snix_chunks(BIG)
+    far_counted.opens = 0
+    assert await client.read(digest) == BIG
+    assert far_counted.opens == 1  # the whole blob streamed once, cut into checked chunks
+    reader = await client.open_read(digest)
+    assert reader is not None
+    async with reader:
+        assert await reader.read(1000) == BIG[:1000]
+        start = sum(map(len, chunks[:10])) + 5
+        far_counted.opens = 0
+        await reader.seek(start)
+        assert await reader.read(100) == BIG[start : start + 100]
+        assert far_counted.opens >= 1  # chunk 10 (and the window after it) by their own Reads
+        assert await reader.read_all() == BIG[start + 100 :]
+
+
+class TamperedStream(LocalBlobService):
+    """Streams other bytes for a whole chunked blob than its (intact) chunks hold."""
+
+    tampered: dict[B3Digest, bytes]
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        if digest in self.tampered:
+            return BytesReader(self.tampered[digest])
+        return await super().open_read(digest)
+
+
+async def test_client_sequential_read_checks_each_chunk(tmp_path: Path) -> None:
+    liar = TamperedStream(tmp_path / "liar")
+    digest = await liar.put(BIG)
+    chunks = snix_chunks(BIG)
+    bad = bytearray(BIG)
+    bad[sum(map(len, chunks[:3])) + 77] ^= 1
+    liar.tampered = {digest: bytes(bad)}
+    running = await serve(liar)
+    try:
+        async with await blob_service_from_url(running.url) as svc:
+            reader = await svc.open_read(digest)
+            assert reader is not None
+            async with reader:
+                got = await reader.read(sum(map(len, chunks[:3])))
+                assert got == BIG[: len(got)]
+                with pytest.raises(ChecksumMismatch, match=b3(chunks[3]).hex()):
+                    await reader.read(10)
+    finally:
+        await running.stop(0)

@@ -304,7 +304,7 @@ async def test_chunked_reader_fetches_each_chunk_once_and_bounds_its_window() ->
     in_flight = 0
     most = 0
 
-    async def fetch(meta: ChunkMeta) -> bytes:
+    async def fetch(meta: ChunkMeta, offset: int) -> bytes:
         nonlocal in_flight, most
         fetched.append(metas.index(meta))
         in_flight += 1

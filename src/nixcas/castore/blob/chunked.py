@@ -11,8 +11,9 @@ from nixcas.castore.blob.base import BlobReader, ChunkMeta, resolve_seek
 
 __all__ = ["ChunkedReader", "FetchChunk"]
 
-FetchChunk = Callable[[ChunkMeta], Awaitable[bytes]]
-"""Fetch one chunk's bytes, already checked against its size and digest (raise if missing or wrong)."""
+FetchChunk = Callable[[ChunkMeta, int], Awaitable[bytes]]
+"""Fetch one chunk (given with its offset in the blob): its bytes, checked against its size and digest
+(raise if missing or wrong)."""
 
 
 class ChunkedReader(BlobReader):
@@ -67,7 +68,7 @@ class ChunkedReader(BlobReader):
         self._cancel_ahead(wanted)
         for i in wanted:
             if i not in self._ahead:
-                self._ahead[i] = asyncio.ensure_future(self._fetch(self._chunks[i]))
+                self._ahead[i] = asyncio.ensure_future(self._fetch(self._chunks[i], self._starts[i]))
         data = memoryview(await self._ahead.pop(index))
         self._cur = (index, data)
         return data

@@ -8,9 +8,12 @@ compared with the one computed locally while sending, and chunk lists are
 validated.  Blobs stream in both directions; nothing is buffered whole.
 
 A blob the server stores in chunks (``Stat`` lists two or more) is read
-chunk by chunk: one ``Read`` per chunk, up to :data:`READ_WINDOW` bytes of
-them in flight at once, each chunk checked against its BLAKE3 before any of
-its bytes are handed out.
+chunk by chunk, each chunk checked against its BLAKE3 before any of its
+bytes are handed out, up to :data:`READ_WINDOW` bytes of chunks in flight.
+While the reader goes sequentially from the start, the chunks are cut from
+one streaming ``Read`` of the whole blob (one call instead of one per chunk:
+per-call cost dominates on fast links); a chunk anywhere else (after a
+seek) is fetched by its own ``Read``, several in parallel.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ import grpc
 import grpc.aio
 
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
-from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta, WriterState, resolve_seek
+from nixcas.castore.blob.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    ChunkMeta,
+    WriterState,
+    check_chunk,
+    resolve_seek,
+)
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.chunking import check_chunk_list
 from nixcas.castore.digest import B3Digest
@@ -149,13 +160,13 @@ class GrpcBlobService(GrpcClient, BlobService):
         if chunks is None:
             return None
         if len(chunks) >= 2:
-            return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
+            return _StreamedChunkedReader(_ChunkStream(self, digest), chunks)
         started = await self._start_read(digest)
         if started is None:
             return None
         return _GrpcBlobReader(self, digest, *started)
 
-    async def _fetch_chunk(self, chunk: ChunkMeta) -> bytes:
+    async def _fetch_chunk(self, chunk: ChunkMeta, offset: int = 0) -> bytes:
         data = await self.read_chunk(chunk)
         if data is None:
             raise StorageError(f"{self.url}: chunk {chunk.digest.hex()} not found")
@@ -292,6 +303,88 @@ class _GrpcBlobReader(BlobReader):
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+
+class _ChunkStream:
+    """Chunks of one blob in order from a single ``Read`` stream; any other chunk by its own ``Read``.
+
+    :meth:`fetch` queues a chunk on the stream when it follows the last
+    chunk queued (requests take their turn on a lock, in the order the
+    reader made them); the first request, at offset 0, starts the stream.
+    A chunk elsewhere, or any chunk once the stream is given up (a queued
+    fetch cancelled, a chunk that failed), goes through
+    :meth:`GrpcBlobService._fetch_chunk`.
+    """
+
+    def __init__(self, service: GrpcBlobService, digest: B3Digest) -> None:
+        self._service = service
+        self._digest = digest
+        self._lock = asyncio.Lock()
+        self._call: _ReadCall | None = None
+        self._pending = memoryview(b"")
+        self._position = 0  # blob offset of the next byte the stream gives
+        self._claimed = 0  # blob offset after the last chunk queued on the stream
+        self._usable = True
+
+    def _where(self) -> str:
+        return f"{self._service.url}: Read {self._digest.hex()}"
+
+    async def fetch(self, chunk: ChunkMeta, offset: int) -> bytes:
+        if self._usable and offset == self._claimed:  # the chunk after the last one queued on the stream
+            self._claimed += chunk.size
+            try:
+                async with self._lock:
+                    if self._usable and offset == self._position:
+                        return check_chunk(chunk, await self._take(chunk.size), self._where())
+            except BaseException:
+                self.close()
+                raise
+            self.close()  # a chunk queued before this one was given up: the stream is out of step
+        return await self._service._fetch_chunk(chunk)
+
+    async def _take(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        need = n
+        while need:
+            if not self._pending:
+                if self._call is None:
+                    started = await self._service._start_read(self._digest)
+                    if started is None:
+                        raise StorageError(f"{self._where()}: blob disappeared")
+                    self._call, data = started
+                else:
+                    async with client_errors(self._where()):
+                        data = await _next_data(self._call)
+                if not data:
+                    raise StorageError(f"{self._where()}: the stream ended before the chunks its list declares")
+                self._pending = memoryview(data)
+            part = self._pending[:need]
+            parts.append(bytes(part))
+            self._pending = self._pending[len(part) :]
+            need -= len(part)
+        self._position += n
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._usable = False
+        self._pending = memoryview(b"")
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class _StreamedChunkedReader(ChunkedReader):
+    """A :class:`ChunkedReader` fed by a :class:`_ChunkStream` (which it closes)."""
+
+    def __init__(self, stream: _ChunkStream, chunks: Sequence[ChunkMeta]) -> None:
+        super().__init__(stream.fetch, chunks, window_bytes=READ_WINDOW)
+        self._stream = stream
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            self._stream.close()
 
 
 class _GrpcBlobWriter(BlobWriter):

@@ -485,7 +485,7 @@ class LocalBlobService(BlobService, ChunkStore):
             await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
         return computed
 
-    async def _fetch_chunk(self, chunk: ChunkMeta) -> bytes:
+    async def _fetch_chunk(self, chunk: ChunkMeta, offset: int = 0) -> bytes:
         data = await self.read_chunk(chunk)
         if data is None:
             raise StorageError(f"{self}: chunk {chunk.digest.hex()} not found")
