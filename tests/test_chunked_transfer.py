@@ -3,6 +3,7 @@ chunk-level ``combined`` copies (bytes on the wire counted), and verified ranges
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -89,6 +90,17 @@ async def serve(blobs: BlobService) -> RunningServer:
     return await start_server("127.0.0.1:0", blobs, MemoryDirectoryService())
 
 
+@contextlib.asynccontextmanager
+async def client_of(blobs: BlobService) -> AsyncIterator[BlobService]:
+    """A gRPC client of a daemon (in this process) serving ``blobs``."""
+    running = await serve(blobs)
+    try:
+        async with await blob_service_from_url(running.url) as svc:
+            yield svc
+    finally:
+        await running.stop(0)
+
+
 @pytest_asyncio.fixture
 async def far_store(tmp_path: Path) -> LocalBlobService:
     return LocalBlobService(tmp_path / "far")
@@ -167,17 +179,13 @@ async def test_client_reads_chunked_blob_chunk_by_chunk(client: GrpcBlobService,
 async def test_client_checks_each_chunk(tmp_path: Path) -> None:
     """A server handing out a chunk with wrong bytes: the client refuses it before handing any of them out."""
     liar, digest, chunks = await liar_with_bad_chunk(tmp_path, 3)
-    running = await serve(liar)
-    try:
-        async with await blob_service_from_url(running.url) as svc:
-            reader = await svc.open_read(digest)
-            assert reader is not None
-            async with reader:
-                await reader.seek(sum(map(len, chunks[:3])) + 50)
-                with pytest.raises(ChecksumMismatch, match=b3(chunks[3]).hex()):
-                    await reader.read(100)
-    finally:
-        await running.stop(0)
+    async with client_of(liar) as svc:
+        reader = await svc.open_read(digest)
+        assert reader is not None
+        async with reader:
+            await reader.seek(sum(map(len, chunks[:3])) + 50)
+            with pytest.raises(ChecksumMismatch, match=b3(chunks[3]).hex()):
+                await reader.read(100)
 
 
 # -- chunk-level combined ------------------------------------------------------------------------------
@@ -247,26 +255,18 @@ async def test_combined_far_chunk_list_not_adding_up(tmp_path: Path) -> None:
 async def test_verified_range_from_a_daemon(tmp_path: Path, chunked: bool) -> None:
     store: BlobService = LocalBlobService(tmp_path / "s") if chunked else MemoryBlobService()
     digest = await store.put(BIG)
-    running = await serve(store)
-    try:
-        async with await blob_service_from_url(running.url) as svc:
-            for start, length in [(0, 1), (16383, 2), (3_000_000, 700_000), (len(BIG) - 5, 5), (100, 0)]:
-                assert await read_verified_range(svc, digest, start, length) == BIG[start : start + length]
-            with pytest.raises(ValidationError, match="past the end"):
-                await read_verified_range(svc, digest, len(BIG) - 5, 6)
-            with pytest.raises(NotFoundError):
-                await read_verified_range(svc, b3(b"missing"), 0, 1)
-    finally:
-        await running.stop(0)
+    async with client_of(store) as svc:
+        for start, length in [(0, 1), (16383, 2), (3_000_000, 700_000), (len(BIG) - 5, 5), (100, 0)]:
+            assert await read_verified_range(svc, digest, start, length) == BIG[start : start + length]
+        with pytest.raises(ValidationError, match="past the end"):
+            await read_verified_range(svc, digest, len(BIG) - 5, 6)
+        with pytest.raises(NotFoundError):
+            await read_verified_range(svc, b3(b"missing"), 0, 1)
 
 
 async def lying_daemon_range(liar: LyingMemory, digest: B3Digest, start: int, length: int) -> bytes:
-    running = await serve(liar)
-    try:
-        async with await blob_service_from_url(running.url) as svc:
-            return await read_verified_range(svc, digest, start, length)
-    finally:
-        await running.stop(0)
+    async with client_of(liar) as svc:
+        return await read_verified_range(svc, digest, start, length)
 
 
 async def test_verified_range_names_the_group_a_peer_lied_about() -> None:
@@ -387,15 +387,11 @@ async def test_client_sequential_read_checks_each_chunk(tmp_path: Path) -> None:
     bad = bytearray(BIG)
     bad[sum(map(len, chunks[:3])) + 77] ^= 1
     liar.tampered = {digest: bytes(bad)}
-    running = await serve(liar)
-    try:
-        async with await blob_service_from_url(running.url) as svc:
-            reader = await svc.open_read(digest)
-            assert reader is not None
-            async with reader:
-                got = await reader.read(sum(map(len, chunks[:3])))
-                assert got == BIG[: len(got)]
-                with pytest.raises(ChecksumMismatch, match=b3(chunks[3]).hex()):
-                    await reader.read(10)
-    finally:
-        await running.stop(0)
+    async with client_of(liar) as svc:
+        reader = await svc.open_read(digest)
+        assert reader is not None
+        async with reader:
+            got = await reader.read(sum(map(len, chunks[:3])))
+            assert got == BIG[: len(got)]
+            with pytest.raises(ChecksumMismatch, match=b3(chunks[3]).hex()):
+                await reader.read(10)
