@@ -389,3 +389,22 @@ def test_pyfastcdc_cuts_where_the_rust_crate_cuts(case: dict[str, Any]) -> None:
     assert [[c.gear_hash, c.length] for c in chunks] == case["chunks"]
     if "blake3" in case:
         assert [blake3.blake3(c.data).hexdigest() for c in chunks] == case["blake3"]
+
+
+def snix_vector_input(name: str) -> bytes:
+    data = blake3.blake3(b"snix fastcdc " + name.encode()).digest(length=8 << 20)
+    return data if name == "random" else data.translate(bytes(b"etaoinshrdlucmfw"[i & 15] for i in range(256)))
+
+
+@pytest.mark.parametrize("case", FASTCDC_VECTORS["snix"], ids=lambda c: c["input"])
+async def test_chunks_match_the_rust_crate_with_snix_parameters(case: dict[str, Any], tmp_path: Path) -> None:
+    """The Rust crate's StreamCDC with avg 256 KiB, min 128 KiB, max 512 KiB (snix's) cut these inputs so."""
+    data = snix_vector_input(case["input"])
+    lengths = [length for _, length in case["chunks"]]
+    cdc = FastCDC(256 << 10, min_size=128 << 10, max_size=512 << 10, normalized_chunking=1, seed=0)
+    assert [[c.gear_hash, c.length] for c in cdc.cut_buf(data)] == case["chunks"]
+    # and the store's streaming writer stores exactly those chunks
+    svc = LocalBlobService(tmp_path / "o")
+    digest = await write_in_pieces(svc, data)
+    chunks = await svc.chunks(digest)
+    assert chunks is not None and [c.size for c in chunks] == lengths
