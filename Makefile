@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
 ## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
-bench: bench-import bench-grpc bench-nar bench-fuse bench-gc
+bench: bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking
 
 ## bench-import: castore ingest against nix-store --add (needs nix-bin)
 bench-import: $(VENV)/.installed-dev
@@ -67,6 +67,12 @@ bench-nar: $(VENV)/.installed-dev
 bench-fuse: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	$(BIN)/python bench/fuse.py --workdir .bench-work/fuse --json .bench-work/fuse.json
+
+## bench-chunking: chunked writes, bao outboards, dedup of two tree versions vs casync and borg
+bench-chunking: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/chunking.py --workdir .bench-work --json .bench-work/chunking.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

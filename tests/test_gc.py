@@ -233,6 +233,59 @@ async def test_chunked_blobs_keep_shared_chunks(tmp_path: Path) -> None:
     assert freed(report, "blob")[0] == 1 and freed(report, "chunk")[0] == 2 and freed(report, "directory")[0] == 1
 
 
+async def test_writers_that_dedup_chunks_refresh_them(tmp_path: Path) -> None:
+    """A chunk a new blob reuses is made young, so a GC whose cutoff predates the write keeps it."""
+    store = tmp_path / "store"
+    first = os.urandom(3 << 20)
+    second = first[: 2 << 20] + os.urandom(1 << 20)  # shares its leading chunks with ``first``
+    async with await Store.open(store) as s:
+        d1 = await s.blobs.put(first)
+        assert isinstance(s.blobs, LocalBlobService)
+        chunks1 = await s.blobs.chunks(d1)
+        assert chunks1 is not None and len(chunks1) > 2
+    backdate(store, 2 * 3600)
+    before = time.time_ns() - 10**9
+    async with await Store.open(store) as s:
+        assert isinstance(s.blobs, LocalBlobService)
+        writer = await s.blobs.open_write()  # the streaming writer
+        async with writer:
+            for i in range(0, len(second), 65536):
+                await writer.write(second[i : i + 65536])
+            d2 = await writer.close()
+        chunks2 = await s.blobs.chunks(d2)
+        assert chunks2 is not None
+        shared = {c.digest for c in chunks1} & {c.digest for c in chunks2}
+        assert shared  # content-defined chunking found the common prefix
+        for digest in shared:
+            assert (store / "blobs" / chunk_key(digest)).stat().st_mtime_ns >= before
+        # missing_chunks (the chunk-level copy) refreshes what it finds present, too
+        backdate(store, 2 * 3600)
+        assert await s.blobs.missing_chunks(chunks1) == []
+        for c in chunks1:
+            assert (store / "blobs" / chunk_key(c.digest)).stat().st_mtime_ns >= before
+    # Both blobs are old garbage now; the chunks just refreshed stay, ``second``'s own chunks go.
+    report = gc_json(store, "--grace", "1h")
+    own = {c.digest for c in chunks2} - {c.digest for c in chunks1}
+    assert freed(report, "blob")[0] == 2 and freed(report, "chunk")[0] == len(own) > 0
+    for c in chunks1:
+        assert (store / "blobs" / chunk_key(c.digest)).exists()
+
+
+async def test_outboards_are_collected_with_their_blob(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    kept, dropped = os.urandom(600_000), os.urandom(700_000)
+    async with await Store.open(store) as s:
+        keep, drop = await s.blobs.put(kept), await s.blobs.put(dropped)
+        assert await s.blobs.outboard(keep) is not None and await s.blobs.outboard(drop) is not None
+    bao_files = {d: store / "blobs" / "bao" / "b3" / d.hex()[:4] / d.hex() for d in (keep, drop)}
+    assert all(p.exists() for p in bao_files.values())
+    assert nixcas("castore", "pin", "keep", keep.hex(), store=store).returncode == 0
+    backdate(store, 2 * 3600)
+    report = gc_json(store, "--grace", "1h")
+    assert freed(report, "outboard")[0] == 1 and freed(report, "blob")[0] == 1
+    assert bao_files[keep].exists() and not bao_files[drop].exists()
+
+
 async def test_memory_backends_collect(tmp_path: Path) -> None:
     blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
     keep = await blobs.put(b"keep")

@@ -47,6 +47,7 @@ __all__ = [
     "Deletion",
     "GcProgress",
     "GcReport",
+    "HasOutboards",
     "KindReport",
     "Marked",
     "StoredObject",
@@ -59,7 +60,7 @@ __all__ = [
     "require_sweepable",
 ]
 
-KINDS = ("directory", "blob", "chunk", "temporary")
+KINDS = ("directory", "blob", "chunk", "outboard", "temporary")
 """The kinds of object a collection reports on, in sweep order."""
 
 FOREVER_NS = (1 << 63) - 1
@@ -105,6 +106,17 @@ class SweepableBlobs(Protocol):
 
     async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         """Delete those chunk objects that are still older than ``cutoff_ns``."""
+
+
+@runtime_checkable
+class HasOutboards(Protocol):
+    """A blob backend that caches derived bao outboards (``bao/``), one per blob digest."""
+
+    def scan_outboards(self) -> AsyncIterator[list[StoredObject]]:
+        """Every cached outboard, in batches (``digest`` is the blob's)."""
+
+    async def delete_outboards(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        """Delete those outboards that are still older than ``cutoff_ns``."""
 
 
 @runtime_checkable
@@ -540,6 +552,18 @@ async def collect(
         progress,
     )
     lap("chunk")
+    if isinstance(blobs, HasOutboards):  # derived data: kept exactly while its blob is
+        progress.phase("outboards", None)
+        await _sweep(
+            blobs.scan_outboards(),
+            lambda o: o.digest in live_chunks,
+            blobs.delete_outboards,
+            report.kinds["outboard"],
+            cutoff_ns,
+            dry_run,
+            progress,
+        )
+        lap("outboard")
     if isinstance(blobs, HasTemporaryFiles):
         swept = await blobs.sweep_temporary(cutoff_ns, dry_run)
         temporary = report.kinds["temporary"]

@@ -82,7 +82,13 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-PLURAL = {"directory": "directories", "blob": "blobs", "chunk": "chunks", "temporary": "temp files"}
+PLURAL = {
+    "directory": "directories",
+    "blob": "blobs",
+    "chunk": "chunks",
+    "outboard": "outboards",
+    "temporary": "temp files",
+}
 
 
 def gc_summary(report: GcReport) -> list[str]:

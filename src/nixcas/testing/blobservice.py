@@ -112,8 +112,8 @@ CORRUPTIONS = [
 class BlobServiceSuite:
     """Contract tests; a subclass provides the ``blob_service`` fixture."""
 
-    chunks_large_blobs = False
-    """Set for backends that may split blobs (``chunks()`` then lists ≥ 2 chunks for big blobs)."""
+    chunks_large_blobs = True
+    """Whether the backend may split blobs (``chunks()`` then lists ≥ 2 chunks adding up to the blob)."""
 
     # -- hooks ---------------------------------------------------------------------
 

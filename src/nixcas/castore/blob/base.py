@@ -35,7 +35,9 @@ __all__ = [
     "BlobWriter",
     "BytesReader",
     "ChunkMeta",
+    "ChunkStore",
     "VerifyingReader",
+    "check_chunk",
 ]
 
 READ_BLOCK = 1 << 20
@@ -51,6 +53,18 @@ class ChunkMeta:
 
     digest: B3Digest
     size: int
+
+
+def check_chunk(chunk: ChunkMeta, data: bytes, where: str) -> bytes:
+    """``data`` if it is ``chunk`` (size and BLAKE3); otherwise a :class:`StorageError`."""
+    if len(data) != chunk.size:
+        raise StorageError(
+            f"{where}: chunk {chunk.digest.hex()} has {len(data)} bytes, its index declares {chunk.size}"
+        )
+    got = blake3.blake3(data).digest()
+    if got != chunk.digest:
+        raise ChecksumMismatch(f"{where}: chunk {chunk.digest.hex()}", chunk.digest.hex(), got.hex())
+    return data
 
 
 class BlobReader(Closing, ABC):
@@ -187,7 +201,7 @@ class BlobChecker:
         return self._checked.get(digest) is data
 
 
-async def _run_bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], parallel: int) -> None:
+async def run_bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], parallel: int) -> None:
     """``fn(item)`` for every item, at most ``parallel`` at a time; the first error cancels the rest."""
     it = iter(items)
 
@@ -359,7 +373,7 @@ class BlobService(Closing, ABC):
             if data is not None:
                 found[item[0]] = data
 
-        await _run_bounded(list(max_sizes.items()), one, parallel)
+        await run_bounded(list(max_sizes.items()), one, parallel)
         return found
 
     async def _read_capped(self, digest: B3Digest, cap: int) -> bytes | None:
@@ -380,3 +394,61 @@ class BlobService(Closing, ABC):
 
     async def sync(self) -> None:
         """Make every blob written so far durable (a barrier before metadata refers to them)."""
+
+    async def read_chunk(self, chunk: ChunkMeta) -> bytes | None:
+        """One chunk of a chunked blob (a blob by itself too), whole and checked; ``None`` if missing.
+
+        At most ``chunk.size + 1`` bytes are read; a chunk of another size or
+        hash raises :class:`StorageError` / :class:`ChecksumMismatch`.
+        """
+        data = await self._read_capped(chunk.digest, chunk.size)
+        if data is None:
+            if await self.has(chunk.digest):
+                raise StorageError(
+                    f"{self!r}: chunk {chunk.digest.hex()} is larger than its declared {chunk.size} bytes"
+                )
+            return None
+        return check_chunk(chunk, data, repr(self))
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        """The blob's bao outboard (16 KiB chunk groups, see :mod:`nixcas.castore.bao`); ``None`` if missing.
+
+        The default computes it from a full, verified read (a blob that does
+        not hash to its digest raises instead of yielding an outboard).
+        """
+        from nixcas.castore.bao import OutboardEncoder
+
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        encoder = OutboardEncoder()
+        async with reader:
+            while block := await reader.read(READ_BLOCK):
+                await asyncio.to_thread(encoder.update, block)
+        return await asyncio.to_thread(encoder.finish)
+
+
+class ChunkStore(ABC):
+    """What a blob service that keeps blobs as chunks plus an index offers beyond :class:`BlobService`.
+
+    Implemented by backends of the object-store layout (``objectstore+file``);
+    the ``combined`` service uses it to copy a blob chunk by chunk: it asks
+    which chunks are missing, puts those (each checked against its digest),
+    and puts the index last, once the whole blob has been verified.
+    """
+
+    @abstractmethod
+    async def missing_chunks(self, chunks: Sequence[ChunkMeta]) -> list[ChunkMeta]:
+        """Those of ``chunks`` not stored here (in the given order)."""
+
+    @abstractmethod
+    async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
+        """Store one chunk if absent; ``data`` must hash to ``chunk.digest`` (checked)."""
+
+    @abstractmethod
+    async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        """Publish blob ``digest`` as the concatenation of ``chunks`` (which must all be stored).
+
+        The caller vouches that the concatenation hashes to ``digest``: it has
+        hashed it (a backend cannot without reading every chunk back).
+        """

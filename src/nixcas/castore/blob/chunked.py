@@ -2,82 +2,91 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import io
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from nixcas.castore.blob.base import BlobReader, ChunkMeta, resolve_seek
-from nixcas.castore.digest import B3Digest
-from nixcas.errors import StorageError
 
-__all__ = ["ChunkedReader"]
+__all__ = ["ChunkedReader", "FetchChunk"]
 
-OpenChunk = Callable[[B3Digest], Awaitable[BlobReader | None]]
+FetchChunk = Callable[[ChunkMeta, int], Awaitable[bytes]]
+"""Fetch one chunk (given with its offset in the blob): its bytes, checked against its size and digest
+(raise if missing or wrong)."""
 
 
 class ChunkedReader(BlobReader):
-    """Reads chunk after chunk; seeks find the chunk by binary search.
+    """Reads a chunked blob one verified chunk at a time.
 
-    Each chunk is opened through ``open_chunk`` (a verifying reader), read to
-    its declared end and then probed for EOF, so a chunk that is longer or
-    shorter than the index says, or that hashes wrong, fails the read.
-    Seeking inside the current chunk reuses its reader.
+    ``fetch`` returns a chunk's whole bytes, checked (so nothing unverified
+    is handed out at chunk granularity).  The reader keeps the current
+    chunk: reads and seeks inside it cost nothing; a seek elsewhere finds the
+    chunk by binary search over the chunk offsets (O(log n)).  While reading
+    sequentially it keeps the following chunks in flight, as many as fit in
+    ``window_bytes`` (by their declared sizes; 0 fetches on demand), so
+    memory stays bounded by the current chunk plus that window.
     """
 
-    def __init__(self, open_chunk: OpenChunk, chunks: list[ChunkMeta]) -> None:
-        self._open_chunk = open_chunk
-        self._chunks = chunks
+    def __init__(self, fetch: FetchChunk, chunks: Sequence[ChunkMeta], *, window_bytes: int = 0) -> None:
+        self._fetch = fetch
+        self._chunks = list(chunks)
         self._starts: list[int] = []
         total = 0
-        for c in chunks:
+        for c in self._chunks:
             self._starts.append(total)
             total += c.size
         self._size = total
+        self._window_bytes = window_bytes
         self._pos = 0
-        self._cur: tuple[int, BlobReader] | None = None
+        self._cur: tuple[int, memoryview] | None = None
+        self._ahead: dict[int, asyncio.Future[bytes]] = {}
 
     @property
     def size(self) -> int:
         """Total blob size, from the chunk list."""
         return self._size
 
-    async def _reader_for(self, index: int, offset: int) -> BlobReader:
-        if self._cur is not None and self._cur[0] == index:
-            reader = self._cur[1]
-            if reader.tell() != offset:
-                await reader.seek(offset)
-            return reader
-        await self._drop_current()
-        chunk = self._chunks[index]
-        opened = await self._open_chunk(chunk.digest)
-        if opened is None:
-            raise StorageError(f"chunk {chunk.digest.hex()} not found")
-        if offset:
-            await opened.seek(offset)
-        self._cur = (index, opened)
-        return opened
+    def _cancel_ahead(self, keep: range) -> None:
+        for index in [i for i in self._ahead if i not in keep]:
+            task = self._ahead.pop(index)
+            if task.done() and not task.cancelled():
+                task.exception()  # a prefetch nobody will read: its error is dropped with it
+            task.cancel()
 
-    async def _drop_current(self) -> None:
-        if self._cur is not None:
-            await self._cur[1].close()
-            self._cur = None
+    async def _chunk(self, index: int) -> memoryview:
+        if self._cur is not None and self._cur[0] == index:
+            return self._cur[1]
+        sequential = self._cur is None or self._cur[0] + 1 == index
+        self._cur = None
+        end = index + 1
+        budget = self._window_bytes if sequential else 0
+        while end < len(self._chunks) and budget >= self._chunks[end].size:
+            budget -= self._chunks[end].size
+            end += 1
+        wanted = range(index, end)
+        self._cancel_ahead(wanted)
+        for i in wanted:
+            if i not in self._ahead:
+                self._ahead[i] = asyncio.ensure_future(self._fetch(self._chunks[i], self._starts[i]))
+        data = memoryview(await self._ahead.pop(index))
+        self._cur = (index, data)
+        return data
 
     async def read(self, n: int = -1) -> bytes:
         if n < 0:
             return b"".join([b async for b in self.iter_blocks()])
-        if n == 0 or self._pos >= self._size:
-            return b""
-        index = bisect.bisect_right(self._starts, self._pos) - 1
-        chunk = self._chunks[index]
-        offset = self._pos - self._starts[index]
-        reader = await self._reader_for(index, offset)
-        data = await reader.read(min(n, chunk.size - offset))
-        if not data:
-            raise StorageError(f"chunk {chunk.digest.hex()} is shorter than its declared size {chunk.size}")
-        self._pos += len(data)
-        if offset + len(data) == chunk.size and await reader.read(1):
-            raise StorageError(f"chunk {chunk.digest.hex()} is longer than its declared size {chunk.size}")
-        return data
+        parts: list[memoryview] = []
+        want = min(n, self._size - self._pos)
+        while want > 0:  # across chunk ends, so callers get the n bytes they asked for
+            index = bisect.bisect_right(self._starts, self._pos) - 1
+            data = await self._chunk(index)
+            offset = self._pos - self._starts[index]
+            part = data[offset : offset + want]
+            parts.append(part)
+            self._pos += len(part)
+            want -= len(part)
+        return b"".join(parts)
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._pos = resolve_seek(self._pos, self._size, offset, whence)
@@ -87,4 +96,7 @@ class ChunkedReader(BlobReader):
         return self._pos
 
     async def close(self) -> None:
-        await self._drop_current()
+        self._cur = None
+        tasks = list(self._ahead.values())
+        self._cancel_ahead(range(0))
+        await asyncio.gather(*tasks, return_exceptions=True)

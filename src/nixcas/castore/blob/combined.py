@@ -1,6 +1,13 @@
 """``combined`` — a near blob service in front of a far one, filled as it is read.
 
-Reads are served from *near* when it has the blob.  Otherwise the blob is
+Reads are served from *near* when it has the blob.  Otherwise, when far
+keeps the blob in chunks and near can hold chunks (a
+:class:`~nixcas.castore.blob.base.ChunkStore`, i.e. an object store), the
+copy is chunk-level: far's chunk list is fetched, only the chunks near lacks
+are read from far (several in parallel, each checked against its digest) and
+written near, the whole blob is hashed in order, and only if it matches is
+the index written near; the read is then served from near.  A second version
+of a large file thus costs only its changed chunks.  Otherwise the blob is
 streamed from *far* and, while the caller reads it from the start, copied
 into *near*; once the whole blob has passed and hashed to its digest the
 copy is committed, so the next read is local.  A read that stops early or
@@ -19,22 +26,27 @@ URL form: ``combined://?near=URL&far=URL`` (percent-encoded URLs or names).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import blake3
 
 from nixcas._aio import close_all
-from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BlobWriter, ChunkMeta
+from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BlobWriter, ChunkMeta, ChunkStore
 from nixcas.castore.digest import B3Digest
 from nixcas.config import NearFarConfig, Resolver
+from nixcas.errors import ChecksumMismatch, StorageError
 
 __all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
 
 log = logging.getLogger(__name__)
+
+FILL_WINDOW = 8
+"""Chunks fetched from far at once during a chunk-level copy."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,59 @@ class CombinedBlobService(BlobService):
         reader = await self.near._open_read(digest)
         if reader is not None:
             return reader
+        if isinstance(self.near, ChunkStore):
+            chunks = await self.far.chunks(digest)
+            if chunks is None:
+                return None
+            if len(chunks) >= 2:
+                await self._copy_chunks(digest, self.near, chunks)
+                reader = await self.near._open_read(digest)
+                if reader is None:
+                    raise StorageError(f"combined: blob {digest.hex()} vanished from near right after the copy")
+                return reader
         reader = await self.far._open_read(digest)
         if reader is None:
             return None
         return _FillingReader(reader, digest, await self.near.open_write())
+
+    async def _copy_chunks(self, digest: B3Digest, near: ChunkStore, chunks: Sequence[ChunkMeta]) -> None:
+        """Fetch the chunks near lacks from far, store them near, and the index once the blob verifies.
+
+        Chunks are taken in order, up to :data:`FILL_WINDOW` of them in flight;
+        each chunk from far is checked against its digest before it is
+        written near (so nothing near is ever wrong), and the index is only
+        written once all chunks, near and fetched, hash to ``digest``.
+        """
+        missing = {c.digest for c in await near.missing_chunks(chunks)}
+        hasher = blake3.blake3()
+
+        async def fetch(chunk: ChunkMeta) -> bytes:
+            source = self.far if chunk.digest in missing else self.near
+            data = await source.read_chunk(chunk)
+            if data is None:
+                raise StorageError(f"combined: chunk {chunk.digest.hex()} of blob {digest.hex()} not found")
+            if chunk.digest in missing:
+                await near.put_chunk(chunk, data)
+            return data
+
+        pending: dict[int, asyncio.Future[bytes]] = {}
+        try:
+            for i in range(len(chunks)):
+                for j in range(i, min(len(chunks), i + FILL_WINDOW)):
+                    if j not in pending:
+                        pending[j] = asyncio.ensure_future(fetch(chunks[j]))
+                hasher.update(await pending.pop(i))
+        finally:
+            for task in pending.values():
+                task.cancel()
+            await asyncio.gather(*pending.values(), return_exceptions=True)
+        got = hasher.digest()
+        if got != digest:
+            raise ChecksumMismatch(f"combined: the chunks far lists for blob {digest.hex()}", digest.hex(), got.hex())
+        await near.put_index(digest, chunks)
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        return await (self.near if await self.near.has(digest) else self.far).outboard(digest)
 
     async def _read_many(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int

@@ -6,6 +6,14 @@ ends in :class:`~nixcas.errors.ChecksumMismatch` instead of EOF when the bytes
 do not hash to the digest asked for), the digest a ``Put`` answers with is
 compared with the one computed locally while sending, and chunk lists are
 validated.  Blobs stream in both directions; nothing is buffered whole.
+
+A blob the server stores in chunks (``Stat`` lists two or more) is read
+chunk by chunk, each chunk checked against its BLAKE3 before any of its
+bytes are handed out, up to :data:`READ_WINDOW` bytes of chunks in flight.
+While the reader goes sequentially from the start, the chunks are cut from
+one streaming ``Read`` of the whole blob (one call instead of one per chunk:
+per-call cost dominates on fast links); a chunk anywhere else (after a
+seek) is fetched by its own ``Read``, several in parallel.
 """
 
 from __future__ import annotations
@@ -22,7 +30,17 @@ import grpc
 import grpc.aio
 
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
-from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta, WriterState, resolve_seek
+from nixcas.castore.blob.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    ChunkMeta,
+    WriterState,
+    check_chunk,
+    resolve_seek,
+)
+from nixcas.castore.blob.chunked import ChunkedReader
+from nixcas.castore.blob.chunking import check_chunk_list
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
 from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
@@ -34,6 +52,9 @@ __all__ = ["WRITE_MESSAGE_SIZE", "GrpcBlobService", "GrpcBlobServiceConfig"]
 
 WRITE_MESSAGE_SIZE: Final = 1 << 20
 """Largest ``BlobChunk`` a writer sends (larger writes are split); 1 MiB was fastest in bench/grpc_throughput.py."""
+
+READ_WINDOW: Final = 8 << 20
+"""Bytes of chunks a sequential read of a chunked blob fetches ahead, in parallel ``Read`` calls."""
 
 PUT_MANY_PARALLEL: Final = 32
 """Concurrent Put streams of one ``put_many`` (a channel fails somewhere past a thousand)."""
@@ -84,9 +105,12 @@ class GrpcBlobService(GrpcClient, BlobService):
             response_deserializer=blob_pb.PutBlobResponse.FromString,
         )
 
-    async def _stat_or_none(self, digest: B3Digest, send_chunks: bool) -> blob_pb.StatBlobResponse | None:
+    async def _stat_or_none(
+        self, digest: B3Digest, send_chunks: bool, send_bao: bool = False
+    ) -> blob_pb.StatBlobResponse | None:
         try:
-            response = await self._stat(blob_pb.StatBlobRequest(digest=digest, send_chunks=send_chunks))
+            request = blob_pb.StatBlobRequest(digest=digest, send_chunks=send_chunks, send_bao=send_bao)
+            response = await self._stat(request)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -106,9 +130,19 @@ class GrpcBlobService(GrpcClient, BlobService):
                 chunks.append(ChunkMeta(B3Digest(chunk.digest), chunk.size))
             except InvalidDigestError as e:
                 raise StorageError(f"{self.url}: Stat {digest.hex()}: bad chunk digest: {e}") from None
-            if chunk.size == 0:
-                raise StorageError(f"{self.url}: Stat {digest.hex()}: empty chunk {chunk.digest.hex()}")
+        check_chunk_list(digest, chunks, f"{self.url}: Stat")
         return chunks
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        """``Stat(send_bao)``: the server's outboard, unverified (check it with :mod:`nixcas.castore.bao`)."""
+        response = await self._stat_or_none(digest, send_chunks=False, send_bao=True)
+        if response is None:
+            return None
+        if not response.bao:
+            raise StorageError(
+                f"{self.url}: Stat {digest.hex()}: the server sent no bao outboard (tvix/snix send none)"
+            )
+        return response.bao
 
     async def _start_read(self, digest: B3Digest) -> tuple[_ReadCall, bytes] | None:
         """A Read call and its first data (``b""`` for an empty blob), or ``None`` if missing."""
@@ -122,10 +156,41 @@ class GrpcBlobService(GrpcClient, BlobService):
         return call, first
 
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        chunks = await self.chunks(digest)
+        if chunks is None:
+            return None
+        if len(chunks) >= 2:
+            return _StreamedChunkedReader(_ChunkStream(self, digest), chunks)
         started = await self._start_read(digest)
         if started is None:
             return None
         return _GrpcBlobReader(self, digest, *started)
+
+    async def _fetch_chunk(self, chunk: ChunkMeta, offset: int = 0) -> bytes:
+        data = await self.read_chunk(chunk)
+        if data is None:
+            raise StorageError(f"{self.url}: chunk {chunk.digest.hex()} not found")
+        return data
+
+    async def _read_capped(self, digest: B3Digest, cap: int) -> bytes | None:
+        """One ``Read`` (no ``Stat`` first: the path of many small blobs), stopped past ``cap`` bytes."""
+        started = await self._start_read(digest)
+        if started is None:
+            return None
+        call, data = started
+        parts: list[bytes] = []
+        got = 0
+        try:
+            async with client_errors(f"{self.url}: Read {digest.hex()}"):
+                while data:
+                    parts.append(data)
+                    got += len(data)
+                    if got > cap:
+                        return None
+                    data = await _next_data(call)
+        finally:
+            call.cancel()
+        return b"".join(parts)
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _GrpcBlobWriter(self, expected_size)
@@ -238,6 +303,88 @@ class _GrpcBlobReader(BlobReader):
         if self._call is not None:
             self._call.cancel()
             self._call = None
+
+
+class _ChunkStream:
+    """Chunks of one blob in order from a single ``Read`` stream; any other chunk by its own ``Read``.
+
+    :meth:`fetch` queues a chunk on the stream when it follows the last
+    chunk queued (requests take their turn on a lock, in the order the
+    reader made them); the first request, at offset 0, starts the stream.
+    A chunk elsewhere, or any chunk once the stream is given up (a queued
+    fetch cancelled, a chunk that failed), goes through
+    :meth:`GrpcBlobService._fetch_chunk`.
+    """
+
+    def __init__(self, service: GrpcBlobService, digest: B3Digest) -> None:
+        self._service = service
+        self._digest = digest
+        self._lock = asyncio.Lock()
+        self._call: _ReadCall | None = None
+        self._pending = memoryview(b"")
+        self._position = 0  # blob offset of the next byte the stream gives
+        self._claimed = 0  # blob offset after the last chunk queued on the stream
+        self._usable = True
+
+    def _where(self) -> str:
+        return f"{self._service.url}: Read {self._digest.hex()}"
+
+    async def fetch(self, chunk: ChunkMeta, offset: int) -> bytes:
+        if self._usable and offset == self._claimed:  # the chunk after the last one queued on the stream
+            self._claimed += chunk.size
+            try:
+                async with self._lock:
+                    if self._usable and offset == self._position:
+                        return check_chunk(chunk, await self._take(chunk.size), self._where())
+            except BaseException:
+                self.close()
+                raise
+            self.close()  # a chunk queued before this one was given up: the stream is out of step
+        return await self._service._fetch_chunk(chunk)
+
+    async def _take(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        need = n
+        while need:
+            if not self._pending:
+                if self._call is None:
+                    started = await self._service._start_read(self._digest)
+                    if started is None:
+                        raise StorageError(f"{self._where()}: blob disappeared")
+                    self._call, data = started
+                else:
+                    async with client_errors(self._where()):
+                        data = await _next_data(self._call)
+                if not data:
+                    raise StorageError(f"{self._where()}: the stream ended before the chunks its list declares")
+                self._pending = memoryview(data)
+            part = self._pending[:need]
+            parts.append(bytes(part))
+            self._pending = self._pending[len(part) :]
+            need -= len(part)
+        self._position += n
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._usable = False
+        self._pending = memoryview(b"")
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class _StreamedChunkedReader(ChunkedReader):
+    """A :class:`ChunkedReader` fed by a :class:`_ChunkStream` (which it closes)."""
+
+    def __init__(self, stream: _ChunkStream, chunks: Sequence[ChunkMeta]) -> None:
+        super().__init__(stream.fetch, chunks, window_bytes=READ_WINDOW)
+        self._stream = stream
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            self._stream.close()
 
 
 class _GrpcBlobWriter(BlobWriter):

@@ -7,6 +7,8 @@ Under a base path:
   means "one chunk, which is the blob itself".  Written last.
 * ``chunks/b3/<hex[0:4]>/<hex>`` — one chunk's bytes, zstd-compressed as a
   single frame.  The empty blob has no chunk object, only its index.
+* ``bao/b3/<hex[0:4]>/<hex>`` — nixcas only: the blob's bao outboard (16 KiB
+  chunk groups), kept once computed.  Derived data: deleting it is harmless.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from nixcas.castore.blob.base import ChunkMeta
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.errors import StorageError
 
-__all__ = ["ZSTD_LEVEL", "blob_index_key", "chunk_key", "decode_index", "encode_index"]
+__all__ = ["ZSTD_LEVEL", "bao_key", "blob_index_key", "chunk_key", "decode_index", "encode_index"]
 
 ZSTD_LEVEL = 1
 """Default zstd level for new chunks: fast, and any level decodes the same."""
@@ -37,6 +39,11 @@ def blob_index_key(digest: B3Digest) -> str:
 def chunk_key(digest: B3Digest) -> str:
     """Object key of a chunk's compressed bytes."""
     return _key("chunks", digest)
+
+
+def bao_key(digest: B3Digest) -> str:
+    """Object key of a blob's cached bao outboard."""
+    return _key("bao", digest)
 
 
 def encode_index(chunks: list[ChunkMeta]) -> bytes:

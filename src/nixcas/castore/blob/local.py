@@ -1,9 +1,11 @@
 """``objectstore+file:///abs/path`` — the snix object layout on a local filesystem.
 
-Blocking filesystem work runs in worker threads; every object appears by an
-atomic ``rename`` of a finished temporary file (chunk first, index last), so
-readers never see a partial object and an interrupted write leaves only a
-file under ``tmp/``.  Durability is batched: :meth:`LocalBlobService.sync`
+Blobs are cut into chunks by FastCDC 2020 (:mod:`.chunking`, the snix
+parameters).  Blocking filesystem work runs in worker threads; every object
+appears by an atomic ``rename`` of a finished temporary file (chunks first,
+each only if absent, index last), so readers never see a partial object and
+an interrupted write leaves only a file under ``tmp/`` (and, for a
+multi-chunk blob, chunks no index refers to yet).  Durability is batched: :meth:`LocalBlobService.sync`
 is a barrier (``syncfs``) that importers call once before they publish
 metadata referring to the blobs, instead of an ``fsync`` per file.
 """
@@ -36,15 +38,27 @@ from nixcas.castore.blob.base import (
     BlobWriter,
     BytesReader,
     ChunkMeta,
+    ChunkStore,
     WriterState,
+    check_chunk,
     resolve_seek,
 )
 from nixcas.castore.blob.chunked import ChunkedReader
-from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index
+from nixcas.castore.blob.chunking import (
+    AVG_CHUNK_SIZE,
+    MAX_AVG_CHUNK_SIZE,
+    MIN_AVG_CHUNK_SIZE,
+    Chunker,
+    check_chunk_list,
+    cut,
+    decompress_at_most,
+    decompress_chunk,
+)
+from nixcas.castore.blob.layout import ZSTD_LEVEL, bao_key, blob_index_key, chunk_key, decode_index, encode_index
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.errors import ConfigurationError, StorageError
+from nixcas.errors import ConfigurationError, StorageError, ValidationError
 from nixcas.urls import query_options
 
 __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
@@ -52,7 +66,13 @@ __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
 T = TypeVar("T")
 
 SPILL_THRESHOLD = 1 << 20
-"""Writers keep up to this many bytes in memory before spilling to a temp file."""
+"""Writers keep up to this many bytes in memory before they start writing chunks."""
+
+WHOLE_READ = 1 << 20
+"""Chunk objects up to this size (compressed) are read and decompressed in one step (up to 4x that)."""
+
+READ_WINDOW = 2 << 20
+"""Bytes of chunks a sequential read of a chunked blob keeps in flight (decompressed in worker threads)."""
 
 _CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 """Flags for creating a file that must not exist yet."""
@@ -91,12 +111,14 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
     """``objectstore+file:///abs/path[?zstd_level=N]``.
 
     Composition: ``type = "objectstore"``, ``object_store_url = "file:///abs/path"``,
-    ``object_store_options = { zstd_level = "3" }`` (the tvix/snix field names).
+    ``object_store_options = { zstd_level = "3" }``, ``avg_chunk_size = 262144`` (the
+    tvix/snix field names; as in snix, the URL form always uses the default chunk size).
     """
 
     type_tag: ClassVar[str] = "objectstore"
     object_store_url: str
     object_store_options: dict[str, str] = field(default_factory=dict)
+    avg_chunk_size: int = AVG_CHUNK_SIZE
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
@@ -132,19 +154,27 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
                 raise ConfigurationError(f"{where}: zstd_level must be an integer") from None
             if not -7 <= level <= 22:
                 raise ConfigurationError(f"{where}: zstd_level must be between -7 and 22")
+        avg = self.avg_chunk_size
+        if not (MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE and avg & (avg - 1) == 0):
+            raise ConfigurationError(
+                f"{where}: avg_chunk_size must be a power of two from {MIN_AVG_CHUNK_SIZE} to {MAX_AVG_CHUNK_SIZE}"
+            )
 
     async def build(self, resolver: Resolver) -> BlobService:
         path = unquote(urlsplit(self.object_store_url).path)
         level = int(self.object_store_options.get("zstd_level", ZSTD_LEVEL))
-        return await asyncio.to_thread(LocalBlobService, path, zstd_level=level)
+        return await asyncio.to_thread(LocalBlobService, path, zstd_level=level, avg_chunk_size=self.avg_chunk_size)
 
 
-class LocalBlobService(BlobService):
+class LocalBlobService(BlobService, ChunkStore):
     """Blobs as zstd-compressed chunk files plus index files under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL, avg_chunk_size: int = AVG_CHUNK_SIZE
+    ) -> None:
         self.root = Path(root)
         self.zstd_level = zstd_level
+        self.avg_chunk_size = avg_chunk_size
         self._root = str(self.root)
         self._tmp = f"{self._root}/tmp"
         os.makedirs(self._tmp, exist_ok=True)
@@ -249,26 +279,55 @@ class LocalBlobService(BlobService):
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.zstd_level)
         return cctx
 
+    def _write_chunk_sync(self, digest: B3Digest, data: bytes | memoryview) -> None:
+        """Compress ``data`` into chunk object ``digest`` (replacing any leftover: same bytes)."""
+        self._put_object_sync(self._chunk_path(digest), self._compressor().compress(data))
+
+    def _put_chunks_sync(self, chunks: Sequence[bytes | memoryview]) -> list[ChunkMeta]:
+        """Store each chunk unless present (a chunk of a multi-chunk blob); their metadata."""
+        metas = []
+        for data in chunks:
+            digest = B3Digest(blake3.blake3(data).digest())
+            if not self._refresh_chunk_sync(digest):  # present: refreshed, so a running GC keeps it
+                self._write_chunk_sync(digest, data)
+            metas.append(ChunkMeta(digest, len(data)))
+        return metas
+
+    def _put_index_sync(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        """Publish the index of a multi-chunk blob (after its chunks); if present, refresh its age instead."""
+        path = self._index_path(digest)
+        if not self._refresh_sync(path):
+            self._put_object_sync(path, encode_index(list(chunks)))
+
+    def _put_object_sync(self, path: str, data: bytes) -> None:
+        """Publish ``data`` at ``path`` (written to a temp file, then renamed into place)."""
+        tmp_path, fd = self._new_temp()
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            self._publish(tmp_path, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+            raise
+        self._dirty = True
+
     def _store_sync(self, data: bytes | memoryview) -> B3Digest:
         digest = B3Digest(blake3.blake3(data).digest())
         index_path = self._index_path(digest)
         if os.path.exists(index_path) and self._touch_sync(digest):
             return digest
+        pieces = cut(data, self.avg_chunk_size) if len(data) > self.avg_chunk_size // 2 else [data]
+        if len(pieces) > 1:
+            self._put_index_sync(digest, self._put_chunks_sync(pieces))
+            return digest
         # No index: write the chunk even if a crash left one behind (same bytes).
         if len(data):
-            tmp_path, fd = self._new_temp()
-            try:
-                try:
-                    view = memoryview(self._compressor().compress(data))
-                    while view:
-                        view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
-                self._publish(tmp_path, self._chunk_path(digest))
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_path)
-                raise
+            self._write_chunk_sync(digest, data)
         self._write_index(index_path)
         self._dirty = True
         return digest
@@ -319,22 +378,7 @@ class LocalBlobService(BlobService):
             os.close(fd)
         compressed = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
-            content_size = zstandard.frame_content_size(compressed)
-            if content_size > cap:
-                return None
-            if content_size >= 0:  # libzstd holds the frame to exactly this size
-                return dctx.decompress(compressed, max_output_size=cap, allow_extra_data=False)
-            # Not recorded (a streaming writer): decompress at most cap + 1 bytes.
-            out: list[bytes] = []
-            got = 0
-            with dctx.stream_reader(compressed, read_across_frames=True) as stream:
-                while got <= cap:
-                    block = stream.read(cap + 1 - got)
-                    if not block:
-                        return b"".join(out)
-                    out.append(block)
-                    got += len(block)
-            return None
+            return decompress_at_most(dctx, compressed, cap)
         except zstandard.ZstdError:
             return _SLOW
 
@@ -359,7 +403,21 @@ class LocalBlobService(BlobService):
                 data = f.read()
         except FileNotFoundError:
             return [] if os.path.exists(self._chunk_path(digest)) else None
-        return decode_index(digest, data)
+        chunks = decode_index(digest, data)
+        check_chunk_list(digest, chunks, str(self))
+        return chunks
+
+    def _read_chunk_sync(self, chunk: ChunkMeta) -> bytes | None:
+        try:
+            with open(self._chunk_path(chunk.digest), "rb") as f:
+                compressed = f.read(_compressed_bound(chunk.size) + 1)
+        except FileNotFoundError:
+            return None
+        where = f"{self}: chunk {chunk.digest.hex()}"
+        if len(compressed) > _compressed_bound(chunk.size):
+            raise StorageError(f"{where}: compressed object is larger than {chunk.size} bytes can compress to")
+        data = decompress_chunk(self._decompressor(), compressed, chunk.size, where)
+        return check_chunk(chunk, data, str(self))
 
     # -- BlobService -------------------------------------------------------------
 
@@ -371,9 +429,30 @@ class LocalBlobService(BlobService):
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return await asyncio.to_thread(self._chunks_sync, digest)
 
+    def _read_object_sync(self, chunk_path: str) -> bytes | _Slow | None:
+        """A chunk object's bytes in one go if it is small; ``None`` if absent; :data:`_SLOW`: stream it."""
+        try:
+            fd = os.open(chunk_path, _READ_ONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size > WHOLE_READ:
+                return _SLOW
+            compressed = os.read(fd, WHOLE_READ + 1)
+        finally:
+            os.close(fd)
+        try:
+            data = decompress_at_most(self._decompressor(), compressed, 4 * WHOLE_READ)
+        except zstandard.ZstdError:
+            return _SLOW  # the streaming reader reports it
+        return _SLOW if data is None else data
+
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         chunk_path = self._chunk_path(digest)
-        if await asyncio.to_thread(os.path.exists, chunk_path):
+        found = await asyncio.to_thread(self._read_object_sync, chunk_path)
+        if isinstance(found, bytes):
+            return BytesReader(found)
+        if found is _SLOW:
             return _ZstdFileReader(chunk_path)
         chunks = await self.chunks(digest)
         if chunks is None:
@@ -382,7 +461,58 @@ class LocalBlobService(BlobService):
             if digest == EMPTY_DIGEST:
                 return BytesReader(b"")
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
-        return ChunkedReader(self.open_read, chunks)
+        return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
+
+    async def outboard(self, digest: B3Digest) -> bytes | None:
+        """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``."""
+        from nixcas.castore.bao import outboard_len  # NumPy: loaded only when outboards are asked for
+
+        path = f"{self._root}/{bao_key(digest)}"
+
+        def load() -> bytes | None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None
+            size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+            return data if size >= 0 and len(data) == outboard_len(size) else None  # else: computed anew
+
+        cached = await asyncio.to_thread(load)
+        if cached is not None:
+            return cached
+        computed = await super().outboard(digest)
+        if computed is not None:
+            await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
+        return computed
+
+    async def _fetch_chunk(self, chunk: ChunkMeta, offset: int = 0) -> bytes:
+        data = await self.read_chunk(chunk)
+        if data is None:
+            raise StorageError(f"{self}: chunk {chunk.digest.hex()} not found")
+        return data
+
+    # -- ChunkStore ----------------------------------------------------------------
+
+    async def missing_chunks(self, chunks: Sequence[ChunkMeta]) -> list[ChunkMeta]:
+        # The caller is about to reference the present ones: refresh them, so a running GC keeps them.
+        return await asyncio.to_thread(lambda: [c for c in chunks if not self._refresh_chunk_sync(c.digest)])
+
+    async def read_chunk(self, chunk: ChunkMeta) -> bytes | None:
+        return await asyncio.to_thread(self._read_chunk_sync, chunk)
+
+    async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
+        check_chunk(chunk, data, "put_chunk")
+        await _to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
+
+    async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        check_chunk_list(digest, chunks, "put_index")
+        missing = await self.missing_chunks(chunks)
+        if missing:
+            raise StorageError(f"{self}: index of {digest.hex()} refers to missing chunk {missing[0].digest.hex()}")
+        if len(chunks) < 2:
+            raise ValidationError(f"put_index: blob {digest.hex()}: a chunk list needs at least two chunks")
+        await _to_thread_uninterrupted(lambda: self._put_index_sync(digest, chunks))
 
     async def _read_many(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
@@ -441,8 +571,13 @@ class LocalBlobService(BlobService):
         Every writer that skips writing a chunk because it exists must call this
         (a content-defined chunker deduplicating chunks included).
         """
+        return self._refresh_sync(self._chunk_path(digest))
+
+    @staticmethod
+    def _refresh_sync(path: str) -> bool:
+        """Set ``path``'s mtime to now (a writer found it stored); ``False`` if it is gone."""
         try:
-            os.utime(self._chunk_path(digest))
+            os.utime(path)
         except FileNotFoundError:
             return False
         return True
@@ -506,6 +641,9 @@ class LocalBlobService(BlobService):
     def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
         return self._scan("chunks")
 
+    def scan_outboards(self) -> AsyncIterator[list[StoredObject]]:
+        return self._scan("bao")
+
     def _trash_path(self, path: str) -> str:
         """Where a deletion moves ``path`` first; the name keeps its key, so an interrupted one can be undone."""
         kind, name = path[len(self._root) + 1 :].split("/", 1)[0], os.path.basename(path)
@@ -531,10 +669,10 @@ class LocalBlobService(BlobService):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(trash)
 
-    def _delete_objects_sync(self, objects: Sequence[StoredObject], cutoff_ns: int, blobs: bool) -> Deletion:
+    def _delete_objects_sync(self, objects: Sequence[StoredObject], cutoff_ns: int, kind: str) -> Deletion:
         done = Deletion()
         for obj in objects:
-            if blobs:
+            if kind == "blobs":
                 if obj.digest == EMPTY_DIGEST:
                     done.kept.append(obj)
                     continue
@@ -546,7 +684,8 @@ class LocalBlobService(BlobService):
 
                 result = self._delete_sync(self._index_path(obj.digest), age, cutoff_ns)
             else:
-                result = self._delete_sync(self._chunk_path(obj.digest), self._mtime_sync, cutoff_ns)
+                path = self._chunk_path(obj.digest) if kind == "chunks" else f"{self._root}/{bao_key(obj.digest)}"
+                result = self._delete_sync(path, self._mtime_sync, cutoff_ns)
             if result is True:
                 done.deleted.append(obj)
             elif result is False:
@@ -554,7 +693,7 @@ class LocalBlobService(BlobService):
         return done
 
     async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, True)
+        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, "blobs")
 
     def _sweep_temporary_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
         """Undo interrupted deletions (``gc.…`` names: moved back); remove other temp files older than the cutoff."""
@@ -590,7 +729,10 @@ class LocalBlobService(BlobService):
         return await asyncio.to_thread(self._sweep_temporary_sync, cutoff_ns, dry_run)
 
     async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, False)
+        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, "chunks")
+
+    async def delete_outboards(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, "bao")
 
 
 class _ZstdFileReader(BlobReader):
@@ -684,7 +826,16 @@ async def _to_thread_uninterrupted(fn: Callable[[], T]) -> T:
 
 
 class _LocalBlobWriter(BlobWriter):
-    """Buffers small blobs in memory; spills larger ones to a compressed temp file."""
+    """Buffers small blobs in memory; cuts larger ones into chunks staged as temp files.
+
+    Up to :data:`SPILL_THRESHOLD` bytes stay in memory (a small blob is then
+    stored in one step at close).  Past that, bytes go through a
+    :class:`~nixcas.castore.blob.chunking.Chunker`; each final chunk that is
+    not stored yet is compressed into a temp file under ``tmp/`` in a worker
+    thread, so memory stays bounded by the chunker's buffer.  :meth:`close`
+    renames the staged chunks into place and writes the index last;
+    :meth:`abort` deletes them, so an abandoned upload leaves nothing.
+    """
 
     def __init__(self, service: LocalBlobService, expected_size: int | None) -> None:
         self._service = service
@@ -692,49 +843,58 @@ class _LocalBlobWriter(BlobWriter):
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._hasher = blake3.blake3()
-        self._tmp_path: str | None = None
-        self._file: BinaryIO | None = None
-        self._compressor: zstandard.ZstdCompressionWriter | None = None
+        self._chunker: Chunker | None = None
+        self._chunks: list[ChunkMeta] = []
+        self._staged: dict[B3Digest, str] = {}  # chunk digest -> its temp file
 
-    def _spill_sync(self, data: list[bytes]) -> None:
-        if self._compressor is None:
-            self._tmp_path, fd = self._service._new_temp()
-            self._file = os.fdopen(fd, "wb")
-            cctx = zstandard.ZstdCompressor(level=self._service.zstd_level)
-            size = self._state.expected_size if self._state.expected_size is not None else -1
-            self._compressor = cctx.stream_writer(self._file, size=size, closefd=False)
+    def _stage_sync(self, chunks: Sequence[bytes | memoryview]) -> None:
+        service = self._service
+        for data in chunks:
+            digest = B3Digest(blake3.blake3(data).digest())
+            self._chunks.append(ChunkMeta(digest, len(data)))
+            if digest in self._staged or service._refresh_chunk_sync(digest):
+                continue  # stored already (written only if absent; refreshed so a running GC keeps it)
+            tmp_path, fd = service._new_temp()
+            self._staged[digest] = tmp_path
+            with contextlib.closing(os.fdopen(fd, "wb")) as f:
+                f.write(service._compressor().compress(data))
+
+    def _feed_sync(self, data: list[bytes]) -> None:
+        if self._chunker is None:
+            self._chunker = Chunker(self._service.avg_chunk_size)
         for block in data:
             self._hasher.update(block)
-            self._compressor.write(block)
+            self._stage_sync(self._chunker.feed(block))
 
     async def write(self, data: bytes) -> None:
         await self._admit(self._state, len(data))
         if not data:
             return
-        if self._compressor is None and self._buffered + len(data) <= SPILL_THRESHOLD:
+        if self._chunker is None and self._buffered + len(data) <= SPILL_THRESHOLD:
             self._buffer.append(bytes(data))
             self._buffered += len(data)
             return
         pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
         try:
-            await _to_thread_uninterrupted(lambda: self._spill_sync(pending))
+            await _to_thread_uninterrupted(lambda: self._feed_sync(pending))
         except BaseException:
             await self.abort()
             raise
 
     def _finish_sync(self) -> B3Digest:
-        assert self._compressor is not None and self._file is not None and self._tmp_path is not None
-        self._compressor.flush(zstandard.FLUSH_FRAME)
-        self._compressor.close()  # type: ignore[no-untyped-call]
-        self._file.close()
-        self._compressor = None
-        self._file = None
+        assert self._chunker is not None
+        chunker, self._chunker = self._chunker, None
+        self._stage_sync(chunker.finish())
         digest = B3Digest(self._hasher.digest())
         service = self._service
-        service._publish(self._tmp_path, service._chunk_path(digest))
-        self._tmp_path = None
-        service._write_index(service._index_path(digest))
+        while self._staged:  # chunks first ...
+            chunk, tmp_path = self._staged.popitem()
+            service._publish(tmp_path, service._chunk_path(chunk))
         service._dirty = True
+        if len(self._chunks) == 1:  # ... then the index (one chunk: it is the blob; empty index)
+            service._write_index(service._index_path(digest))
+        else:
+            service._put_index_sync(digest, self._chunks)
         return digest
 
     async def close(self) -> B3Digest:
@@ -742,7 +902,7 @@ class _LocalBlobWriter(BlobWriter):
             return self._state.digest
         try:
             self._state.check_complete()
-            if self._compressor is None:
+            if self._chunker is None:
                 data, self._buffer = b"".join(self._buffer), []
                 digest = await _to_thread_uninterrupted(lambda: self._service._store_sync(data))
             else:
@@ -754,20 +914,14 @@ class _LocalBlobWriter(BlobWriter):
         return digest
 
     def _discard_sync(self) -> None:
-        if self._compressor is not None:
-            with contextlib.suppress(Exception):
-                self._compressor.close()  # type: ignore[no-untyped-call]
-            self._compressor = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._tmp_path is not None:
+        while self._staged:
+            _, tmp_path = self._staged.popitem()
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._tmp_path)
-            self._tmp_path = None
+                os.unlink(tmp_path)
 
     async def abort(self) -> None:
         if self._state.digest is None and not self._state.aborted:
             self._state.aborted = True
             self._buffer = []
+            self._chunker = None
             await asyncio.to_thread(self._discard_sync)

@@ -1,7 +1,9 @@
 """Any BlobService / DirectoryService on the wire (``tvix.castore.v1`` and ``snix.castore.v1``).
 
 Semantics follow tvix (reference §2.3) with three deliberate differences:
-``Stat`` honours ``send_chunks`` (the chunk list is sent only when asked),
+``Stat`` honours ``send_chunks`` (the chunk list is sent only when asked)
+and ``send_bao`` (the bao outboard of 16 KiB chunk groups, which tvix and
+snix never fill in),
 ``Read`` streams messages of :data:`READ_MESSAGE_SIZE` instead of 4 KiB, and
 ``Directory.Put`` answers an invalid closure with ``INVALID_ARGUMENT``
 carrying the reason (tvix says ``INTERNAL``).  An aborted or failed ``Put``
@@ -65,14 +67,19 @@ class BlobServiceServicer:
     async def Stat(self, request: blob_pb.StatBlobRequest, context: Context) -> blob_pb.StatBlobResponse:
         async with rpc_errors(context, "BlobService.Stat"):
             digest = B3Digest(request.digest)
-            if not request.send_chunks:
-                if not await self._blobs.has(digest):
+            response = blob_pb.StatBlobResponse()
+            if request.send_bao:
+                outboard = await self._blobs.outboard(digest)
+                if outboard is None:
                     raise NotFoundError(f"blob {digest.hex()} not found")
-                return blob_pb.StatBlobResponse()
+                response.bao = outboard
+            if not request.send_chunks:
+                if not request.send_bao and not await self._blobs.has(digest):
+                    raise NotFoundError(f"blob {digest.hex()} not found")
+                return response
             chunks = await self._blobs.chunks(digest)
             if chunks is None:
                 raise NotFoundError(f"blob {digest.hex()} not found")
-            response = blob_pb.StatBlobResponse()
             for chunk in chunks:
                 response.chunks.add(digest=chunk.digest, size=chunk.size)
             return response
