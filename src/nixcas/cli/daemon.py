@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
 import click
 
+from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
 from nixcas.cli.common import Settings, run, service_options
 from nixcas.server import DEFAULT_LISTEN, start_server
 
@@ -31,6 +33,13 @@ from nixcas.server import DEFAULT_LISTEN, start_server
     metavar="SECONDS",
     help="On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back).",
 )
+@click.option(
+    "--nar-bridge",
+    "nar_bridge",
+    metavar="ADDR",
+    help="Also serve the store as a Nix HTTP binary cache on ADDR (host:port or socket path); see nar-bridge.",
+)
+@bridge_options
 @click.pass_obj
 def daemon(
     settings: Settings,
@@ -41,6 +50,12 @@ def daemon(
     path_info_service_addr: str | None,
     composition: str | None,
     shutdown_grace: float,
+    nar_bridge: str | None,
+    priority: int,
+    allow_writes: bool,
+    token_file: str | None,
+    sign_key: str | None,
+    nar_index: str | None,
 ) -> None:
     """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
 
@@ -53,6 +68,9 @@ def daemon(
         pathinfo_service_addr=path_info_service_addr,
         composition=composition,
     )
+    bridge_opts = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
+    if nar_bridge is not None:
+        bridge_opts.load(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
@@ -69,12 +87,18 @@ def daemon(
                 nar_calculation=store.nar_calculation(),
             )
             try:
-                click.echo(f"listening on {running.url}")
-                logging.info(
-                    "blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos
-                )
-                await stop.wait()
-                logging.info("shutting down (grace %g s)", shutdown_grace)
+                async with contextlib.AsyncExitStack() as stack:
+                    click.echo(f"listening on {running.url}")
+                    if nar_bridge is not None:
+                        bridge = await stack.enter_async_context(
+                            serving_bridge(nar_bridge, store, settings, bridge_opts, shutdown_grace)
+                        )
+                        click.echo(f"listening on {bridge.url}")
+                    logging.info(
+                        "blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos
+                    )
+                    await stop.wait()
+                    logging.info("shutting down (grace %g s)", shutdown_grace)
             finally:
                 await running.stop(shutdown_grace)
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from nixcas import __version__
+from nixcas.cli.bridge import generate_key, nar_bridge
 from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
 from nixcas.cli.daemon import daemon
@@ -50,6 +51,8 @@ cli.add_command(import_)
 cli.add_command(dump_path)
 cli.add_command(path_info)
 cli.add_command(copy)
+cli.add_command(nar_bridge)
+cli.add_command(generate_key)
 
 
 def main() -> None:

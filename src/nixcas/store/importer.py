@@ -195,7 +195,7 @@ def references_first(infos: Iterable[ExportedPathInfo]) -> list[ExportedPathInfo
     return ordered
 
 
-def check_content_address(exported: ExportedPathInfo) -> None:
+def check_content_address(exported: ExportedPathInfo | PathInfo) -> None:
     """A path with a CA must be the store path that CA (and its references) give; else :class:`IngestError`."""
     if exported.ca is None:
         return
