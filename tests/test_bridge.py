@@ -37,7 +37,7 @@ from nixcas.store.signing import SigningKey, has_valid_signature
 from nixcas.store.store_path import StorePath, build_nar_path
 from nixcas.testing.fixtures import HELLOWORLD_DIGEST
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token"  # noqa: S105 - a test token
 
 
 @dataclass
@@ -104,7 +104,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         yield e
 
 
-class bridge_env:  # noqa: N801 - used like a function
+class bridge_env:
     def __init__(self, index_path: Path | None, **options: object) -> None:
         self.index_path = index_path
         self.options = options
@@ -208,7 +208,8 @@ async def test_content_encoding(env: Env, sample: Sample, encoding: str) -> None
         assert r.headers["Content-Encoding"] == encoding
         assert "Content-Length" not in r.headers
         body = await r.read()
-    plain = zstandard.ZstdDecompressor().decompressobj().decompress(body) if encoding == "zstd" else gzip.decompress(body)
+    zstd = zstandard.ZstdDecompressor()
+    plain = zstd.decompressobj().decompress(body) if encoding == "zstd" else gzip.decompress(body)
     assert plain == sample.nar
     assert len(body) < len(sample.nar)
 
@@ -363,7 +364,8 @@ async def test_nar_whose_hash_differs_from_its_url(env: Env, sample: Sample) -> 
 @pytest.mark.parametrize("compression", ["xz", "zstd"])
 async def test_compressed_nar_whose_hash_differs_from_its_url(env: Env, sample: Sample, compression: str) -> None:
     suffix, compress = COMPRESS[compression]
-    assert await upload(env, sample, data=compress(sample.nar), name=f"{nixbase32.encode(bytes(32))}.nar{suffix}") == 400
+    wrong_name = f"{nixbase32.encode(bytes(32))}.nar{suffix}"
+    assert await upload(env, sample, data=compress(sample.nar), name=wrong_name) == 400
     await nothing_visible(env, sample)
 
 
@@ -380,7 +382,7 @@ async def test_upload_cut_off_mid_body(env: Env, sample: Sample, compression: st
     body = compress(sample.nar)
     name = f"{nixbase32.encode(hashlib.sha256(body).digest())}.nar{suffix}"
     assert env.client.port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", env.client.port)
+    _, writer = await asyncio.open_connection("127.0.0.1", env.client.port)
     writer.write(
         f"PUT /nar/{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2]
     )
