@@ -245,6 +245,12 @@ COMPRESS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "bzip2": (".bz2", bz2.compress),
     "gzip": (".gz", gzip.compress),
 }
+DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    "xz": lzma.decompress,
+    "zstd": lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b),
+    "bzip2": bz2.decompress,
+    "gzip": gzip.decompress,
+}
 
 
 @pytest.mark.parametrize("compression", sorted(COMPRESS))
@@ -257,6 +263,9 @@ async def test_compressed_uploads(env: Env, sample: Sample, compression: str) ->
     assert await upload(env, sample, suffix=suffix, data=packed) == 200
     async with env.client.head(f"/nar/{file_nb32}.nar{suffix}") as r:  # Nix asks before uploading
         assert r.status == 200
+    async with env.client.get(f"/nar/{file_nb32}.nar{suffix}", auto_decompress=False) as r:  # served recompressed
+        assert r.status == 200
+        assert DECOMPRESS[compression](await r.read()) == sample.nar
     text = sample.narinfo().replace(f"nar/{sample.nb32}.nar", f"nar/{file_nb32}.nar{suffix}")
     text = text.replace("Compression: none", f"Compression: {compression}")
     assert (await put_narinfo(env, sample, text))[0] == 200

@@ -225,7 +225,7 @@ async def read_all(source: Any, n: int = 65536) -> bytes:
 async def test_decompressing(compression: str) -> None:
     payload = hashlib.sha256(b"seed").digest() * 50_000 + bytes(3_000_000)
     packed = COMPRESSORS[compression](payload)
-    raw = FileHashing(as_source(packed), expected_sha256=hashlib.sha256(packed).digest(), expected_size=len(packed))
+    raw = FileHashing(as_source(packed), expected_digest=hashlib.sha256(packed).digest(), expected_size=len(packed))
     source = decompressing(raw, compression)
     try:
         assert await read_all(source) == payload
@@ -237,7 +237,7 @@ async def test_decompressing(compression: str) -> None:
 @pytest.mark.parametrize("compression", ["xz", "zstd", "bzip2", "gzip"])
 async def test_decompressing_checks_the_file_hash_and_rejects_garbage(compression: str) -> None:
     packed = COMPRESSORS[compression](b"hello world" * 1000)
-    source = decompressing(FileHashing(as_source(packed), expected_sha256=bytes(32)), compression)
+    source = decompressing(FileHashing(as_source(packed), expected_digest=bytes(32)), compression)
     with pytest.raises(FileHashMismatch, match="hash mismatch"):
         await read_all(source)
     source.close()

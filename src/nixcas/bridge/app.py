@@ -30,7 +30,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from nixcas.bridge.http import Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
+from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import Node
@@ -268,11 +268,17 @@ class NarBridge:
         node = self._parse_node(request.match_info["node"])
         return await self._serve_nar(request, node, self._parse_narsize(request))
 
-    async def _serve_nar(self, request: web.Request, node: Node, expected_size: int) -> web.StreamResponse:
+    async def _serve_nar(
+        self, request: web.Request, node: Node, expected_size: int, *, compression: str = "none"
+    ) -> web.StreamResponse:
+        """The NAR of ``node`` (ranges, content encoding), or the whole NAR file compressed with ``compression``."""
         closure = await fetch_closure(node, self.directories)
         size = plan_size(node, closure)
         if size != expected_size:
             raise ValidationError(f"wrong narsize: the NAR of this node is {size} bytes, not {expected_size}")
+        if compression != "none":
+            response = web.StreamResponse(headers={"Cache-Control": IMMUTABLE})
+            return await self._send(request, response, node, closure, None, compression)
         headers = {"Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes", "Vary": "Accept-Encoding"}
         try:
             byte_range = parse_range(request.headers.get("Range"), size)
@@ -282,15 +288,26 @@ class NarBridge:
         head = request.method == "HEAD"
         encoding = None if byte_range is not None or head else choose_encoding(request.headers.get("Accept-Encoding"))
         response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
-        response.content_type = NAR_TYPE
         if byte_range is not None:
             response.headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end - 1}/{size}"
         if encoding is not None:
             response.headers["Content-Encoding"] = encoding
         else:
             response.content_length = size if byte_range is None else byte_range.length
+        return await self._send(request, response, node, closure, byte_range, encoding)
+
+    async def _send(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        node: Node,
+        closure: Closure,
+        byte_range: ByteRange | None,
+        encoding: str | None,
+    ) -> web.StreamResponse:
+        response.content_type = NAR_TYPE
         await response.prepare(request)
-        if head:
+        if request.method == "HEAD":
             await response.write_eof()
             return response
         chunks: AsyncIterator[bytes]
@@ -322,16 +339,18 @@ class NarBridge:
                 yield data
 
     async def get_nar_file(self, request: web.Request) -> web.StreamResponse:
+        """An uploaded NAR file by the name it was uploaded under.
+
+        Only its NAR is kept, so a compressed name is served recompressed (fast
+        presets): Nix checks the NAR hash, not the file hash, and a client that
+        cached the narinfo from its own upload still finds the file.
+        """
         name = request.match_info["name"]
         file_sha256, compression = parse_nar_file_name(name)
         nar = await self.index.find_file(file_sha256, compression)
         if nar is None:
             raise _fail(web.HTTPNotFound, f"{name}: no such NAR file")
-        if compression == "none":
-            return await self._serve_nar(request, nar.node, nar.nar_size)
-        if request.method != "HEAD":  # compressed files are not kept, only what they contained
-            raise _fail(web.HTTPNotFound, f"{name}: uploaded, but kept decompressed; fetch the narinfo's URL")
-        return web.Response(content_type=NAR_TYPE)
+        return await self._serve_nar(request, nar.node, nar.nar_size, compression=compression)
 
     # -- NAR uploads --------------------------------------------------------------------
 
@@ -340,7 +359,7 @@ class NarBridge:
         name = request.match_info["name"]
         file_sha256, compression = parse_nar_file_name(name)
         body = _Body(request)
-        raw = FileHashing(body, expected_sha256=file_sha256, what=f"uploaded file {name}")
+        raw = FileHashing(body, expected_digest=file_sha256, what=f"uploaded file {name}")
         source = decompressing(raw, compression)
         expected_nar_sha256 = file_sha256 if compression == "none" else None
         try:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bz2
 import hmac
+import lzma
 import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -100,15 +102,20 @@ class _Compressor(Protocol):
 
 
 def _compressor(encoding: str) -> _Compressor:
+    """A fast compressor for ``encoding`` (an HTTP content encoding, or a NAR file's xz/bzip2)."""
     if encoding == "zstd":
         return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    if encoding == "xz":
+        return lzma.LZMACompressor(preset=0)
+    if encoding == "bzip2":
+        return bz2.BZ2Compressor(1)
     return zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip framing
 
 
 async def encode_stream(
     chunks: AsyncIterator[bytes], encoding: str, executor: Executor | None = None
 ) -> AsyncIterator[bytes]:
-    """``chunks`` compressed with ``encoding``; big chunks are compressed on ``executor``'s threads."""
+    """``chunks`` compressed with ``encoding`` (zstd, gzip, xz, bzip2); big chunks are compressed on worker threads."""
     compressor = _compressor(encoding)
     loop = asyncio.get_running_loop()
     async for chunk in chunks:

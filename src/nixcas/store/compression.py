@@ -48,26 +48,28 @@ class FileHashMismatch(ValidationError):
 
 
 class FileHashing:
-    """A byte source that counts and SHA-256-hashes everything read, and checks both at the end.
+    """A byte source that counts and hashes everything read, and checks both at the end.
 
-    At end of file the hash must be ``expected_sha256`` and the size
-    ``expected_size`` (each when given); a mismatch raises
-    :class:`FileHashMismatch` instead of returning ``b""``.
+    At end of file the digest (``algo``, default SHA-256) must be
+    ``expected_digest`` and the size ``expected_size`` (each when given); a
+    mismatch raises :class:`FileHashMismatch` instead of returning ``b""``.
     """
 
     def __init__(
         self,
         inner: AsyncByteSource,
         *,
-        expected_sha256: bytes | None = None,
+        expected_digest: bytes | None = None,
         expected_size: int | None = None,
+        algo: str = "sha256",
         what: str = "file",
     ) -> None:
         self._inner = inner
-        self._expected_sha256 = expected_sha256
+        self._expected_digest = expected_digest
         self._expected_size = expected_size
         self._what = what
-        self._sha256 = hashlib.sha256()
+        self._algo = algo
+        self._hash = hashlib.new(algo)
         self.size = 0
         self.eof = False
 
@@ -77,7 +79,7 @@ class FileHashing:
             self.size += len(data)
             if self._expected_size is not None and self.size > self._expected_size:
                 raise FileHashMismatch(f"{self._what} is longer than its announced size {self._expected_size}")
-            self._sha256.update(data)
+            self._hash.update(data)
             return data
         if not self.eof:
             self.eof = True
@@ -89,14 +91,11 @@ class FileHashing:
             raise FileHashMismatch(
                 f"{self._what} size mismatch: announced {self._expected_size} bytes, got {self.size}"
             )
-        if self._expected_sha256 is not None and self._sha256.digest() != self._expected_sha256:
+        if self._expected_digest is not None and self._hash.digest() != self._expected_digest:
             raise FileHashMismatch(
-                f"{self._what} hash mismatch: expected sha256 {self._expected_sha256.hex()}, "
-                f"got {self._sha256.hexdigest()}"
+                f"{self._what} hash mismatch: expected {self._algo} {self._expected_digest.hex()}, "
+                f"got {self._hash.hexdigest()}"
             )
-
-    def sha256(self) -> bytes:
-        return self._sha256.digest()
 
     async def drain(self) -> None:
         """Read (and hash) whatever is left, to end of file."""

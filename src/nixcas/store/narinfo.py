@@ -137,6 +137,10 @@ class NarInfo:
     ca: CAHash | None = None
 
     @property
+    def nar_hash(self) -> NixHash:
+        return NixHash(HashAlgo.SHA256, self.nar_sha256)
+
+    @property
     def effective_compression(self) -> str:
         """The compression of the NAR file: the field, or bzip2 when it was absent."""
         return DEFAULT_COMPRESSION if self.compression is None else self.compression
