@@ -81,6 +81,9 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
             raise ConfigurationError(f"{url.geturl()!r}: needs a host (nix+https://cache.example.org[/prefix])")
         options = query_options(url, {"trusted-public-keys", "blob_service", "directory_service"})
         keys = options.get("trusted-public-keys")
+        if keys is not None:  # base64 has '+': read the raw value, where only %20 separates keys
+            raw = next(v for k, _, v in (p.partition("=") for p in url.query.split("&")) if k == "trusted-public-keys")
+            keys = unquote(raw)
         base = url_text(url._replace(scheme=url.scheme.removeprefix("nix+"), query=""))
         config = cls(
             base,
@@ -171,9 +174,14 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
                     return None
                 if response.status != 200:
                     raise StorageError(f"{url}: HTTP {response.status} {response.reason}")
-                raw = await response.content.read(MAX_NARINFO_SIZE + 1)
-                if len(raw) > MAX_NARINFO_SIZE:
-                    raise PathInfoError(f"{url}: narinfo larger than {MAX_NARINFO_SIZE} bytes")
+                parts: list[bytes] = []
+                size = 0
+                while chunk := await response.content.read(64 << 10):
+                    size += len(chunk)
+                    if size > MAX_NARINFO_SIZE:
+                        raise PathInfoError(f"{url}: narinfo larger than {MAX_NARINFO_SIZE} bytes")
+                    parts.append(chunk)
+                raw = b"".join(parts)
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
             raise StorageError(f"{url}: {e or type(e).__name__}") from None
         try:
@@ -195,7 +203,10 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         ):
             trusted = ", ".join(k.name for k in self.public_keys)
             raise UntrustedPathInfo(f"{url}: no valid signature by a trusted key ({trusted})")
-        check_content_address(narinfo)
+        try:
+            check_content_address(narinfo)
+        except ValidationError as e:
+            raise PathInfoError(f"{url}: {e}") from None
         node = await self._ingest(narinfo)
         info = narinfo.to_path_info(node)
         await self._check_flat_content(info)
