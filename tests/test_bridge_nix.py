@@ -41,7 +41,9 @@ def nix(args: list[str], home: Path, *, check: bool = True, config: str = "") ->
 
 def http(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
     """GET (or PUT ``data``) on loopback; the response body."""
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method="GET" if data is None else "PUT")
+    assert url.startswith("http://127.0.0.1:")
+    method = "GET" if data is None else "PUT"
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)  # noqa: S310
     with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - a loopback http:// URL
         body: bytes = response.read()
         return body
@@ -163,6 +165,7 @@ def test_signatures_and_token_with_nix(tmp_path: Path) -> None:
         tmp_path, "--token-file", str(tmp_path / "token"), "--sign-key", str(ours[0])
     )
     try:
+        assert NIX is not None
         denied = nix([NIX, "copy", "--store", str(source), "--to", url, paths[0]], tmp_path / "h0", check=False)
         assert denied.returncode != 0  # no token
         copy_to(tmp_path, source, f"{url}?secret-key={theirs[0]}", paths, config=netrc)
