@@ -4,7 +4,7 @@
 set -euo pipefail
 case "${1:-test}" in
   test)  packages=(nix-bin) ;;         # real Nix to compare store paths and NARs with
-  bench) packages=(nix-bin time) ;;    # nix-store --add as the peer; GNU time for peak RSS
+  bench) packages=(nix-bin time nginx-light wrk curl) ;;  # peers: nix-store, nginx; GNU time; load clients
   *) echo "system-deps: unknown profile $1" >&2; exit 2 ;;
 esac
 missing=()
