@@ -41,16 +41,16 @@ class RunningBridge:
 async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float = 10.0) -> RunningBridge:
     """Serve ``bridge`` on ``listen`` (``host:port``, ``[v6]:port``, port 0 = any free one, or a socket path)."""
     address = parse_listen_address(listen)
-    runner = web.AppRunner(bridge.application(), access_log=None, handle_signals=False)
+    runner = web.AppRunner(bridge.application(), access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace)
     await runner.setup()
     try:
         site: web.BaseSite
         if address.unix_path is not None:
             _clear_stale_socket(address.unix_path)
-            site = web.UnixSite(runner, address.unix_path, shutdown_timeout=shutdown_grace)
+            site = web.UnixSite(runner, address.unix_path)
         else:
             host, _, port = listen.rpartition(":")
-            site = web.TCPSite(runner, host.strip("[]"), int(port), shutdown_timeout=shutdown_grace, reuse_port=False)
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=False)
         try:
             await site.start()
         except OSError as e:

@@ -16,7 +16,7 @@ import click
 
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY, NarBridge, RunningBridge, start_bridge
-from nixcas.cli.common import Settings, run, service_options
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options
 from nixcas.errors import ConfigurationError
 from nixcas.store.narindex import NarIndex
 from nixcas.store.signing import SigningKey, SigningKeyError
@@ -51,6 +51,13 @@ class BridgeOptions:
                 raise ConfigurationError(f"--sign-key: {e}") from None
         index = self.nar_index or str(Path(settings.store_dir or default_store_dir()).absolute() / "nar-bridge.sqlite")
         return token, key, index
+
+    def check(self, settings: Settings) -> None:
+        """Fail now (one line, exit 2) if a file the bridge needs is unusable."""
+        try:
+            self.load(settings)
+        except ConfigurationError as e:
+            fail(str(e), EXIT_USAGE)
 
 
 def bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -162,7 +169,7 @@ def nar_bridge(
         composition=composition,
     )
     options = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
-    options.load(settings)  # bad files fail before anything is opened
+    options.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
     async def go() -> None:

@@ -70,7 +70,7 @@ def daemon(
     )
     bridge_opts = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
     if nar_bridge is not None:
-        bridge_opts.load(settings)  # bad files fail before anything is opened
+        bridge_opts.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
