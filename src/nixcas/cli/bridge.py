@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
-import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ import click
 
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY, NarBridge, RunningBridge, start_bridge
-from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options, stop_on_signals
 from nixcas.errors import ConfigurationError
 from nixcas.store.narindex import NarIndex
 from nixcas.store.signing import SigningKey, SigningKeyError
@@ -120,14 +118,6 @@ async def serving_bridge(
         await index.close()
 
 
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 @click.command("nar-bridge")
 @click.option(
     "-l",
@@ -161,25 +151,22 @@ def nar_bridge(
 
     Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections.
     """
-    settings = settings.override(
-        store_dir=store_dir,
-        blob_service_addr=blob_service_addr,
-        directory_service_addr=directory_service_addr,
-        pathinfo_service_addr=path_info_service_addr,
-        composition=composition,
+    settings = settings.with_service_options(
+        store_dir, blob_service_addr, directory_service_addr, path_info_service_addr, composition
     )
     options = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
     options.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
     async def go() -> None:
+        stop = stop_on_signals()
         async with (
             await settings.open_store(with_pathinfo=True) as store,
             serving_bridge(listen, store, settings, options, shutdown_grace) as running,
         ):
             click.echo(f"listening on {running.url}")
             logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos)
-            await wait_for_signal()
+            await stop.wait()
             logging.info("shutting down (grace %g s)", shutdown_grace)
 
     run(go)

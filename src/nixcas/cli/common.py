@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -48,6 +49,23 @@ class Settings:
     def override(self, **values: str | None) -> Settings:
         """These settings with the given options replaced where they were given."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def with_service_options(
+        self,
+        store_dir: str | None,
+        blob_service_addr: str | None,
+        directory_service_addr: str | None,
+        path_info_service_addr: str | None,
+        composition: str | None,
+    ) -> Settings:
+        """These settings overridden by the :func:`service_options` given after a subcommand."""
+        return self.override(
+            store_dir=store_dir,
+            blob_service_addr=blob_service_addr,
+            directory_service_addr=directory_service_addr,
+            pathinfo_service_addr=path_info_service_addr,
+            composition=composition,
+        )
 
 
 def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,6 +111,15 @@ def tune_malloc() -> bool:
         return False  # not glibc
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT and SIGTERM set (handlers installed now, in the running loop): a server's end."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

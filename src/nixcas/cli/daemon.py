@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import signal
 
 import click
 
 from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
-from nixcas.cli.common import Settings, run, service_options
+from nixcas.cli.common import Settings, run, service_options, stop_on_signals
 from nixcas.server import DEFAULT_LISTEN, start_server
 
 
@@ -61,12 +59,8 @@ def daemon(
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
-    settings = settings.override(
-        store_dir=store_dir,
-        blob_service_addr=blob_service_addr,
-        directory_service_addr=directory_service_addr,
-        pathinfo_service_addr=path_info_service_addr,
-        composition=composition,
+    settings = settings.with_service_options(
+        store_dir, blob_service_addr, directory_service_addr, path_info_service_addr, composition
     )
     bridge_opts = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
     if nar_bridge is not None:
@@ -74,10 +68,7 @@ def daemon(
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         async with await settings.open_store(with_pathinfo=True) as store:
             running = await start_server(
                 listen,
