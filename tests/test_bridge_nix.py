@@ -25,7 +25,7 @@ from nixcas.store import nixbase32
 from nixcas.store.narinfo import NarInfo
 from nixcas.store.signing import SigningKey, VerifyingKey, has_valid_signature
 from nixcas.testing.daemon import Daemon, clean_env, nixcas_command, running_daemon
-from nixcas.testing.nix import NIX, NIX_STORE, needs_nix, nix_env
+from nixcas.testing.nix import NIX, NIX_STORE, fixed_tree, needs_nix, nix_env
 
 pytestmark = [needs_nix, pytest.mark.skipif(NIX is None, reason="the nix command is not installed (Debian nix-bin)")]
 
@@ -56,17 +56,8 @@ def nixcas(*args: str) -> subprocess.CompletedProcess[bytes]:
 def make_paths(tmp_path: Path, store: Path) -> list[str]:
     """Store paths added to the chroot store ``store`` with nix-store --add."""
     src = tmp_path / "src"
-    tree = src / "tree"
-    (tree / "bin").mkdir(parents=True)
-    (tree / "bin" / "hello").write_bytes(b"#!/bin/sh\necho hello\n")
-    (tree / "bin" / "hello").chmod(0o755)
-    (tree / "share" / "doc").mkdir(parents=True)
-    (tree / "share" / "doc" / "README").write_text("read me\n")
-    (tree / "empty-file").write_bytes(b"")
-    (tree / "empty-dir").mkdir()
-    (tree / "link").symlink_to("bin/hello")
-    (tree / "with space ünï").write_text("odd name")
-    (tree / "big").write_bytes(hashlib.sha256(b"big").digest() * 80_000)  # 2.5 MB
+    src.mkdir()
+    tree = fixed_tree(src / "tree")
     (src / "file.txt").write_bytes(b"Hello World!")
     (src / "symlink").symlink_to("/nix/store/somewhereelse")
     assert NIX_STORE is not None

@@ -15,15 +15,12 @@ from typing import Any
 import pytest
 import zstandard
 
-from nixcas.castore.digest import B3Digest
-from nixcas.castore.nodes import DirectoryNode
 from nixcas.errors import PathInfoError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, FileHashMismatch, UnsupportedCompression, decompressing
-from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.nar.parser import as_source
 from nixcas.store.narinfo import NarInfo, fingerprint, parse_nar_file_name, parse_narinfo_name
-from nixcas.store.pathinfo.model import PathInfo, Signature
+from nixcas.store.pathinfo.model import Signature
 from nixcas.store.signing import (
     SigningKey,
     SigningKeyError,
@@ -33,6 +30,7 @@ from nixcas.store.signing import (
     path_info_fingerprint,
 )
 from nixcas.store.store_path import StorePath
+from nixcas.testing.pathinfoservice import dummy_path_info
 
 DATA = Path(__file__).parent / "data"
 V: dict[str, Any] = json.loads((DATA / "narinfo_vectors.json").read_text())
@@ -52,27 +50,15 @@ Sig: cache.nixos.org-1:TsTTb3WGTZKphvYdBHXwo6weVILmTytUjLB+vcX89fOjjRicCHmKA4RCP
 """
 
 
-def dummy_info() -> PathInfo:
-    path = StorePath(bytes(20), "dummy")
-    return PathInfo(
-        store_path=path,
-        node=DirectoryNode(B3Digest(bytes(32)), 0),
-        references=(path,),
-        nar_size=0,
-        nar_sha256=bytes(32),
-        ca=CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, bytes(32))),
-    )
-
-
 def test_dummy_narinfo_renders_like_tvix() -> None:
     url = "nar/tvix-castore/CiISIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA?narsize=0"
-    text = NarInfo.from_path_info(dummy_info(), url).render()
+    text = NarInfo.from_path_info(dummy_path_info(), url).render()
     assert text == V["dummy_narinfo_tvix"]
     assert NarInfo.parse(text).render() == text
 
 
 def test_fingerprint_vectors() -> None:
-    assert path_info_fingerprint(dummy_info()).decode() == V["dummy_fingerprint"]
+    assert path_info_fingerprint(dummy_path_info()).decode() == V["dummy_fingerprint"]
     curl = NarInfo.parse(CURL_NARINFO)
     assert curl.fingerprint().decode() == SIGS["real_world"]["fingerprint"]
 
@@ -97,7 +83,7 @@ def test_signing_is_deterministic_and_matches_the_vectors() -> None:
     assert str(key) == V["secret_key"]
     sig = key.sign(V["dummy_fingerprint"].encode())
     assert str(sig) == V["dummy_signature"]
-    signed = key.sign_path_info(dummy_info())
+    signed = key.sign_path_info(dummy_path_info())
     assert [str(s) for s in signed.signatures] == [V["dummy_signature"]]
     assert key.sign_path_info(signed) == signed  # not appended twice
     other = VerifyingKey.parse(V["do_not_use_public_key"])
