@@ -13,7 +13,6 @@ verification succeeds.
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 import re
 from collections.abc import Iterable
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from nixcas.errors import ValidationError
 from nixcas.store.narinfo import fingerprint
-from nixcas.store.pathinfo.model import PathInfo, Signature
+from nixcas.store.pathinfo.model import PathInfo, Signature, split_named_base64
 
 __all__ = [
     "SigningKeyError",
@@ -45,13 +44,7 @@ class SigningKeyError(ValidationError):
 
 
 def _split(text: str, size: int, what: str) -> tuple[str, bytes]:
-    name, sep, b64 = text.strip().partition(":")
-    if not sep or not _KEY_NAME.fullmatch(name):
-        raise SigningKeyError(f"invalid {what}: expected <name>:<base64> with a name of A-Z a-z 0-9 . -")
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except binascii.Error:
-        raise SigningKeyError(f"invalid {what} {name!r}: bad base64") from None
+    name, raw = split_named_base64(text, what, SigningKeyError)
     if len(raw) != size:
         raise SigningKeyError(f"invalid {what} {name!r}: {len(raw)} bytes, want {size}")
     return name, raw
