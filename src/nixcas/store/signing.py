@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from nixcas.errors import ValidationError
 from nixcas.store.narinfo import fingerprint
-from nixcas.store.pathinfo.model import PathInfo, Signature, split_named_base64
+from nixcas.store.pathinfo.model import KEY_NAME, PathInfo, Signature, split_named_base64
 
 __all__ = [
     "SigningKeyError",
@@ -35,8 +34,6 @@ __all__ = [
     "parse_public_keys",
     "path_info_fingerprint",
 ]
-
-_KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
 
 
 class SigningKeyError(ValidationError):
@@ -90,7 +87,7 @@ class SigningKey:
 
     @classmethod
     def generate(cls, name: str) -> SigningKey:
-        if not _KEY_NAME.fullmatch(name):
+        if not KEY_NAME.fullmatch(name):
             raise SigningKeyError(f"invalid key name {name[:100]!r}: use A-Z a-z 0-9 . - (e.g. cache.example.org-1)")
         return cls(name, Ed25519PrivateKey.generate().private_bytes_raw())
 

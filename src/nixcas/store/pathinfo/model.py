@@ -30,7 +30,8 @@ from nixcas.store.store_path import STORE_DIR, StorePath
 __all__ = ["PathInfo", "Signature", "split_named_base64"]
 
 SIGNATURE_SIZE: Final = 64
-_KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
+KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
+"""What a key (and signature) name may consist of."""
 
 
 def split_named_base64(text: str, what: str, error: type[ValidationError] = PathInfoError) -> tuple[str, bytes]:
@@ -39,7 +40,7 @@ def split_named_base64(text: str, what: str, error: type[ValidationError] = Path
     Messages show the name, never the base64 part (it may be a secret key).
     """
     name, sep, b64 = text.strip().partition(":")
-    if not sep or not _KEY_NAME.fullmatch(name):
+    if not sep or not KEY_NAME.fullmatch(name):
         raise error(f"invalid {what}: expected <name>:<base64> with a name of A-Z a-z 0-9 . -")
     try:
         return name, base64.b64decode(b64, validate=True)
