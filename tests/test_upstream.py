@@ -6,6 +6,7 @@ NAR files written by the test (real Nix writes one in test_bridge_nix).
 
 from __future__ import annotations
 
+import asyncio
 import bz2
 import gzip
 import hashlib
@@ -249,6 +250,18 @@ async def test_substitutes_and_caches(upstream: tuple[StaticCache, str], sample:
         assert len(cache.requests) == fetched
     finally:
         await far.close()
+
+
+async def test_concurrent_lookups_share_one_download(upstream: tuple[StaticCache, str], sample: Sample) -> None:
+    cache, url = upstream
+    cache.publish(sample)
+    svc = service(url)
+    try:
+        infos = await asyncio.gather(*(svc.get(sample.store_path.digest) for _ in range(5)))
+        assert all(i is not None and i.node == sample.node for i in infos)
+        assert len(cache.requests) == 2  # one narinfo, one NAR
+    finally:
+        await svc.close()
 
 
 async def test_absent_and_forbidden_are_none(upstream: tuple[StaticCache, str], sample: Sample) -> None:

@@ -359,18 +359,15 @@ class NarBridge:
         name = request.match_info["name"]
         file_sha256, compression = parse_nar_file_name(name)
         body = _Body(request)
-        raw = FileHashing(body, expected_digest=file_sha256, what=f"uploaded file {name}")
-        source = decompressing(raw, compression)
-        expected_nar_sha256 = file_sha256 if compression == "none" else None
-        try:
-            node, size, sha256 = await ingest_nar(
-                body if compression == "none" else source,
-                self.blobs,
-                self.directories,
-                expected_sha256=expected_nar_sha256,
-            )
-        finally:
-            source.close()
+        if compression == "none":  # the file is the NAR: ingest checks its hash before committing
+            node, size, sha256 = await ingest_nar(body, self.blobs, self.directories, expected_sha256=file_sha256)
+        else:  # the file's hash is checked at its end, before the NAR's end lets ingest commit
+            raw = FileHashing(body, expected_digest=file_sha256, what=f"uploaded file {name}")
+            source = decompressing(raw, compression)
+            try:
+                node, size, sha256 = await ingest_nar(source, self.blobs, self.directories)
+            finally:
+                source.close()
         await self.index.add(UploadedNar(sha256, size, node), file_sha256, compression)
         log.info("stored NAR %s (%d bytes)", name, size)
         return web.Response(text="")

@@ -24,6 +24,7 @@ and cannot be enumerated.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         self.directories = directories
         self.public_keys = public_keys
         self._session: aiohttp.ClientSession | None = None
+        self._running: dict[bytes, asyncio.Task[PathInfo | None]] = {}
 
     def __repr__(self) -> str:
         return f"NixHttpPathInfoService({self.base_url!r})"
@@ -192,7 +194,22 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
             raise PathInfoError(f"{url}: {e}") from None
 
     async def get(self, digest: bytes) -> PathInfo | None:
-        found = await self._fetch_narinfo(check_digest(digest))
+        """Concurrent lookups of one path share one download."""
+        task = self._running.get(check_digest(digest))
+        if task is None:
+            task = asyncio.ensure_future(self._substitute(digest))
+            self._running[digest] = task
+            task.add_done_callback(lambda t: self._finished(digest, t))
+        return await asyncio.shield(task)  # one caller giving up does not cancel the others' download
+
+    def _finished(self, digest: bytes, task: asyncio.Task[PathInfo | None]) -> None:
+        if self._running.get(digest) is task:
+            del self._running[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved here: callers that gave up do not leave it unobserved
+
+    async def _substitute(self, digest: bytes) -> PathInfo | None:
+        found = await self._fetch_narinfo(digest)
         if found is None:
             return None
         url, narinfo = found
@@ -275,6 +292,9 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         yield  # pragma: no cover - makes this an async generator
 
     async def close(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
