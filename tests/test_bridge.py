@@ -22,7 +22,7 @@ import pytest_asyncio
 import zstandard
 from aiohttp.test_utils import TestClient, TestServer
 
-from nixcas.bridge import NarBridge, nar_url
+from nixcas.bridge.app import NarBridge, nar_url
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode

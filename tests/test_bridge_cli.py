@@ -10,7 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from nixcas.bridge import NarBridge, start_bridge
+from nixcas.bridge.app import NarBridge
+from nixcas.bridge.server import start_bridge
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.store.narindex import NarIndex
@@ -106,3 +107,12 @@ async def test_unix_socket(tmp_path: Path) -> None:
             await running.stop()
         assert not path.exists()
     await index.close()
+
+
+def test_the_command_line_loads_no_http_or_crypto_until_needed() -> None:
+    """aiohttp and cryptography cost ~0.2 s of start-up; only the bridge and key commands load them."""
+    code = "import sys, nixcas.cli.main; print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'cryptography'}))"
+    out = subprocess.run(
+        [*nixcas_command()[:1], "-c", code], capture_output=True, text=True, check=True, env=clean_env()
+    )
+    assert out.stdout.strip() == "[]"

@@ -19,7 +19,7 @@ import pytest_asyncio
 import zstandard
 from aiohttp import web
 
-from nixcas.bridge import NarBridge
+from nixcas.bridge.app import NarBridge
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode

@@ -30,6 +30,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from nixcas.bridge import DEFAULT_PRIORITY
 from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
@@ -49,11 +50,10 @@ from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.signing import SigningKey
 from nixcas.store.store_path import STORE_DIR, StorePath
 
-__all__ = ["DEFAULT_PRIORITY", "NAR_PREFIXES", "NarBridge", "nar_url"]
+__all__ = ["NAR_PREFIXES", "NarBridge", "nar_url"]
 
 log = logging.getLogger("nixcas.bridge")
 
-DEFAULT_PRIORITY: Final = 39
 NAR_PREFIXES: Final = ("tvix-castore", "snix-castore")
 MAX_NODE_SIZE: Final = 4096
 """Largest encoded root node accepted in a NAR URL (as tvix)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Final
 
 from aiohttp import web
 
@@ -13,9 +12,7 @@ from nixcas.bridge.app import NarBridge
 from nixcas.errors import ConfigurationError
 from nixcas.server import _clear_stale_socket, parse_listen_address
 
-__all__ = ["DEFAULT_BRIDGE_LISTEN", "RunningBridge", "start_bridge"]
-
-DEFAULT_BRIDGE_LISTEN: Final = "127.0.0.1:9000"
+__all__ = ["RunningBridge", "start_bridge"]
 
 
 @dataclass

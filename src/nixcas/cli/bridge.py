@@ -8,16 +8,18 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from nixcas.api import Store, default_store_dir
-from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY, NarBridge, RunningBridge, start_bridge
+from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options, stop_on_signals
 from nixcas.errors import ConfigurationError
-from nixcas.store.narindex import NarIndex
-from nixcas.store.signing import SigningKey, SigningKeyError
+
+if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
+    from nixcas.bridge.server import RunningBridge
+    from nixcas.store.signing import SigningKey
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class BridgeOptions:
                 raise ConfigurationError(f"--token-file {self.token_file}: {reason}") from None
             if not token:
                 raise ConfigurationError(f"--token-file {self.token_file}: the file is empty")
+        from nixcas.store.signing import SigningKey, SigningKeyError
+
         key = None
         if self.sign_key is not None:
             try:
@@ -95,6 +99,10 @@ async def serving_bridge(
     listen: str, store: Store, settings: Settings, options: BridgeOptions, shutdown_grace: float
 ) -> AsyncIterator[RunningBridge]:
     """The bridge over ``store``, listening on ``listen`` until the block ends."""
+    from nixcas.bridge.app import NarBridge
+    from nixcas.bridge.server import start_bridge
+    from nixcas.store.narindex import NarIndex
+
     token, key, index_path = options.load(settings)
     assert store.pathinfos is not None
     index = NarIndex(index_path)
@@ -185,6 +193,8 @@ def generate_key(name: str, secret_key_file: str | None, public_key_file: str | 
     """
     if (secret_key_file is None) != (public_key_file is None):
         raise click.UsageError("give both SECRET_KEY_FILE and PUBLIC_KEY_FILE, or neither")
+    from nixcas.store.signing import SigningKey, SigningKeyError
+
     try:
         key = SigningKey.generate(name)
     except SigningKeyError as e:
