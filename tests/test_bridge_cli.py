@@ -111,7 +111,7 @@ async def test_unix_socket(tmp_path: Path) -> None:
 
 def test_the_command_line_loads_no_http_or_crypto_until_needed() -> None:
     """aiohttp and cryptography cost ~0.2 s of start-up; only the bridge and key commands load them."""
-    code = "import sys, nixcas.cli.main; print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'cryptography'}))"
+    code = "import sys, nixcas.cli.main; print(sorted({m.split('.')[0] for m in sys.modules} & {'aiohttp', 'cryptography'}))"  # noqa: E501
     out = subprocess.run(
         [*nixcas_command()[:1], "-c", code], capture_output=True, text=True, check=True, env=clean_env()
     )
