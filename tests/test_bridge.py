@@ -451,3 +451,29 @@ async def test_wrong_narsize(env: Env, sample: Sample, query: str) -> None:
     for method in ("GET", "HEAD"):
         async with env.client.request(method, url) as r:
             assert r.status == 400
+
+
+async def test_no_request_is_a_server_error(env: Env, sample: Sample) -> None:
+    """Random paths, queries, methods and bodies: every answer is below 500, and the bridge keeps serving."""
+    import random
+
+    rng = random.Random(5)  # noqa: S311 - reproducible test input
+    await upload(env, sample)
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyzeotuABCZ_-.%~!*ü"
+    node = nar_url(sample.node, len(sample.nar)).split("/")[2].split("?")[0]
+    prefixes = ["/", "/nar/", "/nar/tvix-castore/", "/nar/snix-castore/", f"/nar/tvix-castore/{node[:-3]}"]
+    suffixes = ["", ".narinfo", ".nar", ".nar.xz", ".nar.zst", ".ls", "?narsize=", f"?narsize={len(sample.nar)}"]
+    statuses = set()
+    for _ in range(300):
+        path = rng.choice(prefixes) + "".join(
+            rng.choice(alphabet) for _ in range(rng.choice([0, 1, 31, 32, 33, 52, 60]))
+        )
+        path += rng.choice(suffixes)
+        method = rng.choice(["GET", "HEAD", "PUT", "PUT", "POST", "DELETE"])
+        headers = {"Range": rng.choice(["bytes=0-", "bytes=-0", "bytes=x-y", "bytes=5-2", "items=1-2"])}
+        body = rng.randbytes(rng.choice([0, 10, 5000])) if method == "PUT" else None
+        async with env.client.request(method, path.replace("%", "%25"), data=body, headers=headers) as r:
+            assert r.status < 500, (method, path, r.status, await r.text())
+            statuses.add(r.status)
+    assert {400, 404} <= statuses
+    assert await upload(env, sample) == 200
