@@ -138,7 +138,14 @@ async def serving_bridge(
 )
 @bridge_options
 @service_options
-@click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="SECONDS")
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGINT/SIGTERM, how long running requests may finish before the connections are closed.",
+)
 @click.pass_obj
 def nar_bridge(
     settings: Settings,
