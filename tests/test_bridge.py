@@ -477,3 +477,24 @@ async def test_no_request_is_a_server_error(env: Env, sample: Sample) -> None:
             statuses.add(r.status)
     assert {400, 404} <= statuses
     assert await upload(env, sample) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("gzip", "gzip"),
+        ("gzip, zstd", "zstd"),
+        ("zstd;q=0, gzip", "gzip"),
+        ("br", None),
+        ("*", "zstd"),
+        ("*;q=0", None),
+        ("ZSTD;q=0.5", "zstd"),
+        ("gzip;q=x", None),
+    ],
+)
+def test_choose_encoding(header: str | None, expected: str | None) -> None:
+    from nixcas.bridge.http import choose_encoding
+
+    assert choose_encoding(header) == expected

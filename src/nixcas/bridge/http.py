@@ -89,7 +89,7 @@ def choose_encoding(accept_encoding: str | None) -> str | None:
                 q = 0.0
         accepted[name.strip().lower()] = q
     for encoding in ENCODINGS:
-        q = accepted.get(encoding, accepted.get("*", 0.0) if encoding not in accepted else 0.0)
+        q = accepted[encoding] if encoding in accepted else accepted.get("*", 0.0)
         if q > 0:
             return encoding
     return None
