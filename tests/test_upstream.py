@@ -22,11 +22,13 @@ from aiohttp import web
 from nixcas.bridge.app import NarBridge
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode
 from nixcas.composition import Composition
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError
 from nixcas.registry import parse_service_url, pathinfo_service_from_url
 from nixcas.store import nixbase32
+from nixcas.store.hashes import CAHash, HashAlgo
 from nixcas.store.nar.render import render_nar
 from nixcas.store.narindex import NarIndex
 from nixcas.store.pathinfo.base import PathInfoService
@@ -36,6 +38,7 @@ from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.store.pathinfo.nixhttp import NixHttpPathInfoService, NixHttpPathInfoServiceConfig, UntrustedPathInfo
 from nixcas.store.pathinfo.signing import KeyfileSigningPathInfoService
 from nixcas.store.signing import SigningKey, has_valid_signature, path_info_fingerprint
+from nixcas.store.store_path import build_ca_path
 from nixcas.testing.pathinfoservice import PathInfoServiceSuite, make_path_info
 from nixcas.testing.samples import Sample, make_sample
 
@@ -359,3 +362,60 @@ async def test_bridge_answers_404_for_untrusted_upstream(
     finally:
         await far.close()
         await index.close()
+
+
+async def single_file_sample(tmp_path: Path, content: bytes, ca: CAHash) -> Sample:
+    """A store path that is one file, named by ``ca`` (which need not match the content)."""
+    path = tmp_path / "single"
+    path.write_bytes(content)
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    node = await ingest_path(path, blobs, dirs)
+    nar = b"".join([c async for c in render_nar(node, blobs, dirs)])
+    return Sample("single", nar, node, build_ca_path("single", ca))
+
+
+def publish_with_ca(cache: StaticCache, sample: Sample, ca: CAHash) -> None:
+    cache.publish(sample, CA=str(ca))
+
+
+@pytest.mark.parametrize("matches", [True, False])
+async def test_flat_content_address_is_checked_on_the_file(
+    upstream: tuple[StaticCache, str], tmp_path: Path, matches: bool
+) -> None:
+    cache, url = upstream
+    content = b"flat file contents\n"
+    named = content if matches else b"something else"
+    ca = CAHash.flat(HashAlgo.SHA256, hashlib.sha256(named).digest())
+    sample = await single_file_sample(tmp_path, content, ca)
+    publish_with_ca(cache, sample, ca)
+    svc = service(url)
+    try:
+        if matches:
+            info = await svc.get(sample.store_path.digest)
+            assert info is not None and info.ca == ca
+        else:
+            with pytest.raises(PathInfoError, match="do not have the hash of its content address"):
+                await svc.get(sample.store_path.digest)
+    finally:
+        await svc.close()
+
+
+@pytest.mark.parametrize("matches", [True, False])
+async def test_recursive_sha1_content_address_is_checked_on_the_nar(
+    upstream: tuple[StaticCache, str], tmp_path: Path, sample: Sample, matches: bool
+) -> None:
+    cache, url = upstream
+    nar_sha1 = hashlib.sha1(sample.nar if matches else b"other").digest()  # noqa: S324 - Nix's sha1 CA
+    ca = CAHash.nar(HashAlgo.SHA1, nar_sha1)
+    sample = Sample(sample.name, sample.nar, sample.node, build_ca_path(sample.name, ca))
+    publish_with_ca(cache, sample, ca)
+    svc = service(url)
+    try:
+        if matches:
+            assert (await svc.get(sample.store_path.digest)) is not None
+        else:
+            with pytest.raises(PathInfoError, match="content address"):
+                await svc.get(sample.store_path.digest)
+            await nothing_stored(svc, sample)
+    finally:
+        await svc.close()
