@@ -14,7 +14,7 @@ import click
 
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
-from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options, stop_on_signals
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
 from nixcas.errors import ConfigurationError
 
 if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
@@ -127,25 +127,11 @@ async def serving_bridge(
 
 
 @click.command("nar-bridge")
-@click.option(
-    "-l",
-    "--listen-address",
-    "listen",
-    default=DEFAULT_BRIDGE_LISTEN,
-    show_default=True,
-    metavar="ADDR",
-    help="host:port ([::1]:9000; port 0 picks a free one) or a unix socket path (/abs or ./rel).",
+@server_options(
+    DEFAULT_BRIDGE_LISTEN, "On SIGINT/SIGTERM, how long running requests may finish before connections close."
 )
 @bridge_options
 @service_options
-@click.option(
-    "--shutdown-grace",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="On SIGINT/SIGTERM, how long running requests may finish before the connections are closed.",
-)
 @click.pass_obj
 def nar_bridge(
     settings: Settings,

@@ -89,6 +89,32 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def server_options(default_listen: str, grace_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-l/--listen-address`` (default ``default_listen``) and ``--shutdown-grace`` of a serving command."""
+    port = default_listen.rpartition(":")[2]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option(
+            "--shutdown-grace",
+            type=click.FloatRange(min=0),
+            default=10.0,
+            show_default=True,
+            metavar="SECONDS",
+            help=grace_help,
+        )(f)
+        return click.option(
+            "-l",
+            "--listen-address",
+            "listen",
+            default=default_listen,
+            show_default=True,
+            metavar="ADDR",
+            help=f"host:port ([::1]:{port}; port 0 picks a free one) or a unix socket path (/abs or ./rel).",
+        )(f)
+
+    return decorate
+
+
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
 

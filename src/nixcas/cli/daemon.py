@@ -8,29 +8,15 @@ import logging
 import click
 
 from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
-from nixcas.cli.common import Settings, run, service_options, stop_on_signals
+from nixcas.cli.common import Settings, run, server_options, service_options, stop_on_signals
 from nixcas.server import DEFAULT_LISTEN, start_server
 
 
 @click.command()
-@click.option(
-    "-l",
-    "--listen-address",
-    "listen",
-    default=DEFAULT_LISTEN,
-    show_default=True,
-    metavar="ADDR",
-    help="host:port ([::1]:8000; port 0 picks a free one) or a unix socket path (/abs or ./rel).",
+@server_options(
+    DEFAULT_LISTEN, "On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back)."
 )
 @service_options
-@click.option(
-    "--shutdown-grace",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back).",
-)
 @click.option(
     "--nar-bridge",
     "nar_bridge",
