@@ -116,7 +116,7 @@ def start_daemon_with_bridge(tmp_path: Path, *args: str) -> tuple[Daemon, str]:
     )
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=clean_env())
-    daemon = Daemon(proc, "", tmp_path / "nixcas", log)
+    daemon = Daemon(proc=proc, log=log, url="", store=tmp_path / "nixcas")
     assert proc.stdout is not None
     out = b""
     deadline = time.monotonic() + 20

@@ -135,26 +135,21 @@ async def serving_bridge(
 @click.pass_obj
 def nar_bridge(
     settings: Settings,
+    /,
     listen: str,
+    shutdown_grace: float,
     priority: int,
     allow_writes: bool,
     token_file: str | None,
     sign_key: str | None,
     nar_index: str | None,
-    store_dir: str | None,
-    blob_service_addr: str | None,
-    directory_service_addr: str | None,
-    path_info_service_addr: str | None,
-    composition: str | None,
-    shutdown_grace: float,
+    **services: str | None,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
 
     Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections.
     """
-    settings = settings.with_service_options(
-        store_dir, blob_service_addr, directory_service_addr, path_info_service_addr, composition
-    )
+    settings = settings.with_service_options(services)
     options = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
     options.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")

@@ -8,7 +8,7 @@ import ctypes.util
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn, TypeVar
 
@@ -50,21 +50,14 @@ class Settings:
         """These settings with the given options replaced where they were given."""
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
-    def with_service_options(
-        self,
-        store_dir: str | None,
-        blob_service_addr: str | None,
-        directory_service_addr: str | None,
-        path_info_service_addr: str | None,
-        composition: str | None,
-    ) -> Settings:
-        """These settings overridden by the :func:`service_options` given after a subcommand."""
+    def with_service_options(self, options: Mapping[str, str | None]) -> Settings:
+        """These settings with the options of :func:`service_options` given after a command's name."""
         return self.override(
-            store_dir=store_dir,
-            blob_service_addr=blob_service_addr,
-            directory_service_addr=directory_service_addr,
-            pathinfo_service_addr=path_info_service_addr,
-            composition=composition,
+            store_dir=options.get("store_dir"),
+            blob_service_addr=options.get("blob_service_addr"),
+            directory_service_addr=options.get("directory_service_addr"),
+            pathinfo_service_addr=options.get("path_info_service_addr"),
+            composition=options.get("composition"),
         )
 
 

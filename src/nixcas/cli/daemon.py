@@ -27,12 +27,8 @@ from nixcas.server import DEFAULT_LISTEN, start_server
 @click.pass_obj
 def daemon(
     settings: Settings,
+    /,
     listen: str,
-    store_dir: str | None,
-    blob_service_addr: str | None,
-    directory_service_addr: str | None,
-    path_info_service_addr: str | None,
-    composition: str | None,
     shutdown_grace: float,
     nar_bridge: str | None,
     priority: int,
@@ -40,14 +36,13 @@ def daemon(
     token_file: str | None,
     sign_key: str | None,
     nar_index: str | None,
+    **services: str | None,
 ) -> None:
     """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
-    settings = settings.with_service_options(
-        store_dir, blob_service_addr, directory_service_addr, path_info_service_addr, composition
-    )
+    settings = settings.with_service_options(services)
     bridge_opts = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
     if nar_bridge is not None:
         bridge_opts.check(settings)  # bad files fail before anything is opened
