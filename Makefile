@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(PIP) install -e '.[dev]'
 	touch $@ $(VENV)/.installed-run
 
-## run: ingest examples/ into the embedded default store, then serve it over gRPC (Ctrl-C stops)
+## run: ingest examples/ into the embedded default store, then serve it over gRPC and as a Nix binary cache (Ctrl-C stops)
 LISTEN ?= 127.0.0.1:8000
+BRIDGE_LISTEN ?= 127.0.0.1:9000
 run: $(VENV)/.installed-run
 	@$(BIN)/nixcas castore ingest examples --json | tee $(VENV)/last-ingest.json
-	@$(BIN)/nixcas daemon --listen-address $(LISTEN)
+	@$(BIN)/nixcas daemon --listen-address $(LISTEN) --nar-bridge $(BRIDGE_LISTEN)
 
 ## system-deps: Debian packages the tests need (idempotent)
 system-deps:
@@ -46,7 +47,7 @@ proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
 ## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
-bench: bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking
+bench: bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge
 
 ## bench-import: castore ingest against nix-store --add (needs nix-bin)
 bench-import: $(VENV)/.installed-dev
@@ -73,6 +74,12 @@ bench-chunking: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	@mkdir -p .bench-work
 	$(BIN)/python bench/chunking.py --workdir .bench-work --json .bench-work/chunking.json
+
+## bench-bridge: nar-bridge NAR and narinfo GETs against nginx serving a `nix copy --to file://` cache (needs nix-bin, nginx-light, wrk)
+bench-bridge: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/bridge.py --workdir .bench-work --json .bench-work/bridge.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

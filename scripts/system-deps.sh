@@ -4,7 +4,7 @@
 set -euo pipefail
 case "${1:-test}" in
   test)  packages=(nix-bin fuse3 libfuse3-dev pkg-config gcc python3-dev) ;;  # real Nix; FUSE mounts (pyfuse3 is built)
-  bench) packages=(nix-bin time fuse3 libfuse3-dev pkg-config gcc python3-dev casync borgbackup) ;;  # peers: nix-store --add, casync, borg; GNU time; FUSE
+  bench) packages=(nix-bin time fuse3 libfuse3-dev pkg-config gcc python3-dev casync borgbackup nginx-light wrk curl) ;;  # peers: nix-store, casync, borg, nginx; GNU time; load clients; FUSE
   *) echo "system-deps: unknown profile $1" >&2; exit 2 ;;
 esac
 missing=()

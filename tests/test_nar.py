@@ -10,6 +10,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -158,7 +159,7 @@ async def fixture_stores() -> tuple[MemoryBlobService, MemoryDirectoryService]:
     return blobs, directories
 
 
-async def render_all(node: Node, blobs: BlobService, directories: DirectoryService, **kw: int) -> bytes:
+async def render_all(node: Node, blobs: BlobService, directories: DirectoryService, **kw: Any) -> bytes:
     return b"".join([c async for c in render_nar(node, blobs, directories, **kw)])
 
 

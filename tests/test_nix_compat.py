@@ -19,11 +19,9 @@ import pytest
 from nixcas.store import nixbase32
 from nixcas.store.importer import check_content_address, parse_path_infos, references_first
 from nixcas.testing.daemon import running_daemon, short_tmpdir
-from nixcas.testing.nix import NIX, NIX_INSTANTIATE, NIX_STORE, needs_nix, run_nix
+from nixcas.testing.nix import NIX, NIX_INSTANTIATE, NIX_STORE, ODD_NAMES, fixed_tree, needs_nix, run_nix
 
 pytestmark = needs_nix
-
-ODD_NAMES = ["with space", "ünïcödé", "-dash", ".hidden", "a\nnewline", "tab\there", "x" * 255, "'quote\"", "\\back"]
 
 
 def nixcas(store_dir: Path, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -51,23 +49,6 @@ def nix_dump(tmp_path: Path, path: Path) -> bytes:
     out = run_nix([NIX_STORE, "--dump", str(path)], tmp_path, binary=True)
     assert isinstance(out, bytes)
     return out
-
-
-def fixed_tree(root: Path) -> Path:
-    root.mkdir()
-    (root / "bin").mkdir()
-    (root / "bin" / "hello").write_bytes(b"#!/bin/sh\necho hello\n")
-    (root / "bin" / "hello").chmod(0o755)
-    (root / "share" / "doc").mkdir(parents=True)
-    (root / "share" / "doc" / "README").write_text("read me\n")
-    (root / "empty-file").write_bytes(b"")
-    (root / "empty-dir").mkdir()
-    (root / "link").symlink_to("bin/hello")
-    (root / "dangling").symlink_to("/nowhere/at/all")
-    (root / "big").write_bytes(hashlib.sha256(b"big").digest() * 40_000)  # 1.28 MB, several blocks
-    for name in ODD_NAMES:
-        (root / name).write_text(name)
-    return root
 
 
 def random_tree(root: Path, rng: random.Random, depth: int = 0) -> Path:

@@ -11,9 +11,7 @@ import pytest_asyncio
 
 from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
 from nixcas.castore.blob.memory import MemoryBlobService
-from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
-from nixcas.castore.nodes import DirectoryNode
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError
 from nixcas.registry import pathinfo_service_from_url
 from nixcas.server import RunningServer, start_server
@@ -23,8 +21,7 @@ from nixcas.store.pathinfo.grpc import GrpcPathInfoService
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.pathinfo.sqlite import SqlitePathInfoService
-from nixcas.store.store_path import StorePath
-from nixcas.testing.pathinfoservice import PathInfoServiceSuite, RawPathInfoStore, make_path_info
+from nixcas.testing.pathinfoservice import PathInfoServiceSuite, RawPathInfoStore, dummy_path_info, make_path_info
 
 # reference §10.5: PATH_INFO and its protobuf encoding
 DUMMY = "00000000000000000000000000000000-dummy"
@@ -32,18 +29,6 @@ PATH_INFO_PROTO_HEX = (
     "0a4c0a4a0a26" + DUMMY.encode().hex() + "1220" + "00" * 32 + "1214" + "00" * 20
     + "1a6e1220" + "00" * 32 + "2226" + DUMMY.encode().hex() + "32221220" + "00" * 32
 )  # fmt: skip
-
-
-def dummy_path_info() -> PathInfo:
-    path = StorePath(bytes(20), "dummy")
-    return PathInfo(
-        store_path=path,
-        node=DirectoryNode(B3Digest(bytes(32)), 0),
-        references=(path,),
-        nar_size=0,
-        nar_sha256=bytes(32),
-        ca=CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, bytes(32))),
-    )
 
 
 def test_dummy_path_info_encoding() -> None:

@@ -30,7 +30,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.castore.nodes import DirectoryNode, Node
-from nixcas.composition import Composition
+from nixcas.composition import ENTRYPOINT, Composition
 from nixcas.errors import NotFoundError
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
@@ -104,6 +104,8 @@ class Store(Closing):
                 directory_service_url or composition.entrypoint("directoryservices") or dir_url
             )
             pathinfos = None
+            composition.provide("blobservices", ENTRYPOINT, blobs)
+            composition.provide("directoryservices", ENTRYPOINT, directories)
             if with_pathinfo:
                 pathinfos = await composition.pathinfo_service(
                     pathinfo_service_url or composition.entrypoint("pathinfoservices") or pathinfo_url

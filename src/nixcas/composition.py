@@ -188,6 +188,15 @@ class Composition(Closing):
         """The path info service called ``name`` (or described by the URL ``name``)."""
         return cast(PathInfoService, await self.get("pathinfoservices", name))
 
+    def provide(self, kind: str, name: str, instance: object) -> None:
+        """Offer an already open ``instance`` as ``kind``/``name`` unless the composition defines that name.
+
+        The composition does not close it (its opener does).  :meth:`Store.open <nixcas.api.Store.open>`
+        offers the store's services as ``root``, so services that default to ``root`` (``nix``) use them.
+        """
+        if name not in self._configs[kind]:
+            self._instances.setdefault((kind, name), instance)
+
     def _config(self, kind: str, name: str) -> ServiceConfig[object]:
         config = self._configs[kind].get(name)
         if config is not None:

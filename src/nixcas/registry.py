@@ -22,6 +22,11 @@ path info services
 ``memory://``                    :class:`~nixcas.store.pathinfo.memory.MemoryPathInfoService`
 ``sqlite:///p.sqlite``           :class:`~nixcas.store.pathinfo.sqlite.SqlitePathInfoService`
 ``grpc+…``                       :class:`~nixcas.store.pathinfo.grpc.GrpcPathInfoService`
+``nix+http(s)://host[/p]``       :class:`~nixcas.store.pathinfo.nixhttp.NixHttpPathInfoService`
+                                 (options: ``trusted-public-keys``, ``blob_service``, ``directory_service``)
+``cache://?near=A&far=B``        :class:`~nixcas.store.pathinfo.cache.CachePathInfoService`
+``lru://?capacity=N``            :class:`~nixcas.store.pathinfo.lru.LruPathInfoService`
+(composition) keyfile-signing    :class:`~nixcas.store.pathinfo.signing.KeyfileSigningPathInfoService`
 ===============================  ======================================================
 
 ``A``/``B`` are names in a composition file, or (percent-encoded) URLs.
@@ -108,6 +113,10 @@ PATHINFO_SERVICES: Final = BackendTable(
         "memory": "nixcas.store.pathinfo.memory.MemoryPathInfoServiceConfig",
         "sqlite": "nixcas.store.pathinfo.sqlite.SqlitePathInfoServiceConfig",
         "grpc": "nixcas.store.pathinfo.grpc.GrpcPathInfoServiceConfig",
+        "nix": "nixcas.store.pathinfo.nixhttp.NixHttpPathInfoServiceConfig",
+        "cache": "nixcas.store.pathinfo.cache.CachePathInfoServiceConfig",
+        "lru": "nixcas.store.pathinfo.lru.LruPathInfoServiceConfig",
+        "keyfile-signing": "nixcas.store.pathinfo.signing.KeyfileSigningPathInfoServiceConfig",
     }
 )
 

@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -106,6 +107,32 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def server_options(default_listen: str, grace_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-l/--listen-address`` (default ``default_listen``) and ``--shutdown-grace`` of a serving command."""
+    port = default_listen.rpartition(":")[2]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option(
+            "--shutdown-grace",
+            type=click.FloatRange(min=0),
+            default=10.0,
+            show_default=True,
+            metavar="SECONDS",
+            help=grace_help,
+        )(f)
+        return click.option(
+            "-l",
+            "--listen-address",
+            "listen",
+            default=default_listen,
+            show_default=True,
+            metavar="ADDR",
+            help=f"host:port ([::1]:{port}; port 0 picks a free one) or a unix socket path (/abs or ./rel).",
+        )(f)
+
+    return decorate
+
+
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
 
@@ -128,6 +155,15 @@ def tune_malloc() -> bool:
         return False  # not glibc
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT and SIGTERM set (handlers installed now, in the running loop): a server's end."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

@@ -2,49 +2,54 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
-import signal
 
 import click
 
-from nixcas.cli.common import Settings, run, service_options
+from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
+from nixcas.cli.common import Settings, run, server_options, service_options, stop_on_signals
 from nixcas.server import DEFAULT_LISTEN, start_server
 
 
 @click.command()
-@click.option(
-    "-l",
-    "--listen-address",
-    "listen",
-    default=DEFAULT_LISTEN,
-    show_default=True,
-    metavar="ADDR",
-    help="host:port ([::1]:8000; port 0 picks a free one) or a unix socket path (/abs or ./rel).",
+@server_options(
+    DEFAULT_LISTEN, "On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back)."
 )
 @service_options
 @click.option(
-    "--shutdown-grace",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="On SIGINT/SIGTERM, how long running calls may finish before they are cancelled (and roll back).",
+    "--nar-bridge",
+    "nar_bridge",
+    metavar="ADDR",
+    help="Also serve the store as a Nix HTTP binary cache on ADDR (host:port or socket path); see nar-bridge.",
 )
+@bridge_options
 @click.pass_obj
-def daemon(settings: Settings, /, listen: str, shutdown_grace: float, **services: str | None) -> None:
+def daemon(
+    settings: Settings,
+    /,
+    listen: str,
+    shutdown_grace: float,
+    nar_bridge: str | None,
+    priority: int,
+    allow_writes: bool,
+    token_file: str | None,
+    sign_key: str | None,
+    nar_index: str | None,
+    **services: str | None,
+) -> None:
     """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
     settings = settings.with_service_options(services)
+    bridge_opts = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
+    if nar_bridge is not None:
+        bridge_opts.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         async with await settings.open_store(with_pathinfo=True) as store:
             running = await start_server(
                 listen,
@@ -54,12 +59,18 @@ def daemon(settings: Settings, /, listen: str, shutdown_grace: float, **services
                 nar_calculation=store.nar_calculation(),
             )
             try:
-                click.echo(f"listening on {running.url}")
-                logging.info(
-                    "blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos
-                )
-                await stop.wait()
-                logging.info("shutting down (grace %g s)", shutdown_grace)
+                async with contextlib.AsyncExitStack() as stack:
+                    click.echo(f"listening on {running.url}")
+                    if nar_bridge is not None:
+                        bridge = await stack.enter_async_context(
+                            serving_bridge(nar_bridge, store, settings, bridge_opts, shutdown_grace)
+                        )
+                        click.echo(f"listening on {bridge.url}")
+                    logging.info(
+                        "blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos
+                    )
+                    await stop.wait()
+                    logging.info("shutting down (grace %g s)", shutdown_grace)
             finally:
                 await running.stop(shutdown_grace)
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from nixcas import __version__
+from nixcas.cli.bridge import generate_key, nar_bridge
 from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
 from nixcas.cli.daemon import daemon
@@ -59,6 +60,8 @@ cli.add_command(fsck_command)
 castore.add_command(pin)
 castore.add_command(unpin)
 castore.add_command(pins)
+cli.add_command(nar_bridge)
+cli.add_command(generate_key)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
@@ -195,7 +195,23 @@ def references_first(infos: Iterable[ExportedPathInfo]) -> list[ExportedPathInfo
     return ordered
 
 
-def check_content_address(exported: ExportedPathInfo) -> None:
+class ContentAddressed(Protocol):
+    """What :func:`check_content_address` looks at (a PathInfo, a narinfo, Nix's export)."""
+
+    @property
+    def store_path(self) -> StorePath: ...
+
+    @property
+    def references(self) -> tuple[StorePath, ...]: ...
+
+    @property
+    def ca(self) -> CAHash | None: ...
+
+    @property
+    def nar_hash(self) -> NixHash: ...
+
+
+def check_content_address(exported: ContentAddressed) -> None:
     """A path with a CA must be the store path that CA (and its references) give; else :class:`IngestError`."""
     if exported.ca is None:
         return

@@ -180,11 +180,16 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:
 
 
 def start_daemon(
-    *daemon_args: str, store: Path | None, log: Path, global_args: Sequence[str] = (), store_global: bool = True
+    *daemon_args: str,
+    store: Path | None,
+    log: Path,
+    global_args: Sequence[str] = (),
+    store_global: bool = True,
+    command: str = "daemon",
 ) -> Daemon:
-    """Start ``nixcas daemon`` and wait for its 'listening on' line."""
+    """Start ``nixcas daemon`` (or another serving ``command``) and wait for its 'listening on' line."""
     store_args = ["--store-dir", str(store)] if store is not None else []
-    args = [*global_args, *(store_args if store_global else []), "daemon", *daemon_args]
+    args = [*global_args, *(store_args if store_global else []), command, *daemon_args]
     if not store_global:
         args += store_args
     with open(log, "wb") as err:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.errors import StorageError, ValidationError
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
@@ -29,10 +30,23 @@ from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import StorePath
 from nixcas.testing.fixtures import DIRECTORY_COMPLICATED, HELLOWORLD_DIGEST
 
-__all__ = ["PathInfoServiceSuite", "RawPathInfoStore", "make_path_info"]
+__all__ = ["PathInfoServiceSuite", "RawPathInfoStore", "dummy_path_info", "make_path_info"]
 
 RawPathInfoStore = Callable[[bytes, bytes], Awaitable[None]]
 """Store (or overwrite) raw bytes under a 20-byte digest, bypassing the service's checks."""
+
+
+def dummy_path_info() -> PathInfo:
+    """PATH_INFO of reference §10.5: ``0…0-dummy`` referring to itself, an empty root, zero NAR hash and size."""
+    path = StorePath(bytes(20), "dummy")
+    return PathInfo(
+        store_path=path,
+        node=DirectoryNode(B3Digest(bytes(32)), 0),
+        references=(path,),
+        nar_size=0,
+        nar_sha256=bytes(32),
+        ca=CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, bytes(32))),
+    )
 
 
 def make_path_info(name: str, seed: int = 0, *, references: tuple[StorePath, ...] = ()) -> PathInfo:

@@ -46,7 +46,7 @@ from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import Node
-from nixcas.store.nar.plan import Hole, fetch_closure, iter_plan, plan_size
+from nixcas.store.nar.plan import Closure, Hole, fetch_closure, iter_plan, plan_size
 
 __all__ = [
     "BATCHES",
@@ -239,6 +239,7 @@ async def render_nar(
     prefetch: int = PREFETCH,
     buffer_bytes: int = BUFFER_BYTES,
     batch_files: int = BATCH_FILES,
+    closure: Closure | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Stream the NAR of an (anonymous) castore node, in chunks of about 128 KiB or more.
 
@@ -250,9 +251,11 @@ async def render_nar(
     bytes held ahead of the writer.  Errors: :class:`~nixcas.store.nar.plan.NarContentNotFound`
     for a missing blob or directory, :class:`~nixcas.store.nar.plan.BlobSizeMismatch`
     for a blob shorter or longer than declared; both name the digest and the
-    path in the NAR.  Closing the iterator early cancels all prefetching.
+    path in the NAR.  Closing the iterator early cancels all prefetching.  A ``closure`` already
+    fetched with :func:`~nixcas.store.nar.plan.fetch_closure` is used instead of fetching it again.
     """
-    closure = await fetch_closure(node, directories)
+    if closure is None:
+        closure = await fetch_closure(node, directories)
     prefetch = max(1, prefetch)
     buffer_bytes = max(1, buffer_bytes)
     batch_files = max(1, batch_files)

@@ -20,7 +20,7 @@ from nixcas.store.nar.hashing import NarCalculationService
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import DIGEST_SIZE
 
-__all__ = ["PathInfoService", "check_digest"]
+__all__ = ["PathInfoService", "PathInfoServiceWrapper", "check_digest"]
 
 
 def check_digest(digest: bytes) -> bytes:
@@ -87,3 +87,21 @@ class PathInfoService(Closing, ABC):
     def nar_calculation_service(self) -> NarCalculationService | None:
         """A service that computes NAR size/hash where the data lives (a remote daemon), if any."""
         return None
+
+
+class PathInfoServiceWrapper(PathInfoService):
+    """Base of services that override ``get``/``put``/``list`` (wrappers, combinators, remotes).
+
+    Their raw primitives go through those methods, so both levels agree.
+    """
+
+    async def _get_raw(self, digest: bytes) -> bytes | None:
+        found = await self.get(digest)
+        return None if found is None else found.encode()
+
+    async def _put_raw(self, digest: bytes, raw: bytes) -> None:
+        await self.put(PathInfo.decode(raw))
+
+    async def _list_raw(self) -> AsyncIterator[tuple[bytes, bytes]]:
+        async for info in self.list():
+            yield info.digest, info.encode()

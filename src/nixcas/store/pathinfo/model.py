@@ -27,10 +27,25 @@ from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, HashAlgo, NixHash
 from nixcas.store.store_path import STORE_DIR, StorePath
 
-__all__ = ["PathInfo", "Signature"]
+__all__ = ["PathInfo", "Signature", "split_named_base64"]
 
 SIGNATURE_SIZE: Final = 64
-_KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
+KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
+"""What a key (and signature) name may consist of."""
+
+
+def split_named_base64(text: str, what: str, error: type[ValidationError] = PathInfoError) -> tuple[str, bytes]:
+    """``name:base64`` (signatures, keys) → (name, bytes); the name is A-Z a-z 0-9 . - (Nix's rule).
+
+    Messages show the name, never the base64 part (it may be a secret key).
+    """
+    name, sep, b64 = text.strip().partition(":")
+    if not sep or not KEY_NAME.fullmatch(name):
+        raise error(f"invalid {what}: expected <name>:<base64> with a name of A-Z a-z 0-9 . -")
+    try:
+        return name, base64.b64decode(b64, validate=True)
+    except binascii.Error:
+        raise error(f"invalid {what} {name!r}: bad base64") from None
 
 
 @dataclass(frozen=True)
@@ -46,13 +61,7 @@ class Signature:
 
     @classmethod
     def parse(cls, text: str) -> Signature:
-        name, sep, b64 = text.strip().partition(":")
-        if not sep or not _KEY_NAME.fullmatch(name):
-            raise PathInfoError(f"invalid signature {text[:100]!r}: expected <key name>:<base64>")
-        try:
-            data = base64.b64decode(b64, validate=True)
-        except binascii.Error:
-            raise PathInfoError(f"invalid signature {text[:100]!r}: bad base64") from None
+        name, data = split_named_base64(text, "signature")
         return cls(name, data)
 
     def __str__(self) -> str:

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Benchmark: nar-bridge against nginx serving a ``nix copy --to file://`` cache of the same paths.
+
+Run from the repository root::
+
+    .venv/bin/python bench/bridge.py [--workdir DIR] [--large-mib 256] [--small 500] [--runs 5]
+                                     [--seconds 5] [--json OUT]
+
+Setup (not timed, except where noted):
+
+* a throwaway chroot Nix store gets one large file (``--large-mib`` MiB, half
+  random, half compressible bytes) and ``--small`` small files (1-8 KiB), each
+  a store path via ``nix-store --add``;
+* ``nix copy --to http://BRIDGE?compression=none`` uploads all of them into a
+  fresh embedded nixcas store through a running ``nixcas nar-bridge``
+  (the real upload flow; its wall time is reported as information);
+* ``nix copy --to file://CACHE?compression=none`` writes the peer's cache, which
+  nginx (``nginx-light``, a generated config, one worker, ``sendfile on``)
+  serves on another loopback port.  Both serve uncompressed NARs, so both
+  send the same bytes.
+
+Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
+
+* **NAR single stream**: one ``curl -o /dev/null`` of the large path's NAR (the
+  URL each server's narinfo names); MiB/s = NAR bytes / curl's total time;
+* **NAR 8 concurrent**: eight such curls at once; MiB/s = 8 x NAR bytes / wall
+  time from the first start to the last exit;
+* **narinfo/s**: ``wrk -t2 -c16 -d{seconds}s`` with a Lua script requesting the
+  small paths' narinfos in random order.
+
+Before timing, each server's NAR is downloaded once and its SHA-256 checked
+against the NarHash Nix recorded.  Both servers and the clients share the
+machine's two cores; curl and wrk take part of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# The sibling script (``bench/`` is on sys.path when this file is run): shared machine facts.
+from import_tree import base_facts
+
+from nixcas.store import nixbase32
+from nixcas.store.narinfo import NarInfo
+
+REPO = Path(__file__).resolve().parent.parent
+NIXCAS = [sys.executable, "-m", "nixcas.cli.main"]
+NGINX_CONF = """
+daemon off;
+user {user};
+worker_processes 1;
+pid {pid};
+error_log {log} warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    types {{ text/x-nix-narinfo narinfo; application/x-nix-nar nar; }}
+    client_body_temp_path {tmp}; proxy_temp_path {tmp}; fastcgi_temp_path {tmp};
+    uwsgi_temp_path {tmp}; scgi_temp_path {tmp};
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+WRK_SCRIPT = """
+local paths = {{{paths}}}
+math.randomseed(42)
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+"""
+
+
+FOUR_BITS = bytes(0x61 + (b & 0x0F) for b in range(256))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def nix_env(workdir: Path, name: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
+    env["HOME"] = str(workdir / f"home-{name}")
+    env["XDG_CACHE_HOME"] = str(workdir / f"cache-{name}")
+    env["NIX_CONFIG"] = "experimental-features = nix-command\nsandbox = false\nsubstituters =\n"
+    return env
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(argv, capture_output=True, env=env, check=False, timeout=3600)
+    if result.returncode != 0:
+        sys.exit(f"{argv[:4]}: {result.stderr.decode(errors='replace')}")
+    return result.stdout.decode()
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - loopback http
+        body: bytes = response.read()
+        return body
+
+
+def nar_sha256(url: str) -> tuple[int, bytes]:
+    h = hashlib.sha256()
+    size = 0
+    with urllib.request.urlopen(url, timeout=600) as response:  # noqa: S310 - loopback http
+        while block := response.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return size, h.digest()
+
+
+def make_paths(workdir: Path, large_mib: int, small: int, seed: int) -> tuple[Path, str, list[str]]:
+    rng = random.Random(seed)  # noqa: S311 - benchmark data
+    src = workdir / "src"
+    src.mkdir()
+    large = src / "large.bin"
+    with open(large, "wb") as f:
+        for i in range(large_mib):
+            block = rng.randbytes(1 << 20)
+            f.write(block if i % 2 == 0 else block.translate(FOUR_BITS))  # half random, half 4 bits/byte
+    smalls = []
+    for i in range(small):
+        p = src / f"small-{i}.txt"
+        p.write_bytes(rng.randbytes(rng.randint(1024, 8192)))
+        smalls.append(str(p))
+    store = workdir / "nix-a"
+    env = nix_env(workdir, "add")
+    large_path = run(["nix-store", "--store", str(store), "--add", str(large)], env).strip()
+    small_paths = run(["nix-store", "--store", str(store), "--add", *smalls], env).split()
+    return store, large_path, small_paths
+
+
+class Servers:
+    """The bridge and nginx, started and stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start_bridge(self) -> str:
+        port = free_port()
+        log = open(self.workdir / "bridge.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [*NIXCAS, "--store-dir", str(self.workdir / "nixcas"), "nar-bridge", "-l", f"127.0.0.1:{port}",
+             "--allow-writes"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+        self.procs.append(proc)
+        wait_port(port)
+        return f"http://127.0.0.1:{port}"
+
+    def start_nginx(self, root: Path) -> str:
+        port = free_port()
+        conf = self.workdir / "nginx.conf"
+        tmp = self.workdir / "nginx-tmp"
+        tmp.mkdir(exist_ok=True)
+        conf.write_text(
+            NGINX_CONF.format(
+                user=pwd.getpwuid(os.getuid()).pw_name,
+                pid=self.workdir / "nginx.pid",
+                log=self.workdir / "nginx.log",
+                tmp=tmp,
+                port=port,
+                root=root,
+            )
+        )
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.workdir)], stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        wait_port(port)
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def curl_time(url: str) -> tuple[float, int]:
+    out = run(["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", url])
+    seconds, size = out.split()
+    return float(seconds), int(size)
+
+
+def concurrent(url: str, n: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(["curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", url], stdout=subprocess.PIPE)
+        for _ in range(n)
+    ]
+    total = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        if p.returncode != 0:
+            sys.exit(f"curl {url} failed")
+        total += int(out)
+    return time.perf_counter() - start, total
+
+
+def wrk_rate(base: str, paths: list[str], seconds: int, workdir: Path) -> float:
+    script = workdir / "narinfos.lua"
+    script.write_text(WRK_SCRIPT.format(paths=", ".join(f'"/{p[11:43]}.narinfo"' for p in paths)))
+    out = run(["wrk", "-t2", "-c16", f"-d{seconds}s", "-s", str(script), base])
+    for line in out.splitlines():
+        if line.startswith("Requests/sec:"):
+            if "Non-2xx" in out:
+                sys.exit(f"wrk saw errors against {base}:\n{out}")
+            return float(line.split()[1])
+    sys.exit(f"wrk output without a rate:\n{out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--large-mib", type=int, default=256)
+    parser.add_argument("--small", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=20261124)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    for tool in ("nix", "nix-store", "nginx", "wrk", "curl"):
+        if shutil.which(tool) is None and not (tool == "nginx" and Path("/usr/sbin/nginx").exists()):
+            sys.exit(f"{tool} is needed (scripts/system-deps.sh bench)")
+    parent = args.workdir or Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bridge-bench-", dir=parent)).absolute()
+    servers = Servers(workdir)
+    try:
+        facts = base_facts(workdir)
+        facts["nix_version"] = run(["nix-store", "--version"]).strip()
+        nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, check=False)
+        facts["nginx_version"] = nginx_v.stderr.decode().strip()
+        print(f"generating {args.large_mib} MiB + {args.small} small paths in {workdir} ...", flush=True)
+        store, large, smalls = make_paths(workdir, args.large_mib, args.small, args.seed)
+        bridge = servers.start_bridge()
+        cache = workdir / "file-cache"
+        env = nix_env(workdir, "copy")
+        t0 = time.perf_counter()
+        run(["nix", "copy", "--store", str(store), "--to", f"{bridge}?compression=none", large, *smalls], env)
+        upload_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run(["nix", "copy", "--store", str(store), "--to", f"file://{cache}?compression=none", large, *smalls], env)
+        file_copy_s = time.perf_counter() - t0
+        print(f"nix copy to the bridge: {upload_s:.2f} s; to file://: {file_copy_s:.2f} s", flush=True)
+        nginx = servers.start_nginx(cache)
+
+        urls: dict[str, str] = {}
+        for name, base in (("nar-bridge", bridge), ("nginx", nginx)):
+            info = NarInfo.parse(fetch(f"{base}/{large[11:43]}.narinfo").decode())
+            urls[name] = f"{base}/{info.url}"
+            size, sha = nar_sha256(urls[name])
+            if (size, sha) != (info.nar_size, info.nar_sha256):
+                sys.exit(f"{name}: the NAR does not match its NarHash/NarSize")
+            print(f"{name}: NAR {size} bytes, sha256:{nixbase32.encode(sha)} ok", flush=True)
+        nar_bytes = info.nar_size
+
+        results: dict[str, dict[str, list[float]]] = {n: {"single": [], "concurrent": [], "narinfo": []} for n in urls}
+        for r in range(args.runs):
+            for name in ("nar-bridge", "nginx") if r % 2 == 0 else ("nginx", "nar-bridge"):
+                seconds, size = curl_time(urls[name])
+                assert size == nar_bytes
+                results[name]["single"].append(size / seconds / 2**20)
+                wall, total = concurrent(urls[name], 8)
+                assert total == 8 * nar_bytes
+                results[name]["concurrent"].append(total / wall / 2**20)
+                base = bridge if name == "nar-bridge" else nginx
+                results[name]["narinfo"].append(wrk_rate(base, smalls, args.seconds, workdir))
+                print(
+                    f"round {r + 1} {name:10}: single {results[name]['single'][-1]:7.0f} MiB/s, "
+                    f"8x {results[name]['concurrent'][-1]:7.0f} MiB/s, narinfo {results[name]['narinfo'][-1]:8.0f}/s",
+                    flush=True,
+                )
+        summary = {
+            name: {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in rows.items()}
+            for name, rows in results.items()
+        }
+        print("\n| measure | nar-bridge (median) | nginx (median) | ratio |\n|---|---:|---:|---:|")
+        for key, label, unit in (
+            ("single", "NAR GET, single stream", "MiB/s"),
+            ("concurrent", "NAR GET, 8 concurrent", "MiB/s"),
+            ("narinfo", "narinfo GET", "req/s"),
+        ):
+            ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
+            print(f"| {label} ({unit}) | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f}x |")
+        targets = {
+            "single stream >= 150 MiB/s": summary["nar-bridge"]["single"]["median"] >= 150,
+            "narinfo >= 1500/s": summary["nar-bridge"]["narinfo"]["median"] >= 1500,
+        }
+        for target, met in targets.items():
+            print(f"target {target}: {'met' if met else 'NOT met'}")
+        facts["loadavg_end"] = os.getloadavg()
+        report: dict[str, Any] = {
+            "facts": facts,
+            "nar_bytes": nar_bytes,
+            "small_paths": len(smalls),
+            "upload_seconds": upload_s,
+            "file_copy_seconds": file_copy_s,
+            "runs": results,
+            "summary": summary,
+            "targets": targets,
+        }
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+    finally:
+        servers.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

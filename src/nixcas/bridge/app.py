@@ -1,0 +1,373 @@
+"""The Nix HTTP binary cache protocol over a blob, a directory and a path info service.
+
+Routes (reference §7, with the differences listed in the README):
+
+=========================================  ==================================================
+``GET /nix-cache-info``                    StoreDir, WantMassQuery, Priority
+``GET|HEAD /<hash>.narinfo``               the PathInfo as a narinfo (signed on the fly with a key)
+``PUT /<hash>.narinfo``                    register a PathInfo for an uploaded NAR
+``GET|HEAD /nar/tvix-castore/<node>?narsize=N``  the NAR of a castore node (also ``snix-castore``);
+                                           ranges, zstd/gzip content encoding
+``PUT /nar/<file hash>.nar[.xz|.zst|.bz2|.gz]``  upload a NAR (decompressed, verified, ingested)
+``GET|HEAD /nar/<file hash>.nar[.…]``      an uploaded NAR file by name (HEAD: does it exist)
+=========================================  ==================================================
+
+Every problem with a request is a 4xx with a one-line reason as the body;
+nothing an invalid upload sent becomes visible (directories are committed only
+after the NAR verified, the NarHash mapping after that, the PathInfo last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from nixcas.bridge import DEFAULT_PRIORITY
+from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
+from nixcas.castore.blob.base import BlobService
+from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.nodes import Node
+from nixcas.castore.proto import decode_node, encode_node
+from nixcas.errors import NixcasError, NotFoundError, StorageError, ValidationError
+from nixcas.store import nixbase32
+from nixcas.store.compression import FileHashing, UnsupportedCompression, decompressing
+from nixcas.store.importer import check_content_address
+from nixcas.store.nar.ingest import ingest_nar
+from nixcas.store.nar.plan import Closure, fetch_closure, iter_plan, plan_size
+from nixcas.store.nar.render import render_nar
+from nixcas.store.nar.seekable import SeekableNar
+from nixcas.store.narindex import NarIndex, UploadedNar
+from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo, parse_nar_file_name, parse_narinfo_name
+from nixcas.store.pathinfo.base import PathInfoService
+from nixcas.store.signing import SigningKey
+from nixcas.store.store_path import STORE_DIR, StorePath
+
+__all__ = ["NAR_PREFIXES", "NarBridge", "nar_url"]
+
+log = logging.getLogger("nixcas.bridge")
+
+NAR_PREFIXES: Final = ("tvix-castore", "snix-castore")
+MAX_NODE_SIZE: Final = 4096
+"""Largest encoded root node accepted in a NAR URL (as tvix)."""
+RANGE_CHUNK: Final = 1 << 20
+NAR_TYPE: Final = "application/x-nix-nar"
+NARINFO_TYPE: Final = "text/x-nix-narinfo"
+IMMUTABLE: Final = "max-age=31536000, immutable"
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def nar_url(node: Node, nar_size: int, prefix: str = NAR_PREFIXES[0]) -> str:
+    """``nar/<prefix>/<base64url root node>?narsize=N``: a NAR URL that names its content completely."""
+    encoded = base64.urlsafe_b64encode(encode_node(b"", node)).rstrip(b"=").decode()
+    return f"nar/{prefix}/{encoded}?narsize={nar_size}"
+
+
+def _fail(status: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
+    return status(text=message + "\n", headers=headers or None)
+
+
+class TruncatedUpload(ValidationError):
+    """The request body ended before its announced length, or the client went away."""
+
+
+class _Body:
+    """A request body as a byte source; a broken connection is a :class:`TruncatedUpload`."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._content = request.content
+
+    async def read(self, n: int, /) -> bytes:
+        try:
+            return await self._content.read(n)
+        except (HttpProcessingError, ConnectionError, asyncio.IncompleteReadError) as e:
+            raise TruncatedUpload(f"upload truncated: {getattr(e, 'message', None) or e}") from None
+
+
+class NarBridge:
+    """The HTTP binary cache over a store; :meth:`application` builds the aiohttp app."""
+
+    def __init__(
+        self,
+        blobs: BlobService,
+        directories: DirectoryService,
+        pathinfos: PathInfoService,
+        index: NarIndex,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        allow_writes: bool = False,
+        token: str | None = None,
+        sign_key: SigningKey | None = None,
+        nar_prefix: str = NAR_PREFIXES[0],
+    ) -> None:
+        self.blobs = blobs
+        self.directories = directories
+        self.pathinfos = pathinfos
+        self.index = index
+        self.priority = priority
+        self.allow_writes = allow_writes or token is not None
+        self.token = token
+        self.sign_key = sign_key
+        self.nar_prefix = nar_prefix
+
+    def application(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors])
+        r = app.router
+        r.add_get("/", self.hello)
+        r.add_get("/nix-cache-info", self.cache_info)
+        r.add_get(r"/{name:[^/]+\.narinfo}", self.get_narinfo)
+        r.add_put(r"/{name:[^/]+\.narinfo}", self.put_narinfo)
+        r.add_get(r"/nar/{prefix:[a-z]+-castore}/{node}", self.get_nar)
+        r.add_get(r"/nar/{name:[^/]+}", self.get_nar_file)
+        r.add_put(r"/nar/{name:[^/]+}", self.put_nar)
+        return app
+
+    # -- errors and access ---------------------------------------------------------
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except UnsupportedCompression as e:
+            raise _fail(web.HTTPUnsupportedMediaType, str(e)) from None
+        except NotFoundError as e:
+            raise _fail(web.HTTPNotFound, str(e)) from None
+        except ValidationError as e:
+            log.info("%s %s: %s", request.method, request.path, e)
+            raise _fail(web.HTTPBadRequest, str(e)) from None
+        except StorageError as e:
+            log.error("%s %s: %s", request.method, request.path, e)
+            raise _fail(web.HTTPInternalServerError, f"storage error: {e}") from None
+
+    def _check_write(self, request: web.Request) -> None:
+        if not self.allow_writes:
+            raise _fail(web.HTTPForbidden, "writes are disabled (start nar-bridge with --allow-writes or --token-file)")
+        if self.token is not None and not token_matches(request.headers.get("Authorization"), self.token):
+            raise _fail(
+                web.HTTPUnauthorized,
+                "writing needs the bridge's token (Authorization: Bearer TOKEN, or Basic with TOKEN as password)",
+                **{"WWW-Authenticate": 'Bearer realm="nar-bridge", Basic realm="nar-bridge"'},
+            )
+
+    # -- small routes -----------------------------------------------------------------
+
+    async def hello(self, request: web.Request) -> web.Response:
+        return web.Response(text="Hello from nar-bridge (nixcas)\n")
+
+    async def cache_info(self, request: web.Request) -> web.Response:
+        body = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {self.priority}\n"
+        return web.Response(text=body, content_type="text/x-nix-cache-info")
+
+    # -- narinfo ------------------------------------------------------------------------
+
+    async def get_narinfo(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        digest = parse_narinfo_name(name)
+        try:
+            info = await self.pathinfos.get(digest)
+        except ValidationError as e:  # an upstream record that failed verification: not available here
+            log.warning("GET %s: %s", name, e)
+            raise _fail(web.HTTPNotFound, f"{name}: {e}") from None
+        if info is None:
+            raise _fail(web.HTTPNotFound, f"{name}: no such path")
+        if self.sign_key is not None:
+            info = self.sign_key.sign_path_info(info)
+        url = nar_url(info.node, info.nar_size, self.nar_prefix)
+        narinfo = NarInfo.from_path_info(info, url, file_size=info.nar_size)
+        return web.Response(text=narinfo.render(), content_type=NARINFO_TYPE)
+
+    async def _read_limited(self, request: web.Request, limit: int) -> bytes:
+        def too_large(size: int) -> web.HTTPException:
+            message = f"narinfo larger than {limit} bytes\n"
+            return web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size, text=message)
+
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large(request.content_length)
+        body = _Body(request)
+        parts: list[bytes] = []
+        size = 0
+        while data := await body.read(64 << 10):
+            size += len(data)
+            if size > limit:
+                raise too_large(size)
+            parts.append(data)
+        return b"".join(parts)
+
+    async def put_narinfo(self, request: web.Request) -> web.Response:
+        self._check_write(request)
+        name = request.match_info["name"]
+        digest = parse_narinfo_name(name)
+        raw = await self._read_limited(request, MAX_NARINFO_SIZE)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValidationError(f"narinfo is not UTF-8 (byte {e.start})") from None
+        narinfo = NarInfo.parse(text)
+        if narinfo.store_path.digest != digest:
+            raise ValidationError(f"narinfo for {narinfo.store_path} uploaded as {name}")
+        nar = await self.index.get(narinfo.nar_sha256)
+        if nar is None:
+            raise ValidationError(
+                f"{narinfo.store_path}: unknown NarHash sha256:{nixbase32.encode(narinfo.nar_sha256)}; "
+                "upload the NAR first"
+            )
+        if nar.nar_size != narinfo.nar_size:
+            raise ValidationError(
+                f"{narinfo.store_path}: NarSize {narinfo.nar_size} differs from the uploaded NAR's {nar.nar_size} bytes"
+            )
+        info = narinfo.to_path_info(nar.node)
+        check_content_address(info)
+        await self._check_references(info.store_path, info.references)
+        await self.pathinfos.put(info)
+        log.info("registered %s", info.store_path)
+        return web.Response(text="")
+
+    async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
+        others = [r for r in references if r != path]
+        found = await asyncio.gather(*(self.pathinfos.get(r.digest) for r in others))
+        missing = [str(r) for r, info in zip(others, found, strict=True) if info is None or info.store_path != r]
+        if missing:
+            raise ValidationError(f"{path}: references not in the store (upload them first): {', '.join(missing[:5])}")
+
+    # -- NAR downloads ------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_node(encoded: str) -> Node:
+        if len(encoded) > MAX_NODE_SIZE * 4 // 3 + 4 or not _B64URL.fullmatch(encoded):
+            raise ValidationError("invalid root node in NAR URL: not unpadded base64url (or too long)")
+        try:
+            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        except binascii.Error:
+            raise ValidationError("invalid root node in NAR URL: bad base64url") from None
+        try:
+            return decode_node(raw, anonymous=True)[1]
+        except ValidationError as e:
+            raise ValidationError(f"invalid root node in NAR URL: {e}") from None
+
+    @staticmethod
+    def _parse_narsize(request: web.Request) -> int:
+        values = request.query.getall("narsize", [])
+        if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 20:
+            raise ValidationError("NAR URL needs exactly one ?narsize=N (a non-negative integer)")
+        return int(values[0])
+
+    async def get_nar(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["prefix"] not in NAR_PREFIXES:
+            raise _fail(web.HTTPNotFound, f"unknown NAR URL prefix {request.match_info['prefix']!r}")
+        node = self._parse_node(request.match_info["node"])
+        return await self._serve_nar(request, node, self._parse_narsize(request))
+
+    async def _serve_nar(
+        self, request: web.Request, node: Node, expected_size: int, *, compression: str = "none"
+    ) -> web.StreamResponse:
+        """The NAR of ``node`` (ranges, content encoding), or the whole NAR file compressed with ``compression``."""
+        closure = await fetch_closure(node, self.directories)
+        size = plan_size(node, closure)
+        if size != expected_size:
+            raise ValidationError(f"wrong narsize: the NAR of this node is {size} bytes, not {expected_size}")
+        if compression != "none":
+            response = web.StreamResponse(headers={"Cache-Control": IMMUTABLE})
+            return await self._send(request, response, node, closure, None, compression)
+        headers = {"Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes", "Vary": "Accept-Encoding"}
+        try:
+            byte_range = parse_range(request.headers.get("Range"), size)
+        except Unsatisfiable:
+            content_range = {"Content-Range": f"bytes */{size}"}
+            raise _fail(web.HTTPRequestRangeNotSatisfiable, "range not satisfiable", **content_range) from None
+        head = request.method == "HEAD"
+        encoding = None if byte_range is not None or head else choose_encoding(request.headers.get("Accept-Encoding"))
+        response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
+        if byte_range is not None:
+            response.headers["Content-Range"] = f"bytes {byte_range.start}-{byte_range.end - 1}/{size}"
+        if encoding is not None:
+            response.headers["Content-Encoding"] = encoding
+        else:
+            response.content_length = size if byte_range is None else byte_range.length
+        return await self._send(request, response, node, closure, byte_range, encoding)
+
+    async def _send(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        node: Node,
+        closure: Closure,
+        byte_range: ByteRange | None,
+        encoding: str | None,
+    ) -> web.StreamResponse:
+        response.content_type = NAR_TYPE
+        await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+            return response
+        chunks: AsyncIterator[bytes]
+        if byte_range is None:
+            chunks = render_nar(node, self.blobs, self.directories, closure=closure)
+        else:
+            chunks = self._range(node, closure, byte_range.start, byte_range.length)
+        if encoding is not None:
+            chunks = encode_stream(chunks, encoding)
+        try:
+            async for chunk in chunks:
+                await response.write(chunk)
+        except NixcasError as e:  # the headers are out: all that is left is to cut the body short
+            log.error("GET %s: NAR rendering failed after the headers were sent: %s", request.path, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def _range(self, node: Node, closure: Closure, start: int, length: int) -> AsyncIterator[bytes]:
+        async with SeekableNar(self.blobs, list(iter_plan(node, closure))) as nar:
+            await nar.seek(start)
+            while length > 0:
+                data = await nar.read(min(RANGE_CHUNK, length))
+                if not data:
+                    return
+                length -= len(data)
+                yield data
+
+    async def get_nar_file(self, request: web.Request) -> web.StreamResponse:
+        """An uploaded NAR file by the name it was uploaded under.
+
+        Only its NAR is kept, so a compressed name is served recompressed (fast
+        presets): Nix checks the NAR hash, not the file hash, and a client that
+        cached the narinfo from its own upload still finds the file.
+        """
+        name = request.match_info["name"]
+        file_sha256, compression = parse_nar_file_name(name)
+        nar = await self.index.find_file(file_sha256, compression)
+        if nar is None:
+            raise _fail(web.HTTPNotFound, f"{name}: no such NAR file")
+        return await self._serve_nar(request, nar.node, nar.nar_size, compression=compression)
+
+    # -- NAR uploads --------------------------------------------------------------------
+
+    async def put_nar(self, request: web.Request) -> web.Response:
+        self._check_write(request)
+        name = request.match_info["name"]
+        file_sha256, compression = parse_nar_file_name(name)
+        body = _Body(request)
+        if compression == "none":  # the file is the NAR: ingest checks its hash before committing
+            node, size, sha256 = await ingest_nar(body, self.blobs, self.directories, expected_sha256=file_sha256)
+        else:  # the file's hash is checked at its end, before the NAR's end lets ingest commit
+            raw = FileHashing(body, expected_digest=file_sha256, what=f"uploaded file {name}")
+            source = decompressing(raw, compression)
+            try:
+                node, size, sha256 = await ingest_nar(source, self.blobs, self.directories)
+            finally:
+                source.close()
+        await self.index.add(UploadedNar(sha256, size, node), file_sha256, compression)
+        log.info("stored NAR %s (%d bytes)", name, size)
+        return web.Response(text="")

@@ -1,0 +1,204 @@
+"""``nixcas nar-bridge`` (a Nix HTTP binary cache over the store) and ``nixcas generate-key``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from nixcas.api import Store, default_store_dir
+from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
+from nixcas.errors import ConfigurationError
+
+if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
+    from nixcas.bridge.server import RunningBridge
+    from nixcas.store.signing import SigningKey
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    """The bridge's own options (shared by ``nar-bridge`` and ``daemon --nar-bridge``)."""
+
+    priority: int
+    allow_writes: bool
+    token_file: str | None
+    sign_key: str | None
+    nar_index: str | None
+
+    def load(self, settings: Settings) -> tuple[str | None, SigningKey | None, str]:
+        """The token, the signing key and the NAR index path; unusable files are configuration errors."""
+        token = None
+        if self.token_file is not None:
+            try:
+                token = Path(self.token_file).read_text().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = getattr(e, "strerror", None) or e
+                raise ConfigurationError(f"--token-file {self.token_file}: {reason}") from None
+            if not token:
+                raise ConfigurationError(f"--token-file {self.token_file}: the file is empty")
+        from nixcas.store.signing import SigningKey, SigningKeyError
+
+        key = None
+        if self.sign_key is not None:
+            try:
+                key = SigningKey.load(self.sign_key)
+            except SigningKeyError as e:
+                raise ConfigurationError(f"--sign-key: {e}") from None
+        index = self.nar_index or str(Path(settings.store_dir or default_store_dir()).absolute() / "nar-bridge.sqlite")
+        return token, key, index
+
+    def check(self, settings: Settings) -> None:
+        """Fail now (one line, exit 2) if a file the bridge needs is unusable."""
+        try:
+            self.load(settings)
+        except ConfigurationError as e:
+            fail(str(e), EXIT_USAGE)
+
+
+def bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--priority",
+                type=click.IntRange(min=0),
+                default=DEFAULT_PRIORITY,
+                show_default=True,
+                help="Priority announced in /nix-cache-info (lower is preferred by Nix).",
+            ),
+            click.option("--allow-writes", is_flag=True, help="Accept NAR and narinfo uploads from anyone."),
+            click.option(
+                "--token-file",
+                type=click.Path(dir_okay=False),
+                help="Accept uploads carrying this file's token (Authorization: Bearer, or Basic password).",
+            ),
+            click.option(
+                "--sign-key",
+                type=click.Path(dir_okay=False),
+                help="Nix secret key file: narinfos are signed with it as they are served.",
+            ),
+            click.option(
+                "--nar-index",
+                type=click.Path(dir_okay=False),
+                help="SQLite file of uploaded NARs awaiting their narinfo [default: STORE_DIR/nar-bridge.sqlite].",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@contextlib.asynccontextmanager
+async def serving_bridge(
+    listen: str, store: Store, settings: Settings, options: BridgeOptions, shutdown_grace: float
+) -> AsyncIterator[RunningBridge]:
+    """The bridge over ``store``, listening on ``listen`` until the block ends."""
+    from nixcas.bridge.app import NarBridge
+    from nixcas.bridge.server import start_bridge
+    from nixcas.store.narindex import NarIndex
+
+    token, key, index_path = options.load(settings)
+    assert store.pathinfos is not None
+    index = NarIndex(index_path)
+    try:
+        bridge = NarBridge(
+            store.blobs,
+            store.directories,
+            store.pathinfos,
+            index,
+            priority=options.priority,
+            allow_writes=options.allow_writes,
+            token=token,
+            sign_key=key,
+        )
+        running = await start_bridge(listen, bridge, shutdown_grace=shutdown_grace)
+        try:
+            yield running
+        finally:
+            await running.stop()
+    finally:
+        await index.close()
+
+
+@click.command("nar-bridge")
+@server_options(
+    DEFAULT_BRIDGE_LISTEN, "On SIGINT/SIGTERM, how long running requests may finish before connections close."
+)
+@bridge_options
+@service_options
+@click.pass_obj
+def nar_bridge(
+    settings: Settings,
+    /,
+    listen: str,
+    shutdown_grace: float,
+    priority: int,
+    allow_writes: bool,
+    token_file: str | None,
+    sign_key: str | None,
+    nar_index: str | None,
+    **services: str | None,
+) -> None:
+    """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
+
+    Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections.
+    """
+    settings = settings.with_service_options(services)
+    options = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
+    options.check(settings)  # bad files fail before anything is opened
+    logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
+
+    async def go() -> None:
+        stop = stop_on_signals()
+        async with (
+            await settings.open_store(with_pathinfo=True) as store,
+            serving_bridge(listen, store, settings, options, shutdown_grace) as running,
+        ):
+            click.echo(f"listening on {running.url}")
+            logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos)
+            await stop.wait()
+            logging.info("shutting down (grace %g s)", shutdown_grace)
+
+    run(go)
+
+
+@click.command("generate-key")
+@click.argument("name")
+@click.argument("secret_key_file", required=False, type=click.Path(dir_okay=False))
+@click.argument("public_key_file", required=False, type=click.Path(dir_okay=False))
+def generate_key(name: str, secret_key_file: str | None, public_key_file: str | None) -> None:
+    """Make a Nix signing key pair NAME (e.g. cache.example.org-1).
+
+    With SECRET_KEY_FILE and PUBLIC_KEY_FILE, writes them (the secret one readable by its owner
+    only; existing files are not overwritten), as `nix-store --generate-binary-cache-key` does.
+    Without, prints the secret key, then the public key, one per line.
+    """
+    if (secret_key_file is None) != (public_key_file is None):
+        raise click.UsageError("give both SECRET_KEY_FILE and PUBLIC_KEY_FILE, or neither")
+    from nixcas.store.signing import SigningKey, SigningKeyError
+
+    try:
+        key = SigningKey.generate(name)
+    except SigningKeyError as e:
+        raise click.BadParameter(str(e), param_hint="NAME") from None
+    if secret_key_file is None or public_key_file is None:
+        click.echo(str(key))
+        click.echo(str(key.public))
+        return
+    written: list[str] = []
+    try:
+        for path, text, mode in ((secret_key_file, str(key), 0o600), (public_key_file, str(key.public), 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            written.append(path)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+    except OSError as e:
+        for path in written:
+            os.unlink(path)
+        raise click.ClickException(f"{e.filename}: {e.strerror}") from None

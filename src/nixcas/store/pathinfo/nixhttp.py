@@ -1,0 +1,300 @@
+"""``nix+http(s)://host/prefix`` — path infos (and their contents) substituted from a Nix binary cache.
+
+``get(digest)`` fetches ``<base>/<hash>.narinfo`` (404 or 403: absent), checks
+that it describes the path asked for and, when public keys are configured,
+that one of its signatures is valid for one of them; then it checks the
+content address against the store path, downloads the NAR file the narinfo
+names, decompresses it as a stream (none, xz, zstd, bzip2, gzip), and ingests
+it into the configured blob and directory services while verifying its file
+hash and size (when given), NarHash, NarSize, and the CA's hash where the CA
+says something about the NAR.  Only a NAR that passed every check is committed;
+the PathInfo is returned, never stored: wrap this service in ``cache`` (with an
+``lru`` or ``sqlite`` near side) so the second lookup is local.
+
+URL form (reference §3.6)::
+
+    nix+https://cache.nixos.org?trusted-public-keys=cache.nixos.org-1:6NCHdD59…%20other-1:…
+    nix+http://127.0.0.1:8080/prefix?blob_service=NAME&directory_service=NAME
+
+Composition: ``type = "nix"``, ``base_url``, ``blob_service`` / ``directory_service``
+(names or URLs; default ``root``: the store's own services), ``public_keys`` (list).
+``put`` and ``list`` are refused: a binary cache reached this way is read-only
+and cannot be enumerated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Final, Self
+from urllib.parse import SplitResult, unquote, urljoin
+
+from nixcas import __version__
+from nixcas.castore.blob.base import BlobService
+from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.nodes import FileNode, Node
+from nixcas.config import Resolver, ServiceConfig
+from nixcas.errors import ConfigurationError, PathInfoError, StorageError, ValidationError
+from nixcas.store import nixbase32
+from nixcas.store.compression import FileHashing, decompressing
+from nixcas.store.hashes import CAKind, HashAlgo
+from nixcas.store.importer import check_content_address
+from nixcas.store.nar.ingest import ingest_nar
+from nixcas.store.nar.parser import AsyncByteSource
+from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo
+from nixcas.store.pathinfo.base import PathInfoServiceWrapper, check_digest
+from nixcas.store.pathinfo.model import PathInfo
+from nixcas.store.signing import SigningKeyError, VerifyingKey, has_valid_signature, parse_public_keys
+from nixcas.urls import query_options, url_text
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from nixcas.store.pathinfo.base import PathInfoService
+
+__all__ = ["NixHttpPathInfoService", "NixHttpPathInfoServiceConfig", "UntrustedPathInfo"]
+
+DEFAULT_SERVICE: Final = "root"
+READ_BLOCK: Final = 1 << 20
+
+
+class UntrustedPathInfo(PathInfoError):
+    """An upstream narinfo without a valid signature from a trusted key."""
+
+
+@dataclass(frozen=True)
+class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
+    """``base_url`` (http/https), the services NARs are ingested into, and the trusted public keys."""
+
+    type_tag: ClassVar[str] = "nix"
+    base_url: str
+    blob_service: str = DEFAULT_SERVICE
+    directory_service: str = DEFAULT_SERVICE
+    public_keys: list[str] | None = None
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        if url.scheme not in ("nix+http", "nix+https"):
+            raise ConfigurationError(f"{url.geturl()!r}: write nix+http://host[/prefix] or nix+https://…")
+        if not url.netloc or url.fragment:
+            raise ConfigurationError(f"{url.geturl()!r}: needs a host (nix+https://cache.example.org[/prefix])")
+        options = query_options(url, {"trusted-public-keys", "blob_service", "directory_service"})
+        keys = options.get("trusted-public-keys")
+        if keys is not None:  # base64 has '+': read the raw value, where only %20 separates keys
+            raw = next(v for k, _, v in (p.partition("=") for p in url.query.split("&")) if k == "trusted-public-keys")
+            keys = unquote(raw)
+        base = url_text(url._replace(scheme=url.scheme.removeprefix("nix+"), query=""))
+        config = cls(
+            base,
+            options.get("blob_service", DEFAULT_SERVICE),
+            options.get("directory_service", DEFAULT_SERVICE),
+            None if keys is None else keys.split(),
+        )
+        config.validate(repr(url.geturl()))
+        return config
+
+    def validate(self, where: str) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"{where}: base_url must be an http:// or https:// URL")
+        try:
+            parse_public_keys(self.public_keys or [])
+        except SigningKeyError as e:
+            raise ConfigurationError(f"{where}: {e}") from None
+        if self.public_keys is not None and not self.public_keys:
+            raise ConfigurationError(f"{where}: public_keys is empty (omit it to accept unsigned narinfos)")
+        from nixcas.registry import parse_service_url
+
+        for field, kind in (("blob_service", "blobservices"), ("directory_service", "directoryservices")):
+            ref = getattr(self, field)
+            if "://" in ref:
+                try:
+                    parse_service_url(kind, unquote(ref))
+                except ConfigurationError as e:
+                    raise ConfigurationError(f"{where}: {field}: {e}") from None
+
+    async def build(self, resolver: Resolver) -> PathInfoService:
+        blobs = await resolver.blob_service(unquote(self.blob_service))
+        directories = await resolver.directory_service(unquote(self.directory_service))
+        keys = parse_public_keys(self.public_keys) if self.public_keys is not None else None
+        return NixHttpPathInfoService(self.base_url, blobs, directories, keys)
+
+
+class _Body:
+    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+        self._content = response.content
+        self._url = url
+
+    async def read(self, n: int, /) -> bytes:
+        import aiohttp
+
+        try:
+            return await self._content.read(n)
+        except (aiohttp.ClientError, ConnectionError) as e:
+            raise StorageError(f"{self._url}: download failed: {e}") from None
+
+
+class NixHttpPathInfoService(PathInfoServiceWrapper):
+    """Fetches, verifies and ingests paths of a Nix binary cache on demand (read-only)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        blobs: BlobService,
+        directories: DirectoryService,
+        public_keys: tuple[VerifyingKey, ...] | None = None,
+    ) -> None:
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.blobs = blobs
+        self.directories = directories
+        self.public_keys = public_keys
+        self._session: aiohttp.ClientSession | None = None
+        self._running: dict[bytes, asyncio.Task[PathInfo | None]] = {}
+
+    def __repr__(self) -> str:
+        return f"NixHttpPathInfoService({self.base_url!r})"
+
+    def _client(self) -> aiohttp.ClientSession:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
+                headers={"User-Agent": f"nixcas/{__version__}"},
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def _fetch_narinfo(self, digest: bytes) -> tuple[str, NarInfo] | None:
+        import aiohttp
+
+        url = urljoin(self.base_url, f"{nixbase32.encode(digest)}.narinfo")
+        try:
+            async with self._client().get(url) as response:
+                if response.status in (403, 404):
+                    return None
+                if response.status != 200:
+                    raise StorageError(f"{url}: HTTP {response.status} {response.reason}")
+                parts: list[bytes] = []
+                size = 0
+                while chunk := await response.content.read(64 << 10):
+                    size += len(chunk)
+                    if size > MAX_NARINFO_SIZE:
+                        raise PathInfoError(f"{url}: narinfo larger than {MAX_NARINFO_SIZE} bytes")
+                    parts.append(chunk)
+                raw = b"".join(parts)
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
+            raise StorageError(f"{url}: {e or type(e).__name__}") from None
+        try:
+            return url, NarInfo.parse(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise PathInfoError(f"{url}: narinfo is not UTF-8") from None
+        except PathInfoError as e:
+            raise PathInfoError(f"{url}: {e}") from None
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        """Concurrent lookups of one path share one download."""
+        task = self._running.get(check_digest(digest))
+        if task is None:
+            task = asyncio.ensure_future(self._substitute(digest))
+            self._running[digest] = task
+            task.add_done_callback(lambda t: self._finished(digest, t))
+        return await asyncio.shield(task)  # one caller giving up does not cancel the others' download
+
+    def _finished(self, digest: bytes, task: asyncio.Task[PathInfo | None]) -> None:
+        if self._running.get(digest) is task:
+            del self._running[digest]
+        if not task.cancelled():
+            task.exception()  # retrieved here: callers that gave up do not leave it unobserved
+
+    async def _substitute(self, digest: bytes) -> PathInfo | None:
+        found = await self._fetch_narinfo(digest)
+        if found is None:
+            return None
+        url, narinfo = found
+        if narinfo.store_path.digest != digest:
+            raise PathInfoError(f"{url} describes {narinfo.store_path}")
+        if self.public_keys is not None and not has_valid_signature(
+            narinfo.fingerprint(), narinfo.signatures, self.public_keys
+        ):
+            trusted = ", ".join(k.name for k in self.public_keys)
+            raise UntrustedPathInfo(f"{url}: no valid signature by a trusted key ({trusted})")
+        try:
+            check_content_address(narinfo)
+        except ValidationError as e:
+            raise PathInfoError(f"{url}: {e}") from None
+        node = await self._ingest(narinfo)
+        info = narinfo.to_path_info(node)
+        await self._check_flat_content(info)
+        return info
+
+    async def _ingest(self, narinfo: NarInfo) -> Node:
+        import aiohttp
+
+        url = urljoin(self.base_url, narinfo.url)
+        compression = narinfo.effective_compression
+        file_hash = narinfo.file_hash
+        try:
+            async with self._client().get(url, headers={"Accept-Encoding": "identity"}) as response:
+                if response.status != 200:
+                    raise StorageError(f"{url}: HTTP {response.status} {response.reason}")
+                raw = FileHashing(
+                    _Body(response, url),
+                    expected_digest=file_hash.digest if file_hash is not None else None,
+                    expected_size=narinfo.file_size if compression != "none" else None,
+                    what=url,
+                )
+                source = decompressing(raw, compression)
+                nar_source: AsyncByteSource = source
+                ca = narinfo.ca
+                if ca is not None and ca.kind is CAKind.NAR and ca.hash.algo is not HashAlgo.SHA256:
+                    what = f"{url} (NAR hashed for its content address)"
+                    nar_source = FileHashing(source, expected_digest=ca.hash.digest, algo=ca.hash.algo, what=what)
+                try:
+                    node, _, _ = await ingest_nar(
+                        nar_source,
+                        self.blobs,
+                        self.directories,
+                        expected_size=narinfo.nar_size,
+                        expected_sha256=narinfo.nar_sha256,
+                    )
+                finally:
+                    source.close()
+        except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
+            raise StorageError(f"{url}: {e or type(e).__name__}") from None
+        except ValidationError as e:
+            raise PathInfoError(f"{narinfo.store_path}: {url}: {e}") from None
+        return node
+
+    async def _check_flat_content(self, info: PathInfo) -> None:
+        """A flat content address names the hash of the single file the path is."""
+        ca = info.ca
+        if ca is None or ca.kind is not CAKind.FLAT:
+            return
+        if not isinstance(info.node, FileNode):
+            raise PathInfoError(f"{info.store_path}: content address {ca} needs a single regular file")
+        h = hashlib.new(ca.hash.algo)
+        reader = await self.blobs.open_read(info.node.digest)
+        if reader is None:
+            raise StorageError(f"{info.store_path}: blob {info.node.digest.hex()} vanished after ingesting")
+        async with reader:
+            async for block in reader.iter_blocks(READ_BLOCK):
+                h.update(block)
+        if h.digest() != ca.hash.digest:
+            raise PathInfoError(f"{info.store_path}: file contents do not have the hash of its content address {ca}")
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        raise StorageError(f"{self!r} is read-only: a Nix binary cache cannot be written through it")
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        raise StorageError(f"{self!r} cannot list: a Nix binary cache has no index of its paths")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def close(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,500 @@
+"""nar-bridge over HTTP, in process: every route, uploads (plain and compressed), and every bad input.
+
+The NARs uploaded here are rendered by a separate store from trees written to
+disk (the renderer itself is checked byte for byte against nix-store --dump in
+test_nix_compat); the narinfos are written by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bz2
+import gzip
+import hashlib
+import lzma
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import zstandard
+from aiohttp.test_utils import TestClient, TestServer
+
+from nixcas.bridge.app import NarBridge, nar_url
+from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.castore.proto import encode_node
+from nixcas.store import nixbase32
+from nixcas.store.narindex import NarIndex
+from nixcas.store.narinfo import NarInfo
+from nixcas.store.pathinfo.memory import MemoryPathInfoService
+from nixcas.store.signing import SigningKey, has_valid_signature
+from nixcas.testing.fixtures import HELLOWORLD_DIGEST
+from nixcas.testing.samples import Sample, make_sample
+
+TOKEN = "s3cret-token"  # noqa: S105 - a test token
+
+
+@dataclass
+class Env:
+    client: TestClient  # type: ignore[type-arg]
+    bridge: NarBridge
+    blobs: MemoryBlobService
+    dirs: MemoryDirectoryService
+    pathinfos: MemoryPathInfoService
+    index: NarIndex
+
+
+@pytest_asyncio.fixture
+async def sample(tmp_path: Path) -> Sample:
+    big = hashlib.sha256(b"big").digest() * 70_000  # 2.2 MB: a streamed file
+    return await make_sample(tmp_path, "hello-1.0", {"bin/hello": b"#!/bin/sh\necho hi\n", "big": big, "e": b""})
+
+
+@pytest_asyncio.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with bridge_env(tmp_path / "index.sqlite", allow_writes=True) as e:
+        yield e
+
+
+class bridge_env:
+    def __init__(self, index_path: Path | None, **options: object) -> None:
+        self.index_path = index_path
+        self.options = options
+
+    async def __aenter__(self) -> Env:
+        blobs, dirs, pinfos = MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService()
+        index = NarIndex(None if self.index_path is None else str(self.index_path))
+        bridge = NarBridge(blobs, dirs, pinfos, index, **self.options)  # type: ignore[arg-type]
+        client = TestClient(TestServer(bridge.application()))
+        await client.start_server()
+        self.env = Env(client, bridge, blobs, dirs, pinfos, index)
+        return self.env
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.env.client.close()
+        await self.env.index.close()
+
+
+async def upload(env: Env, sample: Sample, *, suffix: str = "", data: bytes | None = None, name: str | None = None,
+                 headers: dict[str, str] | None = None) -> int:  # fmt: skip
+    body = sample.nar if data is None else data
+    file_name = name or f"{nixbase32.encode(hashlib.sha256(body).digest())}.nar{suffix}"
+    async with env.client.put(f"/nar/{file_name}", data=body, headers=headers) as r:
+        return r.status
+
+
+async def put_narinfo(env: Env, sample: Sample, text: str, *, name: str | None = None) -> tuple[int, str]:
+    async with env.client.put(f"/{name or sample.store_path.hash_part}.narinfo", data=text.encode()) as r:
+        return r.status, await r.text()
+
+
+async def nothing_visible(env: Env, sample: Sample) -> None:
+    """No PathInfo, no NarHash mapping, no directory of the sample's tree."""
+    assert await env.pathinfos.get(sample.store_path.digest) is None
+    assert await env.index.get(sample.sha256) is None
+    assert isinstance(sample.node, DirectoryNode)
+    assert await env.dirs.get(sample.node.digest) is None
+    async with env.client.head(f"/nar/{sample.nb32}.nar") as r:
+        assert r.status == 404
+
+
+# -- the happy paths ----------------------------------------------------------------------
+
+
+async def test_cache_info_and_hello(env: Env) -> None:
+    async with env.client.get("/nix-cache-info") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/x-nix-cache-info")
+        assert await r.text() == "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 39\n"
+    async with env.client.get("/") as r:
+        assert r.status == 200
+
+
+async def test_upload_then_download(env: Env, sample: Sample) -> None:
+    digest = sample.store_path.hash_part
+    async with env.client.head(f"/{digest}.narinfo") as r:
+        assert r.status == 404
+    async with env.client.head(f"/nar/{sample.nb32}.nar") as r:
+        assert r.status == 404
+    assert await upload(env, sample) == 200
+    async with env.client.head(f"/nar/{sample.nb32}.nar") as r:
+        assert r.status == 200
+        assert r.headers["Content-Length"] == str(len(sample.nar))
+    assert await put_narinfo(env, sample, sample.narinfo()) == (200, "")
+
+    async with env.client.get(f"/{digest}.narinfo") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/x-nix-narinfo")
+        text = await r.text()
+    async with env.client.head(f"/{digest}.narinfo") as r:
+        assert r.status == 200
+    info = NarInfo.parse(text)
+    assert info.store_path == sample.store_path
+    assert info.compression == "none" and info.file_size == len(sample.nar)
+    assert info.nar_sha256 == sample.sha256 and info.nar_size == len(sample.nar)
+    encoded = base64.urlsafe_b64encode(encode_node(b"", sample.node)).rstrip(b"=").decode()
+    assert info.url == f"nar/tvix-castore/{encoded}?narsize={len(sample.nar)}"
+    assert f"URL: {info.url}\n" in text
+
+    async with env.client.get("/" + info.url, headers={"Accept-Encoding": "identity"}) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "application/x-nix-nar"
+        assert "immutable" in r.headers["Cache-Control"]
+        assert r.headers["Content-Length"] == str(len(sample.nar))
+        assert await r.read() == sample.nar
+    async with env.client.get("/" + info.url.replace("tvix-castore", "snix-castore")) as r:
+        assert r.status == 200
+        assert await r.read() == sample.nar
+    async with env.client.head("/" + info.url) as r:
+        assert r.status == 200 and r.headers["Content-Length"] == str(len(sample.nar))
+    async with env.client.get(f"/nar/{sample.nb32}.nar") as r:  # also by the uploaded name
+        assert await r.read() == sample.nar
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "gzip"])
+async def test_content_encoding(env: Env, sample: Sample, encoding: str) -> None:
+    url = "/" + nar_url(sample.node, len(sample.nar))
+    await upload(env, sample)
+    async with env.client.get(url, headers={"Accept-Encoding": f"br;q=0.5, {encoding}"}, auto_decompress=False) as r:
+        assert r.status == 200
+        assert r.headers["Content-Encoding"] == encoding
+        assert "Content-Length" not in r.headers
+        body = await r.read()
+    zstd = zstandard.ZstdDecompressor()
+    plain = zstd.decompressobj().decompress(body) if encoding == "zstd" else gzip.decompress(body)
+    assert plain == sample.nar
+    assert len(body) < len(sample.nar)
+
+
+async def test_ranges(env: Env, sample: Sample) -> None:
+    await upload(env, sample)
+    url = "/" + nar_url(sample.node, len(sample.nar))
+    n = len(sample.nar)
+    for header, expected in [
+        ("bytes=0-99", sample.nar[:100]),
+        ("bytes=100-", sample.nar[100:]),
+        ("bytes=-50", sample.nar[-50:]),
+        (f"bytes={n - 10}-{n + 1000}", sample.nar[-10:]),
+        ("bytes=200-1500000", sample.nar[200:1500001]),
+    ]:
+        async with env.client.get(url, headers={"Range": header, "Accept-Encoding": "zstd"}) as r:
+            assert r.status == 206, header
+            assert "Content-Encoding" not in r.headers
+            assert await r.read() == expected, header
+            assert r.headers["Content-Range"].endswith(f"/{n}")
+    async with env.client.get(url, headers={"Range": f"bytes={n}-"}) as r:
+        assert r.status == 416
+        assert r.headers["Content-Range"] == f"bytes */{n}"
+    async with env.client.get(url, headers={"Range": "bytes=0-1,5-6"}) as r:  # several ranges: whole NAR
+        assert r.status == 200 and await r.read() == sample.nar
+    async with env.client.get(url, headers={"Range": "lines=1-2"}) as r:
+        assert r.status == 200 and await r.read() == sample.nar
+
+
+COMPRESS: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    "xz": (".xz", lzma.compress),
+    "zstd": (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
+    "bzip2": (".bz2", bz2.compress),
+    "gzip": (".gz", gzip.compress),
+}
+DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    "xz": lzma.decompress,
+    "zstd": lambda b: zstandard.ZstdDecompressor().decompressobj().decompress(b),
+    "bzip2": bz2.decompress,
+    "gzip": gzip.decompress,
+}
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESS))
+async def test_compressed_uploads(env: Env, sample: Sample, compression: str) -> None:
+    suffix, compress = COMPRESS[compression]
+    packed = compress(sample.nar)
+    file_nb32 = nixbase32.encode(hashlib.sha256(packed).digest())
+    async with env.client.head(f"/nar/{file_nb32}.nar{suffix}") as r:
+        assert r.status == 404
+    assert await upload(env, sample, suffix=suffix, data=packed) == 200
+    async with env.client.head(f"/nar/{file_nb32}.nar{suffix}") as r:  # Nix asks before uploading
+        assert r.status == 200
+    async with env.client.get(f"/nar/{file_nb32}.nar{suffix}", auto_decompress=False) as r:  # served recompressed
+        assert r.status == 200
+        assert DECOMPRESS[compression](await r.read()) == sample.nar
+    text = sample.narinfo().replace(f"nar/{sample.nb32}.nar", f"nar/{file_nb32}.nar{suffix}")
+    text = text.replace("Compression: none", f"Compression: {compression}")
+    assert (await put_narinfo(env, sample, text))[0] == 200
+    info = await env.pathinfos.get(sample.store_path.digest)
+    assert info is not None and info.node == sample.node
+
+
+async def test_signing_on_the_fly(tmp_path: Path, sample: Sample) -> None:
+    key = SigningKey.generate("bridge.test-1")
+    async with bridge_env(None, allow_writes=True, sign_key=key) as env:
+        await upload(env, sample)
+        await put_narinfo(env, sample, sample.narinfo())
+        async with env.client.get(f"/{sample.store_path.hash_part}.narinfo") as r:
+            info = NarInfo.parse(await r.text())
+    assert has_valid_signature(info.fingerprint(), info.signatures, [key.public])
+
+
+async def test_mapping_survives_a_restart(tmp_path: Path, sample: Sample) -> None:
+    """A narinfo may follow its NAR after the bridge restarted (tvix forgets: in-memory LRU)."""
+    index = tmp_path / "index.sqlite"
+    async with bridge_env(index, allow_writes=True) as first:
+        assert await upload(first, sample) == 200
+        blobs, dirs = first.blobs, first.dirs
+    async with bridge_env(index, allow_writes=True) as second:
+        second.bridge.blobs, second.bridge.directories = blobs, dirs  # the same store, a new process
+        async with second.client.head(f"/nar/{sample.nb32}.nar") as r:
+            assert r.status == 200
+        assert (await put_narinfo(second, sample, sample.narinfo()))[0] == 200
+
+
+async def test_references_must_be_present(env: Env, tmp_path: Path, sample: Sample) -> None:
+    dep = await make_sample(tmp_path, "dep-1", {"f": b"dependency"})
+    await upload(env, sample)
+    refs = dep.store_path.basename
+    text = sample.narinfo(references=refs).replace(f"CA: fixed:r:sha256:{sample.nb32}\n", "")
+    status, body = await put_narinfo(env, sample, text)
+    assert status == 400 and "references not in the store" in body
+    assert await env.pathinfos.get(sample.store_path.digest) is None
+    await upload(env, dep)
+    assert (await put_narinfo(env, dep, dep.narinfo()))[0] == 200
+    assert (await put_narinfo(env, sample, text))[0] == 200
+
+
+# -- access ---------------------------------------------------------------------------------
+
+
+async def test_writes_disabled_by_default(sample: Sample) -> None:
+    async with bridge_env(None) as env:
+        assert await upload(env, sample) == 403
+        assert (await put_narinfo(env, sample, sample.narinfo()))[0] == 403
+        await nothing_visible(env, sample)
+
+
+async def test_token(sample: Sample) -> None:
+    async with bridge_env(None, token=TOKEN) as env:
+        assert await upload(env, sample) == 401
+        assert await upload(env, sample, headers={"Authorization": "Bearer wrong"}) == 401
+        await nothing_visible(env, sample)
+        assert await upload(env, sample, headers={"Authorization": f"Bearer {TOKEN}"}) == 200
+        basic = base64.b64encode(f"nix:{TOKEN}".encode()).decode()
+        async with env.client.put(
+            f"/{sample.store_path.hash_part}.narinfo",
+            data=sample.narinfo().encode(),
+            headers={"Authorization": f"Basic {basic}"},
+        ) as r:
+            assert r.status == 200
+
+
+# -- bad input: each a 4xx, nothing stored ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/oooooooooooooooooooooooooooooooo.narinfo"),
+        ("GET", "/0000000000000000000000000000000.narinfo"),
+        ("GET", "/000000000000000000000000000000000.narinfo"),
+        ("GET", "/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo"),
+        ("HEAD", "/e.narinfo"),
+        ("PUT", "/x.narinfo"),
+        ("PUT", "/nar/0000.nar"),
+        ("PUT", "/nar/" + "e" * 52 + ".nar"),
+        ("PUT", "/nar/" + "0" * 52 + ".tar"),
+        ("HEAD", "/nar/" + "0" * 51 + ".nar"),
+        ("GET", "/nar/" + "u" * 52 + ".nar"),
+    ],
+)
+async def test_malformed_hashes_in_urls(env: Env, method: str, path: str) -> None:
+    async with env.client.request(method, path, data=b"x" if method == "PUT" else None) as r:
+        assert r.status == 400, await r.text()
+    assert [i async for i in env.pathinfos.list()] == []
+
+
+async def test_narinfo_for_unknown_nar_hash(env: Env, sample: Sample) -> None:
+    status, body = await put_narinfo(env, sample, sample.narinfo())
+    assert status == 400 and "unknown NarHash" in body
+    await nothing_visible(env, sample)
+
+
+async def test_nar_whose_hash_differs_from_its_url(env: Env, sample: Sample) -> None:
+    assert await upload(env, sample, name=f"{nixbase32.encode(bytes(32))}.nar") == 400
+    await nothing_visible(env, sample)
+
+
+@pytest.mark.parametrize("compression", ["xz", "zstd"])
+async def test_compressed_nar_whose_hash_differs_from_its_url(env: Env, sample: Sample, compression: str) -> None:
+    suffix, compress = COMPRESS[compression]
+    wrong_name = f"{nixbase32.encode(bytes(32))}.nar{suffix}"
+    assert await upload(env, sample, data=compress(sample.nar), name=wrong_name) == 400
+    await nothing_visible(env, sample)
+
+
+async def test_truncated_nar_upload(env: Env, sample: Sample) -> None:
+    """A complete HTTP body holding half a NAR."""
+    assert await upload(env, sample, data=sample.nar[: len(sample.nar) // 2]) == 400
+    await nothing_visible(env, sample)
+
+
+@pytest.mark.parametrize("compression", ["none", "xz"])
+async def test_upload_cut_off_mid_body(env: Env, sample: Sample, compression: str) -> None:
+    """The client announces the whole NAR, sends half and goes away."""
+    suffix, compress = COMPRESS.get(compression, ("", lambda b: b))
+    body = compress(sample.nar)
+    name = f"{nixbase32.encode(hashlib.sha256(body).digest())}.nar{suffix}"
+    assert env.client.port is not None
+    _, writer = await asyncio.open_connection("127.0.0.1", env.client.port)
+    writer.write(
+        f"PUT /nar/{name} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2]
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.3)
+    await nothing_visible(env, sample)
+    async with env.client.head(f"/nar/{name}") as r:
+        assert r.status == 404
+    assert await upload(env, sample) == 200  # the bridge is fine
+
+
+async def test_unknown_compression(env: Env, sample: Sample) -> None:
+    assert await upload(env, sample, suffix=".lz4") == 415
+    assert await upload(env, sample, name=f"{sample.nb32}.nar.rar") == 415
+    await nothing_visible(env, sample)
+
+
+async def test_corrupt_compressed_upload(env: Env, sample: Sample) -> None:
+    garbage = b"\xfd7zXZ\x00" + bytes(1000)
+    assert await upload(env, sample, suffix=".xz", data=garbage) == 400
+    await nothing_visible(env, sample)
+
+
+async def test_oversize_narinfo(env: Env, sample: Sample) -> None:
+    await upload(env, sample)
+    status, _ = await put_narinfo(env, sample, sample.narinfo(extra="X-Padding: " + "x" * (3 << 20) + "\n"))
+    assert status == 413
+    assert await env.pathinfos.get(sample.store_path.digest) is None
+
+
+async def test_narinfo_whose_store_path_disagrees_with_the_url(env: Env, sample: Sample) -> None:
+    await upload(env, sample)
+    other = nixbase32.encode(hashlib.sha256(b"other").digest()[:20])
+    status, body = await put_narinfo(env, sample, sample.narinfo(), name=other)
+    assert status == 400 and "uploaded as" in body
+    assert await env.pathinfos.get(sample.store_path.digest) is None
+    assert await env.pathinfos.get(nixbase32.decode(other)) is None
+
+
+@pytest.mark.parametrize(
+    ("mutation", "words"),
+    [
+        ({"nar_size": 1}, "NarSize"),
+        ({"store_path": "/nix/store/" + "0" * 32 + "-hello-1.0"}, "content address"),
+        ({"nar_hash": "sha256:nothex"}, "NarHash"),
+    ],
+)
+async def test_inconsistent_narinfo(env: Env, sample: Sample, mutation: dict[str, object], words: str) -> None:
+    await upload(env, sample)
+    name = str(mutation.get("store_path", sample.store_path)).removeprefix("/nix/store/")[:32]
+    status, body = await put_narinfo(env, sample, sample.narinfo(**mutation), name=name)  # type: ignore[arg-type]
+    assert status == 400 and words in body, body
+    assert [i async for i in env.pathinfos.list()] == []
+
+
+async def test_narinfo_not_utf8_or_garbage(env: Env, sample: Sample) -> None:
+    await upload(env, sample)
+    async with env.client.put(f"/{sample.store_path.hash_part}.narinfo", data=b"\xff\xfe") as r:
+        assert r.status == 400
+    assert (await put_narinfo(env, sample, "garbage"))[0] == 400
+    assert await env.pathinfos.get(sample.store_path.digest) is None
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        "!!!notbase64",
+        "A",  # impossible length
+        _b64(b"\xff\xff\xff\xff"),  # not a Node message
+        _b64(bytes.fromhex("1a00")),  # a symlink without target
+        _b64(encode_node(b"named", FileNode(HELLOWORLD_DIGEST, 12))),  # a root node has no name
+        _b64(bytes.fromhex("0a0412020000")),  # directory with a 2-byte digest
+        "A" * 6000,  # too long
+    ],
+)
+async def test_invalid_root_node_in_nar_url(env: Env, encoded: str) -> None:
+    async with env.client.get(f"/nar/tvix-castore/{encoded}?narsize=12") as r:
+        assert r.status == 400, await r.text()
+    async with env.client.head(f"/nar/tvix-castore/{encoded}?narsize=12") as r:
+        assert r.status == 400
+
+
+async def test_absent_node_and_unknown_prefix(env: Env, sample: Sample) -> None:
+    url = "/" + nar_url(sample.node, len(sample.nar))
+    async with env.client.get(url) as r:  # valid, but not in this store
+        assert r.status == 404
+    async with env.client.get(url.replace("tvix-castore", "nope-castore")) as r:
+        assert r.status == 404
+
+
+@pytest.mark.parametrize("query", ["?narsize=5", "", "?narsize=abc", "?narsize=-1", "?narsize=1&narsize=2"])
+async def test_wrong_narsize(env: Env, sample: Sample, query: str) -> None:
+    await upload(env, sample)
+    url = "/" + nar_url(sample.node, len(sample.nar)).split("?")[0] + query
+    for method in ("GET", "HEAD"):
+        async with env.client.request(method, url) as r:
+            assert r.status == 400
+
+
+async def test_no_request_is_a_server_error(env: Env, sample: Sample) -> None:
+    """Random paths, queries, methods and bodies: every answer is below 500, and the bridge keeps serving."""
+    import random
+
+    rng = random.Random(5)  # noqa: S311 - reproducible test input
+    await upload(env, sample)
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyzeotuABCZ_-.%~!*ü"
+    node = nar_url(sample.node, len(sample.nar)).split("/")[2].split("?")[0]
+    prefixes = ["/", "/nar/", "/nar/tvix-castore/", "/nar/snix-castore/", f"/nar/tvix-castore/{node[:-3]}"]
+    suffixes = ["", ".narinfo", ".nar", ".nar.xz", ".nar.zst", ".ls", "?narsize=", f"?narsize={len(sample.nar)}"]
+    statuses = set()
+    for _ in range(300):
+        path = rng.choice(prefixes) + "".join(
+            rng.choice(alphabet) for _ in range(rng.choice([0, 1, 31, 32, 33, 52, 60]))
+        )
+        path += rng.choice(suffixes)
+        method = rng.choice(["GET", "HEAD", "PUT", "PUT", "POST", "DELETE"])
+        headers = {"Range": rng.choice(["bytes=0-", "bytes=-0", "bytes=x-y", "bytes=5-2", "items=1-2"])}
+        body = rng.randbytes(rng.choice([0, 10, 5000])) if method == "PUT" else None
+        async with env.client.request(method, path.replace("%", "%25"), data=body, headers=headers) as r:
+            assert r.status < 500, (method, path, r.status, await r.text())
+            statuses.add(r.status)
+    assert {400, 404} <= statuses
+    assert await upload(env, sample) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("gzip", "gzip"),
+        ("gzip, zstd", "zstd"),
+        ("zstd;q=0, gzip", "gzip"),
+        ("br", None),
+        ("*", "zstd"),
+        ("*;q=0", None),
+        ("ZSTD;q=0.5", "zstd"),
+        ("gzip;q=x", None),
+    ],
+)
+def test_choose_encoding(header: str | None, expected: str | None) -> None:
+    from nixcas.bridge.http import choose_encoding
+
+    assert choose_encoding(header) == expected
