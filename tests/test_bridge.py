@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import pytest
 import pytest_asyncio
 import zstandard
@@ -24,7 +25,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from nixcas.bridge.app import NarBridge, nar_url
 from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.gc import FOREVER_NS, StoredObject
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.proto import encode_node
 from nixcas.store import nixbase32
@@ -319,6 +322,24 @@ async def test_narinfo_for_unknown_nar_hash(env: Env, sample: Sample) -> None:
     status, body = await put_narinfo(env, sample, sample.narinfo())
     assert status == 400 and "unknown NarHash" in body
     await nothing_visible(env, sample)
+
+
+async def test_narinfo_after_its_nar_was_collected(env: Env, sample: Sample) -> None:
+    """GC may free an upload whose narinfo has not come yet: Nix must upload again, no PathInfo may dangle."""
+    assert await upload(env, sample) == 200
+    big = hashlib.sha256(b"big").digest() * 70_000
+    gone = B3Digest(blake3.blake3(big).digest())
+    assert await env.blobs.has(gone)
+    done = await env.blobs.delete_blobs([StoredObject(gone, len(big), 0)], FOREVER_NS)  # what GC does to it
+    assert done.deleted
+    async with env.client.head(f"/nar/{sample.nb32}.nar") as r:
+        assert r.status == 404  # so `nix copy` uploads the NAR again
+    status, body = await put_narinfo(env, sample, sample.narinfo())
+    assert status == 400 and "upload the NAR again" in body
+    assert await env.pathinfos.get(sample.store_path.digest) is None
+    assert await upload(env, sample) == 200
+    assert await put_narinfo(env, sample, sample.narinfo()) == (200, "")
+    assert await env.pathinfos.get(sample.store_path.digest) is not None
 
 
 async def test_nar_whose_hash_differs_from_its_url(env: Env, sample: Sample) -> None:

@@ -34,7 +34,7 @@ from nixcas.bridge import DEFAULT_PRIORITY
 from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.nodes import Node
+from nixcas.castore.nodes import FileNode, Node
 from nixcas.castore.proto import decode_node, encode_node
 from nixcas.errors import NixcasError, NotFoundError, StorageError, ValidationError
 from nixcas.store import nixbase32
@@ -222,6 +222,11 @@ class NarBridge:
                 f"{narinfo.store_path}: unknown NarHash sha256:{nixbase32.encode(narinfo.nar_sha256)}; "
                 "upload the NAR first"
             )
+        if not await self._still_stored(nar):
+            raise ValidationError(
+                f"{narinfo.store_path}: the NAR with NarHash sha256:{nixbase32.encode(narinfo.nar_sha256)} is no "
+                "longer complete in the store (garbage-collected before its narinfo came); upload the NAR again"
+            )
         if nar.nar_size != narinfo.nar_size:
             raise ValidationError(
                 f"{narinfo.store_path}: NarSize {narinfo.nar_size} differs from the uploaded NAR's {nar.nar_size} bytes"
@@ -232,6 +237,26 @@ class NarBridge:
         await self.pathinfos.put(info)
         log.info("registered %s", info.store_path)
         return web.Response(text="")
+
+    async def _still_stored(self, nar: UploadedNar) -> bool:
+        """Whether every directory and blob of an uploaded NAR is still in the store.
+
+        The NAR index outlives what it points at when ``nixcas gc`` collects an
+        upload whose narinfo never came (nothing roots it until then); such an
+        entry must neither make Nix skip the upload nor become a PathInfo.
+        """
+        try:
+            closure = await fetch_closure(nar.node, self.directories)
+        except NotFoundError:
+            return False
+        blobs = {n.digest for d in closure.values() for _, n in d if isinstance(n, FileNode)}
+        if isinstance(nar.node, FileNode):
+            blobs.add(nar.node.digest)
+        pending = list(blobs)
+        for i in range(0, len(pending), 256):
+            if not all(await asyncio.gather(*(self.blobs.has(b) for b in pending[i : i + 256]))):
+                return False
+        return True
 
     async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
         others = [r for r in references if r != path]
@@ -348,7 +373,7 @@ class NarBridge:
         name = request.match_info["name"]
         file_sha256, compression = parse_nar_file_name(name)
         nar = await self.index.find_file(file_sha256, compression)
-        if nar is None:
+        if nar is None or not await self._still_stored(nar):
             raise _fail(web.HTTPNotFound, f"{name}: no such NAR file")
         return await self._serve_nar(request, nar.node, nar.nar_size, compression=compression)
 
