@@ -541,29 +541,15 @@ async def collect(
         survivors=keep_chunks,
     )
     lap("blob")
-    progress.phase("chunks", None)
-    await _sweep(
-        sweep_blobs.scan_chunks(),
-        lambda o: o.digest in live_chunks,
-        sweep_blobs.delete_chunks,
-        report.kinds["chunk"],
-        cutoff_ns,
-        dry_run,
-        progress,
-    )
-    lap("chunk")
-    if isinstance(blobs, HasOutboards):  # derived data: kept exactly while its blob is
-        progress.phase("outboards", None)
-        await _sweep(
-            blobs.scan_outboards(),
-            lambda o: o.digest in live_chunks,
-            blobs.delete_outboards,
-            report.kinds["outboard"],
-            cutoff_ns,
-            dry_run,
-            progress,
-        )
-        lap("outboard")
+    # Then what only surviving blobs keep alive: chunks, and cached outboards (derived data).
+    dependents = [("chunk", sweep_blobs.scan_chunks, sweep_blobs.delete_chunks)]
+    if isinstance(blobs, HasOutboards):
+        dependents.append(("outboard", blobs.scan_outboards, blobs.delete_outboards))
+    for kind, scan, delete in dependents:
+        progress.phase(f"{kind}s", None)
+        live = report.kinds[kind]
+        await _sweep(scan(), lambda o: o.digest in live_chunks, delete, live, cutoff_ns, dry_run, progress)
+        lap(kind)
     if isinstance(blobs, HasTemporaryFiles):
         swept = await blobs.sweep_temporary(cutoff_ns, dry_run)
         temporary = report.kinds["temporary"]

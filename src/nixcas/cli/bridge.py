@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,11 @@ class BridgeOptions:
     token_file: str | None
     sign_key: str | None
     nar_index: str | None
+
+    @classmethod
+    def take(cls, options: dict[str, Any]) -> BridgeOptions:
+        """Remove this class's fields from a command's keyword arguments (the rest are service options)."""
+        return cls(*(options.pop(f.name) for f in fields(cls)))
 
     def load(self, settings: Settings) -> tuple[str | None, SigningKey | None, str]:
         """The token, the signing key and the NAR index path; unusable files are configuration errors."""
@@ -138,27 +143,22 @@ def nar_bridge(
     /,
     listen: str,
     shutdown_grace: float,
-    priority: int,
-    allow_writes: bool,
-    token_file: str | None,
-    sign_key: str | None,
-    nar_index: str | None,
-    **services: str | None,
+    **options: Any,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
 
     Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections.
     """
-    settings = settings.with_service_options(services)
-    options = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
-    options.check(settings)  # bad files fail before anything is opened
+    bridge_opts = BridgeOptions.take(options)
+    settings = settings.with_service_options(options)
+    bridge_opts.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
     async def go() -> None:
         stop = stop_on_signals()
         async with (
             await settings.open_store(with_pathinfo=True) as store,
-            serving_bridge(listen, store, settings, options, shutdown_grace) as running,
+            serving_bridge(listen, store, settings, bridge_opts, shutdown_grace) as running,
         ):
             click.echo(f"listening on {running.url}")
             logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos)

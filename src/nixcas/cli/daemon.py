@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import click
 
@@ -31,19 +32,14 @@ def daemon(
     listen: str,
     shutdown_grace: float,
     nar_bridge: str | None,
-    priority: int,
-    allow_writes: bool,
-    token_file: str | None,
-    sign_key: str | None,
-    nar_index: str | None,
-    **services: str | None,
+    **options: Any,
 ) -> None:
     """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
-    settings = settings.with_service_options(services)
-    bridge_opts = BridgeOptions(priority, allow_writes, token_file, sign_key, nar_index)
+    bridge_opts = BridgeOptions.take(options)
+    settings = settings.with_service_options(options)
     if nar_bridge is not None:
         bridge_opts.check(settings)  # bad files fail before anything is opened
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
