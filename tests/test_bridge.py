@@ -465,6 +465,21 @@ async def test_absent_node_and_unknown_prefix(env: Env, sample: Sample) -> None:
         assert r.status == 404
 
 
+async def test_nar_whose_blobs_are_not_stored(env: Env, sample: Sample) -> None:
+    """Directories present but a blob missing, or a file node whose blob is absent: 404 before any byte."""
+    missing = FileNode(B3Digest(blake3.blake3(b"not stored").digest()), 10)
+    for method in ("GET", "HEAD"):
+        async with env.client.request(method, "/" + nar_url(missing, 10 + 112)) as r:  # whatever its size
+            assert r.status == 404
+        async with env.client.request(method, "/" + nar_url(missing, 10 + 112), headers={"Range": "bytes=0-10"}) as r:
+            assert r.status == 404
+    assert await upload(env, sample) == 200
+    big = B3Digest(blake3.blake3(hashlib.sha256(b"big").digest() * 70_000).digest())
+    assert (await env.blobs.delete_blobs([StoredObject(big, 0, 0)], FOREVER_NS)).deleted
+    async with env.client.get("/" + nar_url(sample.node, len(sample.nar))) as r:
+        assert r.status == 404
+
+
 @pytest.mark.parametrize("query", ["?narsize=5", "", "?narsize=abc", "?narsize=-1", "?narsize=1&narsize=2"])
 async def test_wrong_narsize(env: Env, sample: Sample, query: str) -> None:
     await upload(env, sample)

@@ -231,8 +231,9 @@ async def test_open_read_release_leaves_nothing(fs: CastoreFs) -> None:
         (lambda fs, sub: fs.getattr(999), errno.ENOENT),
         (lambda fs, sub: fs.opendir(1, None), errno.EPERM),
         (lambda fs, sub: fs.readlink(sub), errno.EINVAL),
-        (lambda fs, sub: fs.readlink(1), errno.EINVAL),
+        (lambda fs, sub: fs.readlink(1), errno.ENOSYS),  # the root (reference §8.4)
         (lambda fs, sub: fs.open(sub, 0, None), errno.EISDIR),
+        (lambda fs, sub: fs.open(1, 0, None), errno.ENOSYS),
         (lambda fs, sub: fs.getxattr(sub, b"user.tvix.castore.directory.digest"), errno.ENOSYS),
         (lambda fs, sub: fs.listxattr(sub), errno.ENOSYS),
         (lambda fs, sub: fs.read(12345, 0, 1), errno.EBADF),

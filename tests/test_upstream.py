@@ -338,14 +338,15 @@ async def test_nar_hash_mismatch_without_keys(upstream: tuple[StaticCache, str],
         await svc.close()
 
 
+@pytest.mark.parametrize("signer", ["other key", "unsigned"])
 async def test_bridge_answers_404_for_untrusted_upstream(
-    upstream: tuple[StaticCache, str], sample: Sample, tmp_path: Path
+    upstream: tuple[StaticCache, str], sample: Sample, tmp_path: Path, signer: str
 ) -> None:
-    """A bridge in front of nix+http: a badly signed upstream narinfo is not served, and nothing is kept."""
+    """A bridge in front of nix+http: a badly signed or unsigned upstream narinfo is not served, nothing is kept."""
     from aiohttp.test_utils import TestClient, TestServer
 
     cache, url = upstream
-    cache.publish(sample, sign=OTHER)
+    cache.publish(sample, sign=OTHER if signer == "other key" else None)
     far = service(url)
     near = MemoryPathInfoService()
     index = NarIndex(None)
@@ -355,6 +356,7 @@ async def test_bridge_answers_404_for_untrusted_upstream(
             async with client.get(f"/{sample.store_path.hash_part}.narinfo") as r:
                 assert r.status == 404
                 assert "no valid signature" in await r.text()
+            assert await near.get(sample.store_path.digest) is None
             cache.publish(sample, sign=KEY)
             async with client.get(f"/{sample.store_path.hash_part}.narinfo") as r:
                 assert r.status == 200

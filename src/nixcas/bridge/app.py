@@ -249,9 +249,13 @@ class NarBridge:
             closure = await fetch_closure(nar.node, self.directories)
         except NotFoundError:
             return False
+        return await self._blobs_present(nar.node, closure)
+
+    async def _blobs_present(self, node: Node, closure: Closure) -> bool:
+        """Whether the store has every blob of ``node``'s NAR (``closure``: its directories)."""
         blobs = {n.digest for d in closure.values() for _, n in d if isinstance(n, FileNode)}
-        if isinstance(nar.node, FileNode):
-            blobs.add(nar.node.digest)
+        if isinstance(node, FileNode):
+            blobs.add(node.digest)
         pending = list(blobs)
         for i in range(0, len(pending), 256):
             if not all(await asyncio.gather(*(self.blobs.has(b) for b in pending[i : i + 256]))):
@@ -299,6 +303,8 @@ class NarBridge:
         """The NAR of ``node`` (ranges, content encoding), or the whole NAR file compressed with ``compression``."""
         closure = await fetch_closure(node, self.directories)
         size = plan_size(node, closure)
+        if not await self._blobs_present(node, closure):  # before any header: a 200 would promise the bytes
+            raise NotFoundError("the content of this NAR is not (completely) in the store")
         if size != expected_size:
             raise ValidationError(f"wrong narsize: the NAR of this node is {size} bytes, not {expected_size}")
         if compression != "none":

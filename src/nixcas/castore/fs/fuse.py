@@ -283,6 +283,8 @@ class CastoreFs(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
         node = self._inode(inode).node
+        if node is None:  # the root (reference §8.4)
+            raise _fail(errno.ENOSYS)
         if not isinstance(node, SymlinkNode):
             raise _fail(errno.EINVAL)
         return node.target
@@ -341,7 +343,9 @@ class CastoreFs(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.FileInfo:
         file_inode = self._inode(inode)
         node = file_inode.node
-        if node is None or isinstance(node, DirectoryNode | SymlinkNode):
+        if node is None:  # the root (reference §8.4)
+            raise _fail(errno.ENOSYS)
+        if isinstance(node, DirectoryNode | SymlinkNode):
             raise _fail(errno.EISDIR)
         if flags & _WRITE_FLAGS:
             raise _fail(errno.EROFS)
