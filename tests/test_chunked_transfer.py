@@ -3,7 +3,9 @@ chunk-level ``combined`` copies (bytes on the wire counted), and verified ranges
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from test_nar import InstrumentedBlobs
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
 from nixcas.castore import bao
 from nixcas.castore.blob.base import BlobReader, BlobService, BytesReader, ChunkMeta
-from nixcas.castore.blob.combined import CombinedBlobService
+from nixcas.castore.blob.combined import FILL_WINDOW, CombinedBlobService
 from nixcas.castore.blob.grpc import GrpcBlobService
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
@@ -246,6 +248,150 @@ async def test_combined_far_chunk_list_not_adding_up(tmp_path: Path) -> None:
         await combined.read(claimed)
     assert not await near.has(claimed)
     assert not key_path(tmp_path / "near", "blobs", claimed).exists()
+
+
+def chunk_starts(chunks: list[bytes]) -> list[int]:
+    return [sum(map(len, chunks[:i])) for i in range(len(chunks))]
+
+
+def chunks_near(root: Path, chunks: list[bytes]) -> set[int]:
+    """Indexes of ``chunks`` whose objects are in the store at ``root``; every chunk object there must be right."""
+    dctx = zstandard.ZstdDecompressor()
+    for path in (root / "chunks").rglob("*"):
+        if path.is_file():
+            assert b3(dctx.decompressobj().decompress(path.read_bytes())).hex() == path.name
+    return {i for i, c in enumerate(chunks) if key_path(root, "chunks", b3(c)).is_file()}
+
+
+async def test_combined_streams_a_chunked_far_blob(
+    client: GrpcBlobService, far_store: LocalBlobService, far_counted: InstrumentedBlobs, tmp_path: Path
+) -> None:
+    """The first bytes come before the blob is copied; a partial read leaves its chunks near but no index;
+    a later full read fetches only the rest from far, then writes the index."""
+    digest = await far_store.put(BIG)
+    chunks = snix_chunks(BIG)
+    starts = chunk_starts(chunks)
+    assert len(chunks) > 12 + FILL_WINDOW
+    near = LocalBlobService(tmp_path / "near")
+    combined = CombinedBlobService(near, client)
+    far_counted.opens = far_counted.bytes_read = 0
+    reader = await combined.open_read(digest)
+    assert reader is not None
+    async with reader:
+        assert far_counted.opens == 0  # nothing fetched before the first read
+        assert await reader.read(1) == BIG[:1]
+        await asyncio.sleep(0.2)  # the read-ahead window, and nothing more
+        assert 1 <= far_counted.opens <= FILL_WINDOW
+        assert far_counted.bytes_read <= sum(map(len, chunks[:FILL_WINDOW]))
+        middle = starts[12] + 5
+        await reader.seek(middle)
+        assert await reader.read(100) == BIG[middle : middle + 100]
+    await asyncio.sleep(0.2)  # cancelled fetches settle
+    present = chunks_near(tmp_path / "near", chunks)
+    assert {0, 12} <= present <= set(range(FILL_WINDOW)) | set(range(12, 12 + FILL_WINDOW))
+    assert not key_path(tmp_path / "near", "blobs", digest).exists()
+    assert not await near.has(digest)
+    far_counted.bytes_read = 0
+    assert await combined.read(digest) == BIG
+    assert far_counted.bytes_read == sum(len(c) for i, c in enumerate(chunks) if i not in present)
+    assert await near.chunks(digest) == [ChunkMeta(b3(c), len(c)) for c in chunks]
+    far_counted.bytes_read = 0
+    assert await combined.read(digest) == BIG
+    assert far_counted.bytes_read == 0
+
+
+async def test_combined_index_once_every_chunk_passed_in_order(tmp_path: Path) -> None:
+    """Skipping chunks writes no index; coming back and reading on to the end does (backward seeks are fine)."""
+    far = LocalBlobService(tmp_path / "far")
+    digest = await far.put(BIG)
+    chunks = snix_chunks(BIG)
+    starts = chunk_starts(chunks)
+    near = LocalBlobService(tmp_path / "near")
+    combined = CombinedBlobService(near, far)
+    reader = await combined.open_read(digest)
+    assert reader is not None
+    async with reader:
+        assert await reader.read(10) == BIG[:10]
+        await reader.seek(-10, io.SEEK_END)  # chunks 1.. skipped
+        assert await reader.read() == BIG[-10:]
+        assert not await near.has(digest)
+        await reader.seek(starts[1] - 3)  # back: chunk 0 again, then everything in order
+        assert await reader.read(starts[3]) == BIG[starts[1] - 3 : starts[1] - 3 + starts[3]]
+        await reader.seek(5)
+        assert await reader.read(5) == BIG[5:10]
+        await reader.seek(starts[1] - 3 + starts[3])
+        assert await reader.read() == BIG[starts[1] - 3 + starts[3] :]
+    assert await near.chunks(digest) == [ChunkMeta(b3(c), len(c)) for c in chunks]
+    assert await near.read(digest) == BIG
+
+
+async def test_combined_streaming_stops_at_a_wrong_chunk(tmp_path: Path) -> None:
+    """The chunks before a wrong one are handed out and kept near; none of the wrong one, and no index."""
+    liar, digest, chunks = await liar_with_bad_chunk(tmp_path, 5)
+    good = sum(map(len, chunks[:5]))
+    near = LocalBlobService(tmp_path / "near")
+    async with client_of(liar) as far:
+        combined = CombinedBlobService(near, far)
+        reader = await combined.open_read(digest)
+        assert reader is not None
+        async with reader:
+            assert await reader.read(good) == BIG[:good]
+            with pytest.raises(ChecksumMismatch, match=b3(chunks[5]).hex()):
+                await reader.read(1)
+    present = chunks_near(tmp_path / "near", chunks)
+    assert set(range(5)) <= present and 5 not in present
+    assert not await near.has(digest)
+
+
+async def test_combined_far_missing_a_chunk(tmp_path: Path) -> None:
+    far = LocalBlobService(tmp_path / "far")
+    digest = await far.put(BIG)
+    chunks = snix_chunks(BIG)
+    key_path(tmp_path / "far", "chunks", b3(chunks[3])).unlink()
+    near = LocalBlobService(tmp_path / "near")
+    with pytest.raises(StorageError, match=f"chunk {b3(chunks[3]).hex()} .*not found"):
+        await CombinedBlobService(near, far).read(digest)
+    assert not await near.has(digest)
+    assert 3 not in chunks_near(tmp_path / "near", chunks)
+
+
+class FailingChunkNear(LocalBlobService):
+    async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
+        raise StorageError("near: disk full")
+
+
+async def test_combined_failing_near_does_not_fail_the_stream(tmp_path: Path) -> None:
+    far = LocalBlobService(tmp_path / "far")
+    digest = await far.put(BIG)
+    near = FailingChunkNear(tmp_path / "near")
+    assert await CombinedBlobService(near, far).read(digest) == BIG
+    assert not await near.has(digest)
+
+
+async def test_combined_far_chunk_list_lie_fails_before_the_last_chunk(tmp_path: Path) -> None:
+    """Real chunks that are not the blob: the read fails when the last chunk comes, before its bytes."""
+    far = LocalBlobService(tmp_path / "far")
+    chunks = snix_chunks(BIG)
+    await far.put(BIG)
+    claimed = b3(b"claimed blob")
+    listed = chunks[::-1]
+    await far.put_index(claimed, [ChunkMeta(b3(c), len(c)) for c in listed])
+    near = LocalBlobService(tmp_path / "near")
+    combined = CombinedBlobService(near, far)
+    head = sum(map(len, listed[:-1]))
+    reader = await combined.open_read(claimed)
+    assert reader is not None
+    async with reader:
+        assert await reader.read(head) == b"".join(listed[:-1])  # each chunk checked, in the listed order
+        for _ in range(2):
+            with pytest.raises(ChecksumMismatch, match=claimed.hex()):
+                await reader.read(1)
+    assert chunks_near(tmp_path / "near", chunks) == set(range(len(chunks)))  # all right, as chunks
+    assert not await near.has(claimed)
+    assert not key_path(tmp_path / "near", "blobs", claimed).exists()
+    with pytest.raises(ChecksumMismatch):  # now from near alone: still no index
+        await combined.read(claimed)
+    assert not await near.has(claimed)
 
 
 # -- verified ranges ----------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from urllib.parse import quote
 import blake3
 import pytest
 import zstandard
+from pyfastcdc import FastCDC
 
-from nixcas.castore.blob.layout import blob_index_key
+from nixcas.castore.blob.combined import FILL_WINDOW
+from nixcas.castore.blob.layout import blob_index_key, chunk_key
 from nixcas.castore.digest import B3Digest
 from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon, short_tmpdir
 from nixcas.testing.fixtures import BLOB_B, HELLOWORLD, SYMLINK_TARGET
@@ -497,11 +499,24 @@ def test_store_mount_without_list_root(tmp_path: Path, nix_store: tuple[Path, st
 # -- over a composition: a gRPC daemon behind a local cache ------------------------------------------
 
 
-def test_reads_through_a_local_cache_fill_it(tmp_path: Path, store: tuple[Path, str], tree: Path) -> None:
+def test_reads_through_a_local_cache_fill_it(tmp_path: Path, tree: Path) -> None:
+    """Whole reads leave the blob (chunks and index) near; a partial read of a big file streams.
+
+    The far store holds a big file (20 MiB, some 80 chunks); a 4 KiB read at 16 MiB, far past the
+    mount's read-ahead (8 MiB), answers from the chunks there without copying the rest first.
+    """
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(tree / "data" / "random", source / "random")
+    (source / "blob_b").write_bytes(BLOB_B)
+    big = blake3.blake3(b"fuse big").digest(length=20 << 20)
+    (source / "big").write_bytes(big)
+    far_store = tmp_path / "far"
+    root = ingest(far_store, source)
     near = tmp_path / "near"
     with (
         short_tmpdir() as sock_dir,
-        running_daemon("-l", str(sock_dir / "d.sock"), store=store[0], log=tmp_path / "daemon.log") as daemon,
+        running_daemon("-l", str(sock_dir / "d.sock"), store=far_store, log=tmp_path / "daemon.log") as daemon,
     ):
         blob_url = (
             "combined://?near="
@@ -516,22 +531,40 @@ def test_reads_through_a_local_cache_fill_it(tmp_path: Path, store: tuple[Path, 
             daemon.client_url(),
             "castore",
             "mount",
-            store[1],
+            root,
             str(tmp_path / "mp"),
         ]
         (tmp_path / "mp").mkdir()
         with running_mount(args, tmp_path / "mp", tmp_path / "log") as mount:
-            data = (mount.path / "data" / "random").read_bytes()
+            data = (mount.path / "random").read_bytes()
             assert data == (tree / "data" / "random").read_bytes()
-            fd = os.open(mount.path / "data" / "blob_b", os.O_RDONLY | os.O_DIRECT)  # no kernel read-ahead
-            try:
-                assert os.pread(fd, 1000, 0) == BLOB_B[:1000]  # chunked in far: copied chunk-level on open
-            finally:
-                os.close(fd)
+            for name, offset, want in [("blob_b", 0, BLOB_B), ("big", 16 << 20, big)]:
+                fd = os.open(mount.path / name, os.O_RDONLY | os.O_DIRECT)  # no kernel read-ahead
+                try:
+                    assert os.pread(fd, 4096, offset) == want[offset : offset + 4096]
+                finally:
+                    os.close(fd)
             assert mount.stop() == 0
-    # A blob is in the near store once its index is (written last, after all its chunks).
-    assert (near / blob_index_key(B3Digest(blake3.blake3(data).digest()))).is_file()
-    assert (near / blob_index_key(B3Digest(blake3.blake3(BLOB_B).digest()))).is_file()
+
+    def index_near(blob: bytes) -> bool:
+        return (near / blob_index_key(B3Digest(blake3.blake3(blob).digest()))).is_file()
+
+    def chunk_near(chunk: bytes) -> bool:
+        return (near / chunk_key(B3Digest(blake3.blake3(chunk).digest()))).is_file()
+
+    # A blob is in the near store once its index is (written last, after all its chunks passed in order).
+    assert index_near(data)
+    # BLOB_B (two chunks, 1 MiB) fits in the mount's first 1 MiB block: any read of it reads it whole.
+    assert index_near(BLOB_B)
+    # The partial read of big left the chunks it touched (and its read-ahead window) near, no index.
+    chunks = [bytes(c.data) for c in FastCDC(256 << 10, min_size=128 << 10, max_size=512 << 10).cut_buf(big)]
+    assert not index_near(big)
+    starts = [sum(map(len, chunks[:i])) for i in range(len(chunks))]
+    # the mount reads the 1 MiB block at 16 MiB: the chunks covering it, and the window after the last one
+    first = max(i for i, start in enumerate(starts) if start <= 16 << 20)
+    last = max(i for i, start in enumerate(starts) if start < 17 << 20)
+    near_chunks = [i for i, c in enumerate(chunks) if chunk_near(c)]
+    assert set(range(first, last + 1)) <= set(near_chunks) <= set(range(first, last + FILL_WINDOW))
 
 
 # -- usage errors -----------------------------------------------------------------------------------------

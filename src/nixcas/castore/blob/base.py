@@ -432,9 +432,9 @@ class ChunkStore(ABC):
     """What a blob service that keeps blobs as chunks plus an index offers beyond :class:`BlobService`.
 
     Implemented by backends of the object-store layout (``objectstore+file``);
-    the ``combined`` service uses it to copy a blob chunk by chunk: it asks
-    which chunks are missing, puts those (each checked against its digest),
-    and puts the index last, once the whole blob has been verified.
+    the ``combined`` service uses it to fill near chunk by chunk while a blob
+    streams: it puts each chunk it fetches (checked against its digest), and
+    puts the index last, once the whole blob has passed and been verified.
     """
 
     @abstractmethod

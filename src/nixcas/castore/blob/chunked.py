@@ -24,11 +24,19 @@ class ChunkedReader(BlobReader):
     chunk: reads and seeks inside it cost nothing; a seek elsewhere finds the
     chunk by binary search over the chunk offsets (O(log n)).  While reading
     sequentially it keeps the following chunks in flight, as many as fit in
-    ``window_bytes`` (by their declared sizes; 0 fetches on demand), so
-    memory stays bounded by the current chunk plus that window.
+    ``window_bytes`` (by their declared sizes; 0 fetches on demand), and at
+    most ``window_chunks`` chunks in flight (the one being read included) if
+    given, so memory stays bounded by the current chunk plus that window.
     """
 
-    def __init__(self, fetch: FetchChunk, chunks: Sequence[ChunkMeta], *, window_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        fetch: FetchChunk,
+        chunks: Sequence[ChunkMeta],
+        *,
+        window_bytes: int = 0,
+        window_chunks: int | None = None,
+    ) -> None:
         self._fetch = fetch
         self._chunks = list(chunks)
         self._starts: list[int] = []
@@ -38,6 +46,7 @@ class ChunkedReader(BlobReader):
             total += c.size
         self._size = total
         self._window_bytes = window_bytes
+        self._window_chunks = len(self._chunks) if window_chunks is None else max(1, window_chunks)
         self._pos = 0
         self._cur: tuple[int, memoryview] | None = None
         self._ahead: dict[int, asyncio.Future[bytes]] = {}
@@ -61,7 +70,8 @@ class ChunkedReader(BlobReader):
         self._cur = None
         end = index + 1
         budget = self._window_bytes if sequential else 0
-        while end < len(self._chunks) and budget >= self._chunks[end].size:
+        last = min(len(self._chunks), index + self._window_chunks)
+        while end < last and budget >= self._chunks[end].size:
             budget -= self._chunks[end].size
             end += 1
         wanted = range(index, end)

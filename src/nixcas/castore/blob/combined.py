@@ -3,16 +3,24 @@
 Reads are served from *near* when it has the blob.  Otherwise, when far
 keeps the blob in chunks and near can hold chunks (a
 :class:`~nixcas.castore.blob.base.ChunkStore`, i.e. an object store), the
-copy is chunk-level: far's chunk list is fetched, only the chunks near lacks
-are read from far (several in parallel, each checked against its digest) and
-written near, the whole blob is hashed in order, and only if it matches is
-the index written near; the read is then served from near.  A second version
-of a large file thus costs only its changed chunks.  Otherwise the blob is
-streamed from *far* and, while the caller reads it from the start, copied
-into *near*; once the whole blob has passed and hashed to its digest the
-copy is committed, so the next read is local.  A read that stops early or
-seeks away abandons the copy (nothing partial becomes visible).  Writes go
-to near only.  (tvix reads through without filling; see reference §4.5.)
+read streams chunk by chunk at once: a chunk near already holds is read
+from near, one it lacks is fetched from far (up to :data:`FILL_WINDOW`
+chunks in flight ahead of a sequential read), checked against its digest
+before any of its bytes are handed out or it is written near, and then kept
+near.  Seeks find their chunk by binary search.  Chunks touched by a partial
+or seeking read stay near (they are content-addressed and verified), but the
+blob index is written near only once every chunk has passed through the
+reader in blob order and their concatenation hashed to the blob's digest;
+a chunk list from far that does not add up raises
+:class:`~nixcas.errors.ChecksumMismatch` when the last chunk is reached,
+before its bytes are handed out.  A second version of a large file thus
+costs only its changed chunks, and a later full read of a partly read blob
+fetches only the chunks still missing.  Otherwise the blob is streamed from
+*far* and, while the caller reads it from the start, copied into *near*;
+once the whole blob has passed and hashed to its digest the copy is
+committed, so the next read is local.  A read that stops early or seeks
+away abandons that copy (nothing partial becomes visible).  Writes go to
+near only.  (tvix reads through without filling; see reference §4.5.)
 
 Composition::
 
@@ -26,7 +34,6 @@ URL form: ``combined://?near=URL&far=URL`` (percent-encoded URLs or names).
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 from collections.abc import Mapping, Sequence
@@ -36,7 +43,16 @@ from typing import ClassVar
 import blake3
 
 from nixcas._aio import close_all
-from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BlobWriter, ChunkMeta, ChunkStore
+from nixcas.castore.blob.base import (
+    BlobChecker,
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    ChunkMeta,
+    ChunkStore,
+    check_chunk,
+)
+from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.digest import B3Digest
 from nixcas.config import NearFarConfig, Resolver
 from nixcas.errors import ChecksumMismatch, StorageError
@@ -46,7 +62,10 @@ __all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
 log = logging.getLogger(__name__)
 
 FILL_WINDOW = 8
-"""Chunks fetched from far at once during a chunk-level copy."""
+"""Chunks in flight (the one being read included) while a chunked far blob streams into near."""
+
+FILL_WINDOW_BYTES = 8 << 20
+"""Bytes of chunks in flight (by their declared sizes) while a chunked far blob streams into near."""
 
 
 @dataclass(frozen=True)
@@ -91,51 +110,11 @@ class CombinedBlobService(BlobService):
             if chunks is None:
                 return None
             if len(chunks) >= 2:
-                await self._copy_chunks(digest, self.near, chunks)
-                reader = await self.near._open_read(digest)
-                if reader is None:
-                    raise StorageError(f"combined: blob {digest.hex()} vanished from near right after the copy")
-                return reader
+                return _FillingChunkedReader(self.far, self.near, digest, chunks)
         reader = await self.far._open_read(digest)
         if reader is None:
             return None
         return _FillingReader(reader, digest, await self.near.open_write())
-
-    async def _copy_chunks(self, digest: B3Digest, near: ChunkStore, chunks: Sequence[ChunkMeta]) -> None:
-        """Fetch the chunks near lacks from far, store them near, and the index once the blob verifies.
-
-        Chunks are taken in order, up to :data:`FILL_WINDOW` of them in flight;
-        each chunk from far is checked against its digest before it is
-        written near (so nothing near is ever wrong), and the index is only
-        written once all chunks, near and fetched, hash to ``digest``.
-        """
-        missing = {c.digest for c in await near.missing_chunks(chunks)}
-        hasher = blake3.blake3()
-
-        async def fetch(chunk: ChunkMeta) -> bytes:
-            source = self.far if chunk.digest in missing else self.near
-            data = await source.read_chunk(chunk)
-            if data is None:
-                raise StorageError(f"combined: chunk {chunk.digest.hex()} of blob {digest.hex()} not found")
-            if chunk.digest in missing:
-                await near.put_chunk(chunk, data)
-            return data
-
-        pending: dict[int, asyncio.Future[bytes]] = {}
-        try:
-            for i in range(len(chunks)):
-                for j in range(i, min(len(chunks), i + FILL_WINDOW)):
-                    if j not in pending:
-                        pending[j] = asyncio.ensure_future(fetch(chunks[j]))
-                hasher.update(await pending.pop(i))
-        finally:
-            for task in pending.values():
-                task.cancel()
-            await asyncio.gather(*pending.values(), return_exceptions=True)
-        got = hasher.digest()
-        if got != digest:
-            raise ChecksumMismatch(f"combined: the chunks far lists for blob {digest.hex()}", digest.hex(), got.hex())
-        await near.put_index(digest, chunks)
 
     async def outboard(self, digest: B3Digest) -> bytes | None:
         return await (self.near if await self.near.has(digest) else self.far).outboard(digest)
@@ -167,6 +146,67 @@ class CombinedBlobService(BlobService):
     async def close(self) -> None:
         if self._close_inner:
             await close_all(self.near, self.far)
+
+
+class _FillingChunkedReader(ChunkedReader):
+    """Streams a chunked far blob: near's chunks from near, the others from far, checked, then kept near.
+
+    Every chunk fetched goes through :meth:`_chunk`; while they arrive in
+    blob order (seeks back and forth are fine as long as no chunk is
+    skipped) they are hashed, and when the last one arrives the hash must be
+    the blob digest: then the index is written near, else the read fails.
+    """
+
+    def __init__(self, far: BlobService, near: BlobService, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        super().__init__(self._fetch_chunk, chunks, window_bytes=FILL_WINDOW_BYTES, window_chunks=FILL_WINDOW)
+        assert isinstance(near, ChunkStore)
+        self._far = far
+        self._near = near
+        self._store: ChunkStore = near
+        self._digest = digest
+        self._hasher = blake3.blake3()
+        self._hashed = 0  # chunks hashed, in blob order
+        self._wrong: ChecksumMismatch | None = None  # the chunks do not make up the blob: every read fails
+
+    async def _fetch_chunk(self, chunk: ChunkMeta, offset: int) -> bytes:
+        data = await self._near.read_chunk(chunk)
+        if data is not None:
+            return data
+        where = f"combined: far: blob {self._digest.hex()}"
+        data = await self._far.read_chunk(chunk)
+        if data is None:
+            raise StorageError(f"{where}: chunk {chunk.digest.hex()} (at offset {offset}) not found")
+        check_chunk(chunk, data, where)  # before anything is stored or handed out, whatever far's reader does
+        try:
+            await self._store.put_chunk(chunk, data)
+        except Exception as e:  # the near store failing must not fail the read
+            log.warning("combined: copying chunk %s into near failed: %s", chunk.digest.hex(), e)
+        return data
+
+    async def _chunk(self, index: int) -> memoryview:
+        if self._wrong is not None:
+            raise self._wrong
+        data = await super()._chunk(index)
+        if index == self._hashed:
+            self._hasher.update(data)
+            self._hashed += 1
+            if self._hashed == len(self._chunks):
+                await self._finish()
+        return data
+
+    async def _finish(self) -> None:
+        """All chunks passed in order: check they make up the blob, then publish its index near."""
+        got = self._hasher.digest()
+        if got != self._digest:
+            self._cur = None  # nothing of the last chunk is handed out, now or later
+            self._wrong = ChecksumMismatch(
+                f"combined: the chunks far lists for blob {self._digest.hex()}", self._digest.hex(), got.hex()
+            )
+            raise self._wrong
+        try:
+            await self._store.put_index(self._digest, self._chunks)
+        except Exception as e:  # a chunk lost near meanwhile (GC), a failing disk: the read goes on
+            log.warning("combined: storing the index of blob %s near failed: %s", self._digest.hex(), e)
 
 
 class _FillingReader(BlobReader):
