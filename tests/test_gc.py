@@ -26,7 +26,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.gc import Deletion, StoredObject, WriteLeases, collect, parse_duration
 from nixcas.castore.nodes import DirectoryNode, FileNode
-from nixcas.errors import ConfigurationError
+from nixcas.errors import ConfigurationError, StorageError
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
 from nixcas.testing.nix import NIX_STORE, run_nix
 
@@ -97,12 +97,14 @@ def chunk_objects(blob_root: Path, blobs: set[bytes]) -> set[bytes]:
     return out
 
 
-def backdate(store: Path, seconds: int) -> None:
+def backdate(store: Path, seconds: int, *, directories: bool = True) -> None:
     """Make every object of the store look ``seconds`` older."""
     for p in (store / "blobs").rglob("*"):
         if p.is_file() and not p.is_symlink():
             st = p.stat()
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
+    if not directories:
+        return
     with sqlite3.connect(store / "directories.sqlite") as conn:
         conn.execute("UPDATE directories SET mtime = mtime - ?", (seconds * 10**9,))
 
@@ -269,6 +271,62 @@ async def test_writers_that_dedup_chunks_refresh_them(tmp_path: Path) -> None:
     assert freed(report, "blob")[0] == 2 and freed(report, "chunk")[0] == len(own) > 0
     for c in chunks1:
         assert (store / "blobs" / chunk_key(c.digest)).exists()
+
+
+@pytest.mark.parametrize("gc_started", ["before the upload", "during the upload"])
+async def test_a_streaming_upload_without_lease_never_publishes_a_broken_blob(tmp_path: Path, gc_started: str) -> None:
+    """A daemon upload holds no lease: GC may run while it reuses old chunks. It must not end up corrupt."""
+    blobs = LocalBlobService(str(tmp_path / "blobs"))
+    old = os.urandom(3 << 20)
+    await blobs.put(old)
+    backdate(tmp_path, 2 * 3600, directories=False)
+    new = old[: 2 << 20] + os.urandom(1 << 20)  # reuses the old blob's leading chunks
+    cutoff = time.time_ns()  # ``gc --grace 0s`` fixing its cutoff now ...
+    await asyncio.sleep(0.05)  # (file times come from a coarser clock than time_ns)
+    writer = await blobs.open_write()
+    async with writer:
+        await writer.write(new[: 2 << 20])
+        if gc_started == "during the upload":
+            await asyncio.sleep(0.05)
+            cutoff = time.time_ns()  # ... or only now, after the reused chunks were found and refreshed
+        report = await collect(blobs, MemoryDirectoryService(), [], cutoff_ns=cutoff)
+        await writer.write(new[2 << 20 :])
+        if gc_started == "before the upload":  # the reused chunks were young for that GC: all is well
+            assert report.kinds["blob"].freed == 1  # the old blob, and its chunks the new one does not share
+            digest = await writer.close()
+            assert await blobs.read(digest) == new
+        else:  # that GC deleted them (nothing referred to them): the upload fails, nothing is published
+            assert report.kinds["chunk"].freed > 0
+            with pytest.raises(StorageError, match="deleted while it ran"):
+                await writer.close()
+            assert not await blobs.has(B3Digest(blake3.blake3(new).digest()))
+    await blobs.close()
+
+
+async def test_a_long_upload_keeps_its_staged_chunks_young(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nixcas.castore.blob.local as local
+
+    monkeypatch.setattr(local, "KEEP_ALIVE_SECONDS", 0.0)  # refresh on every write
+    blobs = LocalBlobService(str(tmp_path / "blobs"))
+    data = os.urandom(3 << 20)
+    writer = await blobs.open_write()
+    async with writer:
+        await writer.write(data[: 2 << 20])
+        staged = [p for p in (tmp_path / "blobs" / "tmp").iterdir()]
+        assert staged
+        for p in staged:  # as if the upload had been running for two hours
+            os.utime(p, ns=(0, time.time_ns() - 2 * HOUR_NS))
+        await writer.write(data[2 << 20 :])  # ... and it goes on: its staged files are refreshed
+        assert await blobs.sweep_temporary(time.time_ns() - 60 * 10**9, dry_run=False) == []
+        assert await blobs.read(await writer.close()) == data
+    writer = await blobs.open_write()
+    async with writer:
+        await writer.write(os.urandom(2 << 20))
+        for p in (tmp_path / "blobs" / "tmp").iterdir():
+            p.unlink()  # what a collection does to a stray temp file
+        with pytest.raises(StorageError, match="staged chunk of this upload was removed"):
+            await writer.close()
+    await blobs.close()
 
 
 async def test_outboards_are_collected_with_their_blob(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import itertools
 import os
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -825,6 +826,10 @@ async def _to_thread_uninterrupted(fn: Callable[[], T]) -> T:
         raise
 
 
+KEEP_ALIVE_SECONDS = 10.0
+"""How often a long upload refreshes the ages of the chunks it staged or reuses (see GC in README)."""
+
+
 class _LocalBlobWriter(BlobWriter):
     """Buffers small blobs in memory; cuts larger ones into chunks staged as temp files.
 
@@ -846,14 +851,19 @@ class _LocalBlobWriter(BlobWriter):
         self._chunker: Chunker | None = None
         self._chunks: list[ChunkMeta] = []
         self._staged: dict[B3Digest, str] = {}  # chunk digest -> its temp file
+        self._reused: set[B3Digest] = set()  # chunks found stored: the index will refer to them
+        self._kept_alive = time.monotonic()
 
     def _stage_sync(self, chunks: Sequence[bytes | memoryview]) -> None:
         service = self._service
         for data in chunks:
             digest = B3Digest(blake3.blake3(data).digest())
             self._chunks.append(ChunkMeta(digest, len(data)))
-            if digest in self._staged or service._refresh_chunk_sync(digest):
-                continue  # stored already (written only if absent; refreshed so a running GC keeps it)
+            if digest in self._staged or digest in self._reused:
+                continue
+            if service._refresh_chunk_sync(digest):  # stored already: refreshed so a running GC keeps it
+                self._reused.add(digest)
+                continue
             tmp_path, fd = service._new_temp()
             self._staged[digest] = tmp_path
             with contextlib.closing(os.fdopen(fd, "wb")) as f:
@@ -865,6 +875,26 @@ class _LocalBlobWriter(BlobWriter):
         for block in data:
             self._hasher.update(block)
             self._stage_sync(self._chunker.feed(block))
+        if time.monotonic() - self._kept_alive > KEEP_ALIVE_SECONDS:
+            self._keep_alive_sync()
+
+    def _keep_alive_sync(self) -> None:
+        """Refresh what this upload has staged or reused, so GC finds it young however long the upload runs.
+
+        GC deletes unreferenced objects (and stray temp files) older than its
+        cutoff; until the index is written nothing refers to these chunks.
+        """
+        service = self._service
+        for tmp_path in self._staged.values():
+            if not service._refresh_sync(tmp_path):
+                raise StorageError(f"{service}: a staged chunk of this upload was removed ({tmp_path}); retry")
+        for digest in self._reused:
+            if not service._refresh_chunk_sync(digest):
+                raise StorageError(
+                    f"{service}: chunk {digest.hex()} of this upload was deleted while it ran "
+                    "(a gc with a grace period shorter than the upload?); nothing was written, retry"
+                )
+        self._kept_alive = time.monotonic()
 
     async def write(self, data: bytes) -> None:
         await self._admit(self._state, len(data))
@@ -887,7 +917,8 @@ class _LocalBlobWriter(BlobWriter):
         self._stage_sync(chunker.finish())
         digest = B3Digest(self._hasher.digest())
         service = self._service
-        while self._staged:  # chunks first ...
+        self._keep_alive_sync()  # every chunk the index will list is present and young ...
+        while self._staged:  # ... the new ones are published first ...
             chunk, tmp_path = self._staged.popitem()
             service._publish(tmp_path, service._chunk_path(chunk))
         service._dirty = True
