@@ -74,7 +74,7 @@ def mount_impossible(workdir: Path) -> str | None:
         proc.wait(MOUNT_TIMEOUT)
         assert proc.stderr is not None
         err = proc.stderr.read().decode(errors="replace")
-        if "cannot mount at" in err:
+        if "cannot mount at" in err and "fuse_session_mount failed" in err:  # the kernel or fusermount3 refused
             return "mounting is impossible here: " + " / ".join(err.strip().splitlines())
         return None
     finally:
