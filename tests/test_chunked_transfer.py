@@ -60,6 +60,9 @@ class LyingLocal(LocalBlobService):
     fake_outboard: bytes | None = None
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        path = key_path(self.root, "chunks", digest)
+        if path.exists():  # a single-chunk blob or a chunk: its object's bytes, unchecked
+            return BytesReader(zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes()))
         return await self._open_read(digest)
 
     async def outboard(self, digest: B3Digest) -> bytes | None:
