@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import blake3
 
-from nixcas.castore.blob.base import BlobService
+from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
@@ -62,6 +62,8 @@ class CastoreChecker:
         self.check_contents = check_contents
         self._dirs: dict[B3Digest, Directory | str] = {}
         self._blob_results: dict[B3Digest, tuple[str | None, int | None]] = {}
+        self._bad_chunk: dict[B3Digest, B3Digest] = {}  # blob -> the chunk its problem is about
+        self._chunks_seen: set[B3Digest] = set()  # chunks of multi-chunk blobs already examined as such
         self.on_object: Callable[[], None] | None = None
 
     # -- single objects ------------------------------------------------------------
@@ -107,12 +109,14 @@ class CastoreChecker:
             for chunk in chunks:
                 if not await self.blobs.has(chunk.digest):
                     return f"is missing its chunk {chunk.digest.hex()}", None
+            if chunks:
+                return await self._check_chunked(digest, chunks)
             reader = await self.blobs.open_read(digest)
             if reader is None:
                 return "is missing", None
             async with reader:
                 if not self.check_contents:
-                    return None, sum(c.size for c in chunks) if chunks else None
+                    return None, None
                 size = 0
                 async for block in reader.iter_blocks():
                     size += len(block)
@@ -121,6 +125,37 @@ class CastoreChecker:
             return f"is corrupt (its bytes hash to {e.got})", None
         except NixcasError as e:
             return f"cannot be read: {e}", None
+
+    async def _check_chunked(self, digest: B3Digest, chunks: list[ChunkMeta]) -> tuple[str | None, int | None]:
+        """A multi-chunk blob: each chunk read (bounded) and checked, then the whole blob's hash."""
+        size = sum(c.size for c in chunks)
+        if not self.check_contents:
+            return None, size
+        hasher = blake3.blake3()
+        for chunk in chunks:
+            self._chunks_seen.add(chunk.digest)
+            try:
+                data = await self.blobs.read_chunk(chunk)
+            except ChecksumMismatch as e:
+                self._bad_chunk[digest] = chunk.digest
+                return f"is corrupt (its bytes hash to {e.got})", None
+            except NixcasError as e:
+                self._bad_chunk[digest] = chunk.digest
+                return f"cannot be read: {e}", None
+            if data is None:
+                return f"is missing its chunk {chunk.digest.hex()}", None
+            hasher.update(data)
+        got = hasher.hexdigest()
+        if got != digest.hex():
+            return f"is corrupt (its chunks together hash to {got})", None
+        return None, size
+
+    def blob_problem(self, path: str, digest: B3Digest, problem: str) -> Problem:
+        """The problem :meth:`blob` found, attributed to the chunk it is about (``<path>: blob X: chunk Y …``)."""
+        chunk = self._bad_chunk.get(digest)
+        if chunk is not None:
+            return Problem(f"{path}: blob {digest.hex()}", "chunk", chunk.hex(), problem)
+        return Problem(path, "blob", digest.hex(), problem)
 
     async def chunk(self, digest: B3Digest) -> str | None:
         """What is wrong with a chunk object (read whole and hashed)."""
@@ -148,7 +183,7 @@ class CastoreChecker:
                 elif isinstance(n, FileNode):
                     problem, size = await self.blob(n.digest)
                     if problem is not None:
-                        yield Problem(path, "blob", n.digest.hex(), problem)
+                        yield self.blob_problem(path, n.digest, problem)
                     elif size is not None and size != n.size:
                         yield Problem(path, "blob", n.digest.hex(), f"has {size} bytes, its directory records {n.size}")
             level = next_level
@@ -185,13 +220,13 @@ class CastoreChecker:
                 if obj.digest not in self._blob_results:
                     problem, _ = await self.blob(obj.digest)
                     if problem is not None:
-                        yield Problem(UNREFERENCED, "blob", obj.digest.hex(), problem)
+                        yield self.blob_problem(UNREFERENCED, obj.digest, problem)
         if not self.check_contents:
             return
         async for batch in sweepable.scan_chunks():
             for obj in batch:
-                if obj.digest in self._blob_results:
-                    continue  # a single-chunk blob's chunk, read as that blob
+                if obj.digest in self._blob_results or obj.digest in self._chunks_seen:
+                    continue  # a single-chunk blob's chunk, read as that blob, or a chunk of a blob examined
                 problem = await self.chunk(obj.digest)
                 if self.on_object is not None:
                     self.on_object()

@@ -105,7 +105,7 @@ class _Pass:
                     node = FileNode(pin.digest, 0)  # size unknown: only presence and contents are checked
                     trouble, _ = await checker.blob(pin.digest)
                     if trouble is not None:
-                        yield Problem(f"pin {pin.name}", "blob", pin.digest.hex(), trouble)
+                        yield checker.blob_problem(f"pin {pin.name}", pin.digest, trouble)
                     continue
                 else:
                     yield Problem(f"pin {pin.name}", "object", pin.digest.hex(), "is missing")
