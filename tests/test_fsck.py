@@ -301,3 +301,30 @@ def test_zstd_bomb_in_place_of_a_blob_is_reported(damaged: tuple[Path, Path, Pat
     (line,) = problems(result.stdout)
     expected = f"{info.store_path}/bin/tool: blob {digests['bin/tool'].hex()} is corrupt (its bytes hash to "
     assert line == expected + blake3.blake3(bytes(256 << 20)).hexdigest() + ")"
+
+
+def test_corrupt_cached_outboard(tmp_path: Path) -> None:
+    store, empty = tmp_path / "store", tmp_path / "empty"
+    empty.mkdir()
+    data = blake3.blake3(b"outboard").digest(length=50_000)
+
+    async def put() -> B3Digest:
+        async with await Store.open(store) as s:
+            digest = await s.blobs.put(data)
+            assert await s.blobs.outboard(digest) is not None
+            return digest
+
+    digest = asyncio.run(put())
+    assert nixcas("fsck", store=store).returncode == 0
+    path = store / "blobs" / "bao" / "b3" / digest.hex()[:4] / digest.hex()
+    raw = bytearray(path.read_bytes())
+    raw[8 + 64 + 7] ^= 0x40
+    path.write_bytes(bytes(raw))
+    result = nixcas("fsck", store=store)
+    assert result.returncode == 1
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"(cache): outboard {digest.hex()} is corrupt (")
+    repaired = nixcas("fsck", "--repair-from", str(empty), store=store)
+    assert repaired.returncode == 0, repaired
+    assert not path.exists()
+    assert nixcas("fsck", store=store).returncode == 0

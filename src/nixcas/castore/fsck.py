@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import blake3
 
@@ -21,14 +22,24 @@ from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import FOREVER_NS, StoredObject, SweepableBlobs, SweepableDirectories
+from nixcas.castore.gc import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node
 from nixcas.errors import ChecksumMismatch, NixcasError, StorageError
 
-__all__ = ["CastoreChecker", "CastoreRepairer", "Problem"]
+__all__ = ["CastoreChecker", "CastoreRepairer", "CheckableOutboards", "Problem"]
 
 UNREFERENCED = "(unreferenced)"
 """The path of a problem found in a stored object no root reaches."""
+CACHE = "(cache)"
+"""The path of a problem found in a derived object a backend caches (a bao outboard)."""
+
+
+@runtime_checkable
+class CheckableOutboards(HasOutboards, Protocol):
+    """A blob backend whose cached outboards can be checked without the blobs' data."""
+
+    async def outboard_problem(self, digest: B3Digest) -> str | None:
+        """What is wrong with the cached outboard of ``digest`` (``None``: nothing, or none cached)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +48,7 @@ class Problem:
 
     path: str
     kind: str
-    """``directory``, ``blob``, ``chunk`` or (Nix layer) ``pathinfo``."""
+    """``directory``, ``blob``, ``chunk``, ``outboard`` or (Nix layer) ``pathinfo``."""
     name: str
     """The object's digest in hex (or a store path)."""
     message: str
@@ -233,6 +244,16 @@ class CastoreChecker:
                 if problem is not None:
                     yield Problem(UNREFERENCED, "chunk", obj.digest.hex(), problem)
 
+    async def stored_outboards(self, cached: CheckableOutboards) -> AsyncIterator[Problem]:
+        """Every cached bao outboard, its tree checked against the blob digest (no blob data read)."""
+        async for batch in cached.scan_outboards():
+            for obj in batch:
+                problem = await cached.outboard_problem(obj.digest)
+                if self.on_object is not None:
+                    self.on_object()
+                if problem is not None:
+                    yield Problem(CACHE, "outboard", obj.digest.hex(), f"is corrupt ({problem})")
+
 
 class CastoreRepairer:
     """Replaces damaged or missing objects of ``blobs``/``directories`` by verified copies from a source."""
@@ -276,6 +297,13 @@ class CastoreRepairer:
         """A damaged chunk object: drop it (the blobs listing it are refetched, which rewrites their data)."""
         if isinstance(self.blobs, SweepableBlobs):
             await self.blobs.delete_chunks([StoredObject(digest, 0, 0)], FOREVER_NS)
+        return False
+
+    async def outboard(self, digest: B3Digest) -> bool:
+        """A damaged cached outboard: drop it (it is computed anew from the blob when next asked for)."""
+        if isinstance(self.blobs, HasOutboards):
+            await self.blobs.delete_outboards([StoredObject(digest, 0, 0)], FOREVER_NS)
+            return True
         return False
 
     async def directory(self, digest: B3Digest) -> bool:

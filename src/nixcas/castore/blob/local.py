@@ -485,26 +485,61 @@ class LocalBlobService(BlobService, ChunkStore):
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
         return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
 
+    def _blob_size_sync(self, digest: B3Digest) -> int | None:
+        """The blob's size from its chunk list or its object's zstd frame header; ``None``: not recorded there."""
+        try:
+            with open(self._index_path(digest), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        if raw:
+            return sum(c.size for c in decode_index(digest, raw))
+        try:
+            with open(self._chunk_path(digest), "rb") as f:
+                size = zstandard.frame_content_size(f.read(18))
+        except (FileNotFoundError, zstandard.ZstdError):
+            return None
+        return size if size >= 0 else None
+
+    def _cached_outboard_sync(self, digest: B3Digest) -> tuple[bytes | None, str | None, int | None]:
+        """The cached outboard (``None``: absent), what is wrong with it (``None``: nothing), the blob's size if known.
+
+        The tree is checked to the root against ``digest`` (:func:`~nixcas.castore.bao.check_outboard`),
+        the length header against the size the blob's index or frame header records.
+        """
+        from nixcas.castore.bao import check_outboard  # NumPy: loaded only when outboards are asked for
+
+        try:
+            with open(f"{self._root}/{bao_key(digest)}", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None, None
+        size = self._blob_size_sync(digest)
+        try:
+            check_outboard(digest, data, size)
+        except StorageError as e:
+            return data, str(e), size
+        return data, None, size
+
+    async def outboard_problem(self, digest: B3Digest) -> str | None:
+        """What is wrong with the cached outboard of ``digest`` (``None``: nothing found, or none cached)."""
+        return (await asyncio.to_thread(self._cached_outboard_sync, digest))[1]
+
     async def outboard(self, digest: B3Digest) -> bytes | None:
-        """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``."""
-        from nixcas.castore.bao import outboard_len  # NumPy: loaded only when outboards are asked for
+        """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``.
 
+        A cached outboard is checked whole against the digest each time it is
+        loaded; a damaged one is computed anew and replaced (atomically).
+        Where the blob's size is recorded nowhere but in its data (objects
+        without a size in their zstd header), the outboard is computed and
+        compared, and the cached file replaced only if it differs.
+        """
         path = f"{self._root}/{bao_key(digest)}"
-
-        def load() -> bytes | None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                return None
-            size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-            return data if size >= 0 and len(data) == outboard_len(size) else None  # else: computed anew
-
-        cached = await asyncio.to_thread(load)
-        if cached is not None:
+        cached, problem, size = await asyncio.to_thread(self._cached_outboard_sync, digest)
+        if cached is not None and problem is None and size is not None:
             return cached
         computed = await super().outboard(digest)
-        if computed is not None:
+        if computed is not None and computed != cached:
             await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
         return computed
 
