@@ -469,24 +469,15 @@ def test_cat_range_verified(tmp_path: Path) -> None:
     store = tmp_path / "s"
     digest = nixcas("castore", "ingest", str(tmp_path / "f"), "--json", store=store)
     hexdigest = json.loads(digest.stdout)["digest"]
+
+    def cat_range(spec: str) -> bytes:
+        cli = [sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store)]
+        return subprocess.run(
+            [*cli, "castore", "cat", hexdigest, "--range", spec], capture_output=True, check=True
+        ).stdout
+
     for spec, want in [("100:200", data[100:200]), ("1000000:", data[1000000:]), ("5:5", b"")]:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nixcas.cli.main",
-                "--store-dir",
-                str(store),
-                "castore",
-                "cat",
-                hexdigest,
-                "--range",
-                spec,
-            ],
-            capture_output=True,
-            check=True,
-        )
-        assert result.stdout == want
+        assert cat_range(spec) == want
     assert_one_line_error(
         nixcas("castore", "cat", hexdigest, "--range", f"0:{len(data) + 1}", store=store), 1, "past the end"
     )
@@ -494,23 +485,7 @@ def test_cat_range_verified(tmp_path: Path) -> None:
     # another blob's outboard in the store's bao/ cache: found when loaded, replaced by the right one
     cached = key_path(store / "blobs", "bao", b3(data))
     cached.write_bytes(bao.encode_outboard(noise(b"other", len(data))))
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nixcas.cli.main",
-            "--store-dir",
-            str(store),
-            "castore",
-            "cat",
-            hexdigest,
-            "--range",
-            "0:10",
-        ],
-        capture_output=True,
-        check=True,
-    )
-    assert again.stdout == data[:10]
+    assert cat_range("0:10") == data[:10]
     assert cached.read_bytes() == bao.encode_outboard(data)
 
 
