@@ -203,3 +203,19 @@ def prune_to_groups(outboard_1k: bytes, size: int, group_chunks: int) -> bytes:
 def test_16k_outboard_is_the_1k_outboard_above_the_groups(size: int) -> None:
     data = blake3.blake3(b"prune %d" % size).digest(length=size)
     assert bao.encode_outboard(data) == prune_to_groups(bao.encode_outboard(data, 0), size, 16)
+
+
+@pytest.mark.parametrize("size", [1, 16384, 16385, 5 * 16384 + 7, 33 * 16384])
+def test_check_outboard_detects_every_flipped_bit(size: int) -> None:
+    data = blake3.blake3(b"check %d" % size).digest(length=size)
+    root = B3Digest(blake3.blake3(data).digest())
+    outboard = bao.encode_outboard(data)
+    bao.check_outboard(root, outboard, size)
+    bao.check_outboard(root, outboard, None)
+    for pos in range(len(outboard)):
+        bad = bytearray(outboard)
+        bad[pos] ^= 1 << (pos % 8)
+        with pytest.raises(StorageError):
+            bao.check_outboard(root, bytes(bad), size)
+    with pytest.raises(bao.BaoMismatch):
+        bao.check_outboard(B3Digest(bytes(32)), outboard, None if size > 16384 else size + 1)

@@ -60,6 +60,9 @@ class LyingLocal(LocalBlobService):
     fake_outboard: bytes | None = None
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        path = key_path(self.root, "chunks", digest)
+        if path.exists():  # a single-chunk blob or a chunk: its object's bytes, unchecked
+            return BytesReader(zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes()))
         return await self._open_read(digest)
 
     async def outboard(self, digest: B3Digest) -> bytes | None:
@@ -466,33 +469,24 @@ def test_cat_range_verified(tmp_path: Path) -> None:
     store = tmp_path / "s"
     digest = nixcas("castore", "ingest", str(tmp_path / "f"), "--json", store=store)
     hexdigest = json.loads(digest.stdout)["digest"]
+
+    def cat_range(spec: str) -> bytes:
+        cli = [sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store)]
+        return subprocess.run(
+            [*cli, "castore", "cat", hexdigest, "--range", spec], capture_output=True, check=True
+        ).stdout
+
     for spec, want in [("100:200", data[100:200]), ("1000000:", data[1000000:]), ("5:5", b"")]:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nixcas.cli.main",
-                "--store-dir",
-                str(store),
-                "castore",
-                "cat",
-                hexdigest,
-                "--range",
-                spec,
-            ],
-            capture_output=True,
-            check=True,
-        )
-        assert result.stdout == want
+        assert cat_range(spec) == want
     assert_one_line_error(
         nixcas("castore", "cat", hexdigest, "--range", f"0:{len(data) + 1}", store=store), 1, "past the end"
     )
     assert_one_line_error(nixcas("castore", "cat", hexdigest, "--range", "9:3", store=store), 2, "START:END")
-    # an outboard that lies (kept in the store's bao/ objects): nothing is written, the node is named
-    key_path(store / "blobs", "bao", b3(data)).write_bytes(bao.encode_outboard(noise(b"other", len(data))))
-    lied = nixcas("castore", "cat", hexdigest, "--range", "0:10", store=store)
-    assert_one_line_error(lied, 1, "outboard parent node 0")
-    assert lied.stdout == ""
+    # another blob's outboard in the store's bao/ cache: found when loaded, replaced by the right one
+    cached = key_path(store / "blobs", "bao", b3(data))
+    cached.write_bytes(bao.encode_outboard(noise(b"other", len(data))))
+    assert cat_range("0:10") == data[:10]
+    assert cached.read_bytes() == bao.encode_outboard(data)
 
 
 async def test_client_sequential_read_is_one_stream_seeks_fetch_chunks(

@@ -256,3 +256,75 @@ def test_invalid_pathinfo_record(damaged: tuple[Path, Path, PathInfo, dict[str, 
     repaired = nixcas("fsck", "--repair-from", str(good), store=bad)
     assert repaired.returncode == 0, repaired
     assert nixcas("path-info", str(info.store_path), store=bad).returncode == 0
+
+
+def test_corrupt_chunk_is_attributed_to_its_blob_once(
+    damaged: tuple[Path, Path, PathInfo, dict[str, B3Digest]],
+) -> None:
+    good, bad, info, digests = damaged
+    chunk = blob_of(CHUNKS[1])
+    flip_byte(bad, chunk)
+    result = nixcas("fsck", "--check-contents", store=bad)
+    assert result.returncode == 1
+    flipped = blake3.blake3(flipped_bytes(bad, chunk)).hexdigest()
+    assert result.stdout.splitlines() == [  # not again as an unreferenced chunk
+        f"{info.store_path}/data/chunked: blob {digests['data/chunked'].hex()}: "
+        f"chunk {chunk.hex()} is corrupt (its bytes hash to {flipped})"
+    ]
+    assert "1 problems" in result.stderr
+    repaired = nixcas("fsck", "--check-contents", "--repair-from", str(good), store=bad)
+    assert repaired.returncode == 0, repaired
+    assert nixcas("fsck", "--check-contents", store=bad).returncode == 0
+
+
+def test_corrupt_chunk_of_unreferenced_blob(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    digest = write_chunked(store / "blobs", CHUNKS)
+    chunk = blob_of(CHUNKS[2])
+    flip_byte(store, chunk)
+    result = nixcas("fsck", "--check-contents", store=store)
+    assert result.returncode == 1
+    flipped = blake3.blake3(flipped_bytes(store, chunk)).hexdigest()
+    assert result.stdout.splitlines() == [
+        f"(unreferenced): blob {digest.hex()}: chunk {chunk.hex()} is corrupt (its bytes hash to {flipped})"
+    ]
+
+
+def test_zstd_bomb_in_place_of_a_blob_is_reported(damaged: tuple[Path, Path, PathInfo, dict[str, B3Digest]]) -> None:
+    """A frame expanding to 256 MiB in place of a small blob: streamed through the hash (bounded memory), reported."""
+    _, bad, info, digests = damaged
+    bomb = zstandard.ZstdCompressor().compress(bytes(256 << 20))
+    (bad / "blobs" / chunk_key(digests["bin/tool"])).write_bytes(bomb)
+    result = nixcas("fsck", "--check-contents", store=bad)
+    assert result.returncode == 1
+    (line,) = problems(result.stdout)
+    expected = f"{info.store_path}/bin/tool: blob {digests['bin/tool'].hex()} is corrupt (its bytes hash to "
+    assert line == expected + blake3.blake3(bytes(256 << 20)).hexdigest() + ")"
+
+
+def test_corrupt_cached_outboard(tmp_path: Path) -> None:
+    store, empty = tmp_path / "store", tmp_path / "empty"
+    empty.mkdir()
+    data = blake3.blake3(b"outboard").digest(length=50_000)
+
+    async def put() -> B3Digest:
+        async with await Store.open(store) as s:
+            digest = await s.blobs.put(data)
+            assert await s.blobs.outboard(digest) is not None
+            return digest
+
+    digest = asyncio.run(put())
+    assert nixcas("fsck", store=store).returncode == 0
+    path = store / "blobs" / "bao" / "b3" / digest.hex()[:4] / digest.hex()
+    raw = bytearray(path.read_bytes())
+    raw[8 + 64 + 7] ^= 0x40
+    path.write_bytes(bytes(raw))
+    result = nixcas("fsck", store=store)
+    assert result.returncode == 1
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"(cache): outboard {digest.hex()} is corrupt (")
+    repaired = nixcas("fsck", "--repair-from", str(empty), store=store)
+    assert repaired.returncode == 0, repaired
+    assert not path.exists()
+    assert nixcas("fsck", store=store).returncode == 0

@@ -44,6 +44,7 @@ __all__ = [
     "PARENT_LEN",
     "BaoMismatch",
     "OutboardEncoder",
+    "check_outboard",
     "encode_outboard",
     "extract_slice",
     "group_count",
@@ -311,6 +312,42 @@ def verify_groups(root: B3Digest, outboard: bytes, groups: Mapping[int, bytes], 
                 f"chunk group {start} (bytes {lo}..{hi})", expected.hex(), group_cvs[start].hex(), group=start
             )
     return size
+
+
+def check_outboard(root: B3Digest, outboard: bytes, size: int | None, group_log: int = GROUP_LOG) -> None:
+    """Check a whole outboard against the blob digest ``root`` (and the blob's ``size`` if known).
+
+    Every parent node is hashed (one NumPy pass) and compared with the chaining
+    value its parent announces, the root node (with the ROOT flag) with
+    ``root``: so every byte of the tree is checked, without the blob's data.
+    The length header binds only the group count that way (the last group's
+    length is in the data), hence the comparison with ``size`` when the
+    caller knows it.  A mismatch raises :class:`BaoMismatch` naming the node;
+    a malformed outboard :class:`StorageError`.
+    """
+    stated, count = _parse_header(outboard, group_log)
+    if size is not None and stated != size:
+        raise BaoMismatch("outboard length header", size, stated)
+    if count == 1:
+        return
+    cvs = {0: _root_cv(_node_words(outboard, [0]))}
+    if count > 2:
+        words = _node_words(outboard, list(range(1, count - 1)))
+        raw = np.ascontiguousarray(bt.parent_cvs(words[:8], words[8:]).T, dtype="<u4").tobytes()
+        cvs.update((i + 1, raw[32 * i : 32 * i + 32]) for i in range(count - 2))
+    stack: list[tuple[int, int, bytes, int]] = [(0, count, bytes(root), 0)]
+    while stack:
+        start, n, expected, index = stack.pop()
+        if cvs[index] != expected:
+            raise BaoMismatch(
+                f"outboard parent node {index} (groups {start}..{start + n})", expected.hex(), cvs[index].hex()
+            )
+        node = outboard[HEADER_LEN + PARENT_LEN * index : HEADER_LEN + PARENT_LEN * (index + 1)]
+        split = _split(n)
+        if n - split > 1:
+            stack.append((start + split, n - split, node[32:], index + split))
+        if split > 1:
+            stack.append((start, split, node[:32], index + 1))
 
 
 def _node_words(outboard: bytes, indexes: list[int]) -> bt.Words:

@@ -14,21 +14,32 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import blake3
 
-from nixcas.castore.blob.base import BlobService
+from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import FOREVER_NS, StoredObject, SweepableBlobs, SweepableDirectories
+from nixcas.castore.gc import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node
 from nixcas.errors import ChecksumMismatch, NixcasError, StorageError
 
-__all__ = ["CastoreChecker", "CastoreRepairer", "Problem"]
+__all__ = ["CastoreChecker", "CastoreRepairer", "CheckableOutboards", "Problem"]
 
 UNREFERENCED = "(unreferenced)"
 """The path of a problem found in a stored object no root reaches."""
+CACHE = "(cache)"
+"""The path of a problem found in a derived object a backend caches (a bao outboard)."""
+
+
+@runtime_checkable
+class CheckableOutboards(HasOutboards, Protocol):
+    """A blob backend whose cached outboards can be checked without the blobs' data."""
+
+    async def outboard_problem(self, digest: B3Digest) -> str | None:
+        """What is wrong with the cached outboard of ``digest`` (``None``: nothing, or none cached)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +48,7 @@ class Problem:
 
     path: str
     kind: str
-    """``directory``, ``blob``, ``chunk`` or (Nix layer) ``pathinfo``."""
+    """``directory``, ``blob``, ``chunk``, ``outboard`` or (Nix layer) ``pathinfo``."""
     name: str
     """The object's digest in hex (or a store path)."""
     message: str
@@ -62,6 +73,8 @@ class CastoreChecker:
         self.check_contents = check_contents
         self._dirs: dict[B3Digest, Directory | str] = {}
         self._blob_results: dict[B3Digest, tuple[str | None, int | None]] = {}
+        self._bad_chunk: dict[B3Digest, B3Digest] = {}  # blob -> the chunk its problem is about
+        self._chunks_seen: set[B3Digest] = set()  # chunks of multi-chunk blobs already examined as such
         self.on_object: Callable[[], None] | None = None
 
     # -- single objects ------------------------------------------------------------
@@ -107,12 +120,14 @@ class CastoreChecker:
             for chunk in chunks:
                 if not await self.blobs.has(chunk.digest):
                     return f"is missing its chunk {chunk.digest.hex()}", None
+            if chunks:
+                return await self._check_chunked(digest, chunks)
             reader = await self.blobs.open_read(digest)
             if reader is None:
                 return "is missing", None
             async with reader:
                 if not self.check_contents:
-                    return None, sum(c.size for c in chunks) if chunks else None
+                    return None, None
                 size = 0
                 async for block in reader.iter_blocks():
                     size += len(block)
@@ -121,6 +136,37 @@ class CastoreChecker:
             return f"is corrupt (its bytes hash to {e.got})", None
         except NixcasError as e:
             return f"cannot be read: {e}", None
+
+    async def _check_chunked(self, digest: B3Digest, chunks: list[ChunkMeta]) -> tuple[str | None, int | None]:
+        """A multi-chunk blob: each chunk read (bounded) and checked, then the whole blob's hash."""
+        size = sum(c.size for c in chunks)
+        if not self.check_contents:
+            return None, size
+        hasher = blake3.blake3()
+        for chunk in chunks:
+            self._chunks_seen.add(chunk.digest)
+            try:
+                data = await self.blobs.read_chunk(chunk)
+            except ChecksumMismatch as e:
+                self._bad_chunk[digest] = chunk.digest
+                return f"is corrupt (its bytes hash to {e.got})", None
+            except NixcasError as e:
+                self._bad_chunk[digest] = chunk.digest
+                return f"cannot be read: {e}", None
+            if data is None:
+                return f"is missing its chunk {chunk.digest.hex()}", None
+            hasher.update(data)
+        got = hasher.hexdigest()
+        if got != digest.hex():
+            return f"is corrupt (its chunks together hash to {got})", None
+        return None, size
+
+    def blob_problem(self, path: str, digest: B3Digest, problem: str) -> Problem:
+        """The problem :meth:`blob` found, attributed to the chunk it is about (``<path>: blob X: chunk Y …``)."""
+        chunk = self._bad_chunk.get(digest)
+        if chunk is not None:
+            return Problem(f"{path}: blob {digest.hex()}", "chunk", chunk.hex(), problem)
+        return Problem(path, "blob", digest.hex(), problem)
 
     async def chunk(self, digest: B3Digest) -> str | None:
         """What is wrong with a chunk object (read whole and hashed)."""
@@ -148,7 +194,7 @@ class CastoreChecker:
                 elif isinstance(n, FileNode):
                     problem, size = await self.blob(n.digest)
                     if problem is not None:
-                        yield Problem(path, "blob", n.digest.hex(), problem)
+                        yield self.blob_problem(path, n.digest, problem)
                     elif size is not None and size != n.size:
                         yield Problem(path, "blob", n.digest.hex(), f"has {size} bytes, its directory records {n.size}")
             level = next_level
@@ -185,18 +231,28 @@ class CastoreChecker:
                 if obj.digest not in self._blob_results:
                     problem, _ = await self.blob(obj.digest)
                     if problem is not None:
-                        yield Problem(UNREFERENCED, "blob", obj.digest.hex(), problem)
+                        yield self.blob_problem(UNREFERENCED, obj.digest, problem)
         if not self.check_contents:
             return
         async for batch in sweepable.scan_chunks():
             for obj in batch:
-                if obj.digest in self._blob_results:
-                    continue  # a single-chunk blob's chunk, read as that blob
+                if obj.digest in self._blob_results or obj.digest in self._chunks_seen:
+                    continue  # a single-chunk blob's chunk, read as that blob, or a chunk of a blob examined
                 problem = await self.chunk(obj.digest)
                 if self.on_object is not None:
                     self.on_object()
                 if problem is not None:
                     yield Problem(UNREFERENCED, "chunk", obj.digest.hex(), problem)
+
+    async def stored_outboards(self, cached: CheckableOutboards) -> AsyncIterator[Problem]:
+        """Every cached bao outboard, its tree checked against the blob digest (no blob data read)."""
+        async for batch in cached.scan_outboards():
+            for obj in batch:
+                problem = await cached.outboard_problem(obj.digest)
+                if self.on_object is not None:
+                    self.on_object()
+                if problem is not None:
+                    yield Problem(CACHE, "outboard", obj.digest.hex(), f"is corrupt ({problem})")
 
 
 class CastoreRepairer:
@@ -241,6 +297,13 @@ class CastoreRepairer:
         """A damaged chunk object: drop it (the blobs listing it are refetched, which rewrites their data)."""
         if isinstance(self.blobs, SweepableBlobs):
             await self.blobs.delete_chunks([StoredObject(digest, 0, 0)], FOREVER_NS)
+        return False
+
+    async def outboard(self, digest: B3Digest) -> bool:
+        """A damaged cached outboard: drop it (it is computed anew from the blob when next asked for)."""
+        if isinstance(self.blobs, HasOutboards):
+            await self.blobs.delete_outboards([StoredObject(digest, 0, 0)], FOREVER_NS)
+            return True
         return False
 
     async def directory(self, digest: B3Digest) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.fsck import CastoreChecker, CastoreRepairer, Problem
+from nixcas.castore.fsck import CastoreChecker, CastoreRepairer, CheckableOutboards, Problem
 from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.pins import PinStore
@@ -105,7 +105,7 @@ class _Pass:
                     node = FileNode(pin.digest, 0)  # size unknown: only presence and contents are checked
                     trouble, _ = await checker.blob(pin.digest)
                     if trouble is not None:
-                        yield Problem(f"pin {pin.name}", "blob", pin.digest.hex(), trouble)
+                        yield checker.blob_problem(f"pin {pin.name}", pin.digest, trouble)
                     continue
                 else:
                     yield Problem(f"pin {pin.name}", "object", pin.digest.hex(), "is missing")
@@ -117,6 +117,9 @@ class _Pass:
                 yield problem
         if isinstance(self.blobs, SweepableBlobs):
             async for problem in checker.stored_blobs(self.blobs):
+                yield problem
+        if isinstance(self.blobs, CheckableOutboards):
+            async for problem in checker.stored_outboards(self.blobs):
                 yield problem
         if self.check_nar:
             for _, info in sorted(self.infos.items(), key=lambda kv: str(kv[0])):
@@ -223,4 +226,6 @@ async def _repair(
     if problem.kind == "chunk":
         await repairer.chunk(digest)
         return True
+    if problem.kind == "outboard":
+        return await repairer.outboard(digest)
     return False

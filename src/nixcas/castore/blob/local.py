@@ -59,7 +59,7 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL, bao_key, blob_index_key, chun
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.errors import ConfigurationError, StorageError, ValidationError
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
 from nixcas.urls import query_options
 
 __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
@@ -69,8 +69,12 @@ T = TypeVar("T")
 SPILL_THRESHOLD = 1 << 20
 """Writers keep up to this many bytes in memory before they start writing chunks."""
 
-WHOLE_READ = 1 << 20
-"""Chunk objects up to this size (compressed) are read and decompressed in one step (up to 4x that)."""
+SINGLE_CHUNK_CAP = 4 << 20
+"""A single-chunk blob of at most this many bytes (every chunk the writer makes, at any ``avg_chunk_size``)
+is read, decompressed (bounded) and verified in one step before a byte is returned."""
+
+LEGACY_MAX_SIZE = 64 << 30
+"""The largest single-object blob (written before chunking) that is served; it is verified in a first pass."""
 
 READ_WINDOW = 2 << 20
 """Bytes of chunks a sequential read of a chunked blob keeps in flight (decompressed in worker threads)."""
@@ -430,31 +434,49 @@ class LocalBlobService(BlobService, ChunkStore):
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return await asyncio.to_thread(self._chunks_sync, digest)
 
-    def _read_object_sync(self, chunk_path: str) -> bytes | _Slow | None:
-        """A chunk object's bytes in one go if it is small; ``None`` if absent; :data:`_SLOW`: stream it."""
+    def _read_object_sync(self, digest: B3Digest) -> bytes | StorageError | _Slow | None:
+        """A single-chunk blob's bytes, verified; ``None`` if absent; :data:`_SLOW`: a big legacy object.
+
+        An object whose compressed size fits :data:`SINGLE_CHUNK_CAP` is
+        decompressed bounded (to at most that many bytes) and hashed against
+        ``digest`` before anything is returned: a tampered or swapped object
+        gives the error every read then raises.  Larger objects (written
+        before blobs were chunked), and objects that expand past the cap, go
+        to :class:`_ZstdFileReader`, which verifies them in a first pass
+        (as it does objects of several zstd frames).
+        """
         try:
-            fd = os.open(chunk_path, _READ_ONLY)
+            fd = os.open(self._chunk_path(digest), _READ_ONLY)
         except FileNotFoundError:
             return None
         try:
-            if os.fstat(fd).st_size > WHOLE_READ:
+            limit = _compressed_bound(SINGLE_CHUNK_CAP)
+            if os.fstat(fd).st_size > limit:
                 return _SLOW
-            compressed = os.read(fd, WHOLE_READ + 1)
+            parts = []
+            while part := os.read(fd, limit + 1):
+                parts.append(part)
         finally:
             os.close(fd)
         try:
-            data = decompress_at_most(self._decompressor(), compressed, 4 * WHOLE_READ)
+            data = decompress_at_most(self._decompressor(), b"".join(parts), SINGLE_CHUNK_CAP)
         except zstandard.ZstdError:
-            return _SLOW  # the streaming reader reports it
-        return _SLOW if data is None else data
+            return _SLOW  # several frames, say: the verifying streaming reader takes it (or reports the error)
+        if data is None:
+            return _SLOW
+        got = blake3.blake3(data).digest()
+        if got != digest:
+            return ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
+        return data
 
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
-        chunk_path = self._chunk_path(digest)
-        found = await asyncio.to_thread(self._read_object_sync, chunk_path)
+        found = await asyncio.to_thread(self._read_object_sync, digest)
         if isinstance(found, bytes):
             return BytesReader(found)
+        if isinstance(found, StorageError):
+            return _FailedReader(found)
         if found is _SLOW:
-            return _ZstdFileReader(chunk_path)
+            return _ZstdFileReader(self._chunk_path(digest), digest)
         chunks = await self.chunks(digest)
         if chunks is None:
             return None
@@ -464,26 +486,61 @@ class LocalBlobService(BlobService, ChunkStore):
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
         return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
 
+    def _blob_size_sync(self, digest: B3Digest) -> int | None:
+        """The blob's size from its chunk list or its object's zstd frame header; ``None``: not recorded there."""
+        try:
+            with open(self._index_path(digest), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raw = b""
+        if raw:
+            return sum(c.size for c in decode_index(digest, raw))
+        try:
+            with open(self._chunk_path(digest), "rb") as f:
+                size = zstandard.frame_content_size(f.read(18))
+        except (FileNotFoundError, zstandard.ZstdError):
+            return None
+        return size if size >= 0 else None
+
+    def _cached_outboard_sync(self, digest: B3Digest) -> tuple[bytes | None, str | None, int | None]:
+        """The cached outboard (``None``: absent), what is wrong with it (``None``: nothing), the blob's size if known.
+
+        The tree is checked to the root against ``digest`` (:func:`~nixcas.castore.bao.check_outboard`),
+        the length header against the size the blob's index or frame header records.
+        """
+        from nixcas.castore.bao import check_outboard  # NumPy: loaded only when outboards are asked for
+
+        try:
+            with open(f"{self._root}/{bao_key(digest)}", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None, None, None
+        size = self._blob_size_sync(digest)
+        try:
+            check_outboard(digest, data, size)
+        except StorageError as e:
+            return data, str(e), size
+        return data, None, size
+
+    async def outboard_problem(self, digest: B3Digest) -> str | None:
+        """What is wrong with the cached outboard of ``digest`` (``None``: nothing found, or none cached)."""
+        return (await asyncio.to_thread(self._cached_outboard_sync, digest))[1]
+
     async def outboard(self, digest: B3Digest) -> bytes | None:
-        """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``."""
-        from nixcas.castore.bao import outboard_len  # NumPy: loaded only when outboards are asked for
+        """Computed on first use from a verified read, then kept as ``bao/b3/<4 hex>/<hex>``.
 
+        A cached outboard is checked whole against the digest each time it is
+        loaded; a damaged one is computed anew and replaced (atomically).
+        Where the blob's size is recorded nowhere but in its data (objects
+        without a size in their zstd header), the outboard is computed and
+        compared, and the cached file replaced only if it differs.
+        """
         path = f"{self._root}/{bao_key(digest)}"
-
-        def load() -> bytes | None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                return None
-            size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
-            return data if size >= 0 and len(data) == outboard_len(size) else None  # else: computed anew
-
-        cached = await asyncio.to_thread(load)
-        if cached is not None:
+        cached, problem, size = await asyncio.to_thread(self._cached_outboard_sync, digest)
+        if cached is not None and problem is None and size is not None:
             return cached
         computed = await super().outboard(digest)
-        if computed is not None:
+        if computed is not None and computed != cached:
             await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
         return computed
 
@@ -736,21 +793,74 @@ class LocalBlobService(BlobService, ChunkStore):
         return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, "bao")
 
 
-class _ZstdFileReader(BlobReader):
-    """Streams one zstd-compressed chunk file; backward seeks restart the stream."""
+class _FailedReader(BlobReader):
+    """A blob found damaged when opened: every read (and ``SEEK_END``) raises the error, no byte is returned."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, error: StorageError) -> None:
+        self._error = error
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        raise self._error
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            raise self._error
+        self._pos = resolve_seek(self._pos, 0, offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _ZstdFileReader(BlobReader):
+    """Streams a big single-object blob (written before chunking), verified in full before its first byte.
+
+    Such an object has no index, so nothing declares its size.  The first
+    read (or ``SEEK_END``) therefore decompresses the whole object once,
+    discarding the output while hashing and counting it (at most
+    :data:`LEGACY_MAX_SIZE` bytes: a zstd bomb stops there), and compares
+    the hash with the blob's digest; only then is the same open file
+    decompressed again and served, never past the size the first pass
+    counted.  Two passes, for rare old objects; backward seeks restart the
+    second stream.
+    """
+
+    def __init__(self, path: str, digest: B3Digest) -> None:
         self._path = path
+        self._digest = digest
         self._file: BinaryIO | None = None
         self._stream: zstandard.ZstdDecompressionReader | None = None
         self._pos = 0  # position of the decompressed stream
         self._want = 0  # position the caller asked for
-        self._size: int | None = None
+        self._size: int | None = None  # known once verified
+
+    def _verify_sync(self) -> int:
+        if self._size is None:
+            self._close_sync()
+            self._file = open(self._path, "rb")  # noqa: SIM115 - closed in _close_sync
+            hasher = blake3.blake3()
+            size = 0
+            with zstandard.ZstdDecompressor().stream_reader(self._file, read_across_frames=True, closefd=False) as s:
+                while block := s.read(1 << 20):
+                    size += len(block)
+                    if size > LEGACY_MAX_SIZE:
+                        raise StorageError(
+                            f"blob {self._digest.hex()}: object {self._path} expands past {LEGACY_MAX_SIZE} bytes"
+                        )
+                    hasher.update(block)
+            got = hasher.digest()
+            if got != self._digest:
+                raise ChecksumMismatch(f"blob {self._digest.hex()}", self._digest.hex(), got.hex())
+            self._size = size
+        return self._size
 
     def _open_sync(self) -> None:
-        self._close_sync()
-        self._file = open(self._path, "rb")  # noqa: SIM115 - closed in _close_sync
-        self._stream = zstandard.ZstdDecompressor().stream_reader(self._file, read_across_frames=True)
+        assert self._file is not None
+        if self._stream is not None:
+            self._stream.close()  # type: ignore[no-untyped-call]
+        self._file.seek(0)
+        self._stream = zstandard.ZstdDecompressor().stream_reader(self._file, read_across_frames=True, closefd=False)
         self._pos = 0
 
     def _close_sync(self) -> None:
@@ -761,45 +871,41 @@ class _ZstdFileReader(BlobReader):
             self._file.close()
             self._file = None
 
-    def _size_sync(self) -> int:
-        if self._size is None:
-            with open(self._path, "rb") as f:
-                size = zstandard.frame_content_size(f.read(18))
-            if size < 0:  # not recorded in the frame header: count
-                with open(self._path, "rb") as f, zstandard.ZstdDecompressor().stream_reader(f) as s:
-                    size = 0
-                    while block := s.read(1 << 20):
-                        size += len(block)
-            self._size = size
-        return self._size
-
     def _read_sync(self, n: int) -> bytes:
+        size = self._verify_sync()
         if self._stream is None or self._want < self._pos:
             self._open_sync()
         assert self._stream is not None
-        while self._pos < self._want:  # forward seek: decompress and drop
+        while self._pos < min(self._want, size):  # forward seek: decompress and drop
             skipped = self._stream.read(min(self._want - self._pos, 1 << 20))
             if not skipped:
-                return b""
+                break
             self._pos += len(skipped)
-        data = self._stream.read(n)
+        left = size - self._pos
+        if self._pos < self._want or left <= 0:
+            return b""
+        data = self._stream.read(left if n < 0 else min(n, left))
+        if not data:
+            raise StorageError(f"blob {self._digest.hex()}: object {self._path} changed while being read")
         self._pos += len(data)
         self._want = self._pos
         return data
 
+    async def _run(self, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.to_thread(fn)
+        except zstandard.ZstdError as e:
+            raise StorageError(f"blob {self._digest.hex()}: object {self._path}: cannot decompress: {e}") from None
+        except FileNotFoundError:
+            raise StorageError(f"blob {self._digest.hex()}: object {self._path} vanished") from None
+
     async def read(self, n: int = -1) -> bytes:
         if n == 0:
             return b""
-        try:
-            return await asyncio.to_thread(self._read_sync, n)
-        except zstandard.ZstdError as e:
-            raise StorageError(f"chunk {self._path}: cannot decompress: {e}") from None
+        return await self._run(lambda: self._read_sync(n))
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        try:
-            size = await asyncio.to_thread(self._size_sync) if whence == io.SEEK_END else 0
-        except zstandard.ZstdError as e:
-            raise StorageError(f"chunk {self._path}: cannot decompress: {e}") from None
+        size = await self._run(self._verify_sync) if whence == io.SEEK_END else 0
         self._want = resolve_seek(self._want, size, offset, whence)
         return self._want
 
