@@ -62,8 +62,9 @@ import blake3
 
 # The sibling scripts (``bench/`` is on sys.path when this file is run): the same tree generators.
 from import_tree import base_facts, generate_tree
-from nar import generate_large_file
+from nar import chunk_object_paths, generate_large_file
 
+from nixcas.castore.digest import B3Digest
 from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon
 from nixcas.testing.fuse import FUSE_SKIP_REASON, Mount, running_mount
 
@@ -143,7 +144,7 @@ class Bench:
         self.daemon_pid: int | None = None
         self.rss: list[float] = []
         self.digest = ""
-        self.chunk: Path | None = None
+        self.chunks: list[Path] = []
         self.mounts = 0
         self.entries = 0
 
@@ -177,9 +178,8 @@ class Bench:
         with open(self.big, "rb") as f:
             while block := f.read(16 * MIB):
                 h.update(block)
-        hexd = h.hexdigest()
-        self.chunk = self.store / "blobs" / "chunks" / "b3" / hexd[:4] / hexd
-        assert self.chunk.exists(), self.chunk
+        self.chunks = chunk_object_paths(self.store / "blobs", B3Digest(h.digest()))
+        assert all(p.exists() for p in self.chunks), self.chunks
 
     @contextmanager
     def mount(self, *global_args: str) -> Iterator[Mount]:
@@ -209,7 +209,7 @@ class Bench:
         print(f"checked: same SHA-256 {want_sha[:16]}..., same find output ({self.entries} entries)", flush=True)
 
     def round(self, grpc_url: str | None) -> None:
-        assert self.chunk is not None
+        assert self.chunks
         big = Path("large") / "big.bin"
         self.record("read local, page cache", lambda: dd(self.big))
         with self.mount() as m:
@@ -218,7 +218,8 @@ class Bench:
             self.record("read mount, again", lambda: dd(m.path / big), m.pid)
         evict(self.big)
         self.record("read local, cold", lambda: dd(self.big))
-        evict(self.chunk)
+        for path in self.chunks:
+            evict(path)
         with self.mount() as m:
             self.record("read mount, cold", lambda: dd(m.path / big), m.pid)
         self.record("find local", lambda: find(self.small)[0])

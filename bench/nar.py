@@ -101,8 +101,9 @@ from import_tree import (
 )
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import chunk_key
+from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import Node
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.store.nar import ingest_nar, render_nar
@@ -314,6 +315,13 @@ async def render_sha256(node: Node, store: Store) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def chunk_object_paths(blob_root: str | Path, digest: B3Digest) -> list[Path]:
+    """The chunk objects holding blob ``digest`` in an ``objectstore+file`` store, in order."""
+    index = Path(blob_root) / blob_index_key(digest)
+    chunks = decode_index(digest, index.read_bytes())
+    return [Path(blob_root) / chunk_key(c.digest) for c in chunks] or [Path(blob_root) / chunk_key(digest)]
+
+
 def unzstd_blake3(blob_root: str, holes: list[Hole]) -> int:
     """The floor of rendering from this store: read, decompress and BLAKE3-verify every blob, in order.
 
@@ -323,12 +331,13 @@ def unzstd_blake3(blob_root: str, holes: list[Hole]) -> int:
     total = 0
     for hole in holes:
         hasher = blake3.blake3()
-        with open(f"{blob_root}/{chunk_key(hole.digest)}", "rb") as f:
-            reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-            while block := reader.read(READ_BLOCK):
-                hasher.update(block)
-                total += len(block)
-            reader.close()  # type: ignore[no-untyped-call]
+        for path in chunk_object_paths(blob_root, hole.digest):
+            with open(path, "rb") as f:
+                reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+                while block := reader.read(READ_BLOCK):
+                    hasher.update(block)
+                    total += len(block)
+                reader.close()  # type: ignore[no-untyped-call]
         if hasher.digest() != hole.digest:
             raise SystemExit(f"blob {hole.digest.hex()}: BLAKE3 mismatch")
     return total
