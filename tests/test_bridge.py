@@ -13,6 +13,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,6 +488,47 @@ async def test_wrong_narsize(env: Env, sample: Sample, query: str) -> None:
     for method in ("GET", "HEAD"):
         async with env.client.request(method, url) as r:
             assert r.status == 400
+
+
+async def test_verified_blob_slices(env: Env) -> None:
+    from nixcas.castore import bao
+
+    data = os.urandom(100_000)  # seven 16 KiB groups
+    digest = await env.blobs.put(data)
+    for start, length in ((0, 1), (20_000, 5_000), (16_384, 16_384), (99_999, 1), (0, 100_000)):
+        async with env.client.get(f"/blob/{digest.hex()}?start={start}&length={length}") as r:
+            assert r.status == 200 and r.headers["X-Blob-Size"] == "100000"
+            body = await r.read()
+        assert bao.verify_slice(digest, body, start, length) == data[start : start + length]
+        if length < 100_000:
+            assert len(body) < len(data)  # only the covering groups travel
+        tampered = bytearray(body)
+        tampered[-1] ^= 1
+        with pytest.raises(bao.BaoMismatch):
+            bao.verify_slice(digest, bytes(tampered), start, length)
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("?start=99990&length=11", 416),  # past the end
+        ("?start=100000&length=1", 416),
+        ("?start=0", 400),
+        ("?start=0&length=0", 400),
+        ("?start=-1&length=5", 400),
+        ("?start=0&length=99999999999", 400),
+        ("?start=a&length=1", 400),
+    ],
+)
+async def test_bad_blob_slices(env: Env, query: str, status: int) -> None:
+    digest = await env.blobs.put(os.urandom(100_000))
+    async with env.client.get(f"/blob/{digest.hex()}{query}") as r:
+        assert r.status == status, await r.text()
+    for name in ("zz" * 32, digest.hex().upper(), digest.hex()[:-1], digest.b3()):
+        async with env.client.get(f"/blob/{name}?start=0&length=1") as r:
+            assert r.status in (400, 404)  # never served: only lowercase 64-hex names are blob URLs
+    async with env.client.get(f"/blob/{'0' * 64}?start=0&length=1") as r:
+        assert r.status == 404
 
 
 async def test_no_request_is_a_server_error(env: Env, sample: Sample) -> None:

@@ -33,6 +33,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from nixcas.bridge import DEFAULT_PRIORITY
 from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
 from nixcas.castore.blob.base import BlobService
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node
 from nixcas.castore.proto import decode_node, encode_node
@@ -61,6 +62,9 @@ RANGE_CHUNK: Final = 1 << 20
 NAR_TYPE: Final = "application/x-nix-nar"
 NARINFO_TYPE: Final = "text/x-nix-narinfo"
 IMMUTABLE: Final = "max-age=31536000, immutable"
+MAX_SLICE_LENGTH: Final = 64 << 20
+"""The longest range ``GET /blob/<hex>`` serves as one bao slice."""
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -126,6 +130,7 @@ class NarBridge:
         r.add_put(r"/{name:[^/]+\.narinfo}", self.put_narinfo)
         r.add_get(r"/nar/{prefix:[a-z]+-castore}/{node}", self.get_nar)
         r.add_get(r"/nar/{name:[^/]+}", self.get_nar_file)
+        r.add_get(r"/blob/{name}", self.get_blob_slice)
         r.add_put(r"/nar/{name:[^/]+}", self.put_nar)
         return app
 
@@ -382,6 +387,60 @@ class NarBridge:
         if nar is None or not await self._still_stored(nar):
             raise _fail(web.HTTPNotFound, f"{name}: no such NAR file")
         return await self._serve_nar(request, nar.node, nar.nar_size, compression=compression)
+
+    # -- verified blob slices -----------------------------------------------------------
+
+    @staticmethod
+    def _query_int(request: web.Request, key: str) -> int:
+        values = request.query.getall(key, [])
+        if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 20:
+            raise ValidationError(f"blob slice URL needs exactly one ?{key}=N (a non-negative integer)")
+        return int(values[0])
+
+    async def get_blob_slice(self, request: web.Request) -> web.Response:
+        """``GET /blob/<hex>?start=N&length=M``: a bao slice of the blob (16 KiB groups), verifiable by the client.
+
+        The body is the 8-byte little-endian blob size, then pre-order the
+        parent nodes and chunk groups on the paths to the range: what a bao
+        decoder checks against the blob's BLAKE3 before using a byte.  The
+        server checks it too before sending (a damaged store gives a 500).
+        """
+        from nixcas.castore import bao  # NumPy: loaded only when slices are asked for
+
+        name = request.match_info["name"]
+        if not _HEX_DIGEST.fullmatch(name):
+            raise ValidationError("a blob URL names the blob by 64 lowercase hex digits")
+        digest = B3Digest(bytes.fromhex(name))
+        start, length = self._query_int(request, "start"), self._query_int(request, "length")
+        if not 0 < length <= MAX_SLICE_LENGTH:
+            raise ValidationError(f"length must be 1..{MAX_SLICE_LENGTH}")
+        outboard = await self.blobs.outboard(digest)
+        if outboard is None:
+            raise NotFoundError(f"blob {name} not found")
+        size = bao.outboard_size(outboard)
+        if start + length > size:
+            raise _fail(web.HTTPRequestRangeNotSatisfiable, f"range past the end of the {size}-byte blob")
+        lo, hi = bao.slice_span(size, start, length)
+        reader = await self.blobs.open_read(digest)
+        if reader is None:
+            raise NotFoundError(f"blob {name} not found")
+        parts: list[bytes] = []
+        async with reader:
+            await reader.seek(lo)
+            remaining = hi - lo
+            while remaining and (block := await reader.read(min(remaining, 1 << 20))):
+                parts.append(block)
+                remaining -= len(block)
+        if remaining:
+            raise StorageError(f"blob {name} ended {remaining} bytes early")
+        data = b"".join(parts)
+        slice_ = await asyncio.to_thread(bao.extract_slice, data, outboard, start, length, data_offset=lo)
+        await asyncio.to_thread(bao.verify_slice, digest, slice_, start, length)
+        return web.Response(
+            body=slice_,
+            content_type="application/octet-stream",
+            headers={"Cache-Control": IMMUTABLE, "X-Blob-Size": str(size)},
+        )
 
     # -- NAR uploads --------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ __all__ = [
     "groups_for_range",
     "outboard_len",
     "outboard_size",
+    "slice_span",
     "verify_groups",
     "verify_slice",
 ]
@@ -377,10 +378,27 @@ def _slice_range(size: int, start: int, length: int) -> tuple[int, int]:
     return start, max(start + 1, min(size, start + length))
 
 
+def slice_span(size: int, start: int, length: int, group_log: int = GROUP_LOG) -> tuple[int, int]:
+    """The blob bytes a slice of ``[start, start + length)`` carries: whole groups, ``(first byte, end)``."""
+    lo, hi = _slice_range(size, start, length)
+    group_size = bt.CHUNK_LEN << group_log
+    return lo // group_size * group_size, min(size, -(-hi // group_size) * group_size)
+
+
 def extract_slice(
-    data: bytes | memoryview, outboard: bytes, start: int, length: int, group_log: int = GROUP_LOG
+    data: bytes | memoryview,
+    outboard: bytes,
+    start: int,
+    length: int,
+    group_log: int = GROUP_LOG,
+    *,
+    data_offset: int = 0,
 ) -> bytes:
-    """The bao slice of ``[start, start + length)``: header, then pre-order the parents and groups on its paths."""
+    """The bao slice of ``[start, start + length)``: header, then pre-order the parents and groups on its paths.
+
+    ``data`` holds the blob's bytes from ``data_offset`` on; it must cover
+    :func:`slice_span` (the whole blob when ``data_offset`` is 0).
+    """
     size, count = _parse_header(outboard, group_log)
     lo, hi = _slice_range(size, start, length)
     group_size = bt.CHUNK_LEN << group_log
@@ -391,7 +409,10 @@ def extract_slice(
         if not (first * group_size < hi and lo < (first + n) * group_size):
             continue
         if n == 1:
-            out.append(bytes(data[first * group_size : min(size, (first + 1) * group_size)]))
+            lo_byte, hi_byte = first * group_size - data_offset, min(size, (first + 1) * group_size) - data_offset
+            if lo_byte < 0 or hi_byte > len(data):
+                raise ValueError(f"extract_slice: group {first} is outside the data given")
+            out.append(bytes(data[lo_byte:hi_byte]))
             continue
         out.append(outboard[HEADER_LEN + PARENT_LEN * index : HEADER_LEN + PARENT_LEN * (index + 1)])
         split = _split(n)
