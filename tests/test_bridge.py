@@ -481,7 +481,9 @@ async def test_nar_whose_blobs_are_not_stored(env: Env, sample: Sample) -> None:
         assert r.status == 404
 
 
-@pytest.mark.parametrize("query", ["?narsize=5", "", "?narsize=abc", "?narsize=-1", "?narsize=1&narsize=2"])
+@pytest.mark.parametrize(
+    "query", ["?narsize=5", "", "?narsize=abc", "?narsize=-1", "?narsize=1&narsize=2", "?narsize=%C2%B2"]
+)
 async def test_wrong_narsize(env: Env, sample: Sample, query: str) -> None:
     await upload(env, sample)
     url = "/" + nar_url(sample.node, len(sample.nar)).split("?")[0] + query
@@ -517,7 +519,10 @@ async def test_verified_blob_slices(env: Env) -> None:
         ("?start=0&length=0", 400),
         ("?start=-1&length=5", 400),
         ("?start=0&length=99999999999", 400),
+        ("?start=0&length=4194305", 400),  # over MAX_SLICE_LENGTH
         ("?start=a&length=1", 400),
+        ("?start=%C2%B2&length=1", 400),  # a digit to isdigit(), not to int()
+        ("?start=0&length=%C2%B9", 400),
     ],
 )
 async def test_bad_blob_slices(env: Env, query: str, status: int) -> None:
@@ -555,6 +560,14 @@ async def test_no_request_is_a_server_error(env: Env, sample: Sample) -> None:
             statuses.add(r.status)
     assert {400, 404} <= statuses
     assert await upload(env, sample) == 200
+
+
+def test_range_header_digits_are_ascii() -> None:
+    from nixcas.bridge.http import parse_range
+
+    assert parse_range("bytes=\u00b2-", 100) is None  # ignored (whole body), not a crash
+    assert parse_range("bytes=0-\u00b9", 100) is None
+    assert parse_range("bytes=-\u00b2", 100) is None
 
 
 @pytest.mark.parametrize(

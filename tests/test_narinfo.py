@@ -141,6 +141,7 @@ def test_fingerprint_sorts_references() -> None:
         (lambda t: t.replace("NarHash: sha256:1b4", "NarHash: sha256:xyz"), "NarHash"),
         (lambda t: t.replace("NarSize: 196040", "NarSize: -5"), "NarSize"),
         (lambda t: t.replace("NarSize: 196040", "NarSize: 99999999999999999999999"), "NarSize"),
+        (lambda t: t.replace("NarSize: 196040", "NarSize: \u00b2"), "NarSize"),  # isdigit() says yes, int() no
         (lambda t: t.replace("URL: ", "URL:"), "not 'Key: value'"),
         (lambda t: t.replace("URL: ", "URL "), "not 'Key: value'"),
         (lambda t: t + "NarSize: 1\n", "given twice"),

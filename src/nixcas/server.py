@@ -44,6 +44,7 @@ from nixcas.errors import ConfigurationError
 from nixcas.store.grpc.servicer import add_store_servicers
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
+from nixcas.urls import is_decimal
 
 __all__ = ["DEFAULT_LISTEN", "RunningServer", "parse_listen_address", "start_server"]
 
@@ -87,7 +88,7 @@ def parse_listen_address(text: str) -> ListenAddress:
             raise ConfigurationError(f"listen address {text!r}: a socket path, not a directory")
         return ListenAddress(f"unix:{path}", path)
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not is_decimal(port) or int(port) > 65535:
         raise ConfigurationError(f"listen address {text!r}: expected host:port or a socket path")
     if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
         raise ConfigurationError(f"listen address {text!r}: write IPv6 hosts in brackets, e.g. [::1]:8000")

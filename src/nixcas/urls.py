@@ -6,7 +6,20 @@ from urllib.parse import SplitResult, parse_qsl
 
 from nixcas.errors import ConfigurationError
 
-__all__ = ["near_far_from_url", "query_options", "require_bare_url", "require_plain_scheme", "url_tag", "url_text"]
+__all__ = [
+    "is_decimal",
+    "near_far_from_url",
+    "query_options",
+    "require_bare_url",
+    "require_plain_scheme",
+    "url_tag",
+    "url_text",
+]
+
+
+def is_decimal(text: str) -> bool:
+    """Whether ``text`` is a non-empty run of ASCII digits (``isdigit`` alone accepts ``²``, which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def url_tag(url: SplitResult) -> str:

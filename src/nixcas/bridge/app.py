@@ -50,6 +50,7 @@ from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo, parse_nar_file_name,
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.signing import SigningKey
 from nixcas.store.store_path import STORE_DIR, StorePath
+from nixcas.urls import is_decimal
 
 __all__ = ["NAR_PREFIXES", "NarBridge", "nar_url"]
 
@@ -62,8 +63,10 @@ RANGE_CHUNK: Final = 1 << 20
 NAR_TYPE: Final = "application/x-nix-nar"
 NARINFO_TYPE: Final = "text/x-nix-narinfo"
 IMMUTABLE: Final = "max-age=31536000, immutable"
-MAX_SLICE_LENGTH: Final = 64 << 20
-"""The longest range ``GET /blob/<hex>`` serves as one bao slice."""
+MAX_SLICE_LENGTH: Final = 4 << 20
+"""The longest range ``GET /blob/<hex>`` serves as one bao slice (it is built in memory)."""
+MAX_SLICES_AT_ONCE: Final = 4
+"""Slices built concurrently; more requests wait (so slices hold at most ~16 MiB of blob data, times a few copies)."""
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -115,6 +118,7 @@ class NarBridge:
         self.directories = directories
         self.pathinfos = pathinfos
         self.index = index
+        self._slices = asyncio.Semaphore(MAX_SLICES_AT_ONCE)
         self.priority = priority
         self.allow_writes = allow_writes or token is not None
         self.token = token
@@ -292,7 +296,7 @@ class NarBridge:
     @staticmethod
     def _parse_narsize(request: web.Request) -> int:
         values = request.query.getall("narsize", [])
-        if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 20:
+        if len(values) != 1 or not is_decimal(values[0]) or len(values[0]) > 20:
             raise ValidationError("NAR URL needs exactly one ?narsize=N (a non-negative integer)")
         return int(values[0])
 
@@ -393,7 +397,7 @@ class NarBridge:
     @staticmethod
     def _query_int(request: web.Request, key: str) -> int:
         values = request.query.getall(key, [])
-        if len(values) != 1 or not values[0].isdigit() or len(values[0]) > 20:
+        if len(values) != 1 or not is_decimal(values[0]) or len(values[0]) > 20:
             raise ValidationError(f"blob slice URL needs exactly one ?{key}=N (a non-negative integer)")
         return int(values[0])
 
@@ -420,6 +424,14 @@ class NarBridge:
         size = bao.outboard_size(outboard)
         if start + length > size:
             raise _fail(web.HTTPRequestRangeNotSatisfiable, f"range past the end of the {size}-byte blob")
+        async with self._slices:
+            return await self._blob_slice(digest, outboard, start, length)
+
+    async def _blob_slice(self, digest: B3Digest, outboard: bytes, start: int, length: int) -> web.Response:
+        from nixcas.castore import bao
+
+        name = digest.hex()
+        size = bao.outboard_size(outboard)
         lo, hi = bao.slice_span(size, start, length)
         reader = await self.blobs.open_read(digest)
         if reader is None:

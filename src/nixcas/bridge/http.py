@@ -16,6 +16,8 @@ from typing import Final, Protocol
 
 import zstandard
 
+from nixcas.urls import is_decimal
+
 __all__ = ["ENCODINGS", "ByteRange", "choose_encoding", "encode_stream", "parse_range", "token_matches"]
 
 ENCODINGS: Final = ("zstd", "gzip")
@@ -55,9 +57,9 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not eq or unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()):
+    if not dash or not (is_decimal(first) or is_decimal(last)) or (first and not is_decimal(first)):
         return None
-    if last and not last.isdigit():
+    if last and not is_decimal(last):
         return None
     if not first:  # suffix: the last N bytes
         n = int(last)

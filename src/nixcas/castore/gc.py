@@ -41,6 +41,7 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
+from nixcas.urls import is_decimal
 
 __all__ = [
     "KINDS",
@@ -160,7 +161,7 @@ _UNITS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 8640
 def parse_duration(text: str) -> int:
     """``0s``, ``30m``, ``1h``, ``1h30m``, ``2d``, ``500ms`` (or bare seconds) in nanoseconds."""
     rest = text.strip()
-    if rest.isdigit():
+    if is_decimal(rest):
         return int(rest) * 10**9
     total = 0
     parts = re.fullmatch(r"(?:\d+(?:ms|s|m|h|d))+", rest)

@@ -38,6 +38,7 @@ from nixcas.store.compression import COMPRESSIONS, UnsupportedCompression
 from nixcas.store.hashes import CAHash, HashAlgo, NixHash
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import ENCODED_DIGEST_LEN, StorePath
+from nixcas.urls import is_decimal
 
 __all__ = [
     "COMPRESSIONS",
@@ -99,7 +100,7 @@ def parse_nar_file_name(name: str) -> tuple[bytes, str]:
 
 
 def _int(key: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 20 or int(value) >= 1 << 64:
+    if not is_decimal(value) or len(value) > 20 or int(value) >= 1 << 64:
         raise PathInfoError(f"invalid narinfo: {key}: {value[:40]!r} is not a size")
     return int(value)
 
