@@ -294,11 +294,16 @@ class NarBridge:
             raise ValidationError(f"invalid root node in NAR URL: {e}") from None
 
     @staticmethod
-    def _parse_narsize(request: web.Request) -> int:
-        values = request.query.getall("narsize", [])
+    def _query_int(request: web.Request, key: str, what: str) -> int:
+        """The one ``?key=N`` of ``request`` (a non-negative decimal); else a :class:`ValidationError`."""
+        values = request.query.getall(key, [])
         if len(values) != 1 or not is_decimal(values[0]) or len(values[0]) > 20:
-            raise ValidationError("NAR URL needs exactly one ?narsize=N (a non-negative integer)")
+            raise ValidationError(f"{what} URL needs exactly one ?{key}=N (a non-negative integer)")
         return int(values[0])
+
+    @classmethod
+    def _parse_narsize(cls, request: web.Request) -> int:
+        return cls._query_int(request, "narsize", "NAR")
 
     async def get_nar(self, request: web.Request) -> web.StreamResponse:
         if request.match_info["prefix"] not in NAR_PREFIXES:
@@ -388,18 +393,14 @@ class NarBridge:
         name = request.match_info["name"]
         file_sha256, compression = parse_nar_file_name(name)
         nar = await self.index.find_file(file_sha256, compression)
-        if nar is None or not await self._still_stored(nar):
+        if nar is None:
             raise _fail(web.HTTPNotFound, f"{name}: no such NAR file")
-        return await self._serve_nar(request, nar.node, nar.nar_size, compression=compression)
+        try:  # checks, before any header, that the NAR's directories and blobs are all still stored
+            return await self._serve_nar(request, nar.node, nar.nar_size, compression=compression)
+        except NotFoundError:  # collected before its narinfo came (see _still_stored): Nix uploads it again
+            raise _fail(web.HTTPNotFound, f"{name}: no such NAR file") from None
 
     # -- verified blob slices -----------------------------------------------------------
-
-    @staticmethod
-    def _query_int(request: web.Request, key: str) -> int:
-        values = request.query.getall(key, [])
-        if len(values) != 1 or not is_decimal(values[0]) or len(values[0]) > 20:
-            raise ValidationError(f"blob slice URL needs exactly one ?{key}=N (a non-negative integer)")
-        return int(values[0])
 
     async def get_blob_slice(self, request: web.Request) -> web.Response:
         """``GET /blob/<hex>?start=N&length=M``: a bao slice of the blob (16 KiB groups), verifiable by the client.
@@ -415,7 +416,10 @@ class NarBridge:
         if not _HEX_DIGEST.fullmatch(name):
             raise ValidationError("a blob URL names the blob by 64 lowercase hex digits")
         digest = B3Digest(bytes.fromhex(name))
-        start, length = self._query_int(request, "start"), self._query_int(request, "length")
+        start, length = (
+            self._query_int(request, "start", "blob slice"),
+            self._query_int(request, "length", "blob slice"),
+        )
         if not 0 < length <= MAX_SLICE_LENGTH:
             raise ValidationError(f"length must be 1..{MAX_SLICE_LENGTH}")
         outboard = await self.blobs.outboard(digest)
@@ -424,35 +428,28 @@ class NarBridge:
         size = bao.outboard_size(outboard)
         if start + length > size:
             raise _fail(web.HTTPRequestRangeNotSatisfiable, f"range past the end of the {size}-byte blob")
-        async with self._slices:
-            return await self._blob_slice(digest, outboard, start, length)
-
-    async def _blob_slice(self, digest: B3Digest, outboard: bytes, start: int, length: int) -> web.Response:
-        from nixcas.castore import bao
-
-        name = digest.hex()
-        size = bao.outboard_size(outboard)
         lo, hi = bao.slice_span(size, start, length)
-        reader = await self.blobs.open_read(digest)
-        if reader is None:
-            raise NotFoundError(f"blob {name} not found")
-        parts: list[bytes] = []
-        async with reader:
-            await reader.seek(lo)
-            remaining = hi - lo
-            while remaining and (block := await reader.read(min(remaining, 1 << 20))):
-                parts.append(block)
-                remaining -= len(block)
-        if remaining:
-            raise StorageError(f"blob {name} ended {remaining} bytes early")
-        data = b"".join(parts)
-        slice_ = await asyncio.to_thread(bao.extract_slice, data, outboard, start, length, data_offset=lo)
-        await asyncio.to_thread(bao.verify_slice, digest, slice_, start, length)
-        return web.Response(
-            body=slice_,
-            content_type="application/octet-stream",
-            headers={"Cache-Control": IMMUTABLE, "X-Blob-Size": str(size)},
-        )
+        async with self._slices:  # each slice is built in memory: a few at a time
+            reader = await self.blobs.open_read(digest)
+            if reader is None:
+                raise NotFoundError(f"blob {name} not found")
+            parts: list[bytes] = []
+            async with reader:
+                await reader.seek(lo)
+                remaining = hi - lo
+                while remaining and (block := await reader.read(min(remaining, 1 << 20))):
+                    parts.append(block)
+                    remaining -= len(block)
+            if remaining:
+                raise StorageError(f"blob {name} ended {remaining} bytes early")
+            data = b"".join(parts)
+            slice_ = await asyncio.to_thread(bao.extract_slice, data, outboard, start, length, data_offset=lo)
+            await asyncio.to_thread(bao.verify_slice, digest, slice_, start, length)
+            return web.Response(
+                body=slice_,
+                content_type="application/octet-stream",
+                headers={"Cache-Control": IMMUTABLE, "X-Blob-Size": str(size)},
+            )
 
     # -- NAR uploads --------------------------------------------------------------------
 

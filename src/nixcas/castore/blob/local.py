@@ -615,9 +615,7 @@ class LocalBlobService(BlobService, ChunkStore):
         except FileNotFoundError:
             return False
         if index_size:
-            try:
-                os.utime(self._index_path(digest))
-            except FileNotFoundError:
+            if not self._refresh_sync(self._index_path(digest)):
                 return False
         elif not self._refresh_chunk_sync(digest):
             return False  # the chunk is missing: the blob is damaged, the put repairs it
