@@ -16,7 +16,8 @@
     │   └── PathInfoError                     a PathInfo (or narinfo) is inconsistent
     ├── ConfigurationError (ValueError)       a service URL or composition is unusable
     ├── StorageError (OSError)                a backend failed or returned bad data
-    │   └── ChecksumMismatch                  data did not hash to the digest it was read by
+    │   ├── ChecksumMismatch                  data did not hash to the digest it was read by
+    │   └── UnavailableError                  a backend server cannot be reached (retry later)
     └── NotFoundError (FileNotFoundError)     something named explicitly does not exist
 
 Services report a plain absence as ``None`` (or an empty stream), not as an
@@ -102,6 +103,14 @@ class ChecksumMismatch(StorageError):
         self.got = got
 
 
+class UnavailableError(StorageError):
+    """A backend server (object storage, database) cannot be reached or refused the connection.
+
+    Nothing was changed by the failed call; retrying later may succeed.  The
+    gRPC daemon answers it with ``UNAVAILABLE``.
+    """
+
+
 class NotFoundError(NixcasError, FileNotFoundError):
     """A blob, directory or path that was asked for by name does not exist."""
 
@@ -122,5 +131,6 @@ __all__ = [
     "PathInfoError",
     "StorageError",
     "StorePathError",
+    "UnavailableError",
     "ValidationError",
 ]

@@ -36,6 +36,7 @@ from nixcas.errors import (
     NixcasError,
     NotFoundError,
     StorageError,
+    UnavailableError,
     ValidationError,
 )
 
@@ -79,6 +80,8 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, ChecksumMismatch):
         return grpc.StatusCode.DATA_LOSS, str(e)
+    if isinstance(e, UnavailableError):
+        return grpc.StatusCode.UNAVAILABLE, str(e)
     if isinstance(e, ValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, ConfigurationError):
