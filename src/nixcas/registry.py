@@ -8,6 +8,9 @@ blob services
 ``memory://``                    :class:`~nixcas.castore.blob.memory.MemoryBlobService`
 ``objectstore+file:///p``        :class:`~nixcas.castore.blob.local.LocalBlobService`
                                  (options: ``zstd_level``)
+``objectstore+s3://bucket/p``    :class:`~nixcas.castore.blob.objectstore.ObjectStoreBlobService`
+(also ``gs``, ``az``,            (options: ``endpoint``, ``region``, credentials and every other
+``memory:///``, ``http(s)``)     obstore option; ``zstd_level``, ``refresh_after``, ``concurrency``, …)
 ``grpc+unix:///sock``,           :class:`~nixcas.castore.blob.grpc.GrpcBlobService`
 ``grpc+http(s)://host:port``     (options: ``wait-connect``, ``connect-timeout``, ``protocol``)
 ``combined://?near=A&far=B``     :class:`~nixcas.castore.blob.combined.CombinedBlobService`
@@ -94,7 +97,7 @@ class BackendTable(Mapping[str, type[ServiceConfig[object]]]):
 BLOB_SERVICES: Final = BackendTable(
     {
         "memory": "nixcas.castore.blob.memory.MemoryBlobServiceConfig",
-        "objectstore": "nixcas.castore.blob.local.LocalBlobServiceConfig",
+        "objectstore": "nixcas.castore.blob.objectstore.ObjectStoreBlobServiceConfig",
         "grpc": "nixcas.castore.blob.grpc.GrpcBlobServiceConfig",
         "combined": "nixcas.castore.blob.combined.CombinedBlobServiceConfig",
     }

@@ -36,6 +36,7 @@ __all__ = [
     "BytesReader",
     "ChunkMeta",
     "ChunkStore",
+    "FailedReader",
     "VerifyingReader",
     "check_chunk",
 ]
@@ -122,6 +123,26 @@ class BytesReader(BlobReader):
 
     async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._pos = resolve_seek(self._pos, len(self._data), offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class FailedReader(BlobReader):
+    """A blob found damaged when opened: every read (and ``SEEK_END``) raises the error, no byte is returned."""
+
+    def __init__(self, error: StorageError) -> None:
+        self._error = error
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        raise self._error
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            raise self._error
+        self._pos = resolve_seek(self._pos, 0, offset, whence)
         return self._pos
 
     def tell(self) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "Chunker",
     "check_chunk",
     "check_chunk_list",
+    "compressed_bound",
     "cut",
     "decompress_at_most",
     "decompress_chunk",
@@ -114,6 +115,11 @@ def check_chunk_list(digest: B3Digest, chunks: Sequence[ChunkMeta], where: str) 
             raise StorageError(
                 f"{where}: blob {digest.hex()}: chunk {i} declares {c.size} bytes (allowed: 1..{MAX_INDEX_CHUNK_SIZE})"
             )
+
+
+def compressed_bound(size: int) -> int:
+    """The largest single zstd frame holding ``size`` bytes (``ZSTD_COMPRESSBOUND`` plus header/checksum slack)."""
+    return size + (size >> 8) + ((((128 << 10) - size) >> 11) if size < (128 << 10) else 0) + 64
 
 
 def decompress_at_most(dctx: zstandard.ZstdDecompressor, compressed: bytes, cap: int) -> bytes | None:

@@ -40,6 +40,7 @@ from nixcas.castore.blob.base import (
     BytesReader,
     ChunkMeta,
     ChunkStore,
+    FailedReader,
     WriterState,
     check_chunk,
     resolve_seek,
@@ -51,6 +52,7 @@ from nixcas.castore.blob.chunking import (
     MIN_AVG_CHUNK_SIZE,
     Chunker,
     check_chunk_list,
+    compressed_bound,
     cut,
     decompress_at_most,
     decompress_chunk,
@@ -89,11 +91,6 @@ class _Slow:
 
 
 _SLOW = _Slow()
-
-
-def _compressed_bound(size: int) -> int:
-    """The largest single zstd frame holding ``size`` bytes (``ZSTD_COMPRESSBOUND`` plus header/checksum slack)."""
-    return size + (size >> 8) + ((((128 << 10) - size) >> 11) if size < (128 << 10) else 0) + 64
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -369,7 +366,7 @@ class LocalBlobService(BlobService, ChunkStore):
             return _SLOW  # chunk list, or an index without its chunk object
         try:
             size = os.fstat(fd).st_size
-            if size > _compressed_bound(cap):
+            if size > compressed_bound(cap):
                 return _SLOW
             parts = []
             got = 0
@@ -415,11 +412,11 @@ class LocalBlobService(BlobService, ChunkStore):
     def _read_chunk_sync(self, chunk: ChunkMeta) -> bytes | None:
         try:
             with open(self._chunk_path(chunk.digest), "rb") as f:
-                compressed = f.read(_compressed_bound(chunk.size) + 1)
+                compressed = f.read(compressed_bound(chunk.size) + 1)
         except FileNotFoundError:
             return None
         where = f"{self}: chunk {chunk.digest.hex()}"
-        if len(compressed) > _compressed_bound(chunk.size):
+        if len(compressed) > compressed_bound(chunk.size):
             raise StorageError(f"{where}: compressed object is larger than {chunk.size} bytes can compress to")
         data = decompress_chunk(self._decompressor(), compressed, chunk.size, where)
         return check_chunk(chunk, data, str(self))
@@ -450,7 +447,7 @@ class LocalBlobService(BlobService, ChunkStore):
         except FileNotFoundError:
             return None
         try:
-            limit = _compressed_bound(SINGLE_CHUNK_CAP)
+            limit = compressed_bound(SINGLE_CHUNK_CAP)
             if os.fstat(fd).st_size > limit:
                 return _SLOW
             parts = []
@@ -474,7 +471,7 @@ class LocalBlobService(BlobService, ChunkStore):
         if isinstance(found, bytes):
             return BytesReader(found)
         if isinstance(found, StorageError):
-            return _FailedReader(found)
+            return FailedReader(found)
         if found is _SLOW:
             return _ZstdFileReader(self._chunk_path(digest), digest)
         chunks = await self.chunks(digest)
@@ -789,26 +786,6 @@ class LocalBlobService(BlobService, ChunkStore):
 
     async def delete_outboards(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         return await asyncio.to_thread(self._delete_objects_sync, objects, cutoff_ns, "bao")
-
-
-class _FailedReader(BlobReader):
-    """A blob found damaged when opened: every read (and ``SEEK_END``) raises the error, no byte is returned."""
-
-    def __init__(self, error: StorageError) -> None:
-        self._error = error
-        self._pos = 0
-
-    async def read(self, n: int = -1) -> bytes:
-        raise self._error
-
-    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_END:
-            raise self._error
-        self._pos = resolve_seek(self._pos, 0, offset, whence)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 class _ZstdFileReader(BlobReader):

@@ -1,0 +1,446 @@
+"""Object storage (S3 and compatibles, GCS, Azure, memory) through ``obstore``.
+
+Shared by the object-store blob and directory backends:
+
+* :func:`parse_objectstore_url` / :func:`split_options` turn
+  ``objectstore+s3://bucket/prefix?endpoint=…&region=…`` into an obstore URL
+  plus options, the tvix/snix way (query parameters become object store
+  options; the URL path is the base path inside the bucket).
+* :class:`ObjectStore` wraps one obstore store: every request goes through one
+  semaphore (a bounded window of requests in flight), is counted per method
+  (the benchmarks report requests per imported file), and has its errors
+  mapped to nixcas errors: unreachable → :class:`~nixcas.errors.UnavailableError`,
+  refused credentials and missing buckets → a one-line
+  :class:`~nixcas.errors.StorageError` saying so.
+* :class:`Presence` answers "which of these keys exist?" for many keys at once
+  with as few requests as it can (cached answers, listings of a key range
+  instead of one ``HEAD`` per key when that is cheaper).
+
+Credentials come from the URL options (``access_key_id``,
+``secret_access_key``, ``session_token``, …) or the usual environment
+variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``GOOGLE_…``,
+``AZURE_…``), which obstore reads itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
+
+import obstore
+import obstore.exceptions as obe
+from obstore.store import MemoryStore
+from obstore.store import from_url as _from_url
+
+from nixcas.errors import ConfigurationError, StorageError, UnavailableError
+from nixcas.urls import is_decimal
+
+__all__ = [
+    "CLIENT_OPTIONS",
+    "SCHEMES",
+    "ObjectMeta",
+    "ObjectStore",
+    "Presence",
+    "create_bucket",
+    "open_object_store",
+    "parse_objectstore_url",
+]
+
+SCHEMES: Final = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "memory", "http", "https")
+"""Object store URL schemes handled through obstore (``file`` has its own backend, :mod:`.blob.local`)."""
+
+CLIENT_OPTIONS: Final = {
+    "concurrency": "requests in flight at once (default 32)",
+    "create_bucket": "create a missing S3 bucket at start (true/false, default false)",
+    "timeout": "seconds a request may take (default 60)",
+    "connect_timeout": "seconds to connect (default 5)",
+    "max_retries": "retries of a failed request (default 3)",
+    "retry_timeout": "seconds of retrying before giving up (default 20)",
+}
+"""nixcas's own options on an object store URL; every other option goes to obstore."""
+
+_REDACT = ("secret", "password", "token", "key", "sas", "credential")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectMeta:
+    """What a listing or ``HEAD`` says about one object."""
+
+    key: str
+    size: int
+    mtime_ns: int
+
+
+def parse_objectstore_url(url: SplitResult) -> tuple[str, dict[str, str]]:
+    """``objectstore+s3://b/p?x=y`` → (``s3://b/p``, ``{"x": "y"}``), checked for shape."""
+    inner = url.scheme.partition("+")[2]
+    if inner not in SCHEMES:
+        raise ConfigurationError(
+            f"{url.geturl()!r}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
+        )
+    options: dict[str, str] = {}
+    for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=False):
+        if key in options:
+            raise ConfigurationError(f"{url.geturl()!r}: option {key!r} given twice")
+        options[key] = value
+    if url.fragment:
+        raise ConfigurationError(f"{url.geturl()!r}: URLs take no #fragment")
+    return urlunsplit((inner, url.netloc, url.path, "", "")), options
+
+
+def _seconds(options: Mapping[str, str], name: str, default: float, where: str) -> float:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise ConfigurationError(f"{where}: {name} must be a number of seconds between 0 and 86400, not {raw!r}")
+    return value
+
+
+def _count(options: Mapping[str, str], name: str, default: int, low: int, high: int, where: str) -> int:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    if not is_decimal(raw) or not low <= int(raw) <= high:
+        raise ConfigurationError(f"{where}: {name} must be an integer from {low} to {high}, not {raw!r}")
+    return int(raw)
+
+
+def _flag(options: Mapping[str, str], name: str, where: str) -> bool:
+    raw = options.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ConfigurationError(f"{where}: {name} must be true or false, not {options[name]!r}")
+    return raw in ("true", "1")
+
+
+def check_client_options(url: str, options: Mapping[str, str], where: str) -> None:
+    """Reject malformed nixcas options and a URL obstore cannot take, before anything is opened."""
+    _seconds(options, "timeout", 60, where)
+    _seconds(options, "connect_timeout", 5, where)
+    _seconds(options, "retry_timeout", 20, where)
+    _count(options, "concurrency", 32, 1, 1024, where)
+    _count(options, "max_retries", 3, 0, 100, where)
+    _flag(options, "create_bucket", where)
+    scheme = urlsplit(url).scheme
+    if scheme not in SCHEMES:
+        raise ConfigurationError(f"{where}: unsupported object store {scheme or '(none)'!r}")
+    if scheme == "memory" and (urlsplit(url).netloc or urlsplit(url).path.strip("/")):
+        raise ConfigurationError(f"{where}: memory object stores take no bucket or path (write objectstore+memory:///)")
+    if scheme != "memory" and not urlsplit(url).netloc:
+        raise ConfigurationError(f"{where}: needs a bucket (write objectstore+{scheme}://bucket[/prefix])")
+
+
+def redact(url: str) -> str:
+    """``url`` for messages and ``repr``: no query (where credentials may be)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _describe(e: BaseException) -> str:
+    """The first line of an obstore error, without the debug dump that follows it."""
+    text = str(e).strip().splitlines()
+    return text[0][:500] if text else type(e).__name__
+
+
+def _is_unreachable(text: str) -> bool:
+    lowered = text.lower()
+    return any(
+        marker in lowered
+        for marker in (
+            "connection refused",
+            "error sending request",
+            "tcp connect error",
+            "dns error",
+            "timed out",
+            "timeout",
+            "connection reset",
+            "broken pipe",
+            "connection closed",
+        )
+    )
+
+
+class ObjectStore:
+    """One obstore store with a request window, request counters and nixcas errors."""
+
+    def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
+        options = dict(options or {})
+        where = repr(redact(url))
+        check_client_options(url, options, where)
+        self.url = url
+        self.where = redact(url)
+        own = {k: options.pop(k) for k in list(options) if k in CLIENT_OPTIONS}
+        self.create_bucket_at_start = _flag(own, "create_bucket", where)
+        self.requests: Counter[str] = Counter()
+        """Requests sent, by method (``GET``, ``HEAD``, ``PUT``, ``LIST``, ``DELETE``)."""
+        self._window = asyncio.Semaphore(_count(own, "concurrency", 32, 1, 1024, where))
+        scheme = urlsplit(url).scheme
+        self.is_s3 = scheme in ("s3", "s3a")
+        if scheme == "memory":
+            if options:
+                raise ConfigurationError(f"{where}: memory object stores take no options ({min(options)!r} given)")
+            self._store: Any = MemoryStore()
+            return
+        client: dict[str, Any] = {
+            "timeout": datetime.timedelta(seconds=_seconds(own, "timeout", 60, where)),
+            "connect_timeout": datetime.timedelta(seconds=_seconds(own, "connect_timeout", 5, where)),
+            "user_agent": "nixcas",
+        }
+        if options.pop("allow_http", "").lower() in ("true", "1") or options.get("endpoint", "").startswith("http://"):
+            client["allow_http"] = True
+        retry: Any = {
+            "max_retries": _count(own, "max_retries", 3, 0, 100, where),
+            "retry_timeout": datetime.timedelta(seconds=_seconds(own, "retry_timeout", 20, where)),
+            "backoff": {
+                "init_backoff": datetime.timedelta(milliseconds=100),
+                "max_backoff": datetime.timedelta(seconds=5),
+                "base": 2,
+            },
+        }
+        try:
+            self._store = _open(url, options, client, retry)
+        except (obe.BaseError, ValueError, TypeError) as e:
+            raise ConfigurationError(f"{where}: {_describe(e)}") from None
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.where!r})"
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _error(self, e: BaseException, what: str) -> StorageError:
+        text = _describe(e)
+        full = str(e)
+        where = f"{self.where}: {what}"
+        if isinstance(e, obe.PermissionDeniedError | obe.UnauthenticatedError) or " 403 " in full:
+            return StorageError(f"{where}: access denied (wrong credentials, or no permission): {text}")
+        if "NoSuchBucket" in full:
+            return StorageError(f"{where}: the bucket does not exist (create it, or add create_bucket=true): {text}")
+        if _is_unreachable(full):
+            return UnavailableError(f"{where}: object store unreachable: {text}")
+        return StorageError(f"{where}: {text}")
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError:
+            raise
+        except (obe.BaseError, OSError, RuntimeError, ValueError) as e:
+            if isinstance(e, StorageError):
+                raise
+            raise self._error(e, what) from None
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def get(self, key: str, cap: int | None = None) -> bytes | None:
+        """The object's bytes; ``None`` if absent; a :class:`StorageError` if it holds more than ``cap``."""
+        async with self._window:
+            self.requests["GET"] += 1
+            with self._errors(f"GET {key}"):
+                try:
+                    result = await obstore.get_async(self._store, key)
+                except FileNotFoundError:
+                    return None
+                size = int(result.meta["size"])
+                if cap is not None and size > cap:
+                    raise StorageError(f"{self.where}: {key} holds {size} bytes, more than the {cap} it may")
+                return bytes(await result.bytes_async())
+
+    async def head(self, key: str) -> ObjectMeta | None:
+        async with self._window:
+            self.requests["HEAD"] += 1
+            with self._errors(f"HEAD {key}"):
+                try:
+                    meta = await obstore.head_async(self._store, key)
+                except FileNotFoundError:
+                    return None
+        return _meta(meta)
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Write ``data`` at ``key`` in one request (a reader sees the old object or the whole new one)."""
+        async with self._window:
+            self.requests["PUT"] += 1
+            with self._errors(f"PUT {key}"):
+                await obstore.put_async(self._store, key, data, use_multipart=False)
+
+    async def delete(self, key: str) -> None:
+        """Delete ``key`` (absent already: done)."""
+        async with self._window:
+            self.requests["DELETE"] += 1
+            with self._errors(f"DELETE {key}"), contextlib.suppress(FileNotFoundError):
+                await obstore.delete_async(self._store, key)
+
+    async def list(self, prefix: str, page: int = 1000) -> AsyncIterator[list[ObjectMeta]]:
+        """Every object under ``prefix``, a page at a time (one LIST request per page)."""
+        stream = obstore.list(self._store, prefix=prefix, chunk_size=page)
+        while True:
+            async with self._window:
+                self.requests["LIST"] += 1
+                with self._errors(f"LIST {prefix}"):
+                    try:
+                        batch = await stream.__anext__()
+                    except StopAsyncIteration:
+                        return
+            yield [_meta(m) for m in batch]
+
+    async def probe(self) -> None:
+        """Fail now, with a clear error, if the store cannot be used (unreachable, credentials, bucket)."""
+        if self.create_bucket_at_start and self.is_s3:
+            await create_bucket(self)
+        async for _ in self.list("nixcas-probe/", page=1):
+            break
+
+
+def _open(url: str, config: dict[str, str], client: Any, retry: Any) -> Any:
+    """obstore's ``from_url`` (its overloads are per store kind; the options here are checked by obstore)."""
+    opener: Any = _from_url
+    return opener(url, config=config or None, client_options=client, retry_config=retry)
+
+
+def _meta(meta: Mapping[str, Any]) -> ObjectMeta:
+    modified = meta["last_modified"]
+    return ObjectMeta(str(meta["path"]), int(meta["size"]), int(modified.timestamp() * 1e9))
+
+
+async def create_bucket(store: ObjectStore | str) -> None:
+    """Create the S3 bucket of ``store`` (a no-op if it exists and is ours).
+
+    obstore has no bucket API; a bucket is created by ``PUT /<bucket>/`` signed
+    with the store's own credentials (a pre-signed URL for the empty key).
+    """
+    if isinstance(store, str):
+        store = ObjectStore(*parse_objectstore_url(urlsplit(store)))
+    signed = await obstore.sign_async(store._store, "PUT", "", datetime.timedelta(minutes=5))
+    request = urllib.request.Request(str(signed), method="PUT")  # noqa: S310 - the store's own endpoint
+
+    def send() -> None:
+        try:
+            urllib.request.urlopen(request, timeout=30).close()  # noqa: S310
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+            if e.code == 409 and ("BucketAlreadyOwnedByYou" in body or "BucketAlreadyExists" in body):
+                return
+            raise StorageError(f"{store.where}: cannot create the bucket: HTTP {e.code}: {body[:300]}") from None
+        except OSError as e:
+            raise UnavailableError(f"{store.where}: cannot create the bucket: {e}") from None
+
+    await asyncio.to_thread(send)
+
+
+async def open_object_store(url: str, options: Mapping[str, str]) -> ObjectStore:
+    """An :class:`ObjectStore`, probed (so an unusable store fails at start, not at first use)."""
+    store = ObjectStore(url, options)
+    await store.probe()
+    return store
+
+
+LIST_MIN_KEYS = 8
+"""Keys of one key range that make listing the range worth trying instead of one ``HEAD`` each."""
+
+KEYS_PER_WANTED = 125
+"""A listing may read this many keys per key asked about (a 1,000-key page must answer 8) before it gives up."""
+
+LISTED_TTL = 600.0
+"""Seconds a complete listing of a range answers "absent" for keys not in it (a stale "absent" costs one upload)."""
+
+
+def key_range(key: str) -> str:
+    """The listing range of ``<kind>/b3/<hex…>``: the kind plus the first hex digit (1/16 of the kind's keys)."""
+    cut = key.index("/b3/") + 5
+    return key[:cut]
+
+
+class Presence:
+    """Which keys exist, answered for many keys at once with few requests.
+
+    Answers come from, in order: a bounded cache of keys seen to exist (by
+    any request, or written by this process); complete listings of a key
+    range made recently (:data:`LISTED_TTL`); a listing of a range made now
+    when enough keys fall into it and the range turns out small
+    (:data:`LIST_MIN_KEYS`, :data:`KEYS_PER_WANTED` — a range found too big
+    is not listed again); and otherwise one ``HEAD`` per key, concurrently.
+
+    "Present" answers carry the object's modification time, so callers can
+    tell an object a garbage collection might be about to delete (old) from
+    one it cannot (young); see ``refresh_after`` of the blob backend.
+    """
+
+    def __init__(self, store: ObjectStore, capacity: int = 1 << 18) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._known: OrderedDict[str, ObjectMeta] = OrderedDict()
+        self._listed: dict[str, float] = {}
+        self._too_big: set[str] = set()
+
+    def note(self, meta: ObjectMeta) -> None:
+        """``meta.key`` exists (written or seen just now)."""
+        self._known[meta.key] = meta
+        self._known.move_to_end(meta.key)
+        while len(self._known) > self.capacity:
+            self._known.popitem(last=False)
+
+    def noted(self, key: str, size: int) -> None:
+        """This process wrote ``key`` (``size`` bytes) just now."""
+        self.note(ObjectMeta(key, size, time.time_ns()))
+
+    def forget(self, key: str) -> None:
+        """``key`` was deleted (or found missing)."""
+        self._known.pop(key, None)
+
+    def cached(self, key: str) -> ObjectMeta | None:
+        return self._known.get(key)
+
+    async def check(self, keys: Sequence[str]) -> dict[str, ObjectMeta | None]:
+        """For each key, its metadata if it exists, else ``None``."""
+        now = time.monotonic()
+        found: dict[str, ObjectMeta | None] = {}
+        unknown: dict[str, list[str]] = {}
+        for key in keys:
+            meta = self._known.get(key)
+            if meta is not None:
+                self._known.move_to_end(key)
+                found[key] = meta
+            elif self._listed.get(key_range(key), -LISTED_TTL) > now - LISTED_TTL:
+                found[key] = None
+            else:
+                unknown.setdefault(key_range(key), []).append(key)
+        listable = [r for r, ks in unknown.items() if len(ks) >= LIST_MIN_KEYS and r not in self._too_big]
+        listed = await asyncio.gather(*(self._list_range(r, len(unknown[r]) * KEYS_PER_WANTED) for r in listable))
+        for prefix, complete in zip(listable, listed, strict=True):
+            if complete:
+                for key in unknown.pop(prefix):
+                    found[key] = self._known.get(key)
+        rest = [key for ks in unknown.values() for key in ks]
+        heads = await asyncio.gather(*(self.store.head(key) for key in rest))
+        for key, meta in zip(rest, heads, strict=True):
+            found[key] = meta
+            if meta is not None:
+                self.note(meta)
+        return found
+
+    async def _list_range(self, prefix: str, budget: int) -> bool:
+        """List ``prefix`` whole if it holds at most ``budget`` keys (then ``True``); note what exists."""
+        started = time.monotonic()
+        seen = 0
+        async for page in self.store.list(prefix):
+            for meta in page:
+                self.note(meta)
+            seen += len(page)
+            if seen > budget:
+                self._too_big.add(prefix)
+                return False
+        self._listed[prefix] = started
+        return True
