@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import blake3
 import pytest
 import pytest_asyncio
 import zstandard
 
+from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.blob.objectstore import ObjectStoreBlobService
 from nixcas.castore.digest import B3Digest
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, UnavailableError
 from nixcas.registry import blob_service_from_url
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles
+from nixcas.testing.seaweedfs import SECRET_KEY, SeaweedFS, free_port
 
 
 def _corrupter(svc: BlobService) -> BlobCorrupter:
@@ -60,3 +68,232 @@ class TestS3BlobService(BlobServiceSuite):
     @pytest.fixture
     def temp_files(self) -> TempFiles:
         return list
+
+
+# -- layout: the snix bucket format, checked by hand --------------------------------------------
+
+
+def _b3(data: bytes) -> B3Digest:
+    return B3Digest(blake3.blake3(data).digest())
+
+
+def _key(kind: str, digest: B3Digest) -> str:
+    h = digest.hex()
+    return f"{kind}/b3/{h[:4]}/{h}"
+
+
+@pytest_asyncio.fixture
+async def mem() -> AsyncIterator[ObjectStoreBlobService]:
+    svc = await blob_service_from_url("objectstore+memory:///")
+    assert isinstance(svc, ObjectStoreBlobService)
+    yield svc
+    await svc.close()
+
+
+async def test_layout_single_and_chunked(mem: ObjectStoreBlobService) -> None:
+    hello = await mem.put(b"Hello World")
+    assert hello.hex().startswith("41f83941")  # the reference's example key blobs/b3/41f8/41f83941…
+    assert await mem.store.get(f"blobs/b3/41f8/{hello.hex()}") == b""  # empty index: one chunk, the blob
+    chunk = await mem.store.get(f"chunks/b3/41f8/{hello.hex()}")
+    assert chunk is not None and zstandard.ZstdDecompressor().decompress(chunk) == b"Hello World"
+
+    big = blake3.blake3(b"big").digest(length=3 << 20)
+    digest = await mem.put(big)
+    raw = await mem.store.get(_key("blobs", digest))
+    assert raw
+    index = rpc_blobstore_pb2.StatBlobResponse.FromString(raw)
+    assert len(index.chunks) > 1
+    joined = b""
+    for c in index.chunks:
+        stored = await mem.store.get(_key("chunks", B3Digest(c.digest)))
+        assert stored is not None
+        part = zstandard.ZstdDecompressor().stream_reader(stored).read()
+        assert len(part) == c.size and blake3.blake3(part).digest() == c.digest
+        joined += part
+    assert joined == big
+    assert _b3(joined) == digest
+
+
+async def test_reads_a_bucket_written_by_hand(mem: ObjectStoreBlobService) -> None:
+    """A blob laid out the snix way (chunks at zstd level 3, index last) by someone else reads back."""
+    parts = [b"first part " * 1000, b"second part " * 700, b"third"]
+    metas = []
+    for part in parts:
+        d = _b3(part)
+        await mem.store.put(_key("chunks", d), zstandard.ZstdCompressor(level=3).compress(part))
+        metas.append(rpc_blobstore_pb2.StatBlobResponse.ChunkMeta(digest=d, size=len(part)))
+    blob = b"".join(parts)
+    index = rpc_blobstore_pb2.StatBlobResponse(chunks=metas).SerializeToString()
+    await mem.store.put(_key("blobs", _b3(blob)), index)
+    assert await mem.read(_b3(blob)) == blob
+    listed = await mem.chunks(_b3(blob))
+    assert listed is not None and [c.size for c in listed] == [len(p) for p in parts]
+
+
+async def test_chunk_with_wrong_bytes_is_refused(mem: ObjectStoreBlobService) -> None:
+    big = blake3.blake3(b"tamper").digest(length=2 << 20)
+    digest = await mem.put(big)
+    chunks = await mem.chunks(digest)
+    assert chunks
+    victim = chunks[1]
+    await mem.store.put(_key("chunks", victim.digest), zstandard.ZstdCompressor().compress(b"x" * victim.size))
+    with pytest.raises(ChecksumMismatch):
+        await mem.read(digest)
+
+
+async def test_a_zstd_bomb_chunk_is_refused_without_expanding_it(mem: ObjectStoreBlobService) -> None:
+    digest = await mem.put(b"small blob")
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    await mem.store.put(_key("chunks", digest), bomb)
+    with pytest.raises(StorageError):
+        await mem.read(digest)
+
+
+# -- requests: batched, cached existence checks ---------------------------------------------------
+
+
+def _blobs(n: int, tag: bytes) -> list[bytes]:
+    return [blake3.blake3(tag + str(i).encode()).digest(length=100 + i) for i in range(n)]
+
+
+async def test_reimport_costs_almost_no_requests(s3_url: str) -> None:
+    blobs = _blobs(400, b"reimport")
+    first = await blob_service_from_url(s3_url)
+    assert isinstance(first, ObjectStoreBlobService)
+    digests = await first.put_many(blobs)
+    assert first.store.requests["PUT"] == 2 * len(blobs)  # chunk + index each
+    await first.close()
+
+    # A new process knows nothing: the batch's existence check lists key ranges instead of 400 HEADs.
+    second = await blob_service_from_url(s3_url)
+    assert isinstance(second, ObjectStoreBlobService)
+    before = sum(second.store.requests.values())
+    assert await second.put_many(blobs) == digests
+    spent = sum(second.store.requests.values()) - before
+    assert second.store.requests["PUT"] == 0
+    assert spent <= 20, second.store.requests
+    # ... and a third round, answered from the cache, costs nothing at all.
+    before = sum(second.store.requests.values())
+    assert await second.put_many(blobs) == digests
+    assert sum(second.store.requests.values()) == before
+    assert [await second.read(d) for d in digests[:3]] == blobs[:3]
+    await second.close()
+
+
+async def test_old_objects_are_written_again(mem: ObjectStoreBlobService) -> None:
+    """An object older than refresh_after is not relied on: its index (and chunk) are rewritten, making it young."""
+    digest = await mem.put(b"old blob")
+    puts = mem.store.requests["PUT"]
+    await mem.put(b"old blob")
+    assert mem.store.requests["PUT"] == puts  # young: nothing written
+    mem.refresh_after_ns = 0
+    await asyncio.sleep(0.01)
+    await mem.put(b"old blob")
+    assert mem.store.requests["PUT"] == puts + 2
+    meta = await mem.store.head(_key("blobs", digest))
+    assert meta is not None and meta.mtime_ns > time.time_ns() - 60 * 10**9
+
+
+async def test_streaming_writer_bounds_uploads_and_skips_stored_chunks(mem: ObjectStoreBlobService) -> None:
+    data = blake3.blake3(b"stream").digest(length=6 << 20)
+    async with await mem.open_write(len(data)) as writer:
+        for i in range(0, len(data), 100_000):
+            await writer.write(data[i : i + 100_000])
+        digest = await writer.close()
+    assert digest == _b3(data)
+    chunk_puts = mem.store.requests["PUT"] - 1
+    assert chunk_puts > 10
+    # The same bytes again: every chunk is found, only the index is written.
+    puts = mem.store.requests["PUT"]
+    async with await mem.open_write() as writer:
+        await writer.write(data)
+        assert await writer.close() == digest
+    assert mem.store.requests["PUT"] == puts + 1
+    assert await mem.read(digest) == data
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("objectstore+ftp://bucket/x", "unsupported object store 'ftp'"),
+        ("objectstore+s3:///nobucket", "needs a bucket"),
+        ("objectstore+memory://host/", "take no bucket"),
+        ("objectstore+s3://bucket/p?concurrency=0", "concurrency must be"),
+        ("objectstore+s3://bucket/p?timeout=soon", "timeout must be"),
+        ("objectstore+s3://bucket/p?zstd_level=99", "zstd_level"),
+        ("objectstore+s3://bucket/p?refresh_after=-1", "refresh_after"),
+        ("objectstore+s3://bucket/p?create_bucket=maybe", "create_bucket must be"),
+        ("objectstore+s3://bucket/p?region=x&region=y", "given twice"),
+        ("objectstore+s3://bucket/p?no_such_obstore_option=1", "no_such_obstore_option"),
+    ],
+)
+async def test_bad_urls_are_refused(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(fragment)):
+        await blob_service_from_url(url)
+
+
+async def test_secrets_stay_out_of_messages(seaweedfs: SeaweedFS) -> None:
+    url = seaweedfs.url("nixcas", "secret-test").replace(SECRET_KEY, "wrong-secret-value")
+    with pytest.raises(StorageError) as raised:
+        await blob_service_from_url(url)
+    assert "access denied" in str(raised.value)
+    assert "wrong-secret-value" not in str(raised.value)
+
+
+# -- faults against a real server ------------------------------------------------------------------------
+
+
+async def test_unreachable_server_is_a_clear_error_at_start() -> None:
+    port = free_port()
+    url = f"objectstore+s3://nixcas/x?endpoint=http://127.0.0.1:{port}&region=us-east-1&access_key_id=a&secret_access_key=b"
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="unreachable"):
+        await blob_service_from_url(url)
+    assert time.monotonic() - started < 30
+
+
+async def test_missing_bucket_is_a_clear_error_or_created_when_asked(seaweedfs: SeaweedFS) -> None:
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        await blob_service_from_url(seaweedfs.url("nixcas-missing"))
+    svc = await blob_service_from_url(seaweedfs.url("nixcas-created", create_bucket="true"))
+    digest = await svc.put(b"in a new bucket")
+    assert await svc.read(digest) == b"in a new bucket"
+    await svc.close()
+
+
+async def test_server_killed_mid_import_leaves_nothing_visible_and_retry_succeeds(tmp_path: Path) -> None:
+    server = SeaweedFS(tmp_path / "weed")
+    server.start()
+    try:
+        server.create_bucket("killed")
+        url = server.url("killed", "p", retry_timeout="3", max_retries="1", timeout="5")
+        svc = await blob_service_from_url(url)
+        data = blake3.blake3(b"killed").digest(length=24 << 20)
+        digest = _b3(data)
+
+        async def upload_while_the_server_dies() -> None:
+            async with await svc.open_write(len(data)) as writer:
+                for i in range(0, len(data), 1 << 20):
+                    if i == 8 << 20:
+                        server.kill()
+                    await writer.write(data[i : i + (1 << 20)])
+                await writer.close()
+
+        with pytest.raises(StorageError):
+            await upload_while_the_server_dies()
+        await svc.close()
+
+        server.start()
+        again = await blob_service_from_url(url)
+        assert not await again.has(digest)  # no index: the blob is not visible
+        assert await again.open_read(digest) is None
+        async with await again.open_write(len(data)) as writer:
+            await writer.write(data)
+            assert await writer.close() == digest
+        assert await again.read(digest) == data
+        await again.close()
+    finally:
+        server.kill()

@@ -40,7 +40,7 @@ from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
 from nixcas.urls import is_decimal
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "SweepableBlobs",
     "SweepableDirectories",
     "WriteLeases",
+    "check_grace",
     "collect",
     "mark",
     "parse_duration",
@@ -141,7 +142,7 @@ class SweepableDirectories(Protocol):
 
 def require_sweepable(blobs: BlobService, directories: DirectoryService) -> tuple[SweepableBlobs, SweepableDirectories]:
     """The two services as sweepable ones, or a :class:`ConfigurationError` naming the one that is not."""
-    supported = "objectstore+file and memory blobs, sqlite and memory directories"
+    supported = "objectstore and memory blobs; sqlite, postgresql, objectstore and memory directories"
     if not isinstance(blobs, SweepableBlobs):
         raise ConfigurationError(
             f"garbage collection works on the store's own backends ({supported}), not on {blobs!r}; "
@@ -153,6 +154,22 @@ def require_sweepable(blobs: BlobService, directories: DirectoryService) -> tupl
             "run it where the directories are stored"
         )
     return blobs, directories
+
+
+def check_grace(grace_ns: int, *services: object) -> None:
+    """Refuse a grace period shorter than a service needs (object stores: their ``refresh_after``).
+
+    Object stores cannot refresh an object's age in place; their writers rely
+    on objects written within ``refresh_after`` and rewrite older ones, so a
+    collection must keep at least that much (plus the longest upload).
+    """
+    for service in services:
+        needed = int(getattr(service, "min_grace_ns", 0))
+        if grace_ns < needed:
+            raise ValidationError(
+                f"a grace period of {grace_ns / 1e9:g} s is too short for {service!r}: it needs at least "
+                f"{needed / 1e9:g} s (its refresh_after) plus the longest upload"
+            )
 
 
 _UNITS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9}

@@ -51,6 +51,7 @@ __all__ = [
     "ObjectStore",
     "Presence",
     "create_bucket",
+    "create_bucket_sync",
     "open_object_store",
     "parse_objectstore_url",
 ]
@@ -189,6 +190,8 @@ class ObjectStore:
         self._window = asyncio.Semaphore(_count(own, "concurrency", 32, 1, 1024, where))
         scheme = urlsplit(url).scheme
         self.is_s3 = scheme in ("s3", "s3a")
+        self.sorted_listings = scheme != "file"
+        """Listings come in key order (object stores do; a local directory walk does not)."""
         if scheme == "memory":
             if options:
                 raise ConfigurationError(f"{where}: memory object stores take no options ({min(options)!r} given)")
@@ -283,9 +286,12 @@ class ObjectStore:
             with self._errors(f"DELETE {key}"), contextlib.suppress(FileNotFoundError):
                 await obstore.delete_async(self._store, key)
 
-    async def list(self, prefix: str, page: int = 1000) -> AsyncIterator[list[ObjectMeta]]:
-        """Every object under ``prefix``, a page at a time (one LIST request per page)."""
-        stream = obstore.list(self._store, prefix=prefix, chunk_size=page)
+    async def list(self, prefix: str, page: int = 1000, after: str | None = None) -> AsyncIterator[list[ObjectMeta]]:
+        """Every object under ``prefix`` (a whole path segment), a page at a time (one LIST request per page).
+
+        With ``after``, only keys sorting after it (S3's ``start-after``), in key order.
+        """
+        stream = obstore.list(self._store, prefix=prefix, offset=after, chunk_size=page)
         while True:
             async with self._window:
                 self.requests["LIST"] += 1
@@ -315,29 +321,30 @@ def _meta(meta: Mapping[str, Any]) -> ObjectMeta:
     return ObjectMeta(str(meta["path"]), int(meta["size"]), int(modified.timestamp() * 1e9))
 
 
-async def create_bucket(store: ObjectStore | str) -> None:
-    """Create the S3 bucket of ``store`` (a no-op if it exists and is ours).
+def create_bucket_sync(store: ObjectStore | str) -> None:
+    """Create the S3 bucket of ``store`` (a no-op if it exists and is ours); blocking.
 
     obstore has no bucket API; a bucket is created by ``PUT /<bucket>/`` signed
     with the store's own credentials (a pre-signed URL for the empty key).
     """
     if isinstance(store, str):
         store = ObjectStore(*parse_objectstore_url(urlsplit(store)))
-    signed = await obstore.sign_async(store._store, "PUT", "", datetime.timedelta(minutes=5))
+    signed = obstore.sign(store._store, "PUT", "", datetime.timedelta(minutes=5))
     request = urllib.request.Request(str(signed), method="PUT")  # noqa: S310 - the store's own endpoint
+    try:
+        urllib.request.urlopen(request, timeout=30).close()  # noqa: S310
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")
+        if e.code == 409 and ("BucketAlreadyOwnedByYou" in body or "BucketAlreadyExists" in body):
+            return
+        raise StorageError(f"{store.where}: cannot create the bucket: HTTP {e.code}: {body[:300]}") from None
+    except OSError as e:
+        raise UnavailableError(f"{store.where}: cannot create the bucket: {e}") from None
 
-    def send() -> None:
-        try:
-            urllib.request.urlopen(request, timeout=30).close()  # noqa: S310
-        except urllib.error.HTTPError as e:
-            body = e.read().decode(errors="replace")
-            if e.code == 409 and ("BucketAlreadyOwnedByYou" in body or "BucketAlreadyExists" in body):
-                return
-            raise StorageError(f"{store.where}: cannot create the bucket: HTTP {e.code}: {body[:300]}") from None
-        except OSError as e:
-            raise UnavailableError(f"{store.where}: cannot create the bucket: {e}") from None
 
-    await asyncio.to_thread(send)
+async def create_bucket(store: ObjectStore) -> None:
+    """:func:`create_bucket_sync` in a worker thread."""
+    await asyncio.to_thread(create_bucket_sync, store)
 
 
 async def open_object_store(url: str, options: Mapping[str, str]) -> ObjectStore:
@@ -361,6 +368,12 @@ def key_range(key: str) -> str:
     """The listing range of ``<kind>/b3/<hex…>``: the kind plus the first hex digit (1/16 of the kind's keys)."""
     cut = key.index("/b3/") + 5
     return key[:cut]
+
+
+def _range_listing(prefix: str) -> tuple[str, str]:
+    """(the directory to list, the key to start after) for a key range: listings match whole path segments."""
+    parent = prefix[: prefix.rindex("/") + 1]
+    return parent, prefix
 
 
 class Presence:
@@ -435,8 +448,14 @@ class Presence:
         """List ``prefix`` whole if it holds at most ``budget`` keys (then ``True``); note what exists."""
         started = time.monotonic()
         seen = 0
-        async for page in self.store.list(prefix):
+        parent, after = _range_listing(prefix)
+        async for page in self.store.list(parent, after=after):
             for meta in page:
+                if not meta.key.startswith(prefix):
+                    if self.store.sorted_listings:  # past the range: keys come in order
+                        self._listed[prefix] = started
+                        return True
+                    continue
                 self.note(meta)
             seen += len(page)
             if seen > budget:

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import GcProgress, GcReport, WriteLeases, collect, require_sweepable
+from nixcas.castore.gc import GcProgress, GcReport, WriteLeases, check_grace, collect, require_sweepable
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node
 from nixcas.castore.pins import PinStore
 from nixcas.errors import ConfigurationError, NotFoundError, ValidationError
@@ -88,6 +88,7 @@ async def collect_garbage(
     require_sweepable(blobs, directories)
     if grace_ns < 0:
         raise ValidationError("the grace period cannot be negative")
+    check_grace(grace_ns, blobs, directories)
     with leases.collecting():
         cutoff_ns = leases.cutoff_ns(grace_ns)
         roots = await gather_roots(pathinfos, pins)

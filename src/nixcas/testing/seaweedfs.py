@@ -192,8 +192,6 @@ class SeaweedFS:
 
     def create_bucket(self, bucket: str) -> None:
         """Create ``bucket`` through S3 (a signed ``PUT /<bucket>``)."""
-        import asyncio
+        from nixcas.castore.objectstore import create_bucket_sync
 
-        from nixcas.castore.objectstore import create_bucket
-
-        asyncio.run(create_bucket(self.url(bucket)))
+        create_bucket_sync(self.url(bucket))
