@@ -17,8 +17,13 @@ from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.blob.objectstore import ObjectStoreBlobService
 from nixcas.castore.digest import B3Digest
-from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, UnavailableError
+from nixcas.castore.directory import Directory
+from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.gc import WriteLeases, collect
+from nixcas.castore.nodes import FileNode
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, UnavailableError, ValidationError
 from nixcas.registry import blob_service_from_url
+from nixcas.store.gc import collect_garbage
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles
 from nixcas.testing.seaweedfs import SECRET_KEY, SeaweedFS, free_port
 
@@ -297,3 +302,46 @@ async def test_server_killed_mid_import_leaves_nothing_visible_and_retry_succeed
         await again.close()
     finally:
         server.kill()
+
+
+# -- garbage collection ---------------------------------------------------------------------------------
+
+
+async def test_gc_over_object_storage(s3_url: str) -> None:
+    blobs = await blob_service_from_url(s3_url)
+    assert isinstance(blobs, ObjectStoreBlobService)
+    dirs = MemoryDirectoryService()
+    shared = blake3.blake3(b"shared").digest(length=1 << 20)
+    keep_big = blake3.blake3(b"keep").digest(length=1 << 20) + shared
+    drop_big = blake3.blake3(b"drop").digest(length=1 << 20) + shared
+    keep, drop = await blobs.put(keep_big), await blobs.put(drop_big)
+    small_keep, small_drop = await blobs.put(b"keep me"), await blobs.put(b"drop me")
+    tree = Directory([(b"big", FileNode(keep, len(keep_big))), (b"small", FileNode(small_keep, 7))])
+    await dirs.put(tree)
+    keep_chunks, drop_chunks = await blobs.chunks(keep), await blobs.chunks(drop)
+    assert keep_chunks and drop_chunks
+    only_drop = {c.digest for c in drop_chunks} - {c.digest for c in keep_chunks}
+    assert only_drop  # the shared megabyte gives common chunks; the first differs
+
+    # Nothing is older than a cutoff in the past: all is kept.
+    report = await collect(blobs, dirs, [tree.digest], cutoff_ns=time.time_ns() - 3600 * 10**9)
+    assert report.freed == 0
+    report = await collect(blobs, dirs, [tree.digest], cutoff_ns=time.time_ns() + 10**9)
+    assert report.kinds["blob"].freed == 2
+    assert report.kinds["chunk"].freed == len(only_drop) + 1  # drop's own chunks, and "drop me"
+    assert not await blobs.has(drop) and not await blobs.has(small_drop)
+    for c in only_drop:
+        assert await blobs.store.head(_key("chunks", c)) is None
+    assert await blobs.read(keep) == keep_big and await blobs.read(small_keep) == b"keep me"
+    await blobs.close()
+
+
+async def test_gc_refuses_a_grace_shorter_than_refresh_after(mem: ObjectStoreBlobService, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="too short"):
+        await collect_garbage(
+            mem, MemoryDirectoryService(), None, None, WriteLeases(tmp_path / "leases"), grace_ns=60 * 10**9
+        )
+    report, _ = await collect_garbage(
+        mem, MemoryDirectoryService(), None, None, WriteLeases(tmp_path / "leases"), grace_ns=3600 * 10**9
+    )
+    assert report.freed == 0
