@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-s3 system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
 ## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
-bench: bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge
+bench: bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-s3
 
 ## bench-import: castore ingest against nix-store --add (needs nix-bin)
 bench-import: $(VENV)/.installed-dev
@@ -89,3 +89,9 @@ bench-gc: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	@mkdir -p .bench-work
 	$(BIN)/python bench/gc_sweep.py --workdir .bench-work --json .bench-work/gc.json
+
+## bench-s3: import / re-import / read-back of the foundation tree into SeaweedFS (S3) + PostgreSQL, with request counts
+bench-s3: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/s3.py --workdir .bench-work --json .bench-work/s3.json
