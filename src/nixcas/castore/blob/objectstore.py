@@ -572,11 +572,10 @@ class _ObjectStoreBlobWriter(BlobWriter):
                 await self._take(chunker.finish())
                 await self._reap(0)
                 digest = B3Digest(self._hasher.digest())
-                if len(self._chunks) == 1:
-                    # One chunk: the chunk object is the blob (its digest is the blob's).
-                    await service._put_object(blob_index_key(digest), b"")
-                else:
-                    await service._put_object(blob_index_key(digest), encode_index(self._chunks))
+                if not service._fresh(service.presence.cached(blob_index_key(digest))):
+                    # One chunk: the chunk object is the blob (its digest is the blob's); the index is empty.
+                    index = b"" if len(self._chunks) == 1 else encode_index(self._chunks)
+                    await service._put_object(blob_index_key(digest), index)
         except BaseException:
             await self.abort()
             raise
