@@ -141,7 +141,7 @@ class SweepableDirectories(Protocol):
 
 def require_sweepable(blobs: BlobService, directories: DirectoryService) -> tuple[SweepableBlobs, SweepableDirectories]:
     """The two services as sweepable ones, or a :class:`ConfigurationError` naming the one that is not."""
-    supported = "objectstore+file and memory blobs, sqlite and memory directories"
+    supported = "objectstore+file and memory blobs, sqlite, postgresql and memory directories"
     if not isinstance(blobs, SweepableBlobs):
         raise ConfigurationError(
             f"garbage collection works on the store's own backends ({supported}), not on {blobs!r}; "
