@@ -41,7 +41,9 @@ The pool checks each connection as it is handed out and replaces dead ones
 (after a server restart), and a read that fails because its connection died
 is tried once more on a fresh one: a restart between calls is invisible.  A
 call while the server is down fails with
-:class:`~nixcas.errors.UnavailableError` within ``connect_timeout``.
+:class:`~nixcas.errors.UnavailableError` within ``connect_timeout``.  The
+pool reconnects in the background with backoff, starting over every
+``connect_timeout``, so it recovers soon after the server is back.
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ def _positive(where: str, key: str, text: str, minimum: int) -> int:
     return int(text)
 
 
+def _check_ports(where: str, hosts: str) -> None:
+    """Each ``host:port`` of a (libpq multi-host) ``h1:p1,h2`` list has a numeric port (libpq does not check)."""
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+        if port and not (is_decimal(port) and 0 < int(port) < 65536):
+            raise ConfigurationError(f"{where}: invalid PostgreSQL URL: port {port!r} is not a number from 1 to 65535")
+
+
 def redacted(url: str) -> str:
     """``url`` with the password (in the user part or the query) replaced by ``***``."""
     try:
@@ -173,6 +183,7 @@ class PostgresConfig:
             raise ConfigurationError(f"{where}: url must start with postgresql:// (got {parts.scheme or 'none'}://)")
         if parts.fragment:
             raise ConfigurationError(f"{where}: url takes no #fragment")
+        _check_ports(where, parts.netloc.rpartition("@")[2])
         for key, _ in parse_qsl(parts.query, keep_blank_values=True):
             if key not in LIBPQ_OPTIONS:
                 hint = " (nixcas options are fields of the table, not part of url)" if key in NIXCAS_OPTIONS else ""
@@ -283,6 +294,9 @@ class PostgresDatabase:
             min_size=self.config.pool_min,
             max_size=self.config.pool_max,
             timeout=self.config.connect_timeout,
+            # Reconnection backs off (1 s, 2 s, 4 s …); giving up after connect_timeout lets the next
+            # call start a fresh attempt, so the pool is usable again soon after the server is back.
+            reconnect_timeout=self.config.connect_timeout,
             check=AsyncConnectionPool.check_connection,
             name=self._what,
             open=False,
