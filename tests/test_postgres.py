@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from nixcas._postgres import PostgresConfig
+from nixcas._postgres import Connection, PostgresConfig
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
@@ -535,3 +535,58 @@ def test_config_target_uses_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("PGDATABASE", "envdb")
     config = PostgresConfig("postgresql://")
     assert config.target() == "envhost:7777/envdb"
+
+
+async def test_a_read_whose_connection_died_is_retried_once(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = await directory_service_from_url(pg_url)
+    assert isinstance(svc, PostgresDirectoryService)
+    try:
+        root = await upload_complicated(svc)
+        db = svc._db
+        real = db._attempt
+        failures = [psycopg.OperationalError("server closed the connection unexpectedly")]
+
+        async def flaky(fn: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+            if failures:
+                raise failures.pop()
+            return await real(fn, transaction)
+
+        monkeypatch.setattr(db, "_attempt", flaky)
+        assert await svc.get(root) == DIRECTORY_COMPLICATED  # retried on a fresh connection
+        failures.append(psycopg.OperationalError("server closed the connection unexpectedly"))
+        stored = await scan_all(svc)
+        failures.append(psycopg.OperationalError("server closed the connection unexpectedly"))
+        with pytest.raises(UnavailableError, match="server closed the connection"):  # deletes are not retried
+            await svc.delete_directories(list(stored.values()), 0)
+        failures.extend([psycopg.OperationalError("still gone"), psycopg.OperationalError("gone")])
+        with pytest.raises(UnavailableError, match="still gone"):  # only once
+            await svc.get(root)
+    finally:
+        await svc.close()
+
+
+async def test_a_listing_whose_connection_dies_fails_clearly(pg_url: str) -> None:
+    svc = await pathinfo_service_from_url(pg_url)
+    assert isinstance(svc, PostgresPathInfoService)
+    try:
+        for i in range(50):
+            await svc.put(make_path_info(f"l{i}", i))
+        svc.fetch_size = 10
+        listed: list[object] = []
+
+        async def consume() -> None:
+            async for info in svc.list():
+                listed.append(info)
+                if len(listed) == 1:  # the server drops our cursor's connection mid-stream
+                    sql(
+                        pg_url,
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE query LIKE 'FETCH FORWARD%%' AND pid <> pg_backend_pid()",
+                    )
+
+        with pytest.raises(UnavailableError, match="path info database"):
+            await consume()
+        assert 1 <= len(listed) <= 10
+        assert len([i async for i in svc.list()]) == 50  # the pool replaced the dead connection
+    finally:
+        await svc.close()
