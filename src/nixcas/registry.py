@@ -18,12 +18,16 @@ directory services
 ``memory://``                    :class:`~nixcas.castore.dirs.memory.MemoryDirectoryService`
 ``sqlite:///p.sqlite``           :class:`~nixcas.castore.dirs.sqlite.SqliteDirectoryService`
 ``sqlite://``                    the same, in memory
+``postgresql://u:p@h:port/db``   :class:`~nixcas.castore.dirs.postgres.PostgresDirectoryService`
+                                 (options: ``pool_min``, ``pool_max``, ``connect_timeout``, libpq's)
 ``grpc+…``                       :class:`~nixcas.castore.dirs.grpc.GrpcDirectoryService`
 ``cache://?near=A&far=B``        :class:`~nixcas.castore.dirs.cache.CacheDirectoryService`
 ``lru://?capacity=N``            :class:`~nixcas.castore.dirs.lru.LruDirectoryService`
 path info services
 ``memory://``                    :class:`~nixcas.store.pathinfo.memory.MemoryPathInfoService`
 ``sqlite:///p.sqlite``           :class:`~nixcas.store.pathinfo.sqlite.SqlitePathInfoService`
+``postgresql://u:p@h:port/db``   :class:`~nixcas.store.pathinfo.postgres.PostgresPathInfoService`
+                                 (``postgres://`` too; options as for directories)
 ``grpc+…``                       :class:`~nixcas.store.pathinfo.grpc.GrpcPathInfoService`
 ``nix+http(s)://host[/p]``       :class:`~nixcas.store.pathinfo.nixhttp.NixHttpPathInfoService`
                                  (options: ``trusted-public-keys``, ``blob_service``, ``directory_service``)
@@ -106,6 +110,8 @@ DIRECTORY_SERVICES: Final = BackendTable(
     {
         "memory": "nixcas.castore.dirs.memory.MemoryDirectoryServiceConfig",
         "sqlite": "nixcas.castore.dirs.sqlite.SqliteDirectoryServiceConfig",
+        "postgresql": "nixcas.castore.dirs.postgres.PostgresDirectoryServiceConfig",
+        "postgres": "nixcas.castore.dirs.postgres.PostgresAliasDirectoryServiceConfig",
         "grpc": "nixcas.castore.dirs.grpc.GrpcDirectoryServiceConfig",
         "cache": "nixcas.castore.dirs.cache.CacheDirectoryServiceConfig",
         "lru": "nixcas.castore.dirs.lru.LruDirectoryServiceConfig",
@@ -115,6 +121,8 @@ PATHINFO_SERVICES: Final = BackendTable(
     {
         "memory": "nixcas.store.pathinfo.memory.MemoryPathInfoServiceConfig",
         "sqlite": "nixcas.store.pathinfo.sqlite.SqlitePathInfoServiceConfig",
+        "postgresql": "nixcas.store.pathinfo.postgres.PostgresPathInfoServiceConfig",
+        "postgres": "nixcas.store.pathinfo.postgres.PostgresAliasPathInfoServiceConfig",
         "grpc": "nixcas.store.pathinfo.grpc.GrpcPathInfoServiceConfig",
         "nix": "nixcas.store.pathinfo.nixhttp.NixHttpPathInfoServiceConfig",
         "cache": "nixcas.store.pathinfo.cache.CachePathInfoServiceConfig",

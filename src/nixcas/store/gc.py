@@ -115,7 +115,9 @@ async def delete_paths(
     then).  Returns the records removed.
     """
     if not isinstance(pathinfos, DeletablePathInfos):
-        raise ConfigurationError(f"cannot delete path infos from {pathinfos!r} (only from sqlite and memory ones)")
+        raise ConfigurationError(
+            f"cannot delete path infos from {pathinfos!r} (only from sqlite, postgresql and memory ones)"
+        )
     doomed: dict[StorePath, PathInfo] = {}
     for path in paths:
         info = await pathinfos.get(path.digest)
