@@ -18,6 +18,9 @@ directory services
 ``memory://``                    :class:`~nixcas.castore.dirs.memory.MemoryDirectoryService`
 ``sqlite:///p.sqlite``           :class:`~nixcas.castore.dirs.sqlite.SqliteDirectoryService`
 ``sqlite://``                    the same, in memory
+``objectstore+s3://bucket/p``    :class:`~nixcas.castore.dirs.objectstore.ObjectStoreDirectoryService`
+(also ``gs``, ``az``, ``file``,  (one zstd object per closure, keyed by its root; options as for blobs,
+``memory:///``, ``http(s)``)     plus ``max_closure_bytes``)
 ``grpc+…``                       :class:`~nixcas.castore.dirs.grpc.GrpcDirectoryService`
 ``cache://?near=A&far=B``        :class:`~nixcas.castore.dirs.cache.CacheDirectoryService`
 ``lru://?capacity=N``            :class:`~nixcas.castore.dirs.lru.LruDirectoryService`
@@ -106,6 +109,7 @@ DIRECTORY_SERVICES: Final = BackendTable(
     {
         "memory": "nixcas.castore.dirs.memory.MemoryDirectoryServiceConfig",
         "sqlite": "nixcas.castore.dirs.sqlite.SqliteDirectoryServiceConfig",
+        "objectstore": "nixcas.castore.dirs.objectstore.ObjectStoreDirectoryServiceConfig",
         "grpc": "nixcas.castore.dirs.grpc.GrpcDirectoryServiceConfig",
         "cache": "nixcas.castore.dirs.cache.CacheDirectoryServiceConfig",
         "lru": "nixcas.castore.dirs.lru.LruDirectoryServiceConfig",
