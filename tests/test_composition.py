@@ -543,9 +543,10 @@ BAD_FILES = [
         id="combined-as-dirs",
     ),
     pytest.param(
-        '[directoryservices.root]\ntype = "objectstore"\nobject_store_url = "file:///x"\n',
-        ["directoryservices.root", "objectstore"],
-        id="objectstore-as-dirs",
+        '[directoryservices.root]\ntype = "objectstore"\nobject_store_url = "file:///x"\n'
+        'object_store_options = { max_closure_bytes = "1" }\n',
+        ["directoryservices.root", "max_closure_bytes"],
+        id="objectstore-dirs-bad-option",
     ),
     # fields
     pytest.param(

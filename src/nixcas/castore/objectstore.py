@@ -96,6 +96,8 @@ def parse_objectstore_url(url: SplitResult, *, allow_file: bool = False) -> tupl
         raise ConfigurationError(
             f"{url.geturl()!r}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
         )
+    if inner == LOCAL_SCHEME and (url.netloc or not url.path.startswith("/")):
+        raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path (write objectstore+file:///abs/path)")
     options: dict[str, str] = {}
     for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=False):
         if key in options:
