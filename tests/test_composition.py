@@ -543,9 +543,10 @@ BAD_FILES = [
         id="combined-as-dirs",
     ),
     pytest.param(
-        '[directoryservices.root]\ntype = "objectstore"\nobject_store_url = "file:///x"\n',
-        ["directoryservices.root", "objectstore"],
-        id="objectstore-as-dirs",
+        '[directoryservices.root]\ntype = "objectstore"\nobject_store_url = "file:///x"\n'
+        'object_store_options = { max_closure_bytes = "1" }\n',
+        ["directoryservices.root", "max_closure_bytes"],
+        id="objectstore-dirs-bad-option",
     ),
     # fields
     pytest.param(
@@ -639,7 +640,7 @@ BAD_FILES = [
     pytest.param(objectstore("file:relative/x"), ["blobservices.root", "absolute"], id="objectstore-relative"),
     pytest.param(objectstore("file://host/x"), ["blobservices.root", "host"], id="objectstore-host"),
     pytest.param(objectstore("file:///"), ["blobservices.root"], id="objectstore-root-dir"),
-    pytest.param(objectstore("s3://bucket/x"), ["blobservices.root", "s3"], id="objectstore-s3"),
+    pytest.param(objectstore("s3:///x"), ["blobservices.root", "bucket"], id="objectstore-s3-no-bucket"),
     pytest.param(objectstore("/abs/x"), ["blobservices.root"], id="objectstore-no-scheme"),
     pytest.param(objectstore("file:///tmp/x?zstd_level=3"), ["blobservices.root"], id="objectstore-query"),
     pytest.param(

@@ -20,6 +20,9 @@ directory services
 ``sqlite://``                    the same, in memory
 ``postgresql://u:p@h:port/db``   :class:`~nixcas.castore.dirs.postgres.PostgresDirectoryService`
                                  (options: ``pool_min``, ``pool_max``, ``connect_timeout``, libpq's)
+``objectstore+s3://bucket/p``    :class:`~nixcas.castore.dirs.objectstore.ObjectStoreDirectoryService`
+(also ``gs``, ``az``, ``file``,  (one zstd object per closure, keyed by its root; options as for blobs,
+``memory:///``, ``http(s)``)     plus ``max_closure_bytes``)
 ``grpc+…``                       :class:`~nixcas.castore.dirs.grpc.GrpcDirectoryService`
 ``cache://?near=A&far=B``        :class:`~nixcas.castore.dirs.cache.CacheDirectoryService`
 ``lru://?capacity=N``            :class:`~nixcas.castore.dirs.lru.LruDirectoryService`
@@ -112,6 +115,7 @@ DIRECTORY_SERVICES: Final = BackendTable(
         "sqlite": "nixcas.castore.dirs.sqlite.SqliteDirectoryServiceConfig",
         "postgresql": "nixcas.castore.dirs.postgres.PostgresDirectoryServiceConfig",
         "postgres": "nixcas.castore.dirs.postgres.PostgresAliasDirectoryServiceConfig",
+        "objectstore": "nixcas.castore.dirs.objectstore.ObjectStoreDirectoryServiceConfig",
         "grpc": "nixcas.castore.dirs.grpc.GrpcDirectoryServiceConfig",
         "cache": "nixcas.castore.dirs.cache.CacheDirectoryServiceConfig",
         "lru": "nixcas.castore.dirs.lru.LruDirectoryServiceConfig",

@@ -75,6 +75,7 @@ class CastoreChecker:
         self._blob_results: dict[B3Digest, tuple[str | None, int | None]] = {}
         self._bad_chunk: dict[B3Digest, B3Digest] = {}  # blob -> the chunk its problem is about
         self._chunks_seen: set[B3Digest] = set()  # chunks of multi-chunk blobs already examined as such
+        self._closures_read: set[B3Digest] = set()  # closure objects read whole (services keeping closures)
         self.on_object: Callable[[], None] | None = None
 
     # -- single objects ------------------------------------------------------------
@@ -92,12 +93,42 @@ class CastoreChecker:
 
     async def _load(self, digests: list[B3Digest]) -> None:
         wanted = [d for d in dict.fromkeys(digests) if d not in self._dirs]
+        if wanted and self.directories.closures_only:
+            for digest in wanted:
+                if digest not in self._dirs:  # an earlier closure may have brought it
+                    await self._load_closure(digest)
+            return
         if wanted:
             found = await self.directories.get_many_raw(wanted)
             for d in wanted:
                 self._dirs[d] = self._decode(d, found.get(d))
                 if self.on_object is not None:
                     self.on_object()
+
+    async def _load_closure(self, root: B3Digest) -> str | None:
+        """A service keeping whole closures: load ``root``'s closure in one read (its members come with it).
+
+        Returns what is wrong with the closure object (``None``: nothing).
+        """
+        self._closures_read.add(root)
+        closure: dict[B3Digest, bytes] = {}
+        problem: str | None = None
+        try:
+            async for digest, raw in self.directories.get_recursive_raw(root):
+                closure[digest] = raw
+        except StorageError as e:
+            problem = f"has a damaged closure object: {e}"
+        if problem is not None or not closure:
+            self._dirs.setdefault(root, problem or "is missing")
+            if self.on_object is not None:
+                self.on_object()
+            return problem
+        for digest, raw in closure.items():
+            if digest not in self._dirs:
+                self._dirs[digest] = self._decode(digest, raw)
+            if self.on_object is not None:
+                self.on_object()
+        return None
 
     async def directory(self, digest: B3Digest) -> Directory | str:
         """The decoded Directory, or what is wrong with it."""
@@ -208,6 +239,14 @@ class CastoreChecker:
     async def stored_directories(self, sweepable: SweepableDirectories) -> AsyncIterator[Problem]:
         """Every stored directory no walk reached: re-hashed, decoded, its sub-directories present."""
         async for batch in sweepable.scan_directories():
+            if self.directories.closures_only:
+                # Each object is a whole closure, checked whole when read (once).
+                for obj in batch:
+                    if obj.digest not in self._closures_read:
+                        problem = await self._load_closure(obj.digest)
+                        if problem is not None:
+                            yield Problem(UNREFERENCED, "directory", obj.digest.hex(), problem)
+                continue
             fresh = [o.digest for o in batch if o.digest not in self._dirs]
             await self._load(fresh)
             children: list[tuple[B3Digest, bytes, DirectoryNode]] = []
@@ -253,6 +292,31 @@ class CastoreChecker:
                     self.on_object()
                 if problem is not None:
                     yield Problem(CACHE, "outboard", obj.digest.hex(), f"is corrupt ({problem})")
+
+
+def _leaves_first(closure: list[Directory]) -> list[Directory]:
+    """A closure (root first) in an upload order: every directory after all of its sub-directories.
+
+    (Reversed breadth-first order is not one: a directory may refer to a sibling later in its level.)
+    """
+    by_digest = {d.digest: d for d in closure}
+    order: list[Directory] = []
+    placed: set[B3Digest] = set()
+    stack: list[tuple[Directory, bool]] = [(closure[0], False)] if closure else []
+    while stack:
+        directory, children_placed = stack.pop()
+        if directory.digest in placed:
+            continue
+        if children_placed:
+            placed.add(directory.digest)
+            order.append(directory)
+            continue
+        stack.append((directory, True))
+        for _, node in directory.directories():
+            child = by_digest.get(node.digest)
+            if child is not None and node.digest not in placed:
+                stack.append((child, False))
+    return order
 
 
 class CastoreRepairer:
@@ -311,7 +375,10 @@ class CastoreRepairer:
         closure = [d async for d in self.source_directories.get_recursive(digest)]
         if not closure:
             return False
-        if isinstance(self.directories, SweepableDirectories):
+        if isinstance(self.directories, SweepableDirectories) and self.directories.closures_only:
+            # One object holds the whole closure and a put skips an existing one: drop it first.
+            await self.directories.delete_directories([StoredObject(digest, 0, 0)], FOREVER_NS)
+        elif isinstance(self.directories, SweepableDirectories):
             local = await self.directories.get_many_raw([d.digest for d in closure])
             damaged = [
                 StoredObject(d.digest, 0, 0)
@@ -320,7 +387,7 @@ class CastoreRepairer:
             ]
             await self.directories.delete_directories(damaged, FOREVER_NS)
         async with self.directories.put_multiple_start() as putter:
-            for d in reversed(closure):
+            for d in _leaves_first(closure):
                 await putter.put(d)
             await putter.close()
         return True

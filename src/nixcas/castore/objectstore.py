@@ -31,14 +31,14 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
 import obstore
 import obstore.exceptions as obe
-from obstore.store import MemoryStore
+from obstore.store import LocalStore, MemoryStore
 from obstore.store import from_url as _from_url
 
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
@@ -59,6 +59,9 @@ __all__ = [
 SCHEMES: Final = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "memory", "http", "https")
 """Object store URL schemes handled through obstore (``file`` has its own backend, :mod:`.blob.local`)."""
 
+LOCAL_SCHEME: Final = "file"
+"""obstore's local-disk store: taken by the directory backend (blobs route ``file`` to :mod:`.blob.local`)."""
+
 CLIENT_OPTIONS: Final = {
     "concurrency": "requests in flight at once (default 32)",
     "create_bucket": "create a missing S3 bucket at start (true/false, default false)",
@@ -68,6 +71,9 @@ CLIENT_OPTIONS: Final = {
     "retry_timeout": "seconds of retrying before giving up (default 20)",
 }
 """nixcas's own options on an object store URL; every other option goes to obstore."""
+
+STREAM_BLOCK = 256 << 10
+"""Bytes per block of a streamed ``GET`` (:meth:`ObjectStore.get_stream`)."""
 
 _REDACT = ("secret", "password", "token", "key", "sas", "credential")
 
@@ -81,13 +87,18 @@ class ObjectMeta:
     mtime_ns: int
 
 
-def parse_objectstore_url(url: SplitResult) -> tuple[str, dict[str, str]]:
-    """``objectstore+s3://b/p?x=y`` → (``s3://b/p``, ``{"x": "y"}``), checked for shape."""
+def parse_objectstore_url(url: SplitResult, *, allow_file: bool = False) -> tuple[str, dict[str, str]]:
+    """``objectstore+s3://b/p?x=y`` → (``s3://b/p``, ``{"x": "y"}``), checked for shape.
+
+    ``allow_file`` also takes ``objectstore+file:///abs/path`` (obstore's local store).
+    """
     inner = url.scheme.partition("+")[2]
-    if inner not in SCHEMES:
+    if inner not in SCHEMES and not (allow_file and inner == LOCAL_SCHEME):
         raise ConfigurationError(
             f"{url.geturl()!r}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
         )
+    if inner == LOCAL_SCHEME and (url.netloc or not url.path.startswith("/")):
+        raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path (write objectstore+file:///abs/path)")
     options: dict[str, str] = {}
     for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=False):
         if key in options:
@@ -136,6 +147,13 @@ def check_client_options(url: str, options: Mapping[str, str], where: str) -> No
     _count(options, "max_retries", 3, 0, 100, where)
     _flag(options, "create_bucket", where)
     scheme = urlsplit(url).scheme
+    if scheme == LOCAL_SCHEME:
+        path = urlsplit(url).path
+        if urlsplit(url).netloc or not path.startswith("/") or path.strip("/") == "":
+            raise ConfigurationError(
+                f"{where}: needs an absolute path other than / (write objectstore+file:///abs/path)"
+            )
+        return
     if scheme not in SCHEMES:
         raise ConfigurationError(f"{where}: unsupported object store {scheme or '(none)'!r}")
     if scheme == "memory" and (urlsplit(url).netloc or urlsplit(url).path.strip("/")):
@@ -196,6 +214,14 @@ class ObjectStore:
             if options:
                 raise ConfigurationError(f"{where}: memory object stores take no options ({min(options)!r} given)")
             self._store: Any = MemoryStore()
+            return
+        if scheme == LOCAL_SCHEME:
+            if options:
+                raise ConfigurationError(f"{where}: local object stores take no options ({min(options)!r} given)")
+            try:
+                self._store = LocalStore(urlsplit(url).path, mkdir=True)
+            except (obe.BaseError, OSError, ValueError) as e:
+                raise ConfigurationError(f"{where}: {_describe(e)}") from None
             return
         client: dict[str, Any] = {
             "timeout": datetime.timedelta(seconds=_seconds(own, "timeout", 60, where)),
@@ -261,6 +287,35 @@ class ObjectStore:
                 if cap is not None and size > cap:
                     raise StorageError(f"{self.where}: {key} holds {size} bytes, more than the {cap} it may")
                 return bytes(await result.bytes_async())
+
+    async def get_stream(self, key: str, cap: int | None = None) -> AsyncGenerator[bytes] | None:
+        """The object's bytes as a stream of blocks; ``None`` if absent.
+
+        Only the request itself takes a place in the request window; the
+        blocks are read as the caller asks for them (and a stream closed early
+        reads no further).  More than ``cap`` bytes is a :class:`StorageError`.
+        """
+        async with self._window:
+            self.requests["GET"] += 1
+            with self._errors(f"GET {key}"):
+                try:
+                    result = await obstore.get_async(self._store, key)
+                except FileNotFoundError:
+                    return None
+                size = int(result.meta["size"])
+        if cap is not None and size > cap:
+            raise StorageError(f"{self.where}: {key} holds {size} bytes, more than the {cap} it may")
+        return self._blocks(result, key)
+
+    async def _blocks(self, result: Any, key: str) -> AsyncGenerator[bytes]:
+        stream = result.stream(min_chunk_size=STREAM_BLOCK)
+        while True:
+            with self._errors(f"GET {key}"):
+                try:
+                    block = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield bytes(block)
 
     async def head(self, key: str) -> ObjectMeta | None:
         async with self._window:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
+from typing import ClassVar
 
 import blake3
 from google.protobuf.message import DecodeError
@@ -49,6 +50,11 @@ def _child_digests(digest: B3Digest, raw: bytes) -> list[B3Digest]:
 
 class DirectoryService(Closing, ABC):
     """Stores Directory messages by digest.  Absence is ``None`` / an empty stream."""
+
+    closures_only: ClassVar[bool] = False
+    """Only closure roots are retrievable (:meth:`get`, :meth:`get_many_raw`); their
+    descendants come only through :meth:`get_recursive` / :meth:`get_recursive_raw`
+    of a root (the object-store layout: one object per closure)."""
 
     # -- backend primitives ----------------------------------------------------
 
