@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from nixcas.testing.postgres import PostgresServer, postgres_or_skip
 from nixcas.testing.seaweedfs import SeaweedFS, find_weed
 
 _names = itertools.count()
@@ -31,3 +32,16 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 def s3_url(seaweedfs: SeaweedFS) -> str:
     """An ``objectstore+s3://`` URL of a prefix no other test uses."""
     return seaweedfs.url("nixcas", f"t{next(_names)}")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster (run as an unprivileged user, loopback, password auth)."""
+    yield from postgres_or_skip()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A ``postgresql://`` URL of a fresh, empty database (dropped afterwards)."""
+    with pg_server.fresh_database() as url:
+        yield url

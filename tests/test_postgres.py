@@ -37,17 +37,6 @@ from nixcas.testing.postgres import PASSWORD, PostgresServer, free_port, postgre
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    yield from postgres_or_skip()
-
-
-@pytest.fixture
-def pg_url(pg_server: PostgresServer) -> Iterator[str]:
-    with pg_server.fresh_database() as url:
-        yield url
-
-
 @pytest.fixture
 def private_server() -> Iterator[PostgresServer]:
     """A server of the test's own, for tests that stop and restart it."""

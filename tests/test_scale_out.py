@@ -6,28 +6,34 @@ a local near store in front of the cluster fetches each byte from it once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import blake3
+import psycopg
 import pytest
+from test_nar import InstrumentedBlobs
 
 from nixcas.castore.blob.combined import CombinedBlobService
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.dirs.cache import CacheDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
+from nixcas.castore.objectstore import ObjectStore, parse_objectstore_url
 from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.store.nar.render import render_nar
 from nixcas.store.pathinfo.cache import CachePathInfoService
 from nixcas.store.pathinfo.sqlite import SqlitePathInfoService
 from nixcas.store.store_path import StorePath
 from nixcas.testing.daemon import Daemon, clean_env, nixcas_command, running_daemon, short_tmpdir
-from nixcas.testing.maintenance import write_tree
+from nixcas.testing.maintenance import one_line_error, write_tree
 from nixcas.testing.nix import NIX_STORE, run_nix
-from nixcas.testing.seaweedfs import SeaweedFS
-from test_nar import InstrumentedBlobs
+from nixcas.testing.postgres import PASSWORD, PostgresServer
+from nixcas.testing.seaweedfs import SECRET_KEY, SeaweedFS, free_port
 
 
 def addrs(blob: str, directory: str, pathinfo: str) -> list[str]:
@@ -39,7 +45,11 @@ def via(daemon: Daemon) -> list[str]:
     return addrs(url, url, url)
 
 
-def run_cli(*args: str, binary: bool = False) -> subprocess.CompletedProcess[bytes]:
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(nixcas_command(*args), capture_output=True, text=True, env=clean_env(), check=False)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     result = subprocess.run(nixcas_command(*args), capture_output=True, env=clean_env(), check=False)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     return result
@@ -51,8 +61,18 @@ def tree(tmp_path: Path) -> Path:
     files: dict[str, object] = {f"f{i}": f"file {i}\n".encode() * (i + 1) for i in range(40)}
     return write_tree(
         tmp_path / "src" / "tree",
-        {"big": big, "small": files, "deeper": {"x": b"x\n", "more": {"y": b"y" * 70_000}}},  # type: ignore[dict-item]
+        {"big": big, "small": files, "deeper": {"x": b"x\n", "more": {"y": b"y" * 70_000}}},
     )
+
+
+def chunk_objects(url: str) -> int:
+    """How many chunk objects the store at ``url`` holds now (listed directly)."""
+
+    async def count() -> int:
+        store = ObjectStore(*parse_objectstore_url(urlsplit(url)))
+        return sum([len(page) async for page in store.list("chunks/b3/")])
+
+    return asyncio.run(count())
 
 
 def content_bytes(root: Path) -> int:
@@ -105,6 +125,8 @@ async def test_two_daemons_one_store_and_a_client_cache(
                 far_blobs.bytes_read = 0
             await far_blobs.inner.close()
             await blobs.near.close()
+            await dirs.far.close()
+            await pathinfos.far.close()
 
         # With both daemons gone, the client still has everything near.
         info = await pathinfos.near.get(digest)
@@ -113,3 +135,65 @@ async def test_two_daemons_one_store_and_a_client_cache(
     await dirs.near.close()
     await pathinfos.near.close()
     assert os.path.exists(tmp_path / "near" / "blobs")
+
+
+# -- faults, as an operator meets them ------------------------------------------------------------------
+
+
+def test_daemon_refuses_to_start_on_an_unusable_backend(
+    seaweedfs: SeaweedFS, s3_url: str, pg_url: str, pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    dead = seaweedfs.url("nixcas", "x", endpoint=f"http://127.0.0.1:{free_port()}", max_retries="1")
+    wrong_password = pg_url.replace(PASSWORD, "not-the-password")
+    for args, fragment in (
+        (addrs(dead, pg_url, pg_url), "unreachable"),
+        (addrs(s3_url.replace(SECRET_KEY, "wrong"), pg_url, pg_url), "access denied"),
+        (addrs(seaweedfs.url("no-such-bucket"), pg_url, pg_url), "bucket does not exist"),
+        (addrs(s3_url, wrong_password, pg_url), "password"),
+        (addrs(s3_url, pg_server.url("no_such_db"), pg_url), "no_such_db"),
+    ):
+        result = subprocess.run(
+            nixcas_command(*args, "daemon", "-l", str(tmp_path / "d.sock")),
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode != 0
+        one_line_error(result, result.returncode, fragment)
+        assert "not-the-password" not in result.stderr and "wrong" not in result.stderr.replace("wrong credentials", "")
+
+
+def test_import_survives_the_object_store_dying_mid_way(pg_url: str, tree: Path, tmp_path: Path) -> None:
+    """S3 killed during an import: a clear error, nothing of the path visible, and the retry succeeds."""
+    server = SeaweedFS(tmp_path / "weed")
+    server.start()
+    try:
+        server.create_bucket("dying")
+        s3 = server.url("dying", "p", max_retries="1", retry_timeout="3", timeout="5")
+        big = tmp_path / "src" / "tree" / "huge"
+        big.write_bytes(blake3.blake3(b"huge").digest(length=128 << 20))
+        args = [*addrs(s3, pg_url, pg_url), "import", str(tree)]
+        proc = subprocess.Popen(nixcas_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and chunk_objects(s3) < 40:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the import ended before the server could be killed"
+        server.kill()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, out
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err.decode(), err
+        assert "unreachable" in lines[0], lines[0]
+        with psycopg.connect(pg_url) as conn:  # nothing of the path became visible
+            assert conn.execute("SELECT count(*) FROM nixcas_pathinfo").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM nixcas_directories").fetchone() == (0,)
+
+        server.start()
+        store_path = run_cli(*args).stdout.decode().strip()
+        dumped = run_cli(*addrs(s3, pg_url, pg_url), "dump-path", store_path).stdout
+        if NIX_STORE is not None:
+            assert dumped == run_nix([NIX_STORE, "--dump", str(tree)], tmp_path, binary=True)
+    finally:
+        server.kill()

@@ -253,6 +253,11 @@ class ObjectStore:
         text = _describe(e)
         full = str(e)
         where = f"{self.where}: {what}"
+        if "169.254.169.254" in full or "169.254.170.2" in full:
+            return StorageError(
+                f"{where}: no credentials given (set access_key_id and secret_access_key, or the AWS_* "
+                f"environment variables), and the cloud's instance metadata service did not answer: {text}"
+            )
         if isinstance(e, obe.PermissionDeniedError | obe.UnauthenticatedError) or " 403 " in full:
             return StorageError(f"{where}: access denied (wrong credentials, or no permission): {text}")
         if "NoSuchBucket" in full:
