@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import errno
+import gc
 import os
 import socket
 import stat
@@ -17,13 +19,15 @@ import pytest
 import pytest_asyncio
 
 import nixcas.castore.ingest as ingest_module
-from nixcas.castore.blob.base import BlobService
+from nixcas.castore.blob.base import BlobService, BlobWriter
+from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import IngestEntry, ingest_entries, ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.errors import IngestError
+from nixcas.errors import IngestError, StorageError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 
 COMPLICATED_HEX = "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
@@ -538,3 +542,48 @@ async def test_entries_refused(stores: Stores, entries: list[IngestEntry]) -> No
     with pytest.raises(IngestError):
         await ingest_entries(entries, stores.directories)
     assert stores.commits == []
+
+
+class _FailingWrites(MemoryBlobService):
+    """Every streaming upload fails after a moment (as when the object store goes away); the first one last."""
+
+    opened = 0
+
+    async def open_write(self, expected_size: int | None = None) -> BlobWriter:
+        writer = await super().open_write(expected_size)
+        delay = 0.3 if self.opened == 0 else 0.02
+        self.opened += 1
+
+        async def fail(data: bytes) -> None:
+            await asyncio.sleep(delay)
+            raise StorageError("object store unreachable")
+
+        writer.write = fail  # type: ignore[method-assign]
+        return writer
+
+
+async def test_parallel_large_uploads_failing_together_leave_no_unretrieved_error(tmp_path: Path) -> None:
+    """Only the first failure is raised; the others are collected, not logged as 'never retrieved'."""
+    root = tmp_path / "two-large"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        (root / name).write_bytes(blake3.blake3(name.encode()).digest(length=2 * ingest_module.SMALL_FILE))
+    unhandled: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+
+        async def failing_import() -> str:
+            try:
+                await ingest_path(root, _FailingWrites(), MemoryDirectoryService())
+            except StorageError as e:
+                return str(e)  # the traceback (and the tasks its frames hold) is dropped here
+            return "no error"
+
+        assert await failing_import() == "object store unreachable"
+        await asyncio.sleep(0.5)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unhandled == []

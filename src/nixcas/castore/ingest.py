@@ -320,9 +320,14 @@ async def _entries_from_walk(
     queue: asyncio.Queue[_Started | BaseException | None] = asyncio.Queue(maxsize=BATCHES_AHEAD)
     started: set[asyncio.Future[Any]] = set()
 
+    def finished(fut: asyncio.Future[Any]) -> None:
+        started.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # seen: a failure the consumer never awaits (it stopped at another) is not logged
+
     def track(fut: asyncio.Future[T]) -> asyncio.Future[T]:
         started.add(fut)
-        fut.add_done_callback(started.discard)
+        fut.add_done_callback(finished)
         return fut
 
     async def produce() -> None:
