@@ -290,7 +290,7 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
 
 
 async def _entries_from_walk(
-    root: bytes, blobs: BlobService, progress: Progress | None
+    root: bytes, blobs: BlobService, progress: Progress | None, sources: dict[B3Digest, bytes] | None = None
 ) -> AsyncGenerator[IngestEntry, None]:
     name = os.path.basename(os.path.normpath(root)) or b"root"
     batches = _batches(_walk(root, (name,)))
@@ -354,10 +354,12 @@ async def _entries_from_walk(
             for item in started_batch.items:
                 if isinstance(item, IngestEntry):
                     yield item
-                elif (large_task := started_batch.larges.get(id(item))) is None:
-                    yield IngestEntry(item.path, next(small_nodes))
                 else:
-                    yield IngestEntry(item.path, await large_task)
+                    large_task = started_batch.larges.get(id(item))
+                    node = next(small_nodes) if large_task is None else await large_task
+                    if sources is not None:
+                        sources[node.digest] = item.fs_path
+                    yield IngestEntry(item.path, node)
     finally:
         pending = [producer, *started]
         for t in pending:
@@ -371,12 +373,15 @@ async def ingest_path(
     directories: DirectoryService,
     *,
     progress: Progress | None = None,
+    sources: dict[B3Digest, bytes] | None = None,
 ) -> Node:
     """Import a file, symlink or directory tree; return its root node.
 
     A root symlink is imported as a symlink.  Errors name the offending path;
     on error no Directory is stored (blobs already uploaded stay, unreferenced).
+    ``sources``, if given, is filled with the file each imported blob was read
+    from (so a caller can read them back from there; see :class:`~nixcas.castore.blob.source.SourceBlobService`).
     """
     root = os.fsencode(Path(os.fsdecode(path)))
-    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress)) as entries:
+    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress, sources)) as entries:
         return await ingest_entries(entries, directories, before_commit=blobs.sync)

@@ -457,6 +457,7 @@ class Presence:
         self._known: OrderedDict[str, ObjectMeta] = OrderedDict()
         self._listed: dict[str, float] = {}
         self._too_big: set[str] = set()
+        self._listing: dict[str, asyncio.Lock] = {}
 
     def note(self, meta: ObjectMeta) -> None:
         """``meta.key`` exists (written or seen just now)."""
@@ -478,7 +479,6 @@ class Presence:
 
     async def check(self, keys: Sequence[str]) -> dict[str, ObjectMeta | None]:
         """For each key, its metadata if it exists, else ``None``."""
-        now = time.monotonic()
         found: dict[str, ObjectMeta | None] = {}
         unknown: dict[str, list[str]] = {}
         for key in keys:
@@ -486,7 +486,7 @@ class Presence:
             if meta is not None:
                 self._known.move_to_end(key)
                 found[key] = meta
-            elif self._listed.get(key_range(key), -LISTED_TTL) > now - LISTED_TTL:
+            elif self._listed_recently(key_range(key)):
                 found[key] = None
             else:
                 unknown.setdefault(key_range(key), []).append(key)
@@ -504,8 +504,36 @@ class Presence:
                 self.note(meta)
         return found
 
+    def _listed_recently(self, prefix: str) -> bool:
+        return self._listed.get(prefix, -LISTED_TTL) > time.monotonic() - LISTED_TTL
+
+    async def prime(self, kind: str, wanted: int) -> None:
+        """Before asking about ``wanted`` keys of ``kind`` one at a time: list the kind's ranges if that is cheaper.
+
+        A streaming writer asks about its chunks as they are cut, one by
+        one; listing the chunk ranges first (when the store is small enough
+        for that to cost fewer requests than ``wanted`` ``HEAD``s) answers
+        them all from memory.
+        """
+        ranges = [f"{kind}/b3/{h}" for h in "0123456789abcdef"]
+        budget = max(1, wanted * KEYS_PER_WANTED // len(ranges))
+        todo = [r for r in ranges if r not in self._too_big and not self._listed_recently(r)]
+        await asyncio.gather(*(self._list_range(r, budget) for r in todo))
+
     async def _list_range(self, prefix: str, budget: int) -> bool:
-        """List ``prefix`` whole if it holds at most ``budget`` keys (then ``True``); note what exists."""
+        """List ``prefix`` whole if it holds at most ``budget`` keys (then ``True``); note what exists.
+
+        Concurrent callers for one range share one listing.
+        """
+        lock = self._listing.setdefault(prefix, asyncio.Lock())
+        async with lock:
+            if self._listed_recently(prefix):
+                return True
+            if prefix in self._too_big:
+                return False
+            return await self._list_range_now(prefix, budget)
+
+    async def _list_range_now(self, prefix: str, budget: int) -> bool:
         started = time.monotonic()
         seen = 0
         parent, after = _range_listing(prefix)

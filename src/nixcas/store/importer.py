@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nixcas.castore.blob.base import BlobService
+from nixcas.castore.blob.source import SourceBlobService
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.errors import IngestError, NixbaseError, PathInfoError, StorePathError
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
-from nixcas.store.nar.hashing import NarCalculationService
+from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import STORE_DIR, StorePath, build_ca_path, build_nar_path, validate_name
@@ -65,8 +67,14 @@ async def import_path(
 ) -> PathInfo:
     """Ingest ``path`` and register it as ``nix-store --add`` would; return its PathInfo."""
     name = path_to_name(path)
-    node = await ingest_path(path, services.blobs, services.directories, progress=progress)
-    nar_size, nar_sha256 = await services.nar.calculate_nar(node)
+    sources: dict[B3Digest, bytes] = {}
+    node = await ingest_path(path, services.blobs, services.directories, progress=progress, sources=sources)
+    nar = services.nar
+    if isinstance(nar, SimpleNarCalculationService):
+        # Rendered here: read the files just imported, not the store (for object storage, a GET per
+        # file); every file is checked against the digest it was stored under.
+        nar = SimpleNarCalculationService(SourceBlobService(sources, services.blobs), services.directories)
+    nar_size, nar_sha256 = await nar.calculate_nar(node)
     info = PathInfo(
         store_path=build_nar_path(name, nar_sha256),
         node=node,

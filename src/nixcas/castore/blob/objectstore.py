@@ -100,6 +100,9 @@ READ_WINDOW = 8 << 20
 UPLOAD_WINDOW = 8
 """Chunks a streaming writer keeps in flight (compressing or uploading) at once."""
 
+PRIME_CHUNKS = 32
+"""A streaming upload expected to cut at least this many chunks lists the chunk ranges first (if cheaper)."""
+
 REFRESH_AFTER = 1200.0
 """Default ``refresh_after`` (seconds): an object older than this is written again rather than relied on."""
 
@@ -550,6 +553,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
                 return
             if self._chunker is None:
                 self._chunker = Chunker(self._service.avg_chunk_size)
+                expected = self._state.expected_size
+                if expected is not None and expected >= PRIME_CHUNKS * self._service.avg_chunk_size:
+                    await self._service.presence.prime("chunks", expected // self._service.avg_chunk_size)
             pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
             for block in pending:
                 self._hasher.update(block)

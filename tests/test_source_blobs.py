@@ -1,0 +1,76 @@
+"""Reading imported blobs back from their source files (the import's NAR hashing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import blake3
+import pytest
+
+from nixcas.castore.blob.base import BlobReader
+from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.blob.source import SourceBlobService
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.errors import ChecksumMismatch
+from nixcas.store.importer import Services, import_path
+from nixcas.store.nar.hashing import SimpleNarCalculationService
+from nixcas.store.pathinfo.memory import MemoryPathInfoService
+from nixcas.testing.nix import NIX_STORE, run_nix
+
+
+def b3(data: bytes) -> B3Digest:
+    return B3Digest(blake3.blake3(data).digest())
+
+
+async def test_reads_the_source_file_and_falls_back_to_the_store(tmp_path: Path) -> None:
+    store = MemoryBlobService()
+    data = b"imported bytes" * 1000
+    digest = await store.put(data)
+    source = tmp_path / "f"
+    source.write_bytes(data)
+    svc = SourceBlobService({digest: bytes(source)}, store)
+    assert await svc.read(digest) == data
+    reader = await svc.open_read(digest)
+    assert reader is not None
+    async with reader:
+        await reader.seek(-4, 2)
+        assert await reader.read() == data[-4:]
+    source.unlink()  # gone: the store answers
+    assert await svc.read(digest) == data
+
+
+async def test_a_source_file_changed_since_import_is_refused(tmp_path: Path) -> None:
+    store = MemoryBlobService()
+    data = b"original"
+    digest = await store.put(data)
+    source = tmp_path / "f"
+    source.write_bytes(b"modified")
+    svc = SourceBlobService({digest: bytes(source)}, store)
+    with pytest.raises(ChecksumMismatch):
+        await svc.read(digest)
+    with pytest.raises(ChecksumMismatch):
+        await svc.read_many({digest: 100})
+
+
+async def test_import_hashes_the_nar_without_reading_the_store_back(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a").write_bytes(b"a" * 10)
+    (tree / "sub" / "big").write_bytes(blake3.blake3(b"big").digest(length=3 << 20))
+
+    class NoReads(MemoryBlobService):
+        reads = 0
+
+        async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+            NoReads.reads += 1
+            return await super()._open_read(digest)
+
+    blobs, dirs = NoReads(), MemoryDirectoryService()
+    info = await import_path(
+        tree, Services(blobs, dirs, MemoryPathInfoService(), SimpleNarCalculationService(blobs, dirs))
+    )
+    assert NoReads.reads == 0
+    if NIX_STORE is not None:
+        out = run_nix([NIX_STORE, "--add", str(tree)], tmp_path)
+        assert str(info.store_path) == out.strip()
