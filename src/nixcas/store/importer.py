@@ -69,12 +69,13 @@ async def import_path(
     name = path_to_name(path)
     sources: dict[B3Digest, bytes] = {}
     node = await ingest_path(path, services.blobs, services.directories, progress=progress, sources=sources)
-    nar = services.nar
-    if isinstance(nar, SimpleNarCalculationService):
+    if isinstance(services.nar, SimpleNarCalculationService):
         # Rendered here: read the files just imported, not the store (for object storage, a GET per
         # file); every file is checked against the digest it was stored under.
-        nar = SimpleNarCalculationService(SourceBlobService(sources, services.blobs), services.directories)
-    nar_size, nar_sha256 = await nar.calculate_nar(node)
+        from_sources = SourceBlobService(sources, services.blobs)
+        nar_size, nar_sha256 = await services.nar.calculate_nar_from(node, from_sources)
+    else:
+        nar_size, nar_sha256 = await services.nar.calculate_nar(node)
     info = PathInfo(
         store_path=build_nar_path(name, nar_sha256),
         node=node,
