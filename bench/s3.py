@@ -19,7 +19,9 @@ in this process (``import_path``, the code behind ``nixcas import``):
   daemon sees): requests per file;
 * **read-back**: the path's NAR rendered (every blob read and verified)
   through new instances, MB/s;
-* for scale, in the same run: the same import into the local backends
+* for scale, in the same run: every file PUT as one object with the same
+  request window (the floor any S3 uploader pays; Debian's Nix has no S3
+  store to compare with), the same import into the local backends
   (``objectstore+file`` + ``sqlite``), and ``nix-store --add`` of the tree
   when Nix is installed.
 
@@ -40,11 +42,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # The sibling script (``bench/`` is on sys.path when this file is run): the same tree generator.
 from import_tree import base_facts, generate_tree
 
 from nixcas.castore.blob.objectstore import ObjectStoreBlobService
+from nixcas.castore.objectstore import ObjectStore, parse_objectstore_url
 from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.store.importer import Services, import_path
 from nixcas.store.nar.hashing import SimpleNarCalculationService
@@ -124,7 +128,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         db = pg.url(pg.create_database())
         s3 = weed.url("bench", "castore")
 
-        # Local backends first, for scale (same tree, same process).
+        # The floor for object storage: every file as one object, one PUT each, same window (no
+        # chunking, compression, index or metadata) — what any S3 uploader at least pays.
+        raw = ObjectStore(*parse_objectstore_url(urlsplit(weed.url("bench", "raw"))))
+        paths = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]
+        start = time.perf_counter()
+
+        async def put_file(i: int, p: Path) -> None:
+            await raw.put(f"files/{i}", await asyncio.to_thread(p.read_bytes))
+
+        await asyncio.gather(*(put_file(i, p) for i, p in enumerate(paths)))
+        seconds = time.perf_counter() - start
+        result["raw_put"] = {"seconds": seconds, "mb_per_s": mb / seconds, "requests": dict(raw.requests)}
+
+        # Local backends, for scale (same tree, same process).
         local = state / "local"
         svc = await open_services(
             f"objectstore+file://{local}/blobs", f"sqlite://{local}/dirs.sqlite", f"sqlite://{local}/pi.sqlite"
@@ -176,11 +193,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     nix_store = shutil.which("nix-store")
     if nix_store is not None:
         start = time.perf_counter()
-        out = subprocess.run([nix_store, "--add", str(tree)], capture_output=True, text=True, check=True)
+        out = subprocess.run([nix_store, "--add", str(tree)], capture_output=True, text=True, check=True)  # noqa: ASYNC221
         seconds = time.perf_counter() - start
         result["nix_store_add"] = {"seconds": seconds, "mb_per_s": mb / seconds, "path": out.stdout.strip()}
         assert out.stdout.strip() == path, (out.stdout, path)
-        subprocess.run([nix_store, "--delete", out.stdout.strip()], capture_output=True, check=False)
+        subprocess.run([nix_store, "--delete", out.stdout.strip()], capture_output=True, check=False)  # noqa: ASYNC221
     shutil.rmtree(tree.parent, ignore_errors=True)
     return result
 
@@ -191,11 +208,14 @@ def print_report(r: dict[str, Any]) -> None:
     imp = r["import"]
     print(f"import into S3+PostgreSQL : {imp['seconds']:.2f} s, {imp['mb_per_s']:.1f} MB/s")
     print(f"   S3 requests             : {imp['requests']} = {imp['requests_per_file']:.2f} per file")
+    raw = r["raw_put"]
+    print(f"raw S3 PUT of every file  : {raw['seconds']:.2f} s, {raw['mb_per_s']:.1f} MB/s (1 request per file)")
     print(f"local backends (same run) : {r['local_import']['seconds']:.2f} s, {r['local_import']['mb_per_s']:.1f} MB/s")
     if "nix_store_add" in r:
         n = r["nix_store_add"]
         print(f"nix-store --add           : {n['seconds']:.2f} s, {n['mb_per_s']:.1f} MB/s")
-    for key, label in (("reimport_new_process", "re-import, new process"), ("reimport_same_instance", "re-import, same daemon")):
+    labels = (("reimport_new_process", "re-import, new process"), ("reimport_same_instance", "re-import, same daemon"))
+    for key, label in labels:
         x = r[key]
         print(f"{label:26}: {x['seconds']:.2f} s, requests {x['requests']} = {x['requests_per_file']:.4f} per file")
     rb = r["read_back"]

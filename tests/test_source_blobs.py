@@ -74,3 +74,20 @@ async def test_import_hashes_the_nar_without_reading_the_store_back(tmp_path: Pa
     if NIX_STORE is not None:
         out = run_nix([NIX_STORE, "--add", str(tree)], tmp_path)
         assert str(info.store_path) == out.strip()
+
+
+async def test_read_many_reads_sources_in_one_go_and_checks_them(tmp_path: Path) -> None:
+    store = MemoryBlobService()
+    blobs = [f"file {i}".encode() * (i + 1) for i in range(20)]
+    digests = [await store.put(b) for b in blobs]
+    sources = {}
+    for i, (d, data) in enumerate(zip(digests, blobs, strict=True)):
+        (tmp_path / str(i)).write_bytes(data)
+        sources[d] = bytes(tmp_path / str(i))
+    svc = SourceBlobService(sources, store)
+    (tmp_path / "3").unlink()  # falls back to the store
+    got = await svc.read_many({d: 60 for d in digests})
+    assert got == {d: b for d, b in zip(digests, blobs, strict=True) if len(b) <= 60}
+    (tmp_path / "0").write_bytes(b"changed")
+    with pytest.raises(ChecksumMismatch):
+        await svc.read_many({digests[0]: 60})
