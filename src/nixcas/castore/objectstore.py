@@ -41,6 +41,7 @@ import obstore.exceptions as obe
 from obstore.store import LocalStore, MemoryStore
 from obstore.store import from_url as _from_url
 
+from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
 from nixcas.urls import is_decimal
 
@@ -48,12 +49,16 @@ __all__ = [
     "CLIENT_OPTIONS",
     "SCHEMES",
     "ObjectMeta",
+    "REFRESH_AFTER",
     "ObjectStore",
+    "ObjectStoreBacked",
     "Presence",
     "create_bucket",
     "create_bucket_sync",
     "open_object_store",
     "parse_objectstore_url",
+    "refresh_after_option",
+    "zstd_level_option",
 ]
 
 SCHEMES: Final = ("s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "memory", "http", "https")
@@ -279,8 +284,8 @@ class ObjectStore:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def get(self, key: str, cap: int | None = None) -> bytes | None:
-        """The object's bytes; ``None`` if absent; a :class:`StorageError` if it holds more than ``cap``."""
+    async def _get(self, key: str, cap: int | None) -> Any:
+        """The started GET (obstore's result, body not read yet); ``None`` if absent; over ``cap`` bytes raises."""
         async with self._window:
             self.requests["GET"] += 1
             with self._errors(f"GET {key}"):
@@ -288,9 +293,18 @@ class ObjectStore:
                     result = await obstore.get_async(self._store, key)
                 except FileNotFoundError:
                     return None
-                size = int(result.meta["size"])
-                if cap is not None and size > cap:
-                    raise StorageError(f"{self.where}: {key} holds {size} bytes, more than the {cap} it may")
+        size = int(result.meta["size"])
+        if cap is not None and size > cap:
+            raise StorageError(f"{self.where}: {key} holds {size} bytes, more than the {cap} it may")
+        return result
+
+    async def get(self, key: str, cap: int | None = None) -> bytes | None:
+        """The object's bytes; ``None`` if absent; a :class:`StorageError` if it holds more than ``cap``."""
+        result = await self._get(key, cap)
+        if result is None:
+            return None
+        async with self._window:
+            with self._errors(f"GET {key}"):
                 return bytes(await result.bytes_async())
 
     async def get_stream(self, key: str, cap: int | None = None) -> AsyncGenerator[bytes] | None:
@@ -300,17 +314,8 @@ class ObjectStore:
         blocks are read as the caller asks for them (and a stream closed early
         reads no further).  More than ``cap`` bytes is a :class:`StorageError`.
         """
-        async with self._window:
-            self.requests["GET"] += 1
-            with self._errors(f"GET {key}"):
-                try:
-                    result = await obstore.get_async(self._store, key)
-                except FileNotFoundError:
-                    return None
-                size = int(result.meta["size"])
-        if cap is not None and size > cap:
-            raise StorageError(f"{self.where}: {key} holds {size} bytes, more than the {cap} it may")
-        return self._blocks(result, key)
+        result = await self._get(key, cap)
+        return None if result is None else self._blocks(result, key)
 
     async def _blocks(self, result: Any, key: str) -> AsyncGenerator[bytes]:
         stream = result.stream(min_chunk_size=STREAM_BLOCK)
@@ -412,6 +417,54 @@ async def open_object_store(url: str, options: Mapping[str, str]) -> ObjectStore
     store = ObjectStore(url, options)
     await store.probe()
     return store
+
+
+REFRESH_AFTER = 1200.0
+"""Default ``refresh_after`` (seconds): an object older than this is written again rather than relied on."""
+
+
+def zstd_level_option(options: Mapping[str, str], where: str) -> int:
+    """The ``zstd_level`` option (default :data:`ZSTD_LEVEL`), checked."""
+    raw = options.get("zstd_level", str(ZSTD_LEVEL))
+    try:
+        level = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{where}: zstd_level must be an integer") from None
+    if not -7 <= level <= 22:
+        raise ConfigurationError(f"{where}: zstd_level must be between -7 and 22")
+    return level
+
+
+def refresh_after_option(options: Mapping[str, str], where: str) -> float:
+    """The ``refresh_after`` option in seconds (default :data:`REFRESH_AFTER`), checked."""
+    raw = options.get("refresh_after", str(int(REFRESH_AFTER)))
+    if not is_decimal(raw) or not 1 <= int(raw) <= 7 * 86400:
+        raise ConfigurationError(f"{where}: refresh_after must be a number of seconds from 1 to 604800, not {raw!r}")
+    return float(raw)
+
+
+class ObjectStoreBacked:
+    """What services over an :class:`ObjectStore` share: the existence cache and the refresh rule.
+
+    Object stores cannot refresh an object's age in place, so a writer relies
+    on an existing object only if it was written within ``refresh_after``
+    (:meth:`_fresh`) and writes an older one again; a garbage collection must
+    therefore keep at least that much (:attr:`min_grace_ns`).
+    """
+
+    def __init__(self, store: ObjectStore, refresh_after: float) -> None:
+        self.store = store
+        self.presence = Presence(store)
+        self.refresh_after_ns = int(refresh_after * 1e9)
+
+    @property
+    def min_grace_ns(self) -> int:
+        """The shortest GC grace period that is safe for this store."""
+        return self.refresh_after_ns
+
+    def _fresh(self, meta: ObjectMeta | None) -> bool:
+        """``meta`` is an object a writer may rely on without writing it again."""
+        return meta is not None and meta.mtime_ns >= time.time_ns() - self.refresh_after_ns
 
 
 LIST_MIN_KEYS = 8

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
@@ -71,17 +70,20 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, de
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.objectstore import (
+    REFRESH_AFTER,
     ObjectMeta,
     ObjectStore,
-    Presence,
+    ObjectStoreBacked,
     check_client_options,
     open_object_store,
     parse_objectstore_url,
     redact,
+    refresh_after_option,
+    zstd_level_option,
 )
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
-from nixcas.urls import is_decimal, query_options
+from nixcas.urls import query_options
 
 __all__ = ["ObjectStoreBlobService", "ObjectStoreBlobServiceConfig"]
 
@@ -103,28 +105,7 @@ UPLOAD_WINDOW = 8
 PRIME_CHUNKS = 32
 """A streaming upload expected to cut at least this many chunks lists the chunk ranges first (if cheaper)."""
 
-REFRESH_AFTER = 1200.0
-"""Default ``refresh_after`` (seconds): an object older than this is written again rather than relied on."""
-
 _BLOB_OPTIONS = {"zstd_level", "refresh_after"}
-
-
-def _level(options: Mapping[str, str], where: str) -> int:
-    raw = options.get("zstd_level", str(ZSTD_LEVEL))
-    try:
-        level = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{where}: zstd_level must be an integer") from None
-    if not -7 <= level <= 22:
-        raise ConfigurationError(f"{where}: zstd_level must be between -7 and 22")
-    return level
-
-
-def _refresh_after(options: Mapping[str, str], where: str) -> float:
-    raw = options.get("refresh_after", str(int(REFRESH_AFTER)))
-    if not is_decimal(raw) or not 1 <= int(raw) <= 7 * 86400:
-        raise ConfigurationError(f"{where}: refresh_after must be a number of seconds from 1 to 604800, not {raw!r}")
-    return float(raw)
 
 
 @dataclass(frozen=True)
@@ -173,8 +154,8 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
             raise ConfigurationError(
                 f"{where}: avg_chunk_size must be a power of two from {MIN_AVG_CHUNK_SIZE} to {MAX_AVG_CHUNK_SIZE}"
             )
-        _level(self.object_store_options, where)
-        _refresh_after(self.object_store_options, where)
+        zstd_level_option(self.object_store_options, where)
+        refresh_after_option(self.object_store_options, where)
         client = {k: v for k, v in self.object_store_options.items() if k not in _BLOB_OPTIONS}
         check_client_options(self.object_store_url, client, where)
 
@@ -188,8 +169,8 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
         return ObjectStoreBlobService(
             store,
             avg_chunk_size=self.avg_chunk_size,
-            zstd_level=_level(options, where),
-            refresh_after=_refresh_after(options, where),
+            zstd_level=zstd_level_option(options, where),
+            refresh_after=refresh_after_option(options, where),
         )
 
 
@@ -205,7 +186,7 @@ def _digest_of(key: str) -> B3Digest | None:
     return B3Digest(raw) if len(raw) == DIGEST_LEN else None
 
 
-class ObjectStoreBlobService(BlobService, ChunkStore):
+class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
     """Chunked blobs in an object store (see the module docstring)."""
 
     def __init__(
@@ -216,26 +197,14 @@ class ObjectStoreBlobService(BlobService, ChunkStore):
         zstd_level: int = ZSTD_LEVEL,
         refresh_after: float = REFRESH_AFTER,
     ) -> None:
-        self.store = store
-        self.presence = Presence(store)
+        super().__init__(store, refresh_after)
         self.avg_chunk_size = avg_chunk_size
         self.zstd_level = zstd_level
-        self.refresh_after_ns = int(refresh_after * 1e9)
-        self._cctx = zstandard.ZstdCompressor(level=zstd_level)
 
     def __repr__(self) -> str:
         return f"ObjectStoreBlobService({self.store.where!r})"
 
-    @property
-    def min_grace_ns(self) -> int:
-        """The shortest GC grace period that is safe for this store (see the module docstring)."""
-        return self.refresh_after_ns
-
     # -- helpers ---------------------------------------------------------------------
-
-    def _fresh(self, meta: ObjectMeta | None) -> bool:
-        """``meta`` is an object a writer may rely on without writing it again."""
-        return meta is not None and meta.mtime_ns >= time.time_ns() - self.refresh_after_ns
 
     def _compress(self, data: bytes | memoryview) -> bytes:
         # One compressor per call: zstandard contexts are not thread-safe, and this runs in worker threads.

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, ClassVar, Self, cast
@@ -58,19 +57,20 @@ from google.protobuf.message import DecodeError
 from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.blob.chunking import compressed_bound
 from nixcas.castore.blob.layout import ZSTD_LEVEL
-from nixcas.castore.blob.objectstore import REFRESH_AFTER, _level, _refresh_after
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.objectstore import (
-    ObjectMeta,
+    REFRESH_AFTER,
     ObjectStore,
-    Presence,
+    ObjectStoreBacked,
     check_client_options,
     open_object_store,
     parse_objectstore_url,
     redact,
+    refresh_after_option,
+    zstd_level_option,
 )
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
@@ -153,8 +153,8 @@ class ObjectStoreDirectoryServiceConfig(ServiceConfig[DirectoryService]):
         return {k: v for k, v in self.object_store_options.items() if k not in _DIR_OPTIONS}
 
     def validate(self, where: str) -> None:
-        _level(self.object_store_options, where)
-        _refresh_after(self.object_store_options, where)
+        zstd_level_option(self.object_store_options, where)
+        refresh_after_option(self.object_store_options, where)
         _max_closure_bytes(self.object_store_options, where)
         check_client_options(self.object_store_url, self._client_options(), where)
 
@@ -164,8 +164,8 @@ class ObjectStoreDirectoryServiceConfig(ServiceConfig[DirectoryService]):
         store = await open_object_store(self.object_store_url, self._client_options())
         return ObjectStoreDirectoryService(
             store,
-            zstd_level=_level(options, where),
-            refresh_after=_refresh_after(options, where),
+            zstd_level=zstd_level_option(options, where),
+            refresh_after=refresh_after_option(options, where),
             max_closure_bytes=_max_closure_bytes(options, where),
         )
 
@@ -353,7 +353,7 @@ def decode_closure(
 # -- the service --------------------------------------------------------------------
 
 
-class ObjectStoreDirectoryService(DirectoryService):
+class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
     """Directory closures in an object store (see the module docstring)."""
 
     closures_only: ClassVar[bool] = True
@@ -366,22 +366,12 @@ class ObjectStoreDirectoryService(DirectoryService):
         refresh_after: float = REFRESH_AFTER,
         max_closure_bytes: int = MAX_CLOSURE_BYTES,
     ) -> None:
-        self.store = store
-        self.presence = Presence(store)
+        super().__init__(store, refresh_after)
         self.zstd_level = zstd_level
-        self.refresh_after_ns = int(refresh_after * 1e9)
         self.max_closure_bytes = max_closure_bytes
 
     def __repr__(self) -> str:
         return f"ObjectStoreDirectoryService({self.store.where!r})"
-
-    @property
-    def min_grace_ns(self) -> int:
-        """The shortest GC grace period that is safe for this store (see the module docstring)."""
-        return self.refresh_after_ns
-
-    def _fresh(self, meta: ObjectMeta | None) -> bool:
-        return meta is not None and meta.mtime_ns >= time.time_ns() - self.refresh_after_ns
 
     # -- reading -----------------------------------------------------------------------
 
