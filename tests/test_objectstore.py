@@ -21,8 +21,9 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.gc import WriteLeases, collect
 from nixcas.castore.nodes import FileNode
+from nixcas.castore.objectstore import Presence
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, UnavailableError, ValidationError
-from nixcas.registry import blob_service_from_url
+from nixcas.registry import blob_service_from_url, parse_service_url
 from nixcas.store.gc import collect_garbage
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles
 from nixcas.testing.seaweedfs import SECRET_KEY, SeaweedFS, free_port
@@ -345,3 +346,59 @@ async def test_gc_refuses_a_grace_shorter_than_refresh_after(mem: ObjectStoreBlo
         mem, MemoryDirectoryService(), None, None, WriteLeases(tmp_path / "leases"), grace_ns=3600 * 10**9
     )
     assert report.freed == 0
+
+
+# -- several processes on one bucket: what one writes or deletes, the others see -------------------------
+
+
+async def test_has_sees_other_processes_writes_and_deletions(s3_url: str) -> None:
+    a = await blob_service_from_url(s3_url)
+    b = await blob_service_from_url(s3_url)
+    assert isinstance(a, ObjectStoreBlobService) and isinstance(b, ObjectStoreBlobService)
+    await a.put_many(_blobs(200, b"listed"))  # A has listed every key range (its "absent" answers are cached)
+    x = await b.put(b"written by B after A listed")
+    assert await a.has(x)  # not "absent" from A's listing
+    assert await a.read(x) == b"written by B after A listed"
+    # B (a gc elsewhere) deletes an old blob A has seen: A's remembered "present" is not trusted once old.
+    old = await a.put(b"old blob")
+    assert await a.has(old)
+    for key in (_key("blobs", old), _key("chunks", old)):
+        await b.store.delete(key)
+    a.refresh_after_ns = 0  # what A saw is now older than refresh_after
+    assert not await a.has(old)
+    await a.close()
+    await b.close()
+
+
+async def test_evicted_keys_are_not_reported_absent(mem: ObjectStoreBlobService) -> None:
+    blobs = _blobs(400, b"evict")  # ~25 per key range: enough to list the ranges
+    digests = await mem.put_many(blobs)
+    presence = Presence(mem.store, capacity=100)
+    keys = [_key("blobs", d) for d in digests]
+    found = await presence.check(keys)
+    assert all(found.values())
+    assert mem.store.requests["LIST"] and not mem.store.requests["HEAD"]
+    again = await presence.check(keys)  # most were evicted; their ranges must be asked again
+    assert all(again.values())
+
+
+async def test_a_slow_upload_does_not_publish_relying_on_chunks_grown_old(mem: ObjectStoreBlobService) -> None:
+    base = blake3.blake3(b"base").digest(length=4 << 20)
+    await mem.put(base)
+    data = base + b"a different tail"  # another blob, reusing base's chunks
+    writer = await mem.open_write(len(data))
+    for i in range(0, len(data), 1 << 20):
+        await writer.write(data[i : i + (1 << 20)])
+    mem.refresh_after_ns = 1  # the upload "took" longer than refresh_after: what it relied on is old now
+    with pytest.raises(StorageError, match="took so long"):
+        await writer.close()
+    assert not await mem.has(_b3(data))
+
+
+async def test_credentials_stay_out_of_config_errors_and_reprs() -> None:
+    url = "objectstore+s3://bucket/p?secret_access_key=TOPSECRET&region=a&region=b"
+    with pytest.raises(ConfigurationError) as raised:
+        await blob_service_from_url(url)
+    assert "TOPSECRET" not in str(raised.value)
+    config = parse_service_url("blobservices", "objectstore+s3://bucket/p?secret_access_key=TOPSECRET")
+    assert "TOPSECRET" not in repr(config)

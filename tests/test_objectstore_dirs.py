@@ -499,7 +499,7 @@ async def test_options(tmp_path: Path) -> None:
     )
     assert isinstance(svc, ObjectStoreDirectoryService)
     assert (svc.zstd_level, svc.refresh_after_ns, svc.max_closure_bytes) == (9, 60 * 10**9, 4096)
-    assert svc.min_grace_ns == 60 * 10**9
+    assert svc.min_grace_ns == 2 * 60 * 10**9  # twice refresh_after
     await svc.close()
 
 

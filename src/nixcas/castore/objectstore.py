@@ -80,8 +80,6 @@ CLIENT_OPTIONS: Final = {
 STREAM_BLOCK = 256 << 10
 """Bytes per block of a streamed ``GET`` (:meth:`ObjectStore.get_stream`)."""
 
-_REDACT = ("secret", "password", "token", "key", "sas", "credential")
-
 
 @dataclass(frozen=True, slots=True)
 class ObjectMeta:
@@ -98,19 +96,20 @@ def parse_objectstore_url(url: SplitResult, *, allow_file: bool = False) -> tupl
     ``allow_file`` also takes ``objectstore+file:///abs/path`` (obstore's local store).
     """
     inner = url.scheme.partition("+")[2]
+    where = repr(redact(url.geturl()))  # the query may hold credentials
     if inner not in SCHEMES and not (allow_file and inner == LOCAL_SCHEME):
         raise ConfigurationError(
-            f"{url.geturl()!r}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
+            f"{where}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
         )
     if inner == LOCAL_SCHEME and (url.netloc or not url.path.startswith("/")):
-        raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path (write objectstore+file:///abs/path)")
+        raise ConfigurationError(f"{where}: needs an absolute path (write objectstore+file:///abs/path)")
     options: dict[str, str] = {}
     for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=False):
         if key in options:
-            raise ConfigurationError(f"{url.geturl()!r}: option {key!r} given twice")
+            raise ConfigurationError(f"{where}: option {key!r} given twice")
         options[key] = value
     if url.fragment:
-        raise ConfigurationError(f"{url.geturl()!r}: URLs take no #fragment")
+        raise ConfigurationError(f"{where}: URLs take no #fragment")
     return urlunsplit((inner, url.netloc, url.path, "", "")), options
 
 
@@ -459,12 +458,26 @@ class ObjectStoreBacked:
 
     @property
     def min_grace_ns(self) -> int:
-        """The shortest GC grace period that is safe for this store."""
-        return self.refresh_after_ns
+        """The shortest GC grace period that is safe for this store: twice ``refresh_after``.
+
+        A writer relies on objects up to ``refresh_after`` old and checks, before
+        it publishes, that none it relied on has grown older than 1.5 times that
+        (:meth:`_still_safe`); a collection with this grace period deletes
+        nothing younger than twice that.
+        """
+        return 2 * self.refresh_after_ns
 
     def _fresh(self, meta: ObjectMeta | None) -> bool:
         """``meta`` is an object a writer may rely on without writing it again."""
         return meta is not None and meta.mtime_ns >= time.time_ns() - self.refresh_after_ns
+
+    def _still_safe(self, meta: ObjectMeta) -> bool:
+        """An object relied on when it was fresh is still far from any collection's cutoff (before publishing)."""
+        return meta.mtime_ns >= time.time_ns() - self.refresh_after_ns * 3 // 2
+
+    async def _exists(self, key: str) -> bool:
+        """For readers (``has``): an object written or seen within ``refresh_after``, or one a ``HEAD`` finds."""
+        return await self.presence.exists(key, time.time_ns() - self.refresh_after_ns) is not None
 
 
 LIST_MIN_KEYS = 8
@@ -517,7 +530,9 @@ class Presence:
         self._known[meta.key] = meta
         self._known.move_to_end(meta.key)
         while len(self._known) > self.capacity:
-            self._known.popitem(last=False)
+            evicted, _ = self._known.popitem(last=False)
+            # The range's listing no longer answers for all its keys: forget that it was listed.
+            self._listed.pop(key_range(evicted), None)
 
     def noted(self, key: str, size: int) -> None:
         """This process wrote ``key`` (``size`` bytes) just now."""
@@ -530,8 +545,30 @@ class Presence:
     def cached(self, key: str) -> ObjectMeta | None:
         return self._known.get(key)
 
+    async def exists(self, key: str, fresh_after_ns: int) -> ObjectMeta | None:
+        """Whether ``key`` exists, for a reader: answered from memory only by an object seen since
+        ``fresh_after_ns`` (one no collection can have deleted since), otherwise by asking (``HEAD``).
+
+        Unlike :meth:`check`, never answers "absent" from a listing: another
+        process may have written the object since.
+        """
+        meta = self._known.get(key)
+        if meta is not None and meta.mtime_ns >= fresh_after_ns:
+            return meta
+        meta = await self.store.head(key)
+        if meta is None:
+            self.forget(key)
+        else:
+            self.note(meta)
+        return meta
+
     async def check(self, keys: Sequence[str]) -> dict[str, ObjectMeta | None]:
-        """For each key, its metadata if it exists, else ``None``."""
+        """For each key, its metadata if it exists, else ``None`` — for a writer deciding what to upload.
+
+        A cached "present" may be old (callers look at ``mtime_ns``); an
+        "absent" may be stale by up to :data:`LISTED_TTL` (the upload it
+        causes is harmless: objects are content-addressed).
+        """
         found: dict[str, ObjectMeta | None] = {}
         unknown: dict[str, list[str]] = {}
         for key in keys:
@@ -545,10 +582,18 @@ class Presence:
                 unknown.setdefault(key_range(key), []).append(key)
         listable = [r for r, ks in unknown.items() if len(ks) >= LIST_MIN_KEYS and r not in self._too_big]
         listed = await asyncio.gather(*(self._list_range(r, len(unknown[r]) * KEYS_PER_WANTED) for r in listable))
-        for prefix, complete in zip(listable, listed, strict=True):
-            if complete:
+        for prefix, listing in zip(listable, listed, strict=True):
+            if isinstance(listing, dict):  # listed by this call: its own answers (the cache may not hold them all)
                 for key in unknown.pop(prefix):
-                    found[key] = self._known.get(key)
+                    found[key] = listing.get(key)
+            elif listing:  # listed by a concurrent call: what the cache still holds, if the listing still counts
+                keys_here = unknown.pop(prefix)
+                for key in keys_here:
+                    meta = self._known.get(key)
+                    if meta is not None or self._listed_recently(prefix):
+                        found[key] = meta
+                    else:
+                        unknown.setdefault(prefix, []).append(key)
         rest = [key for ks in unknown.values() for key in ks]
         heads = await asyncio.gather(*(self.store.head(key) for key in rest))
         for key, meta in zip(rest, heads, strict=True):
@@ -573,10 +618,11 @@ class Presence:
         todo = [r for r in ranges if r not in self._too_big and not self._listed_recently(r)]
         await asyncio.gather(*(self._list_range(r, budget) for r in todo))
 
-    async def _list_range(self, prefix: str, budget: int) -> bool:
-        """List ``prefix`` whole if it holds at most ``budget`` keys (then ``True``); note what exists.
+    async def _list_range(self, prefix: str, budget: int) -> dict[str, ObjectMeta] | bool:
+        """List ``prefix`` whole if it holds at most ``budget`` keys: what exists there (also noted in the cache).
 
-        Concurrent callers for one range share one listing.
+        ``False``: the range is too big to list; ``True``: a concurrent call
+        listed it just now (one listing per range at a time).
         """
         lock = self._listing.setdefault(prefix, asyncio.Lock())
         async with lock:
@@ -586,21 +632,25 @@ class Presence:
                 return False
             return await self._list_range_now(prefix, budget)
 
-    async def _list_range_now(self, prefix: str, budget: int) -> bool:
+    async def _list_range_now(self, prefix: str, budget: int) -> dict[str, ObjectMeta] | bool:
         started = time.monotonic()
-        seen = 0
+        listing: dict[str, ObjectMeta] = {}
         parent, after = _range_listing(prefix)
         async for page in self.store.list(parent, after=after):
             for meta in page:
                 if not meta.key.startswith(prefix):
                     if self.store.sorted_listings:  # past the range: keys come in order
-                        self._listed[prefix] = started
-                        return True
+                        break
                     continue
-                self.note(meta)
-            seen += len(page)
-            if seen > budget:
-                self._too_big.add(prefix)
-                return False
-        self._listed[prefix] = started
-        return True
+                listing[meta.key] = meta
+            else:
+                if len(listing) > budget:
+                    self._too_big.add(prefix)
+                    return False
+                continue
+            break
+        for meta in listing.values():
+            self.note(meta)
+        if all(key in self._known for key in listing):  # else the cache cannot answer for the whole range
+            self._listed[prefix] = started
+        return listing

@@ -121,7 +121,7 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
 
     type_tag: ClassVar[str] = "objectstore"
     object_store_url: str
-    object_store_options: dict[str, str] = field(default_factory=dict)
+    object_store_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
     avg_chunk_size: int = AVG_CHUNK_SIZE
 
     @classmethod
@@ -270,10 +270,7 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
     # -- BlobService -----------------------------------------------------------------
 
     async def has(self, digest: B3Digest) -> bool:
-        found = await self.presence.check([blob_index_key(digest)])
-        if found[blob_index_key(digest)] is not None:
-            return True
-        return (await self.presence.check([chunk_key(digest)]))[chunk_key(digest)] is not None
+        return await self._exists(blob_index_key(digest)) or await self._exists(chunk_key(digest))
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         raw = await self.store.get(blob_index_key(digest), cap=MAX_INDEX_BYTES)
@@ -481,6 +478,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
         self._chunker: Chunker | None = None
         self._chunks: list[ChunkMeta] = []
         self._handled: set[B3Digest] = set()
+        self._relied: list[ObjectMeta] = []  # chunks found stored (fresh), not written again
         self._uploads: set[asyncio.Task[None]] = set()
 
     async def _reap(self, limit: int) -> None:
@@ -496,8 +494,10 @@ class _ObjectStoreBlobWriter(BlobWriter):
 
     async def _upload(self, digest: B3Digest, data: bytes) -> None:
         service = self._service
-        state = await service.presence.check([chunk_key(digest)])
-        if not service._fresh(state[chunk_key(digest)]):
+        meta = (await service.presence.check([chunk_key(digest)]))[chunk_key(digest)]
+        if meta is not None and service._fresh(meta):
+            self._relied.append(meta)
+        else:
             await service._put_chunk_data(digest, data)
 
     async def _take(self, pieces: Sequence[memoryview]) -> None:
@@ -547,6 +547,12 @@ class _ObjectStoreBlobWriter(BlobWriter):
                 await self._take(chunker.finish())
                 await self._reap(0)
                 digest = B3Digest(self._hasher.digest())
+                stale = [m for m in self._relied if not service._still_safe(m)]
+                if stale:
+                    raise StorageError(
+                        f"{service}: this upload took so long that chunk {stale[0].key} it found stored may "
+                        "be collected by now (see refresh_after); nothing was published, retry"
+                    )
                 if not service._fresh(service.presence.cached(blob_index_key(digest))):
                     # One chunk: the chunk object is the blob (its digest is the blob's); the index is empty.
                     index = b"" if len(self._chunks) == 1 else encode_index(self._chunks)

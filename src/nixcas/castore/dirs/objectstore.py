@@ -78,6 +78,7 @@ from nixcas.urls import is_decimal
 
 __all__ = [
     "MAX_CLOSURE_BYTES",
+    "MAX_DIRECTORY_BYTES",
     "MAX_FRAME_LEN",
     "ObjectStoreDirectoryService",
     "ObjectStoreDirectoryServiceConfig",
@@ -88,6 +89,12 @@ __all__ = [
 
 MAX_FRAME_LEN = 1 * 1024 * 1024 * 1000
 """The longest frame (one Directory's canonical bytes) of a closure object: snix's limit."""
+
+MAX_DIRECTORY_BYTES = 16 << 20
+"""The longest frame read or written here (about 200,000 entries; no real directory comes close).
+
+A frame is buffered whole before it is hashed, so snix's limit would let a
+small, hostile object make every reader allocate a gibibyte."""
 
 MAX_CLOSURE_BYTES = 1 << 30
 """Default ``max_closure_bytes``: the most decompressed bytes one closure object may hold."""
@@ -140,7 +147,7 @@ class ObjectStoreDirectoryServiceConfig(ServiceConfig[DirectoryService]):
 
     type_tag: ClassVar[str] = "objectstore"
     object_store_url: str
-    object_store_options: dict[str, str] = field(default_factory=dict)
+    object_store_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
@@ -206,8 +213,11 @@ def _root_to_leaves(items: Sequence[tuple[B3Digest, bytes]]) -> list[bytes]:
         next_level: list[B3Digest] = []
         for digest in level:
             raw = raws[digest]
-            if len(raw) > MAX_FRAME_LEN:
-                raise ValidationError(f"directory {digest.hex()} is {len(raw)} bytes, more than {MAX_FRAME_LEN}")
+            if len(raw) > MAX_DIRECTORY_BYTES:
+                raise ValidationError(
+                    f"directory {digest.hex()} is {len(raw)} bytes, more than the {MAX_DIRECTORY_BYTES} a closure "
+                    "object takes here"
+                )
             order.append(raw)
             for child in children[digest]:
                 if child not in seen:
@@ -265,10 +275,10 @@ class _ClosureReader:
         pos = 0
         while len(buf) - pos >= 4:
             length = int.from_bytes(buf[pos : pos + 4], "big")
-            if length > MAX_FRAME_LEN or length > self._max_bytes:
+            if length > MAX_DIRECTORY_BYTES or length > self._max_bytes:
                 raise StorageError(
-                    f"{self._where}: frame {self._frames} claims {length} bytes, more than the {MAX_FRAME_LEN} "
-                    f"a frame may hold (or than max_closure_bytes)"
+                    f"{self._where}: frame {self._frames} claims {length} bytes, more than the {MAX_DIRECTORY_BYTES} "
+                    f"a directory may take here (or than max_closure_bytes)"
                 )
             if len(buf) - pos - 4 < length:
                 break
