@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import blake3
 import psycopg
 import pytest
 import pytest_asyncio
@@ -579,3 +580,28 @@ async def test_a_listing_whose_connection_dies_fails_clearly(pg_url: str) -> Non
         assert len([i async for i in svc.list()]) == 50  # the pool replaced the dead connection
     finally:
         await svc.close()
+
+
+async def test_overlapping_closures_written_concurrently_do_not_deadlock(pg_url: str) -> None:
+    """Two daemons storing closures that share directories, in opposite orders, at once."""
+    a, b = await directory_service_from_url(pg_url), await directory_service_from_url(pg_url)
+    assert isinstance(a, PostgresDirectoryService) and isinstance(b, PostgresDirectoryService)
+    try:
+        for round_ in range(20):
+            items = [
+                (B3Digest(blake3.blake3(f"{round_}/{i}".encode()).digest()), f"{round_}/{i}".encode())
+                for i in range(300)
+            ]
+            await asyncio.gather(a._put_raw(items), b._put_raw(items[::-1]), a._put_raw(items[::2]))
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_only_lost_connections_count_as_unavailable() -> None:
+    from nixcas._postgres import _connection_lost
+
+    assert _connection_lost(psycopg.OperationalError("connection closed"))
+    assert not _connection_lost(psycopg.errors.DeadlockDetected())
+    assert not _connection_lost(psycopg.errors.QueryCanceled())
+    assert _connection_lost(psycopg.errors.AdminShutdown())

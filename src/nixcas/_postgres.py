@@ -138,6 +138,18 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+_CONNECTION_STATES = ("57P01", "57P02", "57P03")
+"""admin_shutdown, crash_shutdown, cannot_connect_now: the server went away (beside SQLSTATE class 08)."""
+
+
+def _connection_lost(e: psycopg.Error) -> bool:
+    """``e`` says the connection or the server is gone (not: the statement failed, a deadlock, a timeout)."""
+    state = e.sqlstate
+    if state is None:  # raised by the client (connection closed, cannot connect): no server answer at all
+        return isinstance(e, psycopg.OperationalError)
+    return state.startswith("08") or state in _CONNECTION_STATES
+
+
 @dataclass(frozen=True)
 class PostgresConfig:
     """``postgresql://user:pass@host:port/db?pool_max=N``; composition: ``url`` plus ``pool_min``, ``pool_max``,
@@ -336,7 +348,7 @@ class PostgresDatabase:
         message = _scrub(str(e), self.config.url)
         if isinstance(e, PoolTimeout):
             return UnavailableError(f"{self._what}: no connection within {self.config.connect_timeout} s: {message}")
-        if isinstance(e, psycopg.OperationalError):
+        if _connection_lost(e):
             return UnavailableError(f"{self._what}: {message}")
         return StorageError(f"{self._what}: {message}")
 
@@ -364,11 +376,10 @@ class PostgresDatabase:
             return await self._attempt(fn, transaction)
         except PoolTimeout as e:
             raise self._error(e) from e
-        except psycopg.OperationalError as e:
-            if not retry:
-                raise self._error(e) from e
         except psycopg.Error as e:
-            raise self._error(e) from e
+            # Retried: work on a connection that broke, and a deadlock (the other transaction went through).
+            if not retry or not (_connection_lost(e) or isinstance(e, psycopg.errors.DeadlockDetected)):
+                raise self._error(e) from e
         try:
             return await self._attempt(fn, transaction)
         except psycopg.Error as e:

@@ -100,7 +100,8 @@ class PostgresDirectoryService(DirectoryService):
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
         # One statement = one transaction: all rows or none.  A directory already stored keeps its
         # bytes but gets the new time (re-referenced, it is young again for GC).  Idempotent, so retried.
-        unique = {bytes(digest): raw for digest, raw in items}
+        # Sorted: concurrent closures that share directories lock their rows in one order (no deadlock).
+        unique = dict(sorted({bytes(digest): raw for digest, raw in items}.items()))
         now = time.time_ns()
 
         async def put(conn: Connection) -> None:
