@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -12,6 +13,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.source import SourceBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.nodes import Node
 from nixcas.errors import ChecksumMismatch
 from nixcas.store.importer import Services, import_path
 from nixcas.store.nar.hashing import SimpleNarCalculationService
@@ -91,3 +93,26 @@ async def test_read_many_reads_sources_in_one_go_and_checks_them(tmp_path: Path)
     (tmp_path / "0").write_bytes(b"changed")
     with pytest.raises(ChecksumMismatch):
         await svc.read_many({digests[0]: 60})
+
+
+async def test_a_file_changed_between_ingest_and_nar_hashing_falls_back_to_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nixcas.store.importer as importer
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"as imported")
+    real_ingest = importer.ingest_path  # type: ignore[attr-defined]
+
+    async def ingest_then_change(*args: Any, **kwargs: Any) -> Node:
+        node = await real_ingest(*args, **kwargs)
+        (tree / "f").write_bytes(b"changed after")  # before the NAR is hashed
+        return node
+
+    monkeypatch.setattr(importer, "ingest_path", ingest_then_change)
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    nar = SimpleNarCalculationService(blobs, dirs)
+    info = await import_path(tree, Services(blobs, dirs, MemoryPathInfoService(), nar))
+    # The PathInfo describes what was stored, hashed from the store: the same as a fresh calculation.
+    assert (info.nar_size, info.nar_sha256) == await SimpleNarCalculationService(blobs, dirs).calculate_nar(info.node)

@@ -23,9 +23,11 @@ from nixcas.castore.blob.source import SourceBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
-from nixcas.errors import IngestError, NixbaseError, PathInfoError, StorePathError
+from nixcas.castore.nodes import Node
+from nixcas.errors import ChecksumMismatch, IngestError, NixbaseError, PathInfoError, StorePathError
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
+from nixcas.store.nar.plan import BlobSizeMismatch
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import STORE_DIR, StorePath, build_ca_path, build_nar_path, validate_name
@@ -62,20 +64,34 @@ class Services:
     nar: NarCalculationService
 
 
+async def ingest_and_hash(
+    path: str | os.PathLike[str], services: Services, progress: Progress | None = None
+) -> tuple[Node, int, bytes]:
+    """Ingest ``path``; its root node, NAR size and NAR SHA-256.
+
+    With a local NAR calculation the NAR is rendered from the files just
+    imported, not read back from the store (for object storage, a GET per
+    file); every file is checked against the digest it was stored under, and
+    if one changed meanwhile, what was stored is hashed from the store.
+    """
+    sources: dict[B3Digest, bytes] = {}
+    node = await ingest_path(path, services.blobs, services.directories, progress=progress, sources=sources)
+    if isinstance(services.nar, SimpleNarCalculationService):
+        try:
+            size, sha256 = await services.nar.calculate_nar_from(node, SourceBlobService(sources, services.blobs))
+        except (ChecksumMismatch, BlobSizeMismatch):
+            size, sha256 = await services.nar.calculate_nar(node)
+    else:
+        size, sha256 = await services.nar.calculate_nar(node)
+    return node, size, sha256
+
+
 async def import_path(
     path: str | os.PathLike[str], services: Services, *, progress: Progress | None = None
 ) -> PathInfo:
     """Ingest ``path`` and register it as ``nix-store --add`` would; return its PathInfo."""
     name = path_to_name(path)
-    sources: dict[B3Digest, bytes] = {}
-    node = await ingest_path(path, services.blobs, services.directories, progress=progress, sources=sources)
-    if isinstance(services.nar, SimpleNarCalculationService):
-        # Rendered here: read the files just imported, not the store (for object storage, a GET per
-        # file); every file is checked against the digest it was stored under.
-        from_sources = SourceBlobService(sources, services.blobs)
-        nar_size, nar_sha256 = await services.nar.calculate_nar_from(node, from_sources)
-    else:
-        nar_size, nar_sha256 = await services.nar.calculate_nar(node)
+    node, nar_size, nar_sha256 = await ingest_and_hash(path, services, progress)
     info = PathInfo(
         store_path=build_nar_path(name, nar_sha256),
         node=node,
@@ -253,8 +269,7 @@ async def copy_path(
     """
     check_content_address(exported)
     source = Path(os.fspath(store_dir)) / exported.store_path.basename
-    node = await ingest_path(source, services.blobs, services.directories, progress=progress)
-    nar_size, nar_sha256 = await services.nar.calculate_nar(node)
+    node, nar_size, nar_sha256 = await ingest_and_hash(source, services, progress)
     if (nar_size, nar_sha256) != (exported.nar_size, exported.nar_hash.digest):
         raise IngestError(
             f"{source}: content does not match Nix's record: NAR {nar_size} bytes "
