@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -197,3 +198,30 @@ def test_import_survives_the_object_store_dying_mid_way(pg_url: str, tree: Path,
             assert dumped == run_nix([NIX_STORE, "--dump", str(tree)], tmp_path, binary=True)
     finally:
         server.kill()
+
+
+def test_gc_across_s3_and_postgresql(s3_url: str, pg_url: str, tmp_path: Path) -> None:
+    """`nixcas gc` against the shared stores: frees what only a deleted path used, keeps the rest whole."""
+    s3 = s3_url + "&refresh_after=1"  # so that a grace of a few seconds is allowed
+    stores = addrs(s3, pg_url, pg_url)
+    shared = {"lib": b"shared library\n" * 1000}
+    keep = write_tree(tmp_path / "src" / "keep", {"shared": shared, "k": b"only in keep\n"})  # type: ignore[dict-item]
+    drop = write_tree(
+        tmp_path / "src" / "drop",
+        {"shared": shared, "d": b"only in drop\n", "big": blake3.blake3(b"drop").digest(length=1 << 20)},  # type: ignore[dict-item]
+    )
+    keep_path = run_cli(*stores, "import", str(keep)).stdout.decode().strip()
+    drop_path = run_cli(*stores, "import", str(drop)).stdout.decode().strip()
+    refused = cli(*stores, "gc", "--grace", "1s")
+    one_line_error(refused, refused.returncode, "too short")
+    run_cli(*stores, "delete", drop_path)
+    time.sleep(3.2)
+    report = json.loads(run_cli(*stores, "gc", "--grace", "3s", "--json").stdout)
+    assert report["kinds"]["blob"]["freed"] == 2  # "only in drop" and big; the shared lib stays
+    assert report["kinds"]["directory"]["freed"] == 1  # drop's root ("shared" is keep's too)
+    assert report["kinds"]["chunk"]["freed"] >= 3  # d's chunk, big's chunks
+    dumped = run_cli(*stores, "dump-path", keep_path).stdout
+    if NIX_STORE is not None:
+        assert dumped == run_nix([NIX_STORE, "--dump", str(keep)], tmp_path, binary=True)
+    again = json.loads(run_cli(*stores, "gc", "--grace", "3s", "--json").stdout)
+    assert again["freed"] == 0
