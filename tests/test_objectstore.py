@@ -30,13 +30,14 @@ from nixcas.testing.seaweedfs import SECRET_KEY, SeaweedFS, free_port
 
 
 def _corrupter(svc: BlobService) -> BlobCorrupter:
-    """Replace a blob's bytes behind the service's back: an empty index, and the chunk object named by the blob."""
+    """Replace a blob's bytes behind the service's back: now one chunk object named by the blob, no index."""
     assert isinstance(svc, ObjectStoreBlobService)
 
     async def corrupt(digest: B3Digest, data: bytes) -> None:
         h = digest.hex()
-        assert await svc.store.head(f"blobs/b3/{h[:4]}/{h}") is not None
-        await svc.store.put(f"blobs/b3/{h[:4]}/{h}", b"")
+        index, chunk = f"blobs/b3/{h[:4]}/{h}", f"chunks/b3/{h[:4]}/{h}"
+        assert await svc.store.head(index) is not None or await svc.store.head(chunk) is not None
+        await svc.store.delete(index)
         await svc.store.put(f"chunks/b3/{h[:4]}/{h}", zstandard.ZstdCompressor().compress(data))
 
     return corrupt
@@ -99,7 +100,7 @@ async def mem() -> AsyncIterator[ObjectStoreBlobService]:
 async def test_layout_single_and_chunked(mem: ObjectStoreBlobService) -> None:
     hello = await mem.put(b"Hello World")
     assert hello.hex().startswith("41f83941")  # the reference's example key blobs/b3/41f8/41f83941…
-    assert await mem.store.get(f"blobs/b3/41f8/{hello.hex()}") == b""  # empty index: one chunk, the blob
+    assert await mem.store.get(f"blobs/b3/41f8/{hello.hex()}") is None  # one chunk, the blob: no index needed
     chunk = await mem.store.get(f"chunks/b3/41f8/{hello.hex()}")
     assert chunk is not None and zstandard.ZstdDecompressor().decompress(chunk) == b"Hello World"
 
@@ -167,7 +168,7 @@ async def test_reimport_costs_almost_no_requests(s3_url: str) -> None:
     first = await blob_service_from_url(s3_url)
     assert isinstance(first, ObjectStoreBlobService)
     digests = await first.put_many(blobs)
-    assert first.store.requests["PUT"] == 2 * len(blobs)  # chunk + index each
+    assert first.store.requests["PUT"] == len(blobs)  # one chunk object each, no index
     await first.close()
 
     # A new process knows nothing: the batch's existence check lists key ranges instead of 400 HEADs.
@@ -195,8 +196,8 @@ async def test_old_objects_are_written_again(mem: ObjectStoreBlobService) -> Non
     mem.refresh_after_ns = 0
     await asyncio.sleep(0.01)
     await mem.put(b"old blob")
-    assert mem.store.requests["PUT"] == puts + 2
-    meta = await mem.store.head(_key("blobs", digest))
+    assert mem.store.requests["PUT"] == puts + 1  # the chunk object, which is the blob
+    meta = await mem.store.head(_key("chunks", digest))
     assert meta is not None and meta.mtime_ns > time.time_ns() - 60 * 10**9
 
 
@@ -328,7 +329,8 @@ async def test_gc_over_object_storage(s3_url: str) -> None:
     report = await collect(blobs, dirs, [tree.digest], cutoff_ns=time.time_ns() - 3600 * 10**9)
     assert report.freed == 0
     report = await collect(blobs, dirs, [tree.digest], cutoff_ns=time.time_ns() + 10**9)
-    assert report.kinds["blob"].freed == 2
+    # The chunked blob's index is a blob; "drop me" is one chunk object (single-chunk blobs have no index).
+    assert report.kinds["blob"].freed == 1
     assert report.kinds["chunk"].freed == len(only_drop) + 1  # drop's own chunks, and "drop me"
     assert not await blobs.has(drop) and not await blobs.has(small_drop)
     for c in only_drop:
@@ -374,7 +376,7 @@ async def test_evicted_keys_are_not_reported_absent(mem: ObjectStoreBlobService)
     blobs = _blobs(400, b"evict")  # ~25 per key range: enough to list the ranges
     digests = await mem.put_many(blobs)
     presence = Presence(mem.store, capacity=100)
-    keys = [_key("blobs", d) for d in digests]
+    keys = [_key("chunks", d) for d in digests]
     found = await presence.check(keys)
     assert all(found.values())
     assert mem.store.requests["LIST"] and not mem.store.requests["HEAD"]

@@ -18,16 +18,20 @@ Requests are what costs in object storage, so:
   range is listed once instead of one ``HEAD`` per key when that is cheaper,
   so re-importing a tree already stored costs a handful of requests;
 * a chunk is written only if absent, the index always last (a reader never
-  sees a blob before all its chunks exist).
+  sees a blob before all its chunks exist);
+* a blob of one chunk (every small file) is that chunk object alone, one
+  ``PUT``: snix also writes an empty index for it, which its readers never
+  need (see :func:`_blob_key`).
 
 Garbage collection (:mod:`nixcas.castore.gc`) cannot refresh an object's age
 in place here (object stores have no ``touch``).  Instead a writer trusts an
 existing object only if it was written within ``refresh_after`` seconds
 (default 1,200); an older one is written again (a blob's index: a few bytes;
-a chunk: its bytes, which the writer holds).  A collection keeps everything
-younger than its grace period, so a grace period longer than
-``refresh_after`` plus the longest upload (the default 1 h is) never deletes
-an object a writer is relying on.  ``nixcas gc`` refuses a shorter one.
+a chunk: its bytes, which the writer holds).  A streaming upload checks
+before it publishes that nothing it relied on has grown older than 1.5 times
+that; a collection keeps everything younger than its grace period, which
+``nixcas gc`` requires to be at least twice ``refresh_after``
+(:attr:`~nixcas.castore.objectstore.ObjectStoreBacked.min_grace_ns`).
 """
 
 from __future__ import annotations
@@ -174,6 +178,18 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
         )
 
 
+def _blob_key(digest: B3Digest, pieces: Sequence[bytes | memoryview]) -> str:
+    """The object whose presence says a blob cut into ``pieces`` is stored.
+
+    A blob of one chunk is its chunk object alone: snix writes an empty index
+    beside it, but its readers (``has``, ``open_read``, ``Stat``) all fall back
+    to the chunk object, so leaving the index out halves the requests for
+    small files at no cost in compatibility.  Blobs of several chunks are
+    their index (written last), the empty blob its empty index.
+    """
+    return chunk_key(digest) if len(pieces) == 1 and pieces[0] else blob_index_key(digest)
+
+
 def _b3(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
 
@@ -223,10 +239,11 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
     ) -> None:
         """Write what is missing of a blob cut into ``pieces``: the chunks not stored (fresh), then the index."""
         if len(pieces) == 1:
-            # One chunk: it is the blob; written unless a fresh copy exists.
-            if pieces[0] and not self._fresh(chunk_state.get(chunk_key(digest))):
+            # One chunk: it is the blob, and needs no index (see _blob_key); written unless a fresh copy exists.
+            if not pieces[0]:
+                await self._put_object(blob_index_key(digest), b"")  # the empty blob: an empty index, no chunk
+            elif not self._fresh(chunk_state.get(chunk_key(digest))):
                 await self._put_chunk_data(digest, pieces[0])
-            await self._put_object(blob_index_key(digest), b"")
             return
         metas = [ChunkMeta(B3Digest(blake3.blake3(p).digest()), len(p)) for p in pieces]
         todo: dict[B3Digest, bytes | memoryview] = {}
@@ -248,15 +265,15 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
             return out
 
         cutted = await asyncio.to_thread(digest_and_cut)
-        indexes = await self.presence.check([blob_index_key(d) for d, _ in cutted])
-        todo = [(d, p) for d, p in cutted if not self._fresh(indexes[blob_index_key(d)])]
+        stored = await self.presence.check([_blob_key(d, p) for d, p in cutted])
+        todo = [(d, p) for d, p in cutted if not self._fresh(stored[_blob_key(d, p)])]
         if todo:
             chunk_keys: list[str] = []
             for d, pieces in todo:
-                if len(pieces) == 1:
-                    chunk_keys.append(chunk_key(d))
-                else:
+                if len(pieces) > 1:
                     chunk_keys.extend(chunk_key(B3Digest(blake3.blake3(p).digest())) for p in pieces)
+                elif pieces[0]:
+                    chunk_keys.append(chunk_key(d))
             state = await self.presence.check(list(dict.fromkeys(chunk_keys)))
             seen: set[B3Digest] = set()
             jobs = []
@@ -270,7 +287,8 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
     # -- BlobService -----------------------------------------------------------------
 
     async def has(self, digest: B3Digest) -> bool:
-        return await self._exists(blob_index_key(digest)) or await self._exists(chunk_key(digest))
+        # Most blobs are single chunk objects: look for that first.
+        return await self._exists(chunk_key(digest)) or await self._exists(blob_index_key(digest))
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         raw = await self.store.get(blob_index_key(digest), cap=MAX_INDEX_BYTES)
@@ -553,10 +571,9 @@ class _ObjectStoreBlobWriter(BlobWriter):
                         f"{service}: this upload took so long that chunk {stale[0].key} it found stored may "
                         "be collected by now (see refresh_after); nothing was published, retry"
                     )
-                if not service._fresh(service.presence.cached(blob_index_key(digest))):
-                    # One chunk: the chunk object is the blob (its digest is the blob's); the index is empty.
-                    index = b"" if len(self._chunks) == 1 else encode_index(self._chunks)
-                    await service._put_object(blob_index_key(digest), index)
+                # One chunk: the chunk object (its digest is the blob's) is the blob, no index (see _blob_key).
+                if len(self._chunks) > 1 and not service._fresh(service.presence.cached(blob_index_key(digest))):
+                    await service._put_object(blob_index_key(digest), encode_index(self._chunks))
         except BaseException:
             await self.abort()
             raise
