@@ -19,6 +19,8 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.dirs.cache import CacheDirectoryService
+from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.objectstore import ObjectStoreDirectoryService, ObjectStoreDirectoryServiceConfig
 from nixcas.castore.fsck import CastoreChecker, CastoreRepairer
 from nixcas.castore.gc import FOREVER_NS, collect, mark
@@ -605,3 +607,20 @@ async def test_fsck_reports_a_damaged_closure_and_repairs_it(svc: ObjectStoreDir
     repairer = CastoreRepairer(MemoryBlobService(), svc, MemoryBlobService(), source)
     assert await repairer.directory(DIRECTORY_D.digest)
     assert await fsck_problems(svc, DIRECTORY_D) == []
+
+
+async def test_a_local_cache_in_front_answers_sub_directories() -> None:
+    """Only roots are retrievable from closure objects; a `cache` with a near store, filled by reading the
+    root, serves every directory below it (what mounts and `castore ls` of a sub-directory need)."""
+    far = await directory_service_from_url("objectstore+memory:///")
+    putter = far.put_multiple_start()
+    for d in (DIRECTORY_A, DIRECTORY_B, DIRECTORY_D):
+        await putter.put(d)
+    await putter.close()
+    assert await far.get(DIRECTORY_B.digest) is None  # snix semantics
+    cached = CacheDirectoryService(MemoryDirectoryService(), far)
+    assert await cached.get(DIRECTORY_D.digest) == DIRECTORY_D
+    assert await cached.get(DIRECTORY_B.digest) == DIRECTORY_B
+    below_b = [d.digest async for d in cached.get_recursive(DIRECTORY_B.digest)]
+    assert below_b == [DIRECTORY_B.digest, DIRECTORY_A.digest]
+    await far.close()
