@@ -225,3 +225,16 @@ def test_gc_across_s3_and_postgresql(s3_url: str, pg_url: str, tmp_path: Path) -
         assert dumped == run_nix([NIX_STORE, "--dump", str(keep)], tmp_path, binary=True)
     again = json.loads(run_cli(*stores, "gc", "--grace", "3s", "--json").stdout)
     assert again["freed"] == 0
+    checked = cli(*stores, "fsck", "--check-contents", "--check-nar")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # An object lost behind the store's back is found.
+    lost = blake3.blake3(b"only in keep\n").hexdigest()
+
+    async def lose() -> None:
+        store = ObjectStore(*parse_objectstore_url(urlsplit(s3_url)))
+        await store.delete(f"chunks/b3/{lost[:4]}/{lost}")
+
+    asyncio.run(lose())
+    damaged = cli(*stores, "fsck", "--check-contents")
+    assert damaged.returncode == 1 and lost in damaged.stdout + damaged.stderr, damaged
