@@ -9,7 +9,7 @@ import gc
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -587,3 +587,20 @@ async def test_parallel_large_uploads_failing_together_leave_no_unretrieved_erro
     finally:
         loop.set_exception_handler(None)
     assert unhandled == []
+
+
+class _FailingBatches(MemoryBlobService):
+    """Batches of small files fail after a moment, while the walk has queued more behind them."""
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        await asyncio.sleep(0.2)
+        raise StorageError("object store unreachable")
+
+
+async def test_a_failing_upload_with_batches_queued_ends_the_import(tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(4 * ingest_module.BATCH_FILES):
+        (root / str(i)).write_bytes(b"%d" % i)
+    with pytest.raises(StorageError, match="unreachable"):
+        await asyncio.wait_for(ingest_path(root, _FailingBatches(), MemoryDirectoryService()), timeout=60)

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -404,3 +405,50 @@ async def test_credentials_stay_out_of_config_errors_and_reprs() -> None:
     assert "TOPSECRET" not in str(raised.value)
     config = parse_service_url("blobservices", "objectstore+s3://bucket/p?secret_access_key=TOPSECRET")
     assert "TOPSECRET" not in repr(config)
+
+
+async def test_the_request_window_bounds_open_responses(
+    mem: ObjectStoreBlobService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import obstore
+
+    digests = await mem.put_many(_blobs(300, b"window"))
+    real_get = obstore.get_async
+    open_now = peak = 0
+
+    class Counted:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.meta = inner, inner.meta
+
+        async def bytes_async(self) -> Any:
+            nonlocal open_now
+            await asyncio.sleep(0.001)
+            data = await self.inner.bytes_async()
+            open_now -= 1
+            return data
+
+    async def counted_get(store: Any, key: str) -> Counted:
+        nonlocal open_now, peak
+        result = await real_get(store, key)
+        open_now += 1
+        peak = max(peak, open_now)
+        return Counted(result)
+
+    monkeypatch.setattr(obstore, "get_async", counted_get)
+    got = await mem.read_many({d: 1 << 20 for d in digests})
+    assert len(got) == len(digests)
+    assert peak <= 32  # the store's concurrency
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "objectstor+s3://bucket?aws_secret_access_key=TOPSECRET",  # a typo in the type
+        "combined://?near=objectstore%2Bs3%3A%2F%2Fb%3Fsecret_access_key%3DTOPSECRET%26x%3D1&far=nowhere",
+        "objectstore+file:///abs/p?aws_secret_access_key=TOPSECRET",
+    ],
+)
+async def test_credentials_stay_out_of_every_url_error(url: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        await blob_service_from_url(url)
+    assert "TOPSECRET" not in str(raised.value)

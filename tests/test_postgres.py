@@ -605,3 +605,4 @@ def test_only_lost_connections_count_as_unavailable() -> None:
     assert not _connection_lost(psycopg.errors.DeadlockDetected())
     assert not _connection_lost(psycopg.errors.QueryCanceled())
     assert _connection_lost(psycopg.errors.AdminShutdown())
+    assert _connection_lost(psycopg.errors.lookup("57P05")())  # idle session timeout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +118,17 @@ async def test_a_file_changed_between_ingest_and_nar_hashing_falls_back_to_the_s
     info = await import_path(tree, Services(blobs, dirs, MemoryPathInfoService(), nar))
     # The PathInfo describes what was stored, hashed from the store: the same as a fresh calculation.
     assert (info.nar_size, info.nar_sha256) == await SimpleNarCalculationService(blobs, dirs).calculate_nar(info.node)
+
+
+async def test_a_source_replaced_by_a_fifo_or_symlink_falls_back_to_the_store(tmp_path: Path) -> None:
+    store = MemoryBlobService()
+    data = b"stored bytes"
+    digest = await store.put(data)
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    (tmp_path / "elsewhere").write_bytes(data)
+    link.symlink_to(tmp_path / "elsewhere")
+    for path in (fifo, link):
+        svc = SourceBlobService({digest: bytes(path)}, store)
+        assert await asyncio.wait_for(svc.read(digest), timeout=10) == data
+        assert await asyncio.wait_for(svc.read_many({digest: 100}), timeout=10) == {digest: data}

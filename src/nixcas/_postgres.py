@@ -138,8 +138,9 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-_CONNECTION_STATES = ("57P01", "57P02", "57P03")
-"""admin_shutdown, crash_shutdown, cannot_connect_now: the server went away (beside SQLSTATE class 08)."""
+_CONNECTION_STATES = ("57P01", "57P02", "57P03", "57P04", "57P05", "25P03")
+"""The server ended the session (beside SQLSTATE class 08): admin/crash shutdown, cannot connect now,
+database dropped, idle session timeout, idle-in-transaction timeout."""
 
 
 def _connection_lost(e: psycopg.Error) -> bool:
@@ -348,7 +349,7 @@ class PostgresDatabase:
         message = _scrub(str(e), self.config.url)
         if isinstance(e, PoolTimeout):
             return UnavailableError(f"{self._what}: no connection within {self.config.connect_timeout} s: {message}")
-        if _connection_lost(e):
+        if _connection_lost(e) or (e.sqlstate or "").startswith("53"):  # 53: out of connections, disk, memory
             return UnavailableError(f"{self._what}: {message}")
         return StorageError(f"{self._what}: {message}")
 

@@ -37,6 +37,7 @@ from typing import (
 from urllib.parse import SplitResult
 
 from nixcas.errors import ConfigurationError
+from nixcas.urls import shown
 
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
@@ -107,7 +108,7 @@ class ServiceConfig(ABC, Generic[S_co]):
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         """The config a URL describes; backends without a URL form refuse."""
-        raise ConfigurationError(f"{url.geturl()!r}: type {cls.type_tag!r} has no URL form; use a composition file")
+        raise ConfigurationError(f"{shown(url)!r}: type {cls.type_tag!r} has no URL form; use a composition file")
 
     @classmethod
     def from_table(cls, table: Mapping[str, object], where: str) -> Self:
@@ -175,7 +176,7 @@ class NearFarConfig(ServiceConfig[S_co]):
         from nixcas.urls import near_far_from_url
 
         config = cls(*near_far_from_url(url))
-        config.check_references(repr(url.geturl()))
+        config.check_references(repr(shown(url)))
         return config
 
     async def open_pair(self, resolver: Resolver) -> tuple[Any, Any]:

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
-from nixcas.urls import url_tag
+from nixcas.urls import shown, url_tag
 
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
@@ -148,14 +148,14 @@ def parse_service_url(kind: str, url: str) -> ServiceConfig[object]:
     try:
         parts = urlsplit(url)
     except ValueError as e:
-        raise ConfigurationError(f"invalid {noun} URL {url!r}: {e}") from None
+        raise ConfigurationError(f"invalid {noun} URL {shown(url)!r}: {e}") from None
     if not parts.scheme:
-        raise ConfigurationError(f"invalid {noun} URL {url!r}: no scheme (e.g. memory://)")
+        raise ConfigurationError(f"invalid {noun} URL {shown(url)!r}: no scheme (e.g. memory://)")
     table = KINDS[kind]
     backend = table.get(url_tag(parts))
     if backend is None:
         known = ", ".join(sorted(table))
-        raise ConfigurationError(f"invalid {noun} URL {url!r}: unknown type {url_tag(parts)!r} (known: {known})")
+        raise ConfigurationError(f"invalid {noun} URL {shown(url)!r}: unknown type {url_tag(parts)!r} (known: {known})")
     return backend.from_url(parts)
 
 

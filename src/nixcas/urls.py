@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from urllib.parse import SplitResult, parse_qsl
+from urllib.parse import SplitResult, parse_qsl, quote, urlsplit, urlunsplit
 
 from nixcas.errors import ConfigurationError
 
 __all__ = [
     "is_decimal",
+    "shown",
     "near_far_from_url",
     "query_options",
     "require_bare_url",
@@ -22,6 +23,31 @@ def is_decimal(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "key", "sas", "credential", "signature")
+
+
+def shown(url: str | SplitResult) -> str:
+    """``url`` as error messages show it: the values of options that look like credentials (and the
+    password of ``user:password@``) replaced by ``***``, also inside URLs nested as option values."""
+    parts = urlsplit(url) if isinstance(url, str) else url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{host}"
+    query = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if any(word in key.lower() for word in _SECRET_WORDS):
+            value = "***"
+        elif "://" in value:
+            value = shown(value)
+        query.append(f"{key}={quote(value, safe='/:@*+')}")
+    text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else urlunsplit(("", netloc, parts.path, "", ""))
+    if query:
+        text += "?" + "&".join(query)
+    return text + (f"#{parts.fragment}" if parts.fragment else "")
+
+
 def url_tag(url: SplitResult) -> str:
     """The backend tag: the scheme up to the first ``+`` (``grpc+unix`` → ``grpc``)."""
     return url.scheme.split("+", 1)[0]
@@ -30,7 +56,7 @@ def url_tag(url: SplitResult) -> str:
 def require_plain_scheme(url: SplitResult) -> None:
     """Reject a ``+suffix`` on schemes that take none (``combined+x://`` is not ``combined://``)."""
     if "+" in url.scheme:
-        raise ConfigurationError(f"{url.geturl()!r}: unknown type {url.scheme!r} (write {url_tag(url)}://)")
+        raise ConfigurationError(f"{shown(url)!r}: unknown type {url.scheme!r} (write {url_tag(url)}://)")
 
 
 def require_bare_url(url: SplitResult) -> None:
@@ -38,7 +64,7 @@ def require_bare_url(url: SplitResult) -> None:
     require_plain_scheme(url)
     if url.netloc or url.path or url.query or url.fragment:
         raise ConfigurationError(
-            f"{url.geturl()!r}: {url.scheme}:// takes no host, path or options (write {url.scheme}://)"
+            f"{shown(url)!r}: {url.scheme}:// takes no host, path or options (write {url.scheme}://)"
         )
 
 
@@ -48,9 +74,9 @@ def query_options(url: SplitResult, allowed: set[str]) -> dict[str, str]:
     for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)):
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
-            raise ConfigurationError(f"{url.geturl()!r}: unknown option {key!r} (known: {known})")
+            raise ConfigurationError(f"{shown(url)!r}: unknown option {key!r} (known: {known})")
         if key in options:
-            raise ConfigurationError(f"{url.geturl()!r}: option {key!r} given twice")
+            raise ConfigurationError(f"{shown(url)!r}: option {key!r} given twice")
         options[key] = value
     return options
 
@@ -59,12 +85,12 @@ def near_far_from_url(url: SplitResult) -> tuple[str, str]:
     """``combined://?near=A&far=B`` / ``cache://?near=A&far=B`` → ``(A, B)``; both required."""
     require_plain_scheme(url)
     if url.netloc or url.path or url.fragment:
-        raise ConfigurationError(f"{url.geturl()!r}: {url.scheme}:// takes only ?near=…&far=… (no host or path)")
+        raise ConfigurationError(f"{shown(url)!r}: {url.scheme}:// takes only ?near=…&far=… (no host or path)")
     options = query_options(url, {"near", "far"})
     missing = [key for key in ("near", "far") if not options.get(key)]
     if missing:
         raise ConfigurationError(
-            f"{url.geturl()!r}: missing {' and '.join(missing)} (write {url.scheme}://?near=…&far=…)"
+            f"{shown(url)!r}: missing {' and '.join(missing)} (write {url.scheme}://?near=…&far=…)"
         )
     return options["near"], options["far"]
 

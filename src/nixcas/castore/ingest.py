@@ -342,6 +342,8 @@ async def _entries_from_walk(
                 }
                 await queue.put(_Started(batch, small_task, larges))
             await queue.put(None)
+        except asyncio.CancelledError:
+            raise  # the consumer is gone (it cancelled us): nobody would take a queued error
         except BaseException as e:  # handed to the consumer, which raises it
             await queue.put(e)
 

@@ -283,9 +283,12 @@ class ObjectStore:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def _get(self, key: str, cap: int | None) -> Any:
-        """The started GET (obstore's result, body not read yet); ``None`` if absent; over ``cap`` bytes raises."""
-        async with self._window:
+    async def _get(self, key: str, cap: int | None, *, windowed: bool = True) -> Any:
+        """The started GET (obstore's result, body not read yet); ``None`` if absent; over ``cap`` bytes raises.
+
+        ``windowed``: take a place in the window for the request (``False``: the caller holds one).
+        """
+        async with self._window if windowed else contextlib.nullcontext():
             self.requests["GET"] += 1
             with self._errors(f"GET {key}"):
                 try:
@@ -298,11 +301,15 @@ class ObjectStore:
         return result
 
     async def get(self, key: str, cap: int | None = None) -> bytes | None:
-        """The object's bytes; ``None`` if absent; a :class:`StorageError` if it holds more than ``cap``."""
-        result = await self._get(key, cap)
-        if result is None:
-            return None
+        """The object's bytes; ``None`` if absent; a :class:`StorageError` if it holds more than ``cap``.
+
+        The request and the body read hold one place in the window together, so
+        the window bounds the responses open at once (and the memory they hold).
+        """
         async with self._window:
+            result = await self._get(key, cap, windowed=False)
+            if result is None:
+                return None
             with self._errors(f"GET {key}"):
                 return bytes(await result.bytes_async())
 
@@ -633,6 +640,8 @@ class Presence:
             return await self._list_range_now(prefix, budget)
 
     async def _list_range_now(self, prefix: str, budget: int) -> dict[str, ObjectMeta] | bool:
+        # A listing the cache cannot hold saves nothing later: no more than a 16th of it per range.
+        budget = min(budget, self.capacity // 16)
         started = time.monotonic()
         listing: dict[str, ObjectMeta] = {}
         parent, after = _range_listing(prefix)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import stat
 from collections.abc import Mapping
 
 from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BlobWriter, ChunkMeta, resolve_seek
@@ -44,10 +45,12 @@ class SourceBlobService(BlobService):
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         path = self.sources.get(digest)
         if path is not None:
+            opening = asyncio.ensure_future(asyncio.to_thread(_open_regular, path))
             try:
-                fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                fd = -1  # gone or unreadable since: the store has the bytes
+                fd = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                opening.add_done_callback(_close_opened)  # the thread still runs: close what it opens
+                raise
             if fd >= 0:
                 return _FileReader(fd)
         return await self.store._open_read(digest)  # verified once, by this service's base class
@@ -78,13 +81,34 @@ class SourceBlobService(BlobService):
         return await self.store.open_write(expected_size)
 
 
-def _read_at_most(path: bytes, cap: int) -> bytes | None:
-    """At most ``cap + 1`` bytes of the file (``None``: it cannot be read)."""
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _open_regular(path: bytes) -> int:
+    """A descriptor of the regular file at ``path``; ``-1`` if it is gone, unreadable or no longer a
+    regular file (replaced by a symlink or a FIFO since: the store has the bytes)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(cap + 1)
+        fd = os.open(path, _OPEN_FLAGS)
     except OSError:
+        return -1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None and opening.result() >= 0:
+        os.close(opening.result())
+
+
+def _read_at_most(path: bytes, cap: int) -> bytes | None:
+    """At most ``cap + 1`` bytes of the regular file (``None``: it cannot be read)."""
+    fd = _open_regular(path)
+    if fd < 0:
         return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(cap + 1)
 
 
 class _FileReader(BlobReader):

@@ -64,6 +64,11 @@ class SimpleNarCalculationService(NarCalculationService):
         if cached is not None:
             self._cache.move_to_end(node)
             return cached
+        if blobs is not self._blobs:
+            # Not shared with other callers: its source may fail where the store would not.
+            own = asyncio.ensure_future(self._compute(node, blobs))
+            own.add_done_callback(lambda t: self._finished(node, t))
+            return await own
         task = self._running.get(node)
         if task is None:
             task = asyncio.ensure_future(self._compute(node, blobs))
