@@ -238,3 +238,14 @@ def test_gc_across_s3_and_postgresql(s3_url: str, pg_url: str, tmp_path: Path) -
     asyncio.run(lose())
     damaged = cli(*stores, "fsck", "--check-contents")
     assert damaged.returncode == 1 and lost in damaged.stdout + damaged.stderr, damaged
+
+
+def test_unreachable_backends_are_unavailable_on_the_wire() -> None:
+    """A daemon answers a backend outage with UNAVAILABLE (clients retry), not INTERNAL."""
+    import grpc
+
+    from nixcas.castore.grpc.status import status_of
+    from nixcas.errors import StorageError, UnavailableError
+
+    assert status_of(UnavailableError("s3://b: object store unreachable"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert status_of(StorageError("s3://b: access denied"))[0] == grpc.StatusCode.INTERNAL
