@@ -158,18 +158,18 @@ def require_sweepable(blobs: BlobService, directories: DirectoryService) -> tupl
 
 
 def check_grace(grace_ns: int, *services: object) -> None:
-    """Refuse a grace period shorter than a service needs (object stores: their ``refresh_after``).
+    """Refuse a grace period shorter than a service needs (object stores: twice their ``refresh_after``).
 
     Object stores cannot refresh an object's age in place; their writers rely
     on objects written within ``refresh_after`` and rewrite older ones, so a
-    collection must keep at least that much (plus the longest upload).
+    collection must keep more than that (see ``min_grace_ns``).
     """
     for service in services:
         needed = int(getattr(service, "min_grace_ns", 0))
         if grace_ns < needed:
             raise ValidationError(
                 f"a grace period of {grace_ns / 1e9:g} s is too short for {service!r}: it needs at least "
-                f"{needed / 1e9:g} s (its refresh_after) plus the longest upload"
+                f"{needed / 1e9:g} s (twice its refresh_after; more if an import takes longer than refresh_after)"
             )
 
 
