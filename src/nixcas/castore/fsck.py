@@ -23,6 +23,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
+from nixcas.castore.graph import leaves_first
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node
 from nixcas.errors import ChecksumMismatch, NixcasError, StorageError
 
@@ -294,31 +295,6 @@ class CastoreChecker:
                     yield Problem(CACHE, "outboard", obj.digest.hex(), f"is corrupt ({problem})")
 
 
-def _leaves_first(closure: list[Directory]) -> list[Directory]:
-    """A closure (root first) in an upload order: every directory after all of its sub-directories.
-
-    (Reversed breadth-first order is not one: a directory may refer to a sibling later in its level.)
-    """
-    by_digest = {d.digest: d for d in closure}
-    order: list[Directory] = []
-    placed: set[B3Digest] = set()
-    stack: list[tuple[Directory, bool]] = [(closure[0], False)] if closure else []
-    while stack:
-        directory, children_placed = stack.pop()
-        if directory.digest in placed:
-            continue
-        if children_placed:
-            placed.add(directory.digest)
-            order.append(directory)
-            continue
-        stack.append((directory, True))
-        for _, node in directory.directories():
-            child = by_digest.get(node.digest)
-            if child is not None and node.digest not in placed:
-                stack.append((child, False))
-    return order
-
-
 class CastoreRepairer:
     """Replaces damaged or missing objects of ``blobs``/``directories`` by verified copies from a source."""
 
@@ -387,7 +363,7 @@ class CastoreRepairer:
             ]
             await self.directories.delete_directories(damaged, FOREVER_NS)
         async with self.directories.put_multiple_start() as putter:
-            for d in _leaves_first(closure):
+            for d in leaves_first(closure):
                 await putter.put(d)
             await putter.close()
         return True

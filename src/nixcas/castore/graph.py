@@ -5,15 +5,47 @@
   there must be exactly one root.
 * :class:`RootToLeavesValidator` checks a download: the first directory is the
   requested root and every later one must be a child of one already received.
+* :func:`leaves_first` turns a downloaded closure into an upload order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.errors import ClosureError, StorageError
 
-__all__ = ["LeavesToRootValidator", "RootToLeavesValidator"]
+__all__ = ["LeavesToRootValidator", "RootToLeavesValidator", "leaves_first"]
+
+
+def leaves_first(closure: Sequence[Directory]) -> list[Directory]:
+    """A closure (root first) reordered so that each directory follows all its sub-directories.
+
+    Reversed breadth-first order is not enough: a directory reachable at two
+    depths (``D -> A`` and ``D -> B -> A``) is yielded at the shallower one,
+    so reversing puts ``B`` before ``A``.  This is a depth-first post-order.
+    Sub-directories not in ``closure`` are left out (the upload then rejects a
+    closure that needs them).
+    """
+    by_digest = {d.digest: d for d in closure}
+    order: list[Directory] = []
+    done: set[B3Digest] = set()
+    stack: list[tuple[Directory, bool]] = [(closure[0], False)] if closure else []
+    while stack:
+        directory, children_done = stack.pop()
+        if directory.digest in done:
+            continue
+        if children_done:
+            done.add(directory.digest)
+            order.append(directory)
+            continue
+        stack.append((directory, True))
+        for _, node in directory.directories():
+            child = by_digest.get(node.digest)
+            if child is not None and node.digest not in done:
+                stack.append((child, False))
+    return order
 
 
 class LeavesToRootValidator:

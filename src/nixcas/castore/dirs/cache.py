@@ -25,7 +25,7 @@ from nixcas._aio import close_all
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.graph import RootToLeavesValidator
+from nixcas.castore.graph import RootToLeavesValidator, leaves_first
 from nixcas.config import NearFarConfig, Resolver
 from nixcas.errors import StorageError
 
@@ -42,32 +42,6 @@ class CacheDirectoryServiceConfig(NearFarConfig[DirectoryService]):
     async def build(self, resolver: Resolver) -> DirectoryService:
         near, far = await self.open_pair(resolver)
         return CacheDirectoryService(near, far, close_inner=resolver.owns_instances)
-
-
-def _leaves_first(closure: Sequence[Directory]) -> list[Directory]:
-    """A complete closure (root first) reordered so that each directory follows all its sub-directories.
-
-    Reversed breadth-first order is not enough: a directory reachable at two
-    depths (``D -> A`` and ``D -> B -> A``) is yielded at the shallower one,
-    so reversing puts ``B`` before ``A``.  This is a depth-first post-order.
-    """
-    by_digest = {d.digest: d for d in closure}
-    order: list[Directory] = []
-    done: set[B3Digest] = set()
-    stack: list[tuple[Directory, bool]] = [(closure[0], False)]
-    while stack:
-        directory, children_done = stack.pop()
-        if directory.digest in done:
-            continue
-        if children_done:
-            done.add(directory.digest)
-            order.append(directory)
-            continue
-        stack.append((directory, True))
-        for _, child in directory.directories():
-            if child.digest not in done:
-                stack.append((by_digest[child.digest], False))
-    return order
 
 
 class CacheDirectoryService(DirectoryService):
@@ -100,7 +74,7 @@ class CacheDirectoryService(DirectoryService):
             return []
         validator.finish()
         async with self.near.put_multiple_start() as putter:
-            for directory in _leaves_first(closure):
+            for directory in leaves_first(closure):
                 await putter.put(directory)
             await putter.close()
         return closure
