@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
@@ -42,6 +42,8 @@ from obstore.store import LocalStore, MemoryStore
 from obstore.store import from_url as _from_url
 
 from nixcas.castore.blob.layout import ZSTD_LEVEL
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
 from nixcas.urls import is_decimal
 
@@ -481,6 +483,31 @@ class ObjectStoreBacked:
     def _still_safe(self, meta: ObjectMeta) -> bool:
         """An object relied on when it was fresh is still far from any collection's cutoff (before publishing)."""
         return meta.mtime_ns >= time.time_ns() - self.refresh_after_ns * 3 // 2
+
+    async def _delete_old(
+        self, objects: Sequence[StoredObject], cutoff_ns: int, key_of: Callable[[B3Digest], str]
+    ) -> Deletion:
+        """Delete the objects (at ``key_of(digest)``) still older than ``cutoff_ns`` when looked at again (``HEAD``).
+
+        Object stores have no conditional delete: a rewrite landing between the
+        ``HEAD`` and the ``DELETE`` is lost (see ``refresh_after``).  Objects
+        already gone are in neither list.
+        """
+        done = Deletion()
+
+        async def one(obj: StoredObject) -> None:
+            key = key_of(obj.digest)
+            meta = await self.store.head(key)
+            if meta is not None and meta.mtime_ns >= cutoff_ns:
+                done.kept.append(obj)
+                return
+            self.presence.forget(key)
+            if meta is not None:
+                await self.store.delete(key)
+                done.deleted.append(obj)
+
+        await asyncio.gather(*(one(o) for o in objects))
+        return done
 
     async def _exists(self, key: str) -> bool:
         """For readers (``has``): an object written or seen within ``refresh_after``, or one a ``HEAD`` finds."""

@@ -20,30 +20,52 @@ from nixcas.castore.blob.base import ChunkMeta
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.errors import StorageError
 
-__all__ = ["ZSTD_LEVEL", "bao_key", "blob_index_key", "chunk_key", "decode_index", "encode_index"]
+__all__ = [
+    "ZSTD_LEVEL",
+    "bao_key",
+    "blob_index_key",
+    "chunk_key",
+    "decode_index",
+    "encode_index",
+    "key_digest",
+    "object_key",
+]
 
 ZSTD_LEVEL = 1
 """Default zstd level for new chunks: fast, and any level decodes the same."""
 
 
-def _key(kind: str, digest: B3Digest) -> str:
+def object_key(kind: str, digest: B3Digest) -> str:
+    """``<kind>/b3/<hex[0:4]>/<hex>``: where an object of ``kind`` (``blobs``, ``chunks``, ``bao``, ``dirs``) lives."""
     h = digest.hex()
     return f"{kind}/b3/{h[:4]}/{h}"
 
 
+def key_digest(key: str) -> B3Digest | None:
+    """The digest an object key of that form names; ``None`` for any other key (foreign or misplaced)."""
+    try:
+        raw = bytes.fromhex(key.rpartition("/")[2])
+    except ValueError:
+        return None
+    if len(raw) != DIGEST_LEN:
+        return None
+    digest = B3Digest(raw)
+    return digest if key == object_key(key.partition("/")[0], digest) else None
+
+
 def blob_index_key(digest: B3Digest) -> str:
     """Object key of a blob's index."""
-    return _key("blobs", digest)
+    return object_key("blobs", digest)
 
 
 def chunk_key(digest: B3Digest) -> str:
     """Object key of a chunk's compressed bytes."""
-    return _key("chunks", digest)
+    return object_key("chunks", digest)
 
 
 def bao_key(digest: B3Digest) -> str:
     """Object key of a blob's cached bao outboard."""
-    return _key("bao", digest)
+    return object_key("bao", digest)
 
 
 def encode_index(chunks: list[ChunkMeta]) -> bytes:

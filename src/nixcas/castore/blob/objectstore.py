@@ -70,8 +70,8 @@ from nixcas.castore.blob.chunking import (
     decompress_at_most,
     decompress_chunk,
 )
-from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index, encode_index
-from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
+from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index, encode_index, key_digest
+from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
@@ -192,14 +192,6 @@ def _blob_key(digest: B3Digest, pieces: Sequence[bytes | memoryview]) -> str:
 
 def _b3(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
-
-
-def _digest_of(key: str) -> B3Digest | None:
-    try:
-        raw = bytes.fromhex(key.rpartition("/")[2])
-    except ValueError:
-        return None
-    return B3Digest(raw) if len(raw) == DIGEST_LEN else None
 
 
 class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
@@ -421,7 +413,7 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
         async for page in self.store.list(f"{kind}/b3/"):
             objects = []
             for meta in page:
-                digest = _digest_of(meta.key)
+                digest = key_digest(meta.key)
                 if digest is not None:
                     objects.append((digest, meta))
             if kind != "blobs":
@@ -446,33 +438,14 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
     def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
         return self._scan("chunks")
 
-    async def _delete_keys(self, objects: Sequence[StoredObject], cutoff_ns: int, blobs: bool) -> Deletion:
-        done = Deletion()
-
-        async def one(obj: StoredObject) -> None:
-            if blobs and obj.digest == EMPTY_DIGEST:
-                done.kept.append(obj)
-                return
-            key = blob_index_key(obj.digest) if blobs else chunk_key(obj.digest)
-            meta = await self.store.head(key)
-            if meta is None:
-                self.presence.forget(key)
-                return
-            if meta.mtime_ns >= cutoff_ns:
-                done.kept.append(obj)
-                return
-            self.presence.forget(key)
-            await self.store.delete(key)
-            done.deleted.append(obj)
-
-        await asyncio.gather(*(one(o) for o in objects))
+    async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
+        kept = [o for o in objects if o.digest == EMPTY_DIGEST]  # the empty blob is always kept (as locally)
+        done = await self._delete_old([o for o in objects if o.digest != EMPTY_DIGEST], cutoff_ns, blob_index_key)
+        done.kept.extend(kept)
         return done
 
-    async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        return await self._delete_keys(objects, cutoff_ns, blobs=True)
-
     async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        return await self._delete_keys(objects, cutoff_ns, blobs=False)
+        return await self._delete_old(objects, cutoff_ns, chunk_key)
 
 
 class _ObjectStoreBlobWriter(BlobWriter):

@@ -56,8 +56,8 @@ from google.protobuf.message import DecodeError
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.blob.chunking import compressed_bound
-from nixcas.castore.blob.layout import ZSTD_LEVEL
-from nixcas.castore.digest import DIGEST_LEN, B3Digest
+from nixcas.castore.blob.layout import ZSTD_LEVEL, key_digest, object_key
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import Deletion, StoredObject
@@ -113,19 +113,7 @@ _DIR_OPTIONS = {"zstd_level", "refresh_after", "max_closure_bytes"}
 
 def directory_key(digest: B3Digest) -> str:
     """The object key of the closure whose root is ``digest``."""
-    h = digest.hex()
-    return f"dirs/b3/{h[:4]}/{h}"
-
-
-def _digest_of(key: str) -> B3Digest | None:
-    name = key.rpartition("/")[2]
-    try:
-        raw = bytes.fromhex(name)
-    except ValueError:
-        return None
-    if len(raw) != DIGEST_LEN or key != directory_key(B3Digest(raw)):
-        return None
-    return B3Digest(raw)
+    return object_key("dirs", digest)
 
 
 def _max_closure_bytes(options: Mapping[str, str], where: str) -> int:
@@ -474,27 +462,11 @@ class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
         async for page in self.store.list("dirs/b3/"):
             batch = []
             for meta in page:
-                digest = _digest_of(meta.key)
+                digest = key_digest(meta.key)
                 if digest is not None:
                     batch.append(StoredObject(digest, meta.size, meta.mtime_ns))
             if batch:
                 yield batch
 
     async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        done = Deletion()
-
-        async def one(obj: StoredObject) -> None:
-            key = directory_key(obj.digest)
-            meta = await self.store.head(key)
-            if meta is None:
-                self.presence.forget(key)
-                return
-            if meta.mtime_ns >= cutoff_ns:
-                done.kept.append(obj)
-                return
-            self.presence.forget(key)
-            await self.store.delete(key)
-            done.deleted.append(obj)
-
-        await asyncio.gather(*(one(o) for o in objects))
-        return done
+        return await self._delete_old(objects, cutoff_ns, directory_key)
