@@ -47,6 +47,7 @@ from nixcas.testing.daemon import (
     Daemon,
     clean_env,
     files_under,
+    free_port,
     nixcas_command,
     read_line,
     running_daemon,
@@ -106,12 +107,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int | 
     for fragment in fragments:
         assert fragment in lines[0], result.stderr
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stale_socket(path: Path) -> None:

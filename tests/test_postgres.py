@@ -30,10 +30,11 @@ from nixcas.registry import directory_service_from_url, parse_service_url, pathi
 from nixcas.store.gc import delete_paths
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.postgres import PostgresPathInfoService, PostgresPathInfoServiceConfig
+from nixcas.testing.daemon import free_port
 from nixcas.testing.directoryservice import DirectoryServiceSuite, RawStore
 from nixcas.testing.fixtures import DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP
 from nixcas.testing.pathinfoservice import PathInfoServiceSuite, RawPathInfoStore, make_path_info
-from nixcas.testing.postgres import PASSWORD, PostgresServer, free_port, postgres_or_skip
+from nixcas.testing.postgres import PASSWORD, PostgresServer, postgres_or_skip
 
 T = TypeVar("T")
 

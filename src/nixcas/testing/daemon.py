@@ -6,6 +6,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +25,7 @@ __all__ = [
     "ServerProcess",
     "clean_env",
     "files_under",
+    "free_port",
     "nixcas_command",
     "read_line",
     "running_daemon",
@@ -50,6 +52,13 @@ def nixcas_command(*args: str) -> list[str]:
 def clean_env() -> dict[str, str]:
     """This environment without the variables that would pick another store."""
     return {k: v for k, v in os.environ.items() if k not in _ENV_OVERRIDES}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def files_under(root: Path) -> list[str]:

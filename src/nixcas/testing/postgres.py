@@ -34,7 +34,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -43,6 +42,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from nixcas.testing.daemon import free_port
 
 __all__ = ["PASSWORD", "USER", "PostgresServer", "find_postgres_bin", "postgres_or_skip"]
 
@@ -62,12 +63,6 @@ def find_postgres_bin() -> Path | None:
         if (candidate / "initdb").exists() and (candidate / "postgres").exists():
             return candidate
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PostgresServer:

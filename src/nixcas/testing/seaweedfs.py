@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from nixcas.testing.daemon import free_port as free_loopback_port
+
 __all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SeaweedFS", "find_weed", "free_port"]
 
 ACCESS_KEY = "nixcas-test"
@@ -44,9 +46,7 @@ def find_weed() -> str | None:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on now (nor on port + 10000, which SeaweedFS derives gRPC from)."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+        port = free_loopback_port()
         if port + 10000 > 65535:
             continue
         with socket.socket() as s:

@@ -24,7 +24,7 @@ from pyfastcdc import FastCDC
 
 from nixcas.castore.blob.base import ChunkMeta, check_chunk
 from nixcas.castore.digest import B3Digest
-from nixcas.errors import StorageError
+from nixcas.errors import ConfigurationError, StorageError
 
 __all__ = [
     "AVG_CHUNK_SIZE",
@@ -36,6 +36,7 @@ __all__ = [
     "MIN_CHUNK_SIZE",
     "Chunker",
     "check_chunk",
+    "check_avg_chunk_size",
     "check_chunk_list",
     "compressed_bound",
     "cut",
@@ -56,6 +57,14 @@ MAX_AVG_CHUNK_SIZE = 2 << 20
 """The ``avg_chunk_size`` range accepted (pyfastcdc's; the maximum chunk is twice the average)."""
 MAX_INDEX_CHUNK_SIZE = 64 << 20
 """The largest chunk an index may declare (read whole into memory, so it is bounded; snix's max is 2·avg)."""
+
+
+def check_avg_chunk_size(avg: int, where: str) -> None:
+    """Refuse an ``avg_chunk_size`` that is not a power of two within the supported range."""
+    if not (MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE and avg & (avg - 1) == 0):
+        raise ConfigurationError(
+            f"{where}: avg_chunk_size must be a power of two from {MIN_AVG_CHUNK_SIZE} to {MAX_AVG_CHUNK_SIZE}"
+        )
 
 
 def _fastcdc(avg: int) -> FastCDC:

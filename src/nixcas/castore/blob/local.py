@@ -48,9 +48,8 @@ from nixcas.castore.blob.base import (
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.chunking import (
     AVG_CHUNK_SIZE,
-    MAX_AVG_CHUNK_SIZE,
-    MIN_AVG_CHUNK_SIZE,
     Chunker,
+    check_avg_chunk_size,
     check_chunk_list,
     compressed_bound,
     cut,
@@ -156,11 +155,7 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
                 raise ConfigurationError(f"{where}: zstd_level must be an integer") from None
             if not -7 <= level <= 22:
                 raise ConfigurationError(f"{where}: zstd_level must be between -7 and 22")
-        avg = self.avg_chunk_size
-        if not (MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE and avg & (avg - 1) == 0):
-            raise ConfigurationError(
-                f"{where}: avg_chunk_size must be a power of two from {MIN_AVG_CHUNK_SIZE} to {MAX_AVG_CHUNK_SIZE}"
-            )
+        check_avg_chunk_size(self.avg_chunk_size, where)
 
     async def build(self, resolver: Resolver) -> BlobService:
         path = unquote(urlsplit(self.object_store_url).path)

@@ -61,9 +61,8 @@ from nixcas.castore.blob.base import (
 from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.chunking import (
     AVG_CHUNK_SIZE,
-    MAX_AVG_CHUNK_SIZE,
-    MIN_AVG_CHUNK_SIZE,
     Chunker,
+    check_avg_chunk_size,
     check_chunk_list,
     compressed_bound,
     cut,
@@ -153,11 +152,7 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
         if urlsplit(self.object_store_url).scheme == "file":
             self._local().validate(where)
             return
-        avg = self.avg_chunk_size
-        if not (MIN_AVG_CHUNK_SIZE <= avg <= MAX_AVG_CHUNK_SIZE and avg & (avg - 1) == 0):
-            raise ConfigurationError(
-                f"{where}: avg_chunk_size must be a power of two from {MIN_AVG_CHUNK_SIZE} to {MAX_AVG_CHUNK_SIZE}"
-            )
+        check_avg_chunk_size(self.avg_chunk_size, where)
         zstd_level_option(self.object_store_options, where)
         refresh_after_option(self.object_store_options, where)
         client = {k: v for k, v in self.object_store_options.items() if k not in _BLOB_OPTIONS}
