@@ -50,13 +50,14 @@ def default_store_dir() -> Path:
 def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str, str]:
     """The blob, directory and path info service URLs of the embedded store in ``store_dir``.
 
-    The embedded store keeps blobs in ``DIR/blobs`` (object layout),
+    The embedded store keeps blobs in ``DIR/blobs`` (small ones in ``DIR/blobs/small.sqlite``,
+    large ones in the object layout; see :mod:`nixcas.castore.blob.packed`),
     directories in ``DIR/directories.sqlite`` and path infos in ``DIR/pathinfo.sqlite``.
     """
     base = Path(store_dir) if store_dir is not None else default_store_dir()
     base = base.expanduser().absolute()
     return (
-        f"objectstore+file://{base / 'blobs'}",
+        f"packed://{base / 'blobs'}",
         f"sqlite://{base / 'directories.sqlite'}",
         f"sqlite://{base / 'pathinfo.sqlite'}",
     )

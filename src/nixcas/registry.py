@@ -8,6 +8,8 @@ blob services
 ``memory://``                    :class:`~nixcas.castore.blob.memory.MemoryBlobService`
 ``objectstore+file:///p``        :class:`~nixcas.castore.blob.local.LocalBlobService`
                                  (options: ``zstd_level``)
+``packed:///p``                  :class:`~nixcas.castore.blob.packed.PackedBlobService` (the embedded
+                                 store: small blobs in SQLite, large ones as ``objectstore+file``; ``zstd_level``)
 ``objectstore+s3://bucket/p``    :class:`~nixcas.castore.blob.objectstore.ObjectStoreBlobService`
 (also ``gs``, ``az``,            (options: ``endpoint``, ``region``, credentials and every other
 ``memory:///``, ``http(s)``)     obstore option; ``zstd_level``, ``refresh_after``, ``concurrency``, …)
@@ -105,6 +107,7 @@ BLOB_SERVICES: Final = BackendTable(
     {
         "memory": "nixcas.castore.blob.memory.MemoryBlobServiceConfig",
         "objectstore": "nixcas.castore.blob.objectstore.ObjectStoreBlobServiceConfig",
+        "packed": "nixcas.castore.blob.packed.PackedBlobServiceConfig",
         "grpc": "nixcas.castore.blob.grpc.GrpcBlobServiceConfig",
         "combined": "nixcas.castore.blob.combined.CombinedBlobServiceConfig",
     }

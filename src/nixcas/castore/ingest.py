@@ -19,7 +19,7 @@ import stat
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
@@ -28,7 +28,7 @@ from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.errors import IngestError, StorageError, ValidationError
 
-__all__ = ["IngestEntry", "Progress", "ingest_entries", "ingest_path", "upload_stream"]
+__all__ = ["IngestEntry", "Progress", "WalkObserver", "ingest_entries", "ingest_path", "upload_stream"]
 
 SMALL_FILE = 256 << 10
 """Files up to this size are read whole and uploaded in batches."""
@@ -42,6 +42,35 @@ T = TypeVar("T")
 
 Progress = Callable[[int], None]
 """Called with the number of content bytes just ingested."""
+
+
+class WalkObserver(Protocol):
+    """Sees a filesystem walk in canonical order: depth first, names sorted by their bytes.
+
+    That is the order of castore Directories and of NARs, so an observer can
+    hash a serialisation of the tree while it is being imported, from the
+    bytes being imported (the Nix layer hashes the NAR this way).  Called
+    from the walker's thread.  ``name`` is ``None`` for the root.
+    """
+
+    def directory(self, name: bytes | None) -> None:
+        """A directory starts; its entries follow, then :meth:`leave`."""
+
+    def leave(self) -> None:
+        """The current directory ends."""
+
+    def symlink(self, name: bytes | None, target: bytes) -> None:
+        """A symlink."""
+
+    def file(
+        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes
+    ) -> B3Digest | None:
+        """A regular file: ``data`` is its contents when it is small (they are what is imported).
+
+        For a large file (``data is None``) the observer reads ``fs_path``
+        itself and returns the BLAKE3 of what it read: the import fails if the
+        file it stores has another digest (the file changed in between).
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +199,7 @@ class _FileItem:
     size: int
     executable: bool
     data: bytes | None  # the contents, for small files
+    observed: B3Digest | None = None  # a large file's digest as the walk observer read it
 
 
 _Item = IngestEntry | _FileItem
@@ -194,7 +224,7 @@ def _visit(fs_path: bytes, path: tuple[bytes, ...]) -> _Item | list[bytes]:
     if stat.S_ISDIR(mode):
         try:
             with os.scandir(fs_path) as it:
-                return [entry.name for entry in it]
+                return sorted([entry.name for entry in it])  # canonical order (castore, NAR)
         except OSError as e:
             raise IngestError(f"{os.fsdecode(fs_path)}: cannot list directory: {e.strerror}") from None
     if stat.S_ISLNK(mode):
@@ -217,26 +247,46 @@ def _visit(fs_path: bytes, path: tuple[bytes, ...]) -> _Item | list[bytes]:
     raise IngestError(f"{os.fsdecode(fs_path)}: cannot import a {kind}")
 
 
-def _walk(fs_path: bytes, path: tuple[bytes, ...]) -> Iterator[_Item]:
-    """Post-order walk without recursion (any depth); small files come with their contents."""
+def _walk(fs_path: bytes, path: tuple[bytes, ...], observer: WalkObserver | None = None) -> Iterator[_Item]:
+    """Post-order walk without recursion (any depth); small files come with their contents.
+
+    Names are visited sorted, so ``observer`` sees the tree in canonical order.
+    """
     first = _visit(fs_path, path)
     if not isinstance(first, list):
+        if observer is not None:
+            _observe(observer, None, first)
         yield first
         return
+    if observer is not None:
+        observer.directory(None)
     stack = [(fs_path, path, iter(first))]
     while stack:
         parent_fs, parent, names = stack[-1]
         name = next(names, None)
         if name is None:
             stack.pop()
+            if observer is not None:
+                observer.leave()
             yield IngestEntry(parent, None)
             continue
         child_fs, child = os.path.join(parent_fs, name), (*parent, name)
         visited = _visit(child_fs, child)
         if isinstance(visited, list):
+            if observer is not None:
+                observer.directory(name)
             stack.append((child_fs, child, iter(visited)))
         else:
+            if observer is not None:
+                _observe(observer, name, visited)
             yield visited
+
+
+def _observe(observer: WalkObserver, name: bytes | None, item: _Item) -> None:
+    if isinstance(item, _FileItem):
+        item.observed = observer.file(name, item.executable, item.size, item.data, item.fs_path)
+    elif isinstance(item.node, SymlinkNode):
+        observer.symlink(name, item.node.target)
 
 
 def _read_small(fs_path: bytes, size: int) -> bytes:
@@ -286,14 +336,20 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
         raise IngestError(f"{where}: {e}") from None
     finally:
         await asyncio.to_thread(f.close)
+    if item.observed is not None and item.observed != digest:
+        raise IngestError(f"{where}: changed while being imported (read twice, different contents); retry")
     return FileNode(digest, item.size, item.executable)
 
 
 async def _entries_from_walk(
-    root: bytes, blobs: BlobService, progress: Progress | None, sources: dict[B3Digest, bytes] | None = None
+    root: bytes,
+    blobs: BlobService,
+    progress: Progress | None,
+    sources: dict[B3Digest, bytes] | None = None,
+    observer: WalkObserver | None = None,
 ) -> AsyncGenerator[IngestEntry, None]:
     name = os.path.basename(os.path.normpath(root)) or b"root"
-    batches = _batches(_walk(root, (name,)))
+    batches = _batches(_walk(root, (name,), observer))
     large_slots = asyncio.Semaphore(LARGE_PARALLEL)
 
     def next_batch() -> list[_Item] | None:
@@ -376,6 +432,7 @@ async def ingest_path(
     *,
     progress: Progress | None = None,
     sources: dict[B3Digest, bytes] | None = None,
+    observer: WalkObserver | None = None,
 ) -> Node:
     """Import a file, symlink or directory tree; return its root node.
 
@@ -383,7 +440,8 @@ async def ingest_path(
     on error no Directory is stored (blobs already uploaded stay, unreferenced).
     ``sources``, if given, is filled with the file each imported blob was read
     from (so a caller can read them back from there; see :class:`~nixcas.castore.blob.source.SourceBlobService`).
+    ``observer`` sees the tree in canonical order as it is read (:class:`WalkObserver`).
     """
     root = os.fsencode(Path(os.fsdecode(path)))
-    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress, sources)) as entries:
+    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress, sources, observer)) as entries:
         return await ingest_entries(entries, directories, before_commit=blobs.sync)

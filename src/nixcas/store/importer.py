@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nixcas.castore.blob.base import BlobService
-from nixcas.castore.blob.source import SourceBlobService
-from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.castore.nodes import Node
-from nixcas.errors import ChecksumMismatch, IngestError, NixbaseError, PathInfoError, StorePathError
+from nixcas.errors import IngestError, NixbaseError, PathInfoError, StorePathError
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
-from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
-from nixcas.store.nar.plan import BlobSizeMismatch
+from nixcas.store.nar.hashing import NarCalculationService, NarHasher, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import STORE_DIR, StorePath, build_ca_path, build_nar_path, validate_name
@@ -69,20 +66,18 @@ async def ingest_and_hash(
 ) -> tuple[Node, int, bytes]:
     """Ingest ``path``; its root node, NAR size and NAR SHA-256.
 
-    With a local NAR calculation the NAR is rendered from the files just
-    imported, not read back from the store (for object storage, a GET per
-    file); every file is checked against the digest it was stored under, and
-    if one changed meanwhile, what was stored is hashed from the store.
+    With a local NAR calculation the NAR is hashed while the tree is read,
+    from the bytes being imported (:class:`~nixcas.store.nar.hashing.NarHasher`):
+    no second pass over the files and nothing read back from the store.  A
+    remote NAR calculation service is asked instead.
     """
-    sources: dict[B3Digest, bytes] = {}
-    node = await ingest_path(path, services.blobs, services.directories, progress=progress, sources=sources)
     if isinstance(services.nar, SimpleNarCalculationService):
-        try:
-            size, sha256 = await services.nar.calculate_nar_from(node, SourceBlobService(sources, services.blobs))
-        except (ChecksumMismatch, BlobSizeMismatch):
-            size, sha256 = await services.nar.calculate_nar(node)
-    else:
-        size, sha256 = await services.nar.calculate_nar(node)
+        hasher = NarHasher()
+        node = await ingest_path(path, services.blobs, services.directories, progress=progress, observer=hasher)
+        size, sha256 = hasher.result()
+        return node, size, sha256
+    node = await ingest_path(path, services.blobs, services.directories, progress=progress)
+    size, sha256 = await services.nar.calculate_nar(node)
     return node, size, sha256
 
 

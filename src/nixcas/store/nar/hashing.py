@@ -10,15 +10,39 @@ stale.  Concurrent requests for the same node share one rendering.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 
+import blake3
+
 from nixcas.castore.blob.base import BlobService
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import Node
+from nixcas.errors import IngestError
 from nixcas.store.nar.render import BUFFER_BYTES, PREFETCH, nar_size_sha256
+from nixcas.store.nar.wire import (
+    ENTRY_PREFIX,
+    NAR_MAGIC,
+    NODE_DIRECTORY,
+    NODE_EXECUTABLE,
+    NODE_REGULAR,
+    NODE_SYMLINK,
+    TOK_CLOSE,
+    TOK_NODE,
+    encode_str,
+    padding,
+    u64_le,
+)
 
-__all__ = ["NarCalculationService", "SimpleNarCalculationService"]
+__all__ = ["NarCalculationService", "NarHasher", "SimpleNarCalculationService"]
+
+_CLOSE2 = TOK_CLOSE + TOK_CLOSE
+"""A node's ``)`` and that of the entry holding it."""
+
+_READ_BLOCK = 1 << 20
 
 
 class NarCalculationService(ABC):
@@ -96,3 +120,83 @@ class SimpleNarCalculationService(NarCalculationService):
     def cache_info(self) -> tuple[int, int]:
         """``(cached results, computations running)``."""
         return len(self._cache), len(self._running)
+
+
+class NarHasher:
+    """A :class:`~nixcas.castore.ingest.WalkObserver` that hashes the NAR of the tree being imported.
+
+    The walk presents the tree in NAR order, so the archive is hashed as it
+    is read, from the very bytes that are imported: no second pass over the
+    files, no read back from the store.  Small files arrive with their
+    contents; large ones are read here in blocks (and their BLAKE3 returned,
+    so the import fails if the stored file differs from what was hashed).
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256(NAR_MAGIC)
+        self._size = len(NAR_MAGIC)
+        self._depth = 0
+
+    def _add(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._size += len(data)
+
+    def _entry(self, name: bytes | None) -> bytes:
+        return b"" if name is None else ENTRY_PREFIX + encode_str(name) + TOK_NODE
+
+    def directory(self, name: bytes | None) -> None:
+        self._depth += 1
+        self._add(self._entry(name) + NODE_DIRECTORY)
+
+    def leave(self) -> None:
+        # the directory's ")", and the ")" of the entry that holds it (the root has none)
+        self._depth -= 1
+        self._add(TOK_CLOSE if self._depth == 0 else _CLOSE2)
+
+    def symlink(self, name: bytes | None, target: bytes) -> None:
+        self._add(self._entry(name) + NODE_SYMLINK + encode_str(target) + (TOK_CLOSE if name is None else _CLOSE2))
+
+    def file(
+        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes
+    ) -> B3Digest | None:
+        head = self._entry(name) + (NODE_EXECUTABLE if executable else NODE_REGULAR) + u64_le(size)
+        tail = padding(size) + (TOK_CLOSE if name is None else _CLOSE2)
+        if data is not None:
+            self._sha.update(head)
+            self._sha.update(data)
+            self._sha.update(tail)
+            self._size += len(head) + size + len(tail)
+            return None
+        self._add(head)
+        digest = self._read(size, fs_path)
+        self._add(tail)
+        return digest
+
+    def _read(self, size: int, fs_path: bytes) -> B3Digest:
+        where = os.fsdecode(fs_path)
+        b3 = blake3.blake3()
+        try:
+            fd = os.open(fs_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            raise IngestError(f"{where}: cannot read: {e.strerror}") from None
+        try:
+            remaining = size
+            while remaining > 0:
+                block = os.read(fd, min(_READ_BLOCK, remaining))
+                if not block:
+                    raise IngestError(f"{where}: changed while being imported (ended after {size - remaining} bytes)")
+                self._sha.update(block)
+                b3.update(block)
+                remaining -= len(block)
+            if os.read(fd, 1):
+                raise IngestError(f"{where}: changed while being imported (longer than {size} bytes)")
+        except OSError as e:
+            raise IngestError(f"{where}: cannot read: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        self._size += size
+        return B3Digest(b3.digest())
+
+    def result(self) -> tuple[int, bytes]:
+        """``(nar_size, nar_sha256)`` of what was walked."""
+        return self._size, self._sha.digest()
