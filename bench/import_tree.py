@@ -163,6 +163,51 @@ def generate_tree(root: Path, n_files: int, n_large: int, large_mib: int, seed: 
     return stats
 
 
+def generate_tiny(root: Path, n_files: int, seed: int) -> TreeStats:
+    """``n_files`` files of 1 B-1 KiB in 20 x 20 directories (half compressible), at ``root``."""
+    start = time.perf_counter()
+    stats = TreeStats(root=str(root))
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not crypto
+    root.mkdir(parents=True)
+    stats.directories += 1
+    leaves = []
+    for i in range(FANOUT):
+        for j in range(FANOUT):
+            leaf = root / f"d{i:02d}" / f"s{j:02d}"
+            leaf.mkdir(parents=True)
+            leaves.append(leaf)
+    stats.directories += FANOUT + FANOUT * FANOUT
+    for k in range(n_files):
+        size = rng.randint(1, 1 << 10)
+        compressible = rng.random() < 0.5
+        (leaves[k % len(leaves)] / f"f{k:05d}").write_bytes(_content(rng, size, compressible))
+        stats.small_files += 1
+        stats.content_bytes += size
+        stats.compressible_bytes += size if compressible else 0
+    stats.generate_seconds = time.perf_counter() - start
+    return stats
+
+
+def copy_tree(source: Path, root: Path) -> TreeStats:
+    """A copy of an existing directory (symlinks kept as symlinks), at ``root``."""
+    start = time.perf_counter()
+    shutil.copytree(source, root, symlinks=True)
+    stats = TreeStats(root=str(root))
+    for dirpath, dirnames, filenames in os.walk(root):
+        stats.directories += 1
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if os.path.islink(os.path.join(dirpath, name)):
+                stats.symlinks += 1
+                continue
+            stats.small_files += 1
+            stats.content_bytes += st.st_size
+            stats.executables += bool(st.st_mode & 0o100)
+        stats.symlinks += sum(os.path.islink(os.path.join(dirpath, d)) for d in dirnames)
+    stats.generate_seconds = time.perf_counter() - start
+    return stats
+
+
 # -- running children ----------------------------------------------------------------
 
 
@@ -251,7 +296,9 @@ class Bench:
         delete_between: bool,
         warm_shards: bool = False,
         store_parent: Path | None = None,
+        command: str = "ingest",
     ) -> None:
+        self.command = command
         self.warm_shards = warm_shards
         self.store_parent = store_parent or workdir
         self.tree = tree
@@ -298,14 +345,22 @@ class Bench:
     def run_nixcas(self, index: int, warmup: bool) -> Run:
         store = self.fresh_store_dir()
         os.sync()
-        result = run_child([self.nixcas, "--store-dir", str(store), "castore", "ingest", str(self.tree), "--json"])
+        if self.command == "import":
+            argv = [self.nixcas, "--store-dir", str(store), "import", str(self.tree)]
+        else:
+            argv = [self.nixcas, "--store-dir", str(store), "castore", "ingest", str(self.tree), "--json"]
+        result = run_child(argv)
         check_ok(result)
-        root = json.loads(result.stdout)
-        if not isinstance(root, dict) or root.get("type") != "directory":
-            raise SystemExit(f"nixcas: expected a directory node, got {result.stdout!r}")
+        if self.command == "import":
+            # The same store path as nix-store --add of the same tree (checked after nix's run of the round).
+            root: dict[str, Any] = {"store_path_name": result.stdout.strip().split("-", 1)[-1]}
+        else:
+            root = json.loads(result.stdout)
+            if not isinstance(root, dict) or root.get("type") not in ("directory", "file"):
+                raise SystemExit(f"nixcas: expected a node, got {result.stdout!r}")
         if self.nixcas_root is None:
             self.nixcas_root = root
-        elif root != self.nixcas_root:
+        elif root != self.nixcas_root and self.command != "import":
             raise SystemExit(f"nixcas: root changed between runs: {self.nixcas_root} -> {root}")
         store_bytes = disk_usage(store)
         if self.delete_between:
@@ -331,6 +386,9 @@ class Bench:
         if path in self.nix_paths:
             raise SystemExit(f"nix-store --add: {path} was already added in this benchmark")
         self.nix_paths.append(path)
+        ours = [r for r in self.runs if r.tool == "nixcas" and r.index == index]
+        if self.command == "import" and ours and ours[-1].output != path:
+            raise SystemExit(f"nixcas import gave {ours[-1].output}, nix-store --add {path}: the store paths differ")
         query = run_child([self.nix_store, "--query", "--hash", path])
         check_ok(query)
         nar_hash = query.stdout.strip()
@@ -583,6 +641,18 @@ def print_report(facts: dict[str, Any], stats: TreeStats, runs: list[Run], summa
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--tree",
+        default="generated",
+        help="'generated' (--files small files + --large large ones), 'tiny' (--files files of 1 B-1 KiB), "
+        "or 'copy:PATH' (a copy of an existing directory, e.g. copy:/usr/include)",
+    )
+    p.add_argument(
+        "--command",
+        choices=["ingest", "import"],
+        default="ingest",
+        help="nixcas castore ingest (default) or nixcas import (store path compared with nix-store --add's)",
+    )
     p.add_argument("--files", type=int, default=10_000, help="number of small files (default 10000)")
     p.add_argument("--large", type=int, default=8, help="number of large files (default 8)")
     p.add_argument("--large-mib", type=int, default=64, help="size of each large file in MiB (default 64)")
@@ -631,7 +701,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         tree = workdir / "tree"
         print(f"generating tree in {tree} ...", flush=True)
-        stats = generate_tree(tree, args.files, args.large, args.large_mib, args.seed)
+        if args.tree == "tiny":
+            stats = generate_tiny(tree, args.files, args.seed)
+        elif args.tree.startswith("copy:"):
+            stats = copy_tree(Path(args.tree.removeprefix("copy:")), tree)
+        elif args.tree == "generated":
+            stats = generate_tree(tree, args.files, args.large, args.large_mib, args.seed)
+        else:
+            raise SystemExit(f"--tree: unknown tree {args.tree!r}")
         print(
             f"  {stats.small_files + stats.large_files} files, {stats.content_bytes / (1 << 20):.1f} MiB "
             f"in {stats.generate_seconds:.1f} s",
@@ -648,6 +725,7 @@ def main(argv: list[str] | None = None) -> None:
             delete_between=args.delete_between,
             warm_shards=args.warm_shards,
             store_parent=args.store_parent,
+            command=args.command,
         )
 
         if args.runs:

@@ -15,9 +15,11 @@ import zstandard
 from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, StorageError
 from nixcas.registry import blob_service_from_url
+from nixcas.testing import packed
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles, read_exactly
 
 # blake3("Hello World"), the example of the object-store layout docs
@@ -92,6 +94,38 @@ class TestLocalBlobService(BlobServiceSuite):
             assert path.is_file() or index.stat().st_size  # one chunk, or a chunk list
             index.unlink()
             index.write_bytes(b"")  # now "one chunk": the chunk object named by the blob
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(zstd(data))
+
+        return corrupt
+
+    @pytest.fixture
+    def temp_files(self, root: Path) -> TempFiles:
+        return lambda: files_under(root / "tmp")
+
+
+class TestPackedBlobService(BlobServiceSuite):
+    @pytest.fixture
+    def root(self, tmp_path: Path) -> Path:
+        return tmp_path / "blobs"
+
+    @pytest_asyncio.fixture
+    async def blob_service(self, root: Path) -> AsyncIterator[BlobService]:
+        svc = await blob_service_from_url(f"packed://{root}")
+        assert isinstance(svc, PackedBlobService)
+        yield svc
+        await svc.close()
+
+    @pytest.fixture
+    def corrupt_blob(self, root: Path) -> BlobCorrupter:
+        async def corrupt(digest: B3Digest, data: bytes) -> None:
+            if packed.corrupt_blob(root, digest, data):
+                return
+            path = key_path(root, "chunks", digest)  # a large blob: as for objectstore+file
+            index = key_path(root, "blobs", digest)
+            assert index.stat().st_size
+            index.unlink()
+            index.write_bytes(b"")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(zstd(data))
 

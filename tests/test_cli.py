@@ -12,6 +12,8 @@ from pathlib import Path
 import blake3
 import pytest
 
+from nixcas.testing import packed
+
 EMPTY_HEX = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 COMPLICATED_HEX = "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
 
@@ -81,7 +83,7 @@ def test_ingest_matches_the_complicated_vector_and_env_store_dir(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"type": "directory", "digest": COMPLICATED_HEX, "size": 8}
     assert (tmp_path / "s" / "directories.sqlite").exists()
-    assert (tmp_path / "s" / "blobs" / "blobs" / "b3" / EMPTY_HEX[:4] / EMPTY_HEX).exists()
+    assert packed.has_row(tmp_path / "s" / "blobs", bytes.fromhex(EMPTY_HEX))  # small blobs are rows
 
 
 def test_ingest_file_and_symlink_roots(tmp_path: Path) -> None:
@@ -157,13 +159,10 @@ def test_special_file_is_refused_and_nothing_committed(tmp_path: Path) -> None:
 
 
 def test_corrupt_blob_is_detected_by_cat(tmp_path: Path) -> None:
-    import zstandard
-
     f = tmp_path / "f"
     f.write_bytes(b"precious data")
     digest = json.loads(nixcas("castore", "ingest", str(f), "--json", store=tmp_path / "s").stdout)["digest"]
-    chunk = tmp_path / "s" / "blobs" / "chunks" / "b3" / digest[:4] / digest
-    chunk.write_bytes(zstandard.ZstdCompressor().compress(b"precious dat4"))
+    assert packed.corrupt_blob(tmp_path / "s" / "blobs", bytes.fromhex(digest), b"precious dat4")
     result = nixcas("castore", "cat", digest, store=tmp_path / "s")
     assert_one_line_error(result, 1, "checksum mismatch")
 

@@ -17,6 +17,7 @@ from nixcas.castore.blob.layout import blob_index_key, chunk_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.store.pathinfo.model import PathInfo
+from nixcas.testing import packed
 from nixcas.testing.daemon import running_daemon
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
 from nixcas.testing.nix import NIX_STORE, run_nix
@@ -42,7 +43,9 @@ def blob_of(data: bytes) -> B3Digest:
 
 
 def make_store(store: Path, source: Path, *, chunked: bool) -> PathInfo:
-    (info,) = asyncio.run(import_all(store, [source]))
+    # The blobs are files of the object layout (a store written before packed://; small blobs as
+    # rows are damaged in test_damaged_rows_are_found_and_repaired).
+    (info,) = asyncio.run(import_all(store, [source], object_layout=True))
     if chunked:  # replace the single-chunk blob by the same content in three chunks
         digest = blob_of(b"".join(CHUNKS))
         (store / "blobs" / blob_index_key(digest)).unlink()
@@ -62,6 +65,12 @@ async def tree_digests(store: Path, info: PathInfo) -> dict[str, B3Digest]:
 
 
 def flip_byte(store: Path, digest: B3Digest) -> None:
+    rows = packed.rows(store / "blobs", [digest])
+    if rows:
+        data = bytearray(rows[0])
+        data[3] ^= 0x01
+        assert packed.corrupt_blob(store / "blobs", digest, bytes(data), compress=False)
+        return
     path = store / "blobs" / chunk_key(digest)
     data = bytearray(zstandard.ZstdDecompressor().decompress(path.read_bytes()))
     data[3] ^= 0x01
@@ -103,6 +112,9 @@ def test_flipped_byte_is_found_with_check_contents(damaged: tuple[Path, Path, Pa
 
 
 def flipped_bytes(store: Path, digest: B3Digest) -> bytes:
+    rows = packed.rows(store / "blobs", [digest])
+    if rows:
+        return rows[0]
     return zstandard.ZstdDecompressor().decompress((store / "blobs" / chunk_key(digest)).read_bytes())
 
 
@@ -241,6 +253,29 @@ def test_unreferenced_damage_is_reported(tmp_path: Path) -> None:
     result = nixcas("fsck", "--check-contents", store=store)
     assert result.returncode == 1
     assert result.stdout.splitlines()[0].startswith(f"(unreferenced): blob {digest.hex()} is corrupt")
+
+
+def test_damaged_rows_are_found_and_repaired(tmp_path: Path, source: Path) -> None:
+    """The embedded store's own layout: small blobs are SQLite rows."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    (info,) = asyncio.run(import_all(good, [source]))
+    asyncio.run(import_all(bad, [source]))
+    digests = asyncio.run(tree_digests(bad, info))
+    tool, plain = digests["bin/tool"], digests["data/plain"]
+    assert packed.has_row(bad / "blobs", tool) and packed.has_row(bad / "blobs", plain)
+    flip_byte(bad, tool)
+    assert packed.delete_blob(bad / "blobs", plain)
+    result = nixcas("fsck", "--check-contents", store=bad)
+    assert result.returncode == 1
+    assert problems(result.stdout) == [
+        f"{info.store_path}/bin/tool: blob {tool.hex()} is corrupt "
+        f"(its bytes hash to {blake3.blake3(flipped_bytes(bad, tool)).hexdigest()})",
+        f"{info.store_path}/data/plain: blob {plain.hex()} is missing",
+    ]
+    repaired = nixcas("fsck", "--check-contents", "--repair-from", str(good), store=bad)
+    assert repaired.returncode == 0, repaired
+    assert nixcas("fsck", "--check-contents", "--check-nar", store=bad).returncode == 0
+    assert dump_path(bad, str(info.store_path)) == dump_path(good, str(info.store_path))
 
 
 def test_invalid_pathinfo_record(damaged: tuple[Path, Path, PathInfo, dict[str, B3Digest]]) -> None:

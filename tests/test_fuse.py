@@ -26,12 +26,12 @@ from urllib.parse import quote
 
 import blake3
 import pytest
-import zstandard
 from pyfastcdc import FastCDC
 
 from nixcas.castore.blob.combined import FILL_WINDOW
 from nixcas.castore.blob.layout import blob_index_key, chunk_key
 from nixcas.castore.digest import B3Digest
+from nixcas.testing import packed
 from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon, short_tmpdir
 from nixcas.testing.fixtures import BLOB_B, HELLOWORLD, SYMLINK_TARGET
 from nixcas.testing.fuse import Mount, mount_impossible, needs_fuse, running_mount, start_mount
@@ -406,6 +406,7 @@ def test_missing_and_corrupt_content_is_eio(tmp_path: Path, tree: Path) -> None:
 
     def drop_blob(data: bytes) -> None:
         hexd = blake3.blake3(data).hexdigest()
+        packed.delete_blob(blobs, bytes.fromhex(hexd))  # a small blob is a row
         for kind in ("chunks", "blobs"):
             (blobs / kind / "b3" / hexd[:4] / hexd).unlink(missing_ok=True)
 
@@ -414,7 +415,7 @@ def test_missing_and_corrupt_content_is_eio(tmp_path: Path, tree: Path) -> None:
     run_hex = blake3.blake3((tree / "bin" / "run").read_bytes()).hexdigest()
     wrong = b"#!/bin/sh\necho HI\n"
     assert len(wrong) == len((tree / "bin" / "run").read_bytes())
-    (blobs / "chunks" / "b3" / run_hex[:4] / run_hex).write_bytes(zstandard.ZstdCompressor().compress(wrong))
+    assert packed.corrupt_blob(blobs, bytes.fromhex(run_hex), wrong)
     # A directory missing from the directory service.
     db = sqlite3.connect(store / "directories.sqlite")
     try:

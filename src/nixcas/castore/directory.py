@@ -164,11 +164,20 @@ class Directory:
         return cls(entries, _names_checked=True)  # each converter validated its name
 
     @classmethod
-    def decode(cls, data: bytes) -> Directory:
-        """Parse and validate serialized ``Directory`` bytes."""
+    def decode(cls, data: bytes, *, digest: B3Digest | None = None) -> Directory:
+        """Parse and validate serialized ``Directory`` bytes.
+
+        ``digest``: the caller has checked that it is the BLAKE3 of ``data``
+        (a stored value read back), so ``data`` is the encoding that digest
+        names and need not be computed again.
+        """
         msg = pb.Directory()
         try:
             msg.ParseFromString(data)
         except DecodeError as e:
             raise DirectoryError(f"cannot decode Directory message: {e}") from None
-        return cls.from_proto(msg)
+        directory = cls.from_proto(msg)
+        if digest is not None:
+            directory._encoded = data
+            directory._digest = digest
+        return directory

@@ -161,12 +161,15 @@ class Daemon(ServerProcess):
             for path in (self.store / "blobs" / kind).rglob("*"):
                 if not path.is_dir():
                     path.unlink()
-        db = sqlite3.connect(self.store / "directories.sqlite", timeout=10)
-        try:
-            with db:
-                db.execute("DELETE FROM directories")
-        finally:
-            db.close()
+        for name, table in (("blobs/small.sqlite", "blobs"), ("directories.sqlite", "directories")):
+            if not (self.store / name).exists():
+                continue
+            db = sqlite3.connect(self.store / name, timeout=10)
+            try:
+                with db:
+                    db.execute(f"DELETE FROM {table}")  # noqa: S608 - our own table names
+            finally:
+                db.close()
 
 
 def read_line(proc: subprocess.Popen[bytes], timeout: float) -> bytes:

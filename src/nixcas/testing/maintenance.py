@@ -56,8 +56,15 @@ def write_tree(root: Path, spec: dict[str, bytes | dict[str, object]]) -> Path:
     return root
 
 
-async def import_all(store_dir: Path, paths: list[Path]) -> list[PathInfo]:
-    async with await Store.open(store_dir, with_pathinfo=True) as store:
+async def import_all(store_dir: Path, paths: list[Path], *, object_layout: bool = False) -> list[PathInfo]:
+    """Import ``paths`` into the embedded store in ``store_dir``.
+
+    ``object_layout``: write every blob as files of the object layout
+    (``objectstore+file``: what the embedded store held before ``packed://``),
+    which the embedded store reads as they are.
+    """
+    blob_url = f"objectstore+file://{store_dir.absolute() / 'blobs'}" if object_layout else None
+    async with await Store.open(store_dir, with_pathinfo=True, blob_service_url=blob_url) as store:
         assert store.pathinfos is not None
         svc = Services(store.blobs, store.directories, store.pathinfos, store.nar_calculation())
         return [await import_path(p, svc) for p in paths]

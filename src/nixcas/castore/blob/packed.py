@@ -2,8 +2,10 @@
 
 Every blob small enough to be a single chunk (at most half the average
 chunk size, 128 KiB by default) is one row of ``DIR/small.sqlite``: its
-digest, size, the time it was last written or re-put, and its bytes
-(zstd-compressed when that makes them smaller).  A batch of small blobs is
+digest, size, the time it was last written or re-put, and its bytes --
+raw, as Nix's own store keeps files (reading them back is then a copy and
+a BLAKE3, no decompression), or zstd-compressed with ``compress_small``
+when that makes them smaller.  A batch of small blobs is
 one SQLite transaction instead of two files, a rename and shard
 directories per blob, which is what an import of many small files spends
 its time on.  Larger blobs keep the snix chunk layout of
@@ -87,26 +89,31 @@ _UPSERT = (
 
 @dataclass(frozen=True)
 class PackedBlobServiceConfig(ServiceConfig[BlobService]):
-    """``packed:///abs/path[?zstd_level=N]``.
+    """``packed:///abs/path[?zstd_level=N&compress_small=true]``.
 
-    Composition: ``type = "packed"``, ``path``, ``zstd_level``, ``avg_chunk_size``.
+    Composition: ``type = "packed"``, ``path``, ``zstd_level``, ``compress_small``, ``avg_chunk_size``.
+    ``zstd_level`` applies to chunk objects, and to rows only with ``compress_small``.
     """
 
     type_tag: ClassVar[str] = "packed"
     path: str
     zstd_level: int = ZSTD_LEVEL
+    compress_small: bool = False
     avg_chunk_size: int = AVG_CHUNK_SIZE
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
-        options = query_options(url, {"zstd_level"})
+        options = query_options(url, {"zstd_level", "compress_small"})
         if url.netloc:
             raise ConfigurationError(f"{url.geturl()!r}: takes no host (write packed:///abs/path)")
         try:
             level = int(options.get("zstd_level", ZSTD_LEVEL))
         except ValueError:
             raise ConfigurationError(f"{url.geturl()!r}: zstd_level must be an integer") from None
-        config = cls(path=unquote(url.path), zstd_level=level)
+        compress = options.get("compress_small", "false")
+        if compress not in ("true", "false"):
+            raise ConfigurationError(f"{url.geturl()!r}: compress_small must be true or false")
+        config = cls(path=unquote(url.path), zstd_level=level, compress_small=compress == "true")
         config.validate(repr(url.geturl()))
         return config
 
@@ -119,7 +126,11 @@ class PackedBlobServiceConfig(ServiceConfig[BlobService]):
 
     async def build(self, resolver: Resolver) -> BlobService:
         return await asyncio.to_thread(
-            PackedBlobService, self.path, zstd_level=self.zstd_level, avg_chunk_size=self.avg_chunk_size
+            PackedBlobService,
+            self.path,
+            zstd_level=self.zstd_level,
+            avg_chunk_size=self.avg_chunk_size,
+            compress_small=self.compress_small,
         )
 
 
@@ -127,10 +138,16 @@ class PackedBlobService(LocalBlobService):
     """Single-chunk blobs as rows of ``small.sqlite``; larger blobs as :class:`LocalBlobService` chunks."""
 
     def __init__(
-        self, root: str | os.PathLike[str], *, zstd_level: int = ZSTD_LEVEL, avg_chunk_size: int = AVG_CHUNK_SIZE
+        self,
+        root: str | os.PathLike[str],
+        *,
+        zstd_level: int = ZSTD_LEVEL,
+        avg_chunk_size: int = AVG_CHUNK_SIZE,
+        compress_small: bool = False,
     ) -> None:
         super().__init__(root, zstd_level=zstd_level, avg_chunk_size=avg_chunk_size)
         self.inline_max = avg_chunk_size // 2
+        self.compress_small = compress_small
         self._db_path = f"{self._root}/{DB_NAME}"
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -171,7 +188,7 @@ class PackedBlobService(LocalBlobService):
     def _row(
         self, digest: B3Digest, size: int, data: bytes | memoryview, now: int
     ) -> tuple[bytes, int, int, int, bytes]:
-        if size >= _COMPRESS_FROM:
+        if self.compress_small and size >= _COMPRESS_FROM:
             packed = self._compressor().compress(data)
             if len(packed) < size:
                 return (bytes(digest), size, _ZSTD, now, packed)

@@ -35,7 +35,7 @@ def _check_hash(digest: B3Digest, raw: bytes) -> None:
 def _verified(digest: B3Digest, raw: bytes) -> Directory:
     _check_hash(digest, raw)
     try:
-        return Directory.decode(raw)
+        return Directory.decode(raw, digest=digest)
     except ValueError as e:
         raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
 

@@ -1,0 +1,167 @@
+"""The embedded store's blob backend, ``packed://``: small blobs as SQLite rows, large ones as object files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+
+from nixcas.castore.blob.base import BlobService
+from nixcas.castore.blob.local import LocalBlobService
+from nixcas.castore.blob.packed import PackedBlobService
+from nixcas.castore.digest import B3Digest
+from nixcas.castore.gc import StoredObject
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
+from nixcas.registry import blob_service_from_url
+from nixcas.testing import packed
+
+
+def b3(data: bytes) -> B3Digest:
+    return B3Digest(blake3.blake3(data).digest())
+
+
+def object_files(root: Path, kind: str) -> list[str]:
+    base = root / kind / "b3"
+    return sorted(p.name for p in base.rglob("*") if p.is_file()) if base.exists() else []
+
+
+SMALL = b"small blob " * 100  # compressible, well below the inline limit
+TINY = b"x"  # stored raw
+LARGE = blake3.blake3(b"large").digest(length=3 << 20)  # chunked
+
+
+async def open_packed(root: Path, options: str = "?compress_small=true") -> PackedBlobService:
+    svc = await blob_service_from_url(f"packed://{root}{options}")
+    assert isinstance(svc, PackedBlobService)
+    return svc
+
+
+async def test_small_blobs_are_rows_and_large_ones_object_files(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root)
+    try:
+        small, tiny = await svc.put_many([SMALL, TINY])
+        large = await svc.put(LARGE)
+        await svc.sync()
+    finally:
+        await svc.close()
+    assert packed.row_digests(root) == sorted([bytes(small), bytes(tiny)])
+    assert object_files(root, "chunks") and bytes(small).hex() not in object_files(root, "chunks")
+    assert object_files(root, "blobs") == [bytes(large).hex()]  # the index of the chunked blob only
+    with sqlite3.connect(root / "small.sqlite") as db:
+        codecs = dict(db.execute("SELECT size, codec FROM blobs"))
+    assert codecs == {len(SMALL): 1, len(TINY): 0}
+    svc = await open_packed(root)  # a new process sees them
+    try:
+        assert await svc.read_many({small: len(SMALL), tiny: 1, large: len(LARGE)}) == {
+            small: SMALL,
+            tiny: TINY,
+            large: LARGE,
+        }
+        assert await svc.chunks(small) == []
+        assert await svc.has(small) and await svc.has(large)
+    finally:
+        await svc.close()
+
+
+async def test_reads_a_store_written_in_the_object_layout(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    old = LocalBlobService(root)  # what the embedded store was before packed://
+    digests = await old.put_many([SMALL, TINY, LARGE])
+    await old.close()
+    svc = await open_packed(root)
+    try:
+        assert await svc.read_many(dict(zip(digests, (len(SMALL), 1, len(LARGE)), strict=True))) == dict(
+            zip(digests, (SMALL, TINY, LARGE), strict=True)
+        )
+        reader = await svc.open_read(digests[0])
+        assert reader is not None
+        async with reader:
+            assert await reader.read_all() == SMALL
+        scanned = {o.digest async for batch in svc.scan_blobs() for o in batch}
+        assert scanned == set(digests)
+    finally:
+        await svc.close()
+    assert packed.row_digests(root) == []  # nothing moved
+
+
+@pytest.mark.parametrize("compress", [True, False])
+async def test_a_damaged_row_is_never_served(tmp_path: Path, compress: bool) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root)
+    try:
+        digest = await svc.put(SMALL)
+        assert packed.corrupt_blob(root, digest, SMALL[:-1] + b"?", compress=compress)
+        reader = await svc.open_read(digest)
+        assert reader is not None
+        with pytest.raises(ChecksumMismatch):
+            await reader.read_all()
+        with pytest.raises(ChecksumMismatch):
+            await svc.read_many({digest: len(SMALL)})
+    finally:
+        await svc.close()
+
+
+async def test_a_row_whose_bytes_disagree_with_its_size_is_an_error(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root)
+    try:
+        digest = await svc.put(SMALL)
+        with sqlite3.connect(root / "small.sqlite") as db:
+            db.execute("UPDATE blobs SET size = size - 1 WHERE digest = ?", (bytes(digest),))
+        with pytest.raises(StorageError, match=r"cannot decompress|recorded"):
+            await svc.read_many({digest: len(SMALL)})
+    finally:
+        await svc.close()
+
+
+async def test_gc_deletes_rows_only_while_they_are_old(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root)
+    try:
+        keep, drop = await svc.put_many([SMALL, TINY])
+        scanned = [o async for batch in svc.scan_blobs() for o in batch]
+        assert {o.digest for o in scanned} == {keep, drop}
+        cutoff = time.time_ns()
+        await svc.put(SMALL)  # re-put after the scan: young again
+        done = await svc.delete_blobs(scanned, cutoff)
+        assert [o.digest for o in done.deleted] == [drop]
+        assert [o.digest for o in done.kept] == [keep]
+        assert not await svc.has(drop) and await svc.has(keep)
+        again = await svc.delete_blobs([StoredObject(drop, 0, 0)], time.time_ns())
+        assert not again.deleted and not again.kept  # already gone: done
+    finally:
+        await svc.close()
+
+
+async def test_rows_are_raw_by_default(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        digest = await svc.put(SMALL)
+        assert await svc.read_many({digest: len(SMALL)}) == {digest: SMALL}
+    finally:
+        await svc.close()
+    with sqlite3.connect(root / "small.sqlite") as db:
+        assert db.execute("SELECT codec, data FROM blobs").fetchall() == [(0, SMALL)]
+
+
+@pytest.mark.parametrize("url", ["packed://relative", "packed://host/p", "packed:///p?compress_small=yes"])
+async def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        await blob_service_from_url(url)
+
+
+async def test_the_embedded_store_uses_packed(tmp_path: Path) -> None:
+    from nixcas.api import service_urls
+
+    blob_url, _, _ = service_urls(tmp_path)
+    svc: BlobService = await blob_service_from_url(blob_url)
+    try:
+        assert isinstance(svc, PackedBlobService)
+        assert svc.root == tmp_path.absolute() / "blobs"
+    finally:
+        await svc.close()
