@@ -216,7 +216,6 @@ class Store(Closing):
             used = {"blobs": ("blobservices", blob_name), "directories": ("directoryservices", dir_name)}
             if with_pathinfo:
                 used["path infos"] = ("pathinfoservices", pathinfo_name)
-            shared = shared_services(composition, used)
             blobs = await composition.blob_service(blob_name)
             directories = await composition.directory_service(dir_name)
             pathinfos = None
@@ -224,6 +223,7 @@ class Store(Closing):
             composition.provide("directoryservices", ENTRYPOINT, directories)
             if with_pathinfo:
                 pathinfos = await composition.pathinfo_service(pathinfo_name)
+            shared = shared_services(composition, used)
             if with_pins:
                 pin_name = pin_service_url or composition.entrypoint("pinservices")
                 if pin_name is None:
