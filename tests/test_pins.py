@@ -188,7 +188,7 @@ def test_urls_and_tables() -> None:
     )
     with pytest.raises(ConfigurationError, match="unknown type 'objectstore'"):
         parse_service_url("pinservices", "objectstore+s3://bucket/p")
-    with pytest.raises(ConfigurationError, match="pinservices.root: unknown type"):
+    with pytest.raises(ConfigurationError, match=r"pinservices\.root: unknown type"):
         Composition.from_dict({"pinservices": {"root": {"type": "lru"}}})
 
 
