@@ -290,3 +290,26 @@ def test_gc_refuses_a_shared_store_with_local_pins(s3_url: str, pg_url: str, tmp
     ok = _cli(*shared, "gc", "--grace", "1h")
     assert ok.returncode == 0, ok.stderr
     assert "roots: 0 path infos, 0 pins" in ok.stderr
+
+
+def test_pin_service_addr_option_and_environment(tmp_path: Path) -> None:
+    """`--pin-service-addr` / `PIN_SERVICE_ADDR` choose where `castore ingest --pin`, `pin` and `pins` go."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"pinned elsewhere\n")
+    store = ["--store-dir", str(tmp_path / "store")]
+    chosen = f"sqlite://{tmp_path / 'chosen.sqlite'}"
+    env = {**clean_env(), "PIN_SERVICE_ADDR": chosen}
+    ingest = subprocess.run(
+        nixcas_command(*store, "castore", "ingest", "--pin", "by-env", str(tmp_path / "src")),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert ingest.returncode == 0, ingest.stderr
+    digest = ingest.stdout.split()[1]
+    listed = _cli(*store, "--pin-service-addr", chosen, "castore", "pins")
+    assert listed.stdout.split("\t")[:2] == ["by-env", digest]
+    assert _cli(*store, "castore", "pins").stdout == ""  # not in the embedded DIR/pins.sqlite
+    bad = _cli(*store, "--pin-service-addr", "objectstore+s3://b/p", "castore", "pins")
+    one_line_error(bad, 2, "invalid pin service URL")
