@@ -52,7 +52,7 @@ from nixcas.api import Store
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.nodes import DirectoryNode, FileNode
-from nixcas.castore.pins import PinStore
+from nixcas.castore.pins.sqlite import SqlitePinService
 
 SUBDIRS = 49
 
@@ -65,7 +65,7 @@ async def fill_nixcas(store_dir: Path, objects: int) -> tuple[int, int, int]:
     """``objects / 100`` trees of 50 directories and 50 blobs; pin the even ones. Returns (trees, blobs, dirs)."""
     trees = objects // 100
     blobs = dirs = 0
-    async with await Store.open(store_dir) as store, PinStore(str(store_dir / "pins.sqlite")) as pins:
+    async with await Store.open(store_dir) as store, SqlitePinService(str(store_dir / "pins.sqlite")) as pins:
         for t in range(trees):
             data = [f"tree {t} file {i}\n".encode() * (1 + i % 7) for i in range(SUBDIRS + 1)]
             digests = await store.blobs.put_many(data)

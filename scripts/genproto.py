@@ -4,7 +4,8 @@ Usage: ``python scripts/genproto.py [OUTPUT_DIR]`` (default ``src/nixcas/_proto`
 
 The ``.proto`` files keep the import paths of the upstream wire contract
 (``tvix/castore/protos/castore.proto`` ...), so their descriptors match what
-tvix/snix peers and reflection clients expect.  The generated modules are
+tvix/snix peers and reflection clients expect; nixcas's own services live
+under ``nixcas/`` (``nixcas/pin/v1/pin.proto``).  The generated modules are
 placed under ``nixcas._proto`` and their cross-imports are rewritten to that
 package, so no top-level ``tvix`` package is ever installed.
 """
@@ -38,8 +39,8 @@ def _plugin(name: str) -> str:
 
 def _rewrite(path: Path) -> None:
     text = path.read_text()
-    text = re.sub(r"^from (tvix|snix)\.", rf"from {PACKAGE}.\1.", text, flags=re.M)
-    text = re.sub(r"^import (tvix|snix)\.", rf"import {PACKAGE}.\1.", text, flags=re.M)
+    text = re.sub(r"^from (tvix|snix|nixcas)\.", rf"from {PACKAGE}.\1.", text, flags=re.M)
+    text = re.sub(r"^import (tvix|snix|nixcas)\.", rf"import {PACKAGE}.\1.", text, flags=re.M)
     # Absolute path-independent output: mypy-protobuf stamps nothing variable,
     # protoc stamps its version, which is pinned by the dev dependencies.
     path.write_text(HEADER + text)

@@ -249,3 +249,60 @@ def test_unreachable_backends_are_unavailable_on_the_wire() -> None:
 
     assert status_of(UnavailableError("s3://b: object store unreachable"))[0] == grpc.StatusCode.UNAVAILABLE
     assert status_of(StorageError("s3://b: access denied"))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_pins_are_shared_by_every_host_of_the_store(s3_url: str, pg_url: str, tmp_path: Path) -> None:
+    """Two daemons on one SeaweedFS + PostgreSQL: a pin made through host A keeps its data through host B's gc.
+
+    Each host has its own store directory (as two machines would); before pins lived with the
+    store, host A's pin went to A's DIR/pins.sqlite, host B's gc deleted the pinned tree, and
+    host B's fsck reported B's own local pin as missing from S3.
+    """
+    s3 = s3_url + "&refresh_after=1"  # so that a grace of a few seconds is allowed
+    shared = addrs(s3, pg_url, pg_url)
+    host_a, host_b = ["--store-dir", str(tmp_path / "host-a")], ["--store-dir", str(tmp_path / "host-b")]
+    keep = write_tree(tmp_path / "src" / "keep", {"k": b"kept by a pin\n", "sub": {"x": b"x" * 50_000}})
+    drop = write_tree(tmp_path / "src" / "drop", {"d": b"garbage\n"})
+    local = write_tree(tmp_path / "src" / "local", {"l": b"only in host B's own embedded store\n"})
+    with (
+        short_tmpdir() as sockets,
+        running_daemon(
+            "-l", str(sockets / "a.sock"), store=tmp_path / "host-a", log=tmp_path / "a.log", global_args=shared
+        ) as a,
+        running_daemon(
+            "-l", str(sockets / "b.sock"), store=tmp_path / "host-b", log=tmp_path / "b.log", global_args=shared
+        ) as b,
+    ):
+        # Host A, as a client of its daemon: ingest and pin in one step, and garbage beside it.
+        pinned = json.loads(run_cli(*host_a, *via(a), "castore", "ingest", "--json", "--pin", "keep", str(keep)).stdout)
+        garbage = json.loads(run_cli(*host_a, *via(a), "castore", "ingest", "--json", str(drop)).stdout)
+        # Host B sees the pin, through its daemon and directly on the shared stores.
+        for config in (via(b), shared):
+            listed = run_cli(*host_b, *config, "castore", "pins").stdout.decode().split("\t")
+            assert listed[:2] == ["keep", pinned["digest"]], listed
+        # Host B's own embedded store has a pin of its own, which is not the shared store's.
+        run_cli(*host_b, "castore", "ingest", "--pin", "local", str(local))
+
+        time.sleep(3.2)
+        gc = run_cli(*host_b, *shared, "gc", "--grace", "3s", "--json")
+        report = json.loads(gc.stdout)
+        assert report["kinds"]["directory"]["freed"] == 1, report  # drop's root; keep's two stay
+        assert report["kinds"]["directory"]["live"] == 2, report
+        # The pinned tree survived, whole, as host A sees it.
+        listing = run_cli(*host_a, *via(a), "castore", "ls", "-r", pinned["digest"]).stdout.decode()
+        assert "sub/x" in listing
+        sub_x = blake3.blake3(b"x" * 50_000).hexdigest()
+        assert run_cli(*host_a, *via(a), "castore", "cat", sub_x).stdout == b"x" * 50_000
+        missing = cli(*host_a, *via(a), "castore", "ls", garbage["digest"])
+        assert missing.returncode == 1 and "not found" in missing.stderr
+
+        # fsck of the shared store checks the shared pins (keep: fine), not host B's local file.
+        checked = cli(*host_b, *shared, "fsck", "--check-contents")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert "pin local" not in checked.stdout + checked.stderr
+
+        # Unpinned through host B, the tree goes at the next collection.
+        run_cli(*host_b, *via(b), "castore", "unpin", "keep")
+        time.sleep(3.2)
+        again = json.loads(run_cli(*host_a, *shared, "gc", "--grace", "3s", "--json").stdout)
+        assert again["kinds"]["directory"]["freed"] == 2, again

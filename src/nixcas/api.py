@@ -30,12 +30,22 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.castore.nodes import DirectoryNode, Node
+from nixcas.castore.pins.base import PinService
 from nixcas.composition import ENTRYPOINT, Composition
-from nixcas.errors import NotFoundError
+from nixcas.config import ServiceConfig
+from nixcas.errors import ConfigurationError, NotFoundError
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
 
-__all__ = ["Store", "default_store_dir", "open_store", "service_urls"]
+__all__ = [
+    "Store",
+    "default_pin_service",
+    "default_store_dir",
+    "embedded_pin_service_url",
+    "open_store",
+    "service_urls",
+    "shared_services",
+]
 
 
 def default_store_dir() -> Path:
@@ -63,6 +73,101 @@ def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, 
     )
 
 
+def embedded_pin_service_url(store_dir: str | os.PathLike[str] | None = None) -> str:
+    """The embedded store's pin service: ``DIR/pins.sqlite`` (on this host only)."""
+    base = Path(store_dir) if store_dir is not None else default_store_dir()
+    return f"sqlite://{base.expanduser().absolute() / 'pins.sqlite'}"
+
+
+_SHARED_TAGS = frozenset({"postgresql", "postgres", "grpc", "nix"})
+_LOCAL_OBJECT_STORES = ("file:", "memory:")
+
+
+def _is_shared(composition: Composition, kind: str, name: str, seen: frozenset[tuple[str, str]] = frozenset()) -> bool:
+    """Whether ``kind``/``name`` keeps (or reaches) data other hosts see: S3 & co., PostgreSQL, a daemon."""
+    config = composition.config(kind, name)
+    if config.type_tag in _SHARED_TAGS:
+        return True
+    object_store_url = getattr(config, "object_store_url", None)
+    if isinstance(object_store_url, str) and not object_store_url.startswith(_LOCAL_OBJECT_STORES):
+        return True
+    for key in _references(composition, config):
+        if key not in seen and _is_shared(composition, *key, seen | {(kind, name)}):
+            return True
+    return False
+
+
+def _references(
+    composition: Composition, config: ServiceConfig[object], *, skip_near: bool = False
+) -> list[tuple[str, str]]:
+    """The services ``config`` wraps that the composition has configs for (not those it only provides)."""
+    out = []
+    for field_name, ref_kind in config.references.items():
+        ref = getattr(config, field_name)
+        if skip_near and field_name == "near":
+            continue
+        try:
+            composition.config(ref_kind, ref)
+        except ConfigurationError:  # an instance offered by Store.open (the store's own services)
+            continue
+        out.append((ref_kind, ref))
+    return out
+
+
+def shared_services(composition: Composition, services: dict[str, tuple[str, str]]) -> list[str]:
+    """Which of ``services`` (``label -> (kind, name)``) other hosts share, as ``label (type)``."""
+    return [
+        f"{label} ({composition.config(kind, name).type_tag})"
+        for label, (kind, name) in services.items()
+        if _is_shared(composition, kind, name)
+    ]
+
+
+def default_pin_service(
+    composition: Composition, services: list[tuple[str, str]], store_dir: str | os.PathLike[str] | None = None
+) -> ServiceConfig[object]:
+    """Where pins live unless configured: with the store they protect.
+
+    ``services`` are the directory and path info services (``(kind, name)``),
+    looked at in order (through cache/wrapper entries to what they wrap, never
+    to a near cache): the first in PostgreSQL gives a pin table in the same
+    database; the first reached through ``grpc+…`` gives that daemon's pin
+    service.  Otherwise the embedded store's ``DIR/pins.sqlite``.
+    """
+    for kind, name in services:
+        found = _pin_home(composition, kind, name, frozenset())
+        if found is not None:
+            return found
+    from nixcas.registry import parse_service_url
+
+    return parse_service_url("pinservices", embedded_pin_service_url(store_dir))
+
+
+def _pin_home(
+    composition: Composition, kind: str, name: str, seen: frozenset[tuple[str, str]]
+) -> ServiceConfig[object] | None:
+    config = composition.config(kind, name)
+    if config.type_tag in ("postgresql", "postgres"):
+        from nixcas._postgres import PostgresConfig
+        from nixcas.castore.pins.postgres import PostgresPinServiceConfig
+
+        assert isinstance(config, PostgresConfig)
+        return PostgresPinServiceConfig(config.url, pool_min=0, pool_max=2, connect_timeout=config.connect_timeout)
+    if config.type_tag == "grpc":
+        from nixcas.castore.grpc.channel import GrpcUrlConfig
+        from nixcas.castore.pins.grpc import GrpcPinServiceConfig
+
+        assert isinstance(config, GrpcUrlConfig)
+        return GrpcPinServiceConfig(config.url)
+    for key in _references(composition, config, skip_near=True):
+        if key[0] != kind or key in seen:
+            continue
+        found = _pin_home(composition, *key, seen | {(kind, name)})
+        if found is not None:
+            return found
+    return None
+
+
 @dataclass
 class Store(Closing):
     """A blob service and a directory service used together."""
@@ -74,6 +179,10 @@ class Store(Closing):
     composition: Composition = field(default_factory=Composition)
     """Owns every service instance; closing the store closes it."""
     _nar: NarCalculationService | None = field(default=None, repr=False)
+    pins: PinService | None = None
+    """Present when the store was opened with ``with_pins``: the GC roots of castore users."""
+    shared: list[str] = field(default_factory=list)
+    """The services other hosts share (``directories (postgresql)``…); empty for a store of this host alone."""
 
     @classmethod
     async def open(
@@ -83,38 +192,50 @@ class Store(Closing):
         blob_service_url: str | None = None,
         directory_service_url: str | None = None,
         pathinfo_service_url: str | None = None,
+        pin_service_url: str | None = None,
         composition: Composition | str | os.PathLike[str] | None = None,
         with_pathinfo: bool = False,
+        with_pins: bool = False,
     ) -> Store:
-        """Open the services to use (the path info service only ``with_pathinfo``).
+        """Open the services to use (the path info service only ``with_pathinfo``, pins only ``with_pins``).
 
         Each service is, by priority: the explicit URL (or the name of a
         composition entry), the composition's entrypoint (``root``), the
-        embedded store in ``store_dir``.
+        embedded store in ``store_dir``.  Pins default to the store they
+        protect (see :func:`default_pin_service`).
         """
         if composition is None:
             composition = Composition()
         elif not isinstance(composition, Composition):
             composition = Composition.from_toml(composition)
         blob_url, dir_url, pathinfo_url = service_urls(store_dir)
+        blob_name = blob_service_url or composition.entrypoint("blobservices") or blob_url
+        dir_name = directory_service_url or composition.entrypoint("directoryservices") or dir_url
+        pathinfo_name = pathinfo_service_url or composition.entrypoint("pathinfoservices") or pathinfo_url
+        pins: PinService | None = None
         try:
-            blobs = await composition.blob_service(
-                blob_service_url or composition.entrypoint("blobservices") or blob_url
-            )
-            directories = await composition.directory_service(
-                directory_service_url or composition.entrypoint("directoryservices") or dir_url
-            )
+            used = {"blobs": ("blobservices", blob_name), "directories": ("directoryservices", dir_name)}
+            if with_pathinfo:
+                used["path infos"] = ("pathinfoservices", pathinfo_name)
+            blobs = await composition.blob_service(blob_name)
+            directories = await composition.directory_service(dir_name)
             pathinfos = None
             composition.provide("blobservices", ENTRYPOINT, blobs)
             composition.provide("directoryservices", ENTRYPOINT, directories)
             if with_pathinfo:
-                pathinfos = await composition.pathinfo_service(
-                    pathinfo_service_url or composition.entrypoint("pathinfoservices") or pathinfo_url
-                )
+                pathinfos = await composition.pathinfo_service(pathinfo_name)
+            shared = shared_services(composition, used)
+            if with_pins:
+                pin_name = pin_service_url or composition.entrypoint("pinservices")
+                if pin_name is None:
+                    homes = [("directoryservices", dir_name), ("pathinfoservices", pathinfo_name)]
+                    composition.define("pinservices", ENTRYPOINT, default_pin_service(composition, homes, store_dir))
+                    pin_name = ENTRYPOINT
+                pins = await composition.pin_service(pin_name)
         except BaseException:
             await composition.close()
             raise
-        return cls(blobs, directories, pathinfos, composition)
+        return cls(blobs, directories, pathinfos, composition, pins=pins, shared=shared)
 
     def nar_calculation(self) -> NarCalculationService:
         """NAR size/hash of nodes (cached per node).
@@ -194,6 +315,8 @@ class Store(Closing):
             await self.directories.close()
             if self.pathinfos is not None:
                 await self.pathinfos.close()
+            if self.pins is not None:
+                await self.pins.close()
         finally:
             await self.composition.close()
 
@@ -204,8 +327,10 @@ async def open_store(
     blob_service_url: str | None = None,
     directory_service_url: str | None = None,
     pathinfo_service_url: str | None = None,
+    pin_service_url: str | None = None,
     composition: Composition | str | os.PathLike[str] | None = None,
     with_pathinfo: bool = False,
+    with_pins: bool = False,
 ) -> Store:
     """Open a :class:`Store` (see :meth:`Store.open`)."""
     return await Store.open(
@@ -213,6 +338,8 @@ async def open_store(
         blob_service_url=blob_service_url,
         directory_service_url=directory_service_url,
         pathinfo_service_url=pathinfo_service_url,
+        pin_service_url=pin_service_url,
         composition=composition,
         with_pathinfo=with_pathinfo,
+        with_pins=with_pins,
     )

@@ -29,6 +29,10 @@ names to a backend config (``type`` plus that backend's fields)::
     type = "grpc"
     url = "grpc+http://cache.example:8000"
 
+Pins have a table too (``[pinservices.root]``, e.g. ``type = "postgresql"``);
+without one, :meth:`Store.open <nixcas.api.Store.open>` picks the default
+described in :func:`nixcas.api.default_pin_service`.
+
 The entrypoint of each kind is ``root`` (snix; tvix's ``default`` is accepted
 when there is no ``root``).  Wherever a name is expected, a service URL may
 stand instead (``near = "memory://"``).  Instances are built on first use and
@@ -50,6 +54,7 @@ from typing import Any, Final, NoReturn, cast
 from nixcas._aio import Closing
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.pins.base import PinService
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.registry import KINDS, parse_service_url
@@ -187,6 +192,18 @@ class Composition(Closing):
     async def pathinfo_service(self, name: str) -> PathInfoService:
         """The path info service called ``name`` (or described by the URL ``name``)."""
         return cast(PathInfoService, await self.get("pathinfoservices", name))
+
+    async def pin_service(self, name: str) -> PinService:
+        """The pin service called ``name`` (or described by the URL ``name``)."""
+        return cast(PinService, await self.get("pinservices", name))
+
+    def config(self, kind: str, name: str) -> ServiceConfig[object]:
+        """The config of ``kind``/``name`` (an entry, or a URL); :class:`ConfigurationError` if unknown."""
+        return self._config(kind, name)
+
+    def define(self, kind: str, name: str, config: ServiceConfig[object]) -> None:
+        """Add ``config`` as ``kind``/``name`` unless the composition already defines that name."""
+        self._configs[kind].setdefault(name, config)
 
     def provide(self, kind: str, name: str, instance: object) -> None:
         """Offer an already open ``instance`` as ``kind``/``name`` unless the composition defines that name.

@@ -39,6 +39,12 @@ path info services
 ``cache://?near=A&far=B``        :class:`~nixcas.store.pathinfo.cache.CachePathInfoService`
 ``lru://?capacity=N``            :class:`~nixcas.store.pathinfo.lru.LruPathInfoService`
 (composition) keyfile-signing    :class:`~nixcas.store.pathinfo.signing.KeyfileSigningPathInfoService`
+pin services
+``memory://``                    :class:`~nixcas.castore.pins.memory.MemoryPinService`
+``sqlite:///p.sqlite``           :class:`~nixcas.castore.pins.sqlite.SqlitePinService` (this host only)
+``postgresql://u:p@h:port/db``   :class:`~nixcas.castore.pins.postgres.PostgresPinService`
+                                 (``postgres://`` too; options as for directories)
+``grpc+…``                       :class:`~nixcas.castore.pins.grpc.GrpcPinService` (a nixcas daemon's)
 ===============================  ======================================================
 
 ``A``/``B`` are names in a composition file, or (percent-encoded) URLs.
@@ -60,6 +66,7 @@ from nixcas.urls import shown, url_tag
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.castore.pins.base import PinService
     from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = [
@@ -67,11 +74,13 @@ __all__ = [
     "DIRECTORY_SERVICES",
     "KINDS",
     "PATHINFO_SERVICES",
+    "PIN_SERVICES",
     "BackendTable",
     "blob_service_from_url",
     "directory_service_from_url",
     "parse_service_url",
     "pathinfo_service_from_url",
+    "pin_service_from_url",
 ]
 
 
@@ -137,11 +146,21 @@ PATHINFO_SERVICES: Final = BackendTable(
         "keyfile-signing": "nixcas.store.pathinfo.signing.KeyfileSigningPathInfoServiceConfig",
     }
 )
+PIN_SERVICES: Final = BackendTable(
+    {
+        "memory": "nixcas.castore.pins.memory.MemoryPinServiceConfig",
+        "sqlite": "nixcas.castore.pins.sqlite.SqlitePinServiceConfig",
+        "postgresql": "nixcas.castore.pins.postgres.PostgresPinServiceConfig",
+        "postgres": "nixcas.castore.pins.postgres.PostgresAliasPinServiceConfig",
+        "grpc": "nixcas.castore.pins.grpc.GrpcPinServiceConfig",
+    }
+)
 
 KINDS: Final[Mapping[str, Mapping[str, type[ServiceConfig[object]]]]] = {
     "blobservices": BLOB_SERVICES,
     "directoryservices": DIRECTORY_SERVICES,
     "pathinfoservices": PATHINFO_SERVICES,
+    "pinservices": PIN_SERVICES,
 }
 
 
@@ -184,3 +203,11 @@ async def pathinfo_service_from_url(url: str) -> PathInfoService:
 
     config = parse_service_url("pathinfoservices", url)
     return cast("PathInfoService", await config.build(Composition(owns_instances=True)))
+
+
+async def pin_service_from_url(url: str) -> PinService:
+    """A :class:`PinService` for ``url``; closing it closes whatever it wraps."""
+    from nixcas.composition import Composition
+
+    config = parse_service_url("pinservices", url)
+    return cast("PinService", await config.build(Composition(owns_instances=True)))

@@ -30,6 +30,7 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from nixcas._proto.nixcas.pin.v1 import pin_pb2
 from nixcas._proto.snix.castore.protos import rpc_blobstore_pb2 as snix_blob_pb
 from nixcas._proto.snix.castore.protos import rpc_directory_pb2 as snix_dir_pb
 from nixcas._proto.snix.store.protos import rpc_pathinfo_pb2 as snix_pathinfo_pb
@@ -39,7 +40,9 @@ from nixcas._proto.tvix.store.protos import rpc_pathinfo_pb2 as pathinfo_pb
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.grpc.channel import CHANNEL_OPTIONS
+from nixcas.castore.grpc.pin_servicer import add_pin_servicer
 from nixcas.castore.grpc.servicers import add_castore_servicers
+from nixcas.castore.pins.base import PinService
 from nixcas.errors import ConfigurationError
 from nixcas.store.grpc.servicer import add_store_servicers
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
@@ -61,6 +64,7 @@ _DESCRIBED_FILES: Final[tuple[FileDescriptor, ...]] = (
     snix_blob_pb.DESCRIPTOR,
     snix_dir_pb.DESCRIPTOR,
     snix_pathinfo_pb.DESCRIPTOR,
+    pin_pb2.DESCRIPTOR,
     health_pb2.DESCRIPTOR,
     reflection_pb2.DESCRIPTOR,
 )
@@ -221,12 +225,14 @@ async def start_server(
     *,
     pathinfos: PathInfoService | None = None,
     nar_calculation: NarCalculationService | None = None,
+    pins: PinService | None = None,
 ) -> RunningServer:
     """Serve the services on ``listen``; return once the socket accepts connections.
 
     With ``pathinfos`` the PathInfoService is served too; its ``CalculateNAR``
     uses ``nar_calculation``, else what ``pathinfos`` offers, else a caching
-    renderer over ``blobs`` and ``directories``.
+    renderer over ``blobs`` and ``directories``.  With ``pins``, nixcas's own
+    ``nixcas.pin.v1.PinService`` as well.
     """
     address = parse_listen_address(listen)
     # grpc sets SO_REUSEPORT by default: a second daemon on a taken port would
@@ -238,6 +244,8 @@ async def start_server(
         if nar is None:
             nar = SimpleNarCalculationService(blobs, directories)
         names += add_store_servicers(server, pathinfos, nar, blobs.sync)
+    if pins is not None:
+        names += add_pin_servicer(server, pins)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *names):

@@ -18,8 +18,8 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.fs.roots import DirectoryRootNodes, RootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.castore.pins import PinStore, validate_pin_name
-from nixcas.cli.common import PINS_DB, Settings, parse_digest, run, show_bytes
+from nixcas.castore.pins import validate_pin_name
+from nixcas.cli.common import Settings, parse_digest, run, show_bytes
 from nixcas.cli.mount import mount_options, serve_mount
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
 
@@ -44,12 +44,12 @@ def node_line(node: Node) -> str:
     return f"symlink -> {show_bytes(node.target)}"
 
 
-async def pin_node(settings: Settings, name: str, node: Node) -> None:
-    """Pin a root node (a directory or a file) as ``name``."""
+async def pin_node(store: Store, name: str, node: Node) -> None:
+    """Pin a root node (a directory or a file) as ``name`` in the store's pin service."""
     if isinstance(node, SymlinkNode):
         raise ValidationError("a symlink has no digest to pin (pin the directory that holds it)")
-    async with PinStore(str(settings.store_root() / PINS_DB)) as pins:
-        await pins.pin(name, node.digest)
+    assert store.pins is not None
+    await store.pins.pin(name, node.digest)
 
 
 @click.group()
@@ -99,13 +99,13 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
                 if task is not None:
                     progress.advance(task, n)
 
-            async with settings.open_store_to_write() as store:
+            async with settings.open_store_to_write(with_pins=pin_name is not None) as store:
                 if as_tar:
                     node = await store.ingest_archive(path, progress=advance)
                 else:
                     node = await store.ingest(path, progress=advance)
                 if pin_name is not None:
-                    await pin_node(settings, pin_name, node)
+                    await pin_node(store, pin_name, node)
                 return node
 
     node = run(go)

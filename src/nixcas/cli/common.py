@@ -27,8 +27,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 LEASES_DIR = "leases"
 """Under the store directory: the write leases GC respects (see nixcas.castore.gc.WriteLeases)."""
-PINS_DB = "pins.sqlite"
-"""Under the store directory: castore pins."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
 
@@ -42,15 +40,18 @@ class Settings:
     directory_service_addr: str | None
     composition: str | None = None
     pathinfo_service_addr: str | None = None
+    pin_service_addr: str | None = None
 
-    async def open_store(self, *, with_pathinfo: bool = False) -> Store:
+    async def open_store(self, *, with_pathinfo: bool = False, with_pins: bool = False) -> Store:
         return await Store.open(
             self.store_dir,
             blob_service_url=self.blob_service_addr,
             directory_service_url=self.directory_service_addr,
             pathinfo_service_url=self.pathinfo_service_addr,
+            pin_service_url=self.pin_service_addr,
             composition=self.composition,
             with_pathinfo=with_pathinfo,
+            with_pins=with_pins,
         )
 
     def store_root(self) -> Path:
@@ -62,9 +63,11 @@ class Settings:
         return WriteLeases(self.store_root() / LEASES_DIR).hold()
 
     @asynccontextmanager
-    async def open_store_to_write(self, *, with_pathinfo: bool = False) -> AsyncIterator[Store]:
+    async def open_store_to_write(
+        self, *, with_pathinfo: bool = False, with_pins: bool = False
+    ) -> AsyncIterator[Store]:
         """:meth:`open_store`, under a write lease (until closed) when GC can act on its services."""
-        async with await self.open_store(with_pathinfo=with_pathinfo) as store:
+        async with await self.open_store(with_pathinfo=with_pathinfo, with_pins=with_pins) as store:
             if isinstance(store.blobs, SweepableBlobs) or isinstance(store.directories, SweepableDirectories):
                 with self.write_lease():
                     yield store
@@ -82,6 +85,7 @@ class Settings:
             blob_service_addr=options.get("blob_service_addr"),
             directory_service_addr=options.get("directory_service_addr"),
             pathinfo_service_addr=options.get("path_info_service_addr"),
+            pin_service_addr=options.get("pin_service_addr"),
             composition=options.get("composition"),
         )
 
@@ -98,6 +102,7 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--path-info-service-addr", metavar="URL", help="Path info service URL (or composition name)."
             ),
+            click.option("--pin-service-addr", metavar="URL", help="Pin service URL (or composition name)."),
             click.option(
                 "--composition", type=click.Path(dir_okay=False), help="TOML composition file (entrypoints: root)."
             ),

@@ -34,7 +34,7 @@ def daemon(
     nar_bridge: str | None,
     **options: Any,
 ) -> None:
-    """Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).
+    """Serve the blob, directory, path info and pin services over gRPC (tvix.* and snix.* names, health, reflection).
 
     Prints one line 'listening on URL' to stdout once it accepts connections.
     """
@@ -46,13 +46,14 @@ def daemon(
 
     async def go() -> None:
         stop = stop_on_signals()
-        async with await settings.open_store(with_pathinfo=True) as store:
+        async with await settings.open_store(with_pathinfo=True, with_pins=True) as store:
             running = await start_server(
                 listen,
                 store.blobs,
                 store.directories,
                 pathinfos=store.pathinfos,
                 nar_calculation=store.nar_calculation(),
+                pins=store.pins,
             )
             try:
                 async with contextlib.AsyncExitStack() as stack:
@@ -63,7 +64,11 @@ def daemon(
                         )
                         click.echo(f"listening on {bridge.url}")
                     logging.info(
-                        "blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos
+                        "blobs: %r; directories: %r; path infos: %r; pins: %r",
+                        store.blobs,
+                        store.directories,
+                        store.pathinfos,
+                        store.pins,
                     )
                     await stop.wait()
                     logging.info("shutting down (grace %g s)", shutdown_grace)

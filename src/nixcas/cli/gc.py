@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from nixcas.api import Store
 from nixcas.castore.fsck import Problem
 from nixcas.castore.gc import KINDS, GcReport, WriteLeases, parse_duration
-from nixcas.castore.pins import PinStore, validate_pin_name
-from nixcas.cli.common import EXIT_FAILURE, LEASES_DIR, PINS_DB, Settings, parse_digest, run
+from nixcas.castore.pins import PinService, validate_pin_name
+from nixcas.cli.common import EXIT_FAILURE, LEASES_DIR, Settings, parse_digest, run
 from nixcas.cli.store import parse_store_path
 from nixcas.errors import ConfigurationError, NixcasError, NotFoundError
 from nixcas.store.fsck import FsckReport, RepairSource, fsck
@@ -26,8 +26,9 @@ from nixcas.store.gc import collect_garbage, delete_paths
 __all__ = ["delete", "fsck_command", "gc", "pin", "pins", "unpin"]
 
 
-def pin_store(settings: Settings) -> PinStore:
-    return PinStore(str(settings.store_root() / PINS_DB))
+def pins_of(store: Store) -> PinService:
+    assert store.pins is not None  # opened with_pins
+    return store.pins
 
 
 class _Bar:
@@ -126,17 +127,18 @@ def gc(settings: Settings, dry_run: bool, grace: str, as_json: bool) -> None:
 
     async def go() -> GcReport:
         leases = WriteLeases(settings.store_root() / LEASES_DIR)
-        async with await settings.open_store(with_pathinfo=True) as store, pin_store(settings) as pins:
+        async with await settings.open_store(with_pathinfo=True, with_pins=True) as store:
             with progress_display() as bar:
                 report, roots = await collect_garbage(
                     store.blobs,
                     store.directories,
                     store.pathinfos,
-                    pins,
+                    pins_of(store),
                     leases,
                     grace_ns=grace_ns,
                     dry_run=dry_run,
                     progress=bar,
+                    shared=store.shared,
                 )
             if not as_json:
                 click.echo(f"roots: {roots.pathinfos} path infos, {roots.pins} pins", err=True)
@@ -194,7 +196,8 @@ def fsck_command(
     """Verify the store; print each problem with its path; exit 1 if anything is (still) wrong."""
 
     async def go() -> FsckReport:
-        async with await settings.open_store(with_pathinfo=True) as store, pin_store(settings) as pins:
+        async with await settings.open_store(with_pathinfo=True, with_pins=True) as store:
+            pins = pins_of(store)
             source = await _repair_source(repair_from) if repair_from is not None else None
             try:
                 with progress_display() as bar:
@@ -252,10 +255,10 @@ def pin(settings: Settings, name: str, digest: str) -> None:
         raise click.BadParameter(str(e), param_hint="NAME") from None
 
     async def go() -> None:
-        async with await settings.open_store() as store, pin_store(settings) as pins:
+        async with await settings.open_store(with_pins=True) as store:
             if await store.directories.get(target) is None and not await store.blobs.has(target):
                 raise NotFoundError(f"{target.hex()}: no such directory or blob in the store")
-            old = await pins.pin(name, target)
+            old = await pins_of(store).pin(name, target)
         if old is not None and old.digest != target:
             click.echo(f"moved pin {name} from {old.digest.hex()} to {target.hex()}", err=True)
 
@@ -269,8 +272,8 @@ def unpin(settings: Settings, name: str) -> None:
     """Remove the pin NAME (its objects are freed by the next gc unless reachable otherwise)."""
 
     async def go() -> None:
-        async with pin_store(settings) as pins:
-            if not await pins.unpin(name):
+        async with await settings.open_store(with_pins=True) as store:
+            if not await pins_of(store).unpin(name):
                 raise NotFoundError(f"no pin named {name!r}")
 
     run(go)
@@ -283,8 +286,8 @@ def pins(settings: Settings, as_json: bool) -> None:
     """List the pins: NAME DIGEST CREATED."""
 
     async def go() -> None:
-        async with pin_store(settings) as store:
-            for p in await store.list():
+        async with await settings.open_store(with_pins=True) as store:
+            for p in await pins_of(store).list():
                 created = datetime.fromtimestamp(p.created_ns / 1e9, UTC).isoformat(timespec="seconds")
                 if as_json:
                     click.echo(json.dumps({"name": p.name, "digest": p.digest.hex(), "created": created}))

@@ -29,6 +29,12 @@ from nixcas.cli.store import copy, dump_path, import_, path_info
 @click.option("--directory-service-addr", envvar="DIRECTORY_SERVICE_ADDR", metavar="URL", help="Directory service URL.")
 @click.option("--path-info-service-addr", envvar="PATH_INFO_SERVICE_ADDR", metavar="URL", help="Path info service URL.")
 @click.option(
+    "--pin-service-addr",
+    envvar="PIN_SERVICE_ADDR",
+    metavar="URL",
+    help="Pin service URL [default: the store's PostgreSQL database or daemon, else DIR/pins.sqlite].",
+)
+@click.option(
     "--composition",
     envvar="NIXCAS_COMPOSITION",
     type=click.Path(dir_okay=False),
@@ -41,10 +47,13 @@ def cli(
     blob_service_addr: str | None,
     directory_service_addr: str | None,
     path_info_service_addr: str | None,
+    pin_service_addr: str | None,
     composition: str | None,
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
-    ctx.obj = Settings(store_dir, blob_service_addr, directory_service_addr, composition, path_info_service_addr)
+    ctx.obj = Settings(
+        store_dir, blob_service_addr, directory_service_addr, composition, path_info_service_addr, pin_service_addr
+    )
 
 
 cli.add_command(castore)

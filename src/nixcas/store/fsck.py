@@ -21,7 +21,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.fsck import CastoreChecker, CastoreRepairer, CheckableOutboards, Problem
 from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode
-from nixcas.castore.pins import PinStore
+from nixcas.castore.pins import PinService
 from nixcas.errors import NixcasError
 from nixcas.store import nixbase32
 from nixcas.store.hashes import HashAlgo, NixHash
@@ -70,7 +70,7 @@ class _Pass:
     blobs: BlobService
     directories: DirectoryService
     pathinfos: PathInfoService | None
-    pins: PinStore | None
+    pins: PinService | None
     check_contents: bool
     check_nar: bool
     on_object: Callable[[], None] | None
@@ -144,7 +144,7 @@ async def fsck(
     blobs: BlobService,
     directories: DirectoryService,
     pathinfos: PathInfoService | None,
-    pins: PinStore | None,
+    pins: PinService | None,
     *,
     check_contents: bool = False,
     check_nar: bool = False,

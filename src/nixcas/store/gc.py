@@ -17,13 +17,13 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import GcProgress, GcReport, WriteLeases, check_grace, collect, require_sweepable
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node
-from nixcas.castore.pins import PinStore
-from nixcas.errors import ConfigurationError, NotFoundError, ValidationError
+from nixcas.castore.pins import PinService
+from nixcas.errors import ConfigurationError, NotFoundError, StorageError, ValidationError
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import StorePath
 
-__all__ = ["DeletablePathInfos", "Roots", "collect_garbage", "delete_paths", "gather_roots"]
+__all__ = ["DeletablePathInfos", "Roots", "check_pins_are_shared", "collect_garbage", "delete_paths", "gather_roots"]
 
 
 @runtime_checkable
@@ -59,7 +59,22 @@ class Roots:
         self.pinned = []
 
 
-async def gather_roots(pathinfos: PathInfoService | None, pins: PinStore | None) -> Roots:
+def check_pins_are_shared(shared: Sequence[str], pins: PinService | None) -> None:
+    """Refuse to collect a shared store whose pins other hosts cannot see (or that has none configured).
+
+    A pin made on another host would be invisible here, and what it keeps would be deleted.
+    """
+    if not shared:
+        return
+    if pins is None or pins.per_host:
+        where = "no pin service" if pins is None else f"pins in {pins!r}, seen on this host only"
+        raise ConfigurationError(
+            f"refusing to collect a shared store ({', '.join(shared)}) with {where}: "
+            "use a shared pin service (--pin-service-addr postgresql://… or the daemon's grpc+… URL)"
+        )
+
+
+async def gather_roots(pathinfos: PathInfoService | None, pins: PinService | None) -> Roots:
     """The root nodes of every PathInfo and every pinned digest."""
     roots = Roots()
     if pathinfos is not None:
@@ -67,7 +82,11 @@ async def gather_roots(pathinfos: PathInfoService | None, pins: PinStore | None)
             roots.add(info.node)
             roots.pathinfos += 1
     if pins is not None:
-        for pin in await pins.list():
+        try:
+            listed = await pins.list()
+        except StorageError as e:
+            raise StorageError(f"cannot read the pins (nothing was deleted): {e}") from None
+        for pin in listed:
             roots.pinned.append(pin.digest)
             roots.pins += 1
     return roots
@@ -77,15 +96,21 @@ async def collect_garbage(
     blobs: BlobService,
     directories: DirectoryService,
     pathinfos: PathInfoService | None,
-    pins: PinStore | None,
+    pins: PinService | None,
     leases: WriteLeases,
     *,
     grace_ns: int,
     dry_run: bool = False,
     progress: GcProgress | None = None,
+    shared: Sequence[str] = (),
 ) -> tuple[GcReport, Roots]:
-    """One collection of the store; see the module docstring for the order of steps."""
+    """One collection of the store; see the module docstring for the order of steps.
+
+    ``shared`` names the services other hosts use too (:attr:`nixcas.api.Store.shared`): then the
+    pins must be in a shared pin service (:func:`check_pins_are_shared`).
+    """
     require_sweepable(blobs, directories)
+    check_pins_are_shared(shared, pins)
     if grace_ns < 0:
         raise ValidationError("the grace period cannot be negative")
     check_grace(grace_ns, blobs, directories)

@@ -1,7 +1,6 @@
-"""Named GC roots for castore-only users: ``NAME -> digest`` in an SQLite database.
+"""``sqlite:///abs/pins.sqlite`` — pins in one SQLite table on this host (``sqlite://``: in memory).
 
-A pin keeps a directory (with its whole closure) or a blob alive through
-garbage collection.  Pinning a name again moves it.
+The embedded store keeps its pins in ``DIR/pins.sqlite`` (see :func:`nixcas.api.pin_service_url`).
 """
 
 from __future__ import annotations
@@ -10,12 +9,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from nixcas._aio import Closing
-from nixcas._sqlite import SqliteDatabase
+from nixcas._sqlite import SqliteDatabase, SqlitePathConfig
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
-from nixcas.errors import ValidationError
+from nixcas.castore.pins.base import Pin, PinService, check_pin
+from nixcas.config import Resolver, ServiceConfig
 
-__all__ = ["Pin", "PinStore", "validate_pin_name"]
+__all__ = ["SqlitePinService", "SqlitePinServiceConfig"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pins (
@@ -26,33 +25,26 @@ CREATE TABLE IF NOT EXISTS pins (
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Pin:
-    name: str
-    digest: B3Digest
-    created_ns: int
+@dataclass(frozen=True)
+class SqlitePinServiceConfig(SqlitePathConfig, ServiceConfig[PinService]):
+    """``sqlite:///abs/path`` or ``sqlite://``; composition: ``path`` (optional)."""
+
+    async def build(self, resolver: Resolver) -> PinService:
+        return SqlitePinService(self.path)
 
 
-def validate_pin_name(name: str) -> str:
-    """``name`` if it is 1 to 255 printable characters without whitespace or ``/``."""
-    if not 1 <= len(name) <= 255:
-        raise ValidationError(f"pin name must be 1 to 255 characters (got {len(name)})")
-    bad = [c for c in name if not c.isprintable() or c.isspace() or c == "/"]
-    if bad:
-        raise ValidationError(f"pin name {name!r} contains {bad[0]!r} (no whitespace, control characters or '/')")
-    return name
-
-
-class PinStore(Closing):
-    """Pins in ``path`` (``None``: in memory)."""
+class SqlitePinService(PinService):
+    """Pins in ``path`` (``None``: in memory): seen only by processes on this host."""
 
     def __init__(self, path: str | None) -> None:
         self.path = path
         self._db = SqliteDatabase(path, _SCHEMA, "pin database")
 
+    def __repr__(self) -> str:
+        return f"SqlitePinService({self.path!r})"
+
     async def pin(self, name: str, digest: B3Digest) -> Pin | None:
-        """Pin ``digest`` as ``name``; returns the pin it replaced, if any."""
-        validate_pin_name(name)
+        digest = check_pin(name, digest)
 
         def put(conn: sqlite3.Connection) -> Pin | None:
             row = conn.execute("SELECT digest, created FROM pins WHERE name = ?", (name,)).fetchone()
@@ -64,7 +56,6 @@ class PinStore(Closing):
         return await self._db.run(self._db.transaction(put))
 
     async def unpin(self, name: str) -> bool:
-        """Remove pin ``name``; whether it existed."""
         return bool(
             await self._db.run(
                 self._db.transaction(lambda conn: conn.execute("DELETE FROM pins WHERE name = ?", (name,)).rowcount)
@@ -72,8 +63,6 @@ class PinStore(Closing):
         )
 
     async def list(self) -> list[Pin]:
-        """Every pin, by name."""
-
         def rows() -> list[Pin]:
             out = []
             for name, digest, created in self._db.conn.execute("SELECT name, digest, created FROM pins ORDER BY name"):
