@@ -103,8 +103,8 @@ def backdate(store: Path, seconds: int, *, directories: bool = True) -> None:
         if p.is_file() and not p.is_symlink():
             st = p.stat()
             os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - seconds * 10**9))
-    if (store / "blobs" / "small.sqlite").exists():  # small blobs are rows (packed://)
-        with sqlite3.connect(store / "blobs" / "small.sqlite") as conn:
+    if (store / "blobs" / "packs.sqlite").exists():  # small blobs are rows (packed://)
+        with sqlite3.connect(store / "blobs" / "packs.sqlite") as conn:
             conn.execute("UPDATE blobs SET mtime_ns = mtime_ns - ?", (seconds * 10**9,))
     if not directories:
         return

@@ -51,7 +51,7 @@ async def test_small_blobs_are_rows_and_large_ones_object_files(tmp_path: Path) 
     assert packed.row_digests(root) == sorted([bytes(small), bytes(tiny)])
     assert object_files(root, "chunks") and bytes(small).hex() not in object_files(root, "chunks")
     assert object_files(root, "blobs") == [bytes(large).hex()]  # the index of the chunked blob only
-    with sqlite3.connect(root / "small.sqlite") as db:
+    with sqlite3.connect(root / "packs.sqlite") as db:
         codecs = dict(db.execute("SELECT size, codec FROM blobs"))
     assert codecs == {len(SMALL): 1, len(TINY): 0}
     svc = await open_packed(root)  # a new process sees them
@@ -110,7 +110,7 @@ async def test_a_row_whose_bytes_disagree_with_its_size_is_an_error(tmp_path: Pa
     svc = await open_packed(root)
     try:
         digest = await svc.put(SMALL)
-        with sqlite3.connect(root / "small.sqlite") as db:
+        with sqlite3.connect(root / "packs.sqlite") as db:
             db.execute("UPDATE blobs SET size = size - 1 WHERE digest = ?", (bytes(digest),))
         with pytest.raises(StorageError, match=r"cannot decompress|recorded"):
             await svc.read_many({digest: len(SMALL)})
@@ -145,8 +145,11 @@ async def test_rows_are_raw_by_default(tmp_path: Path) -> None:
         assert await svc.read_many({digest: len(SMALL)}) == {digest: SMALL}
     finally:
         await svc.close()
-    with sqlite3.connect(root / "small.sqlite") as db:
-        assert db.execute("SELECT codec, data FROM blobs").fetchall() == [(0, SMALL)]
+    with sqlite3.connect(root / "packs.sqlite") as db:
+        assert db.execute("SELECT codec FROM blobs").fetchall() == [(0,)]
+    assert packed.rows(root, [digest]) == [SMALL]
+    (pack,) = (root / "packs").iterdir()
+    assert pack.read_bytes() == SMALL  # raw bytes, appended
 
 
 @pytest.mark.parametrize("url", ["packed://relative", "packed://host/p", "packed:///p?compress_small=yes"])
@@ -163,5 +166,73 @@ async def test_the_embedded_store_uses_packed(tmp_path: Path) -> None:
     try:
         assert isinstance(svc, PackedBlobService)
         assert svc.root == tmp_path.absolute() / "blobs"
+    finally:
+        await svc.close()
+
+
+async def test_gc_compacts_packs_and_keeps_what_lives(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    live = [b"live %d " % i * 50 for i in range(10)]
+    dead = [b"dead %d " % i * 500 for i in range(10)]
+    try:
+        await svc.put_many(live + dead)
+        before = {p.name: p.stat().st_size for p in (root / "packs").iterdir()}
+        scanned = [o async for batch in svc.scan_blobs() for o in batch]
+        await svc.delete_blobs([o for o in scanned if o.digest in {b3(d) for d in dead}], time.time_ns())
+        # this service's own pack is locked by it as long as it may append: not compacted
+        assert await svc.sweep_temporary(time.time_ns(), dry_run=False) == []
+    finally:
+        await svc.close()
+    svc = await open_packed(root, "")
+    try:
+        dry = await svc.sweep_temporary(time.time_ns(), dry_run=True)
+        assert [o.size for o in dry] == [sum(len(d) for d in dead)]
+        assert {p.name: p.stat().st_size for p in (root / "packs").iterdir()} == before
+        freed = await svc.sweep_temporary(time.time_ns(), dry_run=False)
+        assert [o.size for o in freed] == [sum(len(d) for d in dead)]
+        (pack,) = (root / "packs").iterdir()
+        assert pack.name not in before and pack.stat().st_size == sum(len(d) for d in live)
+        assert await svc.read_many({b3(d): len(d) for d in live}) == {b3(d): d for d in live}
+        assert await svc.sweep_temporary(time.time_ns(), dry_run=False) == []  # nothing left to do
+    finally:
+        await svc.close()
+
+
+async def test_a_pack_without_rows_is_removed_after_the_cutoff(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        orphan = root / "packs" / "deadbeef.pack"  # a writer died before committing its first rows
+        orphan.write_bytes(b"x" * 100)
+        assert await svc.sweep_temporary(time.time_ns() - 3600 * 10**9, dry_run=False) == []  # young: kept
+        freed = await svc.sweep_temporary(time.time_ns() + 10**9, dry_run=False)
+        assert [o.size for o in freed] == [100] and not orphan.exists()
+    finally:
+        await svc.close()
+
+
+async def test_a_row_never_names_bytes_that_were_not_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pack is fsync-ed before the rows naming its bytes are committed; a failing fsync commits nothing."""
+    import os
+
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    calls: list[str] = []
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        calls.append("fsync")
+        raise OSError(5, "Input/output error")
+
+    try:
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="Input/output"):
+            await svc.put_many([SMALL])
+        assert calls == ["fsync"] and packed.row_digests(root) == []
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        digest = (await svc.put_many([SMALL]))[0]  # a new pack: the failed one's bytes are dead space
+        assert await svc.read_many({digest: len(SMALL)}) == {digest: SMALL}
+        assert len(list((root / "packs").iterdir())) == 2
     finally:
         await svc.close()

@@ -60,7 +60,7 @@ def default_store_dir() -> Path:
 def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str, str]:
     """The blob, directory and path info service URLs of the embedded store in ``store_dir``.
 
-    The embedded store keeps blobs in ``DIR/blobs`` (small ones in ``DIR/blobs/small.sqlite``,
+    The embedded store keeps blobs in ``DIR/blobs`` (small ones in pack files indexed by ``DIR/blobs/packs.sqlite``,
     large ones in the object layout; see :mod:`nixcas.castore.blob.packed`),
     directories in ``DIR/directories.sqlite`` and path infos in ``DIR/pathinfo.sqlite``.
     """

@@ -162,7 +162,7 @@ class Daemon(ServerProcess):
             for path in (self.store / "blobs" / kind).rglob("*"):
                 if not path.is_dir():
                     path.unlink()
-        for name, table in (("blobs/small.sqlite", "blobs"), ("directories.sqlite", "directories")):
+        for name, table in (("blobs/packs.sqlite", "blobs"), ("directories.sqlite", "directories")):
             if not (self.store / name).exists():
                 continue
             db = sqlite3.connect(self.store / name, timeout=10)

@@ -1,42 +1,50 @@
-"""``packed:///abs/path`` — the embedded store's blobs: small ones packed into SQLite, large ones chunked.
+"""``packed:///abs/path`` — the embedded store's blobs: small ones appended to pack files, large ones chunked.
 
 Every blob small enough to be a single chunk (at most half the average
-chunk size, 128 KiB by default) is one row of ``DIR/small.sqlite``: its
-digest, size, the time it was last written or re-put, and its bytes --
-raw, as Nix's own store keeps files (reading them back is then a copy and
-a BLAKE3, no decompression), or zstd-compressed with ``compress_small``
-when that makes them smaller.  A batch of small blobs is
-one SQLite transaction instead of two files, a rename and shard
-directories per blob, which is what an import of many small files spends
-its time on.  Larger blobs keep the snix chunk layout of
-``objectstore+file://`` (:class:`~nixcas.castore.blob.local.LocalBlobService`)
-under the same directory, and every read falls back to that layout, so a
-store written before this backend existed is read as it is (new small
-blobs go to SQLite).
+chunk size, 128 KiB by default) is appended to a *pack file*
+(``DIR/packs/<name>.pack``) and indexed by one row of ``DIR/packs.sqlite``:
+digest, size, the time it was last written or re-put, and where its bytes
+are (pack, offset, length).  The bytes are stored raw, as Nix's own store
+keeps files (reading them back is one ``pread`` and a BLAKE3), or
+zstd-compressed with ``compress_small`` when that makes them smaller.  A
+batch of small blobs is one append, one ``fsync`` and one SQLite
+transaction, instead of two files, a rename and shard directories per blob:
+what an import of many small files spends its time on.  Larger blobs keep
+the snix chunk layout of ``objectstore+file://``
+(:class:`~nixcas.castore.blob.local.LocalBlobService`) in the same
+directory, and every read falls back to that layout, so a store written
+before this backend existed is read as it is (new small blobs go to packs).
 
 Guarantees are those of the object layout:
 
-* **verify on read** — a row is decompressed (bounded by its recorded size)
-  and hashed against its digest before a byte is returned;
-* **crash safety** — a row appears with its transaction or not at all;
-  SQLite's write-ahead log keeps the database consistent after ``kill -9``
-  or a power cut;
-* **durability** — :meth:`sync` (called by importers before they publish
-  metadata) is one ``syncfs`` of the store's file system, which includes the
-  write-ahead log;
-* **GC** — a put of a present blob refreshes its time; a sweep deletes a row
-  only ``WHERE`` it is still older than the cutoff (one atomic statement),
-  and SQLite reuses the freed pages.
+* **verify on read** -- a blob's bytes are decompressed (bounded by the
+  recorded size) and hashed against its digest before one is returned;
+* **crash safety** -- a batch's bytes are appended and ``fsync``-ed before
+  the rows naming them are committed, so no row can ever point at bytes that
+  a crash lost; bytes without a row (an interrupted batch) are dead space;
+* **durability** -- :meth:`sync` (called by importers before they publish
+  metadata) is one ``syncfs`` of the store's file system, which includes
+  SQLite's write-ahead log;
+* **GC** -- a put of a present blob refreshes its time; a sweep deletes a row
+  only ``WHERE`` it is still older than the cutoff (one atomic statement).
+  Pack files are then compacted in the sweep of temporary objects: a pack
+  whose live bytes are less than half its size is rewritten (live blobs
+  copied to a new pack, rows moved in one transaction, old file removed), an
+  empty one removed.  A pack being appended to is locked (``flock``) by its
+  writer and never compacted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
+import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 from urllib.parse import SplitResult, unquote
@@ -54,13 +62,19 @@ from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
 from nixcas.urls import query_options
 
-__all__ = ["DB_NAME", "PackedBlobService", "PackedBlobServiceConfig"]
+__all__ = ["DB_NAME", "PACKS_DIR", "PackedBlobService", "PackedBlobServiceConfig"]
 
-DB_NAME = "small.sqlite"
-"""The database of small blobs, in the store's directory."""
+DB_NAME = "packs.sqlite"
+"""The index of small blobs (and of the pack files), in the store's directory."""
+
+PACKS_DIR = "packs"
+"""Where pack files live, in the store's directory."""
+
+PACK_MAX = 1 << 30
+"""A writer starts a new pack file once its current one is this large."""
 
 _RAW, _ZSTD = 0, 1
-"""How a row's bytes are stored."""
+"""How a blob's bytes are stored."""
 
 _COMPRESS_FROM = 64
 """Blobs shorter than this are stored raw (zstd's frame overhead would eat any gain)."""
@@ -72,19 +86,23 @@ _SCAN_BATCH = 4096
 """Rows per batch of a GC scan."""
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS blobs (
     digest   BLOB PRIMARY KEY,
     size     INTEGER NOT NULL,
     codec    INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
-    data     BLOB NOT NULL
-);
+    pack     INTEGER NOT NULL,
+    offset   INTEGER NOT NULL,
+    length   INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 
-_UPSERT = (
-    "INSERT INTO blobs (digest, size, codec, mtime_ns, data) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (digest) DO UPDATE SET mtime_ns = excluded.mtime_ns"
-)
+_Row = tuple[int, int, int, int, int]
+"""``(size, codec, pack, offset, length)`` of a stored blob."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +152,17 @@ class PackedBlobServiceConfig(ServiceConfig[BlobService]):
         )
 
 
+@dataclass
+class _Pack:
+    """The pack file this service appends to (locked while it does)."""
+
+    id: int
+    fd: int
+    size: int
+
+
 class PackedBlobService(LocalBlobService):
-    """Single-chunk blobs as rows of ``small.sqlite``; larger blobs as :class:`LocalBlobService` chunks."""
+    """Single-chunk blobs appended to pack files indexed in SQLite; larger blobs as :class:`LocalBlobService` chunks."""
 
     def __init__(
         self,
@@ -149,11 +176,16 @@ class PackedBlobService(LocalBlobService):
         self.inline_max = avg_chunk_size // 2
         self.compress_small = compress_small
         self._db_path = f"{self._root}/{DB_NAME}"
+        self._packs_dir = f"{self._root}/{PACKS_DIR}"
+        os.makedirs(self._packs_dir, exist_ok=True)
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
-        db = self._db()
-        db.executescript(_SCHEMA)
+        self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
+        self._pack: _Pack | None = None
+        self._readers: dict[int, int] = {}  # pack id -> read-only fd
+        self._readers_lock = threading.Lock()
+        self._db().executescript(_SCHEMA)
 
     def __repr__(self) -> str:
         return f"PackedBlobService({str(self.root)!r})"
@@ -177,87 +209,134 @@ class PackedBlobService(LocalBlobService):
             with self._connections_lock:
                 self._closed = True
                 connections, self._connections = self._connections, []
+            with self._write_lock:
+                if self._pack is not None:
+                    os.close(self._pack.fd)  # releases the pack's lock
+                    self._pack = None
+            with self._readers_lock:
+                readers, self._readers = self._readers, {}
+            for fd in readers.values():
+                os.close(fd)
             for db in connections:
                 db.close()
 
         await asyncio.to_thread(close_all)
         self._local = threading.local()
 
-    # -- rows ----------------------------------------------------------------------
+    # -- writes ----------------------------------------------------------------------
 
-    def _row(
-        self, digest: B3Digest, size: int, data: bytes | memoryview, now: int
-    ) -> tuple[bytes, int, int, int, bytes]:
-        if self.compress_small and size >= _COMPRESS_FROM:
-            packed = self._compressor().compress(data)
-            if len(packed) < size:
-                return (bytes(digest), size, _ZSTD, now, packed)
-        return (bytes(digest), size, _RAW, now, bytes(data))
+    def _pack_path(self, name: str) -> str:
+        return f"{self._packs_dir}/{name}.pack"
 
-    def _put_rows_sync(self, rows: Iterable[tuple[bytes, int, int, int, bytes]]) -> None:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(_UPSERT, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self._dirty = True
-
-    def _decode(self, digest: bytes, size: int, codec: int, data: bytes) -> bytes:
-        """A row's bytes, checked against its size; a :class:`StorageError` if they are not what it records."""
-        where = f"{self}: blob {digest.hex()}"
-        if codec == _ZSTD:
+    def _open_pack(self, db: sqlite3.Connection) -> _Pack:
+        """A new pack file, locked, and its row (in the caller's transaction)."""
+        while True:
+            name = secrets.token_hex(12)
             try:
-                out = self._decompressor().decompress(data, max_output_size=size)
-            except zstandard.ZstdError as e:
-                raise StorageError(f"{where}: cannot decompress: {e}") from None
-        elif codec == _RAW:
-            out = data
-        else:
-            raise StorageError(f"{where}: unknown codec {codec}")
-        if len(out) != size:
-            raise StorageError(f"{where}: {len(out)} bytes stored, {size} recorded")
-        return out
+                fd = os.open(self._pack_path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                break
+            except FileExistsError:
+                continue
+        fcntl.flock(fd, fcntl.LOCK_EX)  # never compacted while this writer holds it
+        pack_id = db.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid
+        assert pack_id is not None
+        return _Pack(pack_id, fd, 0)
 
-    def _verified(self, digest: bytes, size: int, codec: int, data: bytes) -> bytes:
-        out = self._decode(digest, size, codec, data)
-        got = blake3.blake3(out).digest()
-        if got != digest:
-            raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
-        return out
+    def _encode(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+        if self.compress_small and len(data) >= _COMPRESS_FROM:
+            packed = self._compressor().compress(data)
+            if len(packed) < len(data):
+                return _ZSTD, packed
+        return _RAW, data
 
-    def _select_sync(self, digest: B3Digest) -> tuple[int, int, bytes] | None:
-        row = self._db().execute("SELECT size, codec, data FROM blobs WHERE digest = ?", (bytes(digest),)).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+    def _append_sync(self, items: Sequence[tuple[B3Digest, bytes | memoryview]]) -> None:
+        """Store small blobs: refresh those present, append the others to the pack, ``fsync``, then index them.
 
-    def _inline_sync(self, digest: B3Digest) -> bool:
-        row = self._db().execute("SELECT 1 FROM blobs WHERE digest = ?", (bytes(digest),)).fetchone()
-        return row is not None
+        One write transaction holds SQLite's lock throughout, so a GC cannot
+        delete a row this batch relies on between the check and the refresh.
+        """
+        now = time.time_ns()
+        with self._write_lock:
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                wanted = {bytes(d): data for d, data in items}
+                present = self._present(db, list(wanted))
+                if present:
+                    db.executemany("UPDATE blobs SET mtime_ns = ? WHERE digest = ?", [(now, d) for d in present])
+                new = [(d, data) for d, data in wanted.items() if d not in present]
+                if new:
+                    self._write_rows(db, new, now)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._dirty = True
 
-    # -- writes (LocalBlobService's hooks) ------------------------------------------
+    def _present(self, db: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:
+        present: set[bytes] = set()
+        for i in range(0, len(digests), _SELECT_BATCH):
+            keys = digests[i : i + _SELECT_BATCH]
+            query = f"SELECT digest FROM blobs WHERE digest IN ({','.join('?' * len(keys))})"  # noqa: S608
+            present.update(row[0] for row in db.execute(query, keys))
+        return present
+
+    def _write_rows(self, db: sqlite3.Connection, new: list[tuple[bytes, bytes | memoryview]], now: int) -> None:
+        pack = self._pack
+        if pack is None or pack.size >= PACK_MAX:
+            if pack is not None:
+                os.close(pack.fd)
+            pack = self._pack = None
+            pack = self._pack = self._open_pack(db)
+        rows = []
+        pieces = []
+        offset = pack.size
+        for digest, data in new:
+            codec, stored = self._encode(data)
+            rows.append((digest, len(data), codec, now, pack.id, offset, len(stored)))
+            pieces.append(stored)
+            offset += len(stored)
+        try:
+            written = os.pwritev(pack.fd, pieces, pack.size) if len(pieces) < 1024 else self._pwrite_all(pack, pieces)
+            if written != offset - pack.size:
+                raise StorageError(f"{self}: short write to a pack file ({written} of {offset - pack.size} bytes)")
+            os.fsync(pack.fd)  # the bytes are on disk before any row names them
+        except BaseException:
+            os.close(pack.fd)  # what was written is dead space; start a new pack next time
+            self._pack = None
+            raise
+        pack.size = offset
+        db.executemany(
+            "INSERT INTO blobs (digest, size, codec, mtime_ns, pack, offset, length) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    @staticmethod
+    def _pwrite_all(pack: _Pack, pieces: list[bytes | memoryview]) -> int:
+        written = 0
+        for i in range(0, len(pieces), 1024):
+            written += os.pwritev(pack.fd, pieces[i : i + 1024], pack.size + written)
+        return written
 
     def _store_sync(self, data: bytes | memoryview) -> B3Digest:
         if len(data) > self.inline_max:
             return super()._store_sync(data)
         digest = B3Digest(blake3.blake3(data).digest())
-        self._put_rows_sync([self._row(digest, len(data), data, time.time_ns())])
+        self._append_sync([(digest, data)])
         return digest
 
     def _store_many_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        now = time.time_ns()
         digests: list[B3Digest] = []
-        rows = []
+        small: list[tuple[B3Digest, bytes | memoryview]] = []
         for data in blobs:
             if len(data) > self.inline_max:
                 digests.append(super()._store_sync(data))
                 continue
             digest = B3Digest(blake3.blake3(data).digest())
             digests.append(digest)
-            rows.append(self._row(digest, len(data), data, now))
-        if rows:
-            self._put_rows_sync(rows)
+            small.append((digest, data))
+        if small:
+            self._append_sync(small)
         return digests
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
@@ -272,81 +351,159 @@ class PackedBlobService(LocalBlobService):
 
     # -- reads ------------------------------------------------------------------------
 
+    def _select_sync(self, digest: B3Digest) -> _Row | None:
+        row = (
+            self._db()
+            .execute("SELECT size, codec, pack, offset, length FROM blobs WHERE digest = ?", (bytes(digest),))
+            .fetchone()
+        )
+        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+
+    def _reader(self, pack_id: int, db: sqlite3.Connection) -> int:
+        with self._readers_lock:
+            fd = self._readers.get(pack_id)
+        if fd is not None:
+            return fd
+        row = db.execute("SELECT name FROM packs WHERE id = ?", (pack_id,)).fetchone()
+        if row is None:
+            raise FileNotFoundError(f"pack {pack_id}")
+        fd = os.open(self._pack_path(row[0]), os.O_RDONLY | os.O_CLOEXEC)
+        with self._readers_lock:
+            if self._closed:
+                os.close(fd)
+                raise StorageError(f"{self}: closed")
+            other = self._readers.setdefault(pack_id, fd)
+        if other != fd:
+            os.close(fd)
+        return other
+
+    def _forget_reader(self, pack_id: int) -> None:
+        with self._readers_lock:
+            fd = self._readers.pop(pack_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _load(self, digest: bytes, row: _Row, db: sqlite3.Connection) -> bytes:
+        """A row's bytes, checked against its recorded size (not yet against the digest)."""
+        size, codec, pack, offset, length = row
+        where = f"{self}: blob {digest.hex()}"
+        if length > max(size, 0) + (size >> 8) + 1024:  # more than size bytes can compress to
+            raise StorageError(f"{where}: {length} bytes stored for {size}")
+        fd = self._reader(pack, db)
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise StorageError(f"{where}: the pack file ends {length - len(data)} bytes early")
+        if codec == _ZSTD:
+            try:
+                data = self._decompressor().decompress(data, max_output_size=size)
+            except zstandard.ZstdError as e:
+                raise StorageError(f"{where}: cannot decompress: {e}") from None
+        elif codec != _RAW:
+            raise StorageError(f"{where}: unknown codec {codec}")
+        if len(data) != size:
+            raise StorageError(f"{where}: {len(data)} bytes stored, {size} recorded")
+        return data
+
+    def _fetch_sync(self, digest: B3Digest) -> bytes | None:
+        """A small blob's bytes (size-checked); ``None`` if it is not a row.  A pack compacted meanwhile is retried."""
+        db = self._db()
+        for attempt in (1, 2):
+            row = self._select_sync(digest)
+            if row is None:
+                return None
+            try:
+                return self._load(bytes(digest), row, db)
+            except FileNotFoundError:
+                self._forget_reader(row[2])
+                if attempt == 2:
+                    raise StorageError(f"{self}: blob {digest.hex()}: its pack file is missing") from None
+        return None
+
+    def _verified(self, digest: B3Digest, data: bytes) -> bytes:
+        got = blake3.blake3(data).digest()
+        if got != digest:
+            raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
+        return data
+
     async def has(self, digest: B3Digest) -> bool:
-        if await asyncio.to_thread(self._inline_sync, digest):
+        if await asyncio.to_thread(self._select_sync, digest) is not None:
             return True
         return await super().has(digest)
 
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        if self._inline_sync(digest):
+        if self._select_sync(digest) is not None:
             return []  # a single-chunk blob: it is its own chunk
         return super()._chunks_sync(digest)
 
     def _read_object_sync(self, digest: B3Digest) -> bytes | StorageError | _Slow | None:
-        row = self._select_sync(digest)
-        if row is None:
-            return super()._read_object_sync(digest)
         try:
-            return self._verified(bytes(digest), *row)
+            data = self._fetch_sync(digest)
+            return super()._read_object_sync(digest) if data is None else self._verified(digest, data)
         except StorageError as e:
             return e
 
     def _read_chunk_sync(self, chunk: ChunkMeta) -> bytes | None:
-        row = self._select_sync(chunk.digest)
-        if row is None:
+        data = self._fetch_sync(chunk.digest)
+        if data is None:
             return super()._read_chunk_sync(chunk)
-        return check_chunk(chunk, self._decode(bytes(chunk.digest), *row), str(self))
+        return check_chunk(chunk, data, str(self))
 
     def _blob_size_sync(self, digest: B3Digest) -> int | None:
-        row = self._db().execute("SELECT size FROM blobs WHERE digest = ?", (bytes(digest),)).fetchone()
-        return int(row[0]) if row is not None else super()._blob_size_sync(digest)
+        row = self._select_sync(digest)
+        return row[0] if row is not None else super()._blob_size_sync(digest)
 
     def _read_many_sync(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker
     ) -> tuple[dict[B3Digest, bytes], list[B3Digest]]:
         db = self._db()
+        rows: list[tuple[bytes, _Row]] = []
+        wanted = [bytes(d) for d in max_sizes]
+        for i in range(0, len(wanted), _SELECT_BATCH):
+            keys = wanted[i : i + _SELECT_BATCH]
+            query = (
+                "SELECT digest, size, codec, pack, offset, length FROM blobs "  # noqa: S608
+                f"WHERE digest IN ({','.join('?' * len(keys))})"
+            )
+            rows.extend((r[0], (r[1], r[2], r[3], r[4], r[5])) for r in db.execute(query, keys))
+        rows.sort(key=lambda r: (r[1][2], r[1][3]))  # pack, offset: sequential reads
         found: dict[B3Digest, bytes] = {}
         here: set[B3Digest] = set()  # rows, whether they fit or not (a larger one is left out, not looked for again)
-        wanted = list(max_sizes)
-        for i in range(0, len(wanted), _SELECT_BATCH):
-            keys = [bytes(d) for d in wanted[i : i + _SELECT_BATCH]]
-            query = f"SELECT digest, size, codec, data FROM blobs WHERE digest IN ({','.join('?' * len(keys))})"  # noqa: S608
-            for raw, size, codec, data in db.execute(query, keys):
-                digest = B3Digest(raw)
-                here.add(digest)
-                if size <= max_sizes[digest]:
-                    found[digest] = checker.check(digest, self._decode(raw, size, codec, data))
+        slow: list[B3Digest] = []
+        for raw, row in rows:
+            digest = B3Digest(raw)
+            here.add(digest)
+            if row[0] > max_sizes[digest]:
+                continue
+            try:
+                found[digest] = checker.check(digest, self._load(raw, row, db))
+            except FileNotFoundError:  # compacted meanwhile: the per-blob path looks again
+                self._forget_reader(row[2])
+                slow.append(digest)
         rest = {d: cap for d, cap in max_sizes.items() if d not in here}
-        if not rest:
-            return found, []
-        more, slow = super()._read_many_sync(rest, checker)
-        found.update(more)
+        if rest:
+            more, slower = super()._read_many_sync(rest, checker)
+            found.update(more)
+            slow.extend(slower)
         return found, slow
 
     # -- garbage collection -------------------------------------------------------------
 
     def _scan_rows_sync(self, after: bytes) -> list[StoredObject]:
         rows = self._db().execute(
-            "SELECT digest, length(data), mtime_ns FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
+            "SELECT digest, length, mtime_ns FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
             (after, _SCAN_BATCH),
         )
         return [StoredObject(B3Digest(raw), size, mtime) for raw, size, mtime in rows]
 
-    async def _scan_inline(self) -> AsyncIterator[list[StoredObject]]:
+    async def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
         after = b""
         while batch := await asyncio.to_thread(self._scan_rows_sync, after):
             yield batch
             after = bytes(batch[-1].digest)
-
-    async def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
-        async for batch in self._scan_inline():
-            yield batch
         async for batch in super().scan_blobs():
             yield batch
 
-    def _delete_inline_sync(
-        self, objects: Sequence[StoredObject], cutoff_ns: int
-    ) -> tuple[Deletion, list[StoredObject]]:
+    def _delete_rows_sync(self, objects: Sequence[StoredObject], cutoff_ns: int) -> tuple[Deletion, list[StoredObject]]:
         """Rows deleted or kept; the objects that are no row (files of the object layout)."""
         db = self._db()
         done = Deletion()
@@ -365,9 +522,83 @@ class PackedBlobService(LocalBlobService):
         return done, files
 
     async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        done, files = await asyncio.to_thread(self._delete_inline_sync, objects, cutoff_ns)
+        done, files = await asyncio.to_thread(self._delete_rows_sync, objects, cutoff_ns)
         if files:
             more = await super().delete_blobs(files, cutoff_ns)
             done.deleted.extend(more.deleted)
             done.kept.extend(more.kept)
         return done
+
+    def _compact_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        """Free the dead space of pack files no writer holds; what was freed, as temporary objects."""
+        db = self._db()
+        known = dict(db.execute("SELECT name, id FROM packs"))
+        live = dict(db.execute("SELECT pack, sum(length) FROM blobs GROUP BY pack"))
+        freed: list[StoredObject] = []
+        for entry in list(os.scandir(self._packs_dir)):
+            name = entry.name.removesuffix(".pack")
+            if name == entry.name:
+                continue
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a writer is appending to it
+                st = os.fstat(fd)
+                pack_id = known.get(name)
+                if pack_id is None:  # a writer died before its first row: nothing refers to it
+                    if st.st_mtime_ns < cutoff_ns:
+                        if not dry_run:
+                            os.unlink(entry.path)
+                        freed.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
+                    continue
+                used = int(live.get(pack_id) or 0)
+                if st.st_size and used * 2 >= st.st_size:
+                    continue
+                if not dry_run:
+                    self._rewrite_sync(db, pack_id, fd, entry.path)
+                freed.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
+            finally:
+                os.close(fd)
+        return freed
+
+    def _rewrite_sync(self, db: sqlite3.Connection, pack_id: int, fd: int, path: str) -> None:
+        """Copy the live blobs of pack ``pack_id`` (open as ``fd``, locked) to a new pack; drop the old one."""
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = db.execute(
+                    "SELECT digest, offset, length FROM blobs WHERE pack = ? ORDER BY offset", (pack_id,)
+                ).fetchall()
+                if rows:
+                    new = self._open_pack(db)
+                    try:
+                        moved = []
+                        for digest, offset, length in rows:
+                            data = os.pread(fd, length, offset)
+                            if len(data) != length:
+                                raise StorageError(f"{self}: pack {path} ends early; run fsck")
+                            os.pwrite(new.fd, data, new.size)
+                            moved.append((new.id, new.size, digest))
+                            new.size += length
+                        os.fsync(new.fd)
+                    finally:
+                        os.close(new.fd)
+                    db.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE digest = ?", moved)
+                db.execute("DELETE FROM packs WHERE id = ?", (pack_id,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        self._forget_reader(pack_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._dirty = True
+
+    async def sweep_temporary(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
+        swept = await super().sweep_temporary(cutoff_ns, dry_run)
+        return swept + await asyncio.to_thread(self._compact_sync, cutoff_ns, dry_run)
