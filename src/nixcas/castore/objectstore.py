@@ -45,7 +45,7 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
-from nixcas.urls import is_decimal
+from nixcas.urls import is_decimal, shown
 
 __all__ = [
     "CLIENT_OPTIONS",
@@ -98,7 +98,7 @@ def parse_objectstore_url(url: SplitResult, *, allow_file: bool = False) -> tupl
     ``allow_file`` also takes ``objectstore+file:///abs/path`` (obstore's local store).
     """
     inner = url.scheme.partition("+")[2]
-    where = repr(redact(url.geturl()))  # the query may hold credentials
+    where = repr(shown(url))  # the query may hold credentials
     if inner not in SCHEMES and not (allow_file and inner == LOCAL_SCHEME):
         raise ConfigurationError(
             f"{where}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
@@ -168,12 +168,6 @@ def check_client_options(url: str, options: Mapping[str, str], where: str) -> No
         raise ConfigurationError(f"{where}: needs a bucket (write objectstore+{scheme}://bucket[/prefix])")
 
 
-def redact(url: str) -> str:
-    """``url`` for messages and ``repr``: no query (where credentials may be)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 def _describe(e: BaseException) -> str:
     """The first line of an obstore error, without the debug dump that follows it."""
     text = str(e).strip().splitlines()
@@ -203,10 +197,10 @@ class ObjectStore:
 
     def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
         options = dict(options or {})
-        where = repr(redact(url))
+        where = repr(shown(url))
         check_client_options(url, options, where)
         self.url = url
-        self.where = redact(url)
+        self.where = shown(url)
         own = {k: options.pop(k) for k in list(options) if k in CLIENT_OPTIONS}
         self.create_bucket_at_start = _flag(own, "create_bucket", where)
         self.requests: Counter[str] = Counter()
