@@ -210,3 +210,22 @@ def test_the_one_redaction() -> None:
         scrubbed(f"Cannot connect to {url}; token t0k3n", url)
         == "Cannot connect to http://user:***@h/?token=***; token ***"
     )
+
+
+async def test_object_store_errors_hide_the_credentials_they_were_given() -> None:
+    """A library message (here: the endpoint refused the connection) is scrubbed of every credential."""
+    from nixcas.castore.objectstore import open_object_store
+    from nixcas.testing.daemon import free_port
+
+    endpoint = f"http://user:{SECRET}@127.0.0.1:{free_port()}"
+    options = {
+        "endpoint": endpoint,
+        "region": "r",
+        "access_key_id": "AKIA-not-secret",
+        "secret_access_key": SECRET + "-2",
+        "max_retries": "0",
+    }
+    with pytest.raises(NixcasError) as raised:
+        await open_object_store("s3://bucket/prefix", options)
+    assert SECRET not in str(raised.value), str(raised.value)
+    assert "unreachable" in str(raised.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from nixcas.errors import ConfigurationError
@@ -53,18 +54,27 @@ def shown(url: str | SplitResult) -> str:
     return text + (f"#{parts.fragment}" if parts.fragment else "")
 
 
-def scrubbed(text: str, url: str) -> str:
-    """``text`` (a library's message about ``url``) with each credential ``url`` holds replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return text
-    secrets = [parts.password or ""]
-    secrets += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if _is_secret(k)]
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+def scrubbed(text: str, url: str, options: Mapping[str, str] | None = None) -> str:
+    """``text`` (a library's message about ``url``) with each credential ``url`` (or its ``options``,
+    given apart from it) holds replaced by ``***``: the credentials :func:`shown` hides."""
+    for secret in sorted(set(_secrets(url, options)), key=len, reverse=True):
         for form in (secret, unquote(secret), quote(secret, safe="")):
             text = text.replace(form, "***")
     return text
+
+
+def _secrets(url: str, options: Mapping[str, str] | None = None) -> list[str]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    for key, value in [*parse_qsl(parts.query, keep_blank_values=True), *(options or {}).items()]:
+        if _is_secret(key) and value:
+            found.append(value)
+        elif "://" in value:
+            found += _secrets(value)
+    return found
 
 
 def _is_secret(key: str) -> bool:
