@@ -1,17 +1,65 @@
-"""Servers shared by the whole test session (started once, stopped by PID at the end)."""
+"""Servers shared by the whole test session (started once, stopped by PID at the end), and the
+run's private home: no test reads or writes the user's own store."""
 
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nixcas.testing.isolation import Snapshot, changes, private_environment, real_data_dir, snapshot
 from nixcas.testing.postgres import PostgresServer, postgres_or_skip
 from nixcas.testing.seaweedfs import SeaweedFS, find_weed
 
 _names = itertools.count()
+
+REAL_DATA_DIR = real_data_dir(os.environ)
+"""The user's own default store, as it was before the run changed HOME and XDG_DATA_HOME."""
+_REAL_DATA_BEFORE = pytest.StashKey[Snapshot]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_REAL_DATA_BEFORE] = snapshot(REAL_DATA_DIR)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run fails if anything under the user's real data directory changed while it ran."""
+    before = session.config.stash.get(_REAL_DATA_BEFORE, None)
+    if before is None:
+        return
+    changed = changes(before, snapshot(REAL_DATA_DIR))
+    if changed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"the test run changed the real store {REAL_DATA_DIR}:", *changed[:20]]
+        if reporter is not None:
+            reporter.write_sep("=", "real data directory touched", red=True)
+            reporter.write_line("\n".join(lines))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """HOME and the XDG directories of this process (and every subprocess) under the run's
+    temporary directory; the variables that pick a store are unset."""
+    root = tmp_path_factory.mktemp("private-home")
+    saved = {name: os.environ.get(name) for name in private_environment(root)}
+    for name, value in private_environment(root).items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            Path(value).mkdir(parents=True, exist_ok=True)
+            os.environ[name] = value
+    try:
+        yield root / "home"
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typing import ClassVar, Self, TypeVar
 from urllib.parse import SplitResult
 
 from nixcas.errors import ConfigurationError
-from nixcas.urls import query_options, require_plain_scheme
+from nixcas.urls import query_options, require_plain_scheme, shown
 
 __all__ = ["LruBytes", "LruConfig"]
 
@@ -27,16 +27,16 @@ class LruConfig:
     def from_url(cls, url: SplitResult) -> Self:
         require_plain_scheme(url)
         if url.netloc or url.path or url.fragment:
-            raise ConfigurationError(f"{url.geturl()!r}: lru:// takes only ?capacity=N")
+            raise ConfigurationError(f"{shown(url)!r}: lru:// takes only ?capacity=N")
         options = query_options(url, {"capacity"})
         if "capacity" not in options:
-            raise ConfigurationError(f"{url.geturl()!r}: missing capacity (write lru://?capacity=N)")
+            raise ConfigurationError(f"{shown(url)!r}: missing capacity (write lru://?capacity=N)")
         try:
             capacity = int(options["capacity"])
         except ValueError:
-            raise ConfigurationError(f"{url.geturl()!r}: capacity must be an integer") from None
+            raise ConfigurationError(f"{shown(url)!r}: capacity must be an integer") from None
         config = cls(capacity)
-        config.validate(repr(url.geturl()))
+        config.validate(repr(shown(url)))
         return config
 
     def validate(self, where: str) -> None:

@@ -62,7 +62,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
-from nixcas.urls import is_decimal, require_plain_scheme
+from nixcas.urls import is_decimal, require_plain_scheme, shown
 
 __all__ = ["LIBPQ_OPTIONS", "NIXCAS_OPTIONS", "Connection", "PostgresConfig", "PostgresDatabase"]
 
@@ -121,23 +121,6 @@ def _check_ports(where: str, hosts: str) -> None:
             raise ConfigurationError(f"{where}: invalid PostgreSQL URL: port {port!r} is not a number from 1 to 65535")
 
 
-def redacted(url: str) -> str:
-    """``url`` with the password (in the user part or the query) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
-    query = "&".join(
-        f"{k}=***" if k == "password" else f"{k}={quote(v, safe='/:,')}" for k, v in parse_qsl(parts.query, True)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 _CONNECTION_STATES = ("57P01", "57P02", "57P03", "57P04", "57P05", "25P03")
 """The server ended the session (beside SQLSTATE class 08): admin/crash shutdown, cannot connect now,
 database dropped, idle session timeout, idle-in-transaction timeout."""
@@ -166,7 +149,7 @@ class PostgresConfig:
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         require_plain_scheme(url)
-        where = repr(redacted(url.geturl()))
+        where = repr(shown(url))
         ours: dict[str, int] = {}
         passed: list[tuple[str, str]] = []
         try:

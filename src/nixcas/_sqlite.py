@@ -18,7 +18,7 @@ from typing import ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, unquote
 
 from nixcas.errors import ConfigurationError, StorageError
-from nixcas.urls import query_options
+from nixcas.urls import query_options, shown
 
 __all__ = ["SqliteDatabase", "SqlitePathConfig"]
 
@@ -38,10 +38,10 @@ class SqlitePathConfig:
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         if url.netloc:
-            raise ConfigurationError(f"{url.geturl()!r}: sqlite URLs take no host (write sqlite:///abs/path)")
+            raise ConfigurationError(f"{shown(url)!r}: sqlite URLs take no host (write sqlite:///abs/path)")
         query_options(url, set())
         config = cls(unquote(url.path) or None)
-        config.validate(repr(url.geturl()))
+        config.validate(repr(shown(url)))
         return config
 
     def validate(self, where: str) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from urllib.parse import SplitResult, parse_qsl, quote, urlsplit, urlunsplit
+from collections.abc import Mapping
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from nixcas.errors import ConfigurationError
 
 __all__ = [
     "is_decimal",
-    "shown",
     "near_far_from_url",
+    "scrubbed",
+    "shown",
     "query_options",
     "require_bare_url",
     "require_plain_scheme",
@@ -27,9 +29,13 @@ _SECRET_WORDS = ("secret", "password", "passwd", "token", "key", "sas", "credent
 
 
 def shown(url: str | SplitResult) -> str:
-    """``url`` as error messages show it: the values of options that look like credentials (and the
-    password of ``user:password@``) replaced by ``***``, also inside URLs nested as option values."""
-    parts = urlsplit(url) if isinstance(url, str) else url
+    """``url`` as every message, log line, ``repr`` and error body shows it: the values of options that
+    look like credentials (and the password of ``user:password@``) replaced by ``***``, also inside URLs
+    nested as option values.  The one redaction of the code base: nothing else prints a service URL."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else url
+    except ValueError:  # e.g. an unbalanced '[' in the host
+        return "<unparsable URL>"
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, host = netloc.rpartition("@")
@@ -37,7 +43,7 @@ def shown(url: str | SplitResult) -> str:
         netloc = f"{user}{':***' if colon else ''}@{host}"
     query = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if any(word in key.lower() for word in _SECRET_WORDS):
+        if _is_secret(key):
             value = "***"
         elif "://" in value:
             value = shown(value)
@@ -46,6 +52,33 @@ def shown(url: str | SplitResult) -> str:
     if query:
         text += "?" + "&".join(query)
     return text + (f"#{parts.fragment}" if parts.fragment else "")
+
+
+def scrubbed(text: str, url: str, options: Mapping[str, str] | None = None) -> str:
+    """``text`` (a library's message about ``url``) with each credential ``url`` (or its ``options``,
+    given apart from it) holds replaced by ``***``: the credentials :func:`shown` hides."""
+    for secret in sorted(set(_secrets(url, options)), key=len, reverse=True):
+        for form in (secret, unquote(secret), quote(secret, safe="")):
+            text = text.replace(form, "***")
+    return text
+
+
+def _secrets(url: str, options: Mapping[str, str] | None = None) -> list[str]:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    for key, value in [*parse_qsl(parts.query, keep_blank_values=True), *(options or {}).items()]:
+        if _is_secret(key) and value:
+            found.append(value)
+        elif "://" in value:
+            found += _secrets(value)
+    return found
+
+
+def _is_secret(key: str) -> bool:
+    return any(word in key.lower() for word in _SECRET_WORDS)
 
 
 def url_tag(url: SplitResult) -> str:

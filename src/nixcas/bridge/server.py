@@ -3,16 +3,45 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from nixcas.bridge.app import NarBridge
 from nixcas.errors import ConfigurationError
 from nixcas.server import _clear_stale_socket, parse_listen_address
 
-__all__ = ["RunningBridge", "start_bridge"]
+__all__ = ["BAD_REQUEST_LOG", "MAX_REASON", "RunningBridge", "start_bridge"]
+
+MAX_REASON: Final = 200
+"""Characters of a malformed request's reason that its log line shows."""
+
+
+class _OneLineForBadRequests(logging.Filter):
+    """A request aiohttp could not parse (over-long request line or header, bad header) is the
+    client's fault: one bounded WARNING line naming the peer and the reason, not an ERROR traceback
+    carrying up to 8 KiB of what it sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = " ".join(str(error.message).split())
+            if len(reason) > MAX_REASON:
+                reason = reason[:MAX_REASON] + "…"
+            what = record.getMessage()[:MAX_REASON].replace("Error handling request", "bad request")
+            record.msg, record.args = "%s: %s %s", (what, error.code, reason)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+BAD_REQUEST_LOG: Final = logging.getLogger("nixcas.bridge.http")
+"""The bridge's HTTP server logger (aiohttp's ``aiohttp.server`` messages, bad requests on one line)."""
+BAD_REQUEST_LOG.addFilter(_OneLineForBadRequests())
 
 
 @dataclass
@@ -38,7 +67,13 @@ class RunningBridge:
 async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float = 10.0) -> RunningBridge:
     """Serve ``bridge`` on ``listen`` (``host:port``, ``[v6]:port``, port 0 = any free one, or a socket path)."""
     address = parse_listen_address(listen)
-    runner = web.AppRunner(bridge.application(), access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace)
+    runner = web.AppRunner(
+        bridge.application(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_grace,
+        logger=BAD_REQUEST_LOG,
+    )
     await runner.setup()
     try:
         site: web.BaseSite

@@ -45,7 +45,7 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
-from nixcas.urls import is_decimal
+from nixcas.urls import is_decimal, scrubbed, shown
 
 __all__ = [
     "CLIENT_OPTIONS",
@@ -98,7 +98,7 @@ def parse_objectstore_url(url: SplitResult, *, allow_file: bool = False) -> tupl
     ``allow_file`` also takes ``objectstore+file:///abs/path`` (obstore's local store).
     """
     inner = url.scheme.partition("+")[2]
-    where = repr(redact(url.geturl()))  # the query may hold credentials
+    where = repr(shown(url))  # the query may hold credentials
     if inner not in SCHEMES and not (allow_file and inner == LOCAL_SCHEME):
         raise ConfigurationError(
             f"{where}: unsupported object store {inner or '(none)'!r} (supported: file, {', '.join(SCHEMES)})"
@@ -168,12 +168,6 @@ def check_client_options(url: str, options: Mapping[str, str], where: str) -> No
         raise ConfigurationError(f"{where}: needs a bucket (write objectstore+{scheme}://bucket[/prefix])")
 
 
-def redact(url: str) -> str:
-    """``url`` for messages and ``repr``: no query (where credentials may be)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
 def _describe(e: BaseException) -> str:
     """The first line of an obstore error, without the debug dump that follows it."""
     text = str(e).strip().splitlines()
@@ -203,10 +197,11 @@ class ObjectStore:
 
     def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
         options = dict(options or {})
-        where = repr(redact(url))
+        where = repr(shown(url))
         check_client_options(url, options, where)
         self.url = url
-        self.where = redact(url)
+        self.where = shown(url)
+        self._given = dict(options)  # what library messages are scrubbed of (credentials)
         own = {k: options.pop(k) for k in list(options) if k in CLIENT_OPTIONS}
         self.create_bucket_at_start = _flag(own, "create_bucket", where)
         self.requests: Counter[str] = Counter()
@@ -227,7 +222,7 @@ class ObjectStore:
             try:
                 self._store = LocalStore(urlsplit(url).path, mkdir=True)
             except (obe.BaseError, OSError, ValueError) as e:
-                raise ConfigurationError(f"{where}: {_describe(e)}") from None
+                raise ConfigurationError(f"{where}: {self._describe(e)}") from None
             return
         client: dict[str, Any] = {
             "timeout": datetime.timedelta(seconds=_seconds(own, "timeout", 60, where)),
@@ -248,15 +243,19 @@ class ObjectStore:
         try:
             self._store = _open(url, options, client, retry)
         except (obe.BaseError, ValueError, TypeError) as e:
-            raise ConfigurationError(f"{where}: {_describe(e)}") from None
+            raise ConfigurationError(f"{where}: {self._describe(e)}") from None
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.where!r})"
 
+    def _describe(self, e: BaseException) -> str:
+        """:func:`_describe`, without any credential this store was given."""
+        return scrubbed(_describe(e), self.url, self._given)
+
     # -- errors ------------------------------------------------------------------------
 
     def _error(self, e: BaseException, what: str) -> StorageError:
-        text = _describe(e)
+        text = self._describe(e)
         full = str(e)
         where = f"{self.where}: {what}"
         if "169.254.169.254" in full or "169.254.170.2" in full:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import signal
 import sys
@@ -169,6 +171,27 @@ def stop_on_signals() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def exit_process(code: object) -> NoReturn:
+    """End the process with ``code`` (a ``SystemExit`` code); a failure ends it at once.
+
+    Native client threads (obstore's tokio runtime, grpc) may still be running when a
+    command fails half-way, e.g. while its store could not be opened; letting the
+    interpreter finalize around them sometimes ends in SIGABRT or SIGBUS after the error
+    line was printed.  A failure has nothing left to save, so after flushing stdio (and
+    logging) the process leaves with ``os._exit``, skipping interpreter finalization.
+    """
+    if code is None or code == 0:
+        sys.exit(0)
+    status = code if isinstance(code, int) else EXIT_FAILURE
+    if not isinstance(code, int):
+        click.echo(str(code), err=True)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

@@ -10,7 +10,7 @@ import click
 from nixcas import __version__
 from nixcas.cli.bridge import generate_key, nar_bridge
 from nixcas.cli.castore import castore
-from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
+from nixcas.cli.common import EXIT_USAGE, Settings, exit_process, fail, tune_malloc
 from nixcas.cli.daemon import daemon
 from nixcas.cli.gc import delete, fsck_command, gc, pin, pins, unpin
 from nixcas.cli.mount import mount
@@ -74,7 +74,14 @@ cli.add_command(generate_key)
 
 
 def main() -> None:
-    """Console-script entry point: every error is one line on stderr."""
+    """Console-script entry point: every error is one line on stderr, and a failure exits at once."""
+    try:
+        _main()
+    except SystemExit as e:
+        exit_process(e.code)
+
+
+def _main() -> None:
     if "GLIBC_TUNABLES" not in os.environ:
         tune_malloc()
     try:

@@ -27,6 +27,7 @@ the references in the order of its sorted path sets, so
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -36,7 +37,7 @@ from nixcas.errors import NixbaseError, PathInfoError, StorePathError
 from nixcas.store import nixbase32
 from nixcas.store.compression import COMPRESSIONS, UnsupportedCompression
 from nixcas.store.hashes import CAHash, HashAlgo, NixHash
-from nixcas.store.pathinfo.model import PathInfo, Signature
+from nixcas.store.pathinfo.model import PathInfo, Signature, check_path_info_fields
 from nixcas.store.store_path import ENCODED_DIGEST_LEN, StorePath
 from nixcas.urls import is_decimal
 
@@ -58,6 +59,10 @@ DEFAULT_COMPRESSION: Final = "bzip2"
 _DRV = ".drv"
 _UNKNOWN_DERIVER = "unknown-deriver"
 _NAR_HASH_LEN = nixbase32.encoded_len(32)
+_URL = re.compile(r"[!-~]+")
+"""A ``URL`` value: printable ASCII without spaces (anything else is percent-encoded)."""
+_WORD = re.compile(r"[A-Za-z0-9._+-]+")
+"""A ``Compression`` or ``System`` value (``xz``, ``x86_64-linux``)."""
 
 
 def fingerprint(store_path: StorePath, nar_sha256: bytes, nar_size: int, references: Iterable[StorePath]) -> bytes:
@@ -105,6 +110,16 @@ def _int(key: str, value: str) -> int:
     return int(value)
 
 
+def _check_size(key: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise PathInfoError(f"invalid narinfo: {key}: {str(value)[:40]!r} is not a size")
+
+
+def _shown(value: object) -> str:
+    """A field value for a message: at most 100 characters, control characters escaped."""
+    return repr(value[:100] if isinstance(value, str) else value)
+
+
 def _sha256(key: str, value: str) -> NixHash:
     try:
         return NixHash.parse(value, HashAlgo.SHA256)
@@ -136,6 +151,26 @@ class NarInfo:
     system: str | None = None
     signatures: tuple[Signature, ...] = ()
     ca: CAHash | None = None
+
+    def __post_init__(self) -> None:
+        """Every field is one narinfo line's worth: no value can start a line of its own."""
+        object.__setattr__(self, "references", tuple(self.references))
+        object.__setattr__(self, "signatures", tuple(self.signatures))
+        try:
+            check_path_info_fields(
+                self.store_path, self.references, self.nar_size, self.nar_sha256, self.signatures, self.deriver, self.ca
+            )
+        except PathInfoError as e:
+            raise PathInfoError(f"invalid narinfo: {e}") from None
+        if not isinstance(self.url, str) or not _URL.fullmatch(self.url):
+            raise PathInfoError(f"invalid narinfo: URL {_shown(self.url)} is not printable ASCII without spaces")
+        for key, value in (("Compression", self.compression), ("System", self.system)):
+            if value is not None and not (isinstance(value, str) and _WORD.fullmatch(value)):
+                raise PathInfoError(f"invalid narinfo: {key} {_shown(value)} is not a word of A-Z a-z 0-9 . _ + -")
+        if self.file_size is not None:
+            _check_size("FileSize", self.file_size)
+        if self.file_hash is not None and not isinstance(self.file_hash, NixHash):
+            raise PathInfoError(f"invalid narinfo: FileHash is a {type(self.file_hash).__name__}, not a NixHash")
 
     @property
     def nar_hash(self) -> NixHash:

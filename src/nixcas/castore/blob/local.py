@@ -61,7 +61,7 @@ from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
-from nixcas.urls import query_options
+from nixcas.urls import query_options, shown
 
 __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
 
@@ -126,10 +126,10 @@ class LocalBlobServiceConfig(ServiceConfig[BlobService]):
         inner = url.scheme.partition("+")[2]
         options = query_options(url, _OPTIONS if inner == "file" else set())
         if url.path and not url.path.startswith("/"):
-            raise ConfigurationError(f"{url.geturl()!r}: needs an absolute path (write objectstore+file:///abs/path)")
+            raise ConfigurationError(f"{shown(url)!r}: needs an absolute path (write objectstore+file:///abs/path)")
         bare = urlunsplit((inner, url.netloc, url.path, "", ""))
         config = cls(bare, options)
-        config.validate(repr(url.geturl()))
+        config.validate(repr(shown(url)))
         return config
 
     def validate(self, where: str) -> None:

@@ -80,13 +80,12 @@ from nixcas.castore.objectstore import (
     check_client_options,
     open_object_store,
     parse_objectstore_url,
-    redact,
     refresh_after_option,
     zstd_level_option,
 )
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
-from nixcas.urls import query_options
+from nixcas.urls import query_options, shown
 
 __all__ = ["ObjectStoreBlobService", "ObjectStoreBlobServiceConfig"]
 
@@ -133,14 +132,12 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
         if inner == "file":
             options = query_options(url, {"zstd_level"})
             if url.path and not url.path.startswith("/"):
-                raise ConfigurationError(
-                    f"{url.geturl()!r}: needs an absolute path (write objectstore+file:///abs/path)"
-                )
+                raise ConfigurationError(f"{shown(url)!r}: needs an absolute path (write objectstore+file:///abs/path)")
             config = cls(urlunsplit((inner, url.netloc, url.path, "", "")), options)
         else:
             bare, options = parse_objectstore_url(url)
             config = cls(bare, options)
-        config.validate(repr(redact(url.geturl())))
+        config.validate(repr(shown(url)))
         return config
 
     def _local(self) -> ServiceConfig[BlobService]:
@@ -161,7 +158,7 @@ class ObjectStoreBlobServiceConfig(ServiceConfig[BlobService]):
     async def build(self, resolver: Resolver) -> BlobService:
         if urlsplit(self.object_store_url).scheme == "file":
             return await self._local().build(resolver)
-        where = repr(redact(self.object_store_url))
+        where = repr(shown(self.object_store_url))
         options = self.object_store_options
         client = {k: v for k, v in options.items() if k not in _BLOB_OPTIONS}
         store = await open_object_store(self.object_store_url, client)

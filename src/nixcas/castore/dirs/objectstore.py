@@ -68,13 +68,12 @@ from nixcas.castore.objectstore import (
     check_client_options,
     open_object_store,
     parse_objectstore_url,
-    redact,
     refresh_after_option,
     zstd_level_option,
 )
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
-from nixcas.urls import is_decimal
+from nixcas.urls import is_decimal, shown
 
 __all__ = [
     "MAX_CLOSURE_BYTES",
@@ -141,7 +140,7 @@ class ObjectStoreDirectoryServiceConfig(ServiceConfig[DirectoryService]):
     def from_url(cls, url: SplitResult) -> Self:
         bare, options = parse_objectstore_url(url, allow_file=True)
         config = cls(bare, options)
-        config.validate(repr(redact(url.geturl())))
+        config.validate(repr(shown(url)))
         return config
 
     def _client_options(self) -> dict[str, str]:
@@ -154,7 +153,7 @@ class ObjectStoreDirectoryServiceConfig(ServiceConfig[DirectoryService]):
         check_client_options(self.object_store_url, self._client_options(), where)
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        where = repr(redact(self.object_store_url))
+        where = repr(shown(self.object_store_url))
         options = self.object_store_options
         store = await open_object_store(self.object_store_url, self._client_options())
         return ObjectStoreDirectoryService(

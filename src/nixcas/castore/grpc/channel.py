@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from nixcas.errors import ConfigurationError, StorageError
-from nixcas.urls import query_options, url_text
+from nixcas.urls import query_options, shown, url_text
 
 __all__ = ["CHANNEL_OPTIONS", "MAX_MESSAGE_SIZE", "GrpcClient", "GrpcConnection", "GrpcEndpoint", "GrpcUrlConfig"]
 
@@ -52,47 +52,48 @@ class GrpcEndpoint:
     def parse(cls, url: str | SplitResult) -> GrpcEndpoint:
         parts = urlsplit(url) if isinstance(url, str) else url
         text = url if isinstance(url, str) else url_text(parts)
+        where = repr(shown(parts))  # what messages show: never the credentials refused below
         options = query_options(parts, {"wait-connect", "connect-timeout", "protocol"})
         transport = parts.scheme.partition("+")[2]
         if parts.fragment:
-            raise ConfigurationError(f"{text!r}: fragments are not allowed")
+            raise ConfigurationError(f"{where}: fragments are not allowed")
         if transport == "unix":
             if parts.netloc:
-                raise ConfigurationError(f"{text!r}: unix socket URLs take no host (write grpc+unix:///abs/socket)")
+                raise ConfigurationError(f"{where}: unix socket URLs take no host (write grpc+unix:///abs/socket)")
             path = unquote(parts.path)
             if not path.startswith("/") or path.endswith("/"):
-                raise ConfigurationError(f"{text!r}: needs the absolute path of a socket")
+                raise ConfigurationError(f"{where}: needs the absolute path of a socket")
             target, tls = f"unix:{path}", False
         elif transport in ("http", "https"):
             if parts.path not in ("", "/"):
                 raise ConfigurationError(
-                    f"{text!r}: grpc+{transport} URLs take no path (write grpc+{transport}://host:port)"
+                    f"{where}: grpc+{transport} URLs take no path (write grpc+{transport}://host:port)"
                 )
             try:
                 host, port = parts.hostname, parts.port
             except ValueError as e:
-                raise ConfigurationError(f"{text!r}: {e}") from None
+                raise ConfigurationError(f"{where}: {e}") from None
             if not host:
-                raise ConfigurationError(f"{text!r}: needs a host")
+                raise ConfigurationError(f"{where}: needs a host")
             if parts.username or parts.password:
-                raise ConfigurationError(f"{text!r}: credentials in the URL are not supported")
+                raise ConfigurationError(f"{where}: credentials in the URL are not supported")
             tls = transport == "https"
             port = port or (443 if tls else 80)
             target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         else:
-            raise ConfigurationError(f"{text!r}: unknown gRPC transport (use grpc+unix, grpc+http or grpc+https)")
+            raise ConfigurationError(f"{where}: unknown gRPC transport (use grpc+unix, grpc+http or grpc+https)")
         wait = options.get("wait-connect", "0").lower()
         if wait not in _BOOLEANS:
-            raise ConfigurationError(f"{text!r}: wait-connect must be 0 or 1")
+            raise ConfigurationError(f"{where}: wait-connect must be 0 or 1")
         try:
             timeout = float(options.get("connect-timeout", "10"))
         except ValueError:
-            raise ConfigurationError(f"{text!r}: connect-timeout must be a number of seconds") from None
+            raise ConfigurationError(f"{where}: connect-timeout must be a number of seconds") from None
         if not timeout > 0:
-            raise ConfigurationError(f"{text!r}: connect-timeout must be positive")
+            raise ConfigurationError(f"{where}: connect-timeout must be positive")
         protocol = options.get("protocol", "tvix")
         if protocol not in _PROTOCOLS:
-            raise ConfigurationError(f"{text!r}: protocol must be one of {', '.join(_PROTOCOLS)}")
+            raise ConfigurationError(f"{where}: protocol must be one of {', '.join(_PROTOCOLS)}")
         return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol)
 
 
@@ -167,7 +168,7 @@ class GrpcClient:
         self.target = connection.endpoint.target
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        return f"{type(self).__name__}({shown(self.url)!r})"
 
     async def close(self) -> None:
         await self._connection.close()

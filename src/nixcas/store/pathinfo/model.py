@@ -27,7 +27,7 @@ from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, HashAlgo, NixHash
 from nixcas.store.store_path import STORE_DIR, StorePath
 
-__all__ = ["PathInfo", "Signature", "split_named_base64"]
+__all__ = ["PathInfo", "Signature", "check_path_info_fields", "split_named_base64"]
 
 SIGNATURE_SIZE: Final = 64
 KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
@@ -56,8 +56,14 @@ class Signature:
     data: bytes
 
     def __post_init__(self) -> None:
-        if len(self.data) != SIGNATURE_SIZE:
-            raise PathInfoError(f"signature {self.name!r}: {len(self.data)} bytes, want {SIGNATURE_SIZE}")
+        # Checked here, where every signature is made (gRPC, narinfo text, nix path-info JSON, signing):
+        # the name is written into narinfo lines, so a newline in it would add lines of its own.
+        if not isinstance(self.name, str) or not KEY_NAME.fullmatch(self.name):
+            shown = self.name[:100] if isinstance(self.name, str) else self.name
+            raise PathInfoError(f"invalid signature name {shown!r}: a key name is A-Z a-z 0-9 . - only")
+        if not isinstance(self.data, bytes) or len(self.data) != SIGNATURE_SIZE:
+            size = len(self.data) if isinstance(self.data, bytes | bytearray) else type(self.data).__name__
+            raise PathInfoError(f"signature {self.name!r}: {size} bytes, want {SIGNATURE_SIZE}")
 
     @classmethod
     def parse(cls, text: str) -> Signature:
@@ -66,6 +72,43 @@ class Signature:
 
     def __str__(self) -> str:
         return f"{self.name}:{base64.b64encode(self.data).decode()}"
+
+
+def check_path_info_fields(
+    store_path: object,
+    references: tuple[object, ...],
+    nar_size: object,
+    nar_sha256: object,
+    signatures: tuple[object, ...],
+    deriver: object,
+    ca: object,
+) -> None:
+    """The one check of the fields a PathInfo and a narinfo share, made by both constructors.
+
+    Every entry point (gRPC ``Put`` under either name, ``PUT /<hash>.narinfo``, a ``nix+http``
+    upstream, ``copy``, ``import``, records read back from a backend) builds one of the two,
+    so none can store or serve a field that is not what its narinfo line says it is: store
+    paths, references and the deriver are :class:`StorePath` (whose names are checked), the
+    signatures :class:`Signature` (key name and 64 bytes checked), the CA a :class:`CAHash`,
+    the NAR hash 32 bytes and the NAR size a 64-bit count.
+    """
+    if not isinstance(store_path, StorePath):
+        raise PathInfoError(f"invalid store path: a {type(store_path).__name__}, not a StorePath")
+    for ref in references:
+        if not isinstance(ref, StorePath):
+            raise PathInfoError(f"{store_path}: invalid reference: a {type(ref).__name__}, not a StorePath")
+    if not isinstance(nar_sha256, bytes) or len(nar_sha256) != 32:
+        size = len(nar_sha256) if isinstance(nar_sha256, bytes | bytearray) else type(nar_sha256).__name__
+        raise PathInfoError(f"{store_path}: NAR sha256 has {size} bytes, want 32")
+    if not isinstance(nar_size, int) or isinstance(nar_size, bool) or not 0 <= nar_size < 1 << 64:
+        raise PathInfoError(f"{store_path}: NAR size {str(nar_size)[:40]} out of range")
+    for sig in signatures:
+        if not isinstance(sig, Signature):
+            raise PathInfoError(f"{store_path}: invalid signature: a {type(sig).__name__}, not a Signature")
+    if deriver is not None and not isinstance(deriver, StorePath):
+        raise PathInfoError(f"{store_path}: invalid deriver: a {type(deriver).__name__}, not a StorePath")
+    if ca is not None and not isinstance(ca, CAHash):
+        raise PathInfoError(f"{store_path}: invalid content address: a {type(ca).__name__}, not a CAHash")
 
 
 @dataclass(frozen=True)
@@ -85,10 +128,9 @@ class PathInfo:
     def __post_init__(self) -> None:
         object.__setattr__(self, "references", tuple(self.references))
         object.__setattr__(self, "signatures", tuple(self.signatures))
-        if len(self.nar_sha256) != 32:
-            raise PathInfoError(f"{self.store_path}: NAR sha256 has {len(self.nar_sha256)} bytes, want 32")
-        if not 0 <= self.nar_size < 1 << 64:
-            raise PathInfoError(f"{self.store_path}: NAR size {self.nar_size} out of range")
+        check_path_info_fields(
+            self.store_path, self.references, self.nar_size, self.nar_sha256, self.signatures, self.deriver, self.ca
+        )
 
     @property
     def digest(self) -> bytes:

@@ -47,7 +47,7 @@ from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo
 from nixcas.store.pathinfo.base import PathInfoServiceWrapper, check_digest
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.signing import SigningKeyError, VerifyingKey, has_valid_signature, parse_public_keys
-from nixcas.urls import query_options, url_text
+from nixcas.urls import query_options, scrubbed, shown, url_text
 
 if TYPE_CHECKING:
     import aiohttp
@@ -77,9 +77,9 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
         if url.scheme not in ("nix+http", "nix+https"):
-            raise ConfigurationError(f"{url.geturl()!r}: write nix+http://host[/prefix] or nix+https://…")
+            raise ConfigurationError(f"{shown(url)!r}: write nix+http://host[/prefix] or nix+https://…")
         if not url.netloc or url.fragment:
-            raise ConfigurationError(f"{url.geturl()!r}: needs a host (nix+https://cache.example.org[/prefix])")
+            raise ConfigurationError(f"{shown(url)!r}: needs a host (nix+https://cache.example.org[/prefix])")
         options = query_options(url, {"trusted-public-keys", "blob_service", "directory_service"})
         keys = options.get("trusted-public-keys")
         if keys is not None:  # base64 has '+': read the raw value, where only %20 separates keys
@@ -92,8 +92,11 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
             options.get("directory_service", DEFAULT_SERVICE),
             None if keys is None else keys.split(),
         )
-        config.validate(repr(url.geturl()))
+        config.validate(repr(shown(url)))
         return config
+
+    def __repr__(self) -> str:  # base_url may hold user:password
+        return f"{type(self).__name__}({shown(self.base_url)!r}, keys={len(self.public_keys or [])})"
 
     def validate(self, where: str) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -122,9 +125,10 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
 
 
 class _Body:
-    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, url: str, base_url: str) -> None:
         self._content = response.content
         self._url = url
+        self._base_url = base_url
 
     async def read(self, n: int, /) -> bytes:
         import aiohttp
@@ -132,7 +136,7 @@ class _Body:
         try:
             return await self._content.read(n)
         except (aiohttp.ClientError, ConnectionError) as e:
-            raise StorageError(f"{self._url}: download failed: {e}") from None
+            raise StorageError(f"{self._url}: download failed: {scrubbed(str(e), self._base_url)}") from None
 
 
 class NixHttpPathInfoService(PathInfoServiceWrapper):
@@ -146,6 +150,7 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         public_keys: tuple[VerifyingKey, ...] | None = None,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        """Where requests go: may hold ``user:password@`` (sent as basic auth); never shown."""
         self.blobs = blobs
         self.directories = directories
         self.public_keys = public_keys
@@ -153,7 +158,11 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         self._running: dict[bytes, asyncio.Task[PathInfo | None]] = {}
 
     def __repr__(self) -> str:
-        return f"NixHttpPathInfoService({self.base_url!r})"
+        return f"NixHttpPathInfoService({shown(self.base_url)!r})"
+
+    def _error(self, e: BaseException) -> str:
+        """An HTTP client error's text, without the credentials of :attr:`base_url`."""
+        return scrubbed(str(e) or type(e).__name__, self.base_url)
 
     def _client(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -169,9 +178,10 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
     async def _fetch_narinfo(self, digest: bytes) -> tuple[str, NarInfo] | None:
         import aiohttp
 
-        url = urljoin(self.base_url, f"{nixbase32.encode(digest)}.narinfo")
+        target = urljoin(self.base_url, f"{nixbase32.encode(digest)}.narinfo")
+        url = shown(target)
         try:
-            async with self._client().get(url) as response:
+            async with self._client().get(target) as response:
                 if response.status in (403, 404):
                     return None
                 if response.status != 200:
@@ -185,7 +195,7 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
                     parts.append(chunk)
                 raw = b"".join(parts)
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
-            raise StorageError(f"{url}: {e or type(e).__name__}") from None
+            raise StorageError(f"{url}: {self._error(e)}") from None
         try:
             return url, NarInfo.parse(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -232,15 +242,16 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
     async def _ingest(self, narinfo: NarInfo) -> Node:
         import aiohttp
 
-        url = urljoin(self.base_url, narinfo.url)
+        target = urljoin(self.base_url, narinfo.url)
+        url = shown(target)
         compression = narinfo.effective_compression
         file_hash = narinfo.file_hash
         try:
-            async with self._client().get(url, headers={"Accept-Encoding": "identity"}) as response:
+            async with self._client().get(target, headers={"Accept-Encoding": "identity"}) as response:
                 if response.status != 200:
                     raise StorageError(f"{url}: HTTP {response.status} {response.reason}")
                 raw = FileHashing(
-                    _Body(response, url),
+                    _Body(response, url, self.base_url),
                     expected_digest=file_hash.digest if file_hash is not None else None,
                     expected_size=narinfo.file_size if compression != "none" else None,
                     what=url,
@@ -262,7 +273,7 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
                 finally:
                     source.close()
         except (aiohttp.ClientError, ConnectionError, TimeoutError) as e:
-            raise StorageError(f"{url}: {e or type(e).__name__}") from None
+            raise StorageError(f"{url}: {self._error(e)}") from None
         except ValidationError as e:
             raise PathInfoError(f"{narinfo.store_path}: {url}: {e}") from None
         return node
