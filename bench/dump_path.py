@@ -60,7 +60,44 @@ def sha256_of(argv: list[str]) -> str:
     return h.hexdigest()
 
 
+def floor_child(store: Path) -> None:
+    """The floor: every stored blob read once (``pread`` from the packs, or the chunk files) and BLAKE3-checked.
+
+    No framing, no directory walk, no asyncio: the least work any verifying
+    renderer of this store must do for these bytes.  Run as its own process,
+    so its start-up is counted as the tools' is.
+    """
+    import sqlite3
+
+    import blake3
+    import zstandard
+
+    blobs = store / "blobs"
+    out = os.open(os.devnull, os.O_WRONLY)
+    db = sqlite3.connect(blobs / "packs.sqlite")
+    packs = {
+        pid: os.open(blobs / "packs" / f"{name}.pack", os.O_RDONLY)
+        for pid, name in db.execute("SELECT id, name FROM packs")
+    }
+    rows = db.execute("SELECT digest, pack, offset, length FROM blobs ORDER BY pack, offset").fetchall()
+    for digest, pack, offset, length in rows:
+        data = os.pread(packs[pack], length, offset)
+        if blake3.blake3(data).digest() != digest:
+            raise SystemExit("corrupt")
+        os.write(out, data)
+    dctx = zstandard.ZstdDecompressor()
+    for path in (blobs / "chunks" / "b3").rglob("*"):
+        if path.is_file():
+            data = dctx.decompress(path.read_bytes())
+            if blake3.blake3(data).hexdigest() != path.name:
+                raise SystemExit("corrupt")
+            os.write(out, data)
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--floor-child":
+        floor_child(Path(sys.argv[2]))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", default="generated", help="generated | tiny | copy:PATH (see bench/import_tree.py)")
     p.add_argument("--files", type=int, default=None, help="files of the generated/tiny tree (10,000 / 20,000)")
@@ -93,9 +130,10 @@ def main() -> None:
     nix = [args.nix_store, "--dump", path]
     if sha256_of(nixcas) != sha256_of(nix):
         raise SystemExit("the NARs differ")
-    runs: dict[str, list[tuple[float, float]]] = {"nixcas": [], "nix-store": []}
+    floor = [sys.executable, str(Path(__file__).resolve()), "--floor-child", str(store)]
+    runs: dict[str, list[tuple[float, float]]] = {"nixcas": [], "nix-store": [], "floor": []}
     for i in range(args.runs + 1):
-        for name, argv in (("nixcas", nixcas), ("nix-store", nix)):
+        for name, argv in (("nixcas", nixcas), ("nix-store", nix), ("floor", floor)):
             result = timed(argv)
             if i:
                 runs[name].append(result)

@@ -462,7 +462,7 @@ def test_pins(tmp_path: Path, trees: dict[str, Path]) -> None:
     assert json.loads(pinned.stdout)["type"] == "file"
     backdate(store, 3600)
     report = gc_json(store, "--grace", "0s")
-    assert report["freed"] == 0 and report["missing_directories"] == 0  # a pinned blob is a blob root
+    assert report["freed"] == 0 and report["missing_directories"] == 0, report["kinds"]  # a pinned blob is a blob root
     assert nixcas("castore", "cat", json.loads(pinned.stdout)["digest"], store=store).stdout == "a pinned blob\n"
 
     one_line_error(nixcas("castore", "unpin", "b", store=store), 1, "no pin named 'b'")

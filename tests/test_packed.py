@@ -236,3 +236,18 @@ async def test_a_row_never_names_bytes_that_were_not_synced(tmp_path: Path, monk
         assert len(list((root / "packs").iterdir())) == 2
     finally:
         await svc.close()
+
+
+async def test_a_pack_holding_only_the_empty_blob_is_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        empty = await svc.put(b"")
+    finally:
+        await svc.close()
+    svc = await open_packed(root, "")
+    try:
+        assert await svc.sweep_temporary(time.time_ns(), dry_run=False) == []  # 0 live bytes of 0: not garbage
+        assert await svc.read_many({empty: 0}) == {empty: b""}
+    finally:
+        await svc.close()

@@ -533,7 +533,10 @@ class PackedBlobService(LocalBlobService):
         """Free the dead space of pack files no writer holds; what was freed, as temporary objects."""
         db = self._db()
         known = dict(db.execute("SELECT name, id FROM packs"))
-        live = dict(db.execute("SELECT pack, sum(length) FROM blobs GROUP BY pack"))
+        live = {
+            pack: (count, used)
+            for pack, count, used in db.execute("SELECT pack, count(*), sum(length) FROM blobs GROUP BY pack")
+        }
         freed: list[StoredObject] = []
         for entry in list(os.scandir(self._packs_dir)):
             name = entry.name.removesuffix(".pack")
@@ -556,9 +559,9 @@ class PackedBlobService(LocalBlobService):
                             os.unlink(entry.path)
                         freed.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
                     continue
-                used = int(live.get(pack_id) or 0)
-                if st.st_size and used * 2 >= st.st_size:
-                    continue
+                count, used = live.get(pack_id, (0, 0))
+                if count and used * 2 >= st.st_size:
+                    continue  # mostly live (an empty blob's row counts as live in an empty pack)
                 if not dry_run:
                     self._rewrite_sync(db, pack_id, fd, entry.path)
                 freed.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
