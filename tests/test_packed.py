@@ -33,7 +33,7 @@ TINY = b"x"  # stored raw
 LARGE = blake3.blake3(b"large").digest(length=3 << 20)  # chunked
 
 
-async def open_packed(root: Path, options: str = "?compress_small=true") -> PackedBlobService:
+async def open_packed(root: Path, options: str = "?compress=true") -> PackedBlobService:
     svc = await blob_service_from_url(f"packed://{root}{options}")
     assert isinstance(svc, PackedBlobService)
     return svc
@@ -152,7 +152,7 @@ async def test_rows_are_raw_by_default(tmp_path: Path) -> None:
     assert pack.read_bytes() == SMALL  # raw bytes, appended
 
 
-@pytest.mark.parametrize("url", ["packed://relative", "packed://host/p", "packed:///p?compress_small=yes"])
+@pytest.mark.parametrize("url", ["packed://relative", "packed://host/p", "packed:///p?compress=yes"])
 async def test_bad_urls(url: str) -> None:
     with pytest.raises(ConfigurationError):
         await blob_service_from_url(url)

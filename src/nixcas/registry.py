@@ -9,7 +9,8 @@ blob services
 ``objectstore+file:///p``        :class:`~nixcas.castore.blob.local.LocalBlobService`
                                  (options: ``zstd_level``)
 ``packed:///p``                  :class:`~nixcas.castore.blob.packed.PackedBlobService` (the embedded
-                                 store: small blobs in SQLite, large ones as ``objectstore+file``; ``zstd_level``)
+                                 store: small blobs in packs, large ones as ``objectstore+file``;
+                                 options: ``compress``, ``zstd_level``)
 ``objectstore+s3://bucket/p``    :class:`~nixcas.castore.blob.objectstore.ObjectStoreBlobService`
 (also ``gs``, ``az``,            (options: ``endpoint``, ``region``, credentials and every other
 ``memory:///``, ``http(s)``)     obstore option; ``zstd_level``, ``refresh_after``, ``concurrency``, …)

@@ -6,13 +6,14 @@ chunk size, 128 KiB by default) is appended to a *pack file*
 digest, size, the time it was last written or re-put, and where its bytes
 are (pack, offset, length).  The bytes are stored raw, as Nix's own store
 keeps files (reading them back is one ``pread`` and a BLAKE3), or
-zstd-compressed with ``compress_small`` when that makes them smaller.  A
+zstd-compressed with ``compress`` when that makes them smaller.  A
 batch of small blobs is one append, one ``fsync`` and one SQLite
 transaction, instead of two files, a rename and shard directories per blob:
 what an import of many small files spends its time on.  Larger blobs keep
 the snix chunk layout of ``objectstore+file://``
 (:class:`~nixcas.castore.blob.local.LocalBlobService`) in the same
-directory, and every read falls back to that layout, so a store written
+directory (chunk objects are zstd frames; without ``compress`` frames of raw
+blocks, written and read at about the speed of a copy), and every read falls back to that layout, so a store written
 before this backend existed is read as it is (new small blobs go to packs).
 
 Guarantees are those of the object layout:
@@ -76,6 +77,9 @@ PACK_MAX = 1 << 30
 _RAW, _ZSTD = 0, 1
 """How a blob's bytes are stored."""
 
+STORE_LEVEL = -(1 << 17)
+"""zstd's fastest level: frames of raw blocks (chunk objects must be zstd frames), at about the speed of a copy."""
+
 _COMPRESS_FROM = 64
 """Blobs shorter than this are stored raw (zstd's frame overhead would eat any gain)."""
 
@@ -107,31 +111,32 @@ _Row = tuple[int, int, int, int, int]
 
 @dataclass(frozen=True)
 class PackedBlobServiceConfig(ServiceConfig[BlobService]):
-    """``packed:///abs/path[?zstd_level=N&compress_small=true]``.
+    """``packed:///abs/path[?compress=true&zstd_level=N]``.
 
-    Composition: ``type = "packed"``, ``path``, ``zstd_level``, ``compress_small``, ``avg_chunk_size``.
-    ``zstd_level`` applies to chunk objects, and to rows only with ``compress_small``.
+    Composition: ``type = "packed"``, ``path``, ``compress``, ``zstd_level``, ``avg_chunk_size``.
+    Without ``compress`` (the default) bytes are kept as they are, like Nix's own store: small
+    blobs raw in packs, chunks of large ones as zstd frames of raw blocks (``zstd_level`` unused).
     """
 
     type_tag: ClassVar[str] = "packed"
     path: str
     zstd_level: int = ZSTD_LEVEL
-    compress_small: bool = False
+    compress: bool = False
     avg_chunk_size: int = AVG_CHUNK_SIZE
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
-        options = query_options(url, {"zstd_level", "compress_small"})
+        options = query_options(url, {"zstd_level", "compress"})
         if url.netloc:
             raise ConfigurationError(f"{url.geturl()!r}: takes no host (write packed:///abs/path)")
         try:
             level = int(options.get("zstd_level", ZSTD_LEVEL))
         except ValueError:
             raise ConfigurationError(f"{url.geturl()!r}: zstd_level must be an integer") from None
-        compress = options.get("compress_small", "false")
+        compress = options.get("compress", "false")
         if compress not in ("true", "false"):
-            raise ConfigurationError(f"{url.geturl()!r}: compress_small must be true or false")
-        config = cls(path=unquote(url.path), zstd_level=level, compress_small=compress == "true")
+            raise ConfigurationError(f"{url.geturl()!r}: compress must be true or false")
+        config = cls(path=unquote(url.path), zstd_level=level, compress=compress == "true")
         config.validate(repr(url.geturl()))
         return config
 
@@ -148,7 +153,7 @@ class PackedBlobServiceConfig(ServiceConfig[BlobService]):
             self.path,
             zstd_level=self.zstd_level,
             avg_chunk_size=self.avg_chunk_size,
-            compress_small=self.compress_small,
+            compress=self.compress,
         )
 
 
@@ -170,11 +175,11 @@ class PackedBlobService(LocalBlobService):
         *,
         zstd_level: int = ZSTD_LEVEL,
         avg_chunk_size: int = AVG_CHUNK_SIZE,
-        compress_small: bool = False,
+        compress: bool = False,
     ) -> None:
-        super().__init__(root, zstd_level=zstd_level, avg_chunk_size=avg_chunk_size)
+        super().__init__(root, zstd_level=zstd_level if compress else STORE_LEVEL, avg_chunk_size=avg_chunk_size)
         self.inline_max = avg_chunk_size // 2
-        self.compress_small = compress_small
+        self.compress = compress
         self._db_path = f"{self._root}/{DB_NAME}"
         self._packs_dir = f"{self._root}/{PACKS_DIR}"
         os.makedirs(self._packs_dir, exist_ok=True)
@@ -243,7 +248,7 @@ class PackedBlobService(LocalBlobService):
         return _Pack(pack_id, fd, 0)
 
     def _encode(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
-        if self.compress_small and len(data) >= _COMPRESS_FROM:
+        if self.compress and len(data) >= _COMPRESS_FROM:
             packed = self._compressor().compress(data)
             if len(packed) < len(data):
                 return _ZSTD, packed
