@@ -478,6 +478,11 @@ class LocalBlobService(BlobService, ChunkStore):
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
         return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
 
+    async def size(self, digest: B3Digest) -> int | None:
+        """From the index or the object's zstd frame header, without reading the blob."""
+        size = await asyncio.to_thread(self._blob_size_sync, digest)
+        return size if size is not None else await super().size(digest)
+
     def _blob_size_sync(self, digest: B3Digest) -> int | None:
         """The blob's size from its chunk list or its object's zstd frame header; ``None``: not recorded there."""
         try:
