@@ -51,7 +51,7 @@ thousands of digits is refused by Python, and slow before that)."""
 
 def _position(digits: str) -> int:
     """A byte position from decimal digits, however many (leading zeros ignored)."""
-    digits = digits.lstrip("0")
+    digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 20 else _HUGE
 
 
