@@ -26,6 +26,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as castore_pb
+from nixcas._proto.tvix.castore.protos import rpc_directory_pb2 as dir_pb
 from nixcas._proto.tvix.store.protos import rpc_pathinfo_pb2 as rpc_pb
 from nixcas.bridge.app import NarBridge, nar_url
 from nixcas.castore.blob.memory import MemoryBlobService
@@ -35,7 +36,7 @@ from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode
 from nixcas.castore.proto import encode_node
 from nixcas.castore.treepath import TreePath
-from nixcas.errors import DepthError, NarError, ValidationError
+from nixcas.errors import DepthError, NarError
 from nixcas.registry import directory_service_from_url
 from nixcas.server import RunningServer, start_server
 from nixcas.store.nar.ingest import ingest_nar_bytes
@@ -160,17 +161,32 @@ async def test_grpc_directory_put_refuses_deeper_than_the_limit(
     daemon: tuple[RunningServer, MemoryDirectoryService],
 ) -> None:
     running, backing = daemon
+    # The client checks before sending ...
     async with await directory_service_from_url(running.url) as svc:
         async with svc.put_multiple_start() as putter:
             for d in chain_directories(MAX_DEPTH):
                 await putter.put(d)
             await putter.close()
         stored = len(backing._data)
-        with pytest.raises(ValidationError, match=f"more than the {MAX_DEPTH} a tree may have"):
-            async with svc.put_multiple_start() as putter:
-                for d in chain_directories(MAX_DEPTH + 1):
-                    await putter.put(d)
-                await putter.close()
+        putter = svc.put_multiple_start()
+        *below, top = chain_directories(MAX_DEPTH + 1)
+        for d in below:
+            await putter.put(d)
+        with pytest.raises(DepthError, match=f"more than the {MAX_DEPTH} a tree may have"):
+            await putter.put(top)
+        await putter.abort()
+    # ... and so does the daemon, for any client (raw messages here).
+    target = running.url.replace("grpc+unix://", "unix:")
+    async with grpc.aio.insecure_channel(target) as channel:
+        put = channel.stream_unary(
+            "/tvix.castore.v1.DirectoryService/Put",
+            request_serializer=lambda raw: raw,
+            response_deserializer=dir_pb.PutDirectoryResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await put(iter([d.encode() for d in chain_directories(MAX_DEPTH + 1)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"more than the {MAX_DEPTH} a tree may have" in (err.value.details() or "")
     assert len(backing._data) == stored  # nothing of the refused closure
 
 
@@ -202,11 +218,10 @@ async def test_rendering_a_too_deep_stored_tree_is_refused(
     # The bridge: a 4xx decided before any header of a NAR.
     index = NarIndex(None)
     bridge = NarBridge(blobs, dirs, MemoryPathInfoService(), index)
-    async with TestClient(TestServer(bridge.application())) as client:
-        async with client.get("/" + nar_url(node, 1)) as r:
-            assert r.status == 400
-            assert "Content-Length" not in r.headers or r.headers["Content-Type"].startswith("text/plain")
-            assert f"{MAX_DEPTH} levels" in await r.text()
+    async with TestClient(TestServer(bridge.application())) as client, client.get("/" + nar_url(node, 1)) as r:
+        assert r.status == 400
+        assert "Content-Length" not in r.headers or r.headers["Content-Type"].startswith("text/plain")
+        assert f"{MAX_DEPTH} levels" in await r.text()
     await index.close()
 
 

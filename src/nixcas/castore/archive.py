@@ -8,9 +8,10 @@ Entries may come in any order: parents are created implicitly, a later entry
 replaces an earlier one at the same path unless both are directories (those
 merge; an implicit parent replaces a file), but a member below a symlink
 (``link`` then ``link/x``) is refused: tar would write through the link, and
-silently turning the link into a directory would change what it means.  The archive must hold exactly one top-level directory, which becomes
-the root; members nested deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH`
-below it are refused.  Directories are stored by :func:`~nixcas.castore.ingest.ingest_entries`
+silently turning the link into a directory would change what it means.  The
+archive must hold exactly one top-level directory, which becomes the root;
+members nested deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH` below it
+are refused.  Directories are stored by :func:`~nixcas.castore.ingest.ingest_entries`
 once the whole archive has been read, so on error none are stored.
 """
 
