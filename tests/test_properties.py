@@ -63,9 +63,10 @@ def _node(tree: Tree) -> bytes:
     kind, value = tree
     out = _str(b"(") + _str(b"type")
     if kind == "file":
-        data, executable = value  # type: ignore[misc]
+        assert isinstance(value, tuple)
+        contents, executable = value
         out += _str(b"regular") + (_str(b"executable") + _str(b"") if executable else b"")
-        out += _str(b"contents") + _str(data)
+        out += _str(b"contents") + _str(contents)
     elif kind == "symlink":
         out += _str(b"symlink") + _str(b"target") + _str(value)  # type: ignore[arg-type]
     else:
