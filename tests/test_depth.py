@@ -320,3 +320,21 @@ def test_hundred_thousand_levels_refused_within_256_mib(scenario: str, tmp_path:
     assert report["outcome"] in {"NarError", "DepthError", "ClosureError"}, report
     assert f"{MAX_DEPTH}" in report["error"], report
     assert report["rss"] < 256 << 20, report
+
+
+async def test_fsck_and_walk_report_a_too_deep_stored_tree() -> None:
+    from nixcas.api import Store
+    from nixcas.castore.fsck import CastoreChecker
+
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    node = await store_unchecked(dirs, MAX_DEPTH + 1)
+    problems = [p async for p in CastoreChecker(blobs, dirs).walk("deep", node)]
+    assert len(problems) == 1 and f"exceed the {MAX_DEPTH} levels" in problems[0].message
+    assert problems[0].path.startswith("deep/a/a/")
+    fine = await store_unchecked(dirs, MAX_DEPTH)
+    assert [p async for p in CastoreChecker(blobs, dirs).walk("fine", fine)] == []
+    store = Store(blobs, dirs)
+    assert len([p async for p in store.walk(fine)]) == MAX_DEPTH + 1
+    with pytest.raises(DepthError):
+        async for _ in store.walk(node):
+            pass
