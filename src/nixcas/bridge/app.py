@@ -289,16 +289,14 @@ class NarBridge:
         for f in files:
             declared.setdefault(f.digest, set()).add(f.size)
         pending = list(declared)
-        for i in range(0, len(pending), 256):
-            part = pending[i : i + 256]
-            for digest, size in zip(part, await asyncio.gather(*(self.blobs.size(b) for b in part)), strict=True):
-                if size is None:
-                    raise NotFoundError("the content of this NAR is not (completely) in the store")
-                wrong = sorted(declared[digest] - {size})
-                if wrong:
-                    raise BlobSizeMismatch(
-                        f"blob {digest.hex()} has {size} bytes, but a file node of this NAR declares {wrong[0]}"
-                    )
+        for digest, size in zip(pending, await self.blobs.sizes(pending), strict=True):
+            if size is None:
+                raise NotFoundError("the content of this NAR is not (completely) in the store")
+            wrong = sorted(declared[digest] - {size})
+            if wrong:
+                raise BlobSizeMismatch(
+                    f"blob {digest.hex()} has {size} bytes, but a file node of this NAR declares {wrong[0]}"
+                )
 
     async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
         others = [r for r in references if r != path]

@@ -335,6 +335,13 @@ class BlobService(Closing, ABC):
                 size += len(data)
             return size
 
+    async def sizes(self, digests: Sequence[B3Digest]) -> list[int | None]:
+        """:meth:`size` of each of ``digests`` (backends may batch this)."""
+        found: list[int | None] = []
+        for i in range(0, len(digests), 256):
+            found.extend(await asyncio.gather(*(self.size(d) for d in digests[i : i + 256])))
+        return found
+
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         """A seekable reader whose sequential full read is verified against ``digest``."""
         reader = await self._open_read(digest)
