@@ -2,8 +2,8 @@
 
 Two kinds of test: small ones at the limit (:data:`MAX_DEPTH` accepted,
 one more refused with a clear error, at each entry point), and 100,000-level
-inputs run in a subprocess whose peak RSS must stay under 256 MiB (the
-address space is capped too, so a quadratic walk fails fast instead of
+inputs run in a subprocess whose peak RSS (``VmHWM``) must stay under 256 MiB
+(the address space is capped too, so a quadratic walk fails fast instead of
 swapping the machine).
 """
 
@@ -303,7 +303,10 @@ _SCRIPT = textwrap.dedent(
         outcome, error = "MemoryError", ""
     except Exception as e:
         outcome, error = type(e).__name__, str(e)[:300]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # The peak of this process's own memory map.  (getrusage's ru_maxrss would do on its own, but
+    # Linux carries the parent's peak over exec: a child of a big pytest process starts "big".)
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"outcome": outcome, "error": error, "rss": rss}))
     """
 )
