@@ -341,3 +341,29 @@ async def test_fsck_and_walk_report_a_too_deep_stored_tree() -> None:
     with pytest.raises(DepthError):
         async for _ in store.walk(node):
             pass
+
+
+def test_castore_ingest_of_a_too_deep_filesystem_tree_is_one_line(tmp_path: Path) -> None:
+    """A real tree deeper than PATH_MAX allows (made with openat): one line, exit 1, nothing stored."""
+    root = tmp_path / "deep"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(MAX_DEPTH + 10):
+            os.mkdir("a", dir_fd=fd)
+            child = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    store = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": SRC, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    for var in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store), "castore", "ingest", str(root)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    # Linux refuses the full path before the depth limit is reached (that is why the limit is 2048).
+    assert "File name too long" in lines[0] or f"{MAX_DEPTH} levels" in lines[0], lines[0]
