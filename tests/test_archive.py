@@ -436,6 +436,15 @@ BAD_MEMBERS: dict[str, tuple[Callable[[TarBuilder], TarBuilder], str]] = {
     "long-name": (lambda t: t.file("top/" + "n" * 256, b"x"), r"invalid name .*longer than 255 bytes"),
     "empty-symlink": (lambda t: t.symlink("top/l", ""), r"top/l: invalid symlink target b'': empty"),
     "root-file": (lambda t: t.file("top/..", b"x"), r"top/\.\.: names the archive root"),
+    # Issue 16, defect 9: a member below a symlink silently turned the symlink into a directory.
+    "below-symlink": (
+        lambda t: t.symlink("top/s", "/etc").file("top/s/x", b"x"),
+        r"top/s/x: is below top/s, which is a symlink",
+    ),
+    "below-symlink-deeper": (
+        lambda t: t.symlink("top/s", "elsewhere").dir("top/s/d/e"),
+        r"top/s/d/e: is below top/s, which is a symlink",
+    ),
     "second-top-level": (lambda t: t.file("other", b"x"), r"exactly one top-level directory, got 2 entries"),
     "top-level-file": (lambda t: t.file("top", b"x"), r"exactly one top-level directory, got a file 'top'"),
 }

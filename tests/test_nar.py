@@ -24,6 +24,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.treepath import TreePath
 from nixcas.errors import ChecksumMismatch, NarError, NotFoundError, StorageError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.store.nar import (
@@ -364,15 +365,21 @@ async def test_seekable_vectors(name: str) -> None:
 async def test_parse_complicated_events() -> None:
     events = await events_of(NAR_COMPLICATED)
     assert events == [
-        NarDirectory(()),
-        NarFile((b".keep",), 0, False),
-        NarSymlink((b"aa",), SYMLINK_TARGET),
-        NarDirectory((b"keep",)),
-        NarFile((b"keep", b".keep"), 0, False),
-        NarDirectoryEnd((b"keep",)),
-        NarDirectoryEnd(()),
+        NarDirectory(nar_path()),
+        NarFile(nar_path(b".keep"), 0, False),
+        NarSymlink(nar_path(b"aa"), SYMLINK_TARGET),
+        NarDirectory(nar_path(b"keep")),
+        NarFile(nar_path(b"keep", b".keep"), 0, False),
+        NarDirectoryEnd(nar_path(b"keep")),
+        NarDirectoryEnd(nar_path()),
     ]
-    assert await events_of(NAR_HELLOWORLD_EXEC) == [NarFile((), 12, True), NarFileChunk(HELLOWORLD)]
+    assert isinstance(events[4], NarFile) and events[4].path.below_root() == (b"keep", b".keep")
+    assert await events_of(NAR_HELLOWORLD_EXEC) == [NarFile(nar_path(), 12, True), NarFileChunk(HELLOWORLD)]
+
+
+def nar_path(*names: bytes) -> TreePath:
+    """The path of a parser event below the NAR's anonymous root."""
+    return TreePath.of((b"", *names))
 
 
 def test_wire_helpers() -> None:

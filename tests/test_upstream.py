@@ -289,6 +289,7 @@ async def test_absent_and_forbidden_are_none(upstream: tuple[StaticCache, str], 
     ("publish", "error", "words"),
     [
         ({"sign": None}, UntrustedPathInfo, "no valid signature"),
+        ({"sign": None, "Sig": "cache.example.org-1:AAAA\u00e9AA="}, PathInfoError, "Sig"),  # issue 16: was ValueError
         ({"sign": OTHER}, UntrustedPathInfo, "no valid signature"),
         ({"NarSize": "12"}, UntrustedPathInfo, "no valid signature"),  # the signature covers NarSize
         ({"NarHash": "sha256:" + "1" * 52}, UntrustedPathInfo, "no valid signature"),
@@ -361,6 +362,27 @@ async def test_bridge_answers_404_for_untrusted_upstream(
             async with client.get(f"/{sample.store_path.hash_part}.narinfo") as r:
                 assert r.status == 200
         assert await near.get(sample.store_path.digest) is not None
+    finally:
+        await far.close()
+        await index.close()
+
+
+async def test_bridge_answers_404_for_a_non_ascii_upstream_sig(
+    upstream: tuple[StaticCache, str], sample: Sample
+) -> None:
+    """Issue 16, defect 4: a non-ASCII character in an upstream narinfo's Sig was a bare ValueError (500)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    cache, url = upstream
+    cache.publish(sample, sign=None, Sig="cache.example.org-1:\u0663\u0663AA")
+    far = service(url)
+    index = NarIndex(None)
+    bridge = NarBridge(far.blobs, far.directories, CachePathInfoService(MemoryPathInfoService(), far), index)
+    try:
+        path = f"/{sample.store_path.hash_part}.narinfo"
+        async with TestClient(TestServer(bridge.application())) as client, client.get(path) as r:
+            assert r.status == 404
+            assert "Sig" in await r.text()
     finally:
         await far.close()
         await index.close()

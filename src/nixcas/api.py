@@ -29,11 +29,12 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Progress, ingest_path
-from nixcas.castore.nodes import DirectoryNode, Node
+from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, Node
 from nixcas.castore.pins.base import PinService
+from nixcas.castore.treepath import TreePath
 from nixcas.composition import ENTRYPOINT, Composition
 from nixcas.config import ServiceConfig
-from nixcas.errors import ConfigurationError, NotFoundError
+from nixcas.errors import ConfigurationError, DepthError, NotFoundError
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
 
@@ -295,17 +296,22 @@ class Store(Closing):
         closure = {d.digest: d async for d in self.directories.get_recursive(root.digest)}
         if root.digest not in closure:
             raise NotFoundError(f"directory {root.digest.hex()} not found")
-        stack: list[tuple[bytes, Iterator[tuple[bytes, Node]]]] = [(b"", iter(closure[root.digest]))]
+        # Open directories as parent-linked paths: memory linear in the depth (names joined per yield).
+        stack: list[tuple[TreePath, Iterator[tuple[bytes, Node]]]] = [(TreePath(None, b""), iter(closure[root.digest]))]
         while stack:
-            prefix, entries = stack[-1]
+            parent, entries = stack[-1]
             entry = next(entries, None)
             if entry is None:
                 stack.pop()
                 continue
             name, node = entry
-            path = prefix + b"/" + name if prefix else name
-            yield path, node
+            path = TreePath(parent, name)
+            yield b"/".join(path.below_root()), node
             if isinstance(node, DirectoryNode):
+                if path.depth >= MAX_DEPTH and len(closure[node.digest]):
+                    raise DepthError(
+                        f"{path.show_below_root()}: nested deeper than the {MAX_DEPTH} levels a tree may have"
+                    )
                 stack.append((path, iter(closure[node.digest])))
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@
     │   ├── DirectoryError                    a Directory breaks sorting/uniqueness/size rules
     │   ├── ClosureError                      an uploaded closure is dangling/disconnected/empty
     │   ├── IngestError                       a path or archive cannot be imported
+    │   ├── DepthError                        a tree is nested deeper than MAX_DEPTH
     │   ├── NixbaseError                      text is not valid nixbase32 / a Nix hash
     │   ├── StorePathError                    a store path (or its name) breaks the rules
     │   ├── NarError                          a NAR stream is malformed
@@ -70,6 +71,10 @@ class IngestError(ValidationError):
     """A filesystem path or archive cannot be imported."""
 
 
+class DepthError(ValidationError):
+    """A tree is nested deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH` path components."""
+
+
 class NixbaseError(ValidationError):
     """Text is not valid nixbase32, or not a valid Nix hash / CA string."""
 
@@ -119,6 +124,7 @@ __all__ = [
     "ChecksumMismatch",
     "ClosureError",
     "ConfigurationError",
+    "DepthError",
     "DirectoryError",
     "IngestError",
     "InvalidDigestError",

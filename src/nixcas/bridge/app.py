@@ -42,7 +42,7 @@ from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, UnsupportedCompression, decompressing
 from nixcas.store.importer import check_content_address
 from nixcas.store.nar.ingest import ingest_nar
-from nixcas.store.nar.plan import Closure, fetch_closure, iter_plan, plan_size
+from nixcas.store.nar.plan import BlobSizeMismatch, Closure, fetch_closure, iter_plan, plan_size
 from nixcas.store.nar.render import render_nar
 from nixcas.store.nar.seekable import SeekableNar
 from nixcas.store.narindex import NarIndex, UploadedNar
@@ -155,6 +155,9 @@ class NarBridge:
         except ValidationError as e:
             log.info("%s %s: %s", request.method, request.path, e)
             raise _fail(web.HTTPBadRequest, str(e)) from None
+        except BlobSizeMismatch as e:  # the node asked for contradicts the stored blob
+            log.info("%s %s: %s", request.method, request.path, e)
+            raise _fail(web.HTTPConflict, str(e)) from None
         except StorageError as e:
             log.error("%s %s: %s", request.method, request.path, e)
             raise _fail(web.HTTPInternalServerError, f"storage error: {e}") from None
@@ -271,6 +274,30 @@ class NarBridge:
                 return False
         return True
 
+    async def _check_blob_sizes(self, node: Node, closure: Closure) -> None:
+        """Every blob of ``node``'s NAR is stored, with the size its file nodes declare.
+
+        Checked before any header is sent (a 200 with a Content-Length would
+        promise bytes the rendering cannot deliver): a missing blob is a
+        :class:`~nixcas.errors.NotFoundError`, a size that contradicts the
+        stored blob a :class:`~nixcas.store.nar.plan.BlobSizeMismatch` (409).
+        """
+        declared: dict[B3Digest, set[int]] = {}
+        files = [n for d in closure.values() for _, n in d if isinstance(n, FileNode)]
+        if isinstance(node, FileNode):
+            files.append(node)
+        for f in files:
+            declared.setdefault(f.digest, set()).add(f.size)
+        pending = list(declared)
+        for digest, size in zip(pending, await self.blobs.sizes(pending), strict=True):
+            if size is None:
+                raise NotFoundError("the content of this NAR is not (completely) in the store")
+            wrong = sorted(declared[digest] - {size})
+            if wrong:
+                raise BlobSizeMismatch(
+                    f"blob {digest.hex()} has {size} bytes, but a file node of this NAR declares {wrong[0]}"
+                )
+
     async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
         others = [r for r in references if r != path]
         found = await asyncio.gather(*(self.pathinfos.get(r.digest) for r in others))
@@ -317,8 +344,7 @@ class NarBridge:
         """The NAR of ``node`` (ranges, content encoding), or the whole NAR file compressed with ``compression``."""
         closure = await fetch_closure(node, self.directories)
         size = plan_size(node, closure)
-        if not await self._blobs_present(node, closure):  # before any header: a 200 would promise the bytes
-            raise NotFoundError("the content of this NAR is not (completely) in the store")
+        await self._check_blob_sizes(node, closure)  # before any header: a 200 would promise the bytes
         if size != expected_size:
             raise ValidationError(f"wrong narsize: the NAR of this node is {size} bytes, not {expected_size}")
         if compression != "none":

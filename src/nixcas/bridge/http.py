@@ -44,6 +44,17 @@ class Unsatisfiable(Exception):
     """A syntactically valid range that lies outside the representation (HTTP 416)."""
 
 
+_HUGE = 10**20
+"""Stands for any position of more than 20 digits: past the end of every NAR (``int()`` of
+thousands of digits is refused by Python, and slow before that)."""
+
+
+def _position(digits: str) -> int:
+    """A byte position from decimal digits, however many (leading zeros ignored)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 20 else _HUGE
+
+
 def parse_range(header: str | None, size: int) -> ByteRange | None:
     """The one byte range of a ``Range`` header, or ``None`` to send everything.
 
@@ -62,13 +73,13 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if last and not is_decimal(last):
         return None
     if not first:  # suffix: the last N bytes
-        n = int(last)
+        n = _position(last)
         if n == 0:
             raise Unsatisfiable
         return ByteRange(max(0, size - n), size)
-    start = int(first)
-    end = size if not last else min(int(last) + 1, size)
-    if last and int(last) < start:
+    start = _position(first)
+    end = size if not last else min(_position(last) + 1, size)
+    if last and _position(last) < start:
         return None  # invalid: ignore
     if start >= size:
         raise Unsatisfiable

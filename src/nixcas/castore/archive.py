@@ -6,8 +6,12 @@ contents are uploaded while reading (small members in batches, large ones
 streamed in blocks), and only the metadata of the tree is kept in memory.
 Entries may come in any order: parents are created implicitly, a later entry
 replaces an earlier one at the same path unless both are directories (those
-merge).  The archive must hold exactly one top-level directory, which becomes
-the root.  Directories are stored by :func:`~nixcas.castore.ingest.ingest_entries`
+merge; an implicit parent replaces a file), but a member below a symlink
+(``link`` then ``link/x``) is refused: tar would write through the link, and
+silently turning the link into a directory would change what it means.  The
+archive must hold exactly one top-level directory, which becomes the root;
+members nested deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH` below it
+are refused.  Directories are stored by :func:`~nixcas.castore.ingest.ingest_entries`
 once the whole archive has been read, so on error none are stored.
 """
 
@@ -32,8 +36,9 @@ import zstandard
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import IngestEntry, Progress, ingest_entries, upload_stream
-from nixcas.castore.nodes import FileNode, Node, SymlinkNode, validate_name
-from nixcas.errors import IngestError, NixcasError, ValidationError
+from nixcas.castore.nodes import MAX_DEPTH, FileNode, Node, SymlinkNode, validate_name
+from nixcas.castore.treepath import TreePath
+from nixcas.errors import DepthError, IngestError, NixcasError, ValidationError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -237,8 +242,11 @@ class _Dir:
         self.children: dict[bytes, _Dir | _File | SymlinkNode] = {}
 
 
-def _canonical(name: bytes, where: str) -> tuple[bytes, ...]:
-    """The path components of a member name, with ``.``, ``..`` and empty components resolved."""
+def _canonical(name: bytes, where: str, label: str) -> tuple[bytes, ...]:
+    """The path components of a member name, with ``.``, ``..`` and empty components resolved.
+
+    At most :data:`~nixcas.castore.nodes.MAX_DEPTH` below the top-level directory.
+    """
     if name.startswith(b"/"):
         raise IngestError(f"{where}: absolute path")
     parts: list[bytes] = []
@@ -254,6 +262,9 @@ def _canonical(name: bytes, where: str) -> tuple[bytes, ...]:
             parts.append(validate_name(component))
         except ValidationError as e:
             raise IngestError(f"{where}: {e}") from None
+        if len(parts) > MAX_DEPTH + 1:
+            shown = TreePath.of(parts).show()
+            raise DepthError(f"{label}: {shown}: nested deeper than the {MAX_DEPTH} levels a tree may have")
     return tuple(parts)
 
 
@@ -369,7 +380,7 @@ class _Reader:
         if not (info.isreg() or info.issym() or info.isdir()):
             kind = _TYPE_NAMES.get(info.type, f"member of type {info.type!r}")
             raise IngestError(f"{where}: cannot import a {kind}")
-        path = _canonical(raw_name, where)
+        path = _canonical(raw_name, where, self._label)
         if not path:
             if info.isdir():
                 return None  # the archive root itself, e.g. "./"
@@ -415,11 +426,20 @@ def _label(source: str | os.PathLike[str] | BinaryIO) -> str:
     return name if isinstance(name, str) else "<archive>"
 
 
-def _insert(root: _Dir, item: _Item) -> None:
-    """Put ``item`` into the tree; parents become directories, a later entry replaces an earlier one."""
+def _insert(root: _Dir, item: _Item, label: str) -> None:
+    """Put ``item`` into the tree; parents become directories, a later entry replaces an earlier one.
+
+    A member below a symlink is refused (extracting it would write through the symlink).
+    """
     parent = root
-    for name in item.path[:-1]:
+    for i, name in enumerate(item.path[:-1]):
         child = parent.children.get(name)
+        if isinstance(child, SymlinkNode):
+            above = TreePath.of(item.path[: i + 1]).show()
+            raise IngestError(
+                f"{label}: {TreePath.of(item.path).show()}: is below {above}, which is a symlink "
+                "(members below a symlink are refused)"
+            )
         if not isinstance(child, _Dir):
             child = parent.children[name] = _Dir()
         parent = child
@@ -434,19 +454,19 @@ def _insert(root: _Dir, item: _Item) -> None:
 
 def _entries(top: bytes, root: _Dir) -> Iterator[IngestEntry]:
     """The tree below ``root`` in post-order, ``root`` (named ``top``) last."""
-    stack: list[tuple[tuple[bytes, ...], Iterator[tuple[bytes, _Dir | _File | SymlinkNode]]]] = [
-        ((top,), iter(root.children.items()))
+    stack: list[tuple[TreePath, Iterator[tuple[bytes, _Dir | _File | SymlinkNode]]]] = [
+        (TreePath(None, top), iter(root.children.items()))
     ]
     while stack:
         path, children = stack[-1]
         for name, child in children:
-            child_path = (*path, name)
+            child_path = TreePath(path, name)
             if isinstance(child, _Dir):
                 stack.append((child_path, iter(child.children.items())))
                 break
             if isinstance(child, _File):
                 if child.node is None:
-                    raise AssertionError(f"{_show(b'/'.join(child_path))}: file was not uploaded")
+                    raise AssertionError(f"{child_path.show()}: file was not uploaded")
                 yield IngestEntry(child_path, child.node)
             else:
                 yield IngestEntry(child_path, child)
@@ -511,7 +531,7 @@ async def ingest_archive(
                     digest = await upload_stream(blobs, item.read, item.size, f"{label}: {item.name}", progress)
                     item.node = FileNode(digest, item.size, item.executable)
                     item.read = None
-                _insert(tree, item)
+                _insert(tree, item, label)
         if uploading is not None:
             await uploading
     finally:

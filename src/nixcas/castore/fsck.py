@@ -24,7 +24,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
 from nixcas.castore.graph import leaves_first
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node
+from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node
 from nixcas.errors import ChecksumMismatch, NixcasError, StorageError
 
 __all__ = ["CastoreChecker", "CastoreRepairer", "CheckableOutboards", "Problem"]
@@ -207,8 +207,13 @@ class CastoreChecker:
     # -- trees ---------------------------------------------------------------------
 
     async def walk(self, label: str, node: Node) -> AsyncIterator[Problem]:
-        """Every problem below ``node``, whose path is ``label``; breadth-first, directories fetched per level."""
+        """Every problem below ``node``, whose path is ``label``; breadth-first, directories fetched per level.
+
+        A directory whose entries would lie deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH`
+        (stored before the limit existed, or bypassing it) is a problem, and is not descended into.
+        """
         level: list[tuple[str, Node]] = [(label, node)]
+        depth = 0
         while level:
             await self._load([n.digest for _, n in level if isinstance(n, DirectoryNode)])
             next_level: list[tuple[str, Node]] = []
@@ -222,6 +227,14 @@ class CastoreChecker:
                         yield Problem(
                             path, "directory", n.digest.hex(), f"has size {found.size}, its parent records {n.size}"
                         )
+                    if depth >= MAX_DEPTH and len(found):
+                        yield Problem(
+                            path,
+                            "directory",
+                            n.digest.hex(),
+                            f"is nested {depth} levels deep: its entries exceed the {MAX_DEPTH} levels a tree may have",
+                        )
+                        continue
                     next_level.extend((_join(path, name), child) for name, child in found)
                 elif isinstance(n, FileNode):
                     problem, size = await self.blob(n.digest)
@@ -230,6 +243,7 @@ class CastoreChecker:
                     elif size is not None and size != n.size:
                         yield Problem(path, "blob", n.digest.hex(), f"has {size} bytes, its directory records {n.size}")
             level = next_level
+            depth += 1
 
     def reached(self, kind: str, digest: B3Digest) -> bool:
         """Whether a tree walk already examined this object."""

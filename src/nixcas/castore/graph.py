@@ -1,8 +1,9 @@
 """Validation of directory closures as they travel between services.
 
 * :class:`LeavesToRootValidator` checks an upload: every child must have been
-  sent earlier in the same closure with the size it really has, and at the end
-  there must be exactly one root.
+  sent earlier in the same closure with the size it really has, no path may be
+  deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH`, and at the end there
+  must be exactly one root.
 * :class:`RootToLeavesValidator` checks a download: the first directory is the
   requested root and every later one must be a child of one already received.
 * :func:`leaves_first` turns a downloaded closure into an upload order.
@@ -14,7 +15,8 @@ from collections.abc import Sequence
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
-from nixcas.errors import ClosureError, StorageError
+from nixcas.castore.nodes import MAX_DEPTH
+from nixcas.errors import ClosureError, DepthError, StorageError
 
 __all__ = ["LeavesToRootValidator", "RootToLeavesValidator", "leaves_first"]
 
@@ -49,10 +51,18 @@ def leaves_first(closure: Sequence[Directory]) -> list[Directory]:
 
 
 class LeavesToRootValidator:
-    """Accumulates a closure sent leaves first; duplicates are dropped."""
+    """Accumulates a closure sent leaves first; duplicates are dropped.
+
+    Each directory's *height* (the most path components below it: 0 when
+    empty, 1 with only files and symlinks) is computed from its children's as
+    it arrives; a height above :data:`~nixcas.castore.nodes.MAX_DEPTH` is a
+    :class:`~nixcas.errors.DepthError` at once, so no tree deeper than the
+    limit is ever stored through a closure upload.
+    """
 
     def __init__(self) -> None:
         self._seen: dict[B3Digest, Directory] = {}
+        self._heights: dict[B3Digest, int] = {}
         self._referenced: set[B3Digest] = set()
 
     def add(self, directory: Directory) -> bool:
@@ -60,6 +70,7 @@ class LeavesToRootValidator:
         digest = directory.digest
         if digest in self._seen:
             return False
+        height = 1 if len(directory) else 0
         for name, child in directory.directories():
             known = self._seen.get(child.digest)
             if known is None:
@@ -73,7 +84,13 @@ class LeavesToRootValidator:
                     f"specified {child.size}, recorded {known.size}"
                 )
             self._referenced.add(child.digest)
+            height = max(height, self._heights[child.digest] + 1)
+        if height > MAX_DEPTH:
+            raise DepthError(
+                f"directory {digest.hex()}: nested {height} levels deep, more than the {MAX_DEPTH} a tree may have"
+            )
         self._seen[digest] = directory
+        self._heights[digest] = height
         return True
 
     def finish(self) -> tuple[B3Digest, list[Directory]]:

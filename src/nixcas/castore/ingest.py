@@ -5,7 +5,8 @@ before parents, builds each Directory when its own entry arrives, validates
 the closure as it goes and commits it in one step at the end.
 :func:`ingest_path` feeds it from a filesystem walk: symlinks are not
 followed, the owner-exec bit becomes ``executable``, sockets/FIFOs/devices
-are refused with the path named.  Small files are read and uploaded in
+are refused with the path named, and so is anything nested deeper than
+:data:`~nixcas.castore.nodes.MAX_DEPTH`.  Small files are read and uploaded in
 batches; large files stream in blocks; reading runs ahead of uploading in a
 worker thread, and the bytes in flight are bounded.
 """
@@ -25,8 +26,9 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.errors import IngestError, StorageError, ValidationError
+from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.treepath import TreePath
+from nixcas.errors import DepthError, IngestError, StorageError, ValidationError
 
 __all__ = ["IngestEntry", "Progress", "WalkObserver", "ingest_entries", "ingest_path", "upload_stream"]
 
@@ -78,32 +80,39 @@ class IngestEntry:
     """One filesystem object, by path relative to the parent of the root.
 
     ``node`` is ``None`` for a directory, whose node is built from the
-    entries that came before it.
+    entries that came before it.  The path is a :class:`~nixcas.castore.treepath.TreePath`
+    whose root is the root entry (producers share each directory's path among
+    its children: memory linear in the depth), or a tuple of names (root first).
     """
 
-    path: tuple[bytes, ...]
+    path: TreePath | tuple[bytes, ...]
     node: Node | None
 
 
-def _show(path: tuple[bytes, ...]) -> str:
-    return os.fsdecode(b"/".join(path))
+def _show(path: TreePath) -> str:
+    return path.show()
 
 
 class _Builder:
     """Assembles Directories from post-order entries."""
 
     def __init__(self, directories: DirectoryService) -> None:
-        self._pending: dict[tuple[bytes, ...], list[tuple[bytes, Node]]] = {}
+        self._pending: dict[TreePath, list[tuple[bytes, Node]]] = {}
         self._putter: DirectoryPutter | None = None
         self._directories = directories
         self.root: Node | None = None
 
     async def add(self, entry: IngestEntry) -> None:
         path = entry.path
+        if type(path) is tuple:
+            if not path:
+                raise IngestError("entry with an empty path")
+            path = TreePath.of(path)
+        assert isinstance(path, TreePath)
         if self.root is not None:
             raise IngestError(f"{_show(path)}: entry after the root")
-        if not path:
-            raise IngestError("entry with an empty path")
+        if path.depth > MAX_DEPTH:
+            raise DepthError(f"{_show(path)}: nested deeper than the {MAX_DEPTH} levels a tree may have")
         node = entry.node
         if node is None:
             children = self._pending.pop(path, [])
@@ -115,13 +124,18 @@ class _Builder:
                 self._putter = self._directories.put_multiple_start()
             await self._putter.put(directory)
             node = directory.node()
-        if len(path) == 1:
+        parent = path.parent
+        if parent is None:
             if self._pending:
                 stray = _show(next(iter(self._pending)))
                 raise IngestError(f"{stray}: not below the root {_show(path)} (or listed after it)")
             self.root = node
         else:
-            self._pending.setdefault(path[:-1], []).append((path[-1], node))
+            siblings = self._pending.get(parent)
+            if siblings is None:
+                self._pending[parent] = [(path.name, node)]
+            else:
+                siblings.append((path.name, node))
 
     async def finish(self) -> Node:
         if self.root is None:
@@ -194,7 +208,7 @@ async def upload_stream(
 
 @dataclass(slots=True)
 class _FileItem:
-    path: tuple[bytes, ...]
+    path: TreePath
     fs_path: bytes
     size: int
     executable: bool
@@ -214,7 +228,7 @@ class _Started:
     larges: dict[int, asyncio.Future[FileNode]]
 
 
-def _visit(fs_path: bytes, path: tuple[bytes, ...]) -> _Item | list[bytes]:
+def _visit(fs_path: bytes, path: TreePath) -> _Item | list[bytes]:
     """One filesystem object: a directory's entry names, or an item for anything else."""
     try:
         st = os.lstat(fs_path)
@@ -247,9 +261,10 @@ def _visit(fs_path: bytes, path: tuple[bytes, ...]) -> _Item | list[bytes]:
     raise IngestError(f"{os.fsdecode(fs_path)}: cannot import a {kind}")
 
 
-def _walk(fs_path: bytes, path: tuple[bytes, ...], observer: WalkObserver | None = None) -> Iterator[_Item]:
-    """Post-order walk without recursion (any depth); small files come with their contents.
+def _walk(fs_path: bytes, path: TreePath, observer: WalkObserver | None = None) -> Iterator[_Item]:
+    """Post-order walk without recursion; small files come with their contents.
 
+    Deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH` is refused before it is visited.
     Names are visited sorted, so ``observer`` sees the tree in canonical order.
     """
     first = _visit(fs_path, path)
@@ -270,7 +285,9 @@ def _walk(fs_path: bytes, path: tuple[bytes, ...], observer: WalkObserver | None
                 observer.leave()
             yield IngestEntry(parent, None)
             continue
-        child_fs, child = os.path.join(parent_fs, name), (*parent, name)
+        child_fs, child = os.path.join(parent_fs, name), TreePath(parent, name)
+        if child.depth > MAX_DEPTH:
+            raise DepthError(f"{child.show()}: nested deeper than the {MAX_DEPTH} levels a tree may have")
         visited = _visit(child_fs, child)
         if isinstance(visited, list):
             if observer is not None:
@@ -349,7 +366,7 @@ async def _entries_from_walk(
     observer: WalkObserver | None = None,
 ) -> AsyncGenerator[IngestEntry, None]:
     name = os.path.basename(os.path.normpath(root)) or b"root"
-    batches = _batches(_walk(root, (name,), observer))
+    batches = _batches(_walk(root, TreePath(None, name), observer))
     large_slots = asyncio.Semaphore(LARGE_PARALLEL)
 
     def next_batch() -> list[_Item] | None:

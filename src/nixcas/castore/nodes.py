@@ -16,6 +16,15 @@ from nixcas.errors import InvalidNameError, InvalidSymlinkTargetError, Validatio
 MAX_NAME_LEN = 255
 MAX_TARGET_LEN = 4095
 U64_MAX = 2**64 - 1
+MAX_DEPTH = 2048
+"""The most components a path inside a tree may have (``a/b/c`` has 3): the deepest nesting accepted.
+
+Linux refuses paths of more than 4096 bytes (``PATH_MAX``, NUL included), so a
+tree nested deeper than 2048 levels cannot be written out or read back by full
+paths even with one-byte names.  Every entry point refuses deeper trees with a
+:class:`~nixcas.errors.DepthError` (NAR, tar and filesystem imports, Directory
+uploads, PathInfo roots, NAR rendering), so memory stays bounded by the input.
+"""
 
 
 def validate_name(name: bytes) -> bytes:
@@ -107,6 +116,7 @@ def node_kind(node: Node) -> str:
 
 
 __all__ = [
+    "MAX_DEPTH",
     "MAX_NAME_LEN",
     "MAX_TARGET_LEN",
     "DirectoryNode",

@@ -196,6 +196,15 @@ class BlobServiceSuite:
             await self.check_content(blob_service, digest, data)
         assert await blob_service.put_many([]) == []
 
+    async def test_sizes(self, blob_service: BlobService) -> None:
+        """``size`` / ``sizes``: the stored length, ``None`` when missing (checked before serving a NAR)."""
+        blobs = [BLOB_A, HELLOWORLD, EMPTY, b"x" * 100_000]
+        digests = await blob_service.put_many(blobs)
+        missing = b3(b"never stored")
+        assert [await blob_service.size(d) for d in digests] == [len(b) for b in blobs]
+        assert await blob_service.size(missing) is None
+        assert await blob_service.sizes([*digests, missing]) == [*(len(b) for b in blobs), None]
+
     async def test_large_blob(self, blob_service: BlobService) -> None:
         writer = await blob_service.open_write(LARGE_SIZE)
         for i in range(0, LARGE_SIZE, 200_000):

@@ -315,6 +315,33 @@ class BlobService(Closing, ABC):
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         """A writer for a new blob; ``expected_size`` (if given) is enforced at close."""
 
+    async def size(self, digest: B3Digest) -> int | None:
+        """The blob's size in bytes (``None``: missing), e.g. to check a file node before serving it.
+
+        From the chunk list when there is one; otherwise the blob is read to its
+        end (verified).  Backends that record sizes answer without reading.
+        """
+        chunks = await self.chunks(digest)
+        if chunks is None:
+            return None
+        if chunks:
+            return sum(c.size for c in chunks)
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            size = 0
+            while data := await reader.read(READ_BLOCK):
+                size += len(data)
+            return size
+
+    async def sizes(self, digests: Sequence[B3Digest]) -> list[int | None]:
+        """:meth:`size` of each of ``digests`` (backends may batch this)."""
+        found: list[int | None] = []
+        for i in range(0, len(digests), 256):
+            found.extend(await asyncio.gather(*(self.size(d) for d in digests[i : i + 256])))
+        return found
+
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         """A seekable reader whose sequential full read is verified against ``digest``."""
         reader = await self._open_read(digest)

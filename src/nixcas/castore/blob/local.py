@@ -478,6 +478,19 @@ class LocalBlobService(BlobService, ChunkStore):
             raise StorageError(f"blob {digest.hex()}: index present but chunk object missing")
         return ChunkedReader(self._fetch_chunk, chunks, window_bytes=READ_WINDOW)
 
+    async def size(self, digest: B3Digest) -> int | None:
+        """From the index or the object's zstd frame header, without reading the blob."""
+        size = await asyncio.to_thread(self._blob_size_sync, digest)
+        return size if size is not None else await super().size(digest)
+
+    async def sizes(self, digests: Sequence[B3Digest]) -> list[int | None]:
+        """All in one worker-thread round trip; only blobs whose size is recorded nowhere are read."""
+        found: list[int | None] = await asyncio.to_thread(lambda: [self._blob_size_sync(d) for d in digests])
+        for i, size in enumerate(found):
+            if size is None:
+                found[i] = await super().size(digests[i])
+        return found
+
     def _blob_size_sync(self, digest: B3Digest) -> int | None:
         """The blob's size from its chunk list or its object's zstd frame header; ``None``: not recorded there."""
         try:

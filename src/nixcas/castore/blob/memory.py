@@ -55,6 +55,10 @@ class MemoryBlobService(BlobService):
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return [] if digest in self._blobs else None
 
+    async def size(self, digest: B3Digest) -> int | None:
+        data = self._blobs.get(digest)
+        return None if data is None else len(data)
+
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         data = self._blobs.get(digest)
         return None if data is None else BytesReader(data)

@@ -252,8 +252,7 @@ class CastoreFs(pyfuse3.Operations):
         return directory
 
     def _entry(self, parent: Inode, name: bytes, node: Node) -> Inode:
-        path = name if parent.ino == ROOT_INODE else parent.path + b"/" + name
-        return self.inodes.ref(node, path)
+        return self.inodes.ref(node, parent.path.child(name))
 
     # -- lookups and attributes ------------------------------------------------------
 

@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 
 from nixcas.castore.directory import Directory
 from nixcas.castore.nodes import Node
+from nixcas.castore.treepath import TreePath
 
 __all__ = ["ROOT_INODE", "Inode", "InodeTable"]
 
 ROOT_INODE = 1
+ROOT_PATH = TreePath(None, b"")
+"""The path of the mount's root."""
 
 
 @dataclass(eq=False, slots=True)
@@ -32,8 +35,9 @@ class Inode:
 
     ino: int
     node: Node | None
-    path: bytes
-    """The first path this inode was reached by (``/``-joined, relative to the mount), for messages."""
+    path: TreePath
+    """The first path this inode was reached by (below the mount's root), for messages; a link to the
+    parent's path, so a deep walk costs memory linear in its depth."""
     lookups: int = 0
     directory: Directory | None = None
     """The Directory's entries once fetched (directories start sparse: only digest and size known)."""
@@ -42,14 +46,14 @@ class Inode:
 
     def show_path(self) -> str:
         """The path for log messages (``/`` for the root)."""
-        return "/" + self.path.decode("utf-8", "backslashreplace")
+        return self.path.show_below_root()
 
 
 class InodeTable:
     """Live inodes by number, and by node for sharing identical content."""
 
     def __init__(self) -> None:
-        self._inodes: dict[int, Inode] = {ROOT_INODE: Inode(ROOT_INODE, None, b"", lookups=1)}
+        self._inodes: dict[int, Inode] = {ROOT_INODE: Inode(ROOT_INODE, None, ROOT_PATH, lookups=1)}
         self._by_node: dict[Node, Inode] = {}
         self._next = ROOT_INODE + 1
 
@@ -63,7 +67,7 @@ class InodeTable:
     def get(self, ino: int) -> Inode | None:
         return self._inodes.get(ino)
 
-    def ref(self, node: Node, path: bytes) -> Inode:
+    def ref(self, node: Node, path: TreePath) -> Inode:
         """The inode of ``node`` (created if needed), with one more kernel reference."""
         inode = self._by_node.get(node)
         if inode is None:

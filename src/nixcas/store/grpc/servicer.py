@@ -4,7 +4,8 @@ Semantics follow reference §2.3: ``Get`` without ``by_what`` is
 ``UNIMPLEMENTED``, a digest that is not 20 bytes ``INVALID_ARGUMENT``, an
 unknown path ``NOT_FOUND``; ``Put`` validates the message (``INVALID_ARGUMENT
 "Invalid path info: …"``) and answers with what the backend stored;
-``CalculateNAR`` takes an anonymous root node and is answered by a
+``CalculateNAR`` takes an anonymous root node (``FAILED_PRECONDITION`` when a
+file node's size contradicts its stored blob) and is answered by a
 :class:`~nixcas.store.nar.hashing.NarCalculationService` that caches per node
 (tvix renders the NAR every time); ``List`` streams every record.
 """
@@ -27,6 +28,7 @@ from nixcas.castore.proto import node_from_proto
 from nixcas.errors import NotFoundError, PathInfoError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.nar.hashing import NarCalculationService
+from nixcas.store.nar.plan import BlobSizeMismatch
 from nixcas.store.pathinfo.base import PathInfoService, check_digest
 from nixcas.store.pathinfo.model import PathInfo
 
@@ -79,7 +81,10 @@ class PathInfoServiceServicer:
                 _, node = node_from_proto(request, anonymous=True)
             except ValidationError as e:
                 raise ValidationError(f"invalid root node: {e}") from None
-            size, sha256 = await self._nar.calculate_nar(node)
+            try:
+                size, sha256 = await self._nar.calculate_nar(node)
+            except BlobSizeMismatch as e:  # the node contradicts the stored blob: the caller's node is wrong
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return rpc_pb.CalculateNARResponse(nar_size=size, nar_sha256=sha256)
         raise AssertionError("unreachable")  # pragma: no cover
 

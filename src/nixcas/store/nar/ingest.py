@@ -28,6 +28,7 @@ from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import IngestEntry, ingest_entries
 from nixcas.castore.nodes import FileNode, Node, SymlinkNode
+from nixcas.castore.treepath import TreePath
 from nixcas.errors import NarError
 from nixcas.store.nar.parser import (
     AsyncByteSource,
@@ -42,8 +43,6 @@ from nixcas.store.nar.parser import (
 
 __all__ = ["ingest_nar", "ingest_nar_bytes"]
 
-ROOT = b"root"
-"""The name the root is given internally (the NAR's root is anonymous)."""
 SMALL_FILE = 1 << 20
 """Files up to this size are collected in memory and uploaded in batches."""
 BATCH_FILES = 512
@@ -121,7 +120,7 @@ class _Batch:
 class _Small:
     """A small file whose digest comes from its batch."""
 
-    path: tuple[bytes, ...]
+    path: TreePath
     size: int
     executable: bool
     batch: _Batch
@@ -222,7 +221,7 @@ async def ingest_nar(
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, NarFile):
-                    path = (ROOT, *event.path)
+                    path = event.path
                     if event.size == 0:
                         any_empty = True
                         entries.append(IngestEntry(path, FileNode(EMPTY_DIGEST, 0, event.executable)))
@@ -241,9 +240,9 @@ async def ingest_nar(
                         digest = await _upload_large(blobs, events, event.size)
                         entries.append(IngestEntry(path, FileNode(digest, event.size, event.executable)))
                 elif isinstance(event, NarSymlink):
-                    entries.append(IngestEntry((ROOT, *event.path), SymlinkNode(event.target)))
+                    entries.append(IngestEntry(event.path, SymlinkNode(event.target)))
                 elif isinstance(event, NarDirectoryEnd):
-                    entries.append(IngestEntry((ROOT, *event.path), None))
+                    entries.append(IngestEntry(event.path, None))
         start_batch()
         if any_empty:
             running.append(_Batch(task=asyncio.ensure_future(_put_empty(blobs))))

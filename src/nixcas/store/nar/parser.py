@@ -5,7 +5,9 @@
 when it is complete, :class:`NarSymlink`, and :class:`NarFile` followed by
 :class:`NarFileChunk` events carrying exactly ``size`` bytes of contents in
 pieces of at most ``chunk_size`` bytes (a file is never held whole).  Paths
-are tuples of names relative to the root (``()`` is the root).
+are :class:`~nixcas.castore.treepath.TreePath` links below an anonymous root
+(``path.below_root()`` gives the names; siblings share their parent's path, so
+memory stays linear in the depth).
 
 Everything the format forbids is a :class:`~nixcas.errors.NarError` whose
 message gives the byte offset and the path: a wrong magic, unknown or
@@ -13,7 +15,8 @@ misplaced tokens, non-zero padding, names that are empty, longer than 255
 bytes, ``.``, ``..`` or contain ``/`` or NUL, names not strictly increasing
 (duplicates included), symlink targets that are empty, longer than 4095 bytes
 or contain NUL, token lengths above 4096, file sizes of 2^63 or more,
-truncation anywhere, and any byte after the root node.
+truncation anywhere, any byte after the root node, and nesting deeper than
+:data:`~nixcas.castore.nodes.MAX_DEPTH` path components.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
 
-from nixcas.castore.nodes import MAX_NAME_LEN, MAX_TARGET_LEN, validate_name, validate_symlink_target
+from nixcas.castore.nodes import MAX_DEPTH, MAX_NAME_LEN, MAX_TARGET_LEN, validate_name, validate_symlink_target
+from nixcas.castore.treepath import TreePath
 from nixcas.errors import InvalidNameError, InvalidSymlinkTargetError, NarError
 from nixcas.store.nar.plan import show_path
 from nixcas.store.nar.wire import (
@@ -50,6 +54,7 @@ __all__ = [
     "NarFile",
     "NarFileChunk",
     "NarSymlink",
+    "ROOT_PATH",
     "as_source",
     "parse_nar",
 ]
@@ -60,7 +65,9 @@ READ_AHEAD = 64 << 10
 """How much the parser asks the source for when it needs framing bytes."""
 
 _U64 = struct.Struct("<Q")
-Path = tuple[bytes, ...]
+Path = TreePath
+ROOT_PATH = TreePath(None, b"")
+"""The path of a NAR's (anonymous) root node; every event's path descends from it."""
 
 
 @runtime_checkable
@@ -164,7 +171,7 @@ class _Input:
         self._buf = b""
         self._bufpos = 0
         self.offset = 0  # bytes of the NAR consumed
-        self.path: Path = ()
+        self.path: Path = ROOT_PATH
 
     def error(self, what: str, offset: int | None = None) -> NarError:
         at = self.offset if offset is None else offset
@@ -284,7 +291,7 @@ async def parse_nar(
     await inp.expect(NAR_MAGIC, "the NAR magic 'nix-archive-1'")
     # Per open directory: its path and the previous entry name.
     stack: list[tuple[Path, bytes | None]] = []
-    path: Path = ()
+    path: Path = ROOT_PATH
     while True:
         inp.path = path
         await inp.expect(OPEN_TYPE, "'(' 'type' (a node)")
@@ -329,7 +336,7 @@ async def parse_nar(
             stack.append((path, None))
         else:
             raise inp.error(f"unknown node type {kind[:64]!r}", start)
-        if kind != b"directory" and path:
+        if kind != b"directory" and path.parent is not None:
             await inp.expect(TOK_CLOSE, "')' closing the entry")
         # Find the next node: the next entry of the innermost open directory,
         # closing directories that have no more entries.
@@ -350,8 +357,10 @@ async def parse_nar(
                 if prev is not None and name <= prev:
                     problem = "duplicate entry" if name == prev else "entries not sorted"
                     raise inp.error(f"{problem}: {name[:300]!r} after {prev[:300]!r}", start)
+                if dir_path.depth >= MAX_DEPTH:
+                    raise inp.error(f"nested deeper than {MAX_DEPTH} levels (the most a tree may have)", start)
                 stack[-1] = (dir_path, name)
-                path = (*dir_path, name)
+                path = TreePath(dir_path, name)
                 inp.path = path
                 await inp.expect(TOK_NODE, "'node'")
                 break
@@ -359,11 +368,11 @@ async def parse_nar(
                 raise inp.error(f"expected 'entry' or ')', found {tok[:64]!r}", start)
             stack.pop()
             yield NarDirectoryEnd(dir_path)
-            if dir_path:
-                inp.path = dir_path[:-1]
+            if dir_path.parent is not None:
+                inp.path = dir_path.parent
                 await inp.expect(TOK_CLOSE, "')' closing the entry")
         else:
             break
-    inp.path = ()
+    inp.path = ROOT_PATH
     if not await inp.at_eof():
         raise inp.error("trailing data after the root node")

@@ -16,8 +16,9 @@ from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.errors import ChecksumMismatch, NotFoundError, StorageError
+from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.treepath import TreePath
+from nixcas.errors import ChecksumMismatch, DepthError, NotFoundError, StorageError
 from nixcas.store.nar.wire import (
     ENTRY_PREFIX,
     NAR_MAGIC,
@@ -45,7 +46,9 @@ __all__ = [
 LITERAL_CHUNK = 64 << 10
 """Framing runs are cut into pieces of about this size (bounds look-ahead memory)."""
 
-Path = tuple[bytes, ...]
+Path = TreePath
+ROOT = TreePath(None, b"")
+"""The path of the NAR's (anonymous) root."""
 Closure = dict[B3Digest, Directory]
 """A directory closure by digest, as :func:`fetch_closure` returns it."""
 
@@ -71,7 +74,15 @@ class BlobSizeMismatch(StorageError):
 
 def show_path(path: Path) -> str:
     """A path inside the NAR for messages: ``/`` for the root, ``/a/b`` below it."""
-    return "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)
+    return path.show_below_root()
+
+
+def too_deep(path: Path) -> DepthError:
+    """The error for a stored tree with an entry below ``path``, which is already :data:`MAX_DEPTH` deep."""
+    return DepthError(
+        f"directory {show_path(path)} is nested {path.depth} levels deep: its entries would exceed "
+        f"the {MAX_DEPTH} levels a tree may have"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +137,13 @@ async def fetch_closure(node: Node, directories: DirectoryService) -> Closure:
         await _raise_missing(node.digest, closure, directories)
         raise StorageError(f"fetching the closure of directory {node.digest.hex()}: {e}") from e
     if node.digest not in closure:
-        raise NarContentNotFound("directory", node.digest, ())
+        raise NarContentNotFound("directory", node.digest, ROOT)
     return closure
 
 
 async def _raise_missing(root: B3Digest, closure: Closure, directories: DirectoryService) -> None:
     """Walk the tree, filling ``closure`` one by one; raise for the first missing directory."""
-    stack: list[tuple[B3Digest, Path]] = [(root, ())]
+    stack: list[tuple[B3Digest, Path]] = [(root, ROOT)]
     seen: set[B3Digest] = set()
     while stack:
         digest, path = stack.pop()
@@ -145,7 +156,7 @@ async def _raise_missing(root: B3Digest, closure: Closure, directories: Director
             if directory is None:
                 raise NarContentNotFound("directory", digest, path)
             closure[digest] = directory
-        stack.extend((child.digest, (*path, name)) for name, child in reversed(list(directory.directories())))
+        stack.extend((child.digest, path.child(name)) for name, child in reversed(list(directory.directories())))
 
 
 def _check_file(node: FileNode, path: Path) -> Hole | None:
@@ -169,13 +180,14 @@ def iter_plan(root: Node, closure: Closure) -> Iterator[bytes | Hole]:
     :data:`LITERAL_CHUNK` bytes (never empty).  ``closure`` must hold every directory below
     ``root`` (see :func:`fetch_closure`).  A file of size 0 is pure framing
     (its digest must be the empty blob's); a size that contradicts the digest
-    in that respect raises :class:`BlobSizeMismatch`.
+    in that respect raises :class:`BlobSizeMismatch`; a tree nested deeper than
+    :data:`~nixcas.castore.nodes.MAX_DEPTH` raises :class:`~nixcas.errors.DepthError`.
     """
     buf = bytearray(NAR_MAGIC)
     # Each stack frame: remaining entries of a directory (reversed, pop from the end) and its path.
     stack: list[tuple[list[tuple[bytes, Node]], Path]] = []
     node: Node = root
-    path: Path = ()
+    path: Path = ROOT
     while True:
         if isinstance(node, FileNode):
             buf += NODE_EXECUTABLE if node.executable else NODE_REGULAR
@@ -187,18 +199,20 @@ def iter_plan(root: Node, closure: Closure) -> Iterator[bytes | Hole]:
                 yield hole
                 buf += padding(node.size)
             buf += TOK_CLOSE
-            if path:
+            if path.parent is not None:
                 buf += TOK_CLOSE  # the entry
         elif isinstance(node, SymlinkNode):
             buf += NODE_SYMLINK
             buf += encode_str(node.target)
             buf += TOK_CLOSE
-            if path:
+            if path.parent is not None:
                 buf += TOK_CLOSE
         else:
             directory = closure.get(node.digest)
             if directory is None:
                 raise NarContentNotFound("directory", node.digest, path)
+            if path.depth >= MAX_DEPTH and directory.entries:
+                raise too_deep(path)
             buf += NODE_DIRECTORY
             stack.append((list(directory.entries)[::-1], path))
         # Advance to the next entry, closing finished directories on the way.
@@ -209,11 +223,11 @@ def iter_plan(root: Node, closure: Closure) -> Iterator[bytes | Hole]:
                 buf += ENTRY_PREFIX
                 buf += encode_str(name)
                 buf += TOK_NODE
-                path = (*dir_path, name)
+                path = TreePath(dir_path, name)
                 break
             stack.pop()
             buf += TOK_CLOSE
-            if dir_path:
+            if dir_path.parent is not None:
                 buf += TOK_CLOSE
         else:
             break

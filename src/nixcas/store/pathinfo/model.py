@@ -44,7 +44,7 @@ def split_named_base64(text: str, what: str, error: type[ValidationError] = Path
         raise error(f"invalid {what}: expected <name>:<base64> with a name of A-Z a-z 0-9 . -")
     try:
         return name, base64.b64decode(b64, validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
         raise error(f"invalid {what} {name!r}: bad base64") from None
 
 
