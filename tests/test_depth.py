@@ -343,6 +343,21 @@ async def test_fsck_and_walk_report_a_too_deep_stored_tree() -> None:
             pass
 
 
+def remove_chain(root: Path, levels: int) -> None:
+    """Remove ``root/a/a/…/a`` (``levels`` deep) from the bottom up, by directory file descriptors."""
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        for _ in range(levels - 1):
+            fds.append(os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+        while fds:
+            fd = fds.pop()
+            os.rmdir("a", dir_fd=fd)
+            os.close(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_castore_ingest_of_a_too_deep_filesystem_tree_is_one_line(tmp_path: Path) -> None:
     """A real tree deeper than PATH_MAX allows (made with openat): one line, exit 1, nothing stored."""
     root = tmp_path / "deep"
@@ -361,7 +376,10 @@ def test_castore_ingest_of_a_too_deep_filesystem_tree_is_one_line(tmp_path: Path
     for var in ("BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "nixcas.cli.main", "--store-dir", str(store), "castore", "ingest", str(root)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    finally:
+        remove_chain(root, MAX_DEPTH + 10)  # shutil.rmtree (pytest's cleanup) recurses once per level
     assert result.returncode == 1, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
