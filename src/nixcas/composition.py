@@ -45,15 +45,17 @@ import contextvars
 import os
 import tomllib
 from collections.abc import Mapping
-from typing import Any, Final, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from nixcas._aio import Closing
-from nixcas.castore.blob.base import BlobService
-from nixcas.castore.dirs.base import DirectoryService
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.registry import KINDS, parse_service_url
-from nixcas.store.pathinfo.base import PathInfoService
+
+if TYPE_CHECKING:  # the service interfaces come with their backends, when one is built
+    from nixcas.castore.blob.base import BlobService
+    from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = ["ENTRYPOINT", "Composition"]
 
@@ -178,15 +180,15 @@ class Composition(Closing):
 
     async def blob_service(self, name: str) -> BlobService:
         """The blob service called ``name`` (or described by the URL ``name``)."""
-        return cast(BlobService, await self.get("blobservices", name))
+        return cast("BlobService", await self.get("blobservices", name))
 
     async def directory_service(self, name: str) -> DirectoryService:
         """The directory service called ``name`` (or described by the URL ``name``)."""
-        return cast(DirectoryService, await self.get("directoryservices", name))
+        return cast("DirectoryService", await self.get("directoryservices", name))
 
     async def pathinfo_service(self, name: str) -> PathInfoService:
         """The path info service called ``name`` (or described by the URL ``name``)."""
-        return cast(PathInfoService, await self.get("pathinfoservices", name))
+        return cast("PathInfoService", await self.get("pathinfoservices", name))
 
     def provide(self, kind: str, name: str, instance: object) -> None:
         """Offer an already open ``instance`` as ``kind``/``name`` unless the composition defines that name.

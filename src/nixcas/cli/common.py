@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import ctypes.util
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from nixcas.api import Store, default_store_dir
-from nixcas.castore.digest import B3Digest
-from nixcas.castore.gc import SweepableBlobs, SweepableDirectories, WriteLeases
 from nixcas.errors import ConfigurationError, NixcasError
+
+if TYPE_CHECKING:  # every command imports this module: what it needs is loaded when it is used
+    import asyncio
+
+    from nixcas.api import Store
+    from nixcas.castore.digest import B3Digest
 
 T = TypeVar("T")
 
@@ -44,6 +43,8 @@ class Settings:
     pathinfo_service_addr: str | None = None
 
     async def open_store(self, *, with_pathinfo: bool = False) -> Store:
+        from nixcas.api import Store
+
         return await Store.open(
             self.store_dir,
             blob_service_url=self.blob_service_addr,
@@ -55,15 +56,21 @@ class Settings:
 
     def store_root(self) -> Path:
         """The embedded store directory (pins, write leases; blobs and databases unless overridden)."""
+        from nixcas.api import default_store_dir
+
         return (Path(self.store_dir) if self.store_dir else default_store_dir()).expanduser().absolute()
 
     def write_lease(self) -> AbstractContextManager[None]:
         """Held by commands that write: GC keeps everything written since it was taken."""
+        from nixcas.castore.gc import WriteLeases
+
         return WriteLeases(self.store_root() / LEASES_DIR).hold()
 
     @asynccontextmanager
     async def open_store_to_write(self, *, with_pathinfo: bool = False) -> AsyncIterator[Store]:
         """:meth:`open_store`, under a write lease (until closed) when GC can act on its services."""
+        from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
+
         async with await self.open_store(with_pathinfo=with_pathinfo) as store:
             if isinstance(store.blobs, SweepableBlobs) or isinstance(store.directories, SweepableDirectories):
                 with self.write_lease():
@@ -147,10 +154,9 @@ def tune_malloc() -> bool:
     256 MiB trim threshold keep those buffers reused, at the cost of holding up
     to 256 MiB of freed heap.  ``GLIBC_TUNABLES``, if set, still wins.
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name)
+    import ctypes
+
+    libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (no ldconfig run)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False  # not glibc
     m_trim_threshold, m_mmap_threshold = -1, -3
@@ -159,6 +165,9 @@ def tune_malloc() -> bool:
 
 def stop_on_signals() -> asyncio.Event:
     """An event that SIGINT and SIGTERM set (handlers installed now, in the running loop): a server's end."""
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -174,6 +183,8 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; turn every expected failure into one line on stderr and an exit code."""
+    import asyncio
+
     try:
         return asyncio.run(coro_fn())
     except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly
@@ -192,6 +203,8 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def parse_digest(text: str) -> B3Digest:
     """A digest argument (hex, ``b3:…`` or ``blake3-…``), or a usage error."""
+    from nixcas.castore.digest import B3Digest
+
     try:
         return B3Digest.parse(text)
     except NixcasError as e:

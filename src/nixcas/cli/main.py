@@ -8,16 +8,59 @@ import sys
 import click
 
 from nixcas import __version__
-from nixcas.cli.bridge import generate_key, nar_bridge
-from nixcas.cli.castore import castore
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, tune_malloc
-from nixcas.cli.daemon import daemon
-from nixcas.cli.gc import delete, fsck_command, gc, pin, pins, unpin
-from nixcas.cli.mount import mount
-from nixcas.cli.store import copy, dump_path, import_, path_info
+from nixcas.cli.lazy import LazyCommand, LazyGroup
+
+COMMANDS = {
+    "castore": LazyCommand(
+        "nixcas.cli.castore", "castore", "Content-addressed blobs and directories (no Nix involved)."
+    ),
+    "daemon": LazyCommand(
+        "nixcas.cli.daemon",
+        "daemon",
+        "Serve the blob, directory and path info services over gRPC (tvix.* and snix.* names, health, reflection).",
+    ),
+    "import": LazyCommand(
+        "nixcas.cli.store",
+        "import_",
+        "Import files, symlinks or trees as store paths, as `nix-store --add` does; print each store path.",
+    ),
+    "dump-path": LazyCommand(
+        "nixcas.cli.store", "dump_path", "Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."
+    ),
+    "path-info": LazyCommand("nixcas.cli.store", "path_info", "Show what the store knows about STORE_PATH."),
+    "copy": LazyCommand("nixcas.cli.store", "copy", "Copy paths of the local Nix store into nixcas, with Nix's metadata."),
+    "mount": LazyCommand(
+        "nixcas.cli.mount",
+        "mount",
+        "Mount the store paths read-only at MOUNTPOINT (one entry per <hash>-<name>), until unmounted or signalled.",
+    ),
+    "gc": LazyCommand(
+        "nixcas.cli.gc",
+        "gc",
+        "Delete every blob, chunk and directory no PathInfo or pin reaches (older than --grace).",
+    ),
+    "delete": LazyCommand(
+        "nixcas.cli.gc", "delete", "Remove the PathInfos of STORE_PATHS (their data is freed by the next gc)."
+    ),
+    "fsck": LazyCommand(
+        "nixcas.cli.gc",
+        "fsck_command",
+        "Verify the store; print each problem with its path; exit 1 if anything is (still) wrong.",
+    ),
+    "nar-bridge": LazyCommand(
+        "nixcas.cli.bridge",
+        "nar_bridge",
+        "Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).",
+    ),
+    "generate-key": LazyCommand(
+        "nixcas.cli.bridge", "generate_key", "Make a Nix signing key pair NAME (e.g. cache.example.org-1)."
+    ),
+}
+"""Every subcommand, imported only when it runs (``--help`` shows the short help kept here)."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nixcas")
 @click.option(
     "--store-dir",
@@ -45,23 +88,6 @@ def cli(
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
     ctx.obj = Settings(store_dir, blob_service_addr, directory_service_addr, composition, path_info_service_addr)
-
-
-cli.add_command(castore)
-cli.add_command(daemon)
-cli.add_command(import_)
-cli.add_command(dump_path)
-cli.add_command(path_info)
-cli.add_command(copy)
-cli.add_command(mount)
-cli.add_command(gc)
-cli.add_command(delete)
-cli.add_command(fsck_command)
-castore.add_command(pin)
-castore.add_command(unpin)
-castore.add_command(pins)
-cli.add_command(nar_bridge)
-cli.add_command(generate_key)
 
 
 def main() -> None:

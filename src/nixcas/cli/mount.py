@@ -6,13 +6,15 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from nixcas.api import Store
-from nixcas.castore.fs.roots import RootNodes
 from nixcas.cli.common import Settings, fail, run, service_options
+
+if TYPE_CHECKING:  # `nixcas castore` shares mount_options: keep this module light
+    from nixcas.api import Store
+    from nixcas.castore.fs.roots import RootNodes
 
 
 def mount_options(f: Callable[..., Any]) -> Callable[..., Any]:
