@@ -11,9 +11,7 @@ name is needed: ``nixcas --version`` loads neither asyncio nor protobuf, and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # not typing's: `import typing` alone is a few ms of every start
 if TYPE_CHECKING:
     from nixcas.api import Store, default_store_dir, open_store
     from nixcas.castore import (
@@ -65,11 +63,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'nixcas' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(__import__(module, fromlist=[name]), name)  # the module itself, not its top package
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -66,7 +66,6 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
-
 def shorten(text: str, limit: int) -> str:
     """``text`` cut at a word boundary to fit ``limit`` columns, as click shortens a command's help."""
     if len(text) <= limit:
