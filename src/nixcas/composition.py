@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-import tomllib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
@@ -158,6 +157,8 @@ class Composition(Closing):
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Composition:
         """Read a TOML composition file."""
+        import tomllib
+
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)

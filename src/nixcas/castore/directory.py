@@ -11,9 +11,9 @@ wire-compatible with what is deployed means following the deployed rule.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import blake3
-from google.protobuf.message import DecodeError
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import (
@@ -24,13 +24,10 @@ from nixcas.castore.nodes import (
     SymlinkNode,
     validate_name,
 )
-from nixcas.castore.proto import (
-    directory_entry_from_proto,
-    file_entry_from_proto,
-    pb,
-    symlink_entry_from_proto,
-)
 from nixcas.errors import DirectoryError
+
+if TYPE_CHECKING:  # protobuf is loaded by the first encode or decode, not by `import`
+    from nixcas.castore.proto import pb
 
 __all__ = ["Directory"]
 
@@ -113,6 +110,8 @@ class Directory:
 
     def to_proto(self) -> pb.Directory:
         """The ``Directory`` message, each list sorted by name."""
+        from nixcas.castore.proto import pb
+
         msg = pb.Directory()
         for name, node in self._entries:
             if isinstance(node, DirectoryNode):
@@ -145,6 +144,8 @@ class Directory:
         Per list, names must be strictly increasing; every entry must be valid;
         names must be unique across the three lists; the size must fit 64 bits.
         """
+        from nixcas.castore.proto import directory_entry_from_proto, file_entry_from_proto, symlink_entry_from_proto
+
         entries: list[tuple[bytes, Node]] = []
         for kind, items, convert in (
             ("directories", msg.directories, directory_entry_from_proto),
@@ -166,6 +167,10 @@ class Directory:
     @classmethod
     def decode(cls, data: bytes) -> Directory:
         """Parse and validate serialized ``Directory`` bytes."""
+        from google.protobuf.message import DecodeError
+
+        from nixcas.castore.proto import pb
+
         msg = pb.Directory()
         try:
             msg.ParseFromString(data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -62,6 +61,8 @@ def serve_mount(
     except ImportError as e:
         fail(f"FUSE support needs pyfuse3 (pip install 'nixcas[fuse]'; it builds against libfuse3-dev): {e}")
     check_mountpoint(mountpoint)
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="nixcas mount: %(levelname)s: %(message)s")
     where = mountpoint.absolute()
 
