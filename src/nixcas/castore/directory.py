@@ -10,6 +10,7 @@ wire-compatible with what is deployed means following the deployed rule.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -166,7 +167,22 @@ class Directory:
 
     @classmethod
     def decode(cls, data: bytes) -> Directory:
-        """Parse and validate serialized ``Directory`` bytes."""
+        """Parse and validate serialized ``Directory`` bytes.
+
+        Until protobuf is loaded, canonical bytes (every stored Directory) are
+        read by :func:`~nixcas.castore.canonical.decode_canonical`, so a command
+        that only lists directories never loads it; other bytes, and all bytes
+        once protobuf is loaded (its decoder is faster per entry), go through
+        protobuf.  Both give the same Directory.
+        """
+        if "google.protobuf.message" not in sys.modules:
+            from nixcas.castore.canonical import decode_canonical
+
+            entries = decode_canonical(data)
+            if entries is not None:
+                directory = cls(entries, _names_checked=True)
+                directory._encoded = bytes(data)  # accepted bytes are their own canonical encoding
+                return directory
         from google.protobuf.message import DecodeError
 
         from nixcas.castore.proto import pb
