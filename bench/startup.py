@@ -15,6 +15,11 @@ nixcas                     peer
 ``nixcas castore cat B``   ``nix-store --dump F`` (F: the small file's path in the chroot)
 =========================  ==============================================
 
+Each store command also has a *floor* row: this Python importing the
+libraries the command cannot do without on this stack (click, asyncio,
+sqlite3, blake3, and protobuf or zstandard where the command needs them), doing
+nothing else.  Its ratio shows how much of the time is the stack itself.
+
 Targets (issue "[perf]", part 3): ``--version`` ≤ 50 ms; the others ≤ 3x their
 peer.  Before timing, each pair's answers are checked against each other (the
 NAR hash ``path-info`` prints is the one ``nix-store --query --hash`` prints, and
@@ -153,22 +158,36 @@ def setup(workdir: Path, nixcas: list[str], env: dict[str, str]) -> list[Pair]:
         Pair(
             "path-info P",
             [*ours, "path-info", tree_path],
-            {"nix-store --query --hash P": [*nix, "--query", "--hash", tree_path]},
+            {
+                "nix-store --query --hash P": [*nix, "--query", "--hash", tree_path],
+                **floor("google.protobuf.message"),
+            },
             f"<= {RATIO_TARGET:.0f}x",
         ),
         Pair(
             "castore ls D",
             [*ours, "castore", "ls", root],
-            {"nix-store --query --references P": [*nix, "--query", "--references", tree_path]},
+            {"nix-store --query --references P": [*nix, "--query", "--references", tree_path], **floor()},
             f"<= {RATIO_TARGET:.0f}x",
         ),
         Pair(
             "castore cat B",
             [*ours, "castore", "cat", blob],
-            {"nix-store --dump F": [nix_store, "--dump", f"{chroot}{small_path}"]},
+            {"nix-store --dump F": [nix_store, "--dump", f"{chroot}{small_path}"], **floor("zstandard")},
             f"<= {RATIO_TARGET:.0f}x",
         ),
     ]
+
+
+FLOOR_MODULES = ("click", "asyncio", "sqlite3", "blake3")
+"""What every store command of this stack loads: the CLI framework, the event loop, the embedded databases, BLAKE3."""
+
+
+def floor(*extra: str) -> dict[str, list[str]]:
+    """The floor of this stack: the interpreter loading the libraries a command cannot do without."""
+    modules = ", ".join((*FLOOR_MODULES, *extra))
+    label = "floor: import " + " ".join(m.split(".")[0].replace("google", "protobuf") for m in (*FLOOR_MODULES, *extra))
+    return {label: [sys.executable, "-c", f"import {modules}"]}
 
 
 def measure(pairs: list[Pair], runs: int, warmup: int, env: dict[str, str]) -> None:
@@ -186,19 +205,20 @@ def measure(pairs: list[Pair], runs: int, warmup: int, env: dict[str, str]) -> N
 def report(pairs: list[Pair]) -> tuple[list[dict[str, object]], bool]:
     rows: list[dict[str, object]] = []
     met = True
-    print(f"{'nixcas':<16} {'median':>9} {'min':>9}   {'peer':<34} {'median':>9} {'ratio':>7}  target")
+    print(f"{'nixcas':<16} {'median':>9} {'min':>9}   {'peer':<52} {'median':>9} {'ratio':>7}  target")
     for pair in pairs:
         ours = statistics.median(pair.times["nixcas"])
         best = min(pair.times["nixcas"])
         for peer in pair.peers:
             theirs = statistics.median(pair.times[peer])
             ratio = ours / theirs
+            judged = pair.what == "--version" or peer == next(iter(pair.peers))  # a floor is shown, not judged
             ok = ours <= VERSION_TARGET_S if pair.what == "--version" else ratio <= RATIO_TARGET
-            if pair.what == "--version" or peer == next(iter(pair.peers)):
-                met = met and ok
+            met = met and (ok or not judged)
+            verdict = f"{pair.target} {'met' if ok else 'NOT met'}" if judged else "(the floor of this stack)"
             print(
-                f"{pair.what:<16} {ours * 1000:>7.1f}ms {best * 1000:>7.1f}ms   {peer:<34} "
-                f"{theirs * 1000:>7.1f}ms {ratio:>6.2f}x  {pair.target} {'met' if ok else 'NOT met'}"
+                f"{pair.what:<16} {ours * 1000:>7.1f}ms {best * 1000:>7.1f}ms   {peer:<52} "
+                f"{theirs * 1000:>7.1f}ms {ratio:>6.2f}x  {verdict}"
             )
             rows.append(
                 {
@@ -209,7 +229,7 @@ def report(pairs: list[Pair]) -> tuple[list[dict[str, object]], bool]:
                     "peer_median_s": theirs,
                     "ratio": ratio,
                     "target": pair.target,
-                    "met": ok,
+                    "met": ok if judged else None,
                     "nixcas_runs_s": pair.times["nixcas"],
                     "peer_runs_s": pair.times[peer],
                 }
