@@ -4,7 +4,8 @@ A throw-away chroot Nix store (``nix-store --store DIR --add``) and a nixcas
 store (``nixcas --store-dir DIR import``) get the same two paths: a small
 directory tree and a small file.  Then ``--runs`` rounds, each running every
 pair once in alternating order (hyperfine style, child processes, standard
-output discarded), and the median wall time of each side:
+output discarded), and the median wall time of each side (also its minimum,
+and its median user + system CPU time, which a busy machine inflates less):
 
 =========================  ==============================================
 nixcas                     peer
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -59,6 +61,8 @@ class Pair:
     peers: dict[str, list[str]]
     target: str
     times: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    """User + system CPU seconds of each run (less sensitive than wall time to a shared machine)."""
 
     def commands(self) -> dict[str, list[str]]:
         return {"nixcas": self.nixcas, **self.peers}
@@ -90,13 +94,16 @@ def output(argv: list[str], env: dict[str, str]) -> bytes:
     return result.stdout
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of ``argv``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, check=False)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)}: exit {result.returncode}: {result.stderr.decode(errors='replace')}")
-    return seconds
+    return seconds, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def default_nixcas() -> list[str]:
@@ -198,28 +205,36 @@ def measure(pairs: list[Pair], runs: int, warmup: int, env: dict[str, str]) -> N
             if index % 2:
                 commands.reverse()  # alternate who goes first
             for name, argv in commands:
-                seconds = timed(argv, env)
+                seconds, cpu = timed(argv, env)
                 if index >= warmup:
                     pair.times.setdefault(name, []).append(seconds)
+                    pair.cpu.setdefault(name, []).append(cpu)
 
 
 def report(pairs: list[Pair]) -> tuple[list[dict[str, object]], bool]:
     rows: list[dict[str, object]] = []
     met = True
-    print(f"{'nixcas':<16} {'median':>9} {'min':>9}   {'peer':<52} {'median':>9} {'ratio':>7}  target")
+    print(
+        f"{'nixcas':<16} {'median':>9} {'min':>9} {'cpu':>9}   {'peer':<52} {'median':>9} {'min':>9} {'cpu':>9}"
+        f" {'ratio':>7}  target"
+    )
     for pair in pairs:
         ours = statistics.median(pair.times["nixcas"])
         best = min(pair.times["nixcas"])
+        our_cpu = statistics.median(pair.cpu["nixcas"])
         for peer in pair.peers:
             theirs = statistics.median(pair.times[peer])
+            their_best = min(pair.times[peer])
+            their_cpu = statistics.median(pair.cpu[peer])
             ratio = ours / theirs
             judged = pair.what == "--version" or peer == next(iter(pair.peers))  # a floor is shown, not judged
             ok = ours <= VERSION_TARGET_S if pair.what == "--version" else ratio <= RATIO_TARGET
             met = met and (ok or not judged)
             verdict = f"{pair.target} {'met' if ok else 'NOT met'}" if judged else "(the floor of this stack)"
             print(
-                f"{pair.what:<16} {ours * 1000:>7.1f}ms {best * 1000:>7.1f}ms   {peer:<52} "
-                f"{theirs * 1000:>7.1f}ms {ratio:>6.2f}x  {verdict}"
+                f"{pair.what:<16} {ours * 1000:>7.1f}ms {best * 1000:>7.1f}ms {our_cpu * 1000:>7.1f}ms   {peer:<52} "
+                f"{theirs * 1000:>7.1f}ms {their_best * 1000:>7.1f}ms {their_cpu * 1000:>7.1f}ms"
+                f" {ratio:>6.2f}x  {verdict}"
             )
             rows.append(
                 {
@@ -227,7 +242,10 @@ def report(pairs: list[Pair]) -> tuple[list[dict[str, object]], bool]:
                     "peer": peer,
                     "nixcas_median_s": ours,
                     "nixcas_min_s": best,
+                    "nixcas_cpu_median_s": our_cpu,
                     "peer_median_s": theirs,
+                    "peer_min_s": their_best,
+                    "peer_cpu_median_s": their_cpu,
                     "ratio": ratio,
                     "target": pair.target,
                     "met": ok if judged else None,
