@@ -178,10 +178,11 @@ class Directory:
         if "google.protobuf.message" not in sys.modules:
             from nixcas.castore.canonical import decode_canonical
 
-            entries = decode_canonical(data)
+            raw = bytes(data)  # names and digests are sliced out of it: bytes, never a view
+            entries = decode_canonical(raw)
             if entries is not None:
                 directory = cls(entries, _names_checked=True)
-                directory._encoded = bytes(data)  # accepted bytes are their own canonical encoding
+                directory._encoded = raw  # accepted bytes are their own canonical encoding
                 return directory
         from google.protobuf.message import DecodeError
 
