@@ -122,6 +122,39 @@ def test_path_info_loads_nothing_heavy_nor_nar_code(tmp_path: Path, store: tuple
     assert [m for m in modules if m.startswith("nixcas.store.nar")] == []
 
 
+def test_path_info_opens_the_path_info_service_alone(tmp_path: Path, store: tuple[Path, str, str, str]) -> None:
+    """The embedded store's SQLite path infos need no blob or directory service: their backends stay unloaded."""
+    store_dir, digest, _, store_path = store
+    for extra in ([], ["--path-info-service-addr", f"sqlite://{store_dir / 'pathinfo.sqlite'}"]):
+        result, modules = run_recording(tmp_path, "--store-dir", str(store_dir), *extra, "path-info", store_path)
+        assert f"RootNode: type=directory digest={digest}" in result.stdout.decode()
+        backends = ("nixcas.castore.blob.", "nixcas.castore.dirs.", "nixcas.castore.objectstore")
+        assert [m for m in modules if m.startswith(backends)] == []
+        assert loaded(modules, "zstandard", "pyfastcdc") == []
+
+
+def test_path_info_through_a_composition_opens_the_whole_store(
+    tmp_path: Path, store: tuple[Path, str, str, str]
+) -> None:
+    """A composition file (whose path info service may use the others) still opens every root service."""
+    store_dir, digest, _, store_path = store
+    composition = tmp_path / "composition.toml"
+    composition.write_text(
+        "[blobservices.root]\n"
+        'type = "objectstore"\n'
+        f'object_store_url = "file://{store_dir / "blobs"}"\n'
+        "[directoryservices.root]\n"
+        'type = "sqlite"\n'
+        f'path = "{store_dir / "directories.sqlite"}"\n'
+        "[pathinfoservices.root]\n"
+        'type = "sqlite"\n'
+        f'path = "{store_dir / "pathinfo.sqlite"}"\n'
+    )
+    result, modules = run_recording(tmp_path, "--composition", str(composition), "path-info", store_path)
+    assert f"RootNode: type=directory digest={digest}" in result.stdout.decode()
+    assert {"nixcas.castore.blob.local", "nixcas.castore.dirs.sqlite"} <= modules
+
+
 def test_help_imports_no_subcommand(tmp_path: Path) -> None:
     for args in (["--help"], ["castore", "--help"]):
         result, modules = run_recording(tmp_path, *args)

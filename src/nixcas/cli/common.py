@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # every command imports this module: what it needs is loaded 
 
     from nixcas.api import Store
     from nixcas.castore.digest import B3Digest
+    from nixcas.store.pathinfo.base import PathInfoService
 
 T = TypeVar("T")
 
@@ -30,6 +31,8 @@ PINS_DB = "pins.sqlite"
 """Under the store directory: castore pins."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
+STANDALONE_PATHINFO_TAGS = frozenset({"sqlite", "postgresql", "postgres", "grpc", "memory"})
+"""Path info backends that use no other service: :meth:`Settings.open_pathinfos` opens them alone."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,28 @@ class Settings:
             composition=self.composition,
             with_pathinfo=with_pathinfo,
         )
+
+    @asynccontextmanager
+    async def open_pathinfos(self) -> AsyncIterator[PathInfoService]:
+        """The path info service, for commands that only read PathInfos (``path-info``).
+
+        Without a composition file, a backend that uses no other service
+        (:data:`STANDALONE_PATHINFO_TAGS`; the embedded store's SQLite among them)
+        is opened alone, so the blob and directory backends are not even
+        loaded; otherwise the whole store is opened, as :meth:`open_store` does.
+        """
+        from nixcas.api import service_urls
+
+        url = self.pathinfo_service_addr or service_urls(self.store_dir)[2]
+        if self.composition is None and url.partition(":")[0].partition("+")[0] in STANDALONE_PATHINFO_TAGS:
+            from nixcas.registry import pathinfo_service_from_url
+
+            async with await pathinfo_service_from_url(url) as service:
+                yield service
+            return
+        async with await self.open_store(with_pathinfo=True) as store:
+            assert store.pathinfos is not None
+            yield store.pathinfos
 
     def store_root(self) -> Path:
         """The embedded store directory (pins, write leases; blobs and databases unless overridden)."""

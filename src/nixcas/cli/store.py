@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # each command imports what it uses: `path-info` stays light
 
     from nixcas.api import Store
     from nixcas.store.importer import Services
+    from nixcas.store.pathinfo.base import PathInfoService
     from nixcas.store.pathinfo.model import PathInfo
 
 IMPORT_PARALLEL = 4
@@ -41,10 +42,10 @@ def parse_store_path(text: str) -> StorePath:
         raise click.BadParameter(str(e)) from None
 
 
-async def lookup(store: Store, path: StorePath) -> PathInfo:
+async def lookup(pathinfos: PathInfoService | None, path: StorePath) -> PathInfo:
     """The PathInfo of ``path``; the name must match too (tvix compares only the hash)."""
-    assert store.pathinfos is not None
-    info = await store.pathinfos.get(path.digest)
+    assert pathinfos is not None
+    info = await pathinfos.get(path.digest)
     if info is None or info.store_path != path:
         raise NotFoundError(f"{path}: not in the store")
     return info
@@ -122,7 +123,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
     async def go() -> None:
         out = sys.stdout.buffer
         async with await settings.open_store(with_pathinfo=True) as store:
-            info = await lookup(store, path)
+            info = await lookup(store.pathinfos, path)
             async for piece in render_nar(info.node, store.blobs, store.directories):
                 out.write(piece)
         out.flush()
@@ -139,8 +140,8 @@ def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
     path = parse_store_path(store_path)
 
     async def go() -> PathInfo:
-        async with await settings.open_store(with_pathinfo=True) as store:
-            return await lookup(store, path)
+        async with settings.open_pathinfos() as pathinfos:
+            return await lookup(pathinfos, path)
 
     info = run(go)
     data = info.to_json()
