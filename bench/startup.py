@@ -21,6 +21,9 @@ libraries the command cannot do without on this stack (click, asyncio,
 sqlite3, blake3, and protobuf's message machinery or zstandard where the
 command needs them), doing nothing else.  Its ratio shows how much of the time is the stack itself.
 
+With ``--baseline SRC`` every nixcas command is also run with ``PYTHONPATH=SRC``
+(say, an older checkout's ``src``) as one more peer in the same rounds.
+
 Targets (issue "[perf]", part 3): ``--version`` ≤ 50 ms; the others ≤ 3x their
 peer.  Before timing, each pair's answers are checked against each other (the
 NAR hash ``path-info`` prints is the one ``nix-store --query --hash`` prints, and
@@ -198,6 +201,12 @@ def floor(*extra: str) -> dict[str, list[str]]:
     return {label: [sys.executable, "-c", f"import {modules}"]}
 
 
+def add_baseline(pairs: list[Pair], src: Path) -> None:
+    """Each nixcas command again with ``PYTHONPATH=src`` (through ``env``: ~1 ms more), as one more peer."""
+    for pair in pairs:
+        pair.peers[f"baseline: nixcas with {src.name}"] = ["env", f"PYTHONPATH={src}", *pair.nixcas]
+
+
 def measure(pairs: list[Pair], runs: int, warmup: int, env: dict[str, str]) -> None:
     for index in range(warmup + runs):
         for pair in pairs:
@@ -227,10 +236,15 @@ def report(pairs: list[Pair]) -> tuple[list[dict[str, object]], bool]:
             their_best = min(pair.times[peer])
             their_cpu = statistics.median(pair.cpu[peer])
             ratio = ours / theirs
-            judged = pair.what == "--version" or peer == next(iter(pair.peers))  # a floor is shown, not judged
+            shown_only = peer.startswith(("floor:", "baseline:"))  # shown beside, not judged
+            judged = not shown_only and (pair.what == "--version" or peer == next(iter(pair.peers)))
             ok = ours <= VERSION_TARGET_S if pair.what == "--version" else ratio <= RATIO_TARGET
             met = met and (ok or not judged)
-            verdict = f"{pair.target} {'met' if ok else 'NOT met'}" if judged else "(the floor of this stack)"
+            verdict = f"{pair.target} {'met' if ok else 'NOT met'}" if judged else ""
+            if peer.startswith("floor:"):
+                verdict = "(the floor of this stack)"
+            elif peer.startswith("baseline:"):
+                verdict = "(nixcas / baseline)"
             print(
                 f"{pair.what:<16} {ours * 1000:>7.1f}ms {best * 1000:>7.1f}ms {our_cpu * 1000:>7.1f}ms   {peer:<52} "
                 f"{theirs * 1000:>7.1f}ms {their_best * 1000:>7.1f}ms {their_cpu * 1000:>7.1f}ms"
@@ -263,6 +277,12 @@ def main() -> None:
     p.add_argument("--nixcas", nargs="+", default=None, help="nixcas command (default: the console script)")
     p.add_argument("--workdir", type=Path, help="work directory (default: a new temp dir, removed after)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="SRC",
+        help="also time the same nixcas commands with PYTHONPATH=SRC (e.g. an older checkout's src), alternating",
+    )
     args = p.parse_args()
     nixcas: list[str] = args.nixcas or default_nixcas()
 
@@ -274,6 +294,8 @@ def main() -> None:
         env = child_env(workdir)
         try:
             pairs = setup(workdir, nixcas, env)
+            if args.baseline is not None:
+                add_baseline(pairs, args.baseline.absolute())
             print(f"nixcas: {' '.join(nixcas)}; {args.runs} rounds (+{args.warmup} warm-up), median wall time")
             measure(pairs, args.runs, args.warmup, env)
         finally:
