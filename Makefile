@@ -95,3 +95,9 @@ bench-s3: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	@mkdir -p .bench-work
 	$(BIN)/python bench/s3.py --workdir .bench-work --json .bench-work/s3.json
+
+## bench-startup: start-up of --version, path-info, castore ls / cat against python and nix-store --query / --dump (needs nix-bin)
+bench-startup: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/startup.py --json .bench-work/startup.json

@@ -2,23 +2,48 @@
 
 The async library entry point is :func:`open_store`; :mod:`nixcas.sync` has a
 blocking twin.  The data model and services live in :mod:`nixcas.castore`.
+
+The names below are loaded on first use (module ``__getattr__``), so
+``import nixcas`` — and every command-line start — costs nothing until a
+name is needed: ``nixcas --version`` loads neither asyncio nor protobuf, and
+``import nixcas.castore`` loads nothing of the Nix layer.
 """
 
-from nixcas.api import Store, default_store_dir, open_store
-from nixcas.castore import (
-    EMPTY_DIGEST,
-    B3Digest,
-    BlobService,
-    Directory,
-    DirectoryNode,
-    DirectoryService,
-    FileNode,
-    Node,
-    SymlinkNode,
-)
-from nixcas.errors import NixcasError
+from __future__ import annotations
+
+TYPE_CHECKING = False  # not typing's: `import typing` alone is a few ms of every start
+if TYPE_CHECKING:
+    from nixcas.api import Store, default_store_dir, open_store
+    from nixcas.castore import (
+        EMPTY_DIGEST,
+        B3Digest,
+        BlobService,
+        Directory,
+        DirectoryNode,
+        DirectoryService,
+        FileNode,
+        Node,
+        SymlinkNode,
+    )
+    from nixcas.errors import NixcasError
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "EMPTY_DIGEST": "nixcas.castore.digest",
+    "B3Digest": "nixcas.castore.digest",
+    "BlobService": "nixcas.castore.blob.base",
+    "Directory": "nixcas.castore.directory",
+    "DirectoryNode": "nixcas.castore.nodes",
+    "DirectoryService": "nixcas.castore.dirs.base",
+    "FileNode": "nixcas.castore.nodes",
+    "NixcasError": "nixcas.errors",
+    "Node": "nixcas.castore.nodes",
+    "Store": "nixcas.api",
+    "SymlinkNode": "nixcas.castore.nodes",
+    "default_store_dir": "nixcas.api",
+    "open_store": "nixcas.api",
+}
 
 __all__ = [
     "EMPTY_DIGEST",
@@ -36,3 +61,16 @@ __all__ = [
     "default_store_dir",
     "open_store",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nixcas' has no attribute {name!r}")
+    value = getattr(__import__(module, fromlist=[name]), name)  # the module itself, not its top package
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

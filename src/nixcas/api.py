@@ -21,22 +21,24 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from nixcas._aio import Closing
-from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.directory import Directory
-from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.ingest import Progress, ingest_path
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, Node
-from nixcas.castore.pins.base import PinService
 from nixcas.castore.treepath import TreePath
 from nixcas.composition import ENTRYPOINT, Composition
-from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError, DepthError, NotFoundError
-from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
-from nixcas.store.pathinfo.base import PathInfoService
+
+if TYPE_CHECKING:  # the Nix layer and ingest are loaded only by the calls that use them
+    from nixcas.castore.blob.base import BlobReader, BlobService
+    from nixcas.castore.directory import Directory
+    from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.castore.ingest import Progress
+    from nixcas.castore.pins.base import PinService
+    from nixcas.config import ServiceConfig
+    from nixcas.store.nar.hashing import NarCalculationService
+    from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = [
     "Store",
@@ -245,6 +247,8 @@ class Store(Closing):
         infos all live on the same one, so no blob travels back; else locally.
         """
         if self._nar is None:
+            from nixcas.store.nar.hashing import SimpleNarCalculationService
+
             remote = self.pathinfos.nar_calculation_service() if self.pathinfos is not None else None
             targets = {getattr(s, "target", None) for s in (self.blobs, self.directories, self.pathinfos)}
             if remote is None or len(targets) != 1 or None in targets:
@@ -254,6 +258,8 @@ class Store(Closing):
 
     async def ingest(self, path: str | os.PathLike[str], *, progress: Progress | None = None) -> Node:
         """Import a file, symlink or directory tree; return its root node."""
+        from nixcas.castore.ingest import ingest_path
+
         return await ingest_path(path, self.blobs, self.directories, progress=progress)
 
     async def ingest_archive(

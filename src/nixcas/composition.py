@@ -47,18 +47,19 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-import tomllib
 from collections.abc import Mapping
-from typing import Any, Final, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from nixcas._aio import Closing
-from nixcas.castore.blob.base import BlobService
-from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.pins.base import PinService
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.registry import KINDS, parse_service_url
-from nixcas.store.pathinfo.base import PathInfoService
+
+if TYPE_CHECKING:  # the service interfaces come with their backends, when one is built
+    from nixcas.castore.blob.base import BlobService
+    from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.castore.pins.base import PinService
+    from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = ["ENTRYPOINT", "Composition"]
 
@@ -161,6 +162,8 @@ class Composition(Closing):
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Composition:
         """Read a TOML composition file."""
+        import tomllib
+
         try:
             with open(path, "rb") as f:
                 data = tomllib.load(f)
@@ -183,19 +186,19 @@ class Composition(Closing):
 
     async def blob_service(self, name: str) -> BlobService:
         """The blob service called ``name`` (or described by the URL ``name``)."""
-        return cast(BlobService, await self.get("blobservices", name))
+        return cast("BlobService", await self.get("blobservices", name))
 
     async def directory_service(self, name: str) -> DirectoryService:
         """The directory service called ``name`` (or described by the URL ``name``)."""
-        return cast(DirectoryService, await self.get("directoryservices", name))
+        return cast("DirectoryService", await self.get("directoryservices", name))
 
     async def pathinfo_service(self, name: str) -> PathInfoService:
         """The path info service called ``name`` (or described by the URL ``name``)."""
-        return cast(PathInfoService, await self.get("pathinfoservices", name))
+        return cast("PathInfoService", await self.get("pathinfoservices", name))
 
     async def pin_service(self, name: str) -> PinService:
         """The pin service called ``name`` (or described by the URL ``name``)."""
-        return cast(PinService, await self.get("pinservices", name))
+        return cast("PinService", await self.get("pinservices", name))
 
     def config(self, kind: str, name: str) -> ServiceConfig[object]:
         """The config of ``kind``/``name`` (an entry, or a URL); :class:`ConfigurationError` if unknown."""

@@ -1,11 +1,41 @@
-"""castore: content-addressed blobs and a Merkle DAG of Directories (knows nothing of Nix)."""
+"""castore: content-addressed blobs and a Merkle DAG of Directories (knows nothing of Nix).
 
-from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta
-from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
-from nixcas.castore.directory import Directory
-from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
-from nixcas.castore.ingest import IngestEntry, ingest_entries, ingest_path
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, node_kind
+The names below are loaded on first use (module ``__getattr__``): importing one
+submodule (say :mod:`nixcas.castore.digest`) does not load the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta
+    from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
+    from nixcas.castore.directory import Directory
+    from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
+    from nixcas.castore.ingest import IngestEntry, ingest_entries, ingest_path
+    from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, node_kind
+
+_EXPORTS = {
+    "EMPTY_DIGEST": "nixcas.castore.digest",
+    "B3Digest": "nixcas.castore.digest",
+    "BlobReader": "nixcas.castore.blob.base",
+    "BlobService": "nixcas.castore.blob.base",
+    "BlobWriter": "nixcas.castore.blob.base",
+    "ChunkMeta": "nixcas.castore.blob.base",
+    "Directory": "nixcas.castore.directory",
+    "DirectoryNode": "nixcas.castore.nodes",
+    "DirectoryPutter": "nixcas.castore.dirs.base",
+    "DirectoryService": "nixcas.castore.dirs.base",
+    "FileNode": "nixcas.castore.nodes",
+    "IngestEntry": "nixcas.castore.ingest",
+    "Node": "nixcas.castore.nodes",
+    "SymlinkNode": "nixcas.castore.nodes",
+    "ingest_entries": "nixcas.castore.ingest",
+    "ingest_path": "nixcas.castore.ingest",
+    "node_kind": "nixcas.castore.nodes",
+}
 
 __all__ = [
     "EMPTY_DIGEST",
@@ -26,3 +56,16 @@ __all__ = [
     "ingest_path",
     "node_kind",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nixcas.castore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -10,10 +10,11 @@ wire-compatible with what is deployed means following the deployed rule.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import blake3
-from google.protobuf.message import DecodeError
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import (
@@ -24,13 +25,10 @@ from nixcas.castore.nodes import (
     SymlinkNode,
     validate_name,
 )
-from nixcas.castore.proto import (
-    directory_entry_from_proto,
-    file_entry_from_proto,
-    pb,
-    symlink_entry_from_proto,
-)
 from nixcas.errors import DirectoryError
+
+if TYPE_CHECKING:  # protobuf is loaded by the first encode or decode, not by `import`
+    from nixcas.castore.proto import pb
 
 __all__ = ["Directory"]
 
@@ -113,6 +111,8 @@ class Directory:
 
     def to_proto(self) -> pb.Directory:
         """The ``Directory`` message, each list sorted by name."""
+        from nixcas.castore.proto import pb
+
         msg = pb.Directory()
         for name, node in self._entries:
             if isinstance(node, DirectoryNode):
@@ -145,6 +145,8 @@ class Directory:
         Per list, names must be strictly increasing; every entry must be valid;
         names must be unique across the three lists; the size must fit 64 bits.
         """
+        from nixcas.castore.proto import directory_entry_from_proto, file_entry_from_proto, symlink_entry_from_proto
+
         entries: list[tuple[bytes, Node]] = []
         for kind, items, convert in (
             ("directories", msg.directories, directory_entry_from_proto),
@@ -170,7 +172,28 @@ class Directory:
         ``digest``: the caller has checked that it is the BLAKE3 of ``data``
         (a stored value read back), so ``data`` is the encoding that digest
         names and need not be computed again.
+
+        Until protobuf is loaded, canonical bytes (every stored Directory) are
+        read by :func:`~nixcas.castore.canonical.decode_canonical`, so a command
+        that only lists directories never loads it; other bytes, and all bytes
+        once protobuf is loaded (its decoder is faster per entry), go through
+        protobuf.  Both give the same Directory.
         """
+        if "google.protobuf.message" not in sys.modules:
+            from nixcas.castore.canonical import decode_canonical
+
+            raw = bytes(data)  # names and digests are sliced out of it: bytes, never a view
+            entries = decode_canonical(raw)
+            if entries is not None:
+                directory = cls(entries, _names_checked=True)
+                directory._encoded = raw  # accepted bytes are their own canonical encoding
+                if digest is not None:
+                    directory._digest = digest
+                return directory
+        from google.protobuf.message import DecodeError
+
+        from nixcas.castore.proto import pb
+
         msg = pb.Directory()
         try:
             msg.ParseFromString(data)

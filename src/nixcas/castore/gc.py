@@ -37,7 +37,6 @@ from typing import Protocol, runtime_checkable
 
 import blake3
 
-from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
@@ -335,6 +334,8 @@ MARK_BATCH = 2000
 
 def _children(digest: B3Digest, raw: bytes) -> tuple[list[B3Digest], list[B3Digest]]:
     """The sub-directory and file blob digests of a stored Directory, after checking its hash."""
+    from nixcas._proto.tvix.castore.protos import castore_pb2 as pb  # loaded when GC runs, not by `import`
+
     got = blake3.blake3(raw).digest()
     if got != digest:
         raise ChecksumMismatch(f"directory {digest.hex()} (run nixcas fsck)", digest.hex(), got.hex())

@@ -28,18 +28,11 @@ import asyncio
 import contextlib
 import datetime
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
-
-import obstore
-import obstore.exceptions as obe
-from obstore.store import LocalStore, MemoryStore
-from obstore.store import from_url as _from_url
 
 from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.digest import B3Digest
@@ -193,9 +186,16 @@ def _is_unreachable(text: str) -> bool:
 
 
 class ObjectStore:
-    """One obstore store with a request window, request counters and nixcas errors."""
+    """One obstore store with a request window, request counters and nixcas errors.
+
+    obstore (and its Rust runtime) is imported by the methods, so a store on the
+    local disk, which never makes one of these, does not load it.
+    """
 
     def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
+        import obstore.exceptions as obe
+        from obstore.store import LocalStore, MemoryStore
+
         options = dict(options or {})
         where = repr(shown(url))
         check_client_options(url, options, where)
@@ -255,6 +255,8 @@ class ObjectStore:
     # -- errors ------------------------------------------------------------------------
 
     def _error(self, e: BaseException, what: str) -> StorageError:
+        import obstore.exceptions as obe
+
         text = self._describe(e)
         full = str(e)
         where = f"{self.where}: {what}"
@@ -273,6 +275,8 @@ class ObjectStore:
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
+        import obstore.exceptions as obe
+
         try:
             yield
         except FileNotFoundError:
@@ -289,6 +293,8 @@ class ObjectStore:
 
         ``windowed``: take a place in the window for the request (``False``: the caller holds one).
         """
+        import obstore
+
         async with self._window if windowed else contextlib.nullcontext():
             self.requests["GET"] += 1
             with self._errors(f"GET {key}"):
@@ -335,6 +341,8 @@ class ObjectStore:
             yield bytes(block)
 
     async def head(self, key: str) -> ObjectMeta | None:
+        import obstore
+
         async with self._window:
             self.requests["HEAD"] += 1
             with self._errors(f"HEAD {key}"):
@@ -346,6 +354,8 @@ class ObjectStore:
 
     async def put(self, key: str, data: bytes) -> None:
         """Write ``data`` at ``key`` in one request (a reader sees the old object or the whole new one)."""
+        import obstore
+
         async with self._window:
             self.requests["PUT"] += 1
             with self._errors(f"PUT {key}"):
@@ -353,6 +363,8 @@ class ObjectStore:
 
     async def delete(self, key: str) -> None:
         """Delete ``key`` (absent already: done)."""
+        import obstore
+
         async with self._window:
             self.requests["DELETE"] += 1
             with self._errors(f"DELETE {key}"), contextlib.suppress(FileNotFoundError):
@@ -363,6 +375,8 @@ class ObjectStore:
 
         With ``after``, only keys sorting after it (S3's ``start-after``), in key order.
         """
+        import obstore
+
         stream = obstore.list(self._store, prefix=prefix, offset=after, chunk_size=page)
         while True:
             async with self._window:
@@ -384,7 +398,9 @@ class ObjectStore:
 
 def _open(url: str, config: dict[str, str], client: Any, retry: Any) -> Any:
     """obstore's ``from_url`` (its overloads are per store kind; the options here are checked by obstore)."""
-    opener: Any = _from_url
+    from obstore.store import from_url
+
+    opener: Any = from_url
     return opener(url, config=config or None, client_options=client, retry_config=retry)
 
 
@@ -399,6 +415,11 @@ def create_bucket_sync(store: ObjectStore | str) -> None:
     obstore has no bucket API; a bucket is created by ``PUT /<bucket>/`` signed
     with the store's own credentials (a pre-signed URL for the empty key).
     """
+    import urllib.error
+    import urllib.request
+
+    import obstore
+
     if isinstance(store, str):
         store = ObjectStore(*parse_objectstore_url(urlsplit(store)))
     signed = obstore.sign(store._store, "PUT", "", datetime.timedelta(minutes=5))

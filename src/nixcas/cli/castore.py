@@ -5,23 +5,24 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
-from rich.console import Console
-from rich.progress import DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
-from nixcas.api import Store
-from nixcas.castore.blob.base import BlobService
-from nixcas.castore.digest import B3Digest
-from nixcas.castore.fs.roots import DirectoryRootNodes, RootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.castore.pins import validate_pin_name
 from nixcas.cli.common import Settings, parse_digest, run, show_bytes
+from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
+
+if TYPE_CHECKING:  # each command imports what it uses: `castore ls` and `cat` stay light
+    from nixcas.api import Store
+    from nixcas.castore.blob.base import BlobService
+    from nixcas.castore.digest import B3Digest
+    from nixcas.castore.fs.roots import RootNodes
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
 
@@ -52,7 +53,51 @@ async def pin_node(store: Store, name: str, node: Node) -> None:
     await store.pins.pin(name, node.digest)
 
 
-@click.group()
+PIN_COMMANDS = {
+    "pin": LazyCommand(
+        "nixcas.cli.gc", "pin", "Keep DIGEST (a directory with its closure, or a blob) through GC, under NAME."
+    ),
+    "unpin": LazyCommand(
+        "nixcas.cli.gc",
+        "unpin",
+        "Remove the pin NAME (its objects are freed by the next gc unless reachable otherwise).",
+    ),
+    "pins": LazyCommand("nixcas.cli.gc", "pins", "List the pins: NAME DIGEST CREATED."),
+}
+"""The pin commands live with GC; imported only when one runs."""
+
+
+@contextmanager
+def byte_progress(what: str) -> Iterator[Callable[[int], None] | None]:
+    """A bytes-ingested display on stderr when it is a terminal (rich is loaded only then), else nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("ingesting {task.description}"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(what, total=None)
+        yield lambda n: progress.advance(task, n)
+
+
+@click.group(cls=LazyGroup, lazy=PIN_COMMANDS)
 def castore() -> None:
     """Content-addressed blobs and directories (no Nix involved)."""
 
@@ -72,6 +117,8 @@ def castore() -> None:
 @click.pass_obj
 def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: str | None) -> None:
     """Import a file, symlink, directory tree or tarball; print its root node."""
+    from nixcas.castore.pins import validate_pin_name
+
     if pin_name is not None:
         try:
             validate_pin_name(pin_name)
@@ -82,23 +129,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
     as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
 
     async def go() -> Node:
-        show = sys.stderr.isatty()
-        progress = Progress(
-            SpinnerColumn(),
-            TextColumn("ingesting {task.description}"),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        with progress if show else nullcontext():
-            task = progress.add_task(str(path), total=None) if show else None
-
-            def advance(n: int) -> None:
-                if task is not None:
-                    progress.advance(task, n)
-
+        with byte_progress(str(path)) as advance:
             async with settings.open_store_to_write(with_pins=pin_name is not None) as store:
                 if as_tar:
                     node = await store.ingest_archive(path, progress=advance)
@@ -204,6 +235,8 @@ def mount(
     root = parse_digest(digest)
 
     async def roots(store: Store) -> RootNodes:
+        from nixcas.castore.fs.roots import DirectoryRootNodes
+
         return DirectoryRootNodes(await store.get_directory(root))
 
     serve_mount(settings, mountpoint, roots, list_root=list_root, allow_other=allow_other, show_xattr=show_xattr)

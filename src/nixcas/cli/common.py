@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import logging
 import os
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from nixcas.api import Store, default_store_dir
-from nixcas.castore.digest import B3Digest
-from nixcas.castore.gc import SweepableBlobs, SweepableDirectories, WriteLeases
 from nixcas.errors import ConfigurationError, NixcasError
+
+if TYPE_CHECKING:  # every command imports this module: what it needs is loaded when it is used
+    import asyncio
+
+    from nixcas.api import Store
+    from nixcas.castore.digest import B3Digest
+    from nixcas.store.pathinfo.base import PathInfoService
 
 T = TypeVar("T")
 
@@ -31,6 +30,8 @@ LEASES_DIR = "leases"
 """Under the store directory: the write leases GC respects (see nixcas.castore.gc.WriteLeases)."""
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
+STANDALONE_PATHINFO_TAGS = frozenset({"sqlite", "postgresql", "postgres", "grpc", "memory"})
+"""Path info backends that use no other service: :meth:`Settings.open_pathinfos` opens them alone."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Settings:
     pin_service_addr: str | None = None
 
     async def open_store(self, *, with_pathinfo: bool = False, with_pins: bool = False) -> Store:
+        from nixcas.api import Store
+
         return await Store.open(
             self.store_dir,
             blob_service_url=self.blob_service_addr,
@@ -56,12 +59,38 @@ class Settings:
             with_pins=with_pins,
         )
 
+    @asynccontextmanager
+    async def open_pathinfos(self) -> AsyncIterator[PathInfoService]:
+        """The path info service, for commands that only read PathInfos (``path-info``).
+
+        Without a composition file, a backend that uses no other service
+        (:data:`STANDALONE_PATHINFO_TAGS`; the embedded store's SQLite among them)
+        is opened alone, so the blob and directory backends are not even
+        loaded; otherwise the whole store is opened, as :meth:`open_store` does.
+        """
+        from nixcas.api import service_urls
+
+        url = self.pathinfo_service_addr or service_urls(self.store_dir)[2]
+        if self.composition is None and url.partition(":")[0].partition("+")[0] in STANDALONE_PATHINFO_TAGS:
+            from nixcas.registry import pathinfo_service_from_url
+
+            async with await pathinfo_service_from_url(url) as service:
+                yield service
+            return
+        async with await self.open_store(with_pathinfo=True) as store:
+            assert store.pathinfos is not None
+            yield store.pathinfos
+
     def store_root(self) -> Path:
         """The embedded store directory (pins, write leases; blobs and databases unless overridden)."""
+        from nixcas.api import default_store_dir
+
         return (Path(self.store_dir) if self.store_dir else default_store_dir()).expanduser().absolute()
 
     def write_lease(self) -> AbstractContextManager[None]:
         """Held by commands that write: GC keeps everything written since it was taken."""
+        from nixcas.castore.gc import WriteLeases
+
         return WriteLeases(self.store_root() / LEASES_DIR).hold()
 
     @asynccontextmanager
@@ -69,6 +98,8 @@ class Settings:
         self, *, with_pathinfo: bool = False, with_pins: bool = False
     ) -> AsyncIterator[Store]:
         """:meth:`open_store`, under a write lease (until closed) when GC can act on its services."""
+        from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
+
         async with await self.open_store(with_pathinfo=with_pathinfo, with_pins=with_pins) as store:
             if isinstance(store.blobs, SweepableBlobs) or isinstance(store.directories, SweepableDirectories):
                 with self.write_lease():
@@ -154,10 +185,9 @@ def tune_malloc() -> bool:
     256 MiB trim threshold keep those buffers reused, at the cost of holding up
     to 256 MiB of freed heap.  ``GLIBC_TUNABLES``, if set, still wins.
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name)
+    import ctypes
+
+    libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (no ldconfig run)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False  # not glibc
     m_trim_threshold, m_mmap_threshold = -1, -3
@@ -166,6 +196,9 @@ def tune_malloc() -> bool:
 
 def stop_on_signals() -> asyncio.Event:
     """An event that SIGINT and SIGTERM set (handlers installed now, in the running loop): a server's end."""
+    import asyncio
+    import signal
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,7 +220,9 @@ def exit_process(code: object) -> NoReturn:
     status = code if isinstance(code, int) else EXIT_FAILURE
     if not isinstance(code, int):
         click.echo(str(code), err=True)
-    logging.shutdown()
+    logging = sys.modules.get("logging")  # flushed only if some command loaded it
+    if logging is not None:
+        logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
@@ -202,6 +237,8 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 
 def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; turn every expected failure into one line on stderr and an exit code."""
+    import asyncio
+
     try:
         return asyncio.run(coro_fn())
     except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly
@@ -220,6 +257,8 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def parse_digest(text: str) -> B3Digest:
     """A digest argument (hex, ``b3:…`` or ``blake3-…``), or a usage error."""
+    from nixcas.castore.digest import B3Digest
+
     try:
         return B3Digest.parse(text)
     except NixcasError as e:

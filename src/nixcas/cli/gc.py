@@ -8,10 +8,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from nixcas.api import Store
 from nixcas.castore.fsck import Problem
@@ -22,6 +21,9 @@ from nixcas.cli.store import parse_store_path
 from nixcas.errors import ConfigurationError, NixcasError, NotFoundError
 from nixcas.store.fsck import FsckReport, RepairSource, fsck
 from nixcas.store.gc import collect_garbage, delete_paths
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 __all__ = ["delete", "fsck_command", "gc", "pin", "pins", "unpin"]
 
@@ -61,6 +63,9 @@ def progress_display() -> Iterator[_Bar | _Quiet]:
     if not sys.stderr.isatty():
         yield _Quiet()
         return
+    from rich.console import Console  # loaded only for a terminal
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description:<12}"),

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from nixcas.api import Store
-from nixcas.castore.fs.roots import RootNodes
 from nixcas.cli.common import Settings, fail, run, service_options
+
+if TYPE_CHECKING:  # `nixcas castore` shares mount_options: keep this module light
+    from nixcas.api import Store
+    from nixcas.castore.fs.roots import RootNodes
 
 
 def mount_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -60,6 +61,8 @@ def serve_mount(
     except ImportError as e:
         fail(f"FUSE support needs pyfuse3 (pip install 'nixcas[fuse]'; it builds against libfuse3-dev): {e}")
     check_mountpoint(mountpoint)
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="nixcas mount: %(levelname)s: %(message)s")
     where = mountpoint.absolute()
 

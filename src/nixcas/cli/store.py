@@ -9,31 +9,28 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from nixcas.api import Store
 from nixcas.cli.common import Settings, run
 from nixcas.errors import NotFoundError, PathInfoError, StorePathError
-from nixcas.store.importer import (
-    Services,
-    copy_path,
-    import_path,
-    parse_path_infos,
-    path_to_name,
-    references_first,
-)
-from nixcas.store.nar.render import render_nar
-from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import STORE_DIR, StorePath
+
+if TYPE_CHECKING:  # each command imports what it uses: `path-info` stays light
+    from rich.progress import Progress
+
+    from nixcas.api import Store
+    from nixcas.store.importer import Services
+    from nixcas.store.pathinfo.base import PathInfoService
+    from nixcas.store.pathinfo.model import PathInfo
 
 IMPORT_PARALLEL = 4
 
 
 def services(store: Store) -> Services:
+    from nixcas.store.importer import Services
+
     assert store.pathinfos is not None
     return Services(store.blobs, store.directories, store.pathinfos, store.nar_calculation())
 
@@ -45,10 +42,10 @@ def parse_store_path(text: str) -> StorePath:
         raise click.BadParameter(str(e)) from None
 
 
-async def lookup(store: Store, path: StorePath) -> PathInfo:
+async def lookup(pathinfos: PathInfoService | None, path: StorePath) -> PathInfo:
     """The PathInfo of ``path``; the name must match too (tvix compares only the hash)."""
-    assert store.pathinfos is not None
-    info = await store.pathinfos.get(path.digest)
+    assert pathinfos is not None
+    info = await pathinfos.get(path.digest)
     if info is None or info.store_path != path:
         raise NotFoundError(f"{path}: not in the store")
     return info
@@ -60,6 +57,9 @@ def progress_bar(what: str, total: int | None) -> Iterator[Progress | None]:
     if not sys.stderr.isatty():
         yield None
         return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     bar = Progress(
         TextColumn(what),
         BarColumn(),
@@ -78,6 +78,8 @@ def progress_bar(what: str, total: int | None) -> Iterator[Progress | None]:
 @click.pass_obj
 def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
     """Import files, symlinks or trees as store paths, as `nix-store --add` does; print each store path."""
+    from nixcas.store.importer import import_path, path_to_name
+
     for path in paths:
         if not os.path.lexists(path):
             raise click.BadParameter(f"{path}: no such file or directory", param_hint="PATHS")
@@ -112,6 +114,8 @@ def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
 @click.pass_obj
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
+    from nixcas.store.nar.render import render_nar
+
     path = parse_store_path(store_path)
     if sys.stdout.isatty():
         raise click.UsageError("refusing to write a NAR to a terminal; redirect standard output")
@@ -119,7 +123,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
     async def go() -> None:
         out = sys.stdout.buffer
         async with await settings.open_store(with_pathinfo=True) as store:
-            info = await lookup(store, path)
+            info = await lookup(store.pathinfos, path)
             async for piece in render_nar(info.node, store.blobs, store.directories):
                 out.write(piece)
         out.flush()
@@ -136,8 +140,8 @@ def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
     path = parse_store_path(store_path)
 
     async def go() -> PathInfo:
-        async with await settings.open_store(with_pathinfo=True) as store:
-            return await lookup(store, path)
+        async with settings.open_pathinfos() as pathinfos:
+            return await lookup(pathinfos, path)
 
     info = run(go)
     data = info.to_json()
@@ -175,6 +179,8 @@ def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
     or a JSON object with a "closure" list (exportReferencesGraph). Paths already present are
     skipped; the rest are ingested and their NAR hash and size checked against Nix's record.
     """
+    from nixcas.store.importer import copy_path, parse_path_infos, references_first
+
     name = getattr(source, "name", "-")
     try:
         infos = references_first(parse_path_infos(json.load(source), name))

@@ -18,13 +18,16 @@ the I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import zstandard
-from pyfastcdc import FastCDC
 
 from nixcas.castore.blob.base import ChunkMeta, check_chunk
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ConfigurationError, StorageError
+
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
 
 __all__ = [
     "AVG_CHUNK_SIZE",
@@ -68,6 +71,8 @@ def check_avg_chunk_size(avg: int, where: str) -> None:
 
 
 def _fastcdc(avg: int) -> FastCDC:
+    from pyfastcdc import FastCDC  # loaded by the first write: readers never cut
+
     return FastCDC(avg, min_size=avg // 2, max_size=avg * 2, normalized_chunking=1, seed=0)
 
 

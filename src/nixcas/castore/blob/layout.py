@@ -13,9 +13,6 @@ Under a base path:
 
 from __future__ import annotations
 
-from google.protobuf.message import DecodeError
-
-from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as pb
 from nixcas.castore.blob.base import ChunkMeta
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.errors import StorageError
@@ -72,12 +69,18 @@ def encode_index(chunks: list[ChunkMeta]) -> bytes:
     """Serialize a chunk list as a ``StatBlobResponse`` (empty for < 2 chunks)."""
     if len(chunks) < 2:
         return b""
+    from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as pb  # loaded by the first chunked blob
+
     msg = pb.StatBlobResponse(chunks=[pb.StatBlobResponse.ChunkMeta(digest=c.digest, size=c.size) for c in chunks])
     return msg.SerializeToString(deterministic=True)
 
 
 def decode_index(digest: B3Digest, data: bytes) -> list[ChunkMeta]:
     """Parse a blob index; a malformed one is a storage error."""
+    from google.protobuf.message import DecodeError
+
+    from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as pb  # loaded by the first chunked blob
+
     msg = pb.StatBlobResponse()
     try:
         msg.ParseFromString(data)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
+import functools
 import io
 import itertools
 import os
@@ -92,13 +92,17 @@ class _Slow:
 _SLOW = _Slow()
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    import ctypes.util  # runs ldconfig: only writers need libc, so readers do not pay for it
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 def _syncfs(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        if getattr(_libc, "syncfs", None) is None or _libc.syncfs(fd) != 0:
+        if getattr(_libc(), "syncfs", None) is None or _libc().syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)

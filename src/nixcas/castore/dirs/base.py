@@ -14,10 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar
 
 import blake3
-from google.protobuf.message import DecodeError
 
 from nixcas._aio import AbortOnError, Closing
-from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.graph import LeavesToRootValidator
@@ -42,6 +40,10 @@ def _verified(digest: B3Digest, raw: bytes) -> Directory:
 
 def _child_digests(digest: B3Digest, raw: bytes) -> list[B3Digest]:
     """The sub-directory digests in a stored Directory (hash already checked)."""
+    from google.protobuf.message import DecodeError
+
+    from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
+
     try:
         return [B3Digest(entry.digest) for entry in pb.Directory.FromString(raw).directories]
     except (DecodeError, ValueError) as e:

@@ -7,28 +7,60 @@
   compute (and cache) NAR size and SHA-256 per node;
 * :func:`parse_nar` is a strict streaming parser; :func:`ingest_nar` imports
   a NAR into castore atomically.
+
+The names are loaded on first use (module ``__getattr__``): importing one
+submodule (say :mod:`nixcas.store.nar.hashing`) does not load the others.
 """
 
 from __future__ import annotations
 
-from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
-from nixcas.store.nar.ingest import ingest_nar, ingest_nar_bytes
-from nixcas.store.nar.parser import (
-    AsyncByteSource,
-    BytesSource,
-    IterableSource,
-    NarDirectory,
-    NarDirectoryEnd,
-    NarEvent,
-    NarFile,
-    NarFileChunk,
-    NarSymlink,
-    as_source,
-    parse_nar,
-)
-from nixcas.store.nar.plan import BlobSizeMismatch, NarContentNotFound
-from nixcas.store.nar.render import nar_size, nar_size_sha256, render_nar, write_nar
-from nixcas.store.nar.seekable import SeekableNar
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
+    from nixcas.store.nar.ingest import ingest_nar, ingest_nar_bytes
+    from nixcas.store.nar.parser import (
+        AsyncByteSource,
+        BytesSource,
+        IterableSource,
+        NarDirectory,
+        NarDirectoryEnd,
+        NarEvent,
+        NarFile,
+        NarFileChunk,
+        NarSymlink,
+        as_source,
+        parse_nar,
+    )
+    from nixcas.store.nar.plan import BlobSizeMismatch, NarContentNotFound
+    from nixcas.store.nar.render import nar_size, nar_size_sha256, render_nar, write_nar
+    from nixcas.store.nar.seekable import SeekableNar
+
+_EXPORTS = {
+    "AsyncByteSource": "parser",
+    "BlobSizeMismatch": "plan",
+    "BytesSource": "parser",
+    "IterableSource": "parser",
+    "NarCalculationService": "hashing",
+    "NarContentNotFound": "plan",
+    "NarDirectory": "parser",
+    "NarDirectoryEnd": "parser",
+    "NarEvent": "parser",
+    "NarFile": "parser",
+    "NarFileChunk": "parser",
+    "NarSymlink": "parser",
+    "SeekableNar": "seekable",
+    "SimpleNarCalculationService": "hashing",
+    "as_source": "parser",
+    "ingest_nar": "ingest",
+    "ingest_nar_bytes": "ingest",
+    "nar_size": "render",
+    "nar_size_sha256": "render",
+    "parse_nar": "parser",
+    "render_nar": "render",
+    "write_nar": "render",
+}
 
 __all__ = [
     "AsyncByteSource",
@@ -54,3 +86,16 @@ __all__ = [
     "render_nar",
     "write_nar",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nixcas.store.nar' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"nixcas.store.nar.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from nixcas._aio import Closing
 from nixcas.errors import PathInfoError, StorageError, ValidationError
 from nixcas.store import nixbase32
-from nixcas.store.nar.hashing import NarCalculationService
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import DIGEST_SIZE
+
+if TYPE_CHECKING:  # NAR rendering is loaded only by what computes NARs
+    from nixcas.store.nar.hashing import NarCalculationService
 
 __all__ = ["PathInfoService", "PathInfoServiceWrapper", "check_digest"]
 

@@ -1,0 +1,125 @@
+"""Canonical ``Directory`` bytes read without protobuf: what a command listing one directory needs.
+
+A stored Directory is the deterministic protobuf encoding of a valid
+Directory (that is what its digest is computed over).  Reading such bytes
+needs no general protobuf decoder, and loading one (google.protobuf and the
+generated module) costs more than a ``castore ls`` does otherwise.
+
+:func:`decode_canonical` accepts exactly the bytes :meth:`Directory.encode`
+produces for a valid Directory: the three lists in field order, each sorted
+by name with no repeats; each entry's fields in field-number order, each at
+most once, zero values left out; every varint in its shortest form; no
+unknown fields; every name, digest, size and target valid.  For anything
+else it returns ``None`` and the caller decodes with protobuf, which gives
+the same result or the precise error.  So accepted bytes are their own
+canonical encoding (re-encoding them gives them back).
+"""
+
+from __future__ import annotations
+
+from nixcas.castore.digest import DIGEST_LEN, B3Digest
+from nixcas.castore.nodes import U64_MAX, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
+from nixcas.errors import ValidationError
+
+__all__ = ["decode_canonical"]
+
+# Wire tags (field number << 3 | wire type) of castore.proto's messages.
+_LIST_TAGS = {0x0A: 0, 0x12: 1, 0x1A: 2}
+"""Directory: directories = 1, files = 2, symlinks = 3 (length-delimited)."""
+_NAME, _DIGEST_OR_TARGET, _SIZE, _EXECUTABLE = 0x0A, 0x12, 0x18, 0x20
+"""name = 1 and digest (or target) = 2 (length-delimited); size = 3 and executable = 4 (varint)."""
+
+
+def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """The shortest-form varint at ``pos`` and the position after it; ``(-1, pos)`` if there is none."""
+    result = shift = 0
+    while pos < end and shift < 64:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if byte == 0 and shift:  # a longer form than needed: not canonical
+                return -1, pos
+            return (result, pos) if result <= U64_MAX else (-1, pos)
+        shift += 7
+    return -1, pos
+
+
+def decode_canonical(data: bytes) -> list[tuple[bytes, Node]] | None:
+    """The entries of canonical Directory bytes (directories, files, symlinks); ``None`` if not canonical."""
+    entries: list[tuple[bytes, Node]] = []
+    append = entries.append
+    end = len(data)
+    pos = 0
+    kind = 0
+    previous = b""
+    try:
+        while pos < end:
+            list_kind = _LIST_TAGS.get(data[pos], -1)
+            if list_kind != kind:
+                if list_kind < kind:  # unknown field, or the lists out of order
+                    return None
+                kind, previous = list_kind, b""
+            length = data[pos + 1] if pos + 1 < end else 0x80
+            if length < 0x80:
+                pos += 2
+            else:
+                length, pos = _varint(data, pos + 1, end)
+                if length < 0:
+                    return None
+            stop = pos + length
+            if stop > end:
+                return None
+            # name = 1 comes first, never empty
+            if pos + 2 > stop or data[pos] != _NAME or not 0 < data[pos + 1] < 0x80:
+                return None
+            n = data[pos + 1]  # a name of 128 bytes or more (a two-byte length) takes protobuf's path
+            name = data[pos + 2 : pos + 2 + n]
+            pos += 2 + n
+            if name <= previous or pos > stop:  # sorted, no repeats
+                return None
+            previous = name
+            # digest (or target) = 2, never empty
+            if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
+                return None
+            n = data[pos + 1]
+            if n >= 0x80:
+                n, pos = _varint(data, pos + 1, stop)
+                if n < 0:
+                    return None
+            else:
+                pos += 2
+            value = data[pos : pos + n]
+            pos += n
+            if not value or pos > stop:
+                return None
+            if kind == 2:
+                if pos != stop:
+                    return None
+                append((validate_name(name), SymlinkNode(value)))
+                continue
+            if len(value) != DIGEST_LEN:
+                return None
+            size = 0
+            executable = False
+            if pos < stop and data[pos] == _SIZE:
+                size, pos = _varint(data, pos + 1, stop)
+                if size <= 0:  # zero is left out, not written
+                    return None
+            if kind == 1 and pos < stop and data[pos] == _EXECUTABLE:
+                if pos + 2 > stop or data[pos + 1] != 1:
+                    return None
+                executable = True
+                pos += 2
+            if pos != stop:
+                return None
+            validate_name(name)
+            append(
+                (
+                    name,
+                    DirectoryNode(B3Digest(value), size) if kind == 0 else FileNode(B3Digest(value), size, executable),
+                )
+            )
+    except ValidationError:  # an invalid name or target: protobuf's path reports it
+        return None
+    return entries
