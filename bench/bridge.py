@@ -170,12 +170,12 @@ class Servers:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start_bridge(self) -> str:
+    def start_bridge(self, extra: list[str] | None = None) -> str:
         port = free_port()
         log = open(self.workdir / "bridge.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
             [*NIXCAS, "--store-dir", str(self.workdir / "nixcas"), "nar-bridge", "-l", f"127.0.0.1:{port}",
-             "--allow-writes"],
+             "--allow-writes", *(extra or [])],
             stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         self.procs.append(proc)
