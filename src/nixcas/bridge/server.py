@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -12,7 +13,7 @@ from nixcas.bridge.app import NarBridge
 from nixcas.errors import ConfigurationError
 from nixcas.server import _clear_stale_socket, parse_listen_address
 
-__all__ = ["RunningBridge", "start_bridge"]
+__all__ = ["RunningBridge", "serve_on_socket", "start_bridge"]
 
 
 @dataclass
@@ -60,3 +61,17 @@ async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float 
     host = listen.rpartition(":")[0]
     port = runner.addresses[0][1]
     return RunningBridge(runner, f"http://{host}:{port}")
+
+
+async def serve_on_socket(
+    sock: socket.socket, url: str, bridge: NarBridge, *, shutdown_grace: float = 10.0
+) -> RunningBridge:
+    """Serve ``bridge`` on an already listening socket (a worker's; the parent reported ``url`` and owns its path)."""
+    runner = web.AppRunner(bridge.application(), access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningBridge(runner, url)
