@@ -41,23 +41,48 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _serving_pid(server_port: int, client_port: int, pids: list[int]) -> int:
-    """Which of ``pids`` holds the server side of the loopback connection from ``client_port``."""
-    inode = None
+def _socket_inode(server_port: int, client_port: int) -> str | None:
+    """The inode of the server side of the established loopback connection from ``client_port``."""
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote = fields[1], fields[2]
-        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
-            inode = fields[9]
-    assert inode is not None, "the connection is not in /proc/net/tcp"
-    for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
-                    return pid
-            except OSError:
-                continue
-    raise AssertionError(f"no worker holds socket {inode}")
+        if (
+            fields[3] == "01"  # ESTABLISHED
+            and int(local.split(":")[1], 16) == server_port
+            and int(remote.split(":")[1], 16) == client_port
+        ):
+            return fields[9]
+    return None
+
+
+def _connect(port: int, pids: list[int]) -> tuple[http.client.HTTPConnection, int]:
+    """A new connection, and which of ``pids`` accepted it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    assert conn.sock is not None
+    client_port = conn.sock.getsockname()[1]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the accepting worker may not have called accept() yet
+        inode = _socket_inode(port, client_port)
+        for pid in pids:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    if inode is not None and os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return conn, pid
+                except OSError:
+                    continue
+        time.sleep(0.01)
+    conn.close()
+    raise AssertionError("no worker accepted the connection")
+
+
+def _request(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    try:
+        conn.request(method, path, body=body)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 def test_workers_share_the_port_and_the_store_and_stop_cleanly(tmp_path: Path) -> None:
@@ -68,36 +93,24 @@ def test_workers_share_the_port_and_the_store_and_stop_cleanly(tmp_path: Path) -
         workers = _children(bridge.pid)
         assert len(workers) == 2, workers
 
-        def on_which(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes, int]:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            try:
-                conn.request(method, path, body=body)
-                response = conn.getresponse()
-                data = response.read()
-                assert conn.sock is not None
-                return response.status, data, _serving_pid(port, conn.sock.getsockname()[1], workers)
-            finally:
-                conn.close()
-
-        status, _, writer = on_which("PUT", f"/nar/{sample.nb32}.nar", sample.nar)
-        assert status == 200
+        conn, writer = _connect(port, workers)
+        assert _request(conn, "PUT", f"/nar/{sample.nb32}.nar", sample.nar)[0] == 200
         # the narinfo goes to the other worker: its NAR index lookup must see the first one's upload
         for _ in range(200):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            conn.connect()
-            assert conn.sock is not None
-            if _serving_pid(port, conn.sock.getsockname()[1], workers) != writer:
-                conn.request("PUT", f"/{sample.store_path.hash_part}.narinfo", body=sample.narinfo().encode())
-                response = conn.getresponse()
-                assert response.status == 200, response.read()
-                conn.close()
+            conn, pid = _connect(port, workers)
+            if pid != writer:
+                status, body = _request(
+                    conn, "PUT", f"/{sample.store_path.hash_part}.narinfo", sample.narinfo().encode()
+                )
+                assert status == 200, body
                 break
             conn.close()
         else:
             pytest.fail("every connection went to the same worker")
         served_by = set()
         for _ in range(200):  # both workers answer the narinfo
-            status, body, pid = on_which("GET", f"/{sample.store_path.hash_part}.narinfo")
+            conn, pid = _connect(port, workers)
+            status, body = _request(conn, "GET", f"/{sample.store_path.hash_part}.narinfo")
             assert status == 200 and f"NarHash: sha256:{sample.nb32}" in body.decode()
             served_by.add(pid)
             if len(served_by) == 2:
