@@ -22,7 +22,7 @@ from nixcas.store.narindex import NarIndex
 from nixcas.store.narinfo import NarInfo
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.store.signing import SigningKey
-from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon
+from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon, short_tmpdir
 from nixcas.testing.samples import Sample, make_sample
 
 # -- worker processes -----------------------------------------------------------------------
@@ -279,3 +279,31 @@ async def test_concurrent_uploads_share_barriers_and_are_acknowledged_only_after
         written = blobs.written[f"file {i}\n".encode()]
         covering = [(s, e) for s, e in blobs.syncs if s >= written and e <= ack]
         assert covering, f"upload {i} was acknowledged before a barrier that started after its blob was written"
+
+
+def test_workers_on_a_unix_socket_and_a_store_that_cannot_open(tmp_path: Path) -> None:
+    with short_tmpdir() as d:
+        path = d / "bridge.sock"
+        args = ("-l", str(path), "--workers", "2")
+        with running_daemon(*args, store=tmp_path / "s", log=tmp_path / "log", command="nar-bridge") as bridge:
+            assert bridge.url == f"unix://{path}"
+            assert len(_children(bridge.pid)) == 2
+            for _ in range(4):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(path))
+                    s.sendall(b"GET /nix-cache-info HTTP/1.0\r\n\r\n")
+                    reply = b""
+                    while data := s.recv(4096):
+                        reply += data
+                assert b"WantMassQuery: 1" in reply
+            bridge.signal(signal.SIGTERM)
+            assert bridge.wait() == 0
+        assert not path.exists()
+    (tmp_path / "broken" / "pathinfo.sqlite").mkdir(parents=True)  # the database cannot open
+    result = subprocess.run(
+        nixcas_command("--store-dir", str(tmp_path / "broken"), "nar-bridge", "--workers", "2", "-l", "127.0.0.1:0"),
+        capture_output=True, env=clean_env(), timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(b"nixcas: error: ") and result.stderr.count(b"\n") == 1, result.stderr
+    assert result.stdout == b""

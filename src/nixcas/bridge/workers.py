@@ -90,18 +90,70 @@ def run_workers(count: int, listeners: Listeners, serve: Serve) -> int:
     """Fork ``count`` workers running ``serve(index, socket, ready)``; supervise them; the exit code.
 
     ``serve`` calls ``ready()`` once it accepts connections and returns the
-    worker's exit code.  The parent prints "listening on URL" once every
-    worker is ready, and returns once every worker has exited: 0 after a stop
-    by signal, 1 if a worker failed (or did not start).
+    worker's exit code.  Worker 0 starts first: if it cannot (the store does
+    not open, say), its one error line is all that is printed and its exit
+    code is returned.  The parent prints "listening on URL" once every worker
+    is ready, and returns once every worker has exited: 0 after a stop by
+    signal, 1 if a worker failed (or did not start).
     """
-    read_end, write_end = os.pipe()
     parent = os.getpid()
     pids: dict[int, int] = {}
-    for index in range(count):
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        _signal_all(pids, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        first = _fork(range(1), listeners, serve, parent, pids)
+        if not _await_ready(first, 1):
+            pid = next(iter(pids))
+            _, status = os.waitpid(pid, 0)
+            del pids[pid]
+            return os.waitstatus_to_exitcode(status) or 1
+        rest = _fork(range(1, count), listeners, serve, parent, pids)
+        listeners.close()  # the workers hold them now
+        failed = not _await_ready(rest, count - 1)
+        if failed:
+            log.error("a worker did not start: stopping the others")
+            _signal_all(pids, signal.SIGTERM)
+        elif not stopping:
+            print(f"listening on {listeners.url}", flush=True)
+        while pids:
+            pid, status = os.waitpid(-1, 0)
+            index = pids.pop(pid, -1)
+            if index < 0:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if not stopping and not failed:
+                log.error("worker %d (pid %d) exited with %d: stopping the others", index, pid, code)
+                failed = True
+                _signal_all(pids, signal.SIGTERM)
+            elif code != 0:
+                failed = True
+        return 1 if failed else 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _signal_all(pids, signal.SIGTERM)  # only if the parent itself failed: never leave workers behind
+        listeners.close()
+        if listeners.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listeners.unix_path)
+
+
+def _fork(indices: range, listeners: Listeners, serve: Serve, parent: int, pids: dict[int, int]) -> int:
+    """Fork the workers ``indices`` (recorded in ``pids``); the read end of the pipe their ``ready()`` writes to."""
+    read_end, write_end = os.pipe()
+    for index in indices:
         pid = os.fork()
         if pid == 0:  # the worker: serve, then leave without running the parent's cleanup
             code = 1
             try:
+                for sig in (signal.SIGINT, signal.SIGTERM):  # not the parent's forwarding handler
+                    signal.signal(sig, signal.SIG_DFL)
                 os.close(read_end)
                 _die_with(parent)
 
@@ -121,46 +173,18 @@ def run_workers(count: int, listeners: Listeners, serve: Serve) -> int:
                 os._exit(code)
         pids[pid] = index
     os.close(write_end)
-    listeners.close()  # the workers hold them now
+    return read_end
 
-    stopping = False
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        _signal_all(pids, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _await_ready(read_end: int, count: int) -> bool:
+    """Whether all ``count`` workers writing to ``read_end`` became ready (else one ended before)."""
+    started = 0
     try:
-        started = 0
         while started < count and (data := os.read(read_end, count)):
             started += len(data)
-        os.close(read_end)
-        failed = started < count
-        if failed:
-            log.error("only %d of %d workers started", started, count)
-            _signal_all(pids, signal.SIGTERM)
-        else:
-            print(f"listening on {listeners.url}", flush=True)
-        while pids:
-            pid, status = os.waitpid(-1, 0)
-            index = pids.pop(pid, -1)
-            if index < 0:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if not stopping and not failed:
-                log.error("worker %d (pid %d) exited with %d: stopping the others", index, pid, code)
-                failed = True
-                _signal_all(pids, signal.SIGTERM)
-            elif code != 0 and not failed:
-                failed = True
-        return 1 if failed else 0
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if listeners.unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(listeners.unix_path)
+        os.close(read_end)
+    return started == count
 
 
 def _die_with(parent: int) -> None:
