@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-s3 system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-bridge-push bench-s3 system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,12 @@ bench-bridge: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
 	@mkdir -p .bench-work
 	$(BIN)/python bench/bridge.py --workdir .bench-work --json .bench-work/bridge.json
+
+## bench-bridge-push: `nix copy --to` the bridge against `--to file://` and an nginx WebDAV (needs nix-bin, nginx-light)
+bench-bridge-push: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/bridge_push.py --workdir .bench-work --json .bench-work/bridge-push.json
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -26,7 +26,10 @@ Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
 * **NAR 8 concurrent**: eight such curls at once; MiB/s = 8 x NAR bytes / wall
   time from the first start to the last exit;
 * **narinfo/s**: ``wrk -t2 -c16 -d{seconds}s`` with a Lua script requesting the
-  small paths' narinfos in random order.
+  small paths' narinfos in random order;
+* **HTTP floor** (bridge only, for information): the same ``wrk`` on
+  ``/nix-cache-info``, a constant body the bridge answers without touching the
+  store: what its HTTP stack (aiohttp, its workers) manages by itself.
 
 Before timing, each server's NAR is downloaded once and its SHA-256 checked
 against the NarHash Nix recorded.  Both servers and the clients share the
@@ -170,12 +173,12 @@ class Servers:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start_bridge(self) -> str:
+    def start_bridge(self, extra: list[str] | None = None) -> str:
         port = free_port()
         log = open(self.workdir / "bridge.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
             [*NIXCAS, "--store-dir", str(self.workdir / "nixcas"), "nar-bridge", "-l", f"127.0.0.1:{port}",
-             "--allow-writes"],
+             "--allow-writes", *(extra or [])],
             stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         self.procs.append(proc)
@@ -237,8 +240,10 @@ def concurrent(url: str, n: int) -> tuple[float, int]:
 
 
 def wrk_rate(base: str, paths: list[str], seconds: int, workdir: Path) -> float:
+    """Requests/s of ``wrk`` GETting ``paths`` (store paths: their narinfos; else URL paths as given)."""
     script = workdir / "narinfos.lua"
-    script.write_text(WRK_SCRIPT.format(paths=", ".join(f'"/{p[11:43]}.narinfo"' for p in paths)))
+    urls = [f"/{p[11:43]}.narinfo" if p.startswith("/nix/store/") else p for p in paths]
+    script.write_text(WRK_SCRIPT.format(paths=", ".join(f'"{u}"' for u in urls)))
     out = run(["wrk", "-t2", "-c16", f"-d{seconds}s", "-s", str(script), base])
     for line in out.splitlines():
         if line.startswith("Requests/sec:"):
@@ -257,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=20261124)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
     args = parser.parse_args(argv)
     for tool in ("nix", "nix-store", "nginx", "wrk", "curl"):
         if shutil.which(tool) is None and not (tool == "nginx" and Path("/usr/sbin/nginx").exists()):
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         facts["nginx_version"] = nginx_v.stderr.decode().strip()
         print(f"generating {args.large_mib} MiB + {args.small} small paths in {workdir} ...", flush=True)
         store, large, smalls = make_paths(workdir, args.large_mib, args.small, args.seed)
-        bridge = servers.start_bridge()
+        bridge = servers.start_bridge([] if args.workers is None else ["--workers", str(args.workers)])
         cache = workdir / "file-cache"
         env = nix_env(workdir, "copy")
         t0 = time.perf_counter()
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         nar_bytes = info.nar_size
 
         results: dict[str, dict[str, list[float]]] = {n: {"single": [], "concurrent": [], "narinfo": []} for n in urls}
+        results["nar-bridge"]["floor"] = []
         for r in range(args.runs):
             for name in ("nar-bridge", "nginx") if r % 2 == 0 else ("nginx", "nar-bridge"):
                 seconds, size = curl_time(urls[name])
@@ -305,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                 results[name]["concurrent"].append(total / wall / 2**20)
                 base = bridge if name == "nar-bridge" else nginx
                 results[name]["narinfo"].append(wrk_rate(base, smalls, args.seconds, workdir))
+                if name == "nar-bridge":
+                    results[name]["floor"].append(wrk_rate(base, ["/nix-cache-info"], args.seconds, workdir))
                 print(
                     f"round {r + 1} {name:10}: single {results[name]['single'][-1]:7.0f} MiB/s, "
                     f"8x {results[name]['concurrent'][-1]:7.0f} MiB/s, narinfo {results[name]['narinfo'][-1]:8.0f}/s",
@@ -322,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         ):
             ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
             print(f"| {label} ({unit}) | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f}x |")
+        floor = summary["nar-bridge"]["floor"]["median"]
+        print(f"| bridge HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | |")
         targets = {
             "single stream >= 150 MiB/s": summary["nar-bridge"]["single"]["median"] >= 150,
             "narinfo >= 1500/s": summary["nar-bridge"]["narinfo"]["median"] >= 1500,

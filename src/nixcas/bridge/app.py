@@ -24,6 +24,7 @@ import base64
 import binascii
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
@@ -31,6 +32,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from nixcas.bridge import DEFAULT_PRIORITY
+from nixcas.bridge.groupsync import GroupSync
 from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
@@ -67,6 +69,11 @@ MAX_SLICE_LENGTH: Final = 4 << 20
 """The longest range ``GET /blob/<hex>`` serves as one bao slice (it is built in memory)."""
 MAX_SLICES_AT_ONCE: Final = 4
 """Slices built concurrently; more requests wait (so slices hold at most ~16 MiB of blob data, times a few copies)."""
+NARINFO_CACHE: Final = 8192
+"""Rendered narinfos kept per process (each a few hundred bytes, with the record it was rendered from)."""
+UPLOADS_REMEMBERED: Final = 1024
+"""NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
+_NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -124,6 +131,13 @@ class NarBridge:
         self.token = token
         self.sign_key = sign_key
         self.nar_prefix = nar_prefix
+        self.blob_sync = GroupSync(blobs.sync)
+        """Concurrent uploads share their blob durability barriers (group commit)."""
+        self._narinfos: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
+        """digest -> (the stored PathInfo message, the narinfo rendered from exactly it)."""
+        self._uploaded: OrderedDict[bytes, UploadedNar] = OrderedDict()
+        """NarHash -> the NAR index entry this process added (entries never change for a NarHash)."""
+        self._cache_info = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {priority}\n".encode()
 
     def application(self) -> web.Application:
         app = web.Application(middlewares=[self._errors])
@@ -178,8 +192,7 @@ class NarBridge:
         return web.Response(text="Hello from nar-bridge (nixcas)\n")
 
     async def cache_info(self, request: web.Request) -> web.Response:
-        body = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {self.priority}\n"
-        return web.Response(text=body, content_type="text/x-nix-cache-info")
+        return web.Response(body=self._cache_info, headers={"Content-Type": "text/x-nix-cache-info"})
 
     # -- narinfo ------------------------------------------------------------------------
 
@@ -187,17 +200,35 @@ class NarBridge:
         name = request.match_info["name"]
         digest = parse_narinfo_name(name)
         try:
-            info = await self.pathinfos.get(digest)
+            raw = await self.pathinfos.get_encoded(digest)
         except ValidationError as e:  # an upstream record that failed verification: not available here
             log.warning("GET %s: %s", name, e)
             raise _fail(web.HTTPNotFound, f"{name}: {e}") from None
-        if info is None:
+        if raw is None:
             raise _fail(web.HTTPNotFound, f"{name}: no such path")
+        return web.Response(body=self._rendered(digest, raw), headers=_NARINFO_HEADERS)
+
+    def _rendered(self, digest: bytes, raw: bytes) -> bytes:
+        """The narinfo of the stored record ``raw``: rendered once per distinct record, then reused.
+
+        The cache is keyed by the record's exact bytes, so a record that
+        changed since (a signature added, another worker's or process's
+        write) is rendered anew; a deleted one is never looked up here.
+        """
+        cached = self._narinfos.get(digest)
+        if cached is not None and cached[0] == raw:
+            self._narinfos.move_to_end(digest)
+            return cached[1]
+        info = self.pathinfos.decode_stored(digest, raw)
         if self.sign_key is not None:
             info = self.sign_key.sign_path_info(info)
         url = nar_url(info.node, info.nar_size, self.nar_prefix)
-        narinfo = NarInfo.from_path_info(info, url, file_size=info.nar_size)
-        return web.Response(text=narinfo.render(), content_type=NARINFO_TYPE)
+        body = NarInfo.from_path_info(info, url, file_size=info.nar_size).render().encode()
+        self._narinfos[digest] = (raw, body)
+        self._narinfos.move_to_end(digest)
+        if len(self._narinfos) > NARINFO_CACHE:
+            self._narinfos.popitem(last=False)
+        return body
 
     async def _read_limited(self, request: web.Request, limit: int) -> bytes:
         def too_large(size: int) -> web.HTTPException:
@@ -228,7 +259,7 @@ class NarBridge:
         narinfo = NarInfo.parse(text)
         if narinfo.store_path.digest != digest:
             raise ValidationError(f"narinfo for {narinfo.store_path} uploaded as {name}")
-        nar = await self.index.get(narinfo.nar_sha256)
+        nar = self._uploaded.get(narinfo.nar_sha256) or await self.index.get(narinfo.nar_sha256)
         if nar is None:
             raise ValidationError(
                 f"{narinfo.store_path}: unknown NarHash sha256:{nixbase32.encode(narinfo.nar_sha256)}; "
@@ -485,14 +516,20 @@ class NarBridge:
         file_sha256, compression = parse_nar_file_name(name)
         body = _Body(request)
         if compression == "none":  # the file is the NAR: ingest checks its hash before committing
-            node, size, sha256 = await ingest_nar(body, self.blobs, self.directories, expected_sha256=file_sha256)
+            node, size, sha256 = await ingest_nar(
+                body, self.blobs, self.directories, expected_sha256=file_sha256, sync=self.blob_sync.sync
+            )
         else:  # the file's hash is checked at its end, before the NAR's end lets ingest commit
             raw = FileHashing(body, expected_digest=file_sha256, what=f"uploaded file {name}")
             source = decompressing(raw, compression)
             try:
-                node, size, sha256 = await ingest_nar(source, self.blobs, self.directories)
+                node, size, sha256 = await ingest_nar(source, self.blobs, self.directories, sync=self.blob_sync.sync)
             finally:
                 source.close()
-        await self.index.add(UploadedNar(sha256, size, node), file_sha256, compression)
+        nar = UploadedNar(sha256, size, node)
+        await self.index.add(nar, file_sha256, compression)
+        self._uploaded[sha256] = nar
+        if len(self._uploaded) > UPLOADS_REMEMBERED:
+            self._uploaded.popitem(last=False)
         log.info("stored NAR %s (%d bytes)", name, size)
         return web.Response(text="")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -15,7 +16,7 @@ from nixcas.bridge.app import NarBridge
 from nixcas.errors import ConfigurationError
 from nixcas.server import _clear_stale_socket, parse_listen_address
 
-__all__ = ["BAD_REQUEST_LOG", "MAX_REASON", "RunningBridge", "start_bridge"]
+__all__ = ["BAD_REQUEST_LOG", "MAX_REASON", "RunningBridge", "serve_on_socket", "start_bridge"]
 
 MAX_REASON: Final = 200
 """Characters of a malformed request's reason that its log line shows."""
@@ -64,16 +65,21 @@ class RunningBridge:
                 os.unlink(self.unix_path)
 
 
-async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float = 10.0) -> RunningBridge:
-    """Serve ``bridge`` on ``listen`` (``host:port``, ``[v6]:port``, port 0 = any free one, or a socket path)."""
-    address = parse_listen_address(listen)
-    runner = web.AppRunner(
+def _runner(bridge: NarBridge, shutdown_grace: float) -> web.AppRunner:
+    """The aiohttp runner every listener uses: no access log, bad requests logged on one line each."""
+    return web.AppRunner(
         bridge.application(),
         access_log=None,
         handle_signals=False,
         shutdown_timeout=shutdown_grace,
         logger=BAD_REQUEST_LOG,
     )
+
+
+async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float = 10.0) -> RunningBridge:
+    """Serve ``bridge`` on ``listen`` (``host:port``, ``[v6]:port``, port 0 = any free one, or a socket path)."""
+    address = parse_listen_address(listen)
+    runner = _runner(bridge, shutdown_grace)
     await runner.setup()
     try:
         site: web.BaseSite
@@ -95,3 +101,17 @@ async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float 
     host = listen.rpartition(":")[0]
     port = runner.addresses[0][1]
     return RunningBridge(runner, f"http://{host}:{port}")
+
+
+async def serve_on_socket(
+    sock: socket.socket, url: str, bridge: NarBridge, *, shutdown_grace: float = 10.0
+) -> RunningBridge:
+    """Serve ``bridge`` on an already listening socket (a worker's; the parent reported ``url`` and owns its path)."""
+    runner = _runner(bridge, shutdown_grace)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return RunningBridge(runner, url)

@@ -15,7 +15,8 @@ COMMANDS = {
     "daemon": LazyCommand(
         "nixcas.cli.daemon",
         "daemon",
-        "Serve the blob, directory, path info and pin services over gRPC (tvix.* and snix.* names, health, reflection).",
+        "Serve the blob, directory, path info and pin services over gRPC "
+        "(tvix.* and snix.* names, health, reflection).",
     ),
     "import": LazyCommand(
         "nixcas.cli.store",

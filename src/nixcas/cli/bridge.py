@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,6 +20,8 @@ from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, s
 from nixcas.errors import ConfigurationError
 
 if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
+    import socket
+
     from nixcas.bridge.server import RunningBridge
     from nixcas.store.signing import SigningKey
 
@@ -101,11 +105,16 @@ def bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextlib.asynccontextmanager
 async def serving_bridge(
-    listen: str, store: Store, settings: Settings, options: BridgeOptions, shutdown_grace: float
+    listen: str,
+    store: Store,
+    settings: Settings,
+    options: BridgeOptions,
+    shutdown_grace: float,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[RunningBridge]:
-    """The bridge over ``store``, listening on ``listen`` until the block ends."""
+    """The bridge over ``store``, listening on ``listen`` (or on ``sock``, a worker's, serving URL ``listen``)."""
     from nixcas.bridge.app import NarBridge
-    from nixcas.bridge.server import start_bridge
+    from nixcas.bridge.server import serve_on_socket, start_bridge
     from nixcas.store.narindex import NarIndex
 
     token, key, index_path = options.load(settings)
@@ -122,7 +131,10 @@ async def serving_bridge(
             token=token,
             sign_key=key,
         )
-        running = await start_bridge(listen, bridge, shutdown_grace=shutdown_grace)
+        if sock is not None:
+            running = await serve_on_socket(sock, listen, bridge, shutdown_grace=shutdown_grace)
+        else:
+            running = await start_bridge(listen, bridge, shutdown_grace=shutdown_grace)
         try:
             yield running
         finally:
@@ -135,6 +147,12 @@ async def serving_bridge(
 @server_options(
     DEFAULT_BRIDGE_LISTEN, "On SIGINT/SIGTERM, how long running requests may finish before connections close."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes serving the address together [default: the number of CPUs for the embedded store, else 1].",
+)
 @bridge_options
 @service_options
 @click.pass_obj
@@ -143,15 +161,22 @@ def nar_bridge(
     /,
     listen: str,
     shutdown_grace: float,
+    workers: int | None,
     **options: Any,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
 
-    Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections.
+    Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections (all workers).
+    With several workers, each opens the store (which must be shareable between processes: files,
+    SQLite files, a database server; not memory:// or lru://); SIGINT/SIGTERM stop them all.
     """
     bridge_opts = BridgeOptions.take(options)
     settings = settings.with_service_options(options)
     bridge_opts.check(settings)  # bad files fail before anything is opened
+    workers = _worker_count(workers, settings)
+    if workers > 1:
+        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers)
+        return
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
     async def go() -> None:
@@ -166,6 +191,55 @@ def nar_bridge(
             logging.info("shutting down (grace %g s)", shutdown_grace)
 
     run(go)
+
+
+_PRIVATE_SERVICES = re.compile(r"(memory|lru):|sqlite://(\?|$)")
+"""Service URLs whose contents live in one process (several workers would each have their own)."""
+
+
+def _worker_count(workers: int | None, settings: Settings) -> int:
+    """``--workers``, or its default; a usage error for services that workers cannot share."""
+    addrs = (settings.blob_service_addr, settings.directory_service_addr, settings.pathinfo_service_addr)
+    if workers is None:
+        custom = any(a is not None for a in addrs) or settings.composition is not None
+        return 1 if custom else max(1, len(os.sched_getaffinity(0)))
+    private = [a for a in addrs if a is not None and _PRIVATE_SERVICES.match(a)]
+    if workers > 1 and private:
+        fail(f"--workers {workers}: {private[0]} lives in one process; workers cannot share it", EXIT_USAGE)
+    return workers
+
+
+def _serve_with_workers(
+    settings: Settings, bridge_opts: BridgeOptions, listen: str, shutdown_grace: float, workers: int
+) -> None:
+    """``workers`` forked bridges on one address (see :mod:`nixcas.bridge.workers`); exits with their outcome."""
+    from nixcas.bridge.workers import open_listeners, run_workers
+
+    logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge[%(process)d]: %(levelname)s: %(message)s")
+    try:
+        listeners = open_listeners(listen, workers)
+    except ConfigurationError as e:
+        fail(str(e), EXIT_USAGE)
+
+    def serve(index: int, sock: socket.socket, ready: Callable[[], None]) -> int:
+        async def go() -> None:
+            stop = stop_on_signals()
+            async with (
+                await settings.open_store(with_pathinfo=True) as store,
+                serving_bridge(listeners.url, store, settings, bridge_opts, shutdown_grace, sock) as running,
+            ):
+                ready()
+                if index == 0:
+                    logging.info("%d workers; blobs: %r; directories: %r; path infos: %r", workers, store.blobs,
+                                 store.directories, store.pathinfos)  # fmt: skip
+                await stop.wait()
+                logging.info("shutting down (grace %g s)", shutdown_grace)
+            del running
+
+        run(go)
+        return 0
+
+    sys.exit(run_workers(workers, listeners, serve))
 
 
 @click.command("generate-key")

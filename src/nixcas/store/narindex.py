@@ -75,34 +75,37 @@ class NarIndex:
     async def get(self, nar_sha256: bytes) -> UploadedNar | None:
         """The NAR with this SHA-256, if one was uploaded."""
 
-        def get() -> tuple[int, bytes] | None:
+        def get() -> tuple[bytes, int, bytes] | None:
             row = self._db.conn.execute(
-                "SELECT nar_size, node FROM nars WHERE nar_sha256 = ?", (nar_sha256,)
+                "SELECT nar_sha256, nar_size, node FROM nars WHERE nar_sha256 = ?", (nar_sha256,)
             ).fetchone()
-            return None if row is None else (int(row[0]), bytes(row[1]))
+            return None if row is None else (bytes(row[0]), int(row[1]), bytes(row[2]))
 
-        row = await self._db.run(get)
-        if row is None:
-            return None
-        try:
-            _, node = decode_node(row[1], anonymous=True)
-        except ValidationError as e:
-            raise StorageError(f"{self!r}: stored node for NAR {nar_sha256.hex()} is invalid: {e}") from None
-        return UploadedNar(nar_sha256, row[0], node)
+        return self._decoded(await self._db.run(get))
 
     async def find_file(self, file_sha256: bytes, compression: str) -> UploadedNar | None:
-        """The NAR uploaded as this file (for ``.nar`` files, the file hash is the NAR hash)."""
+        """The NAR uploaded as this file (for ``.nar`` files, the file hash is the NAR hash); one query."""
 
-        def find() -> bytes | None:
+        def find() -> tuple[bytes, int, bytes] | None:
             row = self._db.conn.execute(
-                "SELECT nar_sha256 FROM files WHERE file_sha256 = ? AND compression = ?", (file_sha256, compression)
+                "SELECT nar_sha256, nar_size, node FROM nars WHERE nar_sha256 = coalesce("
+                " (SELECT nar_sha256 FROM files WHERE file_sha256 = ? AND compression = ?),"
+                " CASE WHEN ? = 'none' THEN ? END)",
+                (file_sha256, compression, compression, file_sha256),
             ).fetchone()
-            return None if row is None else bytes(row[0])
+            return None if row is None else (bytes(row[0]), int(row[1]), bytes(row[2]))
 
-        nar_sha256 = await self._db.run(find)
-        if nar_sha256 is None and compression == "none":
-            nar_sha256 = file_sha256
-        return None if nar_sha256 is None else await self.get(nar_sha256)
+        return self._decoded(await self._db.run(find))
+
+    def _decoded(self, row: tuple[bytes, int, bytes] | None) -> UploadedNar | None:
+        if row is None:
+            return None
+        nar_sha256, nar_size, raw = row
+        try:
+            _, node = decode_node(raw, anonymous=True)
+        except ValidationError as e:
+            raise StorageError(f"{self!r}: stored node for NAR {nar_sha256.hex()} is invalid: {e}") from None
+        return UploadedNar(nar_sha256, nar_size, node)
 
     async def close(self) -> None:
         await self._db.close()

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -192,6 +192,7 @@ async def ingest_nar(
     *,
     expected_size: int | None = None,
     expected_sha256: bytes | None = None,
+    sync: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Node, int, bytes]:
     """Import a NAR; return ``(root node, NAR size, NAR SHA-256)``.
 
@@ -200,6 +201,8 @@ async def ingest_nar(
     them, else :class:`~nixcas.errors.NarError` (reading stops as soon as the
     NAR exceeds ``expected_size``).  On any error no Directory is stored;
     blobs uploaded before the error remain (content-addressed, unreferenced).
+    ``sync`` is the durability barrier run before the Directories commit
+    (default: ``blobs.sync``; a server passes a shared group commit).
     """
     hashing = _HashingSource(as_source(source), expected_size)
     events = parse_nar(hashing)
@@ -265,7 +268,7 @@ async def ingest_nar(
             else:
                 resolved.append(entry)
         entries.clear()
-        root = await ingest_entries(resolved, directories, before_commit=blobs.sync)
+        root = await ingest_entries(resolved, directories, before_commit=sync or blobs.sync)
         return root, size, sha256
     finally:
         hashing.close()

@@ -69,6 +69,18 @@ class PathInfoService(Closing, ABC):
         raw = await self._get_raw(check_digest(digest))
         return None if raw is None else _verified(digest, raw, repr(self))
 
+    async def get_encoded(self, digest: bytes) -> bytes | None:
+        """The PathInfo message of ``digest`` as stored, not yet validated: decode it with :meth:`decode_stored`.
+
+        For servers that keep what they derive from a record (a rendered
+        narinfo) keyed by its exact bytes, so a changed record is never served stale.
+        """
+        return await self._get_raw(check_digest(digest))
+
+    def decode_stored(self, digest: bytes, raw: bytes) -> PathInfo:
+        """``raw`` from :meth:`get_encoded`, decoded and validated as :meth:`get` does."""
+        return _verified(digest, raw, repr(self))
+
     async def put(self, info: PathInfo) -> PathInfo:
         """Store ``info`` (replacing an earlier record of the same path); return what was stored."""
         await self._put_raw(info.digest, info.encode())
