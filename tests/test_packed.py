@@ -251,3 +251,23 @@ async def test_a_pack_holding_only_the_empty_blob_is_left_alone(tmp_path: Path) 
         assert await svc.read_many({empty: 0}) == {empty: b""}
     finally:
         await svc.close()
+
+
+async def test_reads_across_more_packs_than_it_keeps_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nixcas.castore.blob.packed as packed_module
+
+    monkeypatch.setattr(packed_module, "MAX_OPEN_PACKS", 2)
+    root = tmp_path / "blobs"
+    blobs = [b"blob in pack %d\n" % i for i in range(5)]
+    for data in blobs:  # each service (each process) appends to a pack of its own
+        svc = await open_packed(root, "")
+        await svc.put(data)
+        await svc.close()
+    assert len(list((root / "packs").iterdir())) == 5
+    svc = await open_packed(root, "")
+    try:
+        for _ in range(2):
+            assert await svc.read_many({b3(d): len(d) for d in blobs}) == {b3(d): d for d in blobs}
+            assert len(svc._readers) == 2
+    finally:
+        await svc.close()

@@ -45,6 +45,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
@@ -73,6 +74,9 @@ PACKS_DIR = "packs"
 
 PACK_MAX = 1 << 30
 """A writer starts a new pack file once its current one is this large."""
+
+MAX_OPEN_PACKS = 64
+"""Pack files a service keeps open for reading (least recently used closed first)."""
 
 _RAW, _ZSTD = 0, 1
 """How a blob's bytes are stored."""
@@ -188,7 +192,7 @@ class PackedBlobService(LocalBlobService):
         self._closed = False
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
         self._pack: _Pack | None = None
-        self._readers: dict[int, int] = {}  # pack id -> read-only fd
+        self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
         self._readers_lock = threading.Lock()
         self._db().executescript(_SCHEMA)
 
@@ -219,9 +223,9 @@ class PackedBlobService(LocalBlobService):
                     os.close(self._pack.fd)  # releases the pack's lock
                     self._pack = None
             with self._readers_lock:
-                readers, self._readers = self._readers, {}
-            for fd in readers.values():
-                os.close(fd)
+                for fd in self._readers.values():
+                    os.close(fd)
+                self._readers.clear()
             for db in connections:
                 db.close()
 
@@ -364,11 +368,17 @@ class PackedBlobService(LocalBlobService):
         )
         return None if row is None else (row[0], row[1], row[2], row[3], row[4])
 
-    def _reader(self, pack_id: int, db: sqlite3.Connection) -> int:
+    def _pread(self, pack_id: int, length: int, offset: int, db: sqlite3.Connection) -> bytes:
+        """``length`` bytes at ``offset`` of pack ``pack_id``, through a bounded cache of open files.
+
+        Every use of a cached descriptor happens under the cache's lock, so one
+        evicted (closed) by another thread can never be read under a new meaning.
+        """
         with self._readers_lock:
             fd = self._readers.get(pack_id)
-        if fd is not None:
-            return fd
+            if fd is not None:
+                self._readers.move_to_end(pack_id)
+                return os.pread(fd, length, offset)
         row = db.execute("SELECT name FROM packs WHERE id = ?", (pack_id,)).fetchone()
         if row is None:
             raise FileNotFoundError(f"pack {pack_id}")
@@ -377,16 +387,21 @@ class PackedBlobService(LocalBlobService):
             if self._closed:
                 os.close(fd)
                 raise StorageError(f"{self}: closed")
-            other = self._readers.setdefault(pack_id, fd)
-        if other != fd:
-            os.close(fd)
-        return other
+            cached = self._readers.get(pack_id)
+            if cached is not None:
+                os.close(fd)
+                fd = cached
+            else:
+                self._readers[pack_id] = fd
+                while len(self._readers) > MAX_OPEN_PACKS:
+                    os.close(self._readers.popitem(last=False)[1])
+            return os.pread(fd, length, offset)
 
     def _forget_reader(self, pack_id: int) -> None:
         with self._readers_lock:
             fd = self._readers.pop(pack_id, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _load(self, digest: bytes, row: _Row, db: sqlite3.Connection) -> bytes:
         """A row's bytes, checked against its recorded size (not yet against the digest)."""
@@ -394,8 +409,7 @@ class PackedBlobService(LocalBlobService):
         where = f"{self}: blob {digest.hex()}"
         if length > max(size, 0) + (size >> 8) + 1024:  # more than size bytes can compress to
             raise StorageError(f"{where}: {length} bytes stored for {size}")
-        fd = self._reader(pack, db)
-        data = os.pread(fd, length, offset)
+        data = self._pread(pack, length, offset, db)
         if len(data) != length:
             raise StorageError(f"{where}: the pack file ends {length - len(data)} bytes early")
         if codec == _ZSTD:
