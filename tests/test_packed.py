@@ -271,3 +271,33 @@ async def test_reads_across_more_packs_than_it_keeps_open(tmp_path: Path, monkey
             assert len(svc._readers) == 2
     finally:
         await svc.close()
+
+
+async def test_gc_merges_many_small_packs_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nixcas.castore.blob.packed as packed_module
+
+    monkeypatch.setattr(packed_module, "MERGE_COUNT", 4)
+    root = tmp_path / "blobs"
+    blobs = [b"one import's blob %d\n" % i for i in range(5)]
+    for data in blobs[:3]:
+        svc = await open_packed(root, "")
+        await svc.put(data)
+        await svc.close()
+    svc = await open_packed(root, "")
+    try:
+        assert await svc.sweep_temporary(time.time_ns(), dry_run=False) == []
+        assert len(list((root / "packs").iterdir())) == 3  # fewer than MERGE_COUNT: left alone
+    finally:
+        await svc.close()
+    for data in blobs[3:]:
+        svc = await open_packed(root, "")
+        await svc.put(data)
+        await svc.close()
+    svc = await open_packed(root, "")
+    try:
+        assert await svc.sweep_temporary(time.time_ns(), dry_run=False) == []  # nothing dead: nothing freed
+        (pack,) = (root / "packs").iterdir()
+        assert pack.stat().st_size == sum(map(len, blobs))
+        assert await svc.read_many({b3(d): len(d) for d in blobs}) == {b3(d): d for d in blobs}
+    finally:
+        await svc.close()

@@ -31,7 +31,8 @@ Guarantees are those of the object layout:
   Pack files are then compacted in the sweep of temporary objects: a pack
   whose live bytes are less than half its size is rewritten (live blobs
   copied to a new pack, rows moved in one transaction, old file removed), an
-  empty one removed.  A pack being appended to is locked (``flock``) by its
+  empty one removed, and many small packs (each writing process has its
+  own) merged into one.  A pack being appended to is locked (``flock``) by its
   writer and never compacted.
 """
 
@@ -74,6 +75,12 @@ PACKS_DIR = "packs"
 
 PACK_MAX = 1 << 30
 """A writer starts a new pack file once its current one is this large."""
+
+MERGE_BELOW = 64 << 20
+"""Packs smaller than this are merged by GC once there are :data:`MERGE_COUNT` of them."""
+
+MERGE_COUNT = 16
+"""How many small packs make GC merge them into one."""
 
 MAX_OPEN_PACKS = 64
 """Pack files a service keeps open for reading (least recently used closed first)."""
@@ -549,7 +556,12 @@ class PackedBlobService(LocalBlobService):
         return done
 
     def _compact_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
-        """Free the dead space of pack files no writer holds; what was freed, as temporary objects."""
+        """Free the dead space of pack files no writer holds; what was freed, as temporary objects.
+
+        A pack with no row is removed, one whose live bytes are less than half
+        its size is rewritten, and small packs (each import process writes its
+        own) are merged into one once there are :data:`MERGE_COUNT` of them.
+        """
         db = self._db()
         known = dict(db.execute("SELECT name, id FROM packs"))
         live = {
@@ -557,68 +569,88 @@ class PackedBlobService(LocalBlobService):
             for pack, count, used in db.execute("SELECT pack, count(*), sum(length) FROM blobs GROUP BY pack")
         }
         freed: list[StoredObject] = []
-        for entry in list(os.scandir(self._packs_dir)):
-            name = entry.name.removesuffix(".pack")
-            if name == entry.name:
-                continue
-            try:
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
+        rewrite: list[tuple[int, int, str]] = []  # (pack id, locked fd, path)
+        small: list[tuple[int, int, str]] = []
+        dead: list[StoredObject] = []  # the dead bytes of each small pack, freed if they are merged
+        try:
+            for entry in list(os.scandir(self._packs_dir)):
+                name = entry.name.removesuffix(".pack")
+                if name == entry.name:
+                    continue
+                try:
+                    fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    os.close(fd)
                     continue  # a writer is appending to it
                 st = os.fstat(fd)
                 pack_id = known.get(name)
+                count, used = live.get(pack_id, (0, 0)) if pack_id is not None else (0, 0)
                 if pack_id is None:  # a writer died before its first row: nothing refers to it
                     if st.st_mtime_ns < cutoff_ns:
                         if not dry_run:
                             os.unlink(entry.path)
                         freed.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
-                    continue
-                count, used = live.get(pack_id, (0, 0))
-                if count and used * 2 >= st.st_size:
-                    continue  # mostly live (an empty blob's row counts as live in an empty pack)
-                if not dry_run:
-                    self._rewrite_sync(db, pack_id, fd, entry.path)
-                freed.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
-            finally:
+                    os.close(fd)
+                elif count and used * 2 >= st.st_size:  # mostly live (an empty blob's row keeps an empty pack)
+                    if st.st_size < MERGE_BELOW:
+                        small.append((pack_id, fd, entry.path))
+                        dead.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
+                    else:
+                        os.close(fd)
+                else:
+                    rewrite.append((pack_id, fd, entry.path))
+                    freed.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
+            if len(small) >= MERGE_COUNT:
+                rewrite.extend(small)
+                freed.extend(o for o in dead if o.size)
+                small = []
+            if rewrite and not dry_run:
+                self._rewrite_sync(db, rewrite)
+        finally:
+            for _, fd, _ in rewrite + small:
                 os.close(fd)
         return freed
 
-    def _rewrite_sync(self, db: sqlite3.Connection, pack_id: int, fd: int, path: str) -> None:
-        """Copy the live blobs of pack ``pack_id`` (open as ``fd``, locked) to a new pack; drop the old one."""
+    def _rewrite_sync(self, db: sqlite3.Connection, packs: Sequence[tuple[int, int, str]]) -> None:
+        """Copy the live blobs of ``packs`` (id, open and locked fd, path) into one new pack; drop them."""
         with self._write_lock:
             db.execute("BEGIN IMMEDIATE")
             try:
-                rows = db.execute(
-                    "SELECT digest, offset, length FROM blobs WHERE pack = ? ORDER BY offset", (pack_id,)
-                ).fetchall()
-                if rows:
-                    new = self._open_pack(db)
-                    try:
-                        moved = []
+                new: _Pack | None = None
+                moved = []
+                try:
+                    for pack_id, fd, path in packs:
+                        rows = db.execute(
+                            "SELECT digest, offset, length FROM blobs WHERE pack = ? ORDER BY offset", (pack_id,)
+                        ).fetchall()
                         for digest, offset, length in rows:
                             data = os.pread(fd, length, offset)
                             if len(data) != length:
                                 raise StorageError(f"{self}: pack {path} ends early; run fsck")
+                            if new is None:
+                                new = self._open_pack(db)
                             os.pwrite(new.fd, data, new.size)
                             moved.append((new.id, new.size, digest))
                             new.size += length
-                        os.fsync(new.fd)
-                    finally:
+                    if new is not None:
+                        os.fsync(new.fd)  # the copies are on disk before any row names them
+                finally:
+                    if new is not None:
                         os.close(new.fd)
-                    db.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE digest = ?", moved)
-                db.execute("DELETE FROM packs WHERE id = ?", (pack_id,))
+                db.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE digest = ?", moved)
+                db.executemany("DELETE FROM packs WHERE id = ?", [(pack_id,) for pack_id, _, _ in packs])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        self._forget_reader(pack_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        for pack_id, _, path in packs:
+            self._forget_reader(pack_id)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self._dirty = True
 
     async def sweep_temporary(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
