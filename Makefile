@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-bridge-push bench-s3 system-deps clean
+.PHONY: run test lint typecheck pytest proto bench bench-import bench-dump bench-startup bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-bridge-push bench-s3 system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +47,25 @@ proto: $(VENV)/.installed-dev
 	$(BIN)/python scripts/genproto.py
 
 ## bench: every benchmark (results go to .bench-work/*.json; figures in BENCHMARKS.md)
-bench: bench-import bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-s3
+bench: bench-import bench-dump bench-startup bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-bridge-push bench-s3
 
-## bench-import: castore ingest against nix-store --add (needs nix-bin)
+## bench-import: nixcas import and castore ingest against nix-store --add, on the generated tree, 20,000 tiny files and a copy of /usr/include (needs nix-bin)
 bench-import: $(VENV)/.installed-dev
 	@scripts/system-deps.sh bench
-	$(BIN)/python bench/import_tree.py --workdir .bench-work --runs 7 --json .bench-work/import_tree.json
+	@mkdir -p .bench-work
+	for cmd in import ingest; do \
+	  $(BIN)/python bench/import_tree.py --command $$cmd --workdir .bench-work --runs 7 --json .bench-work/import-generated-$$cmd.json && \
+	  $(BIN)/python bench/import_tree.py --command $$cmd --tree tiny --files 20000 --workdir .bench-work --runs 7 --json .bench-work/import-tiny-$$cmd.json && \
+	  $(BIN)/python bench/import_tree.py --command $$cmd --tree copy:/usr/include --workdir .bench-work --runs 7 --json .bench-work/import-usr-include-$$cmd.json || exit 1; \
+	done
+
+## bench-dump: nixcas dump-path against nix-store --dump (and the verifying floor), on the same three trees (needs nix-bin)
+bench-dump: $(VENV)/.installed-dev
+	@scripts/system-deps.sh bench
+	@mkdir -p .bench-work
+	$(BIN)/python bench/dump_path.py --workdir .bench-work --json .bench-work/dump-generated.json
+	$(BIN)/python bench/dump_path.py --tree tiny --workdir .bench-work --json .bench-work/dump-tiny.json
+	$(BIN)/python bench/dump_path.py --tree copy:/usr/include --workdir .bench-work --json .bench-work/dump-usr-include.json
 
 ## bench-grpc: Put/Read of a 256 MiB blob and a 10,000-directory recursive Get over TCP and a unix socket
 bench-grpc: $(VENV)/.installed-dev

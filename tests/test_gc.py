@@ -19,6 +19,7 @@ import pytest
 from nixcas.api import Store
 from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
+from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
@@ -622,8 +623,10 @@ def test_one_collection_at_a_time(tmp_path: Path) -> None:
     assert nixcas("gc", store=store).returncode == 0
 
 
-@pytest.fixture(params=["memory", "objectstore+file"])
+@pytest.fixture(params=["memory", "objectstore+file", "packed"])
 def sweepable_blobs(request: pytest.FixtureRequest, tmp_path: Path) -> MemoryBlobService | LocalBlobService:
+    if request.param == "packed":
+        return PackedBlobService(tmp_path / "blobs")
     return MemoryBlobService() if request.param == "memory" else LocalBlobService(tmp_path / "blobs")
 
 
