@@ -19,8 +19,8 @@ import pytest
 from nixcas.api import Store
 from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
-from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
