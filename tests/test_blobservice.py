@@ -74,28 +74,36 @@ class TestMemoryBlobService(BlobServiceSuite):
         return corrupt
 
 
+def corrupt_object(root: Path, digest: B3Digest, data: bytes) -> None:
+    """Make ``digest`` a single chunk object holding ``data`` (the object layout)."""
+    path = key_path(root, "chunks", digest)
+    index = key_path(root, "blobs", digest)
+    assert path.is_file() or index.stat().st_size  # one chunk, or a chunk list
+    index.unlink()
+    index.write_bytes(b"")  # now "one chunk": the chunk object named by the blob
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstd(data))
+
+
 class TestLocalBlobService(BlobServiceSuite):
+    URL = "objectstore+file://{root}"
+    KIND: type[LocalBlobService] = LocalBlobService
+
     @pytest.fixture
     def root(self, tmp_path: Path) -> Path:
         return tmp_path / "blobs"
 
     @pytest_asyncio.fixture
     async def blob_service(self, root: Path) -> AsyncIterator[BlobService]:
-        svc = await blob_service_from_url(f"objectstore+file://{root}")
-        assert isinstance(svc, LocalBlobService)
+        svc = await blob_service_from_url(self.URL.format(root=root))
+        assert type(svc) is self.KIND
         yield svc
         await svc.close()
 
     @pytest.fixture
     def corrupt_blob(self, root: Path) -> BlobCorrupter:
         async def corrupt(digest: B3Digest, data: bytes) -> None:
-            path = key_path(root, "chunks", digest)
-            index = key_path(root, "blobs", digest)
-            assert path.is_file() or index.stat().st_size  # one chunk, or a chunk list
-            index.unlink()
-            index.write_bytes(b"")  # now "one chunk": the chunk object named by the blob
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(zstd(data))
+            corrupt_object(root, digest, data)
 
         return corrupt
 
@@ -104,36 +112,19 @@ class TestLocalBlobService(BlobServiceSuite):
         return lambda: files_under(root / "tmp")
 
 
-class TestPackedBlobService(BlobServiceSuite):
-    @pytest.fixture
-    def root(self, tmp_path: Path) -> Path:
-        return tmp_path / "blobs"
+class TestPackedBlobService(TestLocalBlobService):
+    """The embedded store: small blobs are pack rows, large ones objects of the same layout."""
 
-    @pytest_asyncio.fixture
-    async def blob_service(self, root: Path) -> AsyncIterator[BlobService]:
-        svc = await blob_service_from_url(f"packed://{root}")
-        assert isinstance(svc, PackedBlobService)
-        yield svc
-        await svc.close()
+    URL = "packed://{root}"
+    KIND = PackedBlobService
 
     @pytest.fixture
     def corrupt_blob(self, root: Path) -> BlobCorrupter:
         async def corrupt(digest: B3Digest, data: bytes) -> None:
-            if packed.corrupt_blob(root, digest, data):
-                return
-            path = key_path(root, "chunks", digest)  # a large blob: as for objectstore+file
-            index = key_path(root, "blobs", digest)
-            assert index.stat().st_size
-            index.unlink()
-            index.write_bytes(b"")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(zstd(data))
+            if not packed.corrupt_blob(root, digest, data):
+                corrupt_object(root, digest, data)
 
         return corrupt
-
-    @pytest.fixture
-    def temp_files(self, root: Path) -> TempFiles:
-        return lambda: files_under(root / "tmp")
 
 
 # -- objectstore+file: layout on disk ----------------------------------------------
