@@ -217,22 +217,28 @@ CHUNKS_AHEAD = 16 * READ_BLOCK
 CHUNKS_BEHIND = 4 * READ_BLOCK
 """How much already-read data :class:`ChunkedFile` keeps for reads the kernel sends out of order (4 MiB)."""
 
-CHUNKS_PARALLEL = 4
-"""Chunk fetches of one :class:`ChunkedFile` in flight at once (each decompresses and hashes on a thread)."""
+CHUNKS_PARALLEL = 3
+"""Groups of chunks one :class:`ChunkedFile` fetches at once (each read, decompressed and hashed on a thread)."""
+
+CHUNKS_GROUP = 2 * READ_BLOCK
+"""Consecutive chunks :class:`ChunkedFile` fetches together, in one :meth:`BlobService.read_many` (2 MiB)."""
 
 
 class ChunkedFile:
     """``pread`` over a chunked blob: chunks fetched and checked in parallel, the blob hashed whole on the side.
 
-    Built from the blob's chunk list (:meth:`BlobService.chunks`).  Every
-    chunk comes from :meth:`BlobService.read_chunk`, which checks it against
-    its size and BLAKE3 before it returns (in a worker thread for the local
-    store), so a read never hands out a byte of a chunk that did not verify:
+    Built from the blob's chunk list (:meth:`BlobService.chunks`).  Chunks
+    are fetched in groups of consecutive ones (about ``group`` bytes) with
+    one :meth:`BlobService.read_many` each, which checks every chunk against
+    its BLAKE3 before it returns (in one worker thread for the local store);
+    a chunk of the wrong size, a missing one, or any failure of the group
+    sends that group's chunks through :meth:`BlobService.read_chunk` one by
+    one, so a read never hands out a byte of a chunk that did not verify and
     a damaged chunk fails exactly the reads that cover it.  While the reader
-    goes forward, up to ``parallel`` chunk fetches run at once, up to
-    ``ahead`` bytes past the furthest byte asked for; chunks more than
-    ``behind`` bytes behind the reader are dropped (unless a read still
-    waits on them), so memory stays bounded by the window.
+    goes forward, up to ``parallel`` groups are fetched at once, up to
+    ``ahead`` bytes past the furthest byte asked for; groups more than
+    ``behind`` bytes behind the reader are dropped (unless a read still waits
+    on them), so memory stays bounded by the window.
 
     The chunk list itself is checked the way :class:`VerifyingReader` checks a
     stream: the chunks fetched in order from the first one are fed, in
@@ -240,8 +246,8 @@ class ChunkedFile:
     overlapped with serving; a read that reaches the end of the blob waits
     for that hash and fails unless it is the blob's digest (and every later
     read fails the same way).  A read that jumped over chunks leaves the
-    whole-blob hash behind at the first chunk not read, as a seek does for
-    :class:`VerifyingReader`; it resumes when that chunk is read.
+    whole-blob hash behind at the first group not read, as a seek does for
+    :class:`VerifyingReader`; it resumes when that group is read.
     """
 
     def __init__(
@@ -253,30 +259,39 @@ class ChunkedFile:
         ahead: int = CHUNKS_AHEAD,
         behind: int = CHUNKS_BEHIND,
         parallel: int = CHUNKS_PARALLEL,
+        group: int = CHUNKS_GROUP,
         name: str = "blob",
     ) -> None:
         self._blobs = blobs
         self._digest = digest
         self._chunks = list(chunks)
         self._starts: list[int] = []
-        total = 0
-        for chunk in self._chunks:
+        """Where each chunk starts in the blob."""
+        self._groups: list[int] = []
+        """The first chunk of each group."""
+        total = filled = 0
+        for i, chunk in enumerate(self._chunks):
+            if not self._groups or filled >= group:
+                self._groups.append(i)
+                filled = 0
             self._starts.append(total)
             total += chunk.size
+            filled += chunk.size
+        self._group_starts = [self._starts[i] for i in self._groups]
         self._size = total
         self._ahead = ahead
         self._behind = behind
         self._name = name
         self._slots = asyncio.Semaphore(max(1, parallel))
-        self._window: dict[int, asyncio.Future[bytes]] = {}
-        """Chunk index -> its fetch (running or done): the chunks held around the reader."""
+        self._window: dict[int, asyncio.Future[list[bytes | Exception]]] = {}
+        """Group index -> its fetch (running or done): the groups held around the reader."""
         self._pins: dict[int, int] = {}
-        """Chunk index -> reads waiting on it (never dropped while pinned)."""
+        """Group index -> reads waiting on it (never dropped while pinned)."""
         self._furthest = 0
         """The end of the furthest read of the current sequential run."""
         self._hasher = blake3.blake3()
         self._queued = 0
-        """Chunks handed to the whole-blob hash so far (always the first ones, in order)."""
+        """Groups handed to the whole-blob hash so far (always the first ones, in order)."""
         self._backlog: deque[bytes] = deque()
         self._hash_task: asyncio.Task[None] | None = None
         self._whole_error: StorageError | None = None
@@ -289,7 +304,7 @@ class ChunkedFile:
 
     def window(self) -> list[int]:
         """The chunk indexes held or being fetched (for tests and diagnostics)."""
-        return sorted(self._window)
+        return [i for g in sorted(self._window) for i in range(*self._group_chunks(g))]
 
     async def pread(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer only at the end of the blob), every one verified."""
@@ -302,81 +317,111 @@ class ChunkedFile:
         stop = min(self._size, offset + n)
         if offset >= stop:
             return b""
-        first, last = self._index(offset), self._index(stop - 1)
+        first, last = self._group(offset), self._group(stop - 1)
         if self._furthest - self._ahead <= offset <= self._furthest + self._ahead:
             self._furthest = max(self._furthest, stop)
-            low = self._index(max(0, offset - self._behind))
-            high = self._index(min(self._size, self._furthest + self._ahead) - 1)
+            low = self._group(max(0, offset - self._behind))
+            high = self._group(min(self._size, self._furthest + self._ahead) - 1)
         else:  # a jump: only what this read needs
             self._furthest = stop
             low, high = first, last
         self._trim(min(low, first), max(high, last))
-        needed = [self._fetch(i) for i in range(first, last + 1)]
-        for i in range(last + 1, high + 1):  # after the needed ones: the fetches start in this order
-            self._fetch(i)
-        for i in range(first, last + 1):
-            self._pins[i] = self._pins.get(i, 0) + 1
+        needed = [self._fetch(g) for g in range(first, last + 1)]
+        for g in range(last + 1, high + 1):  # after the needed ones: the fetches start in this order
+            self._fetch(g)
+        for g in range(first, last + 1):
+            self._pins[g] = self._pins.get(g, 0) + 1
         try:
-            parts = [await fetch for fetch in needed]
-        except Exception:
-            for i, fetch in zip(range(first, last + 1), needed, strict=True):
-                if fetch.done() and self._window.get(i) is fetch:
-                    del self._window[i]  # the next read of it tries again
-            raise
+            groups = [await fetch for fetch in needed]
         finally:
-            for i in range(first, last + 1):
-                if (left := self._pins[i] - 1) > 0:
-                    self._pins[i] = left
+            for g in range(first, last + 1):
+                if (left := self._pins[g] - 1) > 0:
+                    self._pins[g] = left
                 else:
-                    del self._pins[i]
+                    del self._pins[g]
+        lo, hi = self._index(offset), self._index(stop - 1)
+        parts: list[bytes] = []
+        for g, fetched in zip(range(first, last + 1), groups, strict=True):
+            base = self._groups[g]
+            for i in range(max(lo, base), min(hi + 1, base + len(fetched))):
+                part = fetched[i - base]
+                if isinstance(part, Exception):
+                    if self._window.get(g) is needed[g - first]:
+                        del self._window[g]  # the next read of it tries again
+                    raise part
+                parts.append(part)
         if stop == self._size:
             await self._check_whole()
-        skip = offset - self._starts[first]
+        skip = offset - self._starts[lo]
         if len(parts) == 1:
             return parts[0][skip : skip + stop - offset]
         views = [memoryview(p) for p in parts]
         views[0] = views[0][skip:]
-        views[-1] = views[-1][: stop - self._starts[last]]
+        views[-1] = views[-1][: stop - self._starts[hi]]
         return b"".join(views)
 
     def _index(self, offset: int) -> int:
         """The chunk holding byte ``offset``."""
         return bisect.bisect_right(self._starts, offset) - 1
 
+    def _group(self, offset: int) -> int:
+        """The group holding byte ``offset``."""
+        return bisect.bisect_right(self._group_starts, offset) - 1
+
+    def _group_chunks(self, g: int) -> tuple[int, int]:
+        """The chunk indexes of group ``g``: ``range(*_group_chunks(g))``."""
+        return self._groups[g], self._groups[g + 1] if g + 1 < len(self._groups) else len(self._chunks)
+
     def _trim(self, low: int, high: int) -> None:
-        """Drop (and stop fetching) the chunks outside ``[low, high]`` that no read waits on."""
+        """Drop (and stop fetching) the groups outside ``[low, high]`` that no read waits on."""
         self._feed_hash()  # first, so nothing fetched in order is dropped before it is hashed
-        for i in [i for i in self._window if (i < low or i > high) and i not in self._pins]:
-            fetch = self._window.pop(i)
+        for g in [g for g in self._window if (g < low or g > high) and g not in self._pins]:
+            fetch = self._window.pop(g)
             if fetch.done():
                 if not fetch.cancelled():
                     fetch.exception()  # fetched ahead and never read: its error goes with it
             else:
                 fetch.cancel()
 
-    def _fetch(self, i: int) -> asyncio.Future[bytes]:
-        fetch = self._window.get(i)
+    def _fetch(self, g: int) -> asyncio.Future[list[bytes | Exception]]:
+        fetch = self._window.get(g)
         if fetch is None:
-            fetch = self._window[i] = asyncio.ensure_future(self._read_chunk(i))
+            fetch = self._window[g] = asyncio.ensure_future(self._read_group(g))
             fetch.add_done_callback(lambda _: self._feed_hash())
         return fetch
 
-    async def _read_chunk(self, i: int) -> bytes:
-        chunk = self._chunks[i]
+    async def _read_group(self, g: int) -> list[bytes | Exception]:
+        """The chunks of group ``g``, each checked against its digest, or the error that stopped it."""
+        chunks = self._chunks[slice(*self._group_chunks(g))]
         async with self._slots:
-            data = await self._blobs.read_chunk(chunk)  # checked against the chunk's size and digest
-        if data is None:
-            raise StorageError(f"{self._name}: chunk {chunk.digest.hex()} at {self._starts[i]} not found")
-        return data
+            try:  # every chunk is a blob by itself: read_many checks each against its digest
+                found = await self._blobs.read_many({c.digest: c.size for c in chunks})
+                if all(len(found.get(c.digest, b"")) == c.size for c in chunks):
+                    return [found[c.digest] for c in chunks]
+            except Exception:  # noqa: S110 - one by one below, to tell which chunk is wrong
+                pass
+            out: list[bytes | Exception] = []
+            for i, chunk in enumerate(chunks, self._groups[g]):
+                try:
+                    data = await self._blobs.read_chunk(chunk)  # checked against its size and digest
+                    if data is None:
+                        raise StorageError(f"{self._name}: chunk {chunk.digest.hex()} at {self._starts[i]} not found")
+                    out.append(data)
+                except Exception as e:
+                    out.append(e)
+            return out
 
     # -- the whole-blob hash ------------------------------------------------------------
 
     def _feed_hash(self) -> None:
-        """Queue for the whole-blob hash every chunk fetched right after those already queued."""
+        """Queue for the whole-blob hash every group fetched right after those already queued."""
         while (fetch := self._window.get(self._queued)) is not None and fetch.done():
             if fetch.cancelled() or fetch.exception() is not None:
                 return
-            self._backlog.append(fetch.result())
+            chunks = fetch.result()
+            if any(isinstance(c, Exception) for c in chunks):
+                return
+            self._backlog.extend(c for c in chunks if isinstance(c, bytes))
             self._queued += 1
         if self._backlog and (self._hash_task is None or self._hash_task.done()) and not self._closed:
             self._hash_task = asyncio.ensure_future(self._hash())
@@ -386,7 +431,7 @@ class ChunkedFile:
             batch = list(self._backlog)
             self._backlog.clear()
             await asyncio.to_thread(self._hash_batch, batch)
-        if self._queued == len(self._chunks) and not self._whole_checked:
+        if self._queued == len(self._groups) and not self._whole_checked:
             self._whole_checked = True
             got = B3Digest(self._hasher.digest())
             if got != self._digest:
@@ -398,7 +443,7 @@ class ChunkedFile:
 
     async def _check_whole(self) -> None:
         """At the end of the blob: if it was read in order from the start, its digest must match (waits)."""
-        if self._queued == len(self._chunks):
+        if self._queued == len(self._groups):
             while (task := self._hash_task) is not None and not task.done():
                 await asyncio.shield(task)
         if self._whole_error is not None:
