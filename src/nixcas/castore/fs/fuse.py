@@ -435,19 +435,22 @@ READ_AHEAD_KIB = 1024
 """The kernel's read-ahead on the mount (its default for FUSE is 128 KiB): 1 MiB reads, 8x fewer requests."""
 
 
-MALLOC_KEEP = 32 << 20
-"""Freed buffers glibc's malloc keeps for reuse in a mount process (``M_MMAP_THRESHOLD``, and twice that
-at the heap's top, ``M_TRIM_THRESHOLD``)."""
+MALLOC_MMAP_THRESHOLD = 4 << 20
+"""In a mount process, glibc's malloc serves blocks up to this size (every chunk and reply buffer) from its heap."""
+
+MALLOC_TRIM_THRESHOLD = 32 << 20
+"""... and keeps up to this much freed memory at the heap's top for reuse instead of handing it back."""
 
 
 def keep_freed_buffers() -> bool:
     """Make glibc's malloc reuse the memory of freed chunk buffers instead of handing it back to the kernel.
 
-    A sequential read allocates and frees a buffer per chunk (a few hundred
-    KiB) several thousand times per GiB; with glibc's defaults each one is a
+    A sequential read allocates and frees buffers of a few hundred KiB (chunks,
+    replies) thousands of times per GiB; with glibc's defaults each can be a
     fresh ``mmap`` whose pages fault in and are zeroed again, about a tenth of
-    the mount's CPU.  Raising both thresholds keeps them in the heap (at most
-    :data:`MALLOC_KEEP` and twice that unused).  A no-op (False) without glibc.
+    the mount's CPU.  Fixed thresholds (:data:`MALLOC_MMAP_THRESHOLD`,
+    :data:`MALLOC_TRIM_THRESHOLD`) keep them in the heap.  A no-op (False)
+    without glibc.
     """
     import ctypes
 
@@ -456,7 +459,9 @@ def keep_freed_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, MALLOC_KEEP)) and bool(mallopt(m_trim_threshold, 2 * MALLOC_KEEP))
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD)
+    )
 
 
 def _unescape_mountinfo(field: str) -> str:
