@@ -4,7 +4,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/fuse.py [--workdir DIR] [--runs 5] [--large-mib 1024] [--files 10000]
-                                   [--no-grpc] [--json OUT] [--seed N]
+                                   [--no-grpc] [--json OUT] [--seed N] [--peer-src DIR]
 
 One source directory is generated (deterministically from ``--seed``) and
 kept in the work directory: ``large/big.bin``, one file of ``--large-mib`` MiB
@@ -27,7 +27,10 @@ Every timed operation is a child process, timed by wall clock:
     file, evicted from the page cache first (``posix_fadvise(DONTNEED)`` on
     that one file), so the bytes come from the disk;
   - *mount over gRPC, fresh*: a fresh mount whose blob and directory services
-    are a ``nixcas daemon`` on a unix socket serving the same store.
+    are a ``nixcas daemon`` on a unix socket serving the same store;
+  - *mount (peer sources), fresh*: with ``--peer-src DIR``, a fresh mount
+    running the nixcas sources in ``DIR`` (say another checkout's ``src``),
+    right after this tree's: before and after a change, in the same run.
 * **floor**: what any verifying reader of this store must do for the large
   file, without FUSE: read every chunk object, decompress it, BLAKE3 it
   against its name, and BLAKE3 the whole blob in order, on two threads (both
@@ -217,7 +220,12 @@ class Bench:
         assert all(p.exists() for p in self.chunks), self.chunks
 
     @contextmanager
-    def mount(self, *global_args: str) -> Iterator[Mount]:
+    def mount(self, *global_args: str, src: str | None = None) -> Iterator[Mount]:
+        """A fresh mount of the tree; ``src``: run the nixcas sources there instead (``--peer-src``)."""
+        env = None
+        if src is not None:
+            env = clean_env()
+            env["PYTHONPATH"] = src
         self.mounts += 1
         mp = self.work / f"mp{self.mounts}"
         mp.mkdir()
@@ -225,7 +233,7 @@ class Bench:
         if not global_args:
             args = ["--store-dir", str(self.store), *args]
         try:
-            with running_mount(args, mp, self.work / f"mount{self.mounts}.log") as m:
+            with running_mount(args, mp, self.work / f"mount{self.mounts}.log", env=env) as m:
                 yield m
                 if m.stop() != 0:
                     raise SystemExit(f"mount exited with an error:\n{m.stderr()}")
@@ -252,6 +260,9 @@ class Bench:
             self.record("read mount, fresh", lambda: dd(m.path / big), m.pid)
             self.rss.append(peak_rss_mib(m.pid))
             self.record("read mount, again", lambda: dd(m.path / big), m.pid)
+        if self.args.peer_src:
+            with self.mount(src=self.args.peer_src) as m:
+                self.record("read mount (peer sources), fresh", lambda: dd(m.path / big), m.pid)
         evict(self.big)
         self.record("read local, cold", lambda: dd(self.big))
         for path in self.chunks:
@@ -320,6 +331,13 @@ class Bench:
             f"({'met' if find_s <= TARGET_FIND_SECONDS else 'NOT met'}: target <= {TARGET_FIND_SECONDS:.0f} s)",
             f"mount peak RSS after reading the large file: {statistics.median(self.rss):.0f} MiB (median)",
         ]
+        peer = self.samples.get("read mount (peer sources), fresh")
+        if peer:
+            peer_ratios = [c / p for c, p in zip(self.samples["read local, cold"], peer, strict=True)]
+            verdicts.append(
+                f"peer sources ({self.args.peer_src}): fresh mount / cold local read "
+                f"{statistics.median(peer_ratios):.2f}x median (rounds: {', '.join(f'{r:.2f}' for r in peer_ratios)})"
+            )
         print("\n" + "\n".join(verdicts))
         return {
             "facts": base_facts(self.work),
@@ -342,6 +360,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=10_000, help="files in the small tree (default 10000)")
     p.add_argument("--no-grpc", dest="grpc", action="store_false", help="skip the mounts over a gRPC daemon")
     p.add_argument("--seed", type=int, default=20261124)
+    p.add_argument(
+        "--peer-src",
+        help="also read through a fresh mount running the nixcas sources in this src/ directory "
+        "(another checkout: before/after in the same run)",
+    )
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 
