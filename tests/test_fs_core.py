@@ -507,6 +507,13 @@ async def test_chunked_file_chunk_list_not_making_up_the_blob_fails_at_the_end()
     with pytest.raises(ChecksumMismatch):  # and stays failed
         await cf.pread(0, 10)
     await cf.close()
+    # All reads at once, the last one first (the kernel sends read-ahead requests together):
+    # the read of the end waits for the chunks before it and fails.
+    at_once = ChunkedFile(blobs, digest, swapped, name="swapped")
+    offsets = list(range(0, len(BIG), MiB))[::-1]
+    results = await asyncio.gather(*(at_once.pread(o, MiB) for o in offsets), return_exceptions=True)
+    assert isinstance(results[0], ChecksumMismatch)
+    await at_once.close()
     right = ChunkedFile(blobs, digest, chunks)
     assert b"".join([await right.pread(o, 300_000) for o in range(0, len(BIG), 300_000)]) == BIG
     await right.close()

@@ -442,7 +442,22 @@ class ChunkedFile:
             self._hasher.update(data)
 
     async def _check_whole(self) -> None:
-        """At the end of the blob: if it was read in order from the start, its digest must match (waits)."""
+        """At the end of the blob: if it was read in order from the start, its digest must match (waits).
+
+        Reads of one file arrive concurrently, so the groups between the
+        whole-blob hash and the end may still be on their way: while they are
+        all held, wait for them.  A gap (a group never fetched, or dropped after
+        a jump) means the blob was not read in order; only its chunks are checked.
+        """
+        while self._queued < len(self._groups):
+            fetch = self._window.get(self._queued)
+            if fetch is None:
+                break
+            queued = self._queued
+            await asyncio.wait([fetch])
+            self._feed_hash()
+            if self._queued == queued:  # that group failed, or was dropped meanwhile
+                break
         if self._queued == len(self._groups):
             while (task := self._hash_task) is not None and not task.done():
                 await asyncio.shield(task)
