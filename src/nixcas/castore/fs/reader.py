@@ -244,8 +244,8 @@ class ChunkedFile:
     stream: the chunks fetched in order from the first one are fed, in
     order, to one BLAKE3 hasher of the whole blob, on a worker thread and
     overlapped with serving; a read that reaches the end of the blob waits
-    for that hash and fails unless it is the blob's digest (and every later
-    read fails the same way).  A read that jumped over chunks leaves the
+    for that hash (and for the groups before it still on their way) and fails
+    unless it is the blob's digest (and every later read fails the same way).  A read that jumped over chunks leaves the
     whole-blob hash behind at the first group not read, as a seek does for
     :class:`VerifyingReader`; it resumes when that group is read.
     """
