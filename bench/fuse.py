@@ -4,7 +4,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/fuse.py [--workdir DIR] [--runs 5] [--large-mib 1024] [--files 10000]
-                                   [--no-grpc] [--json OUT] [--seed N]
+                                   [--no-grpc] [--json OUT] [--seed N] [--peer-src DIR]
 
 One source directory is generated (deterministically from ``--seed``) and
 kept in the work directory: ``large/big.bin``, one file of ``--large-mib`` MiB
@@ -27,7 +27,14 @@ Every timed operation is a child process, timed by wall clock:
     file, evicted from the page cache first (``posix_fadvise(DONTNEED)`` on
     that one file), so the bytes come from the disk;
   - *mount over gRPC, fresh*: a fresh mount whose blob and directory services
-    are a ``nixcas daemon`` on a unix socket serving the same store.
+    are a ``nixcas daemon`` on a unix socket serving the same store;
+  - *mount (peer sources), fresh*: with ``--peer-src DIR``, a fresh mount
+    running the nixcas sources in ``DIR`` (say another checkout's ``src``),
+    right after this tree's: before and after a change, in the same run.
+* **floor**: what any verifying reader of this store must do for the large
+  file, without FUSE: read every chunk object, decompress it, BLAKE3 it
+  against its name, and BLAKE3 the whole blob in order, on two threads (both
+  cores) in a child process.
 * **find + stat**: ``find DIR -printf '%i %m %s %P\\n'`` (one ``lstat`` per
   entry) of the 10,000-file tree: *local* (dentries cached), *mount, fresh*
   (every directory fetched on first access), *mount, again*, and *mount over
@@ -39,7 +46,9 @@ cache; then ``--runs`` rounds, each running every measurement once.  The
 mount's peak RSS after reading the 1 GiB file is taken from
 ``/proc/PID/status`` (``VmHWM``), and the CPU time the mount (and the
 daemon) spent during each measurement from ``/proc/PID/stat``.  Medians are reported; MB/s = bytes /
-median seconds / 10^6.
+median seconds / 10^6.  The target ratio (fresh mount / cold local read) is taken per round, from
+the two reads of that round, and reported with the load average at the start of each round: the
+machine may be shared.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +82,31 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 TARGET_SEQUENTIAL_MBS = 200.0
 TARGET_FIND_SECONDS = 2.0
+TARGET_COLD_RATIO = 0.5
+"""Sequential read through a fresh mount: at least this fraction of a cold local read's speed."""
+
+FLOOR_SCRIPT = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import blake3, zstandard
+want, paths = bytes.fromhex(sys.argv[1]), sys.argv[2:]
+def chunk(path):
+    with open(path, "rb") as f:
+        data = zstandard.ZstdDecompressor().decompress(f.read())
+    h = blake3.blake3()
+    h.update(data)
+    if h.hexdigest() != path.rsplit("/", 1)[1]:
+        raise SystemExit(path + ": BLAKE3 mismatch")
+    return data
+whole = blake3.blake3()
+with ThreadPoolExecutor(2) as pool:
+    for at in range(0, len(paths), 32):
+        for data in pool.map(chunk, paths[at : at + 32]):
+            whole.update(data)
+if whole.digest() != want:
+    raise SystemExit("blob: BLAKE3 mismatch")
+"""
+"""The floor: chunk objects read, decompressed and BLAKE3-checked on two threads, the blob hashed in order."""
 
 
 def run_timed(argv: list[str]) -> tuple[float, bytes]:
@@ -144,6 +179,8 @@ class Bench:
         self.daemon_pid: int | None = None
         self.rss: list[float] = []
         self.digest = ""
+        self.big_digest = ""
+        self.loads: list[float] = []
         self.chunks: list[Path] = []
         self.mounts = 0
         self.entries = 0
@@ -178,11 +215,17 @@ class Bench:
         with open(self.big, "rb") as f:
             while block := f.read(16 * MIB):
                 h.update(block)
+        self.big_digest = h.hexdigest()
         self.chunks = chunk_object_paths(self.store / "blobs", B3Digest(h.digest()))
         assert all(p.exists() for p in self.chunks), self.chunks
 
     @contextmanager
-    def mount(self, *global_args: str) -> Iterator[Mount]:
+    def mount(self, *global_args: str, src: str | None = None) -> Iterator[Mount]:
+        """A fresh mount of the tree; ``src``: run the nixcas sources there instead (``--peer-src``)."""
+        env = None
+        if src is not None:
+            env = clean_env()
+            env["PYTHONPATH"] = src
         self.mounts += 1
         mp = self.work / f"mp{self.mounts}"
         mp.mkdir()
@@ -190,7 +233,7 @@ class Bench:
         if not global_args:
             args = ["--store-dir", str(self.store), *args]
         try:
-            with running_mount(args, mp, self.work / f"mount{self.mounts}.log") as m:
+            with running_mount(args, mp, self.work / f"mount{self.mounts}.log", env=env) as m:
                 yield m
                 if m.stop() != 0:
                     raise SystemExit(f"mount exited with an error:\n{m.stderr()}")
@@ -211,17 +254,23 @@ class Bench:
     def round(self, grpc_url: str | None) -> None:
         assert self.chunks
         big = Path("large") / "big.bin"
+        self.loads.append(os.getloadavg()[0])
         self.record("read local, page cache", lambda: dd(self.big))
         with self.mount() as m:
             self.record("read mount, fresh", lambda: dd(m.path / big), m.pid)
             self.rss.append(peak_rss_mib(m.pid))
             self.record("read mount, again", lambda: dd(m.path / big), m.pid)
+        if self.args.peer_src:
+            with self.mount(src=self.args.peer_src) as m:
+                self.record("read mount (peer sources), fresh", lambda: dd(m.path / big), m.pid)
         evict(self.big)
         self.record("read local, cold", lambda: dd(self.big))
         for path in self.chunks:
             evict(path)
         with self.mount() as m:
             self.record("read mount, cold", lambda: dd(m.path / big), m.pid)
+        floor = [sys.executable, "-c", FLOOR_SCRIPT, self.big_digest, *map(str, self.chunks)]
+        self.record("floor: verify chunks, 2 threads", lambda: run_timed(floor)[0])
         self.record("find local", lambda: find(self.small)[0])
         with self.mount() as m:
             self.record("find mount, fresh", lambda: find(m.path / "small")[0], m.pid)
@@ -266,13 +315,29 @@ class Bench:
             print(f"{key:<34} {median:9.3f} {min(values):8.3f} {mbs:>8} {cpu:>13}")
         seq = rows["read mount, fresh"]["mb_s"]
         find_s = rows["find mount, fresh"]["median_s"]
+        ratios = [
+            cold / fresh
+            for cold, fresh in zip(self.samples["read local, cold"], self.samples["read mount, fresh"], strict=True)
+        ]
+        ratio = statistics.median(ratios)
         verdicts = [
             f"sequential read through a fresh mount: {seq:.0f} MB/s "
             f"({'met' if seq >= TARGET_SEQUENTIAL_MBS else 'NOT met'}: target >= {TARGET_SEQUENTIAL_MBS:.0f})",
+            f"fresh mount / cold local read, same round: {ratio:.2f}x median "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; "
+            f"{'met' if ratio >= TARGET_COLD_RATIO else 'NOT met'}: target >= {TARGET_COLD_RATIO}x); "
+            f"load average at each round's start: {', '.join(f'{x:.1f}' for x in self.loads)}",
             f"find + stat of {self.entries} entries through a fresh mount: {find_s:.3f} s "
             f"({'met' if find_s <= TARGET_FIND_SECONDS else 'NOT met'}: target <= {TARGET_FIND_SECONDS:.0f} s)",
             f"mount peak RSS after reading the large file: {statistics.median(self.rss):.0f} MiB (median)",
         ]
+        peer = self.samples.get("read mount (peer sources), fresh")
+        if peer:
+            peer_ratios = [c / p for c, p in zip(self.samples["read local, cold"], peer, strict=True)]
+            verdicts.append(
+                f"peer sources ({self.args.peer_src}): fresh mount / cold local read "
+                f"{statistics.median(peer_ratios):.2f}x median (rounds: {', '.join(f'{r:.2f}' for r in peer_ratios)})"
+            )
         print("\n" + "\n".join(verdicts))
         return {
             "facts": base_facts(self.work),
@@ -281,6 +346,8 @@ class Bench:
             "find_entries": self.entries,
             "results": rows,
             "mount_peak_rss_mib": self.rss,
+            "fresh_vs_cold_ratios": ratios,
+            "load_averages": self.loads,
             "verdicts": verdicts,
         }
 
@@ -293,6 +360,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--files", type=int, default=10_000, help="files in the small tree (default 10000)")
     p.add_argument("--no-grpc", dest="grpc", action="store_false", help="skip the mounts over a gRPC daemon")
     p.add_argument("--seed", type=int, default=20261124)
+    p.add_argument(
+        "--peer-src",
+        help="also read through a fresh mount running the nixcas sources in this src/ directory "
+        "(another checkout: before/after in the same run)",
+    )
     p.add_argument("--json", help="write the results here")
     return p.parse_args(argv)
 

@@ -10,22 +10,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import itertools
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pyfuse3
 import pytest
 
-from nixcas.castore.blob.base import BlobReader, BytesReader, VerifyingReader
+from nixcas.castore.blob.base import BlobChecker, BlobReader, BytesReader, ChunkMeta, VerifyingReader
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.fs.directories import DirectoryFetcher
-from nixcas.castore.fs.fuse import CastoreFs, _RootListing
-from nixcas.castore.fs.reader import ReadAhead
+from nixcas.castore.fs.fuse import CastoreFs, _FileHandle, _RootListing
+from nixcas.castore.fs.reader import ChunkedFile, ReadAhead
 from nixcas.castore.fs.roots import DirectoryRootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.errors import ChecksumMismatch, StorageError
@@ -371,3 +372,180 @@ async def test_directories_kept_ahead_are_bounded() -> None:
     assert await fetcher.get(children[-1].node()) == children[-1]
     assert await fetcher.get(children[0].node()) == children[0]  # dropped: fetched again
     assert dirs.recursive == 2
+
+
+# -- chunked blobs: parallel fetches, per-chunk and whole-blob verification ----------------------------------
+
+
+class ChunkedMemory(MemoryBlobService):
+    """Memory blobs plus chunk lists: a blob put with :meth:`put_chunked` is its chunks, each a blob here.
+
+    Records every chunk read; :meth:`corrupt` swaps a chunk's stored bytes for others of the same length.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists: dict[B3Digest, list[ChunkMeta]] = {}
+        self.fetched: list[B3Digest] = []
+
+    async def put_chunked(self, data: bytes, cuts: list[int]) -> tuple[B3Digest, list[ChunkMeta]]:
+        bounds = [0, *cuts, len(data)]
+        chunks = []
+        for lo, hi in itertools.pairwise(bounds):
+            chunks.append(ChunkMeta(await self.put(data[lo:hi]), hi - lo))
+        digest = B3Digest.of(data)
+        self.lists[digest] = chunks
+        return digest, chunks
+
+    def corrupt(self, chunk: ChunkMeta) -> None:
+        good = self._blobs[chunk.digest]
+        self._blobs[chunk.digest] = bytes(b ^ 0x5A for b in good)
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        found = self.lists.get(digest)
+        return list(found) if found is not None else await super().chunks(digest)
+
+    async def read_chunk(self, chunk: ChunkMeta) -> bytes | None:
+        self.fetched.append(chunk.digest)
+        await asyncio.sleep(0)  # let other fetches interleave
+        return await super().read_chunk(chunk)
+
+    async def _read_many(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
+    ) -> dict[B3Digest, bytes]:
+        self.fetched.extend(max_sizes)
+        await asyncio.sleep(0)
+        return await super()._read_many(max_sizes, checker, parallel)
+
+
+def chunk_cuts(size: int, seed: int) -> list[int]:
+    """Chunk boundaries 20-200 KiB apart (independent of any chunker)."""
+    rng = random.Random(seed)  # noqa: S311
+    cuts, at = [], 0
+    while (at := at + rng.randrange(20 << 10, 200 << 10)) < size:
+        cuts.append(at)
+    return cuts
+
+
+BIG = random.Random(15).randbytes(7 * MiB + 4321)  # noqa: S311
+
+
+async def chunked_file(**options: int) -> tuple[ChunkedMemory, ChunkedFile, list[ChunkMeta]]:
+    blobs = ChunkedMemory()
+    digest, chunks = await blobs.put_chunked(BIG, chunk_cuts(len(BIG), 3))
+    return blobs, ChunkedFile(blobs, digest, chunks, name="big", **options), chunks
+
+
+async def test_chunked_file_random_concurrent_reads_are_exact() -> None:
+    """Parallel read-ahead and concurrent reads at random offsets and sizes give exactly the source bytes."""
+    rng = random.Random(21)  # noqa: S311
+    for ahead, behind, group in ((16 * MiB, 4 * MiB, 2 * MiB), (MiB, 256 << 10, 300 << 10), (0, 0, 0)):
+        _, cf, _ = await chunked_file(ahead=ahead, behind=behind, group=group, parallel=3)
+        sequential = [(o, MiB) for o in range(0, len(BIG), MiB)]
+        scattered = [(rng.randrange(len(BIG) + 10), rng.randrange(0, 3 * MiB)) for _ in range(150)]
+        requests = sequential + scattered
+        rng.shuffle(requests)
+        for start in range(0, len(requests), 12):  # twelve reads in flight at a time, as the kernel sends them
+            batch = requests[start : start + 12]
+            results = await asyncio.gather(*(cf.pread(o, n) for o, n in batch))
+            for (offset, size), data in zip(batch, results, strict=True):
+                assert data == BIG[offset : offset + size], (ahead, offset, size)
+        await cf.close()
+
+
+async def test_chunked_file_sequential_read_fetches_each_chunk_once_in_a_bounded_window() -> None:
+    blobs, cf, chunks = await chunked_file(ahead=2 * MiB, behind=MiB, group=512 << 10)
+    out = bytearray()
+    widest = 0
+    for offset in range(0, len(BIG), 128 << 10):
+        out += await cf.pread(offset, 128 << 10)
+        held = cf.window()
+        widest = max(widest, sum(chunks[i].size for i in held))
+    assert bytes(out) == BIG
+    assert sorted(blobs.fetched) == sorted(c.digest for c in chunks)  # each chunk once, none again
+    # ahead + behind + one read + a group (and a chunk) at either end
+    assert widest <= 2 * MiB + MiB + (128 << 10) + 2 * ((512 << 10) + (200 << 10))
+    await cf.close()
+    assert cf.window() == []
+
+
+async def test_chunked_file_damaged_chunk_fails_only_the_reads_that_cover_it() -> None:
+    blobs, cf, chunks = await chunked_file()
+    starts = list(itertools.accumulate((c.size for c in chunks), initial=0))
+    bad = len(chunks) // 2
+    blobs.corrupt(chunks[bad])
+    lo, hi = starts[bad], starts[bad + 1]
+    got = bytearray()
+
+    async def read_on() -> None:
+        while len(got) < len(BIG):
+            got.extend(await cf.pread(len(got), 64 << 10))
+
+    with pytest.raises(ChecksumMismatch):  # reading on from the start: the first read reaching the chunk fails
+        await read_on()
+    assert bytes(got) == BIG[: len(got)]
+    assert lo - (64 << 10) < len(got) <= lo
+    for offset, size in [(lo, 1), (hi - 1, 1), (lo - 10, 20), (hi - 10, 20), (0, len(BIG))]:
+        with pytest.raises(ChecksumMismatch):
+            await cf.pread(offset, size)
+    assert await cf.pread(lo - 10, 10) == BIG[lo - 10 : lo]
+    assert await cf.pread(hi, 100_000) == BIG[hi : hi + 100_000]
+    assert await cf.pread(len(BIG) - 5, 5) == BIG[-5:]  # the end, not read in order: chunk-checked only
+    await cf.close()
+
+
+async def test_chunked_file_chunk_list_not_making_up_the_blob_fails_at_the_end() -> None:
+    """Every chunk is right but the list is not the blob's (two chunks swapped): the last read fails."""
+    blobs = ChunkedMemory()
+    digest, chunks = await blobs.put_chunked(BIG, chunk_cuts(len(BIG), 3))
+    swapped = [chunks[1], chunks[0], *chunks[2:]]
+    cf = ChunkedFile(blobs, digest, swapped, name="swapped")
+    for offset in range(0, len(BIG) - MiB, MiB):
+        await cf.pread(offset, MiB)
+    with pytest.raises(ChecksumMismatch, match="swapped"):
+        await cf.pread(len(BIG) - MiB, MiB)
+    with pytest.raises(ChecksumMismatch):  # and stays failed
+        await cf.pread(0, 10)
+    await cf.close()
+    # All reads at once, the last one first (the kernel sends read-ahead requests together):
+    # the read of the end waits for the chunks before it and fails.
+    at_once = ChunkedFile(blobs, digest, swapped, name="swapped")
+    offsets = list(range(0, len(BIG), MiB))[::-1]
+    results = await asyncio.gather(*(at_once.pread(o, MiB) for o in offsets), return_exceptions=True)
+    assert isinstance(results[0], ChecksumMismatch)
+    await at_once.close()
+    right = ChunkedFile(blobs, digest, chunks)
+    assert b"".join([await right.pread(o, 300_000) for o in range(0, len(BIG), 300_000)]) == BIG
+    await right.close()
+
+
+async def test_chunked_file_missing_chunk_is_an_error_and_retried() -> None:
+    blobs, cf, chunks = await chunked_file()
+    data = blobs._blobs.pop(chunks[3].digest)
+    offset = sum(c.size for c in chunks[:3])
+    with pytest.raises(StorageError, match=f"chunk {chunks[3].digest.hex()} at {offset} not found"):
+        await cf.pread(offset, 10)
+    blobs._blobs[chunks[3].digest] = data
+    assert await cf.pread(offset, 10) == BIG[offset : offset + 10]
+    await cf.close()
+    with pytest.raises(StorageError, match="closed"):
+        await cf.pread(0, 1)
+
+
+async def test_large_chunked_files_open_as_chunked_files() -> None:
+    blobs, dirs = ChunkedMemory(), MemoryDirectoryService()
+    digest, _ = await blobs.put_chunked(BIG, chunk_cuts(len(BIG), 3))
+    small = await blobs.put(HELLOWORLD)
+    root = Directory({b"big": FileNode(digest, len(BIG)), b"small": FileNode(small, len(HELLOWORLD))})
+    fs = CastoreFs(DirectoryRootNodes(root), blobs, dirs)
+    big_attrs = await fs.lookup(pyfuse3.ROOT_INODE, b"big")
+    small_attrs = await fs.lookup(pyfuse3.ROOT_INODE, b"small")
+    big_fh = (await fs.open(big_attrs.st_ino, os.O_RDONLY)).fh
+    small_fh = (await fs.open(small_attrs.st_ino, os.O_RDONLY)).fh
+    assert isinstance(fs.handles[big_fh], _FileHandle)
+    assert isinstance(fs.handles[big_fh].reader, ChunkedFile)  # type: ignore[union-attr]
+    assert isinstance(fs.handles[small_fh].reader, ReadAhead)  # type: ignore[union-attr]
+    assert await fs.read(big_fh, 5 * MiB, MiB) == BIG[5 * MiB : 6 * MiB]
+    assert await fs.read(small_fh, 0, 100) == HELLOWORLD
+    await fs.release(big_fh)
+    await fs.release(small_fh)

@@ -448,6 +448,96 @@ def test_missing_and_corrupt_content_is_eio(tmp_path: Path, tree: Path) -> None:
         mount.kill()
 
 
+BIG_SIZE = 12 << 20
+"""Big files of some 48 chunks: past the mount's chunk-by-chunk threshold and its read-ahead window."""
+
+
+def store_chunks(data: bytes) -> list[bytes]:
+    """The chunks the store cuts ``data`` into (FastCDC 2020 at the store's default parameters), computed here."""
+    return [bytes(c.data) for c in FastCDC(256 << 10, min_size=128 << 10, max_size=512 << 10).cut_buf(data)]
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, dict[str, bytes], range]]:
+    """A mount of two big files, ``good`` and ``damaged``; one chunk in the middle of ``damaged`` replaced.
+
+    The replacement is a valid zstd frame of other bytes of the chunk's length, so only its BLAKE3 can tell.
+    Yields the mount, the source bytes and the byte range of the damaged chunk.
+    """
+    work = tmp_path_factory.mktemp("big")
+    source = work / "src"
+    source.mkdir()
+    files = {name: blake3.blake3(name.encode()).digest(length=BIG_SIZE) for name in ("good", "damaged")}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    store = work / "store"
+    root = ingest(store, source)
+    chunks = store_chunks(files["damaged"])
+    bad = len(chunks) // 2
+    start = sum(map(len, chunks[:bad]))
+    path = store / "blobs" / chunk_key(B3Digest(blake3.blake3(chunks[bad]).digest()))
+    assert path.is_file()
+    path.write_bytes(zstandard.ZstdCompressor().compress(bytes(b ^ 0x5A for b in chunks[bad])))
+    mount = castore_mount(store, root, work / "mp", work / "log", "--list-root")
+    try:
+        yield mount, files, range(start, start + len(chunks[bad]))
+    finally:
+        mount.kill()
+
+
+def test_damaged_chunk_in_a_big_file_is_eio_where_it_is(big_files: tuple[Mount, dict[str, bytes], range]) -> None:
+    """Reads stop with EIO at the damaged chunk (not at the end), hand out no wrong byte, and the rest reads fine."""
+    mount, files, bad = big_files
+    want = files["damaged"]
+    got = bytearray()
+
+    def read_on() -> None:
+        with open(mount.path / "damaged", "rb", buffering=0) as f:  # through the page cache and kernel read-ahead
+            while piece := f.read(1 << 20):
+                got.extend(piece)
+
+    assert errno_of(read_on) == errno.EIO
+    assert got == want[: len(got)]
+    assert bad.start - (1 << 20) < len(got) <= bad.start  # stopped at the damaged chunk, within one read
+    assert "of /damaged" in mount.wait_for_log("of /damaged")
+    fd = os.open(mount.path / "damaged", os.O_RDONLY | os.O_DIRECT)  # every pread reaches the filesystem
+    try:
+        page = bad.start // 4096 * 4096
+        assert os.pread(fd, 8192, page - 8192) == want[page - 8192 : page]
+        assert errno_of(os.pread, fd, 4096, page) == errno.EIO
+        assert errno_of(os.pread, fd, 1 << 20, bad.stop - 10) == errno.EIO
+        after = -(-bad.stop // 4096) * 4096
+        assert os.pread(fd, 1 << 20, after) == want[after : after + (1 << 20)]
+        assert os.pread(fd, 4096, BIG_SIZE - 4096) == want[-4096:]  # past it, to the end: chunk-checked
+    finally:
+        os.close(fd)
+
+
+def test_parallel_reads_of_a_big_file_are_exact(big_files: tuple[Mount, dict[str, bytes], range]) -> None:
+    """Many threads at random offsets and sizes on one open file (the kernel sends their reads at once)."""
+    mount, files, _ = big_files
+    want = files["good"]
+    buffered = os.open(mount.path / "good", os.O_RDONLY)
+    direct = os.open(mount.path / "good", os.O_RDONLY | os.O_DIRECT)
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)  # noqa: S311
+        fd = direct if seed % 2 else buffered
+        for _ in range(25):
+            offset = rng.randrange(BIG_SIZE + 1)
+            size = rng.choice([1, 4096, 100_000, 1 << 20, 3 << 20])
+            assert os.pread(fd, size, offset) == want[offset : offset + size], (seed, offset, size)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(reader, range(16)))
+        whole = b"".join(iter(lambda: os.read(buffered, 1 << 20), b""))
+        assert whole == want
+    finally:
+        os.close(buffered)
+        os.close(direct)
+
+
 # -- the store's paths: nixcas mount -----------------------------------------------------------------
 
 

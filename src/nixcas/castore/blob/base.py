@@ -16,7 +16,7 @@ import io
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import blake3
 
@@ -298,6 +298,11 @@ class WriterState:
 
 class BlobService(Closing, ABC):
     """Stores blobs by BLAKE3 digest.  Absence is ``None``/``False``, never an exception."""
+
+    chunk_reads: ClassVar[bool] = True
+    """Whether a chunked blob may be read chunk by chunk (:meth:`chunks`, then :meth:`read_chunk` for each,
+    the whole hashed by the caller) instead of through :meth:`open_read`, which a mount does to fetch
+    chunks in parallel; ``False`` where :meth:`open_read` does more than read (``combined`` fills near)."""
 
     @abstractmethod
     async def has(self, digest: B3Digest) -> bool:

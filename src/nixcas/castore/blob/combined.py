@@ -84,6 +84,8 @@ class CombinedBlobServiceConfig(NearFarConfig[BlobService]):
 class CombinedBlobService(BlobService):
     """Near first; far-fetched blobs are written into near while they stream."""
 
+    chunk_reads: ClassVar[bool] = False  # open_read fills near and publishes the index once the blob passed
+
     def __init__(self, near: BlobService, far: BlobService, *, close_inner: bool = False) -> None:
         self.near = near
         self.far = far

@@ -23,7 +23,7 @@ import contextlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, TypeAlias, cast
+from typing import ClassVar, Final, TypeAlias, cast
 
 import blake3
 import grpc
@@ -85,6 +85,8 @@ async def _next_data(call: _ReadCall) -> bytes:
 
 class GrpcBlobService(GrpcClient, BlobService):
     """A BlobService served by a nixcas, tvix or snix daemon."""
+
+    chunk_reads: ClassVar[bool] = False  # one Read stream per blob costs far less than one per chunk
 
     def __init__(self, connection: GrpcConnection) -> None:
         super().__init__(connection)

@@ -34,12 +34,12 @@ from typing import TypeVar
 import pyfuse3
 import pyfuse3.asyncio
 
-from nixcas.castore.blob.base import BlobReader, BlobService
+from nixcas.castore.blob.base import READ_BLOCK, BlobService
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.fs.directories import DirectoryFetcher
 from nixcas.castore.fs.inodes import ROOT_INODE, Inode, InodeTable
-from nixcas.castore.fs.reader import ReadAhead
+from nixcas.castore.fs.reader import ChunkedFile, ReadAhead
 from nixcas.castore.fs.roots import RootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 from nixcas.errors import NixcasError
@@ -55,6 +55,10 @@ CACHE_TIMEOUT = float(1 << 31)
 
 BLKSIZE = 128 << 10
 """``st_blksize``: the I/O size tools like ``cat`` and ``cp`` use for their reads."""
+
+CHUNKED_FROM = 2 * READ_BLOCK
+"""Files of at least this size (2 MiB) are read chunk by chunk when the store keeps them chunked
+(:class:`ChunkedFile`: parallel fetches); smaller ones skip asking for the chunk list."""
 
 MTIME_NS = 1_000_000_000
 """Every node's times: 1 s after the epoch, as in the Nix store (snix does the same)."""
@@ -126,7 +130,7 @@ class _DirHandle:
 @dataclass(eq=False)
 class _FileHandle:
     inode: Inode
-    reader: ReadAhead
+    reader: ReadAhead | ChunkedFile
 
 
 class CastoreFs(pyfuse3.Operations):
@@ -348,16 +352,25 @@ class CastoreFs(pyfuse3.Operations):
             raise _fail(errno.EISDIR)
         if flags & _WRITE_FLAGS:
             raise _fail(errno.EROFS)
-        reader = await self._guard("opening", file_inode, self._open_blob(node))
         name = f"{file_inode.show_path()} (blob {node.digest})"
-        fh = self._add_handle(_FileHandle(file_inode, ReadAhead(reader, node.size, name=name)))
+        reader = await self._guard("opening", file_inode, self._open_blob(node, name))
+        fh = self._add_handle(_FileHandle(file_inode, reader))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def _open_blob(self, node: FileNode) -> BlobReader:
+    async def _open_blob(self, node: FileNode, name: str) -> ReadAhead | ChunkedFile:
+        """A chunked blob of :data:`CHUNKED_FROM` or more as its chunks (if the service allows); else one stream."""
+        if node.size >= CHUNKED_FROM and self.blobs.chunk_reads:
+            chunks = await self.blobs.chunks(node.digest)
+            if chunks is None:
+                raise _Missing(f"blob {node.digest} not found")
+            if len(chunks) >= 2:
+                if (total := sum(c.size for c in chunks)) != node.size:
+                    raise _Missing(f"blob {node.digest}: its chunks add up to {total} bytes, the file has {node.size}")
+                return ChunkedFile(self.blobs, node.digest, chunks, name=name)
         reader = await self.blobs.open_read(node.digest)
         if reader is None:
             raise _Missing(f"blob {node.digest} not found")
-        return reader
+        return ReadAhead(reader, node.size, name=name)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handle(fh)
@@ -421,6 +434,35 @@ READ_AHEAD_KIB = 1024
 """The kernel's read-ahead on the mount (its default for FUSE is 128 KiB): 1 MiB reads, 8x fewer requests."""
 
 
+MALLOC_MMAP_THRESHOLD = 4 << 20
+"""In a mount process, glibc's malloc serves blocks up to this size (every chunk and reply buffer) from its heap."""
+
+MALLOC_TRIM_THRESHOLD = 32 << 20
+"""... and keeps up to this much freed memory at the heap's top for reuse instead of handing it back."""
+
+
+def keep_freed_buffers() -> bool:
+    """Make glibc's malloc reuse the memory of freed chunk buffers instead of handing it back to the kernel.
+
+    A sequential read allocates and frees buffers of a few hundred KiB (chunks,
+    replies) thousands of times per GiB; with glibc's defaults each can be a
+    fresh ``mmap`` whose pages fault in and are zeroed again, about a tenth of
+    the mount's CPU.  Fixed thresholds (:data:`MALLOC_MMAP_THRESHOLD`,
+    :data:`MALLOC_TRIM_THRESHOLD`) keep them in the heap.  A no-op (False)
+    without glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD)
+    )
+
+
 def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
@@ -468,6 +510,7 @@ async def serve(
     (a libfuse session is process-global in pyfuse3).
     """
     pyfuse3.asyncio.enable()
+    keep_freed_buffers()
     options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=nixcas"}
     if allow_other:
         options.add("allow_other")

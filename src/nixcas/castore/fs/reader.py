@@ -23,13 +23,18 @@ than its recorded size is an error, before the last bytes are handed out.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 
-from nixcas.castore.blob.base import READ_BLOCK, BlobReader
-from nixcas.errors import StorageError
+import blake3
 
-__all__ = ["AHEAD", "BEHIND", "ReadAhead"]
+from nixcas.castore.blob.base import READ_BLOCK, BlobReader, BlobService, ChunkMeta
+from nixcas.castore.digest import B3Digest
+from nixcas.errors import ChecksumMismatch, StorageError
+
+__all__ = ["AHEAD", "BEHIND", "CHUNKS_AHEAD", "CHUNKS_BEHIND", "CHUNKS_PARALLEL", "ChunkedFile", "ReadAhead"]
 
 AHEAD = 8 * READ_BLOCK
 """How far past the furthest byte asked for the background task reads (8 MiB)."""
@@ -204,3 +209,271 @@ class ReadAhead:
         async with self._lock:
             self._blocks.clear()
             await self._reader.close()
+
+
+CHUNKS_AHEAD = 16 * READ_BLOCK
+"""How far past the furthest byte asked for :class:`ChunkedFile` keeps chunks fetched (16 MiB)."""
+
+CHUNKS_BEHIND = 4 * READ_BLOCK
+"""How much already-read data :class:`ChunkedFile` keeps for reads the kernel sends out of order (4 MiB)."""
+
+CHUNKS_PARALLEL = 3
+"""Groups of chunks one :class:`ChunkedFile` fetches at once (each read, decompressed and hashed on a thread)."""
+
+CHUNKS_GROUP = 2 * READ_BLOCK
+"""Consecutive chunks :class:`ChunkedFile` fetches together, in one :meth:`BlobService.read_many` (2 MiB)."""
+
+
+class ChunkedFile:
+    """``pread`` over a chunked blob: chunks fetched and checked in parallel, the blob hashed whole on the side.
+
+    Built from the blob's chunk list (:meth:`BlobService.chunks`).  Chunks
+    are fetched in groups of consecutive ones (about ``group`` bytes) with
+    one :meth:`BlobService.read_many` each, which checks every chunk against
+    its BLAKE3 before it returns (in one worker thread for the local store);
+    a chunk of the wrong size, a missing one, or any failure of the group
+    sends that group's chunks through :meth:`BlobService.read_chunk` one by
+    one, so a read never hands out a byte of a chunk that did not verify and
+    a damaged chunk fails exactly the reads that cover it.  While the reader
+    goes forward, up to ``parallel`` groups are fetched at once, up to
+    ``ahead`` bytes past the furthest byte asked for; groups more than
+    ``behind`` bytes behind the reader are dropped (unless a read still waits
+    on them), so memory stays bounded by the window.
+
+    The chunk list itself is checked the way :class:`VerifyingReader` checks a
+    stream: the chunks fetched in order from the first one are fed, in
+    order, to one BLAKE3 hasher of the whole blob, on a worker thread and
+    overlapped with serving; a read that reaches the end of the blob waits
+    for that hash (and for the groups before it still on their way) and fails
+    unless it is the blob's digest (and every later read fails the same way).  A read that jumped over chunks leaves the
+    whole-blob hash behind at the first group not read, as a seek does for
+    :class:`VerifyingReader`; it resumes when that group is read.
+    """
+
+    def __init__(
+        self,
+        blobs: BlobService,
+        digest: B3Digest,
+        chunks: Sequence[ChunkMeta],
+        *,
+        ahead: int = CHUNKS_AHEAD,
+        behind: int = CHUNKS_BEHIND,
+        parallel: int = CHUNKS_PARALLEL,
+        group: int = CHUNKS_GROUP,
+        name: str = "blob",
+    ) -> None:
+        self._blobs = blobs
+        self._digest = digest
+        self._chunks = list(chunks)
+        self._starts: list[int] = []
+        """Where each chunk starts in the blob."""
+        self._groups: list[int] = []
+        """The first chunk of each group."""
+        total = filled = 0
+        for i, chunk in enumerate(self._chunks):
+            if not self._groups or filled >= group:
+                self._groups.append(i)
+                filled = 0
+            self._starts.append(total)
+            total += chunk.size
+            filled += chunk.size
+        self._group_starts = [self._starts[i] for i in self._groups]
+        self._size = total
+        self._ahead = ahead
+        self._behind = behind
+        self._name = name
+        self._slots = asyncio.Semaphore(max(1, parallel))
+        self._window: dict[int, asyncio.Future[list[bytes | Exception]]] = {}
+        """Group index -> its fetch (running or done): the groups held around the reader."""
+        self._pins: dict[int, int] = {}
+        """Group index -> reads waiting on it (never dropped while pinned)."""
+        self._furthest = 0
+        """The end of the furthest read of the current sequential run."""
+        self._hasher = blake3.blake3()
+        self._queued = 0
+        """Groups handed to the whole-blob hash so far (always the first ones, in order)."""
+        self._backlog: deque[bytes] = deque()
+        self._hash_task: asyncio.Task[None] | None = None
+        self._whole_error: StorageError | None = None
+        self._whole_checked = False
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def window(self) -> list[int]:
+        """The chunk indexes held or being fetched (for tests and diagnostics)."""
+        return [i for g in sorted(self._window) for i in range(*self._group_chunks(g))]
+
+    async def pread(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes at ``offset`` (fewer only at the end of the blob), every one verified."""
+        if self._closed:
+            raise StorageError(f"{self._name}: reader is closed")
+        if offset < 0 or n < 0:
+            raise ValueError(f"negative offset or size ({offset}, {n})")
+        if self._whole_error is not None:
+            raise self._whole_error
+        stop = min(self._size, offset + n)
+        if offset >= stop:
+            return b""
+        first, last = self._group(offset), self._group(stop - 1)
+        if self._furthest - self._ahead <= offset <= self._furthest + self._ahead:
+            self._furthest = max(self._furthest, stop)
+            low = self._group(max(0, offset - self._behind))
+            high = self._group(min(self._size, self._furthest + self._ahead) - 1)
+        else:  # a jump: only what this read needs
+            self._furthest = stop
+            low, high = first, last
+        self._trim(min(low, first), max(high, last))
+        needed = [self._fetch(g) for g in range(first, last + 1)]
+        for g in range(last + 1, high + 1):  # after the needed ones: the fetches start in this order
+            self._fetch(g)
+        for g in range(first, last + 1):
+            self._pins[g] = self._pins.get(g, 0) + 1
+        try:
+            groups = [await fetch for fetch in needed]
+        finally:
+            for g in range(first, last + 1):
+                if (left := self._pins[g] - 1) > 0:
+                    self._pins[g] = left
+                else:
+                    del self._pins[g]
+        lo, hi = self._index(offset), self._index(stop - 1)
+        parts: list[bytes] = []
+        for g, fetched in zip(range(first, last + 1), groups, strict=True):
+            base = self._groups[g]
+            for i in range(max(lo, base), min(hi + 1, base + len(fetched))):
+                part = fetched[i - base]
+                if isinstance(part, Exception):
+                    if self._window.get(g) is needed[g - first]:
+                        del self._window[g]  # the next read of it tries again
+                    raise part
+                parts.append(part)
+        if stop == self._size:
+            await self._check_whole()
+        skip = offset - self._starts[lo]
+        if len(parts) == 1:
+            return parts[0][skip : skip + stop - offset]
+        views = [memoryview(p) for p in parts]
+        views[0] = views[0][skip:]
+        views[-1] = views[-1][: stop - self._starts[hi]]
+        return b"".join(views)
+
+    def _index(self, offset: int) -> int:
+        """The chunk holding byte ``offset``."""
+        return bisect.bisect_right(self._starts, offset) - 1
+
+    def _group(self, offset: int) -> int:
+        """The group holding byte ``offset``."""
+        return bisect.bisect_right(self._group_starts, offset) - 1
+
+    def _group_chunks(self, g: int) -> tuple[int, int]:
+        """The chunk indexes of group ``g``: ``range(*_group_chunks(g))``."""
+        return self._groups[g], self._groups[g + 1] if g + 1 < len(self._groups) else len(self._chunks)
+
+    def _trim(self, low: int, high: int) -> None:
+        """Drop (and stop fetching) the groups outside ``[low, high]`` that no read waits on."""
+        self._feed_hash()  # first, so nothing fetched in order is dropped before it is hashed
+        for g in [g for g in self._window if (g < low or g > high) and g not in self._pins]:
+            fetch = self._window.pop(g)
+            if fetch.done():
+                if not fetch.cancelled():
+                    fetch.exception()  # fetched ahead and never read: its error goes with it
+            else:
+                fetch.cancel()
+
+    def _fetch(self, g: int) -> asyncio.Future[list[bytes | Exception]]:
+        fetch = self._window.get(g)
+        if fetch is None:
+            fetch = self._window[g] = asyncio.ensure_future(self._read_group(g))
+            fetch.add_done_callback(lambda _: self._feed_hash())
+        return fetch
+
+    async def _read_group(self, g: int) -> list[bytes | Exception]:
+        """The chunks of group ``g``, each checked against its digest, or the error that stopped it."""
+        chunks = self._chunks[slice(*self._group_chunks(g))]
+        async with self._slots:
+            try:  # every chunk is a blob by itself: read_many checks each against its digest
+                found = await self._blobs.read_many({c.digest: c.size for c in chunks})
+                if all(len(found.get(c.digest, b"")) == c.size for c in chunks):
+                    return [found[c.digest] for c in chunks]
+            except Exception:  # noqa: S110 - one by one below, to tell which chunk is wrong
+                pass
+            out: list[bytes | Exception] = []
+            for i, chunk in enumerate(chunks, self._groups[g]):
+                try:
+                    data = await self._blobs.read_chunk(chunk)  # checked against its size and digest
+                    if data is None:
+                        raise StorageError(f"{self._name}: chunk {chunk.digest.hex()} at {self._starts[i]} not found")
+                    out.append(data)
+                except Exception as e:
+                    out.append(e)
+            return out
+
+    # -- the whole-blob hash ------------------------------------------------------------
+
+    def _feed_hash(self) -> None:
+        """Queue for the whole-blob hash every group fetched right after those already queued."""
+        while (fetch := self._window.get(self._queued)) is not None and fetch.done():
+            if fetch.cancelled() or fetch.exception() is not None:
+                return
+            chunks = fetch.result()
+            if any(isinstance(c, Exception) for c in chunks):
+                return
+            self._backlog.extend(c for c in chunks if isinstance(c, bytes))
+            self._queued += 1
+        if self._backlog and (self._hash_task is None or self._hash_task.done()) and not self._closed:
+            self._hash_task = asyncio.ensure_future(self._hash())
+
+    async def _hash(self) -> None:
+        while self._backlog:
+            batch = list(self._backlog)
+            self._backlog.clear()
+            await asyncio.to_thread(self._hash_batch, batch)
+        if self._queued == len(self._groups) and not self._whole_checked:
+            self._whole_checked = True
+            got = B3Digest(self._hasher.digest())
+            if got != self._digest:
+                self._whole_error = ChecksumMismatch(f"{self._name}", self._digest.hex(), got.hex())
+
+    def _hash_batch(self, batch: list[bytes]) -> None:
+        for data in batch:
+            self._hasher.update(data)
+
+    async def _check_whole(self) -> None:
+        """At the end of the blob: if it was read in order from the start, its digest must match (waits).
+
+        Reads of one file arrive concurrently, so the groups between the
+        whole-blob hash and the end may still be on their way: while they are
+        all held, wait for them.  A gap (a group never fetched, or dropped after
+        a jump) means the blob was not read in order; only its chunks are checked.
+        """
+        while self._queued < len(self._groups):
+            fetch = self._window.get(self._queued)
+            if fetch is None:
+                break
+            queued = self._queued
+            await asyncio.wait([fetch])
+            self._feed_hash()
+            if self._queued == queued:  # that group failed, or was dropped meanwhile
+                break
+        if self._queued == len(self._groups):
+            while (task := self._hash_task) is not None and not task.done():
+                await asyncio.shield(task)
+        if self._whole_error is not None:
+            raise self._whole_error
+
+    async def close(self) -> None:
+        """Stop every fetch and the whole-blob hash; drop what is held."""
+        if self._closed:
+            return
+        self._closed = True
+        fetches = list(self._window.values())
+        self._window.clear()
+        self._backlog.clear()
+        for fetch in fetches:
+            fetch.cancel()
+        await asyncio.gather(*fetches, return_exceptions=True)
+        if self._hash_task is not None:
+            await asyncio.gather(self._hash_task, return_exceptions=True)
