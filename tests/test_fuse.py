@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import blake3
 import pytest
+import zstandard
 from pyfastcdc import FastCDC
 
 from nixcas.castore.blob.combined import FILL_WINDOW
