@@ -339,6 +339,9 @@ class FaultyFile:
     def close(self) -> None:
         self._inner.close()
 
+    def fileno(self) -> int:
+        return int(self._inner.fileno())
+
     def __enter__(self) -> FaultyFile:
         return self
 
@@ -604,3 +607,58 @@ async def test_a_failing_upload_with_batches_queued_ends_the_import(tmp_path: Pa
         (root / str(i)).write_bytes(b"%d" % i)
     with pytest.raises(StorageError, match="unreachable"):
         await asyncio.wait_for(ingest_path(root, _FailingBatches(), MemoryDirectoryService()), timeout=60)
+
+
+class _Touching:
+    """A walk observer that rewrites a large file (same size) right after the walk saw it."""
+
+    def __init__(self, victim: Path) -> None:
+        self.victim = os.fsencode(victim)
+
+    def directory(self, name: bytes | None) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+    def symlink(self, name: bytes | None, target: bytes) -> None:
+        pass
+
+    def file(
+        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes, stamp: Any
+    ) -> None:
+        if fs_path == self.victim:
+            with open(fs_path, "r+b") as f:
+                f.write(b"!")  # same size, other bytes: only the stamp (mtime, ctime) tells
+
+
+async def test_a_large_file_changed_after_the_walk_saw_it_fails_the_import(stores: Stores, src: Path) -> None:
+    big = src / "big"
+    big.write_bytes(os.urandom(ingest_module.SMALL_FILE + 1))
+    (src / "small").write_bytes(b"small")
+    with pytest.raises(IngestError, match="big: changed while being imported"):
+        await ingest_path(src, stores.blobs, stores.directories, observer=_Touching(big))
+
+
+async def test_nar_hasher_hashes_what_nix_hashes(tmp_path: Path) -> None:
+    """The NAR hashed during the walk equals the NAR rendered from the store (small, large, symlink, exec)."""
+    from nixcas.store.nar.hashing import NarHasher
+    from nixcas.store.nar.render import nar_size_sha256
+
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "big").write_bytes(os.urandom(ingest_module.SMALL_FILE * 3 + 5))
+    (tree / "a").write_bytes(b"a\n")
+    (tree / "x").write_bytes(b"#!/bin/sh\n")
+    (tree / "x").chmod(0o755)
+    (tree / "link").symlink_to("a")
+    (tree / "empty").mkdir()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    for root in (tree, tree / "sub" / "big", tree / "link"):
+        hasher = NarHasher(budget=1)  # the smallest budget: the walker waits for the hasher at every file
+        try:
+            node = await ingest_path(root, blobs, dirs, observer=hasher)
+            got = await asyncio.to_thread(hasher.result)
+        finally:
+            hasher.close()
+        assert got == await nar_size_sha256(node, blobs, dirs)

@@ -30,11 +30,20 @@ from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node, Symli
 from nixcas.castore.treepath import TreePath
 from nixcas.errors import DepthError, IngestError, StorageError, ValidationError
 
-__all__ = ["IngestEntry", "Progress", "WalkObserver", "ingest_entries", "ingest_path", "upload_stream"]
+__all__ = [
+    "IngestEntry",
+    "Progress",
+    "Stamp",
+    "WalkObserver",
+    "ingest_entries",
+    "ingest_path",
+    "stamp_of",
+    "upload_stream",
+]
 
 SMALL_FILE = 256 << 10
 """Files up to this size are read whole and uploaded in batches."""
-BATCH_FILES = 512
+BATCH_FILES = 2048
 BATCH_BYTES = 16 << 20
 READ_BLOCK = 1 << 20
 LARGE_PARALLEL = 2
@@ -65,14 +74,25 @@ class WalkObserver(Protocol):
         """A symlink."""
 
     def file(
-        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes
-    ) -> B3Digest | None:
+        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes, stamp: Stamp
+    ) -> None:
         """A regular file: ``data`` is its contents when it is small (they are what is imported).
 
-        For a large file (``data is None``) the observer reads ``fs_path``
-        itself and returns the BLAKE3 of what it read: the import fails if the
-        file it stores has another digest (the file changed in between).
+        A large file (``data is None``) is streamed by the importer separately;
+        an observer that reads ``fs_path`` itself must check that the file
+        still has ``stamp`` (:func:`stamp_of`) before and after it reads it, as
+        the importer does around its own read: both then read the same bytes.
         """
+
+
+Stamp = tuple[int, int, int, int, int]
+"""A file's identity and version: device, inode, size, mtime and ctime (ns).  Any write, and
+any attempt to set the mtime back, changes the ctime: equal stamps mean unchanged contents."""
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    """The :data:`Stamp` of a ``stat`` result."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +233,7 @@ class _FileItem:
     size: int
     executable: bool
     data: bytes | None  # the contents, for small files
-    observed: B3Digest | None = None  # a large file's digest as the walk observer read it
+    stamp: Stamp  # as the walk saw it: a large file's two reads (upload, observer) must see it unchanged
 
 
 _Item = IngestEntry | _FileItem
@@ -250,7 +270,7 @@ def _visit(fs_path: bytes, path: TreePath) -> _Item | list[bytes]:
             raise IngestError(f"{os.fsdecode(fs_path)}: {e}") from None
     if stat.S_ISREG(mode):
         data = _read_small(fs_path, st.st_size) if st.st_size <= SMALL_FILE else None
-        return _FileItem(path, fs_path, st.st_size, bool(mode & stat.S_IXUSR), data)
+        return _FileItem(path, fs_path, st.st_size, bool(mode & stat.S_IXUSR), data, stamp_of(st))
     kind = (
         "socket" if stat.S_ISSOCK(mode) else
         "FIFO" if stat.S_ISFIFO(mode) else
@@ -301,7 +321,7 @@ def _walk(fs_path: bytes, path: TreePath, observer: WalkObserver | None = None) 
 
 def _observe(observer: WalkObserver, name: bytes | None, item: _Item) -> None:
     if isinstance(item, _FileItem):
-        item.observed = observer.file(name, item.executable, item.size, item.data, item.fs_path)
+        observer.file(name, item.executable, item.size, item.data, item.fs_path, item.stamp)
     elif isinstance(item.node, SymlinkNode):
         observer.symlink(name, item.node.target)
 
@@ -339,12 +359,17 @@ def _batches(items: Iterator[_Item]) -> Iterator[list[_Item]]:
 
 async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress | None) -> FileNode:
     where = os.fsdecode(item.fs_path)
+    changed = IngestError(f"{where}: changed while being imported; retry")
     try:
         f = await asyncio.to_thread(open, item.fs_path, "rb")
     except OSError as e:
         raise IngestError(f"{where}: cannot read: {e.strerror}") from None
     try:
+        if stamp_of(os.fstat(f.fileno())) != item.stamp:
+            raise changed
         digest = await upload_stream(blobs, f.read, item.size, f"{where} (changed while being imported)", progress)
+        if stamp_of(os.fstat(f.fileno())) != item.stamp:
+            raise changed
     except OSError as e:
         if isinstance(e, StorageError):
             raise
@@ -353,8 +378,6 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
         raise IngestError(f"{where}: {e}") from None
     finally:
         await asyncio.to_thread(f.close)
-    if item.observed is not None and item.observed != digest:
-        raise IngestError(f"{where}: changed while being imported (read twice, different contents); retry")
     return FileNode(digest, item.size, item.executable)
 
 

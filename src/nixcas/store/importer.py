@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -73,8 +74,11 @@ async def ingest_and_hash(
     """
     if isinstance(services.nar, SimpleNarCalculationService):
         hasher = NarHasher()
-        node = await ingest_path(path, services.blobs, services.directories, progress=progress, observer=hasher)
-        size, sha256 = hasher.result()
+        try:
+            node = await ingest_path(path, services.blobs, services.directories, progress=progress, observer=hasher)
+            size, sha256 = await asyncio.to_thread(hasher.result)
+        finally:
+            await asyncio.to_thread(hasher.close)
         return node, size, sha256
     node = await ingest_path(path, services.blobs, services.directories, progress=progress)
     size, sha256 = await services.nar.calculate_nar(node)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import queue
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-
-import blake3
+from dataclasses import dataclass
 
 from nixcas.castore.blob.base import BlobService
-from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.ingest import Stamp, stamp_of
 from nixcas.castore.nodes import Node
 from nixcas.errors import IngestError
 from nixcas.store.nar.render import BUFFER_BYTES, PREFETCH, nar_size_sha256
@@ -122,81 +123,152 @@ class SimpleNarCalculationService(NarCalculationService):
         return len(self._cache), len(self._running)
 
 
+@dataclass(frozen=True, slots=True)
+class _Large:
+    """A large file to read into the hash: its framing before and after, and the stamp it must keep."""
+
+    head: bytes
+    fs_path: bytes
+    size: int
+    stamp: Stamp
+    tail: bytes
+
+
 class NarHasher:
     """A :class:`~nixcas.castore.ingest.WalkObserver` that hashes the NAR of the tree being imported.
 
-    The walk presents the tree in NAR order, so the archive is hashed as it
-    is read, from the very bytes that are imported: no second pass over the
-    files, no read back from the store.  Small files arrive with their
-    contents; large ones are read here in blocks (and their BLAKE3 returned,
-    so the import fails if the stored file differs from what was hashed).
+    The walk presents the tree in NAR order, so the archive is hashed as it is
+    read, from the very bytes that are imported: no second pass over the
+    small files and nothing read back from the store.  The hashing runs on a
+    thread of its own, fed in order through a queue (at most ``budget`` bytes
+    of small files waiting), so the walk goes on reading while large files
+    are hashed; a large file is read there in blocks, and must keep the stamp
+    the walk saw (the importer checks the same stamp around its own read).
+    Call :meth:`result` once the walk is done, and :meth:`close` in any case.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = 32 << 20) -> None:
         self._sha = hashlib.sha256(NAR_MAGIC)
         self._size = len(NAR_MAGIC)
         self._depth = 0
+        self._budget = budget
+        self._waiting = 0  # bytes queued, not hashed yet
+        self._cond = threading.Condition()
+        self._queue: queue.SimpleQueue[tuple[bytes, ...] | _Large | None] = queue.SimpleQueue()
+        self._error: IngestError | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="nar-hasher", daemon=True)
+        self._thread.start()
 
-    def _add(self, data: bytes) -> None:
-        self._sha.update(data)
-        self._size += len(data)
+    # -- the walker's side -------------------------------------------------------------
+
+    def _put(self, item: tuple[bytes, ...] | _Large, cost: int) -> None:
+        with self._cond:
+            while self._waiting and self._waiting + cost > self._budget and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise IngestError("import ended")
+            self._waiting += cost
+        self._queue.put(item)
 
     def _entry(self, name: bytes | None) -> bytes:
         return b"" if name is None else ENTRY_PREFIX + encode_str(name) + TOK_NODE
 
     def directory(self, name: bytes | None) -> None:
         self._depth += 1
-        self._add(self._entry(name) + NODE_DIRECTORY)
+        self._put((self._entry(name) + NODE_DIRECTORY,), 0)
 
     def leave(self) -> None:
         # the directory's ")", and the ")" of the entry that holds it (the root has none)
         self._depth -= 1
-        self._add(TOK_CLOSE if self._depth == 0 else _CLOSE2)
+        self._put((TOK_CLOSE if self._depth == 0 else _CLOSE2,), 0)
 
     def symlink(self, name: bytes | None, target: bytes) -> None:
-        self._add(self._entry(name) + NODE_SYMLINK + encode_str(target) + (TOK_CLOSE if name is None else _CLOSE2))
+        close = TOK_CLOSE if name is None else _CLOSE2
+        self._put((self._entry(name) + NODE_SYMLINK + encode_str(target) + close,), 0)
 
     def file(
-        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes
-    ) -> B3Digest | None:
+        self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes, stamp: Stamp
+    ) -> None:
         head = self._entry(name) + (NODE_EXECUTABLE if executable else NODE_REGULAR) + u64_le(size)
         tail = padding(size) + (TOK_CLOSE if name is None else _CLOSE2)
         if data is not None:
-            self._sha.update(head)
-            self._sha.update(data)
-            self._sha.update(tail)
-            self._size += len(head) + size + len(tail)
-            return None
-        self._add(head)
-        digest = self._read(size, fs_path)
-        self._add(tail)
-        return digest
+            self._put((head, data, tail), len(data))
+        else:
+            self._put(_Large(head, fs_path, size, stamp, tail), 0)
 
-    def _read(self, size: int, fs_path: bytes) -> B3Digest:
-        where = os.fsdecode(fs_path)
-        b3 = blake3.blake3()
+    # -- the hashing thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            cost = len(item[1]) if isinstance(item, tuple) and len(item) == 3 else 0
+            try:
+                if self._error is not None:
+                    pass  # failed already: drain, hashing nothing
+                elif isinstance(item, _Large):
+                    self._add(item.head)
+                    self._read(item)
+                    self._add(item.tail)
+                else:
+                    for part in item:
+                        self._add(part)
+            except IngestError as e:
+                self._error = e
+            except Exception as e:  # reported by result(), as an import error
+                self._error = IngestError(f"hashing the NAR: {e}")
+            finally:
+                if cost:
+                    with self._cond:
+                        self._waiting -= cost
+                        self._cond.notify_all()
+
+    def _add(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._size += len(data)
+
+    def _read(self, item: _Large) -> None:
+        where = os.fsdecode(item.fs_path)
+        changed = IngestError(f"{where}: changed while being imported; retry")
         try:
-            fd = os.open(fs_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(item.fs_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as e:
             raise IngestError(f"{where}: cannot read: {e.strerror}") from None
         try:
-            remaining = size
+            if stamp_of(os.fstat(fd)) != item.stamp:
+                raise changed
+            remaining = item.size
             while remaining > 0:
                 block = os.read(fd, min(_READ_BLOCK, remaining))
                 if not block:
-                    raise IngestError(f"{where}: changed while being imported (ended after {size - remaining} bytes)")
+                    raise changed
                 self._sha.update(block)
-                b3.update(block)
                 remaining -= len(block)
-            if os.read(fd, 1):
-                raise IngestError(f"{where}: changed while being imported (longer than {size} bytes)")
+            if stamp_of(os.fstat(fd)) != item.stamp:
+                raise changed
         except OSError as e:
             raise IngestError(f"{where}: cannot read: {e.strerror}") from None
         finally:
             os.close(fd)
-        self._size += size
-        return B3Digest(b3.digest())
+        self._size += item.size
+
+    # -- the importer's side ------------------------------------------------------------------
 
     def result(self) -> tuple[int, bytes]:
-        """``(nar_size, nar_sha256)`` of what was walked."""
+        """``(nar_size, nar_sha256)`` of what was walked (blocks until it is hashed)."""
+        self._queue.put(None)
+        self._thread.join()
+        with self._cond:
+            self._closed = True
+        if self._error is not None:
+            raise self._error
         return self._size, self._sha.digest()
+
+    def close(self) -> None:
+        """Stop the hashing thread (after :meth:`result`, or instead of it when the import failed)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._error = self._error or IngestError("import ended")  # hash nothing more
+            self._queue.put(None)
+            self._thread.join()
