@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     p.add_argument("--json", type=Path)
+    p.add_argument("--no-delete", action="store_true", help="keep the store path, the tree and the store")
     p.add_argument("--nixcas", default=str(REPO / ".venv" / "bin" / "nixcas"))
     p.add_argument("--nix-store", default=shutil.which("nix-store") or "nix-store")
     args = p.parse_args()
@@ -154,6 +155,9 @@ def main() -> None:
     print(f"ratio (median) {ratio:.2f}x, paired {paired:.2f}x; load average {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"tree": args.tree, "runs": runs, "summary": summary, "ratio": ratio}))
+    if args.no_delete:
+        print(f"deleted nothing: {work}, {path}")
+        return
     subprocess.run([args.nix_store, "--delete", path], capture_output=True, check=False)
     shutil.rmtree(work, ignore_errors=True)
 

@@ -674,6 +674,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="work directory (default: a new temp dir under /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (and the tree) at the end")
     p.add_argument(
+        "--no-delete",
+        action="store_true",
+        help="delete nothing at the end (stores, nix paths, tree): for several benchmarks in a row on ext4 without "
+        "a journal, where mass deletions slow down every later inode creation; clean up afterwards",
+    )
+    p.add_argument(
         "--delete-between",
         action="store_true",
         help="delete each result before the next run instead of at the end (slow on ext4 without a journal: "
@@ -779,6 +785,10 @@ def main(argv: list[str] | None = None) -> None:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
             print(f"\nwrote {args.json}")
     finally:
+        if args.no_delete:
+            paths = " ".join(bench.nix_paths) if bench is not None else ""
+            print(f"deleted nothing: {workdir}, {args.store_parent}/.nixcas-bench-*, nix paths {paths}")
+            return
         for probe in PROBE_DIRS:
             shutil.rmtree(probe, ignore_errors=True)
         if bench is not None:
