@@ -788,12 +788,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.no_delete:
             paths = " ".join(bench.nix_paths) if bench is not None else ""
             print(f"deleted nothing: {workdir}, {args.store_parent}/.nixcas-bench-*, nix paths {paths}")
-            return
-        for probe in PROBE_DIRS:
-            shutil.rmtree(probe, ignore_errors=True)
-        if bench is not None:
-            bench.cleanup()
-        if args.keep:
+        else:
+            for probe in PROBE_DIRS:
+                shutil.rmtree(probe, ignore_errors=True)
+            if bench is not None:
+                bench.cleanup()
+        if args.keep or args.no_delete:
             print(f"kept {workdir} (tree: {bench.tree if bench is not None else workdir / 'tree'})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
