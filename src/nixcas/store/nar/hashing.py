@@ -45,6 +45,10 @@ _CLOSE2 = TOK_CLOSE + TOK_CLOSE
 
 _READ_BLOCK = 1 << 20
 
+_FLUSH_BYTES = 1 << 20
+_FLUSH_PIECES = 1024
+"""The walk hands pieces to the hashing thread in batches of about this many bytes or pieces."""
+
 
 class NarCalculationService(ABC):
     """Computes the NAR size and SHA-256 of a castore node."""
@@ -154,7 +158,9 @@ class NarHasher:
         self._budget = budget
         self._waiting = 0  # bytes queued, not hashed yet
         self._cond = threading.Condition()
-        self._queue: queue.SimpleQueue[tuple[bytes, ...] | _Large | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[list[bytes | _Large], int] | None] = queue.SimpleQueue()
+        self._pending: list[bytes | _Large] = []  # pieces not handed over yet (one hand-off per batch)
+        self._pending_cost = 0
         self._error: IngestError | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="nar-hasher", daemon=True)
@@ -162,30 +168,41 @@ class NarHasher:
 
     # -- the walker's side -------------------------------------------------------------
 
-    def _put(self, item: tuple[bytes, ...] | _Large, cost: int) -> None:
+    def _flush(self) -> None:
+        """Hand the pending pieces to the hashing thread (waiting while it is ``budget`` bytes behind)."""
+        if not self._pending:
+            return
+        batch, cost = self._pending, self._pending_cost
+        self._pending, self._pending_cost = [], 0
         with self._cond:
             while self._waiting and self._waiting + cost > self._budget and not self._closed:
                 self._cond.wait()
             if self._closed:
                 raise IngestError("import ended")
             self._waiting += cost
-        self._queue.put(item)
+        self._queue.put((batch, cost))
+
+    def _put(self, *pieces: bytes, cost: int = 0) -> None:
+        self._pending.extend(pieces)
+        self._pending_cost += cost
+        if self._pending_cost >= _FLUSH_BYTES or len(self._pending) >= _FLUSH_PIECES:
+            self._flush()
 
     def _entry(self, name: bytes | None) -> bytes:
         return b"" if name is None else ENTRY_PREFIX + encode_str(name) + TOK_NODE
 
     def directory(self, name: bytes | None) -> None:
         self._depth += 1
-        self._put((self._entry(name) + NODE_DIRECTORY,), 0)
+        self._put(self._entry(name) + NODE_DIRECTORY)
 
     def leave(self) -> None:
         # the directory's ")", and the ")" of the entry that holds it (the root has none)
         self._depth -= 1
-        self._put((TOK_CLOSE if self._depth == 0 else _CLOSE2,), 0)
+        self._put(TOK_CLOSE if self._depth == 0 else _CLOSE2)
 
     def symlink(self, name: bytes | None, target: bytes) -> None:
         close = TOK_CLOSE if name is None else _CLOSE2
-        self._put((self._entry(name) + NODE_SYMLINK + encode_str(target) + close,), 0)
+        self._put(self._entry(name) + NODE_SYMLINK + encode_str(target) + close)
 
     def file(
         self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes, stamp: Stamp
@@ -193,25 +210,26 @@ class NarHasher:
         head = self._entry(name) + (NODE_EXECUTABLE if executable else NODE_REGULAR) + u64_le(size)
         tail = padding(size) + (TOK_CLOSE if name is None else _CLOSE2)
         if data is not None:
-            self._put((head, data, tail), len(data))
+            self._put(head, data, tail, cost=len(data))
         else:
-            self._put(_Large(head, fs_path, size, stamp, tail), 0)
+            self._pending.append(_Large(head, fs_path, size, stamp, tail))
+            self._flush()  # its hashing starts now, while the walk goes on
 
     # -- the hashing thread ---------------------------------------------------------------
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            cost = len(item[1]) if isinstance(item, tuple) and len(item) == 3 else 0
+        while (handed := self._queue.get()) is not None:
+            batch, cost = handed
             try:
-                if self._error is not None:
-                    pass  # failed already: drain, hashing nothing
-                elif isinstance(item, _Large):
-                    self._add(item.head)
-                    self._read(item)
-                    self._add(item.tail)
-                else:
-                    for part in item:
-                        self._add(part)
+                for piece in batch:
+                    if self._error is not None:
+                        break  # failed already: drain, hashing nothing
+                    if isinstance(piece, _Large):
+                        self._add(piece.head)
+                        self._read(piece)
+                        self._add(piece.tail)
+                    else:
+                        self._add(piece)
             except IngestError as e:
                 self._error = e
             except Exception as e:  # reported by result(), as an import error
@@ -255,6 +273,7 @@ class NarHasher:
 
     def result(self) -> tuple[int, bytes]:
         """``(nar_size, nar_sha256)`` of what was walked (blocks until it is hashed)."""
+        self._flush()
         self._queue.put(None)
         self._thread.join()
         with self._cond:
