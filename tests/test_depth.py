@@ -27,7 +27,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as castore_pb
 from nixcas._proto.tvix.castore.protos import rpc_directory_pb2 as dir_pb
-from nixcas._proto.tvix.store.protos import rpc_pathinfo_pb2 as rpc_pb
 from nixcas.bridge.app import NarBridge, nar_url
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.directory import Directory
@@ -45,6 +44,7 @@ from nixcas.store.nar.render import render_nar
 from nixcas.store.nar.wire import ENTRY_PREFIX, NAR_MAGIC, NODE_DIRECTORY, TOK_CLOSE, TOK_NODE, encode_str
 from nixcas.store.narindex import NarIndex
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
+from nixcas.testing.daemon import raw_calculate_nar
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -205,11 +205,7 @@ async def test_rendering_a_too_deep_stored_tree_is_refused(
     # CalculateNAR on the daemon: INVALID_ARGUMENT, not INTERNAL.
     target = running.url.replace("grpc+unix://", "unix:")
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(
-            "/tvix.store.v1.PathInfoService/CalculateNAR",
-            request_serializer=castore_pb.Node.SerializeToString,
-            response_deserializer=rpc_pb.CalculateNARResponse.FromString,
-        )
+        call = raw_calculate_nar(channel)
         request = castore_pb.Node.FromString(encode_node(b"", node))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(request)

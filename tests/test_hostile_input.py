@@ -31,6 +31,7 @@ from nixcas.store.nar.plan import plan_size
 from nixcas.store.narindex import NarIndex
 from nixcas.store.narinfo import NarInfo
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
+from nixcas.testing.daemon import raw_calculate_nar
 from nixcas.testing.samples import Sample, make_sample
 
 NON_ASCII_SIGS = [
@@ -64,14 +65,19 @@ async def sample(tmp_path: Path) -> Sample:
     return await make_sample(tmp_path, "hostile-1.0", {"f": b"hello", "g": b"x" * 5000})
 
 
+async def put_nar(client: TestClient, sample: Sample) -> None:  # type: ignore[type-arg]
+    """Upload the sample's NAR (under its NarHash name) to the bridge."""
+    name = nixbase32.encode(hashlib.sha256(sample.nar).digest())
+    async with client.put(f"/nar/{name}.nar", data=sample.nar) as r:
+        assert r.status == 200
+
+
 async def test_bridge_put_narinfo_with_non_ascii_sig_is_400(
     bridge: tuple[TestClient, MemoryBlobService, MemoryDirectoryService],  # type: ignore[type-arg]
     sample: Sample,
 ) -> None:
     client = bridge[0]
-    name = nixbase32.encode(hashlib.sha256(sample.nar).digest())
-    async with client.put(f"/nar/{name}.nar", data=sample.nar) as r:
-        assert r.status == 200
+    await put_nar(client, sample)
     for sig in NON_ASCII_SIGS:
         text = sample.narinfo(extra=f"Sig: {sig}\n")
         async with client.put(f"/{sample.store_path.hash_part}.narinfo", data=text.encode()) as r:
@@ -103,9 +109,7 @@ async def test_bridge_range_with_thousands_of_digits_is_not_a_500(
     sample: Sample,
 ) -> None:
     client = bridge[0]
-    name = nixbase32.encode(hashlib.sha256(sample.nar).digest())
-    async with client.put(f"/nar/{name}.nar", data=sample.nar) as r:
-        assert r.status == 200
+    await put_nar(client, sample)
     url = "/" + nar_url(sample.node, len(sample.nar))
     async with client.get(url, headers={"Range": "bytes=" + "1" * 5000 + "-"}) as r:
         assert r.status == 416
@@ -184,11 +188,7 @@ async def test_file_node_whose_size_disagrees_with_its_blob(
     await dirs.put(directory)
     target = running.url.replace("grpc+unix://", "unix:")
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(
-            "/tvix.store.v1.PathInfoService/CalculateNAR",
-            request_serializer=castore_pb.Node.SerializeToString,
-            response_deserializer=rpc_pb.CalculateNARResponse.FromString,
-        )
+        call = raw_calculate_nar(channel)
         for node in (wrong_file, directory.node()):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call(castore_pb.Node.FromString(encode_node(b"", node)))

@@ -227,3 +227,16 @@ def running_daemon(*daemon_args: str, store: Path | None, log: Path, **kwargs: A
         yield daemon
     finally:
         daemon.kill()
+
+
+def raw_calculate_nar(channel: Any) -> Any:
+    """``tvix.store.v1.PathInfoService/CalculateNAR`` on ``channel`` (a ``grpc.aio`` channel) as a bare
+    unary call taking a ``Node`` message: for tests that send what the typed client would refuse."""
+    from nixcas._proto.tvix.castore.protos import castore_pb2
+    from nixcas._proto.tvix.store.protos import rpc_pathinfo_pb2
+
+    return channel.unary_unary(
+        "/tvix.store.v1.PathInfoService/CalculateNAR",
+        request_serializer=castore_pb2.Node.SerializeToString,
+        response_deserializer=rpc_pathinfo_pb2.CalculateNARResponse.FromString,
+    )
