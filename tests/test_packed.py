@@ -301,3 +301,34 @@ async def test_gc_merges_many_small_packs_into_one(tmp_path: Path, monkeypatch: 
         assert await svc.read_many({b3(d): len(d) for d in blobs}) == {b3(d): d for d in blobs}
     finally:
         await svc.close()
+
+
+async def test_a_new_pack_removed_before_its_writer_locked_it_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GC may take a just-created, not yet locked pack for an orphan and remove it: the writer starts another."""
+    import fcntl
+    import os
+
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    real_flock = fcntl.flock
+    removed: list[str] = []
+
+    def flock_after_a_gc(fd: int, operation: int) -> None:
+        if not removed:  # the first pack vanishes between its creation and its lock
+            (victim,) = (root / "packs").iterdir()
+            victim.unlink()
+            removed.append(victim.name)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_gc)
+    try:
+        digest = await svc.put(SMALL)
+        (pack,) = (root / "packs").iterdir()
+        assert pack.name != removed[0]
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert await svc.read_many({digest: len(SMALL)}) == {digest: SMALL}
+        assert os.path.getsize(pack) == len(SMALL)
+    finally:
+        await svc.close()

@@ -248,12 +248,18 @@ class PackedBlobService(LocalBlobService):
         """A new pack file, locked, and its row (in the caller's transaction)."""
         while True:
             name = secrets.token_hex(12)
+            path = self._pack_path(name)
             try:
-                fd = os.open(self._pack_path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-                break
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileExistsError:
                 continue
-        fcntl.flock(fd, fcntl.LOCK_EX)  # never compacted while this writer holds it
+            fcntl.flock(fd, fcntl.LOCK_EX)  # never compacted while this writer holds it
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break  # not taken for an orphan and removed by a GC before the lock was held
+            except FileNotFoundError:
+                pass
+            os.close(fd)
         pack_id = db.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid
         assert pack_id is not None
         return _Pack(pack_id, fd, 0)
@@ -301,8 +307,8 @@ class PackedBlobService(LocalBlobService):
         pack = self._pack
         if pack is None or pack.size >= PACK_MAX:
             if pack is not None:
-                os.close(pack.fd)
-            pack = self._pack = None
+                os.close(pack.fd)  # full: unlocked, GC may merge it now
+                self._pack = None
             pack = self._pack = self._open_pack(db)
         rows = []
         pieces = []
