@@ -489,11 +489,14 @@ class LocalBlobService(BlobService, ChunkStore):
 
     async def sizes(self, digests: Sequence[B3Digest]) -> list[int | None]:
         """All in one worker-thread round trip; only blobs whose size is recorded nowhere are read."""
-        found: list[int | None] = await asyncio.to_thread(lambda: [self._blob_size_sync(d) for d in digests])
+        found = await asyncio.to_thread(self._sizes_sync, digests)
         for i, size in enumerate(found):
             if size is None:
                 found[i] = await super().size(digests[i])
         return found
+
+    def _sizes_sync(self, digests: Sequence[B3Digest]) -> list[int | None]:
+        return [self._blob_size_sync(d) for d in digests]
 
     def _blob_size_sync(self, digest: B3Digest) -> int | None:
         """The blob's size from its chunk list or its object's zstd frame header; ``None``: not recorded there."""
