@@ -385,7 +385,6 @@ async def _entries_from_walk(
     root: bytes,
     blobs: BlobService,
     progress: Progress | None,
-    sources: dict[B3Digest, bytes] | None = None,
     observer: WalkObserver | None = None,
 ) -> AsyncGenerator[IngestEntry, None]:
     name = os.path.basename(os.path.normpath(root)) or b"root"
@@ -455,8 +454,6 @@ async def _entries_from_walk(
                 else:
                     large_task = started_batch.larges.get(id(item))
                     node = next(small_nodes) if large_task is None else await large_task
-                    if sources is not None:
-                        sources[node.digest] = item.fs_path
                     yield IngestEntry(item.path, node)
     finally:
         pending = [producer, *started]
@@ -471,17 +468,14 @@ async def ingest_path(
     directories: DirectoryService,
     *,
     progress: Progress | None = None,
-    sources: dict[B3Digest, bytes] | None = None,
     observer: WalkObserver | None = None,
 ) -> Node:
     """Import a file, symlink or directory tree; return its root node.
 
     A root symlink is imported as a symlink.  Errors name the offending path;
     on error no Directory is stored (blobs already uploaded stay, unreferenced).
-    ``sources``, if given, is filled with the file each imported blob was read
-    from (so a caller can read them back from there; see :class:`~nixcas.castore.blob.source.SourceBlobService`).
     ``observer`` sees the tree in canonical order as it is read (:class:`WalkObserver`).
     """
     root = os.fsencode(Path(os.fsdecode(path)))
-    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress, sources, observer)) as entries:
+    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress, observer)) as entries:
         return await ingest_entries(entries, directories, before_commit=blobs.sync)

@@ -84,31 +84,21 @@ class SimpleNarCalculationService(NarCalculationService):
 
     async def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         """``(nar_size, nar_sha256)``; from the cache, a running computation, or a new rendering."""
-        return await self.calculate_nar_from(node, self._blobs)
-
-    async def calculate_nar_from(self, node: Node, blobs: BlobService) -> tuple[int, bytes]:
-        """:meth:`calculate_nar`, reading blobs (if it must render) from ``blobs``, which must hold the same
-        bytes by digest (an importer's source files, say); the result is cached as any other."""
         cached = self._cache.get(node)
         if cached is not None:
             self._cache.move_to_end(node)
             return cached
-        if blobs is not self._blobs:
-            # Not shared with other callers: its source may fail where the store would not.
-            own = asyncio.ensure_future(self._compute(node, blobs))
-            own.add_done_callback(lambda t: self._finished(node, t))
-            return await own
         task = self._running.get(node)
         if task is None:
-            task = asyncio.ensure_future(self._compute(node, blobs))
+            task = asyncio.ensure_future(self._compute(node))
             self._running[node] = task
             task.add_done_callback(lambda t: self._finished(node, t))
         # shield: one caller giving up must not cancel the others' computation.
         return await asyncio.shield(task)
 
-    async def _compute(self, node: Node, blobs: BlobService) -> tuple[int, bytes]:
+    async def _compute(self, node: Node) -> tuple[int, bytes]:
         return await nar_size_sha256(
-            node, blobs, self._directories, prefetch=self._prefetch, buffer_bytes=self._buffer_bytes
+            node, self._blobs, self._directories, prefetch=self._prefetch, buffer_bytes=self._buffer_bytes
         )
 
     def _finished(self, node: Node, task: asyncio.Task[tuple[int, bytes]]) -> None:
