@@ -10,22 +10,41 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, unquote
 
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options, shown
 
-__all__ = ["SqliteDatabase", "SqlitePathConfig"]
+__all__ = ["SqliteDatabase", "SqlitePathConfig", "delete_if_older", "select_in"]
 
 T = TypeVar("T")
 
 BATCH = 500
 """Rows per ``IN (…)`` query: below SQLite's host-parameter limit."""
+
+
+def select_in(conn: sqlite3.Connection, query: str, keys: Sequence[Any]) -> Iterator[Any]:
+    """The rows of ``query`` for all ``keys``, asked :data:`BATCH` at a time; its ``{}`` stands for the ``IN`` list."""
+    for i in range(0, len(keys), BATCH):
+        batch = keys[i : i + BATCH]
+        yield from conn.execute(query.format(",".join("?" * len(batch))), batch)
+
+
+def delete_if_older(conn: sqlite3.Connection, table: str, time_column: str, key: bytes, cutoff_ns: int) -> bool | None:
+    """Delete row ``key`` of ``table`` if its ``time_column`` is still older than ``cutoff_ns`` (one statement,
+    so a concurrent re-put either lands first and keeps it, or after and inserts it anew).
+
+    ``True``: deleted; ``False``: kept (younger); ``None``: no such row.  ``table`` and
+    ``time_column`` are the caller's own names, never input.
+    """
+    if conn.execute(f"DELETE FROM {table} WHERE digest = ? AND {time_column} < ?", (key, cutoff_ns)).rowcount:  # noqa: S608
+        return True
+    return False if conn.execute(f"SELECT 1 FROM {table} WHERE digest = ?", (key,)).fetchone() else None  # noqa: S608
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from urllib.parse import SplitResult, unquote
 import blake3
 import zstandard
 
+from nixcas._sqlite import delete_if_older, select_in
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.layout import ZSTD_LEVEL
@@ -93,9 +94,6 @@ STORE_LEVEL = -(1 << 17)
 
 _COMPRESS_FROM = 64
 """Blobs shorter than this are stored raw (zstd's frame overhead would eat any gain)."""
-
-_SELECT_BATCH = 500
-"""Digests per ``IN (…)`` query."""
 
 _SCAN_BATCH = 4096
 """Rows per batch of a GC scan."""
@@ -296,12 +294,7 @@ class PackedBlobService(LocalBlobService):
             self._dirty = True
 
     def _present(self, db: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:
-        present: set[bytes] = set()
-        for i in range(0, len(digests), _SELECT_BATCH):
-            keys = digests[i : i + _SELECT_BATCH]
-            query = f"SELECT digest FROM blobs WHERE digest IN ({','.join('?' * len(keys))})"  # noqa: S608
-            present.update(row[0] for row in db.execute(query, keys))
-        return present
+        return {row[0] for row in select_in(db, "SELECT digest FROM blobs WHERE digest IN ({})", digests)}
 
     def _write_rows(self, db: sqlite3.Connection, new: list[tuple[bytes, bytes | memoryview]], now: int) -> None:
         pack = self._pack
@@ -485,13 +478,8 @@ class PackedBlobService(LocalBlobService):
         return row[0] if row is not None else super()._blob_size_sync(digest)
 
     def _sizes_sync(self, digests: Sequence[B3Digest]) -> list[int | None]:
-        db = self._db()
-        recorded: dict[bytes, int] = {}
         keys = [bytes(d) for d in digests]
-        for i in range(0, len(keys), _SELECT_BATCH):
-            batch = keys[i : i + _SELECT_BATCH]
-            query = f"SELECT digest, size FROM blobs WHERE digest IN ({','.join('?' * len(batch))})"  # noqa: S608
-            recorded.update(db.execute(query, batch))
+        recorded = dict(select_in(self._db(), "SELECT digest, size FROM blobs WHERE digest IN ({})", keys))
         in_files = super()._blob_size_sync  # (a comprehension has no zero-argument super())
         return [recorded[k] if k in recorded else in_files(d) for k, d in zip(keys, digests, strict=True)]
 
@@ -499,15 +487,10 @@ class PackedBlobService(LocalBlobService):
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker
     ) -> tuple[dict[B3Digest, bytes], list[B3Digest]]:
         db = self._db()
-        rows: list[tuple[bytes, _Row]] = []
-        wanted = [bytes(d) for d in max_sizes]
-        for i in range(0, len(wanted), _SELECT_BATCH):
-            keys = wanted[i : i + _SELECT_BATCH]
-            query = (
-                "SELECT digest, size, codec, pack, offset, length FROM blobs "  # noqa: S608
-                f"WHERE digest IN ({','.join('?' * len(keys))})"
-            )
-            rows.extend((r[0], (r[1], r[2], r[3], r[4], r[5])) for r in db.execute(query, keys))
+        query = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
+        rows: list[tuple[bytes, _Row]] = [
+            (r[0], (r[1], r[2], r[3], r[4], r[5])) for r in select_in(db, query, [bytes(d) for d in max_sizes])
+        ]
         rows.sort(key=lambda r: (r[1][2], r[1][3]))  # pack, offset: sequential reads
         found: dict[B3Digest, bytes] = {}
         here: set[B3Digest] = set()  # rows, whether they fit or not (a larger one is left out, not looked for again)
@@ -555,13 +538,11 @@ class PackedBlobService(LocalBlobService):
             if obj.digest == EMPTY_DIGEST:
                 done.kept.append(obj)
                 continue
-            key = bytes(obj.digest)
-            if db.execute("DELETE FROM blobs WHERE digest = ? AND mtime_ns < ?", (key, cutoff_ns)).rowcount:
-                done.deleted.append(obj)
-            elif db.execute("SELECT 1 FROM blobs WHERE digest = ?", (key,)).fetchone() is not None:
-                done.kept.append(obj)  # re-put since it was scanned: young again
-            else:
+            deleted = delete_if_older(db, "blobs", "mtime_ns", bytes(obj.digest), cutoff_ns)
+            if deleted is None:
                 files.append(obj)
+            else:  # kept: re-put since it was scanned, young again
+                (done.deleted if deleted else done.kept).append(obj)
         return done, files
 
     async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from nixcas._sqlite import BATCH, SqliteDatabase, SqlitePathConfig
+from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, select_in
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import Deletion, StoredObject
@@ -71,14 +71,8 @@ class SqliteDirectoryService(DirectoryService):
 
     async def _get_many_raw(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
         def get_many() -> dict[B3Digest, bytes]:
-            found: dict[B3Digest, bytes] = {}
-            for i in range(0, len(digests), BATCH):
-                batch = digests[i : i + BATCH]
-                marks = ",".join("?" * len(batch))
-                query = f"SELECT digest, data FROM directories WHERE digest IN ({marks})"  # noqa: S608
-                for d, data in self._db.conn.execute(query, batch):
-                    found[B3Digest(d)] = bytes(data)
-            return found
+            query = "SELECT digest, data FROM directories WHERE digest IN ({})"
+            return {B3Digest(d): bytes(data) for d, data in select_in(self._db.conn, query, digests)}
 
         return await self._db.run(get_many)
 
@@ -123,12 +117,9 @@ class SqliteDirectoryService(DirectoryService):
         def delete(conn: sqlite3.Connection) -> Deletion:
             done = Deletion()
             for obj in objects:
-                if conn.execute(
-                    "DELETE FROM directories WHERE digest = ? AND mtime < ?", (obj.digest, cutoff_ns)
-                ).rowcount:
-                    done.deleted.append(obj)
-                elif conn.execute("SELECT 1 FROM directories WHERE digest = ?", (obj.digest,)).fetchone():
-                    done.kept.append(obj)
+                deleted = delete_if_older(conn, "directories", "mtime", obj.digest, cutoff_ns)
+                if deleted is not None:
+                    (done.deleted if deleted else done.kept).append(obj)
             return done
 
         return await self._db.run(self._db.transaction(delete))
