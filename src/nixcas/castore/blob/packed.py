@@ -312,7 +312,7 @@ class PackedBlobService(LocalBlobService):
             pieces.append(stored)
             offset += len(stored)
         try:
-            written = os.pwritev(pack.fd, pieces, pack.size) if len(pieces) < 1024 else self._pwrite_all(pack, pieces)
+            written = self._pwrite_all(pack, pieces)
             if written != offset - pack.size:
                 raise StorageError(f"{self}: short write to a pack file ({written} of {offset - pack.size} bytes)")
             os.fsync(pack.fd)  # the bytes are on disk before any row names them
@@ -328,6 +328,7 @@ class PackedBlobService(LocalBlobService):
 
     @staticmethod
     def _pwrite_all(pack: _Pack, pieces: list[bytes | memoryview]) -> int:
+        """``pieces`` at the end of ``pack``, in ``pwritev`` calls of at most 1,024 (IOV_MAX); bytes written."""
         written = 0
         for i in range(0, len(pieces), 1024):
             written += os.pwritev(pack.fd, pieces[i : i + 1024], pack.size + written)
