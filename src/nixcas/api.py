@@ -60,6 +60,11 @@ def default_store_dir() -> Path:
     return Path(data_home) / "nixcas"
 
 
+def _store_base(store_dir: str | os.PathLike[str] | None) -> Path:
+    """The embedded store's directory, absolute (``store_dir``, else :func:`default_store_dir`)."""
+    return (Path(store_dir) if store_dir is not None else default_store_dir()).expanduser().absolute()
+
+
 def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str, str]:
     """The blob, directory and path info service URLs of the embedded store in ``store_dir``.
 
@@ -67,8 +72,7 @@ def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, 
     large ones in the object layout; see :mod:`nixcas.castore.blob.packed`),
     directories in ``DIR/directories.sqlite`` and path infos in ``DIR/pathinfo.sqlite``.
     """
-    base = Path(store_dir) if store_dir is not None else default_store_dir()
-    base = base.expanduser().absolute()
+    base = _store_base(store_dir)
     return (
         f"packed://{base / 'blobs'}",
         f"sqlite://{base / 'directories.sqlite'}",
@@ -78,8 +82,7 @@ def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, 
 
 def embedded_pin_service_url(store_dir: str | os.PathLike[str] | None = None) -> str:
     """The embedded store's pin service: ``DIR/pins.sqlite`` (on this host only)."""
-    base = Path(store_dir) if store_dir is not None else default_store_dir()
-    return f"sqlite://{base.expanduser().absolute() / 'pins.sqlite'}"
+    return f"sqlite://{_store_base(store_dir) / 'pins.sqlite'}"
 
 
 _SHARED_TAGS = frozenset({"postgresql", "postgres", "grpc", "nix"})
