@@ -179,6 +179,7 @@ class Directory:
         once protobuf is loaded (its decoder is faster per entry), go through
         protobuf.  Both give the same Directory.
         """
+        directory = None
         if "google.protobuf.message" not in sys.modules:
             from nixcas.castore.canonical import decode_canonical
 
@@ -187,20 +188,18 @@ class Directory:
             if entries is not None:
                 directory = cls(entries, _names_checked=True)
                 directory._encoded = raw  # accepted bytes are their own canonical encoding
-                if digest is not None:
-                    directory._digest = digest
-                return directory
-        from google.protobuf.message import DecodeError
+        if directory is None:
+            from google.protobuf.message import DecodeError
 
-        from nixcas.castore.proto import pb
+            from nixcas.castore.proto import pb
 
-        msg = pb.Directory()
-        try:
-            msg.ParseFromString(data)
-        except DecodeError as e:
-            raise DirectoryError(f"cannot decode Directory message: {e}") from None
-        directory = cls.from_proto(msg)
+            msg = pb.Directory()
+            try:
+                msg.ParseFromString(data)
+            except DecodeError as e:
+                raise DirectoryError(f"cannot decode Directory message: {e}") from None
+            directory = cls.from_proto(msg)
         if digest is not None:
-            directory._encoded = data
+            directory._encoded = bytes(data)
             directory._digest = digest
         return directory
