@@ -7,6 +7,7 @@ about a third of the runs died by SIGABRT or SIGBUS after printing the right err
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,3 +52,33 @@ def test_unreachable_s3_exits_1_cleanly_every_time(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("nixcas: error: "), f"{what}: {err!r}"
         assert "unreachable" in lines[0], lines[0]
         assert out == b""
+
+
+def test_a_success_with_a_native_runtime_loaded_skips_finalization() -> None:
+    """`gc` against S3 + PostgreSQL died by SIGABRT after its report about once in 40 runs.
+
+    Once a module with native threads is loaded, a successful command leaves like a failing one:
+    stdout flushed (nothing lost), interpreter finalization (atexit, thread teardown) skipped.
+    """
+    program = (
+        "import atexit, sys, grpc\n"
+        "from nixcas.cli.common import exit_process\n"
+        "atexit.register(lambda: sys.stderr.write('finalized'))\n"
+        "sys.stdout.write('report' * 10000)\n"
+        "exit_process(0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, env=clean_env(), check=False)
+    assert result.returncode == 0
+    assert result.stdout == b"report" * 10000
+    assert result.stderr == b""
+
+
+def test_a_success_without_native_runtimes_exits_normally() -> None:
+    program = (
+        "import atexit, sys\n"
+        "from nixcas.cli.common import exit_process\n"
+        "atexit.register(lambda: sys.stderr.write('finalized'))\n"
+        "exit_process(None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, env=clean_env(), check=False)
+    assert (result.returncode, result.stderr) == (0, b"finalized")
