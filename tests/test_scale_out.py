@@ -184,7 +184,9 @@ def test_import_survives_the_object_store_dying_mid_way(pg_url: str, tree: Path,
             time.sleep(0.02)
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"the import ended ({proc.returncode}) before the server could be killed: {err.decode()}")
+            raise AssertionError(
+                f"the import ended ({proc.returncode}) before the server could be killed: {err.decode()}"
+            )
         server.kill()
         out, err = proc.communicate(timeout=120)
         assert proc.returncode != 0, out
