@@ -110,9 +110,9 @@ async def test_big_listings_come_in_bounded_chunks(tmp_path: Path) -> None:
 
 def test_names_and_targets_that_are_not_utf8_cannot_be_listed() -> None:
     bad_name = Directory({b"caf\xe9": SymlinkNode(b"x")})
-    with pytest.raises(UnlistableName, match="a name .* not UTF-8"):
+    with pytest.raises(UnlistableName, match=r"a name .* not UTF-8"):
         check_listable(bad_name.node(), {bad_name.digest: bad_name})
-    with pytest.raises(UnlistableName, match="a symlink target .* not UTF-8"):
+    with pytest.raises(UnlistableName, match=r"a symlink target .* not UTF-8"):
         check_listable(SymlinkNode(b"\xff"), {})
 
 

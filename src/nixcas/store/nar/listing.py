@@ -83,7 +83,8 @@ def check_listable(root: Node, closure: Closure) -> None:
             except UnicodeDecodeError:
                 what = "a name" if raw is name else "a symlink target"
                 shown = raw.decode("utf-8", "backslashreplace")[:100]
-                raise UnlistableName(f"{what} in this NAR is not UTF-8 ({shown!r}): a JSON listing cannot hold it")
+                message = f"{what} in this NAR is not UTF-8 ({shown!r}): a JSON listing cannot hold it"
+                raise UnlistableName(message) from None
 
 
 def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
@@ -148,4 +149,3 @@ def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
             held = 0
     parts.append(',"version":1}')
     yield "".join(parts).encode()
-
