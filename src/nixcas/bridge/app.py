@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import re
 from collections import OrderedDict
@@ -40,7 +39,7 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node
-from nixcas.castore.proto import decode_node, encode_node
+from nixcas.castore.proto import encode_node
 from nixcas.errors import NixbaseError, NixcasError, NotFoundError, StorageError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, UnsupportedCompression, decompressing
@@ -52,6 +51,7 @@ from nixcas.store.nar.render import render_nar
 from nixcas.store.nar.seekable import SeekableNar
 from nixcas.store.narindex import NarIndex, UploadedNar
 from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo, parse_nar_file_name, parse_narinfo_name
+from nixcas.store.narurl import CASTORE_NAR_PREFIXES, decode_root_node
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.signing import SigningKey
 from nixcas.store.store_path import ENCODED_DIGEST_LEN, STORE_DIR, StorePath
@@ -61,9 +61,7 @@ __all__ = ["NAR_PREFIXES", "NarBridge", "nar_url"]
 
 log = logging.getLogger("nixcas.bridge")
 
-NAR_PREFIXES: Final = ("tvix-castore", "snix-castore")
-MAX_NODE_SIZE: Final = 4096
-"""Largest encoded root node accepted in a NAR URL (as tvix)."""
+NAR_PREFIXES: Final = CASTORE_NAR_PREFIXES
 RANGE_CHUNK: Final = 1 << 20
 NAR_TYPE: Final = "application/x-nix-nar"
 NARINFO_TYPE: Final = "text/x-nix-narinfo"
@@ -79,7 +77,6 @@ UPLOADS_REMEMBERED: Final = 1024
 """NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
 _NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def nar_url(node: Node, nar_size: int, prefix: str = NAR_PREFIXES[0]) -> str:
@@ -417,19 +414,6 @@ class NarBridge:
     # -- NAR downloads ------------------------------------------------------------------
 
     @staticmethod
-    def _parse_node(encoded: str) -> Node:
-        if len(encoded) > MAX_NODE_SIZE * 4 // 3 + 4 or not _B64URL.fullmatch(encoded):
-            raise ValidationError("invalid root node in NAR URL: not unpadded base64url (or too long)")
-        try:
-            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-        except binascii.Error:
-            raise ValidationError("invalid root node in NAR URL: bad base64url") from None
-        try:
-            return decode_node(raw, anonymous=True)[1]
-        except ValidationError as e:
-            raise ValidationError(f"invalid root node in NAR URL: {e}") from None
-
-    @staticmethod
     def _query_int(request: web.Request, key: str, what: str) -> int:
         """The one ``?key=N`` of ``request`` (a non-negative decimal); else a :class:`ValidationError`."""
         values = request.query.getall(key, [])
@@ -444,7 +428,7 @@ class NarBridge:
     async def get_nar(self, request: web.Request) -> web.StreamResponse:
         if request.match_info["prefix"] not in NAR_PREFIXES:
             raise _fail(web.HTTPNotFound, f"unknown NAR URL prefix {request.match_info['prefix']!r}")
-        node = self._parse_node(request.match_info["node"])
+        node = decode_root_node(request.match_info["node"])
         return await self._serve_nar(request, node, self._parse_narsize(request))
 
     async def _serve_nar(
