@@ -479,7 +479,7 @@ class CountingBlobs(MemoryBlobService):
         return await super()._read_many(max_sizes, checker, parallel)
 
 
-def test_castore_options(tmp_path: Path) -> None:
+async def test_castore_options(tmp_path: Path) -> None:
     grpc = quote("grpc+http://far:8000", safe="")
     config = parse_service_url(
         "pathinfoservices", f"nix+http://h?castore_blob_service={grpc}&castore_directory_service={grpc}"
@@ -493,6 +493,19 @@ def test_castore_options(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigurationError, match=words):
             parse_service_url("pathinfoservices", bad)
+    memory = quote("memory://", safe="")
+    local = f"blob_service={memory}&directory_service={memory}"
+    svc = await pathinfo_service_from_url(
+        f"nix+http://h?{local}&castore_blob_service={memory}&castore_directory_service={memory}"
+    )
+    try:
+        assert isinstance(svc, NixHttpPathInfoService) and svc.castore is not None
+        assert isinstance(svc.castore[0], MemoryBlobService) and isinstance(svc.castore[1], MemoryDirectoryService)
+    finally:
+        await svc.close()
+    plain = await pathinfo_service_from_url(f"nix+http://h?{local}")
+    assert isinstance(plain, NixHttpPathInfoService) and plain.castore is None
+    await plain.close()
 
 
 async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_download(sample: Sample) -> None:
