@@ -28,9 +28,9 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
-from nixcas.castore.nodes import DirectoryNode
+from nixcas.castore.nodes import DirectoryNode, SymlinkNode
 from nixcas.composition import Composition
-from nixcas.errors import ConfigurationError, PathInfoError, StorageError
+from nixcas.errors import ConfigurationError, PathInfoError, StorageError, ValidationError
 from nixcas.registry import (
     blob_service_from_url,
     directory_service_from_url,
@@ -44,6 +44,7 @@ from nixcas.store.nar.ingest import ingest_nar_bytes
 from nixcas.store.nar.render import render_nar
 from nixcas.store.narindex import NarIndex
 from nixcas.store.narinfo import NarInfo
+from nixcas.store.narurl import castore_nar_root
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.cache import CachePathInfoService
 from nixcas.store.pathinfo.lru import LruPathInfoService
@@ -479,6 +480,35 @@ class CountingBlobs(MemoryBlobService):
         return await super()._read_many(max_sizes, checker, parallel)
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nar/0000000000000000000000000000000000000000000000000000.nar.xz", None),
+        ("nar/snix-castore", None),
+        ("nar/other-castore/AAAA?narsize=1", None),
+        ("nar/snix-castore/{node}?narsize=7", 7),
+        ("https://h/p/nar/tvix-castore/{node}", "no size"),
+        ("nar/snix-castore/AAAA?narsize=1", "not a Node"),
+        ("nar/snix-castore/{node}?narsize=x", "narsize"),
+        ("nar/snix-castore/{node}?narsize=1&narsize=2", "narsize"),
+        ("nar/snix-castore/{node}=?narsize=1", "base64url"),
+    ],
+)
+def test_castore_nar_urls(url: str, expected: int | str | None) -> None:
+    node = SymlinkNode(b"/nix/store/x")
+    encoded = nar_url(node, 1).split("/")[2].partition("?")[0]
+    url = url.replace("{node}", encoded)
+    if expected is None:
+        assert castore_nar_root(url) is None
+    elif isinstance(expected, int):
+        assert castore_nar_root(url) == (node, expected)
+    elif expected == "no size":
+        assert castore_nar_root(url) == (node, None)
+    else:
+        with pytest.raises(ValidationError):
+            castore_nar_root(url)
+
+
 async def test_castore_options(tmp_path: Path) -> None:
     grpc = quote("grpc+http://far:8000", safe="")
     config = parse_service_url(
@@ -547,7 +577,7 @@ async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_downloa
         await bridge.index.close()
 
 
-@pytest.mark.parametrize("case", ["other hash", "other size", "absent"])
+@pytest.mark.parametrize("case", ["other hash", "other size", "absent", "malformed"])
 async def test_infused_root_that_does_not_match_falls_back_to_the_nar(
     upstream: tuple[StaticCache, str], sample: Sample, tmp_path: Path, case: str
 ) -> None:
@@ -560,6 +590,8 @@ async def test_infused_root_that_does_not_match_falls_back_to_the_nar(
     if case != "absent":
         await ingest_nar_bytes(other.nar, far_blobs, far_dirs)
     infused = nar_url(other.node, len(sample.nar), "snix-castore")  # claims the sample's NarSize
+    if case == "malformed":
+        infused = f"nar/snix-castore/AAAA?narsize={len(sample.nar)}"  # three zero bytes: not a Node
     cache.publish(sample, compression="none", URL=infused)
     cache.files[infused.partition("?")[0]] = sample.nar  # what the bridge would render for the NAR URL
     local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService()
