@@ -26,8 +26,8 @@ finds that before anything is produced.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
+from json.encoder import encode_basestring
 
 from nixcas.castore.nodes import MAX_DEPTH, FileNode, Node, SymlinkNode
 from nixcas.castore.treepath import TreePath
@@ -65,7 +65,8 @@ def _str_size(data: bytes) -> int:
 
 
 def _json(raw: bytes) -> str:
-    return json.dumps(raw.decode("utf-8"), ensure_ascii=False)
+    """``raw`` (UTF-8) as a JSON string: only ``"``, ``\\`` and control characters escaped, as Nix writes it."""
+    return encode_basestring(raw.decode("utf-8"))
 
 
 def check_listable(root: Node, closure: Closure) -> None:
@@ -104,9 +105,10 @@ def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
     # whether an entry was listed yet.  Below the root a node closes twice (node, entry).
     stack: list[tuple[list[tuple[bytes, Node]], TreePath, list[bool]]] = []
     node: Node = root
-    path = ROOT
+    parent: TreePath | None = None  # the directory holding ``node`` (None: node is the root)
+    name = b""
     while True:
-        close = _CLOSE if path.parent is None else 2 * _CLOSE
+        close = _CLOSE if parent is None else 2 * _CLOSE
         if isinstance(node, FileNode):
             pos += len(NODE_EXECUTABLE if node.executable else NODE_REGULAR) + 8
             executable = '"executable":true,' if node.executable else ""
@@ -116,6 +118,7 @@ def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
             pos += len(NODE_SYMLINK) + _str_size(node.target) + close
             text = f'{{"target":{_json(node.target)},"type":"symlink"}}'
         else:
+            path = ROOT if parent is None else TreePath(parent, name)
             directory = closure.get(node.digest)
             if directory is None:
                 raise NarContentNotFound("directory", node.digest, path)
@@ -128,7 +131,7 @@ def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
         held += len(text)
         # The next entry, closing the directories finished on the way.
         while stack:
-            entries, dir_path, started = stack[-1]
+            entries, parent, started = stack[-1]
             if entries:
                 name, node = entries.pop()
                 text = ("," if started[0] else "") + _json(name) + ":"
@@ -136,11 +139,11 @@ def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
                 parts.append(text)
                 held += len(text)
                 pos += _ENTRY_FRAMING + len(name) + pad_len(len(name))
-                path = TreePath(dir_path, name)
                 break
             stack.pop()
             parts.append('},"type":"directory"}')
-            pos += _CLOSE if dir_path.parent is None else 2 * _CLOSE
+            held += 21
+            pos += _CLOSE if parent.parent is None else 2 * _CLOSE
         else:
             break
         if held >= LISTING_CHUNK:
