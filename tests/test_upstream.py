@@ -11,7 +11,7 @@ import bz2
 import gzip
 import hashlib
 import lzma
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -604,5 +604,40 @@ async def test_infused_root_that_does_not_match_falls_back_to_the_nar(
         assert (B3Digest(blake3.blake3(b"B" * 100).digest()) in far_blobs.reads) is (case == "other hash")
         if case != "other hash":
             assert not far_blobs.reads
+    finally:
+        await svc.close()
+
+
+class FailingOncePutMany(MemoryBlobService):
+    """A local blob service whose first batch write fails (combined only logs that while reading through)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        if not self.failed:
+            self.failed = True
+            raise StorageError("disk full")
+        return await super().put_many(blobs)
+
+
+async def test_infused_root_not_kept_locally_falls_back_to_the_nar(
+    upstream: tuple[StaticCache, str], sample: Sample
+) -> None:
+    """The castore root verified, but a blob fetched through it was not kept locally: the NAR is downloaded."""
+    cache, url = upstream
+    far_blobs, far_dirs = MemoryBlobService(), MemoryDirectoryService()
+    await ingest_nar_bytes(sample.nar, far_blobs, far_dirs)
+    infused = nar_url(sample.node, len(sample.nar), "snix-castore")
+    cache.publish(sample, compression="none", URL=infused)
+    cache.files[infused.partition("?")[0]] = sample.nar
+    local_blobs, local_dirs = FailingOncePutMany(), MemoryDirectoryService()
+    svc = NixHttpPathInfoService(url, local_blobs, local_dirs, (KEY.public,), castore=(far_blobs, far_dirs))
+    try:
+        info = await svc.get(sample.store_path.digest)
+        assert info is not None and info.node == sample.node and local_blobs.failed
+        assert infused.partition("?")[0] in cache.requests
+        assert b"".join([c async for c in render_nar(info.node, local_blobs, local_dirs)]) == sample.nar
     finally:
         await svc.close()

@@ -339,6 +339,20 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         if sha256.digest() != narinfo.nar_sha256 or (ca_hash is not None and ca_hash.digest() != ca_digest):
             log.warning("%s: the castore root's NAR does not have the narinfo's hash; downloading the NAR", url)
             return None
+        # The far blobs were kept locally as they streamed; a local write that failed is only logged
+        # there, so check: the root must be complete in the local services before it is used.
+        digests = list({n.digest for d in closure.values() for _, n in d if isinstance(n, FileNode)})
+        if isinstance(node, FileNode):
+            digests.append(node.digest)
+        try:
+            missing = sum(size is None for size in await self.blobs.sizes(digests))
+        except (NixcasError, OSError) as e:
+            missing, reason = len(digests), self._error(e)
+        else:
+            reason = f"{missing} blobs were not kept"
+        if missing:
+            log.warning("%s: the castore root is not complete locally (%s); downloading the NAR", url, reason)
+            return None
         return node
 
     async def _ingest(self, narinfo: NarInfo) -> Node:
