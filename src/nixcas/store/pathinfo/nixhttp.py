@@ -35,8 +35,8 @@ front of the castore (:class:`~nixcas.castore.dirs.cache.CacheDirectoryService`,
 :class:`~nixcas.castore.blob.combined.CombinedBlobService`).  The NAR size
 follows from the directories alone and is compared first (no blob is fetched
 for a root of the wrong size); the rendered NAR's SHA-256 (and a NAR content
-address's own hash) must then equal the narinfo's.  Only then is the root
-used.  Any mismatch or failure (absent root, unreachable castore, a blob that
+address's own hash) must then equal the narinfo's, and every blob must now be
+in the local blob service.  Only then is the root used.  Any mismatch or failure (absent root, unreachable castore, a blob that
 does not hash to its digest) is logged and the NAR is downloaded as for any
 other narinfo, so a wrong root is never recorded; what was fetched stays in the
 local castore as unreferenced, verified content for ``gc``.
