@@ -69,23 +69,26 @@ def _json(raw: bytes) -> str:
     return encode_basestring(raw.decode("utf-8"))
 
 
+def _texts(root: Node, closure: Closure) -> Iterator[tuple[str, bytes]]:
+    """Every name and symlink target below ``root``, each with what it is."""
+    if isinstance(root, SymlinkNode):
+        yield "a symlink target", root.target
+    for directory in closure.values():
+        for name, node in directory.entries:
+            yield "a name", name
+            if isinstance(node, SymlinkNode):
+                yield "a symlink target", node.target
+
+
 def check_listable(root: Node, closure: Closure) -> None:
     """Raise :class:`UnlistableName` if a name or symlink target below ``root`` is not UTF-8."""
-    nodes: list[tuple[bytes | None, Node]] = [(None, root)]
-    for directory in closure.values():
-        nodes.extend(directory.entries)
-    for name, node in nodes:
-        texts = [name] if name is not None else []
-        if isinstance(node, SymlinkNode):
-            texts.append(node.target)
-        for raw in texts:
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                what = "a name" if raw is name else "a symlink target"
-                shown = raw.decode("utf-8", "backslashreplace")[:100]
-                message = f"{what} in this NAR is not UTF-8 ({shown!r}): a JSON listing cannot hold it"
-                raise UnlistableName(message) from None
+    for what, raw in _texts(root, closure):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            shown = raw.decode("utf-8", "backslashreplace")[:100]
+            message = f"{what} in this NAR is not UTF-8 ({shown!r}): a JSON listing cannot hold it"
+            raise UnlistableName(message) from None
 
 
 def nar_listing(root: Node, closure: Closure) -> Iterator[bytes]:
