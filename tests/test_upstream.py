@@ -538,8 +538,10 @@ async def test_castore_options(tmp_path: Path) -> None:
     await plain.close()
 
 
-async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_download(sample: Sample) -> None:
+async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_download(tmp_path: Path) -> None:
     """A bridge's narinfo + its castore over gRPC: only the missing blob is fetched, no NAR is downloaded."""
+    big = hashlib.sha256(b"b").digest() * 40_000
+    sample = await make_sample(tmp_path, "up-1.0", {"a": b"A" * 100, "d/b": big, "d/empty": b""})
     far_blobs, far_dirs, far_paths = CountingBlobs(), MemoryDirectoryService(), MemoryPathInfoService()
     node, _, _ = await ingest_nar_bytes(sample.nar, far_blobs, far_dirs)
     await far_paths.put(NarInfo.parse(sample.narinfo()).to_path_info(node))
@@ -566,8 +568,7 @@ async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_downloa
         info = await svc.get(sample.store_path.digest)
         assert info is not None and info.node == sample.node and info.nar_sha256 == sample.sha256
         assert requests == [f"/{sample.store_path.hash_part}.narinfo"]  # no NAR GET
-        big = B3Digest(blake3.blake3(hashlib.sha256(b"b").digest() * 40_000).digest())
-        assert far_blobs.reads == {big} and already not in far_blobs.reads
+        assert far_blobs.reads == {B3Digest(blake3.blake3(big).digest())} and already not in far_blobs.reads
         assert b"".join([c async for c in render_nar(info.node, local_blobs, local_dirs)]) == sample.nar
     finally:
         await svc.close()

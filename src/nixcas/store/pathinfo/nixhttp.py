@@ -36,10 +36,11 @@ front of the castore (:class:`~nixcas.castore.dirs.cache.CacheDirectoryService`,
 follows from the directories alone and is compared first (no blob is fetched
 for a root of the wrong size); the rendered NAR's SHA-256 (and a NAR content
 address's own hash) must then equal the narinfo's, and every blob must now be
-in the local blob service.  Only then is the root used.  Any mismatch or failure (absent root, unreachable castore, a blob that
-does not hash to its digest) is logged and the NAR is downloaded as for any
-other narinfo, so a wrong root is never recorded; what was fetched stays in the
-local castore as unreferenced, verified content for ``gc``.
+in the local blob service.  Only then is the root used.  Any mismatch or
+failure (absent root, unreachable castore, a blob that does not hash to its
+digest) is logged and the NAR is downloaded as for any other narinfo, so a
+wrong root is never recorded; what was fetched stays in the local castore as
+unreferenced, verified content for ``gc``.
 """
 
 from __future__ import annotations
@@ -341,9 +342,11 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
             return None
         # The far blobs were kept locally as they streamed; a local write that failed is only logged
         # there, so check: the root must be complete in the local services before it is used.
-        digests = list({n.digest for d in closure.values() for _, n in d if isinstance(n, FileNode)})
+        # (An empty file is framing alone: its blob is never stored or read.)
+        files = [n for d in closure.values() for _, n in d if isinstance(n, FileNode)]
         if isinstance(node, FileNode):
-            digests.append(node.digest)
+            files.append(node)
+        digests = list({f.digest for f in files if f.size})
         try:
             missing = sum(size is None for size in await self.blobs.sizes(digests))
         except (NixcasError, OSError) as e:
