@@ -12,11 +12,13 @@ import base64
 import bz2
 import gzip
 import hashlib
+import json
 import lzma
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -40,6 +42,7 @@ from nixcas.testing.fixtures import HELLOWORLD_DIGEST
 from nixcas.testing.samples import Sample, make_sample
 
 TOKEN = "s3cret-token"  # noqa: S105 - a test token
+SAMPLE_BIG = hashlib.sha256(b"big").digest() * 70_000  # 2.2 MB: a streamed file
 
 
 @dataclass
@@ -54,8 +57,7 @@ class Env:
 
 @pytest_asyncio.fixture
 async def sample(tmp_path: Path) -> Sample:
-    big = hashlib.sha256(b"big").digest() * 70_000  # 2.2 MB: a streamed file
-    return await make_sample(tmp_path, "hello-1.0", {"bin/hello": b"#!/bin/sh\necho hi\n", "big": big, "e": b""})
+    return await make_sample(tmp_path, "hello-1.0", {"bin/hello": b"#!/bin/sh\necho hi\n", "big": SAMPLE_BIG, "e": b""})
 
 
 @pytest_asyncio.fixture
@@ -294,6 +296,59 @@ async def test_token(sample: Sample) -> None:
             assert r.status == 200
 
 
+def _entries(entry: dict[str, Any], path: str = "") -> dict[str, dict[str, Any]]:
+    """Every entry of a listing by its path (``""`` for the root)."""
+    found = {path: entry}
+    for name, child in entry.get("entries", {}).items():
+        found.update(_entries(child, f"{path}/{name}"))
+    return found
+
+
+async def test_nar_listing(env: Env, sample: Sample) -> None:
+    """``<hash>.ls``: Nix's listing JSON; each narOffset points at the file's bytes in the NAR; HEAD, zstd."""
+    name = f"/{sample.store_path.hash_part}.ls"
+    async with env.client.get(name) as r:
+        assert r.status == 404
+    await upload(env, sample)
+    await put_narinfo(env, sample, sample.narinfo())
+    async with env.client.get(name, headers={"Accept-Encoding": "identity"}) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+        listing = json.loads(await r.read())
+    assert listing["version"] == 1
+    entries = _entries(listing["root"])
+    assert sorted(entries) == ["", "/big", "/bin", "/bin/hello", "/e"]
+    assert entries[""]["type"] == entries["/bin"]["type"] == "directory"
+    for path, data in {"/bin/hello": b"#!/bin/sh\necho hi\n", "/big": SAMPLE_BIG, "/e": b""}.items():
+        entry = entries[path]
+        assert entry["type"] == "regular" and entry["size"] == len(data) and "executable" not in entry
+        assert sample.nar[entry["narOffset"] : entry["narOffset"] + len(data)] == data
+    async with env.client.head(name) as r:
+        assert r.status == 200 and await r.read() == b""
+    async with env.client.get(name, headers={"Accept-Encoding": "zstd"}, auto_decompress=False) as r:
+        assert r.headers["Content-Encoding"] == "zstd"
+        assert json.loads(zstandard.ZstdDecompressor().decompressobj().decompress(await r.read())) == listing
+    async with env.client.put(name, data=b'{"version":1,"root":{"type":"symlink","target":"/lie"}}') as r:
+        assert r.status == 200  # Nix's own upload (write-nar-listing): dropped
+    async with env.client.get(name) as r:
+        assert json.loads(await r.read()) == listing
+
+
+async def test_nar_listing_of_names_json_cannot_hold(env: Env, tmp_path: Path) -> None:
+    odd = await make_sample(tmp_path, "odd-1.0", {os.fsdecode(b"caf\xe9"): b"x"})
+    await upload(env, odd)
+    assert await put_narinfo(env, odd, odd.narinfo()) == (200, "")
+    for method in "GET", "HEAD":
+        async with env.client.request(method, f"/{odd.store_path.hash_part}.ls") as r:
+            assert r.status == 422
+            if method == "GET":
+                assert "not UTF-8" in await r.text()
+
+
+async def test_nar_listing_put_needs_write_access(sample: Sample) -> None:
+    async with bridge_env(None) as env, env.client.put(f"/{sample.store_path.hash_part}.ls", data=b"{}") as r:
+        assert r.status == 403
+
+
 # -- bad input: each a 4xx, nothing stored ----------------------------------------------------
 
 
@@ -311,6 +366,11 @@ async def test_token(sample: Sample) -> None:
         ("PUT", "/nar/" + "0" * 52 + ".tar"),
         ("HEAD", "/nar/" + "0" * 51 + ".nar"),
         ("GET", "/nar/" + "u" * 52 + ".nar"),
+        ("GET", "/oooooooooooooooooooooooooooooooo.ls"),
+        ("GET", "/0000000000000000000000000000000.ls"),
+        ("HEAD", "/000000000000000000000000000000000.ls"),
+        ("GET", "/0000000000000000000000000000000.narinfo.ls"),
+        ("PUT", "/x.ls"),
     ],
 )
 async def test_malformed_hashes_in_urls(env: Env, method: str, path: str) -> None:

@@ -9,6 +9,7 @@ from the narinfos it remembers from its own upload.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import socket
@@ -105,6 +106,27 @@ def test_nix_copy_to_and_from_the_bridge(tmp_path: Path, compression: str) -> No
         for path in paths:
             assert dump(target, path, tmp_path) == dump(source, path, tmp_path), path
         copy_to(tmp_path, source, bridge.url, paths)  # again: nothing to do, no error
+    assert "Traceback" not in bridge.stderr()
+
+
+def test_nar_listings_with_nix(tmp_path: Path) -> None:
+    """The bridge's ``.ls`` equals the listing Nix writes itself; Nix uploads its own (dropped); ``nix store ls``."""
+    assert NIX is not None
+    source = tmp_path / "nix-a"
+    paths = make_paths(tmp_path, source)
+    cache = tmp_path / "file-cache"
+    copy_to(tmp_path, source, f"file://{cache}?write-nar-listing=true&compression=none", paths)
+    with running_daemon(
+        "-l", "127.0.0.1:0", "--allow-writes", store=tmp_path / "nixcas", log=tmp_path / "log", command="nar-bridge"
+    ) as bridge:
+        copy_to(tmp_path, source, bridge.url + "?write-nar-listing=true", paths)
+        for path in paths:
+            ours = json.loads(http(f"{bridge.url}/{path[11:43]}.ls"))
+            assert ours == json.loads((cache / f"{path[11:43]}.ls").read_bytes()), path
+        assert b'"narOffset"' in (cache / f"{paths[0][11:43]}.ls").read_bytes()  # the tree: offsets compared too
+        listed = nix([NIX, "store", "ls", "--store", bridge.url, "-lR", paths[0]], tmp_path / "home-ls")
+        local = nix([NIX, "store", "ls", "--store", str(source), "-lR", paths[0]], tmp_path / "home-ls")
+        assert listed.stdout == local.stdout and b"bin/hello" in listed.stdout
     assert "Traceback" not in bridge.stderr()
 
 

@@ -11,26 +11,40 @@ import bz2
 import gzip
 import hashlib
 import lzma
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
+import blake3
 import pytest
 import pytest_asyncio
 import zstandard
 from aiohttp import web
 
-from nixcas.bridge.app import NarBridge
+from nixcas._aio import close_all
+from nixcas.bridge.app import NarBridge, nar_url
+from nixcas.castore.blob.base import BlobChecker, BlobReader
 from nixcas.castore.blob.memory import MemoryBlobService
+from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
-from nixcas.castore.nodes import DirectoryNode
+from nixcas.castore.nodes import DirectoryNode, SymlinkNode
 from nixcas.composition import Composition
-from nixcas.errors import ConfigurationError, PathInfoError, StorageError
-from nixcas.registry import parse_service_url, pathinfo_service_from_url
+from nixcas.errors import ConfigurationError, PathInfoError, StorageError, ValidationError
+from nixcas.registry import (
+    blob_service_from_url,
+    directory_service_from_url,
+    parse_service_url,
+    pathinfo_service_from_url,
+)
+from nixcas.server import start_server
 from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, HashAlgo
+from nixcas.store.nar.ingest import ingest_nar_bytes
 from nixcas.store.nar.render import render_nar
 from nixcas.store.narindex import NarIndex
+from nixcas.store.narinfo import NarInfo
+from nixcas.store.narurl import castore_nar_root
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.cache import CachePathInfoService
 from nixcas.store.pathinfo.lru import LruPathInfoService
@@ -441,5 +455,190 @@ async def test_recursive_sha1_content_address_is_checked_on_the_nar(
             with pytest.raises(PathInfoError, match="content address"):
                 await svc.get(sample.store_path.digest)
             await nothing_stored(svc, sample)
+    finally:
+        await svc.close()
+
+
+# -- castore-infused narinfos: the root in a bridge's NAR URL, fetched from its castore ----------------
+
+
+class CountingBlobs(MemoryBlobService):
+    """A far castore's blobs that records which digests were read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: set[B3Digest] = set()
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        self.reads.add(digest)
+        return await super()._open_read(digest)
+
+    async def _read_many(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
+    ) -> dict[B3Digest, bytes]:
+        self.reads.update(max_sizes)
+        return await super()._read_many(max_sizes, checker, parallel)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("nar/0000000000000000000000000000000000000000000000000000.nar.xz", None),
+        ("nar/snix-castore", None),
+        ("nar/other-castore/AAAA?narsize=1", None),
+        ("nar/snix-castore/{node}?narsize=7", 7),
+        ("https://h/p/nar/tvix-castore/{node}", "no size"),
+        ("nar/snix-castore/AAAA?narsize=1", "not a Node"),
+        ("nar/snix-castore/{node}?narsize=x", "narsize"),
+        ("nar/snix-castore/{node}?narsize=1&narsize=2", "narsize"),
+        ("nar/snix-castore/{node}=?narsize=1", "base64url"),
+    ],
+)
+def test_castore_nar_urls(url: str, expected: int | str | None) -> None:
+    node = SymlinkNode(b"/nix/store/x")
+    encoded = nar_url(node, 1).split("/")[2].partition("?")[0]
+    url = url.replace("{node}", encoded)
+    if expected is None:
+        assert castore_nar_root(url) is None
+    elif isinstance(expected, int):
+        assert castore_nar_root(url) == (node, expected)
+    elif expected == "no size":
+        assert castore_nar_root(url) == (node, None)
+    else:
+        with pytest.raises(ValidationError):
+            castore_nar_root(url)
+
+
+async def test_castore_options(tmp_path: Path) -> None:
+    grpc = quote("grpc+http://far:8000", safe="")
+    config = parse_service_url(
+        "pathinfoservices", f"nix+http://h?castore_blob_service={grpc}&castore_directory_service={grpc}"
+    )
+    assert isinstance(config, NixHttpPathInfoServiceConfig)
+    assert config.castore_blob_service == config.castore_directory_service == "grpc+http://far:8000"
+    for bad, words in [
+        (f"nix+http://h?castore_blob_service={grpc}", "go together"),
+        ("nix+http://h?castore_directory_service=x", "go together"),
+        ("nix+http://h?castore_blob_service=nope%3A%2F%2F&castore_directory_service=x", "castore_blob_service"),
+    ]:
+        with pytest.raises(ConfigurationError, match=words):
+            parse_service_url("pathinfoservices", bad)
+    memory = quote("memory://", safe="")
+    local = f"blob_service={memory}&directory_service={memory}"
+    svc = await pathinfo_service_from_url(
+        f"nix+http://h?{local}&castore_blob_service={memory}&castore_directory_service={memory}"
+    )
+    try:
+        assert isinstance(svc, NixHttpPathInfoService) and svc.castore is not None
+        assert isinstance(svc.castore[0], MemoryBlobService) and isinstance(svc.castore[1], MemoryDirectoryService)
+    finally:
+        await svc.close()
+    plain = await pathinfo_service_from_url(f"nix+http://h?{local}")
+    assert isinstance(plain, NixHttpPathInfoService) and plain.castore is None
+    await plain.close()
+
+
+async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_download(tmp_path: Path) -> None:
+    """A bridge's narinfo + its castore over gRPC: only the missing blob is fetched, no NAR is downloaded."""
+    big = hashlib.sha256(b"b").digest() * 40_000
+    sample = await make_sample(tmp_path, "up-1.0", {"a": b"A" * 100, "d/b": big, "d/empty": b""})
+    far_blobs, far_dirs, far_paths = CountingBlobs(), MemoryDirectoryService(), MemoryPathInfoService()
+    node, _, _ = await ingest_nar_bytes(sample.nar, far_blobs, far_dirs)
+    await far_paths.put(NarInfo.parse(sample.narinfo()).to_path_info(node))
+    bridge = NarBridge(far_blobs, far_dirs, far_paths, NarIndex(None), sign_key=KEY, nar_prefix="snix-castore")
+    app = bridge.application()
+    requests: list[str] = []
+
+    async def record(request: web.Request, response: web.StreamResponse) -> None:
+        requests.append(request.path)
+
+    app.on_response_prepare.append(record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    grpc = await start_server("127.0.0.1:0", far_blobs, far_dirs)
+    castore = (await blob_service_from_url(grpc.url), await directory_service_from_url(grpc.url))
+    local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService()
+    already = await local_blobs.put(b"A" * 100)  # the sample's file "a": not fetched again
+    svc = NixHttpPathInfoService(
+        f"http://127.0.0.1:{runner.addresses[0][1]}", local_blobs, local_dirs, (KEY.public,), castore=castore
+    )
+    try:
+        info = await svc.get(sample.store_path.digest)
+        assert info is not None and info.node == sample.node and info.nar_sha256 == sample.sha256
+        assert requests == [f"/{sample.store_path.hash_part}.narinfo"]  # no NAR GET
+        assert far_blobs.reads == {B3Digest(blake3.blake3(big).digest())} and already not in far_blobs.reads
+        assert b"".join([c async for c in render_nar(info.node, local_blobs, local_dirs)]) == sample.nar
+    finally:
+        await svc.close()
+        await close_all(*castore)
+        await grpc.stop(0)
+        await runner.cleanup()
+        await bridge.index.close()
+
+
+@pytest.mark.parametrize("case", ["other hash", "other size", "absent", "malformed"])
+async def test_infused_root_that_does_not_match_falls_back_to_the_nar(
+    upstream: tuple[StaticCache, str], sample: Sample, tmp_path: Path, case: str
+) -> None:
+    """A signed narinfo whose castore root renders to another NAR: the NAR is downloaded, the root never used."""
+    cache, url = upstream
+    b = hashlib.sha256(b"b").digest() * 40_000
+    other = await make_sample(tmp_path, "other-1.0", {"a": b"B" * (109 if case == "other size" else 100), "d/b": b})
+    assert (len(other.nar) == len(sample.nar)) is (case != "other size")
+    far_blobs, far_dirs = CountingBlobs(), MemoryDirectoryService()
+    if case != "absent":
+        await ingest_nar_bytes(other.nar, far_blobs, far_dirs)
+    infused = nar_url(other.node, len(sample.nar), "snix-castore")  # claims the sample's NarSize
+    if case == "malformed":
+        infused = f"nar/snix-castore/AAAA?narsize={len(sample.nar)}"  # three zero bytes: not a Node
+    cache.publish(sample, compression="none", URL=infused)
+    cache.files[infused.partition("?")[0]] = sample.nar  # what the bridge would render for the NAR URL
+    local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService()
+    svc = NixHttpPathInfoService(url, local_blobs, local_dirs, (KEY.public,), castore=(far_blobs, far_dirs))
+    try:
+        info = await svc.get(sample.store_path.digest)
+        assert info is not None and info.node == sample.node != other.node
+        assert infused.partition("?")[0] in cache.requests  # fell back to the NAR
+        # Rendered (and so fetched) only when the root's directories give the NarSize claimed.
+        assert (B3Digest(blake3.blake3(b"B" * 100).digest()) in far_blobs.reads) is (case == "other hash")
+        if case != "other hash":
+            assert not far_blobs.reads
+    finally:
+        await svc.close()
+
+
+class FailingOncePutMany(MemoryBlobService):
+    """A local blob service whose first batch write fails (combined only logs that while reading through)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        if not self.failed:
+            self.failed = True
+            raise StorageError("disk full")
+        return await super().put_many(blobs)
+
+
+async def test_infused_root_not_kept_locally_falls_back_to_the_nar(
+    upstream: tuple[StaticCache, str], sample: Sample
+) -> None:
+    """The castore root verified, but a blob fetched through it was not kept locally: the NAR is downloaded."""
+    cache, url = upstream
+    far_blobs, far_dirs = MemoryBlobService(), MemoryDirectoryService()
+    await ingest_nar_bytes(sample.nar, far_blobs, far_dirs)
+    infused = nar_url(sample.node, len(sample.nar), "snix-castore")
+    cache.publish(sample, compression="none", URL=infused)
+    cache.files[infused.partition("?")[0]] = sample.nar
+    local_blobs, local_dirs = FailingOncePutMany(), MemoryDirectoryService()
+    svc = NixHttpPathInfoService(url, local_blobs, local_dirs, (KEY.public,), castore=(far_blobs, far_dirs))
+    try:
+        info = await svc.get(sample.store_path.digest)
+        assert info is not None and info.node == sample.node and local_blobs.failed
+        assert infused.partition("?")[0] in cache.requests
+        assert b"".join([c async for c in render_nar(info.node, local_blobs, local_dirs)]) == sample.nar
     finally:
         await svc.close()

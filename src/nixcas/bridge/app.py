@@ -6,6 +6,8 @@ Routes (reference §7, with the differences listed in the README):
 ``GET /nix-cache-info``                    StoreDir, WantMassQuery, Priority
 ``GET|HEAD /<hash>.narinfo``               the PathInfo as a narinfo (signed on the fly with a key)
 ``PUT /<hash>.narinfo``                    register a PathInfo for an uploaded NAR
+``GET|HEAD /<hash>.ls``                    Nix's NAR listing (JSON, ``narOffset`` per file), from castore
+``PUT /<hash>.ls``                         accepted and dropped (Nix uploads it with write-nar-listing)
 ``GET|HEAD /nar/tvix-castore/<node>?narsize=N``  the NAR of a castore node (also ``snix-castore``);
                                            ranges, zstd/gzip content encoding
 ``PUT /nar/<file hash>.nar[.xz|.zst|.bz2|.gz]``  upload a NAR (decompressed, verified, ingested)
@@ -21,11 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Final
 
 from aiohttp import web
@@ -38,32 +39,33 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node
-from nixcas.castore.proto import decode_node, encode_node
-from nixcas.errors import NixcasError, NotFoundError, StorageError, ValidationError
+from nixcas.castore.proto import encode_node
+from nixcas.errors import NixbaseError, NixcasError, NotFoundError, StorageError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, UnsupportedCompression, decompressing
 from nixcas.store.importer import check_content_address
 from nixcas.store.nar.ingest import ingest_nar
+from nixcas.store.nar.listing import UnlistableName, check_listable, nar_listing
 from nixcas.store.nar.plan import BlobSizeMismatch, Closure, fetch_closure, iter_plan, plan_size
 from nixcas.store.nar.render import render_nar
 from nixcas.store.nar.seekable import SeekableNar
 from nixcas.store.narindex import NarIndex, UploadedNar
 from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo, parse_nar_file_name, parse_narinfo_name
+from nixcas.store.narurl import CASTORE_NAR_PREFIXES, decode_root_node
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.signing import SigningKey
-from nixcas.store.store_path import STORE_DIR, StorePath
+from nixcas.store.store_path import ENCODED_DIGEST_LEN, STORE_DIR, StorePath
 from nixcas.urls import is_decimal
 
 __all__ = ["NAR_PREFIXES", "NarBridge", "nar_url"]
 
 log = logging.getLogger("nixcas.bridge")
 
-NAR_PREFIXES: Final = ("tvix-castore", "snix-castore")
-MAX_NODE_SIZE: Final = 4096
-"""Largest encoded root node accepted in a NAR URL (as tvix)."""
+NAR_PREFIXES: Final = CASTORE_NAR_PREFIXES
 RANGE_CHUNK: Final = 1 << 20
 NAR_TYPE: Final = "application/x-nix-nar"
 NARINFO_TYPE: Final = "text/x-nix-narinfo"
+LISTING_TYPE: Final = "application/json"
 IMMUTABLE: Final = "max-age=31536000, immutable"
 MAX_SLICE_LENGTH: Final = 4 << 20
 """The longest range ``GET /blob/<hex>`` serves as one bao slice (it is built in memory)."""
@@ -75,13 +77,28 @@ UPLOADS_REMEMBERED: Final = 1024
 """NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
 _NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def nar_url(node: Node, nar_size: int, prefix: str = NAR_PREFIXES[0]) -> str:
     """``nar/<prefix>/<base64url root node>?narsize=N``: a NAR URL that names its content completely."""
     encoded = base64.urlsafe_b64encode(encode_node(b"", node)).rstrip(b"=").decode()
     return f"nar/{prefix}/{encoded}?narsize={nar_size}"
+
+
+def parse_listing_name(name: str) -> bytes:
+    """``<32 nixbase32 chars>.ls`` → the 20-byte store path digest; :class:`ValidationError` otherwise."""
+    hash_part, dot, ext = name.partition(".")
+    if ext != "ls" or not dot or len(hash_part) != ENCODED_DIGEST_LEN:
+        raise ValidationError(f"invalid listing name {name[:100]!r}: expected <32 nixbase32 characters>.ls")
+    try:
+        return nixbase32.decode(hash_part)
+    except NixbaseError as e:
+        raise ValidationError(f"invalid listing name {name[:100]!r}: {e}") from None
+
+
+async def _chunks(source: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in source:
+        yield chunk
 
 
 def _fail(status: type[web.HTTPException], message: str, **headers: str) -> web.HTTPException:
@@ -146,6 +163,8 @@ class NarBridge:
         r.add_get("/nix-cache-info", self.cache_info)
         r.add_get(r"/{name:[^/]+\.narinfo}", self.get_narinfo)
         r.add_put(r"/{name:[^/]+\.narinfo}", self.put_narinfo)
+        r.add_get(r"/{name:[^/]+\.ls}", self.get_listing)
+        r.add_put(r"/{name:[^/]+\.ls}", self.put_listing)
         r.add_get(r"/nar/{prefix:[a-z]+-castore}/{node}", self.get_nar)
         r.add_get(r"/nar/{name:[^/]+}", self.get_nar_file)
         r.add_get(r"/blob/{name}", self.get_blob_slice)
@@ -229,6 +248,62 @@ class NarBridge:
         if len(self._narinfos) > NARINFO_CACHE:
             self._narinfos.popitem(last=False)
         return body
+
+    # -- NAR listings ---------------------------------------------------------------------
+
+    async def get_listing(self, request: web.Request) -> web.StreamResponse:
+        """Nix's listing of the path's NAR, computed from its directories (no blob is read).
+
+        Everything that can fail is checked before the headers: the path, its
+        directory closure, and that every name and symlink target is UTF-8
+        (else 422: JSON cannot hold it).  The body streams in chunks.
+        """
+        name = request.match_info["name"]
+        digest = parse_listing_name(name)
+        try:
+            info = await self.pathinfos.get(digest)
+        except ValidationError as e:  # an upstream record that failed verification: not available here
+            log.warning("GET %s: %s", name, e)
+            raise _fail(web.HTTPNotFound, f"{name}: {e}") from None
+        if info is None:
+            raise _fail(web.HTTPNotFound, f"{name}: no such path")
+        closure = await fetch_closure(info.node, self.directories)
+        try:
+            check_listable(info.node, closure)
+        except UnlistableName as e:
+            raise _fail(web.HTTPUnprocessableEntity, f"{info.store_path}: {e}") from None
+        head = request.method == "HEAD"
+        encoding = None if head else choose_encoding(request.headers.get("Accept-Encoding"))
+        response = web.StreamResponse(headers={"Vary": "Accept-Encoding"})
+        response.content_type = LISTING_TYPE
+        if encoding is not None:
+            response.headers["Content-Encoding"] = encoding
+        await response.prepare(request)
+        if head:
+            await response.write_eof()
+            return response
+        chunks = _chunks(nar_listing(info.node, closure))
+        if encoding is not None:
+            chunks = encode_stream(chunks, encoding)
+        try:
+            async for chunk in chunks:
+                await response.write(chunk)
+        except NixcasError as e:  # e.g. a tree too deep for a NAR: the headers are out, cut the body short
+            log.error("GET %s: listing failed after the headers were sent: %s", request.path, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+
+    async def put_listing(self, request: web.Request) -> web.Response:
+        """Nix uploads a listing with each path when ``write-nar-listing`` is set: read and dropped (it is computed)."""
+        self._check_write(request)
+        parse_listing_name(request.match_info["name"])
+        body = _Body(request)
+        while await body.read(64 << 10):
+            pass
+        return web.Response(text="")
 
     async def _read_limited(self, request: web.Request, limit: int) -> bytes:
         def too_large(size: int) -> web.HTTPException:
@@ -339,19 +414,6 @@ class NarBridge:
     # -- NAR downloads ------------------------------------------------------------------
 
     @staticmethod
-    def _parse_node(encoded: str) -> Node:
-        if len(encoded) > MAX_NODE_SIZE * 4 // 3 + 4 or not _B64URL.fullmatch(encoded):
-            raise ValidationError("invalid root node in NAR URL: not unpadded base64url (or too long)")
-        try:
-            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-        except binascii.Error:
-            raise ValidationError("invalid root node in NAR URL: bad base64url") from None
-        try:
-            return decode_node(raw, anonymous=True)[1]
-        except ValidationError as e:
-            raise ValidationError(f"invalid root node in NAR URL: {e}") from None
-
-    @staticmethod
     def _query_int(request: web.Request, key: str, what: str) -> int:
         """The one ``?key=N`` of ``request`` (a non-negative decimal); else a :class:`ValidationError`."""
         values = request.query.getall(key, [])
@@ -366,7 +428,7 @@ class NarBridge:
     async def get_nar(self, request: web.Request) -> web.StreamResponse:
         if request.match_info["prefix"] not in NAR_PREFIXES:
             raise _fail(web.HTTPNotFound, f"unknown NAR URL prefix {request.match_info['prefix']!r}")
-        node = self._parse_node(request.match_info["node"])
+        node = decode_root_node(request.match_info["node"])
         return await self._serve_nar(request, node, self._parse_narsize(request))
 
     async def _serve_nar(

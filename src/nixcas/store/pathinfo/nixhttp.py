@@ -17,15 +17,37 @@ URL form (reference §3.6)::
     nix+http://127.0.0.1:8080/prefix?blob_service=NAME&directory_service=NAME
 
 Composition: ``type = "nix"``, ``base_url``, ``blob_service`` / ``directory_service``
-(names or URLs; default ``root``: the store's own services), ``public_keys`` (list).
+(names or URLs; default ``root``: the store's own services), ``public_keys`` (list),
+``castore_blob_service`` / ``castore_directory_service`` (see below).
 ``put`` and ``list`` are refused: a binary cache reached this way is read-only
 and cannot be enumerated.
+
+**Castore-infused narinfos.**  A nixcas, tvix or snix nar-bridge names each
+NAR by its castore root (``nar/snix-castore/<root>?narsize=N``, see
+:mod:`nixcas.store.narurl`).  When the service is given the castore behind
+such a bridge (``castore_blob_service`` and ``castore_directory_service``, both
+names or URLs, e.g. ``grpc+http://bridge-host:8000``; URL options of the same
+names, percent-encoded), it reads the root from the (signature-checked)
+narinfo and fetches only what the local services lack: the directory closure
+when any of it is missing (one ``get_recursive``), then each blob the local
+blob service does not have, as the NAR is rendered from the local services in
+front of the castore (:class:`~nixcas.castore.dirs.cache.CacheDirectoryService`,
+:class:`~nixcas.castore.blob.combined.CombinedBlobService`).  The NAR size
+follows from the directories alone and is compared first (no blob is fetched
+for a root of the wrong size); the rendered NAR's SHA-256 (and a NAR content
+address's own hash) must then equal the narinfo's, and every blob must now be
+in the local blob service.  Only then is the root used.  Any mismatch or
+failure (absent root, unreachable castore, a blob that does not hash to its
+digest) is logged and the NAR is downloaded as for any other narinfo, so a
+wrong root is never recorded; what was fetched stays in the local castore as
+unreferenced, verified content for ``gc``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final, Self
@@ -36,7 +58,7 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.errors import ConfigurationError, PathInfoError, StorageError, ValidationError
+from nixcas.errors import ConfigurationError, NixcasError, PathInfoError, StorageError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, decompressing
 from nixcas.store.hashes import CAKind, HashAlgo
@@ -44,6 +66,7 @@ from nixcas.store.importer import check_content_address
 from nixcas.store.nar.ingest import ingest_nar
 from nixcas.store.nar.parser import AsyncByteSource
 from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo
+from nixcas.store.narurl import castore_nar_root
 from nixcas.store.pathinfo.base import PathInfoServiceWrapper, check_digest
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.signing import SigningKeyError, VerifyingKey, has_valid_signature, parse_public_keys
@@ -56,8 +79,16 @@ if TYPE_CHECKING:
 
 __all__ = ["NixHttpPathInfoService", "NixHttpPathInfoServiceConfig", "UntrustedPathInfo"]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SERVICE: Final = "root"
 READ_BLOCK: Final = 1 << 20
+_SERVICE_FIELDS: Final = (
+    ("blob_service", "blobservices"),
+    ("directory_service", "directoryservices"),
+    ("castore_blob_service", "blobservices"),
+    ("castore_directory_service", "directoryservices"),
+)
 
 
 class UntrustedPathInfo(PathInfoError):
@@ -73,6 +104,8 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
     blob_service: str = DEFAULT_SERVICE
     directory_service: str = DEFAULT_SERVICE
     public_keys: list[str] | None = None
+    castore_blob_service: str | None = None
+    castore_directory_service: str | None = None
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
@@ -80,7 +113,10 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
             raise ConfigurationError(f"{shown(url)!r}: write nix+http://host[/prefix] or nix+https://…")
         if not url.netloc or url.fragment:
             raise ConfigurationError(f"{shown(url)!r}: needs a host (nix+https://cache.example.org[/prefix])")
-        options = query_options(url, {"trusted-public-keys", "blob_service", "directory_service"})
+        options = query_options(
+            url,
+            {"trusted-public-keys", *(field for field, _ in _SERVICE_FIELDS)},
+        )
         keys = options.get("trusted-public-keys")
         if keys is not None:  # base64 has '+': read the raw value, where only %20 separates keys
             raw = next(v for k, _, v in (p.partition("=") for p in url.query.split("&")) if k == "trusted-public-keys")
@@ -91,6 +127,8 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
             options.get("blob_service", DEFAULT_SERVICE),
             options.get("directory_service", DEFAULT_SERVICE),
             None if keys is None else keys.split(),
+            options.get("castore_blob_service"),
+            options.get("castore_directory_service"),
         )
         config.validate(repr(shown(url)))
         return config
@@ -109,9 +147,14 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
             raise ConfigurationError(f"{where}: public_keys is empty (omit it to accept unsigned narinfos)")
         from nixcas.registry import parse_service_url
 
-        for field, kind in (("blob_service", "blobservices"), ("directory_service", "directoryservices")):
+        if (self.castore_blob_service is None) != (self.castore_directory_service is None):
+            raise ConfigurationError(
+                f"{where}: castore_blob_service and castore_directory_service go together (the castore behind "
+                "the cache's castore NAR URLs)"
+            )
+        for field, kind in _SERVICE_FIELDS:
             ref = getattr(self, field)
-            if "://" in ref:
+            if ref is not None and "://" in ref:
                 try:
                     parse_service_url(kind, unquote(ref))
                 except ConfigurationError as e:
@@ -121,7 +164,13 @@ class NixHttpPathInfoServiceConfig(ServiceConfig["PathInfoService"]):
         blobs = await resolver.blob_service(unquote(self.blob_service))
         directories = await resolver.directory_service(unquote(self.directory_service))
         keys = parse_public_keys(self.public_keys) if self.public_keys is not None else None
-        return NixHttpPathInfoService(self.base_url, blobs, directories, keys)
+        castore = None
+        if self.castore_blob_service is not None and self.castore_directory_service is not None:
+            castore = (
+                await resolver.blob_service(unquote(self.castore_blob_service)),
+                await resolver.directory_service(unquote(self.castore_directory_service)),
+            )
+        return NixHttpPathInfoService(self.base_url, blobs, directories, keys, castore=castore)
 
 
 class _Body:
@@ -148,12 +197,16 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         blobs: BlobService,
         directories: DirectoryService,
         public_keys: tuple[VerifyingKey, ...] | None = None,
+        *,
+        castore: tuple[BlobService, DirectoryService] | None = None,
     ) -> None:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         """Where requests go: may hold ``user:password@`` (sent as basic auth); never shown."""
         self.blobs = blobs
         self.directories = directories
         self.public_keys = public_keys
+        self.castore = castore
+        """The castore behind the cache's castore NAR URLs (blobs, directories), if any."""
         self._session: aiohttp.ClientSession | None = None
         self._running: dict[bytes, asyncio.Task[PathInfo | None]] = {}
 
@@ -234,10 +287,76 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
             check_content_address(narinfo)
         except ValidationError as e:
             raise PathInfoError(f"{url}: {e}") from None
-        node = await self._ingest(narinfo)
+        node = await self._from_castore(url, narinfo) if self.castore is not None else None
+        if node is None:
+            node = await self._ingest(narinfo)
         info = narinfo.to_path_info(node)
         await self._check_flat_content(info)
         return info
+
+    async def _from_castore(self, url: str, narinfo: NarInfo) -> Node | None:
+        """The root named by a castore NAR URL, once the NAR rendered from it matched the narinfo; else ``None``."""
+        assert self.castore is not None
+        try:
+            found = castore_nar_root(narinfo.url)
+        except ValidationError as e:
+            log.warning("%s: %s; downloading the NAR instead", url, e)
+            return None
+        if found is None:
+            return None
+        node, url_size = found
+        if url_size is not None and url_size != narinfo.nar_size:
+            log.warning(
+                "%s: the NAR URL says %d bytes, NarSize %d; downloading the NAR", url, url_size, narinfo.nar_size
+            )
+            return None
+        from nixcas.castore.blob.combined import CombinedBlobService
+        from nixcas.castore.dirs.cache import CacheDirectoryService
+        from nixcas.store.nar.plan import fetch_closure, plan_size
+        from nixcas.store.nar.render import render_nar
+
+        blobs = CombinedBlobService(self.blobs, self.castore[0])
+        directories = CacheDirectoryService(self.directories, self.castore[1])
+        ca = narinfo.ca
+        ca_hash, ca_digest = None, b""  # a NAR content address with its own hash algorithm: checked as well
+        if ca is not None and ca.kind is CAKind.NAR and ca.hash.algo is not HashAlgo.SHA256:
+            ca_hash, ca_digest = hashlib.new(ca.hash.algo), ca.hash.digest
+        try:
+            closure = await fetch_closure(node, directories)
+            size = plan_size(node, closure)
+            if size != narinfo.nar_size:
+                log.warning(
+                    "%s: the castore root's NAR has %d bytes, not %d; downloading the NAR", url, size, narinfo.nar_size
+                )
+                return None
+            sha256 = hashlib.sha256()
+            async for chunk in render_nar(node, blobs, directories, closure=closure):
+                sha256.update(chunk)
+                if ca_hash is not None:
+                    ca_hash.update(chunk)
+        except (NixcasError, OSError) as e:
+            log.warning("%s: rendering the NAR from castore failed (%s); downloading the NAR", url, self._error(e))
+            return None
+        if sha256.digest() != narinfo.nar_sha256 or (ca_hash is not None and ca_hash.digest() != ca_digest):
+            log.warning("%s: the castore root's NAR does not have the narinfo's hash; downloading the NAR", url)
+            return None
+        # The far blobs were kept locally as they streamed; a local write that failed is only logged
+        # there, so check: the root must be complete in the local services before it is used.
+        # (An empty file is framing alone: its blob is never stored or read.)
+        files = [n for d in closure.values() for _, n in d if isinstance(n, FileNode)]
+        if isinstance(node, FileNode):
+            files.append(node)
+        digests = list({f.digest for f in files if f.size})
+        try:
+            missing = sum(size is None for size in await self.blobs.sizes(digests))
+        except (NixcasError, OSError) as e:
+            missing, reason = len(digests), self._error(e)
+        else:
+            reason = f"{missing} blobs were not kept"
+        if missing:
+            log.warning("%s: the castore root is not complete locally (%s); downloading the NAR", url, reason)
+            return None
+        return node
 
     async def _ingest(self, narinfo: NarInfo) -> Node:
         import aiohttp
