@@ -29,6 +29,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.grpc.servicers import add_castore_servicers
 from nixcas.errors import ConfigurationError, StorageError, ValidationError
 from nixcas.registry import blob_service_from_url
 from nixcas.server import RunningServer, start_server
@@ -494,3 +495,19 @@ async def test_reflection_shows_the_names_of_each_package() -> None:
     for answer in missing:
         assert answer.WhichOneof("message_response") == "error_response"
         assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def test_chunkstore_option_against_a_server_without_the_services() -> None:
+    """A daemon with only the 2024 services (tvix, snix before 2026): a one-line error naming the option."""
+    server = grpc.aio.server()
+    add_castore_servicers(server, MemoryBlobService(), MemoryDirectoryService())
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with await blob_service_from_url(f"grpc+http://127.0.0.1:{port}?chunkstore=1") as svc:
+            with pytest.raises(StorageError, match="no snix.castore.v1 ChunkStoreService.*remove chunkstore=1"):
+                await svc.has(b3(b"x"))
+            with pytest.raises(StorageError, match="remove chunkstore=1"):
+                await svc.put(b"some bytes")
+    finally:
+        await server.stop(0)

@@ -29,7 +29,7 @@ import asyncio
 import collections
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final, TypeAlias, cast
 
@@ -57,7 +57,7 @@ from nixcas.castore.blob.chunking import CHUNK_TRANSFER_LIMIT, EMPTY_BLOB, Chunk
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
 from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
-from nixcas.castore.grpc.status import client_errors, error_from_status
+from nixcas.castore.grpc.status import RemoteError, client_errors, error_from_status
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import InvalidDigestError, NotFoundError, StorageError
 
@@ -533,9 +533,24 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
             response_deserializer=bs_pb.BSPutBlobResponse.FromString,
         )
 
+    @contextlib.asynccontextmanager
+    async def _snix_call(self, where: str) -> AsyncIterator[None]:
+        """:func:`client_errors`, and a server without the snix services named as such."""
+        try:
+            async with client_errors(where):
+                yield
+        except RemoteError as e:
+            if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            raise RemoteError(
+                f"{where}: the server has no snix.castore.v1 ChunkStoreService/BlobStoreService"
+                " (tvix daemons and snix before 2026 do not): remove chunkstore=1 from the URL",
+                e.code,
+            ) from None
+
     async def has(self, digest: B3Digest) -> bool:
         try:
-            async with client_errors(f"{self.url}: StatBlob {digest.hex()}"):
+            async with self._snix_call(f"{self.url}: StatBlob {digest.hex()}"):
                 await self._stat_blob(bs_pb.BSStatBlobRequest(digest=digest))
         except NotFoundError:
             return False
@@ -545,7 +560,7 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
         """``GetBlob``: the chunks the blob is made of, as the server lists them (validated); ``None`` if missing."""
         where = f"{self.url}: GetBlob {digest.hex()}"
         try:
-            async with client_errors(where):
+            async with self._snix_call(where):
                 response = cast(bs_pb.GetBlobResponse, await self._get_blob(bs_pb.GetBlobRequest(digest=digest)))
         except NotFoundError:
             return None
@@ -579,7 +594,7 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
         parts: list[bytes] = []
         got = 0
         try:
-            async with client_errors(where):
+            async with self._snix_call(where):
                 async for data in call:
                     got += len(data)
                     if got > chunk.size:
@@ -594,7 +609,7 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
     async def has_chunk(self, digest: B3Digest) -> bool:
         """``StatChunk``."""
         try:
-            async with client_errors(f"{self.url}: StatChunk {digest.hex()}"):
+            async with self._snix_call(f"{self.url}: StatChunk {digest.hex()}"):
                 await self._stat_chunk(cs_pb.StatChunkRequest(digest=digest))
         except NotFoundError:
             return False
@@ -620,7 +635,7 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
         where = f"{self.url}: PutChunk {chunk.digest.hex()}"
         view = memoryview(data)
         messages = [bytes(view[i : i + WRITE_MESSAGE_SIZE]) for i in range(0, len(view), WRITE_MESSAGE_SIZE)]
-        async with client_errors(where):
+        async with self._snix_call(where):
             response = cast(cs_pb.PutChunkResponse, await self._put_chunk(iter(messages)))
         if response.digest != chunk.digest:
             raise StorageError(f"{where}: the server answered {response.digest.hex()}")
@@ -635,7 +650,7 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
         meta = blob_pb_meta.BlobMeta(
             chunks=[blob_pb_meta.BlobMeta.ChunkMeta(digest=c.digest, size=c.size) for c in chunks]
         )
-        async with client_errors(f"{self.url}: PutBlob {digest.hex()}"):
+        async with self._snix_call(f"{self.url}: PutBlob {digest.hex()}"):
             await self._put_blob(bs_pb.PutBlobRequest(digest=digest, blob_meta=meta))
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
