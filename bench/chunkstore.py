@@ -86,7 +86,7 @@ def lacking(old: bytes, new: bytes) -> int:
     return sum(len(c) for c in cut(new) if blake3.blake3(c).digest() not in known)
 
 
-async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, object]:
+async def run(args: argparse.Namespace, workdir: Path, url: str) -> tuple[dict[str, list[float]], dict[str, int]]:
     size = args.size_mib << 20
     names = ("upload plain", "upload chunkstore", "fetch plain", "fetch chunkstore")
     times: dict[str, list[float]] = {k: [] for k in names}
@@ -121,13 +121,7 @@ async def run(args: argparse.Namespace, workdir: Path, url: str) -> dict[str, ob
                 await near.close()
                 shutil.rmtree(near_dir)
             sent["fetch plain"] = sent["fetch chunkstore"] = lacking(v1, v2a)
-    return {
-        "size_mib": args.size_mib,
-        "runs": args.runs,
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "all_s": times,
-        "chunk_bytes_moved": sent,
-    }
+    return times, sent
 
 
 def main() -> None:
@@ -140,16 +134,17 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-chunkstore-", dir=args.workdir))
     proc, url = start_daemon(workdir)
     try:
-        result = asyncio.run(run(args, workdir, url))
+        times, sent = asyncio.run(run(args, workdir, url))
     finally:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(workdir, ignore_errors=True)
-    for name, seconds in result["median_s"].items():  # type: ignore[union-attr]
-        moved = result["chunk_bytes_moved"][name] / 2**20  # type: ignore[index]
-        print(f"{name:20s} {seconds:7.3f} s   {moved:8.2f} MiB of chunks moved")
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    for name, seconds in medians.items():
+        print(f"{name:20s} {seconds:7.3f} s   {sent[name] / 2**20:8.2f} MiB of chunks moved")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        result = {"size_mib": args.size_mib, "runs": args.runs, "median_s": medians, "all_s": times}
+        args.json.write_text(json.dumps({**result, "chunk_bytes_moved": sent}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

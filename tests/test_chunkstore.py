@@ -26,7 +26,6 @@ from nixcas.castore.blob.combined import CombinedBlobService
 from nixcas.castore.blob.grpc import GrpcBlobService, GrpcChunkStoreBlobService
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
-from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.grpc.servicers import add_castore_servicers
@@ -68,16 +67,17 @@ class CountingLocal(LocalBlobService):
         await super().put_chunk(chunk, data)
 
 
-BACKENDS: dict[str, Callable[[Path], BlobService]] = {
-    "memory": lambda tmp: MemoryBlobService(),
-    "objectstore+file": lambda tmp: LocalBlobService(tmp / "blobs"),
-    "packed": lambda tmp: PackedBlobService(tmp / "packed"),
+BACKENDS: dict[str, Callable[[Path], str]] = {
+    "memory": lambda tmp: "memory://",
+    "objectstore+file": lambda tmp: f"objectstore+file://{tmp}/blobs",
+    "objectstore+memory": lambda tmp: "objectstore+memory:///",
+    "packed": lambda tmp: f"packed://{tmp}/packed",
 }
 
 
 @pytest_asyncio.fixture(params=sorted(BACKENDS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobService]:
-    blobs = BACKENDS[request.param](tmp_path)
+    blobs = await blob_service_from_url(BACKENDS[request.param](tmp_path))
     yield blobs
     await blobs.close()
 
