@@ -505,7 +505,7 @@ async def test_chunkstore_option_against_a_server_without_the_services() -> None
     await server.start()
     try:
         async with await blob_service_from_url(f"grpc+http://127.0.0.1:{port}?chunkstore=1") as svc:
-            with pytest.raises(StorageError, match="no snix.castore.v1 ChunkStoreService.*remove chunkstore=1"):
+            with pytest.raises(StorageError, match=r"no snix\.castore\.v1 ChunkStoreService.*remove chunkstore=1"):
                 await svc.has(b3(b"x"))
             with pytest.raises(StorageError, match="remove chunkstore=1"):
                 await svc.put(b"some bytes")
