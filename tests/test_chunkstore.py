@@ -264,6 +264,14 @@ BAD_METAS: dict[str, tuple[Callable[[], Sequence[tuple[bytes, int]]], grpc.Statu
         "make up blob",
     ),
     "empty list": (lambda: [], grpc.StatusCode.INVALID_ARGUMENT, "empty chunk list"),
+    "a chunk twice, once with a lying size": (
+        lambda: (
+            [(b3(CHUNKS[0]), len(CHUNKS[0])), (b3(CHUNKS[0]), len(CHUNKS[0]) - 1)]
+            + [(b3(c), len(c)) for c in CHUNKS[1:]]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "chunk 1",
+    ),
     "empty chunk": (
         lambda: [(b3(c), len(c)) for c in CHUNKS] + [(EMPTY_DIGEST, 0)],
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -511,3 +519,16 @@ async def test_chunkstore_option_against_a_server_without_the_services() -> None
                 await svc.put(b"some bytes")
     finally:
         await server.stop(0)
+
+
+async def test_put_blob_refuses_too_many_chunks(stubs: Stubs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("nixcas.castore.grpc.chunkstore.MAX_BLOB_CHUNKS", 4)
+    for chunk in CHUNKS[:5]:
+        await stubs.put(chunk)
+    request = bs_pb.PutBlobRequest(
+        digest=b3(b"".join(CHUNKS[:5])), blob_meta=meta([(b3(c), len(c)) for c in CHUNKS[:5]])
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.put_blob(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "5 chunks listed (at most 4)" in (info.value.details() or "")

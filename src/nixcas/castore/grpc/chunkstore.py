@@ -70,6 +70,12 @@ CHUNK_LIMIT: Final = CHUNK_TRANSFER_LIMIT
 PUT_BLOB_WINDOW: Final = 8 << 20
 """Bytes of chunks ``PutBlob`` reads back at once (one batched ``read_many``) while checking a BlobMeta."""
 
+PUT_BLOB_WINDOW_CHUNKS: Final = 256
+"""Chunks ``PutBlob`` reads back at once, however small they are."""
+
+MAX_BLOB_CHUNKS: Final = 1 << 20
+"""Most chunks one ``BlobMeta`` may list (a 256 GiB blob at snix's average chunk size): the list is held in memory."""
+
 GET_MESSAGE_SIZE: Final = 1 << 20
 """Bytes per ``GetChunkResponse``."""
 
@@ -179,6 +185,10 @@ class BlobStoreServiceServicer:
         async with rpc_errors(context, "BlobStoreService.PutBlob"):
             digest = _digest(request.digest, "PutBlob")
             where = f"PutBlob {digest.hex()}"
+            if len(request.blob_meta.chunks) > MAX_BLOB_CHUNKS:
+                raise ValidationError(
+                    f"{where}: {len(request.blob_meta.chunks)} chunks listed (at most {MAX_BLOB_CHUNKS})"
+                )
             chunks = [
                 ChunkMeta(_digest(c.digest, f"{where}: chunk {i}"), c.size)
                 for i, c in enumerate(request.blob_meta.chunks)
@@ -212,11 +222,16 @@ class BlobStoreServiceServicer:
         start = 0
         while start < len(chunks):
             end, window = start, 0
-            while end < len(chunks) and (end == start or window + chunks[end].size <= PUT_BLOB_WINDOW):
+            while end < len(chunks) and (
+                end == start or (window + chunks[end].size <= PUT_BLOB_WINDOW and end - start < PUT_BLOB_WINDOW_CHUNKS)
+            ):
                 window += chunks[end].size
                 end += 1
             group = chunks[start:end]
-            found = await self._blobs.read_many({c.digest: c.size for c in group})  # each checked by its digest
+            caps: dict[B3Digest, int] = {}
+            for c in group:  # a chunk listed twice: read up to the larger size, each entry is checked below
+                caps[c.digest] = max(caps.get(c.digest, 0), c.size)
+            found = await self._blobs.read_many(caps)  # each checked against its digest
             for i, c in enumerate(group, start):
                 data = found.get(c.digest)
                 if data is None:
