@@ -532,3 +532,36 @@ async def test_put_blob_refuses_too_many_chunks(stubs: Stubs, monkeypatch: pytes
         await stubs.put_blob(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "5 chunks listed (at most 4)" in (info.value.details() or "")
+
+
+SNIX_ONLY = [
+    (service, method)
+    for module in (cs_pb, bs_pb)
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+]
+
+
+async def test_undecodable_requests_on_the_snix_only_methods() -> None:
+    """Bytes that are not the method's message: INVALID_ARGUMENT naming the method, nothing stored."""
+    blobs = MemoryBlobService()
+    running = await serve(blobs)
+    raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    try:
+        async with grpc.aio.insecure_channel(running.url.removeprefix("grpc+http://")) as channel:
+            for service, method in SNIX_ONLY:
+                path = f"/snix.castore.v1.{service.name}/{method.name}"
+                for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f"):
+                    if method.client_streaming:
+                        call = channel.stream_unary(path, **raw)(iter([garbage]))
+                    elif method.server_streaming:
+                        call = channel.unary_stream(path, **raw)(garbage).read()
+                    else:
+                        call = channel.unary_unary(path, **raw)(garbage)
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await call
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, info.value)
+                    assert f"{service.name}.{method.name}: undecodable" in (info.value.details() or "")
+    finally:
+        await running.stop(0)
+    assert blobs._blobs == {}
