@@ -37,7 +37,6 @@ import blake3
 import grpc
 import grpc.aio
 
-from nixcas._proto.snix.castore.protos import blobstore_pb2 as blob_pb_meta
 from nixcas._proto.snix.castore.protos import rpc_blobstore_pb2 as bs_pb
 from nixcas._proto.snix.castore.protos import rpc_chunkstore_pb2 as cs_pb
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
@@ -56,7 +55,7 @@ from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.blob.chunking import CHUNK_TRANSFER_LIMIT, EMPTY_BLOB, Chunker, check_chunk_list
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
-from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
+from nixcas.castore.grpc.codec import blob_meta, decode_blob_chunk, encode_blob_chunk
 from nixcas.castore.grpc.status import RemoteError, client_errors, error_from_status
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import InvalidDigestError, NotFoundError, StorageError
@@ -556,7 +555,7 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
             return False
         return True
 
-    async def blob_meta(self, digest: B3Digest) -> list[ChunkMeta] | None:
+    async def get_blob_meta(self, digest: B3Digest) -> list[ChunkMeta] | None:
         """``GetBlob``: the chunks the blob is made of, as the server lists them (validated); ``None`` if missing."""
         where = f"{self.url}: GetBlob {digest.hex()}"
         try:
@@ -578,11 +577,11 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
         return chunks
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        found = await self.blob_meta(digest)
+        found = await self.get_blob_meta(digest)
         return None if found is None else found if len(found) >= 2 else []
 
     async def size(self, digest: B3Digest) -> int | None:
-        found = await self.blob_meta(digest)
+        found = await self.get_blob_meta(digest)
         return None if found is None else sum(c.size for c in found)
 
     async def read_chunk(self, chunk: ChunkMeta) -> bytes | None:
@@ -647,11 +646,8 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
 
     async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
         """``PutBlob``: the server checks that the chunks are there and make up ``digest``."""
-        meta = blob_pb_meta.BlobMeta(
-            chunks=[blob_pb_meta.BlobMeta.ChunkMeta(digest=c.digest, size=c.size) for c in chunks]
-        )
         async with self._snix_call(f"{self.url}: PutBlob {digest.hex()}"):
-            await self._put_blob(bs_pb.PutBlobRequest(digest=digest, blob_meta=meta))
+            await self._put_blob(bs_pb.PutBlobRequest(digest=digest, blob_meta=blob_meta(chunks)))
 
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _ChunkingGrpcWriter(self, expected_size)

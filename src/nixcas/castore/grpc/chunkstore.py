@@ -44,13 +44,12 @@ import blake3
 import grpc
 import grpc.aio
 
-from nixcas._proto.snix.castore.protos import blobstore_pb2 as meta_pb
 from nixcas._proto.snix.castore.protos import rpc_blobstore_pb2 as bs_pb
 from nixcas._proto.snix.castore.protos import rpc_chunkstore_pb2 as cs_pb
 from nixcas.castore.blob.base import BlobService, ChunkMeta, ChunkStore
 from nixcas.castore.blob.chunking import CHUNK_TRANSFER_LIMIT, EMPTY_BLOB
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.grpc.codec import decode_blob_chunk, encode_blob_chunk
+from nixcas.castore.grpc.codec import blob_meta, decode_blob_chunk, encode_blob_chunk
 from nixcas.castore.grpc.register import add_servicer
 from nixcas.castore.grpc.servicers import _ensure_not_cancelled
 from nixcas.castore.grpc.status import rpc_errors
@@ -148,11 +147,6 @@ class ChunkStoreServiceServicer:
 async def _refuse(context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("unreachable")  # abort raises
-
-
-def blob_meta(chunks: Sequence[ChunkMeta]) -> meta_pb.BlobMeta:
-    """A chunk list as a ``BlobMeta`` message."""
-    return meta_pb.BlobMeta(chunks=[meta_pb.BlobMeta.ChunkMeta(digest=c.digest, size=c.size) for c in chunks])
 
 
 class BlobStoreServiceServicer:
