@@ -28,8 +28,9 @@ from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.grpc.register import add_servicer
 from nixcas.castore.grpc.servicers import add_castore_servicers
-from nixcas.errors import ConfigurationError, StorageError, ValidationError
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
 from nixcas.registry import blob_service_from_url
 from nixcas.server import RunningServer, start_server
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
@@ -301,6 +302,15 @@ async def test_put_blob_refuses_a_lying_chunk_list(stubs: Stubs, store: BlobServ
     assert await status_of(stubs.stat_blob(bs_pb.BSStatBlobRequest(digest=b3(BLOB)))) == grpc.StatusCode.NOT_FOUND
 
 
+async def test_put_blob_without_blob_meta(stubs: Stubs, store: BlobService) -> None:
+    """As snix: a PutBlob must carry a BlobMeta, even the empty blob's (which is then empty)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.put_blob(bs_pb.PutBlobRequest(digest=EMPTY_DIGEST))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no blob_meta" in (info.value.details() or "")
+    assert not await store.has(B3Digest(EMPTY_DIGEST))
+
+
 async def test_get_chunk_checks_before_sending() -> None:
     """A store holding wrong bytes under a digest: GetChunk sends none of them."""
     blobs = MemoryBlobService()
@@ -565,3 +575,67 @@ async def test_undecodable_requests_on_the_snix_only_methods() -> None:
     finally:
         await running.stop(0)
     assert blobs._blobs == {}
+
+
+class LyingBlobStore:
+    """A BlobStoreService + ChunkStoreService that answers whatever the test sets."""
+
+    def __init__(self) -> None:
+        self.meta: meta_pb.BlobMeta | None = None
+        self.chunk = b""
+
+    async def StatBlob(self, request: bs_pb.BSStatBlobRequest, context: object) -> bs_pb.BSStatBlobResponse:
+        return bs_pb.BSStatBlobResponse()
+
+    async def GetBlob(self, request: bs_pb.GetBlobRequest, context: object) -> bs_pb.GetBlobResponse:
+        return bs_pb.GetBlobResponse() if self.meta is None else bs_pb.GetBlobResponse(blob_meta=self.meta)
+
+    async def PutBlob(self, request: bs_pb.PutBlobRequest, context: object) -> bs_pb.BSPutBlobResponse:
+        return bs_pb.BSPutBlobResponse()
+
+    async def StatChunk(self, request: cs_pb.StatChunkRequest, context: object) -> cs_pb.StatChunkResponse:
+        return cs_pb.StatChunkResponse()
+
+    async def GetChunk(self, request: cs_pb.GetChunkRequest, context: object) -> AsyncIterator[cs_pb.GetChunkResponse]:
+        yield cs_pb.GetChunkResponse(data=self.chunk)
+
+    async def PutChunk(self, requests: AsyncIterator[cs_pb.PutChunkRequest], context: object) -> cs_pb.PutChunkResponse:
+        async for _ in requests:
+            pass
+        return cs_pb.PutChunkResponse(digest=b3(b"not what was sent"))
+
+
+async def test_client_checks_what_a_lying_server_answers() -> None:
+    liar = LyingBlobStore()
+    server = grpc.aio.server()
+    for module, name in ((bs_pb, "BlobStoreService"), (cs_pb, "ChunkStoreService")):
+        add_servicer(server, liar, module.DESCRIPTOR.services_by_name[name], prefixes=("snix",))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    digest = b3(BLOB)
+    try:
+        async with await blob_service_from_url(f"grpc+http://127.0.0.1:{port}?chunkstore=1") as svc:
+            assert isinstance(svc, GrpcChunkStoreBlobService)
+            with pytest.raises(StorageError, match="no blob_meta"):
+                await svc.chunks(digest)
+            liar.meta = meta([])
+            with pytest.raises(StorageError, match="empty chunk list for a blob that is not empty"):
+                await svc.chunks(digest)
+            liar.meta = meta([(b3(CHUNKS[0]), len(BLOB))])
+            with pytest.raises(StorageError, match=r"single chunk \w+ that is not the blob"):
+                await svc.chunks(digest)
+            liar.meta = meta([(b3(c), len(c)) for c in CHUNKS])
+            assert await svc.chunks(digest) == [ChunkMeta(b3(c), len(c)) for c in CHUNKS]
+            wanted = ChunkMeta(b3(CHUNKS[0]), len(CHUNKS[0]))
+            liar.chunk = noise(b"other", len(CHUNKS[0]))  # the right size, other bytes
+            with pytest.raises(ChecksumMismatch):
+                await svc.read_chunk(wanted)
+            liar.chunk = CHUNKS[0] + b"!"
+            with pytest.raises(StorageError, match="more than the"):
+                await svc.read_chunk(wanted)
+            liar.chunk = CHUNKS[0]
+            assert await svc.read_chunk(wanted) == CHUNKS[0]
+            with pytest.raises(StorageError, match="the server answered"):
+                await svc.put_chunk(wanted, CHUNKS[0])
+    finally:
+        await server.stop(0)

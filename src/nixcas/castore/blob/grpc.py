@@ -563,6 +563,8 @@ class GrpcChunkStoreBlobService(GrpcBlobService, ChunkStore):
                 response = cast(bs_pb.GetBlobResponse, await self._get_blob(bs_pb.GetBlobRequest(digest=digest)))
         except NotFoundError:
             return None
+        if not response.HasField("blob_meta"):
+            raise StorageError(f"{where}: the answer has no blob_meta")
         chunks: list[ChunkMeta] = []
         for chunk in response.blob_meta.chunks:
             try:

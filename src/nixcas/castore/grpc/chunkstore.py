@@ -179,6 +179,8 @@ class BlobStoreServiceServicer:
         async with rpc_errors(context, "BlobStoreService.PutBlob"):
             digest = _digest(request.digest, "PutBlob")
             where = f"PutBlob {digest.hex()}"
+            if not request.HasField("blob_meta"):  # as snix: even the empty blob sends an (empty) BlobMeta
+                raise ValidationError(f"{where}: no blob_meta")
             if len(request.blob_meta.chunks) > MAX_BLOB_CHUNKS:
                 raise ValidationError(
                     f"{where}: {len(request.blob_meta.chunks)} chunks listed (at most {MAX_BLOB_CHUNKS})"
