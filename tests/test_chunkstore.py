@@ -367,8 +367,13 @@ async def test_writer_sends_only_the_chunks_the_server_lacks(tmp_path: Path) -> 
             changed = changed_chunks(BLOB, BLOB_V2)
             assert 1 <= len(changed) <= 3
             assert far.chunk_bytes_in == sum(map(len, changed)) < len(BLOB_V2) // 2
+            far.chunk_bytes_in = 0
             assert await svc.put(b"") == B3Digest(EMPTY_DIGEST)
             assert await svc.put(b"tiny") == b3(b"tiny")
+            assert far.chunk_bytes_in == 0  # small blobs go by one Put, not PutChunk + PutBlob
+            small = noise(b"just above", (64 << 10) + 1)
+            assert await svc.put(small) == b3(small)
+            assert far.chunk_bytes_in == len(small)
         # the old BlobService reads them, with the chunk list
         async with await blob_service_from_url(running.url) as plain:
             assert await plain.read(b3(BLOB_V2)) == BLOB_V2
@@ -526,7 +531,7 @@ async def test_chunkstore_option_against_a_server_without_the_services() -> None
             with pytest.raises(StorageError, match=r"no snix\.castore\.v1 ChunkStoreService.*remove chunkstore=1"):
                 await svc.has(b3(b"x"))
             with pytest.raises(StorageError, match="remove chunkstore=1"):
-                await svc.put(b"some bytes")
+                await svc.put(noise(b"above the small-blob put", 100_000))
     finally:
         await server.stop(0)
 
