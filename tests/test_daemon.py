@@ -64,6 +64,8 @@ CASTORE_SERVICES = {
     "tvix.castore.v1.DirectoryService",
     "snix.castore.v1.BlobService",
     "snix.castore.v1.DirectoryService",
+    "snix.castore.v1.ChunkStoreService",
+    "snix.castore.v1.BlobStoreService",
 }
 HEALTH = "grpc.health.v1.Health"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -365,8 +367,9 @@ async def test_reflection_file_containing_symbol(any_daemon: Daemon, version: st
     assert "Directory" in {m.name for m in files[castore_proto].message_type}
 
     files = file_descriptors(blobs)
-    assert f"{prefix}/castore/protos/rpc_blobstore.proto" in files
-    (service,) = files[f"{prefix}/castore/protos/rpc_blobstore.proto"].service
+    blob_file = f"{prefix}/castore/protos/" + ("rpc_blobstore.proto" if prefix == "tvix" else "rpc_blobservice.proto")
+    assert blob_file in files
+    (service,) = files[blob_file].service
     assert {m.name for m in service.method} == {"Stat", "Read", "Put"}
 
     assert castore_proto in file_descriptors(castore)

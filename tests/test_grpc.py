@@ -17,7 +17,7 @@ from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
 from nixcas._proto.tvix.castore.protos import rpc_directory_pb2 as dir_pb
 from nixcas.castore.blob.base import BlobReader, BlobService
-from nixcas.castore.blob.grpc import GrpcBlobService
+from nixcas.castore.blob.grpc import GrpcBlobService, GrpcChunkStoreBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
@@ -114,6 +114,21 @@ class TestGrpcBlobServiceSnix(TestGrpcBlobService):
     @pytest_asyncio.fixture
     async def blob_service(self, server: RunningServer) -> AsyncIterator[BlobService]:
         svc = await blob_service_from_url(server.url + "?protocol=snix")
+        yield svc
+        await svc.close()
+
+
+class TestGrpcChunkStoreBlobService(TestGrpcBlobService):
+    """The contract through ``?chunkstore=1`` (GetBlob/GetChunk, chunking writer, PutChunk/PutBlob)."""
+
+    @pytest.fixture
+    def listen(self) -> str:
+        return "127.0.0.1:0"
+
+    @pytest_asyncio.fixture
+    async def blob_service(self, server: RunningServer) -> AsyncIterator[BlobService]:
+        svc = await blob_service_from_url(server.url + "?chunkstore=1")
+        assert isinstance(svc, GrpcChunkStoreBlobService)
         yield svc
         await svc.close()
 

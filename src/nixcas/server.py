@@ -31,7 +31,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from nixcas._proto.nixcas.pin.v1 import pin_pb2
-from nixcas._proto.snix.castore.protos import rpc_blobstore_pb2 as snix_blob_pb
+from nixcas._proto.snix.castore.protos import rpc_blobservice_pb2 as snix_blob_pb
+from nixcas._proto.snix.castore.protos import rpc_blobstore_pb2 as snix_blobstore_pb
+from nixcas._proto.snix.castore.protos import rpc_chunkstore_pb2 as snix_chunkstore_pb
 from nixcas._proto.snix.castore.protos import rpc_directory_pb2 as snix_dir_pb
 from nixcas._proto.snix.store.protos import rpc_pathinfo_pb2 as snix_pathinfo_pb
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
@@ -40,6 +42,7 @@ from nixcas._proto.tvix.store.protos import rpc_pathinfo_pb2 as pathinfo_pb
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.grpc.channel import CHANNEL_OPTIONS
+from nixcas.castore.grpc.chunkstore import add_chunkstore_servicers
 from nixcas.castore.grpc.pin_servicer import add_pin_servicer
 from nixcas.castore.grpc.servicers import add_castore_servicers
 from nixcas.castore.pins.base import PinService
@@ -62,6 +65,8 @@ _DESCRIBED_FILES: Final[tuple[FileDescriptor, ...]] = (
     dir_pb.DESCRIPTOR,
     pathinfo_pb.DESCRIPTOR,
     snix_blob_pb.DESCRIPTOR,
+    snix_blobstore_pb.DESCRIPTOR,
+    snix_chunkstore_pb.DESCRIPTOR,
     snix_dir_pb.DESCRIPTOR,
     snix_pathinfo_pb.DESCRIPTOR,
     pin_pb2.DESCRIPTOR,
@@ -239,6 +244,7 @@ async def start_server(
     # silently share it (the kernel spreading connections over both stores).
     server = grpc.aio.server(options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)))
     names = add_castore_servicers(server, blobs, directories)
+    names += add_chunkstore_servicers(server, blobs)
     if pathinfos is not None:
         nar = nar_calculation or pathinfos.nar_calculation_service()
         if nar is None:

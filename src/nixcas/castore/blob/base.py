@@ -484,9 +484,10 @@ class BlobService(Closing, ABC):
 class ChunkStore(ABC):
     """What a blob service that keeps blobs as chunks plus an index offers beyond :class:`BlobService`.
 
-    Implemented by backends of the object-store layout (``objectstore+file``);
-    the ``combined`` service uses it to fill near chunk by chunk while a blob
-    streams: it puts each chunk it fetches (checked against its digest), and
+    Implemented by backends of the object-store layout (``objectstore+file``,
+    ``objectstore+s3`` …) and by a daemon reached through ``grpc+…?chunkstore=1``
+    (snix's ChunkStoreService/BlobStoreService); the ``combined`` service uses
+    it to fill near chunk by chunk while a blob streams: it puts each chunk it fetches (checked against its digest), and
     puts the index last, once the whole blob has passed and been verified.
     """
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AVG_CHUNK_SIZE",
+    "CHUNK_TRANSFER_LIMIT",
+    "EMPTY_BLOB",
     "CUT_THRESHOLD",
     "MAX_AVG_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
@@ -60,6 +62,12 @@ MAX_AVG_CHUNK_SIZE = 2 << 20
 """The ``avg_chunk_size`` range accepted (pyfastcdc's; the maximum chunk is twice the average)."""
 MAX_INDEX_CHUNK_SIZE = 64 << 20
 """The largest chunk an index may declare (read whole into memory, so it is bounded; snix's max is 2·avg)."""
+CHUNK_TRANSFER_LIMIT = 4 * MAX_AVG_CHUNK_SIZE
+"""The largest chunk snix's ``ChunkStoreService`` moves here (8 MiB: twice the largest chunk FastCDC cuts at
+the largest average allowed): ``PutChunk`` takes, ``GetChunk`` sends and a ``BlobMeta`` declares no larger
+chunk, so each call holds at most one such chunk in memory."""
+EMPTY_BLOB = B3Digest(bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"))
+"""The BLAKE3 of no bytes: the one blob whose ``BlobMeta`` lists no chunk."""
 
 
 def check_avg_chunk_size(avg: int, where: str) -> None:

@@ -2,7 +2,8 @@
 
 Reads are served from *near* when it has the blob.  Otherwise, when far
 keeps the blob in chunks and near can hold chunks (a
-:class:`~nixcas.castore.blob.base.ChunkStore`, i.e. an object store), the
+:class:`~nixcas.castore.blob.base.ChunkStore`: an object store, or a daemon
+through ``grpc+…?chunkstore=1``), the
 read streams chunk by chunk at once: a chunk near already holds is read
 from near, one it lacks is fetched from far (up to :data:`FILL_WINDOW`
 chunks in flight ahead of a sequential read), checked against its digest

@@ -4,7 +4,10 @@ Options (URL query): ``wait-connect=1`` connects while the service is built
 and fails then if nobody answers (default: connect lazily on the first
 call); ``connect-timeout=SECONDS`` bounds that wait (default 10);
 ``protocol=tvix|snix`` picks the service names spoken (default ``tvix``;
-nixcas daemons answer both).
+nixcas daemons answer both); ``chunkstore=1`` makes a blob service speak
+snix's ``ChunkStoreService``/``BlobStoreService`` (always under the ``snix``
+names) to move only the chunks a side lacks (default ``0``; other service
+kinds ignore it; see :mod:`nixcas.castore.blob.grpc`).
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ class GrpcEndpoint:
     wait_connect: bool = False
     connect_timeout: float = 10.0
     protocol: str = "tvix"
+    chunkstore: bool = False
 
     @classmethod
     def parse(cls, url: str | SplitResult) -> GrpcEndpoint:
         parts = urlsplit(url) if isinstance(url, str) else url
         text = url if isinstance(url, str) else url_text(parts)
         where = repr(shown(parts))  # what messages show: never the credentials refused below
-        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol"})
+        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol", "chunkstore"})
         transport = parts.scheme.partition("+")[2]
         if parts.fragment:
             raise ConfigurationError(f"{where}: fragments are not allowed")
@@ -94,7 +98,10 @@ class GrpcEndpoint:
         protocol = options.get("protocol", "tvix")
         if protocol not in _PROTOCOLS:
             raise ConfigurationError(f"{where}: protocol must be one of {', '.join(_PROTOCOLS)}")
-        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol)
+        chunkstore = options.get("chunkstore", "0").lower()
+        if chunkstore not in _BOOLEANS:
+            raise ConfigurationError(f"{where}: chunkstore must be 0 or 1")
+        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol, _BOOLEANS[chunkstore])
 
 
 class GrpcConnection:

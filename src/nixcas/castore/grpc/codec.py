@@ -1,10 +1,14 @@
-"""Hand-made codecs for the hot messages (no message object per ``BlobChunk``)."""
+"""Hand-made codecs for the hot messages (no message object per ``BlobChunk``), and chunk lists as ``BlobMeta``."""
 
 from __future__ import annotations
 
-from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
+from collections.abc import Sequence
 
-__all__ = ["decode_blob_chunk", "encode_blob_chunk", "identity"]
+from nixcas._proto.snix.castore.protos import blobstore_pb2 as meta_pb
+from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
+from nixcas.castore.blob.base import ChunkMeta
+
+__all__ = ["blob_meta", "decode_blob_chunk", "encode_blob_chunk", "identity"]
 
 
 def identity(data: bytes) -> bytes:
@@ -28,3 +32,8 @@ def encode_blob_chunk(data: bytes) -> bytes:
 def decode_blob_chunk(message: bytes) -> bytes:
     """The ``data`` of a serialized ``BlobChunk``."""
     return blob_pb.BlobChunk.FromString(message).data
+
+
+def blob_meta(chunks: Sequence[ChunkMeta]) -> meta_pb.BlobMeta:
+    """A chunk list as snix's ``BlobMeta`` message."""
+    return meta_pb.BlobMeta(chunks=[meta_pb.BlobMeta.ChunkMeta(digest=c.digest, size=c.size) for c in chunks])

@@ -23,9 +23,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from nixcas._proto.snix.castore.protos import blobstore_pb2 as snix_dot_castore_dot_protos_dot_blobstore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'snix/castore/protos/rpc_blobstore.proto\x12\x0fsnix.castore.v1\"H\n\x0fStatBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x13\n\x0bsend_chunks\x18\x02 \x01(\x08\x12\x10\n\x08send_bao\x18\x03 \x01(\x08\"\x87\x01\n\x10StatBlobResponse\x12;\n\x06\x63hunks\x18\x02 \x03(\x0b\x32+.snix.castore.v1.StatBlobResponse.ChunkMeta\x12\x0b\n\x03\x62\x61o\x18\x03 \x01(\x0c\x1a)\n\tChunkMeta\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\"!\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x19\n\tBlobChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"!\n\x0fPutBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x32\xe9\x01\n\x0b\x42lobService\x12K\n\x04Stat\x12 .snix.castore.v1.StatBlobRequest\x1a!.snix.castore.v1.StatBlobResponse\x12\x46\n\x04Read\x12 .snix.castore.v1.ReadBlobRequest\x1a\x1a.snix.castore.v1.BlobChunk0\x01\x12\x45\n\x03Put\x12\x1a.snix.castore.v1.BlobChunk\x1a .snix.castore.v1.PutBlobResponse(\x01\x42\"Z snix.dev/castore/proto;castorev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'snix/castore/protos/rpc_blobstore.proto\x12\x0fsnix.castore.v1\x1a#snix/castore/protos/blobstore.proto\"#\n\x11\x42SStatBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x14\n\x12\x42SStatBlobResponse\" \n\x0eGetBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"?\n\x0fGetBlobResponse\x12,\n\tblob_meta\x18\x01 \x01(\x0b\x32\x19.snix.castore.v1.BlobMeta\"N\n\x0ePutBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12,\n\tblob_meta\x18\x02 \x01(\x0b\x32\x19.snix.castore.v1.BlobMeta\"\x13\n\x11\x42SPutBlobResponse2\x85\x02\n\x10\x42lobStoreService\x12S\n\x08StatBlob\x12\".snix.castore.v1.BSStatBlobRequest\x1a#.snix.castore.v1.BSStatBlobResponse\x12L\n\x07GetBlob\x12\x1f.snix.castore.v1.GetBlobRequest\x1a .snix.castore.v1.GetBlobResponse\x12N\n\x07PutBlob\x12\x1f.snix.castore.v1.PutBlobRequest\x1a\".snix.castore.v1.BSPutBlobResponseB\"Z snix.dev/castore/proto;castorev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +34,18 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snix.castore.protos.rpc_blo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z snix.dev/castore/proto;castorev1'
-  _globals['_STATBLOBREQUEST']._serialized_start=60
-  _globals['_STATBLOBREQUEST']._serialized_end=132
-  _globals['_STATBLOBRESPONSE']._serialized_start=135
-  _globals['_STATBLOBRESPONSE']._serialized_end=270
-  _globals['_STATBLOBRESPONSE_CHUNKMETA']._serialized_start=229
-  _globals['_STATBLOBRESPONSE_CHUNKMETA']._serialized_end=270
-  _globals['_READBLOBREQUEST']._serialized_start=272
-  _globals['_READBLOBREQUEST']._serialized_end=305
-  _globals['_BLOBCHUNK']._serialized_start=307
-  _globals['_BLOBCHUNK']._serialized_end=332
-  _globals['_PUTBLOBRESPONSE']._serialized_start=334
-  _globals['_PUTBLOBRESPONSE']._serialized_end=367
-  _globals['_BLOBSERVICE']._serialized_start=370
-  _globals['_BLOBSERVICE']._serialized_end=603
+  _globals['_BSSTATBLOBREQUEST']._serialized_start=97
+  _globals['_BSSTATBLOBREQUEST']._serialized_end=132
+  _globals['_BSSTATBLOBRESPONSE']._serialized_start=134
+  _globals['_BSSTATBLOBRESPONSE']._serialized_end=154
+  _globals['_GETBLOBREQUEST']._serialized_start=156
+  _globals['_GETBLOBREQUEST']._serialized_end=188
+  _globals['_GETBLOBRESPONSE']._serialized_start=190
+  _globals['_GETBLOBRESPONSE']._serialized_end=253
+  _globals['_PUTBLOBREQUEST']._serialized_start=255
+  _globals['_PUTBLOBREQUEST']._serialized_end=333
+  _globals['_BSPUTBLOBRESPONSE']._serialized_start=335
+  _globals['_BSPUTBLOBRESPONSE']._serialized_end=354
+  _globals['_BLOBSTORESERVICE']._serialized_start=357
+  _globals['_BLOBSTORESERVICE']._serialized_end=618
 # @@protoc_insertion_point(module_scope)

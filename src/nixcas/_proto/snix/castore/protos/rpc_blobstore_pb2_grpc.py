@@ -26,7 +26,7 @@ if _version_not_supported:
     )
 
 
-class BlobServiceStub:
+class BlobStoreServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,78 +35,80 @@ class BlobServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Stat = channel.unary_unary(
-                '/snix.castore.v1.BlobService/Stat',
-                request_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.StatBlobRequest.SerializeToString,
-                response_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.StatBlobResponse.FromString,
+        self.StatBlob = channel.unary_unary(
+                '/snix.castore.v1.BlobStoreService/StatBlob',
+                request_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSStatBlobRequest.SerializeToString,
+                response_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSStatBlobResponse.FromString,
                 _registered_method=True)
-        self.Read = channel.unary_stream(
-                '/snix.castore.v1.BlobService/Read',
-                request_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.ReadBlobRequest.SerializeToString,
-                response_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BlobChunk.FromString,
+        self.GetBlob = channel.unary_unary(
+                '/snix.castore.v1.BlobStoreService/GetBlob',
+                request_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.GetBlobRequest.SerializeToString,
+                response_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.GetBlobResponse.FromString,
                 _registered_method=True)
-        self.Put = channel.stream_unary(
-                '/snix.castore.v1.BlobService/Put',
-                request_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BlobChunk.SerializeToString,
-                response_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.PutBlobResponse.FromString,
+        self.PutBlob = channel.unary_unary(
+                '/snix.castore.v1.BlobStoreService/PutBlob',
+                request_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.PutBlobRequest.SerializeToString,
+                response_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSPutBlobResponse.FromString,
                 _registered_method=True)
 
 
-class BlobServiceServicer:
+class BlobStoreServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Stat(self, request, context):
-        """Whether a blob exists, and (on request) how it is chunked.
+    def StatBlob(self, request, context):
+        """Whether a blob exists (NOT_FOUND if not).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Read(self, request, context):
-        """The contents of a blob (or of a chunk), as a stream of BlobChunk.
+    def GetBlob(self, request, context):
+        """The chunks a blob is made of (NOT_FOUND if it does not exist).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Put(self, request_iterator, context):
-        """Uploads a blob; message boundaries carry no meaning.
+    def PutBlob(self, request, context):
+        """Publishes a blob as the concatenation of chunks already stored; refused
+        unless every chunk is present, has its declared size, and together they
+        hash to the digest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_BlobServiceServicer_to_server(servicer, server):
+def add_BlobStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Stat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Stat,
-                    request_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.StatBlobRequest.FromString,
-                    response_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.StatBlobResponse.SerializeToString,
+            'StatBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatBlob,
+                    request_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSStatBlobRequest.FromString,
+                    response_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSStatBlobResponse.SerializeToString,
             ),
-            'Read': grpc.unary_stream_rpc_method_handler(
-                    servicer.Read,
-                    request_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.ReadBlobRequest.FromString,
-                    response_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BlobChunk.SerializeToString,
+            'GetBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlob,
+                    request_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.GetBlobRequest.FromString,
+                    response_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.GetBlobResponse.SerializeToString,
             ),
-            'Put': grpc.stream_unary_rpc_method_handler(
-                    servicer.Put,
-                    request_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BlobChunk.FromString,
-                    response_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.PutBlobResponse.SerializeToString,
+            'PutBlob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBlob,
+                    request_deserializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.PutBlobRequest.FromString,
+                    response_serializer=snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSPutBlobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'snix.castore.v1.BlobService', rpc_method_handlers)
+            'snix.castore.v1.BlobStoreService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('snix.castore.v1.BlobService', rpc_method_handlers)
+    server.add_registered_method_handlers('snix.castore.v1.BlobStoreService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class BlobService:
+class BlobStoreService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Stat(request,
+    def StatBlob(request,
             target,
             options=(),
             channel_credentials=None,
@@ -119,9 +121,9 @@ class BlobService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/snix.castore.v1.BlobService/Stat',
-            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.StatBlobRequest.SerializeToString,
-            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.StatBlobResponse.FromString,
+            '/snix.castore.v1.BlobStoreService/StatBlob',
+            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSStatBlobRequest.SerializeToString,
+            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSStatBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -133,7 +135,7 @@ class BlobService:
             _registered_method=True)
 
     @staticmethod
-    def Read(request,
+    def GetBlob(request,
             target,
             options=(),
             channel_credentials=None,
@@ -143,12 +145,12 @@ class BlobService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
+        return grpc.experimental.unary_unary(
             request,
             target,
-            '/snix.castore.v1.BlobService/Read',
-            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.ReadBlobRequest.SerializeToString,
-            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BlobChunk.FromString,
+            '/snix.castore.v1.BlobStoreService/GetBlob',
+            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.GetBlobRequest.SerializeToString,
+            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.GetBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -160,7 +162,7 @@ class BlobService:
             _registered_method=True)
 
     @staticmethod
-    def Put(request_iterator,
+    def PutBlob(request,
             target,
             options=(),
             channel_credentials=None,
@@ -170,12 +172,12 @@ class BlobService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
-            '/snix.castore.v1.BlobService/Put',
-            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BlobChunk.SerializeToString,
-            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.PutBlobResponse.FromString,
+            '/snix.castore.v1.BlobStoreService/PutBlob',
+            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.PutBlobRequest.SerializeToString,
+            snix_dot_castore_dot_protos_dot_rpc__blobstore__pb2.BSPutBlobResponse.FromString,
             options,
             channel_credentials,
             insecure,
