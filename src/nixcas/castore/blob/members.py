@@ -67,6 +67,7 @@ from nixcas.castore.blob.base import (
     BlobWriter,
     BytesReader,
     ChunkMeta,
+    FailedReader,
     resolve_seek,
     run_bounded,
 )
@@ -153,7 +154,10 @@ class MembersBlobService(MembersService[BlobService], BlobService):
                     outcome.record(member, WrongAnswer(wrong))
                     continue
                 return BytesReader(head)
-            outcome.result()
+            try:
+                outcome.result()
+            except ChecksumMismatch as e:  # found only wrong bytes: the reader fails, as a damaged blob's does
+                return FailedReader(e)
             return None
         finally:
             if not handed_off:
