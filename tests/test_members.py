@@ -306,3 +306,454 @@ class TestMembersPathInfoService(PathInfoServiceSuite):
             data[digest] = raw
 
         return store
+
+
+# -- blobs ------------------------------------------------------------------------------
+
+
+async def read_all(svc: BlobService, digest: B3Digest) -> bytes | None:
+    reader = await svc.open_read(digest)
+    if reader is None:
+        return None
+    async with reader:
+        return await reader.read_all()
+
+
+async def test_race_slow_member_does_not_block_and_is_cancelled() -> None:
+    gate = Gate()
+    slow = SlowBlobs(gate)
+    await slow.put(HELLOWORLD)  # slow has it too, but never answers in time
+    svc = MembersBlobService("race", [slow, await seeded_blobs(HELLOWORLD)])
+    before = other_tasks()
+    digest = b3(HELLOWORLD)
+    assert await svc.has(digest)
+    assert await read_all(svc, digest) == HELLOWORLD
+    assert await svc.read_many({digest: 100}) == {digest: HELLOWORLD}
+    assert await svc.chunks(digest) == []
+    assert gate.entered == 4 and gate.cancelled == 4  # every slow call was cancelled, none left waiting
+    assert other_tasks() == before
+
+
+async def test_priority_waits_for_its_first_member() -> None:
+    """priority asks in order: a slow first member is waited for (and answers)."""
+    gate = Gate()
+    slow = SlowBlobs(gate)
+    await slow.put(HELLOWORLD)
+    svc = MembersBlobService("priority", [slow, wrong_blobs(HELLOWORLD, b"other bytes")])
+    task = asyncio.ensure_future(read_all(svc, b3(HELLOWORLD)))
+    await asyncio.sleep(0)
+    assert not task.done() and gate.entered == 1
+    gate.opened.set()
+    assert await task == HELLOWORLD
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_failing_member_counts_as_no_answer(mode: str) -> None:
+    svc = MembersBlobService(mode, [FailingBlobs(), await seeded_blobs(HELLOWORLD, LARGE)])
+    assert await read_all(svc, b3(HELLOWORLD)) == HELLOWORLD
+    assert await read_all(svc, b3(LARGE)) == LARGE
+    assert await svc.has(b3(LARGE))
+    assert await svc.read_many({b3(HELLOWORLD): 12}) == {b3(HELLOWORLD): HELLOWORLD}
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_wrong_small_blob_counts_as_no_answer(mode: str) -> None:
+    """The wrong member answers first (its bytes do not hash to the digest): the next member's bytes win."""
+    svc = MembersBlobService(mode, [wrong_blobs(HELLOWORLD, b"Hello World?"), await seeded_blobs(HELLOWORLD)])
+    assert await read_all(svc, b3(HELLOWORLD)) == HELLOWORLD
+    assert await svc.read(b3(HELLOWORLD)) == HELLOWORLD
+    assert await svc.read_many({b3(HELLOWORLD): 12}) == {b3(HELLOWORLD): HELLOWORLD}
+
+
+async def test_race_wrong_fast_member_loses_to_slower_correct_one() -> None:
+    gate = Gate()
+    slow = SlowBlobs(gate)
+    await slow.put(HELLOWORLD)
+    wrong = wrong_blobs(HELLOWORLD, b"Hello World?")
+    svc = MembersBlobService("race", [wrong, slow])
+    task = asyncio.ensure_future(read_all(svc, b3(HELLOWORLD)))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not task.done()  # the wrong answer did not win
+    gate.opened.set()
+    assert await task == HELLOWORLD
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_wrong_answer_only_is_an_error_not_absence(mode: str) -> None:
+    svc = MembersBlobService(mode, [MemoryBlobService(), wrong_blobs(HELLOWORLD, b"Hello World?")])
+    with pytest.raises(ChecksumMismatch, match=b3(HELLOWORLD).hex()):
+        await svc.read(b3(HELLOWORLD))
+    with pytest.raises(ChecksumMismatch):
+        await svc.read_many({b3(HELLOWORLD): 12})
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_absent_everywhere_is_not_found(mode: str, caplog: pytest.LogCaptureFixture) -> None:
+    svc = MembersBlobService(mode, [MemoryBlobService(), FailingBlobs(), MemoryBlobService()])
+    with caplog.at_level(logging.WARNING, logger="nixcas._members"):
+        assert await svc.open_read(b3(HELLOWORLD)) is None
+    assert "blob member down" in caplog.text  # the failing member is not hidden from the log
+    assert not await svc.has(b3(HELLOWORLD))
+    assert await svc.chunks(b3(HELLOWORLD)) is None
+    assert await svc.read_many({b3(HELLOWORLD): 12}) == {}
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_all_members_failing_surfaces_the_errors(mode: str) -> None:
+    svc = MembersBlobService(mode, [FailingBlobs(), FailingBlobs()])
+    with pytest.raises(UnavailableError, match=r"no member gave a valid answer.*blob member down.*blob member down"):
+        await svc.open_read(b3(HELLOWORLD))
+    with pytest.raises(UnavailableError):
+        await svc.has(b3(HELLOWORLD))
+    with pytest.raises(UnavailableError):
+        await svc.read_many({b3(HELLOWORLD): 12})
+    single = MembersBlobService(mode, [FailingBlobs()])
+    with pytest.raises(UnavailableError, match=r"^blob member down$"):
+        await single.open_read(b3(HELLOWORLD))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_large_blob_continues_on_the_next_member_mid_stream(mode: str) -> None:
+    """The first member's connection drops past the read-ahead: the next member continues at that offset."""
+    breaking = BreakingBlobs(limit=WHOLE_READ + 100_000)
+    await breaking.put(LARGE)
+    svc = MembersBlobService(mode, [breaking, await seeded_blobs(LARGE)])
+    assert await read_all(svc, b3(LARGE)) == LARGE
+    reader = await svc.open_read(b3(LARGE))
+    assert reader is not None
+    async with reader:
+        assert await reader.seek(-10, io.SEEK_END) == len(LARGE) - 10
+        assert await reader.read() == LARGE[-10:]
+        await reader.seek(5)
+        assert await reader.read(7) == LARGE[5:12]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_large_blob_breaking_everywhere_fails(mode: str) -> None:
+    breaking = BreakingBlobs(limit=WHOLE_READ + 100_000)
+    await breaking.put(LARGE)
+    svc = MembersBlobService(mode, [breaking, MemoryBlobService()])
+    reader = await svc.open_read(b3(LARGE))
+    assert reader is not None
+    async with reader:
+        with pytest.raises(UnavailableError, match="connection lost mid-blob"):
+            await reader.read_all()
+
+
+async def test_large_wrong_blob_never_ends_cleanly() -> None:
+    """Beyond WHOLE_READ the bytes stream: a member serving a wrong large blob fails the read at its end."""
+    bad = LARGE[:-1] + bytes([LARGE[-1] ^ 1])
+    svc = MembersBlobService("priority", [wrong_blobs(LARGE, bad), await seeded_blobs(LARGE)])
+    with pytest.raises(ChecksumMismatch):
+        await read_all(svc, b3(LARGE))
+
+
+async def test_outboard_is_checked() -> None:
+    from nixcas.castore.bao import encode_outboard
+
+    class LyingOutboard(MemoryBlobService):
+        async def outboard(self, digest: B3Digest) -> bytes | None:
+            good = await super().outboard(digest)
+            return None if good is None else good[:8] + bytes(len(good) - 8)
+
+    lying = LyingOutboard()
+    await lying.put(LARGE)
+    svc = MembersBlobService("priority", [lying, await seeded_blobs(LARGE)])
+    assert await svc.outboard(b3(LARGE)) == encode_outboard(LARGE)
+    only_lying = MembersBlobService("race", [lying])
+    with pytest.raises(ChecksumMismatch):
+        await only_lying.outboard(b3(LARGE))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_blob_writes_are_refused(mode: str) -> None:
+    member = MemoryBlobService()
+    svc = MembersBlobService(mode, [member])
+    with pytest.raises(ReadOnlyError, match=f"{mode} blob service is read-only"):
+        await svc.put(HELLOWORLD)
+    with pytest.raises(ReadOnlyError):
+        await svc.open_write()
+    assert not await member.has(b3(HELLOWORLD))
+
+
+# -- directories --------------------------------------------------------------------------
+
+
+async def collect(svc: DirectoryService, root: B3Digest) -> list[B3Digest]:
+    return [d.digest async for d in svc.get_recursive(root)]
+
+
+CLOSURE = [ref("COMPLICATED"), ref("WITH_KEEP")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_closure_completed_by_the_next_member(mode: str) -> None:
+    """The first member lacks a descendant: the closure is finished from the next one, each directory once."""
+    partial = seeded_dirs(DIRECTORY_COMPLICATED)
+    svc = MembersDirectoryService(mode, [partial, seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)])
+    assert await collect(svc, ref("COMPLICATED")) == CLOSURE
+    assert [d async for d in svc.get_recursive_raw(ref("COMPLICATED"))] == [
+        (DIRECTORY_COMPLICATED.digest, DIRECTORY_COMPLICATED.encode()),
+        (DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.encode()),
+    ]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_closure_no_member_completes_is_an_error(mode: str) -> None:
+    svc = MembersDirectoryService(mode, [seeded_dirs(DIRECTORY_COMPLICATED), MemoryDirectoryService()])
+    got: list[B3Digest] = []
+
+    async def consume() -> None:
+        async for d in svc.get_recursive(ref("COMPLICATED")):
+            got.append(d.digest)
+
+    with pytest.raises(StorageError, match="missing"):
+        await consume()
+    assert got == [ref("COMPLICATED")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_wrong_directory_counts_as_no_answer(mode: str) -> None:
+    wrong = MemoryDirectoryService()
+    wrong._data[ref("B")] = DIRECTORY_A.encode()  # the encoding does not hash to the digest it is filed under
+    wrong._data[ref("COMPLICATED")] = DIRECTORY_B.encode()
+    good = seeded_dirs(DIRECTORY_B, DIRECTORY_A, DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)
+    svc = MembersDirectoryService(mode, [wrong, good])
+    assert await svc.get(ref("B")) == DIRECTORY_B
+    assert await collect(svc, ref("COMPLICATED")) == CLOSURE
+    assert await svc.get_many_raw([ref("B"), ref("A")]) == {ref("B"): DIRECTORY_B.encode(), ref("A"): b""}
+    only_wrong = MembersDirectoryService(mode, [MemoryDirectoryService(), wrong])
+    with pytest.raises(ChecksumMismatch):
+        await only_wrong.get(ref("B"))
+    with pytest.raises(ChecksumMismatch):
+        await collect(only_wrong, ref("COMPLICATED"))
+
+
+async def test_race_directories_slow_member_cancelled() -> None:
+    gate = Gate()
+    slow = SlowDirs(gate)
+    slow._data.update(seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)._data)
+    svc = MembersDirectoryService("race", [slow, seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)])
+    before = other_tasks()
+    assert await svc.get(ref("COMPLICATED")) == DIRECTORY_COMPLICATED
+    assert await collect(svc, ref("COMPLICATED")) == CLOSURE
+    assert gate.entered == 2 and gate.cancelled == 2
+    assert other_tasks() == before
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_directories_failing_and_absent(mode: str) -> None:
+    good = seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)
+    svc = MembersDirectoryService(mode, [FailingDirs(), good])
+    assert await collect(svc, ref("COMPLICATED")) == CLOSURE
+    assert await svc.get(ref("WITH_KEEP")) == DIRECTORY_WITH_KEEP
+    assert await svc.get(ref("B")) is None  # absent in one member, the other failing: absent
+    assert await collect(svc, ref("B")) == []
+    down = MembersDirectoryService(mode, [FailingDirs(), FailingDirs()])
+    with pytest.raises(UnavailableError, match="directory member down"):
+        await down.get(ref("B"))
+    with pytest.raises(UnavailableError):
+        await collect(down, ref("B"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_directory_writes_are_refused(mode: str) -> None:
+    member = MemoryDirectoryService()
+    svc = MembersDirectoryService(mode, [member])
+    with pytest.raises(ReadOnlyError, match=f"{mode} directory service is read-only"):
+        await svc.put(DIRECTORY_A)
+    with pytest.raises(ReadOnlyError):
+        svc.put_multiple_start()
+    assert await member.get(ref("A")) is None
+
+
+# -- path infos ---------------------------------------------------------------------------
+
+
+INFO = make_path_info("hello-2.12", 1)
+OTHER = make_path_info("other-1.0", 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_pathinfo_for_another_path_counts_as_no_answer(mode: str) -> None:
+    wrong = MemoryPathInfoService()
+    wrong._data[INFO.digest] = OTHER.encode()  # a valid record, of another store path
+    svc = MembersPathInfoService(mode, [wrong, await seeded_pathinfos(INFO)])
+    assert await svc.get(INFO.digest) == INFO
+    only_wrong = MembersPathInfoService(mode, [MemoryPathInfoService(), wrong])
+    with pytest.raises(StorageError, match=f"describes {OTHER.store_path} instead"):
+        await only_wrong.get(INFO.digest)
+
+
+async def test_race_pathinfo_slow_member_cancelled() -> None:
+    gate = Gate()
+    slow = SlowPathInfos(gate)
+    await slow.put(INFO)
+    svc = MembersPathInfoService("race", [slow, FailingPathInfos(), await seeded_pathinfos(INFO)])
+    before = other_tasks()
+    assert await svc.get(INFO.digest) == INFO
+    assert gate.entered == 1 and gate.cancelled == 1
+    assert other_tasks() == before
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_pathinfo_failing_absent_and_list(mode: str) -> None:
+    svc = MembersPathInfoService(mode, [FailingPathInfos(), await seeded_pathinfos(INFO)])
+    assert await svc.get(INFO.digest) == INFO
+    assert await svc.get(OTHER.digest) is None
+    down = MembersPathInfoService(mode, [FailingPathInfos(), FailingPathInfos()])
+    with pytest.raises(UnavailableError, match="path info member down"):
+        await down.get(INFO.digest)
+    both = MembersPathInfoService(mode, [await seeded_pathinfos(INFO), await seeded_pathinfos(INFO, OTHER)])
+    assert sorted([str(i.store_path) async for i in both.list()]) == sorted(
+        [str(INFO.store_path), str(OTHER.store_path)]
+    )
+    with pytest.raises(ReadOnlyError, match=f"{mode} path info service is read-only"):
+        await svc.put(OTHER)
+
+
+# -- URL and composition forms ----------------------------------------------------------------
+
+
+def member(url: str) -> str:
+    return "member=" + quote(url, safe="")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_by_url(mode: str, tmp_path: Path) -> None:
+    blobs = await blob_service_from_url(f"{mode}://?{member('memory://')}&{member(f'objectstore+file://{tmp_path}/b')}")
+    assert isinstance(blobs, MembersBlobService) and blobs.mode == mode and len(blobs.members) == 2
+    await blobs.close()
+    dirs = await directory_service_from_url(f"{mode}://?{member('memory://')}&{member('sqlite://')}")
+    assert isinstance(dirs, MembersDirectoryService) and blobs.mode == mode
+    await dirs.close()
+    infos = await pathinfo_service_from_url(f"{mode}://?{member('memory://')}")
+    assert isinstance(infos, MembersPathInfoService) and len(infos.members) == 1
+    await infos.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("race://", "needs at least one member"),
+        ("race://?near=memory%3A%2F%2F", "unknown option 'near'"),
+        ("race://host?member=memory%3A%2F%2F", "takes only ?member="),
+        ("race+x://?member=memory%3A%2F%2F", "unknown type"),
+        ("priority://?member=bogus%3A%2F%2F", "unknown type 'bogus'"),
+        ("priority://?member=", "must name a service"),
+    ],
+)
+async def test_bad_urls(url: str, fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment.replace("?", r"\?")):
+        await blob_service_from_url(url)
+
+
+async def test_composition(tmp_path: Path) -> None:
+    composition = tmp_path / "c.toml"
+    composition.write_text(
+        """
+[blobservices.root]
+type = "race"
+members = ["a", "memory://"]
+
+[blobservices.a]
+type = "memory"
+
+[directoryservices.root]
+type = "priority"
+members = ["d"]
+
+[directoryservices.d]
+type = "memory"
+
+[pathinfoservices.root]
+type = "priority"
+members = ["memory://", "p"]
+
+[pathinfoservices.p]
+type = "memory"
+"""
+    )
+    comp = Composition.from_toml(composition)
+    blobs = await comp.blob_service("root")
+    a = await comp.blob_service("a")
+    assert isinstance(blobs, MembersBlobService) and blobs.mode == "race" and blobs.members[0] is a
+    await a.put(HELLOWORLD)  # seeded directly
+    assert await blobs.read(b3(HELLOWORLD)) == HELLOWORLD
+    dirs = await comp.directory_service("root")
+    assert isinstance(dirs, MembersDirectoryService) and dirs.mode == "priority"
+    infos = await comp.pathinfo_service("root")
+    assert isinstance(infos, MembersPathInfoService) and infos.members[1] is await comp.pathinfo_service("p")
+    await comp.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "fragment"),
+    [
+        ({"root": {"type": "race", "members": ["nope"]}}, "no blob service named 'nope'"),
+        ({"root": {"type": "race", "members": []}}, "needs at least one member"),
+        ({"root": {"type": "race", "members": "a"}}, "expected a list of strings"),
+        (
+            {"root": {"type": "race", "members": ["x"]}, "x": {"type": "priority", "members": ["root"]}},
+            "recursion not allowed",
+        ),
+    ],
+)
+def test_bad_compositions(table: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigurationError, match=fragment):
+        Composition.from_dict({"blobservices": table})
+
+
+# -- writes refused at the edges: gRPC and the command line ----------------------------------
+
+
+async def test_grpc_put_is_failed_precondition() -> None:
+    blobs = MembersBlobService("race", [await seeded_blobs(HELLOWORLD)])
+    dirs = MembersDirectoryService("race", [seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)])
+    infos = MembersPathInfoService("priority", [await seeded_pathinfos(INFO)])
+    running = await start_server("127.0.0.1:0", blobs, dirs, pathinfos=infos)
+    try:
+        client_blobs = await blob_service_from_url(running.url)
+        client_dirs = await directory_service_from_url(running.url)
+        client_infos = await pathinfo_service_from_url(running.url)
+        try:
+            assert await client_blobs.read(b3(HELLOWORLD)) == HELLOWORLD
+            assert await collect(client_dirs, ref("COMPLICATED")) == CLOSURE
+            assert await client_infos.get(INFO.digest) == INFO
+            for write in (client_blobs.put(b"new"), client_dirs.put(DIRECTORY_A), client_infos.put(OTHER)):
+                with pytest.raises(RemoteError, match="read-only") as info:
+                    await write
+                assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            for client in (client_blobs, client_dirs, client_infos):
+                await client.close()
+    finally:
+        await running.stop(0)
+
+
+def test_cli_write_is_a_one_line_error(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("hello")
+    url = "race://?member=memory%3A%2F%2F"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nixcas.cli.main",
+            "--blob-service-addr",
+            url,
+            "--directory-service-addr",
+            url,
+            "castore",
+            "ingest",
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "read-only" in lines[0], result.stderr
