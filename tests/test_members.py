@@ -334,6 +334,35 @@ async def test_race_slow_member_does_not_block_and_is_cancelled() -> None:
     assert other_tasks() == before
 
 
+async def test_race_large_blob_cancels_the_slow_probe_before_streaming() -> None:
+    gate = Gate()
+    slow = SlowBlobs(gate)
+    await slow.put(LARGE)
+    svc = MembersBlobService("race", [slow, await seeded_blobs(LARGE)])
+    before = other_tasks()
+    reader = await svc.open_read(b3(LARGE))
+    assert reader is not None
+    assert gate.entered == 1 and gate.cancelled == 1  # decided on the fast member: no probe left running
+    assert other_tasks() == before
+    async with reader:
+        assert await reader.read_all() == LARGE
+
+
+async def test_race_member_still_probing_stays_a_fallback() -> None:
+    """Its probe was cancelled when the fast member was chosen; when that one breaks mid-stream it continues."""
+    gate = Gate()
+    slow = SlowBlobs(gate)
+    await slow.put(LARGE)
+    breaking = BreakingBlobs(limit=WHOLE_READ + 100_000)
+    await breaking.put(LARGE)
+    svc = MembersBlobService("race", [slow, breaking])
+    reader = await svc.open_read(b3(LARGE))
+    assert reader is not None and gate.cancelled == 1
+    gate.opened.set()
+    async with reader:
+        assert await reader.read_all() == LARGE
+
+
 async def test_priority_waits_for_its_first_member() -> None:
     """priority asks in order: a slow first member is waited for (and answers)."""
     gate = Gate()

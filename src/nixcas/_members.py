@@ -222,17 +222,39 @@ class Candidates(Generic[S]):
     the order in which their ``probe`` (a cheap "do you have it?") answered yes, all probed at once.
 
     Probes that answer no count as absent in ``outcome``, probes that raise as failures.
-    :meth:`close` cancels the probes still running.
+    :meth:`settle` (or :meth:`close`) cancels the probes still running.
     """
 
-    def __init__(self, mode: str, members: Sequence[S], probe: Callable[[S], Awaitable[bool]], outcome: Outcome):
+    def __init__(
+        self, mode: str, members: Sequence[S], probe: Callable[[S], Awaitable[bool]], outcome: Outcome
+    ) -> None:
         self._mode = mode
         self._members = list(members)
+        self._order = {id(m): i for i, m in enumerate(self._members)}
         self._probe = probe
         self._outcome = outcome
         self._next = 0
         self._tasks: dict[asyncio.Future[bool], S] | None = None
+        self._unseen: set[asyncio.Future[bool]] = set()
         self._ready: list[S] = []
+
+    def _in_order(self, tasks: set[asyncio.Future[bool]]) -> list[asyncio.Future[bool]]:
+        assert self._tasks is not None
+        found = self._tasks
+        return sorted(tasks, key=lambda t: self._order[id(found[t])])
+
+    def _take(self, task: asyncio.Future[bool]) -> None:
+        assert self._tasks is not None
+        member = self._tasks[task]
+        try:
+            found = task.result()
+        except Exception as e:
+            self._outcome.record(member, e)
+            return
+        if found:
+            self._ready.append(member)
+        else:
+            self._outcome.absent += 1
 
     async def next(self) -> S | None:
         """The next member to try; ``None`` when there is none left."""
@@ -243,28 +265,36 @@ class Candidates(Generic[S]):
             return self._members[self._next - 1]
         if self._tasks is None:
             self._tasks = {asyncio.ensure_future(self._probe(m)): m for m in self._members}
-        order = {id(m): i for i, m in enumerate(self._members)}
-        pending = {t for t in self._tasks if not t.done()}
-        while not self._ready and pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=lambda t: order[id(self._tasks[t])] if self._tasks else 0):
-                member = self._tasks[task]
-                try:
-                    found = task.result()
-                except Exception as e:
-                    self._outcome.record(member, e)
-                    continue
-                if found:
-                    self._ready.append(member)
-                else:
-                    self._outcome.absent += 1
+            self._unseen = set(self._tasks)
+        while not self._ready and self._unseen:
+            done = {t for t in self._unseen if t.done()}
+            if not done:
+                done, _ = await asyncio.wait(self._unseen, return_when=asyncio.FIRST_COMPLETED)
+            self._unseen -= done
+            for task in self._in_order(done):
+                self._take(task)
         return self._ready.pop(0) if self._ready else None
 
+    async def settle(self) -> None:
+        """Stop probing: cancel the probes still running and keep their members as candidates (after
+        those that said yes), so no task outlives the choice of a member; the rest are only fallbacks."""
+        if not self._unseen:
+            return
+        for task in self._unseen:
+            task.cancel()
+        await asyncio.gather(*self._unseen, return_exceptions=True)
+        unsure = []
+        for task in self._in_order(self._unseen):
+            if task.cancelled():
+                assert self._tasks is not None
+                unsure.append(self._tasks[task])
+            else:
+                self._take(task)
+        self._unseen = set()
+        self._ready.extend(unsure)
+
     async def close(self) -> None:
-        if self._tasks:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.settle()
 
 
 class MembersService(Generic[S]):

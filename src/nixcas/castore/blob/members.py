@@ -6,7 +6,8 @@ answers validly.  How a blob read picks its member and stays verified:
 * The members are tried in turn: ``priority`` in the configured order
   (opening a reader is the question), ``race`` in the order in which their
   ``has`` answered yes, all asked at once (the probes still running are
-  cancelled when the reader is closed).
+  cancelled once a member's bytes were accepted; their members stay
+  fallbacks, after those that said yes).
 * A blob of at most :data:`WHOLE_READ` bytes is read whole from the member
   and hashed before a byte is handed out: a member with wrong bytes counts as
   no answer and the next member is tried.  Memory: one such blob.
@@ -144,8 +145,9 @@ class MembersBlobService(MembersService[BlobService], BlobService):
                     await _close_quietly(inner)
                     raise
                 if len(head) > WHOLE_READ:
+                    await candidates.settle()  # the rest are fallbacks now: no probe keeps running
                     streaming = _FallbackReader(digest, member, inner, head, candidates, outcome)
-                    handed_off = True  # the reader closes the candidates
+                    handed_off = True
                     return streaming
                 await _close_quietly(inner)
                 got = blake3.blake3(head).digest()
