@@ -408,6 +408,24 @@ async def test_race_wrong_fast_member_loses_to_slower_correct_one() -> None:
     assert await task == HELLOWORLD
 
 
+class BatchWrongThenDown(MemoryBlobService):
+    """Its batch holds a wrong blob; asked blob by blob, it is down."""
+
+    async def _read_many(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
+    ) -> dict[B3Digest, bytes]:
+        if len(max_sizes) > 1:
+            raise ChecksumMismatch("blob in a batch", "a", "b")
+        raise UnavailableError("blob member down")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_read_many_member_failing_blob_by_blob(mode: str) -> None:
+    svc = MembersBlobService(mode, [BatchWrongThenDown(), await seeded_blobs(HELLOWORLD, b"x")])
+    wanted = {b3(HELLOWORLD): 12, b3(b"x"): 1}
+    assert await svc.read_many(wanted) == {b3(HELLOWORLD): HELLOWORLD, b3(b"x"): b"x"}
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_wrong_answer_only_is_an_error_not_absence(mode: str) -> None:
     svc = MembersBlobService(mode, [MemoryBlobService(), wrong_blobs(HELLOWORLD, b"Hello World?")])

@@ -190,18 +190,19 @@ class MembersBlobService(MembersService[BlobService], BlobService):
             rest = {d: cap for d, cap in max_sizes.items() if d not in found}
             if not rest:
                 return
+            got: dict[B3Digest, bytes] = {}
+
+            async def one(item: tuple[B3Digest, int]) -> None:
+                try:
+                    got.update(await member.read_many(dict([item]), parallel=1))
+                except ChecksumMismatch as e:
+                    wrong.setdefault(item[0], []).append((member, e))
+
             try:
-                got = await member.read_many(rest, parallel=parallel)
-            except ChecksumMismatch:  # one of them is wrong here: ask blob by blob, so the others still count
-                got = {}
-
-                async def one(item: tuple[B3Digest, int]) -> None:
-                    try:
-                        got.update(await member.read_many(dict([item]), parallel=1))
-                    except ChecksumMismatch as e:
-                        wrong.setdefault(item[0], []).append((member, e))
-
-                await run_bounded(list(rest.items()), one, parallel)
+                try:
+                    got = await member.read_many(rest, parallel=parallel)
+                except ChecksumMismatch:  # one of them is wrong here: ask blob by blob, so the others still count
+                    await run_bounded(list(rest.items()), one, parallel)
             except Exception as e:
                 failed.append((member, e))
                 return
