@@ -804,3 +804,38 @@ def test_cli_write_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "read-only" in lines[0], result.stderr
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_unreachable_grpc_member_counts_as_no_answer(mode: str) -> None:
+    down = member(f"grpc+http://127.0.0.1:{closed_port()}")
+    blobs = await blob_service_from_url(f"{mode}://?{down}&{member('memory://')}")
+    dirs = await directory_service_from_url(f"{mode}://?{down}&{member('memory://')}")
+    infos = await pathinfo_service_from_url(f"{mode}://?{down}&{member('memory://')}")
+    assert isinstance(blobs, MembersBlobService) and isinstance(dirs, MembersDirectoryService)
+    assert isinstance(infos, MembersPathInfoService)
+    try:
+        await blobs.members[1].put(HELLOWORLD)
+        await dirs.members[1].put(DIRECTORY_WITH_KEEP)
+        await infos.members[1].put(INFO)
+        assert await blobs.read(b3(HELLOWORLD)) == HELLOWORLD
+        assert await dirs.get(ref("WITH_KEEP")) == DIRECTORY_WITH_KEEP
+        assert await infos.get(INFO.digest) == INFO
+        assert await blobs.read(b3(b"absent")) is None  # the other member says absent
+        only_down = await blob_service_from_url(f"{mode}://?{down}")
+        try:
+            with pytest.raises(StorageError, match="unavailable"):
+                await only_down.read(b3(HELLOWORLD))
+        finally:
+            await only_down.close()
+    finally:
+        for svc in (blobs, dirs, infos):
+            await svc.close()
