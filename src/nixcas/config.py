@@ -103,7 +103,7 @@ class ServiceConfig(ABC, Generic[S_co]):
     """Alternative field names accepted in tables (e.g. tvix's ``local`` for ``near``)."""
 
     references: ClassVar[Mapping[str, str]] = {}
-    """Fields naming another service (a composition name or a URL), each with that service's kind."""
+    """Fields naming another service (a composition name or a URL, or a list of them), each with that service's kind."""
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
