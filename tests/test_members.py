@@ -839,3 +839,31 @@ async def test_unreachable_grpc_member_counts_as_no_answer(mode: str) -> None:
     finally:
         for svc in (blobs, dirs, infos):
             await svc.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_large_blob_bad_chunk_continues_on_the_next_member(mode: str, tmp_path: Path) -> None:
+    """A chunked member checks each chunk before its bytes pass: a damaged chunk past the read-ahead
+    makes the next member continue at its offset, and the read ends verified."""
+    import zstandard
+
+    from nixcas.castore.blob.layout import chunk_key
+
+    local = await blob_service_from_url(f"objectstore+file://{tmp_path}/b")
+    try:
+        await local.put(LARGE)
+        chunks = await local.chunks(b3(LARGE))
+        assert chunks is not None and len(chunks) >= 2
+        offset = 0
+        for chunk in chunks:
+            if offset > WHOLE_READ:
+                break
+            offset += chunk.size
+        (tmp_path / "b" / chunk_key(chunk.digest)).write_bytes(zstandard.compress(bytes(chunk.size)))
+        svc = MembersBlobService(mode, [local, await seeded_blobs(LARGE)])
+        assert await read_all(svc, b3(LARGE)) == LARGE
+        alone = MembersBlobService(mode, [local])
+        with pytest.raises(ChecksumMismatch, match=chunk.digest.hex()):
+            await read_all(alone, b3(LARGE))
+    finally:
+        await local.close()

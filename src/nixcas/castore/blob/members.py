@@ -13,13 +13,16 @@ answers validly.  How a blob read picks its member and stays verified:
   no answer and the next member is tried.  Memory: one such blob.
 * A larger blob streams from the member: the first :data:`WHOLE_READ` bytes
   are read ahead (the same memory bound), the rest on demand.  A member whose
-  read fails part-way — unreachable, or a chunk that does not match its
-  digest in a chunked member — is replaced by the next one, which continues at
-  the same offset (a blob's bytes are the same wherever it is stored).  The
-  whole stream is hashed as it is handed out and checked at its end (the base
-  class's verify-on-read): a member that serves a whole large blob of wrong
-  bytes cannot be told apart before the end, so that read fails with
-  :class:`~nixcas.errors.ChecksumMismatch` instead of ending cleanly.
+  read fails part-way is replaced by the next one, which continues at the
+  same offset (a blob's bytes are the same wherever it is stored): an
+  unreachable member, and a wrong chunk, since a member that keeps the blob
+  in chunks (``objectstore``, ``packed``'s large blobs, a gRPC peer whose
+  ``Stat`` lists chunks) checks each chunk against its digest before any of
+  its bytes pass.  The whole stream is hashed as it is handed out and checked
+  at its end (the base class's verify-on-read): wrong bytes from an unchunked
+  member, or a chunk list that does not add up, cannot be told apart before
+  the end, so that read fails with :class:`~nixcas.errors.ChecksumMismatch`
+  instead of ending cleanly.
 * :meth:`~nixcas.castore.blob.base.BlobService.read_many` asks the members for
   the blobs still missing (``priority``: one member after another; ``race``:
   all at once, done when every blob is found); each blob is hashed, and a
