@@ -61,6 +61,7 @@ RACE: Final = "race"
 
 S = TypeVar("S", bound=Closing)
 T = TypeVar("T")
+R = TypeVar("R")
 S_co = TypeVar("S_co", covariant=True)
 
 
@@ -217,84 +218,106 @@ async def ask_all(
             raise result
 
 
-class Candidates(Generic[S]):
-    """The members to try for one item, in turn: configuration order (``priority``), or (``race``)
-    the order in which their ``probe`` (a cheap "do you have it?") answered yes, all probed at once.
+class Candidates(Generic[S, R]):
+    """Members with their (not yet verified) answer to ``probe``, one after another, for a caller that
+    verifies each answer itself and wants the next member's when one fails.
 
-    Probes that answer no count as absent in ``outcome``, probes that raise as failures.
-    :meth:`settle` (or :meth:`close`) cancels the probes still running.
+    ``priority``: each member is probed when its turn comes, in configuration order.  ``race``: all are
+    probed at once and come in the order their answers arrive (ties: configuration order).  ``None``
+    counts as absent in ``outcome``, a raising probe as a failure.  :meth:`settle` stops the probes
+    still running (their members are probed again, one by one, if the caller gets that far), so no task
+    outlives the choice of a member; :meth:`close` also releases (``discard``) the answers never taken.
     """
 
     def __init__(
-        self, mode: str, members: Sequence[S], probe: Callable[[S], Awaitable[bool]], outcome: Outcome
+        self,
+        mode: str,
+        members: Sequence[S],
+        probe: Callable[[S], Awaitable[R | None]],
+        outcome: Outcome,
+        discard: Callable[[R], Awaitable[None]],
     ) -> None:
-        self._mode = mode
         self._members = list(members)
         self._order = {id(m): i for i, m in enumerate(self._members)}
         self._probe = probe
         self._outcome = outcome
-        self._next = 0
-        self._tasks: dict[asyncio.Future[bool], S] | None = None
-        self._unseen: set[asyncio.Future[bool]] = set()
-        self._ready: list[S] = []
+        self._discard = discard
+        self._race = mode == RACE
+        self._queue: list[S] = [] if self._race else list(self._members)  # probed one by one, in turn
+        self._tasks: dict[asyncio.Future[R | None], S] = {}
+        self._unseen: set[asyncio.Future[R | None]] = set()
+        self._ready: list[tuple[S, R]] = []
 
-    def _in_order(self, tasks: set[asyncio.Future[bool]]) -> list[asyncio.Future[bool]]:
-        assert self._tasks is not None
-        found = self._tasks
-        return sorted(tasks, key=lambda t: self._order[id(found[t])])
+    def _in_order(self, tasks: set[asyncio.Future[R | None]]) -> list[asyncio.Future[R | None]]:
+        return sorted(tasks, key=lambda t: self._order[id(self._tasks[t])])
 
-    def _take(self, task: asyncio.Future[bool]) -> None:
-        assert self._tasks is not None
-        member = self._tasks[task]
+    def _take(self, member: S, task: asyncio.Future[R | None]) -> None:
         try:
             found = task.result()
         except Exception as e:
             self._outcome.record(member, e)
             return
-        if found:
-            self._ready.append(member)
-        else:
+        if found is None:
             self._outcome.absent += 1
+        else:
+            self._ready.append((member, found))
 
-    async def next(self) -> S | None:
-        """The next member to try; ``None`` when there is none left."""
-        if self._mode == PRIORITY:
-            if self._next >= len(self._members):
-                return None
-            self._next += 1
-            return self._members[self._next - 1]
-        if self._tasks is None:
+    async def next(self) -> tuple[S, R] | None:
+        """The next member and its answer; ``None`` when no member is left."""
+        if self._race:
+            self._race = False
             self._tasks = {asyncio.ensure_future(self._probe(m)): m for m in self._members}
             self._unseen = set(self._tasks)
-        while not self._ready and self._unseen:
-            done = {t for t in self._unseen if t.done()}
-            if not done:
-                done, _ = await asyncio.wait(self._unseen, return_when=asyncio.FIRST_COMPLETED)
-            self._unseen -= done
-            for task in self._in_order(done):
-                self._take(task)
-        return self._ready.pop(0) if self._ready else None
-
-    async def settle(self) -> None:
-        """Stop probing: cancel the probes still running and keep their members as candidates (after
-        those that said yes), so no task outlives the choice of a member; the rest are only fallbacks."""
-        if not self._unseen:
-            return
-        for task in self._unseen:
-            task.cancel()
-        await asyncio.gather(*self._unseen, return_exceptions=True)
-        unsure = []
-        for task in self._in_order(self._unseen):
-            if task.cancelled():
-                assert self._tasks is not None
-                unsure.append(self._tasks[task])
+        while not self._ready:
+            if self._unseen:
+                done = {t for t in self._unseen if t.done()}
+                if not done:
+                    done, _ = await asyncio.wait(self._unseen, return_when=asyncio.FIRST_COMPLETED)
+                self._unseen -= done
+                for task in self._in_order(done):
+                    self._take(self._tasks[task], task)
+            elif self._queue:
+                member = self._queue.pop(0)
+                try:
+                    found = await self._probe(member)
+                except Exception as e:
+                    self._outcome.record(member, e)
+                    continue
+                if found is None:
+                    self._outcome.absent += 1
+                else:
+                    return member, found
             else:
-                self._take(task)
-        self._unseen = set()
-        self._ready.extend(unsure)
+                return None
+        return self._ready.pop(0)
+
+    async def settle(self, *, release: bool = False) -> None:
+        """Cancel the probes still running; their members are probed again, one by one, when reached.
+
+        With ``release`` the answers not yet taken are released too (their members, which did answer,
+        come first when probed again): for a caller that may need a fallback only much later.
+        """
+        if self._unseen:
+            for task in self._unseen:
+                task.cancel()
+            await asyncio.gather(*self._unseen, return_exceptions=True)
+            cancelled = []
+            for task in self._in_order(self._unseen):
+                if task.cancelled():
+                    cancelled.append(self._tasks[task])
+                else:  # it finished meanwhile
+                    self._take(self._tasks[task], task)
+            self._unseen = set()
+            self._queue = [*cancelled, *self._queue]
+        if release:
+            ready, self._ready = self._ready, []
+            self._queue = [member for member, _ in ready] + self._queue
+            for _, found in ready:
+                await self._discard(found)
 
     async def close(self) -> None:
-        await self.settle()
+        """:meth:`settle`, and release the answers nobody took."""
+        await self.settle(release=True)
 
 
 class MembersService(Generic[S]):

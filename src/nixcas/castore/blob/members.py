@@ -3,11 +3,12 @@
 See :mod:`nixcas._members` for what both mean and what happens when no member
 answers validly.  How a blob read picks its member and stays verified:
 
-* The members are tried in turn: ``priority`` in the configured order
-  (opening a reader is the question), ``race`` in the order in which their
-  ``has`` answered yes, all asked at once (the probes still running are
-  cancelled once a member's bytes were accepted; their members stay
-  fallbacks, after those that said yes).
+* The members are tried in turn, opening a reader being the question:
+  ``priority`` in the configured order, ``race`` all at once, in the order in
+  which their readers open (those still opening are cancelled once a
+  member's bytes were accepted, the readers opened but not used are closed;
+  for a streamed blob the cancelled members remain fallbacks, asked again one
+  by one if it comes to that).
 * A blob of at most :data:`WHOLE_READ` bytes is read whole from the member
   and hashed before a byte is handed out: a member with wrong bytes counts as
   no answer and the next member is tried.  Memory: one such blob.
@@ -126,18 +127,13 @@ class MembersBlobService(MembersService[BlobService], BlobService):
 
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         outcome = Outcome(f"blob {digest.hex()}")
-        candidates = Candidates(self.mode, self.members, lambda m: m.has(digest), outcome)
+        candidates: Candidates[BlobService, BlobReader] = Candidates(
+            self.mode, self.members, lambda m: m._open_read(digest), outcome, _close_quietly
+        )
         handed_off = False
         try:
-            while (member := await candidates.next()) is not None:
-                try:
-                    inner = await member._open_read(digest)
-                except Exception as e:
-                    outcome.record(member, e)
-                    continue
-                if inner is None:
-                    outcome.absent += 1
-                    continue
+            while (found := await candidates.next()) is not None:
+                member, inner = found
                 try:
                     head = await _read_up_to(inner, WHOLE_READ + 1)
                 except Exception as e:
@@ -148,7 +144,7 @@ class MembersBlobService(MembersService[BlobService], BlobService):
                     await _close_quietly(inner)
                     raise
                 if len(head) > WHOLE_READ:
-                    await candidates.settle()  # the rest are fallbacks now: no probe keeps running
+                    await candidates.settle(release=True)  # the rest are fallbacks now: nothing of theirs stays open
                     streaming = _FallbackReader(digest, member, inner, head, candidates, outcome)
                     handed_off = True
                     return streaming
@@ -259,7 +255,7 @@ class _FallbackReader(BlobReader):
         member: BlobService,
         inner: BlobReader,
         head: bytes,
-        candidates: Candidates[BlobService],
+        candidates: Candidates[BlobService, BlobReader],
         outcome: Outcome,
     ) -> None:
         self._digest = digest
@@ -316,15 +312,10 @@ class _FallbackReader(BlobReader):
         if self._inner is not None:
             await _close_quietly(self._inner)
             self._inner = None
-        while (member := await self._candidates.next()) is not None:
-            try:
-                inner = await member._open_read(self._digest)
-            except Exception as e:
-                self._outcome.record(member, e)
-                continue
-            if inner is None:
-                continue
-            self._member, self._inner, self._inner_pos = member, inner, 0
+        found = await self._candidates.next()
+        if found is not None:
+            self._member, self._inner = found
+            self._inner_pos = 0
             return
         self._outcome.absent = 0  # part of the blob was handed out: no member can be "absent" any more
         self._outcome.result()
