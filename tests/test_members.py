@@ -363,6 +363,45 @@ async def test_race_member_still_probing_stays_a_fallback() -> None:
         assert await reader.read_all() == LARGE
 
 
+class _StallingReader(BytesReader):
+    def __init__(self, data: bytes, gate: Gate, closed: list[bool]) -> None:
+        super().__init__(data)
+        self.gate = gate
+        self.closed = closed
+
+    async def read(self, n: int = -1) -> bytes:
+        await self.gate.wait()
+        return await super().read(n)
+
+    async def close(self) -> None:
+        self.closed.append(True)
+
+
+class StallingBlobs(MemoryBlobService):
+    """Opens at once, then sends no byte until the gate opens."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+        self.closed: list[bool] = []
+
+    async def _open_read(self, digest: B3Digest) -> BlobReader | None:
+        data = self._blobs.get(digest)
+        return None if data is None else _StallingReader(data, self.gate, self.closed)
+
+
+@pytest.mark.parametrize("data", [HELLOWORLD, LARGE], ids=["small", "large"])
+async def test_race_member_stalling_after_opening_does_not_block(data: bytes) -> None:
+    gate = Gate()
+    stalling = StallingBlobs(gate)
+    await stalling.put(data)
+    svc = MembersBlobService("race", [stalling, await seeded_blobs(data)])
+    before = other_tasks()
+    assert await read_all(svc, b3(data)) == data
+    assert gate.cancelled == 1 and stalling.closed == [True]  # its read was cancelled, its reader closed
+    assert other_tasks() == before
+
+
 async def test_priority_waits_for_its_first_member() -> None:
     """priority asks in order: a slow first member is waited for (and answers)."""
     gate = Gate()

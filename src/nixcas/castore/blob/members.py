@@ -3,23 +3,19 @@
 See :mod:`nixcas._members` for what both mean and what happens when no member
 answers validly.  How a blob read picks its member and stays verified:
 
-* The members are tried in turn, opening a reader being the question:
-  ``priority`` in the configured order, ``race`` all at once, in the order in
-  which their readers open (those still opening are cancelled once a
-  member's bytes were accepted, the readers opened but not used are closed;
-  for a streamed blob the cancelled members remain fallbacks, asked again one
-  by one if it comes to that).
-* A blob of at most :data:`WHOLE_READ` bytes is read whole from the member
-  and hashed before a byte is handed out: a member with wrong bytes counts as
-  no answer and the next member is tried.  Memory: one such blob.
-* A larger blob streams from the member: the first :data:`WHOLE_READ` bytes
-  are read ahead (the same memory bound), the rest on demand.  A member whose
-  read fails part-way is replaced by the next one, which continues at the
-  same offset (a blob's bytes are the same wherever it is stored): an
-  unreachable member, and a wrong chunk, since a member that keeps the blob
-  in chunks (``objectstore``, ``packed``'s large blobs, a gRPC peer whose
-  ``Stat`` lists chunks) checks each chunk against its digest before any of
-  its bytes pass.  The whole stream is hashed as it is handed out and checked
+* A member's answer is its blob's first :data:`WHOLE_READ` + 1 bytes
+  (``priority``: asked in the configured order; ``race``: all at once, the
+  first answer wins, the others are cancelled and their readers closed).  A
+  blob of at most :data:`WHOLE_READ` bytes is thus read whole and hashed
+  before a byte is handed out: a member with wrong bytes counts as no answer.
+  Memory: that much per member asked at once.
+* A larger blob streams from the member that answered: the bytes read ahead
+  first, the rest on demand.  A member whose read fails part-way is replaced
+  by the next one, which continues at the same offset (a blob's bytes are
+  the same wherever it is stored): an unreachable member, and a wrong chunk,
+  since a member that keeps the blob in chunks (``objectstore``, ``packed``'s
+  large blobs, a gRPC peer whose ``Stat`` lists chunks) checks each chunk
+  against its digest before any of its bytes pass.  The whole stream is hashed as it is handed out and checked
   at its end (the base class's verify-on-read): wrong bytes from an unchunked
   member, or a chunk list that does not add up, cannot be told apart before
   the end, so that read fails with :class:`~nixcas.errors.ChecksumMismatch`
@@ -127,39 +123,24 @@ class MembersBlobService(MembersService[BlobService], BlobService):
 
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         outcome = Outcome(f"blob {digest.hex()}")
-        candidates: Candidates[BlobService, BlobReader] = Candidates(
-            self.mode, self.members, lambda m: m._open_read(digest), outcome, _close_quietly
+        candidates: Candidates[BlobService, _Opened] = Candidates(
+            self.mode, self.members, lambda m: _open(m, digest), outcome, _Opened.close
         )
         handed_off = False
         try:
-            while (found := await candidates.next()) is not None:
-                member, inner = found
+            found = await candidates.next()
+            if found is None:
                 try:
-                    head = await _read_up_to(inner, WHOLE_READ + 1)
-                except Exception as e:
-                    await _close_quietly(inner)
-                    outcome.record(member, e)
-                    continue
-                except BaseException:
-                    await _close_quietly(inner)
-                    raise
-                if len(head) > WHOLE_READ:
-                    await candidates.settle(release=True)  # the rest are fallbacks now: nothing of theirs stays open
-                    streaming = _FallbackReader(digest, member, inner, head, candidates, outcome)
-                    handed_off = True
-                    return streaming
-                await _close_quietly(inner)
-                got = blake3.blake3(head).digest()
-                if got != digest:
-                    wrong = ChecksumMismatch(f"{member!r}: blob {digest.hex()}", digest.hex(), got.hex())
-                    outcome.record(member, WrongAnswer(wrong))
-                    continue
-                return BytesReader(head)
-            try:
-                outcome.result()
-            except ChecksumMismatch as e:  # found only wrong bytes: the reader fails, as a damaged blob's does
-                return FailedReader(e)
-            return None
+                    outcome.result()
+                except ChecksumMismatch as e:  # found only wrong bytes: the reader fails, as a damaged blob's does
+                    return FailedReader(e)
+                return None
+            member, opened = found
+            if opened.rest is None:
+                return BytesReader(opened.head)
+            await candidates.settle(release=True)  # the rest are fallbacks now: nothing of theirs stays open
+            handed_off = True
+            return _FallbackReader(digest, member, opened, candidates, outcome)
         finally:
             if not handed_off:
                 await candidates.close()
@@ -236,6 +217,39 @@ async def _read_up_to(reader: BlobReader, n: int) -> bytes:
     return b"".join(parts)
 
 
+@dataclass
+class _Opened:
+    """A member's blob after its first bytes: whole and verified (``rest`` is ``None``), or the first
+    :data:`WHOLE_READ` + 1 bytes and the reader standing after them."""
+
+    head: bytes
+    rest: BlobReader | None
+
+    async def close(self) -> None:
+        if self.rest is not None:
+            await _close_quietly(self.rest)
+
+
+async def _open(member: BlobService, digest: B3Digest) -> _Opened | None:
+    """A member's answer for blob ``digest``: ``None`` if absent; :class:`WrongAnswer` if a small blob's
+    bytes do not hash to the digest."""
+    reader = await member._open_read(digest)
+    if reader is None:
+        return None
+    try:
+        head = await _read_up_to(reader, WHOLE_READ + 1)
+    except BaseException:
+        await _close_quietly(reader)
+        raise
+    if len(head) > WHOLE_READ:
+        return _Opened(head, reader)
+    await _close_quietly(reader)
+    got = blake3.blake3(head).digest()
+    if got != digest:
+        raise WrongAnswer(ChecksumMismatch(f"{member!r}: blob {digest.hex()}", digest.hex(), got.hex()))
+    return _Opened(head, None)
+
+
 async def _close_quietly(reader: BlobReader) -> None:
     with contextlib.suppress(Exception):  # a reader being dropped; its member's failure is recorded elsewhere
         await reader.close()
@@ -244,25 +258,25 @@ async def _close_quietly(reader: BlobReader) -> None:
 class _FallbackReader(BlobReader):
     """A large blob from one member, continued from the next candidate (same offset) if a read fails.
 
-    ``head`` holds the first bytes, already read; the inner reader stands after
-    them.  The base class's :class:`~nixcas.castore.blob.base.VerifyingReader`
-    hashes what this reader hands out.
+    The first bytes are held (``head``), the member's reader stands after them.
+    The base class's :class:`~nixcas.castore.blob.base.VerifyingReader` hashes
+    what this reader hands out.
     """
 
     def __init__(
         self,
         digest: B3Digest,
         member: BlobService,
-        inner: BlobReader,
-        head: bytes,
-        candidates: Candidates[BlobService, BlobReader],
+        opened: _Opened,
+        candidates: Candidates[BlobService, _Opened],
         outcome: Outcome,
     ) -> None:
+        assert opened.rest is not None
         self._digest = digest
         self._member = member
-        self._inner: BlobReader | None = inner
-        self._head = head
-        self._inner_pos = len(head)
+        self._inner: BlobReader | None = opened.rest
+        self._head = opened.head
+        self._inner_pos = len(opened.head)
         self._pos = 0
         self._candidates = candidates
         self._outcome = outcome
@@ -314,8 +328,10 @@ class _FallbackReader(BlobReader):
             self._inner = None
         found = await self._candidates.next()
         if found is not None:
-            self._member, self._inner = found
-            self._inner_pos = 0
+            self._member, opened = found
+            if opened.rest is None:  # cannot be: a blob this large was verified short elsewhere  # pragma: no cover
+                raise StorageError(f"{self._member!r}: blob {self._digest.hex()} is shorter than another member's")
+            self._inner, self._inner_pos = opened.rest, len(opened.head)
             return
         self._outcome.absent = 0  # part of the blob was handed out: no member can be "absent" any more
         self._outcome.result()
