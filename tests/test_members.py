@@ -596,7 +596,57 @@ async def test_closure_no_member_completes_is_an_error(mode: str) -> None:
 
     with pytest.raises(StorageError, match="missing"):
         await consume()
+    assert got == []  # a closure that fits the read-ahead is handed out only once it is whole
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_large_closure_streams_and_continues_on_the_next_member(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the read-ahead a closure streams from one member; where it breaks off the next one continues."""
+    from nixcas.castore.dirs import members
+
+    monkeypatch.setattr(members, "CLOSURE_READ", 0)  # every closure is "large": streamed after its root
+    partial = seeded_dirs(DIRECTORY_COMPLICATED)
+    svc = MembersDirectoryService(mode, [partial, seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)])
+    assert await collect(svc, ref("COMPLICATED")) == CLOSURE
+    alone = MembersDirectoryService(mode, [partial, MemoryDirectoryService()])
+    got: list[B3Digest] = []
+
+    async def consume() -> None:
+        async for d in alone.get_recursive(ref("COMPLICATED")):
+            got.append(d.digest)
+
+    with pytest.raises(StorageError, match="missing"):
+        await consume()
     assert got == [ref("COMPLICATED")]
+
+
+class StallingDirs(MemoryDirectoryService):
+    """Sends a closure's root at once, then nothing until the gate opens."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        first = True
+        async for d in super().get_recursive(root):
+            if not first:
+                await self.gate.wait()
+            first = False
+            yield d
+
+
+async def test_race_closure_member_stalling_after_its_root_does_not_block() -> None:
+    gate = Gate()
+    stalling = StallingDirs(gate)
+    stalling._data.update(seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)._data)
+    svc = MembersDirectoryService("race", [stalling, seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)])
+    before = other_tasks()
+    assert await collect(svc, ref("COMPLICATED")) == CLOSURE
+    assert gate.entered == 1 and gate.cancelled == 1
+    assert other_tasks() == before
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -4,15 +4,19 @@ See :mod:`nixcas._members` for what both mean and what happens when no member
 answers validly.  Every Directory handed out is one whose encoding hashes to
 the digest it was asked by (a member's wrong answer counts as none).
 
-Closures (:meth:`get_recursive`) stream: the member that first yields the
-root (``priority``: in order; ``race``: all asked at once, the others'
-streams are closed) serves the closure, each Directory checked to be
-announced by one already received (so every one is the right content for
-its place).  If that member fails part-way (a descendant missing, an error,
-a wrong directory), the next members (configuration order) continue the
-same closure, skipping what was already sent.  Memory: the digests of the
-closure sent so far (as for any closure check).  A closure no member can
-complete raises; one no member has at all yields nothing.
+Closures (:meth:`get_recursive`): a member's answer is its closure, checked
+root-to-leaves as it arrives (each Directory announced by one already
+received, so each is the right content for its place), read whole before any
+Directory is handed out as long as it stays within :data:`CLOSURE_READ`
+bytes (``race``: the first member with a whole valid closure wins, the
+others are cancelled and their streams closed; a member that stalls or sends
+a wrong directory never keeps a correct one from answering).  A larger
+closure streams on from the member that filled the read-ahead first; if it
+fails part-way (a descendant missing, an error, a wrong directory), the
+next members (configuration order) continue the same closure, skipping what
+was already sent.  Memory: the read-ahead per member asked at once, and the
+digests of the closure sent so far.  A closure no member can complete
+raises; one no member has at all yields nothing.
 
 Writes (``put``, closure uploads) raise :class:`~nixcas.errors.ReadOnlyError`
 (gRPC ``FAILED_PRECONDITION``).
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import blake3
 
@@ -44,8 +48,8 @@ from nixcas.errors import ChecksumMismatch, StorageError
 
 __all__ = ["MembersDirectoryService", "PriorityDirectoryServiceConfig", "RaceDirectoryServiceConfig"]
 
-_Source = tuple[DirectoryService, Directory, AsyncIterator[Directory]]
-"""A member, the root it yielded, and the rest of its closure stream."""
+CLOSURE_READ: Final = 4 << 20
+"""Bytes of (encoded) directories of a closure read ahead from a member before any is handed out."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,63 @@ class RaceDirectoryServiceConfig(PriorityDirectoryServiceConfig):
     type_tag: ClassVar[str] = RACE
 
 
-def _check(member: DirectoryService, digest: B3Digest, found: Directory) -> Directory:
-    if found.digest != digest:
-        raise WrongAnswer(ChecksumMismatch(f"{member!r}: directory {digest.hex()}", digest.hex(), found.digest.hex()))
-    return found
+@dataclass
+class _Closure:
+    """A member's answer for a closure: its first directories (checked root-to-leaves), and the rest of
+    its stream when the closure is larger than :data:`CLOSURE_READ`."""
+
+    member: DirectoryService
+    head: list[Directory]
+    seen: set[B3Digest]
+    validator: RootToLeavesValidator
+    rest: AsyncIterator[Directory] | None
+
+    async def close(self) -> None:
+        if self.rest is not None:
+            await _aclose(self.rest)
+
+
+def _accept(validator: RootToLeavesValidator, member: DirectoryService, root: B3Digest, directory: Directory) -> None:
+    """``directory`` if it was announced (so its digest, computed from its encoding, is the one expected)."""
+    try:
+        validator.add(directory)
+    except StorageError as e:
+        raise WrongAnswer(StorageError(f"{member!r}: closure of {root.hex()}: {e}")) from None
+
+
+async def _read_ahead(member: DirectoryService, root: B3Digest) -> _Closure | None:
+    """``member``'s closure of ``root``: whole if it fits :data:`CLOSURE_READ`, else its start and the rest."""
+    stream = aiter(member.get_recursive(root))
+    validator = RootToLeavesValidator(root)
+    head: list[Directory] = []
+    seen: set[B3Digest] = set()
+    size = 0
+    handed_off = False
+    try:
+        while size <= CLOSURE_READ:
+            try:
+                directory: Directory | None = await anext(stream, None)
+                if directory is None:
+                    if not head:
+                        return None
+                    validator.finish()
+                    return _Closure(member, head, seen, validator, None)
+            except Exception as e:
+                if not head:
+                    raise
+                # It has the root but cannot deliver the closure: damage (or a lost connection), never absence.
+                raise WrongAnswer(StorageError(f"{member!r}: closure of {root.hex()} incomplete: {e}")) from None
+            if directory.digest in seen:
+                continue
+            _accept(validator, member, root, directory)
+            seen.add(directory.digest)
+            head.append(directory)
+            size += len(directory.encode())
+        handed_off = True
+        return _Closure(member, head, seen, validator, stream)
+    finally:
+        if not handed_off:
+            await _aclose(stream)
 
 
 def _decoded(member: DirectoryService, digest: B3Digest, raw: bytes) -> Directory:
@@ -99,59 +156,43 @@ class MembersDirectoryService(MembersService[DirectoryService], DirectoryService
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         outcome = Outcome(f"closure of directory {root.hex()}")
-        validator = RootToLeavesValidator(root)
-        sent: set[B3Digest] = set()
 
-        async def ask(member: DirectoryService) -> _Source | None:
-            stream = aiter(member.get_recursive(root))
-            try:
-                first = await anext(stream, None)
-                if first is None:
-                    await _aclose(stream)
-                    return None
-                return member, _check(member, root, first), stream
-            except BaseException:
-                await _aclose(stream)
-                raise
+        async def ask(member: DirectoryService) -> _Closure | None:
+            return await _read_ahead(member, root)
 
-        async def discard(source: _Source) -> None:
-            await _aclose(source[2])
-
-        source = await first_answer(self.mode, self.members, ask, outcome, discard=discard)
-        if source is None:
+        answer = await first_answer(self.mode, self.members, ask, outcome, discard=_Closure.close)
+        if answer is None:
             return
-        later = [m for m in self.members if m is not source[0]]
+        for checked in answer.head:
+            yield checked
+        if answer.rest is None:
+            return
+        validator, sent = answer.validator, answer.seen
+        later = [m for m in self.members if m is not answer.member]
+        member, stream = answer.member, answer.rest
         while True:
-            member, first, stream = source
             try:
-                directory: Directory | None = first
-                while directory is not None:
-                    if directory.digest not in sent:
-                        try:
-                            validator.add(directory)
-                        except StorageError as e:
-                            raise WrongAnswer(StorageError(f"{member!r}: closure of {root.hex()}: {e}")) from None
-                        sent.add(directory.digest)
-                        yield directory
-                    directory = await anext(stream, None)
+                while True:
+                    directory: Directory | None = await anext(stream, None)
+                    if directory is None:
+                        break
+                    if directory.digest in sent:
+                        continue
+                    _accept(validator, member, root, directory)
+                    sent.add(directory.digest)
+                    yield directory
                 validator.finish()
                 return
             except Exception as e:
                 outcome.record(member, e)
             finally:
                 await _aclose(stream)
-            found = None
-            while later and found is None:
-                fallback = later.pop(0)
-                try:
-                    found = await ask(fallback)
-                except Exception as e:
-                    outcome.record(fallback, e)
-            if found is None:
-                outcome.absent = 0  # part of the closure was sent: it must be completed, or fail
+            if not later:  # part of the closure was sent: it must be completed, or fail
+                outcome.absent = 0
                 outcome.result()
                 return  # pragma: no cover - result() raises without an absent member
-            source = found
+            member = later.pop(0)
+            stream = aiter(member.get_recursive(root))  # from its root on; what was sent is skipped
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
         found = await self.get(digest)
