@@ -956,3 +956,11 @@ async def test_large_blob_bad_chunk_continues_on_the_next_member(mode: str, tmp_
             await read_all(alone, b3(LARGE))
     finally:
         await local.close()
+
+
+def test_member_url_secrets_are_not_echoed() -> None:
+    secret_member = quote("objectstore+s3://b/p?aws_secret_access_key=SEKRIT&endpoint=http://127.0.0.1:1", safe="")
+    for url in (f"race://?member={secret_member}&member=bogus%3A%2F%2F", f"priority://?member={secret_member}&x=1"):
+        with pytest.raises(ConfigurationError) as info:
+            Composition.from_dict({"blobservices": {"root": {"type": "race", "members": [url]}}})
+        assert "SEKRIT" not in str(info.value) and "***" in str(info.value)
