@@ -778,6 +778,9 @@ async def test_by_url(mode: str, tmp_path: Path) -> None:
         ("race+x://?member=memory%3A%2F%2F", "unknown type"),
         ("priority://?member=bogus%3A%2F%2F", "unknown type 'bogus'"),
         ("priority://?member=", "must name a service"),
+        ("race://?member", "invalid options"),
+        ("race://?member=memory%3A%2F%2F&", "invalid options"),
+        ("combined://?near", "invalid options"),  # was a ValueError traceback, not a configuration error
     ],
 )
 async def test_bad_urls(url: str, fragment: str) -> None:

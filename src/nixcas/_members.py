@@ -35,12 +35,12 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Final, Generic, Self, TypeVar
-from urllib.parse import SplitResult, parse_qsl
+from urllib.parse import SplitResult
 
 from nixcas._aio import Closing, close_all
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, ReadOnlyError, StorageError, UnavailableError
-from nixcas.urls import require_plain_scheme, shown
+from nixcas.urls import query_pairs, require_plain_scheme, shown
 
 __all__ = [
     "PRIORITY",
@@ -336,7 +336,7 @@ class MembersService(Generic[S]):
         self._close_inner = close_inner
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(repr(m) for m in self.members)})"
+        return f"{type(self).__name__}({self.mode}: {', '.join(repr(m) for m in self.members)})"
 
     def _read_only(self, action: str) -> ReadOnlyError:
         return ReadOnlyError(
@@ -360,7 +360,7 @@ class MembersConfig(ServiceConfig[S_co]):
         if url.netloc or url.path or url.fragment:
             raise ConfigurationError(f"{shown(url)!r}: {url.scheme}:// takes only ?member=…&member=… (no host or path)")
         members: list[str] = []
-        for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)):
+        for key, value in query_pairs(url):
             if key != "member":
                 raise ConfigurationError(f"{shown(url)!r}: unknown option {key!r} (known: member)")
             members.append(value)
