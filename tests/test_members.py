@@ -762,7 +762,7 @@ async def test_by_url(mode: str, tmp_path: Path) -> None:
     assert isinstance(blobs, MembersBlobService) and blobs.mode == mode and len(blobs.members) == 2
     await blobs.close()
     dirs = await directory_service_from_url(f"{mode}://?{member('memory://')}&{member('sqlite://')}")
-    assert isinstance(dirs, MembersDirectoryService) and blobs.mode == mode
+    assert isinstance(dirs, MembersDirectoryService) and dirs.mode == mode
     await dirs.close()
     infos = await pathinfo_service_from_url(f"{mode}://?{member('memory://')}")
     assert isinstance(infos, MembersPathInfoService) and len(infos.members) == 1
