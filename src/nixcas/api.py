@@ -108,8 +108,7 @@ def _references(
 ) -> list[tuple[str, str]]:
     """The services ``config`` wraps that the composition has configs for (not those it only provides)."""
     out = []
-    for field_name, ref_kind in config.references.items():
-        ref = getattr(config, field_name)
+    for field_name, ref_kind, ref in config.referenced():
         if skip_near and field_name == "near":
             continue
         try:

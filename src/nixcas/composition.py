@@ -85,8 +85,7 @@ def _check_references(configs: Mapping[str, Mapping[str, ServiceConfig[object]]]
 
     def visit(key: _Key, config: ServiceConfig[object], path: tuple[_Key, ...]) -> None:
         path = (*path, key)
-        for field, kind in config.references.items():
-            ref = getattr(config, field)
+        for field, kind, ref in config.referenced():
             child = (kind, ref)
             if child in path:
                 _recursion((*path[path.index(child) :], child), f"{source}: {_describe(path[0])}: ")

@@ -103,7 +103,7 @@ class ServiceConfig(ABC, Generic[S_co]):
     """Alternative field names accepted in tables (e.g. tvix's ``local`` for ``near``)."""
 
     references: ClassVar[Mapping[str, str]] = {}
-    """Fields naming another service (a composition name or a URL), each with that service's kind."""
+    """Fields naming another service (a composition name or a URL, or a list of them), each with that service's kind."""
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
@@ -141,12 +141,20 @@ class ServiceConfig(ABC, Generic[S_co]):
     def validate(self, where: str) -> None:
         """Check values beyond their types (hook; raise :class:`ConfigurationError`)."""
 
+    def referenced(self) -> list[tuple[str, str, str]]:
+        """``(field, kind, name)`` of every service this config refers to; a list field gives one per entry."""
+        out = []
+        for field, kind in self.references.items():
+            value = getattr(self, field)
+            for ref in value if isinstance(value, list) else [value]:
+                out.append((field, kind, ref))
+        return out
+
     def check_references(self, where: str) -> None:
         """Refuse empty references and parse those that are URLs, so a bad one fails now, not when built."""
         from nixcas.registry import parse_service_url
 
-        for name, kind in self.references.items():
-            ref = getattr(self, name)
+        for name, kind, ref in self.referenced():
             if not ref:
                 raise ConfigurationError(f"{where}: {name} must name a service (a composition entry or a URL)")
             if "://" in ref:

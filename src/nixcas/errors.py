@@ -16,6 +16,7 @@
     │   ├── NarError                          a NAR stream is malformed
     │   └── PathInfoError                     a PathInfo (or narinfo) is inconsistent
     ├── ConfigurationError (ValueError)       a service URL or composition is unusable
+    │   └── ReadOnlyError                     a write reached a read-only service (``priority``, ``race``)
     ├── StorageError (OSError)                a backend failed or returned bad data
     │   ├── ChecksumMismatch                  data did not hash to the digest it was read by
     │   └── UnavailableError                  a backend server cannot be reached (retry later)
@@ -95,6 +96,13 @@ class ConfigurationError(NixcasError, ValueError):
     """A service URL or composition cannot be turned into a service."""
 
 
+class ReadOnlyError(ConfigurationError):
+    """A write reached a service composed read-only (``priority``, ``race``): the configuration forbids it.
+
+    The gRPC daemon answers it with ``FAILED_PRECONDITION``, the CLI with one line and exit code 2.
+    """
+
+
 class StorageError(NixcasError, OSError):
     """A backend failed, or handed out data that is not what was stored."""
 
@@ -135,6 +143,7 @@ __all__ = [
     "NixcasError",
     "NotFoundError",
     "PathInfoError",
+    "ReadOnlyError",
     "StorageError",
     "StorePathError",
     "UnavailableError",

@@ -17,6 +17,8 @@ blob services
 ``grpc+unix:///sock``,           :class:`~nixcas.castore.blob.grpc.GrpcBlobService`
 ``grpc+http(s)://host:port``     (options: ``wait-connect``, ``connect-timeout``, ``protocol``)
 ``combined://?near=A&far=B``     :class:`~nixcas.castore.blob.combined.CombinedBlobService`
+``priority://?member=A&member=B`` :class:`~nixcas.castore.blob.members.MembersBlobService` (read-only;
+``race://?member=A&member=B``    ``priority`` asks in order, ``race`` all at once: first valid answer wins)
 directory services
 ``memory://``                    :class:`~nixcas.castore.dirs.memory.MemoryDirectoryService`
 ``sqlite:///p.sqlite``           :class:`~nixcas.castore.dirs.sqlite.SqliteDirectoryService`
@@ -29,6 +31,7 @@ directory services
 ``grpc+…``                       :class:`~nixcas.castore.dirs.grpc.GrpcDirectoryService`
 ``cache://?near=A&far=B``        :class:`~nixcas.castore.dirs.cache.CacheDirectoryService`
 ``lru://?capacity=N``            :class:`~nixcas.castore.dirs.lru.LruDirectoryService`
+``priority://``, ``race://``     :class:`~nixcas.castore.dirs.members.MembersDirectoryService` (as for blobs)
 path info services
 ``memory://``                    :class:`~nixcas.store.pathinfo.memory.MemoryPathInfoService`
 ``sqlite:///p.sqlite``           :class:`~nixcas.store.pathinfo.sqlite.SqlitePathInfoService`
@@ -39,6 +42,7 @@ path info services
                                  (options: ``trusted-public-keys``, ``blob_service``, ``directory_service``)
 ``cache://?near=A&far=B``        :class:`~nixcas.store.pathinfo.cache.CachePathInfoService`
 ``lru://?capacity=N``            :class:`~nixcas.store.pathinfo.lru.LruPathInfoService`
+``priority://``, ``race://``     :class:`~nixcas.store.pathinfo.members.MembersPathInfoService` (as for blobs)
 (composition) keyfile-signing    :class:`~nixcas.store.pathinfo.signing.KeyfileSigningPathInfoService`
 pin services
 ``memory://``                    :class:`~nixcas.castore.pins.memory.MemoryPinService`
@@ -48,7 +52,7 @@ pin services
 ``grpc+…``                       :class:`~nixcas.castore.pins.grpc.GrpcPinService` (a nixcas daemon's)
 ===============================  ======================================================
 
-``A``/``B`` are names in a composition file, or (percent-encoded) URLs.
+``A``/``B`` (each ``member`` too, in order) are names in a composition file, or (percent-encoded) URLs.
 Unknown tags, hosts or paths where none belong, and unknown options raise
 :class:`~nixcas.errors.ConfigurationError` when the URL is parsed, never later.
 """
@@ -120,6 +124,8 @@ BLOB_SERVICES: Final = BackendTable(
         "packed": "nixcas.castore.blob.packed.PackedBlobServiceConfig",
         "grpc": "nixcas.castore.blob.grpc.GrpcBlobServiceConfig",
         "combined": "nixcas.castore.blob.combined.CombinedBlobServiceConfig",
+        "priority": "nixcas.castore.blob.members.PriorityBlobServiceConfig",
+        "race": "nixcas.castore.blob.members.RaceBlobServiceConfig",
     }
 )
 DIRECTORY_SERVICES: Final = BackendTable(
@@ -132,6 +138,8 @@ DIRECTORY_SERVICES: Final = BackendTable(
         "grpc": "nixcas.castore.dirs.grpc.GrpcDirectoryServiceConfig",
         "cache": "nixcas.castore.dirs.cache.CacheDirectoryServiceConfig",
         "lru": "nixcas.castore.dirs.lru.LruDirectoryServiceConfig",
+        "priority": "nixcas.castore.dirs.members.PriorityDirectoryServiceConfig",
+        "race": "nixcas.castore.dirs.members.RaceDirectoryServiceConfig",
     }
 )
 PATHINFO_SERVICES: Final = BackendTable(
@@ -145,6 +153,8 @@ PATHINFO_SERVICES: Final = BackendTable(
         "cache": "nixcas.store.pathinfo.cache.CachePathInfoServiceConfig",
         "lru": "nixcas.store.pathinfo.lru.LruPathInfoServiceConfig",
         "keyfile-signing": "nixcas.store.pathinfo.signing.KeyfileSigningPathInfoServiceConfig",
+        "priority": "nixcas.store.pathinfo.members.PriorityPathInfoServiceConfig",
+        "race": "nixcas.store.pathinfo.members.RacePathInfoServiceConfig",
     }
 )
 PIN_SERVICES: Final = BackendTable(

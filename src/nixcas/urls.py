@@ -10,6 +10,7 @@ from nixcas.errors import ConfigurationError
 __all__ = [
     "is_decimal",
     "near_far_from_url",
+    "query_pairs",
     "scrubbed",
     "shown",
     "query_options",
@@ -101,10 +102,18 @@ def require_bare_url(url: SplitResult) -> None:
         )
 
 
+def query_pairs(url: SplitResult) -> list[tuple[str, str]]:
+    """The ``key=value`` pairs of the query, in order; a malformed query is a :class:`ConfigurationError`."""
+    try:
+        return parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
+    except ValueError as e:
+        raise ConfigurationError(f"{shown(url)!r}: invalid options: {e}") from None
+
+
 def query_options(url: SplitResult, allowed: set[str]) -> dict[str, str]:
     """URL query parameters, rejecting any not in ``allowed`` or given twice."""
     options: dict[str, str] = {}
-    for key, value in parse_qsl(url.query, keep_blank_values=True, strict_parsing=bool(url.query)):
+    for key, value in query_pairs(url):
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
             raise ConfigurationError(f"{shown(url)!r}: unknown option {key!r} (known: {known})")
