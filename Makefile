@@ -39,8 +39,10 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
+# Two workers: the suite is mostly one core of CPU (servers, subprocesses); this machine has two.
+PYTEST_WORKERS ?= 2
 pytest: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 ## proto: regenerate src/nixcas/_proto from proto/
 proto: $(VENV)/.installed-dev
