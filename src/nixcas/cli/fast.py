@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: `import typing` is a few ms of a start that needs nothing else of it
 if TYPE_CHECKING:
     import sqlite3
 

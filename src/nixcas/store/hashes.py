@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +37,8 @@ class HashAlgo(enum.StrEnum):
 
     def new(self) -> _Hash:
         """A fresh :mod:`hashlib` object for this algorithm."""
+        import hashlib  # loaded by what hashes, not by what only reads hashes
+
         return hashlib.new(self.value, usedforsecurity=False)
 
     @classmethod

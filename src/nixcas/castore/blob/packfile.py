@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import blake3
 
 from nixcas.errors import ChecksumMismatch, StorageError
 
+TYPE_CHECKING = False  # not typing's: `castore cat` needs nothing else of it
 if TYPE_CHECKING:
     import zstandard
 
