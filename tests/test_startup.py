@@ -118,7 +118,7 @@ def test_castore_ls_loads_nothing_heavy_and_no_nix_layer(
     assert lines[0].startswith(f"file    {blob}") and lines[0].endswith(" a.txt")
     assert lines[1].endswith(" link -> a.txt")
     assert lines[2].endswith(" sub")
-    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY) == []
+    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "typing") == []
     assert [m for m in modules if m.startswith("nixcas.store")] == []
     assert [
         m for m in modules if m.startswith("nixcas.cli.") and m.rpartition(".")[2] in ("store", "gc", "daemon")
@@ -133,7 +133,7 @@ def test_castore_cat_loads_nothing_heavy_nor_protobuf(
     args, env = store_args(how, store_dir)
     result, modules = run_recording(tmp_path, *args, "castore", "cat", blob, env=env)
     assert result.stdout == b"hello\n"
-    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "dataclasses", "typing") == []
+    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "dataclasses", "typing", "re") == []
     assert [m for m in modules if m.startswith("nixcas.store")] == []
 
 
@@ -147,7 +147,7 @@ def test_path_info_loads_nothing_heavy_nor_nar_code(
     assert (
         f"type=directory digest={digest}" in result.stdout.decode() or f'"digest": "{digest}"' in result.stdout.decode()
     )
-    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY) == []
+    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "typing") == []
     assert [m for m in modules if m.startswith("nixcas.store.nar")] == []
 
 

@@ -12,17 +12,18 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from nixcas.errors import ConfigurationError, StorageError
 
+TYPE_CHECKING = False  # not typing's: a plain read (`path-info`, `castore ls`) loads nothing else of it
 if TYPE_CHECKING:  # asyncio, its executor and URL parsing are loaded by the services, not by a plain read
     from concurrent.futures import ThreadPoolExecutor
+    from typing import Any, Self, TypeVar
     from urllib.parse import SplitResult
 
-__all__ = ["SqliteDatabase", "SqlitePathConfig", "delete_if_older", "get_data", "select_in"]
+    T = TypeVar("T")
 
-T = TypeVar("T")
+__all__ = ["SqliteDatabase", "SqlitePathConfig", "delete_if_older", "get_data", "select_in"]
 
 BATCH = 500
 """Rows per ``IN (…)`` query: below SQLite's host-parameter limit."""
@@ -60,7 +61,7 @@ def delete_if_older(conn: sqlite3.Connection, table: str, time_column: str, key:
 class SqlitePathConfig:
     """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
 
-    type_tag: ClassVar[str] = "sqlite"
+    type_tag = "sqlite"  # a class variable (ServiceConfig.type_tag), not a field
     path: str | None = None
 
     @classmethod

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import blake3
 
@@ -27,6 +26,7 @@ from nixcas.castore.nodes import (
 )
 from nixcas.errors import ChecksumMismatch, DirectoryError, StorageError
 
+TYPE_CHECKING = False  # not typing's: `castore ls` loads nothing else of it
 if TYPE_CHECKING:  # protobuf is loaded by the first encode or decode, not by `import`
     from nixcas.castore.proto import pb
 

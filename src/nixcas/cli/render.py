@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 
+TYPE_CHECKING = False  # not typing's: `castore ls` and `path-info` load nothing else of it
 if TYPE_CHECKING:
+    from typing import Any
+
     from nixcas.store.pathinfo.model import PathInfo
 
 __all__ = ["ls_line", "node_json", "node_line", "path_info_lines", "show_bytes"]

@@ -13,11 +13,11 @@ import binascii
 import enum
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from nixcas.errors import NixbaseError
 from nixcas.store import nixbase32
 
+TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
 if TYPE_CHECKING:
     from hashlib import _Hash
 

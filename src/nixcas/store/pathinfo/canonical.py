@@ -18,12 +18,15 @@ the checks protobuf's path makes, so both give the same PathInfo or error.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from nixcas.castore.canonical import decode_canonical as decode_canonical_entries
 from nixcas.castore.canonical import read_varint
 from nixcas.castore.nodes import Node
 from nixcas.store.pathinfo.model import PathInfo
+
+TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["decode_canonical"]
 

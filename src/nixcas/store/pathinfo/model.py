@@ -17,7 +17,6 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Final
 
 from nixcas.castore.nodes import Node
 from nixcas.errors import NixbaseError, PathInfoError, StorageError, StorePathError, ValidationError
@@ -25,7 +24,10 @@ from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, HashAlgo, NixHash
 from nixcas.store.store_path import STORE_DIR, StorePath
 
+TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
 if TYPE_CHECKING:  # protobuf is loaded by the first encode, or a decode of non-canonical bytes
+    from typing import Final
+
     from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
 
 __all__ = ["PathInfo", "Signature", "check_path_info_fields", "split_named_base64", "verified_record"]
