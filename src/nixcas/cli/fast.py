@@ -96,13 +96,13 @@ def parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
             store_dir, rest = first[len(STORE_DIR_OPTION) + 1 :], rest[1:]
         else:
             return None
-    if not usable_store_dir(store_dir if store_dir is not None else os.environ.get("NIXCAS_STORE_DIR") or None):
-        return None
     if rest[:1] == ["path-info"]:
         command, args, json_ok = "path-info", rest[1:], True
     elif rest[:2] in (["castore", "ls"], ["castore", "cat"]):
         command, args, json_ok = rest[1], rest[2:], rest[1] == "ls"
     else:
+        return None
+    if not usable_store_dir(store_dir if store_dir is not None else os.environ.get("NIXCAS_STORE_DIR") or None):
         return None
     as_json = json_ok and "--json" in args
     if as_json:
