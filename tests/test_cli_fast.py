@@ -175,8 +175,9 @@ def cases(s: Store) -> list[tuple[list[str], bool, int]]:
 
 
 def test_fast_path_answers_as_the_full_command_line(
-    known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+    known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # `--store-dir ""` is the current directory: the full path makes a store there
     for argv, answered, code in cases(known):
         (out, err, status), fast_answered = same(argv, capsysbinary, monkeypatch)
         assert (fast_answered, status) == (answered, code), (argv, err)
