@@ -99,11 +99,14 @@ def test_version_answer_is_clicks(tmp_path: Path) -> None:
     assert fast.stdout == through_click.stdout
 
 
-def store_args(how: str, store_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The store chosen with ``--store-dir``, or as the default store (``$NIXCAS_STORE_DIR``): (args, environment)."""
+def store_args(how: str, store_dir: Path, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The store given by ``--store-dir``, or the default store (``$XDG_DATA_HOME/nixcas``): (args, environment)."""
     if how == "option":
         return ["--store-dir", str(store_dir)], {}
-    return [], {"NIXCAS_STORE_DIR": str(store_dir)}
+    data_home = tmp_path / "data"
+    data_home.mkdir(exist_ok=True)
+    (data_home / "nixcas").symlink_to(store_dir)
+    return [], {"XDG_DATA_HOME": str(data_home)}
 
 
 @pytest.mark.parametrize("how", ["option", "default"])
@@ -111,7 +114,7 @@ def test_castore_ls_loads_nothing_heavy_and_no_nix_layer(
     tmp_path: Path, store: tuple[Path, str, str, str], how: str
 ) -> None:
     store_dir, digest, blob, _ = store
-    args, env = store_args(how, store_dir)
+    args, env = store_args(how, store_dir, tmp_path)
     result, modules = run_recording(tmp_path, *args, "castore", "ls", digest, env=env)
     lines = result.stdout.decode().splitlines()
     assert [line.split(maxsplit=1)[0] for line in lines] == ["file", "symlink", "dir"]
@@ -130,7 +133,7 @@ def test_castore_cat_loads_nothing_heavy_nor_protobuf(
     tmp_path: Path, store: tuple[Path, str, str, str], how: str
 ) -> None:
     store_dir, _, blob, _ = store
-    args, env = store_args(how, store_dir)
+    args, env = store_args(how, store_dir, tmp_path)
     result, modules = run_recording(tmp_path, *args, "castore", "cat", blob, env=env)
     assert result.stdout == b"hello\n"
     assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "dataclasses", "typing", "re") == []
@@ -142,7 +145,7 @@ def test_path_info_loads_nothing_heavy_nor_nar_code(
     tmp_path: Path, store: tuple[Path, str, str, str], how: str, json: bool
 ) -> None:
     store_dir, digest, _, store_path = store
-    args, env = store_args(how, store_dir)
+    args, env = store_args(how, store_dir, tmp_path)
     result, modules = run_recording(tmp_path, *args, "path-info", *(["--json"] if json else []), store_path, env=env)
     assert (
         f"type=directory digest={digest}" in result.stdout.decode() or f'"digest": "{digest}"' in result.stdout.decode()

@@ -133,7 +133,9 @@ def open_existing(path: str) -> sqlite3.Connection | None:
         return None
     import sqlite3
 
-    escaped = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    escaped = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")  # a path in a URI
+    # Read-only: a WAL database is read from a consistent snapshot, as the services' connections read it;
+    # SQLite may leave its (empty) -wal and -shm files behind, which a read-only connection does not remove.
     return sqlite3.connect(f"file:{escaped}?mode=ro", uri=True, isolation_level=None)
 
 
