@@ -19,6 +19,8 @@ from nixcas.testing.daemon import clean_env
 
 ALWAYS_HEAVY = ("grpc", "aiohttp", "numpy", "obstore", "psycopg", "psycopg_pool", "rich", "cryptography")
 """Never loaded by --version, castore ls/cat or path-info on the embedded store."""
+FAST_PATH_HEAVY = ("asyncio", "click", "google", "zstandard", "concurrent", "pyfastcdc")
+"""Not loaded either by path-info, castore ls and castore cat on the embedded store (the fast path, nixcas.cli.fast)."""
 
 WRAPPER = """
 import atexit, sys
@@ -31,12 +33,18 @@ main()
 """
 
 
-def run_recording(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[bytes], set[str]]:
-    """``nixcas ARGS`` in a child process; its result and the modules it had loaded at exit."""
+def run_recording(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[bytes], set[str]]:
+    """``nixcas ARGS`` in a child process (``env``: more variables); its result and the modules loaded at exit."""
     out = tmp_path / "modules.txt"
     out.unlink(missing_ok=True)
     result = subprocess.run(
-        [sys.executable, "-c", WRAPPER, str(out), *args], capture_output=True, env=clean_env(), check=False, timeout=120
+        [sys.executable, "-c", WRAPPER, str(out), *args],
+        capture_output=True,
+        env={**clean_env(), **(env or {})},
+        check=False,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     return result, set(out.read_text().split("\n"))
@@ -91,34 +99,58 @@ def test_version_answer_is_clicks(tmp_path: Path) -> None:
     assert fast.stdout == through_click.stdout
 
 
-def test_castore_ls_loads_nothing_heavy_and_no_nix_layer(tmp_path: Path, store: tuple[Path, str, str, str]) -> None:
+def store_args(how: str, store_dir: Path, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The store given by ``--store-dir``, or the default store (``$XDG_DATA_HOME/nixcas``): (args, environment)."""
+    if how == "option":
+        return ["--store-dir", str(store_dir)], {}
+    data_home = tmp_path / "data"
+    data_home.mkdir(exist_ok=True)
+    (data_home / "nixcas").symlink_to(store_dir)
+    return [], {"XDG_DATA_HOME": str(data_home)}
+
+
+@pytest.mark.parametrize("how", ["option", "default"])
+def test_castore_ls_loads_nothing_heavy_and_no_nix_layer(
+    tmp_path: Path, store: tuple[Path, str, str, str], how: str
+) -> None:
     store_dir, digest, blob, _ = store
-    result, modules = run_recording(tmp_path, "--store-dir", str(store_dir), "castore", "ls", digest)
+    args, env = store_args(how, store_dir, tmp_path)
+    result, modules = run_recording(tmp_path, *args, "castore", "ls", digest, env=env)
     lines = result.stdout.decode().splitlines()
     assert [line.split(maxsplit=1)[0] for line in lines] == ["file", "symlink", "dir"]
     assert lines[0].startswith(f"file    {blob}") and lines[0].endswith(" a.txt")
     assert lines[1].endswith(" link -> a.txt")
     assert lines[2].endswith(" sub")
-    assert loaded(modules, *ALWAYS_HEAVY) == []
+    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "typing") == []
     assert [m for m in modules if m.startswith("nixcas.store")] == []
     assert [
         m for m in modules if m.startswith("nixcas.cli.") and m.rpartition(".")[2] in ("store", "gc", "daemon")
     ] == []
 
 
-def test_castore_cat_loads_nothing_heavy_nor_protobuf(tmp_path: Path, store: tuple[Path, str, str, str]) -> None:
+@pytest.mark.parametrize("how", ["option", "default"])
+def test_castore_cat_loads_nothing_heavy_nor_protobuf(
+    tmp_path: Path, store: tuple[Path, str, str, str], how: str
+) -> None:
     store_dir, _, blob, _ = store
-    result, modules = run_recording(tmp_path, "--store-dir", str(store_dir), "castore", "cat", blob)
+    args, env = store_args(how, store_dir, tmp_path)
+    result, modules = run_recording(tmp_path, *args, "castore", "cat", blob, env=env)
     assert result.stdout == b"hello\n"
-    assert loaded(modules, *ALWAYS_HEAVY, "google", "pyfastcdc") == []
+    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "dataclasses", "typing", "re") == []
     assert [m for m in modules if m.startswith("nixcas.store")] == []
 
 
-def test_path_info_loads_nothing_heavy_nor_nar_code(tmp_path: Path, store: tuple[Path, str, str, str]) -> None:
+@pytest.mark.parametrize(("how", "json"), [("option", False), ("default", False), ("option", True)])
+def test_path_info_loads_nothing_heavy_nor_nar_code(
+    tmp_path: Path, store: tuple[Path, str, str, str], how: str, json: bool
+) -> None:
     store_dir, digest, _, store_path = store
-    result, modules = run_recording(tmp_path, "--store-dir", str(store_dir), "path-info", store_path)
-    assert f"RootNode: type=directory digest={digest}" in result.stdout.decode()
-    assert loaded(modules, *ALWAYS_HEAVY, "pyfastcdc") == []
+    args, env = store_args(how, store_dir, tmp_path)
+    result, modules = run_recording(tmp_path, *args, "path-info", *(["--json"] if json else []), store_path, env=env)
+    assert (
+        f"type=directory digest={digest}" in result.stdout.decode() or f'"digest": "{digest}"' in result.stdout.decode()
+    )
+    assert loaded(modules, *ALWAYS_HEAVY, *FAST_PATH_HEAVY, "typing") == []
     assert [m for m in modules if m.startswith("nixcas.store.nar")] == []
 
 
@@ -160,8 +192,8 @@ def test_help_imports_no_subcommand(tmp_path: Path) -> None:
         result, modules = run_recording(tmp_path, *args)
         assert b"Commands:" in result.stdout
         assert sorted(m for m in modules if m.startswith("nixcas.cli.")) == sorted(
-            {"nixcas.cli.main", "nixcas.cli.app", "nixcas.cli.common", "nixcas.cli.lazy"}
-            | ({"nixcas.cli.castore", "nixcas.cli.mount"} if args[0] == "castore" else set())
+            {"nixcas.cli.main", "nixcas.cli.app", "nixcas.cli.common", "nixcas.cli.fast", "nixcas.cli.lazy"}
+            | ({"nixcas.cli.castore", "nixcas.cli.mount", "nixcas.cli.render"} if args[0] == "castore" else set())
         )
         assert loaded(modules, *ALWAYS_HEAVY, "asyncio", "google") == []
 

@@ -8,24 +8,34 @@ crash); no path means a private in-memory database.
 
 from __future__ import annotations
 
-import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
-from urllib.parse import SplitResult, unquote
 
 from nixcas.errors import ConfigurationError, StorageError
-from nixcas.urls import query_options, shown
 
-__all__ = ["SqliteDatabase", "SqlitePathConfig", "delete_if_older", "select_in"]
+TYPE_CHECKING = False  # not typing's: a plain read (`path-info`, `castore ls`) loads nothing else of it
+if TYPE_CHECKING:  # asyncio, its executor and URL parsing are loaded by the services, not by a plain read
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import Any, Self, TypeVar
+    from urllib.parse import SplitResult
 
-T = TypeVar("T")
+    T = TypeVar("T")
+
+__all__ = ["SqliteDatabase", "SqlitePathConfig", "delete_if_older", "get_data", "select_in"]
 
 BATCH = 500
 """Rows per ``IN (…)`` query: below SQLite's host-parameter limit."""
+
+
+def get_data(conn: sqlite3.Connection, table: str, key: bytes) -> bytes | None:
+    """The ``data`` of row ``key`` of ``table`` (a value table keyed by ``digest``), or ``None``.
+
+    ``table`` is the caller's own name, never input.
+    """
+    row = conn.execute(f"SELECT data FROM {table} WHERE digest = ?", (key,)).fetchone()  # noqa: S608
+    return None if row is None else bytes(row[0])
 
 
 def select_in(conn: sqlite3.Connection, query: str, keys: Sequence[Any]) -> Iterator[Any]:
@@ -51,11 +61,15 @@ def delete_if_older(conn: sqlite3.Connection, table: str, time_column: str, key:
 class SqlitePathConfig:
     """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
 
-    type_tag: ClassVar[str] = "sqlite"
+    type_tag = "sqlite"  # a class variable (ServiceConfig.type_tag), not a field
     path: str | None = None
 
     @classmethod
     def from_url(cls, url: SplitResult) -> Self:
+        from urllib.parse import unquote
+
+        from nixcas.urls import query_options, shown
+
         if url.netloc:
             raise ConfigurationError(f"{shown(url)!r}: sqlite URLs take no host (write sqlite:///abs/path)")
         query_options(url, set())
@@ -83,7 +97,9 @@ class SqliteDatabase:
         self._migrate = migrate
         self._what = f"{what} {path or ':memory:'}"
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixcas-sqlite")
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor: ThreadPoolExecutor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixcas-sqlite")
         try:
             self.conn: sqlite3.Connection = self._executor.submit(self._connect).result()
         except BaseException:
@@ -93,7 +109,7 @@ class SqliteDatabase:
     def _connect(self) -> sqlite3.Connection:
         try:
             if self.path is not None:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             conn = sqlite3.connect(self.path or ":memory:", isolation_level=None, check_same_thread=False)
             if self.path is not None:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -115,6 +131,8 @@ class SqliteDatabase:
                 return fn()
             except sqlite3.Error as e:
                 raise StorageError(f"{self._what}: {e}") from e
+
+        import asyncio
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
 

@@ -28,6 +28,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, Node
 from nixcas.castore.treepath import TreePath
 from nixcas.composition import ENTRYPOINT, Composition
+from nixcas.embedded import BLOBS, DIRECTORIES_DB, PATHINFO_DB, PINS_DB, default_store_path, store_base
 from nixcas.errors import ConfigurationError, DepthError, NotFoundError
 
 if TYPE_CHECKING:  # the Nix layer and ingest are loaded only by the calls that use them
@@ -53,16 +54,12 @@ __all__ = [
 
 def default_store_dir() -> Path:
     """``$NIXCAS_STORE_DIR``, else ``$XDG_DATA_HOME/nixcas``, else ``~/.local/share/nixcas``."""
-    explicit = os.environ.get("NIXCAS_STORE_DIR")
-    if explicit:
-        return Path(explicit)
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(data_home) / "nixcas"
+    return Path(default_store_path())
 
 
 def _store_base(store_dir: str | os.PathLike[str] | None) -> Path:
     """The embedded store's directory, absolute (``store_dir``, else :func:`default_store_dir`)."""
-    return (Path(store_dir) if store_dir is not None else default_store_dir()).expanduser().absolute()
+    return Path(store_base(store_dir))
 
 
 def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, str, str]:
@@ -74,15 +71,15 @@ def service_urls(store_dir: str | os.PathLike[str] | None = None) -> tuple[str, 
     """
     base = _store_base(store_dir)
     return (
-        f"packed://{base / 'blobs'}",
-        f"sqlite://{base / 'directories.sqlite'}",
-        f"sqlite://{base / 'pathinfo.sqlite'}",
+        f"packed://{base / BLOBS}",
+        f"sqlite://{base / DIRECTORIES_DB}",
+        f"sqlite://{base / PATHINFO_DB}",
     )
 
 
 def embedded_pin_service_url(store_dir: str | os.PathLike[str] | None = None) -> str:
     """The embedded store's pin service: ``DIR/pins.sqlite`` (on this host only)."""
-    return f"sqlite://{_store_base(store_dir) / 'pins.sqlite'}"
+    return f"sqlite://{_store_base(store_dir) / PINS_DB}"
 
 
 _SHARED_TAGS = frozenset({"postgresql", "postgres", "grpc", "nix"})

@@ -7,9 +7,12 @@ submodule (say :mod:`nixcas.castore.digest`) does not load the others.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # not typing's: `import typing` is a few ms of a start that needs nothing else of it
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta
     from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
     from nixcas.castore.directory import Directory

@@ -21,7 +21,7 @@ from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.castore.nodes import U64_MAX, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 from nixcas.errors import ValidationError
 
-__all__ = ["decode_canonical"]
+__all__ = ["decode_canonical", "read_varint"]
 
 # Wire tags (field number << 3 | wire type) of castore.proto's messages.
 _LIST_TAGS = {0x0A: 0, 0x12: 1, 0x1A: 2}
@@ -30,7 +30,7 @@ _NAME, _DIGEST_OR_TARGET, _SIZE, _EXECUTABLE = 0x0A, 0x12, 0x18, 0x20
 """name = 1 and digest (or target) = 2 (length-delimited); size = 3 and executable = 4 (varint)."""
 
 
-def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
     """The shortest-form varint at ``pos`` and the position after it; ``(-1, pos)`` if there is none."""
     result = shift = 0
     while pos < end and shift < 64:
@@ -64,7 +64,7 @@ def decode_canonical(data: bytes) -> list[tuple[bytes, Node]] | None:
             if length < 0x80:
                 pos += 2
             else:
-                length, pos = _varint(data, pos + 1, end)
+                length, pos = read_varint(data, pos + 1, end)
                 if length < 0:
                     return None
             stop = pos + length
@@ -84,7 +84,7 @@ def decode_canonical(data: bytes) -> list[tuple[bytes, Node]] | None:
                 return None
             n = data[pos + 1]
             if n >= 0x80:
-                n, pos = _varint(data, pos + 1, stop)
+                n, pos = read_varint(data, pos + 1, stop)
                 if n < 0:
                     return None
             else:
@@ -103,7 +103,7 @@ def decode_canonical(data: bytes) -> list[tuple[bytes, Node]] | None:
             size = 0
             executable = False
             if pos < stop and data[pos] == _SIZE:
-                size, pos = _varint(data, pos + 1, stop)
+                size, pos = read_varint(data, pos + 1, stop)
                 if size <= 0:  # zero is left out, not written
                     return None
             if kind == 1 and pos < stop and data[pos] == _EXECUTABLE:

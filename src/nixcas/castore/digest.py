@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-
 import blake3
 
 from nixcas.errors import InvalidDigestError
@@ -38,6 +35,9 @@ class B3Digest(bytes):
         text = text.strip()
         for prefix in ("b3:", "blake3-"):
             if text.startswith(prefix):
+                import base64  # (and re, which base64 loads): only for the base64 forms
+                import binascii
+
                 try:
                     raw = base64.b64decode(text[len(prefix) :], validate=True)
                 except binascii.Error as e:
@@ -54,10 +54,14 @@ class B3Digest(bytes):
 
     def b3(self) -> str:
         """tvix display form, ``b3:<base64>``."""
+        import base64
+
         return "b3:" + base64.b64encode(self).decode()
 
     def blake3(self) -> str:
         """snix display form, ``blake3-<base64>``."""
+        import base64
+
         return "blake3-" + base64.b64encode(self).decode()
 
     def __str__(self) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import blake3
 
@@ -25,12 +24,13 @@ from nixcas.castore.nodes import (
     SymlinkNode,
     validate_name,
 )
-from nixcas.errors import DirectoryError
+from nixcas.errors import ChecksumMismatch, DirectoryError, StorageError
 
+TYPE_CHECKING = False  # not typing's: `castore ls` loads nothing else of it
 if TYPE_CHECKING:  # protobuf is loaded by the first encode or decode, not by `import`
     from nixcas.castore.proto import pb
 
-__all__ = ["Directory"]
+__all__ = ["Directory", "check_stored", "decode_stored"]
 
 
 class Directory:
@@ -203,3 +203,23 @@ class Directory:
             directory._encoded = bytes(data)
             directory._digest = digest
         return directory
+
+
+def check_stored(digest: B3Digest, raw: bytes) -> None:
+    """Stored Directory bytes hash to the digest they were read by; :class:`ChecksumMismatch` otherwise."""
+    got = blake3.blake3(raw).digest()
+    if got != digest:
+        raise ChecksumMismatch(f"directory {digest.hex()}", digest.hex(), got.hex())
+
+
+def decode_stored(digest: B3Digest, raw: bytes) -> Directory:
+    """Stored Directory bytes read by ``digest``: hash-checked, then decoded and validated.
+
+    What every read of a stored Directory goes through (the directory services'
+    verify-on-read, and the command line's read-only fast path).
+    """
+    check_stored(digest, raw)
+    try:
+        return Directory.decode(raw, digest=digest)
+    except ValueError as e:
+        raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None

@@ -8,10 +8,13 @@ constructed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
 
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import InvalidNameError, InvalidSymlinkTargetError, ValidationError
+
+TYPE_CHECKING = False  # not typing's: `castore ls` and `path-info` load nothing else of it
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
 MAX_NAME_LEN = 255
 MAX_TARGET_LEN = 4095

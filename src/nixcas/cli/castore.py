@@ -8,14 +8,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.cli.common import Settings, parse_digest, run, show_bytes
+from nixcas.castore.nodes import Node, SymlinkNode
+from nixcas.cli.common import Settings, parse_digest, run
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount
+from nixcas.cli.render import ls_line, node_json, node_line
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
 
 if TYPE_CHECKING:  # each command imports what it uses: `castore ls` and `cat` stay light
@@ -25,24 +26,6 @@ if TYPE_CHECKING:  # each command imports what it uses: `castore ls` and `cat` s
     from nixcas.castore.fs.roots import RootNodes
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
-
-
-def node_json(node: Node) -> dict[str, Any]:
-    """The ``--json`` form of a node."""
-    if isinstance(node, DirectoryNode):
-        return {"type": "directory", "digest": node.digest.hex(), "size": node.size}
-    if isinstance(node, FileNode):
-        return {"type": "file", "digest": node.digest.hex(), "size": node.size, "executable": node.executable}
-    return {"type": "symlink", "target": show_bytes(node.target)}
-
-
-def node_line(node: Node) -> str:
-    """A one-line human form of a node."""
-    if isinstance(node, DirectoryNode):
-        return f"directory {node.digest.hex()} size={node.size}"
-    if isinstance(node, FileNode):
-        return f"file {node.digest.hex()} size={node.size}" + (" executable" if node.executable else "")
-    return f"symlink -> {show_bytes(node.target)}"
 
 
 async def pin_node(store: Store, name: str, node: Node) -> None:
@@ -164,13 +147,7 @@ def ls(settings: Settings, digest: str, recursive: bool, as_json: bool) -> None:
                     emit(name, node)
 
     def emit(name: bytes, node: Node) -> None:
-        if as_json:
-            click.echo(json.dumps({"name": show_bytes(name), **node_json(node)}))
-        elif isinstance(node, SymlinkNode):
-            click.echo(f"symlink {'-':>64} {'':>12} {show_bytes(name)} -> {show_bytes(node.target)}")
-        else:
-            kind = "dir" if isinstance(node, DirectoryNode) else "exe" if node.executable else "file"
-            click.echo(f"{kind:<7} {node.digest.hex()} {node.size:>12} {show_bytes(name)}")
+        click.echo(ls_line(name, node, as_json))
 
     run(go)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from nixcas.cli.fast import EXIT_BROKEN_PIPE, discard_stdout
 from nixcas.errors import ConfigurationError, NixcasError
 
 if TYPE_CHECKING:  # every command imports this module: what it needs is loaded when it is used
@@ -28,8 +29,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 LEASES_DIR = "leases"
 """Under the store directory: the write leases GC respects (see nixcas.castore.gc.WriteLeases)."""
-EXIT_BROKEN_PIPE = 141
-"""128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
 STANDALONE_PATHINFO_TAGS = frozenset({"sqlite", "postgresql", "postgres", "grpc", "memory"})
 """Path info backends that use no other service: :meth:`Settings.open_pathinfos` opens them alone."""
 
@@ -250,8 +249,7 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
     try:
         return asyncio.run(coro_fn())
     except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        discard_stdout()
         sys.exit(EXIT_BROKEN_PIPE)
     except ConfigurationError as e:
         fail(str(e), EXIT_USAGE)
@@ -271,8 +269,3 @@ def parse_digest(text: str) -> B3Digest:
         return B3Digest.parse(text)
     except NixcasError as e:
         raise click.BadParameter(str(e)) from None
-
-
-def show_bytes(raw: bytes) -> str:
-    """Names and targets for display and JSON (undecodable bytes kept via surrogateescape)."""
-    return os.fsdecode(raw)

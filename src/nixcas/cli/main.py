@@ -18,6 +18,12 @@ def main() -> None:
         sys.stdout.write(VERSION_LINE + "\n")
         sys.exit(0)
 
+    from nixcas.cli.fast import answer
+
+    code = answer(sys.argv[1:])  # path-info, castore ls/cat on the embedded store: without click or asyncio
+    if code is not None:
+        sys.exit(code)
+
     from nixcas.cli.common import exit_process
 
     try:

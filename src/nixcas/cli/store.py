@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from nixcas.cli.common import Settings, run
+from nixcas.cli.render import path_info_lines
 from nixcas.errors import NotFoundError, PathInfoError, StorePathError
 from nixcas.store.store_path import STORE_DIR, StorePath
 
@@ -143,23 +144,8 @@ def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
         async with settings.open_pathinfos() as pathinfos:
             return await lookup(pathinfos, path)
 
-    info = run(go)
-    data = info.to_json()
-    if as_json:
-        click.echo(json.dumps(data, indent=None))
-        return
-    click.echo(f"StorePath: {data['path']}")
-    click.echo(f"NarHash: {info.nar_hash.to_nix32()}")
-    click.echo(f"NarSize: {info.nar_size}")
-    click.echo("References:" + "".join(f" {r.basename}" for r in sorted(info.references)))
-    if info.deriver is not None:
-        click.echo(f"Deriver: {info.deriver.basename}.drv")
-    for sig in info.signatures:
-        click.echo(f"Sig: {sig}")
-    if info.ca is not None:
-        click.echo(f"CA: {info.ca}")
-    node: dict[str, Any] = data["rootNode"]  # type: ignore[assignment]
-    click.echo("RootNode: " + " ".join(f"{k}={v}" for k, v in node.items()))
+    for line in path_info_lines(run(go), as_json):
+        click.echo(line)
 
 
 @click.command("copy")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from nixcas.errors import NixbaseError
 from nixcas.store import nixbase32
 
+TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
 if TYPE_CHECKING:
     from hashlib import _Hash
 
@@ -38,6 +37,8 @@ class HashAlgo(enum.StrEnum):
 
     def new(self) -> _Hash:
         """A fresh :mod:`hashlib` object for this algorithm."""
+        import hashlib  # loaded by what hashes, not by what only reads hashes
+
         return hashlib.new(self.value, usedforsecurity=False)
 
     @classmethod

@@ -23,7 +23,6 @@ References are listed as absolute paths in sorted order, without duplicates.
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -219,6 +218,8 @@ def make_store_path(path_type: str, inner_digest: bytes, name: str) -> StorePath
     if len(inner_digest) != HashAlgo.SHA256.digest_size:
         raise StorePathError(f"the inner digest of a store path fingerprint is 32 bytes, got {len(inner_digest)}")
     fingerprint = f"{path_type}:sha256:{inner_digest.hex()}:{STORE_DIR}:{name}"
+    import hashlib  # loaded by what computes store paths, not by what only reads them
+
     return StorePath(compress_hash(hashlib.sha256(fingerprint.encode()).digest()), name)
 
 
@@ -265,6 +266,8 @@ def build_ca_path(
             "(only text and fixed:r:sha256 paths can)"
         )
     method = "r:" if ca.kind is CAKind.NAR else ""
+    import hashlib
+
     inner = hashlib.sha256(f"fixed:out:{method}{ca.hash.to_base16()}:".encode()).digest()
     return make_store_path("output:out", inner, name)
 

@@ -53,26 +53,30 @@ from typing import ClassVar, Self
 from urllib.parse import SplitResult, unquote
 
 import blake3
-import zstandard
 
 from nixcas._sqlite import delete_if_older, select_in
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.blob.local import LocalBlobService, _Slow
+from nixcas.castore.blob.packfile import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    DB_NAME,
+    PACKS_DIR,
+    Row,
+    load,
+    pack_name,
+    select_row,
+    verified,
+)
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
+from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options
 
 __all__ = ["DB_NAME", "PACKS_DIR", "PackedBlobService", "PackedBlobServiceConfig"]
-
-DB_NAME = "packs.sqlite"
-"""The index of small blobs (and of the pack files), in the store's directory."""
-
-PACKS_DIR = "packs"
-"""Where pack files live, in the store's directory."""
 
 PACK_MAX = 1 << 30
 """A writer starts a new pack file once its current one is this large."""
@@ -85,9 +89,6 @@ MERGE_COUNT = 16
 
 MAX_OPEN_PACKS = 64
 """Pack files a service keeps open for reading (least recently used closed first)."""
-
-_RAW, _ZSTD = 0, 1
-"""How a blob's bytes are stored."""
 
 STORE_LEVEL = -(1 << 17)
 """zstd's fastest level: frames of raw blocks (chunk objects must be zstd frames), at about the speed of a copy."""
@@ -113,9 +114,6 @@ CREATE TABLE IF NOT EXISTS blobs (
     length   INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
-
-_Row = tuple[int, int, int, int, int]
-"""``(size, codec, pack, offset, length)`` of a stored blob."""
 
 
 @dataclass(frozen=True)
@@ -266,8 +264,8 @@ class PackedBlobService(LocalBlobService):
         if self.compress and len(data) >= _COMPRESS_FROM:
             packed = self._compressor().compress(data)
             if len(packed) < len(data):
-                return _ZSTD, packed
-        return _RAW, data
+                return CODEC_ZSTD, packed
+        return CODEC_RAW, data
 
     def _append_sync(self, items: Sequence[tuple[B3Digest, bytes | memoryview]]) -> None:
         """Store small blobs: refresh those present, append the others to the pack, ``fsync``, then index them.
@@ -367,13 +365,8 @@ class PackedBlobService(LocalBlobService):
 
     # -- reads ------------------------------------------------------------------------
 
-    def _select_sync(self, digest: B3Digest) -> _Row | None:
-        row = (
-            self._db()
-            .execute("SELECT size, codec, pack, offset, length FROM blobs WHERE digest = ?", (bytes(digest),))
-            .fetchone()
-        )
-        return None if row is None else (row[0], row[1], row[2], row[3], row[4])
+    def _select_sync(self, digest: B3Digest) -> Row | None:
+        return select_row(self._db(), bytes(digest))
 
     def _pread(self, pack_id: int, length: int, offset: int, db: sqlite3.Connection) -> bytes:
         """``length`` bytes at ``offset`` of pack ``pack_id``, through a bounded cache of open files.
@@ -386,10 +379,10 @@ class PackedBlobService(LocalBlobService):
             if fd is not None:
                 self._readers.move_to_end(pack_id)
                 return os.pread(fd, length, offset)
-        row = db.execute("SELECT name FROM packs WHERE id = ?", (pack_id,)).fetchone()
-        if row is None:
+        name = pack_name(db, pack_id)
+        if name is None:
             raise FileNotFoundError(f"pack {pack_id}")
-        fd = os.open(self._pack_path(row[0]), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(self._pack_path(name), os.O_RDONLY | os.O_CLOEXEC)
         with self._readers_lock:
             if self._closed:
                 os.close(fd)
@@ -410,25 +403,13 @@ class PackedBlobService(LocalBlobService):
             if fd is not None:
                 os.close(fd)
 
-    def _load(self, digest: bytes, row: _Row, db: sqlite3.Connection) -> bytes:
+    def _load(self, digest: bytes, row: Row, db: sqlite3.Connection) -> bytes:
         """A row's bytes, checked against its recorded size (not yet against the digest)."""
-        size, codec, pack, offset, length = row
-        where = f"{self}: blob {digest.hex()}"
-        if length > max(size, 0) + (size >> 8) + 1024:  # more than size bytes can compress to
-            raise StorageError(f"{where}: {length} bytes stored for {size}")
-        data = self._pread(pack, length, offset, db)
-        if len(data) != length:
-            raise StorageError(f"{where}: the pack file ends {length - len(data)} bytes early")
-        if codec == _ZSTD:
-            try:
-                data = self._decompressor().decompress(data, max_output_size=size)
-            except zstandard.ZstdError as e:
-                raise StorageError(f"{where}: cannot decompress: {e}") from None
-        elif codec != _RAW:
-            raise StorageError(f"{where}: unknown codec {codec}")
-        if len(data) != size:
-            raise StorageError(f"{where}: {len(data)} bytes stored, {size} recorded")
-        return data
+
+        def pread(pack: int, length: int, offset: int) -> bytes:
+            return self._pread(pack, length, offset, db)
+
+        return load(f"{self}: blob {digest.hex()}", row, pread, self._decompressor)
 
     def _fetch_sync(self, digest: B3Digest) -> bytes | None:
         """A small blob's bytes (size-checked); ``None`` if it is not a row.  A pack compacted meanwhile is retried."""
@@ -445,12 +426,6 @@ class PackedBlobService(LocalBlobService):
                     raise StorageError(f"{self}: blob {digest.hex()}: its pack file is missing") from None
         return None
 
-    def _verified(self, digest: B3Digest, data: bytes) -> bytes:
-        got = blake3.blake3(data).digest()
-        if got != digest:
-            raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
-        return data
-
     async def has(self, digest: B3Digest) -> bool:
         if await asyncio.to_thread(self._select_sync, digest) is not None:
             return True
@@ -464,7 +439,7 @@ class PackedBlobService(LocalBlobService):
     def _read_object_sync(self, digest: B3Digest) -> bytes | StorageError | _Slow | None:
         try:
             data = self._fetch_sync(digest)
-            return super()._read_object_sync(digest) if data is None else self._verified(digest, data)
+            return super()._read_object_sync(digest) if data is None else verified(digest, data)
         except StorageError as e:
             return e
 
@@ -489,7 +464,7 @@ class PackedBlobService(LocalBlobService):
     ) -> tuple[dict[B3Digest, bytes], list[B3Digest]]:
         db = self._db()
         query = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
-        rows: list[tuple[bytes, _Row]] = [
+        rows: list[tuple[bytes, Row]] = [
             (r[0], (r[1], r[2], r[3], r[4], r[5])) for r in select_in(db, query, [bytes(d) for d in max_sizes])
         ]
         rows.sort(key=lambda r: (r[1][2], r[1][3]))  # pack, offset: sequential reads

@@ -13,29 +13,13 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from typing import ClassVar
 
-import blake3
-
 from nixcas._aio import AbortOnError, Closing
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.directory import Directory
+from nixcas.castore.directory import Directory, check_stored, decode_stored
 from nixcas.castore.graph import LeavesToRootValidator
-from nixcas.errors import ChecksumMismatch, StorageError
+from nixcas.errors import StorageError
 
 __all__ = ["DirectoryPutter", "DirectoryService"]
-
-
-def _check_hash(digest: B3Digest, raw: bytes) -> None:
-    got = blake3.blake3(raw).digest()
-    if got != digest:
-        raise ChecksumMismatch(f"directory {digest.hex()}", digest.hex(), got.hex())
-
-
-def _verified(digest: B3Digest, raw: bytes) -> Directory:
-    _check_hash(digest, raw)
-    try:
-        return Directory.decode(raw, digest=digest)
-    except ValueError as e:
-        raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
 
 
 def _child_digests(digest: B3Digest, raw: bytes) -> list[B3Digest]:
@@ -82,7 +66,7 @@ class DirectoryService(Closing, ABC):
     async def get(self, digest: B3Digest) -> Directory | None:
         """One Directory, verified against ``digest``."""
         raw = await self._get_raw(digest)
-        return None if raw is None else _verified(digest, raw)
+        return None if raw is None else decode_stored(digest, raw)
 
     async def get_many_raw(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
         """Stored bytes of those of ``digests`` that exist, *unchecked* (GC and fsck check them themselves)."""
@@ -130,11 +114,11 @@ class DirectoryService(Closing, ABC):
                     if digest == root:
                         return
                     raise StorageError(f"directory {digest.hex()} is referenced but missing")
-                directory = _verified(digest, raw) if decode else None
+                directory = decode_stored(digest, raw) if decode else None
                 if directory is not None:
                     children = [node.digest for _, node in directory.directories()]
                 else:
-                    _check_hash(digest, raw)
+                    check_stored(digest, raw)
                     children = _child_digests(digest, raw)
                 yield digest, raw, directory
                 for child in children:

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, select_in
+from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, get_data, select_in
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import Deletion, StoredObject
@@ -63,11 +63,7 @@ class SqliteDirectoryService(DirectoryService):
         return f"SqliteDirectoryService({self.path!r})"
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
-        def get() -> bytes | None:
-            row = self._db.conn.execute("SELECT data FROM directories WHERE digest = ?", (digest,)).fetchone()
-            return None if row is None else bytes(row[0])
-
-        return await self._db.run(get)
+        return await self._db.run(lambda: get_data(self._db.conn, "directories", digest))
 
     async def _get_many_raw(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
         def get_many() -> dict[B3Digest, bytes]:

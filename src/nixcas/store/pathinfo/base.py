@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from nixcas._aio import Closing
-from nixcas.errors import PathInfoError, StorageError, ValidationError
-from nixcas.store import nixbase32
-from nixcas.store.pathinfo.model import PathInfo
+from nixcas.errors import StorageError, ValidationError
+from nixcas.store.pathinfo.model import PathInfo, verified_record
 from nixcas.store.store_path import DIGEST_SIZE
 
 if TYPE_CHECKING:  # NAR rendering is loaded only by what computes NARs
@@ -31,18 +30,6 @@ def check_digest(digest: bytes) -> bytes:
     if len(digest) != DIGEST_SIZE:
         raise ValidationError(f"invalid output digest length: {len(digest)} (want {DIGEST_SIZE})")
     return bytes(digest)
-
-
-def _verified(digest: bytes, raw: bytes, where: str) -> PathInfo:
-    try:
-        info = PathInfo.decode(raw)
-    except PathInfoError as e:
-        raise StorageError(f"{where}: stored path info for {nixbase32.encode(digest)} is invalid: {e}") from None
-    if info.digest != digest:
-        raise StorageError(
-            f"{where}: stored path info for {nixbase32.encode(digest)} describes {info.store_path} instead"
-        )
-    return info
 
 
 class PathInfoService(Closing, ABC):
@@ -67,7 +54,7 @@ class PathInfoService(Closing, ABC):
     async def get(self, digest: bytes) -> PathInfo | None:
         """The PathInfo of the store path with this 20-byte digest, validated."""
         raw = await self._get_raw(check_digest(digest))
-        return None if raw is None else _verified(digest, raw, repr(self))
+        return None if raw is None else verified_record(digest, raw, repr(self))
 
     async def get_encoded(self, digest: bytes) -> bytes | None:
         """The PathInfo message of ``digest`` as stored, not yet validated: decode it with :meth:`decode_stored`.
@@ -79,7 +66,7 @@ class PathInfoService(Closing, ABC):
 
     def decode_stored(self, digest: bytes, raw: bytes) -> PathInfo:
         """``raw`` from :meth:`get_encoded`, decoded and validated as :meth:`get` does."""
-        return _verified(digest, raw, repr(self))
+        return verified_record(digest, raw, repr(self))
 
     async def put(self, info: PathInfo) -> PathInfo:
         """Store ``info`` (replacing an earlier record of the same path); return what was stored."""
@@ -89,13 +76,13 @@ class PathInfoService(Closing, ABC):
     async def list(self) -> AsyncIterator[PathInfo]:
         """Every PathInfo, validated, in no particular order."""
         async for digest, raw in self._list_raw():
-            yield _verified(digest, raw, repr(self))
+            yield verified_record(digest, raw, repr(self))
 
     async def list_checked(self) -> AsyncIterator[tuple[bytes, PathInfo | StorageError]]:
         """Every record as (digest, PathInfo), or (digest, the error) for one that is invalid (for fsck)."""
         async for digest, raw in self._list_raw():
             try:
-                yield digest, _verified(digest, raw, repr(self))
+                yield digest, verified_record(digest, raw, repr(self))
             except StorageError as e:
                 yield digest, e
 

@@ -4,7 +4,8 @@ A PathInfo ties a store path to a castore root node and carries the NAR
 metadata Nix needs (size, SHA-256, references, signatures, deriver, CA).
 :meth:`PathInfo.from_proto` validates a ``tvix.store.v1.PathInfo`` message in
 the order of reference §1.8, so the first problem reported is the one a
-tvix daemon would report.
+tvix daemon would report.  Protobuf is loaded by the first encode, or by a
+decode of bytes :mod:`nixcas.store.pathinfo.canonical` does not read.
 """
 
 from __future__ import annotations
@@ -12,22 +13,24 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Final
 
-from google.protobuf.message import DecodeError
-
-from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
 from nixcas.castore.nodes import Node
-from nixcas.castore.proto import node_from_proto, node_to_proto
-from nixcas.errors import NixbaseError, PathInfoError, StorePathError, ValidationError
+from nixcas.errors import NixbaseError, PathInfoError, StorageError, StorePathError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, HashAlgo, NixHash
 from nixcas.store.store_path import STORE_DIR, StorePath
 
-__all__ = ["PathInfo", "Signature", "check_path_info_fields", "split_named_base64"]
+TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
+if TYPE_CHECKING:  # protobuf is loaded by the first encode, or a decode of non-canonical bytes
+    from typing import Final
+
+    from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
+
+__all__ = ["PathInfo", "Signature", "check_path_info_fields", "split_named_base64", "verified_record"]
 
 SIGNATURE_SIZE: Final = 64
 KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
@@ -161,6 +164,9 @@ class PathInfo:
     # -- protobuf -----------------------------------------------------------------
 
     def to_proto(self) -> pb.PathInfo:
+        from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
+        from nixcas.castore.proto import node_to_proto
+
         msg = pb.PathInfo(node=node_to_proto(self.store_path.basename.encode(), self.node))
         msg.references.extend(ref.digest for ref in self.references)
         info = msg.narinfo
@@ -187,6 +193,24 @@ class PathInfo:
 
     @classmethod
     def decode(cls, data: bytes) -> PathInfo:
+        """Parse and validate a serialized ``PathInfo`` message.
+
+        Until protobuf is loaded, canonical bytes (every record nixcas writes)
+        are read by :func:`~nixcas.store.pathinfo.canonical.decode_canonical`,
+        so reading a record does not load protobuf; other bytes, and all once
+        protobuf is loaded, go through protobuf.  Both validate with
+        :meth:`from_parts`, so both give the same PathInfo or the same error.
+        """
+        if "google.protobuf.message" not in sys.modules:
+            from nixcas.store.pathinfo.canonical import decode_canonical
+
+            info = decode_canonical(bytes(data))
+            if info is not None:
+                return info
+        from google.protobuf.message import DecodeError
+
+        from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
+
         msg = pb.PathInfo()
         try:
             msg.ParseFromString(data)
@@ -200,15 +224,51 @@ class PathInfo:
         if not msg.HasField("narinfo"):
             raise PathInfoError("invalid path info: narinfo field missing")
         info = msg.narinfo
-        for i, ref in enumerate(msg.references):
+
+        def root() -> tuple[bytes, Node]:
+            from nixcas.castore.proto import node_from_proto
+
+            return node_from_proto(msg.node)
+
+        return cls.from_parts(
+            references=list(msg.references),
+            reference_names=list(info.reference_names),
+            root=root if msg.HasField("node") else None,
+            nar_size=info.nar_size,
+            nar_sha256=info.nar_sha256,
+            signatures=[(sig.name, sig.data) for sig in info.signatures],
+            deriver=(info.deriver.name, info.deriver.digest) if info.HasField("deriver") else None,
+            ca=(info.ca.type, info.ca.digest) if info.HasField("ca") else None,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        *,
+        references: Sequence[bytes],
+        reference_names: Sequence[str],
+        root: Callable[[], tuple[bytes, Node]] | None,
+        nar_size: int,
+        nar_sha256: bytes,
+        signatures: Sequence[tuple[str, bytes]],
+        deriver: tuple[str, bytes] | None,
+        ca: tuple[int, bytes] | None,
+    ) -> PathInfo:
+        """Validate the fields of a decoded ``PathInfo`` message (present ``narinfo``) in the order of §1.8.
+
+        ``root`` gives the root node's name and node (raising
+        :class:`~nixcas.errors.ValidationError` for an invalid one), ``None``
+        if the message has none; ``deriver`` is (name, digest), ``ca`` (type, digest).
+        """
+        for i, ref in enumerate(references):
             if len(ref) != 20:
                 raise PathInfoError(f"invalid path info: reference {i} has {len(ref)} bytes, want 20")
-        if len(info.reference_names) != len(msg.references):
+        if len(reference_names) != len(references):
             raise PathInfoError(
-                f"invalid path info: {len(msg.references)} references but {len(info.reference_names)} reference names"
+                f"invalid path info: {len(references)} references but {len(reference_names)} reference names"
             )
-        references: list[StorePath] = []
-        for i, (ref_name, ref_digest) in enumerate(zip(info.reference_names, msg.references, strict=True)):
+        store_paths: list[StorePath] = []
+        for i, (ref_name, ref_digest) in enumerate(zip(reference_names, references, strict=True)):
             try:
                 reference = StorePath.from_basename(ref_name)
             except StorePathError as e:
@@ -218,39 +278,41 @@ class PathInfo:
                     f"invalid path info: reference name {i} {ref_name!r} does not match its digest "
                     f"{nixbase32.encode(ref_digest)}"
                 )
-            references.append(reference)
-        if not msg.HasField("node"):
+            store_paths.append(reference)
+        if root is None:
             raise PathInfoError("invalid path info: no root node")
         try:
-            name, node = node_from_proto(msg.node)
+            name, node = root()
         except ValidationError as e:
             raise PathInfoError(f"invalid path info: invalid root node: {e}") from None
         try:
             store_path = StorePath.from_basename(name)
         except StorePathError as e:
             raise PathInfoError(f"invalid path info: root node name {name[:100]!r} is no store path: {e}") from None
-        if len(info.nar_sha256) != 32:
-            raise PathInfoError(f"invalid path info: nar_sha256 has {len(info.nar_sha256)} bytes, want 32")
-        deriver: StorePath | None = None
-        if info.HasField("deriver"):
+        if len(nar_sha256) != 32:
+            raise PathInfoError(f"invalid path info: nar_sha256 has {len(nar_sha256)} bytes, want 32")
+        derived_from: StorePath | None = None
+        if deriver is not None:
             try:
-                deriver = StorePath(info.deriver.digest, info.deriver.name)
+                derived_from = StorePath(deriver[1], deriver[0])
             except StorePathError as e:
                 raise PathInfoError(f"invalid path info: invalid deriver: {e}") from None
-        signatures: list[Signature] = []
-        for i, sig in enumerate(info.signatures):
-            if len(sig.data) != SIGNATURE_SIZE:
+        checked: list[Signature] = []
+        for i, (sig_name, sig_data) in enumerate(signatures):
+            if len(sig_data) != SIGNATURE_SIZE:
                 raise PathInfoError(
-                    f"invalid path info: signature {i} has {len(sig.data)} bytes, want {SIGNATURE_SIZE}"
+                    f"invalid path info: signature {i} has {len(sig_data)} bytes, want {SIGNATURE_SIZE}"
                 )
-            signatures.append(Signature(sig.name, sig.data))
-        ca: CAHash | None = None
-        if info.HasField("ca"):
+            checked.append(Signature(sig_name, sig_data))
+        content_address: CAHash | None = None
+        if ca is not None:
             try:
-                ca = CAHash.from_proto(info.ca.type, info.ca.digest)
+                content_address = CAHash.from_proto(*ca)
             except NixbaseError as e:
                 raise PathInfoError(f"invalid path info: CA: {e}") from None
-        return cls(store_path, node, tuple(references), info.nar_size, info.nar_sha256, tuple(signatures), deriver, ca)
+        return cls(
+            store_path, node, tuple(store_paths), nar_size, nar_sha256, tuple(checked), derived_from, content_address
+        )
 
     # -- display ------------------------------------------------------------------
 
@@ -280,3 +342,21 @@ class PathInfo:
             "deriver": None if self.deriver is None else f"{STORE_DIR}/{self.deriver.basename}.drv",
             "rootNode": node,
         }
+
+
+def verified_record(digest: bytes, raw: bytes, where: str) -> PathInfo:
+    """A stored record read by store path ``digest``: decoded, validated, and the record of that very path.
+
+    What every read of a stored PathInfo goes through (the path info services'
+    verify-on-read, and the command line's read-only fast path); a bad record is
+    a :class:`~nixcas.errors.StorageError` naming ``where`` it was read.
+    """
+    try:
+        info = PathInfo.decode(raw)
+    except PathInfoError as e:
+        raise StorageError(f"{where}: stored path info for {nixbase32.encode(digest)} is invalid: {e}") from None
+    if info.digest != digest:
+        raise StorageError(
+            f"{where}: stored path info for {nixbase32.encode(digest)} describes {info.store_path} instead"
+        )
+    return info

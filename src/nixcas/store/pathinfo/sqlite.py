@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from nixcas._sqlite import SqliteDatabase, SqlitePathConfig
+from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, get_data
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.store.pathinfo.base import PathInfoService
 
@@ -39,11 +39,7 @@ class SqlitePathInfoService(PathInfoService):
         return f"SqlitePathInfoService({self.path!r})"
 
     async def _get_raw(self, digest: bytes) -> bytes | None:
-        def get() -> bytes | None:
-            row = self._db.conn.execute("SELECT data FROM pathinfo WHERE digest = ?", (digest,)).fetchone()
-            return None if row is None else bytes(row[0])
-
-        return await self._db.run(get)
+        return await self._db.run(lambda: get_data(self._db.conn, "pathinfo", digest))
 
     async def _put_raw(self, digest: bytes, raw: bytes) -> None:
         await self._db.run(

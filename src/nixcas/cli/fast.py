@@ -1,0 +1,261 @@
+"""The read-only fast path: ``path-info``, ``castore ls`` and ``castore cat`` on the embedded store.
+
+These three commands read one record each, which takes a millisecond; what
+a user waits for is start-up.  Loading click and asyncio (and protobuf for
+``path-info``) costs several times what ``nix-store --query`` takes for the
+whole answer, so :func:`answer` serves exactly these forms without them::
+
+    nixcas [--store-dir DIR] path-info [--json] STORE_PATH
+    nixcas [--store-dir DIR] castore ls [--json] DIGEST
+    nixcas [--store-dir DIR] castore cat DIGEST
+
+on the embedded store (no service URL, no composition in the options or the
+environment), whose files exist.  It reads them with :mod:`sqlite3` and
+``os.pread`` through the same functions the services use: a PathInfo record
+is decoded and validated (:func:`~nixcas.store.pathinfo.model.verified_record`),
+a Directory's BLAKE3 is checked and it is validated
+(:func:`~nixcas.castore.directory.decode_stored`), and every byte of a blob
+kept in a pack file is checked against its BLAKE3
+(:mod:`nixcas.castore.blob.packfile`) before anything is written.  The lines
+printed are made by the functions the full commands print with
+(:mod:`nixcas.cli.render`).
+
+Anything else returns ``None`` and the full command line (click) runs: other
+options or forms, help, another store, a missing store or record, a blob
+that is not in a pack, bad input, any error at all (it is then reported by
+the full path, in its words), output click would change (ANSI escapes,
+which it strips from a non-terminal) or could not encode.  Nothing is
+written before the answer is complete, so falling back never repeats output.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False  # not typing's: `import typing` is a few ms of a start that needs nothing else of it
+if TYPE_CHECKING:
+    import sqlite3
+
+    import zstandard
+
+__all__ = ["EXIT_BROKEN_PIPE", "answer", "discard_stdout"]
+
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
+
+SERVICE_ENV = ("NIXCAS_COMPOSITION", "BLOB_SERVICE_ADDR", "DIRECTORY_SERVICE_ADDR", "PATH_INFO_SERVICE_ADDR")
+"""Environment variables naming other services than the embedded store's: with any of them set, click answers."""
+
+STORE_DIR_OPTION = "--store-dir"
+
+
+def discard_stdout() -> None:
+    """After a broken pipe: standard output goes to ``/dev/null``, so flushing it at exit fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def answer(argv: list[str]) -> int | None:
+    """Answer ``nixcas ARGV`` here and return the exit status; ``None``: the full command line must."""
+    request = parse(argv)
+    if request is None:
+        return None
+    store_dir, command, operand, as_json = request
+    try:
+        from nixcas.embedded import store_base
+
+        base = store_base(store_dir)
+        if command == "path-info":
+            text: str | bytes | None = path_info(base, operand, as_json)
+        elif command == "ls":
+            text = castore_ls(base, operand, as_json)
+        else:
+            text = castore_cat(base, operand)
+        if text is None:
+            return None
+    except KeyboardInterrupt:
+        sys.stderr.write("nixcas: error: interrupted\n")
+        return 130
+    except Exception:
+        return None
+    return write(text)
+
+
+def parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
+    """``(store dir option, command, operand, --json)`` of a form this path answers, else ``None``."""
+    if any(name in os.environ for name in SERVICE_ENV):
+        return None
+    store_dir: str | None = None
+    rest = argv
+    if rest and rest[0].startswith(STORE_DIR_OPTION):
+        first = rest[0]
+        if first == STORE_DIR_OPTION and len(rest) > 1:
+            store_dir, rest = rest[1], rest[2:]
+        elif first.startswith(STORE_DIR_OPTION + "="):
+            store_dir, rest = first[len(STORE_DIR_OPTION) + 1 :], rest[1:]
+        else:
+            return None
+    if rest[:1] == ["path-info"]:
+        command, args, json_ok = "path-info", rest[1:], True
+    elif rest[:2] in (["castore", "ls"], ["castore", "cat"]):
+        command, args, json_ok = rest[1], rest[2:], rest[1] == "ls"
+    else:
+        return None
+    if not usable_store_dir(store_dir if store_dir is not None else os.environ.get("NIXCAS_STORE_DIR") or None):
+        return None
+    as_json = json_ok and "--json" in args
+    if as_json:
+        if args.count("--json") > 1:
+            return None
+        args = [a for a in args if a != "--json"]
+    if len(args) != 1 or args[0].startswith("-"):
+        return None  # another option, no operand or several: click's to parse or refuse
+    return store_dir, command, args[0], as_json
+
+
+def usable_store_dir(value: str | None) -> bool:
+    """Whether click takes ``--store-dir VALUE`` (or its variable) as it is, and the fast path can use it.
+
+    Click's ``Path(file_okay=False)`` refuses an existing file and an unreadable
+    path; ``~``, an empty value, a dash and a missing directory are left to it too.
+    """
+    if value is None:
+        return True
+    if not value or value.startswith(("~", "-")):
+        return False
+    return os.path.isdir(value) and os.access(value, os.R_OK)
+
+
+def open_existing(path: str) -> sqlite3.Connection | None:
+    """The existing database ``path``, opened to read (never created, its schema never changed), or ``None``."""
+    if not os.path.isfile(path):
+        return None
+    import sqlite3
+
+    escaped = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")  # a path in a URI
+    # Read-only: a WAL database is read from a consistent snapshot, as the services' connections read it;
+    # SQLite may leave its (empty) -wal and -shm files behind, which a read-only connection does not remove.
+    return sqlite3.connect(f"file:{escaped}?mode=ro", uri=True, isolation_level=None)
+
+
+def path_info(base: str, operand: str, as_json: bool) -> str | None:
+    """``path-info``: the record of STORE_PATH in ``DIR/pathinfo.sqlite``, validated, as the full command prints it."""
+    from nixcas._sqlite import get_data
+    from nixcas.cli.render import path_info_lines
+    from nixcas.embedded import PATHINFO_DB
+    from nixcas.store.pathinfo.model import verified_record
+    from nixcas.store.store_path import StorePath
+
+    path = StorePath.parse(operand)
+    db_path = os.path.join(base, PATHINFO_DB)
+    db = open_existing(db_path)
+    if db is None:
+        return None
+    try:
+        raw = get_data(db, "pathinfo", path.digest)
+    finally:
+        db.close()
+    if raw is None:
+        return None
+    info = verified_record(path.digest, raw, f"SqlitePathInfoService({db_path!r})")
+    if info.store_path != path:
+        return None  # the same hash with another name: not in the store, as the full path says
+    return "".join(line + "\n" for line in path_info_lines(info, as_json))
+
+
+def castore_ls(base: str, operand: str, as_json: bool) -> str | None:
+    """``castore ls``: the Directory DIGEST from ``DIR/directories.sqlite``, hash-checked and validated."""
+    from nixcas._sqlite import get_data
+    from nixcas.castore.blob.packfile import DB_NAME
+    from nixcas.castore.digest import B3Digest
+    from nixcas.castore.directory import decode_stored
+    from nixcas.cli.render import ls_line
+    from nixcas.embedded import BLOBS, DIRECTORIES_DB
+
+    digest = B3Digest.parse(operand)
+    if not os.path.isfile(os.path.join(base, BLOBS, DB_NAME)):
+        return None  # the full path opens (and would create) the blob service too
+    db = open_existing(os.path.join(base, DIRECTORIES_DB))
+    if db is None:
+        return None
+    try:
+        raw = get_data(db, "directories", digest)
+    finally:
+        db.close()
+    if raw is None:
+        return None
+    return "".join(ls_line(name, node, as_json) + "\n" for name, node in decode_stored(digest, raw))
+
+
+def castore_cat(base: str, operand: str) -> bytes | None:
+    """``castore cat``: a blob kept in a pack file of ``DIR/blobs``, every byte checked against its BLAKE3."""
+    from nixcas.castore.blob.packfile import DB_NAME, PACKS_DIR, load, pack_name, select_row, verified
+    from nixcas.castore.digest import B3Digest
+    from nixcas.embedded import BLOBS, DIRECTORIES_DB
+
+    digest = B3Digest.parse(operand)
+    if not os.path.isfile(os.path.join(base, DIRECTORIES_DB)):
+        return None  # the full path opens (and would create) the directory service too
+    blobs = os.path.join(base, BLOBS)
+    db = open_existing(os.path.join(blobs, DB_NAME))
+    if db is None:
+        return None
+    try:
+        row = select_row(db, digest)
+        name = None if row is None else pack_name(db, row[2])
+    finally:
+        db.close()
+    if row is None or name is None:
+        return None  # a blob of the object layout (large or older), or none: the blob service reads it
+
+    def pread(pack: int, length: int, offset: int) -> bytes:
+        fd = os.open(os.path.join(blobs, PACKS_DIR, f"{name}.pack"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    return verified(digest, load(f"blob {digest.hex()}", row, pread, decompressor))
+
+
+def decompressor() -> zstandard.ZstdDecompressor:
+    """For a blob stored compressed (``packed://…?compress=true``): zstandard is loaded only then."""
+    import zstandard
+
+    return zstandard.ZstdDecompressor()
+
+
+def write(answer: str | bytes) -> int | None:
+    """Write the whole answer as click would (text through ``sys.stdout``), or ``None`` if click would not.
+
+    ``click.echo`` strips ANSI escapes when standard output is no terminal and
+    re-wraps a stream misconfigured as ASCII; text with an escape, text the
+    stream cannot encode, or such a stream goes to the full path.
+    """
+    out = sys.stdout
+    if out is None:
+        return None
+    try:
+        if isinstance(answer, str):
+            if "\x1b" in answer or codec_name(out.encoding) == "ascii":
+                return None
+            answer.encode(out.encoding, out.errors or "strict")
+            out.write(answer)
+            out.flush()
+        else:
+            out.buffer.write(answer)
+            out.buffer.flush()
+    except (UnicodeError, LookupError):
+        return None
+    except BrokenPipeError:  # the reader went away (`nixcas castore cat … | head`): stop quietly, as `run` does
+        discard_stdout()
+        return EXIT_BROKEN_PIPE
+    return 0
+
+
+def codec_name(encoding: str) -> str:
+    """The canonical name of ``encoding`` (``codecs`` is loaded at every start anyway)."""
+    import codecs
+
+    return codecs.lookup(encoding).name

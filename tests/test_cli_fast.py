@@ -1,0 +1,262 @@
+"""The read-only fast path (nixcas.cli.fast) answers exactly as the full command line does.
+
+Each case runs in this process twice on the same store: through the full
+(click) command line alone, and as the console script does (the fast path,
+falling back to the full command line when it does not answer).  Standard
+output, standard error and the exit status must be the same; the cases also
+say which ones the fast path answers itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nixcas.castore.digest import EMPTY_DIGEST
+from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.cli import fast
+from nixcas.cli.main import _main
+
+ENV = ("NIXCAS_STORE_DIR", *fast.SERVICE_ENV, "PIN_SERVICE_ADDR")
+
+
+@dataclass
+class Store:
+    dir: Path
+    tree: str
+    """The store path of the tree."""
+    root: str
+    """The tree's root directory digest (hex)."""
+    blob: str
+    """A small file's blob digest (hex)."""
+    sub: str
+    """The sub-directory's digest."""
+    odd: str
+    """A directory holding a name with an ANSI escape."""
+    big: str
+    """A blob too large for a pack file (kept in the object layout)."""
+
+
+Outcome = tuple[bytes, bytes, int]
+
+
+def full(argv: list[str], capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> Outcome:
+    """``nixcas ARGV`` through click alone: (stdout, stderr, exit status)."""
+    monkeypatch.setattr(sys, "argv", ["nixcas", *argv])
+    code: object = 0
+    try:
+        _main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capsysbinary.readouterr()
+    return out, err, code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def console(
+    argv: list[str], capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Outcome, bool]:
+    """``nixcas ARGV`` as the console script runs it: the outcome, and whether the fast path answered."""
+    code = fast.answer(argv)
+    if code is None:
+        out, err = capsysbinary.readouterr()
+        assert (out, err) == (b"", b""), "the fast path wrote before falling back"
+        return full(argv, capsysbinary, monkeypatch), False
+    out, err = capsysbinary.readouterr()
+    return (out, err, code), True
+
+
+@pytest.fixture(scope="module")
+def known(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """An embedded store with a tree imported as a store path and a directory with an odd name (by the library)."""
+    import asyncio
+
+    from nixcas.api import Store as Opened
+    from nixcas.cli.store import services
+    from nixcas.store.importer import import_path
+
+    root = tmp_path_factory.mktemp("fast")
+    tree = root / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.txt").write_bytes(b"hello\n" * 50)
+    (tree / "run").write_bytes(b"#!/bin/sh\n")
+    (tree / "run").chmod(0o755)
+    (tree / "sub" / "b.txt").write_bytes(b"world\n")
+    (tree / "link").symlink_to("a.txt")
+    (tree / "caf\u00e9").write_bytes(b"")
+    (tree / "big").write_bytes(bytes(range(256)) * 1024)
+    odd = root / "odd"
+    odd.mkdir()
+    (odd / "\x1b[31mred").write_bytes(b"x")
+    store_dir = root / "store"
+
+    async def build() -> Store:
+        async with await Opened.open(store_dir, with_pathinfo=True) as opened:
+            info = await import_path(tree, services(opened))
+            odd_root = await opened.ingest(odd)
+            assert isinstance(info.node, DirectoryNode) and isinstance(odd_root, DirectoryNode)
+            directory = await opened.get_directory(info.node.digest)
+            a, sub, big = directory.get(b"a.txt"), directory.get(b"sub"), directory.get(b"big")
+            assert isinstance(a, FileNode) and isinstance(sub, DirectoryNode) and isinstance(big, FileNode)
+            return Store(
+                store_dir, str(info.store_path), info.node.digest.hex(), a.digest.hex(), sub.digest.hex(),
+                odd_root.digest.hex(), big.digest.hex(),
+            )  # fmt: skip
+
+    return asyncio.run(build())
+
+
+@pytest.fixture(autouse=True)
+def no_service_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def same(
+    argv: list[str], capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Outcome, bool]:
+    """Run ``argv`` both ways; assert the outcomes are equal; return it and whether the fast path answered."""
+    reference = full(argv, capsysbinary, monkeypatch)
+    outcome, answered = console(argv, capsysbinary, monkeypatch)
+    assert outcome == reference, argv
+    return outcome, answered
+
+
+def cases(s: Store) -> list[tuple[list[str], bool, int]]:
+    """(argv, answered by the fast path, exit status)."""
+    d = ["--store-dir", str(s.dir)]
+    missing_path = "/nix/store/" + "1" * 32 + "-nothing"
+    renamed = s.tree.rsplit("-", 1)[0] + "-renamed"
+    zeros = "0" * 64
+    return [
+        # answered by the fast path
+        ([*d, "path-info", s.tree], True, 0),
+        ([*d, "path-info", "--json", s.tree], True, 0),
+        ([*d, "path-info", s.tree.removeprefix("/nix/store/"), "--json"], True, 0),
+        ([f"--store-dir={s.dir}", "path-info", s.tree], True, 0),
+        ([*d, "castore", "ls", s.root], True, 0),
+        ([*d, "castore", "ls", "--json", s.root], True, 0),
+        ([*d, "castore", "ls", s.sub, "--json"], True, 0),
+        ([*d, "castore", "ls", "b3:" + base64.b64encode(bytes.fromhex(s.root)).decode()], True, 0),
+        ([*d, "castore", "cat", s.blob], True, 0),
+        ([*d, "castore", "cat", f"  {s.blob.upper()} "], True, 0),
+        ([*d, "castore", "cat", EMPTY_DIGEST.hex()], True, 0),  # the empty file's blob
+        # not found: the full path reports it
+        ([*d, "path-info", missing_path], False, 1),
+        ([*d, "path-info", renamed], False, 1),
+        ([*d, "castore", "ls", zeros], False, 1),
+        ([*d, "castore", "ls", s.blob], False, 1),
+        ([*d, "castore", "cat", zeros], False, 1),
+        ([*d, "castore", "cat", s.root], False, 1),
+        ([*d, "castore", "cat", s.big], False, 0),  # not in a pack: the blob service reads it
+        # bad input and other forms: click's
+        ([*d, "path-info", "not-a-store-path"], False, 2),
+        ([*d, "path-info", "/nix/store/short"], False, 2),
+        ([*d, "path-info"], False, 2),
+        ([*d, "path-info", s.tree, s.tree], False, 2),
+        ([*d, "path-info", "--json", "--json", s.tree], False, 0),
+        ([*d, "path-info", "--bogus", s.tree], False, 2),
+        ([*d, "castore", "ls", "xyz"], False, 2),
+        ([*d, "castore", "ls", "--", s.root], False, 0),
+        ([*d, "castore", "ls", "-r", s.root], False, 0),
+        ([*d, "castore", "cat", "--json", s.blob], False, 2),
+        ([*d, "castore", "cat", "--range", "0:3", s.blob], False, 0),
+        ([*d, "castore", "cat", "b3:!!"], False, 2),
+        ([*d, "castore", "ls", s.odd], False, 0),  # an ANSI escape in a name: click strips it
+        (["--store-dir", str(s.dir / "pathinfo.sqlite"), "path-info", s.tree], False, 2),  # a file
+        (["--store-dir", "", "castore", "ls", s.root], False, 1),
+        ([*d, "castore", "--help"], False, 0),
+        ([*d, "path-info", "--help"], False, 0),
+    ]
+
+
+def test_fast_path_answers_as_the_full_command_line(
+    known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # `--store-dir ""` is the current directory: the full path makes a store there
+    for argv, answered, code in cases(known):
+        (out, err, status), fast_answered = same(argv, capsysbinary, monkeypatch)
+        assert (fast_answered, status) == (answered, code), (argv, err)
+        if answered:
+            assert (bool(out), err) == (argv[-1] != EMPTY_DIGEST.hex(), b"")
+        elif status:
+            assert err.startswith((b"nixcas: error: ", b"Usage:")), (argv, err)
+    listing = full(["--store-dir", str(known.dir), "castore", "ls", known.root], capsysbinary, monkeypatch)[0]
+    kinds = [line.split()[0] for line in listing.decode().splitlines()]
+    assert kinds == ["file", "file", "file", "symlink", "exe", "dir"]
+    cat = full(["--store-dir", str(known.dir), "castore", "cat", known.blob], capsysbinary, monkeypatch)[0]
+    assert cat == b"hello\n" * 50
+
+
+def test_the_default_store_is_the_environments(
+    known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without --store-dir: $NIXCAS_STORE_DIR, else $XDG_DATA_HOME/nixcas, as the full path finds them."""
+    monkeypatch.setenv("NIXCAS_STORE_DIR", str(known.dir))
+    outcome, answered = same(["castore", "ls", known.root], capsysbinary, monkeypatch)
+    assert answered and outcome[2] == 0
+    monkeypatch.delenv("NIXCAS_STORE_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    (tmp_path / "nixcas").symlink_to(known.dir)
+    outcome, answered = same(["path-info", known.tree], capsysbinary, monkeypatch)
+    assert answered and outcome[0].startswith(f"StorePath: {known.tree}\n".encode())
+
+
+@pytest.mark.parametrize("name", [*fast.SERVICE_ENV])
+def test_another_service_in_the_environment_goes_to_click(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(name, "memory://")
+    assert fast.parse(["castore", "cat", "0" * 64]) is None
+
+
+def test_a_corrupt_blob_or_directory_is_refused_by_both(
+    tmp_path: Path, known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every byte is checked: a flipped bit in a pack file or a directory row is the full path's error, not output."""
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(known.dir, store_dir)
+    d = ["--store-dir", str(store_dir)]
+    assert same([*d, "castore", "cat", known.blob], capsysbinary, monkeypatch)[1]
+    for pack in (store_dir / "blobs" / "packs").iterdir():
+        data = bytearray(pack.read_bytes())
+        data[data.find(b"hello")] ^= 1
+        pack.write_bytes(bytes(data))
+    (out, err, code), answered = same([*d, "castore", "cat", known.blob], capsysbinary, monkeypatch)
+    assert (out, code, answered) == (b"", 1, False)
+    assert b"checksum mismatch" in err
+    db = sqlite3.connect(store_dir / "directories.sqlite")
+    with db:
+        (data,) = db.execute("SELECT data FROM directories WHERE digest = ?", (bytes.fromhex(known.sub),)).fetchone()
+        db.execute(
+            "UPDATE directories SET data = ? WHERE digest = ?",
+            (data.replace(b"b.txt", b"c.txt"), bytes.fromhex(known.sub)),
+        )
+    db.close()
+    (out, err, code), answered = same([*d, "castore", "ls", known.sub], capsysbinary, monkeypatch)
+    assert (out, code, answered) == (b"", 1, False)
+    assert b"checksum mismatch" in err
+
+
+def test_a_broken_pipe_is_quiet(known: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `run` does: the reader went away, so stdout is discarded and the status is 141."""
+
+    class Closed:
+        encoding = "utf-8"
+        errors = "strict"
+
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+        def flush(self) -> None:
+            raise BrokenPipeError
+
+    discarded: list[bool] = []
+    monkeypatch.setattr(sys, "stdout", Closed())
+    monkeypatch.setattr(fast, "discard_stdout", lambda: discarded.append(True))
+    assert fast.answer(["--store-dir", str(known.dir), "path-info", known.tree]) == fast.EXIT_BROKEN_PIPE
+    assert discarded == [True]
