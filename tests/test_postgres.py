@@ -25,6 +25,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.postgres import PostgresDirectoryService, PostgresDirectoryServiceConfig
 from nixcas.castore.gc import StoredObject, collect
 from nixcas.castore.nodes import FileNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
 from nixcas.registry import directory_service_from_url, parse_service_url, pathinfo_service_from_url
 from nixcas.store.gc import delete_paths
@@ -379,7 +380,7 @@ async def test_sweepable_directory_contract(pg_url: str) -> None:
     assert isinstance(dirs, PostgresDirectoryService)
     try:
         leaf = Directory([(b"f", FileNode(EMPTY_DIGEST, 0))])
-        top = Directory([(b"leaf", leaf.node())])
+        top = Directory([(b"leaf", leaf.node(SizeRule.TVIX))])
         before = time.time_ns()
         await dirs.put(leaf)
         await dirs.put(top)

@@ -24,6 +24,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.composition import Composition
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError
 from nixcas.registry import parse_service_url, pathinfo_service_from_url
@@ -226,7 +227,7 @@ async def sample(tmp_path: Path) -> Sample:
 
 
 def service(url: str, *, keys: bool = True) -> NixHttpPathInfoService:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     return NixHttpPathInfoService(url, blobs, dirs, (KEY.public,) if keys else None)
 
 
@@ -392,7 +393,7 @@ async def single_file_sample(tmp_path: Path, content: bytes, ca: CAHash) -> Samp
     """A store path that is one file, named by ``ca`` (which need not match the content)."""
     path = tmp_path / "single"
     path.write_bytes(content)
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node = await ingest_path(path, blobs, dirs)
     nar = b"".join([c async for c in render_nar(node, blobs, dirs)])
     return Sample("single", nar, node, build_ca_path("single", ca))

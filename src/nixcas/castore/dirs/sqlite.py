@@ -1,5 +1,9 @@
 """``sqlite:///abs/path.sqlite`` — directories in one SQLite table.
 
+The database also records the store's directory size rule (table ``meta``,
+key ``directory_size_rule``; see :mod:`nixcas.castore.sizerule`), written
+when the database is first opened.
+
 One connection, used from one dedicated worker thread (so the event loop
 never blocks on SQLite).  A closure is committed in one transaction; reads
 of a breadth-first level are one query.  ``sqlite://`` (no path) is a
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 
 from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, select_in
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sizerule import SizeRule
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
@@ -27,7 +32,12 @@ CREATE TABLE IF NOT EXISTS directories (
     data   BLOB NOT NULL,
     mtime  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
+_RULE_KEY = "directory_size_rule"
 _PAGE = 1000
 
 
@@ -49,7 +59,13 @@ class SqliteDirectoryServiceConfig(SqlitePathConfig, ServiceConfig[DirectoryServ
     """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return SqliteDirectoryService(self.path)
+        service = SqliteDirectoryService(self.path)
+        try:
+            await service.open_size_rule(resolver.size_rule)
+        except BaseException:
+            await service.close()
+            raise
+        return service
 
 
 class SqliteDirectoryService(DirectoryService):
@@ -59,8 +75,35 @@ class SqliteDirectoryService(DirectoryService):
         self.path = path
         self._db = SqliteDatabase(path, _SCHEMA, "directory database", _migrate)
 
+    rule_recorded = True
+
     def __repr__(self) -> str:
         return f"SqliteDirectoryService({self.path!r})"
+
+    async def open_size_rule(self, requested: SizeRule | None) -> None:
+        """Read the recorded rule (recording it if absent) and check ``requested`` against it."""
+
+        def settle(conn: sqlite3.Connection) -> SizeRule:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_RULE_KEY,)).fetchone()
+            where = f"directory database {self.path or ':memory:'}"
+            recorded = None if row is None else SizeRule.parse(str(row[0]), where)
+            has_directories = conn.execute("SELECT 1 FROM directories LIMIT 1").fetchone() is not None
+            rule, record = settle_size_rule(recorded, has_directories, requested, where)
+            if record:
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_RULE_KEY, rule.value))
+            return rule
+
+        self.size_rule = await self._db.run(self._db.transaction(settle))
+
+    async def record_size_rule(self, rule: SizeRule) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_RULE_KEY, rule.value),
+            )
+
+        await self._db.run(self._db.transaction(record))
+        self.size_rule = rule
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
         def get() -> bytes | None:

@@ -4,7 +4,9 @@ Options (URL query): ``wait-connect=1`` connects while the service is built
 and fails then if nobody answers (default: connect lazily on the first
 call); ``connect-timeout=SECONDS`` bounds that wait (default 10);
 ``protocol=tvix|snix`` picks the service names spoken (default ``tvix``;
-nixcas daemons answer both).
+nixcas daemons answer both); ``size-rule=snix|tvix`` declares the directory
+size rule the peer's store follows (directory services; default: the rule
+asked for with ``--directory-size-rule``, else ``snix``).
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class GrpcEndpoint:
     wait_connect: bool = False
     connect_timeout: float = 10.0
     protocol: str = "tvix"
+    size_rule: str | None = None
 
     @classmethod
     def parse(cls, url: str | SplitResult) -> GrpcEndpoint:
         parts = urlsplit(url) if isinstance(url, str) else url
         text = url if isinstance(url, str) else url_text(parts)
         where = repr(shown(parts))  # what messages show: never the credentials refused below
-        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol"})
+        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol", "size-rule"})
         transport = parts.scheme.partition("+")[2]
         if parts.fragment:
             raise ConfigurationError(f"{where}: fragments are not allowed")
@@ -94,7 +97,10 @@ class GrpcEndpoint:
         protocol = options.get("protocol", "tvix")
         if protocol not in _PROTOCOLS:
             raise ConfigurationError(f"{where}: protocol must be one of {', '.join(_PROTOCOLS)}")
-        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol)
+        size_rule = options.get("size-rule")
+        if size_rule is not None and size_rule not in ("snix", "tvix"):
+            raise ConfigurationError(f"{where}: size-rule must be snix or tvix")
+        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol, size_rule)
 
 
 class GrpcConnection:
