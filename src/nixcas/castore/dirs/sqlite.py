@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, select_in
@@ -59,28 +59,25 @@ class SqliteDirectoryServiceConfig(SqlitePathConfig, ServiceConfig[DirectoryServ
     """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        service = SqliteDirectoryService(self.path)
-        try:
-            await service.open_size_rule(resolver.size_rule)
-        except BaseException:
-            await service.close()
-            raise
-        return service
+        return SqliteDirectoryService(self.path, size_rule=resolver.size_rule)
 
 
 class SqliteDirectoryService(DirectoryService):
     """Canonical Directory bytes keyed by digest in an SQLite database."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, *, size_rule: SizeRule | None = None) -> None:
+        """Open (or create) the database; ``size_rule``: the rule asked for (see :func:`settle_size_rule`)."""
         self.path = path
         self._db = SqliteDatabase(path, _SCHEMA, "directory database", _migrate)
+        # settled here, so every instance knows its store's rule
+        self.size_rule = self._db.run_while_opening(self._db.transaction(self._settle(size_rule)))
 
     rule_recorded = True
 
     def __repr__(self) -> str:
         return f"SqliteDirectoryService({self.path!r})"
 
-    async def open_size_rule(self, requested: SizeRule | None) -> None:
+    def _settle(self, requested: SizeRule | None) -> Callable[[sqlite3.Connection], SizeRule]:
         """Read the recorded rule (recording it if absent) and check ``requested`` against it."""
 
         def settle(conn: sqlite3.Connection) -> SizeRule:
@@ -93,7 +90,7 @@ class SqliteDirectoryService(DirectoryService):
                 conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_RULE_KEY, rule.value))
             return rule
 
-        self.size_rule = await self._db.run(self._db.transaction(settle))
+        return settle
 
     async def record_size_rule(self, rule: SizeRule) -> None:
         def record(conn: sqlite3.Connection) -> None:
