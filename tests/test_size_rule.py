@@ -27,7 +27,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.fsck import CastoreChecker
 from nixcas.castore.ingest import ingest_path
-from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ClosureError, ConfigurationError, StorageError
 from nixcas.registry import directory_service_from_url
@@ -88,11 +88,14 @@ def make_tree(root: Path) -> Path:
 def deep_directories(rule: SizeRule) -> list[Directory]:
     """The DEEP tree built from nodes, leaves first."""
     inner = Directory({b"x": FileNode(EMPTY_DIGEST, 0)})
-    from nixcas.castore.nodes import SymlinkNode
-
-    sub = Directory({b"inner": inner.node(rule), b"f": FileNode(HELLOWORLD_DIGEST, 12), b"l": SymlinkNode(b"f")})
-    top = Directory({b"sub": sub.node(rule), b"e": FileNode(HELLOWORLD_DIGEST, 12, executable=True)})
-    return [inner, sub, top]
+    sub_entries: dict[bytes, Node] = {
+        b"inner": inner.node(rule),
+        b"f": FileNode(HELLOWORLD_DIGEST, 12),
+        b"l": SymlinkNode(b"f"),
+    }
+    sub = Directory(sub_entries)
+    top_entries: dict[bytes, Node] = {b"sub": sub.node(rule), b"e": FileNode(HELLOWORLD_DIGEST, 12, executable=True)}
+    return [inner, sub, Directory(top_entries)]
 
 
 # -- the formulas ----------------------------------------------------------------------
