@@ -97,6 +97,29 @@ class NarIndex:
 
         return self._decoded(await self._db.run(find))
 
+    async def nodes(self) -> list[tuple[bytes, Node]]:
+        """Every NAR's (SHA-256, root node), for ``rewrite-directories`` (the index holds only pending uploads)."""
+
+        def every() -> list[tuple[bytes, int, bytes]]:
+            rows = self._db.conn.execute("SELECT nar_sha256, nar_size, node FROM nars ORDER BY nar_sha256")
+            return [(bytes(d), int(n), bytes(v)) for d, n, v in rows]
+
+        out = []
+        for row in await self._db.run(every):
+            nar = self._decoded(row)
+            assert nar is not None
+            out.append((nar.nar_sha256, nar.node))
+        return out
+
+    async def replace_node(self, nar_sha256: bytes, node: Node) -> None:
+        """Point the NAR with this SHA-256 at ``node`` (the same contents, converted to another size rule)."""
+        raw = encode_node(b"", node)
+
+        def replace(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE nars SET node = ? WHERE nar_sha256 = ?", (raw, nar_sha256))
+
+        await self._db.run(self._db.transaction(replace))
+
     def _decoded(self, row: tuple[bytes, int, bytes] | None) -> UploadedNar | None:
         if row is None:
             return None

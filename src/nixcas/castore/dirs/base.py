@@ -86,6 +86,9 @@ class DirectoryService(Closing, ABC):
     rule_recorded: ClassVar[bool] = False
     """The backend keeps its rule with its data (a wrapper or cache in front of it must agree)."""
 
+    rewritable: ClassVar[bool] = True
+    """``nixcas castore rewrite-directories`` may convert this service's store (not a daemon's or a cache's)."""
+
     async def record_size_rule(self, rule: SizeRule) -> None:
         """Make ``rule`` this store's rule (after its directories were rewritten to it)."""
         self.size_rule = rule

@@ -47,6 +47,8 @@ class CacheDirectoryServiceConfig(NearFarConfig[DirectoryService]):
 class CacheDirectoryService(DirectoryService):
     """Closures come from near if complete there, else from far (and are then kept near)."""
 
+    rewritable = False  # convert far itself; near then refills from it
+
     def __init__(self, near: DirectoryService, far: DirectoryService, *, close_inner: bool = False) -> None:
         self.near = near
         self.far = far

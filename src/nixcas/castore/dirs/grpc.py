@@ -62,6 +62,7 @@ class GrpcDirectoryService(GrpcClient, DirectoryService):
     """A DirectoryService served by a nixcas, tvix or snix daemon."""
 
     rule_recorded = True  # the peer's store has its rule; a cache in front must follow it
+    rewritable = False  # converted where it is stored, not over the wire
 
     def __init__(self, connection: GrpcConnection) -> None:
         super().__init__(connection)
