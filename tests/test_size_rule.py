@@ -296,3 +296,20 @@ async def test_fsck_names_the_rule(tmp_path: Path) -> None:
     problems = [p async for p in checker.walk("top", top.node(SNIX))]
     text = " ".join(str(p) for p in problems)
     assert "under the tvix directory size rule" in text and "follows the snix rule" in text
+
+
+async def test_postgres_records_its_rule(pg_url: str, no_rule_env: None) -> None:
+    svc = await directory_service_from_url(pg_url)
+    try:
+        assert svc.size_rule is SNIX
+        await upload(svc, deep_directories(SNIX))
+    finally:
+        await svc.close()
+    with pytest.raises(ConfigurationError, match="follows the snix directory size rule, not the requested tvix"):
+        await directory_service_from_url(pg_url, size_rule=TVIX)
+    again = await directory_service_from_url(pg_url)
+    try:
+        assert again.size_rule is SNIX
+        assert (await upload(again, deep_directories(SNIX))).hex() == DEEP[SNIX]["top"][0]
+    finally:
+        await again.close()

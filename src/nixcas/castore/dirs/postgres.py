@@ -51,13 +51,7 @@ class PostgresDirectoryServiceConfig(PostgresConfig, ServiceConfig[DirectoryServ
     ``connect_timeout``."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        service = await PostgresDirectoryService.open(self)
-        try:
-            await service.open_size_rule(resolver.size_rule)
-        except BaseException:
-            await service.close()
-            raise
-        return service
+        return await PostgresDirectoryService.open(self, size_rule=resolver.size_rule)
 
 
 @dataclass(frozen=True)
@@ -74,10 +68,15 @@ class PostgresDirectoryService(DirectoryService):
         self._db = PostgresDatabase(config, "directory database", "directories", MIGRATIONS)
 
     @classmethod
-    async def open(cls, config: PostgresConfig) -> PostgresDirectoryService:
-        """Connect, create or migrate the table, and return the running service."""
+    async def open(cls, config: PostgresConfig, *, size_rule: SizeRule | None = None) -> PostgresDirectoryService:
+        """Connect, create or migrate the tables, settle the size rule (``size_rule``: the one asked for)."""
         service = cls(config)
         await service._db.open()
+        try:
+            await service.open_size_rule(size_rule)
+        except BaseException:
+            await service.close()
+            raise
         return service
 
     async def open_size_rule(self, requested: SizeRule | None) -> None:
