@@ -29,7 +29,7 @@ from nixcas.castore.fsck import CastoreChecker
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
-from nixcas.errors import ClosureError, ConfigurationError, StorageError
+from nixcas.errors import ClosureError, ConfigurationError, DirectoryError, StorageError
 from nixcas.registry import directory_service_from_url
 from nixcas.server import start_server
 from nixcas.store.nar.ingest import ingest_nar_bytes
@@ -313,3 +313,13 @@ async def test_postgres_records_its_rule(pg_url: str, no_rule_env: None) -> None
         assert (await upload(again, deep_directories(SNIX))).hex() == DEEP[SNIX]["top"][0]
     finally:
         await again.close()
+
+
+def test_overflow_is_per_rule() -> None:
+    # one file and a sub-directory of size 2^64 - 4: snix 1 + 2 + (2^64 - 4) fits, tvix 4 + (2^64 - 4) does not
+    d = Directory({b"d": DirectoryNode(EMPTY_DIGEST, 2**64 - 4), b"f": FileNode(EMPTY_DIGEST, 0)})
+    assert d.size_under(SNIX) == 2**64 - 1
+    with pytest.raises(DirectoryError, match="overflows 64 bits under the tvix rule"):
+        d.size_under(TVIX)
+    with pytest.raises(DirectoryError, match="overflows 64 bits"):
+        Directory({b"d": DirectoryNode(EMPTY_DIGEST, 2**64 - 3), b"f": FileNode(EMPTY_DIGEST, 0)})

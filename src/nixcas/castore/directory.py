@@ -59,8 +59,8 @@ class Directory:
             if isinstance(node, DirectoryNode):
                 child_sizes += node.size
                 directories += 1
-            # the tvix size is never below the snix one: a directory fitting it fits both
-            if 2 * (len(index) + 1) + child_sizes > U64_MAX:
+            # the smaller of the two sizes (snix's) must fit; size_under refuses a rule whose size does not
+            if len(index) + 1 + directories + child_sizes > U64_MAX:
                 raise DirectoryError("directory size overflows 64 bits")
             index[name] = node
         self._entries = tuple(sorted(index.items()))
@@ -109,7 +109,10 @@ class Directory:
 
     def size_under(self, rule: SizeRule) -> int:
         """The size a parent records for this Directory in a store following ``rule``."""
-        return rule.size(len(self._entries), self._directories, self._child_sizes)
+        size = rule.size(len(self._entries), self._directories, self._child_sizes)
+        if size > U64_MAX:
+            raise DirectoryError(f"directory size overflows 64 bits under the {rule} rule")
+        return size
 
     def node(self, rule: SizeRule) -> DirectoryNode:
         """A :class:`DirectoryNode` pointing at this Directory, sized by ``rule``."""
