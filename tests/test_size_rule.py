@@ -317,9 +317,9 @@ async def test_postgres_records_its_rule(pg_url: str, no_rule_env: None) -> None
 
 def test_overflow_is_per_rule() -> None:
     # one file and a sub-directory of size 2^64 - 4: snix 1 + 2 + (2^64 - 4) fits, tvix 4 + (2^64 - 4) does not
-    d = Directory({b"d": DirectoryNode(EMPTY_DIGEST, 2**64 - 4), b"f": FileNode(EMPTY_DIGEST, 0)})
+    d = Directory([(b"d", DirectoryNode(EMPTY_DIGEST, 2**64 - 4)), (b"f", FileNode(EMPTY_DIGEST, 0))])
     assert d.size_under(SNIX) == 2**64 - 1
     with pytest.raises(DirectoryError, match="overflows 64 bits under the tvix rule"):
         d.size_under(TVIX)
     with pytest.raises(DirectoryError, match="overflows 64 bits"):
-        Directory({b"d": DirectoryNode(EMPTY_DIGEST, 2**64 - 3), b"f": FileNode(EMPTY_DIGEST, 0)})
+        Directory([(b"d", DirectoryNode(EMPTY_DIGEST, 2**64 - 3)), (b"f", FileNode(EMPTY_DIGEST, 0))])
