@@ -26,6 +26,7 @@ from nixcas.store.nar.render import render_nar
 from nixcas.store.narindex import NarIndex, UploadedNar
 from nixcas.store.rewrite import rewrite_directories
 from nixcas.testing.daemon import clean_env, nixcas_command
+from nixcas.testing.maintenance import one_line_error
 
 TVIX, SNIX = SizeRule.TVIX, SizeRule.SNIX
 
@@ -198,3 +199,24 @@ async def test_sigkill_then_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert info is not None and info.nar_sha256 == old.nar_sha256
             nar = b"".join([c async for c in render_nar(info.node, store.blobs, store.directories)])
             assert hashlib.sha256(nar).digest() == info.nar_sha256
+
+
+def test_cli_contradicting_rule_is_one_line(tmp_path: Path) -> None:
+    env = clean_env() | {"NIXCAS_STORE_DIR": str(tmp_path / "s")}
+    env.pop("NIXCAS_DIRECTORY_SIZE_RULE", None)
+    made = subprocess.run(
+        nixcas_command("castore", "ingest", str(make_paths(tmp_path)[0]), "--json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(made.stdout)["size"] == 8  # the snix size of the tree (a new store's default)
+    refused = subprocess.run(
+        nixcas_command("--directory-size-rule", "tvix", "castore", "ingest", str(tmp_path / "file")),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    one_line_error(refused, 2, "follows the snix directory size rule, not the requested tvix")
