@@ -28,10 +28,11 @@ KILL_AFTER_ENV = "NIXCAS_TEST_REWRITE_KILL_AFTER"
 def rewrite_directories_command(
     settings: Settings, target: str, dry_run: bool, nar_index: str | None, as_json: bool
 ) -> None:
-    """Rewrite every referenced directory tree under the other size rule and switch the references to it.
+    """Convert the store's directories to the other size rule (snix 2026 or tvix).
 
-    PathInfos, pins and the bridge's NAR index are switched; the store then
-    records the rule.  Safe to interrupt: running it again finishes the job.
+    Every referenced directory tree is written again under the rule and the
+    references to it (PathInfos, pins, the bridge's NAR index) are switched;
+    the store then records the rule.  Safe to interrupt: running it again finishes the job.
     The old directories are left for `nixcas gc`.  Stop other writers first.
     """
     from nixcas.castore.sizerule import SIZE_RULE_ENV, SizeRule
