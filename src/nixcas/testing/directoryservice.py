@@ -38,6 +38,7 @@ from nixcas.testing.fixtures import (
     DIRECTORY_B,
     DIRECTORY_C,
     DIRECTORY_COMPLICATED,
+    DIRECTORY_COMPLICATED_SNIX,
     DIRECTORY_D,
     DIRECTORY_WITH_KEEP,
     DUMMY_DIGEST,
@@ -227,6 +228,17 @@ class DirectoryServiceSuite:
         wrong_d = Directory({b"a": DirectoryNode(_digest("A"), 0), b"b": DirectoryNode(_digest("B"), 1)})
         await upload_rejected(directory_service, [DIRECTORY_A, DIRECTORY_B, wrong_d])
         await self.check_absent(directory_service, _digest("A"), _digest("B"), wrong_d.digest)
+
+    async def test_upload_reject_other_size_rule(self, directory_service: DirectoryService) -> None:
+        """A tree whose recorded sizes follow the other rule is refused, the message naming the rule."""
+        rule = directory_service.size_rule
+        other = DIRECTORY_COMPLICATED_SNIX if rule is SizeRule.TVIX else DIRECTORY_COMPLICATED
+        putter = directory_service.put_multiple_start()
+        await putter.put(DIRECTORY_WITH_KEEP)
+        with pytest.raises(ClosureError, match=f"under the {rule} directory size rule"):
+            await putter.put(other)
+        await putter.abort()
+        await self.check_absent(directory_service, other.digest)
 
     async def test_upload_reject_empty(self, directory_service: DirectoryService) -> None:
         putter = directory_service.put_multiple_start()
