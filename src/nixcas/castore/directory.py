@@ -54,15 +54,15 @@ class Directory:
                 validate_name(name)
             if name in index:
                 raise DirectoryError(f"duplicate name {name[:300]!r}")
-            if not isinstance(node, (DirectoryNode, FileNode, SymlinkNode)):
-                raise TypeError(f"not a node: {node!r}")
             if isinstance(node, DirectoryNode):
                 child_sizes += node.size
                 directories += 1
-            # the smaller of the two sizes (snix's) must fit; size_under refuses a rule whose size does not
-            if len(index) + 1 + directories + child_sizes > U64_MAX:
-                raise DirectoryError("directory size overflows 64 bits")
+            elif not isinstance(node, (FileNode, SymlinkNode)):
+                raise TypeError(f"not a node: {node!r}")
             index[name] = node
+        # the smaller of the two sizes (snix's) must fit; size_under refuses a rule whose size does not
+        if len(index) + directories + child_sizes > U64_MAX:
+            raise DirectoryError("directory size overflows 64 bits")
         self._entries = tuple(sorted(index.items()))
         self._index = index
         self._child_sizes = child_sizes
