@@ -323,3 +323,32 @@ def test_overflow_is_per_rule() -> None:
         d.size_under(TVIX)
     with pytest.raises(DirectoryError, match="overflows 64 bits"):
         Directory([(b"d", DirectoryNode(EMPTY_DIGEST, 2**64 - 3)), (b"f", FileNode(EMPTY_DIGEST, 0))])
+
+
+async def test_bridge_ingests_under_the_store_rule(tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from nixcas.bridge.app import NarBridge
+    from nixcas.store.narindex import NarIndex
+    from nixcas.store.pathinfo.memory import MemoryPathInfoService
+    from nixcas.testing.samples import make_sample
+
+    files = {"sub/f": b"Hello World!", "sub/inner/x": b"", "e": b"Hello World!"}
+    sample = await make_sample(tmp_path, "deep-1.0", files)  # its node: the tvix rule
+    blobs, dirs, infos = MemoryBlobService(), MemoryDirectoryService(SNIX), MemoryPathInfoService()
+    index = NarIndex(None)
+    client = TestClient(TestServer(NarBridge(blobs, dirs, infos, index, allow_writes=True).application()))
+    await client.start_server()
+    try:
+        async with client.put(f"/nar/{sample.nb32}.nar", data=sample.nar) as r:
+            assert r.status == 200
+        async with client.put(f"/{sample.store_path.hash_part}.narinfo", data=sample.narinfo().encode()) as r:
+            assert r.status == 200
+        info = await infos.get(sample.store_path.digest)
+        snix = await ingest_path(tmp_path / "trees" / "deep-1.0", MemoryBlobService(), MemoryDirectoryService(SNIX))
+        assert info is not None and info.node == snix and snix != sample.node
+        async with client.get(f"/nar/{sample.nb32}.nar") as r:
+            assert r.status == 200 and await r.read() == sample.nar
+    finally:
+        await client.close()
+        await index.close()
