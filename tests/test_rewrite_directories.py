@@ -220,3 +220,32 @@ def test_cli_contradicting_rule_is_one_line(tmp_path: Path) -> None:
         check=False,
     )
     one_line_error(refused, 2, "follows the snix directory size rule, not the requested tvix")
+
+
+async def test_object_store_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closure objects are checked as they are read: a converted tree reads under the target rule."""
+    monkeypatch.delenv("NIXCAS_DIRECTORY_SIZE_RULE")
+    base, url = tmp_path / "s", f"objectstore+file://{tmp_path / 'objects'}"
+
+    async def opened(rule: SizeRule | None = None) -> Store:
+        return await Store.open(base, directory_service_url=url, with_pathinfo=True, with_pins=True, size_rule=rule)
+
+    async with await opened(TVIX) as store:
+        for p in make_paths(tmp_path):
+            await import_path(p, services(store))
+        before = await nars(store)
+
+    def crash(done: int) -> None:
+        if done >= 2:
+            raise KeyboardInterrupt
+
+    async with await opened() as store:
+        with pytest.raises(KeyboardInterrupt):
+            await rewrite_directories(store.directories, SNIX, pathinfos=store.pathinfos, step=crash)
+    for target in (SNIX, TVIX):
+        async with await opened() as store:
+            report = await rewrite_directories(store.directories, target, pathinfos=store.pathinfos, pins=store.pins)
+            assert report.recorded and report.missing == []
+            await clean(store)
+            assert await nars(store) == before
+    assert (tmp_path / "objects" / "dirs" / "size-rule").read_bytes() == b"tvix\n"

@@ -26,7 +26,10 @@ Reading streams the object (one ``GET``), decompresses it with a bound (the
 :data:`MAX_CLOSURE_BYTES`; a frame longer than the limit is refused before it
 is buffered) and checks the frames root-to-leaves as they arrive: the first
 must hash to the root asked for, every later one to a directory an earlier
-one refers to (with the size that one records), none twice, and at the end
+one refers to (with the size that one records: under the store's size rule,
+or consistently under the other, so garbage left by ``rewrite-directories``
+or an object written by a peer of the other rule reads as the closure it is;
+the users of a tree check its rule), none twice, and at the end
 every referenced directory must have come.  Anything else is a
 :class:`~nixcas.errors.StorageError` (:class:`~nixcas.errors.ChecksumMismatch`
 for a first frame that is not the root).
@@ -260,7 +263,8 @@ class _ClosureReader:
 
     def __init__(self, root: B3Digest, where: str, max_bytes: int, rule: SizeRule, *, first_only: bool = False) -> None:
         self._root = root
-        self._rule = rule
+        self._rules = [rule, rule.other]
+        """The rules every size checked so far follows (the store's first)."""
         self._where = where
         self._max_bytes = max_bytes
         self._first_only = first_only
@@ -317,9 +321,11 @@ class _ClosureReader:
             raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
         recorded = self._expected[digest]
         if recorded is not None:
-            wrong = directory.size_mismatch(self._rule, recorded, f"{self._where}: a parent")
-            if wrong is not None:
-                raise StorageError(wrong)
+            rules = [r for r in self._rules if directory.size_mismatch(r, recorded, "") is None]
+            if not rules:
+                wrong = directory.size_mismatch(self._rules[0], recorded, f"{self._where}: a parent")
+                raise StorageError(f"{wrong} (and the closure follows no other rule)")
+            self._rules = rules
         self._received.add(digest)
         for name, child in directory.directories():
             known = self._expected.get(child.digest)
