@@ -250,7 +250,7 @@ async def rewrite_directories(
                 await pins.pin(pin.name, new.digest)
                 rewriter.stepped()
     if nar_index is not None:
-        for nar_sha256, node in await nar_index.nodes():
+        async for nar_sha256, node in nar_index.nodes():
             if not isinstance(node, DirectoryNode):
                 continue
             new = await rewriter.convert(node, f"NAR index entry {nar_sha256.hex()}")
