@@ -53,6 +53,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.pins.sqlite import SqlitePinService
+from nixcas.castore.sizerule import SizeRule
 
 SUBDIRS = 49
 
@@ -73,7 +74,7 @@ async def fill_nixcas(store_dir: Path, objects: int) -> tuple[int, int, int]:
             pairs = zip(digests[:-1], data[:-1], strict=True)
             subdirs = [Directory([(b"file", FileNode(d, len(x)))]) for d, x in pairs]
             entries: list[tuple[bytes, DirectoryNode | FileNode]] = [
-                (b"d%03d" % i, sub.node()) for i, sub in enumerate(subdirs)
+                (b"d%03d" % i, sub.node(SizeRule.TVIX)) for i, sub in enumerate(subdirs)
             ]
             entries.append((b"top", FileNode(digests[-1], len(data[-1]))))
             root = Directory(entries)

@@ -110,7 +110,8 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.nodes import FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.server import RunningServer, start_server
 
@@ -185,7 +186,7 @@ def build_closure(n_dirs: int, fanout: int, salt: int) -> tuple[list[Directory],
         entries[b"link"] = SymlinkNode(f"../target-{i}".encode())
         for c in range(fanout * i + 1, min(fanout * i + fanout, n_dirs - 1) + 1):
             child = built.pop(c)
-            entries[f"sub-{c:06d}".encode()] = DirectoryNode(child.digest, child.size)
+            entries[f"sub-{c:06d}".encode()] = child.node(SizeRule.TVIX)
         directory = Directory(entries)
         directory.encode()  # canonical bytes and digest cached before timing
         built[i] = directory
@@ -540,7 +541,7 @@ class Bench:
         try:
             for transport in TRANSPORTS:
                 listen = self.listen_address(transport, f"inprocess-{transport}")
-                running = await start_server(listen, MemoryBlobService(), MemoryDirectoryService())
+                running = await start_server(listen, MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX))
                 servers.append(running)
                 endpoints.append(
                     Endpoint(

@@ -53,10 +53,10 @@ async def bench_listing(dirs_count: int, runs: int) -> None:
             files[f"file-{f:04d}".encode()] = FileNode(await blobs.put(data), len(data), f % 7 == 0)
         sub = Directory(files)
         await dirs.put(sub)
-        subdirs[f"dir-{d:04d}".encode()] = sub.node()
+        subdirs[f"dir-{d:04d}".encode()] = sub.node(dirs.size_rule)
     root = Directory(subdirs)
     await dirs.put(root)
-    node = root.node()
+    node = root.node(dirs.size_rule)
     listing, rendering = [], []
     size = nar = 0
     for _ in range(runs):

@@ -62,6 +62,25 @@ def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 os.environ[name] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tvix_size_rule() -> Iterator[None]:
+    """Stores made by tests follow the tvix directory size rule unless a test asks otherwise.
+
+    The copied-in vectors (tests/data) and most tests' expected digests are of the
+    tvix era; tests of the snix rule (tests/test_size_rule.py) choose it explicitly
+    or remove the variable to see the default.
+    """
+    saved = os.environ.get("NIXCAS_DIRECTORY_SIZE_RULE")
+    os.environ["NIXCAS_DIRECTORY_SIZE_RULE"] = "tvix"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("NIXCAS_DIRECTORY_SIZE_RULE", None)
+        else:
+            os.environ["NIXCAS_DIRECTORY_SIZE_RULE"] = saved
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
     """One SeaweedFS (master, volume, filer, S3 gateway) on loopback ports, with bucket ``nixcas``."""

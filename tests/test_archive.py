@@ -29,6 +29,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import IngestError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 
@@ -176,7 +177,7 @@ async def test_tree(tmp_path: Path, blobs: BlobService, dirs: MemoryDirectorySer
     }
     empty = await dirs.get(node.digest)
     assert empty is not None
-    assert empty.get(b"empty") == Directory().node()
+    assert empty.get(b"empty") == Directory().node(SizeRule.TVIX)
     assert await blobs.read(B3Digest(bytes.fromhex(b3file(b"hello\n")))) == b"hello\n"
 
 

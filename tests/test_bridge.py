@@ -33,6 +33,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.gc import FOREVER_NS, StoredObject
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.proto import encode_node
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store import nixbase32
 from nixcas.store.narindex import NarIndex
 from nixcas.store.narinfo import NarInfo
@@ -72,7 +73,7 @@ class bridge_env:
         self.options = options
 
     async def __aenter__(self) -> Env:
-        blobs, dirs, pinfos = MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService()
+        blobs, dirs, pinfos = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService()
         index = NarIndex(None if self.index_path is None else str(self.index_path))
         bridge = NarBridge(blobs, dirs, pinfos, index, **self.options)  # type: ignore[arg-type]
         client = TestClient(TestServer(bridge.application()))

@@ -14,6 +14,7 @@ from nixcas.bridge.app import NarBridge
 from nixcas.bridge.server import start_bridge
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store.narindex import NarIndex
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.store.signing import SigningKey, VerifyingKey
@@ -91,7 +92,7 @@ def test_starts_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 async def test_unix_socket(tmp_path: Path) -> None:
     index = NarIndex(None)
-    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService(), index)
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService(), index)
     with short_tmpdir() as d:
         path = d / "bridge.sock"
         running = await start_bridge(str(path), bridge)

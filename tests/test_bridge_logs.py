@@ -23,6 +23,7 @@ from nixcas.bridge.app import NarBridge
 from nixcas.bridge.server import RunningBridge, start_bridge
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store.narindex import NarIndex
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.testing.daemon import running_daemon
@@ -53,7 +54,7 @@ def send(host: str, port: int, payload: bytes) -> bytes:
 @pytest_asyncio.fixture
 async def bridge() -> AsyncIterator[RunningBridge]:
     index = NarIndex(None)
-    app = NarBridge(MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService(), index)
+    app = NarBridge(MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService(), index)
     running = await start_bridge("127.0.0.1:0", app)
     yield running
     await running.stop()

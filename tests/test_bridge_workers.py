@@ -18,6 +18,7 @@ from nixcas.bridge.app import NarBridge
 from nixcas.bridge.groupsync import GroupSync
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store.narindex import NarIndex
 from nixcas.store.narinfo import NarInfo
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
@@ -145,7 +146,7 @@ async def test_narinfo_cache_renders_once_and_shows_added_signatures(
     sample = await make_sample(tmp_path, "cached", {"f": b"cached narinfo\n"})
     pathinfos = MemoryPathInfoService()
     index = NarIndex(None)
-    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), pathinfos, index, allow_writes=True)
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), pathinfos, index, allow_writes=True)
     renders = 0
     real = NarInfo.from_path_info
 
@@ -260,7 +261,7 @@ async def test_concurrent_uploads_share_barriers_and_are_acknowledged_only_after
     samples = [await make_sample(tmp_path, f"group-{i}", {"f": f"file {i}\n".encode()}) for i in range(8)]
     blobs = _RecordingBlobs()
     index = NarIndex(str(tmp_path / "index.sqlite"))
-    bridge = NarBridge(blobs, MemoryDirectoryService(), MemoryPathInfoService(), index, allow_writes=True)
+    bridge = NarBridge(blobs, MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService(), index, allow_writes=True)
     client = TestClient(TestServer(bridge.application()))
     await client.start_server()
 

@@ -31,6 +31,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.verified import read_verified_range
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, NotFoundError, StorageError, ValidationError
 from nixcas.registry import blob_service_from_url
 from nixcas.server import RunningServer, start_server
@@ -92,7 +93,7 @@ async def liar_with_bad_chunk(tmp_path: Path, index: int) -> tuple[LyingLocal, B
 
 
 async def serve(blobs: BlobService) -> RunningServer:
-    return await start_server("127.0.0.1:0", blobs, MemoryDirectoryService())
+    return await start_server("127.0.0.1:0", blobs, MemoryDirectoryService(SizeRule.TVIX))
 
 
 @contextlib.asynccontextmanager

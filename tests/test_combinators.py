@@ -29,6 +29,7 @@ from nixcas.castore.dirs.cache import CacheDirectoryService
 from nixcas.castore.dirs.lru import LruDirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, ConfigurationError, NixcasError, StorageError
 from nixcas.registry import directory_service_from_url
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles, read_exactly
@@ -542,7 +543,7 @@ async def test_large_blob_memory_near(
 class TestCacheMemory(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = CacheDirectoryService(MemoryDirectoryService(), MemoryDirectoryService())
+        svc = CacheDirectoryService(MemoryDirectoryService(SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
         yield svc
         assert isinstance(svc.far, MemoryDirectoryService)
         await svc.close()
@@ -558,7 +559,7 @@ class TestCacheMemory(DirectoryServiceSuite):
 class TestCacheLru(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = CacheDirectoryService(LruDirectoryService(1000), MemoryDirectoryService())
+        svc = CacheDirectoryService(LruDirectoryService(1000, SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
         yield svc
         await svc.close()
 
@@ -575,7 +576,7 @@ class TestCacheFillFromFar(DirectoryServiceSuite):
 
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = WritesFarDirectoryService(MemoryDirectoryService(), MemoryDirectoryService())
+        svc = WritesFarDirectoryService(MemoryDirectoryService(SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
         yield svc
         # whatever reached near is exactly what far has
         assert isinstance(svc.near, MemoryDirectoryService)
@@ -604,7 +605,7 @@ class TestCacheFromUrl(DirectoryServiceSuite):
 class TestLru(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
-        svc = LruDirectoryService(1000)
+        svc = LruDirectoryService(1000, SizeRule.TVIX)
         yield svc
         await svc.close()
 
@@ -621,7 +622,7 @@ class CountingDirectoryService(MemoryDirectoryService):
     """Counts closure fetches (each fetch from far is one ``get_recursive`` or ``get``)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(SizeRule.TVIX)
         self.recursive_calls = 0
         self.get_calls = 0
 
@@ -637,7 +638,7 @@ class CountingDirectoryService(MemoryDirectoryService):
 
 @pytest.fixture
 def dnear() -> MemoryDirectoryService:
-    return MemoryDirectoryService()
+    return MemoryDirectoryService(SizeRule.TVIX)
 
 
 @pytest.fixture
@@ -761,8 +762,8 @@ async def test_cache_writes_go_near_only(
 
 
 def _broken_far_cases() -> list[object]:
-    wrong_size = Directory({b"x": DirectoryNode(ref("B"), DIRECTORY_B.size + 1)})
-    top = Directory({b"x": DirectoryNode(ref("B"), DIRECTORY_B.size)})
+    wrong_size = Directory({b"x": DirectoryNode(ref("B"), DIRECTORY_B.size_under(SizeRule.TVIX) + 1)})
+    top = Directory({b"x": DirectoryNode(ref("B"), DIRECTORY_B.size_under(SizeRule.TVIX))})
     return [
         pytest.param([DIRECTORY_D], ref("D"), StorageError, id="missing-children"),
         pytest.param([DIRECTORY_D, DIRECTORY_B], ref("D"), StorageError, id="missing-grandchild"),
@@ -811,7 +812,7 @@ class _LyingFar(MemoryDirectoryService):
     """A far service whose ``get_recursive`` misbehaves in a way the base class would not."""
 
     def __init__(self, mode: str) -> None:
-        super().__init__()
+        super().__init__(SizeRule.TVIX)
         self.mode = mode
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
@@ -849,7 +850,7 @@ async def test_far_sending_another_root(dnear: MemoryDirectoryService) -> None:
 
 
 async def test_lru_near_evicting_part_of_a_closure(dfar: CountingDirectoryService) -> None:
-    lru = LruDirectoryService(2)
+    lru = LruDirectoryService(2, SizeRule.TVIX)
     cache = CacheDirectoryService(lru, dfar)
     await upload(dfar, [DIRECTORY_A, DIRECTORY_B, DIRECTORY_D])
     expected = sorted([ref("D"), ref("A"), ref("B")])
@@ -864,7 +865,7 @@ async def test_lru_near_evicting_part_of_a_closure(dfar: CountingDirectoryServic
 
 
 async def test_lru_near_large_enough_keeps_the_closure(dfar: CountingDirectoryService) -> None:
-    lru = LruDirectoryService(3)
+    lru = LruDirectoryService(3, SizeRule.TVIX)
     cache = CacheDirectoryService(lru, dfar)
     await upload(dfar, [DIRECTORY_A, DIRECTORY_B, DIRECTORY_D])
     first = await collect(cache, ref("D"))
@@ -903,7 +904,7 @@ def numbered(i: int) -> Directory:
 
 
 async def test_lru_evicts_least_recently_used() -> None:
-    lru = LruDirectoryService(3)
+    lru = LruDirectoryService(3, SizeRule.TVIX)
     d = [numbered(i) for i in range(5)]
     keys = [b3(x.encode()) for x in d]
     for x in d[:3]:
@@ -921,7 +922,7 @@ async def test_lru_evicts_least_recently_used() -> None:
 
 
 async def test_lru_get_missing_changes_nothing() -> None:
-    lru = LruDirectoryService(2)
+    lru = LruDirectoryService(2, SizeRule.TVIX)
     await lru.put(numbered(0))
     await lru.put(numbered(1))
     before = list(lru._data)
@@ -930,7 +931,7 @@ async def test_lru_get_missing_changes_nothing() -> None:
 
 
 async def test_lru_capacity_bound() -> None:
-    lru = LruDirectoryService(4)
+    lru = LruDirectoryService(4, SizeRule.TVIX)
     d = [numbered(i) for i in range(10)]
     for i, x in enumerate(d):
         await lru.put(x)
@@ -943,14 +944,14 @@ async def test_lru_capacity_bound() -> None:
 
 
 async def test_lru_capacity_one() -> None:
-    lru = LruDirectoryService(1)
+    lru = LruDirectoryService(1, SizeRule.TVIX)
     await lru.put(numbered(0))
     await lru.put(numbered(1))
     assert list(lru._data) == [b3(numbered(1).encode())]
 
 
 async def test_lru_closure_larger_than_capacity() -> None:
-    lru = LruDirectoryService(2)
+    lru = LruDirectoryService(2, SizeRule.TVIX)
     assert await upload(lru, [DIRECTORY_A, DIRECTORY_B, DIRECTORY_D]) == ref("D")
     assert len(lru) == 2
     assert ref("D") in lru._data  # the root is committed last, so it stays
@@ -959,7 +960,7 @@ async def test_lru_closure_larger_than_capacity() -> None:
 
 
 async def test_lru_get_recursive_refreshes() -> None:
-    lru = LruDirectoryService(3)
+    lru = LruDirectoryService(3, SizeRule.TVIX)
     await upload(lru, [DIRECTORY_A, DIRECTORY_B])
     await lru.put(DIRECTORY_WITH_KEEP)
     assert sorted(await collect(lru, ref("B"))) == sorted([ref("B"), ref("A")])
@@ -971,7 +972,7 @@ async def test_lru_get_recursive_refreshes() -> None:
 @pytest.mark.parametrize("capacity", [0, -1])
 def test_lru_capacity_must_be_positive(capacity: int) -> None:
     with pytest.raises(ConfigurationError):
-        LruDirectoryService(capacity)
+        LruDirectoryService(capacity, SizeRule.TVIX)
 
 
 async def test_combined_read_many_fills_near_with_verified_blobs() -> None:

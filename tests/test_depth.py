@@ -34,6 +34,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode
 from nixcas.castore.proto import encode_node
+from nixcas.castore.sizerule import SizeRule
 from nixcas.castore.treepath import TreePath
 from nixcas.errors import DepthError, NarError
 from nixcas.registry import directory_service_from_url
@@ -60,7 +61,7 @@ def chain_directories(depth: int) -> list[Directory]:
     chain = [Directory()]
     for _ in range(depth):
         below = chain[-1]
-        chain.append(Directory({b"a": DirectoryNode(below.digest, below.size)}))
+        chain.append(Directory({b"a": below.node(SizeRule.TVIX)}))
     return chain
 
 
@@ -68,19 +69,19 @@ async def store_unchecked(dirs: MemoryDirectoryService, depth: int) -> Directory
     """Store the chain without the upload's checks (as a store written before the limit existed)."""
     chain = chain_directories(depth)
     await dirs._put_raw([(d.digest, d.encode()) for d in chain])
-    return chain[-1].node()
+    return chain[-1].node(SizeRule.TVIX)
 
 
 # -- the limit at each entry point ----------------------------------------------------
 
 
 async def test_nar_at_the_limit_round_trips_and_one_more_is_refused() -> None:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     nar = chain_nar(MAX_DEPTH)
     node, size, _ = await ingest_nar_bytes(nar, blobs, dirs)
     assert size == len(nar)
     assert b"".join([c async for c in render_nar(node, blobs, dirs)]) == nar
-    deeper = MemoryDirectoryService()
+    deeper = MemoryDirectoryService(SizeRule.TVIX)
     with pytest.raises(NarError, match=f"nested deeper than {MAX_DEPTH} levels") as info:
         await ingest_nar_bytes(chain_nar(MAX_DEPTH + 1), blobs, deeper)
     assert len(str(info.value)) < 1000  # the path is abbreviated, not 2049 components long
@@ -88,7 +89,7 @@ async def test_nar_at_the_limit_round_trips_and_one_more_is_refused() -> None:
 
 
 async def test_bridge_put_of_a_too_deep_nar_is_400(tmp_path: Path) -> None:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     index = NarIndex(str(tmp_path / "index.sqlite"))
     bridge = NarBridge(blobs, dirs, MemoryPathInfoService(), index, allow_writes=True)
     async with TestClient(TestServer(bridge.application())) as client:
@@ -139,11 +140,11 @@ async def test_filesystem_ingest_refuses_deeper_than_the_limit(tmp_path: Path, m
     monkeypatch.setattr("nixcas.castore.ingest.MAX_DEPTH", 4)
     (tmp_path / "t" / "1" / "2" / "3").mkdir(parents=True)
     (tmp_path / "t" / "1" / "2" / "3" / "4").write_bytes(b"at the limit")
-    dirs = MemoryDirectoryService()
+    dirs = MemoryDirectoryService(SizeRule.TVIX)
     await ingest_path(tmp_path / "t", MemoryBlobService(), dirs)
     (tmp_path / "t" / "1" / "2" / "3" / "d").mkdir()
     (tmp_path / "t" / "1" / "2" / "3" / "d" / "5").write_bytes(b"one too deep")
-    deeper = MemoryDirectoryService()
+    deeper = MemoryDirectoryService(SizeRule.TVIX)
     with pytest.raises(DepthError, match="t/1/2/3/d/5: nested deeper than the 4 levels"):
         await ingest_path(tmp_path / "t", MemoryBlobService(), deeper)
     assert deeper._data == {}
@@ -151,7 +152,7 @@ async def test_filesystem_ingest_refuses_deeper_than_the_limit(tmp_path: Path, m
 
 @pytest_asyncio.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, MemoryDirectoryService]]:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     running = await start_server(str(tmp_path / "d.sock"), blobs, dirs, pathinfos=MemoryPathInfoService())
     yield running, dirs
     await running.stop(0)
@@ -248,15 +249,16 @@ _SCRIPT = textwrap.dedent(
     from nixcas.castore.directory import Directory
     from nixcas.castore.dirs.memory import MemoryDirectoryService
     from nixcas.castore.nodes import DirectoryNode
+    from nixcas.castore.sizerule import SizeRule
 
     def chain():
         out = [Directory()]
         for _ in range(DEPTH):
-            out.append(Directory({b"a": DirectoryNode(out[-1].digest, out[-1].size)}))
+            out.append(Directory({b"a": out[-1].node(SizeRule.TVIX)}))
         return out
 
     async def main():
-        blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+        blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
         if scenario == "nar":
             from nixcas.store.nar.ingest import ingest_nar_bytes
             from nixcas.store.nar.wire import ENTRY_PREFIX, NAR_MAGIC, NODE_DIRECTORY, TOK_CLOSE, TOK_NODE, encode_str
@@ -282,7 +284,7 @@ _SCRIPT = textwrap.dedent(
             from nixcas.store.nar.render import render_nar
             directories = chain()
             await dirs._put_raw([(d.digest, d.encode()) for d in directories])
-            node = directories[-1].node()
+            node = directories[-1].node(SizeRule.TVIX)
             del directories
             try:
                 plan_size(node, await fetch_closure(node, dirs))
@@ -325,7 +327,7 @@ async def test_fsck_and_walk_report_a_too_deep_stored_tree() -> None:
     from nixcas.api import Store
     from nixcas.castore.fsck import CastoreChecker
 
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node = await store_unchecked(dirs, MAX_DEPTH + 1)
     problems = [p async for p in CastoreChecker(blobs, dirs).walk("deep", node)]
     assert len(problems) == 1 and f"exceed the {MAX_DEPTH} levels" in problems[0].message

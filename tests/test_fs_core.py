@@ -29,6 +29,7 @@ from nixcas.castore.fs.fuse import CastoreFs, _FileHandle, _RootListing
 from nixcas.castore.fs.reader import ChunkedFile, ReadAhead
 from nixcas.castore.fs.roots import DirectoryRootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, StorageError
 from nixcas.testing.fixtures import BLOB_B, DIRECTORY_WITH_KEEP, HELLOWORLD, SYMLINK_TARGET
 
@@ -167,19 +168,19 @@ async def test_right_blob_passes_verification() -> None:
 
 @pytest.fixture
 async def fs() -> CastoreFs:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     digest = await blobs.put(HELLOWORLD)
     await dirs.put(DIRECTORY_WITH_KEEP)
     inner_entries: dict[bytes, Node] = {
         b"plain": FileNode(digest, len(HELLOWORLD)),
         b"exec": FileNode(digest, len(HELLOWORLD), executable=True),
         b"link": SymlinkNode(SYMLINK_TARGET),
-        b"keep": DirectoryNode(DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.size),
+        b"keep": DIRECTORY_WITH_KEEP.node(SizeRule.TVIX),
     }
     inner = Directory(inner_entries)
     await dirs.put(inner)
     root_entries: dict[bytes, Node] = {
-        b"sub": DirectoryNode(inner.digest, inner.size),
+        b"sub": inner.node(SizeRule.TVIX),
         b"gone": DirectoryNode(B3Digest.of(b"no such directory"), 0),
         b"plain": FileNode(digest, len(HELLOWORLD)),
     }
@@ -305,7 +306,7 @@ class CountingDirectories(MemoryDirectoryService):
     """Counts the requests a fetcher makes."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(SizeRule.TVIX)
         self.gets = 0
         self.recursive = 0
 
@@ -325,7 +326,7 @@ async def three_levels(dirs: DirectoryService, leaves: int = 3) -> tuple[Directo
     children = [Directory({f"file{i}".encode(): FileNode(digest, 12)}) for i in range(leaves)]
     for child in children:
         await dirs.put(child)
-    root = Directory({f"d{i}".encode(): child.node() for i, child in enumerate(children)})
+    root = Directory({f"d{i}".encode(): child.node(SizeRule.TVIX) for i, child in enumerate(children)})
     await dirs.put(root)
     return root, children
 
@@ -334,32 +335,32 @@ async def test_small_subtree_comes_in_one_request() -> None:
     dirs = CountingDirectories()
     root, children = await three_levels(dirs)
     fetcher = DirectoryFetcher(dirs)
-    assert await fetcher.get(root.node()) == root
+    assert await fetcher.get(root.node(SizeRule.TVIX)) == root
     assert len(fetcher) == 3
     for child in children:
-        assert await fetcher.get(child.node()) == child
+        assert await fetcher.get(child.node(SizeRule.TVIX)) == child
     assert (dirs.recursive, dirs.gets, len(fetcher)) == (1, 0, 0)
 
 
 async def test_large_subtree_is_fetched_level_by_level() -> None:
     dirs = CountingDirectories()
     root, children = await three_levels(dirs)
-    fetcher = DirectoryFetcher(dirs, closure_max_size=root.size - 1)
-    assert await fetcher.get(root.node()) == root
+    fetcher = DirectoryFetcher(dirs, closure_max_size=root.size_under(SizeRule.TVIX) - 1)
+    assert await fetcher.get(root.node(SizeRule.TVIX)) == root
     assert (dirs.recursive, dirs.gets, len(fetcher)) == (0, 1, 0)
-    assert await fetcher.get(children[0].node()) == children[0]  # small: its own closure
+    assert await fetcher.get(children[0].node(SizeRule.TVIX)) == children[0]  # small: its own closure
     assert dirs.recursive == 1
 
 
 async def test_missing_descendant_falls_back_to_the_directory_alone(caplog: pytest.LogCaptureFixture) -> None:
     dirs = CountingDirectories()
     lost = Directory({b"x": FileNode(B3Digest.of(HELLOWORLD), 12)})
-    root = Directory({b"lost": lost.node()})
+    root = Directory({b"lost": lost.node(SizeRule.TVIX)})
     await dirs.put(root)  # its child was never stored
     fetcher = DirectoryFetcher(dirs)
-    assert await fetcher.get(root.node()) == root
+    assert await fetcher.get(root.node(SizeRule.TVIX)) == root
     assert "cannot fetch its closure whole" in caplog.text
-    assert await fetcher.get(lost.node()) is None
+    assert await fetcher.get(lost.node(SizeRule.TVIX)) is None
     assert await fetcher.get(DirectoryNode(B3Digest(bytes(32)), 2)) is None
 
 
@@ -367,10 +368,10 @@ async def test_directories_kept_ahead_are_bounded() -> None:
     dirs = CountingDirectories()
     root, children = await three_levels(dirs, leaves=10)
     fetcher = DirectoryFetcher(dirs, keep_entries=4)
-    await fetcher.get(root.node())
+    await fetcher.get(root.node(SizeRule.TVIX))
     assert len(fetcher) == 4  # one entry each: the newest four kept
-    assert await fetcher.get(children[-1].node()) == children[-1]
-    assert await fetcher.get(children[0].node()) == children[0]  # dropped: fetched again
+    assert await fetcher.get(children[-1].node(SizeRule.TVIX)) == children[-1]
+    assert await fetcher.get(children[0].node(SizeRule.TVIX)) == children[0]  # dropped: fetched again
     assert dirs.recursive == 2
 
 
@@ -533,7 +534,7 @@ async def test_chunked_file_missing_chunk_is_an_error_and_retried() -> None:
 
 
 async def test_large_chunked_files_open_as_chunked_files() -> None:
-    blobs, dirs = ChunkedMemory(), MemoryDirectoryService()
+    blobs, dirs = ChunkedMemory(), MemoryDirectoryService(SizeRule.TVIX)
     digest, _ = await blobs.put_chunked(BIG, chunk_cuts(len(BIG), 3))
     small = await blobs.put(HELLOWORLD)
     root = Directory({b"big": FileNode(digest, len(BIG)), b"small": FileNode(small, len(HELLOWORLD))})

@@ -26,7 +26,8 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.gc import Deletion, StoredObject, WriteLeases, collect, parse_duration
-from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.castore.nodes import FileNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
 from nixcas.testing.nix import NIX_STORE, run_nix
@@ -294,7 +295,7 @@ async def test_a_streaming_upload_without_lease_never_publishes_a_broken_blob(tm
         if gc_started == "during the upload":
             await asyncio.sleep(0.05)
             cutoff = time.time_ns()  # ... or only now, after the reused chunks were found and refreshed
-        report = await collect(blobs, MemoryDirectoryService(), [], cutoff_ns=cutoff)
+        report = await collect(blobs, MemoryDirectoryService(SizeRule.TVIX), [], cutoff_ns=cutoff)
         await writer.write(new[2 << 20 :])
         if gc_started == "before the upload":  # the reused chunks were young for that GC: all is well
             assert report.kinds["blob"].freed == 1  # the old blob, and its chunks the new one does not share
@@ -350,7 +351,7 @@ async def test_outboards_are_collected_with_their_blob(tmp_path: Path) -> None:
 
 
 async def test_memory_backends_collect(tmp_path: Path) -> None:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     keep = await blobs.put(b"keep")
     drop = await blobs.put(b"drop")
     tree = Directory([(b"k", FileNode(keep, 4))])
@@ -496,7 +497,7 @@ async def test_directory_database_migration(tmp_path: Path) -> None:
         assert await service.get(old.digest) == old
         stored = [o async for batch in service.scan_directories() for o in batch]
         assert [o.digest for o in stored] == [old.digest] and stored[0].mtime_ns >= before
-        new = Directory([(b"sub", DirectoryNode(old.digest, old.size))])
+        new = Directory([(b"sub", old.node(SizeRule.TVIX))])
         await service.put(new)
         report = await collect(
             LocalBlobService(tmp_path / "blobs"), service, [new.digest], cutoff_ns=time.time_ns() + HOUR_NS
@@ -665,7 +666,11 @@ async def test_sweepable_blob_contract(sweepable_blobs: MemoryBlobService | Loca
 async def sweepable_dirs(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[MemoryDirectoryService | SqliteDirectoryService]:
-    service = MemoryDirectoryService() if request.param == "memory" else SqliteDirectoryService(str(tmp_path / "d.db"))
+    service = (
+        MemoryDirectoryService(SizeRule.TVIX)
+        if request.param == "memory"
+        else SqliteDirectoryService(str(tmp_path / "d.db"))
+    )
     yield service
     await service.close()
 
@@ -673,7 +678,7 @@ async def sweepable_dirs(
 async def test_sweepable_directory_contract(sweepable_dirs: MemoryDirectoryService | SqliteDirectoryService) -> None:
     dirs = sweepable_dirs
     leaf = Directory([(b"f", FileNode(EMPTY_DIGEST, 0))])
-    top = Directory([(b"leaf", leaf.node())])
+    top = Directory([(b"leaf", leaf.node(SizeRule.TVIX))])
     before = time.time_ns()
     await dirs.put(leaf)
     await dirs.put(top)

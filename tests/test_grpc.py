@@ -28,6 +28,7 @@ from nixcas.castore.grpc.codec import identity
 from nixcas.castore.grpc.register import add_servicer
 from nixcas.castore.grpc.status import RemoteError
 from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.server import RunningServer, start_server
@@ -70,7 +71,7 @@ def listen(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest_asyncio.fixture
 async def backing() -> tuple[LyingMemoryBlobService, MemoryDirectoryService]:
-    return LyingMemoryBlobService(), MemoryDirectoryService()
+    return LyingMemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
 
 
 @pytest_asyncio.fixture
@@ -263,7 +264,7 @@ async def test_recursive_get_sends_each_directory_once_root_first(
 
 def _bad_closures() -> dict[str, list[bytes]]:
     keep = DIRECTORY_WITH_KEEP
-    wrong_size = Directory({b"keep": DirectoryNode(keep.digest, keep.size + 1)})
+    wrong_size = Directory({b"keep": DirectoryNode(keep.digest, keep.size_under(SizeRule.TVIX) + 1)})
     unsorted = pb.Directory()
     unsorted.files.add(name=b"b", digest=bytes(32), size=1)
     unsorted.files.add(name=b"a", digest=bytes(32), size=1)
@@ -348,7 +349,7 @@ async def test_large_directory_over_4_mib(
 async def test_client_disconnect_mid_put_leaves_no_blob(server: RunningServer, tmp_path: Path) -> None:
     # serve a file-backed store to also check that no temp files remain
     store = await blob_service_from_url(f"objectstore+file://{tmp_path}/blobs")
-    running = await start_server("127.0.0.1:0", store, MemoryDirectoryService())
+    running = await start_server("127.0.0.1:0", store, MemoryDirectoryService(SizeRule.TVIX))
     data = blake3.blake3(b"half").digest(length=4 << 20)
     try:
         svc = await blob_service_from_url(running.url)
@@ -636,7 +637,7 @@ class SyncCountingBlobService(MemoryBlobService):
 
 class LoggingDirectoryService(MemoryDirectoryService):
     def __init__(self, log: list[str]) -> None:
-        super().__init__()
+        super().__init__(SizeRule.TVIX)
         self.log = log
 
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:

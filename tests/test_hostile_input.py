@@ -24,6 +24,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import FileNode
 from nixcas.castore.proto import encode_node
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import PathInfoError
 from nixcas.server import RunningServer, start_server
 from nixcas.store import nixbase32
@@ -53,7 +54,7 @@ def test_narinfo_sig_with_non_ascii_is_a_parse_error(sig: str) -> None:
 
 @pytest_asyncio.fixture
 async def bridge(tmp_path: Path) -> AsyncIterator[tuple[TestClient, MemoryBlobService, MemoryDirectoryService]]:  # type: ignore[type-arg]
-    blobs, dirs, infos = MemoryBlobService(), MemoryDirectoryService(), MemoryPathInfoService()
+    blobs, dirs, infos = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService()
     index = NarIndex(None)
     async with TestClient(TestServer(NarBridge(blobs, dirs, infos, index, allow_writes=True).application())) as c:
         yield c, blobs, dirs
@@ -123,7 +124,7 @@ async def test_bridge_range_with_thousands_of_digits_is_not_a_500(
 
 @pytest_asyncio.fixture
 async def daemon(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, MemoryBlobService, MemoryDirectoryService]]:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     running = await start_server(str(tmp_path / "d.sock"), blobs, dirs, pathinfos=MemoryPathInfoService())
     yield running, blobs, dirs
     await running.stop(0)
@@ -189,7 +190,7 @@ async def test_file_node_whose_size_disagrees_with_its_blob(
     target = running.url.replace("grpc+unix://", "unix:")
     async with grpc.aio.insecure_channel(target) as channel:
         call = raw_calculate_nar(channel)
-        for node in (wrong_file, directory.node()):
+        for node in (wrong_file, directory.node(SizeRule.TVIX)):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call(castore_pb.Node.FromString(encode_node(b"", node)))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
@@ -198,7 +199,7 @@ async def test_file_node_whose_size_disagrees_with_its_blob(
     index = NarIndex(None)
     bridge = NarBridge(blobs, dirs, MemoryPathInfoService(), index)
     async with TestClient(TestServer(bridge.application())) as client:
-        for node, size in ((wrong_file, plan_size(wrong_file, {})), (directory.node(), 1000)):
+        for node, size in ((wrong_file, plan_size(wrong_file, {})), (directory.node(SizeRule.TVIX), 1000)):
             for method in ("GET", "HEAD"):
                 async with client.request(method, "/" + nar_url(node, size)) as r:
                     assert r.status == 409, (method, r.status, await r.text())

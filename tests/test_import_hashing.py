@@ -13,6 +13,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import Node
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store.importer import Services, import_path
 from nixcas.store.nar.hashing import SimpleNarCalculationService
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
@@ -32,7 +33,7 @@ async def test_import_hashes_the_nar_without_reading_the_store_back(tmp_path: Pa
             NoReads.reads += 1
             return await super()._open_read(digest)
 
-    blobs, dirs = NoReads(), MemoryDirectoryService()
+    blobs, dirs = NoReads(), MemoryDirectoryService(SizeRule.TVIX)
     info = await import_path(
         tree, Services(blobs, dirs, MemoryPathInfoService(), SimpleNarCalculationService(blobs, dirs))
     )
@@ -58,7 +59,7 @@ async def test_a_file_changed_after_the_import_read_it_does_not_change_the_pathi
         return node
 
     monkeypatch.setattr(importer, "ingest_path", ingest_then_change)
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     nar = SimpleNarCalculationService(blobs, dirs)
     info = await import_path(tree, Services(blobs, dirs, MemoryPathInfoService(), nar))
     # The PathInfo describes what was stored, hashed from the store: the same as a fresh calculation.

@@ -34,6 +34,7 @@ from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
 from nixcas.castore.dirs.members import MembersDirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.grpc.status import RemoteError
+from nixcas.castore.sizerule import SizeRule
 from nixcas.composition import Composition
 from nixcas.errors import ChecksumMismatch, ConfigurationError, ReadOnlyError, StorageError, UnavailableError
 from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
@@ -164,7 +165,7 @@ async def seeded_blobs(*blobs: bytes) -> MemoryBlobService:
 
 class SlowDirs(MemoryDirectoryService):
     def __init__(self, gate: Gate) -> None:
-        super().__init__()
+        super().__init__(SizeRule.TVIX)
         self.gate = gate
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
@@ -185,7 +186,7 @@ class FailingDirs(MemoryDirectoryService):
 
 
 def seeded_dirs(*directories: Directory) -> MemoryDirectoryService:
-    svc = MemoryDirectoryService()
+    svc = MemoryDirectoryService(SizeRule.TVIX)
     for d in directories:
         svc._data[d.digest] = d.encode()
     return svc
@@ -276,8 +277,8 @@ class TestMembersBlobService(BlobServiceSuite):
 class TestMembersDirectoryService(DirectoryServiceSuite):
     @pytest_asyncio.fixture
     async def directory_service(self, mode: str) -> AsyncIterator[DirectoryService]:
-        seed = MemoryDirectoryService()
-        yield SeededDirs(mode, [MemoryDirectoryService(), seed], seed)
+        seed = MemoryDirectoryService(SizeRule.TVIX)
+        yield SeededDirs(mode, [MemoryDirectoryService(SizeRule.TVIX), seed], seed)
 
     @pytest.fixture
     def store_raw(self, directory_service: DirectoryService) -> RawStore:
@@ -587,7 +588,7 @@ async def test_closure_completed_by_the_next_member(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_closure_no_member_completes_is_an_error(mode: str) -> None:
-    svc = MembersDirectoryService(mode, [seeded_dirs(DIRECTORY_COMPLICATED), MemoryDirectoryService()])
+    svc = MembersDirectoryService(mode, [seeded_dirs(DIRECTORY_COMPLICATED), MemoryDirectoryService(SizeRule.TVIX)])
     got: list[B3Digest] = []
 
     async def consume() -> None:
@@ -610,7 +611,7 @@ async def test_large_closure_streams_and_continues_on_the_next_member(
     partial = seeded_dirs(DIRECTORY_COMPLICATED)
     svc = MembersDirectoryService(mode, [partial, seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)])
     assert await collect(svc, ref("COMPLICATED")) == CLOSURE
-    alone = MembersDirectoryService(mode, [partial, MemoryDirectoryService()])
+    alone = MembersDirectoryService(mode, [partial, MemoryDirectoryService(SizeRule.TVIX)])
     got: list[B3Digest] = []
 
     async def consume() -> None:
@@ -626,7 +627,7 @@ class StallingDirs(MemoryDirectoryService):
     """Sends a closure's root at once, then nothing until the gate opens."""
 
     def __init__(self, gate: Gate) -> None:
-        super().__init__()
+        super().__init__(SizeRule.TVIX)
         self.gate = gate
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
@@ -651,7 +652,7 @@ async def test_race_closure_member_stalling_after_its_root_does_not_block() -> N
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_wrong_directory_counts_as_no_answer(mode: str) -> None:
-    wrong = MemoryDirectoryService()
+    wrong = MemoryDirectoryService(SizeRule.TVIX)
     wrong._data[ref("B")] = DIRECTORY_A.encode()  # the encoding does not hash to the digest it is filed under
     wrong._data[ref("COMPLICATED")] = DIRECTORY_B.encode()
     good = seeded_dirs(DIRECTORY_B, DIRECTORY_A, DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)
@@ -659,7 +660,7 @@ async def test_wrong_directory_counts_as_no_answer(mode: str) -> None:
     assert await svc.get(ref("B")) == DIRECTORY_B
     assert await collect(svc, ref("COMPLICATED")) == CLOSURE
     assert await svc.get_many_raw([ref("B"), ref("A")]) == {ref("B"): DIRECTORY_B.encode(), ref("A"): b""}
-    only_wrong = MembersDirectoryService(mode, [MemoryDirectoryService(), wrong])
+    only_wrong = MembersDirectoryService(mode, [MemoryDirectoryService(SizeRule.TVIX), wrong])
     with pytest.raises(ChecksumMismatch):
         await only_wrong.get(ref("B"))
     with pytest.raises(ChecksumMismatch):
@@ -681,12 +682,12 @@ async def test_race_directories_slow_member_cancelled() -> None:
 @pytest.mark.parametrize("mode", MODES)
 async def test_directories_failing_and_absent(mode: str) -> None:
     good = seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)
-    svc = MembersDirectoryService(mode, [FailingDirs(), good])
+    svc = MembersDirectoryService(mode, [FailingDirs(SizeRule.TVIX), good])
     assert await collect(svc, ref("COMPLICATED")) == CLOSURE
     assert await svc.get(ref("WITH_KEEP")) == DIRECTORY_WITH_KEEP
     assert await svc.get(ref("B")) is None  # absent in one member, the other failing: absent
     assert await collect(svc, ref("B")) == []
-    down = MembersDirectoryService(mode, [FailingDirs(), FailingDirs()])
+    down = MembersDirectoryService(mode, [FailingDirs(SizeRule.TVIX), FailingDirs(SizeRule.TVIX)])
     with pytest.raises(UnavailableError, match="directory member down"):
         await down.get(ref("B"))
     with pytest.raises(UnavailableError):
@@ -695,7 +696,7 @@ async def test_directories_failing_and_absent(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_directory_writes_are_refused(mode: str) -> None:
-    member = MemoryDirectoryService()
+    member = MemoryDirectoryService(SizeRule.TVIX)
     svc = MembersDirectoryService(mode, [member])
     with pytest.raises(ReadOnlyError, match=f"{mode} directory service is read-only"):
         await svc.put(DIRECTORY_A)

@@ -16,6 +16,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.graph import LeavesToRootValidator, RootToLeavesValidator
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, validate_name, validate_symlink_target
 from nixcas.castore.proto import decode_node, encode_node, pb
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import (
     ClosureError,
     DirectoryError,
@@ -32,6 +33,7 @@ from nixcas.testing.fixtures import (
     DIRECTORY_B,
     DIRECTORY_C,
     DIRECTORY_COMPLICATED,
+    DIRECTORY_COMPLICATED_SNIX,
     DIRECTORY_D,
     DIRECTORY_WITH_KEEP,
     EMPTY,
@@ -124,13 +126,15 @@ def test_directory_vectors(vector: dict[str, Any]) -> None:
     # the model produces it
     assert directory.encode().hex() == vector["canonical_protobuf_hex"]
     assert directory.digest.hex() == vector["digest_hex"]
-    assert directory.size == vector["size_rust_compat"]
-    assert directory.node() == DirectoryNode(B3Digest(bytes.fromhex(vector["digest_hex"])), vector["size_rust_compat"])
+    assert directory.size_under(SizeRule.TVIX) == vector["size_rust_compat"]
+    assert directory.node(SizeRule.TVIX) == DirectoryNode(
+        B3Digest(bytes.fromhex(vector["digest_hex"])), vector["size_rust_compat"]
+    )
     # and parses it back
     parsed = Directory.decode(canonical)
     assert parsed.entries == directory.entries
     assert parsed.digest.hex() == vector["digest_hex"]
-    assert parsed.size == vector["size_rust_compat"]
+    assert parsed.size_under(SizeRule.TVIX) == vector["size_rust_compat"]
     assert parsed == directory
 
 
@@ -154,9 +158,12 @@ def test_spec_size_variant_digests() -> None:
     assert spec_complicated.digest.hex() == complicated.group(2)
     spec_d = Directory({b"a": DirectoryNode(DIRECTORY_A.digest, 0), b"b": DirectoryNode(DIRECTORY_B.digest, 1)})
     assert spec_d.digest.hex() == d.group(2)
-    # and the deployed rule is what we compute
-    assert DIRECTORY_COMPLICATED.size != int(complicated.group(1))
-    assert DIRECTORY_D.size != int(d.group(1))
+    # and the tvix rule is what we compute under it
+    assert DIRECTORY_COMPLICATED.size_under(SizeRule.TVIX) != int(complicated.group(1))
+    assert DIRECTORY_D.size_under(SizeRule.TVIX) != int(d.group(1))
+    # the snix rule sizes 'keep' (one file) as the proto comment does (1), so the snix-rule
+    # COMPLICATED is the tree this reference vector names
+    assert DIRECTORY_COMPLICATED_SNIX.digest.hex() == complicated.group(2)
 
 
 def test_empty_directory_digest_is_empty_blob_digest() -> None:
@@ -405,9 +412,9 @@ D0 = EMPTY_DIGEST
 )
 def test_directory_size(entries: dict[bytes, Node], size: int) -> None:
     d = Directory(entries)
-    assert d.size == size
-    assert d.node().size == size
-    assert Directory.decode(d.encode()).size == size
+    assert d.size_under(SizeRule.TVIX) == size
+    assert d.node(SizeRule.TVIX).size == size
+    assert Directory.decode(d.encode()).size_under(SizeRule.TVIX) == size
 
 
 @pytest.mark.parametrize(
@@ -564,7 +571,7 @@ def test_proto_size_overflow() -> None:
     assert all(isinstance(e, DirectoryError) for e in errors)
     ok = pb.Directory()
     ok.directories.add(name=b"a", digest=GOOD, size=2**64 - 3)
-    assert Directory.from_proto(ok).size == 2**64 - 1
+    assert Directory.from_proto(ok).size_under(SizeRule.TVIX) == 2**64 - 1
 
 
 def test_proto_valid_multi_list() -> None:
@@ -578,7 +585,8 @@ def test_proto_valid_multi_list() -> None:
     )
     d = Directory.from_proto(msg)
     assert [name for name, _ in d] == [b"a", b"b", b"c", b"d", b"e", b"f"]
-    assert d.size == 12
+    assert d.size_under(SizeRule.TVIX) == 12  # 2 * 6 entries
+    assert d.size_under(SizeRule.SNIX) == 8  # 2 files + 2 symlinks + 2 * 2 directories
     assert d.encode() == msg.SerializeToString(deterministic=True)
     assert Directory.decode(msg.SerializeToString()).digest == d.digest == digest_of(d.encode())
 
@@ -593,7 +601,7 @@ def test_directory_undecodable(data: bytes) -> None:
 
 
 def leaves_to_root(*dirs: Directory) -> tuple[B3Digest, list[Directory]]:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     for d in dirs:
         v.add(d)
     return v.finish()
@@ -601,7 +609,7 @@ def leaves_to_root(*dirs: Directory) -> tuple[B3Digest, list[Directory]]:
 
 def test_l2r_empty() -> None:
     with pytest.raises(ClosureError):
-        LeavesToRootValidator().finish()
+        LeavesToRootValidator(SizeRule.TVIX).finish()
 
 
 def test_l2r_single() -> None:
@@ -621,7 +629,7 @@ def test_l2r_same_child_twice() -> None:
 
 
 def test_l2r_dedup() -> None:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     assert v.add(DIRECTORY_A) is True
     assert v.add(DIRECTORY_A) is False
     assert v.add(DIRECTORY_B) is True
@@ -631,7 +639,7 @@ def test_l2r_dedup() -> None:
 
 
 def test_l2r_unconnected() -> None:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     v.add(DIRECTORY_A)
     v.add(DIRECTORY_WITH_KEEP)
     with pytest.raises(ClosureError):
@@ -639,27 +647,27 @@ def test_l2r_unconnected() -> None:
 
 
 def test_l2r_dangling_pointer() -> None:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     with pytest.raises(ClosureError):
         v.add(DIRECTORY_B)
 
 
 def test_l2r_parent_before_child() -> None:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     with pytest.raises(ClosureError):
         v.add(DIRECTORY_D)
 
 
 @pytest.mark.parametrize("size", [1, 2, 100])
 def test_l2r_wrong_size(size: int) -> None:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     v.add(DIRECTORY_A)
     with pytest.raises(ClosureError):
         v.add(Directory({b"a": DirectoryNode(DIRECTORY_A.digest, size)}))
 
 
 def test_l2r_wrong_size_second_level() -> None:
-    v = LeavesToRootValidator()
+    v = LeavesToRootValidator(SizeRule.TVIX)
     v.add(DIRECTORY_A)
     v.add(DIRECTORY_B)
     with pytest.raises(ClosureError):
@@ -667,7 +675,7 @@ def test_l2r_wrong_size_second_level() -> None:
 
 
 def root_to_leaves(root: B3Digest, *dirs: Directory) -> None:
-    v = RootToLeavesValidator(root)
+    v = RootToLeavesValidator(root, SizeRule.TVIX)
     for d in dirs:
         v.add(d)
     v.finish()
@@ -688,26 +696,26 @@ def test_r2l_accepts(order: list[Directory]) -> None:
 
 
 def test_r2l_unexpected_root() -> None:
-    v = RootToLeavesValidator(DIRECTORY_D.digest)
+    v = RootToLeavesValidator(DIRECTORY_D.digest, SizeRule.TVIX)
     with pytest.raises(StorageError):
         v.add(DIRECTORY_B)
 
 
 def test_r2l_leaves_first_rejected() -> None:
-    v = RootToLeavesValidator(DIRECTORY_D.digest)
+    v = RootToLeavesValidator(DIRECTORY_D.digest, SizeRule.TVIX)
     with pytest.raises(StorageError):
         v.add(DIRECTORY_A)
 
 
 def test_r2l_unrelated_directory() -> None:
-    v = RootToLeavesValidator(DIRECTORY_D.digest)
+    v = RootToLeavesValidator(DIRECTORY_D.digest, SizeRule.TVIX)
     v.add(DIRECTORY_D)
     with pytest.raises(StorageError):
         v.add(DIRECTORY_WITH_KEEP)
 
 
 def test_r2l_incomplete() -> None:
-    v = RootToLeavesValidator(DIRECTORY_D.digest)
+    v = RootToLeavesValidator(DIRECTORY_D.digest, SizeRule.TVIX)
     v.add(DIRECTORY_D)
     v.add(DIRECTORY_B)
     with pytest.raises(StorageError):
@@ -716,4 +724,4 @@ def test_r2l_incomplete() -> None:
 
 def test_r2l_nothing_received() -> None:
     with pytest.raises(StorageError):
-        RootToLeavesValidator(DIRECTORY_A.digest).finish()
+        RootToLeavesValidator(DIRECTORY_A.digest, SizeRule.TVIX).finish()

@@ -24,6 +24,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.castore.treepath import TreePath
 from nixcas.errors import ChecksumMismatch, NarError, NotFoundError, StorageError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
@@ -119,13 +120,13 @@ VECTORS: dict[str, tuple[bytes, Node, int, str]] = {
     ),
     "complicated": (
         NAR_COMPLICATED,
-        DIRECTORY_COMPLICATED.node(),
+        DIRECTORY_COMPLICATED.node(SizeRule.TVIX),
         840,
         "ebd52279a8df024c9fd5718de4103bf5e760dc7f2cf49044ee7dea87ab16911a",
     ),
     "emptydirectory": (
         NAR_EMPTY_DIR,
-        Directory().node(),
+        Directory().node(SizeRule.TVIX),
         96,
         "a50a5ab6d992f5598edd92105059fae9acfc192981e08bd88534c2167e92526a",
     ),
@@ -149,7 +150,7 @@ VECTORS: dict[str, tuple[bytes, Node, int, str]] = {
 async def fixture_stores() -> tuple[MemoryBlobService, MemoryDirectoryService]:
     """Memory services holding the castore fixtures the vectors need."""
     blobs = MemoryBlobService()
-    directories = MemoryDirectoryService()
+    directories = MemoryDirectoryService(SizeRule.TVIX)
     for data in (b"", HELLOWORLD, b"\x01"):
         await blobs.put(data)
     putter = directories.put_multiple_start()
@@ -284,7 +285,7 @@ async def random_tree(
         entries[b"big%d" % i] = FileNode(await blobs.put(data), len(data), i % 2 == 1)
     directory = Directory(entries)
     await directories.put(directory)
-    return directory.node()
+    return directory.node(SizeRule.TVIX)
 
 
 async def compare_trees(
@@ -343,7 +344,7 @@ async def test_render_vectors(name: str) -> None:
 async def test_ingest_vectors(name: str) -> None:
     data, node, size, sha = VECTORS[name]
     blobs = MemoryBlobService()
-    directories = MemoryDirectoryService()
+    directories = MemoryDirectoryService(SizeRule.TVIX)
     root, got_size, got_sha = await ingest_nar_bytes(
         data, blobs, directories, expected_size=size, expected_sha256=bytes.fromhex(sha)
     )
@@ -396,7 +397,7 @@ def test_wire_helpers() -> None:
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_round_trip(seed: int) -> None:
     rng = _rng(seed)
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     root = await random_tree(rng, blobs, directories, depth=3, big=1 if seed == 0 else 0)
     data = await render_all(root, blobs, directories)
     # Every window configuration renders the same bytes.
@@ -413,7 +414,7 @@ async def test_random_round_trip(seed: int) -> None:
     assert merged(events) == merged(await events_of(data))
     assert all(len(e.data) <= 5000 for e in events if isinstance(e, NarFileChunk))
     # Ingest into fresh stores: the same tree comes back.
-    blobs2, dirs2 = MemoryBlobService(), MemoryDirectoryService()
+    blobs2, dirs2 = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node, size, sha = await ingest_nar(IterableSource(pieces()), blobs2, dirs2)
     assert (size, sha) == (len(data), hashlib.sha256(data).digest())
     assert node == root
@@ -423,7 +424,7 @@ async def test_random_round_trip(seed: int) -> None:
 
 async def test_round_trip_local_stores(tmp_path: object) -> None:
     rng = _rng(42)
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     root = await random_tree(rng, blobs, directories, depth=2, big=1)
     data = await render_all(root, blobs, directories)
     lb = await blob_service_from_url(f"objectstore+file://{tmp_path}/blobs")
@@ -445,7 +446,7 @@ async def test_round_trip_local_stores(tmp_path: object) -> None:
 
 async def test_seekable_random_access() -> None:
     rng = _rng(7)
-    inner, directories = MemoryBlobService(), MemoryDirectoryService()
+    inner, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     root = await random_tree(rng, inner, directories, depth=2, big=1)
     data = await render_all(root, inner, directories)
     blobs = InstrumentedBlobs(inner)
@@ -493,13 +494,13 @@ async def test_seekable_helloworld_positions_and_reader_reuse() -> None:
 
 async def test_seekable_reopens_for_other_blob() -> None:
     blobs_inner = MemoryBlobService()
-    directories = MemoryDirectoryService()
+    directories = MemoryDirectoryService(SizeRule.TVIX)
     a, b = b"a" * 100, b"b" * 100
     d = Directory({b"a": FileNode(await blobs_inner.put(a), 100), b"b": FileNode(await blobs_inner.put(b), 100)})
     await directories.put(d)
     blobs = InstrumentedBlobs(blobs_inner)
-    data = await render_all(d.node(), blobs_inner, directories)
-    async with await SeekableNar.open(d.node(), blobs, directories) as nar:
+    data = await render_all(d.node(SizeRule.TVIX), blobs_inner, directories)
+    async with await SeekableNar.open(d.node(SizeRule.TVIX), blobs, directories) as nar:
         ia, ib = data.index(a), data.index(b)
         await nar.seek(ia + 50)
         assert await nar.read(10) == a[:10]
@@ -519,7 +520,7 @@ async def test_seekable_blob_size_mismatch(declared: int, kind: str) -> None:
 
 
 async def test_seekable_missing_blob() -> None:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     async with await SeekableNar.open(FileNode(HELLOWORLD_DIGEST, 12), blobs, directories) as nar:
         assert nar.size == 128
         assert await nar.read(0x60) == NAR_HELLOWORLD[:0x60]  # framing needs no blob
@@ -541,25 +542,25 @@ async def test_render_blob_size_mismatch(declared: int, kind: str, buffer_bytes:
 
 
 async def test_render_missing_blob_names_digest_and_path() -> None:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     d = Directory({b"sub": FileNode(HELLOWORLD_DIGEST, 12)})
     await directories.put(d)
     with pytest.raises(NarContentNotFound) as info:
-        await render_all(d.node(), blobs, directories)
+        await render_all(d.node(SizeRule.TVIX), blobs, directories)
     assert HELLOWORLD_DIGEST.hex() in str(info.value) and "/sub" in str(info.value)
     assert isinstance(info.value, NotFoundError) and isinstance(info.value, StorageError)
 
 
 async def test_render_missing_directories() -> None:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     with pytest.raises(NarContentNotFound, match=DIRECTORY_COMPLICATED.digest.hex()):
-        await render_all(DIRECTORY_COMPLICATED.node(), blobs, directories)
+        await render_all(DIRECTORY_COMPLICATED.node(SizeRule.TVIX), blobs, directories)
     await directories.put(DIRECTORY_COMPLICATED)  # without its child 'keep'
     with pytest.raises(NarContentNotFound, match=DIRECTORY_WITH_KEEP.digest.hex()) as info:
-        await render_all(DIRECTORY_COMPLICATED.node(), blobs, directories)
+        await render_all(DIRECTORY_COMPLICATED.node(SizeRule.TVIX), blobs, directories)
     assert "/keep" in str(info.value)
     with pytest.raises(NarContentNotFound):
-        await SeekableNar.open(DIRECTORY_COMPLICATED.node(), blobs, directories)
+        await SeekableNar.open(DIRECTORY_COMPLICATED.node(SizeRule.TVIX), blobs, directories)
 
 
 async def test_render_size_contradicting_empty_digest() -> None:
@@ -574,21 +575,21 @@ async def test_render_detects_corrupt_blob_content() -> None:
     digest = B3Digest.of(b"good data!!!")
     blobs = LyingBlobs({digest: b"evil data!!!"})
     with pytest.raises(StorageError, match="checksum"):
-        await render_all(FileNode(digest, 12), blobs, MemoryDirectoryService())
+        await render_all(FileNode(digest, 12), blobs, MemoryDirectoryService(SizeRule.TVIX))
 
 
 # -- prefetch ---------------------------------------------------------------------
 
 
 async def _many_files(n: int, size: int) -> tuple[MemoryBlobService, MemoryDirectoryService, DirectoryNode]:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     entries: dict[bytes, Node] = {}
     for i in range(n):
         data = bytes([i % 256]) * size + b"%d" % i
         entries[b"f%03d" % i] = FileNode(await blobs.put(data), len(data))
     d = Directory(entries)
     await directories.put(d)
-    return blobs, directories, d.node()
+    return blobs, directories, d.node(SizeRule.TVIX)
 
 
 async def test_prefetch_overlaps_slow_opens() -> None:
@@ -622,16 +623,16 @@ async def test_prefetch_memory_bound() -> None:
 
 async def test_big_files_stream_with_bounded_readers() -> None:
     rng = _rng(3)
-    inner, directories = MemoryBlobService(), MemoryDirectoryService()
+    inner, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     entries: dict[bytes, Node] = {}
     for i in range(6):
         data = rng.randbytes(rng.randint(1 << 20, (2 << 20) + 5))
         entries[b"b%d" % i] = FileNode(await inner.put(data), len(data))
     d = Directory(entries)
     await directories.put(d)
-    expected = await render_all(d.node(), inner, directories)
+    expected = await render_all(d.node(SizeRule.TVIX), inner, directories)
     blobs = InstrumentedBlobs(inner, open_delay=0.001)
-    got = await render_all(d.node(), blobs, directories, prefetch=3, buffer_bytes=1 << 20)
+    got = await render_all(d.node(SizeRule.TVIX), blobs, directories, prefetch=3, buffer_bytes=1 << 20)
     assert got == expected
     assert blobs.max_open <= 3 and blobs.open_now == 0
 
@@ -698,7 +699,7 @@ async def store_flat_tree(
         entries[name] = FileNode(await blobs.put(data), len(data))
     d = Directory(entries)
     await directories.put(d)
-    return d.node(), h_nar(h_dir(*((n, h_reg(data)) for n, data in sorted(files))))
+    return d.node(SizeRule.TVIX), h_nar(h_dir(*((n, h_reg(data)) for n, data in sorted(files))))
 
 
 @pytest.mark.parametrize(
@@ -706,7 +707,7 @@ async def store_flat_tree(
     [(64, [64, 64, 22]), (65, [65, 65, 20]), (150, [150]), (1, [1] * 150), (149, [149, 1])],
 )
 async def test_render_batches_small_files(batch_files: int, expected: list[int]) -> None:
-    blobs, directories = BatchingBlobs(), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     files = [(b"f%03d" % i, data) for i, data in enumerate(small_contents(150))]
     root, nar = await store_flat_tree(blobs, directories, files)
     assert await render_all(root, blobs, directories, batch_files=batch_files) == nar
@@ -718,7 +719,7 @@ async def test_render_batches_small_files(batch_files: int, expected: list[int])
 
 
 async def test_render_batches_default_size() -> None:
-    blobs, directories = BatchingBlobs(), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     files = [(b"f%03d" % i, data) for i, data in enumerate(small_contents(200, 10))]
     root, nar = await store_flat_tree(blobs, directories, files)
     assert await render_all(root, blobs, directories) == nar
@@ -728,7 +729,7 @@ async def test_render_batches_default_size() -> None:
 async def test_render_batches_break_at_bigger_files() -> None:
     """Batches hold consecutive small files only; framing, empty files and symlinks do not end them."""
     mib = 1 << 20
-    blobs, directories = BatchingBlobs(), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     rng = _rng(11)
     medium = rng.randbytes(mib + 5)  # above SMALL_FILE, read whole (buffer 8 MiB: up to 2 MiB)
     big = rng.randbytes(2 * mib + 7)  # streamed
@@ -759,7 +760,7 @@ async def test_render_batches_break_at_bigger_files() -> None:
     d = Directory(entries)
     await directories.put(d)
     assert empty_digest == EMPTY_DIGEST
-    got = await render_all(d.node(), blobs, directories, buffer_bytes=8 * mib)
+    got = await render_all(d.node(SizeRule.TVIX), blobs, directories, buffer_bytes=8 * mib)
     assert got == h_nar(h_dir(*hand))
     assert [list(c) for c in blobs.calls] == [
         [B3Digest.of(small[0]), B3Digest.of(small[1])],
@@ -770,21 +771,21 @@ async def test_render_batches_break_at_bigger_files() -> None:
 
 
 async def test_render_empty_files_need_no_read() -> None:
-    blobs, directories = BatchingBlobs(), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     d = Directory({b"e%02d" % i: FileNode(EMPTY_DIGEST, 0, i % 2 == 0) for i in range(40)})
     await directories.put(d)
     nar = h_nar(h_dir(*((b"e%02d" % i, h_reg(b"", executable=i % 2 == 0)) for i in range(40))))
-    assert await render_all(d.node(), blobs, directories) == nar  # the empty blob is not even stored
+    assert await render_all(d.node(SizeRule.TVIX), blobs, directories) == nar  # the empty blob is not even stored
     assert blobs.calls == [] and blobs.opens == 0
 
 
 async def test_render_same_blob_twice_in_a_batch() -> None:
-    blobs, directories = BatchingBlobs(), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     digest = await blobs.put(HELLOWORLD)
     d = Directory({b"a": FileNode(digest, 12), b"b": FileNode(digest, 12, executable=True)})
     await directories.put(d)
     nar = h_nar(h_dir((b"a", h_reg(HELLOWORLD)), (b"b", h_reg(HELLOWORLD, executable=True))))
-    assert await render_all(d.node(), blobs, directories) == nar
+    assert await render_all(d.node(SizeRule.TVIX), blobs, directories) == nar
     assert blobs.calls == [{digest: 12}]
 
 
@@ -797,12 +798,12 @@ async def test_render_same_blob_twice_in_a_batch() -> None:
     ],
 )
 async def test_render_same_blob_twice_different_sizes(sizes: tuple[int, int], kind: str, bad: str) -> None:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     digest = await blobs.put(HELLOWORLD)
     d = Directory({b"a": FileNode(digest, sizes[0]), b"b": FileNode(digest, sizes[1])})
     await directories.put(d)
     with pytest.raises(BlobSizeMismatch, match=kind) as info:
-        await render_all(d.node(), blobs, directories)
+        await render_all(d.node(SizeRule.TVIX), blobs, directories)
     assert f"file {bad} in the NAR" in str(info.value) and digest.hex() in str(info.value)
 
 
@@ -860,7 +861,7 @@ async def test_render_batch_read_failure_falls_back_per_file(caplog: pytest.LogC
         async def read_many(self, max_sizes: Mapping[B3Digest, int], *, parallel: int = 8) -> dict[B3Digest, bytes]:
             raise StorageError("batch reads are broken today")
 
-    blobs, directories = FailingBatches(), MemoryDirectoryService()
+    blobs, directories = FailingBatches(), MemoryDirectoryService(SizeRule.TVIX)
     root, nar = await store_flat_tree(blobs, directories, [(b"f%d" % i, c) for i, c in enumerate(small_contents(5))])
     with caplog.at_level("WARNING", logger="nixcas.store.nar.render"):
         assert await render_all(root, blobs, directories) == nar
@@ -870,7 +871,7 @@ async def test_render_batch_read_failure_falls_back_per_file(caplog: pytest.LogC
 @pytest.mark.parametrize("damage", list(DAMAGE))
 async def test_render_batch_error_names_the_file(batch_stores: tuple[BlobService, Path], damage: str) -> None:
     blobs, root = batch_stores
-    directories = MemoryDirectoryService()
+    directories = MemoryDirectoryService(SizeRule.TVIX)
     contents = small_contents(20)
     damage_fn, size_delta, error, message = DAMAGE[damage]
     entries: dict[bytes, Node] = {}
@@ -887,7 +888,7 @@ async def test_render_batch_error_names_the_file(batch_stores: tuple[BlobService
     got = bytearray()
 
     async def render_into_got() -> None:
-        async for chunk in render_nar(d.node(), blobs, directories, batch_files=64):
+        async for chunk in render_nar(d.node(SizeRule.TVIX), blobs, directories, batch_files=64):
             got.extend(chunk)
 
     with pytest.raises(error, match=message) as info:
@@ -898,7 +899,7 @@ async def test_render_batch_error_names_the_file(batch_stores: tuple[BlobService
     assert good_prefix.startswith(bytes(got))
     for kw in ({"prefetch": 1}, {"batch_files": 1}, {"buffer_bytes": 4096}):  # any window: the same error
         with pytest.raises(error, match=message):
-            await render_all(d.node(), blobs, directories, **kw)
+            await render_all(d.node(SizeRule.TVIX), blobs, directories, **kw)
 
 
 @pytest.mark.parametrize(("first", "second"), [("missing", "corrupt"), ("corrupt", "missing")])
@@ -907,7 +908,7 @@ async def test_render_batch_reports_the_first_error(
 ) -> None:
     """Two damaged files in one batch: the error is the one of the file first in the NAR."""
     blobs, root = batch_stores
-    directories = MemoryDirectoryService()
+    directories = MemoryDirectoryService(SizeRule.TVIX)
     contents = small_contents(20)
     root_node, _ = await store_flat_tree(blobs, directories, [(b"f%03d" % i, c) for i, c in enumerate(contents)])
     for name, index in ((first, 5), (second, 12)):
@@ -920,7 +921,7 @@ async def test_render_batch_reports_the_first_error(
 
 async def test_render_batches_local_store(tmp_path: Path) -> None:
     """Through objectstore+file (one worker-thread hop per batch): the same NAR and hash as from memory."""
-    memory, directories = MemoryBlobService(), MemoryDirectoryService()
+    memory, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     local = LocalBlobService(tmp_path / "blobs")
     try:
         rng = _rng(5)
@@ -941,7 +942,7 @@ async def test_render_batches_stay_within_budget(
     buffer_bytes: int, prefetch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(render_module, "OUTPUT_CHUNK", 1)  # every piece is yielded at once: no lag to allow for
-    blobs, directories = BatchingBlobs(delay=0.0001), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(delay=0.0001), MemoryDirectoryService(SizeRule.TVIX)
     files = [(b"f%04d" % i, data) for i, data in enumerate(small_contents(600, 2000))]
     root, nar = await store_flat_tree(blobs, directories, files)
     written = 0
@@ -966,7 +967,7 @@ async def test_render_batches_stay_within_budget(
 
 async def test_render_batches_bounded_in_bytes() -> None:
     """Files of up to SMALL_FILE are batched, BATCH_BYTES at most per batch (framing included)."""
-    blobs, directories = BatchingBlobs(), MemoryDirectoryService()
+    blobs, directories = BatchingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     rng = _rng(8)
     files = [(b"f%02d" % i, rng.randbytes(SMALL_FILE - i)) for i in range(40)]
     root, nar = await store_flat_tree(blobs, directories, files)
@@ -1039,7 +1040,7 @@ async def test_nar_calculation_concurrent_once() -> None:
 
 
 async def test_nar_calculation_errors_not_cached() -> None:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     service = SimpleNarCalculationService(blobs, directories)
     node = FileNode(HELLOWORLD_DIGEST, 12)
     with pytest.raises(NarContentNotFound):
@@ -1141,7 +1142,7 @@ async def test_reject_messages_name_path_and_offset() -> None:
 
 
 async def test_valid_sample_is_valid() -> None:
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node, size, _ = await ingest_nar_bytes(VALID, blobs, directories)
     assert isinstance(node, DirectoryNode) and size == len(VALID)
     assert len(directories._data) == 2
@@ -1159,7 +1160,7 @@ async def test_valid_sample_is_valid() -> None:
 )
 async def test_ingest_expectation_mismatch(mutate: Callable[[int, bytes], dict[str, int | bytes]]) -> None:
     kwargs = mutate(len(VALID), hashlib.sha256(VALID).digest())
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     with pytest.raises(NarError, match=r"size|sha256"):
         await ingest_nar_bytes(VALID, blobs, directories, **kwargs)  # type: ignore[arg-type]
     assert directories._data == {}
@@ -1168,7 +1169,7 @@ async def test_ingest_expectation_mismatch(mutate: Callable[[int, bytes], dict[s
 async def test_ingest_many_small_files_batches() -> None:
     entries = [(b"f%04d" % i, h_reg(b"%d" % (i % 50), executable=i % 3 == 0)) for i in range(1200)]
     data = h_nar(h_dir(*entries, (b"z", h_dir(*entries[:10]))))
-    blobs, directories = MemoryBlobService(), MemoryDirectoryService()
+    blobs, directories = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node, size, sha = await ingest_nar_bytes(data, blobs, directories, expected_sha256=hashlib.sha256(data).digest())
     assert size == len(data) and sha == hashlib.sha256(data).digest()
     assert await render_all(node, blobs, directories) == data

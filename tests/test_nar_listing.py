@@ -23,15 +23,18 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store.nar.listing import LISTING_CHUNK, UnlistableName, check_listable, nar_listing
 from nixcas.store.nar.plan import NarContentNotFound, fetch_closure
 from nixcas.store.nar.render import render_nar
 from nixcas.testing.nix import fixed_tree
 
+RULE = SizeRule.SNIX
+
 
 async def listed(path: Path) -> tuple[dict[str, Any], bytes, list[bytes]]:
     """The listing (parsed), the NAR and the listing's chunks of the tree at ``path``."""
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(RULE)
     node = await ingest_path(path, blobs, dirs)
     nar = b"".join([c async for c in render_nar(node, blobs, dirs)])
     closure = await fetch_closure(node, dirs)
@@ -100,10 +103,10 @@ async def test_listing_of_a_file_or_a_symlink_at_the_root(tmp_path: Path) -> Non
 async def test_big_listings_come_in_bounded_chunks() -> None:
     names = [f"file-with-a-long-name-{i:05d}".encode() for i in range(3000)]
     directory = Directory({name: FileNode(EMPTY_DIGEST, 0) for name in names})
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(RULE)
     await dirs.put(directory)
-    nar = b"".join([c async for c in render_nar(directory.node(), blobs, dirs)])
-    chunks = list(nar_listing(directory.node(), {directory.digest: directory}))
+    nar = b"".join([c async for c in render_nar(directory.node(RULE), blobs, dirs)])
+    chunks = list(nar_listing(directory.node(RULE), {directory.digest: directory}))
     assert len(chunks) > 2
     assert max(len(c) for c in chunks) < LISTING_CHUNK + 200
     entries = json.loads(b"".join(chunks))["root"]["entries"]
@@ -117,15 +120,15 @@ async def test_big_listings_come_in_bounded_chunks() -> None:
 def test_names_and_targets_that_are_not_utf8_cannot_be_listed() -> None:
     bad_name = Directory({b"caf\xe9": SymlinkNode(b"x")})
     with pytest.raises(UnlistableName, match=r"a name .* not UTF-8"):
-        check_listable(bad_name.node(), {bad_name.digest: bad_name})
+        check_listable(bad_name.node(RULE), {bad_name.digest: bad_name})
     with pytest.raises(UnlistableName, match=r"a symlink target .* not UTF-8"):
         check_listable(SymlinkNode(b"\xff"), {})
 
 
 def test_a_missing_directory_is_named() -> None:
     child = Directory({b"f": FileNode(B3Digest(hashlib.sha256(b"f").digest()), 1)})
-    parent = Directory({b"sub": child.node()})
-    node: Node = parent.node()
+    parent = Directory({b"sub": child.node(RULE)})
+    node: Node = parent.node(RULE)
     assert isinstance(node, DirectoryNode)
     with pytest.raises(NarContentNotFound, match="/sub"):
         list(nar_listing(node, {parent.digest: parent}))

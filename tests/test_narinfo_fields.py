@@ -27,6 +27,7 @@ from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
 from nixcas.bridge.app import NarBridge
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import PathInfoError
 from nixcas.server import RunningServer, start_server
 from nixcas.store import nixbase32
@@ -104,7 +105,7 @@ def test_a_rendered_narinfo_parses_back_to_itself() -> None:
 async def served(tmp_path: Path) -> AsyncIterator[tuple[RunningServer, MemoryPathInfoService]]:
     backing = MemoryPathInfoService()
     running = await start_server(
-        str(tmp_path / "s.sock"), MemoryBlobService(), MemoryDirectoryService(), pathinfos=backing
+        str(tmp_path / "s.sock"), MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), pathinfos=backing
     )
     yield running, backing
     await running.stop(0)
@@ -162,7 +163,7 @@ def narinfo_text(info: PathInfo, **override: str) -> str:
 async def test_http_put_narinfo_refuses_bad_fields(override: dict[str, str], words: str) -> None:
     backing = MemoryPathInfoService()
     index = NarIndex(None)
-    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), backing, index, allow_writes=True)
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), backing, index, allow_writes=True)
     info = make_path_info("put", 2)
     try:
         async with TestClient(TestServer(bridge.application())) as client:
@@ -183,7 +184,7 @@ async def test_bridge_never_serves_an_injected_record() -> None:
     backing._data[info.digest] = with_signature_name(INJECTED).SerializeToString()
     index = NarIndex(None)
     key = SigningKey.generate("bridge.test-1")
-    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), backing, index, sign_key=key)
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), backing, index, sign_key=key)
     try:
         async with TestClient(TestServer(bridge.application())) as client:
             r = await client.get(f"/{info.store_path.hash_part}.narinfo")
@@ -230,7 +231,7 @@ async def test_upstream_narinfo_with_bad_fields_is_refused(
     files, url = upstream
     info = make_path_info("upstream", 2)
     files[f"{info.store_path.hash_part}.narinfo"] = narinfo_text(info, **override).encode()
-    svc = NixHttpPathInfoService(url, MemoryBlobService(), MemoryDirectoryService())
+    svc = NixHttpPathInfoService(url, MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX))
     try:
         with pytest.raises(PathInfoError, match="invalid narinfo"):
             await svc.get(info.digest)

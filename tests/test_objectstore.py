@@ -23,6 +23,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.gc import WriteLeases, collect
 from nixcas.castore.nodes import FileNode
 from nixcas.castore.objectstore import Presence
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, UnavailableError, ValidationError
 from nixcas.registry import blob_service_from_url, parse_service_url
 from nixcas.store.gc import collect_garbage
@@ -313,7 +314,7 @@ async def test_server_killed_mid_import_leaves_nothing_visible_and_retry_succeed
 async def test_gc_over_object_storage(s3_url: str) -> None:
     blobs = await blob_service_from_url(s3_url)
     assert isinstance(blobs, ObjectStoreBlobService)
-    dirs = MemoryDirectoryService()
+    dirs = MemoryDirectoryService(SizeRule.TVIX)
     shared = blake3.blake3(b"shared").digest(length=1 << 20)
     keep_big = blake3.blake3(b"keep").digest(length=1 << 20) + shared
     drop_big = blake3.blake3(b"drop").digest(length=1 << 20) + shared
@@ -343,10 +344,15 @@ async def test_gc_over_object_storage(s3_url: str) -> None:
 async def test_gc_refuses_a_grace_shorter_than_refresh_after(mem: ObjectStoreBlobService, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="too short"):
         await collect_garbage(
-            mem, MemoryDirectoryService(), None, None, WriteLeases(tmp_path / "leases"), grace_ns=60 * 10**9
+            mem,
+            MemoryDirectoryService(SizeRule.TVIX),
+            None,
+            None,
+            WriteLeases(tmp_path / "leases"),
+            grace_ns=60 * 10**9,
         )
     report, _ = await collect_garbage(
-        mem, MemoryDirectoryService(), None, None, WriteLeases(tmp_path / "leases"), grace_ns=3600 * 10**9
+        mem, MemoryDirectoryService(SizeRule.TVIX), None, None, WriteLeases(tmp_path / "leases"), grace_ns=3600 * 10**9
     )
     assert report.freed == 0
 

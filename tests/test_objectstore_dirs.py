@@ -26,6 +26,7 @@ from nixcas.castore.fsck import CastoreChecker, CastoreRepairer
 from nixcas.castore.gc import FOREVER_NS, collect, mark
 from nixcas.castore.nodes import DirectoryNode
 from nixcas.castore.objectstore import ObjectMeta, ObjectStore
+from nixcas.castore.sizerule import SizeRule
 from nixcas.composition import Composition
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
 from nixcas.registry import directory_service_from_url
@@ -150,6 +151,7 @@ class TestS3DirectoryService(DirectoryServiceSuite):
 async def svc() -> AsyncIterator[ObjectStoreDirectoryService]:
     service = await directory_service_from_url("objectstore+memory:///")
     assert isinstance(service, ObjectStoreDirectoryService)
+    service.store.requests.clear()  # opening read and recorded the store's size rule; tests count what follows
     yield service
     await service.close()
 
@@ -159,6 +161,7 @@ async def anywhere(request: pytest.FixtureRequest) -> AsyncIterator[ObjectStoreD
     url = "objectstore+memory:///" if request.param == "memory" else request.getfixturevalue("s3_url")
     service = await directory_service_from_url(url)
     assert isinstance(service, ObjectStoreDirectoryService)
+    service.store.requests.clear()  # opening read and recorded the store's size rule; tests count what follows
     yield service
     await service.close()
 
@@ -173,7 +176,8 @@ async def test_layout_of_complicated(anywhere: ObjectStoreDirectoryService) -> N
     assert key == key_of(digest_hex("COMPLICATED"))
     # one object for the closure, under its root
     keys = [m.key async for page in anywhere.store.list("dirs/") for m in page]
-    assert keys == [key]
+    assert keys == [key, "dirs/size-rule"]
+    assert await anywhere.store.get("dirs/size-rule") == b"tvix\n"  # the store's rule, recorded when created
     data = await anywhere.store.get(key)
     assert data is not None
     assert read_frames(data) == [canonical("COMPLICATED"), canonical("WITH_KEEP")]
@@ -182,7 +186,7 @@ async def test_layout_of_complicated(anywhere: ObjectStoreDirectoryService) -> N
 
 
 async def test_layout_breadth_first(svc: ObjectStoreDirectoryService) -> None:
-    top = Directory({b"t": DIRECTORY_D.node(), b"u": DIRECTORY_WITH_KEEP.node()})
+    top = Directory({b"t": DIRECTORY_D.node(SizeRule.TVIX), b"u": DIRECTORY_WITH_KEEP.node(SizeRule.TVIX)})
     root = await upload(svc, [DIRECTORY_A, DIRECTORY_B, DIRECTORY_D, DIRECTORY_WITH_KEEP, top])
     data = await svc.store.get(key_of(root.hex()))
     assert data is not None
@@ -225,7 +229,7 @@ async def test_reads_a_multi_frame_zstd_stream(svc: ObjectStoreDirectoryService)
 # -- damaged objects ---------------------------------------------------------------------
 
 WRONG_B = Directory({b"a": DirectoryNode(DIRECTORY_A.digest, 5)})
-TOP = Directory({b"x": DIRECTORY_B.node()})  # TOP -> B -> A
+TOP = Directory({b"x": DIRECTORY_B.node(SizeRule.TVIX)})  # TOP -> B -> A
 
 
 @pytest.mark.parametrize(
@@ -577,13 +581,13 @@ async def fsck_problems(svc: ObjectStoreDirectoryService, root: Directory) -> li
     blobs = MemoryBlobService()
     await blobs.put(b"")
     checker = CastoreChecker(blobs, svc)
-    problems = [f"{p.path} {p.message}" async for p in checker.walk("root", root.node())]
+    problems = [f"{p.path} {p.message}" async for p in checker.walk("root", root.node(SizeRule.TVIX))]
     stored = [f"{p.path} {p.message}" async for p in checker.stored_directories(svc)]
     return problems + stored
 
 
 async def test_fsck_walks_closures(svc: ObjectStoreDirectoryService) -> None:
-    top = Directory({b"c": DIRECTORY_COMPLICATED.node(), b"d": DIRECTORY_D.node()})
+    top = Directory({b"c": DIRECTORY_COMPLICATED.node(SizeRule.TVIX), b"d": DIRECTORY_D.node(SizeRule.TVIX)})
     await upload(svc, [DIRECTORY_A, DIRECTORY_B, DIRECTORY_D, DIRECTORY_WITH_KEEP, DIRECTORY_COMPLICATED, top])
     await upload(svc, [DIRECTORY_A, DIRECTORY_B])  # an unreferenced closure, intact
     assert await fsck_problems(svc, top) == []
@@ -618,7 +622,7 @@ async def test_a_local_cache_in_front_answers_sub_directories() -> None:
         await putter.put(d)
     await putter.close()
     assert await far.get(DIRECTORY_B.digest) is None  # snix semantics
-    cached = CacheDirectoryService(MemoryDirectoryService(), far)
+    cached = CacheDirectoryService(MemoryDirectoryService(SizeRule.TVIX), far)
     assert await cached.get(DIRECTORY_D.digest) == DIRECTORY_D
     assert await cached.get(DIRECTORY_B.digest) == DIRECTORY_B
     below_b = [d.digest async for d in cached.get_recursive(DIRECTORY_B.digest)]

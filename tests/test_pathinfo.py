@@ -12,6 +12,7 @@ import pytest_asyncio
 from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError
 from nixcas.registry import pathinfo_service_from_url
 from nixcas.server import RunningServer, start_server
@@ -219,7 +220,7 @@ class TestGrpcPathInfoService(PathInfoServiceSuite):
     @pytest_asyncio.fixture
     async def server(self, tmp_path: Path, backing: MemoryPathInfoService) -> AsyncIterator[RunningServer]:
         running = await start_server(
-            str(tmp_path / "s.sock"), MemoryBlobService(), MemoryDirectoryService(), pathinfos=backing
+            str(tmp_path / "s.sock"), MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), pathinfos=backing
         )
         yield running
         await running.stop(0)
@@ -274,7 +275,7 @@ async def test_bad_urls(url: str) -> None:
 async def test_grpc_corrupt_backend_reports_error(tmp_path: Path) -> None:
     backing = MemoryPathInfoService()
     running = await start_server(
-        str(tmp_path / "c.sock"), MemoryBlobService(), MemoryDirectoryService(), pathinfos=backing
+        str(tmp_path / "c.sock"), MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), pathinfos=backing
     )
     try:
         info = make_path_info("x", 1)

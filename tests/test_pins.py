@@ -22,6 +22,7 @@ from nixcas.castore.pins.grpc import GrpcPinService, GrpcPinServiceConfig
 from nixcas.castore.pins.memory import MemoryPinService
 from nixcas.castore.pins.postgres import PostgresPinService, PostgresPinServiceConfig
 from nixcas.castore.pins.sqlite import SqlitePinService, SqlitePinServiceConfig
+from nixcas.castore.sizerule import SizeRule
 from nixcas.composition import Composition
 from nixcas.errors import ConfigurationError, StorageError, ValidationError
 from nixcas.registry import parse_service_url, pin_service_from_url
@@ -38,7 +39,7 @@ Opener = Callable[[], Awaitable[PinService]]
 
 
 async def _served(pins: PinService, sock: Path) -> tuple[RunningServer, GrpcPinService]:
-    running = await start_server(str(sock), MemoryBlobService(), MemoryDirectoryService(), pins=pins)
+    running = await start_server(str(sock), MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), pins=pins)
     client = await pin_service_from_url(running.url + "?wait-connect=1")
     assert isinstance(client, GrpcPinService)
     return running, client
@@ -165,7 +166,9 @@ async def test_server_refuses_invalid_pins_with_invalid_argument(tmp_path: Path)
 
 async def test_a_daemon_without_pins_is_an_error_not_an_empty_list(tmp_path: Path) -> None:
     with short_tmpdir() as sockets:
-        running = await start_server(str(sockets / "s.sock"), MemoryBlobService(), MemoryDirectoryService())
+        running = await start_server(
+            str(sockets / "s.sock"), MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
+        )
         client = await pin_service_from_url(running.url)
         try:
             with pytest.raises(StorageError, match="serves no pin service"):
@@ -257,7 +260,7 @@ async def test_collect_garbage_refuses_per_host_pins_on_a_shared_store(tmp_path:
         with pytest.raises(ConfigurationError, match="refusing to collect a shared store"):
             await collect_garbage(
                 blobs,
-                MemoryDirectoryService(),
+                MemoryDirectoryService(SizeRule.TVIX),
                 None,
                 pins,
                 WriteLeases(tmp_path / "leases"),

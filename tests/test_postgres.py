@@ -25,6 +25,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.postgres import PostgresDirectoryService, PostgresDirectoryServiceConfig
 from nixcas.castore.gc import StoredObject, collect
 from nixcas.castore.nodes import FileNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
 from nixcas.registry import directory_service_from_url, parse_service_url, pathinfo_service_from_url
 from nixcas.store.gc import delete_paths
@@ -332,12 +333,31 @@ async def test_schema_is_migrated_once_and_reopened_unchanged(pg_url: str) -> No
         await dirs.close()
         infos = await pathinfo_service_from_url(pg_url)
         await infos.close()
-    assert sorted(sql(pg_url, "SELECT component, version FROM nixcas_schema")) == [("directories", 1), ("pathinfo", 1)]
+    assert sorted(sql(pg_url, "SELECT component, version FROM nixcas_schema")) == [("directories", 2), ("pathinfo", 1)]
     dirs = await directory_service_from_url(pg_url)
     try:
         assert [d.digest async for d in dirs.get_recursive(root)] == [root, DIRECTORY_WITH_KEEP.digest]
     finally:
         await dirs.close()
+
+
+async def test_database_of_schema_1_with_directories_follows_tvix(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database made before the size rule was recorded (schema 1) holds tvix-rule trees."""
+    dirs = await directory_service_from_url(pg_url)
+    await upload_complicated(dirs)
+    await dirs.close()
+    sql(pg_url, "DROP TABLE nixcas_directories_meta")
+    sql(pg_url, "UPDATE nixcas_schema SET version = 1 WHERE component = 'directories'")
+    monkeypatch.setenv("NIXCAS_DIRECTORY_SIZE_RULE", "snix")
+    with pytest.raises(ConfigurationError, match="follows the tvix directory size rule, not the requested snix"):
+        await directory_service_from_url(pg_url)
+    monkeypatch.delenv("NIXCAS_DIRECTORY_SIZE_RULE")
+    dirs = await directory_service_from_url(pg_url)
+    try:
+        assert dirs.size_rule is SizeRule.TVIX
+    finally:
+        await dirs.close()
+    assert sql(pg_url, "SELECT key, value FROM nixcas_directories_meta") == [("directory_size_rule", "tvix")]
 
 
 async def test_schema_newer_than_this_nixcas_is_refused(pg_url: str) -> None:
@@ -355,9 +375,10 @@ async def test_concurrent_start_on_one_database(pg_url: str) -> None:
     )
     try:
         assert sorted(sql(pg_url, "SELECT component, version FROM nixcas_schema")) == [
-            ("directories", 1),
+            ("directories", 2),
             ("pathinfo", 1),
         ]
+        assert {svc.size_rule for svc in opened[:6]} == {SizeRule.TVIX}  # type: ignore[attr-defined]
         first, last = opened[0], opened[5]
         assert isinstance(first, DirectoryService) and isinstance(last, DirectoryService)
         root = await upload_complicated(first)
@@ -379,7 +400,7 @@ async def test_sweepable_directory_contract(pg_url: str) -> None:
     assert isinstance(dirs, PostgresDirectoryService)
     try:
         leaf = Directory([(b"f", FileNode(EMPTY_DIGEST, 0))])
-        top = Directory([(b"leaf", leaf.node())])
+        top = Directory([(b"leaf", leaf.node(SizeRule.TVIX))])
         before = time.time_ns()
         await dirs.put(leaf)
         await dirs.put(top)

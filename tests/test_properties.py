@@ -31,6 +31,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import DirectoryError, NarError, NixbaseError, PathInfoError, StorePathError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.nar.ingest import ingest_nar_bytes
@@ -136,7 +137,7 @@ async def _parse(data: bytes) -> list[object]:
 
 
 async def _ingest_render(data: bytes) -> tuple[Node, bytes]:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node, size, sha256 = await ingest_nar_bytes(data, blobs, dirs)
     assert (size, sha256) == (len(data), hashlib.sha256(data).digest())
     rendered = b"".join([c async for c in render_nar(node, blobs, dirs)])

@@ -25,6 +25,7 @@ from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.dirs.cache import CacheDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.objectstore import ObjectStore, parse_objectstore_url
+from nixcas.castore.sizerule import SizeRule
 from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.store.nar.render import render_nar
 from nixcas.store.pathinfo.cache import CachePathInfoService
@@ -108,7 +109,7 @@ async def test_two_daemons_one_store_and_a_client_cache(
             far_blobs = InstrumentedBlobs(await blob_service_from_url(b.client_url()))
             blobs = CombinedBlobService(LocalBlobService(tmp_path / "near" / "blobs"), far_blobs)
             dirs = CacheDirectoryService(
-                SqliteDirectoryService(str(tmp_path / "near" / "dirs.sqlite")),
+                SqliteDirectoryService(str(tmp_path / "near" / "dirs.sqlite"), size_rule=SizeRule.TVIX),
                 await directory_service_from_url(b.client_url()),
             )
             pathinfos = CachePathInfoService(

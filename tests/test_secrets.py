@@ -24,6 +24,7 @@ import pytest
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.grpc.channel import GrpcEndpoint
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, NixcasError
 from nixcas.registry import parse_service_url, pathinfo_service_from_url
 from nixcas.store import nixbase32
@@ -180,7 +181,7 @@ def test_reprs_of_services_with_credentials(upstream_url: str) -> None:
     assert SECRET not in repr(config) and "user:***@" in repr(config)
 
     assert isinstance(config, NixHttpPathInfoServiceConfig)
-    text = repr(NixHttpPathInfoService(config.base_url, MemoryBlobService(), MemoryDirectoryService()))
+    text = repr(NixHttpPathInfoService(config.base_url, MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)))
     assert SECRET not in text and "user:***@" in text
     for kind, url in (
         (

@@ -29,6 +29,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.composition import Composition
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError, ValidationError
 from nixcas.registry import (
@@ -240,7 +241,7 @@ async def sample(tmp_path: Path) -> Sample:
 
 
 def service(url: str, *, keys: bool = True) -> NixHttpPathInfoService:
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     return NixHttpPathInfoService(url, blobs, dirs, (KEY.public,) if keys else None)
 
 
@@ -406,7 +407,7 @@ async def single_file_sample(tmp_path: Path, content: bytes, ca: CAHash) -> Samp
     """A store path that is one file, named by ``ca`` (which need not match the content)."""
     path = tmp_path / "single"
     path.write_bytes(content)
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     node = await ingest_path(path, blobs, dirs)
     nar = b"".join([c async for c in render_nar(node, blobs, dirs)])
     return Sample("single", nar, node, build_ca_path("single", ca))
@@ -536,13 +537,20 @@ async def test_castore_options(tmp_path: Path) -> None:
     plain = await pathinfo_service_from_url(f"nix+http://h?{local}")
     assert isinstance(plain, NixHttpPathInfoService) and plain.castore is None
     await plain.close()
+    with pytest.raises(ConfigurationError, match=r"snix directory size rule, the local .* tvix rule"):
+        NixHttpPathInfoService(
+            "http://h",
+            MemoryBlobService(),
+            MemoryDirectoryService(SizeRule.TVIX),
+            castore=(MemoryBlobService(), MemoryDirectoryService(SizeRule.SNIX)),
+        )
 
 
 async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_download(tmp_path: Path) -> None:
     """A bridge's narinfo + its castore over gRPC: only the missing blob is fetched, no NAR is downloaded."""
     big = hashlib.sha256(b"b").digest() * 40_000
     sample = await make_sample(tmp_path, "up-1.0", {"a": b"A" * 100, "d/b": big, "d/empty": b""})
-    far_blobs, far_dirs, far_paths = CountingBlobs(), MemoryDirectoryService(), MemoryPathInfoService()
+    far_blobs, far_dirs, far_paths = CountingBlobs(), MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService()
     node, _, _ = await ingest_nar_bytes(sample.nar, far_blobs, far_dirs)
     await far_paths.put(NarInfo.parse(sample.narinfo()).to_path_info(node))
     bridge = NarBridge(far_blobs, far_dirs, far_paths, NarIndex(None), sign_key=KEY, nar_prefix="snix-castore")
@@ -559,7 +567,7 @@ async def test_infused_narinfo_is_substituted_from_castore_without_a_nar_downloa
     await site.start()
     grpc = await start_server("127.0.0.1:0", far_blobs, far_dirs)
     castore = (await blob_service_from_url(grpc.url), await directory_service_from_url(grpc.url))
-    local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService()
+    local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     already = await local_blobs.put(b"A" * 100)  # the sample's file "a": not fetched again
     svc = NixHttpPathInfoService(
         f"http://127.0.0.1:{runner.addresses[0][1]}", local_blobs, local_dirs, (KEY.public,), castore=castore
@@ -587,7 +595,7 @@ async def test_infused_root_that_does_not_match_falls_back_to_the_nar(
     b = hashlib.sha256(b"b").digest() * 40_000
     other = await make_sample(tmp_path, "other-1.0", {"a": b"B" * (109 if case == "other size" else 100), "d/b": b})
     assert (len(other.nar) == len(sample.nar)) is (case != "other size")
-    far_blobs, far_dirs = CountingBlobs(), MemoryDirectoryService()
+    far_blobs, far_dirs = CountingBlobs(), MemoryDirectoryService(SizeRule.TVIX)
     if case != "absent":
         await ingest_nar_bytes(other.nar, far_blobs, far_dirs)
     infused = nar_url(other.node, len(sample.nar), "snix-castore")  # claims the sample's NarSize
@@ -595,7 +603,7 @@ async def test_infused_root_that_does_not_match_falls_back_to_the_nar(
         infused = f"nar/snix-castore/AAAA?narsize={len(sample.nar)}"  # three zero bytes: not a Node
     cache.publish(sample, compression="none", URL=infused)
     cache.files[infused.partition("?")[0]] = sample.nar  # what the bridge would render for the NAR URL
-    local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService()
+    local_blobs, local_dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     svc = NixHttpPathInfoService(url, local_blobs, local_dirs, (KEY.public,), castore=(far_blobs, far_dirs))
     try:
         info = await svc.get(sample.store_path.digest)
@@ -628,12 +636,12 @@ async def test_infused_root_not_kept_locally_falls_back_to_the_nar(
 ) -> None:
     """The castore root verified, but a blob fetched through it was not kept locally: the NAR is downloaded."""
     cache, url = upstream
-    far_blobs, far_dirs = MemoryBlobService(), MemoryDirectoryService()
+    far_blobs, far_dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     await ingest_nar_bytes(sample.nar, far_blobs, far_dirs)
     infused = nar_url(sample.node, len(sample.nar), "snix-castore")
     cache.publish(sample, compression="none", URL=infused)
     cache.files[infused.partition("?")[0]] = sample.nar
-    local_blobs, local_dirs = FailingOncePutMany(), MemoryDirectoryService()
+    local_blobs, local_dirs = FailingOncePutMany(), MemoryDirectoryService(SizeRule.TVIX)
     svc = NixHttpPathInfoService(url, local_blobs, local_dirs, (KEY.public,), castore=(far_blobs, far_dirs))
     try:
         info = await svc.get(sample.store_path.digest)

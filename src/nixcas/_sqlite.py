@@ -136,6 +136,19 @@ class SqliteDatabase:
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, guarded)
 
+    def run_while_opening(self, fn: Callable[[], T]) -> T:
+        """:meth:`run` from a constructor (no event loop needed); on any error the database is closed."""
+        try:
+            return self._executor.submit(fn).result()
+        except sqlite3.Error as e:
+            self._executor.submit(self.conn.close).result()
+            self._executor.shutdown(wait=False)
+            raise StorageError(f"{self._what}: {e}") from e
+        except BaseException:
+            self._executor.submit(self.conn.close).result()
+            self._executor.shutdown(wait=False)
+            raise
+
     def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         """``fn`` wrapped in one immediate write transaction (for :meth:`run`)."""
 

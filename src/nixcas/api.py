@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the Nix layer and ingest are loaded only by the calls that 
     from nixcas.castore.dirs.base import DirectoryService
     from nixcas.castore.ingest import Progress
     from nixcas.castore.pins.base import PinService
+    from nixcas.castore.sizerule import SizeRule
     from nixcas.config import ServiceConfig
     from nixcas.store.nar.hashing import NarCalculationService
     from nixcas.store.pathinfo.base import PathInfoService
@@ -198,18 +199,23 @@ class Store(Closing):
         composition: Composition | str | os.PathLike[str] | None = None,
         with_pathinfo: bool = False,
         with_pins: bool = False,
+        size_rule: SizeRule | None = None,
     ) -> Store:
         """Open the services to use (the path info service only ``with_pathinfo``, pins only ``with_pins``).
 
         Each service is, by priority: the explicit URL (or the name of a
         composition entry), the composition's entrypoint (``root``), the
         embedded store in ``store_dir``.  Pins default to the store they
-        protect (see :func:`default_pin_service`).
+        protect (see :func:`default_pin_service`).  ``size_rule``: the
+        directory size rule asked for (a new store records it; an existing
+        store that follows the other rule is an error naming both).
         """
         if composition is None:
             composition = Composition()
         elif not isinstance(composition, Composition):
             composition = Composition.from_toml(composition)
+        if size_rule is not None:
+            composition.size_rule = size_rule
         blob_url, dir_url, pathinfo_url = service_urls(store_dir)
         blob_name = blob_service_url or composition.entrypoint("blobservices") or blob_url
         dir_name = directory_service_url or composition.entrypoint("directoryservices") or dir_url
@@ -294,7 +300,7 @@ class Store(Closing):
         Paths are ``/``-joined names relative to the root; the root itself is ``b""``.
         """
         if isinstance(root, B3Digest):
-            root = (await self.get_directory(root)).node()
+            root = (await self.get_directory(root)).node(self.directories.size_rule)
         yield b"", root
         if not isinstance(root, DirectoryNode):
             return
@@ -342,6 +348,7 @@ async def open_store(
     composition: Composition | str | os.PathLike[str] | None = None,
     with_pathinfo: bool = False,
     with_pins: bool = False,
+    size_rule: SizeRule | None = None,
 ) -> Store:
     """Open a :class:`Store` (see :meth:`Store.open`)."""
     return await Store.open(
@@ -353,4 +360,5 @@ async def open_store(
         composition=composition,
         with_pathinfo=with_pathinfo,
         with_pins=with_pins,
+        size_rule=size_rule,
     )

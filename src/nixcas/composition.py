@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # the service interfaces come with their backends, when one i
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
     from nixcas.castore.pins.base import PinService
+    from nixcas.castore.sizerule import SizeRule
     from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = ["ENTRYPOINT", "Composition"]
@@ -113,7 +114,11 @@ class Composition(Closing):
     """Service configs by kind and name, built lazily into shared instances."""
 
     def __init__(
-        self, configs: Mapping[str, Mapping[str, ServiceConfig[object]]] | None = None, *, owns_instances: bool = False
+        self,
+        configs: Mapping[str, Mapping[str, ServiceConfig[object]]] | None = None,
+        *,
+        owns_instances: bool = False,
+        size_rule: SizeRule | None = None,
     ) -> None:
         self._configs: dict[str, dict[str, ServiceConfig[object]]] = {kind: {} for kind in KINDS}
         for kind, table in (configs or {}).items():
@@ -121,6 +126,12 @@ class Composition(Closing):
                 raise ConfigurationError(f"unknown service kind {kind!r} (known: {', '.join(KINDS)})")
             self._configs[kind].update(table)
         self.owns_instances = owns_instances
+        if size_rule is None:
+            from nixcas.castore.sizerule import requested_size_rule
+
+            size_rule = requested_size_rule()  # $NIXCAS_DIRECTORY_SIZE_RULE, if set
+        self.size_rule = size_rule
+        """The directory size rule asked for: new stores record it, existing ones must follow it."""
         self._instances: dict[_Key, object] = {}
         self._pending: dict[_Key, asyncio.Future[object]] = {}
         self._waiting: dict[_Key, _Key] = {}  # a key being built -> the key its build waits for

@@ -42,6 +42,7 @@ from nixcas.urls import shown
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.castore.sizerule import SizeRule
 
 __all__ = ["NearFarConfig", "Resolver", "ServiceConfig"]
 
@@ -55,6 +56,11 @@ class Resolver(Protocol):
     """``True`` when every instance is private to its user (built from one URL):
     a combinator then closes the services it wraps.  In a composition file,
     instances are shared and the composition closes them."""
+
+    size_rule: SizeRule | None
+    """The directory size rule asked for (``--directory-size-rule``), if any: a new
+    store records it, an existing one must follow it, a gRPC client without
+    ``size-rule=`` assumes its peer follows it."""
 
     async def blob_service(self, name: str) -> BlobService: ...
 

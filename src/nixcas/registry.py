@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
     from nixcas.castore.pins.base import PinService
+    from nixcas.castore.sizerule import SizeRule
     from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = [
@@ -200,12 +201,16 @@ async def blob_service_from_url(url: str) -> BlobService:
     return cast("BlobService", await config.build(Composition(owns_instances=True)))
 
 
-async def directory_service_from_url(url: str) -> DirectoryService:
-    """A :class:`DirectoryService` for ``url``; closing it closes whatever it wraps."""
+async def directory_service_from_url(url: str, *, size_rule: SizeRule | None = None) -> DirectoryService:
+    """A :class:`DirectoryService` for ``url``; closing it closes whatever it wraps.
+
+    ``size_rule``: the directory size rule asked for (a new store records it,
+    an existing one must follow it; see :mod:`nixcas.castore.sizerule`).
+    """
     from nixcas.composition import Composition
 
     config = parse_service_url("directoryservices", url)
-    return cast("DirectoryService", await config.build(Composition(owns_instances=True)))
+    return cast("DirectoryService", await config.build(Composition(owns_instances=True, size_rule=size_rule)))
 
 
 async def pathinfo_service_from_url(url: str) -> PathInfoService:

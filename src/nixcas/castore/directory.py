@@ -1,11 +1,12 @@
 """``Directory``: one level of the Merkle DAG, its canonical encoding and digest.
 
-Size rule.  A Directory's ``size`` is ``2 * len(entries) + sum(child.size for
-child directories)``.  The proto comment of the upstream contract describes
-``files + symlinks + sum(1 + child.size)``, but every deployed tvix/snix
-daemon computes the former, embeds it in parent Directory messages (so in
-their digests), and rejects uploads whose recorded child size differs.  Being
-wire-compatible with what is deployed means following the deployed rule.
+Size rules.  A Directory's encoding records, for each sub-directory, the
+size of that sub-directory; what a Directory's own size is depends on the
+:class:`~nixcas.castore.sizerule.SizeRule` of the store it lives in (tvix and
+snix up to 2025: ``2 * #entries + Σ child sizes``; snix 2026:
+``#files + #symlinks + 2 * #directories + Σ child sizes``).  So a Directory
+has no single size: :meth:`Directory.size_under` and :meth:`Directory.node`
+take the rule, and whoever checks a recorded size passes the store's rule.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nixcas.castore.nodes import (
     SymlinkNode,
     validate_name,
 )
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, DirectoryError, StorageError
 
 TYPE_CHECKING = False  # not typing's: `castore ls` loads nothing else of it
@@ -36,7 +38,7 @@ __all__ = ["Directory", "check_stored", "decode_stored"]
 class Directory:
     """An immutable, validated mapping from name to :data:`Node`, sorted by name bytes."""
 
-    __slots__ = ("_digest", "_encoded", "_entries", "_index", "_size")
+    __slots__ = ("_child_sizes", "_digest", "_directories", "_encoded", "_entries", "_index")
 
     _entries: tuple[tuple[bytes, Node], ...]
 
@@ -45,21 +47,26 @@ class Directory:
     ) -> None:
         items = entries.items() if isinstance(entries, Mapping) else entries
         index: dict[bytes, Node] = {}
-        size = 0
+        child_sizes = 0
+        directories = 0
         for name, node in items:
             if not _names_checked:
                 validate_name(name)
             if name in index:
                 raise DirectoryError(f"duplicate name {name[:300]!r}")
-            if not isinstance(node, (DirectoryNode, FileNode, SymlinkNode)):
+            if isinstance(node, DirectoryNode):
+                child_sizes += node.size
+                directories += 1
+            elif not isinstance(node, (FileNode, SymlinkNode)):
                 raise TypeError(f"not a node: {node!r}")
-            size += 1 + node.size if isinstance(node, DirectoryNode) else 1
-            if size + len(index) + 1 > U64_MAX:
-                raise DirectoryError("directory size overflows 64 bits")
             index[name] = node
+        # the smaller of the two sizes (snix's) must fit; size_under refuses a rule whose size does not
+        if len(index) + directories + child_sizes > U64_MAX:
+            raise DirectoryError("directory size overflows 64 bits")
         self._entries = tuple(sorted(index.items()))
         self._index = index
-        self._size = size + len(index)
+        self._child_sizes = child_sizes
+        self._directories = directories
         self._digest: B3Digest | None = None
         self._encoded: bytes | None = None
 
@@ -96,18 +103,38 @@ class Directory:
         return hash(self.digest)
 
     def __repr__(self) -> str:
-        return f"<Directory {self.digest.hex()} entries={len(self)} size={self.size}>"
+        return f"<Directory {self.digest.hex()} entries={len(self)}>"
 
     # -- derived values ------------------------------------------------------
 
-    @property
-    def size(self) -> int:
-        """``2 * len(entries) + sum(child directory sizes)`` (the deployed rule)."""
-        return self._size
+    def size_under(self, rule: SizeRule) -> int:
+        """The size a parent records for this Directory in a store following ``rule``."""
+        size = rule.size(len(self._entries), self._directories, self._child_sizes)
+        if size > U64_MAX:
+            raise DirectoryError(f"directory size overflows 64 bits under the {rule} rule")
+        return size
 
-    def node(self) -> DirectoryNode:
-        """A :class:`DirectoryNode` pointing at this Directory."""
-        return DirectoryNode(self.digest, self._size)
+    def node(self, rule: SizeRule) -> DirectoryNode:
+        """A :class:`DirectoryNode` pointing at this Directory, sized by ``rule``."""
+        return DirectoryNode(self.digest, self.size_under(rule))
+
+    def size_mismatch(self, rule: SizeRule, recorded: int, where: str) -> str | None:
+        """``None`` if ``recorded`` (what a parent records for this Directory) is its size under ``rule``.
+
+        Else the one-line complaint, starting with ``where`` (the parent and
+        entry name): it names the rule, and says so when ``recorded`` is the
+        size under the other rule (a tree made by a peer of the other rule).
+        """
+        expected = self.size_under(rule)
+        if recorded == expected:
+            return None
+        hint = ""
+        if recorded == self.size_under(rule.other):
+            hint = f" (its size under the {rule.other} rule: the tree follows the {rule.other} rule)"
+        return (
+            f"{where} has wrong size {recorded} for directory {self.digest.hex()}, "
+            f"which has size {expected} under the {rule} directory size rule{hint}"
+        )
 
     def to_proto(self) -> pb.Directory:
         """The ``Directory`` message, each list sorted by name."""

@@ -223,10 +223,9 @@ class CastoreChecker:
                     if isinstance(found, str):
                         yield Problem(path, "directory", n.digest.hex(), found)
                         continue
-                    if found.size != n.size:
-                        yield Problem(
-                            path, "directory", n.digest.hex(), f"has size {found.size}, its parent records {n.size}"
-                        )
+                    wrong = found.size_mismatch(self.directories.size_rule, n.size, "its parent")
+                    if wrong is not None:
+                        yield Problem(path, "directory", n.digest.hex(), wrong)
                     if depth >= MAX_DEPTH and len(found):
                         yield Problem(
                             path,

@@ -1,11 +1,13 @@
 """Validation of directory closures as they travel between services.
 
 * :class:`LeavesToRootValidator` checks an upload: every child must have been
-  sent earlier in the same closure with the size it really has, no path may be
+  sent earlier in the same closure with the size it really has under the
+  store's :class:`~nixcas.castore.sizerule.SizeRule`, no path may be
   deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH`, and at the end there
   must be exactly one root.
 * :class:`RootToLeavesValidator` checks a download: the first directory is the
-  requested root and every later one must be a child of one already received.
+  requested root and every later one must be a child of one already received,
+  with the size its parents record under the rule.
 * :func:`leaves_first` turns a downloaded closure into an upload order.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.nodes import MAX_DEPTH
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ClosureError, DepthError, StorageError
 
 __all__ = ["LeavesToRootValidator", "RootToLeavesValidator", "leaves_first"]
@@ -60,7 +63,8 @@ class LeavesToRootValidator:
     limit is ever stored through a closure upload.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rule: SizeRule) -> None:
+        self.rule = rule
         self._seen: dict[B3Digest, Directory] = {}
         self._heights: dict[B3Digest, int] = {}
         self._referenced: set[B3Digest] = set()
@@ -78,11 +82,9 @@ class LeavesToRootValidator:
                     f"directory {digest.hex()}: {name[:300]!r} points to {child.digest.hex()}, "
                     "which was not uploaded before it (dangling pointer)"
                 )
-            if known.size != child.size:
-                raise ClosureError(
-                    f"directory {digest.hex()}: {name[:300]!r} has wrong size, "
-                    f"specified {child.size}, recorded {known.size}"
-                )
+            wrong = known.size_mismatch(self.rule, child.size, f"directory {digest.hex()}: {name[:300]!r}")
+            if wrong is not None:
+                raise ClosureError(wrong)
             self._referenced.add(child.digest)
             height = max(height, self._heights[child.digest] + 1)
         if height > MAX_DEPTH:
@@ -106,10 +108,15 @@ class LeavesToRootValidator:
 
 
 class RootToLeavesValidator:
-    """Checks a closure received root first (as ``get_recursive`` yields it)."""
+    """Checks a closure received root first (as ``get_recursive`` yields it).
 
-    def __init__(self, root: B3Digest) -> None:
-        self._expected: set[B3Digest] = {root}
+    Each sub-directory must have the size its parents record under ``rule``
+    (a peer of the other rule sends trees this store cannot hold).
+    """
+
+    def __init__(self, root: B3Digest, rule: SizeRule) -> None:
+        self.rule = rule
+        self._expected: dict[B3Digest, tuple[int, str] | None] = {root: None}
         self._received: set[B3Digest] = set()
 
     def add(self, directory: Directory) -> None:
@@ -117,12 +124,18 @@ class RootToLeavesValidator:
         digest = directory.digest
         if digest not in self._expected:
             raise StorageError(f"received unexpected directory {digest.hex()}")
+        recorded = self._expected[digest]
+        if recorded is not None:
+            wrong = directory.size_mismatch(self.rule, *recorded)
+            if wrong is not None:
+                raise StorageError(f"received {wrong}")
         self._received.add(digest)
-        for _, child in directory.directories():
-            self._expected.add(child.digest)
+        for name, child in directory.directories():
+            if child.digest not in self._expected:
+                self._expected[child.digest] = (child.size, f"directory {digest.hex()}: {name[:300]!r}")
 
     def finish(self) -> None:
         """Fail unless every announced directory was received."""
-        missing = self._expected - self._received
+        missing = self._expected.keys() - self._received
         if missing:
             raise StorageError(f"closure incomplete: still expected {len(missing)} directories")

@@ -143,7 +143,7 @@ class _Builder:
             if self._putter is None:
                 self._putter = self._directories.put_multiple_start()
             await self._putter.put(directory)
-            node = directory.node()
+            node = directory.node(self._directories.size_rule)
         parent = path.parent
         if parent is None:
             if self._pending:

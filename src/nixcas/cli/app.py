@@ -83,6 +83,12 @@ COMMANDS = {
     type=click.Path(dir_okay=False),
     help="TOML composition file; its 'root' entries are the services used (service addrs may name entries).",
 )
+@click.option(
+    "--directory-size-rule",
+    envvar="NIXCAS_DIRECTORY_SIZE_RULE",
+    type=click.Choice(["snix", "tvix"]),
+    help="Directory size rule of a new store [default: snix]; an existing store must already follow it.",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -92,8 +98,15 @@ def cli(
     path_info_service_addr: str | None,
     pin_service_addr: str | None,
     composition: str | None,
+    directory_size_rule: str | None,
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
     ctx.obj = Settings(
-        store_dir, blob_service_addr, directory_service_addr, composition, path_info_service_addr, pin_service_addr
+        store_dir,
+        blob_service_addr,
+        directory_service_addr,
+        composition,
+        path_info_service_addr,
+        pin_service_addr,
+        directory_size_rule,
     )

@@ -46,6 +46,11 @@ PIN_COMMANDS = {
         "Remove the pin NAME (its objects are freed by the next gc unless reachable otherwise).",
     ),
     "pins": LazyCommand("nixcas.cli.gc", "pins", "List the pins: NAME DIGEST CREATED."),
+    "rewrite-directories": LazyCommand(
+        "nixcas.cli.rewrite",
+        "rewrite_directories_command",
+        "Convert the store's directories to the other size rule (snix 2026 or tvix).",
+    ),
 }
 """The pin commands live with GC; imported only when one runs."""
 

@@ -43,9 +43,12 @@ class Settings:
     composition: str | None = None
     pathinfo_service_addr: str | None = None
     pin_service_addr: str | None = None
+    directory_size_rule: str | None = None
+    """``snix`` or ``tvix`` (``--directory-size-rule``): the rule a new store records, an existing one must follow."""
 
     async def open_store(self, *, with_pathinfo: bool = False, with_pins: bool = False) -> Store:
         from nixcas.api import Store
+        from nixcas.castore.sizerule import requested_size_rule
 
         return await Store.open(
             self.store_dir,
@@ -56,6 +59,7 @@ class Settings:
             composition=self.composition,
             with_pathinfo=with_pathinfo,
             with_pins=with_pins,
+            size_rule=requested_size_rule(self.directory_size_rule),
         )
 
     @asynccontextmanager
@@ -119,6 +123,7 @@ class Settings:
             pathinfo_service_addr=options.get("path_info_service_addr"),
             pin_service_addr=options.get("pin_service_addr"),
             composition=options.get("composition"),
+            directory_size_rule=options.get("directory_size_rule"),
         )
 
 
@@ -137,6 +142,11 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--pin-service-addr", metavar="URL", help="Pin service URL (or composition name)."),
             click.option(
                 "--composition", type=click.Path(dir_okay=False), help="TOML composition file (entrypoints: root)."
+            ),
+            click.option(
+                "--directory-size-rule",
+                type=click.Choice(["snix", "tvix"]),
+                help="Directory size rule of a new store [default: snix].",
             ),
         ]
     ):

@@ -100,7 +100,7 @@ class _Pass:
             for pin in await self.pins.list():
                 found = await checker.directory(pin.digest)
                 if not isinstance(found, str):
-                    node: DirectoryNode | FileNode = DirectoryNode(pin.digest, found.size)
+                    node: DirectoryNode | FileNode = found.node(self.directories.size_rule)
                 elif await self.blobs.has(pin.digest):
                     node = FileNode(pin.digest, 0)  # size unknown: only presence and contents are checked
                     trouble, _ = await checker.blob(pin.digest)

@@ -13,6 +13,7 @@ again.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from nixcas._sqlite import SqliteDatabase
@@ -96,6 +97,36 @@ class NarIndex:
             return None if row is None else (bytes(row[0]), int(row[1]), bytes(row[2]))
 
         return self._decoded(await self._db.run(find))
+
+    async def nodes(self) -> AsyncIterator[tuple[bytes, Node]]:
+        """Every NAR's (SHA-256, root node), a page at a time (for ``rewrite-directories``)."""
+        after = b""
+        while True:
+
+            def page(after: bytes = after) -> list[tuple[bytes, int, bytes]]:
+                rows = self._db.conn.execute(
+                    "SELECT nar_sha256, nar_size, node FROM nars WHERE nar_sha256 > ? ORDER BY nar_sha256 LIMIT 1000",
+                    (after,),
+                )
+                return [(bytes(d), int(n), bytes(v)) for d, n, v in rows]
+
+            rows = await self._db.run(page)
+            for row in rows:
+                nar = self._decoded(row)
+                assert nar is not None
+                yield nar.nar_sha256, nar.node
+            if len(rows) < 1000:
+                return
+            after = rows[-1][0]
+
+    async def replace_node(self, nar_sha256: bytes, node: Node) -> None:
+        """Point the NAR with this SHA-256 at ``node`` (the same contents, converted to another size rule)."""
+        raw = encode_node(b"", node)
+
+        def replace(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE nars SET node = ? WHERE nar_sha256 = ?", (raw, nar_sha256))
+
+        await self._db.run(self._db.transaction(replace))
 
     def _decoded(self, row: tuple[bytes, int, bytes] | None) -> UploadedNar | None:
         if row is None:

@@ -31,12 +31,14 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import DirectoryNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, ClosureError, NixcasError, StorageError
 from nixcas.testing.fixtures import (
     DIRECTORY_A,
     DIRECTORY_B,
     DIRECTORY_C,
     DIRECTORY_COMPLICATED,
+    DIRECTORY_COMPLICATED_SNIX,
     DIRECTORY_D,
     DIRECTORY_WITH_KEEP,
     DUMMY_DIGEST,
@@ -116,7 +118,7 @@ class DirectoryServiceSuite:
         assert got is not None
         assert got.digest == digest
         assert got.entries == directory.entries
-        assert got.size == directory.size
+        assert got.size_under(svc.size_rule) == directory.size_under(svc.size_rule)
 
     async def check_absent(self, svc: DirectoryService, *digests: B3Digest) -> None:
         for digest in digests:
@@ -142,7 +144,7 @@ class DirectoryServiceSuite:
         got = await directory_service.get(_digest("A"))
         assert got is not None
         assert len(got) == 0
-        assert got.size == 0
+        assert got.size_under(SizeRule.TVIX) == got.size_under(SizeRule.SNIX) == 0
 
     async def test_put_get_multiple_success(self, directory_service: DirectoryService) -> None:
         root = await upload(directory_service, [DIRECTORY_A, DIRECTORY_C])
@@ -226,6 +228,17 @@ class DirectoryServiceSuite:
         wrong_d = Directory({b"a": DirectoryNode(_digest("A"), 0), b"b": DirectoryNode(_digest("B"), 1)})
         await upload_rejected(directory_service, [DIRECTORY_A, DIRECTORY_B, wrong_d])
         await self.check_absent(directory_service, _digest("A"), _digest("B"), wrong_d.digest)
+
+    async def test_upload_reject_other_size_rule(self, directory_service: DirectoryService) -> None:
+        """A tree whose recorded sizes follow the other rule is refused, the message naming the rule."""
+        rule = directory_service.size_rule
+        other = DIRECTORY_COMPLICATED_SNIX if rule is SizeRule.TVIX else DIRECTORY_COMPLICATED
+        putter = directory_service.put_multiple_start()
+        await putter.put(DIRECTORY_WITH_KEEP)
+        with pytest.raises(ClosureError, match=f"under the {rule} directory size rule"):
+            await putter.put(other)
+        await putter.abort()
+        await self.check_absent(directory_service, other.digest)
 
     async def test_upload_reject_empty(self, directory_service: DirectoryService) -> None:
         putter = directory_service.put_multiple_start()
@@ -320,7 +333,7 @@ class DirectoryServiceSuite:
     async def test_get_recursive_missing_grandchild(
         self, directory_service: DirectoryService, store_raw: RawStore
     ) -> None:
-        top = Directory({b"x": DIRECTORY_B.node()})  # top -> B -> A; A is missing
+        top = Directory({b"x": DIRECTORY_B.node(SizeRule.TVIX)})  # top -> B -> A; A is missing
         await store_raw(top.digest, top.encode())
         await store_raw(_digest("B"), DIRECTORY_B.encode())
         seen: list[B3Digest] = []

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
-from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.nodes import FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 
 __all__ = [
     "BLOB_A",
@@ -62,28 +63,32 @@ DIRECTORY_WITH_KEEP = Directory({b".keep": FileNode(EMPTY_DIGEST, 0, executable=
 """``{file '.keep' -> EMPTY}``."""
 
 _COMPLICATED_ENTRIES: dict[bytes, Node] = {
-    b"keep": DirectoryNode(DIRECTORY_WITH_KEEP.digest, DIRECTORY_WITH_KEEP.size),
+    b"keep": DIRECTORY_WITH_KEEP.node(SizeRule.TVIX),
     b".keep": FileNode(EMPTY_DIGEST, 0, executable=False),
     b"aa": SymlinkNode(SYMLINK_TARGET),
 }
 DIRECTORY_COMPLICATED = Directory(_COMPLICATED_ENTRIES)
-"""``{dir 'keep' -> WITH_KEEP, file '.keep' -> EMPTY, symlink 'aa' -> /nix/store/somewhereelse}``."""
+"""``{dir 'keep' -> WITH_KEEP, file '.keep' -> EMPTY, symlink 'aa' -> /nix/store/somewhereelse}``,
+'keep' sized by the tvix rule (2; the tvix-era fixture)."""
 
-DIRECTORY_B = Directory({b"a": DirectoryNode(DIRECTORY_A.digest, DIRECTORY_A.size)})
+DIRECTORY_COMPLICATED_SNIX = Directory({**_COMPLICATED_ENTRIES, b"keep": DIRECTORY_WITH_KEEP.node(SizeRule.SNIX)})
+"""The same tree with 'keep' sized by the snix rule (1): another digest."""
+
+DIRECTORY_B = Directory({b"a": DIRECTORY_A.node(SizeRule.TVIX)})
 """``{dir 'a' -> A}``."""
 
 DIRECTORY_C = Directory(
     {
-        b"a": DirectoryNode(DIRECTORY_A.digest, DIRECTORY_A.size),
-        b"a'": DirectoryNode(DIRECTORY_A.digest, DIRECTORY_A.size),
+        b"a": DIRECTORY_A.node(SizeRule.TVIX),
+        b"a'": DIRECTORY_A.node(SizeRule.TVIX),
     }
 )
 """``{dir 'a' -> A, dir "a'" -> A}`` (the same child twice)."""
 
 DIRECTORY_D = Directory(
     {
-        b"a": DirectoryNode(DIRECTORY_A.digest, DIRECTORY_A.size),
-        b"b": DirectoryNode(DIRECTORY_B.digest, DIRECTORY_B.size),
+        b"a": DIRECTORY_A.node(SizeRule.TVIX),
+        b"b": DIRECTORY_B.node(SizeRule.TVIX),
     }
 )
 """``{dir 'a' -> A, dir 'b' -> B}`` (A is reachable twice)."""

@@ -23,6 +23,7 @@ import pytest
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import StorageError, ValidationError
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.pathinfo.base import PathInfoService
@@ -53,7 +54,7 @@ def make_path_info(name: str, seed: int = 0, *, references: tuple[StorePath, ...
     """A valid PathInfo with a digest derived from ``name``/``seed`` (not a real CA path)."""
     digest = hashlib.sha256(f"{name}/{seed}".encode()).digest()[:20]
     nodes: list[Node] = [
-        DirectoryNode(DIRECTORY_COMPLICATED.digest, DIRECTORY_COMPLICATED.size),
+        DIRECTORY_COMPLICATED.node(SizeRule.TVIX),
         FileNode(HELLOWORLD_DIGEST, 12, executable=seed % 3 == 1),
         SymlinkNode(b"/nix/store/somewhereelse"),
     ]

@@ -10,6 +10,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import Node
+from nixcas.castore.sizerule import SizeRule
 from nixcas.store import nixbase32
 from nixcas.store.nar.render import render_nar
 from nixcas.store.store_path import StorePath, build_nar_path
@@ -53,7 +54,10 @@ async def make_sample(tmp_path: Path, name: str, files: dict[str, bytes]) -> Sam
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()  # not the bridge's store
+    blobs, dirs = (
+        MemoryBlobService(),
+        MemoryDirectoryService(SizeRule.TVIX),
+    )  # not the bridge's store; tvix like test stores
     node = await ingest_path(root, blobs, dirs)
     nar = b"".join([c async for c in render_nar(node, blobs, dirs)])
     return Sample(name, nar, node, build_nar_path(name, hashlib.sha256(nar).digest()))

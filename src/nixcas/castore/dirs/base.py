@@ -17,9 +17,32 @@ from nixcas._aio import AbortOnError, Closing
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory, check_stored, decode_stored
 from nixcas.castore.graph import LeavesToRootValidator
-from nixcas.errors import StorageError
+from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, LEGACY_SIZE_RULE, SizeRule
+from nixcas.errors import ConfigurationError, StorageError
 
-__all__ = ["DirectoryPutter", "DirectoryService"]
+__all__ = ["DirectoryPutter", "DirectoryService", "settle_size_rule"]
+
+
+def settle_size_rule(
+    recorded: SizeRule | None, has_directories: bool, requested: SizeRule | None, where: str
+) -> tuple[SizeRule, bool]:
+    """The rule a store follows, and whether it must now be recorded.
+
+    ``recorded``: what the store records (``None``: nothing); a store holding
+    directories without a record was written by the tvix rule; an empty one
+    takes ``requested`` or the default (snix).  A ``requested`` rule that
+    contradicts the store's is a :class:`~nixcas.errors.ConfigurationError`
+    naming both.
+    """
+    rule = recorded
+    if rule is None:
+        rule = LEGACY_SIZE_RULE if has_directories else (requested or DEFAULT_SIZE_RULE)
+    if requested is not None and requested != rule:
+        raise ConfigurationError(
+            f"{where} follows the {rule} directory size rule, not the requested {requested} "
+            f"(convert it with: nixcas castore rewrite-directories --to {requested})"
+        )
+    return rule, recorded is None
 
 
 def _child_digests(digest: B3Digest, raw: bytes) -> list[B3Digest]:
@@ -36,6 +59,23 @@ def _child_digests(digest: B3Digest, raw: bytes) -> list[B3Digest]:
 
 class DirectoryService(Closing, ABC):
     """Stores Directory messages by digest.  Absence is ``None`` / an empty stream."""
+
+    size_rule: SizeRule = DEFAULT_SIZE_RULE
+    """The rule the sizes recorded in stored directories follow (see :mod:`nixcas.castore.sizerule`).
+
+    Persistent backends read it from their store (recorded when it was
+    created); others take it from their configuration.  Uploads whose child
+    sizes follow another rule are refused."""
+
+    rule_recorded: ClassVar[bool] = False
+    """The backend keeps its rule with its data (a wrapper or cache in front of it must agree)."""
+
+    rewritable: ClassVar[bool] = True
+    """``nixcas castore rewrite-directories`` may convert this service's store (not a daemon's or a cache's)."""
+
+    async def record_size_rule(self, rule: SizeRule) -> None:
+        """Make ``rule`` this store's rule (after its directories were rewritten to it)."""
+        self.size_rule = rule
 
     closures_only: ClassVar[bool] = False
     """Only closure roots are retrievable (:meth:`get`, :meth:`get_many_raw`); their
@@ -149,7 +189,7 @@ class DirectoryPutter(AbortOnError):
 
     def __init__(self, service: DirectoryService) -> None:
         self._service = service
-        self._validator = LeavesToRootValidator()
+        self._validator = LeavesToRootValidator(service.size_rule)
         self._root: B3Digest | None = None
         self._aborted = False
 
@@ -173,4 +213,4 @@ class DirectoryPutter(AbortOnError):
         """Discard everything put so far."""
         if self._root is None:
             self._aborted = True
-            self._validator = LeavesToRootValidator()
+            self._validator = LeavesToRootValidator(self._service.size_rule)

@@ -27,7 +27,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator, leaves_first
 from nixcas.config import NearFarConfig, Resolver
-from nixcas.errors import StorageError
+from nixcas.errors import ConfigurationError, StorageError
 
 __all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig"]
 
@@ -47,10 +47,20 @@ class CacheDirectoryServiceConfig(NearFarConfig[DirectoryService]):
 class CacheDirectoryService(DirectoryService):
     """Closures come from near if complete there, else from far (and are then kept near)."""
 
+    rewritable = False  # convert far itself; near then refills from it
+
     def __init__(self, near: DirectoryService, far: DirectoryService, *, close_inner: bool = False) -> None:
         self.near = near
         self.far = far
         self._close_inner = close_inner
+        if near.size_rule != far.size_rule:
+            if near.rule_recorded:
+                raise ConfigurationError(
+                    f"cache: near {near!r} follows the {near.size_rule} directory size rule, "
+                    f"far {far!r} the {far.size_rule} rule"
+                )
+            near.size_rule = far.size_rule  # a memory or LRU cache holds whatever far holds
+        self.size_rule = far.size_rule
 
     def __repr__(self) -> str:
         return f"CacheDirectoryService(near={self.near!r}, far={self.far!r})"
@@ -65,7 +75,7 @@ class CacheDirectoryService(DirectoryService):
 
     async def _far_closure(self, root: B3Digest) -> list[Directory]:
         """The closure from far, validated and stored near; ``[]`` if far lacks the root."""
-        validator = RootToLeavesValidator(root)
+        validator = RootToLeavesValidator(root, self.size_rule)
         closure: list[Directory] = []
         async for directory in self.far.get_recursive(root):
             validator.add(directory)

@@ -6,6 +6,15 @@ the set of digests announced so far (root first, then only children of
 directories already received) and that the closure is complete.  A closure
 is uploaded in one ``Put`` stream, leaves first, after the base class's
 putter validated it.
+
+Directory size rule: the URL option ``size-rule=snix|tvix`` declares the
+rule the peer's store follows (default: the rule asked for, else ``snix``).
+Uploads are checked against it before they are sent, and every closure
+received must follow it (its sub-directories must have the sizes their
+parents record under it); a tree of the other rule is refused with an error
+naming the rule.  Directories are never translated between rules on the
+wire: a digest names one tree under one rule (see ``nixcas castore
+rewrite-directories`` to convert a store).
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator
-from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcUrlConfig
+from nixcas.castore.grpc.channel import GrpcClient, GrpcConnection, GrpcEndpoint, GrpcUrlConfig
 from nixcas.castore.grpc.codec import identity
 from nixcas.castore.grpc.status import client_errors, error_from_status
+from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, SizeRule
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, StorageError, ValidationError
 
@@ -39,11 +49,20 @@ class GrpcDirectoryServiceConfig(GrpcUrlConfig, ServiceConfig[DirectoryService])
     """``grpc+unix:///abs/socket`` or ``grpc+http(s)://host[:port]``; composition: ``url``."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return GrpcDirectoryService(await self.connect())
+        declared = GrpcEndpoint.parse(self.url).size_rule
+        service = GrpcDirectoryService(await self.connect())
+        if declared is not None:
+            service.size_rule = SizeRule(declared)
+        else:
+            service.size_rule = resolver.size_rule or DEFAULT_SIZE_RULE
+        return service
 
 
 class GrpcDirectoryService(GrpcClient, DirectoryService):
     """A DirectoryService served by a nixcas, tvix or snix daemon."""
+
+    rule_recorded = True  # the peer's store has its rule; a cache in front must follow it
+    rewritable = False  # converted where it is stored, not over the wire
 
     def __init__(self, connection: GrpcConnection) -> None:
         super().__init__(connection)
@@ -93,7 +112,7 @@ class GrpcDirectoryService(GrpcClient, DirectoryService):
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         where = f"{self.url}: Get {root.hex()} (recursive)"
-        validator = RootToLeavesValidator(root)
+        validator = RootToLeavesValidator(root, self.size_rule)
         received = 0
         call = self._get(dir_pb.GetDirectoryRequest(digest=root, recursive=True))
         try:

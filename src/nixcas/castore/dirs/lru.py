@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from nixcas._lru import LruBytes, LruConfig
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, SizeRule
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["LruDirectoryService", "LruDirectoryServiceConfig"]
@@ -25,13 +26,14 @@ class LruDirectoryServiceConfig(LruConfig, ServiceConfig[DirectoryService]):
     """``capacity``: how many directories are kept (at least 1)."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return LruDirectoryService(self.capacity)
+        return LruDirectoryService(self.capacity, resolver.size_rule or DEFAULT_SIZE_RULE)
 
 
 class LruDirectoryService(DirectoryService):
     """Up to ``capacity`` directories in memory; the least recently used go first."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, size_rule: SizeRule = DEFAULT_SIZE_RULE) -> None:
+        self.size_rule = size_rule
         self._data: LruBytes[B3Digest] = LruBytes(capacity)
         self.capacity = capacity
 

@@ -44,7 +44,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator
 from nixcas.config import Resolver
-from nixcas.errors import ChecksumMismatch, StorageError
+from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
 
 __all__ = ["MembersDirectoryService", "PriorityDirectoryServiceConfig", "RaceDirectoryServiceConfig"]
 
@@ -98,7 +98,7 @@ def _accept(validator: RootToLeavesValidator, member: DirectoryService, root: B3
 async def _read_ahead(member: DirectoryService, root: B3Digest) -> _Closure | None:
     """``member``'s closure of ``root``: whole if it fits :data:`CLOSURE_READ`, else its start and the rest."""
     stream = aiter(member.get_recursive(root))
-    validator = RootToLeavesValidator(root)
+    validator = RootToLeavesValidator(root, member.size_rule)
     head: list[Directory] = []
     seen: set[B3Digest] = set()
     size = 0
@@ -146,6 +146,18 @@ class MembersDirectoryService(MembersService[DirectoryService], DirectoryService
     """``priority`` or ``race`` over directory services (read-only)."""
 
     type_name: ClassVar[str] = "directory service"
+    rewritable: ClassVar[bool] = False
+
+    def __init__(self, mode: str, members: Sequence[DirectoryService], *, close_inner: bool = False) -> None:
+        super().__init__(mode, members, close_inner=close_inner)
+        rules = {member.size_rule for member in self.members}
+        if len(rules) > 1:
+            named = ", ".join(sorted(str(rule) for rule in rules))
+            raise ConfigurationError(
+                f"{mode}: the members follow different directory size rules ({named}); "
+                "their directories could not answer for one another"
+            )
+        self.size_rule = rules.pop()
 
     async def get(self, digest: B3Digest) -> Directory | None:
         async def ask(member: DirectoryService) -> Directory | None:

@@ -11,6 +11,7 @@ from urllib.parse import SplitResult
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
+from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, SizeRule
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 
@@ -29,13 +30,14 @@ class MemoryDirectoryServiceConfig(ServiceConfig[DirectoryService]):
         return cls()
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return MemoryDirectoryService()
+        return MemoryDirectoryService(resolver.size_rule or DEFAULT_SIZE_RULE)
 
 
 class MemoryDirectoryService(DirectoryService):
     """Keeps canonical Directory bytes in process memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, size_rule: SizeRule = DEFAULT_SIZE_RULE) -> None:
+        self.size_rule = size_rule
         self._data: dict[B3Digest, bytes] = {}
         self._mtimes: dict[B3Digest, int] = {}
 

@@ -26,7 +26,10 @@ Reading streams the object (one ``GET``), decompresses it with a bound (the
 :data:`MAX_CLOSURE_BYTES`; a frame longer than the limit is refused before it
 is buffered) and checks the frames root-to-leaves as they arrive: the first
 must hash to the root asked for, every later one to a directory an earlier
-one refers to (with the size that one records), none twice, and at the end
+one refers to (with the size that one records: under the store's size rule,
+or consistently under the other, so garbage left by ``rewrite-directories``
+or an object written by a peer of the other rule reads as the closure it is;
+the users of a tree check its rule), none twice, and at the end
 every referenced directory must have come.  Anything else is a
 :class:`~nixcas.errors.StorageError` (:class:`~nixcas.errors.ChecksumMismatch`
 for a first frame that is not the root).
@@ -35,6 +38,13 @@ Writing: one ``PUT`` per closure, skipped when the root object exists and was
 written within ``refresh_after`` seconds (an older one is written again, so
 garbage collection, which ages objects by their modification time, sees it
 young; see :mod:`nixcas.castore.blob.objectstore`).
+
+The store's directory size rule is recorded in the object ``dirs/size-rule``
+(``snix`` or ``tvix`` and a newline), written when the store is first opened
+by this code; a bucket without it that holds closures follows the tvix rule.
+Object stores offer no create-if-absent here, so two writers creating a
+bucket at the same moment with different rules could race (the later one
+wins the record); create a shared bucket once, then share it.
 
 Garbage collection sweeps closure objects: one is live iff its root is
 reachable from a GC root (:func:`nixcas.castore.gc.mark` reads closures
@@ -59,7 +69,7 @@ from nixcas.castore.blob.chunking import compressed_bound
 from nixcas.castore.blob.layout import ZSTD_LEVEL, key_digest, object_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
-from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
@@ -71,6 +81,7 @@ from nixcas.castore.objectstore import (
     refresh_after_option,
     zstd_level_option,
 )
+from nixcas.castore.sizerule import SizeRule
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
 from nixcas.urls import is_decimal, shown
@@ -108,6 +119,10 @@ _CLOSURES_AT_ONCE = 16
 """Closure objects :meth:`ObjectStoreDirectoryService._get_many_raw` reads at once."""
 
 _DIR_OPTIONS = {"zstd_level", "refresh_after", "max_closure_bytes"}
+
+
+SIZE_RULE_KEY = "dirs/size-rule"
+"""Where the store's directory size rule is recorded (outside ``dirs/b3/``, so GC never sees it)."""
 
 
 def directory_key(digest: B3Digest) -> str:
@@ -156,12 +171,18 @@ class ObjectStoreDirectoryServiceConfig(ServiceConfig[DirectoryService]):
         where = repr(shown(self.object_store_url))
         options = self.object_store_options
         store = await open_object_store(self.object_store_url, self._client_options())
-        return ObjectStoreDirectoryService(
+        service = ObjectStoreDirectoryService(
             store,
             zstd_level=zstd_level_option(options, where),
             refresh_after=refresh_after_option(options, where),
             max_closure_bytes=_max_closure_bytes(options, where),
         )
+        try:
+            await service.open_size_rule(resolver.size_rule)
+        except BaseException:
+            await service.close()
+            raise
+        return service
 
 
 # -- the closure object format ----------------------------------------------------
@@ -240,8 +261,10 @@ class _ClosureReader:
     value) and stops.
     """
 
-    def __init__(self, root: B3Digest, where: str, max_bytes: int, *, first_only: bool = False) -> None:
+    def __init__(self, root: B3Digest, where: str, max_bytes: int, rule: SizeRule, *, first_only: bool = False) -> None:
         self._root = root
+        self._rules = [rule, rule.other]
+        """The rules every size checked so far follows (the store's first)."""
         self._where = where
         self._max_bytes = max_bytes
         self._first_only = first_only
@@ -297,10 +320,12 @@ class _ClosureReader:
         except ValueError as e:
             raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
         recorded = self._expected[digest]
-        if recorded is not None and recorded != directory.size:
-            raise StorageError(
-                f"{self._where}: directory {digest.hex()} has size {directory.size}, its parent records {recorded}"
-            )
+        if recorded is not None:
+            rules = [r for r in self._rules if directory.size_mismatch(r, recorded, "") is None]
+            if not rules:
+                wrong = directory.size_mismatch(self._rules[0], recorded, f"{self._where}: a parent")
+                raise StorageError(f"{wrong} (and the closure follows no other rule)")
+            self._rules = rules
         self._received.add(digest)
         for name, child in directory.directories():
             known = self._expected.get(child.digest)
@@ -334,10 +359,10 @@ def _decompressing_into(reader: _ClosureReader) -> zstandard.ZstdDecompressionWr
 
 
 def decode_closure(
-    root: B3Digest, data: bytes, *, max_bytes: int = MAX_CLOSURE_BYTES, where: str = "closure object"
+    root: B3Digest, data: bytes, rule: SizeRule, *, max_bytes: int = MAX_CLOSURE_BYTES, where: str = "closure object"
 ) -> list[Directory]:
-    """Every Directory of a whole closure object in memory, checked as :meth:`get_recursive` does."""
-    reader = _ClosureReader(root, where, max_bytes)
+    """Every Directory of a whole closure object in memory, checked as :meth:`get_recursive` does (by ``rule``)."""
+    reader = _ClosureReader(root, where, max_bytes, rule)
     writer = _decompressing_into(reader)
     try:
         writer.write(data)
@@ -367,8 +392,29 @@ class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
         self.zstd_level = zstd_level
         self.max_closure_bytes = max_closure_bytes
 
+    rule_recorded = True
+
     def __repr__(self) -> str:
         return f"ObjectStoreDirectoryService({self.store.where!r})"
+
+    async def open_size_rule(self, requested: SizeRule | None) -> None:
+        """Read the recorded rule (recording it if absent) and check ``requested`` against it."""
+        where = f"directory store {self.store.where}"
+        raw = await self.store.get(SIZE_RULE_KEY, cap=64)
+        recorded = None if raw is None else SizeRule.parse(raw.decode("ascii", "replace"), where)
+        has_directories = False
+        if recorded is None:
+            async for page in self.store.list("dirs/b3/", page=1):
+                has_directories = bool(page)
+                break
+        rule, record = settle_size_rule(recorded, has_directories, requested, where)
+        if record:
+            await self.store.put(SIZE_RULE_KEY, f"{rule.value}\n".encode())
+        self.size_rule = rule
+
+    async def record_size_rule(self, rule: SizeRule) -> None:
+        await self.store.put(SIZE_RULE_KEY, f"{rule.value}\n".encode())
+        self.size_rule = rule
 
     # -- reading -----------------------------------------------------------------------
 
@@ -382,7 +428,7 @@ class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
             self.presence.forget(key)
             return
         where = f"{self.store.where}: {key}"
-        reader = _ClosureReader(root, where, self.max_closure_bytes, first_only=first_only)
+        reader = _ClosureReader(root, where, self.max_closure_bytes, self.size_rule, first_only=first_only)
         writer = _decompressing_into(reader)
         async with contextlib.aclosing(blocks):
             async for block in blocks:

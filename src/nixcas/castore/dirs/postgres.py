@@ -5,7 +5,9 @@ Options and connection handling: :mod:`nixcas._postgres`.  A closure is one
 transaction, so a failing closure leaves nothing behind.  A breadth-first
 level of :meth:`get_recursive` is one ``= ANY(…)`` query.  Re-putting a
 stored directory refreshes its ``mtime`` (young again for GC), and GC deletes
-with the age re-checked in the ``DELETE`` itself.
+with the age re-checked in the ``DELETE`` itself.  The store's directory size
+rule is recorded in ``nixcas_directories_meta`` (key ``directory_size_rule``)
+by the first daemon that opens the database.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import ClassVar
 
 from nixcas._postgres import Connection, PostgresConfig, PostgresDatabase
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sizerule import SizeRule
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["PostgresDirectoryService", "PostgresDirectoryServiceConfig"]
@@ -31,9 +34,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             mtime  bigint NOT NULL
         )""",
     ),
+    ("CREATE TABLE IF NOT EXISTS nixcas_directories_meta (key text PRIMARY KEY, value text NOT NULL)",),
 )
 """Schema versions of the ``directories`` component: append, never edit."""
 
+_RULE_KEY = "directory_size_rule"
 _BATCH = 1000
 """Digests per ``= ANY(…)`` query (bounds each answer)."""
 _PAGE = 1000
@@ -46,7 +51,7 @@ class PostgresDirectoryServiceConfig(PostgresConfig, ServiceConfig[DirectoryServ
     ``connect_timeout``."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return await PostgresDirectoryService.open(self)
+        return await PostgresDirectoryService.open(self, size_rule=resolver.size_rule)
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,53 @@ class PostgresDirectoryService(DirectoryService):
         self._db = PostgresDatabase(config, "directory database", "directories", MIGRATIONS)
 
     @classmethod
-    async def open(cls, config: PostgresConfig) -> PostgresDirectoryService:
-        """Connect, create or migrate the table, and return the running service."""
+    async def open(cls, config: PostgresConfig, *, size_rule: SizeRule | None = None) -> PostgresDirectoryService:
+        """Connect, create or migrate the tables, settle the size rule (``size_rule``: the one asked for)."""
         service = cls(config)
         await service._db.open()
+        try:
+            await service.open_size_rule(size_rule)
+        except BaseException:
+            await service.close()
+            raise
         return service
+
+    async def open_size_rule(self, requested: SizeRule | None) -> None:
+        """Read the recorded rule (recording it if absent; the first writer wins) and check ``requested``."""
+        where = f"directory database postgresql://{self._db.target}"
+
+        async def recorded(conn: Connection) -> SizeRule | None:
+            cur = await conn.execute("SELECT value FROM nixcas_directories_meta WHERE key = %s", (_RULE_KEY,))
+            row = await cur.fetchone()
+            return None if row is None else SizeRule.parse(str(row[0]), where)
+
+        async def settle(conn: Connection) -> SizeRule:
+            found = await recorded(conn)
+            if found is None:
+                cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM nixcas_directories)")
+                row = await cur.fetchone()
+                rule, _ = settle_size_rule(None, bool(row and row[0]), requested, where)
+                await conn.execute(
+                    "INSERT INTO nixcas_directories_meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+                    (_RULE_KEY, rule.value),
+                )
+                found = await recorded(conn)
+            return settle_size_rule(found, True, requested, where)[0]
+
+        self.size_rule = await self._db.run(settle, transaction=True, retry=True)
+
+    async def record_size_rule(self, rule: SizeRule) -> None:
+        async def record(conn: Connection) -> None:
+            await conn.execute(
+                "INSERT INTO nixcas_directories_meta (key, value) VALUES (%s, %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_RULE_KEY, rule.value),
+            )
+
+        await self._db.run(record, retry=True)
+        self.size_rule = rule
+
+    rule_recorded = True
 
     def __repr__(self) -> str:
         return f"PostgresDirectoryService('postgresql://{self._db.target}')"

@@ -1,5 +1,9 @@
 """``sqlite:///abs/path.sqlite`` — directories in one SQLite table.
 
+The database also records the store's directory size rule (table ``meta``,
+key ``directory_size_rule``; see :mod:`nixcas.castore.sizerule`), written
+when the database is first opened.
+
 One connection, used from one dedicated worker thread (so the event loop
 never blocks on SQLite).  A closure is committed in one transaction; reads
 of a breadth-first level are one query.  ``sqlite://`` (no path) is a
@@ -10,13 +14,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, get_data, select_in
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sizerule import SizeRule
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
@@ -27,7 +32,12 @@ CREATE TABLE IF NOT EXISTS directories (
     data   BLOB NOT NULL,
     mtime  INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
+_RULE_KEY = "directory_size_rule"
 _PAGE = 1000
 
 
@@ -49,18 +59,48 @@ class SqliteDirectoryServiceConfig(SqlitePathConfig, ServiceConfig[DirectoryServ
     """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
 
     async def build(self, resolver: Resolver) -> DirectoryService:
-        return SqliteDirectoryService(self.path)
+        return SqliteDirectoryService(self.path, size_rule=resolver.size_rule)
 
 
 class SqliteDirectoryService(DirectoryService):
     """Canonical Directory bytes keyed by digest in an SQLite database."""
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, *, size_rule: SizeRule | None = None) -> None:
+        """Open (or create) the database; ``size_rule``: the rule asked for (see :func:`settle_size_rule`)."""
         self.path = path
         self._db = SqliteDatabase(path, _SCHEMA, "directory database", _migrate)
+        # settled here, so every instance knows its store's rule
+        self.size_rule = self._db.run_while_opening(self._db.transaction(self._settle(size_rule)))
+
+    rule_recorded = True
 
     def __repr__(self) -> str:
         return f"SqliteDirectoryService({self.path!r})"
+
+    def _settle(self, requested: SizeRule | None) -> Callable[[sqlite3.Connection], SizeRule]:
+        """Read the recorded rule (recording it if absent) and check ``requested`` against it."""
+
+        def settle(conn: sqlite3.Connection) -> SizeRule:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_RULE_KEY,)).fetchone()
+            where = f"directory database {self.path or ':memory:'}"
+            recorded = None if row is None else SizeRule.parse(str(row[0]), where)
+            has_directories = conn.execute("SELECT 1 FROM directories LIMIT 1").fetchone() is not None
+            rule, record = settle_size_rule(recorded, has_directories, requested, where)
+            if record:
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_RULE_KEY, rule.value))
+            return rule
+
+        return settle
+
+    async def record_size_rule(self, rule: SizeRule) -> None:
+        def record(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_RULE_KEY, rule.value),
+            )
+
+        await self._db.run(self._db.transaction(record))
+        self.size_rule = rule
 
     async def _get_raw(self, digest: B3Digest) -> bytes | None:
         return await self._db.run(lambda: get_data(self._db.conn, "directories", digest))

@@ -27,7 +27,8 @@ __all__ = ["CLOSURE_MAX_SIZE", "KEEP_ENTRIES", "DirectoryFetcher"]
 log = logging.getLogger("nixcas.fs")
 
 CLOSURE_MAX_SIZE = 50_000
-"""Largest ``size`` (about twice the entries below) of a directory fetched with its whole closure."""
+"""Largest ``size`` (tvix rule: about twice the entries below; snix: about the entries plus the directories) of a
+directory fetched with its whole closure."""
 
 KEEP_ENTRIES = 50_000
 """At most this many entries (summed over directories) are kept fetched ahead of use."""

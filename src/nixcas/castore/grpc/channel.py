@@ -7,7 +7,9 @@ call); ``connect-timeout=SECONDS`` bounds that wait (default 10);
 nixcas daemons answer both); ``chunkstore=1`` makes a blob service speak
 snix's ``ChunkStoreService``/``BlobStoreService`` (always under the ``snix``
 names) to move only the chunks a side lacks (default ``0``; other service
-kinds ignore it; see :mod:`nixcas.castore.blob.grpc`).
+kinds ignore it; see :mod:`nixcas.castore.blob.grpc`); ``size-rule=snix|tvix``
+declares the directory size rule the peer's store follows (directory services;
+default: the rule asked for with ``--directory-size-rule``, else ``snix``).
 """
 
 from __future__ import annotations
@@ -51,13 +53,14 @@ class GrpcEndpoint:
     connect_timeout: float = 10.0
     protocol: str = "tvix"
     chunkstore: bool = False
+    size_rule: str | None = None
 
     @classmethod
     def parse(cls, url: str | SplitResult) -> GrpcEndpoint:
         parts = urlsplit(url) if isinstance(url, str) else url
         text = url if isinstance(url, str) else url_text(parts)
         where = repr(shown(parts))  # what messages show: never the credentials refused below
-        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol", "chunkstore"})
+        options = query_options(parts, {"wait-connect", "connect-timeout", "protocol", "chunkstore", "size-rule"})
         transport = parts.scheme.partition("+")[2]
         if parts.fragment:
             raise ConfigurationError(f"{where}: fragments are not allowed")
@@ -101,7 +104,10 @@ class GrpcEndpoint:
         chunkstore = options.get("chunkstore", "0").lower()
         if chunkstore not in _BOOLEANS:
             raise ConfigurationError(f"{where}: chunkstore must be 0 or 1")
-        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol, _BOOLEANS[chunkstore])
+        size_rule = options.get("size-rule")
+        if size_rule is not None and size_rule not in ("snix", "tvix"):
+            raise ConfigurationError(f"{where}: size-rule must be snix or tvix")
+        return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol, _BOOLEANS[chunkstore], size_rule)
 
 
 class GrpcConnection:

@@ -123,7 +123,7 @@ async def fetch_closure(node: Node, directories: DirectoryService) -> Closure:
     if not isinstance(node, DirectoryNode):
         return {}
     closure: Closure = {}
-    validator = RootToLeavesValidator(node.digest)
+    validator = RootToLeavesValidator(node.digest, directories.size_rule)
     try:
         async for directory in directories.get_recursive(node.digest):
             validator.add(directory)

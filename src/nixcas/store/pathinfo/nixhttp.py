@@ -205,6 +205,11 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         self.blobs = blobs
         self.directories = directories
         self.public_keys = public_keys
+        if castore is not None and castore[1].size_rule != directories.size_rule:
+            raise ConfigurationError(
+                f"castore_directory_service {castore[1]!r} follows the {castore[1].size_rule} directory size rule, "
+                f"the local {directories!r} the {directories.size_rule} rule: its roots could not be kept here"
+            )
         self.castore = castore
         """The castore behind the cache's castore NAR URLs (blobs, directories), if any."""
         self._session: aiohttp.ClientSession | None = None
