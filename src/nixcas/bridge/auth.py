@@ -132,7 +132,7 @@ class Tokens:
                 )
             if name in names:
                 raise ConfigurationError(f"{where}: line {number}: the name {name!r} is used twice")
-            token = Token.make(secret, scope, name)  # type: ignore[arg-type]  # scope is checked above
+            token = Token.make(secret, scope, name)
             if token.digest in digests:
                 raise ConfigurationError(f"{where}: line {number}: the same token appears twice")
             names.add(name)
