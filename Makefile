@@ -15,7 +15,7 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,all]'
 	touch $@ $(VENV)/.installed-run
 
 ## run: ingest examples/ into the embedded default store, then serve it over gRPC and as a Nix binary cache (Ctrl-C stops)
