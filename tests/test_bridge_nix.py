@@ -312,15 +312,15 @@ def test_private_cache_with_nix(tmp_path: Path) -> None:
         assert http(f"{bridge.url}/").startswith(b"Hello")
         copy_to(tmp_path, source, bridge.url, paths, config=netrc["ci"])
 
-        target, _ = copy_from(tmp_path, bridge.url, paths, config=netrc["alice"])
-        for path in paths:
-            assert dump(target, path, tmp_path) == dump(source, path, tmp_path), path
         _, anonymous = copy_from(tmp_path, bridge.url, paths[:1], check=False)
         assert anonymous.returncode != 0  # Nix 2.8 reports the 401 of nix-cache-info as:
         assert b"does not appear to be a binary cache" in anonymous.stderr
-        substituted = tmp_path / "subst"  # substitution (not copy) from the private cache, with the read token
+        target, _ = copy_from(tmp_path, bridge.url, paths[:1], config=netrc["alice"])
+        assert dump(target, paths[0], tmp_path) == dump(source, paths[0], tmp_path)
+        substituted = tmp_path / "subst"  # substitution (what a build does), with the read token
         config = netrc["alice"] + f"\nsubstituters = {bridge.url}\nrequire-sigs = false\n"
-        nix([NIX, "build", "--store", str(substituted / "store"), paths[0]], substituted, config=config)
-        assert dump(substituted / "store", paths[0], tmp_path) == dump(source, paths[0], tmp_path)
+        nix([NIX, "build", "--store", str(substituted / "store"), *paths[1:]], substituted, config=config)
+        for path in paths[1:]:
+            assert dump(substituted / "store", path, tmp_path) == dump(source, path, tmp_path), path
     assert "Traceback" not in bridge.stderr()
     assert writer not in bridge.stderr() and reader not in bridge.stderr()
