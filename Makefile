@@ -15,15 +15,15 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,all]'
 	touch $@ $(VENV)/.installed-run
 
-## run: ingest examples/ into the embedded default store, then serve it over gRPC and as a Nix binary cache (Ctrl-C stops)
+## run: import examples/ into the embedded default store as a store path, print what to try, then serve it over gRPC and as a Nix binary cache (Ctrl-C stops; BRIDGE_ARGS=--allow-writes opens uploads)
 LISTEN ?= 127.0.0.1:8000
 BRIDGE_LISTEN ?= 127.0.0.1:9000
+BRIDGE_ARGS ?=
 run: $(VENV)/.installed-run
-	@$(BIN)/nixcas castore ingest examples --json | tee $(VENV)/last-ingest.json
-	@$(BIN)/nixcas daemon --listen-address $(LISTEN) --nar-bridge $(BRIDGE_LISTEN)
+	@NIXCAS=$(BIN)/nixcas LISTEN='$(LISTEN)' BRIDGE_LISTEN='$(BRIDGE_LISTEN)' BRIDGE_ARGS='$(BRIDGE_ARGS)' scripts/run.sh
 
 ## system-deps: Debian packages the tests need (idempotent)
 system-deps:

@@ -290,3 +290,37 @@ public_keys = ["{key[1].read_text().strip()}"]
     assert nixcas(*local_only, "path-info", paths[0]).returncode == 0
     missing = nixcas(*local_only, "path-info", paths[2])  # the unsigned one was never stored
     assert missing.returncode == 1 and b"not in the store" in missing.stderr
+
+
+def test_private_cache_with_nix(tmp_path: Path) -> None:
+    """``--private`` with a read and a write token, sent by Nix from its netrc-file (Basic auth)."""
+    assert NIX is not None
+    writer, reader = "w-0123456789abcdef", "r-fedcba9876543210"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"write {writer} ci\nread {reader} alice\n")
+    netrc = {}
+    for name, secret in (("ci", writer), ("alice", reader)):
+        (tmp_path / f"netrc-{name}").write_text(f"machine 127.0.0.1 login {name} password {secret}\n")
+        netrc[name] = f"\nnetrc-file = {tmp_path / f'netrc-{name}'}\n"
+    source = tmp_path / "nix-a"
+    paths = make_paths(tmp_path, source)
+    args = ["-l", "127.0.0.1:0", "--private", "--token-file", str(tokens)]
+    with running_daemon(*args, store=tmp_path / "nixcas", log=tmp_path / "log", command="nar-bridge") as bridge:
+        up = [NIX, "copy", "--store", str(source), "--to", bridge.url, *paths]
+        refused = nix(up, tmp_path / "home-read", check=False, config=netrc["alice"])
+        assert refused.returncode != 0 and b"403" in refused.stderr  # a read token may not upload
+        assert http(f"{bridge.url}/").startswith(b"Hello")
+        copy_to(tmp_path, source, bridge.url, paths, config=netrc["ci"])
+
+        _, anonymous = copy_from(tmp_path, bridge.url, paths[:1], check=False)
+        assert anonymous.returncode != 0  # Nix 2.8 reports the 401 of nix-cache-info as:
+        assert b"does not appear to be a binary cache" in anonymous.stderr
+        target, _ = copy_from(tmp_path, bridge.url, paths[:1], config=netrc["alice"])
+        assert dump(target, paths[0], tmp_path) == dump(source, paths[0], tmp_path)
+        substituted = tmp_path / "subst"  # substitution (what a build does), with the read token
+        config = netrc["alice"] + f"\nsubstituters = {bridge.url}\nrequire-sigs = false\n"
+        nix([NIX, "build", "--no-link", "--store", str(substituted / "store"), *paths[1:]], substituted, config=config)
+        for path in paths[1:]:
+            assert dump(substituted / "store", path, tmp_path) == dump(source, path, tmp_path), path
+    assert "Traceback" not in bridge.stderr()
+    assert writer not in bridge.stderr() and reader not in bridge.stderr()

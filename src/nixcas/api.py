@@ -30,6 +30,7 @@ from nixcas.castore.treepath import TreePath
 from nixcas.composition import ENTRYPOINT, Composition
 from nixcas.embedded import BLOBS, DIRECTORIES_DB, PATHINFO_DB, PINS_DB, default_store_path, store_base
 from nixcas.errors import ConfigurationError, DepthError, NotFoundError
+from nixcas.registry import KINDS
 
 if TYPE_CHECKING:  # the Nix layer and ingest are loaded only by the calls that use them
     from nixcas.castore.blob.base import BlobReader, BlobService
@@ -208,12 +209,23 @@ class Store(Closing):
         embedded store in ``store_dir``.  Pins default to the store they
         protect (see :func:`default_pin_service`).  ``size_rule``: the
         directory size rule asked for (a new store records it; an existing
-        store that follows the other rule is an error naming both).
+        store that follows the other rule is an error naming both).  A
+        composition file with no entrypoint at all is a
+        :class:`ConfigurationError` unless every service is named explicitly:
+        it would silently leave the store embedded.
         """
         if composition is None:
             composition = Composition()
         elif not isinstance(composition, Composition):
-            composition = Composition.from_toml(composition)
+            source = composition
+            composition = Composition.from_toml(source)
+            explicit = [blob_service_url, directory_service_url, pathinfo_service_url if with_pathinfo else "-"]
+            if not all(explicit) and not any(composition.entrypoint(kind) for kind in KINDS):
+                raise ConfigurationError(
+                    f"{os.fspath(source)}: the composition has no root service (e.g. [blobservices.root]); "
+                    "name its services root, or pick them with --blob-service-addr etc. "
+                    "(nixcas does not fall back to the embedded store)"
+                )
         if size_rule is not None:
             composition.size_rule = size_rule
         blob_url, dir_url, pathinfo_url = service_urls(store_dir)

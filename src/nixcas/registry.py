@@ -64,6 +64,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import urlsplit
 
+from nixcas._extras import MissingExtra, missing_extra
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.urls import shown, url_tag
@@ -105,7 +106,13 @@ class BackendTable(Mapping[str, type[ServiceConfig[object]]]):
         config = self._loaded.get(tag)
         if config is None:
             module, _, name = self._paths[tag].rpartition(".")
-            config = cast(type[ServiceConfig[object]], getattr(importlib.import_module(module), name))
+            try:
+                config = cast(type[ServiceConfig[object]], getattr(importlib.import_module(module), name))
+            except ImportError as e:  # psycopg, say: an extra that was not installed
+                missing = missing_extra(e, f"type {tag!r}")
+                if missing is None:
+                    raise
+                raise missing from None
             if config.type_tag != tag:
                 raise AssertionError(f"registry: {self._paths[tag]} has tag {config.type_tag!r}, not {tag!r}")
             self._loaded[tag] = config
@@ -186,7 +193,10 @@ def parse_service_url(kind: str, url: str) -> ServiceConfig[object]:
     if not parts.scheme:
         raise ConfigurationError(f"invalid {noun} URL {shown(url)!r}: no scheme (e.g. memory://)")
     table = KINDS[kind]
-    backend = table.get(url_tag(parts))
+    try:
+        backend = table.get(url_tag(parts))
+    except MissingExtra as e:
+        raise MissingExtra(f"{noun} URL {shown(url)!r}: {e}") from None
     if backend is None:
         known = ", ".join(sorted(table))
         raise ConfigurationError(f"invalid {noun} URL {shown(url)!r}: unknown type {url_tag(parts)!r} (known: {known})")

@@ -14,6 +14,10 @@ Routes (reference §7, with the differences listed in the README):
 ``GET|HEAD /nar/<file hash>.nar[.…]``      an uploaded NAR file by name (HEAD: does it exist)
 =========================================  ==================================================
 
+Access: reads are open unless the bridge is ``private``; writes need ``allow_writes``
+or, with tokens (:mod:`nixcas.bridge.auth`), a ``write`` token.  The name of the
+token a request authenticated with is ``request.get(USER)`` (for access logs).
+
 Every problem with a request is a 4xx with a one-line reason as the body;
 nothing an invalid upload sent becomes visible (directories are committed only
 after the NAR verified, the NarHash mapping after that, the PathInfo last).
@@ -33,8 +37,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from nixcas.bridge import DEFAULT_PRIORITY
+from nixcas.bridge.auth import Token, Tokens
 from nixcas.bridge.groupsync import GroupSync
-from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range, token_matches
+from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode_stream, parse_range
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
@@ -57,7 +62,7 @@ from nixcas.store.signing import SigningKey
 from nixcas.store.store_path import ENCODED_DIGEST_LEN, STORE_DIR, StorePath
 from nixcas.urls import is_decimal
 
-__all__ = ["NAR_PREFIXES", "NarBridge", "nar_url"]
+__all__ = ["NAR_PREFIXES", "PUBLIC_PATHS", "USER", "NarBridge", "nar_url"]
 
 log = logging.getLogger("nixcas.bridge")
 
@@ -77,6 +82,12 @@ UPLOADS_REMEMBERED: Final = 1024
 """NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
 _NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+USER: Final = web.RequestKey("nixcas.user", str)
+"""``request.get(USER)``: the name of the token the request authenticated with (absent without one)."""
+_TOKEN: Final = web.RequestKey("nixcas.token", Token)
+PUBLIC_PATHS: Final = frozenset({"/", "/healthz"})
+"""Paths a ``private`` bridge serves without a token (nothing of the store is in them)."""
+_CHALLENGE: Final = {"WWW-Authenticate": 'Basic realm="nar-bridge", Bearer realm="nar-bridge"'}
 
 
 def nar_url(node: Node, nar_size: int, prefix: str = NAR_PREFIXES[0]) -> str:
@@ -135,6 +146,8 @@ class NarBridge:
         priority: int = DEFAULT_PRIORITY,
         allow_writes: bool = False,
         token: str | None = None,
+        tokens: Tokens | None = None,
+        private: bool = False,
         sign_key: SigningKey | None = None,
         nar_prefix: str = NAR_PREFIXES[0],
     ) -> None:
@@ -144,8 +157,14 @@ class NarBridge:
         self.index = index
         self._slices = asyncio.Semaphore(MAX_SLICES_AT_ONCE)
         self.priority = priority
-        self.allow_writes = allow_writes or token is not None
-        self.token = token
+        if token is not None:
+            tokens = Tokens.single(token)
+        if private and tokens is None:
+            raise ValueError("a private bridge needs tokens")
+        self.tokens = tokens
+        """Who may read (``private``) and write; replaced as a whole when the token file is reloaded."""
+        self.private = private
+        self.allow_writes = allow_writes or tokens is not None
         self.sign_key = sign_key
         self.nar_prefix = nar_prefix
         self.blob_sync = GroupSync(blobs.sync)
@@ -157,7 +176,7 @@ class NarBridge:
         self._cache_info = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {priority}\n".encode()
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        app = web.Application(middlewares=[self._errors, self._authenticate])
         r = app.router
         r.add_get("/", self.hello)
         r.add_get("/nix-cache-info", self.cache_info)
@@ -195,15 +214,45 @@ class NarBridge:
             log.error("%s %s: %s", request.method, request.path, e)
             raise _fail(web.HTTPInternalServerError, f"storage error: {e}") from None
 
+    @property
+    def auth_configured(self) -> bool:
+        """Whether requests are checked against tokens (writes then need a ``write`` token)."""
+        return self.tokens is not None
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Note the token a request carries (``request[USER]``); a private bridge's reads need one."""
+        tokens = self.tokens
+        if tokens is not None:
+            token = tokens.identify(request.headers.get("Authorization"))
+            if token is not None:
+                request[_TOKEN] = token
+                request[USER] = token.name
+            elif self.private and request.method in ("GET", "HEAD") and request.path not in PUBLIC_PATHS:
+                raise _fail(
+                    web.HTTPUnauthorized,
+                    "this cache is private: reading needs a token (Authorization: Bearer TOKEN, or Basic with "
+                    "TOKEN as password, e.g. from Nix's netrc-file)",
+                    **_CHALLENGE,
+                )
+        return await handler(request)
+
     def _check_write(self, request: web.Request) -> None:
         if not self.allow_writes:
             raise _fail(web.HTTPForbidden, "writes are disabled (start nar-bridge with --allow-writes or --token-file)")
-        if self.token is not None and not token_matches(request.headers.get("Authorization"), self.token):
+        if self.tokens is None:
+            return
+        token = request.get(_TOKEN)
+        if token is None:
             raise _fail(
                 web.HTTPUnauthorized,
-                "writing needs the bridge's token (Authorization: Bearer TOKEN, or Basic with TOKEN as password)",
-                **{"WWW-Authenticate": 'Bearer realm="nar-bridge", Basic realm="nar-bridge"'},
+                "writing needs a write token (Authorization: Bearer TOKEN, or Basic with TOKEN as password)",
+                **_CHALLENGE,
             )
+        if not token.can_write:
+            raise _fail(web.HTTPForbidden, f"token {token.name!r} may only read")
 
     # -- small routes -----------------------------------------------------------------
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import bz2
-import hmac
 import lzma
 import zlib
 from collections.abc import AsyncIterator
@@ -18,7 +15,7 @@ import zstandard
 
 from nixcas.urls import is_decimal
 
-__all__ = ["ENCODINGS", "ByteRange", "choose_encoding", "encode_stream", "parse_range", "token_matches"]
+__all__ = ["ENCODINGS", "ByteRange", "choose_encoding", "encode_stream", "parse_range"]
 
 ENCODINGS: Final = ("zstd", "gzip")
 """Content encodings offered for NARs, in order of preference."""
@@ -139,25 +136,3 @@ async def encode_stream(
         if out:
             yield out
     yield compressor.flush()
-
-
-def token_matches(authorization: str | None, token: str) -> bool:
-    """Whether an ``Authorization`` header carries ``token``: ``Bearer TOKEN``, or Basic with TOKEN as password.
-
-    Basic lets Nix authenticate through its ``netrc-file`` (any login name).
-    """
-    if not authorization:
-        return False
-    scheme, _, value = authorization.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer":
-        given = value
-    elif scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-        given = decoded.partition(":")[2]
-    else:
-        return False
-    return hmac.compare_digest(given.encode(), token.encode())

@@ -8,7 +8,7 @@ by all workers.  Each worker opens the store itself (SQLite in WAL mode and
 the blob files are safe to share between processes), serves, and tells the
 parent through a pipe once it accepts connections.  The parent forwards
 SIGINT/SIGTERM as SIGTERM to the workers, waits for them, and stops all of
-them if one exits on its own.
+them if one exits on its own; it forwards SIGHUP (reload the token file) as is.
 """
 
 from __future__ import annotations
@@ -105,7 +105,11 @@ def run_workers(count: int, listeners: Listeners, serve: Serve) -> int:
         stopping = True
         _signal_all(pids, signal.SIGTERM)
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        _signal_all(pids, signal.SIGHUP)
+
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
         first = _fork(range(1), listeners, serve, parent, pids)
         if not _await_ready(first, 1):
@@ -154,6 +158,7 @@ def _fork(indices: range, listeners: Listeners, serve: Serve, parent: int, pids:
             try:
                 for sig in (signal.SIGINT, signal.SIGTERM):  # not the parent's forwarding handler
                     signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's bridge handles it
                 os.close(read_end)
                 _die_with(parent)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 
+from nixcas._extras import missing_extra
 from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
@@ -193,11 +194,17 @@ class ObjectStore:
     """
 
     def __init__(self, url: str, options: Mapping[str, str] | None = None) -> None:
-        import obstore.exceptions as obe
-        from obstore.store import LocalStore, MemoryStore
+        where = repr(shown(url))
+        try:
+            import obstore.exceptions as obe
+            from obstore.store import LocalStore, MemoryStore
+        except ImportError as e:
+            missing = missing_extra(e, where)
+            if missing is None:
+                raise
+            raise missing from None
 
         options = dict(options or {})
-        where = repr(shown(url))
         check_client_options(url, options, where)
         self.url = url
         self.where = shown(url)

@@ -22,6 +22,7 @@ from nixcas.errors import ConfigurationError
 if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
     import socket
 
+    from nixcas.bridge.auth import Tokens
     from nixcas.bridge.server import RunningBridge
     from nixcas.store.signing import SigningKey
 
@@ -33,6 +34,7 @@ class BridgeOptions:
     priority: int
     allow_writes: bool
     token_file: str | None
+    private: bool
     sign_key: str | None
     nar_index: str | None
 
@@ -41,17 +43,20 @@ class BridgeOptions:
         """Remove this class's fields from a command's keyword arguments (the rest are service options)."""
         return cls(*(options.pop(f.name) for f in fields(cls)))
 
-    def load(self, settings: Settings) -> tuple[str | None, SigningKey | None, str]:
-        """The token, the signing key and the NAR index path; unusable files are configuration errors."""
-        token = None
+    @property
+    def auth_configured(self) -> bool:
+        """Whether the bridge checks tokens (then nobody writes without a ``write`` token)."""
+        return self.token_file is not None
+
+    def load(self, settings: Settings) -> tuple[Tokens | None, SigningKey | None, str]:
+        """The tokens, the signing key and the NAR index path; unusable files are configuration errors."""
+        from nixcas.bridge.auth import Tokens
+
+        tokens = None
+        if self.private and self.token_file is None:
+            raise ConfigurationError("--private needs --token-file (the tokens that may read)")
         if self.token_file is not None:
-            try:
-                token = Path(self.token_file).read_text().strip()
-            except (OSError, UnicodeDecodeError) as e:
-                reason = getattr(e, "strerror", None) or e
-                raise ConfigurationError(f"--token-file {self.token_file}: {reason}") from None
-            if not token:
-                raise ConfigurationError(f"--token-file {self.token_file}: the file is empty")
+            tokens = Tokens.load(self.token_file)
         from nixcas.store.signing import SigningKey, SigningKeyError
 
         key = None
@@ -61,7 +66,7 @@ class BridgeOptions:
             except SigningKeyError as e:
                 raise ConfigurationError(f"--sign-key: {e}") from None
         index = self.nar_index or str(Path(settings.store_dir or default_store_dir()).absolute() / "nar-bridge.sqlite")
-        return token, key, index
+        return tokens, key, index
 
     def check(self, settings: Settings) -> None:
         """Fail now (one line, exit 2) if a file the bridge needs is unusable."""
@@ -85,8 +90,10 @@ def bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--token-file",
                 type=click.Path(dir_okay=False),
-                help="Accept uploads carrying this file's token (Authorization: Bearer, or Basic password).",
+                help="Tokens, one per line: SCOPE (read|write) TOKEN [NAME]; a write token may upload "
+                "(Bearer TOKEN, or TOKEN as Basic password, e.g. from a netrc-file). Reloaded on SIGHUP.",
             ),
+            click.option("--private", is_flag=True, help="Reads need a token of --token-file too."),
             click.option(
                 "--sign-key",
                 type=click.Path(dir_okay=False),
@@ -113,11 +120,24 @@ async def serving_bridge(
     sock: socket.socket | None = None,
 ) -> AsyncIterator[RunningBridge]:
     """The bridge over ``store``, listening on ``listen`` (or on ``sock``, a worker's, serving URL ``listen``)."""
+    import asyncio
+    import signal
+
     from nixcas.bridge.app import NarBridge
+    from nixcas.bridge.auth import reload_tokens
     from nixcas.bridge.server import serve_on_socket, start_bridge
     from nixcas.store.narindex import NarIndex
 
-    token, key, index_path = options.load(settings)
+    loop = asyncio.get_running_loop()
+    bridge: NarBridge | None = None
+
+    def reload() -> None:  # SIGHUP; runs in the loop, so never before the bridge below exists
+        if bridge is not None and bridge.tokens is not None and options.token_file is not None:
+            bridge.tokens = reload_tokens(bridge.tokens, options.token_file)
+
+    if options.token_file is not None:  # installed before the file is read: no SIGHUP is missed
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    tokens, key, index_path = options.load(settings)
     assert store.pathinfos is not None
     index = NarIndex(index_path)
     try:
@@ -128,7 +148,8 @@ async def serving_bridge(
             index,
             priority=options.priority,
             allow_writes=options.allow_writes,
-            token=token,
+            tokens=tokens,
+            private=options.private,
             sign_key=key,
         )
         if sock is not None:
@@ -140,6 +161,8 @@ async def serving_bridge(
         finally:
             await running.stop()
     finally:
+        if options.token_file is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
         await index.close()
 
 
