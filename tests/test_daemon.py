@@ -606,7 +606,7 @@ async def test_cancelled_puts_never_land(own_daemon: Daemon) -> None:
         ("nonsense", "expected host:port"),
         ("host:", "expected host:port"),
         (":80", "expected host:port"),
-        ("1.2.3.4:99999", "expected host:port"),
+        ("1.2.3.4:99999", "port 99999 is out of range (0 to 65535)"),
         ("127.0.0.1:-1", "expected host:port"),
         ("::1:8000", "brackets"),
         ("[::1:8000", "brackets"),

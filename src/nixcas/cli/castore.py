@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import click
 
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.cli.common import Settings, parse_digest, run, show_bytes
+from nixcas.cli.common import Settings, parse_digest, pass_settings, run, show_bytes
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
@@ -114,7 +114,7 @@ def castore() -> None:
     help="Import PATH as a filesystem object or as a tar archive (auto: tar if the name ends in .tar[.gz|.xz|.zst]).",
 )
 @click.option("--pin", "pin_name", metavar="NAME", help="Pin the root as NAME (a GC root), before GC can see it.")
-@click.pass_obj
+@pass_settings
 def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: str | None) -> None:
     """Import a file, symlink, directory tree or tarball; print its root node."""
     from nixcas.castore.pins import validate_pin_name
@@ -147,7 +147,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
 @click.argument("digest")
 @click.option("-r", "--recursive", is_flag=True, help="List the whole tree below the directory.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.pass_obj
+@pass_settings
 def ls(settings: Settings, digest: str, recursive: bool, as_json: bool) -> None:
     """List the entries of the directory DIGEST."""
     root = parse_digest(digest)
@@ -200,7 +200,7 @@ def parse_range(text: str) -> tuple[int, int]:
     metavar="START:END",
     help="Only bytes [START, END), each verified through the blob's bao outboard before it is written.",
 )
-@click.pass_obj
+@pass_settings
 def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
     """Write the blob DIGEST to standard output (verified as it streams)."""
     blob = parse_digest(digest)
@@ -224,7 +224,7 @@ def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
 @click.argument("digest")
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @mount_options
-@click.pass_obj
+@pass_settings
 def mount(
     settings: Settings, digest: str, mountpoint: Path, list_root: bool, allow_other: bool, show_xattr: bool
 ) -> None:

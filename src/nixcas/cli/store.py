@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from nixcas.cli.common import Settings, run
+from nixcas.cli.common import Settings, pass_settings, run
 from nixcas.errors import NotFoundError, PathInfoError, StorePathError
 from nixcas.store.store_path import STORE_DIR, StorePath
 
@@ -75,7 +75,7 @@ def progress_bar(what: str, total: int | None) -> Iterator[Progress | None]:
 
 @click.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False, path_type=Path))
-@click.pass_obj
+@pass_settings
 def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
     """Import files, symlinks or trees as store paths, as `nix-store --add` does; print each store path."""
     from nixcas.store.importer import import_path, path_to_name
@@ -111,7 +111,7 @@ def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
 
 @click.command("dump-path")
 @click.argument("store_path")
-@click.pass_obj
+@pass_settings
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
     from nixcas.store.nar.render import render_nar
@@ -134,7 +134,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
 @click.command("path-info")
 @click.argument("store_path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.pass_obj
+@pass_settings
 def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
     """Show what the store knows about STORE_PATH."""
     path = parse_store_path(store_path)
@@ -171,7 +171,7 @@ def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
     show_default=True,
     help="Where the paths' contents are read from.",
 )
-@click.pass_obj
+@pass_settings
 def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
     """Copy paths of the local Nix store into nixcas, with Nix's metadata.
 
