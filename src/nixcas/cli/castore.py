@@ -97,6 +97,19 @@ def byte_progress(what: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda n: progress.advance(task, n)
 
 
+@contextmanager
+def progress_for(path: Path, as_tar: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tree's progress with files, bytes, rate and ETA; an archive's as bytes and rate (its size is unknown)."""
+    if as_tar:
+        with byte_progress(str(path)) as advance:
+            yield advance
+        return
+    from nixcas.cli.progress import transfer_progress
+
+    with transfer_progress(f"ingesting {path}:", [path]) as shown:
+        yield shown.advance if shown is not None else None
+
+
 @click.group(cls=LazyGroup, lazy=PIN_COMMANDS)
 def castore() -> None:
     """Content-addressed blobs and directories (no Nix involved)."""
@@ -129,7 +142,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
     as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
 
     async def go() -> Node:
-        with byte_progress(str(path)) as advance:
+        with progress_for(path, as_tar) as advance:
             async with settings.open_store_to_write(with_pins=pin_name is not None) as store:
                 if as_tar:
                     node = await store.ingest_archive(path, progress=advance)

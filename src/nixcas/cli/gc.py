@@ -160,16 +160,20 @@ def gc(settings: Settings, dry_run: bool, grace: str, as_json: bool) -> None:
 @click.command()
 @click.argument("store_paths", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Delete even paths that other PathInfos still refer to.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"deleted": [...]} (store paths).')
 @pass_settings
-def delete(settings: Settings, store_paths: tuple[str, ...], force: bool) -> None:
+def delete(settings: Settings, store_paths: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Remove the PathInfos of STORE_PATHS (their data is freed by the next gc)."""
     paths = [parse_store_path(p) for p in store_paths]
 
     async def go() -> None:
         async with await settings.open_store(with_pathinfo=True) as store:
             assert store.pathinfos is not None
-            for info in await delete_paths(store.pathinfos, paths, force=force):
-                click.echo(f"deleted {info.store_path}")
+            deleted = [str(info.store_path) for info in await delete_paths(store.pathinfos, paths, force=force)]
+            if as_json:
+                click.echo(json.dumps({"deleted": deleted}))
+            for path in [] if as_json else deleted:
+                click.echo(f"deleted {path}")
 
     run(go)
 
