@@ -114,17 +114,14 @@ class RunningBridge:
         if self._stopped:
             return
         self._stopped = True
+        # The listeners stay open through the grace period: what connects meanwhile (a load
+        # balancer's health check, a client) is answered 503, not refused without a reason.
         self.draining.draining = True
-        for site in list(self.runner.sites):
-            await site.stop()  # no new connection
-        server = self.runner.server
-        if server is not None:
-            server.pre_shutdown()  # idle kept-alive connections close now
         if not await self.draining.wait_idle(self.shutdown_grace):
             log = logging.getLogger("nixcas.bridge")
             log.warning("%d requests still running after %g s: cancelling them", self.draining.in_flight,
                         self.shutdown_grace)  # fmt: skip
-        await self.runner.cleanup()  # cancels what is left (CANCEL_WAIT each)
+        await self.runner.cleanup()  # stops listening, cancels what is left (CANCEL_WAIT each), closes
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
