@@ -51,7 +51,7 @@ def test_json_of_import_copy_and_delete(tmp_path: Path) -> None:
 
     content = tmp_path / "nix" / "store"
     content.mkdir(parents=True)
-    exported = []
+    exported: list[dict[str, str | int | list[str]]] = []
     for i, name in enumerate(["a", "b"]):
         path = f"/nix/store/{'abcdfghijklmnpqrsvwxyz0123456789'[i] * 32}-{name}"
         (content / Path(path).name).write_bytes(name.encode())
@@ -62,7 +62,7 @@ def test_json_of_import_copy_and_delete(tmp_path: Path) -> None:
     copy = ("copy", "--json", "--store-dir", store, "--nix-store-dir", str(content), str(tmp_path / "paths.json"))
     first = nixcas(*copy)
     assert first.exit_code == 0, first.output
-    paths = [e["path"] for e in exported]
+    paths = [str(e["path"]) for e in exported]
     assert json.loads(first.stdout) == {"copied": paths, "skipped": []}
     assert json.loads(nixcas(*copy).stdout) == {"copied": [], "skipped": paths}
 
