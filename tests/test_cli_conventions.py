@@ -70,3 +70,12 @@ def test_json_of_import_copy_and_delete(tmp_path: Path) -> None:
     assert deleted.exit_code == 0, deleted.output
     listed = json.loads(deleted.stdout)["deleted"]
     assert sorted(listed) == sorted([paths[0], record["path"]])
+
+
+def test_shell_completion_as_documented() -> None:
+    """The README's ``_NIXCAS_COMPLETE=bash_source nixcas``: click completes commands and their options."""
+    env = {"_NIXCAS_COMPLETE": "bash_complete", "COMP_WORDS": "nixcas gc --st", "COMP_CWORD": "2"}
+    result = CliRunner().invoke(cli, [], env=env, prog_name="nixcas")
+    assert "plain,--store-dir" in result.stdout.splitlines()
+    env = {**env, "COMP_WORDS": "nixcas g", "COMP_CWORD": "1"}
+    assert CliRunner().invoke(cli, [], env=env, prog_name="nixcas").stdout.split() == ["plain,gc", "plain,generate-key"]
