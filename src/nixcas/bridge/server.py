@@ -48,7 +48,7 @@ BAD_REQUEST_LOG: Final = logging.getLogger("nixcas.bridge.http")
 BAD_REQUEST_LOG.addFilter(_OneLineForBadRequests())
 
 
-CANCEL_WAIT: Final = 0.25
+CANCEL_WAIT: Final = 0.1
 """After the grace period: how long cancelled requests get to unwind before their connections are closed."""
 
 
