@@ -288,12 +288,13 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-async def test_tls_for_bridge_and_daemon(tmp_path: Path, stores: Stores) -> None:
+async def test_tls_for_bridge_and_daemon(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     tls = ServerTls(str(cert), str(key))
-    bridge = NarBridge(stores.blobs, stores.dirs, stores.pathinfos, NarIndex(None))
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    bridge = NarBridge(blobs, dirs, MemoryPathInfoService(), NarIndex(None))
     web = await start_bridge("127.0.0.1:0", bridge, ssl_context=tls.ssl_context())
-    daemon = await start_server("127.0.0.1:0", stores.blobs, stores.dirs, tls=tls)
+    daemon = await start_server("127.0.0.1:0", blobs, dirs, tls=tls)
     try:
         assert web.url.startswith("https://127.0.0.1:") and daemon.url.startswith("grpc+https://127.0.0.1:")
         trusting = ssl.create_default_context(cafile=str(cert))
@@ -351,7 +352,7 @@ async def test_daemon_with_bridge_under_systemd_stops_within_grace(tmp_path: Pat
         "LISTEN_FDNAMES": "nar-bridge:grpc",
         "NOTIFY_SOCKET": str(tmp_path / "notify"),
     }
-    grace = 1.0
+    grace = 0.5
 
     def as_systemd_does() -> None:  # the sockets at 3, 4 (LISTEN_PID is set by the shell, which then execs)
         os.dup2(bridge_sock.fileno(), 3)
