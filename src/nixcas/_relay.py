@@ -31,7 +31,9 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class Relay:
     """A running relay: :meth:`close` stops accepting (the relayed connections end with their peers)."""
 
-    def __init__(self, server: asyncio.Server, connections: set[asyncio.Task[None]]) -> None:
+    def __init__(
+        self, server: asyncio.Server, connections: dict[asyncio.Task[None], list[asyncio.StreamWriter]]
+    ) -> None:
         self.server = server
         self.connections = connections
 
@@ -41,25 +43,27 @@ class Relay:
     async def abort(self) -> None:
         """Drop every relayed connection (after the grace period)."""
         self.server.close()
-        for task in list(self.connections):
-            task.cancel()
+        for writers in list(self.connections.values()):
+            for writer in writers:
+                writer.transport.abort()
         await asyncio.gather(*self.connections, return_exceptions=True)
 
 
 async def start_relay(sock: socket.socket, target: str) -> Relay:
     """Accept on the listening ``sock``; relay each connection to the unix socket ``target``."""
-    connections: set[asyncio.Task[None]] = set()
+    connections: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
 
     async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        connections.add(task)
+        connections[task] = [client_writer]
         try:
             server_reader, server_writer = await asyncio.open_unix_connection(target, limit=BUFFER)
         except OSError:
             client_writer.transport.abort()
-            connections.discard(task)
+            connections.pop(task, None)
             return
+        connections[task].append(server_writer)
         try:
             await asyncio.gather(_pump(client_reader, server_writer), _pump(server_reader, client_writer))
         finally:
@@ -67,7 +71,7 @@ async def start_relay(sock: socket.socket, target: str) -> Relay:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
-            connections.discard(task)
+            connections.pop(task, None)
 
     sock.setblocking(False)
     server = await asyncio.start_server(relay, sock=sock, limit=BUFFER)
