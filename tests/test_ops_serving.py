@@ -408,3 +408,15 @@ async def test_daemon_with_bridge_under_systemd_stops_within_grace(tmp_path: Pat
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_a_stop_that_overruns_ends_the_process(tmp_path: Path) -> None:
+    """The backstop: a stop still hanging at grace + 0.9 s ends the process with exit 1 and one line."""
+    code = "import time; from nixcas.cli.serving import shutdown_deadline; shutdown_deadline(0.1); time.sleep(30)"
+    started = time.monotonic()
+    result = subprocess.run(
+        [*nixcas_command()[:1], "-c", code], capture_output=True, text=True, env=clean_env(), timeout=30, check=False
+    )
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert result.stderr == "nixcas: error: shutdown took longer than 0.1 s + 0.9 s; exiting\n"
