@@ -77,7 +77,9 @@ class Draining:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self.draining:  # a request on a kept-alive connection after the stop began
+        if request.path == "/healthz":
+            return await handler(request)
+        if self.draining:  # a request after the stop began (on a new or a kept-alive connection)
             return web.Response(status=503, text="shutting down\n", headers={"Connection": "close"})
         self.in_flight += 1
         self._idle.clear()

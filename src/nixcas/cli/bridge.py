@@ -191,6 +191,8 @@ def nar_bridge(
     Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections (all workers).
     With several workers, each opens the store (which must be shareable between processes: files,
     SQLite files, a database server; not memory:// or lru://); SIGINT/SIGTERM stop them all.
+    On SIGINT/SIGTERM, GET /healthz and every new request are answered 503; running requests get
+    --shutdown-grace seconds, then are cancelled.
     """
     bridge_opts = BridgeOptions.take(options)
     deploy = DeploymentOptions.take(options)
