@@ -420,3 +420,38 @@ def test_a_stop_that_overruns_ends_the_process(tmp_path: Path) -> None:
     assert time.monotonic() - started < 10
     assert result.returncode == 1
     assert result.stderr == "nixcas: error: shutdown took longer than 0.1 s + 0.9 s; exiting\n"
+
+
+async def test_tls_client_certificates_are_required_with_a_client_ca(tmp_path: Path) -> None:
+    """``--tls-client-ca`` (which lifts the beyond-loopback refusal) really turns away clients without a certificate."""
+    cert, key = self_signed(tmp_path)  # self-signed: its own CA, so it serves as the client's certificate too
+    tls = ServerTls(str(cert), str(key), client_ca=str(cert))
+    blobs, dirs = MemoryBlobService(), MemoryDirectoryService()
+    bridge = NarBridge(blobs, dirs, MemoryPathInfoService(), NarIndex(None))
+    web = await start_bridge("127.0.0.1:0", bridge, ssl_context=tls.ssl_context())
+    daemon = await start_server("127.0.0.1:0", blobs, dirs, tls=tls)
+    try:
+        anonymous = ssl.create_default_context(cafile=str(cert))
+        with_cert = ssl.create_default_context(cafile=str(cert))
+        with_cert.load_cert_chain(str(cert), str(key))
+        async with ClientSession(connector=TCPConnector(force_close=True)) as http:
+            async with http.get(f"{web.url}/nix-cache-info", ssl=with_cert) as r:
+                assert r.status == 200
+            with pytest.raises(Exception):  # noqa: B017,PT011 - the handshake (or first read) fails
+                async with http.get(f"{web.url}/nix-cache-info", ssl=anonymous) as r:
+                    await r.read()
+        target = daemon.url.removeprefix("grpc+https://")
+        request = health_pb2.HealthCheckRequest(service="")
+        trusted = cert.read_bytes()
+        mutual = grpc.ssl_channel_credentials(trusted, key.read_bytes(), cert.read_bytes())
+        async with grpc.aio.secure_channel(target, mutual) as channel:
+            assert (
+                await health_pb2_grpc.HealthStub(channel).Check(request)
+            ).status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(trusted)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await health_pb2_grpc.HealthStub(channel).Check(request, timeout=2)
+    finally:
+        await web.stop()
+        await daemon.stop(0)
+        await bridge.index.close()
