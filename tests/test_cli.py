@@ -215,29 +215,23 @@ def test_unreadable_input_as_unprivileged_user(kind: str, tmp_path: Path) -> Non
         assert db.execute("SELECT count(*) FROM directories").fetchone() == (0,)
 
 
-def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
-    """With stderr on a terminal, ingest draws a progress bar there (and stdout stays clean)."""
+@pytest.mark.parametrize(("command", "verb", "first"), [(("castore", "ingest"), b"ingesting", "directory "),
+                                                         (("import",), b"importing", "/nix/store/")])  # fmt: skip
+def test_progress_bar_on_a_terminal(tmp_path: Path, command: tuple[str, ...], verb: bytes, first: str) -> None:
+    """With stderr on a terminal, ingest and import show files, bytes, rate and ETA there (stdout stays clean)."""
     import pty
 
     tree = make_complicated(tmp_path)
-    (tree / "big").write_bytes(os.urandom(3 << 20))
+    (tree / "big").write_bytes(os.urandom(1 << 20))
+    files = sum(1 for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
     leader, follower = pty.openpty()
     try:
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nixcas.cli.main",
-                "--store-dir",
-                str(tmp_path / "s"),
-                "castore",
-                "ingest",
-                str(tree),
-            ],
+            [sys.executable, "-m", "nixcas.cli.main", *command, "--store-dir", str(tmp_path / "s"), str(tree)],
             stdout=subprocess.PIPE,
             stderr=follower,
             check=False,
-            env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
         )
         os.close(follower)
         follower = -1
@@ -255,8 +249,12 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
             os.close(follower)
         os.close(leader)
     assert proc.returncode == 0
-    assert proc.stdout.decode().startswith("directory ")
-    assert b"ingesting" in b"".join(chunks)
+    assert proc.stdout.decode().startswith(first)
+    shown = b"".join(chunks)
+    assert verb in shown
+    assert f"{files} files".encode() in shown
+    assert b"ETA" in shown
+    assert b"MB" in shown  # bytes: the 1 MiB file dominates the total
 
 
 @pytest.mark.parametrize(

@@ -606,7 +606,7 @@ async def test_cancelled_puts_never_land(own_daemon: Daemon) -> None:
         ("nonsense", "expected host:port"),
         ("host:", "expected host:port"),
         (":80", "expected host:port"),
-        ("1.2.3.4:99999", "expected host:port"),
+        ("1.2.3.4:99999", "port 99999 is out of range (0 to 65535)"),
         ("127.0.0.1:-1", "expected host:port"),
         ("::1:8000", "brackets"),
         ("[::1:8000", "brackets"),
@@ -630,6 +630,18 @@ def test_port_in_use(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         result = run_nixcas("--store-dir", str(tmp_path / "store"), "daemon", "-l", f"127.0.0.1:{port}")
     assert_one_line_error(result, None, f"127.0.0.1:{port}", "in use")
+
+
+def test_no_listening_line_unless_every_listener_is_up(tmp_path: Path) -> None:
+    """With the bridge's port taken, ``daemon --nar-bridge`` prints no gRPC line before failing."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_nixcas(
+            "--store-dir", str(tmp_path / "store"), "daemon", "-l", "127.0.0.1:0", "--nar-bridge", f"127.0.0.1:{port}"
+        )
+    assert_one_line_error(result, 2, f"127.0.0.1:{port}")  # and nothing on stdout
 
 
 def test_port_taken_by_another_daemon(tcp_daemon: Daemon, tmp_path: Path) -> None:

@@ -6,22 +6,21 @@ overall service ``""`` and every served name report ``SERVING`` until shutdown
 starts) and server reflection in both its ``v1`` and ``v1alpha`` versions, so
 ``grpcurl``/``evans`` need no ``.proto`` files.
 
-Listen addresses: ``host:port`` (``[::1]:8000``; port ``0`` picks a free one)
-or a unix socket path (anything containing ``/``).  A stale socket file left
-by a dead daemon is replaced; a live one is an error.
+Listen addresses are parsed by :mod:`nixcas.listen` (shared with the bridge).
+A listening socket passed by systemd is served through a relay to a private
+unix socket (:mod:`nixcas._relay`): grpc cannot adopt a socket it did not bind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
-import stat
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 import grpc.aio
@@ -47,10 +46,14 @@ from nixcas.castore.grpc.pin_servicer import add_pin_servicer
 from nixcas.castore.grpc.servicers import add_castore_servicers
 from nixcas.castore.pins.base import PinService
 from nixcas.errors import ConfigurationError
+from nixcas.listen import check_bindable, clear_stale_socket, parse_listen_address
 from nixcas.store.grpc.servicer import add_store_servicers
 from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService
-from nixcas.urls import is_decimal
+
+if TYPE_CHECKING:
+    from nixcas._relay import Relay
+    from nixcas.tls import ServerTls
 
 __all__ = ["DEFAULT_LISTEN", "RunningServer", "parse_listen_address", "start_server"]
 
@@ -73,78 +76,6 @@ _DESCRIBED_FILES: Final[tuple[FileDescriptor, ...]] = (
     health_pb2.DESCRIPTOR,
     reflection_pb2.DESCRIPTOR,
 )
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """Where to listen: ``bind`` for grpc, ``url`` for clients (``grpc+http://…`` / ``grpc+unix://…``)."""
-
-    bind: str
-    unix_path: str | None = None
-
-    def url(self, port: int | None = None) -> str:
-        if self.unix_path is not None:
-            return f"grpc+unix://{self.unix_path}"
-        host = self.bind.rpartition(":")[0]
-        return f"grpc+http://{host}:{port}"
-
-
-def parse_listen_address(text: str) -> ListenAddress:
-    """``host:port``, ``[v6]:port`` or a socket path (``/abs`` or ``./rel``)."""
-    if "/" in text:
-        path = os.path.abspath(text)
-        if path.endswith("/") or os.path.isdir(path):
-            raise ConfigurationError(f"listen address {text!r}: a socket path, not a directory")
-        return ListenAddress(f"unix:{path}", path)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not is_decimal(port) or int(port) > 65535:
-        raise ConfigurationError(f"listen address {text!r}: expected host:port or a socket path")
-    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
-        raise ConfigurationError(f"listen address {text!r}: write IPv6 hosts in brackets, e.g. [::1]:8000")
-    return ListenAddress(text)
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file nobody listens on; refuse to touch anything else."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigurationError(f"listen address {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # stale: nobody accepts connections on it
-    else:
-        raise ConfigurationError(f"listen address {path}: another server is listening there")
-    finally:
-        probe.close()
-
-
-def _check_bindable(bind: str, listen: str) -> None:
-    """Fail with the system's reason if ``host:port`` cannot be listened on.
-
-    grpc's own error says only "Failed to bind" and logs the reason to stderr
-    itself, which breaks the one-line error of the CLI.
-    """
-    host, _, port = bind.rpartition(":")
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ConfigurationError(f"cannot listen on {listen}: {e.strerror}") from None
-    errors: list[OSError] = []
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as e:
-                errors.append(e)
-    in_use = [e for e in errors if e.errno == errno.EADDRINUSE]
-    if in_use or (errors and len(errors) == len(infos)):
-        raise ConfigurationError(f"cannot listen on {listen}: {(in_use or errors)[0].strerror}")
 
 
 def _descriptor_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.DescriptorPool:
@@ -206,18 +137,27 @@ class RunningServer:
     services: list[str]
     health: health.aio.HealthServicer
     unix_path: str | None = None
+    relay: Relay | None = field(default=None, repr=False)
+    private_dir: str | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     async def stop(self, grace: float | None = 10.0) -> None:
-        """Stop accepting calls; give running ones ``grace`` seconds, then cancel them."""
+        """Turn NOT_SERVING and refuse new calls at once; give running ones ``grace`` seconds, then cancel them."""
         if self._stopped:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
+        if self.relay is not None:
+            self.relay.close()
         await self.server.stop(grace)
+        if self.relay is not None:
+            await self.relay.abort()
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
+        if self.private_dir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.private_dir)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -231,15 +171,20 @@ async def start_server(
     pathinfos: PathInfoService | None = None,
     nar_calculation: NarCalculationService | None = None,
     pins: PinService | None = None,
+    tls: ServerTls | None = None,
+    sock: socket.socket | None = None,
 ) -> RunningServer:
     """Serve the services on ``listen``; return once the socket accepts connections.
 
     With ``pathinfos`` the PathInfoService is served too; its ``CalculateNAR``
     uses ``nar_calculation``, else what ``pathinfos`` offers, else a caching
     renderer over ``blobs`` and ``directories``.  With ``pins``, nixcas's own
-    ``nixcas.pin.v1.PinService`` as well.
+    ``nixcas.pin.v1.PinService`` as well.  With ``tls``, only TLS connections
+    are accepted.  With ``sock`` (a listening socket, systemd's) it is served
+    instead of ``listen``.
     """
-    address = parse_listen_address(listen)
+    address = parse_listen_address(listen) if sock is None else None
+    credentials = tls.grpc_credentials() if tls is not None else None
     # grpc sets SO_REUSEPORT by default: a second daemon on a taken port would
     # silently share it (the kernel spreading connections over both stores).
     server = grpc.aio.server(options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)))
@@ -257,16 +202,54 @@ async def start_server(
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _add_reflection(server, [*names, HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA])
+    if sock is not None:
+        return await _serve_activated(server, sock, credentials, names, health_servicer)
+    assert address is not None
     if address.unix_path is not None:
-        _clear_stale_socket(address.unix_path)
+        clear_stale_socket(address.unix_path)
     else:
-        _check_bindable(address.bind, listen)
+        check_bindable(address)
     try:
-        port = server.add_insecure_port(address.bind)
+        if credentials is not None:
+            port = server.add_secure_port(address.bind, credentials)
+        else:
+            port = server.add_insecure_port(address.bind)
     except RuntimeError as e:
         raise ConfigurationError(f"cannot listen on {listen}: {e}") from None
     await server.start()
-    return RunningServer(server, address.url(port), names, health_servicer, address.unix_path)
+    url = address.url(port)
+    if credentials is not None:
+        url = url.replace("grpc+http://", "grpc+https://", 1)
+    return RunningServer(server, url, names, health_servicer, address.unix_path)
+
+
+async def _serve_activated(
+    server: grpc.aio.Server,
+    sock: socket.socket,
+    credentials: grpc.ServerCredentials | None,
+    names: list[str],
+    health_servicer: health.aio.HealthServicer,
+) -> RunningServer:
+    """Serve on a private unix socket; relay the connections ``sock`` accepts to it."""
+    from nixcas._relay import start_relay
+
+    private_dir = tempfile.mkdtemp(prefix="nixcas-grpc-")
+    target = os.path.join(private_dir, "grpc.sock")
+    if credentials is not None:
+        server.add_secure_port(f"unix:{target}", credentials)
+    else:
+        server.add_insecure_port(f"unix:{target}")
+    await server.start()
+    relay = await start_relay(sock, target)
+    where = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        url = f"grpc+unix://{os.fsdecode(where) if where else '(unnamed)'}"
+    else:
+        host = f"[{where[0]}]" if sock.family == socket.AF_INET6 else where[0]
+        url = f"grpc+{'https' if credentials is not None else 'http'}://{host}:{where[1]}"
+    running = RunningServer(server, url, names, health_servicer, relay=relay, private_dir=private_dir)
+    running.unix_path = target
+    return running
 
 
 async def serve_until_signalled(running: RunningServer, stop: asyncio.Event, grace: float) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
+import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -14,9 +17,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from nixcas.bridge.app import NarBridge
 from nixcas.errors import ConfigurationError
-from nixcas.server import _clear_stale_socket, parse_listen_address
+from nixcas.listen import clear_stale_socket, parse_listen_address
 
-__all__ = ["BAD_REQUEST_LOG", "MAX_REASON", "RunningBridge", "serve_on_socket", "start_bridge"]
+__all__ = ["BAD_REQUEST_LOG", "MAX_REASON", "Draining", "RunningBridge", "serve_on_socket", "start_bridge"]
 
 MAX_REASON: Final = 200
 """Characters of a malformed request's reason that its log line shows."""
@@ -45,6 +48,57 @@ BAD_REQUEST_LOG: Final = logging.getLogger("nixcas.bridge.http")
 BAD_REQUEST_LOG.addFilter(_OneLineForBadRequests())
 
 
+CANCEL_WAIT: Final = 0.1
+"""After the grace period: how long cancelled requests get to unwind before their connections are closed."""
+
+
+class Draining:
+    """Whether the bridge still serves: ``GET /healthz`` (200, then 503), and no new request once draining.
+
+    Counts the requests in progress so that a stop waits for exactly them.
+    """
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def install(self, app: web.Application) -> None:
+        app.middlewares.insert(0, self.middleware)
+        app.router.add_get("/healthz", self.healthz)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.Response(status=503, text="draining\n", headers={"Connection": "close"})
+        return web.Response(text="ok\n")
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path == "/healthz":
+            return await handler(request)
+        if self.draining:  # a request after the stop began (on a new or a kept-alive connection)
+            return web.Response(status=503, text="shutting down\n", headers={"Connection": "close"})
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Whether every request in progress finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass
 class RunningBridge:
     """A started bridge: its URL (``http://host:port`` or ``unix:///path``), and how to stop it."""
@@ -52,43 +106,68 @@ class RunningBridge:
     runner: web.AppRunner
     url: str
     unix_path: str | None = None
+    draining: Draining = field(default_factory=Draining, repr=False)
+    shutdown_grace: float = 10.0
     _stopped: bool = field(default=False, repr=False)
 
     async def stop(self) -> None:
-        """Stop accepting connections, let running requests finish (up to the grace period), close."""
+        """Refuse new requests at once (``/healthz`` 503), let running ones finish within the grace period,
+        then cancel them and close every connection."""
         if self._stopped:
             return
         self._stopped = True
-        await self.runner.cleanup()
+        # The listeners stay open through the grace period: what connects meanwhile (a load
+        # balancer's health check, a client) is answered 503, not refused without a reason.
+        self.draining.draining = True
+        if not await self.draining.wait_idle(self.shutdown_grace):
+            log = logging.getLogger("nixcas.bridge")
+            log.warning("%d requests still running after %g s: cancelling them", self.draining.in_flight,
+                        self.shutdown_grace)  # fmt: skip
+        await self.runner.cleanup()  # stops listening, cancels what is left (CANCEL_WAIT each), closes
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
 
 
-def _runner(bridge: NarBridge, shutdown_grace: float) -> web.AppRunner:
+def _runner(bridge: NarBridge, draining: Draining) -> web.AppRunner:
     """The aiohttp runner every listener uses: no access log, bad requests logged on one line each."""
+    app = bridge.application()
+    draining.install(app)
     return web.AppRunner(
-        bridge.application(),
+        app,
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=shutdown_grace,
+        shutdown_timeout=CANCEL_WAIT,  # the grace period itself is RunningBridge.stop's
         logger=BAD_REQUEST_LOG,
     )
 
 
-async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float = 10.0) -> RunningBridge:
-    """Serve ``bridge`` on ``listen`` (``host:port``, ``[v6]:port``, port 0 = any free one, or a socket path)."""
+async def start_bridge(
+    listen: str,
+    bridge: NarBridge,
+    *,
+    shutdown_grace: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    sock: socket.socket | None = None,
+) -> RunningBridge:
+    """Serve ``bridge`` on ``listen`` (``host:port``, ``[v6]:port``, port 0 = any free one, or a socket path).
+
+    With ``ssl_context``, over TLS (``https://``); with ``sock`` (a listening socket, systemd's), on it instead.
+    """
+    if sock is not None:
+        return await serve_on_socket(sock, _socket_url(sock, ssl_context), bridge, shutdown_grace=shutdown_grace,
+                                     ssl_context=ssl_context)  # fmt: skip
     address = parse_listen_address(listen)
-    runner = _runner(bridge, shutdown_grace)
+    draining = Draining()
+    runner = _runner(bridge, draining)
     await runner.setup()
     try:
         site: web.BaseSite
         if address.unix_path is not None:
-            _clear_stale_socket(address.unix_path)
-            site = web.UnixSite(runner, address.unix_path)
+            clear_stale_socket(address.unix_path)
+            site = web.UnixSite(runner, address.unix_path, ssl_context=ssl_context)
         else:
-            host, _, port = listen.rpartition(":")
-            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=False)
+            site = web.TCPSite(runner, address.host, address.port, reuse_port=False, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:
@@ -97,21 +176,35 @@ async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float 
         await runner.cleanup()
         raise
     if address.unix_path is not None:
-        return RunningBridge(runner, f"unix://{address.unix_path}", address.unix_path)
-    host = listen.rpartition(":")[0]
+        return RunningBridge(runner, f"unix://{address.unix_path}", address.unix_path, draining, shutdown_grace)
     port = runner.addresses[0][1]
-    return RunningBridge(runner, f"http://{host}:{port}")
+    scheme = "https" if ssl_context is not None else "http"
+    return RunningBridge(runner, f"{scheme}://{address.url_host}:{port}", None, draining, shutdown_grace)
+
+
+def _socket_url(sock: socket.socket, ssl_context: ssl.SSLContext | None) -> str:
+    where = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix://{os.fsdecode(where)}"
+    host = f"[{where[0]}]" if sock.family == socket.AF_INET6 else where[0]
+    return f"{'https' if ssl_context is not None else 'http'}://{host}:{where[1]}"
 
 
 async def serve_on_socket(
-    sock: socket.socket, url: str, bridge: NarBridge, *, shutdown_grace: float = 10.0
+    sock: socket.socket,
+    url: str,
+    bridge: NarBridge,
+    *,
+    shutdown_grace: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> RunningBridge:
-    """Serve ``bridge`` on an already listening socket (a worker's; the parent reported ``url`` and owns its path)."""
-    runner = _runner(bridge, shutdown_grace)
+    """Serve ``bridge`` on an already listening socket (a worker's, or systemd's; its owner reported ``url``)."""
+    draining = Draining()
+    runner = _runner(bridge, draining)
     await runner.setup()
     try:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise
-    return RunningBridge(runner, url)
+    return RunningBridge(runner, url, None, draining, shutdown_grace)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from types import FrameType
 
 from nixcas.errors import ConfigurationError
-from nixcas.server import _clear_stale_socket, parse_listen_address
+from nixcas.listen import clear_stale_socket, parse_listen_address
+from nixcas.systemd import notify
 
 __all__ = ["Listeners", "open_listeners", "run_workers"]
 
@@ -51,22 +52,30 @@ class Listeners:
             s.close()
 
 
-def open_listeners(listen: str, count: int) -> Listeners:
-    """Sockets on ``listen`` (``host:port``, port 0 = any free one, or a socket path) for ``count`` workers."""
+def open_listeners(listen: str, count: int, scheme: str = "http", activated: socket.socket | None = None) -> Listeners:
+    """Sockets on ``listen`` (``host:port``, port 0 = any free one, or a socket path) for ``count`` workers.
+
+    ``scheme`` is the URL's (``https`` when the workers serve TLS).  With ``activated``
+    (systemd's listening socket), that one socket is shared by all workers instead.
+    """
+    if activated is not None:
+        where = activated.getsockname()
+        if activated.family == socket.AF_UNIX:
+            return Listeners([activated], f"unix://{os.fsdecode(where)}")
+        host = f"[{where[0]}]" if activated.family == socket.AF_INET6 else where[0]
+        return Listeners([activated], f"{scheme}://{host}:{where[1]}")
     address = parse_listen_address(listen)
     sockets: list[socket.socket] = []
     try:
         if address.unix_path is not None:
-            _clear_stale_socket(address.unix_path)
+            clear_stale_socket(address.unix_path)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sockets.append(s)
             s.bind(address.unix_path)
             s.listen(BACKLOG)
             return Listeners(sockets, f"unix://{address.unix_path}", address.unix_path)
-        host, _, port_text = listen.rpartition(":")
-        host = host.strip("[]")
+        host, port = address.host, address.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        port = int(port_text)
         for _ in range(count):
             s = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(s)
@@ -75,7 +84,7 @@ def open_listeners(listen: str, count: int) -> Listeners:
             s.bind((host, port))
             port = s.getsockname()[1]  # the next sockets join the port the first one got
             s.listen(BACKLOG)
-        return Listeners(sockets, f"http://{listen.rpartition(':')[0]}:{port}")
+        return Listeners(sockets, f"{scheme}://{address.url_host}:{port}")
     except OSError as e:
         for s in sockets:
             s.close()
@@ -102,6 +111,8 @@ def run_workers(count: int, listeners: Listeners, serve: Serve) -> int:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if not stopping:
+            _notify("STOPPING=1")
         stopping = True
         _signal_all(pids, signal.SIGTERM)
 
@@ -125,6 +136,7 @@ def run_workers(count: int, listeners: Listeners, serve: Serve) -> int:
             _signal_all(pids, signal.SIGTERM)
         elif not stopping:
             print(f"listening on {listeners.url}", flush=True)
+            _notify("READY=1")
         while pids:
             pid, status = os.waitpid(-1, 0)
             index = pids.pop(pid, -1)
@@ -199,6 +211,14 @@ def _die_with(parent: int) -> None:
         log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
     if os.getppid() != parent:  # it died before the request took effect
         os._exit(1)
+
+
+def _notify(state: str) -> None:
+    """Tell systemd (see :mod:`nixcas.systemd`); a failure is a warning."""
+    try:
+        notify(state)
+    except (OSError, ConfigurationError) as e:
+        log.warning("cannot notify systemd (%s): %s", state, e)
 
 
 def _signal_all(pids: dict[int, int], sig: signal.Signals) -> None:

@@ -17,10 +17,19 @@ import click
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
+from nixcas.cli.serving import (
+    DeploymentOptions,
+    activated_sockets,
+    deployment_options,
+    ready,
+    shutdown_deadline,
+    stopping,
+)
 from nixcas.errors import ConfigurationError
 
 if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
     import socket
+    import ssl
 
     from nixcas.bridge.auth import Tokens
     from nixcas.bridge.server import RunningBridge
@@ -67,6 +76,10 @@ class BridgeOptions:
                 raise ConfigurationError(f"--sign-key: {e}") from None
         index = self.nar_index or str(Path(settings.store_dir or default_store_dir()).absolute() / "nar-bridge.sqlite")
         return tokens, key, index
+
+    def open_writes(self) -> str | None:
+        """Why anyone could write (``--allow-writes`` without a token), or ``None``."""
+        return "--allow-writes accepts uploads from anyone" if self.allow_writes and self.token_file is None else None
 
     def check(self, settings: Settings) -> None:
         """Fail now (one line, exit 2) if a file the bridge needs is unusable."""
@@ -118,8 +131,12 @@ async def serving_bridge(
     options: BridgeOptions,
     shutdown_grace: float,
     sock: socket.socket | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    activated: socket.socket | None = None,
 ) -> AsyncIterator[RunningBridge]:
-    """The bridge over ``store``, listening on ``listen`` (or on ``sock``, a worker's, serving URL ``listen``)."""
+    """The bridge over ``store``, listening on ``listen`` (or on ``sock``, a worker's, serving URL ``listen``;
+    or on ``activated``, systemd's socket)."""
     import asyncio
     import signal
 
@@ -153,9 +170,13 @@ async def serving_bridge(
             sign_key=key,
         )
         if sock is not None:
-            running = await serve_on_socket(sock, listen, bridge, shutdown_grace=shutdown_grace)
+            running = await serve_on_socket(
+                sock, listen, bridge, shutdown_grace=shutdown_grace, ssl_context=ssl_context
+            )
         else:
-            running = await start_bridge(listen, bridge, shutdown_grace=shutdown_grace)
+            running = await start_bridge(
+                listen, bridge, shutdown_grace=shutdown_grace, ssl_context=ssl_context, sock=activated
+            )
         try:
             yield running
         finally:
@@ -177,6 +198,7 @@ async def serving_bridge(
     help="Processes serving the address together [default: the number of CPUs for the embedded store, else 1].",
 )
 @bridge_options
+@deployment_options
 @service_options
 @click.pass_obj
 def nar_bridge(
@@ -192,13 +214,17 @@ def nar_bridge(
     Prints one line 'listening on http://HOST:PORT' to stdout once it accepts connections (all workers).
     With several workers, each opens the store (which must be shareable between processes: files,
     SQLite files, a database server; not memory:// or lru://); SIGINT/SIGTERM stop them all.
+    On SIGINT/SIGTERM, GET /healthz and every new request are answered 503; running requests get
+    --shutdown-grace seconds, then are cancelled.
     """
     bridge_opts = BridgeOptions.take(options)
+    deploy = DeploymentOptions.take(options)
     settings = settings.with_service_options(options)
     bridge_opts.check(settings)  # bad files fail before anything is opened
+    ssl_context, sock = _deployment(deploy, listen, bridge_opts)
     workers = _worker_count(workers, settings)
     if workers > 1:
-        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers)
+        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers, ssl_context, sock)
         return
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
@@ -206,14 +232,34 @@ def nar_bridge(
         stop = stop_on_signals()
         async with (
             await settings.open_store(with_pathinfo=True) as store,
-            serving_bridge(listen, store, settings, bridge_opts, shutdown_grace) as running,
+            serving_bridge(
+                listen, store, settings, bridge_opts, shutdown_grace, ssl_context=ssl_context, activated=sock
+            ) as running,
         ):
             click.echo(f"listening on {running.url}")
+            ready()
             logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos)
             await stop.wait()
+            stopping()
+            shutdown_deadline(shutdown_grace)
             logging.info("shutting down (grace %g s)", shutdown_grace)
+            await running.stop()
 
     run(go)
+
+
+def _deployment(
+    deploy: DeploymentOptions, listen: str, bridge_opts: BridgeOptions
+) -> tuple[ssl.SSLContext | None, socket.socket | None]:
+    """The bridge's TLS context and systemd's socket for it; a usage error if it must not listen there."""
+    try:
+        tls = deploy.tls()
+        ssl_context = tls.ssl_context() if tls is not None else None
+        sock = activated_sockets().take("nar-bridge", 0)
+        deploy.check_exposure(listen, sock, bridge_opts.open_writes())
+    except ConfigurationError as e:
+        fail(str(e), EXIT_USAGE)
+    return ssl_context, sock
 
 
 _PRIVATE_SERVICES = re.compile(r"(memory|lru):|sqlite://(\?|$)")
@@ -233,14 +279,20 @@ def _worker_count(workers: int | None, settings: Settings) -> int:
 
 
 def _serve_with_workers(
-    settings: Settings, bridge_opts: BridgeOptions, listen: str, shutdown_grace: float, workers: int
+    settings: Settings,
+    bridge_opts: BridgeOptions,
+    listen: str,
+    shutdown_grace: float,
+    workers: int,
+    ssl_context: ssl.SSLContext | None = None,
+    activated: socket.socket | None = None,
 ) -> None:
     """``workers`` forked bridges on one address (see :mod:`nixcas.bridge.workers`); exits with their outcome."""
     from nixcas.bridge.workers import open_listeners, run_workers
 
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge[%(process)d]: %(levelname)s: %(message)s")
     try:
-        listeners = open_listeners(listen, workers)
+        listeners = open_listeners(listen, workers, "https" if ssl_context is not None else "http", activated)
     except ConfigurationError as e:
         fail(str(e), EXIT_USAGE)
 
@@ -249,15 +301,18 @@ def _serve_with_workers(
             stop = stop_on_signals()
             async with (
                 await settings.open_store(with_pathinfo=True) as store,
-                serving_bridge(listeners.url, store, settings, bridge_opts, shutdown_grace, sock) as running,
+                serving_bridge(
+                    listeners.url, store, settings, bridge_opts, shutdown_grace, sock, ssl_context=ssl_context
+                ) as running,
             ):
                 ready()
                 if index == 0:
                     logging.info("%d workers; blobs: %r; directories: %r; path infos: %r", workers, store.blobs,
                                  store.directories, store.pathinfos)  # fmt: skip
                 await stop.wait()
+                shutdown_deadline(shutdown_grace)
                 logging.info("shutting down (grace %g s)", shutdown_grace)
-            del running
+                await running.stop()
 
         run(go)
         return 0

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import click
 
 from nixcas.castore.nodes import Node, SymlinkNode
-from nixcas.cli.common import Settings, parse_digest, run
+from nixcas.cli.common import Settings, parse_digest, pass_settings, run
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount
 from nixcas.cli.render import ls_line, node_json, node_line
@@ -85,6 +85,19 @@ def byte_progress(what: str) -> Iterator[Callable[[int], None] | None]:
         yield lambda n: progress.advance(task, n)
 
 
+@contextmanager
+def progress_for(path: Path, as_tar: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tree's progress with files, bytes, rate and ETA; an archive's as bytes and rate (its size is unknown)."""
+    if as_tar:
+        with byte_progress(str(path)) as advance:
+            yield advance
+        return
+    from nixcas.cli.progress import transfer_progress
+
+    with transfer_progress(f"ingesting {path}:", [path]) as shown:
+        yield shown.advance if shown is not None else None
+
+
 @click.group(cls=LazyGroup, lazy=PIN_COMMANDS)
 def castore() -> None:
     """Content-addressed blobs and directories (no Nix involved)."""
@@ -102,7 +115,7 @@ def castore() -> None:
     help="Import PATH as a filesystem object or as a tar archive (auto: tar if the name ends in .tar[.gz|.xz|.zst]).",
 )
 @click.option("--pin", "pin_name", metavar="NAME", help="Pin the root as NAME (a GC root), before GC can see it.")
-@click.pass_obj
+@pass_settings
 def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: str | None) -> None:
     """Import a file, symlink, directory tree or tarball; print its root node."""
     from nixcas.castore.pins import validate_pin_name
@@ -117,7 +130,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
     as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
 
     async def go() -> Node:
-        with byte_progress(str(path)) as advance:
+        with progress_for(path, as_tar) as advance:
             async with settings.open_store_to_write(with_pins=pin_name is not None) as store:
                 if as_tar:
                     node = await store.ingest_archive(path, progress=advance)
@@ -135,7 +148,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
 @click.argument("digest")
 @click.option("-r", "--recursive", is_flag=True, help="List the whole tree below the directory.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.pass_obj
+@pass_settings
 def ls(settings: Settings, digest: str, recursive: bool, as_json: bool) -> None:
     """List the entries of the directory DIGEST."""
     root = parse_digest(digest)
@@ -182,7 +195,7 @@ def parse_range(text: str) -> tuple[int, int]:
     metavar="START:END",
     help="Only bytes [START, END), each verified through the blob's bao outboard before it is written.",
 )
-@click.pass_obj
+@pass_settings
 def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
     """Write the blob DIGEST to standard output (verified as it streams)."""
     blob = parse_digest(digest)
@@ -206,7 +219,7 @@ def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
 @click.argument("digest")
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @mount_options
-@click.pass_obj
+@pass_settings
 def mount(
     settings: Settings, digest: str, mountpoint: Path, list_root: bool, allow_other: bool, show_xattr: bool
 ) -> None:

@@ -154,6 +154,32 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+SERVICE_OPTION_NAMES = (
+    "store_dir",
+    "blob_service_addr",
+    "directory_service_addr",
+    "path_info_service_addr",
+    "pin_service_addr",
+    "composition",
+)
+"""The parameters :func:`service_options` adds."""
+
+
+def pass_settings(f: Callable[..., T]) -> Callable[..., T]:
+    """``click.pass_obj`` for a command that opens stores: the :class:`Settings`, with the service options
+    given after the command's name (added here) replacing the global ones given before it."""
+    import functools
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> T:
+        given = {name: kwargs.pop(name) for name in SERVICE_OPTION_NAMES}
+        settings: Settings = click.get_current_context().obj
+        return f(settings.with_service_options(given), *args, **kwargs)
+
+    command.__dict__["__click_params__"] = list(getattr(f, "__click_params__", []))
+    return service_options(command)
+
+
 def server_options(default_listen: str, grace_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``-l/--listen-address`` (default ``default_listen``) and ``--shutdown-grace`` of a serving command."""
     port = default_listen.rpartition(":")[2]

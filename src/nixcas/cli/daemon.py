@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -9,7 +10,16 @@ from typing import Any
 import click
 
 from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
-from nixcas.cli.common import Settings, run, server_options, service_options, stop_on_signals
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
+from nixcas.cli.serving import (
+    DeploymentOptions,
+    activated_sockets,
+    deployment_options,
+    ready,
+    shutdown_deadline,
+    stopping,
+)
+from nixcas.errors import ConfigurationError
 from nixcas.server import DEFAULT_LISTEN, start_server
 
 
@@ -25,6 +35,7 @@ from nixcas.server import DEFAULT_LISTEN, start_server
     help="Also serve the store as a Nix HTTP binary cache on ADDR (host:port or socket path); see nar-bridge.",
 )
 @bridge_options
+@deployment_options
 @click.pass_obj
 def daemon(
     settings: Settings,
@@ -36,12 +47,26 @@ def daemon(
 ) -> None:
     """Serve the blob, directory, path info and pin services over gRPC (tvix.* and snix.* names, health, reflection).
 
-    Prints one line 'listening on URL' to stdout once it accepts connections.
+    Prints one line 'listening on URL' to stdout per listener once all of them accept connections.
+    On SIGINT/SIGTERM every listener refuses new calls and requests at once (gRPC health turns
+    NOT_SERVING, the bridge's /healthz 503); running ones get --shutdown-grace seconds, then are cancelled.
     """
     bridge_opts = BridgeOptions.take(options)
+    deploy = DeploymentOptions.take(options)
     settings = settings.with_service_options(options)
     if nar_bridge is not None:
         bridge_opts.check(settings)  # bad files fail before anything is opened
+    try:
+        tls = deploy.tls()
+        ssl_context = tls.ssl_context() if tls is not None and nar_bridge is not None else None
+        activated = activated_sockets()
+        grpc_sock = activated.take("grpc", 0)
+        bridge_sock = activated.take("nar-bridge", 1) if nar_bridge is not None else None
+        deploy.check_exposure(listen, grpc_sock, "the gRPC daemon accepts writes without authentication")
+        if nar_bridge is not None:
+            deploy.check_exposure(nar_bridge, bridge_sock, bridge_opts.open_writes())
+    except ConfigurationError as e:
+        fail(str(e), EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
@@ -54,15 +79,28 @@ def daemon(
                 pathinfos=store.pathinfos,
                 nar_calculation=store.nar_calculation(),
                 pins=store.pins,
+                tls=tls,
+                sock=grpc_sock,
             )
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    click.echo(f"listening on {running.url}")
+                    bridge = None
                     if nar_bridge is not None:
                         bridge = await stack.enter_async_context(
-                            serving_bridge(nar_bridge, store, settings, bridge_opts, shutdown_grace)
+                            serving_bridge(
+                                nar_bridge,
+                                store,
+                                settings,
+                                bridge_opts,
+                                shutdown_grace,
+                                ssl_context=ssl_context,
+                                activated=bridge_sock,
+                            )
                         )
+                    click.echo(f"listening on {running.url}")  # once every listener is up
+                    if bridge is not None:
                         click.echo(f"listening on {bridge.url}")
+                    ready()
                     logging.info(
                         "blobs: %r; directories: %r; path infos: %r; pins: %r",
                         store.blobs,
@@ -71,7 +109,11 @@ def daemon(
                         store.pins,
                     )
                     await stop.wait()
+                    stopping()
+                    shutdown_deadline(shutdown_grace)
                     logging.info("shutting down (grace %g s)", shutdown_grace)
+                    # every listener drains at once, within the one grace period
+                    await asyncio.gather(running.stop(shutdown_grace), *([bridge.stop()] if bridge else []))
             finally:
                 await running.stop(shutdown_grace)
 

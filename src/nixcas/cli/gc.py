@@ -16,7 +16,7 @@ from nixcas.api import Store
 from nixcas.castore.fsck import Problem
 from nixcas.castore.gc import KINDS, GcReport, WriteLeases, parse_duration
 from nixcas.castore.pins import PinService, validate_pin_name
-from nixcas.cli.common import EXIT_FAILURE, LEASES_DIR, Settings, parse_digest, run
+from nixcas.cli.common import EXIT_FAILURE, LEASES_DIR, Settings, parse_digest, pass_settings, run
 from nixcas.cli.store import parse_store_path
 from nixcas.errors import ConfigurationError, NixcasError, NotFoundError
 from nixcas.store.fsck import FsckReport, RepairSource, fsck
@@ -122,7 +122,7 @@ def gc_summary(report: GcReport) -> list[str]:
     help="Keep everything written or re-put within this long (0s, 30m, 1h, 2d, 1h30m).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@click.pass_obj
+@pass_settings
 def gc(settings: Settings, dry_run: bool, grace: str, as_json: bool) -> None:
     """Delete every blob, chunk and directory no PathInfo or pin reaches (older than --grace)."""
     try:
@@ -160,16 +160,20 @@ def gc(settings: Settings, dry_run: bool, grace: str, as_json: bool) -> None:
 @click.command()
 @click.argument("store_paths", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Delete even paths that other PathInfos still refer to.")
-@click.pass_obj
-def delete(settings: Settings, store_paths: tuple[str, ...], force: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Print {"deleted": [...]} (store paths).')
+@pass_settings
+def delete(settings: Settings, store_paths: tuple[str, ...], force: bool, as_json: bool) -> None:
     """Remove the PathInfos of STORE_PATHS (their data is freed by the next gc)."""
     paths = [parse_store_path(p) for p in store_paths]
 
     async def go() -> None:
         async with await settings.open_store(with_pathinfo=True) as store:
             assert store.pathinfos is not None
-            for info in await delete_paths(store.pathinfos, paths, force=force):
-                click.echo(f"deleted {info.store_path}")
+            deleted = [str(info.store_path) for info in await delete_paths(store.pathinfos, paths, force=force)]
+            if as_json:
+                click.echo(json.dumps({"deleted": deleted}))
+            for path in [] if as_json else deleted:
+                click.echo(f"deleted {path}")
 
     run(go)
 
@@ -194,7 +198,7 @@ async def _repair_source(url: str) -> Store:
     help="Fetch damaged or missing objects from this store (a store directory or a daemon URL), verified.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.pass_obj
+@pass_settings
 def fsck_command(
     settings: Settings, check_contents: bool, check_nar: bool, repair_from: str | None, as_json: bool
 ) -> None:
@@ -250,7 +254,7 @@ def fsck_command(
 @click.command()
 @click.argument("name")
 @click.argument("digest")
-@click.pass_obj
+@pass_settings
 def pin(settings: Settings, name: str, digest: str) -> None:
     """Keep DIGEST (a directory with its closure, or a blob) through GC, under NAME."""
     target = parse_digest(digest)
@@ -272,7 +276,7 @@ def pin(settings: Settings, name: str, digest: str) -> None:
 
 @click.command()
 @click.argument("name")
-@click.pass_obj
+@pass_settings
 def unpin(settings: Settings, name: str) -> None:
     """Remove the pin NAME (its objects are freed by the next gc unless reachable otherwise)."""
 
@@ -286,7 +290,7 @@ def unpin(settings: Settings, name: str) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
-@click.pass_obj
+@pass_settings
 def pins(settings: Settings, as_json: bool) -> None:
     """List the pins: NAME DIGEST CREATED."""
 

@@ -6,21 +6,17 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from nixcas.cli.common import Settings, run
+from nixcas.cli.common import Settings, pass_settings, run
 from nixcas.cli.render import path_info_lines
 from nixcas.errors import NotFoundError, PathInfoError, StorePathError
 from nixcas.store.store_path import STORE_DIR, StorePath
 
 if TYPE_CHECKING:  # each command imports what it uses: `path-info` stays light
-    from rich.progress import Progress
-
     from nixcas.api import Store
     from nixcas.store.importer import Services
     from nixcas.store.pathinfo.base import PathInfoService
@@ -52,33 +48,16 @@ async def lookup(pathinfos: PathInfoService | None, path: StorePath) -> PathInfo
     return info
 
 
-@contextmanager
-def progress_bar(what: str, total: int | None) -> Iterator[Progress | None]:
-    """A progress bar on stderr when it is a terminal, else nothing."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(
-        TextColumn(what),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
-    with bar:
-        yield bar
-
-
 @click.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=False, path_type=Path))
-@click.pass_obj
-def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
-    """Import files, symlinks or trees as store paths, as `nix-store --add` does; print each store path."""
+@click.option("--json", "as_json", is_flag=True, help="Print each path's info as one JSON object per line.")
+@pass_settings
+def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
+    """Import files, symlinks or trees as store paths, as `nix-store --add` does; print each store path.
+
+    On a terminal, stderr shows the files and bytes to read, the rate and the time left.
+    """
+    from nixcas.cli.progress import transfer_progress
     from nixcas.store.importer import import_path, path_to_name
 
     for path in paths:
@@ -93,26 +72,29 @@ def import_(settings: Settings, paths: tuple[Path, ...]) -> None:
         async with settings.open_store_to_write(with_pathinfo=True) as store:
             svc = services(store)
             limit = asyncio.Semaphore(IMPORT_PARALLEL)
+            with transfer_progress("importing", paths) as shown:
+                advance = shown.advance if shown is not None else None
 
-            async def one(path: Path) -> PathInfo:
-                async with limit:
-                    return await import_path(path, svc)
+                async def one(path: Path) -> PathInfo:
+                    async with limit:
+                        return await import_path(path, svc, progress=advance)
 
-            tasks = [asyncio.ensure_future(one(p)) for p in paths]
-            try:
-                for task in tasks:  # print in argument order as each is ready
-                    click.echo(str((await task).store_path))
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                tasks = [asyncio.ensure_future(one(p)) for p in paths]
+                try:
+                    for task in tasks:  # print in argument order as each is ready
+                        info = await task
+                        click.echo(json.dumps(info.to_json()) if as_json else str(info.store_path))
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
 
     run(go)
 
 
 @click.command("dump-path")
 @click.argument("store_path")
-@click.pass_obj
+@pass_settings
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
     from nixcas.store.nar.render import render_nar
@@ -135,7 +117,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
 @click.command("path-info")
 @click.argument("store_path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.pass_obj
+@pass_settings
 def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
     """Show what the store knows about STORE_PATH."""
     path = parse_store_path(store_path)
@@ -157,14 +139,17 @@ def path_info(settings: Settings, store_path: str, as_json: bool) -> None:
     show_default=True,
     help="Where the paths' contents are read from.",
 )
-@click.pass_obj
-def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help='Print {"copied": [...], "skipped": [...]} (store paths).')
+@pass_settings
+def copy(settings: Settings, source: Any, nix_store_dir: str, as_json: bool) -> None:
     """Copy paths of the local Nix store into nixcas, with Nix's metadata.
 
     SOURCE (default: standard input) is the output of `nix path-info --json --recursive PATH…`
     or a JSON object with a "closure" list (exportReferencesGraph). Paths already present are
     skipped; the rest are ingested and their NAR hash and size checked against Nix's record.
+    On a terminal, stderr shows paths, files and bytes to copy, the rate and the time left.
     """
+    from nixcas.cli.progress import transfer_progress
     from nixcas.store.importer import copy_path, parse_path_infos, references_first
 
     name = getattr(source, "name", "-")
@@ -175,8 +160,9 @@ def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
     except PathInfoError as e:
         raise click.BadParameter(str(e), param_hint="SOURCE") from None
 
-    async def go() -> tuple[int, int]:
-        copied = skipped = 0
+    async def go() -> tuple[list[str], list[str]]:
+        copied: list[str] = []
+        skipped: list[str] = []
         async with settings.open_store_to_write(with_pathinfo=True) as store:
             svc = services(store)
             present = {i.store_path for i in infos}
@@ -190,20 +176,25 @@ def copy(settings: Settings, source: Any, nix_store_dir: str) -> None:
                             f"{exported.store_path} refers to {ref}, which is neither in the input nor in the store"
                         )
                     present.add(ref)
-            with progress_bar("copying", len(infos)) as bar:
-                task = bar.add_task("", total=len(infos)) if bar is not None else None
-                for exported in infos:
-                    if bar is not None and task is not None:
-                        bar.update(task, description=exported.store_path.name)
-                    existing = await svc.pathinfos.get(exported.store_path.digest)
-                    if existing is not None and existing.store_path == exported.store_path:
-                        skipped += 1
-                    else:
-                        await copy_path(exported, svc, store_dir=nix_store_dir)
-                        copied += 1
-                    if bar is not None and task is not None:
-                        bar.advance(task)
+            missing = []
+            for exported in infos:
+                existing = await svc.pathinfos.get(exported.store_path.digest)
+                if existing is not None and existing.store_path == exported.store_path:
+                    skipped.append(str(exported.store_path))
+                else:
+                    missing.append(exported)
+            sources = [Path(nix_store_dir) / e.store_path.basename for e in missing]
+            with transfer_progress("copying", sources, f"{len(missing)} paths, ") as shown:
+                for done, exported in enumerate(missing):
+                    if shown is not None:
+                        shown.describe(f"copying {done + 1}/{len(missing)} paths, {shown.files:,} files")
+                    await copy_path(
+                        exported, svc, store_dir=nix_store_dir, progress=shown.advance if shown is not None else None
+                    )
+                    copied.append(str(exported.store_path))
         return copied, skipped
 
     copied, skipped = run(go)
-    click.echo(f"copied {copied} paths, {skipped} already present", err=True)
+    if as_json:
+        click.echo(json.dumps({"copied": copied, "skipped": skipped}))
+    click.echo(f"copied {len(copied)} paths, {len(skipped)} already present", err=True)
