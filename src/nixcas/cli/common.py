@@ -161,6 +161,7 @@ SERVICE_OPTION_NAMES = (
     "path_info_service_addr",
     "pin_service_addr",
     "composition",
+    "directory_size_rule",
 )
 """The parameters :func:`service_options` adds."""
 
