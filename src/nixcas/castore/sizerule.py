@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Final
 
 from nixcas.errors import ConfigurationError
+
+TYPE_CHECKING = False  # not typing's: `castore ls` loads nothing of it
+if TYPE_CHECKING:
+    from typing import Final
 
 __all__ = ["DEFAULT_SIZE_RULE", "SIZE_RULE_ENV", "LEGACY_SIZE_RULE", "SizeRule", "requested_size_rule"]
 
