@@ -306,8 +306,8 @@ class BulkReads(ABC):
     and never block on the event loop.  Every byte returned has been hashed against its blob's digest.
     A blob a method cannot serve (missing, of another size, damaged, or kept in a form only the async API
     reads) makes it return ``None`` for the whole call: the caller reads those blobs through the async API,
-    which reports precisely what is wrong.  Results may be views into ``buffer`` (used when it is large
-    enough): they stay valid until the caller hands that buffer out again.
+    which reports precisely what is wrong.  Results may be views into ``buffer`` (a writable buffer, used
+    when it is large enough): they stay valid until the caller hands that buffer out again.
     """
 
     run_max: int
@@ -317,12 +317,12 @@ class BulkReads(ABC):
     """The largest blob :meth:`read_whole` takes."""
 
     @abstractmethod
-    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: bytearray) -> list[bytes | memoryview] | None:
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         """The contents of each of ``wanted`` (raw 32-byte digest, exact size; at most :attr:`run_max`), in order,
         each verified."""
 
     @abstractmethod
-    def read_whole(self, digest: bytes, size: int, buffer: bytearray) -> bytes | memoryview | None:
+    def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
 
 

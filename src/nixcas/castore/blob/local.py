@@ -455,7 +455,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
     def bulk_reads(self) -> BulkReads:
         return self
 
-    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: bytearray) -> list[bytes | memoryview] | None:
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         dctx = self._decompressor()
         out: list[bytes | memoryview] = []
         try:
@@ -468,7 +468,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             return None
         return out
 
-    def read_whole(self, digest: bytes, size: int, buffer: bytearray) -> bytes | memoryview | None:
+    def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         if not 0 < size <= self.whole_max:
             return None
         try:
@@ -480,7 +480,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             return None
 
     def _read_whole_sync(
-        self, digest: bytes, size: int, chunks: Sequence[ChunkMeta], buffer: bytearray
+        self, digest: bytes, size: int, chunks: Sequence[ChunkMeta], buffer: memoryview
     ) -> memoryview | None:
         """The chunk objects of a blob read one after another into ``buffer``, then hashed whole.
 
@@ -492,9 +492,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
         if sum(c.size for c in chunks) != size:
             return None
         need = size + max(compressed_bound(c.size) - c.size for c in chunks)
-        if len(buffer) < need:
-            buffer = bytearray(need)
-        view = memoryview(buffer)
+        view = buffer if len(buffer) >= need else memoryview(bytearray(need))
         pos = 0
         for chunk in chunks:
             fd = os.open(self._chunk_path(chunk.digest), _READ_ONLY)

@@ -544,14 +544,16 @@ class PackedBlobService(LocalBlobService):
 
     # -- BulkReads (``nixcas dump-path``) ------------------------------------------------
 
-    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: bytearray) -> list[bytes | memoryview] | None:
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
         try:
             return self._read_run_sync(wanted, buffer)
         except (OSError, StorageError, zstandard.ZstdError):
             return None
 
-    def _read_run_sync(self, wanted: Sequence[tuple[bytes, int]], buffer: bytearray) -> list[bytes | memoryview] | None:
+    def _read_run_sync(
+        self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview
+    ) -> list[bytes | memoryview] | None:
         if not wanted:
             return []
         db = self._db()
@@ -584,9 +586,7 @@ class PackedBlobService(LocalBlobService):
             placed.append(at)
             at += length
         ranges.append((pack_id, start, end, at - (end - start)))
-        if at > room:
-            buffer = bytearray(at)
-        view = memoryview(buffer)
+        view = buffer if at <= room else memoryview(bytearray(at))
         for pack, start, end, place in ranges:
             if self._preadv(pack, view[place : place + end - start], start, db) != end - start:
                 return None  # the pack file ends early: the per-blob path reports it
@@ -609,7 +609,7 @@ class PackedBlobService(LocalBlobService):
             out.append(data)
         return out
 
-    def read_whole(self, digest: bytes, size: int, buffer: bytearray) -> bytes | memoryview | None:
+    def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         if not 0 < size <= self.whole_max:
             return None
         if size <= self.inline_max:  # a pack row, unless written by a store with bigger packed blobs

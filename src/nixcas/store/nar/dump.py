@@ -31,8 +31,10 @@ standard output, not for a server's event loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import mmap
 import operator
 import os
 import select
@@ -46,7 +48,15 @@ from typing import Any
 from nixcas.castore.blob.base import BlobService, BulkReads
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.nodes import MAX_DEPTH, MAX_NAME_LEN, DirectoryNode, FileNode, Node, validate_name, validate_symlink_target
+from nixcas.castore.nodes import (
+    MAX_DEPTH,
+    MAX_NAME_LEN,
+    DirectoryNode,
+    FileNode,
+    Node,
+    validate_name,
+    validate_symlink_target,
+)
 from nixcas.castore.treepath import TreePath
 from nixcas.errors import ChecksumMismatch, DirectoryError, InvalidSymlinkTargetError, StorageError
 from nixcas.store.nar.plan import ROOT, Hole, NarContentNotFound, _check_file, fetch_closure, too_deep
@@ -78,6 +88,8 @@ RUN_BYTES = 4 << 20
 WINDOW_BYTES = 128 << 20
 """File contents read ahead of the writer, at most (a job bigger than this still runs, alone)."""
 _IOV_MAX = 1024
+_SLACK = 256 << 10
+"""Room beyond a job's contents (block headers of stored frames, gaps between blobs in a pack)."""
 _CLOSE_ENTRY = TOK_CLOSE + TOK_CLOSE
 _FILE_REGULAR = TOK_NODE + NODE_REGULAR
 _FILE_EXECUTABLE = TOK_NODE + NODE_EXECUTABLE
@@ -156,7 +168,8 @@ def _entries(raw: bytes, path: TreePath) -> list[tuple[bytes, int, Any]]:
         raise DirectoryError(f"directory {path.show_below_root()}: cannot decode Directory message: {e}") from None
     entries: list[tuple[bytes, int, Any]] = []
     names: list[bytes] = []
-    for kind, items in enumerate((msg.directories, msg.files, msg.symlinks)):
+    lists: tuple[Any, Any, Any] = (msg.directories, msg.files, msg.symlinks)
+    for kind, items in enumerate(lists):
         if not items:
             continue
         part = [(e.name, kind, e) for e in items]
@@ -328,6 +341,45 @@ def _write_rest(fd: int, batch: Sequence[bytes | memoryview], done: int) -> None
             select.select([], [fd], [])
 
 
+class _Buffers:
+    """Read buffers reused from job to job, at most ``limit`` bytes of them kept.
+
+    Fresh memory costs the kernel a page fault and a zeroed page on first touch (about as much
+    as reading the bytes into it): buffers are reused, and big ones are huge-page mappings.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free: list[memoryview] = []
+        self._limit = limit
+
+    def take(self, need: int) -> memoryview:
+        """The smallest free buffer of at least ``need`` bytes, or a new one."""
+        fits = [b for b in self._free if len(b) >= need]
+        if fits:
+            best = min(fits, key=len)
+            self._free.remove(best)
+            return best
+        if need < _HUGE:
+            return memoryview(bytearray(need))
+        size = -(-need // _HUGE) * _HUGE
+        area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            with contextlib.suppress(OSError):
+                area.madvise(mmap.MADV_HUGEPAGE)
+        return memoryview(area)
+
+    def give(self, buffer: memoryview) -> None:
+        """Keep ``buffer`` for reuse, dropping the smallest kept ones beyond the limit."""
+        self._free.append(buffer)
+        self._free.sort(key=len, reverse=True)
+        while sum(map(len, self._free)) > self._limit:
+            self._free.pop()
+
+
+_HUGE = 2 << 20
+"""Buffers of at least this size are anonymous mappings in units of a huge page."""
+
+
 @dataclass(slots=True)
 class _Job:
     """Files ``start`` to ``stop`` of the plan, read on a worker (``future``) unless ``future`` is ``None``."""
@@ -335,34 +387,29 @@ class _Job:
     start: int
     stop: int
     cost: int
-    future: Future[tuple[list[bytes | memoryview] | None, bytearray]] | None
+    buffer: memoryview | None
+    future: Future[list[bytes | memoryview] | None] | None
 
 
 def _run_job(
-    reads: BulkReads, wanted: list[tuple[bytes, int]], frames: list[bytes], buffer: bytearray
-) -> tuple[list[bytes | memoryview] | None, bytearray]:
+    reads: BulkReads, wanted: list[tuple[bytes, int]], frames: list[bytes], buffer: memoryview
+) -> list[bytes | memoryview] | None:
     """A run's framing and contents in order (``None``: some file is read one by one instead)."""
-    need = sum(size for _, size in wanted) + (256 << 10)
-    if len(buffer) < need:
-        buffer = bytearray(need)
     data = reads.read_run(wanted, buffer)
     if data is None:
-        return None, buffer
+        return None
     pieces: list[bytes | memoryview] = []
     for frame, contents in zip(frames, data, strict=True):
         pieces.append(frame)
         pieces.append(contents)
-    return pieces, buffer
+    return pieces
 
 
 def _whole_job(
-    reads: BulkReads, digest: bytes, size: int, frame: bytes, buffer: bytearray
-) -> tuple[list[bytes | memoryview] | None, bytearray]:
-    need = size + (size >> 7) + (256 << 10)
-    if len(buffer) < need:
-        buffer = bytearray(need)
+    reads: BulkReads, digest: bytes, size: int, frame: bytes, buffer: memoryview
+) -> list[bytes | memoryview] | None:
     data = reads.read_whole(digest, size, buffer)
-    return (None if data is None else [frame, data]), buffer
+    return None if data is None else [frame, data]
 
 
 async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobService) -> int:
@@ -370,7 +417,7 @@ async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobServic
     n = len(sizes)
     run_max, whole_max = reads.run_max, reads.whole_max
     window: deque[_Job] = deque()
-    spare: list[bytearray] = []
+    buffers = _Buffers(WINDOW_BYTES + 2 * RUN_BYTES)
     held = 0
     next_file = 0
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="nixcas-dump")
@@ -390,17 +437,18 @@ async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobServic
                 stop, total = i + 1, size
             if window and held + total > WINDOW_BYTES:
                 return
-            buffer = spare.pop() if spare else bytearray()
-            future: Future[tuple[list[bytes | memoryview] | None, bytearray]] | None
+            buffer: memoryview | None = None
+            future: Future[list[bytes | memoryview] | None] | None = None
             if size <= run_max:
+                buffer = buffers.take(total + _SLACK)
                 wanted = list(zip(digests[i:stop], sizes[i:stop], strict=True))
                 future = pool.submit(_run_job, reads, wanted, frames[i:stop], buffer)
             elif size <= whole_max:
+                buffer = buffers.take(size + (size >> 7) + _SLACK)
                 future = pool.submit(_whole_job, reads, digests[i], size, frames[i], buffer)
             else:
-                future, total = None, 0  # streamed through the async API
-                spare.append(buffer)
-            window.append(_Job(i, stop, total, future))
+                total = 0  # streamed through the async API
+            window.append(_Job(i, stop, total, buffer, future))
             held += total
             next_file = stop
 
@@ -411,12 +459,9 @@ async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobServic
             pieces: list[bytes | memoryview] | None = None
             if job.future is not None:
                 try:
-                    pieces, buffer = await asyncio.wrap_future(job.future)
-                except Exception as e:  # noqa: BLE001 - the files are read one by one, which reports the error
+                    pieces = await asyncio.wrap_future(job.future)
+                except Exception as e:  # the files are read one by one below, which reports the error
                     log.warning("reading files %d to %d of the NAR in one job failed (%s)", job.start, job.stop, e)
-                else:
-                    if len(spare) < 2 * WORKERS:
-                        spare.append(buffer)
             if pieces is not None:
                 write_all(fd, pieces)
                 del pieces
@@ -425,6 +470,8 @@ async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobServic
                     write_all(fd, [frames[i]])
                     await _copy_blob(fd, blobs, plan.hole(i))
             window.popleft()
+            if job.buffer is not None:
+                buffers.give(job.buffer)
             held -= job.cost
             fill()
         write_all(fd, [frames[-1]])
