@@ -486,13 +486,15 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
 
         Each object is read where its content belongs; a frame of raw blocks (the default store's)
         is turned into its content by moving the payloads down over the block headers, anything
-        else is decompressed (bounded) into place.  One BLAKE3 of the whole blob checks every chunk
-        and the chunk list at once, before a byte is returned.
+        else is decompressed (bounded) into place; each is hashed right after (while in the CPU's
+        cache) into one BLAKE3 of the whole blob, which checks every chunk and the chunk list at
+        once, before a byte is returned.
         """
         if sum(c.size for c in chunks) != size:
             return None
         need = size + max(compressed_bound(c.size) - c.size for c in chunks)
         view = buffer if len(buffer) >= need else memoryview(bytearray(need))
+        hasher = blake3.blake3()
         pos = 0
         for chunk in chunks:
             fd = os.open(self._chunk_path(chunk.digest), _READ_ONLY)
@@ -520,11 +522,11 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
                 for offset, length in blocks:
                     view[at : at + length] = view[offset : offset + length]  # overlapping: memmove
                     at += length
+            hasher.update(view[pos : pos + chunk.size])  # while it is in the cache
             pos += chunk.size
-        whole = view[:size]
-        if blake3.blake3(whole).digest() != digest:
+        if hasher.digest() != digest:
             return None
-        return whole
+        return view[:size]
 
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         try:

@@ -83,8 +83,8 @@ WORKERS = 2
 """Threads reading and hashing ahead of the writer (the machine this was measured on has two cores)."""
 RUN_FILES = 1024
 """Most files in one run (one ``read_run``; its pieces are two ``writev`` calls of at most IOV_MAX)."""
-RUN_BYTES = 4 << 20
-"""Most bytes of file contents in one run."""
+RUN_BYTES = 1 << 20
+"""Most bytes of file contents in one run (read, then hashed while still in the CPU's cache)."""
 WINDOW_BYTES = 128 << 20
 """File contents read ahead of the writer, at most (a job bigger than this still runs, alone)."""
 _IOV_MAX = 1024
