@@ -42,7 +42,6 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from nixcas.castore.blob.base import BlobService, BulkReads
@@ -100,15 +99,23 @@ _ZEROS = bytes(8)
 _NAME = operator.itemgetter(0)
 
 
-@dataclass(slots=True)
 class Plan:
     """A NAR as framing and holes: ``frames[i]`` comes before file ``i`` (``digests[i]``, ``sizes[i]``,
     at ``paths[i]``: parent and name), and ``frames[-1]`` after the last file."""
 
-    frames: list[bytes]
-    digests: list[bytes]
-    sizes: list[int]
-    paths: list[tuple[TreePath, bytes] | None]
+    __slots__ = ("digests", "frames", "paths", "sizes")
+
+    def __init__(
+        self,
+        frames: list[bytes],
+        digests: list[bytes],
+        sizes: list[int],
+        paths: list[tuple[TreePath, bytes] | None],
+    ) -> None:
+        self.frames = frames
+        self.digests = digests
+        self.sizes = sizes
+        self.paths = paths
 
     def hole(self, i: int) -> Hole:
         where = self.paths[i]
@@ -380,15 +387,24 @@ _HUGE = 2 << 20
 """Buffers of at least this size are anonymous mappings in units of a huge page."""
 
 
-@dataclass(slots=True)
 class _Job:
     """Files ``start`` to ``stop`` of the plan, read on a worker (``future``) unless ``future`` is ``None``."""
 
-    start: int
-    stop: int
-    cost: int
-    buffer: memoryview | None
-    future: Future[list[bytes | memoryview] | None] | None
+    __slots__ = ("buffer", "cost", "future", "start", "stop")
+
+    def __init__(
+        self,
+        start: int,
+        stop: int,
+        cost: int,
+        buffer: memoryview | None,
+        future: Future[list[bytes | memoryview] | None] | None,
+    ) -> None:
+        self.start = start
+        self.stop = stop
+        self.cost = cost
+        self.buffer = buffer
+        self.future = future
 
 
 def _run_job(
