@@ -62,7 +62,7 @@ def sha256_of(argv: list[str]) -> str:
 
 def _raw_payloads(data: memoryview) -> list[memoryview] | None:
     """The block payloads of one zstd frame of raw blocks (the default store's chunk objects); else ``None``."""
-    if len(data) < 6 or data[:4] != b"\x28\xb5\x2f\xfd" or data[4] & 0x0B:
+    if len(data) < 6 or bytes(data[:4]) != b"\x28\xb5\x2f\xfd" or data[4] & 0x0B:
         return None
     descriptor = data[4]
     single = descriptor & 0x20

@@ -267,3 +267,19 @@ async def test_a_damaged_pack_file_is_an_error_not_a_crash(tmp_path: Path) -> No
         assert nar.startswith((tmp_path / "out.nar").read_bytes())
     finally:
         await blobs.close()
+
+
+async def test_repeated_dumps_reuse_the_workers_and_their_connections(tmp_path: Path) -> None:
+    """A process that dumps again and again (a library caller) does not open a database connection per dump."""
+    blobs = PackedBlobService(tmp_path / "blobs")
+    try:
+        node, directories, nar = await tree_in(tmp_path, blobs)
+        out = tmp_path / "out.nar"
+        await dump_to_file(out, node, blobs, directories)
+        opened = len(blobs._connections)
+        for _ in range(5):
+            await dump_to_file(out, node, blobs, directories)
+        assert len(blobs._connections) <= opened + dump_module.WORKERS  # threads not started yet; not one per dump
+        assert out.read_bytes() == nar
+    finally:
+        await blobs.close()

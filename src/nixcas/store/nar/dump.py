@@ -31,6 +31,7 @@ standard output, not for a server's event loop).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -39,6 +40,7 @@ import operator
 import os
 import select
 import struct
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -436,7 +438,7 @@ async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobServic
     buffers = _Buffers(WINDOW_BYTES + 2 * RUN_BYTES)
     held = 0
     next_file = 0
-    pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="nixcas-dump")
+    pool = _pool()
 
     def fill() -> None:
         nonlocal held, next_file
@@ -491,12 +493,24 @@ async def _dump_planned(fd: int, plan: Plan, reads: BulkReads, blobs: BlobServic
             held -= job.cost
             fill()
         write_all(fd, [frames[-1]])
-    finally:
-        for job in window:
-            if job.future is not None:
-                job.future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
+    finally:  # jobs not started are dropped; running ones finish before their buffers go
+        running = [job.future for job in window if job.future is not None and not job.future.cancel()]
+        if running:
+            concurrent.futures.wait(running)
     return plan.nar_size
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads, shared by every dump of the process (a backend may keep state per thread)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(WORKERS, thread_name_prefix="nixcas-dump")
+        return _POOL
 
 
 async def _copy_blob(fd: int, blobs: BlobService, hole: Hole) -> None:
