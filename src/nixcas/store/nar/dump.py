@@ -12,8 +12,8 @@ batches on worker threads:
   the pack bytes in offset order, each blob checked against its BLAKE3);
   a bigger file is one :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`,
   hashed whole before a byte of it is returned;
-* :data:`WORKERS` threads read and hash ahead (BLAKE3 and the reads release
-  the GIL) while this coroutine writes finished jobs in order with
+* a worker thread reads and hashes ahead while this coroutine writes
+  finished jobs in order with
   ``writev``, at most :data:`WINDOW_BYTES` of file contents ahead, into
   buffers reused from job to job.
 
@@ -80,8 +80,14 @@ __all__ = ["RUN_BYTES", "RUN_FILES", "WINDOW_BYTES", "WORKERS", "Plan", "dump_na
 
 log = logging.getLogger(__name__)
 
-WORKERS = 2
-"""Threads reading and hashing ahead of the writer (the machine this was measured on has two cores)."""
+WORKERS = 1
+"""Threads reading and hashing ahead of the writer.
+
+One: the reads are views into reused buffers, and blake3 holds the GIL while it hashes anything
+but ``bytes`` (it releases it only for immutable input), so a second worker only contends for
+the GIL (measured: no faster, and less steady, on two cores).  The writer's ``writev`` runs
+beside it.
+"""
 RUN_FILES = 1024
 """Most files in one run (one ``read_run``; its pieces are two ``writev`` calls of at most IOV_MAX)."""
 RUN_BYTES = 1 << 20
