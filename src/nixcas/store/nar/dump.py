@@ -193,7 +193,7 @@ def _entries(raw: bytes, path: TreePath) -> list[tuple[bytes, int, Any]]:
             _name_order(listed, path)
         entries += part
         names += listed
-    if len(entries) != len(names) or not names:
+    if not names:
         return entries
     joined = b"/".join(names)
     if (
