@@ -60,12 +60,35 @@ def sha256_of(argv: list[str]) -> str:
     return h.hexdigest()
 
 
-def floor_child(store: Path) -> None:
-    """The floor: every stored blob read once (``pread`` from the packs, or the chunk files) and BLAKE3-checked.
+def _raw_payloads(data: memoryview) -> list[memoryview] | None:
+    """The block payloads of one zstd frame of raw blocks (the default store's chunk objects); else ``None``."""
+    if len(data) < 6 or bytes(data[:4]) != b"\x28\xb5\x2f\xfd" or data[4] & 0x0B:
+        return None
+    descriptor = data[4]
+    single = descriptor & 0x20
+    pos = 5 + (0 if single else 1) + ((0, 2, 4, 8)[descriptor >> 6] or (1 if single else 0))
+    out = []
+    while pos + 3 <= len(data):
+        header = int.from_bytes(data[pos : pos + 3], "little")
+        pos += 3
+        if header & 0x06:
+            return None
+        out.append(data[pos : pos + (header >> 3)])
+        pos += header >> 3
+        if header & 1:
+            return out
+    return None
 
-    No framing, no directory walk, no asyncio: the least work any verifying
-    renderer of this store must do for these bytes.  Run as its own process,
-    so its start-up is counted as the tools' is.
+
+def floor_child(store: Path) -> None:
+    """The floor: every stored blob read once and BLAKE3-checked, in one thread.
+
+    Small blobs with one ``pread`` each from the packs (in pack order), chunk objects of large
+    ones whole, all into one reused buffer (fresh memory costs a page fault per 4 KiB here);
+    a chunk object of raw zstd blocks is hashed in place, any other is decompressed.  No
+    framing, no directory walk, no asyncio, no output: the least work a verifying renderer of
+    this store must do for these bytes.  Run as its own process, so its start-up is counted as
+    the tools' is.
     """
     import sqlite3
 
@@ -73,7 +96,7 @@ def floor_child(store: Path) -> None:
     import zstandard
 
     blobs = store / "blobs"
-    out = os.open(os.devnull, os.O_WRONLY)
+    buffer = memoryview(bytearray(8 << 20))
     db = sqlite3.connect(blobs / "packs.sqlite")
     packs = {
         pid: os.open(blobs / "packs" / f"{name}.pack", os.O_RDONLY)
@@ -81,17 +104,25 @@ def floor_child(store: Path) -> None:
     }
     rows = db.execute("SELECT digest, pack, offset, length FROM blobs ORDER BY pack, offset").fetchall()
     for digest, pack, offset, length in rows:
-        data = os.pread(packs[pack], length, offset)
-        if blake3.blake3(data).digest() != digest:
+        data = buffer[:length]
+        if os.preadv(packs[pack], [data], offset) != length or blake3.blake3(data).digest() != digest:
             raise SystemExit("corrupt")
-        os.write(out, data)
     dctx = zstandard.ZstdDecompressor()
-    for path in (blobs / "chunks" / "b3").rglob("*"):
-        if path.is_file():
-            data = dctx.decompress(path.read_bytes())
-            if blake3.blake3(data).hexdigest() != path.name:
+    chunks = blobs / "chunks" / "b3"
+    shards = [e.path for e in os.scandir(chunks) if e.is_dir()] if chunks.is_dir() else []
+    for shard in shards:
+        for entry in os.scandir(shard):
+            fd = os.open(entry.path, os.O_RDONLY)
+            size = os.fstat(fd).st_size
+            stored = buffer[:size]
+            got = os.preadv(fd, [stored], 0)
+            os.close(fd)
+            hasher = blake3.blake3()
+            payloads = _raw_payloads(stored[:got])
+            for piece in payloads if payloads is not None else [dctx.decompress(stored[:got])]:
+                hasher.update(piece)
+            if hasher.hexdigest() != entry.name:
                 raise SystemExit("corrupt")
-            os.write(out, data)
 
 
 def main() -> None:

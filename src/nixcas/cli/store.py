@@ -97,19 +97,17 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
 @pass_settings
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
-    from nixcas.store.nar.render import render_nar
+    from nixcas.store.nar.dump import dump_nar
 
     path = parse_store_path(store_path)
     if sys.stdout.isatty():
         raise click.UsageError("refusing to write a NAR to a terminal; redirect standard output")
 
     async def go() -> None:
-        out = sys.stdout.buffer
+        sys.stdout.flush()
         async with await settings.open_store(with_pathinfo=True) as store:
             info = await lookup(store.pathinfos, path)
-            async for piece in render_nar(info.node, store.blobs, store.directories):
-                out.write(piece)
-        out.flush()
+            await dump_nar(sys.stdout.fileno(), info.node, store.blobs, store.directories)
 
     run(go)
 

@@ -33,6 +33,7 @@ __all__ = [
     "BlobReader",
     "BlobService",
     "BlobWriter",
+    "BulkReads",
     "BytesReader",
     "ChunkMeta",
     "ChunkStore",
@@ -296,6 +297,35 @@ class WriterState:
             raise ValidationError(f"blob is shorter than its declared size {self.expected_size} (got {self.written})")
 
 
+class BulkReads(ABC):
+    """Synchronous, verified reads of many blobs: what a renderer of whole trees reads from worker threads.
+
+    A backend that can read its own storage without the event loop (``packed``, ``objectstore+file``)
+    offers this through :meth:`BlobService.bulk_reads`; ``nixcas dump-path`` then reads a tree's blobs
+    in large batches on threads instead of blob by blob through the async API.  Methods are thread-safe
+    and never block on the event loop.  Every byte returned has been hashed against its blob's digest.
+    A blob a method cannot serve (missing, of another size, damaged, or kept in a form only the async API
+    reads) makes it return ``None`` for the whole call: the caller reads those blobs through the async API,
+    which reports precisely what is wrong.  Results may be views into ``buffer`` (a writable buffer, used
+    when it is large enough): they stay valid until the caller hands that buffer out again.
+    """
+
+    run_max: int
+    """The largest blob :meth:`read_run` takes."""
+
+    whole_max: int
+    """The largest blob :meth:`read_whole` takes."""
+
+    @abstractmethod
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+        """The contents of each of ``wanted`` (raw 32-byte digest, exact size; at most :attr:`run_max`), in order,
+        each verified."""
+
+    @abstractmethod
+    def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
+        """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
+
+
 class BlobService(Closing, ABC):
     """Stores blobs by BLAKE3 digest.  Absence is ``None``/``False``, never an exception."""
 
@@ -303,6 +333,13 @@ class BlobService(Closing, ABC):
     """Whether a chunked blob may be read chunk by chunk (:meth:`chunks`, then :meth:`read_chunk` for each,
     the whole hashed by the caller) instead of through :meth:`open_read`, which a mount does to fetch
     chunks in parallel; ``False`` where :meth:`open_read` does more than read (``combined`` fills near)."""
+
+    def bulk_reads(self) -> BulkReads | None:
+        """Synchronous batched reads of this backend's storage, if it has them (see :class:`BulkReads`).
+
+        ``None`` (the default): blobs are read only through the async API, as for every remote backend.
+        """
+        return None
 
     @abstractmethod
     async def has(self, digest: B3Digest) -> bool:

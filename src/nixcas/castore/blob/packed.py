@@ -41,18 +41,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import operator
 import os
 import secrets
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, unquote
 
 import blake3
+import zstandard
 
 from nixcas._sqlite import delete_if_older, select_in
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
@@ -87,8 +89,18 @@ MERGE_BELOW = 64 << 20
 MERGE_COUNT = 16
 """How many small packs make GC merge them into one."""
 
+RUN_GAP = 64 << 10
+"""Blobs of one :meth:`PackedBlobService.read_run` this close in a pack are read with one ``preadv`` (the gap too)."""
+
+_RUN_SELECT = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
+_RUN_QUERY = 900
+"""Digests per query of a run (below SQLite's oldest limit of 999 parameters)."""
+_PACK_OFFSET = operator.itemgetter(3, 4)
+
 MAX_OPEN_PACKS = 64
 """Pack files a service keeps open for reading (least recently used closed first)."""
+
+T = TypeVar("T")
 
 STORE_LEVEL = -(1 << 17)
 """zstd's fastest level: frames of raw blocks (chunk objects must be zstd frames), at about the speed of a copy."""
@@ -374,11 +386,29 @@ class PackedBlobService(LocalBlobService):
         Every use of a cached descriptor happens under the cache's lock, so one
         evicted (closed) by another thread can never be read under a new meaning.
         """
+        return self._with_pack(pack_id, db, lambda fd: os.pread(fd, length, offset))
+
+    def _preadv(self, pack_id: int, into: memoryview, offset: int, db: sqlite3.Connection) -> int:
+        """Fill ``into`` from ``offset`` of pack ``pack_id`` (as :meth:`_pread`); the bytes read (fewer: the end)."""
+
+        def fill(fd: int) -> int:
+            got = 0
+            while got < len(into):
+                n = os.preadv(fd, [into[got:]], offset + got)
+                if not n:
+                    break
+                got += n
+            return got
+
+        return self._with_pack(pack_id, db, fill)
+
+    def _with_pack(self, pack_id: int, db: sqlite3.Connection, read: Callable[[int], T]) -> T:
+        """``read(fd)`` on pack ``pack_id``'s descriptor, under the lock of the cache of open packs."""
         with self._readers_lock:
             fd = self._readers.get(pack_id)
             if fd is not None:
                 self._readers.move_to_end(pack_id)
-                return os.pread(fd, length, offset)
+                return read(fd)
         name = pack_name(db, pack_id)
         if name is None:
             raise FileNotFoundError(f"pack {pack_id}")
@@ -395,7 +425,7 @@ class PackedBlobService(LocalBlobService):
                 self._readers[pack_id] = fd
                 while len(self._readers) > MAX_OPEN_PACKS:
                     os.close(self._readers.popitem(last=False)[1])
-            return os.pread(fd, length, offset)
+            return read(fd)
 
     def _forget_reader(self, pack_id: int) -> None:
         with self._readers_lock:
@@ -487,6 +517,82 @@ class PackedBlobService(LocalBlobService):
             found.update(more)
             slow.extend(slower)
         return found, slow
+
+    # -- BulkReads (``nixcas dump-path``) ------------------------------------------------
+
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+        """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
+        try:
+            return self._read_run_sync(wanted, buffer)
+        except (OSError, StorageError, zstandard.ZstdError):
+            return None
+
+    def _read_run_sync(
+        self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview
+    ) -> list[bytes | memoryview] | None:
+        if not wanted:
+            return []
+        db = self._db()
+        keys = list(dict.fromkeys(raw for raw, _ in wanted))
+        rows: list[tuple[bytes, int, int, int, int, int]] = []
+        for i in range(0, len(keys), _RUN_QUERY):
+            batch = keys[i : i + _RUN_QUERY]
+            rows += db.execute(_RUN_SELECT.format(",".join("?" * len(batch))), batch).fetchall()
+        if len(rows) != len(keys):
+            return None  # not all in packs (or missing): the caller reads them blob by blob
+        rows.sort(key=_PACK_OFFSET)
+        # Read ranges (pack, start, end, place in buffer): blobs at most RUN_GAP apart share one.
+        ranges: list[tuple[int, int, int, int]] = []
+        placed: list[int] = []  # each row's place in the buffer
+        room = len(buffer)
+        at = 0  # the buffer's end so far
+        pack_id = start = end = -1
+        for _, size, _, pack, offset, length in rows:
+            if length > size + (size >> 8) + 1024:  # more than size bytes can compress to
+                return None
+            if pack == pack_id and end <= offset <= end + RUN_GAP and at + offset + length - end <= room:
+                at += offset - end
+                placed.append(at)
+                at += length
+                end = offset + length
+                continue
+            if pack_id >= 0:
+                ranges.append((pack_id, start, end, at - (end - start)))
+            pack_id, start, end = pack, offset, offset + length
+            placed.append(at)
+            at += length
+        ranges.append((pack_id, start, end, at - (end - start)))
+        view = buffer if at <= room else memoryview(bytearray(at))
+        for pack, start, end, place in ranges:
+            if self._preadv(pack, view[place : place + end - start], start, db) != end - start:
+                return None  # the pack file ends early: the per-blob path reports it
+        found: dict[bytes, bytes | memoryview] = {}
+        hasher = blake3.blake3
+        for (raw, size, codec, _, _, length), place in zip(rows, placed, strict=True):
+            data: bytes | memoryview = view[place : place + length]
+            if codec:
+                if codec != CODEC_ZSTD:
+                    return None
+                data = self._decompressor().decompress(data, max_output_size=size)
+            if len(data) != size or hasher(data).digest() != raw:
+                return None
+            found[raw] = data
+        out: list[bytes | memoryview] = []
+        for raw, size in wanted:
+            data = found[raw]
+            if len(data) != size:
+                return None
+            out.append(data)
+        return out
+
+    def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
+        if not 0 < size <= self.whole_max:
+            return None
+        if size <= self.inline_max:  # a pack row, unless written by a store with bigger packed blobs
+            run = self.read_run([(digest, size)], buffer)
+            if run is not None:
+                return run[0]
+        return super().read_whole(digest, size, buffer)
 
     # -- garbage collection -------------------------------------------------------------
 
