@@ -204,6 +204,8 @@ class NarBridge:
                 "writing needs the bridge's token (Authorization: Bearer TOKEN, or Basic with TOKEN as password)",
                 **{"WWW-Authenticate": 'Bearer realm="nar-bridge", Basic realm="nar-bridge"'},
             )
+        if self.token is not None:
+            request["nixcas.user"] = "token"  # the access log's user (nixcas.ops.web.USER): never the secret
 
     # -- small routes -----------------------------------------------------------------
 

@@ -66,9 +66,14 @@ class RunningBridge:
 
 
 def _runner(bridge: NarBridge, shutdown_grace: float) -> web.AppRunner:
-    """The aiohttp runner every listener uses: no access log, bad requests logged on one line each."""
+    """The aiohttp runner every listener uses: our access log, metrics and traces (:mod:`nixcas.ops.web`)
+    instead of aiohttp's access log, bad requests logged on one line each."""
+    from nixcas.ops.web import instrument
+
+    app = bridge.application()
+    instrument(app)
     return web.AppRunner(
-        bridge.application(),
+        app,
         access_log=None,
         handle_signals=False,
         shutdown_timeout=shutdown_grace,

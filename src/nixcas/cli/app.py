@@ -83,6 +83,22 @@ COMMANDS = {
     type=click.Path(dir_okay=False),
     help="TOML composition file; its 'root' entries are the services used (service addrs may name entries).",
 )
+@click.option(
+    "--log-level",
+    envvar="NIXCAS_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Log level [default: info for servers, warning otherwise; -v/-q move it].",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Log less (repeatable).")
+@click.option(
+    "--log-format",
+    envvar="NIXCAS_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text (time level logger: message) or as one JSON object each.",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -92,8 +108,15 @@ def cli(
     path_info_service_addr: str | None,
     pin_service_addr: str | None,
     composition: str | None,
+    log_level: str | None,
+    verbose: int,
+    quiet: int,
+    log_format: str,
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
+    from nixcas.ops.logs import LogOptions, configure
+
+    configure(LogOptions(log_level.lower() if log_level else None, verbose - quiet, log_format))
     ctx.obj = Settings(
         store_dir, blob_service_addr, directory_service_addr, composition, path_info_service_addr, pin_service_addr
     )

@@ -17,6 +17,7 @@ import click
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
+from nixcas.cli.observe import telemetry, telemetry_options
 from nixcas.errors import ConfigurationError
 
 if TYPE_CHECKING:  # aiohttp and cryptography load only when a bridge runs (every other command starts faster)
@@ -155,6 +156,7 @@ async def serving_bridge(
 )
 @bridge_options
 @service_options
+@telemetry_options(metrics=False)
 @click.pass_obj
 def nar_bridge(
     settings: Settings,
@@ -162,6 +164,7 @@ def nar_bridge(
     listen: str,
     shutdown_grace: float,
     workers: int | None,
+    otlp_endpoint: str | None,
     **options: Any,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
@@ -175,9 +178,8 @@ def nar_bridge(
     bridge_opts.check(settings)  # bad files fail before anything is opened
     workers = _worker_count(workers, settings)
     if workers > 1:
-        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers)
+        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers, otlp_endpoint)
         return
-    logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
     async def go() -> None:
         stop = stop_on_signals()
@@ -190,7 +192,8 @@ def nar_bridge(
             await stop.wait()
             logging.info("shutting down (grace %g s)", shutdown_grace)
 
-    run(go)
+    with telemetry("nixcas-nar-bridge", None, otlp_endpoint):
+        run(go)
 
 
 _PRIVATE_SERVICES = re.compile(r"(memory|lru):|sqlite://(\?|$)")
@@ -210,12 +213,18 @@ def _worker_count(workers: int | None, settings: Settings) -> int:
 
 
 def _serve_with_workers(
-    settings: Settings, bridge_opts: BridgeOptions, listen: str, shutdown_grace: float, workers: int
+    settings: Settings,
+    bridge_opts: BridgeOptions,
+    listen: str,
+    shutdown_grace: float,
+    workers: int,
+    otlp_endpoint: str | None = None,
 ) -> None:
     """``workers`` forked bridges on one address (see :mod:`nixcas.bridge.workers`); exits with their outcome."""
     from nixcas.bridge.workers import open_listeners, run_workers
+    from nixcas.ops.logs import serving
 
-    logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge[%(process)d]: %(levelname)s: %(message)s")
+    serving()
     try:
         listeners = open_listeners(listen, workers)
     except ConfigurationError as e:
@@ -236,7 +245,8 @@ def _serve_with_workers(
                 logging.info("shutting down (grace %g s)", shutdown_grace)
             del running
 
-        run(go)
+        with telemetry("nixcas-nar-bridge", None, otlp_endpoint):  # in the worker: exporting threads do not fork
+            run(go)
         return 0
 
     sys.exit(run_workers(workers, listeners, serve))

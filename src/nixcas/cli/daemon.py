@@ -10,6 +10,7 @@ import click
 
 from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
 from nixcas.cli.common import Settings, run, server_options, service_options, stop_on_signals
+from nixcas.cli.observe import telemetry, telemetry_options
 from nixcas.server import DEFAULT_LISTEN, start_server
 
 
@@ -25,6 +26,7 @@ from nixcas.server import DEFAULT_LISTEN, start_server
     help="Also serve the store as a Nix HTTP binary cache on ADDR (host:port or socket path); see nar-bridge.",
 )
 @bridge_options
+@telemetry_options(metrics=True)
 @click.pass_obj
 def daemon(
     settings: Settings,
@@ -32,6 +34,8 @@ def daemon(
     listen: str,
     shutdown_grace: float,
     nar_bridge: str | None,
+    metrics_listen_address: str | None,
+    otlp_endpoint: str | None,
     **options: Any,
 ) -> None:
     """Serve the blob, directory, path info and pin services over gRPC (tvix.* and snix.* names, health, reflection).
@@ -42,7 +46,6 @@ def daemon(
     settings = settings.with_service_options(options)
     if nar_bridge is not None:
         bridge_opts.check(settings)  # bad files fail before anything is opened
-    logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
         stop = stop_on_signals()
@@ -75,4 +78,5 @@ def daemon(
             finally:
                 await running.stop(shutdown_grace)
 
-    run(go)
+    with telemetry("nixcas-daemon", metrics_listen_address, otlp_endpoint):
+        run(go)

@@ -1,0 +1,141 @@
+"""Every HTTP request nar-bridge answers: one access-log line, metrics, a trace span; and ``GET /metrics``.
+
+:func:`instrument` puts :func:`observe` in front of an aiohttp application's
+own middlewares and adds the ``/metrics`` route.  Each request is logged on
+logger ``nixcas.access`` (``/metrics`` scrapes at DEBUG) as::
+
+    127.0.0.1 "GET /nar/….nar?narsize=123" 200 123B 4.1ms user=-
+
+with the target cut at :data:`MAX_TARGET` characters, control characters
+escaped and query values with credential-like names shown as ``***``; the
+user is what the request's authentication put under :data:`USER` (``-``
+when none).  An error body that would carry a configured credential has it
+replaced by ``***`` (:func:`nixcas.urls.redacted`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote
+
+from aiohttp import web
+
+from nixcas.ops import stats, tracing
+from nixcas.ops.logs import bounded
+from nixcas.ops.metrics import CONTENT_TYPE, HTTP_IN_FLIGHT, HttpMetrics, exposition
+from nixcas.urls import is_secret_name, redacted
+
+__all__ = ["MAX_TARGET", "USER", "instrument", "shown_target"]
+
+access_log = logging.getLogger("nixcas.access")
+MAX_TARGET: Final = 200
+"""Characters of a request's path and query an access line shows."""
+USER: Final = "nixcas.user"
+"""Request key where authentication puts the name of who sent the request (never a secret)."""
+UPLOAD_ROUTES: Final = {"put_nar": "nar", "put_narinfo": "narinfo"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def shown_target(path_qs: str) -> str:
+    """A request target for a log line: credential-like query values as ``***``, bounded, on one line."""
+    path, sep, query = path_qs.partition("?")
+    if sep and query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(is_secret_name(key) for key, _ in pairs):
+            query = "&".join(f"{quote(k)}={'***' if is_secret_name(k) else quote(v)}" for k, v in pairs)
+    return bounded(path + sep + query, MAX_TARGET)
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None:
+        return "unmatched"
+    return str(getattr(info.route.handler, "__name__", "other"))
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.metrics = HttpMetrics()
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        HTTP_IN_FLIGHT.inc()
+        route = _route(request)
+        status = 500
+        sent = 0
+        span_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if tracing.enabled():
+            carrier = {"traceparent": request.headers["traceparent"]} if "traceparent" in request.headers else {}
+            attributes = {"http.request.method": request.method, "http.route": route}
+            span_cm = tracing.server_span(f"{request.method} {route}", carrier, attributes)
+        try:
+            with span_cm as span:
+                try:
+                    response = await handler(request)
+                    status = response.status
+                    sent = _body_size(response)
+                    return response
+                except web.HTTPException as e:
+                    status = e.status
+                    if e.status >= 400 and e.text:
+                        e.text = redacted(e.text)
+                    sent = _body_size(e)
+                    raise
+                except asyncio.CancelledError:
+                    status = 499  # the client went away
+                    raise
+                finally:
+                    if span is not None:
+                        tracing.finish(span, status >= 500, {"http.response.status_code": status})
+        finally:
+            HTTP_IN_FLIGHT.dec()
+            seconds = time.perf_counter() - start
+            received = request.content.total_bytes
+            self.metrics.record(route, request.method, status, seconds, received, sent)
+            upload = UPLOAD_ROUTES.get(route)
+            if upload is not None:
+                stats.count("nixcas_bridge_uploads", upload, "accepted" if status < 400 else "refused")
+            level = logging.DEBUG if route == "metrics" else logging.INFO
+            if access_log.isEnabledFor(level):
+                _log(level, request, route, status, seconds, received, sent)
+
+
+def _body_size(response: web.StreamResponse) -> int:
+    if response.prepared:  # streamed by the handler
+        return int(response.body_length)
+    body = getattr(response, "body", None)
+    return len(body) if isinstance(body, bytes | bytearray) else 0
+
+
+def _log(level: int, request: web.Request, route: str, status: int, seconds: float, received: int, sent: int) -> None:
+    target = shown_target(request.raw_path)
+    client = bounded(request.remote or "-", 100)
+    user = bounded(str(request.get(USER) or "-"), 100)
+    access_log.log(
+        level,
+        '%s "%s %s" %d %dB %.1fms user=%s%s',
+        client, bounded(request.method, 20), target, status, sent, seconds * 1000, user,
+        f" in={received}B" if received else "",
+        extra={"fields": {
+            "protocol": "http", "client": client, "method": bounded(request.method, 20), "target": target,
+            "route": route, "status": status, "sent_bytes": sent, "received_bytes": received,
+            "duration_ms": round(seconds * 1000, 3), "user": user,
+        }},
+    )  # fmt: skip
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: every metric of this process in Prometheus's text format."""
+    body = await asyncio.to_thread(exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def instrument(app: web.Application) -> None:
+    """Observe every request of ``app`` (before its own middlewares) and serve ``GET /metrics``."""
+    app.middlewares.insert(0, web.middleware(_Observer()))
+    app.router.add_get("/metrics", metrics)
