@@ -205,7 +205,9 @@ class NarBridge:
                 **{"WWW-Authenticate": 'Bearer realm="nar-bridge", Basic realm="nar-bridge"'},
             )
         if self.token is not None:
-            request["nixcas.user"] = "token"  # the access log's user (nixcas.ops.web.USER): never the secret
+            from nixcas.ops.web import USER
+
+            request[USER] = "token"  # the access log's user: a name, never the secret
 
     # -- small routes -----------------------------------------------------------------
 

@@ -68,13 +68,14 @@ class RunningBridge:
 def _runner(bridge: NarBridge, shutdown_grace: float) -> web.AppRunner:
     """The aiohttp runner every listener uses: our access log, metrics and traces (:mod:`nixcas.ops.web`)
     instead of aiohttp's access log, bad requests logged on one line each."""
-    from nixcas.ops.web import instrument
+    from nixcas.ops.web import AccessLogger, access_log, instrument
 
     app = bridge.application()
     instrument(app)
     return web.AppRunner(
         app,
-        access_log=None,
+        access_log_class=AccessLogger,
+        access_log=access_log,
         handle_signals=False,
         shutdown_timeout=shutdown_grace,
         logger=BAD_REQUEST_LOG,

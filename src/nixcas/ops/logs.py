@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 from nixcas.urls import redacted
 
@@ -104,14 +104,15 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The one handler :func:`configure` installs on the root logger (replaced, never duplicated)."""
 
 
-def configure(options: LogOptions, *, server: bool = False) -> None:
-    """Install the handler on the root logger with ``options`` (a server's default level is INFO)."""
+def configure(options: LogOptions, *, server: bool = False, stream: TextIO | None = None) -> None:
+    """Install the handler on the root logger with ``options`` (a server's default level is INFO), writing to
+    ``stream`` (standard error by default)."""
     global _options
     _options = options
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(handler)
-    handler = _Handler(sys.stderr)
+    handler = _Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if options.format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(options.level_for(logging.INFO if server else logging.WARNING))

@@ -24,18 +24,20 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
 
 from nixcas.ops import stats, tracing
 from nixcas.ops.logs import bounded
 from nixcas.ops.metrics import CONTENT_TYPE, HTTP_IN_FLIGHT, HttpMetrics, exposition
 from nixcas.urls import is_secret_name, redacted
 
-__all__ = ["MAX_TARGET", "USER", "instrument", "shown_target"]
+__all__ = ["MAX_TARGET", "ROUTE", "USER", "AccessLogger", "access_log", "instrument", "observe", "shown_target"]
 
 access_log = logging.getLogger("nixcas.access")
 MAX_TARGET: Final = 200
 """Characters of a request's path and query an access line shows."""
-USER: Final = "nixcas.user"
+USER: Final = web.RequestKey("nixcas.user", str)
 """Request key where authentication puts the name of who sent the request (never a secret)."""
 UPLOAD_ROUTES: Final = {"put_nar": "nar", "put_narinfo": "narinfo"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,6 +53,10 @@ def shown_target(path_qs: str) -> str:
     return bounded(path + sep + query, MAX_TARGET)
 
 
+ROUTE: Final = web.RequestKey("nixcas.route", str)
+"""Request key: the name of the handler that answered (set by :func:`observe`; the metrics' ``route`` label)."""
+
+
 def _route(request: web.Request) -> str:
     info = request.match_info
     if info.http_exception is not None:
@@ -58,61 +64,83 @@ def _route(request: web.Request) -> str:
     return str(getattr(info.route.handler, "__name__", "other"))
 
 
-class _Observer:
-    def __init__(self) -> None:
-        self.metrics = HttpMetrics()
-
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        start = time.perf_counter()
-        HTTP_IN_FLIGHT.inc()
-        route = _route(request)
-        status = 500
-        sent = 0
-        span_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if tracing.enabled():
-            carrier = {"traceparent": request.headers["traceparent"]} if "traceparent" in request.headers else {}
-            attributes = {"http.request.method": request.method, "http.route": route}
-            span_cm = tracing.server_span(f"{request.method} {route}", carrier, attributes)
-        try:
-            with span_cm as span:
-                try:
-                    response = await handler(request)
-                    status = response.status
-                    sent = _body_size(response)
-                    return response
-                except web.HTTPException as e:
-                    status = e.status
-                    if e.status >= 400 and e.text:
-                        e.text = redacted(e.text)
-                    sent = _body_size(e)
-                    raise
-                except asyncio.CancelledError:
-                    status = 499  # the client went away
-                    raise
-                finally:
-                    if span is not None:
-                        tracing.finish(span, status >= 500, {"http.response.status_code": status})
-        finally:
-            HTTP_IN_FLIGHT.dec()
-            seconds = time.perf_counter() - start
-            received = request.content.total_bytes
-            self.metrics.record(route, request.method, status, seconds, received, sent)
-            upload = UPLOAD_ROUTES.get(route)
-            if upload is not None:
-                stats.count("nixcas_bridge_uploads", upload, "accepted" if status < 400 else "refused")
-            level = logging.DEBUG if route == "metrics" else logging.INFO
-            if access_log.isEnabledFor(level):
-                _log(level, request, route, status, seconds, received, sent)
+_metrics: HttpMetrics | None = None
 
 
-def _body_size(response: web.StreamResponse) -> int:
-    if response.prepared:  # streamed by the handler
-        return int(response.body_length)
-    body = getattr(response, "body", None)
-    return len(body) if isinstance(body, bytes | bytearray) else 0
+def _recorder() -> HttpMetrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = HttpMetrics()
+    return _metrics
 
 
-def _log(level: int, request: web.Request, route: str, status: int, seconds: float, received: int, sent: int) -> None:
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Name the route, count the request in flight, run it in a trace span, keep credentials out of error bodies.
+
+    The access line and the metrics are written by :class:`AccessLogger` once the answer is sent, or here
+    (status 499) if the client went away before.
+    """
+    start = time.perf_counter()
+    route = request[ROUTE] = _route(request)
+    HTTP_IN_FLIGHT.inc()
+    status = 500
+    span_cm: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if tracing.enabled():
+        carrier = {"traceparent": request.headers["traceparent"]} if "traceparent" in request.headers else {}
+        attributes = {"http.request.method": request.method, "http.route": route}
+        span_cm = tracing.server_span(f"{request.method} {route}", carrier, attributes)
+    try:
+        with span_cm as span:
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as e:
+                status = e.status
+                if e.status >= 400 and e.text:
+                    e.text = redacted(e.text)
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client went away: aiohttp writes no access entry for it
+                _record(request, status, 0, time.perf_counter() - start)
+                raise
+            finally:
+                if span is not None:
+                    tracing.finish(span, status >= 500, {"http.response.status_code": status})
+    finally:
+        HTTP_IN_FLIGHT.dec()
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's hook after each answer is written: the access line and the request's metrics.
+
+    Requests that never reached a handler (aiohttp could not parse them) are left to the bridge's
+    one-line bad-request log.  ``sent`` counts what went on the wire (status line, headers, body).
+    """
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if ROUTE in request:
+            _record(request, response.status, response.body_length, time)
+
+
+def _record(request: BaseRequest, status: int, sent: int, seconds: float) -> None:
+    route = request[ROUTE]
+    received = request.content.total_bytes
+    _recorder().record(route, request.method, status, seconds, received, sent)
+    upload = UPLOAD_ROUTES.get(route)
+    if upload is not None:
+        stats.count("nixcas_bridge_uploads", upload, "accepted" if status < 300 else "refused")
+    level = logging.DEBUG if route == "metrics" else logging.INFO
+    if access_log.isEnabledFor(level):
+        _log(level, request, route, status, seconds, received, sent)
+
+
+def _log(level: int, request: BaseRequest, route: str, status: int, seconds: float, received: int, sent: int) -> None:
     target = shown_target(request.raw_path)
     client = bounded(request.remote or "-", 100)
     user = bounded(str(request.get(USER) or "-"), 100)
@@ -136,6 +164,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def instrument(app: web.Application) -> None:
-    """Observe every request of ``app`` (before its own middlewares) and serve ``GET /metrics``."""
-    app.middlewares.insert(0, web.middleware(_Observer()))
+    """Observe every request of ``app`` (before its own middlewares) and serve ``GET /metrics``; the app's
+    runner takes ``access_log_class=AccessLogger, access_log=access_log``."""
+    app.middlewares.insert(0, observe)
     app.router.add_get("/metrics", metrics)
