@@ -163,12 +163,11 @@ async def _counted(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[A
         yield request
 
 
-class _TraceparentInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
+_finishing: set[asyncio.Task[None]] = set()
+"""Tasks ending client spans when their call ends (referenced until then)."""
+
+
+class _Traceparent:
     """A CLIENT span per call, its ``traceparent`` sent in the call's metadata; ended when the call is done."""
 
     async def _call(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -181,28 +180,41 @@ class _TraceparentInterceptor(
             span.end()
             raise
 
-        def done(finished: Any) -> None:
-            code = finished.code() if not finished.cancelled() else grpc.StatusCode.CANCELLED
-            name = _code_name(code, "UNKNOWN")
+        async def finish() -> None:
+            try:
+                name = _code_name(await call.code(), "UNKNOWN")
+            except asyncio.CancelledError:
+                name = "CANCELLED"
             tracing.finish(span, name != "OK", {"rpc.grpc.status_code": name})
             span.end()
 
-        call.add_done_callback(done)
+        task = asyncio.get_running_loop().create_task(finish())
+        _finishing.add(task)
+        task.add_done_callback(_finishing.discard)
         return call
 
+
+# grpc.aio files each interceptor under the first of the four kinds it is: one class per kind.
+class _UnaryUnary(_Traceparent, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await self._call(continuation, details, request)
 
+
+class _UnaryStream(_Traceparent, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await self._call(continuation, details, request)
 
+
+class _StreamUnary(_Traceparent, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await self._call(continuation, details, request_iterator)
 
+
+class _StreamStream(_Traceparent, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await self._call(continuation, details, request_iterator)
 
 
 def client_interceptors() -> list[Any] | None:
     """The interceptors a ``grpc+…`` backend's channel gets: none unless tracing is on."""
-    return [_TraceparentInterceptor()] if tracing.enabled() else None
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()] if tracing.enabled() else None
