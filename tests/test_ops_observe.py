@@ -321,3 +321,34 @@ def test_metrics_listen_address_errors() -> None:
         port = taken.url.rsplit(":", 1)[1].split("/")[0]
         with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port} for metrics"):
             metrics.start_metrics_server(f"127.0.0.1:{port}")
+
+
+async def test_store_counters(tmp_path: Path) -> None:
+    """Cache hits and misses, upstream fetches, blobs and chunks written: counted as the store works, exported."""
+    from nixcas.castore.blob.combined import CombinedBlobService
+    from nixcas.castore.blob.local import LocalBlobService
+    from nixcas.ops import stats
+
+    before = stats.snapshot()
+
+    def delta(name: str, *labels: str) -> float:
+        return stats.snapshot().get((name, labels), 0) - before.get((name, labels), 0)
+
+    far = MemoryBlobService()
+    digest = await far.put(b"far away" * 100)
+    async with LocalBlobService(tmp_path / "near", avg_chunk_size=1024) as near:
+        combined = CombinedBlobService(near, far)
+        assert await combined.read(digest) == b"far away" * 100  # miss: fetched, copied near
+        assert await combined.read(digest) == b"far away" * 100  # hit
+        assert await combined.read(B3Digest(b"\1" * 32)) is None  # miss, far has nothing either
+        assert delta("nixcas_cache_lookups", "blob", "hit") == 1
+        assert delta("nixcas_cache_lookups", "blob", "miss") == 2
+        assert delta("nixcas_upstream_fetches", "blob", "ok") == 3  # near keeps chunks: far.chunks, then the read
+        big = bytes(range(256)) * 64  # 16 KiB: cut into several 1 KiB-average chunks
+        await near.put(big)
+        assert delta("nixcas_blobs_written", "local") >= 2  # the near copy of the far blob, and this one
+        assert delta("nixcas_blob_bytes_written", "local") >= len(big) + 800
+        assert delta("nixcas_chunks_written", "local") >= 2
+    text = metrics.exposition().decode()
+    assert 'nixcas_cache_lookups_total{result="hit",service="blob"}' in text
+    assert re.search(r'^nixcas_chunks_written_total\{backend="local"\} [1-9]', text, re.M)

@@ -8,9 +8,12 @@ command that serves no metrics just never reads them.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Final
 
-__all__ = ["COUNTERS", "count", "snapshot"]
+__all__ = ["COUNTERS", "count", "lookup", "snapshot", "upstream", "written"]
 
 COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "nixcas_cache_lookups": (
@@ -34,14 +37,40 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
 """Counter name (``_total`` is appended when exported) -> (help, label names)."""
 
 _counts: dict[tuple[str, tuple[str, ...]], float] = {}
+_lock = threading.Lock()  # backends count from worker threads too
 
 
 def count(name: str, *labels: str, n: float = 1) -> None:
     """Add ``n`` to counter ``name`` (one of :data:`COUNTERS`) for ``labels`` (its label values, in order)."""
     key = (name, labels)
-    _counts[key] = _counts.get(key, 0) + n
+    with _lock:
+        _counts[key] = _counts.get(key, 0) + n
 
 
 def snapshot() -> dict[tuple[str, tuple[str, ...]], float]:
     """Every count so far (a copy)."""
-    return dict(_counts)
+    with _lock:
+        return dict(_counts)
+
+
+@contextlib.contextmanager
+def upstream(service: str) -> Iterator[None]:
+    """Count the far-side read inside as an upstream fetch of ``service``: ``ok``, or ``failed`` if it raised."""
+    try:
+        yield
+    except Exception:
+        count("nixcas_upstream_fetches", service, "failed")
+        raise
+    count("nixcas_upstream_fetches", service, "ok")
+
+
+def lookup(service: str, hit: bool) -> None:
+    """Count a combined/cache read answered from near (``hit``) or not."""
+    count("nixcas_cache_lookups", service, "hit" if hit else "miss")
+
+
+def written(backend: str, blobs: Iterable[int]) -> None:
+    """Count committed blobs of these sizes in ``backend``."""
+    sizes = list(blobs)
+    count("nixcas_blobs_written", backend, n=len(sizes))
+    count("nixcas_blob_bytes_written", backend, n=sum(sizes))
