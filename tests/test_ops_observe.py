@@ -352,3 +352,19 @@ async def test_store_counters(tmp_path: Path) -> None:
     text = metrics.exposition().decode()
     assert 'nixcas_cache_lookups_total{result="hit",service="blob"}' in text
     assert re.search(r'^nixcas_chunks_written_total\{backend="local"\} [1-9]', text, re.M)
+
+
+def test_every_metric_is_documented() -> None:
+    """The README's metrics table names every metric nixcas defines (and no other ``nixcas_`` one)."""
+    from nixcas.ops import stats
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Metrics") : readme.index("### Tracing")]
+    documented = set(re.findall(r"`(nixcas_\w+)`", section))
+    defined = {f"{name}_total" for name in stats.COUNTERS}
+    for value in vars(metrics).values():
+        if isinstance(value, metrics.Counter):
+            defined.add(f"{value._name}_total")
+        elif isinstance(value, metrics.Histogram | metrics.Gauge):
+            defined.add(value._name)
+    assert documented == defined

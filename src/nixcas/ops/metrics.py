@@ -16,7 +16,15 @@ import threading
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 from prometheus_client.registry import Collector
@@ -24,9 +32,19 @@ from prometheus_client.registry import Collector
 from nixcas.errors import ConfigurationError
 from nixcas.ops import stats
 
-__all__ = ["CONTENT_TYPE", "GrpcMetrics", "HttpMetrics", "exposition", "start_metrics_server"]
+__all__ = [
+    "CONTENT_TYPE",
+    "Counter",
+    "Gauge",
+    "GrpcMetrics",
+    "Histogram",
+    "HttpMetrics",
+    "exposition",
+    "start_metrics_server",
+]
 
 log = logging.getLogger("nixcas.metrics")
+disable_created_metrics()  # no `_created` series: half the lines, nothing a dashboard uses
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
