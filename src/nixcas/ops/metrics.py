@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("nixcas.metrics")
-disable_created_metrics()  # no `_created` series: half the lines, nothing a dashboard uses
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series: half the lines, nothing a dashboard uses
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
