@@ -71,13 +71,15 @@ def log_buffer() -> Iterator[io.StringIO]:
     """The root logger set up as a server's (INFO, text), writing into the yielded buffer; restored afterwards."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    knobs = logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing
     buffer = io.StringIO()
     logs.configure(LogOptions(), server=True, stream=buffer)
     yield buffer
-    for handler in root.handlers:
-        if handler not in handlers:
-            root.removeHandler(handler)
+    logs.configure(LogOptions())  # the module's remembered options back to the defaults
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
     root.setLevel(level)
+    logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = knobs
 
 
 async def _serve(tmp_path: Path, blobs: MemoryBlobService) -> AsyncIterator[Served]:

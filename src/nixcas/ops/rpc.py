@@ -24,7 +24,7 @@ import grpc
 import grpc.aio
 
 from nixcas.ops import tracing
-from nixcas.ops.logs import bounded
+from nixcas.ops.logs import bounded, json_lines
 from nixcas.ops.metrics import GRPC_IN_FLIGHT, GrpcMetrics
 
 __all__ = ["ServerObserver", "client_interceptors"]
@@ -139,15 +139,19 @@ class ServerObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.metrics.record(call.method, code, seconds, call.received, call.sent)
             level = logging.DEBUG if call.method.startswith(QUIET_PREFIXES) else logging.INFO
             if access_log.isEnabledFor(level):
+                peer = bounded(call.peer, 100)
+                fields = None
+                if json_lines():
+                    fields = {
+                        "protocol": "grpc", "method": call.method, "code": code,
+                        "duration_ms": round(seconds * 1000, 3), "received_bytes": call.received,
+                        "sent_bytes": call.sent, "peer": peer,
+                    }  # fmt: skip
                 access_log.log(
                     level,
                     "%s %s %.1fms in=%dB out=%dB peer=%s",
-                    call.method, code, seconds * 1000, call.received, call.sent, bounded(call.peer, 100),
-                    extra={"fields": {
-                        "protocol": "grpc", "method": call.method, "code": code,
-                        "duration_ms": round(seconds * 1000, 3), "received_bytes": call.received,
-                        "sent_bytes": call.sent, "peer": bounded(call.peer, 100),
-                    }},
+                    call.method, code, seconds * 1000, call.received, call.sent, peer,
+                    extra={"fields": fields},
                 )  # fmt: skip
 
 

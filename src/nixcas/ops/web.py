@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
-from nixcas.ops import stats, tracing
+from nixcas.ops import logs, stats, tracing
 from nixcas.ops.logs import bounded
 from nixcas.ops.metrics import CONTENT_TYPE, HTTP_IN_FLIGHT, HttpMetrics, exposition
 from nixcas.urls import is_secret_name, redacted
@@ -142,18 +142,21 @@ def _record(request: BaseRequest, status: int, sent: int, seconds: float) -> Non
 
 def _log(level: int, request: BaseRequest, route: str, status: int, seconds: float, received: int, sent: int) -> None:
     target = shown_target(request.raw_path)
-    client = bounded(request.remote or "-", 100)
-    user = bounded(str(request.get(USER) or "-"), 100)
+    client = request.remote or "-"  # an IP address (aiohttp's peername), or "" on a unix socket
+    user = request.get(USER) or "-"
+    method = request.method if len(request.method) <= 20 else bounded(request.method, 20)
+    fields = None
+    if logs.json_lines():  # built only for JSON lines (a text line needs just the message)
+        fields = {
+            "protocol": "http", "client": client, "method": method, "target": target, "route": route,
+            "status": status, "sent_bytes": sent, "received_bytes": received,
+            "duration_ms": round(seconds * 1000, 3), "user": user,
+        }  # fmt: skip
     access_log.log(
         level,
         '%s "%s %s" %d %dB %.1fms user=%s%s',
-        client, bounded(request.method, 20), target, status, sent, seconds * 1000, user,
-        f" in={received}B" if received else "",
-        extra={"fields": {
-            "protocol": "http", "client": client, "method": bounded(request.method, 20), "target": target,
-            "route": route, "status": status, "sent_bytes": sent, "received_bytes": received,
-            "duration_ms": round(seconds * 1000, 3), "user": user,
-        }},
+        client, method, target, status, sent, seconds * 1000, user, f" in={received}B" if received else "",
+        extra={"fields": fields},
     )  # fmt: skip
 
 
