@@ -7,10 +7,12 @@ writing into a buffer.  Tracing across processes is in ``test_ops_tracing.py``.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -123,6 +125,15 @@ async def leaky(tmp_path: Path) -> AsyncIterator[Served]:
         yield s
 
 
+async def access_lines(buffer: io.StringIO, n: int) -> None:
+    """Wait (a little, at most) until ``n`` access lines are written: each is written once its answer is sent,
+    which may be just after the client has it."""
+    for _ in range(200):
+        if buffer.getvalue().count("nixcas.access") >= n:
+            return
+        await asyncio.sleep(0.005)
+
+
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -148,9 +159,16 @@ async def test_metrics_count_real_requests(served: Served) -> None:
             await stub.Stat(blob_pb.StatBlobRequest(digest=bytes(served.blob)))
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.Stat(blob_pb.StatBlobRequest(digest=b"\1" * 32))
-        response = await http.get(f"{base}/metrics")
-        assert response.status == 200 and response.content_type == "text/plain"
-        after = _samples(await response.text())
+        calls_key = ("nixcas_grpc_call_duration_seconds_count", (("method", "/tvix.castore.v1.BlobService/Stat"),))
+        for _ in range(
+            100
+        ):  # a call is recorded as its handler ends, which may be just after the client has its answer
+            response = await http.get(f"{base}/metrics")
+            assert response.status == 200 and response.content_type == "text/plain"
+            after = _samples(await response.text())
+            if after.get(calls_key, 0) - before.get(calls_key, 0) >= 2:
+                break
+            await asyncio.sleep(0.01)
 
     def delta(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
@@ -196,6 +214,7 @@ async def test_access_lines_have_time_level_and_fields(served: Served, log_buffe
         async with grpc.aio.insecure_channel(served.daemon.url.removeprefix("grpc+http://")) as channel:
             await blob_grpc.BlobServiceStub(channel).Stat(blob_pb.StatBlobRequest(digest=bytes(served.blob)))
         assert (await http.get(f"{served.bridge.url}/metrics")).status == 200  # a scrape: DEBUG, not shown
+    await access_lines(log_buffer, 3)
     lines = [m for m in map(LINE.fullmatch, log_buffer.getvalue().splitlines()) if m and m[3] == "nixcas.access"]
     assert len(lines) == 3, log_buffer.getvalue()
     for match in lines:
@@ -214,6 +233,7 @@ async def test_json_access_lines(served: Served, log_buffer: io.StringIO) -> Non
     logs.configure(LogOptions(format="json"), server=True, stream=log_buffer)
     async with aiohttp.ClientSession() as http:
         assert (await http.get(f"{served.bridge.url}/{served.nar_url}", headers={"Range": "bytes=0-9"})).status == 206
+    await access_lines(log_buffer, 1)
     entries = [json.loads(line) for line in log_buffer.getvalue().splitlines()]
     access = [e for e in entries if e["logger"] == "nixcas.access"]
     assert len(access) == 1, entries
@@ -231,6 +251,7 @@ async def test_a_client_cannot_forge_or_flood_log_lines(served: Served, log_buff
         for path in (f"/{forged}.ls", f"/nar/{forged}", "/nar/x%0Ay.nar?token=abc&narsize=1"):
             answer = await http.get(f"{served.bridge.url}{path}")
             assert 400 <= answer.status < 500
+    await access_lines(log_buffer, 3)
     text = log_buffer.getvalue()
     lines = text.splitlines()
     matches = [LINE.fullmatch(line) for line in lines]
@@ -364,9 +385,37 @@ def test_every_metric_is_documented() -> None:
     section = readme[readme.index("### Metrics") : readme.index("### Tracing")]
     documented = set(re.findall(r"`(nixcas_\w+)`", section))
     defined = {f"{name}_total" for name in stats.COUNTERS}
+    defined |= {f"{name}_total" if kind == "counter" else name for name, (kind, _, _) in metrics.GC_METRICS.items()}
     for value in vars(metrics).values():
         if isinstance(value, metrics.Counter):
             defined.add(f"{value._name}_total")
         elif isinstance(value, metrics.Histogram | metrics.Gauge):
             defined.add(value._name)
     assert documented == defined
+
+
+def test_gc_runs_reach_the_servers_metrics(tmp_path: Path, log_buffer: io.StringIO) -> None:
+    """``nixcas gc`` records each run in the store; a server's metrics on that store show runs and bytes freed."""
+    from nixcas.api import Store
+    from nixcas.cli.app import cli
+
+    store_dir = tmp_path / "store"
+
+    async def garbage() -> None:
+        async with await Store.open(store_dir) as store:
+            await store.blobs.put(b"nobody refers to this" * 1000)
+
+    asyncio.run(garbage())
+    metrics.watch_store(store_dir)
+    runner = CliRunner()
+    for _ in range(2):
+        result = runner.invoke(cli, ["--store-dir", str(store_dir), "gc", "--grace", "0s", "--json"])
+        assert result.exit_code == 0, result.output
+    freed = json.loads(result.output.splitlines()[-1])["freed_bytes"]
+    first = json.loads(runner.invoke(cli, ["--store-dir", str(store_dir), "gc", "--dry-run", "--json"]).output)
+    assert first["dry_run"] and freed == 0  # the second run found nothing left
+    samples = _samples(metrics.exposition().decode())
+    assert samples[("nixcas_gc_runs_total", ())] >= 2  # dry runs are not counted
+    assert samples[("nixcas_gc_freed_bytes_total", ())] >= 21_000
+    assert samples[("nixcas_gc_last_freed_bytes", ())] == 0
+    assert abs(samples[("nixcas_gc_last_run_timestamp_seconds", ())] - time.time()) < 60

@@ -41,7 +41,6 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
-from nixcas.ops import stats
 from nixcas.urls import is_decimal
 
 __all__ = [
@@ -619,7 +618,4 @@ async def collect(
         temporary.scanned = temporary.freed = len(swept)
         temporary.freed_bytes = sum(o.size for o in swept)
         lap("temporary")
-    if not dry_run:
-        stats.count("nixcas_gc_runs")
-        stats.count("nixcas_gc_freed_bytes", n=report.freed_bytes)
     return report

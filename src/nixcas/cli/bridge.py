@@ -192,7 +192,7 @@ def nar_bridge(
             await stop.wait()
             logging.info("shutting down (grace %g s)", shutdown_grace)
 
-    with telemetry("nixcas-nar-bridge", None, otlp_endpoint):
+    with telemetry("nixcas-nar-bridge", None, otlp_endpoint, settings.store_root()):
         run(go)
 
 
@@ -245,7 +245,8 @@ def _serve_with_workers(
                 logging.info("shutting down (grace %g s)", shutdown_grace)
             del running
 
-        with telemetry("nixcas-nar-bridge", None, otlp_endpoint):  # in the worker: exporting threads do not fork
+        # in the worker: exporting threads do not survive a fork
+        with telemetry("nixcas-nar-bridge", None, otlp_endpoint, settings.store_root()):
             run(go)
         return 0
 

@@ -78,5 +78,5 @@ def daemon(
             finally:
                 await running.stop(shutdown_grace)
 
-    with telemetry("nixcas-daemon", metrics_listen_address, otlp_endpoint):
+    with telemetry("nixcas-daemon", metrics_listen_address, otlp_endpoint, settings.store_root()):
         run(go)

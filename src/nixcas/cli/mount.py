@@ -92,7 +92,7 @@ def serve_mount(
                 fail(f"cannot mount at {where}: {e}")  # pyfuse3's words; libfuse printed why above
             logging.info("unmounted %s", where)
 
-    with telemetry("nixcas-mount", metrics_listen_address, otlp_endpoint):
+    with telemetry("nixcas-mount", metrics_listen_address, otlp_endpoint, settings.store_root()):
         run(go)
 
 

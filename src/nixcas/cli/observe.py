@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -47,11 +48,20 @@ def telemetry_options(*, metrics: bool) -> Callable[[Callable[..., Any]], Callab
 
 
 @contextlib.contextmanager
-def telemetry(service: str, metrics_listen_address: str | None, otlp_endpoint: str | None) -> Iterator[None]:
-    """Server logging defaults, the metrics port and trace export for the block; bad options fail at once (exit 2)."""
+def telemetry(
+    service: str, metrics_listen_address: str | None, otlp_endpoint: str | None, store_root: Path | None = None
+) -> Iterator[None]:
+    """Server logging defaults, the metrics port and trace export for the block; bad options fail at once (exit 2).
+
+    With ``store_root``, the metrics include what ``nixcas gc`` did to that store (``nixcas_gc_*``).
+    """
     from nixcas.ops.logs import serving
 
     serving()
+    if store_root is not None:
+        from nixcas.ops.metrics import watch_store
+
+        watch_store(store_root)
     with contextlib.ExitStack() as stack:
         try:
             if otlp_endpoint is not None:

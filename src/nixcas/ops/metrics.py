@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Final
 
 from prometheus_client import (
@@ -25,7 +26,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 from prometheus_client.registry import Collector
 
@@ -41,6 +42,7 @@ __all__ = [
     "HttpMetrics",
     "exposition",
     "start_metrics_server",
+    "watch_store",
 ]
 
 log = logging.getLogger("nixcas.metrics")
@@ -70,10 +72,33 @@ GRPC_SENT: Final = Counter("nixcas_grpc_sent_bytes", "Response message bytes sen
 GRPC_IN_FLIGHT: Final = Gauge("nixcas_grpc_calls_in_flight", "gRPC calls running now.")
 
 
+GC_METRICS: Final = {
+    "nixcas_gc_runs": ("counter", "runs", "Collections (not dry runs) `nixcas gc` ran on this store."),
+    "nixcas_gc_freed_bytes": ("counter", "freed_bytes", "Bytes those collections freed."),
+    "nixcas_gc_last_run_timestamp_seconds": ("gauge", "last_run_timestamp", "When the last collection started."),
+    "nixcas_gc_last_freed_bytes": ("gauge", "last_freed_bytes", "Bytes the last collection freed."),
+}
+"""Read from the store's record of ``nixcas gc`` runs (:func:`nixcas.ops.stats.record_gc`) at each scrape."""
+_stores: list[Path] = []
+
+
+def watch_store(store_root: Path) -> None:
+    """Export the ``nixcas gc`` record of the store at ``store_root`` (``nixcas_gc_*``)."""
+    if store_root not in _stores:
+        _stores.append(store_root)
+
+
 class _StoreCounters(Collector):
-    """The counts of :mod:`nixcas.ops.stats`, as counters (every documented one, zero until counted)."""
+    """The counts of :mod:`nixcas.ops.stats`, as counters (every documented one, zero until counted), and
+    the GC record of the watched stores."""
 
     def collect(self) -> Iterator[Metric]:
+        records = [stats.read_gc(root) for root in _stores]
+        for name, (kind, key, text) in GC_METRICS.items():
+            if kind == "counter":
+                yield CounterMetricFamily(name, text, value=sum(r.get(key, 0) for r in records))
+            else:
+                yield GaugeMetricFamily(name, text, value=max((r.get(key, 0) for r in records), default=0))
         counts = stats.snapshot()
         for name, (text, labels) in stats.COUNTERS.items():
             family = CounterMetricFamily(name, text, labels=labels)

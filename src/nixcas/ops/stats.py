@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Final
 
-__all__ = ["COUNTERS", "count", "lookup", "snapshot", "upstream", "written"]
+__all__ = ["COUNTERS", "GC_RECORD", "count", "lookup", "read_gc", "record_gc", "snapshot", "upstream", "written"]
 
 COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "nixcas_cache_lookups": (
@@ -31,8 +32,6 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
         "NAR and narinfo uploads to nar-bridge, by kind (nar, narinfo) and result (accepted, refused).",
         ("kind", "result"),
     ),
-    "nixcas_gc_runs": ("Garbage collections run (mark and sweep).", ()),
-    "nixcas_gc_freed_bytes": ("Bytes freed by garbage collection.", ()),
 }
 """Counter name (``_total`` is appended when exported) -> (help, label names)."""
 
@@ -74,3 +73,38 @@ def written(backend: str, blobs: Iterable[int]) -> None:
     sizes = list(blobs)
     count("nixcas_blobs_written", backend, n=len(sizes))
     count("nixcas_blob_bytes_written", backend, n=sum(sizes))
+
+
+GC_RECORD: Final = "gc-stats.json"
+"""In the store directory: what ``nixcas gc`` runs on this store did (for the servers' metrics)."""
+
+
+def record_gc(store_root: Path, freed_bytes: int, when: float) -> None:
+    """Add a collection that freed ``freed_bytes`` at ``when`` to the store's :data:`GC_RECORD` (atomically)."""
+    import json
+    import os
+
+    previous = read_gc(store_root)
+    record = {
+        "runs": previous.get("runs", 0) + 1,
+        "freed_bytes": previous.get("freed_bytes", 0) + freed_bytes,
+        "last_run_timestamp": when,
+        "last_freed_bytes": freed_bytes,
+    }
+    path = store_root / GC_RECORD
+    tmp = path.with_name(f".{GC_RECORD}.{os.getpid()}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def read_gc(store_root: Path) -> dict[str, float]:
+    """The store's :data:`GC_RECORD` (empty if no collection ran, or it is unreadable)."""
+    import json
+
+    try:
+        data = json.loads((store_root / GC_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
