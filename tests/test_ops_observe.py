@@ -75,11 +75,15 @@ def log_buffer() -> Iterator[io.StringIO]:
     level, handlers = root.level, list(root.handlers)
     knobs = logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing
     buffer = io.StringIO()
+    for handler in handlers:  # pytest's: with them, access lines would never take their direct way
+        root.removeHandler(handler)
     logs.configure(LogOptions(), server=True, stream=buffer)
     yield buffer
     logs.configure(LogOptions())  # the module's remembered options back to the defaults
-    for handler in [h for h in root.handlers if h not in handlers]:
+    for handler in list(root.handlers):
         root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
     root.setLevel(level)
     logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = knobs
 
@@ -205,8 +209,37 @@ def test_metrics_port_serves_the_same_metrics() -> None:
     assert {"nixcas_http_requests", "nixcas_grpc_calls", "nixcas_cache_lookups", "process_cpu_seconds"} <= names
 
 
-async def test_access_lines_have_time_level_and_fields(served: Served, log_buffer: io.StringIO) -> None:
-    """One line per request and per call: timestamp (UTC, now), level, logger, method, target, status, bytes, time."""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "through-logging"])
+async def test_access_lines_have_time_level_and_fields(
+    served: Served, log_buffer: io.StringIO, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line per request and per call: timestamp (UTC, now), level, logger, method, target, status, bytes, time.
+
+    The same whether written directly (our handler alone on the root logger) or through :mod:`logging`.
+    """
+    access = logging.getLogger("nixcas.access")
+    handled: list[logging.LogRecord] = []
+
+    def handle(record: logging.LogRecord) -> None:
+        handled.append(record)
+        logging.Logger.handle(access, record)
+
+    monkeypatch.setattr(access, "handle", handle)
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not isinstance(h, logs._Handler)]  # pytest's, added for this phase
+    for handler in others:
+        root.removeHandler(handler)
+    if not direct:
+        root.addHandler(logging.NullHandler())
+    try:
+        await _access_lines_have_time_level_and_fields(served, log_buffer)
+    finally:
+        for handler in others:
+            root.addHandler(handler)
+    assert len(handled) == (0 if direct else 3)
+
+
+async def _access_lines_have_time_level_and_fields(served: Served, log_buffer: io.StringIO) -> None:
     started = datetime.now(UTC)
     async with aiohttp.ClientSession() as http:
         assert (await http.get(f"{served.bridge.url}/nix-cache-info")).status == 200

@@ -24,7 +24,7 @@ import grpc
 import grpc.aio
 
 from nixcas.ops import tracing
-from nixcas.ops.logs import bounded, json_lines
+from nixcas.ops.logs import bounded, json_lines, write_directly
 from nixcas.ops.metrics import GRPC_IN_FLIGHT, GrpcMetrics
 
 __all__ = ["ServerObserver", "client_interceptors"]
@@ -139,20 +139,21 @@ class ServerObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.metrics.record(call.method, code, seconds, call.received, call.sent)
             level = logging.DEBUG if call.method.startswith(QUIET_PREFIXES) else logging.INFO
             if access_log.isEnabledFor(level):
-                peer = bounded(call.peer, 100)
-                fields = None
-                if json_lines():
-                    fields = {
-                        "protocol": "grpc", "method": call.method, "code": code,
-                        "duration_ms": round(seconds * 1000, 3), "received_bytes": call.received,
-                        "sent_bytes": call.sent, "peer": peer,
-                    }  # fmt: skip
-                access_log.log(
-                    level,
-                    "%s %s %.1fms in=%dB out=%dB peer=%s",
-                    call.method, code, seconds * 1000, call.received, call.sent, peer,
-                    extra={"fields": fields},
-                )  # fmt: skip
+                _log(level, call, code, seconds)
+
+
+def _log(level: int, call: _Call, code: str, seconds: float) -> None:
+    peer = bounded(call.peer, 100)
+    line = f"{call.method} {code} {seconds * 1000:.1f}ms in={call.received}B out={call.sent}B peer={peer}"
+    if write_directly(access_log, level, line):
+        return
+    fields = None
+    if json_lines():  # built only for JSON lines
+        fields = {
+            "protocol": "grpc", "method": call.method, "code": code, "duration_ms": round(seconds * 1000, 3),
+            "received_bytes": call.received, "sent_bytes": call.sent, "peer": peer,
+        }  # fmt: skip
+    access_log.log(level, "%s", line, extra={"fields": fields})
 
 
 def _code_name(code: object, default: str) -> str:

@@ -145,19 +145,19 @@ def _log(level: int, request: BaseRequest, route: str, status: int, seconds: flo
     client = request.remote or "-"  # an IP address (aiohttp's peername), or "" on a unix socket
     user = request.get(USER) or "-"
     method = request.method if len(request.method) <= 20 else bounded(request.method, 20)
+    duration = seconds * 1000
+    extra = f" in={received}B" if received else ""
+    line = f'{client} "{method} {target}" {status} {sent}B {duration:.1f}ms user={user}{extra}'
+    if logs.write_directly(access_log, level, line):
+        return
     fields = None
     if logs.json_lines():  # built only for JSON lines (a text line needs just the message)
         fields = {
             "protocol": "http", "client": client, "method": method, "target": target, "route": route,
             "status": status, "sent_bytes": sent, "received_bytes": received,
-            "duration_ms": round(seconds * 1000, 3), "user": user,
+            "duration_ms": round(duration, 3), "user": user,
         }  # fmt: skip
-    access_log.log(
-        level,
-        '%s "%s %s" %d %dB %.1fms user=%s%s',
-        client, method, target, status, sent, seconds * 1000, user, f" in={received}B" if received else "",
-        extra={"fields": fields},
-    )  # fmt: skip
+    access_log.log(level, "%s", line, extra={"fields": fields})
 
 
 async def metrics(request: web.Request) -> web.Response:
