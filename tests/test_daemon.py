@@ -126,12 +126,12 @@ def spawn_python(script: str) -> subprocess.Popen[bytes]:
 
 
 def assert_clean_exit(daemon: Daemon, code: int) -> None:
-    """Exit code 0, and nothing went wrong on the way (the daemon logs as ``nixcas daemon: LEVEL: …``)."""
+    """Exit code 0, and nothing went wrong on the way (the daemon logs as ``TIME LEVEL logger: …``)."""
     stderr = daemon.stderr()
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
     for level in ("WARNING", "ERROR", "CRITICAL"):
-        assert f"nixcas daemon: {level}:" not in stderr, stderr
+        assert f"Z {level} " not in stderr, stderr
     assert "nixcas: error:" not in stderr, stderr
 
 

@@ -193,7 +193,11 @@ def test_help_imports_no_subcommand(tmp_path: Path) -> None:
         assert b"Commands:" in result.stdout
         assert sorted(m for m in modules if m.startswith("nixcas.cli.")) == sorted(
             {"nixcas.cli.main", "nixcas.cli.app", "nixcas.cli.common", "nixcas.cli.fast", "nixcas.cli.lazy"}
-            | ({"nixcas.cli.castore", "nixcas.cli.mount", "nixcas.cli.render"} if args[0] == "castore" else set())
+            | (
+                {"nixcas.cli.castore", "nixcas.cli.mount", "nixcas.cli.render", "nixcas.cli.observe"}
+                if args[0] == "castore"
+                else set()
+            )
         )
         assert loaded(modules, *ALWAYS_HEAVY, "asyncio", "google") == []
 

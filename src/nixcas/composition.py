@@ -54,6 +54,7 @@ from nixcas._aio import Closing
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.registry import KINDS, parse_service_url
+from nixcas.urls import remember_secrets
 
 if TYPE_CHECKING:  # the service interfaces come with their backends, when one is built
     from nixcas.castore.blob.base import BlobService
@@ -158,6 +159,7 @@ class Composition(Closing):
                 if not isinstance(entry, Mapping):
                     raise ConfigurationError(f"{where}: must be a table with a 'type' field")
                 fields = dict(entry)
+                remember_secrets("", {k: v for k, v in fields.items() if isinstance(v, str)})
                 tag = fields.pop("type", None)
                 if not isinstance(tag, str):
                     problem = "missing 'type'" if tag is None else f"'type' must be a string, got {tag!r}"

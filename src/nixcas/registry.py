@@ -67,7 +67,7 @@ from urllib.parse import urlsplit
 from nixcas._extras import MissingExtra, missing_extra
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
-from nixcas.urls import shown, url_tag
+from nixcas.urls import remember_secrets, shown, url_tag
 
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
@@ -186,6 +186,7 @@ KINDS: Final[Mapping[str, Mapping[str, type[ServiceConfig[object]]]]] = {
 def parse_service_url(kind: str, url: str) -> ServiceConfig[object]:
     """The config that ``url`` describes for a service of ``kind`` (``blobservices``, ...)."""
     noun = kind.removesuffix("services") + " service"
+    remember_secrets(url)  # hidden from every later log line and error body (nixcas.urls.redacted)
     try:
         parts = urlsplit(url)
     except ValueError as e:

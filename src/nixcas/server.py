@@ -187,7 +187,9 @@ async def start_server(
     credentials = tls.grpc_credentials() if tls is not None else None
     # grpc sets SO_REUSEPORT by default: a second daemon on a taken port would
     # silently share it (the kernel spreading connections over both stores).
-    server = grpc.aio.server(options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)))
+    from nixcas.ops.rpc import ServerObserver  # access log, metrics, traces of every call
+
+    server = grpc.aio.server(interceptors=[ServerObserver()], options=(*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)))
     names = add_castore_servicers(server, blobs, directories)
     names += add_chunkstore_servicers(server, blobs)
     if pathinfos is not None:

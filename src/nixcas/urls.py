@@ -9,11 +9,14 @@ from nixcas.errors import ConfigurationError
 
 __all__ = [
     "is_decimal",
+    "is_secret_name",
     "near_far_from_url",
     "query_pairs",
     "scrubbed",
     "shown",
     "query_options",
+    "redacted",
+    "remember_secrets",
     "require_bare_url",
     "require_plain_scheme",
     "url_tag",
@@ -64,6 +67,35 @@ def scrubbed(text: str, url: str, options: Mapping[str, str] | None = None) -> s
     return text
 
 
+MIN_REMEMBERED = 4
+"""Shorter credentials are not looked for in free text (every ``abc`` of every log line would go)."""
+_remembered: dict[str, None] = {}
+"""Every credential of every service URL this process was configured with (and its quoted forms), longest first."""
+
+
+def remember_secrets(url: str, options: Mapping[str, str] | None = None) -> None:
+    """Note the credentials ``url`` holds: :func:`redacted` hides them wherever they turn up later."""
+    found = False
+    for secret in _secrets(url, options):
+        for form in (secret, unquote(secret), quote(secret, safe="")):
+            if len(form) >= MIN_REMEMBERED and form not in _remembered:
+                _remembered[form] = None
+                found = True
+    if found:
+        ordered = sorted(_remembered, key=len, reverse=True)
+        _remembered.clear()
+        _remembered.update(dict.fromkeys(ordered))
+
+
+def redacted(text: str) -> str:
+    """``text`` with every remembered credential (:func:`remember_secrets`) replaced by ``***``: applied to
+    every log line and every HTTP/gRPC error body, whatever library wrote the message."""
+    for secret in _remembered:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _secrets(url: str, options: Mapping[str, str] | None = None) -> list[str]:
     try:
         parts = urlsplit(url)
@@ -78,8 +110,12 @@ def _secrets(url: str, options: Mapping[str, str] | None = None) -> list[str]:
     return found
 
 
-def _is_secret(key: str) -> bool:
+def is_secret_name(key: str) -> bool:
+    """Whether an option or query parameter named ``key`` holds a credential (its value is never shown)."""
     return any(word in key.lower() for word in _SECRET_WORDS)
+
+
+_is_secret = is_secret_name
 
 
 def url_tag(url: SplitResult) -> str:

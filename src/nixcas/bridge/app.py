@@ -46,6 +46,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node
 from nixcas.castore.proto import encode_node
 from nixcas.errors import NixbaseError, NixcasError, NotFoundError, StorageError, ValidationError
+from nixcas.ops.web import USER
 from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, UnsupportedCompression, decompressing
 from nixcas.store.importer import check_content_address
@@ -82,9 +83,8 @@ UPLOADS_REMEMBERED: Final = 1024
 """NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
 _NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-USER: Final = web.RequestKey("nixcas.user", str)
-"""``request.get(USER)``: the name of the token the request authenticated with (absent without one)."""
 _TOKEN: Final = web.RequestKey("nixcas.token", Token)
+# USER (from nixcas.ops.web): ``request.get(USER)`` is the name of the token the request authenticated with.
 PUBLIC_PATHS: Final = frozenset({"/", "/healthz"})
 """Paths a ``private`` bridge serves without a token (nothing of the store is in them)."""
 _CHALLENGE: Final = {"WWW-Authenticate": 'Basic realm="nar-bridge", Bearer realm="nar-bridge"'}

@@ -130,12 +130,18 @@ class RunningBridge:
 
 
 def _runner(bridge: NarBridge, draining: Draining) -> web.AppRunner:
-    """The aiohttp runner every listener uses: no access log, bad requests logged on one line each."""
+    """The aiohttp runner every listener uses: our access log, metrics and traces (:mod:`nixcas.ops.web`)
+    instead of aiohttp's access log (outermost, so a draining 503 is logged too), bad requests logged on
+    one line each."""
+    from nixcas.ops.web import AccessLogger, access_log, instrument
+
     app = bridge.application()
     draining.install(app)
+    instrument(app)
     return web.AppRunner(
         app,
-        access_log=None,
+        access_log_class=AccessLogger,
+        access_log=access_log,
         handle_signals=False,
         shutdown_timeout=CANCEL_WAIT,  # the grace period itself is RunningBridge.stop's
         logger=BAD_REQUEST_LOG,

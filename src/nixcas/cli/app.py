@@ -89,6 +89,22 @@ COMMANDS = {
     type=click.Choice(["snix", "tvix"]),
     help="Directory size rule of a new store [default: snix]; an existing store must already follow it.",
 )
+@click.option(
+    "--log-level",
+    envvar="NIXCAS_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Log level [default: info for servers, warning otherwise; -v/-q move it].",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Log less (repeatable).")
+@click.option(
+    "--log-format",
+    envvar="NIXCAS_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as text (time level logger: message) or as one JSON object each.",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -99,8 +115,15 @@ def cli(
     pin_service_addr: str | None,
     composition: str | None,
     directory_size_rule: str | None,
+    log_level: str | None,
+    verbose: int,
+    quiet: int,
+    log_format: str,
 ) -> None:
     """A content-addressed store for Nix-style artifacts (tvix/snix compatible)."""
+    from nixcas.ops.logs import LogOptions, configure
+
+    configure(LogOptions(log_level.lower() if log_level else None, verbose - quiet, log_format))
     ctx.obj = Settings(
         store_dir,
         blob_service_addr,

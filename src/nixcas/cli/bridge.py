@@ -17,6 +17,7 @@ import click
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
+from nixcas.cli.observe import telemetry, telemetry_options
 from nixcas.cli.serving import (
     DeploymentOptions,
     activated_sockets,
@@ -200,6 +201,7 @@ async def serving_bridge(
 @bridge_options
 @deployment_options
 @service_options
+@telemetry_options(metrics=False)
 @click.pass_obj
 def nar_bridge(
     settings: Settings,
@@ -207,6 +209,7 @@ def nar_bridge(
     listen: str,
     shutdown_grace: float,
     workers: int | None,
+    otlp_endpoint: str | None,
     **options: Any,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
@@ -224,9 +227,8 @@ def nar_bridge(
     ssl_context, sock = _deployment(deploy, listen, bridge_opts)
     workers = _worker_count(workers, settings)
     if workers > 1:
-        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers, ssl_context, sock)
+        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers, ssl_context, sock, otlp_endpoint)
         return
-    logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
     async def go() -> None:
         stop = stop_on_signals()
@@ -245,7 +247,8 @@ def nar_bridge(
             logging.info("shutting down (grace %g s)", shutdown_grace)
             await running.stop()
 
-    run(go)
+    with telemetry("nixcas-nar-bridge", None, otlp_endpoint, settings.store_root()):
+        run(go)
 
 
 def _deployment(
@@ -286,11 +289,13 @@ def _serve_with_workers(
     workers: int,
     ssl_context: ssl.SSLContext | None = None,
     activated: socket.socket | None = None,
+    otlp_endpoint: str | None = None,
 ) -> None:
     """``workers`` forked bridges on one address (see :mod:`nixcas.bridge.workers`); exits with their outcome."""
     from nixcas.bridge.workers import open_listeners, run_workers
+    from nixcas.ops.logs import serving
 
-    logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge[%(process)d]: %(levelname)s: %(message)s")
+    serving()
     try:
         listeners = open_listeners(listen, workers, "https" if ssl_context is not None else "http", activated)
     except ConfigurationError as e:
@@ -314,7 +319,9 @@ def _serve_with_workers(
                 logging.info("shutting down (grace %g s)", shutdown_grace)
                 await running.stop()
 
-        run(go)
+        # in the worker: exporting threads do not survive a fork
+        with telemetry("nixcas-nar-bridge", None, otlp_endpoint, settings.store_root()):
+            run(go)
         return 0
 
     sys.exit(run_workers(workers, listeners, serve))

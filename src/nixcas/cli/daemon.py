@@ -11,6 +11,7 @@ import click
 
 from nixcas.cli.bridge import BridgeOptions, bridge_options, serving_bridge
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
+from nixcas.cli.observe import telemetry, telemetry_options
 from nixcas.cli.serving import (
     DeploymentOptions,
     activated_sockets,
@@ -36,6 +37,7 @@ from nixcas.server import DEFAULT_LISTEN, start_server
 )
 @bridge_options
 @deployment_options
+@telemetry_options(metrics=True)
 @click.pass_obj
 def daemon(
     settings: Settings,
@@ -43,6 +45,8 @@ def daemon(
     listen: str,
     shutdown_grace: float,
     nar_bridge: str | None,
+    metrics_listen_address: str | None,
+    otlp_endpoint: str | None,
     **options: Any,
 ) -> None:
     """Serve the blob, directory, path info and pin services over gRPC (tvix.* and snix.* names, health, reflection).
@@ -67,7 +71,6 @@ def daemon(
             deploy.check_exposure(nar_bridge, bridge_sock, bridge_opts.open_writes())
     except ConfigurationError as e:
         fail(str(e), EXIT_USAGE)
-    logging.basicConfig(level=logging.INFO, format="nixcas daemon: %(levelname)s: %(message)s")
 
     async def go() -> None:
         stop = stop_on_signals()
@@ -117,4 +120,5 @@ def daemon(
             finally:
                 await running.stop(shutdown_grace)
 
-    run(go)
+    with telemetry("nixcas-daemon", metrics_listen_address, otlp_endpoint, settings.store_root()):
+        run(go)

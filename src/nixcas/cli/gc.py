@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -149,7 +150,15 @@ def gc(settings: Settings, dry_run: bool, grace: str, as_json: bool) -> None:
                 click.echo(f"roots: {roots.pathinfos} path infos, {roots.pins} pins", err=True)
             return report
 
+    started = time.time()
     report = run(go)
+    if not dry_run:  # for the metrics of the servers on this store (nixcas_gc_*)
+        from nixcas.ops.stats import record_gc
+
+        try:
+            record_gc(settings.store_root(), report.freed_bytes, started)
+        except OSError as e:
+            click.echo(f"nixcas: warning: cannot record this collection for the metrics: {e}", err=True)
     if as_json:
         click.echo(json.dumps(report.to_json()))
     else:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from nixcas.cli.common import Settings, fail, run, service_options
+from nixcas.cli.observe import telemetry_options
 
 if TYPE_CHECKING:  # `nixcas castore` shares mount_options: keep this module light
     from nixcas.api import Store
@@ -51,6 +52,8 @@ def serve_mount(
     allow_other: bool,
     show_xattr: bool,
     with_pathinfo: bool = False,
+    metrics_listen_address: str | None = None,
+    otlp_endpoint: str | None = None,
 ) -> None:
     """Open the store, mount what ``roots`` gives at ``mountpoint``, serve until unmounted or signalled.
 
@@ -63,7 +66,8 @@ def serve_mount(
     check_mountpoint(mountpoint)
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="nixcas mount: %(levelname)s: %(message)s")
+    from nixcas.cli.observe import telemetry
+
     where = mountpoint.absolute()
 
     async def go() -> None:
@@ -88,13 +92,15 @@ def serve_mount(
                 fail(f"cannot mount at {where}: {e}")  # pyfuse3's words; libfuse printed why above
             logging.info("unmounted %s", where)
 
-    run(go)
+    with telemetry("nixcas-mount", metrics_listen_address, otlp_endpoint, settings.store_root()):
+        run(go)
 
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @mount_options
 @service_options
+@telemetry_options(metrics=True)
 @click.pass_obj
 def mount(
     settings: Settings,
@@ -103,6 +109,8 @@ def mount(
     list_root: bool,
     allow_other: bool,
     show_xattr: bool,
+    metrics_listen_address: str | None,
+    otlp_endpoint: str | None,
     **services: str | None,
 ) -> None:
     """Mount the store paths read-only at MOUNTPOINT (one entry per <hash>-<name>), until unmounted or signalled.
@@ -125,4 +133,6 @@ def mount(
         allow_other=allow_other,
         show_xattr=show_xattr,
         with_pathinfo=True,
+        metrics_listen_address=metrics_listen_address,
+        otlp_endpoint=otlp_endpoint,
     )

@@ -57,6 +57,7 @@ from nixcas.castore.blob.chunked import ChunkedReader
 from nixcas.castore.digest import B3Digest
 from nixcas.config import NearFarConfig, Resolver
 from nixcas.errors import ChecksumMismatch, StorageError
+from nixcas.ops import stats
 
 __all__ = ["CombinedBlobService", "CombinedBlobServiceConfig"]
 
@@ -106,15 +107,18 @@ class CombinedBlobService(BlobService):
         # The outer VerifyingReader (base class) checks the bytes handed out;
         # inner readers come unverified to avoid hashing everything twice.
         reader = await self.near._open_read(digest)
+        stats.lookup("blob", reader is not None)
         if reader is not None:
             return reader
         if isinstance(self.near, ChunkStore):
-            chunks = await self.far.chunks(digest)
+            with stats.upstream("blob"):
+                chunks = await self.far.chunks(digest)
             if chunks is None:
                 return None
             if len(chunks) >= 2:
                 return _FillingChunkedReader(self.far, self.near, digest, chunks)
-        reader = await self.far._open_read(digest)
+        with stats.upstream("blob"):
+            reader = await self.far._open_read(digest)
         if reader is None:
             return None
         return _FillingReader(reader, digest, await self.near.open_write())

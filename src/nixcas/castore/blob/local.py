@@ -62,6 +62,7 @@ from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
+from nixcas.ops import stats
 from nixcas.urls import query_options, shown
 
 __all__ = ["LocalBlobService", "LocalBlobServiceConfig"]
@@ -335,6 +336,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
     def _write_chunk_sync(self, digest: B3Digest, data: bytes | memoryview) -> None:
         """Compress ``data`` into chunk object ``digest`` (replacing any leftover: same bytes)."""
         self._put_object_sync(self._chunk_path(digest), self._compressor().compress(data))
+        stats.count("nixcas_chunks_written", "local")
 
     def _put_chunks_sync(self, chunks: Sequence[bytes | memoryview]) -> list[ChunkMeta]:
         """Store each chunk unless present (a chunk of a multi-chunk blob); their metadata."""
@@ -728,10 +730,14 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
         return _LocalBlobWriter(self, expected_size)
 
     async def put(self, data: bytes) -> B3Digest:
-        return await asyncio.to_thread(self._store_sync, data)
+        digest = await asyncio.to_thread(self._store_sync, data)
+        stats.written("local", [len(data)])
+        return digest
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        return await asyncio.to_thread(lambda: [self._store_sync(b) for b in blobs])
+        digests = await asyncio.to_thread(lambda: [self._store_sync(b) for b in blobs])
+        stats.written("local", map(len, blobs))
+        return digests
 
     async def sync(self) -> None:
         if self._dirty:
@@ -1168,6 +1174,7 @@ class _LocalBlobWriter(BlobWriter):
             await self.abort()
             raise
         self._state.digest = digest
+        stats.written("local", [self._state.written])
         return digest
 
     def _discard_sync(self) -> None:

@@ -85,6 +85,7 @@ from nixcas.castore.objectstore import (
 )
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
+from nixcas.ops import stats
 from nixcas.urls import query_options, shown
 
 __all__ = ["ObjectStoreBlobService", "ObjectStoreBlobServiceConfig"]
@@ -217,6 +218,7 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
     async def _put_chunk_data(self, digest: B3Digest, data: bytes | memoryview) -> None:
         compressed = await asyncio.to_thread(self._compress, data)
         await self._put_object(chunk_key(digest), compressed)
+        stats.count("nixcas_chunks_written", "objectstore")
 
     async def _store_pieces(
         self, digest: B3Digest, pieces: Sequence[bytes | memoryview], chunk_state: Mapping[str, ObjectMeta | None]
@@ -369,10 +371,14 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
         return _ObjectStoreBlobWriter(self, expected_size)
 
     async def put(self, data: bytes) -> B3Digest:
-        return (await self._store_blobs([data]))[0]
+        digest = (await self._store_blobs([data]))[0]
+        stats.written("objectstore", [len(data)])
+        return digest
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        return await self._store_blobs(blobs)
+        digests = await self._store_blobs(blobs)
+        stats.written("objectstore", map(len, blobs))
+        return digests
 
     # -- ChunkStore ------------------------------------------------------------------
 
@@ -543,6 +549,7 @@ class _ObjectStoreBlobWriter(BlobWriter):
             await self.abort()
             raise
         self._state.digest = digest
+        stats.written("objectstore", [self._state.written])
         return digest
 
     async def abort(self) -> None:

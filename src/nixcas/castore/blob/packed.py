@@ -76,6 +76,7 @@ from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError
+from nixcas.ops import stats
 from nixcas.urls import query_options
 
 __all__ = ["DB_NAME", "PACKS_DIR", "PackedBlobService", "PackedBlobServiceConfig"]
@@ -366,7 +367,9 @@ class PackedBlobService(LocalBlobService):
         return digests
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        return await asyncio.to_thread(self._store_many_sync, blobs)
+        digests = await asyncio.to_thread(self._store_many_sync, blobs)
+        stats.written("local", map(len, blobs))
+        return digests
 
     def _touch_sync(self, digest: B3Digest) -> bool:
         db = self._db()

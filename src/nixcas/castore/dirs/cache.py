@@ -28,6 +28,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator, leaves_first
 from nixcas.config import NearFarConfig, Resolver
 from nixcas.errors import ConfigurationError, StorageError
+from nixcas.ops import stats
 
 __all__ = ["CacheDirectoryService", "CacheDirectoryServiceConfig"]
 
@@ -77,9 +78,10 @@ class CacheDirectoryService(DirectoryService):
         """The closure from far, validated and stored near; ``[]`` if far lacks the root."""
         validator = RootToLeavesValidator(root, self.size_rule)
         closure: list[Directory] = []
-        async for directory in self.far.get_recursive(root):
-            validator.add(directory)
-            closure.append(directory)
+        with stats.upstream("directory"):
+            async for directory in self.far.get_recursive(root):
+                validator.add(directory)
+                closure.append(directory)
         if not closure:
             return []
         validator.finish()
@@ -91,6 +93,7 @@ class CacheDirectoryService(DirectoryService):
 
     async def get(self, digest: B3Digest) -> Directory | None:
         found = await self.near.get(digest)
+        stats.lookup("directory", found is not None)
         if found is not None:
             return found
         closure = await self._far_closure(digest)
@@ -98,6 +101,7 @@ class CacheDirectoryService(DirectoryService):
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         closure = await self._near_closure(root)
+        stats.lookup("directory", closure is not None)
         if closure is None:
             closure = await self._far_closure(root)
         for directory in closure:

@@ -114,13 +114,22 @@ class GrpcConnection:
     """One channel to a nixcas/tvix/snix daemon, shared by a client's calls."""
 
     def __init__(self, endpoint: GrpcEndpoint) -> None:
+        from nixcas.ops.tracing import enabled
+
         self.endpoint = endpoint
+        interceptors = None
+        if enabled():  # traceparent in each call's metadata (only then: interceptors slow every call down)
+            from nixcas.ops.rpc import client_interceptors
+
+            interceptors = client_interceptors()
         if endpoint.tls:
             self.channel = grpc.aio.secure_channel(
-                endpoint.target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS
+                endpoint.target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS, interceptors=interceptors
             )
         else:
-            self.channel = grpc.aio.insecure_channel(endpoint.target, options=CHANNEL_OPTIONS)
+            self.channel = grpc.aio.insecure_channel(
+                endpoint.target, options=CHANNEL_OPTIONS, interceptors=interceptors
+            )
         self._closed = False
 
     def method(self, package: str, service: str, name: str) -> str:

@@ -39,6 +39,7 @@ from nixcas.errors import (
     UnavailableError,
     ValidationError,
 )
+from nixcas.urls import redacted
 
 __all__ = ["RemoteError", "client_errors", "rpc_errors", "status_of"]
 
@@ -73,7 +74,12 @@ class RemoteNotFoundError(RemoteError, NotFoundError):
 
 
 def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a server answers ``e`` with."""
+    """The status code and message a server answers ``e`` with (no configured credential in it)."""
+    code, message = _status_of(e)
+    return code, redacted(message)
+
+
+def _status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(e, RemoteError):
         return e.code, str(e)
     if isinstance(e, NotFoundError):

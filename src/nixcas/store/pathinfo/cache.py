@@ -23,6 +23,7 @@ from typing import ClassVar
 
 from nixcas._aio import close_all
 from nixcas.config import NearFarConfig, Resolver
+from nixcas.ops import stats
 from nixcas.store.nar.hashing import NarCalculationService
 from nixcas.store.pathinfo.base import PathInfoService, PathInfoServiceWrapper
 from nixcas.store.pathinfo.model import PathInfo
@@ -55,9 +56,11 @@ class CachePathInfoService(PathInfoServiceWrapper):
 
     async def get(self, digest: bytes) -> PathInfo | None:
         found = await self.near.get(digest)
+        stats.lookup("pathinfo", found is not None)
         if found is not None:
             return found
-        found = await self.far.get(digest)
+        with stats.upstream("pathinfo"):
+            found = await self.far.get(digest)
         if found is not None:
             await self.near.put(found)
         return found

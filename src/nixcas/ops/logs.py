@@ -1,0 +1,172 @@
+"""One logging setup for every command: UTC timestamps, level, logger name; text or JSON lines.
+
+The level is ``--log-level`` (or ``NIXCAS_LOG_LEVEL``), else the command's
+default (``info`` for servers, ``warning`` for the rest) moved by ``-v``/``-q``.
+Every record goes out as one bounded line: its message is cut at
+:data:`MAX_MESSAGE` characters, control characters (newlines among them) are
+escaped, and every credential of a configured service URL is replaced by
+``***`` (:func:`nixcas.urls.redacted`), so a client cannot make a server write
+more than a short line per request, nor split one into several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Final, TextIO
+
+from nixcas.urls import redacted
+
+__all__ = ["LEVELS", "MAX_MESSAGE", "LogOptions", "bounded", "configure", "serving"]
+
+LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_ORDER: Final = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+MAX_MESSAGE: Final = 1000
+"""Characters of a log message that are written (the rest is replaced by a note of how many there were)."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """The global logging options: ``--log-level`` (``None``: the command's default), ``-v`` minus ``-q``, format."""
+
+    level: str | None = None
+    verbosity: int = 0
+    format: str = "text"
+
+    def level_for(self, default: int) -> int:
+        if self.level is not None:
+            return LEVELS[self.level]
+        index = _ORDER.index(default) - self.verbosity
+        return _ORDER[max(0, min(len(_ORDER) - 1, index))]
+
+
+_options = LogOptions()
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char) or f"\\x{ord(char):02x}"
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line (control characters escaped), at most about ``limit`` characters."""
+    if len(text) > limit:
+        text = f"{text[:limit]}… ({len(text) - limit} more characters)"
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float) -> str:
+    """``created`` in UTC to the millisecond (the seconds part formatted once per second)."""
+    global _second
+    seconds = int(created)
+    if _second[0] != seconds:
+        _second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{_second[1]}.{int((created - seconds) * 1000):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-12-07T14:06:13.123Z INFO nixcas.access: GET /nix-cache-info 200 …`` (a traceback follows, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{_timestamp(record.created)} {record.levelname} {record.name}: {redacted(bounded(record.getMessage()))}"
+        )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + redacted(record.exc_text)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``time``, ``level``, ``logger``, ``message``, an access line's fields, ``exception``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry: dict[str, Any] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redacted(bounded(record.getMessage())),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = redacted(record.exc_text)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler :func:`configure` installs on the root logger (replaced, never duplicated)."""
+
+
+def configure(options: LogOptions, *, server: bool = False, stream: TextIO | None = None) -> None:
+    """Install the handler on the root logger with ``options`` (a server's default level is INFO), writing to
+    ``stream`` (standard error by default)."""
+    global _options
+    _options = options
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(handler)
+    global _handler
+    handler = _handler = _Handler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if options.format == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(options.level_for(logging.INFO if server else logging.WARNING))
+    logging.captureWarnings(True)
+    # What no line shows is not gathered (the logging HOWTO's "Optimization"): an access line costs a third.
+    logging._srcfile = None  # the caller's file and line
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
+
+_handler: _Handler | None = None
+"""The handler :func:`configure` installed."""
+
+
+def write_directly(logger: logging.Logger, level: int, message: str) -> bool:
+    """Write ``message`` as ``logger``'s text line at ``level`` without a LogRecord, if that is all logging would
+    do: text lines, our handler the root's only one, no other handler or filter on the way.  Else ``False``
+    (the caller logs as usual).  An access line costs a third of going through :mod:`logging`."""
+    handler = _handler
+    root = logger.parent
+    if (
+        handler is None
+        or _options.format != "text"
+        or logger.handlers
+        or logger.filters
+        or handler.filters
+        or not logger.propagate
+        or root is None
+        or root.parent is not None
+        or root.handlers != [handler]
+        or handler.level > level
+        or not logger.isEnabledFor(level)
+    ):
+        return False
+    line = f"{_timestamp(time.time())} {logging.getLevelName(level)} {logger.name}: {redacted(bounded(message))}\n"
+    with handler.lock or contextlib.nullcontext():
+        handler.stream.write(line)
+        handler.stream.flush()
+    return True
+
+
+def json_lines() -> bool:
+    """Whether log lines are JSON (access lines then carry their fields)."""
+    return _options.format == "json"
+
+
+def serving() -> None:
+    """Re-apply the global options with a server's defaults (INFO; access lines on)."""
+    configure(_options, server=True)
