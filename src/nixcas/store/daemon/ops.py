@@ -1,0 +1,745 @@
+"""One handler per worker-protocol operation, over the store's services.
+
+Each handler reads its operation's arguments, then works, then answers with
+``STDERR_LAST`` and its result (see :mod:`~nixcas.store.daemon.session`).
+Operations nixcas cannot serve end with an error frame; the ones whose
+arguments are known are read first, so the session goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node
+from nixcas.errors import NixbaseError, PathInfoError, StorePathError, ValidationError
+from nixcas.store import nixbase32
+from nixcas.store.daemon.protocol import BuildStatus, Op
+from nixcas.store.daemon.session import DaemonError, Session, SessionEnd
+from nixcas.store.daemon.wire import FramedSource, LimitedSource, ProtocolError, TunnelSource, WireReader
+from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
+from nixcas.store.pathinfo.model import PathInfo, Signature
+from nixcas.store.store_path import STORE_DIR_PREFIX, StorePath
+
+if TYPE_CHECKING:
+    from nixcas.castore.blob.base import BlobService
+    from nixcas.castore.digest import B3Digest
+    from nixcas.castore.dirs.base import DirectoryService
+    from nixcas.castore.pins.base import PinService
+    from nixcas.store.pathinfo.base import PathInfoService
+    from nixcas.store.signing import VerifyingKey
+
+__all__ = ["HANDLERS", "DaemonState"]
+
+log = logging.getLogger("nixcas.nix-daemon")
+
+MAX_PATH = 4096
+"""Longest store path string accepted."""
+MAX_SIG = 1024
+NO_BUILD = "nixcas does not build"
+
+
+@dataclass
+class DaemonState:
+    """What every session shares: the services, the signature policy, the GC-root naming."""
+
+    blobs: BlobService
+    directories: DirectoryService
+    pathinfos: PathInfoService
+    pins: PinService | None = None
+    trusted_keys: tuple[VerifyingKey, ...] = ()
+    require_sigs: bool = True
+    """Whether a trusted client's 'check signatures' request is honoured (untrusted clients are always checked)."""
+    root_prefix: str = field(default_factory=lambda: f"nix-temp-{os.getpid()}-")
+
+    async def get(self, path: StorePath) -> PathInfo | None:
+        return await self.pathinfos.get(path.digest)
+
+    async def require(self, path: StorePath) -> PathInfo:
+        info = await self.get(path)
+        if info is None:
+            raise DaemonError(f"path '{path}' is not valid")
+        return info
+
+    async def referrers(self, path: StorePath) -> list[StorePath]:
+        """Every valid path whose references include ``path`` (one pass over the path infos)."""
+        found = []
+        async for info in self.pathinfos.list():
+            if any(ref.digest == path.digest for ref in info.references):
+                found.append(info.store_path)
+        return found
+
+    async def pin(self, name: str, node: Node) -> bool:
+        """Pin ``node``'s data as ``name`` (nothing to pin for a symlink); whether a pin was made."""
+        digest = _node_digest(node)
+        if self.pins is None or digest is None:
+            return False
+        await self.pins.pin(name, digest)
+        return True
+
+    async def unpin(self, names: Iterable[str]) -> None:
+        if self.pins is None:
+            return
+        for name in names:
+            with contextlib.suppress(Exception):
+                await self.pins.unpin(name)
+
+    async def release_stale_temp_roots(self) -> int:
+        """Unpin the temporary roots a daemon process left behind when it was killed; how many."""
+        if self.pins is None:
+            return 0
+        stale = []
+        for pin in await self.pins.list():
+            if not pin.name.startswith("nix-temp-") or pin.name.startswith(self.root_prefix):
+                continue
+            pid_text = pin.name.removeprefix("nix-temp-").split("-", 1)[0]
+            if pid_text.isdigit() and not _alive(int(pid_text)):
+                stale.append(pin.name)
+        await self.unpin(stale)
+        return len(stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _node_digest(node: Node) -> B3Digest | None:
+    if isinstance(node, DirectoryNode | FileNode):
+        return node.digest
+    return None
+
+
+# -- argument parsing (after every argument was read: errors keep the session in sync) ---------------
+
+
+def parse_path(text: str) -> StorePath:
+    try:
+        return StorePath.from_absolute_path(text)
+    except StorePathError as e:
+        raise DaemonError(str(e)) from None
+
+
+def parse_optional_path(text: str) -> StorePath | None:
+    return None if text == "" else parse_path(text)
+
+
+def parse_deriver(text: str) -> StorePath | None:
+    if text == "":
+        return None
+    path = parse_path(text)
+    if not path.name.endswith(".drv"):
+        raise DaemonError(f"deriver '{text}' is not a .drv path")
+    return StorePath(path.digest, path.name.removesuffix(".drv"))
+
+
+def show_deriver(deriver: StorePath | None) -> str:
+    return "" if deriver is None else f"{STORE_DIR_PREFIX}{deriver.basename}.drv"
+
+
+async def read_path(s: Session) -> str:
+    return await s.wire.text(MAX_PATH, "store path")
+
+
+async def read_paths(s: Session) -> list[str]:
+    return await s.wire.texts(MAX_PATH, "store path")
+
+
+def write_path_info(s: Session, info: PathInfo) -> None:
+    """The path info without its path (``UnkeyedValidPathInfo``), as the session's minor has it."""
+    s.out.text(show_deriver(info.deriver))
+    s.out.text(info.nar_sha256.hex())
+    s.out.texts(sorted(str(r) for r in info.references))
+    s.out.u64(0)  # registration time: not recorded
+    s.out.u64(info.nar_size)
+    if s.minor >= 16:
+        s.out.flag(False)  # ultimate: nixcas built nothing
+        s.out.texts(str(sig) for sig in info.signatures)
+        s.out.text("" if info.ca is None else str(info.ca))
+
+
+@dataclass
+class IncomingInfo:
+    """A ``ValidPathInfo`` as the client sent it (strings, parsed once the NAR framing is known)."""
+
+    path: str
+    deriver: str
+    nar_hash: str
+    references: list[str]
+    nar_size: int
+    signatures: list[str]
+    ca: str
+
+    @classmethod
+    async def read(cls, wire: WireReader) -> IncomingInfo:
+        path = await wire.text(MAX_PATH, "store path")
+        deriver = await wire.text(MAX_PATH, "deriver")
+        nar_hash = await wire.text(200, "NAR hash")
+        references = await wire.texts(MAX_PATH, "reference")
+        await wire.u64()  # registration time
+        nar_size = await wire.u64()
+        await wire.u64()  # ultimate (never trusted from a client)
+        signatures = await wire.texts(MAX_SIG, "signature")
+        ca = await wire.text(300, "content address")
+        return cls(path, deriver, nar_hash, references, nar_size, signatures, ca)
+
+
+@dataclass
+class CheckedInfo:
+    store_path: StorePath
+    deriver: StorePath | None
+    nar_sha256: bytes
+    references: tuple[StorePath, ...]
+    nar_size: int
+    signatures: tuple[Signature, ...]
+    ca: CAHash | None
+
+
+async def check_incoming(s: Session, raw: IncomingInfo, *, check_sigs: bool) -> CheckedInfo:
+    """Parse and vet a path info before its NAR is read: well-formed, references present, trusted enough."""
+    store_path = parse_path(raw.path)
+    try:
+        nar_hash = NixHash.parse(raw.nar_hash, HashAlgo.SHA256)
+        if nar_hash.algo is not HashAlgo.SHA256:
+            raise DaemonError(f"{store_path}: the NAR hash must be sha256")
+        signatures = tuple(Signature.parse(text) for text in raw.signatures)
+        ca = CAHash.parse(raw.ca) if raw.ca else None
+    except (NixbaseError, PathInfoError) as e:
+        raise DaemonError(f"{store_path}: {e}") from None
+    checked = CheckedInfo(
+        store_path,
+        parse_deriver(raw.deriver),
+        nar_hash.digest,
+        tuple(parse_path(r) for r in raw.references),
+        raw.nar_size,
+        signatures,
+        ca,
+    )
+    from nixcas.store.importer import check_content_address
+
+    try:
+        check_content_address(_ContentView(checked))
+    except ValidationError as e:
+        raise DaemonError(str(e)) from None
+    missing = []
+    for ref in checked.references:
+        if ref.digest != store_path.digest and await s.state.get(ref) is None:
+            missing.append(str(ref))
+    if missing:
+        raise DaemonError(
+            f"cannot add path '{store_path}': its references are not valid here (add them first): "
+            + ", ".join(missing[:5])
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    needs_sig = not s.trusted or (check_sigs and s.state.require_sigs)
+    if needs_sig and not _self_certifying(checked) and not _signed(s, checked):
+        raise DaemonError(f"cannot add path '{store_path}' because it lacks a signature by a trusted key")
+    return checked
+
+
+@dataclass
+class _ContentView:
+    """What :func:`~nixcas.store.importer.check_content_address` reads."""
+
+    info: CheckedInfo
+
+    @property
+    def store_path(self) -> StorePath:
+        return self.info.store_path
+
+    @property
+    def references(self) -> tuple[StorePath, ...]:
+        return self.info.references
+
+    @property
+    def ca(self) -> CAHash | None:
+        return self.info.ca
+
+    @property
+    def nar_hash(self) -> NixHash:
+        return NixHash(HashAlgo.SHA256, self.info.nar_sha256)
+
+
+def _self_certifying(info: CheckedInfo) -> bool:
+    """A ``fixed:r:sha256`` path: its store path follows from the NAR hash that ingest verifies."""
+    ca = info.ca
+    return ca is not None and ca.kind is CAKind.NAR and ca.hash.algo is HashAlgo.SHA256
+
+
+def _signed(s: Session, info: CheckedInfo) -> bool:
+    from nixcas.store.narinfo import fingerprint
+    from nixcas.store.signing import has_valid_signature
+
+    message = fingerprint(info.store_path, info.nar_sha256, info.nar_size, info.references)
+    return has_valid_signature(message, info.signatures, s.state.trusted_keys)
+
+
+async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSource | LimitedSource) -> PathInfo:
+    """Import the NAR, check it against ``info``, and register the path."""
+    from nixcas.store.nar.ingest import ingest_nar
+
+    node, size, sha256 = await ingest_nar(
+        source, s.state.blobs, s.state.directories, expected_size=info.nar_size, expected_sha256=info.nar_sha256
+    )
+    del size, sha256  # equal to what info says (ingest_nar checked them)
+    path_info = PathInfo(
+        store_path=info.store_path,
+        node=node,
+        references=info.references,
+        nar_size=info.nar_size,
+        nar_sha256=info.nar_sha256,
+        signatures=info.signatures,
+        deriver=info.deriver,
+        ca=info.ca,
+    )
+    existing = await s.state.get(info.store_path)
+    if existing is not None and existing.nar_sha256 == path_info.nar_sha256:
+        path_info = existing.with_signatures(path_info.signatures)
+    stored = await s.state.pathinfos.put(path_info)
+    if stored.digest in s.temp_roots and not s.temp_roots[stored.digest]:
+        name = s.state.root_prefix + f"{s.id}-{stored.store_path.hash_part}"
+        if await s.state.pin(name, stored.node):
+            s.temp_roots[stored.digest] = name
+    log.info("%s: added %s (%d bytes of NAR)", s.peer, stored.store_path, stored.nar_size)
+    return stored
+
+
+async def drain(source: FramedSource | LimitedSource) -> None:
+    """Read what is left of a NAR stream, so the session stays in sync after an error."""
+    if isinstance(source, FramedSource):
+        await source.drain()
+    else:
+        while await source.read(1 << 16):
+            pass
+
+
+# -- queries ----------------------------------------------------------------------------------------
+
+
+async def is_valid_path(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    valid = await s.state.get(path) is not None
+    s.last().flag(valid)
+
+
+async def query_valid_paths(s: Session) -> None:
+    texts = await read_paths(s)
+    if s.minor >= 27:
+        await s.wire.u64()  # substitute: the path info service reaches any configured upstream itself
+    paths = [parse_path(t) for t in texts]
+    valid = [p for p in paths if await s.state.get(p) is not None]
+    s.last().texts(str(p) for p in valid)
+
+
+async def query_path_info(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    info = await s.state.get(path)
+    s.last()
+    if info is None:
+        s.out.u64(0)
+        return
+    s.out.u64(1)
+    write_path_info(s, info)
+
+
+async def query_path_from_hash_part(s: Session) -> None:
+    hash_part = await s.wire.text(MAX_PATH, "hash part")
+    found = ""
+    if nixbase32.is_valid(hash_part) and len(hash_part) == 32:
+        info = await s.state.pathinfos.get(nixbase32.decode(hash_part))
+        if info is not None:
+            found = str(info.store_path)
+    s.last().text(found)
+
+
+async def query_referrers(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    referrers = await s.state.referrers(path)
+    s.last().texts(sorted(str(p) for p in referrers))
+
+
+async def query_all_valid_paths(s: Session) -> None:
+    paths = [str(info.store_path) async for info in s.state.pathinfos.list()]
+    s.last().texts(sorted(paths))
+
+
+async def query_deriver(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    info = await s.state.require(path)
+    s.last().text(show_deriver(info.deriver))
+
+
+async def empty_path_set(s: Session) -> None:
+    """QueryValidDerivers / QueryDerivationOutputs: nixcas records no derivations."""
+    parse_path(await read_path(s))
+    s.last().u64(0)
+
+
+async def query_derivation_output_map(s: Session) -> None:
+    parse_path(await read_path(s))
+    s.last().u64(0)  # an empty map
+
+
+async def query_realisation(s: Session) -> None:
+    await s.wire.text(MAX_PATH, "derivation output")
+    s.last().u64(0)  # no realisation (an empty set of paths or of realisations, by minor)
+
+
+async def query_substitutable_paths(s: Session) -> None:
+    texts = await read_paths(s)
+    for t in texts:
+        parse_path(t)
+    s.last().u64(0)  # an invalid path is one no configured upstream has either
+
+
+async def query_substitutable_path_info(s: Session) -> None:
+    parse_path(await read_path(s))
+    s.last().u64(0)
+
+
+async def query_substitutable_path_infos(s: Session) -> None:
+    count = await s.wire.small(1 << 20, "number of paths")
+    for _ in range(count):
+        parse_path(await read_path(s))
+        if s.minor >= 22:
+            await s.wire.text(300, "content address")
+    s.last().u64(0)
+
+
+def _split_derived(text: str) -> tuple[StorePath, str | None]:
+    """A DerivedPath string: a store path, or ``<drv>!<outputs>``."""
+    base, bang, outputs = text.partition("!")
+    return parse_path(base), (outputs if bang else None)
+
+
+async def query_missing(s: Session) -> None:
+    targets = await s.wire.texts(MAX_PATH + 1024, "derived path")
+    unknown = []
+    for text in targets:
+        path, outputs = _split_derived(text)
+        if outputs is not None or await s.state.get(path) is None:
+            unknown.append(str(path))
+    s.last()
+    s.out.u64(0)  # will build
+    s.out.u64(0)  # will substitute
+    s.out.texts(sorted(set(unknown)))
+    s.out.u64(0).u64(0)  # download size, NAR size
+
+
+async def _ensure_valid(s: Session, targets: list[str]) -> None:
+    for text in targets:
+        path, outputs = _split_derived(text)
+        if outputs is not None:
+            raise DaemonError(f"{NO_BUILD}: cannot build '{text}' (only valid or substitutable paths are served)")
+        if await s.state.get(path) is None:
+            raise DaemonError(f"{NO_BUILD}: path '{path}' is not valid and no configured upstream has it")
+
+
+async def _build_mode(s: Session) -> None:
+    mode = await s.wire.small(2, "build mode")
+    if mode == 1 and not s.trusted:
+        raise DaemonError("repairing is not allowed because you are not in 'trusted-users'")
+    if mode == 2:
+        raise DaemonError(f"{NO_BUILD}: cannot check (rebuild) paths")
+
+
+async def ensure_path(s: Session) -> None:
+    text = await read_path(s)
+    await _ensure_valid(s, [text])
+    s.last().u64(1)
+
+
+async def build_paths(s: Session) -> None:
+    targets = await s.wire.texts(MAX_PATH + 1024, "derived path")
+    await _build_mode(s)
+    await _ensure_valid(s, targets)
+    s.last().u64(1)
+
+
+async def build_paths_with_results(s: Session) -> None:
+    targets = await s.wire.texts(MAX_PATH + 1024, "derived path")
+    await _build_mode(s)
+    await _ensure_valid(s, targets)
+    s.last().u64(len(targets))
+    for text in targets:
+        s.out.text(text)
+        s.out.u64(BuildStatus.ALREADY_VALID).text("")
+        if s.minor >= 29:
+            s.out.u64(0).flag(False).u64(0).u64(0)  # times built, non-deterministic, start and stop time
+        if s.minor >= 37:
+            s.out.u64(0).u64(0)  # no CPU times (user, system)
+        if s.minor >= 28:
+            s.out.u64(0)  # no built outputs
+
+
+# -- adding paths ---------------------------------------------------------------------------------------
+
+
+async def add_to_store_nar(s: Session) -> None:
+    raw = await IncomingInfo.read(s.wire)
+    await s.wire.u64()  # repair: nothing nixcas stores can be repaired in place
+    dont_check_sigs = await s.wire.flag()
+    check_sigs = not (dont_check_sigs and s.trusted)
+    source: FramedSource | LimitedSource
+    if s.minor >= 23:
+        source = FramedSource(s.wire)
+    elif s.minor >= 21:
+        source = LimitedSource(TunnelSource(s.wire, s.writer), raw.nar_size)
+    else:
+        source = LimitedSource(s.wire, raw.nar_size)
+    try:
+        info = await check_incoming(s, raw, check_sigs=check_sigs)
+        await ingest(s, info, source)
+    except Exception as e:
+        await drain(source)  # a broken connection raises here: the session ends
+        if isinstance(e, ProtocolError):  # the NAR framing was fine, what it carried was not
+            raise DaemonError(str(e)) from None
+        raise
+    await drain(source)
+    s.last()
+
+
+async def add_multiple_to_store(s: Session) -> None:
+    await s.wire.u64()  # repair
+    dont_check_sigs = await s.wire.flag()
+    check_sigs = not (dont_check_sigs and s.trusted)
+    framed = FramedSource(s.wire)
+    inner = WireReader(framed)
+    try:
+        count = await inner.u64()
+        for _ in range(count):
+            raw = await IncomingInfo.read(inner)
+            info = await check_incoming(s, raw, check_sigs=check_sigs)
+            nar = LimitedSource(framed, raw.nar_size)
+            await ingest(s, info, nar)
+    except Exception as e:
+        await framed.drain()  # a broken connection raises here: the session ends
+        if isinstance(e, ProtocolError):
+            raise DaemonError(str(e)) from None
+        raise
+    await framed.drain()
+    s.last()
+
+
+async def add_signatures(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    texts = await s.wire.texts(MAX_SIG, "signature")
+    try:
+        sigs = [Signature.parse(t) for t in texts]
+    except PathInfoError as e:
+        raise DaemonError(str(e)) from None
+    info = await s.state.require(path)
+    if not s.trusted:
+        from nixcas.store.signing import path_info_fingerprint
+
+        message = path_info_fingerprint(info)
+        for sig in sigs:
+            if not any(key.verify(message, sig) for key in s.state.trusted_keys):
+                raise DaemonError(
+                    f"cannot add signature '{sig.name}' to '{path}': it is not a valid signature by a trusted key"
+                )
+    await s.state.pathinfos.put(info.with_signatures(sigs))
+    s.last().u64(1)
+
+
+async def nar_from_path(s: Session) -> None:
+    from nixcas.store.nar.render import render_nar
+
+    path = parse_path(await read_path(s))
+    info = await s.state.require(path)
+    chunks = render_nar(info.node, s.state.blobs, s.state.directories)
+    try:
+        first = await anext(chunks, None)  # a missing blob or directory still gets an error frame
+        s.last()
+        await s.flush()
+        sent = 0
+        while first is not None:
+            s.writer.write(first)
+            sent += len(first)
+            await s.writer.drain()
+            first = await anext(chunks, None)
+    finally:
+        await chunks.aclose()
+    if sent != info.nar_size:
+        raise SessionEnd(f"{path}: rendered {sent} bytes of NAR, its path info says {info.nar_size}")
+
+
+# -- GC roots -------------------------------------------------------------------------------------------
+
+
+def _root_name(kind: str, location: str) -> str:
+    name = f"nix-{kind}:" + urllib.parse.quote(location, safe="")
+    if len(name) > 255:
+        raise DaemonError(f"GC root location '{location[:100]}' is too long to name a pin")
+    return name
+
+
+async def add_temp_root(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    if path.digest not in s.temp_roots:
+        s.temp_roots[path.digest] = ""
+        info = await s.state.get(path)
+        if info is not None:
+            name = s.state.root_prefix + f"{s.id}-{path.hash_part}"
+            if await s.state.pin(name, info.node):
+                s.temp_roots[path.digest] = name
+    s.last().u64(1)
+
+
+async def add_indirect_root(s: Session) -> None:
+    location = await s.wire.text(MAX_PATH, "GC root location")
+    if not s.trusted:
+        raise DaemonError("you are not privileged to create indirect roots")
+    try:
+        target = os.readlink(location)
+    except OSError as e:
+        raise DaemonError(f"cannot read the GC root symlink '{location}': {e.strerror}") from None
+    info = await s.state.require(parse_path(target))
+    await s.state.pin(_root_name("indirect", os.path.abspath(location)), info.node)
+    s.last().u64(1)
+
+
+async def add_perm_root(s: Session) -> None:
+    path = parse_path(await read_path(s))
+    location = await s.wire.text(MAX_PATH, "GC root location")
+    if not s.trusted:
+        raise DaemonError("you are not privileged to create perm roots")
+    info = await s.state.require(path)
+    location = os.path.abspath(location)
+    await s.state.pin(_root_name("perm", location), info.node)
+    s.last().text(location)
+
+
+async def sync_with_gc(s: Session) -> None:
+    s.last().u64(1)
+
+
+# -- maintenance --------------------------------------------------------------------------------------
+
+
+async def set_options(s: Session) -> None:
+    for _ in range(12):  # keepFailed … useSubstitutes (nothing here builds or substitutes per client)
+        await s.wire.u64()
+    if s.minor >= 12:
+        count = await s.wire.small(4096, "number of options")
+        for _ in range(count):
+            await s.wire.text(4096, "option name")
+            await s.wire.text(MAX_PATH * 16, "option value")
+    s.last()
+
+
+async def optimise_store(s: Session) -> None:
+    s.last().u64(1)  # blobs are deduplicated by content already
+
+
+async def verify_store(s: Session) -> None:
+    check_contents = await s.wire.flag()
+    repair = await s.wire.flag()
+    if repair:
+        raise DaemonError(
+            "you are not privileged to repair paths"
+            if not s.trusted
+            else "nixcas cannot repair through the daemon; run 'nixcas fsck --repair-from …'"
+        )
+    from nixcas.store.fsck import fsck
+
+    report = await fsck(
+        s.state.blobs, s.state.directories, s.state.pathinfos, s.state.pins, check_contents=check_contents
+    )
+    for problem in report.remaining[:100]:
+        await s.message(f"nixcas fsck: {problem}")
+    s.last().flag(bool(report.remaining))
+
+
+# -- operations nixcas refuses, with known arguments (the session goes on) ------------------------------
+
+
+async def _refuse(text: str) -> None:
+    raise DaemonError(f"nixcas nix-daemon: {text}")
+
+
+async def add_to_store(s: Session) -> None:
+    if s.minor < 25:
+        raise ProtocolError("AddToStore before protocol 1.25 is not supported")
+    await s.wire.text(MAX_PATH, "name")
+    await s.wire.text(300, "content address method")
+    await read_paths(s)
+    await s.wire.u64()  # repair
+    await FramedSource(s.wire).drain()
+    await _refuse("AddToStore is not supported: add the path to a local store and copy it (nix copy --to)")
+
+
+async def add_build_log(s: Session) -> None:
+    await read_path(s)
+    await FramedSource(s.wire).drain()
+    await _refuse("build logs are not stored")
+
+
+async def add_text_to_store(s: Session) -> None:
+    await s.wire.text(MAX_PATH, "name")
+    await s.wire.raw(64 << 20, "text")
+    await read_paths(s)
+    await _refuse("AddTextToStore is not supported")
+
+
+async def find_roots(s: Session) -> None:
+    await _refuse("FindRoots is not supported; see 'nixcas castore pins'")
+
+
+async def collect_garbage(s: Session) -> None:
+    await s.wire.u64()  # action
+    await read_paths(s)
+    for _ in range(5):  # ignore liveness, max freed, three obsolete fields
+        await s.wire.u64()
+    await _refuse("garbage is collected with 'nixcas gc', not through the daemon")
+
+
+Handler = Callable[[Session], Awaitable[None]]
+
+HANDLERS: dict[int, Handler] = {
+    Op.IS_VALID_PATH: is_valid_path,
+    Op.QUERY_VALID_PATHS: query_valid_paths,
+    Op.QUERY_PATH_INFO: query_path_info,
+    Op.QUERY_PATH_FROM_HASH_PART: query_path_from_hash_part,
+    Op.QUERY_REFERRERS: query_referrers,
+    Op.QUERY_ALL_VALID_PATHS: query_all_valid_paths,
+    Op.QUERY_DERIVER: query_deriver,
+    Op.QUERY_VALID_DERIVERS: empty_path_set,
+    Op.QUERY_DERIVATION_OUTPUTS: empty_path_set,
+    Op.QUERY_DERIVATION_OUTPUT_MAP: query_derivation_output_map,
+    Op.QUERY_REALISATION: query_realisation,
+    Op.QUERY_SUBSTITUTABLE_PATHS: query_substitutable_paths,
+    Op.QUERY_SUBSTITUTABLE_PATH_INFO: query_substitutable_path_info,
+    Op.QUERY_SUBSTITUTABLE_PATH_INFOS: query_substitutable_path_infos,
+    Op.QUERY_MISSING: query_missing,
+    Op.ENSURE_PATH: ensure_path,
+    Op.BUILD_PATHS: build_paths,
+    Op.BUILD_PATHS_WITH_RESULTS: build_paths_with_results,
+    Op.ADD_TO_STORE_NAR: add_to_store_nar,
+    Op.ADD_MULTIPLE_TO_STORE: add_multiple_to_store,
+    Op.ADD_SIGNATURES: add_signatures,
+    Op.NAR_FROM_PATH: nar_from_path,
+    Op.ADD_TEMP_ROOT: add_temp_root,
+    Op.ADD_INDIRECT_ROOT: add_indirect_root,
+    Op.ADD_PERM_ROOT: add_perm_root,
+    Op.SYNC_WITH_GC: sync_with_gc,
+    Op.SET_OPTIONS: set_options,
+    Op.OPTIMISE_STORE: optimise_store,
+    Op.VERIFY_STORE: verify_store,
+    Op.ADD_TO_STORE: add_to_store,
+    Op.ADD_BUILD_LOG: add_build_log,
+    Op.ADD_TEXT_TO_STORE: add_text_to_store,
+    Op.FIND_ROOTS: find_roots,
+    Op.COLLECT_GARBAGE: collect_garbage,
+}
+"""Every operation served (or refused after reading its arguments); any other ends the session."""
