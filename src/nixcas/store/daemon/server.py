@@ -51,12 +51,12 @@ async def serving_unix(
     path = path.absolute()
     prepare_socket_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sessions: set[asyncio.Task[None]] = set()
+    sessions: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        sessions.add(task)
+        sessions[task] = writer
         try:
             sock = writer.get_extra_info("socket")
             peer = peer_of(sock)
@@ -67,7 +67,7 @@ async def serving_unix(
                 return
             await Session(state, reader, writer, trusted=policy.is_trusted(peer), peer=str(peer)).run()
         finally:
-            sessions.discard(task)
+            sessions.pop(task, None)
 
     old_umask = os.umask(0o077)  # the socket is created private, then opened up to socket_mode
     try:
@@ -79,10 +79,10 @@ async def serving_unix(
         yield server
     finally:
         server.close()
-        for task in list(sessions):
-            task.cancel()
+        for writer in list(sessions.values()):  # the sessions see the end of their input and finish
+            writer.transport.abort()
         if sessions:
-            await asyncio.gather(*sessions, return_exceptions=True)
+            await asyncio.wait(list(sessions), timeout=10)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
         with contextlib.suppress(FileNotFoundError):
