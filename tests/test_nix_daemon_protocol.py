@@ -306,7 +306,10 @@ async def test_add_query_and_read_back_in_every_framing(minor: int) -> None:
         assert await c.op(u64(NAR_FROM_PATH), s(str(top.path))) is None
         assert await c.reader.readexactly(len(top.nar)) == top.nar
         substitute = u64(0) if c.minor >= 27 else b""
-        assert await c.op(u64(QUERY_VALID_PATHS), strs([str(top.path), "/nix/store/" + "0" * 32 + "-x"]), substitute) is None
+        assert (
+            await c.op(u64(QUERY_VALID_PATHS), strs([str(top.path), "/nix/store/" + "0" * 32 + "-x"]), substitute)
+            is None
+        )
         assert await c.strings() == [str(top.path)]
         assert await c.op(u64(QUERY_PATH_FROM_HASH_PART), s(top.path.hash_part)) is None
         assert (await c.string()).decode() == str(top.path)

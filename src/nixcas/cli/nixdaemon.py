@@ -114,7 +114,7 @@ def nix_daemon(
     if force_trusted is not None:
         policy = TrustPolicy(("*",) if force_trusted else (), ("*",) if force_trusted else policy.allowed_users)
     logging.basicConfig(
-        level=logging.WARNING if stdio else logging.INFO,
+        level=logging.ERROR if stdio else logging.INFO,
         format="nixcas nix-daemon: %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
