@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 
 import nixcas
-
 from nixcas.store.nar.wire import encode_str
 from nixcas.store.signing import SigningKey
 from nixcas.testing.daemon import Daemon, clean_env, free_port, running_daemon
@@ -148,7 +147,22 @@ def test_copy_to_keeps_what_nix_knows(world: World) -> None:
     ours = path_infos(world.url, world.paths, world.home("pi"))
     theirs = path_infos(str(world.source), world.paths, world.home("pi"))
     assert ours == theirs
-    assert ours[world.top]["signatures"] and sorted(ours[world.top]["references"]) == sorted([world.dep, world.top])  # type: ignore[arg-type]
+    top = ours[world.top]
+    assert top["signatures"] == [str(KEY.sign(fingerprint_of(top, world.top)))]
+    assert top["references"] == sorted([world.dep, world.top])
+
+
+def fingerprint_of(info: dict[str, object], path: str) -> bytes:
+    from nixcas.store.hashes import HashAlgo, NixHash
+    from nixcas.store.narinfo import fingerprint
+    from nixcas.store.store_path import StorePath
+
+    refs = info["references"]
+    assert isinstance(refs, list) and isinstance(info["narSize"], int)
+    sha = NixHash.parse(str(info["narHash"]), HashAlgo.SHA256).digest
+    return fingerprint(
+        StorePath.from_absolute_path(path), sha, info["narSize"], map(StorePath.from_absolute_path, refs)
+    )
 
 
 def test_nix_store_queries(world: World) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from nixcas.castore.pins.base import Pin
 from nixcas.registry import (
     blob_service_from_url,
     directory_service_from_url,
@@ -355,7 +356,7 @@ async def test_add_multiple_build_and_empty_answers() -> None:
 
 def _corrupt(item: Item, **changes: object) -> Item:
     """``item`` with its metadata changed, signed again (so what fails is the NAR check, not the signature)."""
-    bad = Item(**{**item.__dict__, **changes})  # type: ignore[arg-type]
+    bad = Item(**{**item.__dict__, **changes})
     sha = bytes.fromhex(bad.nar_hash) if bad.nar_hash else hashlib.sha256(bad.nar).digest()
     size = len(bad.nar) if bad.nar_size is None else bad.nar_size
     refs = [StorePath.from_absolute_path(r) for r in bad.references]
@@ -456,7 +457,7 @@ async def test_roots_and_signatures() -> None:
         assert error is not None and "not privileged" in error
 
 
-async def _pins(d: Daemon) -> AsyncIterator[object]:
+async def _pins(d: Daemon) -> AsyncIterator[Pin]:
     assert d.state.pins is not None
     for pin in await d.state.pins.list():
         yield pin
