@@ -327,6 +327,8 @@ async def test_add_multiple_build_and_empty_answers() -> None:
     async with daemon() as d, d.connect() as c:
         assert await c.add_multiple([DEP, top, ca]) is None
         assert all([await c.is_valid(i.path) for i in (DEP, top, ca)])
+        assert await c.add_multiple([DEP, top, ca]) is None  # valid already: skipped, the stream stays in sync
+        assert await c.add(top) is None
         assert await c.op(u64(QUERY_MISSING), strs([str(top.path), absent, absent + ".drv!out"])) is None
         assert [await c.u64(), await c.u64()] == [0, 0]
         assert await c.strings() == [absent, absent + ".drv"]
@@ -461,3 +463,60 @@ async def _pins(d: Daemon) -> AsyncIterator[Pin]:
     assert d.state.pins is not None
     for pin in await d.state.pins.list():
         yield pin
+
+
+async def test_socket_is_replaced_when_stale_refused_when_live_and_mode_0666() -> None:
+    import socket as socket_module
+    import stat
+
+    from nixcas.errors import ConfigurationError
+    from nixcas.store.daemon.server import prepare_socket_path
+
+    with tempfile.TemporaryDirectory(prefix="nixcas-nd-") as d:
+        path = Path(d) / "sock"
+        stale = socket_module.socket(socket_module.AF_UNIX)
+        stale.bind(str(path))
+        stale.close()  # bound, never listening: what a killed daemon leaves
+        async with daemon() as first:
+            state = first.state
+        async with serving_unix(path, state, TrustPolicy(("*",))):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666
+            with pytest.raises(ConfigurationError, match="another daemon is listening"):
+                prepare_socket_path(path)
+        assert not path.exists()  # removed on the way out
+        path.write_text("not a socket")
+        with pytest.raises(ConfigurationError, match="not a socket"):
+            prepare_socket_path(path)
+        assert path.read_text() == "not a socket"
+
+
+async def test_users_not_allowed_are_told_so() -> None:
+    async with daemon() as d:
+        policy = TrustPolicy((), ("nobody-at-all",))
+        other = Path(d.socket).with_name("other")
+        async with serving_unix(other, d.state, policy):
+            reader, writer = await asyncio.open_unix_connection(str(other))
+            c = Client(reader, writer)
+            c.send(u64(MAGIC_1))
+            await c.u64()
+            await c.u64()
+            c.send(u64(1 << 8 | 37), u64(0), u64(0))
+            c.minor = 37
+            await c.string()
+            assert await c.u64() == 2  # not trusted
+            assert "not allowed to connect" in (await c.result() or "")
+            assert await c.closed()
+            writer.close()
+
+
+def test_trust_policy_entries() -> None:
+    from nixcas.store.daemon.trust import Peer
+
+    me = Peer(1, os.getuid(), os.getgid())
+    group = next(iter(me.groups()))
+    assert TrustPolicy(("*",)).is_trusted(me)
+    assert TrustPolicy((me.user,)).is_trusted(me)
+    assert TrustPolicy((f"@{group}",)).is_trusted(me)
+    assert not TrustPolicy(("@no-such-group-here", "no-such-user")).is_trusted(me)
+    assert not TrustPolicy((), ("someone-else",)).is_allowed(me)
+    assert TrustPolicy((me.user,), ()).is_allowed(me)  # trusted users may always connect

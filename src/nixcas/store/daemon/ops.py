@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,6 +45,15 @@ MAX_SIG = 1024
 NO_BUILD = "nixcas does not build"
 
 
+def _host() -> str:
+    """This host's name as pin names may hold it (no whitespace or '/')."""
+    return "".join(c if c.isprintable() and not c.isspace() and c != "/" else "_" for c in socket.gethostname())[:64]
+
+
+TEMP_ROOT_PREFIX = f"nix-temp-{_host()}-"
+"""Temporary roots are pins named ``nix-temp-HOST-PID-SESSION-HASH``: another host's are never touched."""
+
+
 @dataclass
 class DaemonState:
     """What every session shares: the services, the signature policy, the GC-root naming."""
@@ -55,7 +65,8 @@ class DaemonState:
     trusted_keys: tuple[VerifyingKey, ...] = ()
     require_sigs: bool = True
     """Whether a trusted client's 'check signatures' request is honoured (untrusted clients are always checked)."""
-    root_prefix: str = field(default_factory=lambda: f"nix-temp-{os.getpid()}-")
+    root_prefix: str = field(default_factory=lambda: f"{TEMP_ROOT_PREFIX}{os.getpid()}-")
+    """Names of this process's temporary-root pins start with this (host name and PID)."""
 
     async def get(self, path: StorePath) -> PathInfo | None:
         return await self.pathinfos.get(path.digest)
@@ -95,9 +106,9 @@ class DaemonState:
             return 0
         stale = []
         for pin in await self.pins.list():
-            if not pin.name.startswith("nix-temp-") or pin.name.startswith(self.root_prefix):
+            if not pin.name.startswith(TEMP_ROOT_PREFIX) or pin.name.startswith(self.root_prefix):
                 continue
-            pid_text = pin.name.removeprefix("nix-temp-").split("-", 1)[0]
+            pid_text = pin.name.removeprefix(TEMP_ROOT_PREFIX).split("-", 1)[0]
             if pid_text.isdigit() and not _alive(int(pid_text)):
                 stale.append(pin.name)
         await self.unpin(stale)
@@ -285,8 +296,13 @@ def _signed(s: Session, info: CheckedInfo) -> bool:
 
 
 async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSource | LimitedSource) -> PathInfo:
-    """Import the NAR, check it against ``info``, and register the path."""
+    """Import the NAR, check it against ``info``, and register the path (a valid path is kept as it is)."""
     from nixcas.store.nar.ingest import ingest_nar
+
+    existing = await s.state.get(info.store_path)
+    if existing is not None:  # as Nix does: a valid path is not replaced (its NAR is skipped by the caller)
+        log.info("%s: %s is valid already", s.peer, info.store_path)
+        return existing
 
     node, size, sha256 = await ingest_nar(
         source, s.state.blobs, s.state.directories, expected_size=info.nar_size, expected_sha256=info.nar_sha256
@@ -302,9 +318,6 @@ async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSou
         deriver=info.deriver,
         ca=info.ca,
     )
-    existing = await s.state.get(info.store_path)
-    if existing is not None and existing.nar_sha256 == path_info.nar_sha256:
-        path_info = existing.with_signatures(path_info.signatures)
     stored = await s.state.pathinfos.put(path_info)
     if stored.digest in s.temp_roots and not s.temp_roots[stored.digest]:
         name = s.state.root_prefix + f"{s.id}-{stored.store_path.hash_part}"
@@ -522,6 +535,7 @@ async def add_multiple_to_store(s: Session) -> None:
             info = await check_incoming(s, raw, check_sigs=check_sigs)
             nar = LimitedSource(framed, raw.nar_size)
             await ingest(s, info, nar)
+            await drain(nar)  # nothing left, unless the path was valid already
     except Exception as e:
         await framed.drain()  # a broken connection raises here: the session ends
         if isinstance(e, ProtocolError):
