@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
@@ -99,10 +100,24 @@ def start_daemon(workdir: Path, store: Path, sock: Path) -> subprocess.Popen[byt
     return proc
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds a process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(argv: list[str], env: dict[str, str], daemon_pid: int | None = None) -> tuple[float, float]:
+    """Wall seconds, and CPU seconds of the Nix client plus the daemon (if any), of one command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    daemon_before = cpu_of(daemon_pid) if daemon_pid is not None else 0.0
     start = time.perf_counter()
     run(argv, env)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if daemon_pid is not None:
+        cpu += cpu_of(daemon_pid) - daemon_before
+    return wall, cpu
 
 
 def main() -> None:
@@ -125,6 +140,7 @@ def main() -> None:
         info_argv = ["nix", "path-info", "--store", str(source), "--json", *paths]
         nar_bytes = sum(e["narSize"] for e in json.loads(run(info_argv, nix_env(workdir, "info"))))
         times: dict[str, list[float]] = {"nixcas nix-daemon": [], "local chroot store": []}
+        cpus: dict[str, list[float]] = {side: [] for side in times}
         for r in range(args.runs):
             order = list(times) if r % 2 == 0 else list(reversed(times))
             for side in order:
@@ -134,7 +150,9 @@ def main() -> None:
                     proc = start_daemon(workdir, store, sock)
                     try:
                         argv = ["nix", "copy", "--store", str(source), "--to", f"unix://{sock}", *paths]
-                        times[side].append(timed(argv, env))
+                        wall, cpu = timed(argv, env, proc.pid)
+                        times[side].append(wall)
+                        cpus[side].append(cpu)
                         if r == args.runs - 1:
                             ours = json.loads(run(["nix", "path-info", "--store", f"unix://{sock}", "--json", *paths],
                                                   env))  # fmt: skip
@@ -147,22 +165,32 @@ def main() -> None:
                     shutil.rmtree(store)
                 else:
                     target = workdir / f"nix-b-{r}"
-                    times[side].append(timed(["nix", "copy", "--store", str(source), "--to", str(target), *paths], env))
+                    wall, cpu = timed(["nix", "copy", "--store", str(source), "--to", str(target), *paths], env)
+                    times[side].append(wall)
+                    cpus[side].append(cpu)
                     run(["chmod", "-R", "u+w", str(target)])
                     shutil.rmtree(target)
         medians = {side: statistics.median(t) for side, t in times.items()}
         ratio = medians["nixcas nix-daemon"] / medians["local chroot store"]
+        cpu_medians = {side: statistics.median(t) for side, t in cpus.items()}
+        cpu_ratio = cpu_medians["nixcas nix-daemon"] / cpu_medians["local chroot store"]
         result: dict[str, Any] = {
             "paths": len(paths),
             "nar_bytes": nar_bytes,
             "runs": times,
             "median_s": medians,
             "ratio": ratio,
+            "cpu_runs": cpus,
+            "cpu_median_s": cpu_medians,
+            "cpu_ratio": cpu_ratio,
+            "load_average": os.getloadavg(),
         }
         for side, t in times.items():
             print(f"{side:20s} median {medians[side]:.3f} s  runs {' '.join(f'{x:.3f}' for x in t)}  "
                   f"({nar_bytes / medians[side] / 1e6:.1f} MB/s of NAR)")  # fmt: skip
-        print(f"ratio nixcas / local: {ratio:.2f}x ({len(paths)} paths, {nar_bytes / 1e6:.1f} MB of NAR)")
+            print(f"{'':20s} CPU (client + daemon) median {cpu_medians[side]:.3f} s")
+        print(f"ratio nixcas / local: wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x ({len(paths)} paths, "
+              f"{nar_bytes / 1e6:.1f} MB of NAR; load average {os.getloadavg()[0]:.1f})")  # fmt: skip
         if args.json is not None:
             args.json.write_text(json.dumps(result, indent=2))
     finally:

@@ -8,11 +8,13 @@ arguments are known are read first, so the session goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -67,6 +69,12 @@ class DaemonState:
     """Whether a trusted client's 'check signatures' request is honoured (untrusted clients are always checked)."""
     root_prefix: str = field(default_factory=lambda: f"{TEMP_ROOT_PREFIX}{os.getpid()}-")
     """Names of this process's temporary-root pins start with this (host name and PID)."""
+
+    def __post_init__(self) -> None:
+        from nixcas.bridge.groupsync import GroupSync
+
+        self.blob_sync = GroupSync(self.blobs.sync)
+        """The durability barrier before directories commit, shared by every upload waiting for one."""
 
     async def get(self, path: StorePath) -> PathInfo | None:
         return await self.pathinfos.get(path.digest)
@@ -216,7 +224,9 @@ class CheckedInfo:
     ca: CAHash | None
 
 
-async def check_incoming(s: Session, raw: IncomingInfo, *, check_sigs: bool) -> CheckedInfo:
+async def check_incoming(
+    s: Session, raw: IncomingInfo, *, check_sigs: bool, pending: frozenset[bytes] | set[bytes] = frozenset()
+) -> CheckedInfo:
     """Parse and vet a path info before its NAR is read: well-formed, references present, trusted enough."""
     store_path = parse_path(raw.path)
     try:
@@ -244,7 +254,7 @@ async def check_incoming(s: Session, raw: IncomingInfo, *, check_sigs: bool) -> 
         raise DaemonError(str(e)) from None
     missing = []
     for ref in checked.references:
-        if ref.digest != store_path.digest and await s.state.get(ref) is None:
+        if ref.digest != store_path.digest and ref.digest not in pending and await s.state.get(ref) is None:
             missing.append(str(ref))
     if missing:
         raise DaemonError(
@@ -303,11 +313,19 @@ async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSou
     if existing is not None:  # as Nix does: a valid path is not replaced (its NAR is skipped by the caller)
         log.info("%s: %s is valid already", s.peer, info.store_path)
         return existing
-
-    node, size, sha256 = await ingest_nar(
-        source, s.state.blobs, s.state.directories, expected_size=info.nar_size, expected_sha256=info.nar_sha256
+    node, _, _ = await ingest_nar(
+        source,
+        s.state.blobs,
+        s.state.directories,
+        expected_size=info.nar_size,
+        expected_sha256=info.nar_sha256,
+        sync=s.state.blob_sync.sync,
     )
-    del size, sha256  # equal to what info says (ingest_nar checked them)
+    return await register(s, info, node)
+
+
+async def register(s: Session, info: CheckedInfo, node: Node) -> PathInfo:
+    """Write the PathInfo of an ingested NAR (its size and hash were checked); take a pending temp root."""
     path_info = PathInfo(
         store_path=info.store_path,
         node=node,
@@ -325,6 +343,93 @@ async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSou
             s.temp_roots[stored.digest] = name
     log.info("%s: added %s (%d bytes of NAR)", s.peer, stored.store_path, stored.nar_size)
     return stored
+
+
+class Pipeline:
+    """Paths of one ``AddMultipleToStore``, read one after the other, made durable together.
+
+    Each NAR is parsed and checked as it arrives; its wait for durability (one
+    shared barrier, see :class:`~nixcas.bridge.groupsync.GroupSync`) and its
+    directory commit go on in the background while the next NAR is read.
+    PathInfos are written strictly in arrival order (references first, as Nix
+    sends them), each only after its own data is durable, so a crash never
+    leaves a valid path whose data or references are missing.
+    """
+
+    MAX_PENDING = 64
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.queue: deque[tuple[CheckedInfo, asyncio.Task[tuple[Node, int, bytes]]]] = deque()
+        self.digests: set[bytes] = set()
+        """Paths read but not yet registered: valid references for the paths after them."""
+
+    async def add(self, info: CheckedInfo, nar: LimitedSource) -> None:
+        """Read ``nar`` (returns once it is read and checked; its registration may still be pending)."""
+        from nixcas.store.nar.ingest import ingest_nar
+
+        if info.store_path.digest in self.digests or await self.s.state.get(info.store_path) is not None:
+            return  # valid already (or earlier in this stream): the caller skips the NAR
+        read = asyncio.Event()
+
+        async def barrier() -> None:  # ingest_nar calls it once the NAR was read in full and matched
+            read.set()
+            await self.s.state.blob_sync.sync()
+
+        task = asyncio.ensure_future(
+            ingest_nar(
+                nar,
+                self.s.state.blobs,
+                self.s.state.directories,
+                expected_size=info.nar_size,
+                expected_sha256=info.nar_sha256,
+                sync=barrier,
+            )
+        )
+        waiter = asyncio.ensure_future(read.wait())
+        try:
+            await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        finally:
+            waiter.cancel()
+        if task.done() and task.exception() is not None:
+            await task  # raises
+        self.queue.append((info, task))
+        self.digests.add(info.store_path.digest)
+        while self.queue and (self.queue[0][1].done() or len(self.queue) > self.MAX_PENDING):
+            await self._register_first()
+
+    async def _register_first(self) -> None:
+        info, task = self.queue.popleft()
+        try:
+            node, _, _ = await task
+            await register(self.s, info, node)
+        except BaseException:
+            await self.abort()  # the paths after it may refer to it: none of them is registered
+            raise
+        self.digests.discard(info.store_path.digest)
+
+    async def finish(self) -> None:
+        while self.queue:
+            await self._register_first()
+
+    async def settle(self) -> None:
+        """After a later path failed: register the complete paths before it, in order; drop the rest on an error."""
+        try:
+            await self.finish()
+        except Exception as e:  # finish dropped the paths after the one that failed
+            log.warning("%s: a path read before the failing one could not be added either: %s", self.s.peer, e)
+
+    async def abort(self) -> None:
+        """Drop the paths not registered yet (their data stays, unreferenced, for gc)."""
+        tasks = [task for _, task in self.queue]
+        self.queue.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def drain(source: FramedSource | LimitedSource) -> None:
@@ -528,18 +633,24 @@ async def add_multiple_to_store(s: Session) -> None:
     check_sigs = not (dont_check_sigs and s.trusted)
     framed = FramedSource(s.wire)
     inner = WireReader(framed)
+    pipeline = Pipeline(s)
     try:
         count = await inner.u64()
         for _ in range(count):
             raw = await IncomingInfo.read(inner)
-            info = await check_incoming(s, raw, check_sigs=check_sigs)
+            info = await check_incoming(s, raw, check_sigs=check_sigs, pending=pipeline.digests)
             nar = LimitedSource(framed, raw.nar_size)
-            await ingest(s, info, nar)
+            await pipeline.add(info, nar)
             await drain(nar)  # nothing left, unless the path was valid already
+        await pipeline.finish()
     except Exception as e:
+        await pipeline.settle()
         await framed.drain()  # a broken connection raises here: the session ends
         if isinstance(e, ProtocolError):
             raise DaemonError(str(e)) from None
+        raise
+    except BaseException:
+        await pipeline.abort()
         raise
     await framed.drain()
     s.last()
