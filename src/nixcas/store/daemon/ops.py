@@ -349,18 +349,21 @@ class Pipeline:
     """Paths of one ``AddMultipleToStore``, read one after the other, made durable together.
 
     Each NAR is parsed and checked as it arrives; its wait for durability (one
-    shared barrier, see :class:`~nixcas.bridge.groupsync.GroupSync`) and its
-    directory commit go on in the background while the next NAR is read.
-    PathInfos are written strictly in arrival order (references first, as Nix
-    sends them), each only after its own data is durable, so a crash never
-    leaves a valid path whose data or references are missing.
+    shared barrier, see :class:`~nixcas.bridge.groupsync.GroupSync`), its
+    directory commit and its PathInfo write go on in the background while the
+    next NAR is read.  PathInfos are written strictly in arrival order
+    (references first, as Nix sends them), each only after its own data is
+    durable and the one before it was written, so a crash never leaves a valid
+    path whose data or references are missing; after a failure none of the
+    later paths is written.
     """
 
     MAX_PENDING = 64
 
     def __init__(self, s: Session) -> None:
         self.s = s
-        self.queue: deque[tuple[CheckedInfo, asyncio.Task[tuple[Node, int, bytes]]]] = deque()
+        self.ingests: list[asyncio.Task[tuple[Node, int, bytes]]] = []
+        self.writes: deque[asyncio.Task[None]] = deque()
         self.digests: set[bytes] = set()
         """Paths read but not yet registered: valid references for the paths after them."""
 
@@ -368,6 +371,7 @@ class Pipeline:
         """Read ``nar`` (returns once it is read and checked; its registration may still be pending)."""
         from nixcas.store.nar.ingest import ingest_nar
 
+        self._raise_failed()
         if info.store_path.digest in self.digests or await self.s.state.get(info.store_path) is not None:
             return  # valid already (or earlier in this stream): the caller skips the NAR
         read = asyncio.Event()
@@ -397,36 +401,53 @@ class Pipeline:
             waiter.cancel()
         if task.done() and task.exception() is not None:
             await task  # raises
-        self.queue.append((info, task))
+        self.ingests = [t for t in self.ingests if not t.done()]
+        self.ingests.append(task)
         self.digests.add(info.store_path.digest)
-        while self.queue and (self.queue[0][1].done() or len(self.queue) > self.MAX_PENDING):
-            await self._register_first()
+        previous = self.writes[-1] if self.writes else None
+        self.writes.append(asyncio.ensure_future(self._write(info, task, previous)))
+        while self.writes and self.writes[0].done():
+            await self.writes.popleft()  # raises the first failure
+        while len(self.writes) > self.MAX_PENDING:
+            await self.writes.popleft()
 
-    async def _register_first(self) -> None:
-        info, task = self.queue.popleft()
-        try:
-            node, _, _ = await task
-            await register(self.s, info, node)
-        except BaseException:
-            await self.abort()  # the paths after it may refer to it: none of them is registered
-            raise
+    async def _write(
+        self, info: CheckedInfo, ingest: asyncio.Task[tuple[Node, int, bytes]], previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+            if previous.cancelled() or previous.exception() is not None:
+                ingest.cancel()
+                raise DaemonError(f"{info.store_path} was not added: a path before it failed")
+        node, _, _ = await ingest
+        await register(self.s, info, node)
         self.digests.discard(info.store_path.digest)
 
+    def _raise_failed(self) -> None:
+        for write in self.writes:
+            if write.done() and not write.cancelled() and write.exception() is not None:
+                raise write.exception()  # type: ignore[misc]
+
     async def finish(self) -> None:
-        while self.queue:
-            await self._register_first()
+        """Wait until every path read is registered (the first failure is raised)."""
+        try:
+            while self.writes:
+                await self.writes.popleft()
+        finally:
+            await self.abort()
 
     async def settle(self) -> None:
-        """After a later path failed: register the complete paths before it, in order; drop the rest on an error."""
+        """After a later path failed: let the paths read before it be registered, in order."""
         try:
             await self.finish()
-        except Exception as e:  # finish dropped the paths after the one that failed
+        except Exception as e:
             log.warning("%s: a path read before the failing one could not be added either: %s", self.s.peer, e)
 
     async def abort(self) -> None:
-        """Drop the paths not registered yet (their data stays, unreferenced, for gc)."""
-        tasks = [task for _, task in self.queue]
-        self.queue.clear()
+        """Stop what is still pending (data already stored stays, unreferenced, for gc)."""
+        tasks = [*self.writes, *self.ingests]
+        self.writes.clear()
+        self.ingests.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
