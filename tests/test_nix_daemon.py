@@ -28,7 +28,7 @@ import pytest
 import nixcas
 from nixcas.store.nar.wire import encode_str
 from nixcas.store.signing import SigningKey
-from nixcas.testing.daemon import Daemon, clean_env, free_port, running_daemon
+from nixcas.testing.daemon import Daemon, clean_env, free_port, nixcas_command, running_daemon
 from nixcas.testing.fuse import FUSE_SKIP_REASON, running_mount
 from nixcas.testing.nix import NIX, NIX_STORE, fixed_tree, needs_nix, nix_env
 
@@ -163,6 +163,21 @@ def fingerprint_of(info: dict[str, object], path: str) -> bytes:
     return fingerprint(
         StorePath.from_absolute_path(path), sha, info["narSize"], map(StorePath.from_absolute_path, refs)
     )
+
+
+def test_a_second_daemon_on_a_live_socket_is_refused(world: World) -> None:
+    result = subprocess.run(
+        nixcas_command("--store-dir", str(world.tmp / "other"), "nix-daemon", "-l", world.socket),
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.decode().strip() == f"nixcas: error: {world.socket}: another daemon is listening on this socket"
+    )
+    nix([NIX_STORE or "nix-store", "--store", world.url, "--check-validity", world.top], world.home("live"))
 
 
 def test_nix_store_queries(world: World) -> None:
