@@ -520,3 +520,15 @@ def test_trust_policy_entries() -> None:
     assert not TrustPolicy(("@no-such-group-here", "no-such-user")).is_trusted(me)
     assert not TrustPolicy((), ("someone-else",)).is_allowed(me)
     assert TrustPolicy((me.user,), ()).is_allowed(me)  # trusted users may always connect
+
+
+async def test_lists_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of paths whose strings exceed the byte budget ends the session instead of filling memory."""
+    from nixcas.store.daemon import wire
+
+    monkeypatch.setattr(wire, "MAX_LIST_BYTES", 1000)
+    many = [str(DEP.path)] * 30  # 30 × 53 bytes
+    async with daemon() as d, d.connect() as c:
+        error = await c.op(u64(QUERY_VALID_PATHS), strs(many), u64(0))
+        assert error is not None and "longer than the 1000 bytes accepted" in error
+        assert await c.closed()

@@ -36,6 +36,8 @@ MAX_STRING = 1 << 20
 """Longest string accepted where nothing smaller is given (an option value, a message)."""
 MAX_LIST = 1 << 20
 """Most items accepted in one list (paths, signatures, options)."""
+MAX_LIST_BYTES = 64 << 20
+"""Most bytes accepted in the strings of one list (a million store paths is about 80 MB)."""
 
 _U64 = struct.Struct("<Q")
 _ZEROS = bytes(8)
@@ -124,7 +126,15 @@ class WireReader:
 
     async def texts(self, max_len: int = MAX_STRING, what: str = "string", max_count: int = MAX_LIST) -> list[str]:
         count = await self.small(max_count, f"number of {what}s")
-        return [await self.text(max_len, what) for _ in range(count)]
+        items = []
+        total = 0
+        for _ in range(count):
+            item = await self.text(max_len, what)
+            total += len(item)
+            if total > MAX_LIST_BYTES:
+                raise ProtocolError(f"a list of {what}s longer than the {MAX_LIST_BYTES} bytes accepted")
+            items.append(item)
+        return items
 
 
 class WireWriter:
