@@ -527,7 +527,7 @@ async def test_lists_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> No
     from nixcas.store.daemon import wire
 
     monkeypatch.setattr(wire, "MAX_LIST_BYTES", 1000)
-    many = [str(DEP.path)] * 30  # 30 × 53 bytes
+    many = [str(DEP.path)] * 30  # 30 paths of 53 bytes
     async with daemon() as d, d.connect() as c:
         error = await c.op(u64(QUERY_VALID_PATHS), strs(many), u64(0))
         assert error is not None and "longer than the 1000 bytes accepted" in error
