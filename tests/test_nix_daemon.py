@@ -180,6 +180,26 @@ def test_a_second_daemon_on_a_live_socket_is_refused(world: World) -> None:
     nix([NIX_STORE or "nix-store", "--store", world.url, "--check-validity", world.top], world.home("live"))
 
 
+def test_stdio_session(world: World) -> None:
+    """``--stdio`` (what ssh-ng runs): one session on the pipes; ``--force-untrusted`` shows in the handshake."""
+    import struct
+
+    def u64(n: int) -> bytes:
+        return struct.pack("<Q", n)
+
+    path = world.top.encode()
+    request = u64(0x6E697863) + u64(1 << 8 | 37) + u64(0) + u64(0)
+    request += u64(1) + u64(len(path)) + path + bytes(-len(path) & 7)  # IsValidPath
+    argv = nixcas_command("--store-dir", str(world.cas), "nix-daemon", "--stdio", "--force-untrusted")
+    result = subprocess.run(argv, input=request, capture_output=True, env=clean_env(), timeout=60, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout
+    assert struct.unpack("<2Q", out[:16]) == (0x6478696F, 1 << 8 | 37)
+    version_len = struct.unpack("<Q", out[16:24])[0]
+    rest = out[24 + version_len + (-version_len & 7) :]
+    assert struct.unpack("<4Q", rest) == (2, 0x616C7473, 0x616C7473, 1)  # not trusted, LAST; LAST, valid
+
+
 def test_nix_store_queries(world: World) -> None:
     assert NIX_STORE is not None
     store = ["--store", world.url]
