@@ -45,6 +45,8 @@ MAX_PATH = 4096
 """Longest store path string accepted."""
 MAX_SIG = 1024
 NO_BUILD = "nixcas does not build"
+GET_CONCURRENCY = 16
+"""Path info lookups in flight for one list query."""
 
 
 def _host() -> str:
@@ -78,6 +80,13 @@ class DaemonState:
 
     async def get(self, path: StorePath) -> PathInfo | None:
         return await self.pathinfos.get(path.digest)
+
+    async def get_many(self, paths: list[StorePath]) -> list[PathInfo | None]:
+        """The path infos of ``paths`` (``None`` for invalid ones), looked up a few at a time."""
+        found: list[PathInfo | None] = []
+        for i in range(0, len(paths), GET_CONCURRENCY):
+            found += await asyncio.gather(*(self.get(p) for p in paths[i : i + GET_CONCURRENCY]))
+        return found
 
     async def require(self, path: StorePath) -> PathInfo:
         info = await self.get(path)
@@ -311,7 +320,7 @@ async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSou
 
     existing = await s.state.get(info.store_path)
     if existing is not None:  # as Nix does: a valid path is not replaced (its NAR is skipped by the caller)
-        log.info("%s: %s is valid already", s.peer, info.store_path)
+        log.debug("%s: %s is valid already", s.peer, info.store_path)
         return existing
     node, _, _ = await ingest_nar(
         source,
@@ -341,7 +350,7 @@ async def register(s: Session, info: CheckedInfo, node: Node) -> PathInfo:
         name = s.state.root_prefix + f"{s.id}-{stored.store_path.hash_part}"
         if await s.state.pin(name, stored.node):
             s.temp_roots[stored.digest] = name
-    log.info("%s: added %s (%d bytes of NAR)", s.peer, stored.store_path, stored.nar_size)
+    log.debug("%s: added %s (%d bytes of NAR)", s.peer, stored.store_path, stored.nar_size)
     return stored
 
 
@@ -476,8 +485,8 @@ async def query_valid_paths(s: Session) -> None:
     if s.minor >= 27:
         await s.wire.u64()  # substitute: the path info service reaches any configured upstream itself
     paths = [parse_path(t) for t in texts]
-    valid = [p for p in paths if await s.state.get(p) is not None]
-    s.last().texts(str(p) for p in valid)
+    found = await s.state.get_many(paths)
+    s.last().texts(str(p) for p, info in zip(paths, found, strict=True) if info is not None)
 
 
 async def query_path_info(s: Session) -> None:
