@@ -200,6 +200,21 @@ def test_stdio_session(world: World) -> None:
     assert struct.unpack("<4Q", rest) == (2, 0x616C7473, 0x616C7473, 1)  # not trusted, LAST; LAST, valid
 
 
+def test_add_by_content(world: World) -> None:
+    """``nix-store --add`` (AddToStore) and ``nix store add-file`` (a flat CA path, unsigned) through the daemon
+    give the store paths Nix's own store gives; the untrusted client needs no signature for them."""
+    assert NIX is not None and NIX_STORE is not None
+    home = world.home("add")
+    src = world.tmp / "src"
+    added = nix([NIX_STORE, "--store", world.url, "--add", str(src / "tree"), str(src / "file.txt")], home).split()
+    assert added == world.added
+    (src / "flat.txt").write_bytes(b"a flat file\n")
+    ours = nix([NIX, "store", "add-file", "--store", world.url, str(src / "flat.txt")], home).strip()
+    theirs = nix([NIX, "store", "add-file", "--store", str(world.tmp / "nix-flat"), str(src / "flat.txt")], home)
+    assert ours == theirs.strip()
+    nix([NIX_STORE, "--store", world.url, "--check-validity", ours], home)
+
+
 def test_nix_store_queries(world: World) -> None:
     assert NIX_STORE is not None
     store = ["--store", world.url]

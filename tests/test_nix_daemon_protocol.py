@@ -532,3 +532,45 @@ async def test_lists_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> No
         error = await c.op(u64(QUERY_VALID_PATHS), strs(many), u64(0))
         assert error is not None and "longer than the 1000 bytes accepted" in error
         assert await c.closed()
+
+
+def flat(name: str, contents: bytes, claimed: bytes | None = None, kind: str = "fixed:sha256:") -> Item:
+    """A flat (or text) content-addressed file: its store path from the hash of ``claimed`` (default: contents)."""
+    from nixcas.store.hashes import CAHash
+    from nixcas.store.store_path import build_ca_path
+
+    ca = f"{kind}{nixbase32.encode(hashlib.sha256(contents if claimed is None else claimed).digest())}"
+    return Item(build_ca_path(name, CAHash.parse(ca)), nar_file(contents), [], [], ca=ca)
+
+
+async def test_flat_and_text_content_addresses_are_checked_against_the_file() -> None:
+    """Unsigned flat/text CA paths (``nix store add-file``, .drv files) are accepted only if the file has that hash."""
+    async with daemon(trusted=False) as d, d.connect() as c:
+        for item in (flat("f", b"flat file\n"), flat("t.drv", b"Derive(...)", kind="text:sha256:")):
+            assert await c.add(item) is None, item.ca
+            assert await c.is_valid(item.path)
+        liar = flat("liar", b"what is stored", claimed=b"what the hash says")
+        error = await c.add(liar)
+        assert error is not None and "does not have the hash of its content address" in error
+        assert not await c.is_valid(liar.path)
+        assert await c.add_multiple([liar]) is not None
+        assert not await c.is_valid(liar.path)
+
+
+async def test_add_to_store_by_content() -> None:
+    """AddToStore (nix-store --add): a NAR and a name; the answer is the path info of the path it makes."""
+    nar = nar_dir([(b"a", b"1"), (b"b", b"2")])
+    framed = u64(len(nar)) + nar + u64(0)
+    async with daemon(trusted=False) as d, d.connect() as c:
+        assert await c.op(u64(7), s("added"), s("fixed:r:sha256"), strs([]), u64(0), framed) is None
+        path = (await c.string()).decode()
+        assert path == str(content_addressed("added", nar).path)
+        assert await c.string() == b""  # deriver
+        assert await c.string() == hashlib.sha256(nar).hexdigest().encode()
+        assert await c.strings() == []
+        assert [await c.u64(), await c.u64(), await c.u64()] == [0, len(nar), 0]
+        assert await c.strings() == []
+        assert (await c.string()).decode() == content_addressed("added", nar).ca
+        error = await c.op(u64(7), s("flat"), s("fixed:sha256"), strs([]), u64(0), framed)
+        assert error is not None and "not supported" in error
+        assert await c.is_valid(path)  # the session went on

@@ -27,7 +27,7 @@ from nixcas.store.daemon.session import DaemonError, Session, SessionEnd
 from nixcas.store.daemon.wire import FramedSource, LimitedSource, ProtocolError, TunnelSource, WireReader
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.pathinfo.model import PathInfo, Signature
-from nixcas.store.store_path import STORE_DIR_PREFIX, StorePath
+from nixcas.store.store_path import STORE_DIR_PREFIX, StorePath, validate_name
 
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
@@ -231,6 +231,8 @@ class CheckedInfo:
     nar_size: int
     signatures: tuple[Signature, ...]
     ca: CAHash | None
+    verify_content: bool = False
+    """Accepted for its flat or text content address alone: the file's hash is checked once it is stored."""
 
 
 async def check_incoming(
@@ -273,8 +275,28 @@ async def check_incoming(
         )
     needs_sig = not s.trusted or (check_sigs and s.state.require_sigs)
     if needs_sig and not _self_certifying(checked) and not _signed(s, checked):
-        raise DaemonError(f"cannot add path '{store_path}' because it lacks a signature by a trusted key")
+        if checked.ca is None or checked.ca.kind is CAKind.NAR:
+            raise DaemonError(f"cannot add path '{store_path}' because it lacks a signature by a trusted key")
+        checked.verify_content = True  # flat or text: certified by its file's hash, checked after ingest
     return checked
+
+
+async def verify_content(s: Session, info: CheckedInfo, node: Node) -> None:
+    """A flat or text content address must be the hash of the path's one regular, non-executable file."""
+    import hashlib
+
+    assert info.ca is not None
+    if not isinstance(node, FileNode) or node.executable:
+        raise DaemonError(f"{info.store_path}: a {info.ca.kind.value} content address needs a single regular file")
+    h = hashlib.new(info.ca.hash.algo.value)
+    reader = await s.state.blobs.open_read(node.digest)
+    if reader is None:
+        raise DaemonError(f"{info.store_path}: its file's blob {node.digest.hex()} vanished")
+    async with reader:
+        while chunk := await reader.read(1 << 20):
+            h.update(chunk)
+    if h.digest() != info.ca.hash.digest:
+        raise DaemonError(f"{info.store_path}: its content does not have the hash of its content address {info.ca}")
 
 
 @dataclass
@@ -330,6 +352,8 @@ async def ingest(s: Session, info: CheckedInfo, source: FramedSource | TunnelSou
         expected_sha256=info.nar_sha256,
         sync=s.state.blob_sync.sync,
     )
+    if info.verify_content:
+        await verify_content(s, info, node)
     return await register(s, info, node)
 
 
@@ -429,6 +453,8 @@ class Pipeline:
                 ingest.cancel()
                 raise DaemonError(f"{info.store_path} was not added: a path before it failed")
         node, _, _ = await ingest
+        if info.verify_content:
+            await verify_content(self.s, info, node)
         await register(self.s, info, node)
         self.digests.discard(info.store_path.digest)
 
@@ -824,14 +850,46 @@ async def _refuse(text: str) -> None:
 
 
 async def add_to_store(s: Session) -> None:
+    """A path added by content (``nix-store --add``, ``nix store add-path``): the NAR method with SHA-256 only."""
     if s.minor < 25:
         raise ProtocolError("AddToStore before protocol 1.25 is not supported")
-    await s.wire.text(MAX_PATH, "name")
-    await s.wire.text(300, "content address method")
-    await read_paths(s)
+    name = await s.wire.text(MAX_PATH, "name")
+    method = await s.wire.text(300, "content address method")
+    ref_texts = await read_paths(s)
     await s.wire.u64()  # repair
-    await FramedSource(s.wire).drain()
-    await _refuse("AddToStore is not supported: add the path to a local store and copy it (nix copy --to)")
+    source = FramedSource(s.wire)
+    try:
+        if method != "fixed:r:sha256":
+            raise DaemonError(
+                f"nixcas nix-daemon: AddToStore with method '{method}' is not supported (only fixed:r:sha256, "
+                "the NAR of a path, as nix-store --add sends it); add the path locally and copy it"
+            )
+        try:
+            validate_name(name)
+        except StorePathError as e:
+            raise DaemonError(str(e)) from None
+        references = tuple(parse_path(r) for r in ref_texts)
+        missing = [str(r) for r in references if await s.state.get(r) is None]
+        if missing:
+            raise DaemonError(f"cannot add '{name}': its references are not valid here: {', '.join(missing[:5])}")
+        from nixcas.store.nar.ingest import ingest_nar
+        from nixcas.store.store_path import build_ca_path
+
+        node, size, sha256 = await ingest_nar(source, s.state.blobs, s.state.directories, sync=s.state.blob_sync.sync)
+        ca = CAHash.nar(HashAlgo.SHA256, sha256)
+        path = build_ca_path(name, ca, references)
+        info = await s.state.get(path)
+        if info is None:
+            checked = CheckedInfo(path, None, sha256, references, size, (), ca)
+            info = await register(s, checked, node)
+    except Exception as e:
+        await source.drain()  # a broken connection raises here: the session ends
+        if isinstance(e, ProtocolError):
+            raise DaemonError(str(e)) from None
+        raise
+    await source.drain()
+    s.last().text(str(info.store_path))
+    write_path_info(s, info)
 
 
 async def add_build_log(s: Session) -> None:
