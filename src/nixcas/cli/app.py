@@ -53,6 +53,11 @@ COMMANDS = {
         "nar_bridge",
         "Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).",
     ),
+    "nix-daemon": LazyCommand(
+        "nixcas.cli.nixdaemon",
+        "nix_daemon",
+        "Serve the store to Nix over its worker protocol (nix copy --to unix://PATH, ssh-ng://).",
+    ),
     "generate-key": LazyCommand(
         "nixcas.cli.bridge", "generate_key", "Make a Nix signing key pair NAME (e.g. cache.example.org-1)."
     ),

@@ -1,0 +1,156 @@
+"""``nixcas nix-daemon``: the store as a Nix store over Nix's worker protocol (``unix://``, ``ssh-ng://``)."""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options, stop_on_signals
+from nixcas.errors import ConfigurationError
+
+DEFAULT_SOCKET = "nix-daemon.socket"
+"""Under the store directory, unless ``--listen-address`` says otherwise."""
+
+
+def _words(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Options given several times and/or as space-separated lists (as in nix.conf)."""
+    return tuple(word for value in values for word in value.split())
+
+
+@click.command("nix-daemon")
+@click.option(
+    "-l",
+    "--listen-address",
+    "listen",
+    metavar="PATH",
+    help=f"Unix socket to listen on (a stale one is replaced) [default: STORE_DIR/{DEFAULT_SOCKET}].",
+)
+@click.option("--stdio", is_flag=True, help="Serve one session on stdin/stdout (ssh-ng's remote-program).")
+@click.option(
+    "--socket-mode",
+    default="0666",
+    show_default=True,
+    metavar="OCTAL",
+    help="Permissions of the socket (who may connect is then decided by --allowed-users).",
+)
+@click.option(
+    "--trusted-users",
+    multiple=True,
+    metavar="LIST",
+    help="Users (NAME, @GROUP, *) who are trusted: they may skip signature checks [default: root and the "
+    "user running the daemon].",
+)
+@click.option(
+    "--allowed-users",
+    multiple=True,
+    metavar="LIST",
+    help="Users (NAME, @GROUP, *) who may connect at all [default: *].",
+)
+@click.option(
+    "--trusted-public-keys",
+    multiple=True,
+    metavar="KEYS",
+    help="Nix public keys (name:base64): untrusted clients may add only paths signed by one of them.",
+)
+@click.option(
+    "--require-sigs/--no-require-sigs",
+    default=True,
+    show_default=True,
+    help="Whether a trusted client's request to check signatures is honoured (untrusted clients are always checked).",
+)
+@click.option(
+    "--force-trusted/--force-untrusted",
+    "force_trusted",
+    default=None,
+    help="Trust (or not) every client, whoever it is (e.g. the --stdio session).",
+)
+@service_options
+@click.pass_obj
+def nix_daemon(
+    settings: Settings,
+    /,
+    listen: str | None,
+    stdio: bool,
+    socket_mode: str,
+    trusted_users: tuple[str, ...],
+    allowed_users: tuple[str, ...],
+    trusted_public_keys: tuple[str, ...],
+    require_sigs: bool,
+    force_trusted: bool | None,
+    **options: Any,
+) -> None:
+    """Serve the store to Nix over its worker protocol (nix copy --to unix://PATH, ssh-ng://).
+
+    Prints one line 'listening on unix:///PATH' once it accepts connections (not with --stdio).
+    Nix sees a store it can query, copy to and from, and verify; nothing is built (build
+    requests for paths that are not valid fail with "nixcas does not build").
+    """
+    settings = settings.with_service_options(options)
+    if stdio and listen is not None:
+        fail("--stdio and --listen-address exclude each other", EXIT_USAGE)
+    try:
+        mode = int(socket_mode, 8)
+        if not 0 <= mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        fail(f"--socket-mode {socket_mode}: expected octal permissions such as 0660", EXIT_USAGE)
+    from nixcas.store.daemon.trust import TrustPolicy
+    from nixcas.store.signing import SigningKeyError, parse_public_keys
+
+    try:
+        keys = parse_public_keys(_words(trusted_public_keys))
+    except SigningKeyError as e:
+        fail(f"--trusted-public-keys: {e}", EXIT_USAGE)
+    own_user = getpass.getuser()
+    policy = TrustPolicy(
+        _words(trusted_users) or tuple(dict.fromkeys(("root", own_user))),
+        _words(allowed_users) or ("*",),
+    )
+    if force_trusted is not None:
+        policy = TrustPolicy(("*",) if force_trusted else (), ("*",) if force_trusted else policy.allowed_users)
+    logging.basicConfig(
+        level=logging.ERROR if stdio else logging.INFO,
+        format="nixcas nix-daemon: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+    socket_path = Path(listen) if listen is not None else settings.store_root() / DEFAULT_SOCKET
+
+    async def go() -> None:
+        from nixcas.store.daemon.ops import DaemonState
+        from nixcas.store.daemon.server import serve_stdio, serving_unix
+        from nixcas.store.daemon.trust import this_process
+
+        async with settings.open_store_to_write(with_pathinfo=True, with_pins=True) as store:
+            assert store.pathinfos is not None
+            state = DaemonState(
+                store.blobs,
+                store.directories,
+                store.pathinfos,
+                store.pins,
+                trusted_keys=keys,
+                require_sigs=require_sigs,
+            )
+            released = await state.release_stale_temp_roots()
+            if released:
+                logging.info("released %d temporary roots of daemons that are gone", released)
+            if stdio:
+                me = this_process()
+                await serve_stdio(state, trusted=policy.is_trusted(me), peer=f"stdio {me}")
+                return
+            stop = stop_on_signals()
+            try:
+                async with serving_unix(socket_path, state, policy, socket_mode=mode):
+                    click.echo(f"listening on unix://{socket_path.absolute()}")
+                    logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories,
+                                 store.pathinfos)  # fmt: skip
+                    await stop.wait()
+                    logging.info("shutting down")
+            except ConfigurationError as e:
+                fail(str(e), EXIT_USAGE)
+
+    run(go)
