@@ -574,3 +574,47 @@ async def test_add_to_store_by_content() -> None:
         error = await c.op(u64(7), s("flat"), s("fixed:sha256"), strs([]), u64(0), framed)
         assert error is not None and "not supported" in error
         assert await c.is_valid(path)  # the session went on
+
+
+def test_socket_activation_and_notify(tmp_path: Path) -> None:
+    """Under systemd: the passed socket is served (its file kept), READY=1 once it is, STOPPING=1 on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+
+    from nixcas.testing.daemon import clean_env, nixcas_command
+
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(tmp_path / "nix.sock"))
+    listening.listen()
+    notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notifications.bind(str(tmp_path / "notify"))
+    notifications.settimeout(30)
+    env = {**clean_env(), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "nix-daemon", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    command = nixcas_command("--store-dir", str(tmp_path / "store"), "nix-daemon", "-l", str(tmp_path / "unused"))
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        pass_fds=(3,),
+        preexec_fn=lambda: os.dup2(listening.fileno(), 3),  # only dup2 before exec
+    )
+    listening.close()
+    try:
+        assert notifications.recv(100) == b"READY=1"
+        assert proc.stdout is not None
+        assert proc.stdout.readline().decode().strip() == f"listening on unix://{tmp_path / 'nix.sock'}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(30)
+            client.connect(str(tmp_path / "nix.sock"))
+            client.sendall(u64(MAGIC_1))
+            assert struct.unpack("<QQ", client.recv(16, socket.MSG_WAITALL)) == (MAGIC_2, 1 << 8 | 37)
+        proc.send_signal(signal.SIGTERM)
+        assert notifications.recv(100) == b"STOPPING=1"
+        assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+        assert (tmp_path / "nix.sock").exists() and not (tmp_path / "unused").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

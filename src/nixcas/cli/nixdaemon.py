@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import getpass
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, service_options, stop_on_signals
+from nixcas.cli.observe import telemetry, telemetry_options
+from nixcas.cli.serving import activated_sockets, ready, stopping
 from nixcas.errors import ConfigurationError
 
 DEFAULT_SOCKET = "nix-daemon.socket"
@@ -70,6 +71,7 @@ def _words(values: tuple[str, ...]) -> tuple[str, ...]:
     help="Trust (or not) every client, whoever it is (e.g. the --stdio session).",
 )
 @service_options
+@telemetry_options(metrics=True)
 @click.pass_obj
 def nix_daemon(
     settings: Settings,
@@ -82,11 +84,15 @@ def nix_daemon(
     trusted_public_keys: tuple[str, ...],
     require_sigs: bool,
     force_trusted: bool | None,
+    metrics_listen_address: str | None,
+    otlp_endpoint: str | None,
     **options: Any,
 ) -> None:
     """Serve the store to Nix over its worker protocol (nix copy --to unix://PATH, ssh-ng://).
 
-    Prints one line 'listening on unix:///PATH' once it accepts connections (not with --stdio).
+    Prints one line 'listening on unix:///PATH' once it accepts connections (not with --stdio);
+    under systemd socket activation it serves the socket passed (FileDescriptorName=nix-daemon, or
+    the first) and sends READY=1/STOPPING=1 to NOTIFY_SOCKET.
     Nix sees a store it can query, copy to and from, and verify; nothing is built (build
     requests for paths that are not valid fail with "nixcas does not build").
     """
@@ -113,12 +119,13 @@ def nix_daemon(
     )
     if force_trusted is not None:
         policy = TrustPolicy(("*",) if force_trusted else (), ("*",) if force_trusted else policy.allowed_users)
-    logging.basicConfig(
-        level=logging.ERROR if stdio else logging.INFO,
-        format="nixcas nix-daemon: %(levelname)s: %(message)s",
-        stream=sys.stderr,
-    )
     socket_path = Path(listen) if listen is not None else settings.store_root() / DEFAULT_SOCKET
+    activated = None
+    if not stdio:
+        try:
+            activated = activated_sockets().take("nix-daemon", 0)
+        except ConfigurationError as e:
+            fail(str(e), EXIT_USAGE)
 
     async def go() -> None:
         from nixcas.store.daemon.ops import DaemonState
@@ -144,13 +151,20 @@ def nix_daemon(
                 return
             stop = stop_on_signals()
             try:
-                async with serving_unix(socket_path, state, policy, socket_mode=mode):
-                    click.echo(f"listening on unix://{socket_path.absolute()}")
+                async with serving_unix(socket_path, state, policy, socket_mode=mode, sock=activated) as server:
+                    for name in server.sockets:
+                        click.echo(f"listening on unix://{name.getsockname()}")
+                    ready()
                     logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories,
                                  store.pathinfos)  # fmt: skip
                     await stop.wait()
+                    stopping()
                     logging.info("shutting down")
             except ConfigurationError as e:
                 fail(str(e), EXIT_USAGE)
 
-    run(go)
+    if stdio:  # standard output is the session: only errors, on standard error
+        run(go)
+        return
+    with telemetry("nixcas-nix-daemon", metrics_listen_address, otlp_endpoint, settings.store_root()):
+        run(go)

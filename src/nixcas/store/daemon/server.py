@@ -45,12 +45,22 @@ def prepare_socket_path(path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def serving_unix(
-    path: Path, state: DaemonState, policy: TrustPolicy, *, socket_mode: int = 0o666
+    path: Path,
+    state: DaemonState,
+    policy: TrustPolicy,
+    *,
+    socket_mode: int = 0o666,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[asyncio.Server]:
-    """Serve sessions on the unix socket ``path`` until the block is left (then close them and remove it)."""
+    """Serve sessions on the unix socket ``path`` until the block is left (then close them and remove it).
+
+    With ``sock`` (a listening socket systemd passed), serve that instead: ``path`` and
+    ``socket_mode`` are then systemd's business, and the socket file is left in place.
+    """
     path = path.absolute()
-    prepare_socket_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if sock is None:
+        prepare_socket_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     sessions: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -69,13 +79,17 @@ async def serving_unix(
         finally:
             sessions.pop(task, None)
 
-    old_umask = os.umask(0o077)  # the socket is created private, then opened up to socket_mode
+    if sock is not None:
+        server = await asyncio.start_unix_server(handle, sock=sock, limit=STREAM_LIMIT)
+    else:
+        old_umask = os.umask(0o077)  # the socket is created private, then opened up to socket_mode
+        try:
+            server = await asyncio.start_unix_server(handle, path=str(path), limit=STREAM_LIMIT)
+        finally:
+            os.umask(old_umask)
     try:
-        server = await asyncio.start_unix_server(handle, path=str(path), limit=STREAM_LIMIT)
-    finally:
-        os.umask(old_umask)
-    try:
-        os.chmod(path, socket_mode)
+        if sock is None:
+            os.chmod(path, socket_mode)
         yield server
     finally:
         server.close()
@@ -85,8 +99,9 @@ async def serving_unix(
             await asyncio.wait(list(sessions), timeout=10)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 5)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        if sock is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 async def serve_stdio(state: DaemonState, *, trusted: bool, peer: str) -> None:
