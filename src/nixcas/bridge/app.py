@@ -219,7 +219,9 @@ class NarBridge:
         name = request.match_info["name"]
         digest = parse_narinfo_name(name)
         try:
-            raw = await self.pathinfos.get_encoded(digest)
+            raw = self.pathinfos.get_encoded_now(digest)  # a local point read, no thread hand-off
+            if raw is False:
+                raw = await self.pathinfos.get_encoded(digest)
         except ValidationError as e:  # an upstream record that failed verification: not available here
             log.warning("GET %s: %s", name, e)
             raise _fail(web.HTTPNotFound, f"{name}: {e}") from None

@@ -16,6 +16,7 @@ import click
 
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
+from nixcas.bridge.loop import EVENT_LOOPS, LoopFactory, loop_factory
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
 from nixcas.errors import ConfigurationError
 
@@ -153,6 +154,13 @@ async def serving_bridge(
     default=None,
     help="Processes serving the address together [default: the number of CPUs for the embedded store, else 1].",
 )
+@click.option(
+    "--event-loop",
+    type=click.Choice(EVENT_LOOPS),
+    default="auto",
+    show_default=True,
+    help="auto: uvloop if it is installed (the 'fast' extra), else asyncio's own loop.",
+)
 @bridge_options
 @service_options
 @click.pass_obj
@@ -162,6 +170,7 @@ def nar_bridge(
     listen: str,
     shutdown_grace: float,
     workers: int | None,
+    event_loop: str,
     **options: Any,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
@@ -174,8 +183,12 @@ def nar_bridge(
     settings = settings.with_service_options(options)
     bridge_opts.check(settings)  # bad files fail before anything is opened
     workers = _worker_count(workers, settings)
+    try:
+        loop_name, new_loop = loop_factory(event_loop)
+    except ConfigurationError as e:
+        fail(str(e), EXIT_USAGE)
     if workers > 1:
-        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers)
+        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers, (loop_name, new_loop))
         return
     logging.basicConfig(level=logging.INFO, format="nixcas nar-bridge: %(levelname)s: %(message)s")
 
@@ -186,11 +199,14 @@ def nar_bridge(
             serving_bridge(listen, store, settings, bridge_opts, shutdown_grace) as running,
         ):
             click.echo(f"listening on {running.url}")
-            logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos)
+            logging.info(
+                "event loop: %s; blobs: %r; directories: %r; path infos: %r",
+                loop_name, store.blobs, store.directories, store.pathinfos,
+            )  # fmt: skip
             await stop.wait()
             logging.info("shutting down (grace %g s)", shutdown_grace)
 
-    run(go)
+    run(go, new_loop)
 
 
 _PRIVATE_SERVICES = re.compile(r"(memory|lru):|sqlite://(\?|$)")
@@ -210,7 +226,12 @@ def _worker_count(workers: int | None, settings: Settings) -> int:
 
 
 def _serve_with_workers(
-    settings: Settings, bridge_opts: BridgeOptions, listen: str, shutdown_grace: float, workers: int
+    settings: Settings,
+    bridge_opts: BridgeOptions,
+    listen: str,
+    shutdown_grace: float,
+    workers: int,
+    event_loop: tuple[str, LoopFactory | None],
 ) -> None:
     """``workers`` forked bridges on one address (see :mod:`nixcas.bridge.workers`); exits with their outcome."""
     from nixcas.bridge.workers import open_listeners, run_workers
@@ -230,13 +251,13 @@ def _serve_with_workers(
             ):
                 ready()
                 if index == 0:
-                    logging.info("%d workers; blobs: %r; directories: %r; path infos: %r", workers, store.blobs,
-                                 store.directories, store.pathinfos)  # fmt: skip
+                    logging.info("%d workers; event loop: %s; blobs: %r; directories: %r; path infos: %r", workers,
+                                 event_loop[0], store.blobs, store.directories, store.pathinfos)  # fmt: skip
                 await stop.wait()
                 logging.info("shutting down (grace %g s)", shutdown_grace)
             del running
 
-        run(go)
+        run(go, event_loop[1])
         return 0
 
     sys.exit(run_workers(workers, listeners, serve))
