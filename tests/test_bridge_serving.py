@@ -6,9 +6,11 @@ import asyncio
 import sqlite3
 import sys
 import types
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 
@@ -155,3 +157,78 @@ def test_auto_and_uvloop_pick_uvloop_when_installed(monkeypatch: pytest.MonkeyPa
 
     assert run(which, new_event_loop) is made[0]  # the command runs on the factory's loop
     assert made[0].is_closed()
+
+
+# -- the lean narinfo route in front of the router -------------------------------------------------
+
+
+async def test_lean_route_answers_like_the_router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the server (start_bridge), narinfo GETs answer exactly as the routed handler does."""
+    import aiohttp
+
+    from nixcas.bridge.server import start_bridge
+
+    sample = await make_sample(tmp_path, "front", {"f": b"front door\n"})
+    pathinfos = SqlitePathInfoService(str(tmp_path / "pathinfo.sqlite"))
+    await pathinfos.put(_path_info(sample))
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), pathinfos, NarIndex(None))
+    routed = 0
+    real = NarBridge.get_narinfo
+
+    async def counting(self: NarBridge, request: web.Request) -> web.Response:
+        nonlocal routed
+        routed += 1
+        return await real(self, request)
+
+    monkeypatch.setattr(NarBridge, "get_narinfo", counting)
+    running = await start_bridge("127.0.0.1:0", bridge)
+    hash_part = sample.store_path.hash_part
+    try:
+        async with aiohttp.ClientSession(running.url) as http:
+
+            async def get(path: str, method: str = "GET") -> tuple[int, str, str | None]:
+                async with http.request(method, path) as r:
+                    return r.status, await r.text(), r.headers.get("Content-Type")
+
+            lean = await get(f"/{hash_part}.narinfo")
+            assert routed == 0  # answered in front of the router
+            assert lean[0] == 200 and lean[2] == "text/x-nix-narinfo"
+            assert f"StorePath: {sample.store_path}\n" in lean[1]
+            assert await get(f"/{hash_part}.narinfo?x=1") == lean  # the router's answer, the same
+            assert await get(f"/{hash_part}.narinfo", "HEAD") == (200, "", "text/x-nix-narinfo")
+            assert routed == 2
+            missing = "0" * 32
+            assert (await get(f"/{missing}.narinfo"))[:2] == (404, f"{missing}.narinfo: no such path\n")
+            bad = await get(f"/{'e' * 32}.narinfo")  # 'e' is not a nixbase32 character
+            assert bad[0] == 400 and bad[1].count("\n") == 1
+            assert routed == 4
+            assert (await get("/nix-cache-info"))[0] == 200
+    finally:
+        await running.stop()
+        await bridge.index.close()
+        await pathinfos.close()
+
+
+async def test_lean_route_steps_aside_for_other_middlewares(tmp_path: Path) -> None:
+    """With a middleware besides the bridge's own (an access log, say), every request goes through the router."""
+    pathinfos = SqlitePathInfoService(str(tmp_path / "pathinfo.sqlite"))
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(), pathinfos, NarIndex(None))
+    try:
+
+        async def router(request: web.BaseRequest) -> web.StreamResponse:
+            return web.Response(text="routed")
+
+        assert bridge.front(bridge.application(), router) is not router
+        app = bridge.application()
+
+        @web.middleware
+        async def access_log(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            return await handler(request)
+
+        app.middlewares.append(access_log)
+        assert bridge.front(app, router) is router
+    finally:
+        await bridge.index.close()
+        await pathinfos.close()

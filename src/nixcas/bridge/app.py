@@ -76,6 +76,8 @@ NARINFO_CACHE: Final = 8192
 UPLOADS_REMEMBERED: Final = 1024
 """NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
 _NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
+_NARINFO_PATH_LEN: Final = 1 + ENCODED_DIGEST_LEN + len(".narinfo")
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
@@ -214,6 +216,43 @@ class NarBridge:
         return web.Response(body=self._cache_info, headers={"Content-Type": "text/x-nix-cache-info"})
 
     # -- narinfo ------------------------------------------------------------------------
+
+    def front(self, app: web.Application, handler: Handler) -> Handler:
+        """The server's request handler: the lean narinfo route in front of ``handler`` (``app``'s router).
+
+        ``GET /<32 nixbase32 chars>.narinfo`` of a stored path whose record the
+        path info service reads at once (a local SQLite point read) is
+        answered here, without routing or middlewares; every other request,
+        and every narinfo this cannot answer at once (absent, damaged, busy
+        database, a malformed name), goes to ``handler``, which answers it as
+        before.  Only taken while ``app`` has no middleware but the bridge's
+        own, so middlewares added later (an access log, metrics) see every request.
+        """
+        if list(app.middlewares) != [self._errors]:
+            return handler
+        headers = _NARINFO_HEADERS
+        answer = self._narinfo_now
+
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            path = request.raw_path
+            if len(path) == _NARINFO_PATH_LEN and path[-8:] == ".narinfo" and request.method == "GET":
+                body = answer(path[1 : 1 + ENCODED_DIGEST_LEN])
+                if body is not None:
+                    return web.Response(body=body, headers=headers)
+            return await handler(request)
+
+        return dispatch
+
+    def _narinfo_now(self, hash_part: str) -> bytes | None:
+        """The narinfo of ``hash_part`` if the store answers at once and has a valid record; else ``None``."""
+        try:
+            digest = nixbase32.decode(hash_part)
+            raw = self.pathinfos.get_encoded_now(digest)
+            if not raw:  # False (not at once) or None (absent): the route answers it
+                return None
+            return self._rendered(digest, raw)
+        except (NixcasError, ValueError):  # malformed, damaged, unreadable: the route answers (and logs) it
+            return None
 
     async def get_narinfo(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -65,15 +65,28 @@ class RunningBridge:
                 os.unlink(self.unix_path)
 
 
+class _BridgeRunner(web.AppRunner):
+    """An :class:`aiohttp.web.AppRunner` whose server puts the bridge's lean narinfo route before the router."""
+
+    def __init__(self, bridge: NarBridge, shutdown_grace: float) -> None:
+        super().__init__(
+            bridge.application(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=shutdown_grace,
+            logger=BAD_REQUEST_LOG,
+        )
+        self._bridge = bridge
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.request_handler = self._bridge.front(self.app, server.request_handler)
+        return server
+
+
 def _runner(bridge: NarBridge, shutdown_grace: float) -> web.AppRunner:
     """The aiohttp runner every listener uses: no access log, bad requests logged on one line each."""
-    return web.AppRunner(
-        bridge.application(),
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=shutdown_grace,
-        logger=BAD_REQUEST_LOG,
-    )
+    return _BridgeRunner(bridge, shutdown_grace)
 
 
 async def start_bridge(listen: str, bridge: NarBridge, *, shutdown_grace: float = 10.0) -> RunningBridge:
