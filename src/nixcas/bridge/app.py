@@ -154,6 +154,8 @@ class NarBridge:
         """Concurrent uploads share their blob durability barriers (group commit)."""
         self._narinfos: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         """digest -> (the stored PathInfo message, the narinfo rendered from exactly it)."""
+        self._digests: dict[str, bytes] = {}
+        """Store path hash parts (nixbase32) the lean narinfo route decoded -> their digests."""
         self._uploaded: OrderedDict[bytes, UploadedNar] = OrderedDict()
         """NarHash -> the NAR index entry this process added (entries never change for a NarHash)."""
         self._cache_info = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {priority}\n".encode()
@@ -246,7 +248,12 @@ class NarBridge:
     def _narinfo_now(self, hash_part: str) -> bytes | None:
         """The narinfo of ``hash_part`` if the store answers at once and has a valid record; else ``None``."""
         try:
-            digest = nixbase32.decode(hash_part)
+            digest = self._digests.get(hash_part)
+            if digest is None:
+                digest = nixbase32.decode(hash_part)
+                if len(self._digests) >= NARINFO_CACHE:
+                    self._digests.clear()
+                self._digests[hash_part] = digest
             raw = self.pathinfos.get_encoded_now(digest)
             if not raw:  # False (not at once) or None (absent): the route answers it
                 return None
