@@ -237,7 +237,8 @@ class NarBridge:
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
             path = request.raw_path
-            if len(path) == _NARINFO_PATH_LEN and path[-8:] == ".narinfo" and request.method == "GET":
+            lean = len(path) == _NARINFO_PATH_LEN and path[0] == "/" and path.endswith(".narinfo")
+            if lean and request.method == "GET":
                 body = answer(path[1 : 1 + ENCODED_DIGEST_LEN])
                 if body is not None:
                     return web.Response(body=body, headers=headers)
