@@ -29,7 +29,14 @@ Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
   small paths' narinfos in random order;
 * **HTTP floor** (bridge only, for information): the same ``wrk`` on
   ``/nix-cache-info``, a constant body the bridge answers without touching the
-  store: what its HTTP stack (aiohttp, its workers) manages by itself.
+  store: what its HTTP stack (aiohttp, its workers) manages by itself;
+* **NAR floors** (for information, in this process, no HTTP): the same NAR
+  rendered by ``render_nar`` from the bridge's store into nothing (what the
+  renderer alone reaches), and one BLAKE3 pass over the NAR's bytes held in
+  memory, one thread (the least a stream that verifies every byte must do).
+
+The bridge runs on the event loop ``--event-loop`` names (default: its own
+``auto``, uvloop when installed); the one it used is recorded in the facts.
 
 Before timing, each server's NAR is downloaded once and its SHA-256 checked
 against the NarHash Nix recorded.  Both servers and the clients share the
@@ -253,6 +260,36 @@ def wrk_rate(base: str, paths: list[str], seconds: int, workdir: Path) -> float:
     sys.exit(f"wrk output without a rate:\n{out}")
 
 
+def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float, float]:
+    """MiB/s of ``render_nar`` of ``store_path`` from the store in ``store_dir`` (no HTTP), and of one
+    BLAKE3 pass over the NAR in ``nar_file`` (read into memory first, not timed)."""
+    import asyncio
+
+    import blake3
+
+    from nixcas.api import open_store
+    from nixcas.store.nar.render import render_nar
+
+    async def render() -> tuple[int, float]:
+        async with await open_store(store_dir, with_pathinfo=True) as store:
+            assert store.pathinfos is not None
+            info = await store.pathinfos.get(nixbase32.decode(store_path[11:43]))
+            assert info is not None
+            size = 0
+            start = time.perf_counter()
+            async for chunk in render_nar(info.node, store.blobs, store.directories):
+                size += len(chunk)
+            return size, time.perf_counter() - start
+
+    size, seconds = asyncio.run(render())
+    data = nar_file.read_bytes()
+    assert len(data) == size
+    start = time.perf_counter()
+    blake3.blake3(data).digest()
+    hashed = time.perf_counter() - start
+    return size / seconds / 2**20, size / hashed / 2**20
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -263,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261124)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
+    parser.add_argument("--event-loop", default=None, help="nar-bridge --event-loop (default: its own, auto)")
     args = parser.parse_args(argv)
     for tool in ("nix", "nix-store", "nginx", "wrk", "curl"):
         if shutil.which(tool) is None and not (tool == "nginx" and Path("/usr/sbin/nginx").exists()):
@@ -278,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         facts["nginx_version"] = nginx_v.stderr.decode().strip()
         print(f"generating {args.large_mib} MiB + {args.small} small paths in {workdir} ...", flush=True)
         store, large, smalls = make_paths(workdir, args.large_mib, args.small, args.seed)
-        bridge = servers.start_bridge([] if args.workers is None else ["--workers", str(args.workers)])
+        extra = [] if args.workers is None else ["--workers", str(args.workers)]
+        extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
+        bridge = servers.start_bridge(extra)
         cache = workdir / "file-cache"
         env = nix_env(workdir, "copy")
         t0 = time.perf_counter()
@@ -299,9 +339,14 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"{name}: the NAR does not match its NarHash/NarSize")
             print(f"{name}: NAR {size} bytes, sha256:{nixbase32.encode(sha)} ok", flush=True)
         nar_bytes = info.nar_size
+        nar_file = cache / info.url
+        log_text = (workdir / "bridge.log").read_text(errors="replace")
+        loop_used = log_text.split("event loop: ", 1)[1].split(";", 1)[0] if "event loop: " in log_text else "?"
+        facts["bridge_event_loop"] = loop_used
 
         results: dict[str, dict[str, list[float]]] = {n: {"single": [], "concurrent": [], "narinfo": []} for n in urls}
         results["nar-bridge"]["floor"] = []
+        results["floors"] = {"render_only": [], "blake3_one_pass": []}
         for r in range(args.runs):
             for name in ("nar-bridge", "nginx") if r % 2 == 0 else ("nginx", "nar-bridge"):
                 seconds, size = curl_time(urls[name])
@@ -314,6 +359,10 @@ def main(argv: list[str] | None = None) -> None:
                 results[name]["narinfo"].append(wrk_rate(base, smalls, args.seconds, workdir))
                 if name == "nar-bridge":
                     results[name]["floor"].append(wrk_rate(base, ["/nix-cache-info"], args.seconds, workdir))
+                if name == "nar-bridge":
+                    rendered, hashed = nar_floors(workdir / "nixcas", large, nar_file)
+                    results["floors"]["render_only"].append(rendered)
+                    results["floors"]["blake3_one_pass"].append(hashed)
                 print(
                     f"round {r + 1} {name:10}: single {results[name]['single'][-1]:7.0f} MiB/s, "
                     f"8x {results[name]['concurrent'][-1]:7.0f} MiB/s, narinfo {results[name]['narinfo'][-1]:8.0f}/s",
@@ -332,7 +381,14 @@ def main(argv: list[str] | None = None) -> None:
             ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
             print(f"| {label} ({unit}) | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f}x |")
         floor = summary["nar-bridge"]["floor"]["median"]
-        print(f"| bridge HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | |")
+        floor_ratio = floor / summary["nginx"]["narinfo"]["median"]
+        print(f"| bridge HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | {floor_ratio:.2f}x |")
+        single = summary["nginx"]["single"]["median"]
+        floor_labels = (("render_only", "render_nar alone, no HTTP"), ("blake3_one_pass", "one BLAKE3 pass, 1 thread"))
+        for key, label in floor_labels:
+            value = summary["floors"][key]["median"]
+            print(f"| NAR floor: {label} (MiB/s) | {value:,.0f} | | {value / single:.2f}x |")
+        print(f"bridge event loop: {facts['bridge_event_loop']}")
         targets = {
             "single stream >= 150 MiB/s": summary["nar-bridge"]["single"]["median"] >= 150,
             "narinfo >= 1500/s": summary["nar-bridge"]["narinfo"]["median"] >= 1500,

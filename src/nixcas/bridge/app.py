@@ -30,7 +30,7 @@ import base64
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -82,6 +82,8 @@ NARINFO_CACHE: Final = 8192
 UPLOADS_REMEMBERED: Final = 1024
 """NARs this process ingested whose index entries it keeps at hand for their narinfo PUT."""
 _NARINFO_HEADERS: Final = {"Content-Type": NARINFO_TYPE}
+_NARINFO_PATH_LEN: Final = 1 + ENCODED_DIGEST_LEN + len(".narinfo")
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _TOKEN: Final = web.RequestKey("nixcas.token", Token)
 # USER (from nixcas.ops.web): ``request.get(USER)`` is the name of the token the request authenticated with.
@@ -171,6 +173,8 @@ class NarBridge:
         """Concurrent uploads share their blob durability barriers (group commit)."""
         self._narinfos: OrderedDict[bytes, tuple[bytes, bytes]] = OrderedDict()
         """digest -> (the stored PathInfo message, the narinfo rendered from exactly it)."""
+        self._digests: dict[str, bytes] = {}
+        """Store path hash parts (nixbase32) the lean narinfo route decoded -> their digests."""
         self._uploaded: OrderedDict[bytes, UploadedNar] = OrderedDict()
         """NarHash -> the NAR index entry this process added (entries never change for a NarHash)."""
         self._cache_info = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {priority}\n".encode()
@@ -264,11 +268,80 @@ class NarBridge:
 
     # -- narinfo ------------------------------------------------------------------------
 
+    def front(
+        self,
+        app: web.Application,
+        handler: Handler,
+        serving: Callable[[], bool] = lambda: True,
+        *,
+        known: Sequence[object] = (),
+    ) -> Handler:
+        """The server's request handler: the lean narinfo route in front of ``handler`` (``app``'s router).
+
+        ``GET /<32 nixbase32 chars>.narinfo`` of a stored path whose record the
+        path info service reads at once (a local SQLite point read) is
+        answered here, without routing or middlewares; every other request,
+        and every narinfo this cannot answer at once (absent, damaged, busy
+        database, a malformed name), goes to ``handler``, which answers it as
+        before.  What the middlewares would do to such a request is done here:
+        the route is named for the access line and the metrics (written by the
+        runner's access logger); a private bridge, a request carrying
+        credentials, a server no longer ``serving`` (draining) and traced
+        requests take the full route.  Only taken while ``app`` has no
+        middleware but the bridge's own and the ``known`` ones (the runner's
+        observation and draining), so any other middleware sees every request.
+        """
+        own = (self._errors, self._authenticate, *known)
+        if any(middleware not in own for middleware in app.middlewares):
+            return handler
+        from nixcas.ops import tracing
+        from nixcas.ops.web import ROUTE
+
+        headers = _NARINFO_HEADERS
+        answer = self._narinfo_now
+
+        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+            path = request.raw_path
+            lean = len(path) == _NARINFO_PATH_LEN and path[0] == "/" and path.endswith(".narinfo")
+            if (
+                lean
+                and request.method == "GET"
+                and not self.private
+                and "Authorization" not in request.headers
+                and serving()
+                and not tracing.enabled()
+            ):
+                body = answer(path[1 : 1 + ENCODED_DIGEST_LEN])
+                if body is not None:
+                    request[ROUTE] = "get_narinfo"
+                    return web.Response(body=body, headers=headers)
+            return await handler(request)
+
+        return dispatch
+
+    def _narinfo_now(self, hash_part: str) -> bytes | None:
+        """The narinfo of ``hash_part`` if the store answers at once and has a valid record; else ``None``."""
+        try:
+            digest = self._digests.get(hash_part)
+            if digest is None:
+                digest = nixbase32.decode(hash_part)
+                if len(self._digests) >= NARINFO_CACHE:
+                    self._digests.clear()
+                self._digests[hash_part] = digest
+            raw = self.pathinfos.get_encoded_now(digest)
+            if not raw:  # False (not at once) or None (absent): the route answers it
+                return None
+            return self._rendered(digest, raw)
+        except (NixcasError, ValueError):  # malformed, damaged, unreadable: the route answers (and logs) it
+            return None
+
     async def get_narinfo(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         digest = parse_narinfo_name(name)
         try:
-            raw = await self.pathinfos.get_encoded(digest)
+            raw = self.pathinfos.get_encoded_now(digest)  # a local point read, no thread hand-off
+            if raw is False:
+                raw = await self.pathinfos.get_encoded(digest)
         except ValidationError as e:  # an upstream record that failed verification: not available here
             log.warning("GET %s: %s", name, e)
             raise _fail(web.HTTPNotFound, f"{name}: {e}") from None

@@ -129,23 +129,40 @@ class RunningBridge:
                 os.unlink(self.unix_path)
 
 
-def _runner(bridge: NarBridge, draining: Draining) -> web.AppRunner:
+class _BridgeRunner(web.AppRunner):
     """The aiohttp runner every listener uses: our access log, metrics and traces (:mod:`nixcas.ops.web`)
     instead of aiohttp's access log (outermost, so a draining 503 is logged too), bad requests logged on
-    one line each."""
-    from nixcas.ops.web import AccessLogger, access_log, instrument
+    one line each; its server puts the bridge's lean narinfo route before the router."""
 
-    app = bridge.application()
-    draining.install(app)
-    instrument(app)
-    return web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        access_log=access_log,
-        handle_signals=False,
-        shutdown_timeout=CANCEL_WAIT,  # the grace period itself is RunningBridge.stop's
-        logger=BAD_REQUEST_LOG,
-    )
+    def __init__(self, bridge: NarBridge, draining: Draining) -> None:
+        from nixcas.ops.web import AccessLogger, access_log, instrument, observe
+
+        app = bridge.application()
+        draining.install(app)
+        instrument(app)
+        super().__init__(
+            app,
+            access_log_class=AccessLogger,
+            access_log=access_log,
+            handle_signals=False,
+            shutdown_timeout=CANCEL_WAIT,  # the grace period itself is RunningBridge.stop's
+            logger=BAD_REQUEST_LOG,
+        )
+        self._bridge = bridge
+        self._draining = draining
+        self._known = (observe, draining.middleware)
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        draining = self._draining
+        server.request_handler = self._bridge.front(
+            self.app, server.request_handler, lambda: not draining.draining, known=self._known
+        )
+        return server
+
+
+def _runner(bridge: NarBridge, draining: Draining) -> web.AppRunner:
+    return _BridgeRunner(bridge, draining)
 
 
 async def start_bridge(

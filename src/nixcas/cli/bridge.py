@@ -16,6 +16,7 @@ import click
 
 from nixcas.api import Store, default_store_dir
 from nixcas.bridge import DEFAULT_BRIDGE_LISTEN, DEFAULT_PRIORITY
+from nixcas.bridge.loop import EVENT_LOOPS, LoopFactory, loop_factory
 from nixcas.cli.common import EXIT_USAGE, Settings, fail, run, server_options, service_options, stop_on_signals
 from nixcas.cli.observe import telemetry, telemetry_options
 from nixcas.cli.serving import (
@@ -198,6 +199,13 @@ async def serving_bridge(
     default=None,
     help="Processes serving the address together [default: the number of CPUs for the embedded store, else 1].",
 )
+@click.option(
+    "--event-loop",
+    type=click.Choice(EVENT_LOOPS),
+    default="auto",
+    show_default=True,
+    help="auto: uvloop if it is installed (the 'fast' extra), else asyncio's own loop.",
+)
 @bridge_options
 @deployment_options
 @service_options
@@ -210,6 +218,7 @@ def nar_bridge(
     shutdown_grace: float,
     workers: int | None,
     otlp_endpoint: str | None,
+    event_loop: str,
     **options: Any,
 ) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --from/--to http://ADDR).
@@ -226,8 +235,22 @@ def nar_bridge(
     bridge_opts.check(settings)  # bad files fail before anything is opened
     ssl_context, sock = _deployment(deploy, listen, bridge_opts)
     workers = _worker_count(workers, settings)
+    try:
+        loop_name, new_loop = loop_factory(event_loop)
+    except ConfigurationError as e:
+        fail(str(e), EXIT_USAGE)
     if workers > 1:
-        _serve_with_workers(settings, bridge_opts, listen, shutdown_grace, workers, ssl_context, sock, otlp_endpoint)
+        _serve_with_workers(
+            settings,
+            bridge_opts,
+            listen,
+            shutdown_grace,
+            workers,
+            (loop_name, new_loop),
+            ssl_context,
+            sock,
+            otlp_endpoint,
+        )
         return
 
     async def go() -> None:
@@ -240,7 +263,10 @@ def nar_bridge(
         ):
             click.echo(f"listening on {running.url}")
             ready()
-            logging.info("blobs: %r; directories: %r; path infos: %r", store.blobs, store.directories, store.pathinfos)
+            logging.info(
+                "event loop: %s; blobs: %r; directories: %r; path infos: %r",
+                loop_name, store.blobs, store.directories, store.pathinfos,
+            )  # fmt: skip
             await stop.wait()
             stopping()
             shutdown_deadline(shutdown_grace)
@@ -248,7 +274,7 @@ def nar_bridge(
             await running.stop()
 
     with telemetry("nixcas-nar-bridge", None, otlp_endpoint, settings.store_root()):
-        run(go)
+        run(go, new_loop)
 
 
 def _deployment(
@@ -287,6 +313,7 @@ def _serve_with_workers(
     listen: str,
     shutdown_grace: float,
     workers: int,
+    event_loop: tuple[str, LoopFactory | None],
     ssl_context: ssl.SSLContext | None = None,
     activated: socket.socket | None = None,
     otlp_endpoint: str | None = None,
@@ -312,8 +339,8 @@ def _serve_with_workers(
             ):
                 ready()
                 if index == 0:
-                    logging.info("%d workers; blobs: %r; directories: %r; path infos: %r", workers, store.blobs,
-                                 store.directories, store.pathinfos)  # fmt: skip
+                    logging.info("%d workers; event loop: %s; blobs: %r; directories: %r; path infos: %r", workers,
+                                 event_loop[0], store.blobs, store.directories, store.pathinfos)  # fmt: skip
                 await stop.wait()
                 shutdown_deadline(shutdown_grace)
                 logging.info("shutting down (grace %g s)", shutdown_grace)
@@ -321,7 +348,7 @@ def _serve_with_workers(
 
         # in the worker: exporting threads do not survive a fork
         with telemetry("nixcas-nar-bridge", None, otlp_endpoint, settings.store_root()):
-            run(go)
+            run(go, event_loop[1])
         return 0
 
     sys.exit(run_workers(workers, listeners, serve))

@@ -18,6 +18,7 @@ from nixcas.errors import ConfigurationError, NixcasError
 
 if TYPE_CHECKING:  # every command imports this module: what it needs is loaded when it is used
     import asyncio
+    from asyncio import AbstractEventLoop
 
     from nixcas.api import Store
     from nixcas.castore.digest import B3Digest
@@ -279,11 +280,16 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     sys.exit(code)
 
 
-def run(coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; turn every expected failure into one line on stderr and an exit code."""
+def run(
+    coro_fn: Callable[[], Coroutine[Any, Any, T]], loop_factory: Callable[[], AbstractEventLoop] | None = None
+) -> T:
+    """Run a coroutine (on a loop from ``loop_factory``, if given); every expected failure: one line, an exit code."""
     import asyncio
 
     try:
+        if loop_factory is not None:
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                return runner.run(coro_fn())
         return asyncio.run(coro_fn())
     except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly
         discard_stdout()

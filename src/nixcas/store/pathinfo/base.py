@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from nixcas._aio import Closing
 from nixcas.errors import StorageError, ValidationError
@@ -63,6 +63,14 @@ class PathInfoService(Closing, ABC):
         narinfo) keyed by its exact bytes, so a changed record is never served stale.
         """
         return await self._get_raw(check_digest(digest))
+
+    def get_encoded_now(self, digest: bytes) -> bytes | Literal[False] | None:
+        """:meth:`get_encoded` without awaiting, where the backend can answer at once (a local point read).
+
+        ``False`` means it cannot (the default; a busy or remote database):
+        await :meth:`get_encoded` instead.  For a server's hot path.
+        """
+        return False
 
     def decode_stored(self, digest: bytes, raw: bytes) -> PathInfo:
         """``raw`` from :meth:`get_encoded`, decoded and validated as :meth:`get` does."""

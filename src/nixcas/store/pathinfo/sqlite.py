@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
-from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, get_data
+from nixcas._sqlite import Busy, SqliteDatabase, SqlitePathConfig, get_data
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.store.pathinfo.base import PathInfoService
+from nixcas.store.pathinfo.base import PathInfoService, check_digest
 
 __all__ = ["SqlitePathInfoService", "SqlitePathInfoServiceConfig"]
 
@@ -40,6 +41,12 @@ class SqlitePathInfoService(PathInfoService):
 
     async def _get_raw(self, digest: bytes) -> bytes | None:
         return await self._db.run(lambda: get_data(self._db.conn, "pathinfo", digest))
+
+    def get_encoded_now(self, digest: bytes) -> bytes | Literal[False] | None:
+        try:
+            return self._db.read_now(lambda conn: get_data(conn, "pathinfo", check_digest(digest)))
+        except Busy:
+            return False
 
     async def _put_raw(self, digest: bytes, raw: bytes) -> None:
         await self._db.run(
