@@ -53,6 +53,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
+import blake3
+
 from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
@@ -60,7 +62,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.graph import RootToLeavesValidator
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 from nixcas.castore.treepath import show_names
-from nixcas.errors import DepthError, NixcasError, NotFoundError, StorageError
+from nixcas.errors import ChecksumMismatch, DepthError, NixcasError, NotFoundError, StorageError
 
 __all__ = [
     "BATCH_BYTES",
@@ -339,7 +341,7 @@ class _Writer:
         finally:
             os.close(source)
 
-    def run(self, ops: list[Op], found: dict[B3Digest, bytes]) -> None:
+    def run(self, ops: list[Op], found: dict[B3Digest, bytes | memoryview]) -> None:
         """Create ``ops`` in order; a file's bytes come from ``found`` (checked against its size)."""
         for op in ops:
             kind, parent, name, arg = op
@@ -381,6 +383,72 @@ async def _in_thread(fn: Callable[[], T]) -> T:
         raise
 
 
+# -- batched reads from the embedded store's packs -------------------------------------------
+
+PACK_GAP = 4096
+"""Rows of one pack at most this far apart are read with one ``pread`` (their gap read and dropped)."""
+PACK_RUN = 4 << 20
+"""Most bytes one such ``pread`` reads."""
+
+
+def packed_reader(
+    blobs: BlobService,
+) -> Callable[[dict[B3Digest, int]], tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]] | None:
+    """For the embedded store (``packed://``): a batch read with one ``pread`` per run of neighbouring rows.
+
+    A freshly imported tree's small files lie in its packs in the order of
+    the walk, which is the order they are written out in: a batch of them is
+    mostly one contiguous range.  Each blob is checked against its recorded
+    size and hashed against its digest before it is returned (the same checks
+    as :meth:`~nixcas.castore.blob.base.BlobService.read_many`); what is not a
+    row, not stored raw, or in a pack compacted meanwhile is returned as the
+    digests to read the ordinary way.  ``None`` for any other blob service.
+    """
+    from nixcas.castore.blob.packed import PackedBlobService
+
+    if type(blobs) is not PackedBlobService:
+        return None
+    service = blobs
+    query = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
+
+    def read(sizes: dict[B3Digest, int]) -> tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]:
+        db = service._db()
+        keys = [bytes(d) for d in sizes]
+        rows = db.execute(query.format(",".join("?" * len(keys))), keys).fetchall()
+        rows.sort(key=lambda r: (r[3], r[4]))
+        found: dict[B3Digest, bytes | memoryview] = {}
+        rest = set(sizes)
+        i = 0
+        while i < len(rows):
+            pack, start = rows[i][3], rows[i][4]
+            end = start + rows[i][5]
+            j = i + 1
+            while j < len(rows) and rows[j][3] == pack and start <= rows[j][4] <= end + PACK_GAP:
+                if rows[j][4] + rows[j][5] - start > PACK_RUN:
+                    break
+                end = max(end, rows[j][4] + rows[j][5])
+                j += 1
+            try:
+                run = memoryview(service._pread(pack, end - start, start, db))
+            except FileNotFoundError:  # compacted meanwhile: read the ordinary way
+                service._forget_reader(pack)
+                i = j
+                continue
+            for raw, size, codec, _, offset, length in rows[i:j]:
+                digest = B3Digest(raw)
+                if codec != 0 or size != length or offset + length - start > len(run):
+                    continue  # compressed, or damaged: the ordinary path decodes it or names the problem
+                data = run[offset - start : offset + length - start]
+                if blake3.blake3(data).digest() != raw:
+                    raise ChecksumMismatch(f"blob {raw.hex()}", raw.hex(), blake3.blake3(data).hexdigest())
+                found[digest] = data
+                rest.discard(digest)
+            i = j
+        return found, list(rest)
+
+    return read
+
+
 # -- the window of reads ahead of the writer -----------------------------------------------
 
 
@@ -391,7 +459,7 @@ class _Batch:
     ops: list[Op]
     sizes: dict[B3Digest, int]
     cost: int = 0
-    task: asyncio.Future[dict[B3Digest, bytes]] | None = None
+    task: asyncio.Future[dict[B3Digest, bytes | memoryview]] | None = None
 
 
 @dataclass(slots=True)
@@ -421,6 +489,7 @@ class _Materializer:
         self.window: deque[_Batch | _Big] = deque()
         self.held = 0
         self.batches = 0
+        self.packed = packed_reader(blobs)
 
     def _take(self) -> Op | None:
         op, self.peeked = self.peeked, None
@@ -470,10 +539,20 @@ class _Materializer:
                     break
                 op = nxt
             if batch.sizes:
-                batch.task = asyncio.ensure_future(self.blobs.read_many(batch.sizes, parallel=self.prefetch))
+                batch.task = asyncio.ensure_future(self._read(batch.sizes))
             self.window.append(batch)
             self.held += batch.cost
             self.batches += 1
+
+    async def _read(self, sizes: dict[B3Digest, int]) -> dict[B3Digest, bytes | memoryview]:
+        """The blobs of a batch, each verified (missing ones, and ones of another size, may be left out)."""
+        if self.packed is None:
+            return dict(await self.blobs.read_many(sizes, parallel=self.prefetch))
+        read = self.packed
+        found, rest = await asyncio.to_thread(read, sizes)
+        if rest:
+            found.update(await self.blobs.read_many({d: sizes[d] for d in rest}, parallel=self.prefetch))
+        return found
 
     async def _open_big(self, big: _Big) -> bytes:
         reader = await self.blobs.open_read(big.node.digest)
@@ -503,7 +582,7 @@ class _Materializer:
             f"file {self.plan.show(op[1], op[2])} declares"
         )
 
-    async def _explain(self, op: Op, found: dict[B3Digest, bytes]) -> StorageError:
+    async def _explain(self, op: Op, found: dict[B3Digest, bytes | memoryview]) -> StorageError:
         """Why a batch had no fitting bytes for ``op``'s blob."""
         node = op[3]
         assert isinstance(node, FileNode)
