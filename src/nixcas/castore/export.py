@@ -48,6 +48,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -93,6 +94,8 @@ BATCH_BYTES = 8 << 20
 """Most content bytes in one batch."""
 BATCH_OPS = 2048
 """Most entries of any kind (directories, symlinks, links, files) written in one worker-thread call."""
+STREAMS = 2
+"""Large files written at once (each streams in its own worker thread on the embedded store)."""
 BATCHES = 2
 """Batches with reads in the window at once: one being written, one being read (two cores)."""
 DIR_FDS = 64
@@ -449,6 +452,53 @@ def packed_reader(
     return read
 
 
+def packed_copier(blobs: BlobService) -> Callable[[int, FileNode, threading.Event], bool] | None:
+    """For the embedded store (``packed://``): copy a large blob into a file descriptor chunk by chunk.
+
+    One worker-thread call per file: each chunk is read (and checked against
+    its own digest, as the store's reader does), hashed into the whole blob's
+    BLAKE3 and written; the whole digest is compared at the end (a mismatch
+    raises, and the export is then removed).  ``False``, with nothing
+    written, for what it does not handle (a missing blob, an object of the
+    old unchunked layout, a size other than the file's): the ordinary reader
+    takes those and names any problem.  Stops between chunks once ``stop`` is set.
+    """
+    from nixcas.castore.blob.packed import PackedBlobService
+
+    if type(blobs) is not PackedBlobService:
+        return None
+    service = blobs
+
+    def copy(fd: int, node: FileNode, stop: threading.Event) -> bool:
+        digest = node.digest
+        chunks = service._chunks_sync(digest)
+        if not chunks:  # missing, or one object (read, checked and written whole: at most a chunk's size)
+            data = None if chunks is None else service._read_object_sync(digest)
+            if isinstance(data, StorageError):
+                raise data
+            if not isinstance(data, bytes) or len(data) != node.size:
+                return False
+            _write_all(fd, data)
+            return True
+        if sum(c.size for c in chunks) != node.size:
+            return False
+        hasher = blake3.blake3()
+        for chunk in chunks:
+            if stop.is_set():
+                raise asyncio.CancelledError
+            data = service._read_chunk_sync(chunk)
+            if data is None:
+                raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} not found")
+            hasher.update(data)
+            _write_all(fd, data)
+        got = hasher.digest()
+        if got != digest:
+            raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
+        return True
+
+    return copy
+
+
 # -- the window of reads ahead of the writer -----------------------------------------------
 
 
@@ -490,6 +540,9 @@ class _Materializer:
         self.held = 0
         self.batches = 0
         self.packed = packed_reader(blobs)
+        self.copier = packed_copier(blobs)
+        self.streams: dict[asyncio.Future[None], _Big] = {}
+        self.stop = threading.Event()
 
     def _take(self) -> Op | None:
         op, self.peeked = self.peeked, None
@@ -506,8 +559,9 @@ class _Materializer:
             if self._is_big(op):
                 node = op[3]
                 assert isinstance(node, FileNode)
-                big = _Big(op, node, min(node.size, BLOCK))
-                big.task = asyncio.ensure_future(self._open_big(big))
+                big = _Big(op, node, 0 if self.copier is not None else min(node.size, BLOCK))
+                if self.copier is None:  # the head is read ahead; the embedded store reads it when written
+                    big.task = asyncio.ensure_future(self._open_big(big))
                 self.window.append(big)
                 self.held += big.cost
                 continue
@@ -600,15 +654,40 @@ class _Materializer:
         except _BadBlob as e:
             raise await self._explain(e.op, found) from None
 
-    async def _write_big(self, big: _Big) -> None:
+    async def _start_big(self, big: _Big) -> None:
+        """Create a large file (in order) and stream it in the background, at most :data:`STREAMS` at once."""
+        op = big.op
+        fd = await _in_thread(lambda: self.writer.create(op[1], op[2], big.node))
+        task = asyncio.ensure_future(self._stream(big, fd))
+        task.add_done_callback(lambda _: os.close(fd))  # also when cancelled before it ran
+        self.streams[task] = big
+        await self._drain(STREAMS - 1)
+
+    async def _drain(self, left: int) -> None:
+        """Wait until at most ``left`` streams run; the first failure raises."""
+        while len(self.streams) > left:
+            done, _ = await asyncio.wait(self.streams, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                del self.streams[task]
+                task.result()
+
+    async def _stream(self, big: _Big, fd: int) -> None:
+        if self.copier is not None:
+            copier, stop = self.copier, self.stop
+            if await _in_thread(lambda: copier(fd, big.node, stop)):
+                return
+            big.task = asyncio.ensure_future(self._open_big(big))
+        await self._write_big(big, fd)
+
+    async def _write_big(self, big: _Big, fd: int) -> None:
+        """A large file through the blob service's verifying reader, one block read ahead of the write."""
         assert big.task is not None
         op, size = big.op, big.node.size
-        data = await big.task
-        reader = big.reader
-        assert reader is not None
-        fd = await _in_thread(lambda: self.writer.create(op[1], op[2], big.node))
         pending: asyncio.Future[bytes] | None = None
         try:
+            data = await big.task
+            reader = big.reader
+            assert reader is not None
             got = 0
             while True:
                 got += len(data)
@@ -630,9 +709,9 @@ class _Materializer:
             if pending is not None:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
-            os.close(fd)
-            big.reader = None
-            await reader.close()
+            if big.reader is not None:
+                reader, big.reader = big.reader, None
+                await reader.close()
 
     async def run(self) -> None:
         try:
@@ -643,23 +722,27 @@ class _Materializer:
                     await self._write_batch(unit)
                     self.batches -= 1
                 else:
-                    await self._write_big(unit)
+                    await self._start_big(unit)
                 self.window.popleft()
                 self.held -= unit.cost
                 self._fill()
+            await self._drain(0)
         finally:
             await self._abandon()
 
     async def _abandon(self) -> None:
-        """Cancel the reads still in the window and close their readers."""
-        futures: list[asyncio.Future[object]] = []
-        for unit in self.window:
+        """Stop the streams, cancel the reads still in the window and close their readers."""
+        self.stop.set()
+        units: list[_Batch | _Big] = [*self.window, *self.streams.values()]
+        futures: list[asyncio.Future[object]] = list(self.streams)  # type: ignore[arg-type]
+        self.streams.clear()
+        for unit in units:
             if unit.task is not None:
                 futures.append(unit.task)  # type: ignore[arg-type]
         for fut in futures:
             fut.cancel()
         await asyncio.gather(*futures, return_exceptions=True)
-        for unit in self.window:
+        for unit in units:
             if isinstance(unit, _Big) and unit.reader is not None:
                 with contextlib.suppress(Exception):
                     await unit.reader.close()
