@@ -131,7 +131,10 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, s in summary.items():
         print(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['median_cpu_s']:.3f} |")
-    print("runs (nixcas, nix-store): " + ", ".join(f"{a[0]:.3f}/{b[0]:.3f}" for a, b in zip(*runs.values())))
+    print(
+        "runs (nixcas, nix-store): "
+        + ", ".join(f"{a[0]:.3f}/{b[0]:.3f}" for a, b in zip(runs["nixcas"], runs["nix-store"], strict=True))
+    )
     print(f"ratio (median) {ratio:.2f}x, paired {paired:.2f}x; load average {os.getloadavg()}")
     if args.json:
         args.json.write_text(

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import secrets
 import shutil
@@ -203,9 +204,7 @@ class _Plan:
             return
         first = self._mkdir(0, root)
         yield first
-        stack: list[tuple[int, int, Iterator[tuple[bytes, Node]]]] = [
-            (1, 0, iter(self._directory(node, 0, root)))
-        ]
+        stack: list[tuple[int, int, Iterator[tuple[bytes, Node]]]] = [(1, 0, iter(self._directory(node, 0, root)))]
         while stack:
             parent, depth, entries = stack[-1]
             entry = next(entries, None)
@@ -357,7 +356,7 @@ class _Writer:
                 fd = self.create(parent, name, arg)
                 try:
                     if arg.size:
-                        _write_all(fd, data)
+                        _write_all(fd, found[arg.digest])
                 finally:
                     os.close(fd)
             elif kind == _MKDIR:
@@ -524,9 +523,7 @@ class _Big:
 
 
 class _Materializer:
-    def __init__(
-        self, plan: _Plan, writer: _Writer, blobs: BlobService, prefetch: int, buffer_bytes: int
-    ) -> None:
+    def __init__(self, plan: _Plan, writer: _Writer, blobs: BlobService, prefetch: int, buffer_bytes: int) -> None:
         self.plan = plan
         self.writer = writer
         self.blobs = blobs
@@ -636,7 +633,7 @@ class _Materializer:
             f"file {self.plan.show(op[1], op[2])} declares"
         )
 
-    async def _explain(self, op: Op, found: dict[B3Digest, bytes | memoryview]) -> StorageError:
+    async def _explain(self, op: Op, found: dict[B3Digest, bytes | memoryview]) -> NixcasError:
         """Why a batch had no fitting bytes for ``op``'s blob."""
         node = op[3]
         assert isinstance(node, FileNode)
@@ -695,8 +692,7 @@ class _Materializer:
                     raise self._long(op)
                 if got < size:
                     pending = asyncio.ensure_future(reader.read(min(BLOCK, size - got)))
-                block = data
-                await _in_thread(lambda: _write_all(fd, block))
+                await _in_thread(functools.partial(_write_all, fd, data))
                 if pending is None:
                     break
                 data = await pending
@@ -851,4 +847,3 @@ def _make_staging(parent_fd: int, base: str) -> str:
         except FileExistsError:
             continue
         return name
-
