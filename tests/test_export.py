@@ -199,7 +199,7 @@ def test_a_directory_swapped_for_a_symlink_cannot_redirect_writes(tmp_path: Path
         writer.close()  # forget the descriptors: the next write must look the directory up again
         os.rmdir(staging / "root" / "d")
         (staging / "root" / "d").symlink_to(outside)
-        with pytest.raises(OSError, match="Too many levels of symbolic links"):  # ELOOP: O_NOFOLLOW
+        with pytest.raises(OSError, match=r"Not a directory|Too many levels of symbolic links"):
             writer.run(ops[2:], {B3Digest(blake3.blake3(blob).digest()): blob})
     finally:
         writer.close()

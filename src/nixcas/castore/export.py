@@ -52,7 +52,9 @@ import stat
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from queue import SimpleQueue
 from typing import TypeAlias, TypeVar
 
 import blake3
@@ -503,23 +505,112 @@ def packed_copier(blobs: BlobService) -> Callable[[int, FileNode, threading.Even
 
 @dataclass(slots=True)
 class _Batch:
-    """Consecutive entries written by one worker-thread call; their small files read by one ``read_many``."""
+    """Consecutive entries written by one step of the writer thread; their small files read by one ``read_many``."""
 
     ops: list[Op]
     sizes: dict[B3Digest, int]
     cost: int = 0
     task: asyncio.Future[dict[B3Digest, bytes | memoryview]] | None = None
+    data: Future[dict[B3Digest, bytes | memoryview]] | None = None
+    """The read's result, for the writer thread."""
+    done: asyncio.Future[object] | None = None
+    """Set once the writer thread has written the batch (or failed to)."""
 
 
 @dataclass(slots=True)
 class _Big:
-    """A large file: its reader is opened and its first block read ahead; the rest streams when written."""
+    """A large file: created in order by the writer thread, then streamed in the background."""
 
     op: Op
     node: FileNode
     cost: int
     task: asyncio.Future[bytes] | None = None
+    """The reader opened and the first block read ahead (blob services other than the embedded store)."""
     reader: BlobReader | None = None
+    done: asyncio.Future[object] | None = None
+    """The writer thread's answer: ``(fd, copy)``, the copy a future of the embedded store's copier (or ``None``)."""
+
+
+class _WriterThread:
+    """Writes the units of the window in order, in one thread that keeps going while there is work.
+
+    The event loop queues each unit as soon as its read is started; the
+    thread waits for the read's result itself, so no round trip through the
+    event loop separates one write from the next.  The large files of the
+    embedded store are copied by :data:`STREAMS` further threads.
+    """
+
+    def __init__(self, writer: _Writer, copier: Callable[[int, FileNode, threading.Event], bool] | None) -> None:
+        self.writer = writer
+        self.copier = copier
+        self.stop = threading.Event()
+        self.loop = asyncio.get_running_loop()
+        self.queue: SimpleQueue[_Batch | _Big | None] = SimpleQueue()
+        self.copies = ThreadPoolExecutor(STREAMS, "nixcas-export-copy") if copier is not None else None
+        self.thread = threading.Thread(target=self._main, name="nixcas-export-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, unit: _Batch | _Big) -> None:
+        unit.done = self.loop.create_future()
+        self.queue.put(unit)
+
+    def _main(self) -> None:
+        while (unit := self.queue.get()) is not None:
+            try:
+                if self.stop.is_set():
+                    raise asyncio.CancelledError
+                result = self._write(unit)
+            except BaseException as e:
+                self.stop.set()
+                self._answer(unit, None, e)
+            else:
+                self._answer(unit, result, None)
+
+    def _write(self, unit: _Batch | _Big) -> object:
+        if isinstance(unit, _Batch):
+            self.writer.run(unit.ops, unit.data.result() if unit.data is not None else {})
+            return None
+        op = unit.op
+        fd = self.writer.create(op[1], op[2], unit.node)
+        if self.copies is None or self.copier is None:
+            return fd, None
+        try:
+            return fd, self.copies.submit(self.copier, fd, unit.node, self.stop)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _answer(self, unit: _Batch | _Big, result: object, error: BaseException | None) -> None:
+        done = unit.done
+        assert done is not None
+
+        def settle() -> None:
+            if done.cancelled():
+                if error is None and isinstance(result, tuple):
+                    _close_when_done(result[0], result[1])  # a big file nobody will stream
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        self.loop.call_soon_threadsafe(settle)
+
+    async def close(self) -> None:
+        """Stop after the current unit; wait for the thread and every copy (no write runs afterwards)."""
+        self.queue.put(None)
+        await _in_thread(self.thread.join)
+        if self.copies is not None:
+            copies = self.copies
+            await _in_thread(lambda: copies.shutdown(wait=True))
+
+
+def _close_when_done(fd: int, copy: Future[bool] | None) -> None:
+    """Close ``fd`` now, or once ``copy`` (which writes to it) has finished."""
+    if copy is None:
+        os.close(fd)
+    else:
+        copy.add_done_callback(lambda _: os.close(fd))
 
 
 class _Materializer:
@@ -539,7 +630,7 @@ class _Materializer:
         self.packed = packed_reader(blobs)
         self.copier = packed_copier(blobs)
         self.streams: dict[asyncio.Future[None], _Big] = {}
-        self.stop = threading.Event()
+        self.thread: _WriterThread | None = None
 
     def _take(self) -> Op | None:
         op, self.peeked = self.peeked, None
@@ -549,6 +640,7 @@ class _Materializer:
         return op[0] == _FILE and isinstance(op[3], FileNode) and op[3].size > self.small
 
     def _fill(self) -> None:
+        assert self.thread is not None
         while len(self.window) < self.prefetch and (not self.window or self.held < self.buffer_bytes):
             op = self._take()
             if op is None:
@@ -557,9 +649,10 @@ class _Materializer:
                 node = op[3]
                 assert isinstance(node, FileNode)
                 big = _Big(op, node, 0 if self.copier is not None else min(node.size, BLOCK))
-                if self.copier is None:  # the head is read ahead; the embedded store reads it when written
+                if self.copier is None:  # the head is read ahead; the embedded store's copier reads it
                     big.task = asyncio.ensure_future(self._open_big(big))
                 self.window.append(big)
+                self.thread.submit(big)
                 self.held += big.cost
                 continue
             if self.batches >= BATCHES:
@@ -591,7 +684,9 @@ class _Materializer:
                 op = nxt
             if batch.sizes:
                 batch.task = asyncio.ensure_future(self._read(batch.sizes))
+                batch.data = _bridge(batch.task)
             self.window.append(batch)
+            self.thread.submit(batch)
             self.held += batch.cost
             self.batches += 1
 
@@ -644,21 +739,24 @@ class _Materializer:
             return self._missing(op)
         return self._long(op)
 
-    async def _write_batch(self, batch: _Batch) -> None:
-        found = await batch.task if batch.task is not None else {}
-        try:
-            await _in_thread(lambda: self.writer.run(batch.ops, found))
-        except _BadBlob as e:
-            raise await self._explain(e.op, found) from None
-
-    async def _start_big(self, big: _Big) -> None:
-        """Create a large file (in order) and stream it in the background, at most :data:`STREAMS` at once."""
-        op = big.op
-        fd = await _in_thread(lambda: self.writer.create(op[1], op[2], big.node))
-        task = asyncio.ensure_future(self._stream(big, fd))
-        task.add_done_callback(lambda _: os.close(fd))  # also when cancelled before it ran
-        self.streams[task] = big
-        await self._drain(STREAMS - 1)
+    async def _finish(self, unit: _Batch | _Big) -> None:
+        """Wait for the writer thread to have written ``unit``; a large file then streams in the background."""
+        assert unit.done is not None
+        if isinstance(unit, _Batch):
+            try:
+                await unit.done
+            except _BadBlob as e:
+                assert unit.task is not None
+                raise await self._explain(e.op, unit.task.result()) from None
+            return
+        answer = await unit.done
+        assert isinstance(answer, tuple)
+        fd: int = answer[0]
+        copy: Future[bool] | None = answer[1]
+        task = asyncio.ensure_future(self._stream(unit, fd, copy))
+        task.add_done_callback(lambda _: _close_when_done(fd, copy))  # also when cancelled before it ran
+        self.streams[task] = unit
+        await self._drain(STREAMS)
 
     async def _drain(self, left: int) -> None:
         """Wait until at most ``left`` streams run; the first failure raises."""
@@ -668,10 +766,9 @@ class _Materializer:
                 del self.streams[task]
                 task.result()
 
-    async def _stream(self, big: _Big, fd: int) -> None:
-        if self.copier is not None:
-            copier, stop = self.copier, self.stop
-            if await _in_thread(lambda: copier(fd, big.node, stop)):
+    async def _stream(self, big: _Big, fd: int, copy: Future[bool] | None) -> None:
+        if copy is not None:
+            if await _settled(copy):
                 return
             big.task = asyncio.ensure_future(self._open_big(big))
         await self._write_big(big, fd)
@@ -710,25 +807,25 @@ class _Materializer:
                 await reader.close()
 
     async def run(self) -> None:
+        self.thread = _WriterThread(self.writer, self.copier)
         try:
             self._fill()
             while self.window:
                 unit = self.window[0]
-                if isinstance(unit, _Batch):
-                    await self._write_batch(unit)
-                    self.batches -= 1
-                else:
-                    await self._start_big(unit)
+                await self._finish(unit)
                 self.window.popleft()
                 self.held -= unit.cost
+                if isinstance(unit, _Batch):
+                    self.batches -= 1
                 self._fill()
             await self._drain(0)
         finally:
             await self._abandon()
 
     async def _abandon(self) -> None:
-        """Stop the streams, cancel the reads still in the window and close their readers."""
-        self.stop.set()
+        """Stop the writer thread and the streams, cancel the reads still in the window, close their readers."""
+        assert self.thread is not None
+        self.thread.stop.set()
         units: list[_Batch | _Big] = [*self.window, *self.streams.values()]
         futures: list[asyncio.Future[object]] = list(self.streams)  # type: ignore[arg-type]
         self.streams.clear()
@@ -738,12 +835,43 @@ class _Materializer:
         for fut in futures:
             fut.cancel()
         await asyncio.gather(*futures, return_exceptions=True)
+        await self.thread.close()
         for unit in units:
             if isinstance(unit, _Big) and unit.reader is not None:
                 with contextlib.suppress(Exception):
                     await unit.reader.close()
                 unit.reader = None
+            if unit.done is not None and unit.done.done() and not unit.done.cancelled():
+                unit.done.exception()  # retrieved: no "never retrieved" warning for the units not waited for
         self.window.clear()
+
+
+def _bridge(task: asyncio.Future[T]) -> Future[T]:
+    """A :class:`concurrent.futures.Future` with ``task``'s outcome, for a thread to wait on."""
+    out: Future[T] = Future()
+
+    def copy(done: asyncio.Future[T]) -> None:
+        if done.cancelled():
+            out.set_exception(asyncio.CancelledError())
+        elif (error := done.exception()) is not None:
+            out.set_exception(error)
+        else:
+            out.set_result(done.result())
+
+    task.add_done_callback(copy)
+    return out
+
+
+async def _settled(fut: Future[T]) -> T:
+    """``fut``'s result; if cancelled meanwhile, wait for it to finish first (it runs in a thread)."""
+    wrapped = asyncio.wrap_future(fut)
+    try:
+        return await asyncio.shield(wrapped)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(wrapped)
+        raise
 
 
 # -- the destination ---------------------------------------------------------------------------
