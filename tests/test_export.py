@@ -317,7 +317,7 @@ def test_cli_castore_export_of_digests_and_nodes(tmp_path: Path, capsys: pytest.
 def test_a_corrupt_chunk_of_a_large_blob_fails_and_leaves_nothing(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
-    (tree / "big").write_bytes(os.urandom(1 << 20))  # chunked by the embedded store
+    (tree / "big").write_bytes(os.urandom(3 << 20))  # chunked by the embedded store, copied chunk by chunk
     store = tmp_path / "store"
     node = ingest(tree, store)
     chunks = sorted(p for p in (store / "blobs" / "chunks").rglob("*") if p.is_file())
@@ -327,6 +327,9 @@ def test_a_corrupt_chunk_of_a_large_blob_fails_and_leaves_nothing(tmp_path: Path
     victim.write_bytes(zstandard.ZstdCompressor().compress(b"\0" * size))
     work = tmp_path / "work"
     work.mkdir()
-    with pytest.raises(ChecksumMismatch, match=victim.name):
+    assert isinstance(node, DirectoryNode)
+    big = run(lambda s: s.get_directory(node.digest), store).get(b"big")
+    assert isinstance(big, FileNode)
+    with pytest.raises(ChecksumMismatch, match=f"blob {big.digest.hex()}"):
         export(node, work / "out", store)
     nothing_left(work, set())

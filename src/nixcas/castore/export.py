@@ -59,7 +59,7 @@ from typing import TypeAlias, TypeVar
 
 import blake3
 
-from nixcas.castore.blob.base import BlobReader, BlobService
+from nixcas.castore.blob.base import BlobReader, BlobService, ChunkMeta
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
@@ -456,19 +456,53 @@ def packed_reader(
 def packed_copier(blobs: BlobService) -> Callable[[int, FileNode, threading.Event], bool] | None:
     """For the embedded store (``packed://``): copy a large blob into a file descriptor chunk by chunk.
 
-    One worker-thread call per file: each chunk is read (and checked against
-    its own digest, as the store's reader does), hashed into the whole blob's
-    BLAKE3 and written; the whole digest is compared at the end (a mismatch
-    raises, and the export is then removed).  ``False``, with nothing
+    One worker-thread call per file: each chunk is read (its size checked),
+    hashed into the whole blob's BLAKE3 and written; the whole digest is
+    compared at the end (a mismatch raises, and the export is then removed).
+    Chunks are not hashed on their own as well: the file is not published
+    before the whole blob has passed, and one BLAKE3 pass instead of two is
+    a third of the CPU time of a large file.  ``False``, with nothing
     written, for what it does not handle (a missing blob, an object of the
     old unchunked layout, a size other than the file's): the ordinary reader
     takes those and names any problem.  Stops between chunks once ``stop`` is set.
     """
+    import zstandard
+
+    from nixcas.castore.blob.chunking import compressed_bound, decompress_chunk
     from nixcas.castore.blob.packed import PackedBlobService
 
     if type(blobs) is not PackedBlobService:
         return None
     service = blobs
+
+    dctx = threading.local()
+
+    def chunk_bytes(digest: B3Digest, chunk: ChunkMeta) -> bytes:
+        """A chunk's bytes, exactly its size, not hashed on their own: the whole blob is, at its end."""
+        try:
+            fd = os.open(service._chunk_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            data = service._fetch_sync(chunk.digest)  # a chunk that is also a small blob: a pack row
+            if data is None:
+                raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} not found") from None
+            if len(data) != chunk.size:
+                raise StorageError(
+                    f"blob {digest.hex()}: chunk {chunk.digest.hex()} is not {chunk.size} bytes"
+                ) from None
+            return data
+        try:
+            limit = compressed_bound(chunk.size)
+            compressed = os.read(fd, limit + 1)
+            while len(compressed) <= limit and (more := os.read(fd, limit + 1 - len(compressed))):
+                compressed += more
+        finally:
+            os.close(fd)
+        if len(compressed) > limit:
+            raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} is larger than its size allows")
+        context = getattr(dctx, "value", None)
+        if context is None:
+            context = dctx.value = zstandard.ZstdDecompressor()
+        return decompress_chunk(context, compressed, chunk.size, f"blob {digest.hex()}: chunk {chunk.digest.hex()}")
 
     def copy(fd: int, node: FileNode, stop: threading.Event) -> bool:
         digest = node.digest
@@ -487,9 +521,7 @@ def packed_copier(blobs: BlobService) -> Callable[[int, FileNode, threading.Even
         for chunk in chunks:
             if stop.is_set():
                 raise asyncio.CancelledError
-            data = service._read_chunk_sync(chunk)
-            if data is None:
-                raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} not found")
+            data = chunk_bytes(digest, chunk)
             hasher.update(data)
             _write_all(fd, data)
         got = hasher.digest()
