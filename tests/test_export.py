@@ -333,3 +333,40 @@ def test_a_corrupt_chunk_of_a_large_blob_fails_and_leaves_nothing(tmp_path: Path
     with pytest.raises(ChecksumMismatch, match=f"blob {big.digest.hex()}"):
         export(node, work / "out", store)
     nothing_left(work, set())
+
+
+def test_cancelled_export_removes_everything_and_closes_its_files(tmp_path: Path) -> None:
+    """Cancelled while the writer thread waits for a batch and a large file streams: nothing stays open or behind."""
+    small, big = b"small file\n", os.urandom(100_000)
+    entries: dict[bytes, Node] = {
+        b"a-big": FileNode(B3Digest(blake3.blake3(big).digest()), len(big)),
+        b"b-dir": Directory().node(),
+        b"c-small": FileNode(B3Digest(blake3.blake3(small).digest()), len(small)),
+    }
+    root = Directory(entries)
+    started = asyncio.Event()
+
+    class Stalling(MemoryBlobService):
+        async def read_many(self, max_sizes: object, *, parallel: int = 8) -> dict[B3Digest, bytes]:
+            started.set()
+            await asyncio.Event().wait()  # never
+            raise AssertionError
+
+    blobs, dirs = Stalling(), MemoryDirectoryService()
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    async def go() -> None:
+        await blobs.put(small)
+        await blobs.put(big)
+        await dirs.put(Directory())
+        await dirs.put(root)
+        task = asyncio.ensure_future(export_node(root.node(), tmp_path / "out", blobs, dirs, buffer_bytes=64 << 10))
+        await started.wait()
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".nixcas-export-")]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert os.listdir(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == fds_before

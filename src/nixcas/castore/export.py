@@ -561,6 +561,8 @@ class _Big:
     reader: BlobReader | None = None
     done: asyncio.Future[object] | None = None
     """The writer thread's answer: ``(fd, copy)``, the copy a future of the embedded store's copier (or ``None``)."""
+    streamed: bool = False
+    """Whether a stream took the answer over (it then closes the file)."""
 
 
 class _WriterThread:
@@ -787,6 +789,7 @@ class _Materializer:
         copy: Future[bool] | None = answer[1]
         task = asyncio.ensure_future(self._stream(unit, fd, copy))
         task.add_done_callback(lambda _: _close_when_done(fd, copy))  # also when cancelled before it ran
+        unit.streamed = True
         self.streams[task] = unit
         await self._drain(STREAMS)
 
@@ -874,7 +877,9 @@ class _Materializer:
                     await unit.reader.close()
                 unit.reader = None
             if unit.done is not None and unit.done.done() and not unit.done.cancelled():
-                unit.done.exception()  # retrieved: no "never retrieved" warning for the units not waited for
+                answer = unit.done.exception() or unit.done.result()  # retrieved: no "never retrieved" warning
+                if isinstance(unit, _Big) and not unit.streamed and isinstance(answer, tuple):
+                    _close_when_done(answer[0], answer[1])  # created, never streamed
         self.window.clear()
 
 
