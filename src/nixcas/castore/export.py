@@ -53,7 +53,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import TypeAlias, TypeVar
 
@@ -97,6 +97,8 @@ BATCH_BYTES = 8 << 20
 """Most content bytes in one batch."""
 BATCH_OPS = 2048
 """Most entries of any kind (directories, symlinks, links, files) written in one worker-thread call."""
+WRITERS = 2
+"""Threads creating files (of consecutive batches) at once."""
 STREAMS = 2
 """Large files written at once (each streams in its own worker thread on the embedded store)."""
 BATCHES = 2
@@ -540,13 +542,19 @@ class _Batch:
     """Consecutive entries written by one step of the writer thread; their small files read by one ``read_many``."""
 
     ops: list[Op]
+    """Every entry but the new directories."""
     sizes: dict[B3Digest, int]
+    dirs: list[Op] = field(default_factory=list)
+    """The new directories, created first (in order)."""
     cost: int = 0
     task: asyncio.Future[dict[B3Digest, bytes | memoryview]] | None = None
     data: Future[dict[B3Digest, bytes | memoryview]] | None = None
     """The read's result, for the writer thread."""
     done: asyncio.Future[object] | None = None
     """Set once the writer thread has written the batch (or failed to)."""
+    after: threading.Event | None = None
+    """The previous unit's :attr:`made`: its directories exist."""
+    made: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(slots=True)
@@ -563,49 +571,69 @@ class _Big:
     """The writer thread's answer: ``(fd, copy)``, the copy a future of the embedded store's copier (or ``None``)."""
     streamed: bool = False
     """Whether a stream took the answer over (it then closes the file)."""
+    after: threading.Event | None = None
+    made: threading.Event = field(default_factory=threading.Event)
 
 
 class _WriterThread:
-    """Writes the units of the window in order, in one thread that keeps going while there is work.
+    """Writes the units of the window, in threads that keep going while there is work.
 
-    The event loop queues each unit as soon as its read is started; the
+    The event loop queues each unit as soon as its read is started; a
     thread waits for the read's result itself, so no round trip through the
-    event loop separates one write from the next.  The large files of the
-    embedded store are copied by :data:`STREAMS` further threads.
+    event loop separates one write from the next.  With several writers
+    (each with its own :class:`_Writer`), units are dealt out in turn; a
+    unit's new directories are created first, and the next unit starts only
+    once they exist (its files may be in them), so files of consecutive
+    units are created in parallel.  The large files of the embedded store
+    are copied by :data:`STREAMS` further threads.
     """
 
-    def __init__(self, writer: _Writer, copier: Callable[[int, FileNode, threading.Event], bool] | None) -> None:
-        self.writer = writer
+    def __init__(self, writers: list[_Writer], copier: Callable[[int, FileNode, threading.Event], bool] | None) -> None:
         self.copier = copier
         self.stop = threading.Event()
         self.loop = asyncio.get_running_loop()
-        self.queue: SimpleQueue[_Batch | _Big | None] = SimpleQueue()
+        self.queues: list[SimpleQueue[_Batch | _Big | None]] = [SimpleQueue() for _ in writers]
+        self.submitted = 0
+        self.last: threading.Event | None = None
         self.copies = ThreadPoolExecutor(STREAMS, "nixcas-export-copy") if copier is not None else None
-        self.thread = threading.Thread(target=self._main, name="nixcas-export-writer", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._main, args=(w, q), name="nixcas-export-writer", daemon=True)
+            for w, q in zip(writers, self.queues, strict=True)
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, unit: _Batch | _Big) -> None:
         unit.done = self.loop.create_future()
-        self.queue.put(unit)
+        unit.after, self.last = self.last, unit.made
+        self.queues[self.submitted % len(self.queues)].put(unit)
+        self.submitted += 1
 
-    def _main(self) -> None:
-        while (unit := self.queue.get()) is not None:
+    def _main(self, writer: _Writer, queue: SimpleQueue[_Batch | _Big | None]) -> None:
+        while (unit := queue.get()) is not None:
             try:
+                if unit.after is not None:
+                    unit.after.wait()
                 if self.stop.is_set():
                     raise asyncio.CancelledError
-                result = self._write(unit)
+                result = self._write(writer, unit)
             except BaseException as e:
                 self.stop.set()
                 self._answer(unit, None, e)
             else:
                 self._answer(unit, result, None)
+            finally:
+                unit.made.set()
 
-    def _write(self, unit: _Batch | _Big) -> object:
+    def _write(self, writer: _Writer, unit: _Batch | _Big) -> object:
         if isinstance(unit, _Batch):
-            self.writer.run(unit.ops, unit.data.result() if unit.data is not None else {})
+            writer.run(unit.dirs, {})
+            unit.made.set()
+            writer.run(unit.ops, unit.data.result() if unit.data is not None else {})
             return None
         op = unit.op
-        fd = self.writer.create(op[1], op[2], unit.node)
+        fd = writer.create(op[1], op[2], unit.node)
+        unit.made.set()
         if self.copies is None or self.copier is None:
             return fd, None
         try:
@@ -631,9 +659,11 @@ class _WriterThread:
         self.loop.call_soon_threadsafe(settle)
 
     async def close(self) -> None:
-        """Stop after the current unit; wait for the thread and every copy (no write runs afterwards)."""
-        self.queue.put(None)
-        await _in_thread(self.thread.join)
+        """Stop after the current units; wait for the threads and every copy (no write runs afterwards)."""
+        for queue in self.queues:
+            queue.put(None)
+        for thread in self.threads:
+            await _in_thread(thread.join)
         if self.copies is not None:
             copies = self.copies
             await _in_thread(lambda: copies.shutdown(wait=True))
@@ -648,9 +678,11 @@ def _close_when_done(fd: int, copy: Future[bool] | None) -> None:
 
 
 class _Materializer:
-    def __init__(self, plan: _Plan, writer: _Writer, blobs: BlobService, prefetch: int, buffer_bytes: int) -> None:
+    def __init__(
+        self, plan: _Plan, writers: list[_Writer], blobs: BlobService, prefetch: int, buffer_bytes: int
+    ) -> None:
         self.plan = plan
-        self.writer = writer
+        self.writers = writers
         self.blobs = blobs
         self.prefetch = max(1, prefetch)
         self.buffer_bytes = max(1, buffer_bytes)
@@ -695,7 +727,7 @@ class _Materializer:
             batch = _Batch([], {})
             files = 0
             while True:
-                batch.ops.append(op)
+                (batch.dirs if op[0] == _MKDIR else batch.ops).append(op)
                 if op[0] == _FILE:
                     node = op[3]
                     assert isinstance(node, FileNode)
@@ -710,7 +742,7 @@ class _Materializer:
                 size = nxt[3].size if nxt[0] == _FILE and isinstance(nxt[3], FileNode) else 0
                 if (
                     self._is_big(nxt)
-                    or len(batch.ops) >= BATCH_OPS
+                    or len(batch.ops) + len(batch.dirs) >= BATCH_OPS
                     or (size and (files >= BATCH_FILES or batch.cost + size > self.batch_bytes))
                 ):
                     self.peeked = nxt
@@ -842,7 +874,7 @@ class _Materializer:
                 await reader.close()
 
     async def run(self) -> None:
-        self.thread = _WriterThread(self.writer, self.copier)
+        self.thread = _WriterThread(self.writers, self.copier)
         try:
             self._fill()
             while self.window:
@@ -984,11 +1016,13 @@ async def export_node(
         try:
             staging_fd = os.open(staging, _DIR_FLAGS, dir_fd=parent_fd)
             try:
-                writer = _Writer(plan, staging_fd)
+                # Links need their first file to exist: one writer then, which creates everything in order.
+                writers = [_Writer(plan, staging_fd) for _ in range(1 if link else WRITERS)]
                 try:
-                    await _Materializer(plan, writer, blobs, prefetch, buffer_bytes).run()
+                    await _Materializer(plan, writers, blobs, prefetch, buffer_bytes).run()
                 finally:
-                    writer.close()
+                    for writer in writers:
+                        writer.close()
                 _publish(parent_fd, staging, staging_fd, base, path, isinstance(node, DirectoryNode))
             finally:
                 os.close(staging_fd)
