@@ -33,10 +33,14 @@ path ``dest``, as ``nix-store --restore`` writes a NAR:
   (a copy of it once the file system's link limit is reached);
 * **reads in parallel, memory bounded** -- like the NAR renderer, a window
   of at most ``prefetch`` fetches (batches of small files read with one
-  ``read_many``, or the head of a large file) runs ahead of the writer, and
-  about ``buffer_bytes`` are held at most; large files stream in blocks.
-  The writes themselves run in a worker thread, so reading (hashing), and
-  writing overlap.
+  ``read_many``, or the head of a large file) runs ahead of the writers, and
+  about ``buffer_bytes`` are held at most; large files stream in blocks or
+  chunks.  From the embedded store (``packed://``) a batch is one ``pread``
+  per run of neighbouring pack rows, and a large file is copied chunk by
+  chunk in a worker thread (:data:`STREAMS` at once).  Files are created by
+  :data:`WRITERS` threads that take the batches in turn, each waiting for
+  its reads itself, so reading (hashing) and writing overlap without a round
+  trip through the event loop between two batches.
 """
 
 from __future__ import annotations
