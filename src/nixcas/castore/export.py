@@ -87,7 +87,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-PREFETCH = 8
+PREFETCH = 16
 """Default number of fetches (batches of small files, or large files) in flight."""
 BUFFER_BYTES = 64 << 20
 """Default byte budget of the fetches held ahead of the writer."""
@@ -105,8 +105,12 @@ WRITERS = 2
 """Threads creating files (of consecutive batches) at once."""
 STREAMS = 2
 """Large files written at once (each streams in its own worker thread on the embedded store)."""
-BATCHES = 2
-"""Batches with reads in the window at once: one being written, one being read (two cores)."""
+BATCHES = 6
+"""Batches in the window at once: the ones being written and the ones read ahead of them.
+
+Under load every hand-off between the threads (read, event loop, writer) waits for a CPU;
+batches read well ahead keep the writers from waiting on that latency.
+"""
 DIR_FDS = 64
 """Directory descriptors kept open (least recently used closed first)."""
 
