@@ -370,3 +370,23 @@ def test_cancelled_export_removes_everything_and_closes_its_files(tmp_path: Path
     asyncio.run(go())
     assert os.listdir(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_many_small_batches_over_nested_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link: bool
+) -> None:
+    """Batches of 3 files: the writers take turns, each batch's files land in directories made by earlier ones."""
+    monkeypatch.setattr(ex, "BATCH_FILES", 3)
+    tree = tmp_path / "tree"
+    for i in range(12):
+        d = tree / f"d{i}" / "sub" / f"s{i % 3}"
+        d.mkdir(parents=True)
+        for j in range(5):
+            (d / f"f{j}").write_bytes(b"%d %d\n" % (i, j % 3))
+        (tree / f"d{i}" / "link").symlink_to("sub")
+    store = tmp_path / "store"
+    node = ingest(tree, store)
+    stats = export(node, tmp_path / "out", store, link=link)
+    assert describe(tmp_path / "out") == describe(tree)
+    assert (stats.files, stats.links) == ((36, 24) if link else (60, 0))
