@@ -674,7 +674,7 @@ class _WriterThread:
             await _in_thread(thread.join)
         if self.copies is not None:
             copies = self.copies
-            await _in_thread(lambda: copies.shutdown(wait=True))
+            await _in_thread(lambda: copies.shutdown(wait=True, cancel_futures=True))
 
 
 def _close_when_done(fd: int, copy: Future[bool] | None) -> None:
