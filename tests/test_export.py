@@ -23,7 +23,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.export import ExportError, export_node
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.errors import ChecksumMismatch, InvalidNameError, NotFoundError
+from nixcas.errors import ChecksumMismatch, InvalidNameError, InvalidSymlinkTargetError, NotFoundError
 from nixcas.testing import packed
 from nixcas.testing.nix import NIX_STORE, fixed_tree, needs_nix, run_nix
 
@@ -185,7 +185,7 @@ def test_a_directory_swapped_for_a_symlink_cannot_redirect_writes(tmp_path: Path
     blob = b"payload"
     inner = Directory({b"f": FileNode(B3Digest(blake3.blake3(blob).digest()), len(blob))})
     root = Directory({b"d": inner.node()})
-    plan = ex._Plan(root.node(), {root.digest: root, inner.digest: inner}, link=False)
+    plan = ex._Plan(root.node(), {root.digest: root.to_proto(), inner.digest: inner.to_proto()}, link=False)
     ops = list(plan.ops())
     assert [op[0] for op in ops] == [ex._MKDIR, ex._MKDIR, ex._FILE]
     staging = tmp_path / "staging"
@@ -212,9 +212,14 @@ def test_a_name_that_is_not_one_component_is_refused() -> None:
     digest = B3Digest(blake3.blake3(b"x").digest())
     for name in (b"../escaped", b"..", b"a/b", b"."):
         evil = Directory([(name, FileNode(digest, 1))], _names_checked=True)
-        plan = ex._Plan(evil.node(), {evil.digest: evil}, link=False)
+        plan = ex._Plan(evil.node(), {evil.digest: evil.to_proto()}, link=False)
         with pytest.raises(InvalidNameError):
             list(plan.ops())
+    from nixcas.castore.proto import pb
+
+    bad = pb.Directory(symlinks=[pb.SymlinkNode(name=b"l", target=b"a\0b")])
+    with pytest.raises(InvalidSymlinkTargetError):
+        list(ex._Plan(DirectoryNode(digest, 1), {digest: bad}, link=False).ops())
 
 
 def test_a_corrupt_small_blob_fails_and_leaves_nothing(tmp_path: Path) -> None:

@@ -59,18 +59,24 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import SimpleQueue
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import blake3
 
 from nixcas.castore.blob.base import BlobReader, BlobService, ChunkMeta
-from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
-from nixcas.castore.directory import Directory
+from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.graph import RootToLeavesValidator
-from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
+from nixcas.castore.nodes import (
+    MAX_DEPTH,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    validate_name,
+    validate_symlink_target,
+)
 from nixcas.castore.treepath import show_names
-from nixcas.errors import ChecksumMismatch, DepthError, NixcasError, NotFoundError, StorageError
+from nixcas.errors import ChecksumMismatch, DepthError, DirectoryError, NixcasError, NotFoundError, StorageError
 
 __all__ = [
     "BATCH_BYTES",
@@ -120,6 +126,9 @@ ROOT = "root"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
+Closure: TypeAlias = dict[bytes, Any]
+"""Directory messages (``castore.proto.pb.Directory``) by digest, as :func:`fetch_closure` returns them."""
+
 _MKDIR, _SYMLINK, _FILE, _LINK = range(4)
 Op: TypeAlias = tuple[int, int, bytes, object]
 """One entry to create: ``(kind, parent directory id, name, argument)``.
@@ -164,7 +173,7 @@ class _Plan:
     Directory 0 is the staging directory; the root is its entry :data:`ROOT`.
     """
 
-    def __init__(self, root: Node, closure: dict[B3Digest, Directory], link: bool) -> None:
+    def __init__(self, root: Node, closure: Closure, link: bool) -> None:
         self.root = root
         self.closure = closure
         self.link = link
@@ -216,50 +225,83 @@ class _Plan:
             return
         first = self._mkdir(0, root)
         yield first
-        stack: list[tuple[int, int, Iterator[tuple[bytes, Node]]]] = [(1, 0, iter(self._directory(node, 0, root)))]
+        stack: list[tuple[int, int, Iterator[tuple[int, Any]]]] = [
+            (1, 0, _entries(self._directory(node.digest, 0, root)))
+        ]
         while stack:
             parent, depth, entries = stack[-1]
             entry = next(entries, None)
             if entry is None:
                 stack.pop()
                 continue
-            name, child = entry
-            validate_name(name)  # checked when the Directory was decoded; again, as it becomes a path
-            if isinstance(child, FileNode):
-                yield self._file(parent, name, child, seen)
-            elif isinstance(child, SymlinkNode):
+            kind, msg = entry
+            name: bytes = msg.name
+            validate_name(name)  # checked when the Directory was stored; again, as it becomes a path
+            if kind == _FILE:
+                if len(msg.digest) != DIGEST_LEN:
+                    raise DirectoryError(f"file {self.show(parent, name)}: invalid digest length {len(msg.digest)}")
+                yield self._file(parent, name, FileNode(B3Digest(msg.digest), msg.size, msg.executable), seen)
+            elif kind == _SYMLINK:
                 self.stats.symlinks += 1
-                yield (_SYMLINK, parent, name, child.target)
+                yield (_SYMLINK, parent, name, validate_symlink_target(msg.target))
             else:
-                directory = self._directory(child, parent, name)
-                if depth + 1 >= MAX_DEPTH and len(directory):
+                directory = self._directory(msg.digest, parent, name)
+                if depth + 1 >= MAX_DEPTH and (directory.directories or directory.files or directory.symlinks):
                     raise DepthError(
                         f"directory {self.show(parent, name)} is nested {depth + 1} levels deep: its entries "
                         f"would exceed the {MAX_DEPTH} levels a tree may have"
                     )
                 op = self._mkdir(parent, name)
                 yield op
-                stack.append((len(self.parents) - 1, depth + 1, iter(directory)))
+                stack.append((len(self.parents) - 1, depth + 1, _entries(directory)))
 
-    def _directory(self, node: DirectoryNode, parent: int, name: bytes) -> Directory:
-        directory = self.closure.get(node.digest)
+    def _directory(self, digest: bytes, parent: int, name: bytes) -> Any:
+        directory = self.closure.get(digest)
         if directory is None:
-            raise NotFoundError(f"directory {node.digest.hex()} not found (needed at {self.show(parent, name)})")
+            raise NotFoundError(f"directory {digest.hex()} not found (needed at {self.show(parent, name)})")
         return directory
 
 
-async def fetch_closure(node: Node, directories: DirectoryService) -> dict[B3Digest, Directory]:
-    """Every Directory below ``node`` by digest, validated (each announced by its parent, none missing)."""
+def _entries(directory: Any) -> Iterator[tuple[int, Any]]:
+    """A Directory message's entries (their order does not matter to an export: each has its own name)."""
+    for msg in directory.directories:
+        yield _MKDIR, msg
+    for msg in directory.files:
+        yield _FILE, msg
+    for msg in directory.symlinks:
+        yield _SYMLINK, msg
+
+
+async def fetch_closure(node: Node, directories: DirectoryService) -> Closure:
+    """Every Directory message below ``node`` by digest: each checked against its digest (by the service),
+    announced by its parent, none missing.
+
+    The messages are kept as they were parsed (upb), not turned into
+    :class:`~nixcas.castore.directory.Directory` objects: for a tree of many
+    small files that decoding cost more than the rest of the export's own work.
+    """
     if not isinstance(node, DirectoryNode):
         return {}
-    closure: dict[B3Digest, Directory] = {}
-    validator = RootToLeavesValidator(node.digest)
-    async for directory in directories.get_recursive(node.digest):
-        validator.add(directory)
-        closure[directory.digest] = directory
+    from google.protobuf.message import DecodeError
+
+    from nixcas.castore.proto import pb
+
+    closure: Closure = {}
+    expected: set[bytes] = {node.digest}
+    async for digest, raw in directories.get_recursive_raw(node.digest):
+        if digest not in expected:
+            raise StorageError(f"received unexpected directory {digest.hex()}")
+        try:
+            directory = pb.Directory.FromString(raw)
+        except DecodeError as e:
+            raise StorageError(f"directory {digest.hex()} is stored in an invalid form: {e}") from None
+        closure[digest] = directory
+        expected.update(child.digest for child in directory.directories)
     if node.digest not in closure:
         raise NotFoundError(f"directory {node.digest.hex()} not found")
-    validator.finish()
+    missing = expected - closure.keys()
+    if missing:
+        raise StorageError(f"directory closure of {node.digest.hex()} incomplete: {len(missing)} directories missing")
     return closure
 
 
