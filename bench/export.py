@@ -87,6 +87,11 @@ def main() -> None:
         stats = copy_tree(Path(args.tree.removeprefix("copy:")), tree)
     else:
         stats = generate_tree(tree, args.files or 10_000, args.large, args.large_mib, 20240901)
+    need = stats.content_bytes * 2 * (args.runs + 1) * 11 // 10  # every output is kept until the end
+    free = shutil.disk_usage(work).free
+    if free < need + (4 << 30):
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(f"{work}: {free >> 20} MiB free, the outputs need {need >> 20} MiB (and 4 GiB to spare)")
     store = work / "nixcas"
     path = subprocess.run(
         [args.nixcas, "--store-dir", str(store), "import", str(tree)], check=True, capture_output=True, text=True
