@@ -26,6 +26,11 @@ COMMANDS = {
     "dump-path": LazyCommand(
         "nixcas.cli.store", "dump_path", "Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."
     ),
+    "export": LazyCommand(
+        "nixcas.cli.store",
+        "export",
+        "Write the contents of STORE_PATH to the new path DEST, every byte verified (as `nix-store --restore`).",
+    ),
     "path-info": LazyCommand("nixcas.cli.store", "path_info", "Show what the store knows about STORE_PATH."),
     "copy": LazyCommand(
         "nixcas.cli.store", "copy", "Copy paths of the local Nix store into nixcas, with Nix's metadata."

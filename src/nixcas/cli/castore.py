@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
-from nixcas.castore.nodes import Node, SymlinkNode
+from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.cli.common import Settings, parse_digest, pass_settings, run
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount
@@ -26,6 +26,31 @@ if TYPE_CHECKING:  # each command imports what it uses: `castore ls` and `cat` s
     from nixcas.castore.fs.roots import RootNodes
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+
+
+def node_from_json(text: str) -> Node:
+    """A node as :func:`node_json` (``castore ingest --json``) prints it."""
+    from nixcas.castore.digest import B3Digest
+
+    try:
+        data = json.loads(text)
+        kind = data["type"]
+        if kind == "symlink":
+            return SymlinkNode(os.fsencode(data["target"]))
+        digest = B3Digest.parse(data["digest"])
+        size = data["size"]
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ValidationError(f"size {size!r} is not an integer")
+        if kind == "directory":
+            return DirectoryNode(digest, size)
+        if kind == "file":
+            return FileNode(digest, size, data.get("executable", False) is True)
+        raise ValidationError(f"unknown node type {kind!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise click.BadParameter(
+            f"not a node as `castore ingest --json` prints it ({detail})", param_hint="ROOT"
+        ) from None
 
 
 async def pin_node(store: Store, name: str, node: Node) -> None:
@@ -213,6 +238,50 @@ def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
         out.flush()
 
     run(go)
+
+
+@castore.command("export")
+@click.argument("root")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--link", is_flag=True, help="Write each blob once; further files with its contents are hard links.")
+@click.option("--executable", is_flag=True, help="Write a blob ROOT as an executable file.")
+@click.pass_obj
+def export(settings: Settings, root: str, dest: Path, link: bool, executable: bool) -> None:
+    """Write the tree ROOT to the new path DEST, every byte verified: the inverse of ingest.
+
+    ROOT is a directory or blob digest, or a root node as `castore ingest --json`
+    prints it (also a symlink). DEST must not exist (or be an empty directory,
+    for a directory). It appears only once complete: a failed export leaves nothing behind.
+    """
+    from nixcas.castore.export import export_node
+
+    given = node_from_json(root) if root.lstrip().startswith("{") else parse_digest(root)
+    if executable and isinstance(given, DirectoryNode | SymlinkNode):
+        raise click.BadParameter("--executable applies to a blob root only", param_hint="--executable")
+
+    async def go() -> None:
+        async with await settings.open_store() as store:
+            node = await resolve_root(store, given, executable)
+            await export_node(node, dest, store.blobs, store.directories, link=link)
+
+    run(go)
+
+
+async def resolve_root(store: Store, root: Node | B3Digest, executable: bool) -> Node:
+    """A digest as a root node: the directory of that digest, else the blob; a node as given."""
+    if not isinstance(root, DirectoryNode | FileNode | SymlinkNode):
+        directory = await store.directories.get(root)
+        if directory is not None:
+            if executable:
+                raise ValidationError(f"{root.hex()} is a directory: --executable applies to a blob root only")
+            return directory.node(store.directories.size_rule)
+        size = await store.blobs.size(root)
+        if size is None:
+            raise NotFoundError(f"{root.hex()}: neither a directory nor a blob in the store")
+        return FileNode(root, size, executable)
+    if isinstance(root, FileNode) and executable:
+        return FileNode(root.digest, root.size, True)
+    return root
 
 
 @castore.command()

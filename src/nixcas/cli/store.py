@@ -112,6 +112,29 @@ def dump_path(settings: Settings, store_path: str) -> None:
     run(go)
 
 
+@click.command("export")
+@click.argument("store_path")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--link", is_flag=True, help="Write each blob once; further files with its contents are hard links.")
+@click.pass_obj
+def export(settings: Settings, store_path: str, dest: Path, link: bool) -> None:
+    """Write the contents of STORE_PATH to the new path DEST, every byte verified (as `nix-store --restore`).
+
+    DEST must not exist (or be an empty directory, for a directory). It appears
+    only once complete: a failed export leaves nothing behind.
+    """
+    from nixcas.castore.export import export_node
+
+    path = parse_store_path(store_path)
+
+    async def go() -> None:
+        async with await settings.open_store(with_pathinfo=True) as store:
+            info = await lookup(store.pathinfos, path)
+            await export_node(info.node, dest, store.blobs, store.directories, link=link)
+
+    run(go)
+
+
 @click.command("path-info")
 @click.argument("store_path")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
