@@ -61,9 +61,7 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, TypeAlias, TypeVar
 
-import blake3
-
-from nixcas.castore.blob.base import BlobReader, BlobService, ChunkMeta
+from nixcas.castore.blob.base import BlobReader, BlobService, BulkReads
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import (
@@ -76,7 +74,7 @@ from nixcas.castore.nodes import (
     validate_symlink_target,
 )
 from nixcas.castore.treepath import show_names
-from nixcas.errors import ChecksumMismatch, DepthError, DirectoryError, NixcasError, NotFoundError, StorageError
+from nixcas.errors import DepthError, DirectoryError, NixcasError, NotFoundError, StorageError
 
 __all__ = [
     "BATCH_BYTES",
@@ -439,146 +437,63 @@ async def _in_thread(fn: Callable[[], T]) -> T:
         raise
 
 
-# -- batched reads from the embedded store's packs -------------------------------------------
-
-PACK_GAP = 4096
-"""Rows of one pack at most this far apart are read with one ``pread`` (their gap read and dropped)."""
-PACK_RUN = 4 << 20
-"""Most bytes one such ``pread`` reads."""
+# -- reads on worker threads (blob services with BulkReads) ---------------------------------
 
 
-def packed_reader(
-    blobs: BlobService,
-) -> Callable[[dict[B3Digest, int]], tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]] | None:
-    """For the embedded store (``packed://``): a batch read with one ``pread`` per run of neighbouring rows.
+def _bulk_batch(
+    reads: BulkReads, sizes: dict[B3Digest, int]
+) -> tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]:
+    """A batch of small blobs through ``reads``: the ones up to ``run_max`` as one read run, the others whole.
 
-    A freshly imported tree's small files lie in its packs in the order of
-    the walk, which is the order they are written out in: a batch of them is
-    mostly one contiguous range.  Each blob is checked against its recorded
-    size and hashed against its digest before it is returned (the same checks
-    as :meth:`~nixcas.castore.blob.base.BlobService.read_many`); what is not a
-    row, not stored raw, or in a pack compacted meanwhile is returned as the
-    digests to read the ordinary way.  ``None`` for any other blob service.
+    Everything returned has been hashed against its digest (see
+    :class:`~nixcas.castore.blob.base.BulkReads`).  The digests it could not
+    serve are returned for :meth:`~nixcas.castore.blob.base.BlobService.read_many`,
+    which leaves out a missing blob or one of another size, so the writer names it.
     """
-    from nixcas.castore.blob.packed import PackedBlobService
-
-    if type(blobs) is not PackedBlobService:
-        return None
-    service = blobs
-    query = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
-
-    def read(sizes: dict[B3Digest, int]) -> tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]:
-        db = service._db()
-        keys = [bytes(d) for d in sizes]
-        rows = db.execute(query.format(",".join("?" * len(keys))), keys).fetchall()
-        rows.sort(key=lambda r: (r[3], r[4]))
-        found: dict[B3Digest, bytes | memoryview] = {}
-        rest = set(sizes)
-        i = 0
-        while i < len(rows):
-            pack, start = rows[i][3], rows[i][4]
-            end = start + rows[i][5]
-            j = i + 1
-            while j < len(rows) and rows[j][3] == pack and start <= rows[j][4] <= end + PACK_GAP:
-                if rows[j][4] + rows[j][5] - start > PACK_RUN:
-                    break
-                end = max(end, rows[j][4] + rows[j][5])
-                j += 1
-            try:
-                run = memoryview(service._pread(pack, end - start, start, db))
-            except FileNotFoundError:  # compacted meanwhile: read the ordinary way
-                service._forget_reader(pack)
-                i = j
-                continue
-            for raw, size, codec, _, offset, length in rows[i:j]:
-                digest = B3Digest(raw)
-                if codec != 0 or size != length or offset + length - start > len(run):
-                    continue  # compressed, or damaged: the ordinary path decodes it or names the problem
-                data = run[offset - start : offset + length - start]
-                if blake3.blake3(data).digest() != raw:
-                    raise ChecksumMismatch(f"blob {raw.hex()}", raw.hex(), blake3.blake3(data).hexdigest())
-                found[digest] = data
-                rest.discard(digest)
-            i = j
-        return found, list(rest)
-
-    return read
-
-
-def packed_copier(blobs: BlobService) -> Callable[[int, FileNode, threading.Event], bool] | None:
-    """For the embedded store (``packed://``): copy a large blob into a file descriptor chunk by chunk.
-
-    One worker-thread call per file: each chunk is read (its size checked),
-    hashed into the whole blob's BLAKE3 and written; the whole digest is
-    compared at the end (a mismatch raises, and the export is then removed).
-    Chunks are not hashed on their own as well: the file is not published
-    before the whole blob has passed, and one BLAKE3 pass instead of two is
-    a third of the CPU time of a large file.  ``False``, with nothing
-    written, for what it does not handle (a missing blob, an object of the
-    old unchunked layout, a size other than the file's): the ordinary reader
-    takes those and names any problem.  Stops between chunks once ``stop`` is set.
-    """
-    import zstandard
-
-    from nixcas.castore.blob.chunking import compressed_bound, decompress_chunk
-    from nixcas.castore.blob.packed import PackedBlobService
-
-    if type(blobs) is not PackedBlobService:
-        return None
-    service = blobs
-
-    dctx = threading.local()
-
-    def chunk_bytes(digest: B3Digest, chunk: ChunkMeta) -> bytes:
-        """A chunk's bytes, exactly its size, not hashed on their own: the whole blob is, at its end."""
-        try:
-            fd = os.open(service._chunk_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            data = service._fetch_sync(chunk.digest)  # a chunk that is also a small blob: a pack row
+    found: dict[B3Digest, bytes | memoryview] = {}
+    rest: list[B3Digest] = []
+    run = [d for d, size in sizes.items() if size <= reads.run_max]
+    if run:
+        got = reads.read_run([(bytes(d), sizes[d]) for d in run], memoryview(bytearray()))
+        if got is None:
+            rest += run
+        else:
+            found.update(zip(run, got, strict=True))
+    for digest, size in sizes.items():
+        if size > reads.run_max:
+            data = reads.read_whole(bytes(digest), size, memoryview(bytearray()))
             if data is None:
-                raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} not found") from None
-            if len(data) != chunk.size:
-                raise StorageError(
-                    f"blob {digest.hex()}: chunk {chunk.digest.hex()} is not {chunk.size} bytes"
-                ) from None
-            return data
-        try:
-            limit = compressed_bound(chunk.size)
-            compressed = os.read(fd, limit + 1)
-            while len(compressed) <= limit and (more := os.read(fd, limit + 1 - len(compressed))):
-                compressed += more
-        finally:
-            os.close(fd)
-        if len(compressed) > limit:
-            raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} is larger than its size allows")
-        context = getattr(dctx, "value", None)
-        if context is None:
-            context = dctx.value = zstandard.ZstdDecompressor()
-        return decompress_chunk(context, compressed, chunk.size, f"blob {digest.hex()}: chunk {chunk.digest.hex()}")
+                rest.append(digest)
+            else:
+                found[digest] = data
+    return found, rest
+
+
+def _bulk_copier(reads: BulkReads, whole_max: int) -> Callable[[int, FileNode, threading.Event], bool]:
+    """Copy a large blob into a file descriptor in a worker thread, verified (see :class:`BulkReads`).
+
+    Up to ``whole_max`` bytes it is read whole (and hashed once); a larger one
+    is streamed chunk by chunk (:meth:`~nixcas.castore.blob.base.BulkReads.read_chunks`:
+    each chunk checked, the whole blob's BLAKE3 at its end, a mismatch raises
+    and the export is then removed).  ``False``, with nothing written, for
+    what ``reads`` does not serve: the blob service's verifying reader takes
+    those and names any problem.  Stops between chunks once ``stop`` is set.
+    """
 
     def copy(fd: int, node: FileNode, stop: threading.Event) -> bool:
-        digest = node.digest
-        chunks = service._chunks_sync(digest)
-        if not chunks:  # missing, or one object (read, checked and written whole: at most a chunk's size)
-            data = None if chunks is None else service._read_object_sync(digest)
-            if isinstance(data, StorageError):
-                raise data
-            if not isinstance(data, bytes) or len(data) != node.size:
-                return False
-            _write_all(fd, data)
-            return True
-        if sum(c.size for c in chunks) != node.size:
+        raw = bytes(node.digest)
+        if node.size <= whole_max:
+            data = reads.read_whole(raw, node.size, memoryview(bytearray()))
+            if data is not None:
+                _write_all(fd, data)
+                return True
+        chunks = reads.read_chunks(raw, node.size)
+        if chunks is None:
             return False
-        hasher = blake3.blake3()
-        for chunk in chunks:
+        for data in chunks:
             if stop.is_set():
                 raise asyncio.CancelledError
-            data = chunk_bytes(digest, chunk)
-            hasher.update(data)
             _write_all(fd, data)
-        got = hasher.digest()
-        if got != digest:
-            raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
         return True
 
     return copy
@@ -743,8 +658,9 @@ class _Materializer:
         self.window: deque[_Batch | _Big] = deque()
         self.held = 0
         self.batches = 0
-        self.packed = packed_reader(blobs)
-        self.copier = packed_copier(blobs)
+        self.reads = blobs.bulk_reads()
+        whole = min(self.reads.whole_max, self.buffer_bytes // 8) if self.reads is not None else 0
+        self.copier = _bulk_copier(self.reads, whole) if self.reads is not None else None
         self.streams: dict[asyncio.Future[None], _Big] = {}
         self.thread: _WriterThread | None = None
 
@@ -808,10 +724,9 @@ class _Materializer:
 
     async def _read(self, sizes: dict[B3Digest, int]) -> dict[B3Digest, bytes | memoryview]:
         """The blobs of a batch, each verified (missing ones, and ones of another size, may be left out)."""
-        if self.packed is None:
+        if self.reads is None:
             return dict(await self.blobs.read_many(sizes, parallel=self.prefetch))
-        read = self.packed
-        found, rest = await asyncio.to_thread(read, sizes)
+        found, rest = await asyncio.to_thread(_bulk_batch, self.reads, sizes)
         if rest:
             found.update(await self.blobs.read_many({d: sizes[d] for d in rest}, parallel=self.prefetch))
         return found

@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Self, TypeVar
@@ -480,6 +480,32 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             return self._read_whole_sync(digest, size, chunks or [ChunkMeta(B3Digest(digest), size)], buffer)
         except (OSError, StorageError, zstandard.ZstdError):
             return None
+
+    def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
+        try:
+            chunks = self._chunks_sync(B3Digest(digest))
+        except (OSError, StorageError):
+            return None
+        if not chunks or sum(c.size for c in chunks) != size:
+            return None
+        return self._iter_chunks(B3Digest(digest), chunks)
+
+    def _iter_chunks(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
+        """Each chunk read and checked (:meth:`_read_chunk_sync`), the whole blob's BLAKE3 checked at the end."""
+        hasher = blake3.blake3()
+        for chunk in chunks:
+            try:
+                data = self._read_chunk_sync(chunk)
+            except ChecksumMismatch as e:  # named with its blob: the file it belongs to is found by that
+                where = f"{self}: blob {digest.hex()}: chunk {chunk.digest.hex()}"
+                raise ChecksumMismatch(where, e.expected, e.got) from None
+            if data is None:
+                raise StorageError(f"{self}: blob {digest.hex()}: chunk {chunk.digest.hex()} not found")
+            hasher.update(data)
+            yield data
+        got = hasher.digest()
+        if got != digest:
+            raise ChecksumMismatch(f"{self}: blob {digest.hex()}", digest.hex(), got.hex())
 
     def _read_whole_sync(
         self, digest: bytes, size: int, chunks: Sequence[ChunkMeta], buffer: memoryview
