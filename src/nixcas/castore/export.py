@@ -35,9 +35,12 @@ path ``dest``, as ``nix-store --restore`` writes a NAR:
   of at most ``prefetch`` fetches (batches of small files read with one
   ``read_many``, or the head of a large file) runs ahead of the writers, and
   about ``buffer_bytes`` are held at most; large files stream in blocks or
-  chunks.  From the embedded store (``packed://``) a batch is one ``pread``
-  per run of neighbouring pack rows, and a large file is copied chunk by
-  chunk in a worker thread (:data:`STREAMS` at once).  Files are created by
+  chunks.  From a blob service with
+  :class:`~nixcas.castore.blob.base.BulkReads` (``packed://``,
+  ``objectstore+file://``) a batch is read on a worker thread (its smallest
+  blobs as one read run, the others whole), and a large file is copied in a
+  worker thread (:data:`STREAMS` at once), whole up to an eighth of
+  ``buffer_bytes``, chunk by chunk above; all verified.  Files are created by
   :data:`WRITERS` threads that take the batches in turn, each waiting for
   its reads itself, so reading (hashing) and writing overlap without a round
   trip through the event loop between two batches.
@@ -108,7 +111,7 @@ BATCH_OPS = 2048
 WRITERS = 2
 """Threads creating files (of consecutive batches) at once."""
 STREAMS = 2
-"""Large files written at once (each streams in its own worker thread on the embedded store)."""
+"""Large files written at once (each streams in its own worker thread with BulkReads)."""
 BATCHES = 6
 """Batches in the window at once: the ones being written and the ones read ahead of them.
 
@@ -530,10 +533,10 @@ class _Big:
     node: FileNode
     cost: int
     task: asyncio.Future[bytes] | None = None
-    """The reader opened and the first block read ahead (blob services other than the embedded store)."""
+    """The reader opened and the first block read ahead (blob services without BulkReads)."""
     reader: BlobReader | None = None
     done: asyncio.Future[object] | None = None
-    """The writer thread's answer: ``(fd, copy)``, the copy a future of the embedded store's copier (or ``None``)."""
+    """The writer thread's answer: ``(fd, copy)``, the copy a future of the BulkReads copier (or ``None``)."""
     streamed: bool = False
     """Whether a stream took the answer over (it then closes the file)."""
     after: threading.Event | None = None
@@ -549,7 +552,7 @@ class _WriterThread:
     (each with its own :class:`_Writer`), units are dealt out in turn; a
     unit's new directories are created first, and the next unit starts only
     once they exist (its files may be in them), so files of consecutive
-    units are created in parallel.  The large files of the embedded store
+    units are created in parallel.  With BulkReads, large files
     are copied by :data:`STREAMS` further threads.
     """
 
@@ -681,7 +684,7 @@ class _Materializer:
                 node = op[3]
                 assert isinstance(node, FileNode)
                 big = _Big(op, node, 0 if self.copier is not None else min(node.size, BLOCK))
-                if self.copier is None:  # the head is read ahead; the embedded store's copier reads it
+                if self.copier is None:  # the head is read ahead; the BulkReads copier reads it
                     big.task = asyncio.ensure_future(self._open_big(big))
                 self.window.append(big)
                 self.thread.submit(big)
