@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
-__all__ = ["AbortOnError", "Closing", "close_all"]
+__all__ = ["AbortOnError", "Closing", "close_all", "to_thread_uninterrupted"]
+
+T = TypeVar("T")
 
 
 class Closing:
@@ -54,3 +58,19 @@ async def close_all(*objects: Closing) -> None:
             first = first or e
     if first is not None:
         raise first
+
+
+async def to_thread_uninterrupted(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread; if cancelled meanwhile, wait for the thread before re-raising.
+
+    A worker thread cannot be stopped, so cleanup that undoes its work (removing
+    a temp file or a staging directory) must not start while it still writes.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        raise

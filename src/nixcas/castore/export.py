@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, TypeAlias, TypeVar
 
+from nixcas._aio import to_thread_uninterrupted
 from nixcas.castore.blob.base import BlobReader, BlobService, BulkReads
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
@@ -425,21 +426,6 @@ class _Writer:
                 self.link(parent, name, arg)
 
 
-async def _in_thread(fn: Callable[[], T]) -> T:
-    """``fn`` in a worker thread; if cancelled meanwhile, the thread is waited for before re-raising.
-
-    The staging directory is removed on cancellation: no write may still be running then.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        raise
-
-
 # -- reads on worker threads (blob services with BulkReads) ---------------------------------
 
 
@@ -631,10 +617,10 @@ class _WriterThread:
         for queue in self.queues:
             queue.put(None)
         for thread in self.threads:
-            await _in_thread(thread.join)
+            await to_thread_uninterrupted(thread.join)
         if self.copies is not None:
             copies = self.copies
-            await _in_thread(lambda: copies.shutdown(wait=True, cancel_futures=True))
+            await to_thread_uninterrupted(lambda: copies.shutdown(wait=True, cancel_futures=True))
 
 
 def _close_when_done(fd: int, copy: Future[bool] | None) -> None:
@@ -824,7 +810,7 @@ class _Materializer:
                     raise self._long(op)
                 if got < size:
                     pending = asyncio.ensure_future(reader.read(min(BLOCK, size - got)))
-                await _in_thread(functools.partial(_write_all, fd, data))
+                await to_thread_uninterrupted(functools.partial(_write_all, fd, data))
                 if pending is None:
                     break
                 data = await pending
@@ -995,7 +981,7 @@ async def export_node(
             finally:
                 os.close(staging_fd)
         except BaseException as e:
-            problem = await _in_thread(lambda: _remove(parent_fd, staging, parent))
+            problem = await to_thread_uninterrupted(lambda: _remove(parent_fd, staging, parent))
             if problem is not None and isinstance(e, Exception):
                 raise ExportError(f"{e}; {problem}") from e
             raise

@@ -32,6 +32,7 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 import blake3
 import zstandard
 
+from nixcas._aio import to_thread_uninterrupted
 from nixcas.castore.blob.base import (
     BlobChecker,
     BlobReader,
@@ -711,7 +712,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             return cached
         computed = await super().outboard(digest)
         if computed is not None and computed != cached:
-            await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
+            await to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
         return computed
 
     async def _fetch_chunk(self, chunk: ChunkMeta, offset: int = 0) -> bytes:
@@ -731,7 +732,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
 
     async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
         check_chunk(chunk, data, "put_chunk")
-        await _to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
+        await to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
 
     async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
         check_chunk_list(digest, chunks, "put_index")
@@ -740,7 +741,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             raise StorageError(f"{self}: index of {digest.hex()} refers to missing chunk {missing[0].digest.hex()}")
         if len(chunks) < 2:
             raise ValidationError(f"put_index: blob {digest.hex()}: a chunk list needs at least two chunks")
-        await _to_thread_uninterrupted(lambda: self._put_index_sync(digest, chunks))
+        await to_thread_uninterrupted(lambda: self._put_index_sync(digest, chunks))
 
     async def _read_many(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
@@ -1068,22 +1069,6 @@ class _ZstdFileReader(BlobReader):
         await asyncio.to_thread(self._close_sync)
 
 
-async def _to_thread_uninterrupted(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a worker thread; if cancelled meanwhile, wait for the thread before re-raising.
-
-    A worker thread cannot be stopped, so cleanup (``abort``) must not start
-    while it still writes the temp file or renames it into place.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        raise
-
-
 KEEP_ALIVE_SECONDS = 10.0
 """How often a long upload refreshes the ages of the chunks it staged or reuses (see GC in README)."""
 
@@ -1164,7 +1149,7 @@ class _LocalBlobWriter(BlobWriter):
             return
         pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
         try:
-            await _to_thread_uninterrupted(lambda: self._feed_sync(pending))
+            await to_thread_uninterrupted(lambda: self._feed_sync(pending))
         except BaseException:
             await self.abort()
             raise
@@ -1193,9 +1178,9 @@ class _LocalBlobWriter(BlobWriter):
             self._state.check_complete()
             if self._chunker is None:
                 data, self._buffer = b"".join(self._buffer), []
-                digest = await _to_thread_uninterrupted(lambda: self._service._store_sync(data))
+                digest = await to_thread_uninterrupted(lambda: self._service._store_sync(data))
             else:
-                digest = await _to_thread_uninterrupted(self._finish_sync)
+                digest = await to_thread_uninterrupted(self._finish_sync)
         except BaseException:
             await self.abort()
             raise
