@@ -8,7 +8,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TypeVar
 
-__all__ = ["AbortOnError", "Closing", "close_all", "to_thread_uninterrupted"]
+__all__ = ["AbortOnError", "Closing", "close_all", "to_thread_uninterrupted", "uninterrupted"]
 
 T = TypeVar("T")
 
@@ -60,17 +60,21 @@ async def close_all(*objects: Closing) -> None:
         raise first
 
 
-async def to_thread_uninterrupted(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a worker thread; if cancelled meanwhile, wait for the thread before re-raising.
+async def uninterrupted(fut: asyncio.Future[T]) -> T:
+    """``fut``'s result; if the caller is cancelled meanwhile, ``fut`` still runs to its end before that re-raises.
 
-    A worker thread cannot be stopped, so cleanup that undoes its work (removing
-    a temp file or a staging directory) must not start while it still writes.
+    For work that cannot be stopped (a worker thread): cleanup that undoes it
+    (removing a temp file or a staging directory) must not start while it still writes.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
     try:
-        return await asyncio.shield(task)
+        return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        while not task.done():
+        while not fut.done():
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
+                await asyncio.shield(fut)
         raise
+
+
+async def to_thread_uninterrupted(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread, as :func:`uninterrupted`: a cancelled caller waits for the thread first."""
+    return await uninterrupted(asyncio.ensure_future(asyncio.to_thread(fn)))

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, TypeAlias, TypeVar
 
-from nixcas._aio import to_thread_uninterrupted
+from nixcas._aio import to_thread_uninterrupted, uninterrupted
 from nixcas.castore.blob.base import BlobReader, BlobService, BulkReads
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
@@ -789,7 +789,7 @@ class _Materializer:
 
     async def _stream(self, big: _Big, fd: int, copy: Future[bool] | None) -> None:
         if copy is not None:
-            if await _settled(copy):
+            if await uninterrupted(asyncio.wrap_future(copy)):
                 return
             big.task = asyncio.ensure_future(self._open_big(big))
         await self._write_big(big, fd)
@@ -883,18 +883,6 @@ def _bridge(task: asyncio.Future[T]) -> Future[T]:
 
     task.add_done_callback(copy)
     return out
-
-
-async def _settled(fut: Future[T]) -> T:
-    """``fut``'s result; if cancelled meanwhile, wait for it to finish first (it runs in a thread)."""
-    wrapped = asyncio.wrap_future(fut)
-    try:
-        return await asyncio.shield(wrapped)
-    except asyncio.CancelledError:
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(wrapped)
-        raise
 
 
 # -- the destination ---------------------------------------------------------------------------
