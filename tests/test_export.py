@@ -322,10 +322,43 @@ def test_cli_castore_export_of_digests_and_nodes(tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "m").exists()
 
 
-def test_a_corrupt_chunk_of_a_large_blob_fails_and_leaves_nothing(tmp_path: Path) -> None:
+def test_large_files_read_whole_or_chunk_by_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through BulkReads: whole up to an eighth of the buffer budget, chunk by chunk above; same bytes."""
+    from nixcas.castore.blob.local import LocalBlobService
+
     tree = tmp_path / "tree"
     tree.mkdir()
-    (tree / "big").write_bytes(os.urandom(3 << 20))  # chunked by the embedded store, copied chunk by chunk
+    (tree / "big").write_bytes(os.urandom(3 << 20))
+    (tree / "mid").write_bytes(os.urandom(600_000))  # above run_max: one read_whole in its batch
+    store = tmp_path / "store"
+    node = ingest(tree, store)
+    calls: list[str] = []
+
+    def spy(name: str) -> None:
+        method = getattr(LocalBlobService, name)
+
+        def counted(self: LocalBlobService, digest: bytes, size: int, *rest: object) -> object:
+            calls.append(f"{name} {size}")
+            return method(self, digest, size, *rest)
+
+        monkeypatch.setattr(LocalBlobService, name, counted)
+
+    spy("read_whole")
+    spy("read_chunks")
+    export(node, tmp_path / "whole", store)
+    assert describe(tmp_path / "whole") == describe(tree)
+    assert sorted(calls) == [f"read_whole {3 << 20}", "read_whole 600000"]
+    calls.clear()
+    export(node, tmp_path / "chunks", store, buffer_bytes=8 << 20)  # big files read whole up to 1 MiB
+    assert describe(tmp_path / "chunks") == describe(tree)
+    assert sorted(calls) == [f"read_chunks {3 << 20}", "read_whole 600000"]
+
+
+@pytest.mark.parametrize("buffer_bytes", [64 << 20, 8 << 20])  # read whole (fails), then by chunks; by chunks
+def test_a_corrupt_chunk_of_a_large_blob_fails_and_leaves_nothing(tmp_path: Path, buffer_bytes: int) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(os.urandom(3 << 20))  # chunked by the embedded store
     store = tmp_path / "store"
     node = ingest(tree, store)
     chunks = sorted(p for p in (store / "blobs" / "chunks").rglob("*") if p.is_file())
@@ -339,7 +372,7 @@ def test_a_corrupt_chunk_of_a_large_blob_fails_and_leaves_nothing(tmp_path: Path
     big = run(lambda s: s.get_directory(node.digest), store).get(b"big")
     assert isinstance(big, FileNode)
     with pytest.raises(ChecksumMismatch, match=f"blob {big.digest.hex()}"):
-        export(node, work / "out", store)
+        export(node, work / "out", store, buffer_bytes=buffer_bytes)
     nothing_left(work, set())
 
 

@@ -332,3 +332,32 @@ async def test_a_new_pack_removed_before_its_writer_locked_it_is_not_used(
         assert os.path.getsize(pack) == len(SMALL)
     finally:
         await svc.close()
+
+
+@pytest.mark.parametrize("url", ["packed://{}", "objectstore+file://{}"])
+async def test_read_chunks_checks_each_chunk_and_the_whole_blob(tmp_path: Path, url: str) -> None:
+    """BulkReads.read_chunks: a chunked blob piece by piece; a chunk list of another blob fails at its end."""
+    from nixcas.castore.blob.layout import blob_index_key
+
+    svc = await blob_service_from_url(url.format(tmp_path / "blobs"))
+    other = blake3.blake3(b"other").digest(length=len(LARGE))
+    try:
+        large, wrong = await svc.put(LARGE), await svc.put(other)
+        small = await svc.put(SMALL)
+        reads = svc.bulk_reads()
+        assert reads is not None
+        got = reads.read_chunks(bytes(large), len(LARGE))
+        assert got is not None
+        pieces = list(got)
+        assert len(pieces) > 1 and b"".join(pieces) == LARGE
+        assert reads.read_chunks(bytes(large), len(LARGE) - 1) is None  # another size
+        assert reads.read_chunks(bytes(small), len(SMALL)) is None  # not chunked
+        assert reads.read_chunks(b"\0" * 32, 5) is None  # missing
+        index = tmp_path / "blobs" / blob_index_key(large)
+        index.write_bytes((tmp_path / "blobs" / blob_index_key(wrong)).read_bytes())
+        swapped = reads.read_chunks(bytes(large), len(LARGE))
+        assert swapped is not None
+        with pytest.raises(ChecksumMismatch, match=f"blob {bytes(large).hex()}"):
+            list(swapped)  # every chunk is sound: only the whole blob's hash tells
+    finally:
+        await svc.close()

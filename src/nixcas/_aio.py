@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
-__all__ = ["AbortOnError", "Closing", "close_all"]
+__all__ = ["AbortOnError", "Closing", "close_all", "to_thread_uninterrupted", "uninterrupted"]
+
+T = TypeVar("T")
 
 
 class Closing:
@@ -54,3 +58,23 @@ async def close_all(*objects: Closing) -> None:
             first = first or e
     if first is not None:
         raise first
+
+
+async def uninterrupted(fut: asyncio.Future[T]) -> T:
+    """``fut``'s result; if the caller is cancelled meanwhile, ``fut`` still runs to its end before that re-raises.
+
+    For work that cannot be stopped (a worker thread): cleanup that undoes it
+    (removing a temp file or a staging directory) must not start while it still writes.
+    """
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(fut)
+        raise
+
+
+async def to_thread_uninterrupted(fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a worker thread, as :func:`uninterrupted`: a cancelled caller waits for the thread first."""
+    return await uninterrupted(asyncio.ensure_future(asyncio.to_thread(fn)))

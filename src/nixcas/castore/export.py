@@ -35,9 +35,12 @@ path ``dest``, as ``nix-store --restore`` writes a NAR:
   of at most ``prefetch`` fetches (batches of small files read with one
   ``read_many``, or the head of a large file) runs ahead of the writers, and
   about ``buffer_bytes`` are held at most; large files stream in blocks or
-  chunks.  From the embedded store (``packed://``) a batch is one ``pread``
-  per run of neighbouring pack rows, and a large file is copied chunk by
-  chunk in a worker thread (:data:`STREAMS` at once).  Files are created by
+  chunks.  From a blob service with
+  :class:`~nixcas.castore.blob.base.BulkReads` (``packed://``,
+  ``objectstore+file://``) a batch is read on a worker thread (its smallest
+  blobs as one read run, the others whole), and a large file is copied in a
+  worker thread (:data:`STREAMS` at once), whole up to an eighth of
+  ``buffer_bytes``, chunk by chunk above; all verified.  Files are created by
   :data:`WRITERS` threads that take the batches in turn, each waiting for
   its reads itself, so reading (hashing) and writing overlap without a round
   trip through the event loop between two batches.
@@ -61,9 +64,8 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Any, TypeAlias, TypeVar
 
-import blake3
-
-from nixcas.castore.blob.base import BlobReader, BlobService, ChunkMeta
+from nixcas._aio import to_thread_uninterrupted, uninterrupted
+from nixcas.castore.blob.base import BlobReader, BlobService, BulkReads
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import (
@@ -76,7 +78,7 @@ from nixcas.castore.nodes import (
     validate_symlink_target,
 )
 from nixcas.castore.treepath import show_names
-from nixcas.errors import ChecksumMismatch, DepthError, DirectoryError, NixcasError, NotFoundError, StorageError
+from nixcas.errors import DepthError, DirectoryError, NixcasError, NotFoundError, StorageError
 
 __all__ = [
     "BATCH_BYTES",
@@ -110,7 +112,7 @@ BATCH_OPS = 2048
 WRITERS = 2
 """Threads creating files (of consecutive batches) at once."""
 STREAMS = 2
-"""Large files written at once (each streams in its own worker thread on the embedded store)."""
+"""Large files written at once (each streams in its own worker thread with BulkReads)."""
 BATCHES = 6
 """Batches in the window at once: the ones being written and the ones read ahead of them.
 
@@ -424,161 +426,63 @@ class _Writer:
                 self.link(parent, name, arg)
 
 
-async def _in_thread(fn: Callable[[], T]) -> T:
-    """``fn`` in a worker thread; if cancelled meanwhile, the thread is waited for before re-raising.
+# -- reads on worker threads (blob services with BulkReads) ---------------------------------
 
-    The staging directory is removed on cancellation: no write may still be running then.
+
+def _bulk_batch(
+    reads: BulkReads, sizes: dict[B3Digest, int]
+) -> tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]:
+    """A batch of small blobs through ``reads``: the ones up to ``run_max`` as one read run, the others whole.
+
+    Everything returned has been hashed against its digest (see
+    :class:`~nixcas.castore.blob.base.BulkReads`).  The digests it could not
+    serve are returned for :meth:`~nixcas.castore.blob.base.BlobService.read_many`,
+    which leaves out a missing blob or one of another size, so the writer names it.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        raise
-
-
-# -- batched reads from the embedded store's packs -------------------------------------------
-
-PACK_GAP = 4096
-"""Rows of one pack at most this far apart are read with one ``pread`` (their gap read and dropped)."""
-PACK_RUN = 4 << 20
-"""Most bytes one such ``pread`` reads."""
-
-
-def packed_reader(
-    blobs: BlobService,
-) -> Callable[[dict[B3Digest, int]], tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]] | None:
-    """For the embedded store (``packed://``): a batch read with one ``pread`` per run of neighbouring rows.
-
-    A freshly imported tree's small files lie in its packs in the order of
-    the walk, which is the order they are written out in: a batch of them is
-    mostly one contiguous range.  Each blob is checked against its recorded
-    size and hashed against its digest before it is returned (the same checks
-    as :meth:`~nixcas.castore.blob.base.BlobService.read_many`); what is not a
-    row, not stored raw, or in a pack compacted meanwhile is returned as the
-    digests to read the ordinary way.  ``None`` for any other blob service.
-    """
-    from nixcas.castore.blob.packed import PackedBlobService
-
-    if type(blobs) is not PackedBlobService:
-        return None
-    service = blobs
-    query = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
-
-    def read(sizes: dict[B3Digest, int]) -> tuple[dict[B3Digest, bytes | memoryview], list[B3Digest]]:
-        db = service._db()
-        keys = [bytes(d) for d in sizes]
-        rows = db.execute(query.format(",".join("?" * len(keys))), keys).fetchall()
-        rows.sort(key=lambda r: (r[3], r[4]))
-        found: dict[B3Digest, bytes | memoryview] = {}
-        rest = set(sizes)
-        i = 0
-        while i < len(rows):
-            pack, start = rows[i][3], rows[i][4]
-            end = start + rows[i][5]
-            j = i + 1
-            while j < len(rows) and rows[j][3] == pack and start <= rows[j][4] <= end + PACK_GAP:
-                if rows[j][4] + rows[j][5] - start > PACK_RUN:
-                    break
-                end = max(end, rows[j][4] + rows[j][5])
-                j += 1
-            try:
-                run = memoryview(service._pread(pack, end - start, start, db))
-            except FileNotFoundError:  # compacted meanwhile: read the ordinary way
-                service._forget_reader(pack)
-                i = j
-                continue
-            for raw, size, codec, _, offset, length in rows[i:j]:
-                digest = B3Digest(raw)
-                if codec != 0 or size != length or offset + length - start > len(run):
-                    continue  # compressed, or damaged: the ordinary path decodes it or names the problem
-                data = run[offset - start : offset + length - start]
-                if blake3.blake3(data).digest() != raw:
-                    raise ChecksumMismatch(f"blob {raw.hex()}", raw.hex(), blake3.blake3(data).hexdigest())
-                found[digest] = data
-                rest.discard(digest)
-            i = j
-        return found, list(rest)
-
-    return read
-
-
-def packed_copier(blobs: BlobService) -> Callable[[int, FileNode, threading.Event], bool] | None:
-    """For the embedded store (``packed://``): copy a large blob into a file descriptor chunk by chunk.
-
-    One worker-thread call per file: each chunk is read (its size checked),
-    hashed into the whole blob's BLAKE3 and written; the whole digest is
-    compared at the end (a mismatch raises, and the export is then removed).
-    Chunks are not hashed on their own as well: the file is not published
-    before the whole blob has passed, and one BLAKE3 pass instead of two is
-    a third of the CPU time of a large file.  ``False``, with nothing
-    written, for what it does not handle (a missing blob, an object of the
-    old unchunked layout, a size other than the file's): the ordinary reader
-    takes those and names any problem.  Stops between chunks once ``stop`` is set.
-    """
-    import zstandard
-
-    from nixcas.castore.blob.chunking import compressed_bound, decompress_chunk
-    from nixcas.castore.blob.packed import PackedBlobService
-
-    if type(blobs) is not PackedBlobService:
-        return None
-    service = blobs
-
-    dctx = threading.local()
-
-    def chunk_bytes(digest: B3Digest, chunk: ChunkMeta) -> bytes:
-        """A chunk's bytes, exactly its size, not hashed on their own: the whole blob is, at its end."""
-        try:
-            fd = os.open(service._chunk_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            data = service._fetch_sync(chunk.digest)  # a chunk that is also a small blob: a pack row
+    found: dict[B3Digest, bytes | memoryview] = {}
+    rest: list[B3Digest] = []
+    run = [d for d, size in sizes.items() if size <= reads.run_max]
+    if run:
+        got = reads.read_run([(bytes(d), sizes[d]) for d in run], memoryview(bytearray()))
+        if got is None:
+            rest += run
+        else:
+            found.update(zip(run, got, strict=True))
+    for digest, size in sizes.items():
+        if size > reads.run_max:
+            data = reads.read_whole(bytes(digest), size, memoryview(bytearray()))
             if data is None:
-                raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} not found") from None
-            if len(data) != chunk.size:
-                raise StorageError(
-                    f"blob {digest.hex()}: chunk {chunk.digest.hex()} is not {chunk.size} bytes"
-                ) from None
-            return data
-        try:
-            limit = compressed_bound(chunk.size)
-            compressed = os.read(fd, limit + 1)
-            while len(compressed) <= limit and (more := os.read(fd, limit + 1 - len(compressed))):
-                compressed += more
-        finally:
-            os.close(fd)
-        if len(compressed) > limit:
-            raise StorageError(f"blob {digest.hex()}: chunk {chunk.digest.hex()} is larger than its size allows")
-        context = getattr(dctx, "value", None)
-        if context is None:
-            context = dctx.value = zstandard.ZstdDecompressor()
-        return decompress_chunk(context, compressed, chunk.size, f"blob {digest.hex()}: chunk {chunk.digest.hex()}")
+                rest.append(digest)
+            else:
+                found[digest] = data
+    return found, rest
+
+
+def _bulk_copier(reads: BulkReads, whole_max: int) -> Callable[[int, FileNode, threading.Event], bool]:
+    """Copy a large blob into a file descriptor in a worker thread, verified (see :class:`BulkReads`).
+
+    Up to ``whole_max`` bytes it is read whole (and hashed once); a larger one
+    is streamed chunk by chunk (:meth:`~nixcas.castore.blob.base.BulkReads.read_chunks`:
+    each chunk checked, the whole blob's BLAKE3 at its end, a mismatch raises
+    and the export is then removed).  ``False``, with nothing written, for
+    what ``reads`` does not serve: the blob service's verifying reader takes
+    those and names any problem.  Stops between chunks once ``stop`` is set.
+    """
 
     def copy(fd: int, node: FileNode, stop: threading.Event) -> bool:
-        digest = node.digest
-        chunks = service._chunks_sync(digest)
-        if not chunks:  # missing, or one object (read, checked and written whole: at most a chunk's size)
-            data = None if chunks is None else service._read_object_sync(digest)
-            if isinstance(data, StorageError):
-                raise data
-            if not isinstance(data, bytes) or len(data) != node.size:
-                return False
-            _write_all(fd, data)
-            return True
-        if sum(c.size for c in chunks) != node.size:
+        raw = bytes(node.digest)
+        if node.size <= whole_max:
+            data = reads.read_whole(raw, node.size, memoryview(bytearray()))
+            if data is not None:
+                _write_all(fd, data)
+                return True
+        chunks = reads.read_chunks(raw, node.size)
+        if chunks is None:
             return False
-        hasher = blake3.blake3()
-        for chunk in chunks:
+        for data in chunks:
             if stop.is_set():
                 raise asyncio.CancelledError
-            data = chunk_bytes(digest, chunk)
-            hasher.update(data)
             _write_all(fd, data)
-        got = hasher.digest()
-        if got != digest:
-            raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
         return True
 
     return copy
@@ -615,10 +519,10 @@ class _Big:
     node: FileNode
     cost: int
     task: asyncio.Future[bytes] | None = None
-    """The reader opened and the first block read ahead (blob services other than the embedded store)."""
+    """The reader opened and the first block read ahead (blob services without BulkReads)."""
     reader: BlobReader | None = None
     done: asyncio.Future[object] | None = None
-    """The writer thread's answer: ``(fd, copy)``, the copy a future of the embedded store's copier (or ``None``)."""
+    """The writer thread's answer: ``(fd, copy)``, the copy a future of the BulkReads copier (or ``None``)."""
     streamed: bool = False
     """Whether a stream took the answer over (it then closes the file)."""
     after: threading.Event | None = None
@@ -634,7 +538,7 @@ class _WriterThread:
     (each with its own :class:`_Writer`), units are dealt out in turn; a
     unit's new directories are created first, and the next unit starts only
     once they exist (its files may be in them), so files of consecutive
-    units are created in parallel.  The large files of the embedded store
+    units are created in parallel.  With BulkReads, large files
     are copied by :data:`STREAMS` further threads.
     """
 
@@ -713,10 +617,10 @@ class _WriterThread:
         for queue in self.queues:
             queue.put(None)
         for thread in self.threads:
-            await _in_thread(thread.join)
+            await to_thread_uninterrupted(thread.join)
         if self.copies is not None:
             copies = self.copies
-            await _in_thread(lambda: copies.shutdown(wait=True, cancel_futures=True))
+            await to_thread_uninterrupted(lambda: copies.shutdown(wait=True, cancel_futures=True))
 
 
 def _close_when_done(fd: int, copy: Future[bool] | None) -> None:
@@ -743,8 +647,9 @@ class _Materializer:
         self.window: deque[_Batch | _Big] = deque()
         self.held = 0
         self.batches = 0
-        self.packed = packed_reader(blobs)
-        self.copier = packed_copier(blobs)
+        self.reads = blobs.bulk_reads()
+        whole = min(self.reads.whole_max, self.buffer_bytes // 8) if self.reads is not None else 0
+        self.copier = _bulk_copier(self.reads, whole) if self.reads is not None else None
         self.streams: dict[asyncio.Future[None], _Big] = {}
         self.thread: _WriterThread | None = None
 
@@ -765,7 +670,7 @@ class _Materializer:
                 node = op[3]
                 assert isinstance(node, FileNode)
                 big = _Big(op, node, 0 if self.copier is not None else min(node.size, BLOCK))
-                if self.copier is None:  # the head is read ahead; the embedded store's copier reads it
+                if self.copier is None:  # the head is read ahead; the BulkReads copier reads it
                     big.task = asyncio.ensure_future(self._open_big(big))
                 self.window.append(big)
                 self.thread.submit(big)
@@ -808,10 +713,9 @@ class _Materializer:
 
     async def _read(self, sizes: dict[B3Digest, int]) -> dict[B3Digest, bytes | memoryview]:
         """The blobs of a batch, each verified (missing ones, and ones of another size, may be left out)."""
-        if self.packed is None:
+        if self.reads is None:
             return dict(await self.blobs.read_many(sizes, parallel=self.prefetch))
-        read = self.packed
-        found, rest = await asyncio.to_thread(read, sizes)
+        found, rest = await asyncio.to_thread(_bulk_batch, self.reads, sizes)
         if rest:
             found.update(await self.blobs.read_many({d: sizes[d] for d in rest}, parallel=self.prefetch))
         return found
@@ -885,7 +789,7 @@ class _Materializer:
 
     async def _stream(self, big: _Big, fd: int, copy: Future[bool] | None) -> None:
         if copy is not None:
-            if await _settled(copy):
+            if await uninterrupted(asyncio.wrap_future(copy)):
                 return
             big.task = asyncio.ensure_future(self._open_big(big))
         await self._write_big(big, fd)
@@ -906,7 +810,7 @@ class _Materializer:
                     raise self._long(op)
                 if got < size:
                     pending = asyncio.ensure_future(reader.read(min(BLOCK, size - got)))
-                await _in_thread(functools.partial(_write_all, fd, data))
+                await to_thread_uninterrupted(functools.partial(_write_all, fd, data))
                 if pending is None:
                     break
                 data = await pending
@@ -979,18 +883,6 @@ def _bridge(task: asyncio.Future[T]) -> Future[T]:
 
     task.add_done_callback(copy)
     return out
-
-
-async def _settled(fut: Future[T]) -> T:
-    """``fut``'s result; if cancelled meanwhile, wait for it to finish first (it runs in a thread)."""
-    wrapped = asyncio.wrap_future(fut)
-    try:
-        return await asyncio.shield(wrapped)
-    except asyncio.CancelledError:
-        while not fut.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(wrapped)
-        raise
 
 
 # -- the destination ---------------------------------------------------------------------------
@@ -1077,7 +969,7 @@ async def export_node(
             finally:
                 os.close(staging_fd)
         except BaseException as e:
-            problem = await _in_thread(lambda: _remove(parent_fd, staging, parent))
+            problem = await to_thread_uninterrupted(lambda: _remove(parent_fd, staging, parent))
             if problem is not None and isinstance(e, Exception):
                 raise ExportError(f"{e}; {problem}") from e
             raise

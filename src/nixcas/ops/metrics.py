@@ -146,11 +146,16 @@ class HttpMetrics:
                 HTTP_DURATION.labels(route), HTTP_RECEIVED.labels(route), HTTP_SENT.labels(route)
             )  # fmt: skip
         requests.inc()
-        children[0].observe(seconds)
-        if received:
-            children[1].inc(received)
-        if sent:
-            children[2].inc(sent)
+        _observe(children, seconds, received, sent)
+
+
+def _observe(children: tuple[Histogram, Counter, Counter], seconds: float, received: int, sent: int) -> None:
+    """One call's duration, and its bytes received and sent (when any), into a route's or a method's children."""
+    children[0].observe(seconds)
+    if received:
+        children[1].inc(received)
+    if sent:
+        children[2].inc(sent)
 
 
 class GrpcMetrics:
@@ -171,11 +176,7 @@ class GrpcMetrics:
                 GRPC_DURATION.labels(method), GRPC_RECEIVED.labels(method), GRPC_SENT.labels(method)
             )  # fmt: skip
         calls.inc()
-        children[0].observe(seconds)
-        if received:
-            children[1].inc(received)
-        if sent:
-            children[2].inc(sent)
+        _observe(children, seconds, received, sent)
 
 
 class MetricsServer(contextlib.AbstractContextManager["MetricsServer"]):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
 
@@ -324,6 +324,18 @@ class BulkReads(ABC):
     @abstractmethod
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
+
+    def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
+        """A chunked blob of exactly ``size`` bytes, chunk by chunk: for blobs too big to hold whole.
+
+        Each chunk is checked against its digest and size before it is yielded, and the whole blob's
+        BLAKE3 at the end: the last step raises :class:`ChecksumMismatch` if the chunk list does not
+        make up ``digest``, so a caller publishes what it wrote only once the iterator is exhausted.
+        A damaged or missing chunk raises :class:`StorageError`.  ``None``, before anything is read,
+        for a blob that is missing, not chunked, or of another size.  The default (backends without
+        chunk files): ``None`` always.
+        """
+        return None
 
 
 class BlobService(Closing, ABC):

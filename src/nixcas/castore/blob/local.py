@@ -23,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, ClassVar, Self, TypeVar
@@ -32,6 +32,7 @@ from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 import blake3
 import zstandard
 
+from nixcas._aio import to_thread_uninterrupted
 from nixcas.castore.blob.base import (
     BlobChecker,
     BlobReader,
@@ -481,6 +482,32 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
         except (OSError, StorageError, zstandard.ZstdError):
             return None
 
+    def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
+        try:
+            chunks = self._chunks_sync(B3Digest(digest))
+        except (OSError, StorageError):
+            return None
+        if not chunks or sum(c.size for c in chunks) != size:
+            return None
+        return self._iter_chunks(B3Digest(digest), chunks)
+
+    def _iter_chunks(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> Iterator[bytes]:
+        """Each chunk read and checked (:meth:`_read_chunk_sync`), the whole blob's BLAKE3 checked at the end."""
+        hasher = blake3.blake3()
+        for chunk in chunks:
+            try:
+                data = self._read_chunk_sync(chunk)
+            except ChecksumMismatch as e:  # named with its blob: the file it belongs to is found by that
+                where = f"{self}: blob {digest.hex()}: chunk {chunk.digest.hex()}"
+                raise ChecksumMismatch(where, e.expected, e.got) from None
+            if data is None:
+                raise StorageError(f"{self}: blob {digest.hex()}: chunk {chunk.digest.hex()} not found")
+            hasher.update(data)
+            yield data
+        got = hasher.digest()
+        if got != digest:
+            raise ChecksumMismatch(f"{self}: blob {digest.hex()}", digest.hex(), got.hex())
+
     def _read_whole_sync(
         self, digest: bytes, size: int, chunks: Sequence[ChunkMeta], buffer: memoryview
     ) -> memoryview | None:
@@ -685,7 +712,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             return cached
         computed = await super().outboard(digest)
         if computed is not None and computed != cached:
-            await _to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
+            await to_thread_uninterrupted(lambda: self._put_object_sync(path, computed))
         return computed
 
     async def _fetch_chunk(self, chunk: ChunkMeta, offset: int = 0) -> bytes:
@@ -705,7 +732,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
 
     async def put_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
         check_chunk(chunk, data, "put_chunk")
-        await _to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
+        await to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
 
     async def put_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
         check_chunk_list(digest, chunks, "put_index")
@@ -714,7 +741,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             raise StorageError(f"{self}: index of {digest.hex()} refers to missing chunk {missing[0].digest.hex()}")
         if len(chunks) < 2:
             raise ValidationError(f"put_index: blob {digest.hex()}: a chunk list needs at least two chunks")
-        await _to_thread_uninterrupted(lambda: self._put_index_sync(digest, chunks))
+        await to_thread_uninterrupted(lambda: self._put_index_sync(digest, chunks))
 
     async def _read_many(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
@@ -1042,22 +1069,6 @@ class _ZstdFileReader(BlobReader):
         await asyncio.to_thread(self._close_sync)
 
 
-async def _to_thread_uninterrupted(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a worker thread; if cancelled meanwhile, wait for the thread before re-raising.
-
-    A worker thread cannot be stopped, so cleanup (``abort``) must not start
-    while it still writes the temp file or renames it into place.
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        raise
-
-
 KEEP_ALIVE_SECONDS = 10.0
 """How often a long upload refreshes the ages of the chunks it staged or reuses (see GC in README)."""
 
@@ -1138,7 +1149,7 @@ class _LocalBlobWriter(BlobWriter):
             return
         pending, self._buffer, self._buffered = [*self._buffer, bytes(data)], [], 0
         try:
-            await _to_thread_uninterrupted(lambda: self._feed_sync(pending))
+            await to_thread_uninterrupted(lambda: self._feed_sync(pending))
         except BaseException:
             await self.abort()
             raise
@@ -1167,9 +1178,9 @@ class _LocalBlobWriter(BlobWriter):
             self._state.check_complete()
             if self._chunker is None:
                 data, self._buffer = b"".join(self._buffer), []
-                digest = await _to_thread_uninterrupted(lambda: self._service._store_sync(data))
+                digest = await to_thread_uninterrupted(lambda: self._service._store_sync(data))
             else:
-                digest = await _to_thread_uninterrupted(self._finish_sync)
+                digest = await to_thread_uninterrupted(self._finish_sync)
         except BaseException:
             await self.abort()
             raise
