@@ -52,7 +52,7 @@ import asyncio
 import getpass
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -354,6 +354,8 @@ class PostgresDatabase:
 
     def _span(self, operation: str) -> AbstractContextManager[None]:
         """A CLIENT span ``postgresql <component>.<operation>`` (no SQL, no parameters) when tracing is on."""
+        if not tracing.enabled():
+            return nullcontext()
         name = f"{self._component}.{operation}"
         return tracing.backend_span(f"postgresql {name}", {**self._span_attributes, "db.operation.name": name})
 

@@ -299,6 +299,10 @@ class ObjectStore:
     def _request(self, method: str, key: str, size: int | None = None) -> Iterator[None]:
         """One request: counted, traced (the store as shown, never its options) and its errors mapped."""
         self.requests[method] += 1
+        if not tracing.enabled():
+            with self._errors(f"{method} {key}"):
+                yield
+            return
         attributes: dict[str, str | int] = {
             "nixcas.objectstore.method": method,
             "nixcas.objectstore.store": self.where,
