@@ -1,4 +1,5 @@
-"""Traces across processes (issue 18, part 3): a NAR GET on a bridge that reads through a daemon is one trace.
+"""Traces across processes (issue 18, part 3): a NAR GET on a bridge that reads through a daemon is one trace;
+the requests a backend sends to S3 or PostgreSQL are spans of the caller's trace.
 
 The test runs a small OTLP/HTTP receiver (aiohttp, decoding the export requests
 with opentelemetry-proto), a real ``nixcas daemon --otlp-endpoint`` subprocess,
@@ -17,15 +18,19 @@ import aiohttp
 import pytest_asyncio
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from nixcas.api import Store
 from nixcas.bridge.app import NarBridge
 from nixcas.bridge.server import start_bridge
 from nixcas.ops import tracing
+from nixcas.registry import blob_service_from_url, pathinfo_service_from_url
 from nixcas.store.importer import Services, import_path
 from nixcas.store.narindex import NarIndex
+from nixcas.testing import postgres, seaweedfs
 from nixcas.testing.daemon import start_daemon
+from nixcas.testing.pathinfoservice import make_path_info
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 """What an instrumented Nix client would send: the bridge's spans must continue this trace."""
@@ -39,6 +44,12 @@ class Received:
     parent_id: str
     name: str
     kind: int
+    attributes: dict[str, str]
+
+
+def _text(value: AnyValue) -> str:
+    """An attribute value (string, int, bool, …) as text."""
+    return str(getattr(value, value.WhichOneof("value") or "string_value"))
 
 
 @pytest_asyncio.fixture
@@ -52,7 +63,15 @@ async def receiver() -> AsyncIterator[tuple[str, list[Received]]]:
             service = next(a.value.string_value for a in resource.resource.attributes if a.key == "service.name")
             for scope in resource.scope_spans:
                 spans.extend(
-                    Received(service, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name, s.kind)
+                    Received(
+                        service,
+                        s.trace_id.hex(),
+                        s.span_id.hex(),
+                        s.parent_span_id.hex(),
+                        s.name,
+                        s.kind,
+                        {a.key: _text(a.value) for a in s.attributes},
+                    )
                     for s in scope.spans
                 )
         return web.Response(body=b"", content_type="application/x-protobuf")
@@ -124,3 +143,48 @@ async def test_nar_get_through_a_grpc_store_is_one_trace(tmp_path: Path, receive
         s.service == "nixcas-daemon" and s.trace_id == narinfo_get.trace_id and s.name.endswith("PathInfoService/Get")
         for s in spans
     )
+
+
+async def test_s3_and_postgres_requests_are_spans_of_the_callers_trace(
+    receiver: tuple[str, list[Received]], s3_url: str, pg_url: str
+) -> None:
+    endpoint, spans = receiver
+    info = make_path_info("traced")
+    tracing.setup(endpoint, "nixcas-traced")
+    try:
+        blobs = await blob_service_from_url(s3_url)
+        infos = await pathinfo_service_from_url(pg_url)
+        try:
+            with tracing.server_span("caller", {"traceparent": TRACEPARENT}, {}):
+                digest = await blobs.put(b"traced blob " * 100)
+                assert await blobs.read(digest) == b"traced blob " * 100
+                await infos.put(info)
+                assert await infos.get(info.store_path.digest) == info
+            assert await infos.get(b"\0" * 20) is None  # outside the caller's span: a trace of its own
+        finally:
+            await infos.close()
+            await blobs.close()
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
+
+    trace_id, parent_id = TRACEPARENT.split("-")[1:3]
+    (caller,) = [s for s in spans if s.name == "caller"]
+    assert caller.trace_id == trace_id and caller.parent_id == parent_id
+    backend = [s for s in spans if s.trace_id == trace_id and s.span_id != caller.span_id]
+    assert all(s.parent_id == caller.span_id and s.kind == Span.SPAN_KIND_CLIENT for s in backend)
+    names = {s.name for s in backend}
+    assert {"objectstore PUT", "objectstore GET", "postgresql pathinfo.put", "postgresql pathinfo.get"} <= names
+    assert all(n.startswith(("objectstore ", "postgresql pathinfo.")) for n in names), names
+    store = s3_url.removeprefix("objectstore+").partition("?")[0]
+    put = next(s for s in backend if s.name == "objectstore PUT")
+    assert put.attributes["nixcas.objectstore.method"] == "PUT"
+    assert put.attributes["nixcas.objectstore.store"] == store
+    assert "/b3/" in put.attributes["nixcas.objectstore.key"]
+    get = next(s for s in backend if s.name == "postgresql pathinfo.get")
+    assert get.attributes["db.system"] == "postgresql" and get.attributes["db.operation.name"] == "pathinfo.get"
+    assert get.attributes["server.address"] == "127.0.0.1"
+    (lone,) = [s for s in spans if s.name == "postgresql pathinfo.get" and s.trace_id != trace_id]
+    assert lone.parent_id == ""
+    for secret in (seaweedfs.ACCESS_KEY, seaweedfs.SECRET_KEY, postgres.PASSWORD):
+        assert secret in s3_url + pg_url  # the URLs did carry them
+        assert not any(secret in f"{s.name} {s.attributes}" for s in spans)

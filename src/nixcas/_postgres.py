@@ -52,7 +52,7 @@ import asyncio
 import getpass
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self, TypeVar
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -62,6 +62,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
+from nixcas.ops import tracing
 from nixcas.urls import is_decimal, require_plain_scheme, shown
 
 __all__ = ["LIBPQ_OPTIONS", "NIXCAS_OPTIONS", "Connection", "PostgresConfig", "PostgresDatabase"]
@@ -236,6 +237,16 @@ class PostgresDatabase:
         self._migrations = migrations
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._closed = False
+        address, _, dbname = self.target.rpartition("/")
+        host, _, port = address.rpartition(":")
+        self._span_attributes: dict[str, str | int] = {
+            "db.system": "postgresql",
+            "db.system.name": "postgresql",
+            "db.namespace": dbname,
+            "server.address": host,
+            "server.port": int(port) if port.isdecimal() else port,
+        }
+        """What every span of this database says (never the user's password: the target has none)."""
 
     def __str__(self) -> str:
         return self._what
@@ -341,7 +352,18 @@ class PostgresDatabase:
             raise StorageError(f"{self._what} is closed")
         return self._pool
 
+    def _span(self, operation: str) -> AbstractContextManager[None]:
+        """A CLIENT span ``postgresql <component>.<operation>`` (no SQL, no parameters) when tracing is on."""
+        if not tracing.enabled():
+            return nullcontext()
+        name = f"{self._component}.{operation}"
+        return tracing.backend_span(f"postgresql {name}", {**self._span_attributes, "db.operation.name": name})
+
     async def _attempt(self, fn: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+        with self._span(fn.__name__):
+            return await self._attempt_untraced(fn, transaction)
+
+    async def _attempt_untraced(self, fn: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
         async with self._live_pool().connection() as conn:
             if not transaction:
                 return await fn(conn)
@@ -373,8 +395,9 @@ class PostgresDatabase:
     async def transaction(self) -> AsyncIterator[Connection]:
         """A pooled connection inside a transaction, for streaming (server-side cursors); not retried."""
         try:
-            async with self._live_pool().connection() as conn, conn.transaction():
-                yield conn
+            with self._span("transaction"):
+                async with self._live_pool().connection() as conn, conn.transaction():
+                    yield conn
         except psycopg.Error as e:
             raise self._error(e) from e
 

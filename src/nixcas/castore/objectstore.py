@@ -8,7 +8,8 @@ Shared by the object-store blob and directory backends:
   options; the URL path is the base path inside the bucket).
 * :class:`ObjectStore` wraps one obstore store: every request goes through one
   semaphore (a bounded window of requests in flight), is counted per method
-  (the benchmarks report requests per imported file), and has its errors
+  (the benchmarks report requests per imported file), is a CLIENT span when
+  tracing is on (``objectstore GET`` …, with the store and key), and has its errors
   mapped to nixcas errors: unreachable → :class:`~nixcas.errors.UnavailableError`,
   refused credentials and missing buckets → a one-line
   :class:`~nixcas.errors.StorageError` saying so.
@@ -39,6 +40,7 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
+from nixcas.ops import tracing
 from nixcas.urls import is_decimal, scrubbed, shown
 
 __all__ = [
@@ -293,6 +295,24 @@ class ObjectStore:
                 raise
             raise self._error(e, what) from None
 
+    @contextlib.contextmanager
+    def _request(self, method: str, key: str, size: int | None = None) -> Iterator[None]:
+        """One request: counted, traced (the store as shown, never its options) and its errors mapped."""
+        self.requests[method] += 1
+        if not tracing.enabled():
+            with self._errors(f"{method} {key}"):
+                yield
+            return
+        attributes: dict[str, str | int] = {
+            "nixcas.objectstore.method": method,
+            "nixcas.objectstore.store": self.where,
+            "nixcas.objectstore.prefix" if method == "LIST" else "nixcas.objectstore.key": key,
+        }
+        if size is not None:
+            attributes["nixcas.objectstore.size"] = size
+        with tracing.backend_span(f"objectstore {method}", attributes), self._errors(f"{method} {key}"):
+            yield
+
     # -- requests ----------------------------------------------------------------------
 
     async def _get(self, key: str, cap: int | None, *, windowed: bool = True) -> Any:
@@ -303,8 +323,7 @@ class ObjectStore:
         import obstore
 
         async with self._window if windowed else contextlib.nullcontext():
-            self.requests["GET"] += 1
-            with self._errors(f"GET {key}"):
+            with self._request("GET", key):
                 try:
                     result = await obstore.get_async(self._store, key)
                 except FileNotFoundError:
@@ -351,8 +370,7 @@ class ObjectStore:
         import obstore
 
         async with self._window:
-            self.requests["HEAD"] += 1
-            with self._errors(f"HEAD {key}"):
+            with self._request("HEAD", key):
                 try:
                     meta = await obstore.head_async(self._store, key)
                 except FileNotFoundError:
@@ -364,8 +382,7 @@ class ObjectStore:
         import obstore
 
         async with self._window:
-            self.requests["PUT"] += 1
-            with self._errors(f"PUT {key}"):
+            with self._request("PUT", key, len(data)):
                 await obstore.put_async(self._store, key, data, use_multipart=False)
 
     async def delete(self, key: str) -> None:
@@ -373,8 +390,7 @@ class ObjectStore:
         import obstore
 
         async with self._window:
-            self.requests["DELETE"] += 1
-            with self._errors(f"DELETE {key}"), contextlib.suppress(FileNotFoundError):
+            with self._request("DELETE", key), contextlib.suppress(FileNotFoundError):
                 await obstore.delete_async(self._store, key)
 
     async def list(self, prefix: str, page: int = 1000, after: str | None = None) -> AsyncIterator[list[ObjectMeta]]:
@@ -387,8 +403,7 @@ class ObjectStore:
         stream = obstore.list(self._store, prefix=prefix, offset=after, chunk_size=page)
         while True:
             async with self._window:
-                self.requests["LIST"] += 1
-                with self._errors(f"LIST {prefix}"):
+                with self._request("LIST", prefix):
                     try:
                         batch = await stream.__anext__()
                     except StopAsyncIteration:

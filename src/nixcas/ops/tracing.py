@@ -5,7 +5,9 @@ its HTTP handlers (nar-bridge), its gRPC calls served (daemon) and made (the
 ``grpc+…`` backends), and export them in batches to ``URL/v1/traces``.  The
 W3C ``traceparent`` header carries the trace across processes: read from HTTP
 requests and gRPC metadata, written into the metadata of outgoing gRPC calls,
-so a NAR GET on a bridge reading through a daemon is one trace.
+so a NAR GET on a bridge reading through a daemon is one trace.  The calls a
+backend makes to its object store or PostgreSQL database are CLIENT spans too
+(:func:`backend_span`), children of the span current at the call.
 
 The tracer provider is this module's own (the OpenTelemetry global is left
 alone); without :func:`setup`, :func:`enabled` is false and nothing here
@@ -26,13 +28,14 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ["EXTRA_HINT", "client_span", "enabled", "inject", "server_span", "setup", "shutdown"]
+__all__ = ["EXTRA_HINT", "backend_span", "client_span", "enabled", "inject", "server_span", "setup", "shutdown"]
 
 EXTRA_HINT: Final = "--otlp-endpoint needs OpenTelemetry: pip install 'nixcas[otel]'"
 TRACES_PATH: Final = "/v1/traces"
 
 _provider: TracerProvider | None = None
 _tracer: Tracer | None = None
+_NO_SPAN: Final[contextlib.nullcontext[None]] = contextlib.nullcontext()
 
 
 def enabled() -> bool:
@@ -117,3 +120,35 @@ def finish(span: Span, failed: bool, attributes: Mapping[str, str | int]) -> Non
     span.set_attributes(attributes)
     if failed:
         span.set_status(Status(StatusCode.ERROR))
+
+
+def backend_span(name: str, attributes: Mapping[str, str | int]) -> contextlib.AbstractContextManager[None]:
+    """A CLIENT span around one backend request (object store, database), child of the current span.
+
+    Without :func:`setup` a shared no-op context (one check, nothing imported).
+    The span is not made current: a backend request is a leaf, and a request
+    made inside an async generator must not become the parent of what its
+    consumer does between two items.  A failure sets the status ERROR and
+    ``error.type`` to the exception's class name only (messages may quote
+    keys, URLs or SQL; attributes never hold them).
+    """
+    if _tracer is None:
+        return _NO_SPAN
+    return _backend_span(_tracer, name, attributes)
+
+
+@contextlib.contextmanager
+def _backend_span(tracer: Tracer, name: str, attributes: Mapping[str, str | int]) -> Iterator[None]:
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    try:
+        yield
+    except GeneratorExit:  # a stream closed early by its reader: not a failure
+        raise
+    except BaseException as e:
+        span.set_attribute("error.type", type(e).__name__)
+        span.set_status(Status(StatusCode.ERROR))
+        raise
+    finally:
+        span.end()
