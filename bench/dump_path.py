@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from import_tree import REPO, copy_tree, generate_tiny, generate_tree
+from import_tree import REPO, make_tree
 
 
 def timed(argv: list[str]) -> tuple[float, float]:
@@ -144,12 +144,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="dump-path-", dir=args.workdir))
     tree = work / "tree"
-    if args.tree == "tiny":
-        stats = generate_tiny(tree, args.files or 20_000, 20240901)
-    elif args.tree.startswith("copy:"):
-        stats = copy_tree(Path(args.tree.removeprefix("copy:")), tree)
-    else:
-        stats = generate_tree(tree, args.files or 10_000, args.large, args.large_mib, 20240901)
+    stats = make_tree(args.tree, tree, args.files, args.large, args.large_mib)
     store = work / "nixcas"
     nix_path = subprocess.run([args.nix_store, "--add", str(tree)], check=True, capture_output=True, text=True)
     path = nix_path.stdout.strip()

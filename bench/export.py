@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from import_tree import PROBE_DIRS, REPO, copy_tree, create_probe, generate_tiny, generate_tree
+from import_tree import PROBE_DIRS, REPO, create_probe, make_tree
 
 
 def timed(argv: list[str]) -> tuple[float, float]:
@@ -81,12 +81,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="export-", dir=args.workdir))
     tree = work / "tree"
-    if args.tree == "tiny":
-        stats = generate_tiny(tree, args.files or 20_000, 20240901)
-    elif args.tree.startswith("copy:"):
-        stats = copy_tree(Path(args.tree.removeprefix("copy:")), tree)
-    else:
-        stats = generate_tree(tree, args.files or 10_000, args.large, args.large_mib, 20240901)
+    stats = make_tree(args.tree, tree, args.files, args.large, args.large_mib)
     need = stats.content_bytes * 2 * (args.runs + 1) * 11 // 10  # every output is kept until the end
     free = shutil.disk_usage(work).free
     if free < need + (4 << 30):

@@ -225,6 +225,16 @@ class ChildResult:
     stderr: str
 
 
+def make_tree(spec: str, root: Path, files: int | None, large: int, large_mib: int, seed: int = 20240901) -> TreeStats:
+    """The benchmarks' ``--tree``: ``tiny`` (``files`` or 20,000), ``copy:PATH``, or the generated tree (``files``
+    or 10,000 small files plus ``large`` files of ``large_mib`` MiB)."""
+    if spec == "tiny":
+        return generate_tiny(root, files or 20_000, seed)
+    if spec.startswith("copy:"):
+        return copy_tree(Path(spec.removeprefix("copy:")), root)
+    return generate_tree(root, files or 10_000, large, large_mib, seed)
+
+
 def run_child(argv: list[str], env: dict[str, str] | None = None) -> ChildResult:
     """Run ``argv`` to completion; time it and read its own rusage via ``wait4``."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:

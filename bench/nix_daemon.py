@@ -41,22 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-FOUR_BITS = bytes(0x61 + (b & 0x0F) for b in range(256))
-
-
-def nix_env(workdir: Path, name: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
-    env["HOME"] = str(workdir / f"home-{name}")
-    env["XDG_CACHE_HOME"] = str(workdir / f"cache-{name}")
-    env["NIX_CONFIG"] = "experimental-features = nix-command\nsandbox = false\nsubstituters =\n"
-    return env
-
-
-def run(argv: list[str], env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(argv, capture_output=True, env=env, check=False, timeout=3600)
-    if result.returncode != 0:
-        sys.exit(f"{argv[:4]}: {result.stderr.decode(errors='replace')}")
-    return result.stdout.decode()
+# The sibling script (``bench/`` is on sys.path when this file is run).
+from bridge import FOUR_BITS, nix_env, run
 
 
 def make_paths(workdir: Path, small: int, tree_files: int, large_mib: int, seed: int) -> tuple[Path, list[str]]:
