@@ -260,3 +260,21 @@ def test_a_broken_pipe_is_quiet(known: Store, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(fast, "discard_stdout", lambda: discarded.append(True))
     assert fast.answer(["--store-dir", str(known.dir), "path-info", known.tree]) == fast.EXIT_BROKEN_PIPE
     assert discarded == [True]
+
+
+def test_a_size_rule_the_store_does_not_record_goes_to_click(
+    known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full path refuses a store of the other rule: asked for it, the fast path answers only on a match."""
+    from nixcas.castore.sizerule import SIZE_RULE_ENV
+
+    recorded = sqlite3.connect(known.dir / "directories.sqlite").execute("SELECT value FROM meta").fetchone()[0]
+    other = "snix" if recorded == "tvix" else "tvix"
+    d = ["--store-dir", str(known.dir)]
+    for argv in ([*d, "castore", "ls", known.root], [*d, "castore", "cat", known.blob]):
+        monkeypatch.setenv(SIZE_RULE_ENV, recorded)
+        assert same(argv, capsysbinary, monkeypatch)[1]
+        monkeypatch.setenv(SIZE_RULE_ENV, other)
+        (out, err, code), answered = same(argv, capsysbinary, monkeypatch)
+        assert (out, code, answered) == (b"", 2, False)
+        assert f"not the requested {other}".encode() in err

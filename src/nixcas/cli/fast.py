@@ -68,6 +68,8 @@ def answer(argv: list[str]) -> int | None:
         base = store_base(store_dir)
         if command == "path-info":
             text: str | bytes | None = path_info(base, operand, as_json)
+        elif not size_rule_agrees(base):
+            return None
         elif command == "ls":
             text = castore_ls(base, operand, as_json)
         else:
@@ -137,6 +139,30 @@ def open_existing(path: str) -> sqlite3.Connection | None:
     # Read-only: a WAL database is read from a consistent snapshot, as the services' connections read it;
     # SQLite may leave its (empty) -wal and -shm files behind, which a read-only connection does not remove.
     return sqlite3.connect(f"file:{escaped}?mode=ro", uri=True, isolation_level=None)
+
+
+def size_rule_agrees(base: str) -> bool:
+    """Whether the directory size rule the environment asks for (if any) is the one the store records.
+
+    The full path opens the directory service, which refuses a store that follows
+    the other rule (and records the rule of a store that has none): with such a
+    request, anything but an exact match is left to it.
+    """
+    from nixcas.castore.sizerule import SIZE_RULE_ENV
+
+    wanted = os.environ.get(SIZE_RULE_ENV)
+    if not wanted:
+        return True
+    from nixcas.embedded import DIRECTORIES_DB
+
+    db = open_existing(os.path.join(base, DIRECTORIES_DB))
+    if db is None:
+        return False
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'directory_size_rule'").fetchone()
+    finally:
+        db.close()
+    return row is not None and row[0] == wanted
 
 
 def path_info(base: str, operand: str, as_json: bool) -> str | None:
