@@ -582,7 +582,7 @@ def test_socket_activation_and_notify(tmp_path: Path) -> None:
     import socket
     import subprocess
 
-    from nixcas.testing.daemon import clean_env, nixcas_command
+    from nixcas.testing.daemon import as_systemd_starts, clean_env, nixcas_command
 
     listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listening.bind(str(tmp_path / "nix.sock"))
@@ -592,17 +592,17 @@ def test_socket_activation_and_notify(tmp_path: Path) -> None:
     notifications.settimeout(30)
     env = {**clean_env(), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "nix-daemon", "NOTIFY_SOCKET": str(tmp_path / "notify")}
     command = nixcas_command("--store-dir", str(tmp_path / "store"), "nix-daemon", "-l", str(tmp_path / "unused"))
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        pass_fds=(3,),
-        preexec_fn=lambda: os.dup2(listening.fileno(), 3),  # only dup2 before exec
-    )
+    argv, fds = as_systemd_starts(command, [listening])
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, pass_fds=fds)
+    for fd in fds:
+        os.close(fd)
     listening.close()
     try:
-        assert notifications.recv(100) == b"READY=1"
+        try:
+            assert notifications.recv(100) == b"READY=1"
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(f"no READY=1; the daemon said: {proc.communicate()[1].decode()}") from None
         assert proc.stdout is not None
         assert proc.stdout.readline().decode().strip() == f"listening on unix://{tmp_path / 'nix.sock'}"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:

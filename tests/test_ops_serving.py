@@ -46,7 +46,7 @@ from nixcas.store.narindex import NarIndex
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.systemd import ActivatedSockets, notify
-from nixcas.testing.daemon import clean_env, nixcas_command
+from nixcas.testing.daemon import as_systemd_starts, clean_env, nixcas_command
 from nixcas.tls import ServerTls
 
 BIG = 24 << 20
@@ -354,20 +354,14 @@ async def test_daemon_with_bridge_under_systemd_stops_within_grace(tmp_path: Pat
     }
     grace = 0.5
 
-    def as_systemd_does() -> None:  # the sockets at 3, 4 (LISTEN_PID is set by the shell, which then execs)
-        os.dup2(bridge_sock.fileno(), 3)
-        os.dup2(grpc_sock.fileno(), 4)
-
     command = nixcas_command("--store-dir", str(store_dir), "daemon", "-l", "127.0.0.1:1", "--nar-bridge",
                              "127.0.0.1:1", "--shutdown-grace", str(grace))  # fmt: skip
+    argv, fds = as_systemd_starts(command, [bridge_sock, grpc_sock])  # at fds 3 and 4
     proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for in an executor
-        ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *command],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        pass_fds=(3, 4),
-        preexec_fn=as_systemd_does,  # only dup2 before exec
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, pass_fds=fds
     )
+    for fd in fds:
+        os.close(fd)
     grpc_sock.close()
     bridge_sock.close()
     loop = asyncio.get_running_loop()

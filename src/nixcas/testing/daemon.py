@@ -50,6 +50,31 @@ def nixcas_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nixcas.cli.main", *args]
 
 
+def as_systemd_starts(command: Sequence[str], sockets: Sequence[socket.socket]) -> tuple[list[str], list[int]]:
+    """``command`` as systemd starts a socket-activated service: ``sockets`` at fds 3, 4, …, ``LISTEN_PID`` its pid.
+
+    Returns the argv and the ``pass_fds`` for :class:`subprocess.Popen` (with ``LISTEN_FDS`` in its
+    environment).  A small exec'd trampoline moves the sockets into place, sets ``LISTEN_PID`` and
+    execs the command in the same process: no Python code runs between fork and exec (a
+    ``preexec_fn`` can hang the child of a process whose other threads hold locks, e.g. grpc's).
+    Close the returned fds once the child started.
+    """
+    import fcntl
+
+    high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for s in sockets]  # clear of 3, 4, …
+    trampoline = (
+        "import os, sys\n"
+        "fds = [int(fd) for fd in sys.argv[1].split(',')]\n"
+        "for i, fd in enumerate(fds):\n"
+        "    os.dup2(fd, 3 + i)\n"
+        "for fd in fds:\n"
+        "    os.close(fd)\n"
+        "os.environ['LISTEN_PID'] = str(os.getpid())\n"
+        "os.execv(sys.argv[2], sys.argv[2:])\n"
+    )
+    return [sys.executable, "-c", trampoline, ",".join(map(str, high)), *command], high
+
+
 def clean_env() -> dict[str, str]:
     """This environment without the variables that would pick another store."""
     return {k: v for k, v in os.environ.items() if k not in _ENV_OVERRIDES}
