@@ -94,6 +94,9 @@ def test_presented_secret() -> None:
     assert presented_secret("basic " + base64.b64encode(b"u:p:w").decode()) == b"p:w"  # ':' in a password
     for bad in (None, "", "Bearer ", "Basic !!!", "Basic " + base64.b64encode(b"nopassword").decode(), "Digest x"):
         assert presented_secret(bad) is None
+    # header bytes that are not UTF-8 (aiohttp hands them over surrogate-escaped): no match, not a 500
+    assert presented_secret("Bearer \udcff\udcfe") == b"\xff\xfe"
+    assert Tokens.parse(TOKEN_FILE).identify("Bearer \udcff\udcfe") is None
     tokens = Tokens.parse(TOKEN_FILE)
     assert tokens.identify(basic(READER, "alice")["Authorization"]) == tokens.tokens[1]
     assert tokens.identify(basic(READER, "someone-else")["Authorization"]) == tokens.tokens[1]  # any user name

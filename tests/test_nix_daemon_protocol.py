@@ -618,3 +618,36 @@ def test_socket_activation_and_notify(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_backend_errors_reach_the_client_without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error frame carries no configured secret; an unexpected error's details stay in the daemon's log."""
+    from nixcas.errors import StorageError
+    from nixcas.urls import remember_secrets
+
+    remember_secrets("postgresql://nixcas:Sup3rSecretPassw0rd@db.example/x")
+    async with daemon() as d, d.connect(None) as c:
+        await c.handshake()
+
+        async def failing(path: StorePath) -> None:
+            raise StorageError("cannot reach postgresql://nixcas:Sup3rSecretPassw0rd@db.example/x")
+
+        monkeypatch.setattr(d.state, "get", failing)
+        error = await c.op(u64(IS_VALID_PATH), s(str(DEP.path)))
+        assert error is not None and "cannot reach" in error and "Sup3rSecret" not in error
+
+        async def broken(path: StorePath) -> None:
+            raise RuntimeError("boom Sup3rSecretPassw0rd")
+
+        monkeypatch.setattr(d.state, "get", broken)
+        error = await c.op(u64(IS_VALID_PATH), s(str(DEP.path)))
+        assert error is not None and "internal error" in error and "boom" not in error
+
+
+async def test_a_bad_path_in_query_substitutable_path_infos_keeps_the_session_in_step() -> None:
+    async with daemon() as d, d.connect(None) as c:
+        await c.handshake()
+        bad, good = "/nix/store/not-a-store-path", str(DEP.path)
+        error = await c.op(u64(30), u64(2), s(bad), s(""), s(good), s(""))
+        assert error is not None
+        assert not await c.is_valid(DEP.path)  # the next operation is read as one: still in step

@@ -349,6 +349,19 @@ def test_log_messages_are_bounded_single_lines() -> None:
     assert long.startswith("x" * logs.MAX_MESSAGE) and long.endswith("(4000 more characters)")
 
 
+def test_a_secret_cut_by_the_bound_is_still_redacted() -> None:
+    """Credentials are replaced before a long message is cut: no prefix of one survives the cut."""
+    from nixcas.urls import remember_secrets
+
+    secret = "Cut0ffSecretPassw0rd"  # noqa: S105 - a test credential
+    remember_secrets(f"postgresql://u:{secret}@db.example/x")
+    message = "x" * (logs.MAX_MESSAGE - 8) + secret
+    record = logging.LogRecord("nixcas.test", logging.WARNING, __file__, 1, message, None, None)
+    for formatter in (logs.TextFormatter(), logs.JsonFormatter()):
+        line = formatter.format(record)
+        assert secret[:6] not in line, line[-80:]
+
+
 def test_otlp_endpoint_without_the_extra_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -162,7 +162,7 @@ def presented_secret(authorization: str | None) -> bytes | None:
     scheme, _, value = authorization.strip().partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer":
-        return value.encode() if value else None
+        return value.encode("utf-8", "surrogateescape") if value else None  # header bytes as aiohttp read them
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value, validate=True)

@@ -28,6 +28,8 @@ _ORDER: Final = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
 MAX_MESSAGE: Final = 1000
 """Characters of a log message that are written (the rest is replaced by a note of how many there were)."""
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+MAX_TRACEBACK: Final = 8000
+"""Characters of a traceback a log record carries, at most (the end, where the error is, is kept)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,16 @@ def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
     return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
 
 
+def _traceback(text: str) -> str:
+    """A traceback for the log: credentials redacted, at most :data:`MAX_TRACEBACK` characters (its end kept)."""
+    text = redacted(text)
+    return (
+        text
+        if len(text) <= MAX_TRACEBACK
+        else f"… ({len(text) - MAX_TRACEBACK} characters before)\n" + text[-MAX_TRACEBACK:]
+    )
+
+
 _second: tuple[int, str] = (-1, "")
 
 
@@ -77,12 +89,12 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = (
-            f"{_timestamp(record.created)} {record.levelname} {record.name}: {redacted(bounded(record.getMessage()))}"
+            f"{_timestamp(record.created)} {record.levelname} {record.name}: {bounded(redacted(record.getMessage()))}"
         )
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += "\n" + redacted(record.exc_text)
+            line += "\n" + _traceback(record.exc_text)
         return line
 
 
@@ -96,7 +108,7 @@ class JsonFormatter(logging.Formatter):
             "time": _timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "message": redacted(bounded(record.getMessage())),
+            "message": bounded(redacted(record.getMessage())),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -104,7 +116,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            entry["exception"] = redacted(record.exc_text)
+            entry["exception"] = _traceback(record.exc_text)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -155,7 +167,7 @@ def write_directly(logger: logging.Logger, level: int, message: str) -> bool:
         or not logger.isEnabledFor(level)
     ):
         return False
-    line = f"{_timestamp(time.time())} {logging.getLevelName(level)} {logger.name}: {redacted(bounded(message))}\n"
+    line = f"{_timestamp(time.time())} {logging.getLevelName(level)} {logger.name}: {bounded(redacted(message))}\n"
     with handler.lock or contextlib.nullcontext():
         handler.stream.write(line)
         handler.stream.flush()

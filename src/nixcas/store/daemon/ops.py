@@ -583,10 +583,13 @@ async def query_substitutable_path_info(s: Session) -> None:
 
 async def query_substitutable_path_infos(s: Session) -> None:
     count = await s.wire.small(1 << 20, "number of paths")
-    for _ in range(count):
-        parse_path(await read_path(s))
+    texts = []
+    for _ in range(count):  # the whole request is read before a bad path is refused: the session stays in step
+        texts.append(await read_path(s))
         if s.minor >= 22:
             await s.wire.text(300, "content address")
+    for text in texts:
+        parse_path(text)
     s.last().u64(0)
 
 
@@ -765,8 +768,14 @@ def _root_name(kind: str, location: str) -> str:
     return name
 
 
+MAX_TEMP_ROOTS = 100_000
+"""Temporary roots one session may hold (each is kept until the client disconnects)."""
+
+
 async def add_temp_root(s: Session) -> None:
     path = parse_path(await read_path(s))
+    if path.digest not in s.temp_roots and len(s.temp_roots) >= MAX_TEMP_ROOTS:
+        raise DaemonError(f"this session already holds {MAX_TEMP_ROOTS} temporary roots")
     if path.digest not in s.temp_roots:
         s.temp_roots[path.digest] = ""
         info = await s.state.get(path)

@@ -32,6 +32,7 @@ from nixcas.store.daemon.protocol import (
     version_text,
 )
 from nixcas.store.daemon.wire import ProtocolError, WireReader, WireWriter
+from nixcas.urls import redacted
 
 if TYPE_CHECKING:
     from nixcas.store.daemon.ops import DaemonState
@@ -43,6 +44,8 @@ log = logging.getLogger("nixcas.nix-daemon")
 _session_ids = itertools.count(1)
 
 DAEMON_VERSION = f"{__version__} (nixcas)"
+MAX_ERROR_TEXT = 4000
+"""Characters of an error message a client is sent, at most (after credentials are redacted)."""
 """What the daemon calls itself in the handshake (protocol ≥ 1.33)."""
 
 
@@ -101,6 +104,7 @@ class Session:
         await self.flush()
 
     def error_frame(self, text: str) -> bytes:
+        text = redacted(text)[:MAX_ERROR_TEXT]  # a backend's error may name a configured credential
         frame = WireWriter().u64(Stderr.ERROR)
         if self.minor >= 26:
             frame.text("Error").u64(0).text("Error").text(text).u64(0).u64(0)
@@ -202,10 +206,10 @@ class Session:
             return await self._fail(op, str(e), keep=True)
         except (ConnectionError, BrokenPipeError):
             raise
-        except Exception as e:  # a bug or a backend failure: the client gets an error, the daemon goes on
+        except Exception:  # a bug or a backend failure: the client gets an error, the daemon goes on
             log.exception("%s: operation %s failed", self.peer, name)
             return await self._fail(
-                op, f"nixcas nix-daemon: internal error in {name}: {type(e).__name__}: {e}", keep=True
+                op, f"nixcas nix-daemon: internal error in {name} (see the daemon's log)", keep=True
             )
 
     async def _fail(self, op: int, text: str, *, keep: bool) -> bool:

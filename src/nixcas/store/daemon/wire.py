@@ -36,8 +36,10 @@ MAX_STRING = 1 << 20
 """Longest string accepted where nothing smaller is given (an option value, a message)."""
 MAX_LIST = 1 << 20
 """Most items accepted in one list (paths, signatures, options)."""
-MAX_LIST_BYTES = 64 << 20
-"""Most bytes accepted in the strings of one list (a million store paths is about 80 MB)."""
+MAX_LIST_BYTES = 32 << 20
+"""Most bytes one list may cost: its strings plus :data:`ITEM_OVERHEAD` each (about 270,000 store paths)."""
+ITEM_OVERHEAD = 64
+"""What a list item costs in memory beyond its characters (the str object, the list slot)."""
 
 _U64 = struct.Struct("<Q")
 _ZEROS = bytes(8)
@@ -130,7 +132,7 @@ class WireReader:
         total = 0
         for _ in range(count):
             item = await self.text(max_len, what)
-            total += len(item)
+            total += len(item) + ITEM_OVERHEAD  # what the item costs in memory, not only on the wire
             if total > MAX_LIST_BYTES:
                 raise ProtocolError(f"a list of {what}s longer than the {MAX_LIST_BYTES} bytes accepted")
             items.append(item)
