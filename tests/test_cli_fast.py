@@ -278,3 +278,22 @@ def test_a_size_rule_the_store_does_not_record_goes_to_click(
         (out, err, code), answered = same(argv, capsysbinary, monkeypatch)
         assert (out, code, answered) == (b"", 2, False)
         assert f"not the requested {other}".encode() in err
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("NIXCAS_LOG_FORMAT", "xml"),
+        ("NIXCAS_LOG_LEVEL", "bogus"),
+        ("NIXCAS_DIRECTORY_SIZE_RULE", "bogus"),
+        ("NIXCAS_DIRECTORY_SIZE_RULE", "SNIX"),
+    ],
+)
+def test_a_global_option_click_refuses_in_the_environment_goes_to_click(
+    name: str, value: str, known: Store, capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(name, value)
+    (out, _err, code), answered = same(
+        ["--store-dir", str(known.dir), "path-info", known.tree], capsysbinary, monkeypatch
+    )
+    assert (out, code, answered) == (b"", 2, False)

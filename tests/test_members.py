@@ -623,6 +623,29 @@ async def test_large_closure_streams_and_continues_on_the_next_member(
     assert got == [ref("COMPLICATED")]
 
 
+async def test_a_closure_left_early_closes_the_members_stream(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that stops while the read-ahead is handed out: the winning member's stream is closed at once."""
+    from nixcas.castore.dirs import members
+
+    monkeypatch.setattr(members, "CLOSURE_READ", 0)
+    closed: list[bool] = []
+
+    class Tracked(MemoryDirectoryService):
+        async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+            try:
+                async for d in super().get_recursive(root):
+                    yield d
+            finally:
+                closed.append(True)
+
+    member = Tracked(SizeRule.TVIX)
+    member._data.update(seeded_dirs(DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP)._data)
+    stream = aiter(MembersDirectoryService(mode, [member]).get_recursive(ref("COMPLICATED")))
+    assert (await anext(stream)).digest == ref("COMPLICATED")
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert closed == [True]
+
+
 class StallingDirs(MemoryDirectoryService):
     """Sends a closure's root at once, then nothing until the gate opens."""
 

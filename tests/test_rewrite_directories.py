@@ -107,11 +107,11 @@ async def test_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             assert uploaded is not None and uploaded.node == new_deep
             file_info = await store.pathinfos.get(infos[2].store_path.digest)
             assert file_info is not None and isinstance(file_info.node, FileNode)
-            # idempotent: a second run finds nothing to do
+            # idempotent: a second run looks at every root again and finds nothing to do
             again = await rewrite_directories(
                 store.directories, target, pathinfos=store.pathinfos, pins=store.pins, nar_index=index
             )
-            assert (again.roots, again.converted) == (0, 0)
+            assert (again.converted, again.directories_written, again.missing, again.recorded) == (0, 0, [], True)
         # the rule is recorded: opening with the old one is refused
         with pytest.raises(ConfigurationError, match=f"follows the {target} directory size rule"):
             await open_store(base, target.other)
@@ -137,16 +137,6 @@ async def test_interrupted_run_is_finished_by_the_next(tmp_path: Path, monkeypat
             await import_path(p, services(store))
         before = await nars(store)
 
-    class Crash(BaseException):
-        pass
-
-    def crash_after(n: int) -> Callable[[int], None]:
-        def step(done: int) -> None:
-            if done >= n:
-                raise Crash
-
-        return step
-
     # each run counts its own writes: stop after a closure upload, then after a switch, then after the next upload
     for n in (1, 2, 1):
         async with await open_store(base) as store:
@@ -161,6 +151,72 @@ async def test_interrupted_run_is_finished_by_the_next(tmp_path: Path, monkeypat
         assert report.already >= 1 and report.recorded
         await clean(store)
         assert await nars(store) == before
+
+
+class Crash(BaseException):
+    pass
+
+
+def crash_after(n: int) -> Callable[[int], None]:
+    def step(done: int) -> None:
+        if done >= n:
+            raise Crash
+
+    return step
+
+
+async def test_an_interrupted_run_can_be_undone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Toward snix, killed after a switch; then --to tvix (the rule the store still records) converts back."""
+    monkeypatch.delenv("NIXCAS_DIRECTORY_SIZE_RULE")
+    base = tmp_path / "s"
+    async with await open_store(base, TVIX) as store:
+        infos = [await import_path(p, services(store)) for p in make_paths(tmp_path)]
+        before = await nars(store)
+    async with await open_store(base) as store:
+        with pytest.raises(Crash):
+            await rewrite_directories(store.directories, SNIX, pathinfos=store.pathinfos, step=crash_after(2))
+    async with await open_store(base) as store:
+        assert store.directories.size_rule is TVIX and store.pathinfos is not None
+        pathinfos = store.pathinfos
+
+        async def nodes() -> list[object]:
+            return [getattr(await pathinfos.get(i.store_path.digest), "node", None) for i in infos]
+
+        assert await nodes() != [i.node for i in infos]  # one was switched to its snix tree
+        report = await rewrite_directories(store.directories, TVIX, pathinfos=store.pathinfos, pins=store.pins)
+        assert report.converted >= 1 and report.recorded
+        assert await nodes() == [i.node for i in infos]
+        await clean(store)
+        assert await nars(store) == before
+
+
+async def test_the_nar_index_follows_its_path_info_after_gc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after a PathInfo switch, then `gc` frees the old tree only the NAR index named: the next run
+    points the index at the PathInfo's tree instead of leaving it missing."""
+    monkeypatch.delenv("NIXCAS_DIRECTORY_SIZE_RULE")
+    base = tmp_path / "s"
+    async with await open_store(base, TVIX) as store:
+        info = await import_path(make_paths(tmp_path)[0], services(store))
+    assert isinstance(info.node, DirectoryNode)
+    index = NarIndex(str(tmp_path / "nar-bridge.sqlite"))
+    await index.add(UploadedNar(info.nar_sha256, info.nar_size, info.node), info.nar_sha256, "none")
+    async with await open_store(base) as store:
+        with pytest.raises(Crash):
+            await rewrite_directories(
+                store.directories, SNIX, pathinfos=store.pathinfos, nar_index=index, step=crash_after(2)
+            )
+    async with await open_store(base) as store:
+        await collect_garbage(
+            store.blobs, store.directories, store.pathinfos, store.pins, WriteLeases(base / "leases"), grace_ns=0
+        )
+        assert await store.directories.get(info.node.digest) is None  # the old tree is gone
+        report = await rewrite_directories(store.directories, SNIX, pathinfos=store.pathinfos, nar_index=index)
+        assert (report.missing, report.recorded) == ([], True)
+        assert store.pathinfos is not None
+        switched = await store.pathinfos.get(info.store_path.digest)
+        uploaded = await index.get(info.nar_sha256)
+        assert switched is not None and uploaded is not None and uploaded.node == switched.node
+    await index.close()
 
 
 async def test_refuses_a_store_it_cannot_convert() -> None:

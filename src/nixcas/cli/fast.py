@@ -84,10 +84,22 @@ def answer(argv: list[str]) -> int | None:
     return write(text)
 
 
+CHOICE_ENV = {
+    "NIXCAS_LOG_FORMAT": ("text", "json"),
+    "NIXCAS_LOG_LEVEL": ("debug", "info", "warning", "error"),
+    "NIXCAS_DIRECTORY_SIZE_RULE": ("snix", "tvix"),
+}
+"""Environment variables of the global options, and the values click takes (it refuses others, exit 2)."""
+
+
 def parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
     """``(store dir option, command, operand, --json)`` of a form this path answers, else ``None``."""
     if any(name in os.environ for name in SERVICE_ENV):
         return None
+    for name, choices in CHOICE_ENV.items():
+        value = os.environ.get(name)
+        if value and (value.lower() if name == "NIXCAS_LOG_LEVEL" else value) not in choices:
+            return None  # click's to refuse
     store_dir: str | None = None
     rest = argv
     if rest and rest[0].startswith(STORE_DIR_OPTION):

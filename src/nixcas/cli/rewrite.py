@@ -73,7 +73,7 @@ def rewrite_directories_command(
     if as_json:
         click.echo(json.dumps(report.as_dict()))
         return
-    if report.source is report.target:
+    if report.source is report.target and not report.converted and not report.missing:
         click.echo(f"the store already follows the {report.target} rule: nothing to do")
         return
     verb = "would convert" if dry_run else "converted"

@@ -136,6 +136,12 @@ class _Rewriter:
             with _following(self.directories, self.target):
                 return {d.digest: d async for d in self.directories.get_recursive(root)}
 
+    def converted_before(self, new: DirectoryNode) -> DirectoryNode:
+        """A reference to a root this run already converted (the same tree, so the same answer)."""
+        self.report.roots += 1
+        self.report.converted += 1
+        return new
+
     async def convert(self, node: DirectoryNode | B3Digest, where: str) -> DirectoryNode | None:
         """The node to refer to instead (``None``: keep the reference as it is)."""
         self.report.roots += 1
@@ -218,7 +224,8 @@ async def rewrite_directories(
     dry_run: bool = False,
     step: Callable[[int], None] | None = None,
 ) -> RewriteReport:
-    """Convert every root's tree to ``target`` and switch the references; finally record ``target``.
+    """Convert every root's tree to ``target`` and switch the references; finally record ``target``
+    (not while a root's tree is missing: ``nixcas fsck`` first, then run it again).
 
     ``step`` is called with the number of writes done after each one (a test
     hook: it may stop the run to simulate a crash).
@@ -230,22 +237,33 @@ async def rewrite_directories(
         )
     source = directories.size_rule
     report = RewriteReport(source, target, dry_run)
-    if source is target:
-        return report  # the rule is recorded last: a store recording the target has nothing left to do
+    # Even a store that records the target already gets the whole pass: a run toward the other rule
+    # that was interrupted leaves references to trees of that rule, which this converts back.
     rewriter = _Rewriter(directories, target, report, step)
+    switched: dict[B3Digest, DirectoryNode] = {}
+    """Old root digest -> its tree under the target rule, for the references met later."""
+    by_nar: dict[bytes, DirectoryNode] = {}
+    """A PathInfo's NarHash -> its root under the target rule (what a NAR index entry of it must name)."""
     if pathinfos is not None:
         async for info in pathinfos.list():
             if not isinstance(info.node, DirectoryNode):
                 continue
             new = await rewriter.convert(info.node, str(info.store_path))
-            if new is not None and not dry_run:
-                await pathinfos.put(dataclasses.replace(info, node=new))
-                rewriter.stepped()
+            by_nar[info.nar_sha256] = new or info.node
+            if new is not None:
+                switched[info.node.digest] = new
+                if not dry_run:
+                    await pathinfos.put(dataclasses.replace(info, node=new))
+                    rewriter.stepped()
     if pins is not None:
         for pin in await pins.list():
-            if not await _is_directory_root(directories, pin.digest):
-                continue  # a blob (or nothing): blobs do not change
-            new = await rewriter.convert(pin.digest, f"pin {pin.name}")
+            new = switched.get(pin.digest)
+            if new is not None:
+                new = rewriter.converted_before(new)
+            else:
+                if not await _is_directory_root(directories, pin.digest):
+                    continue  # a blob (or nothing): blobs do not change
+                new = await rewriter.convert(pin.digest, f"pin {pin.name}")
             if new is not None and not dry_run:
                 await pins.pin(pin.name, new.digest)
                 rewriter.stepped()
@@ -253,11 +271,21 @@ async def rewrite_directories(
         async for nar_sha256, node in nar_index.nodes():
             if not isinstance(node, DirectoryNode):
                 continue
-            new = await rewriter.convert(node, f"NAR index entry {nar_sha256.hex()}")
+            new = switched.get(node.digest)
+            if new is not None:
+                new = rewriter.converted_before(new)
+            else:
+                # The PathInfo of the same NAR names the tree to use: after an interrupted run, `gc` may have
+                # freed the old tree the index still names (the index is no GC root; its PathInfo was switched).
+                known = by_nar.get(nar_sha256)
+                if known is not None and known.digest != node.digest:
+                    new = rewriter.converted_before(known)
+                else:
+                    new = await rewriter.convert(node, f"NAR index entry {nar_sha256.hex()}")
             if new is not None and not dry_run:
                 await nar_index.replace_node(nar_sha256, new)
                 rewriter.stepped()
-    if not dry_run:
+    if not dry_run and not report.missing:  # a root left unconverted keeps the store from changing its rule
         await directories.record_size_rule(target)
         report.recorded = True
     return report

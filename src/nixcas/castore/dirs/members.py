@@ -175,8 +175,12 @@ class MembersDirectoryService(MembersService[DirectoryService], DirectoryService
         answer = await first_answer(self.mode, self.members, ask, outcome, discard=_Closure.close)
         if answer is None:
             return
-        for checked in answer.head:
-            yield checked
+        try:
+            for checked in answer.head:
+                yield checked
+        except BaseException:  # the caller stopped early (aclose, cancel): the member's stream is not read on
+            await answer.close()
+            raise
         if answer.rest is None:
             return
         validator, sent = answer.validator, answer.seen
