@@ -302,6 +302,21 @@ async def test_put_blob_refuses_a_lying_chunk_list(stubs: Stubs, store: BlobServ
     assert await status_of(stubs.stat_blob(bs_pb.BSStatBlobRequest(digest=b3(BLOB)))) == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.parametrize("store", ["objectstore+file"], indirect=True)
+async def test_put_blob_refuses_a_blob_of_several_chunks_listed_as_a_chunk(stubs: Stubs, store: BlobService) -> None:
+    """Its bytes are stored and fit, but it is no chunk: INVALID_ARGUMENT, not an internal error; nothing stored."""
+    several = noise(b"several", 2 << 20)
+    assert len(await store.chunks(await store.put(several)) or []) >= 2
+    await stubs.put(CHUNKS[0])
+    target = b3(several + CHUNKS[0])
+    listed = [(b3(several), len(several)), (b3(CHUNKS[0]), len(CHUNKS[0]))]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stubs.put_blob(bs_pb.PutBlobRequest(digest=target, blob_meta=meta(listed)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "blob of several chunks" in (info.value.details() or "")
+    assert not await store.has(target)
+
+
 async def test_put_blob_without_blob_meta(stubs: Stubs, store: BlobService) -> None:
     """As snix: a PutBlob must carry a BlobMeta, even the empty blob's (which is then empty)."""
     with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -201,6 +201,12 @@ class BlobStoreServiceServicer:
             if len(chunks) >= 2 and isinstance(self._blobs, ChunkStore):
                 async for _ in self._checked(context, where, digest, chunks):
                     pass
+                # each listed digest is stored and its bytes fit; but a blob of several chunks is no chunk
+                not_chunks = await self._blobs.missing_chunks(chunks)
+                if not_chunks:
+                    raise ValidationError(
+                        f"{where}: {not_chunks[0].digest.hex()} is a blob of several chunks, not a chunk"
+                    )
                 await self._blobs.put_index(digest, chunks)
             else:
                 async with await self._blobs.open_write(sum(c.size for c in chunks)) as writer:
