@@ -26,7 +26,15 @@ TYPE_CHECKING = False  # not typing's: `castore ls` loads nothing of it
 if TYPE_CHECKING:
     from typing import Final
 
-__all__ = ["DEFAULT_SIZE_RULE", "SIZE_RULE_ENV", "LEGACY_SIZE_RULE", "SizeRule", "requested_size_rule"]
+__all__ = [
+    "DEFAULT_SIZE_RULE",
+    "LEGACY_SIZE_RULE",
+    "RULE_KEY",
+    "SIZE_RULE_ENV",
+    "SIZE_RULE_NAMES",
+    "SizeRule",
+    "requested_size_rule",
+]
 
 
 class SizeRule(enum.Enum):
@@ -57,6 +65,11 @@ class SizeRule(enum.Enum):
         except ValueError:
             raise ConfigurationError(f"{where}: directory size rule must be snix or tvix, not {text[:40]!r}") from None
 
+
+SIZE_RULE_NAMES: Final = tuple(sorted(rule.value for rule in SizeRule))
+"""The rules' names, as options and URLs take them."""
+RULE_KEY: Final = "directory_size_rule"
+"""Under which key a database's metadata table records the store's rule (SQLite and PostgreSQL)."""
 
 DEFAULT_SIZE_RULE: Final = SizeRule.SNIX
 """The rule of a store created without choosing one."""

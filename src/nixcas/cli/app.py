@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from nixcas import __version__
+from nixcas.castore.sizerule import SIZE_RULE_NAMES
 from nixcas.cli.common import Settings
+from nixcas.cli.fast import LOG_FORMATS, LOG_LEVELS
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 
 COMMANDS = {
@@ -96,13 +98,13 @@ COMMANDS = {
 @click.option(
     "--directory-size-rule",
     envvar="NIXCAS_DIRECTORY_SIZE_RULE",
-    type=click.Choice(["snix", "tvix"]),
+    type=click.Choice(SIZE_RULE_NAMES),
     help="Directory size rule of a new store [default: snix]; an existing store must already follow it.",
 )
 @click.option(
     "--log-level",
     envvar="NIXCAS_LOG_LEVEL",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
     help="Log level [default: info for servers, warning otherwise; -v/-q move it].",
 )
 @click.option("-v", "--verbose", count=True, help="Log more (repeatable).")
@@ -110,7 +112,7 @@ COMMANDS = {
 @click.option(
     "--log-format",
     envvar="NIXCAS_LOG_FORMAT",
-    type=click.Choice(["text", "json"]),
+    type=click.Choice(LOG_FORMATS),
     default="text",
     show_default=True,
     help="Log lines on stderr as text (time level logger: message) or as one JSON object each.",

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from nixcas.castore.sizerule import SIZE_RULE_NAMES
 from nixcas.cli.fast import EXIT_BROKEN_PIPE, discard_stdout
 from nixcas.errors import ConfigurationError, NixcasError
 
@@ -146,7 +147,7 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option(
                 "--directory-size-rule",
-                type=click.Choice(["snix", "tvix"]),
+                type=click.Choice(SIZE_RULE_NAMES),
                 help="Directory size rule of a new store [default: snix].",
             ),
         ]

@@ -84,12 +84,11 @@ def answer(argv: list[str]) -> int | None:
     return write(text)
 
 
-CHOICE_ENV = {
-    "NIXCAS_LOG_FORMAT": ("text", "json"),
-    "NIXCAS_LOG_LEVEL": ("debug", "info", "warning", "error"),
-    "NIXCAS_DIRECTORY_SIZE_RULE": ("snix", "tvix"),
-}
-"""Environment variables of the global options, and the values click takes (it refuses others, exit 2)."""
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CHOICE_ENV = {"NIXCAS_LOG_FORMAT": LOG_FORMATS, "NIXCAS_LOG_LEVEL": LOG_LEVELS}
+"""Environment variables of the global options, and the values click takes (it refuses others, exit 2);
+the directory size rule's are checked apart (their names are loaded only when one is asked for)."""
 
 
 def parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
@@ -100,6 +99,12 @@ def parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
         value = os.environ.get(name)
         if value and (value.lower() if name == "NIXCAS_LOG_LEVEL" else value) not in choices:
             return None  # click's to refuse
+    rule = os.environ.get("NIXCAS_DIRECTORY_SIZE_RULE")
+    if rule:
+        from nixcas.castore.sizerule import SIZE_RULE_NAMES
+
+        if rule not in SIZE_RULE_NAMES:
+            return None
     store_dir: str | None = None
     rest = argv
     if rest and rest[0].startswith(STORE_DIR_OPTION):
@@ -160,7 +165,7 @@ def size_rule_agrees(base: str) -> bool:
     the other rule (and records the rule of a store that has none): with such a
     request, anything but an exact match is left to it.
     """
-    from nixcas.castore.sizerule import SIZE_RULE_ENV
+    from nixcas.castore.sizerule import RULE_KEY, SIZE_RULE_ENV
 
     wanted = os.environ.get(SIZE_RULE_ENV)
     if not wanted:
@@ -171,7 +176,7 @@ def size_rule_agrees(base: str) -> bool:
     if db is None:
         return False
     try:
-        row = db.execute("SELECT value FROM meta WHERE key = 'directory_size_rule'").fetchone()
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (RULE_KEY,)).fetchone()
     finally:
         db.close()
     return row is not None and row[0] == wanted

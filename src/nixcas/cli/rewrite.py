@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import click
 
+from nixcas.castore.sizerule import SIZE_RULE_NAMES
 from nixcas.cli.common import Settings, run
 
 KILL_AFTER_ENV = "NIXCAS_TEST_REWRITE_KILL_AFTER"
@@ -16,7 +17,7 @@ KILL_AFTER_ENV = "NIXCAS_TEST_REWRITE_KILL_AFTER"
 
 
 @click.command("rewrite-directories")
-@click.option("--to", "target", type=click.Choice(["snix", "tvix"]), required=True, help="The rule to convert to.")
+@click.option("--to", "target", type=click.Choice(SIZE_RULE_NAMES), required=True, help="The rule to convert to.")
 @click.option("--dry-run", is_flag=True, help="Count what would be converted; write nothing.")
 @click.option(
     "--nar-index",

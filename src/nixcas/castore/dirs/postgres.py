@@ -21,7 +21,7 @@ from nixcas._postgres import Connection, PostgresConfig, PostgresDatabase
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.gc import Deletion, StoredObject
-from nixcas.castore.sizerule import SizeRule
+from nixcas.castore.sizerule import RULE_KEY, SizeRule
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["PostgresDirectoryService", "PostgresDirectoryServiceConfig"]
@@ -38,7 +38,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 """Schema versions of the ``directories`` component: append, never edit."""
 
-_RULE_KEY = "directory_size_rule"
 _BATCH = 1000
 """Digests per ``= ANY(…)`` query (bounds each answer)."""
 _PAGE = 1000
@@ -84,7 +83,7 @@ class PostgresDirectoryService(DirectoryService):
         where = f"directory database postgresql://{self._db.target}"
 
         async def recorded(conn: Connection) -> SizeRule | None:
-            cur = await conn.execute("SELECT value FROM nixcas_directories_meta WHERE key = %s", (_RULE_KEY,))
+            cur = await conn.execute("SELECT value FROM nixcas_directories_meta WHERE key = %s", (RULE_KEY,))
             row = await cur.fetchone()
             return None if row is None else SizeRule.parse(str(row[0]), where)
 
@@ -96,7 +95,7 @@ class PostgresDirectoryService(DirectoryService):
                 rule, _ = settle_size_rule(None, bool(row and row[0]), requested, where)
                 await conn.execute(
                     "INSERT INTO nixcas_directories_meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
-                    (_RULE_KEY, rule.value),
+                    (RULE_KEY, rule.value),
                 )
                 found = await recorded(conn)
             return settle_size_rule(found, True, requested, where)[0]
@@ -108,7 +107,7 @@ class PostgresDirectoryService(DirectoryService):
             await conn.execute(
                 "INSERT INTO nixcas_directories_meta (key, value) VALUES (%s, %s)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (_RULE_KEY, rule.value),
+                (RULE_KEY, rule.value),
             )
 
         await self._db.run(record, retry=True)

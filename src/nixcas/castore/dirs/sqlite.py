@@ -21,7 +21,7 @@ from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, ge
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.gc import Deletion, StoredObject
-from nixcas.castore.sizerule import SizeRule
+from nixcas.castore.sizerule import RULE_KEY, SizeRule
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
@@ -37,7 +37,6 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 ) WITHOUT ROWID;
 """
-_RULE_KEY = "directory_size_rule"
 _PAGE = 1000
 
 
@@ -81,13 +80,13 @@ class SqliteDirectoryService(DirectoryService):
         """Read the recorded rule (recording it if absent) and check ``requested`` against it."""
 
         def settle(conn: sqlite3.Connection) -> SizeRule:
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", (_RULE_KEY,)).fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (RULE_KEY,)).fetchone()
             where = f"directory database {self.path or ':memory:'}"
             recorded = None if row is None else SizeRule.parse(str(row[0]), where)
             has_directories = conn.execute("SELECT 1 FROM directories LIMIT 1").fetchone() is not None
             rule, record = settle_size_rule(recorded, has_directories, requested, where)
             if record:
-                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (_RULE_KEY, rule.value))
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (RULE_KEY, rule.value))
             return rule
 
         return settle
@@ -96,7 +95,7 @@ class SqliteDirectoryService(DirectoryService):
         def record(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (_RULE_KEY, rule.value),
+                (RULE_KEY, rule.value),
             )
 
         await self._db.run(self._db.transaction(record))

@@ -22,6 +22,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 import grpc
 import grpc.aio
 
+from nixcas.castore.sizerule import SIZE_RULE_NAMES
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.urls import query_options, shown, url_text
 
@@ -105,7 +106,7 @@ class GrpcEndpoint:
         if chunkstore not in _BOOLEANS:
             raise ConfigurationError(f"{where}: chunkstore must be 0 or 1")
         size_rule = options.get("size-rule")
-        if size_rule is not None and size_rule not in ("snix", "tvix"):
+        if size_rule is not None and size_rule not in SIZE_RULE_NAMES:
             raise ConfigurationError(f"{where}: size-rule must be snix or tvix")
         return cls(text, target, tls, _BOOLEANS[wait], timeout, protocol, _BOOLEANS[chunkstore], size_rule)
 
