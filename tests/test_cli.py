@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -271,7 +272,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], fragment: st
 
 def test_help_and_version(tmp_path: Path) -> None:
     assert "castore" in nixcas("--help").stdout
-    assert nixcas("--version").stdout.strip() == "nixcas, version 0.1.0"
+    assert nixcas("--version").stdout.strip() == f"nixcas, version {importlib.metadata.version('nixcas')}"
     bare = nixcas()
     assert bare.returncode == 2
     assert "Usage: nixcas" in bare.stderr

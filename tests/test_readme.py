@@ -28,3 +28,21 @@ def test_readme_limits_match_the_code() -> None:
     assert "a length over 4 MiB (`MAX_SLICE_LENGTH`" in text
     assert "over 64 MiB" not in text
     assert f"`MAX_DEPTH` = {MAX_DEPTH}" in text
+
+
+def test_version_is_written_once_and_the_license_declared() -> None:
+    """Issue 20, part 10: pyproject reads the version from ``nixcas.__version__``; LICENSE is the declared license."""
+    import tomllib
+
+    root = README.parent
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    assert "version" not in project
+    assert "version" in project["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "nixcas.__version__"}
+    src = root / "src" / "nixcas"
+    assigned = [p for p in src.rglob("*.py") if re.search(r"^__version__\s*=", p.read_text(), flags=re.M)]
+    assert assigned == [src / "__init__.py"]
+    assert project["license"] == "MIT"
+    assert project["license-files"] == ["LICENSE"]
+    assert (root / "LICENSE").read_text().startswith("MIT License\n")
