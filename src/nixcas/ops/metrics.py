@@ -1,8 +1,8 @@
 """Prometheus metrics of a serving process (``prometheus_client``; imported by servers only).
 
 Exported on ``GET /metrics`` of nar-bridge and on ``--metrics-listen-address``
-of ``daemon`` and ``mount``.  Names and labels are documented in the README
-("Operating"); besides the ones below, :mod:`nixcas.ops.stats` supplies the
+of ``daemon``, ``mount`` and ``nix-daemon``.  Names and labels are documented in
+docs/operations.md ("Metrics"); besides the ones below, :mod:`nixcas.ops.stats` supplies the
 store's own counters and ``prometheus_client`` the ``process_*`` and
 ``python_*`` ones.  Label children are kept in dicts, so recording a request
 costs a dict lookup and a few additions.
