@@ -173,6 +173,31 @@ def test_architecture_folder_map_is_the_tree() -> None:
     assert sorted(packages - named.keys()) == []
 
 
+CASTORE_MAY_IMPORT = {"castore", "_proto", "ops", "errors", "config", "urls", "_aio", "_extras", "_lru", "_members"}
+CASTORE_MAY_IMPORT |= {"_postgres", "_sqlite"}
+"""What docs/architecture.md allows castore to import: itself, the shared modules, never the Nix layer or an edge."""
+
+
+def test_castore_imports_no_nix_layer_and_no_edge() -> None:
+    """docs/architecture.md: castore knows nothing of Nix (no ``nixcas.store``) and nothing of the edges above it."""
+    import ast
+
+    wrong = set()
+    for path in (ROOT / "src" / "nixcas" / "castore").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "nixcas" and parts[1] not in CASTORE_MAY_IMPORT:
+                    wrong.add(f"{path.relative_to(ROOT)}: {name}")
+    assert sorted(wrong) == []
+
+
 def test_version_is_written_once_and_the_license_declared() -> None:
     """Issue 20, part 10: pyproject reads the version from ``nixcas.__version__``; LICENSE is the declared license."""
     import tomllib
