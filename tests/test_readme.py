@@ -133,6 +133,39 @@ def test_docs_name_only_existing_files() -> None:
     assert sorted(missing) == []
 
 
+NOT_PYTHON = ("nixcas.access", "nixcas.pin.v1.")
+"""Dotted names in the docs that are not Python: a logger, a protobuf package."""
+
+
+def resolves(dotted: str) -> bool:
+    """``dotted`` is an importable module, or an attribute of one."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            value: object = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(value, name):
+                return False
+            value = getattr(value, name)
+        return True
+    return False
+
+
+def test_docs_name_only_existing_python_names() -> None:
+    """Dotted names in backquotes (``nixcas.urls.redacted``, ``nixcas.ops.web.USER``) can be imported."""
+    names = set()
+    for page in PAGES:
+        prose = re.sub(r"```.*?```", "", IN_FLIGHT.sub("", page.read_text()), flags=re.S)
+        for quoted in re.findall(r"`([^`]+)`", prose):
+            names.update(re.findall(r"(?<![\w/@.])nixcas(?:\.\w+)+", quoted))
+    unknown = sorted(n for n in names if not n.startswith(NOT_PYTHON) and not resolves(n))
+    assert unknown == []
+
+
 def folder_map(block: str) -> dict[str, bool]:
     """The paths a folder-map block names (first line: its root), each mapped to "is a directory"."""
     lines = block.rstrip("\n").split("\n")
