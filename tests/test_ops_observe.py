@@ -427,7 +427,8 @@ def test_every_metric_is_documented() -> None:
     """The metrics table of docs/operations.md names every metric nixcas defines (and no other ``nixcas_`` one)."""
     from nixcas.ops import stats
 
-    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
+    page = (root / "docs" / "operations.md").read_text()
     section = page[page.index("## Metrics") : page.index("## Tracing")]
     documented = set(re.findall(r"`(nixcas_\w+)`", section))
     defined = {f"{name}_total" for name in stats.COUNTERS}
