@@ -1070,7 +1070,7 @@ class _ZstdFileReader(BlobReader):
 
 
 KEEP_ALIVE_SECONDS = 10.0
-"""How often a long upload refreshes the ages of the chunks it staged or reuses (see GC in README)."""
+"""How often a long upload refreshes the ages of the chunks it staged or reuses (see GC in docs/user-guide.md)."""
 
 
 class _LocalBlobWriter(BlobWriter):
