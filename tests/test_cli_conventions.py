@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -20,10 +21,23 @@ def nixcas(*args: str) -> Result:
 
 @pytest.mark.parametrize(
     "command",
-    [("gc", "--dry-run"), ("fsck",), ("castore", "pins"), ("delete", "/nix/store/" + "0" * 32 + "-absent")],
+    [
+        ("gc", "--dry-run"),
+        ("fsck",),
+        ("castore", "pins"),
+        ("delete", "/nix/store/" + "0" * 32 + "-absent"),
+        ("export", "/nix/store/" + "0" * 32 + "-absent", "dest"),
+        ("castore", "export", "0" * 64, "dest"),
+        ("castore", "rewrite-directories", "--to", "snix", "--dry-run"),
+    ],
 )
-def test_service_options_after_the_command_win(tmp_path: Path, command: tuple[str, ...]) -> None:
+def test_service_options_after_the_command_win(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
     """``nixcas gc --store-dir D`` works as ``daemon --store-dir D`` does, over the global option."""
+    monkeypatch.chdir(tmp_path)  # an export's relative DEST
+    rule = "NIXCAS_DIRECTORY_SIZE_RULE"  # rewrite-directories drops it from the environment; put it back after
+    monkeypatch.setenv(rule, os.environ.get(rule, "tvix"))
     before, after = tmp_path / "before", tmp_path / "after"
     result = nixcas("--store-dir", str(before), *command[:2], "--store-dir", str(after), *command[2:])
     assert "no such option" not in result.output, result.output

@@ -245,7 +245,7 @@ def cat(settings: Settings, digest: str, byte_range: str | None) -> None:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--link", is_flag=True, help="Write each blob once; further files with its contents are hard links.")
 @click.option("--executable", is_flag=True, help="Write a blob ROOT as an executable file.")
-@click.pass_obj
+@pass_settings
 def export(settings: Settings, root: str, dest: Path, link: bool, executable: bool) -> None:
     """Write the tree ROOT to the new path DEST, every byte verified: the inverse of ingest.
 

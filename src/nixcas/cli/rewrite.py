@@ -10,7 +10,7 @@ from dataclasses import replace
 import click
 
 from nixcas.castore.sizerule import SIZE_RULE_NAMES
-from nixcas.cli.common import Settings, run
+from nixcas.cli.common import Settings, pass_settings, run
 
 KILL_AFTER_ENV = "NIXCAS_TEST_REWRITE_KILL_AFTER"
 """Test hook: the process kills itself (SIGKILL) after this many writes, to show a re-run finishes the job."""
@@ -25,7 +25,7 @@ KILL_AFTER_ENV = "NIXCAS_TEST_REWRITE_KILL_AFTER"
     help="The bridge's NAR index to convert too [default: STORE_DIR/nar-bridge.sqlite, if it exists].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@click.pass_obj
+@pass_settings
 def rewrite_directories_command(
     settings: Settings, target: str, dry_run: bool, nar_index: str | None, as_json: bool
 ) -> None:

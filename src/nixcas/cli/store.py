@@ -116,7 +116,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
 @click.argument("store_path")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--link", is_flag=True, help="Write each blob once; further files with its contents are hard links.")
-@click.pass_obj
+@pass_settings
 def export(settings: Settings, store_path: str, dest: Path, link: bool) -> None:
     """Write the contents of STORE_PATH to the new path DEST, every byte verified (as `nix-store --restore`).
 
