@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Generic, Self, TypeVar
 
-__all__ = ["AbortOnError", "Closing", "close_all", "to_thread_uninterrupted", "uninterrupted"]
+__all__ = ["AbortOnError", "Closing", "NearFar", "close_all", "to_thread_uninterrupted", "uninterrupted"]
 
 T = TypeVar("T")
+S = TypeVar("S", bound="Closing")
 
 
 class Closing:
@@ -58,6 +59,22 @@ async def close_all(*objects: Closing) -> None:
             first = first or e
     if first is not None:
         raise first
+
+
+class NearFar(Generic[S]):
+    """Mixin of the services in front of two others (``cache``, ``combined``): the pair, its repr, closing."""
+
+    def __init__(self, near: S, far: S, *, close_inner: bool = False) -> None:
+        self.near = near
+        self.far = far
+        self._close_inner = close_inner
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(near={self.near!r}, far={self.far!r})"
+
+    async def close(self) -> None:
+        if self._close_inner:
+            await close_all(self.near, self.far)
 
 
 async def uninterrupted(fut: asyncio.Future[T]) -> T:

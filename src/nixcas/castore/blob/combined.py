@@ -43,7 +43,7 @@ from typing import ClassVar
 
 import blake3
 
-from nixcas._aio import close_all
+from nixcas._aio import NearFar
 from nixcas.castore.blob.base import (
     BlobChecker,
     BlobReader,
@@ -83,18 +83,10 @@ class CombinedBlobServiceConfig(NearFarConfig[BlobService]):
         return CombinedBlobService(near, far, close_inner=resolver.owns_instances)
 
 
-class CombinedBlobService(BlobService):
+class CombinedBlobService(NearFar[BlobService], BlobService):
     """Near first; far-fetched blobs are written into near while they stream."""
 
     chunk_reads: ClassVar[bool] = False  # open_read fills near and publishes the index once the blob passed
-
-    def __init__(self, near: BlobService, far: BlobService, *, close_inner: bool = False) -> None:
-        self.near = near
-        self.far = far
-        self._close_inner = close_inner
-
-    def __repr__(self) -> str:
-        return f"CombinedBlobService(near={self.near!r}, far={self.far!r})"
 
     async def has(self, digest: B3Digest) -> bool:
         return await self.near.has(digest) or await self.far.has(digest)
@@ -149,10 +141,6 @@ class CombinedBlobService(BlobService):
 
     async def sync(self) -> None:
         await self.near.sync()
-
-    async def close(self) -> None:
-        if self._close_inner:
-            await close_all(self.near, self.far)
 
 
 class _FillingChunkedReader(ChunkedReader):

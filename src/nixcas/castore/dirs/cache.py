@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from nixcas._aio import close_all
+from nixcas._aio import NearFar
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
@@ -45,15 +45,13 @@ class CacheDirectoryServiceConfig(NearFarConfig[DirectoryService]):
         return CacheDirectoryService(near, far, close_inner=resolver.owns_instances)
 
 
-class CacheDirectoryService(DirectoryService):
+class CacheDirectoryService(NearFar[DirectoryService], DirectoryService):
     """Closures come from near if complete there, else from far (and are then kept near)."""
 
     rewritable = False  # convert far itself; near then refills from it
 
     def __init__(self, near: DirectoryService, far: DirectoryService, *, close_inner: bool = False) -> None:
-        self.near = near
-        self.far = far
-        self._close_inner = close_inner
+        super().__init__(near, far, close_inner=close_inner)
         if near.size_rule != far.size_rule:
             if near.rule_recorded:
                 raise ConfigurationError(
@@ -62,9 +60,6 @@ class CacheDirectoryService(DirectoryService):
                 )
             near.size_rule = far.size_rule  # a memory or LRU cache holds whatever far holds
         self.size_rule = far.size_rule
-
-    def __repr__(self) -> str:
-        return f"CacheDirectoryService(near={self.near!r}, far={self.far!r})"
 
     async def _near_closure(self, root: B3Digest) -> list[Directory] | None:
         """The closure from near, or ``None`` if near lacks any part of it (e.g. evicted)."""
@@ -113,7 +108,3 @@ class CacheDirectoryService(DirectoryService):
 
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
         await self.near._put_raw(items)
-
-    async def close(self) -> None:
-        if self._close_inner:
-            await close_all(self.near, self.far)

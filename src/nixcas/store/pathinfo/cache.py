@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-from nixcas._aio import close_all
+from nixcas._aio import NearFar
 from nixcas.config import NearFarConfig, Resolver
 from nixcas.ops import stats
 from nixcas.store.nar.hashing import NarCalculationService
@@ -43,16 +43,8 @@ class CachePathInfoServiceConfig(NearFarConfig[PathInfoService]):
         return CachePathInfoService(near, far, close_inner=resolver.owns_instances)
 
 
-class CachePathInfoService(PathInfoServiceWrapper):
+class CachePathInfoService(NearFar[PathInfoService], PathInfoServiceWrapper):
     """Records come from near if there, else from far (and are then kept near)."""
-
-    def __init__(self, near: PathInfoService, far: PathInfoService, *, close_inner: bool = False) -> None:
-        self.near = near
-        self.far = far
-        self._close_inner = close_inner
-
-    def __repr__(self) -> str:
-        return f"CachePathInfoService(near={self.near!r}, far={self.far!r})"
 
     async def get(self, digest: bytes) -> PathInfo | None:
         found = await self.near.get(digest)
@@ -74,7 +66,3 @@ class CachePathInfoService(PathInfoServiceWrapper):
 
     def nar_calculation_service(self) -> NarCalculationService | None:
         return self.near.nar_calculation_service()
-
-    async def close(self) -> None:
-        if self._close_inner:
-            await close_all(self.near, self.far)
