@@ -68,8 +68,8 @@ def _check_size(size: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class DirectoryNode:
-    """A reference to a Directory by digest, with the Directory's size."""
+class _DigestAndSize:
+    """What both nodes that reference stored data hold: its digest and its size (checked on creation)."""
 
     digest: B3Digest
     size: int
@@ -82,18 +82,15 @@ class DirectoryNode:
 
 
 @dataclass(frozen=True, slots=True)
-class FileNode:
+class DirectoryNode(_DigestAndSize):
+    """A reference to a Directory by digest, with the Directory's size."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode(_DigestAndSize):
     """A reference to a blob by digest, with its size and executable bit."""
 
-    digest: B3Digest
-    size: int
     executable: bool = False
-
-    def __post_init__(self) -> None:
-        if type(self.digest) is not B3Digest:
-            object.__setattr__(self, "digest", B3Digest(self.digest))
-        if not 0 <= self.size <= U64_MAX:
-            _check_size(self.size)
 
 
 @dataclass(frozen=True, slots=True)
