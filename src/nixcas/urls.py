@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar, Self
 from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from nixcas.errors import ConfigurationError
 
 __all__ = [
+    "MemoryUrlConfig",
     "is_decimal",
     "is_secret_name",
     "near_far_from_url",
@@ -136,6 +138,20 @@ def require_bare_url(url: SplitResult) -> None:
         raise ConfigurationError(
             f"{shown(url)!r}: {url.scheme}:// takes no host, path or options (write {url.scheme}://)"
         )
+
+
+class MemoryUrlConfig:
+    """``memory://`` (no host, path or options); composition: ``type = "memory"``.
+
+    The config every in-memory backend shares; each adds ``build`` for its service.
+    """
+
+    type_tag: ClassVar[str] = "memory"
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        require_bare_url(url)
+        return cls()
 
 
 def query_pairs(url: SplitResult) -> list[tuple[str, str]]:

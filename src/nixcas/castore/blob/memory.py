@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
 
 import blake3
 
@@ -22,21 +20,14 @@ from nixcas.castore.blob.base import (
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.urls import require_bare_url
+from nixcas.urls import MemoryUrlConfig
 
 __all__ = ["MemoryBlobService", "MemoryBlobServiceConfig"]
 
 
 @dataclass(frozen=True)
-class MemoryBlobServiceConfig(ServiceConfig[BlobService]):
+class MemoryBlobServiceConfig(MemoryUrlConfig, ServiceConfig[BlobService]):
     """``memory://`` (no host, path or options); composition: ``type = "memory"``."""
-
-    type_tag: ClassVar[str] = "memory"
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        require_bare_url(url)
-        return cls()
 
     async def build(self, resolver: Resolver) -> BlobService:
         return MemoryBlobService()

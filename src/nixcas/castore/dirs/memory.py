@@ -5,29 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, SizeRule
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.urls import require_bare_url
+from nixcas.urls import MemoryUrlConfig
 
 __all__ = ["MemoryDirectoryService", "MemoryDirectoryServiceConfig"]
 
 
 @dataclass(frozen=True)
-class MemoryDirectoryServiceConfig(ServiceConfig[DirectoryService]):
+class MemoryDirectoryServiceConfig(MemoryUrlConfig, ServiceConfig[DirectoryService]):
     """``memory://`` (no host, path or options); composition: ``type = "memory"``."""
-
-    type_tag: ClassVar[str] = "memory"
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        require_bare_url(url)
-        return cls()
 
     async def build(self, resolver: Resolver) -> DirectoryService:
         return MemoryDirectoryService(resolver.size_rule or DEFAULT_SIZE_RULE)

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.pins.base import Pin, PinService, check_pin
 from nixcas.config import Resolver, ServiceConfig
-from nixcas.urls import require_bare_url
+from nixcas.urls import MemoryUrlConfig
 
 __all__ = ["MemoryPinService", "MemoryPinServiceConfig"]
 
 
 @dataclass(frozen=True)
-class MemoryPinServiceConfig(ServiceConfig[PinService]):
-    """``memory://``; composition: ``type = "memory"``."""
-
-    type_tag: ClassVar[str] = "memory"
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        require_bare_url(url)
-        return cls()
+class MemoryPinServiceConfig(MemoryUrlConfig, ServiceConfig[PinService]):
+    """``memory://`` (no host, path or options); composition: ``type = "memory"``."""
 
     async def build(self, resolver: Resolver) -> PinService:
         return MemoryPinService()

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar, Self
-from urllib.parse import SplitResult
 
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.store.pathinfo.base import PathInfoService
-from nixcas.urls import require_bare_url
+from nixcas.urls import MemoryUrlConfig
 
 __all__ = ["MemoryPathInfoService", "MemoryPathInfoServiceConfig"]
 
 
 @dataclass(frozen=True)
-class MemoryPathInfoServiceConfig(ServiceConfig[PathInfoService]):
-    """``memory://``; composition: ``type = "memory"``."""
-
-    type_tag: ClassVar[str] = "memory"
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        require_bare_url(url)
-        return cls()
+class MemoryPathInfoServiceConfig(MemoryUrlConfig, ServiceConfig[PathInfoService]):
+    """``memory://`` (no host, path or options); composition: ``type = "memory"``."""
 
     async def build(self, resolver: Resolver) -> PathInfoService:
         return MemoryPathInfoService()
