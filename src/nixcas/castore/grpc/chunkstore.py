@@ -88,6 +88,13 @@ def _digest(raw: bytes, what: str) -> B3Digest:
         raise ValidationError(f"{what}: {e}") from None
 
 
+async def _stat(blobs: BlobService, raw: bytes, method: str, what: str) -> None:
+    """What both ``Stat`` calls answer: NOT_FOUND unless ``blobs`` has the ``what`` (chunk or blob) ``raw`` names."""
+    digest = _digest(raw, method)
+    if not await blobs.has(digest):
+        raise NotFoundError(f"{what} {digest.hex()} not found")
+
+
 class ChunkStoreServiceServicer:
     """``StatChunk``, ``GetChunk`` (checked before sending), ``PutChunk`` (1 to :data:`CHUNK_LIMIT` bytes)."""
 
@@ -99,9 +106,7 @@ class ChunkStoreServiceServicer:
 
     async def StatChunk(self, request: cs_pb.StatChunkRequest, context: Context) -> cs_pb.StatChunkResponse:
         async with rpc_errors(context, "ChunkStoreService.StatChunk"):
-            digest = _digest(request.digest, "StatChunk")
-            if not await self._blobs.has(digest):
-                raise NotFoundError(f"chunk {digest.hex()} not found")
+            await _stat(self._blobs, request.digest, "StatChunk", "chunk")
             return cs_pb.StatChunkResponse()
 
     async def GetChunk(self, request: cs_pb.GetChunkRequest, context: Context) -> AsyncIterator[bytes]:
@@ -157,9 +162,7 @@ class BlobStoreServiceServicer:
 
     async def StatBlob(self, request: bs_pb.BSStatBlobRequest, context: Context) -> bs_pb.BSStatBlobResponse:
         async with rpc_errors(context, "BlobStoreService.StatBlob"):
-            digest = _digest(request.digest, "StatBlob")
-            if not await self._blobs.has(digest):
-                raise NotFoundError(f"blob {digest.hex()} not found")
+            await _stat(self._blobs, request.digest, "StatBlob", "blob")
             return bs_pb.BSStatBlobResponse()
 
     async def GetBlob(self, request: bs_pb.GetBlobRequest, context: Context) -> bs_pb.GetBlobResponse:
