@@ -112,7 +112,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
-from nixcas.registry import blob_service_from_url, directory_service_from_url
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.server import RunningServer, start_server
 
 REPO = Path(__file__).resolve().parent.parent

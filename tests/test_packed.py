@@ -14,8 +14,8 @@ from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import StoredObject
+from nixcas.composition import blob_service_from_url
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
-from nixcas.registry import blob_service_from_url
 from nixcas.testing import packed
 
 

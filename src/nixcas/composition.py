@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 from nixcas._aio import Closing
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
-from nixcas.registry import KINDS, parse_service_url
+from nixcas.registry import KINDS, check_references, parse_service_url
 from nixcas.urls import remember_secrets
 
 if TYPE_CHECKING:  # the service interfaces come with their backends, when one is built
@@ -63,7 +63,14 @@ if TYPE_CHECKING:  # the service interfaces come with their backends, when one i
     from nixcas.castore.sizerule import SizeRule
     from nixcas.store.pathinfo.base import PathInfoService
 
-__all__ = ["ENTRYPOINT", "Composition"]
+__all__ = [
+    "ENTRYPOINT",
+    "Composition",
+    "blob_service_from_url",
+    "directory_service_from_url",
+    "pathinfo_service_from_url",
+    "pin_service_from_url",
+]
 
 ENTRYPOINT: Final = "root"
 LEGACY_ENTRYPOINT: Final = "default"
@@ -167,7 +174,8 @@ class Composition(Closing):
                 backend = KINDS[kind].get(tag)
                 if backend is None:
                     raise ConfigurationError(f"{where}: unknown type {tag!r} (known: {', '.join(sorted(KINDS[kind]))})")
-                configs[kind][name] = backend.from_table(fields, where)
+                configs[kind][name] = config = backend.from_table(fields, where)
+                check_references(config, where)
         _check_references(configs, source)
         return cls(configs)
 
@@ -303,3 +311,31 @@ class Composition(Closing):
         self._instances.clear()
         if first_error is not None:
             raise first_error
+
+
+async def blob_service_from_url(url: str) -> BlobService:
+    """A :class:`BlobService` for ``url``; closing it closes whatever it wraps."""
+    config = parse_service_url("blobservices", url)
+    return cast("BlobService", await config.build(Composition(owns_instances=True)))
+
+
+async def directory_service_from_url(url: str, *, size_rule: SizeRule | None = None) -> DirectoryService:
+    """A :class:`DirectoryService` for ``url``; closing it closes whatever it wraps.
+
+    ``size_rule``: the directory size rule asked for (a new store records it,
+    an existing one must follow it; see :mod:`nixcas.castore.sizerule`).
+    """
+    config = parse_service_url("directoryservices", url)
+    return cast("DirectoryService", await config.build(Composition(owns_instances=True, size_rule=size_rule)))
+
+
+async def pathinfo_service_from_url(url: str) -> PathInfoService:
+    """A :class:`PathInfoService` for ``url``; closing it closes whatever it wraps."""
+    config = parse_service_url("pathinfoservices", url)
+    return cast("PathInfoService", await config.build(Composition(owns_instances=True)))
+
+
+async def pin_service_from_url(url: str) -> PinService:
+    """A :class:`PinService` for ``url``; closing it closes whatever it wraps."""
+    config = parse_service_url("pinservices", url)
+    return cast("PinService", await config.build(Composition(owns_instances=True)))
