@@ -274,9 +274,9 @@ async def test_reads_across_more_packs_than_it_keeps_open(tmp_path: Path, monkey
 
 
 async def test_gc_merges_many_small_packs_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nixcas.castore.blob.packed as packed_module
+    import nixcas.castore.blob.packcompact as packcompact
 
-    monkeypatch.setattr(packed_module, "MERGE_COUNT", 4)
+    monkeypatch.setattr(packcompact, "MERGE_COUNT", 4)
     root = tmp_path / "blobs"
     blobs = [b"one import's blob %d\n" % i for i in range(5)]
     for data in blobs[:3]:
