@@ -9,9 +9,7 @@ from collections.abc import Callable
 from nixcas.castore.blob.base import BulkReads
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.export.writer import write_all
-from nixcas.castore.nodes import (
-    FileNode,
-)
+from nixcas.castore.nodes import FileNode
 
 
 def bulk_batch(

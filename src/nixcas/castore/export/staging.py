@@ -9,10 +9,7 @@ import shutil
 import stat
 
 from nixcas.castore.export.base import ROOT, ExportError
-from nixcas.castore.nodes import (
-    DirectoryNode,
-    Node,
-)
+from nixcas.castore.nodes import DirectoryNode, Node
 
 
 def check_dest(dest: str, node: Node) -> None:

@@ -33,9 +33,7 @@ from nixcas.castore.export.base import (
 from nixcas.castore.export.bulk import bulk_batch, bulk_copier
 from nixcas.castore.export.plan import Plan
 from nixcas.castore.export.writer import Writer, write_all
-from nixcas.castore.nodes import (
-    FileNode,
-)
+from nixcas.castore.nodes import FileNode
 from nixcas.errors import NixcasError, NotFoundError, StorageError
 
 T = TypeVar("T")

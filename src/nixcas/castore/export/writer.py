@@ -9,9 +9,7 @@ from collections import OrderedDict
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.export.base import DIR_FDS, DIR_FLAGS, FILE, MKDIR, NEW_FILE, SYMLINK, BadBlob, Op
 from nixcas.castore.export.plan import Plan
-from nixcas.castore.nodes import (
-    FileNode,
-)
+from nixcas.castore.nodes import FileNode
 from nixcas.errors import StorageError
 
 

@@ -26,10 +26,6 @@ def parse_path(text: str) -> StorePath:
         raise DaemonError(str(e)) from None
 
 
-def parse_optional_path(text: str) -> StorePath | None:
-    return None if text == "" else parse_path(text)
-
-
 def parse_deriver(text: str) -> StorePath | None:
     if text == "":
         return None
