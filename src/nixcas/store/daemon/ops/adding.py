@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from nixcas.errors import PathInfoError
-from nixcas.store.daemon.session import DaemonError, Session, SessionEnd
-from nixcas.store.daemon.wire import FramedSource, LimitedSource, ProtocolError, TunnelSource, WireReader
-from nixcas.store.pathinfo.model import Signature
-
-if TYPE_CHECKING:
-    pass
-
 from nixcas.store.daemon.ops.args import parse_path, read_path
 from nixcas.store.daemon.ops.incoming import IncomingInfo, Pipeline, check_incoming, drain, ingest
 from nixcas.store.daemon.ops.state import MAX_SIG
+from nixcas.store.daemon.session import DaemonError, Session, SessionEnd
+from nixcas.store.daemon.wire import FramedSource, LimitedSource, ProtocolError, TunnelSource, WireReader
+from nixcas.store.pathinfo.model import Signature
 
 
 async def add_to_store_nar(s: Session) -> None:

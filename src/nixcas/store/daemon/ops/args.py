@@ -6,17 +6,11 @@ with an error frame and keeps the session in sync.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from nixcas.errors import StorePathError
+from nixcas.store.daemon.ops.state import MAX_PATH
 from nixcas.store.daemon.session import DaemonError, Session
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import STORE_DIR_PREFIX, StorePath
-
-if TYPE_CHECKING:
-    pass
-
-from nixcas.store.daemon.ops.state import MAX_PATH
 
 
 def parse_path(text: str) -> StorePath:

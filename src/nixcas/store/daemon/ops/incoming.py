@@ -5,21 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from nixcas.castore.nodes import FileNode, Node
 from nixcas.errors import NixbaseError, PathInfoError, ValidationError
+from nixcas.store.daemon.ops.args import parse_deriver, parse_path
+from nixcas.store.daemon.ops.state import MAX_PATH, MAX_SIG, log
 from nixcas.store.daemon.session import DaemonError, Session
 from nixcas.store.daemon.wire import FramedSource, LimitedSource, TunnelSource, WireReader
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import StorePath
-
-if TYPE_CHECKING:
-    pass
-
-from nixcas.store.daemon.ops.args import parse_deriver, parse_path
-from nixcas.store.daemon.ops.state import MAX_PATH, MAX_SIG, log
 
 
 @dataclass

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from nixcas.errors import StorePathError
+from nixcas.store.daemon.ops.args import parse_path, read_path, read_paths, write_path_info
+from nixcas.store.daemon.ops.incoming import CheckedInfo, register
+from nixcas.store.daemon.ops.state import MAX_PATH
 from nixcas.store.daemon.session import DaemonError, Session
 from nixcas.store.daemon.wire import FramedSource, ProtocolError
 from nixcas.store.hashes import CAHash, HashAlgo
 from nixcas.store.store_path import validate_name
-
-if TYPE_CHECKING:
-    pass
-
-from nixcas.store.daemon.ops.args import parse_path, read_path, read_paths, write_path_info
-from nixcas.store.daemon.ops.incoming import CheckedInfo, register
-from nixcas.store.daemon.ops.state import MAX_PATH
 
 
 async def set_options(s: Session) -> None:

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from nixcas.store import nixbase32
+from nixcas.store.daemon.ops.args import parse_path, read_path, read_paths, show_deriver, write_path_info
+from nixcas.store.daemon.ops.state import MAX_PATH, NO_BUILD
 from nixcas.store.daemon.protocol import BuildStatus
 from nixcas.store.daemon.session import DaemonError, Session
 from nixcas.store.store_path import StorePath
-
-if TYPE_CHECKING:
-    pass
-
-from nixcas.store.daemon.ops.args import parse_path, read_path, read_paths, show_deriver, write_path_info
-from nixcas.store.daemon.ops.state import MAX_PATH, NO_BUILD
 
 
 async def is_valid_path(s: Session) -> None:

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import os
 import urllib.parse
-from typing import TYPE_CHECKING
-
-from nixcas.store.daemon.session import DaemonError, Session
-
-if TYPE_CHECKING:
-    pass
 
 from nixcas.store.daemon.ops.args import parse_path, read_path
 from nixcas.store.daemon.ops.state import MAX_PATH
+from nixcas.store.daemon.session import DaemonError, Session
 
 
 def _root_name(kind: str, location: str) -> str:
