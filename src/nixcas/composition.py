@@ -40,6 +40,11 @@ shared: one name is one object, even when asked for concurrently.  A cycle
 (``a`` wraps ``b`` wraps ``a``) is a :class:`~nixcas.errors.ConfigurationError`
 naming the whole chain.  Closing the composition closes every instance it
 built, dependants first.
+
+A single URL opens a private instance the same way (:func:`blob_service_from_url`,
+:func:`directory_service_from_url`, :func:`pathinfo_service_from_url`,
+:func:`pin_service_from_url`): a composition of that one URL whose instances
+belong to their user.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""From a service URL (or a composition table) to a service instance.
+"""From a service URL (or a composition table's ``type``) to the backend's config.
 
 The backend is chosen by the URL *tag*: the scheme up to the first ``+``.
 In composition files the same tag is the ``type`` field.
@@ -55,6 +55,10 @@ pin services
 ``A``/``B`` (each ``member`` too, in order) are names in a composition file, or (percent-encoded) URLs.
 Unknown tags, hosts or paths where none belong, and unknown options raise
 :class:`~nixcas.errors.ConfigurationError` when the URL is parsed, never later.
+
+Imports go one way: :mod:`nixcas.config` (the config base classes) <- this
+module (which config a tag names) <- :mod:`nixcas.composition` (configs built
+into instances, e.g. :func:`~nixcas.composition.blob_service_from_url`).
 """
 
 from __future__ import annotations
