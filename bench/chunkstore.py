@@ -45,7 +45,7 @@ import blake3
 from nixcas.castore.blob.chunking import cut
 from nixcas.castore.blob.combined import CombinedBlobService
 from nixcas.castore.blob.local import LocalBlobService
-from nixcas.registry import blob_service_from_url
+from nixcas.composition import blob_service_from_url
 
 
 def noise(seed: bytes, size: int) -> bytes:

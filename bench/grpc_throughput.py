@@ -105,6 +105,8 @@ from import_tree import base_facts
 
 import nixcas
 import nixcas.castore.blob.grpc as blob_grpc
+import nixcas.castore.blob.grpc.chunkstore as blob_grpc_chunkstore
+import nixcas.castore.blob.grpc.writing as blob_grpc_writing
 import nixcas.castore.grpc.servicers as servicers
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
@@ -112,7 +114,7 @@ from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
-from nixcas.registry import blob_service_from_url, directory_service_from_url
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.server import RunningServer, start_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -574,7 +576,8 @@ DEFAULT_READ_MESSAGE_SIZE: int = servicers.READ_MESSAGE_SIZE
 
 def set_write_message_size(size: int) -> None:
     """The client's Put message size (a ``Final`` of the library, patched here only)."""
-    setattr(blob_grpc, "WRITE_MESSAGE_SIZE", size)  # noqa: B010
+    for module in (blob_grpc_writing, blob_grpc_chunkstore):  # the modules that read it
+        setattr(module, "WRITE_MESSAGE_SIZE", size)  # noqa: B010
 
 
 # -- reporting ---------------------------------------------------------------------

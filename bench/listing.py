@@ -30,7 +30,7 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode
-from nixcas.registry import blob_service_from_url, directory_service_from_url
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.server import start_server
 from nixcas.store.nar.ingest import ingest_nar_bytes
 from nixcas.store.nar.listing import check_listable, nar_listing

@@ -105,7 +105,7 @@ from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import Node
-from nixcas.registry import blob_service_from_url, directory_service_from_url
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.store.nar import ingest_nar, render_nar
 from nixcas.store.nar.plan import Hole, fetch_closure, iter_plan
 from nixcas.store.store_path import StorePath

@@ -49,7 +49,7 @@ from import_tree import base_facts, generate_tree
 
 from nixcas.castore.blob.objectstore import ObjectStoreBlobService
 from nixcas.castore.objectstore import ObjectStore, parse_objectstore_url
-from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
+from nixcas.composition import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.store.importer import Services, import_path
 from nixcas.store.nar.hashing import SimpleNarCalculationService
 from nixcas.store.nar.render import render_nar

@@ -30,8 +30,8 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import IngestError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 
 COMPRESSIONS = ["none", "gz", "bz2", "xz", "zst"]
 BIG = 5 * (1 << 20) + 123  # more than one 4 MiB upload block

@@ -17,8 +17,8 @@ from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
+from nixcas.composition import blob_service_from_url
 from nixcas.errors import ChecksumMismatch, StorageError
-from nixcas.registry import blob_service_from_url
 from nixcas.testing import packed
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles, read_exactly
 

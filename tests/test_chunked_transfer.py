@@ -32,8 +32,8 @@ from nixcas.castore.blob.verified import read_verified_range
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import blob_service_from_url
 from nixcas.errors import ChecksumMismatch, NotFoundError, StorageError, ValidationError
-from nixcas.registry import blob_service_from_url
 from nixcas.server import RunningServer, start_server
 
 

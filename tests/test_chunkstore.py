@@ -30,8 +30,8 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.grpc.register import add_servicer
 from nixcas.castore.grpc.servicers import add_castore_servicers
+from nixcas.composition import blob_service_from_url
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
-from nixcas.registry import blob_service_from_url
 from nixcas.server import RunningServer, start_server
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 

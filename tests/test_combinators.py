@@ -30,8 +30,8 @@ from nixcas.castore.dirs.lru import LruDirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import directory_service_from_url
 from nixcas.errors import ChecksumMismatch, ConfigurationError, NixcasError, StorageError
-from nixcas.registry import directory_service_from_url
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles, read_exactly
 from nixcas.testing.directoryservice import DIGEST_HEX, DirectoryServiceSuite, RawStore
 from nixcas.testing.fixtures import (

@@ -30,10 +30,10 @@ from nixcas.castore.dirs.grpc import GrpcDirectoryService
 from nixcas.castore.dirs.lru import LruDirectoryService, LruDirectoryServiceConfig
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
-from nixcas.composition import Composition
+from nixcas.composition import Composition, blob_service_from_url, directory_service_from_url
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, NixcasError
-from nixcas.registry import blob_service_from_url, directory_service_from_url, parse_service_url
+from nixcas.registry import parse_service_url
 from nixcas.testing.fixtures import DIRECTORY_B, DIRECTORY_WITH_KEEP
 
 # -- helpers ---------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.grpc import GrpcDirectoryService
 from nixcas.castore.grpc.status import RemoteError
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import StorageError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.testing.blobservice import BlobServiceSuite, TempFiles
 from nixcas.testing.daemon import (
     STARTUP_TIMEOUT,
@@ -539,7 +539,7 @@ async def test_client_killed_mid_put_leaves_nothing(own_daemon: Daemon, tmp_path
         f"""
         import asyncio, sys, time
         import blake3
-        from nixcas.registry import blob_service_from_url
+        from nixcas.composition import blob_service_from_url
 
         async def main():
             blobs = await blob_service_from_url({own_daemon.client_url()!r})

@@ -36,8 +36,8 @@ from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode
 from nixcas.castore.proto import encode_node
 from nixcas.castore.sizerule import SizeRule
 from nixcas.castore.treepath import TreePath
+from nixcas.composition import directory_service_from_url
 from nixcas.errors import DepthError, NarError
-from nixcas.registry import directory_service_from_url
 from nixcas.server import RunningServer, start_server
 from nixcas.store.nar.ingest import ingest_nar_bytes
 from nixcas.store.nar.plan import fetch_closure, plan_size

@@ -15,8 +15,8 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
+from nixcas.composition import directory_service_from_url
 from nixcas.errors import NixcasError, StorageError
-from nixcas.registry import directory_service_from_url
 from nixcas.testing.directoryservice import DirectoryServiceSuite, RawStore
 from nixcas.testing.fixtures import DIRECTORY_COMPLICATED, DIRECTORY_WITH_KEEP
 

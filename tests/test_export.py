@@ -21,7 +21,10 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
-from nixcas.castore.export import ExportError, export_node
+from nixcas.castore.export import ExportError, export_node, window
+from nixcas.castore.export.base import FILE, MKDIR
+from nixcas.castore.export.plan import Plan
+from nixcas.castore.export.writer import Writer
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, InvalidNameError, InvalidSymlinkTargetError, NotFoundError
@@ -188,15 +191,15 @@ def test_a_directory_swapped_for_a_symlink_cannot_redirect_writes(tmp_path: Path
     blob = b"payload"
     inner = Directory({b"f": FileNode(B3Digest(blake3.blake3(blob).digest()), len(blob))})
     root = Directory({b"d": inner.node(RULE)})
-    plan = ex._Plan(root.node(RULE), {root.digest: root.to_proto(), inner.digest: inner.to_proto()}, link=False)
+    plan = Plan(root.node(RULE), {root.digest: root.to_proto(), inner.digest: inner.to_proto()}, link=False)
     ops = list(plan.ops())
-    assert [op[0] for op in ops] == [ex._MKDIR, ex._MKDIR, ex._FILE]
+    assert [op[0] for op in ops] == [MKDIR, MKDIR, FILE]
     staging = tmp_path / "staging"
     staging.mkdir()
     outside = tmp_path / "outside"
     outside.mkdir()
     fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    writer = ex._Writer(plan, fd)
+    writer = Writer(plan, fd)
     try:
         writer.run(ops[:2], {})
         writer.close()  # forget the descriptors: the next write must look the directory up again
@@ -215,14 +218,14 @@ def test_a_name_that_is_not_one_component_is_refused() -> None:
     digest = B3Digest(blake3.blake3(b"x").digest())
     for name in (b"../escaped", b"..", b"a/b", b"."):
         evil = Directory([(name, FileNode(digest, 1))], _names_checked=True)
-        plan = ex._Plan(evil.node(RULE), {evil.digest: evil.to_proto()}, link=False)
+        plan = Plan(evil.node(RULE), {evil.digest: evil.to_proto()}, link=False)
         with pytest.raises(InvalidNameError):
             list(plan.ops())
     from nixcas.castore.proto import pb
 
     bad = pb.Directory(symlinks=[pb.SymlinkNode(name=b"l", target=b"a\0b")])
     with pytest.raises(InvalidSymlinkTargetError):
-        list(ex._Plan(DirectoryNode(digest, 1), {digest: bad}, link=False).ops())
+        list(Plan(DirectoryNode(digest, 1), {digest: bad}, link=False).ops())
 
 
 def test_a_corrupt_small_blob_fails_and_leaves_nothing(tmp_path: Path) -> None:
@@ -418,7 +421,7 @@ def test_many_small_batches_over_nested_directories(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, link: bool
 ) -> None:
     """Batches of 3 files: the writers take turns, each batch's files land in directories made by earlier ones."""
-    monkeypatch.setattr(ex, "BATCH_FILES", 3)
+    monkeypatch.setattr(window, "BATCH_FILES", 3)
     tree = tmp_path / "tree"
     for i in range(12):
         d = tree / f"d{i}" / "sub" / f"s{i % 3}"

@@ -29,8 +29,8 @@ from nixcas.castore.grpc.register import add_servicer
 from nixcas.castore.grpc.status import RemoteError
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.server import RunningServer, start_server
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite
 from nixcas.testing.directoryservice import DirectoryServiceSuite

@@ -28,8 +28,8 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import IngestEntry, ingest_entries, ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import IngestError, StorageError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 
 COMPLICATED_HEX = "424a7f6ce08d805d15b428062faae96299a1675d708c3a39261afe38cdd04feb"
 WITH_KEEP_HEX = "8b5b5d642b646bb8ed504b0862c39413e87e57491497de7bd075953f7b83810e"

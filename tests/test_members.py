@@ -35,9 +35,8 @@ from nixcas.castore.dirs.members import MembersDirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.grpc.status import RemoteError
 from nixcas.castore.sizerule import SizeRule
-from nixcas.composition import Composition
+from nixcas.composition import Composition, blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.errors import ChecksumMismatch, ConfigurationError, ReadOnlyError, StorageError, UnavailableError
-from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.server import start_server
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.members import MembersPathInfoService

@@ -26,8 +26,8 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
 from nixcas.castore.treepath import TreePath
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import ChecksumMismatch, NarError, NotFoundError, StorageError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 from nixcas.store.nar import (
     BlobSizeMismatch,
     IterableSource,

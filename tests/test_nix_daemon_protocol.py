@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from nixcas.castore.pins.base import Pin
-from nixcas.registry import (
+from nixcas.composition import (
     blob_service_from_url,
     directory_service_from_url,
     pathinfo_service_from_url,

@@ -24,8 +24,9 @@ from nixcas.castore.gc import WriteLeases, collect
 from nixcas.castore.nodes import FileNode
 from nixcas.castore.objectstore import Presence
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import blob_service_from_url
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, UnavailableError, ValidationError
-from nixcas.registry import blob_service_from_url, parse_service_url
+from nixcas.registry import parse_service_url
 from nixcas.store.gc import collect_garbage
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles
 from nixcas.testing.seaweedfs import SECRET_KEY, SeaweedFS, free_port

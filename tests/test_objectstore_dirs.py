@@ -27,9 +27,8 @@ from nixcas.castore.gc import FOREVER_NS, collect, mark
 from nixcas.castore.nodes import DirectoryNode
 from nixcas.castore.objectstore import ObjectMeta, ObjectStore
 from nixcas.castore.sizerule import SizeRule
-from nixcas.composition import Composition
+from nixcas.composition import Composition, directory_service_from_url
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
-from nixcas.registry import directory_service_from_url
 from nixcas.testing.directoryservice import DirectoryServiceSuite, RawStore, collect_into
 from nixcas.testing.fixtures import (
     DIRECTORY_A,

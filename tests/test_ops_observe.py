@@ -384,8 +384,9 @@ def test_otlp_endpoint_without_the_extra_is_one_line(
 def test_metrics_listen_address_errors() -> None:
     from nixcas.errors import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match="expected host:port"):
-        metrics.start_metrics_server("9100")
+    for wrong in ("9100", "::1:0", "[::1:0", "./metrics.sock", "127.0.0.1:65536"):  # parsed as every server's address
+        with pytest.raises(ConfigurationError, match="expected host:port"):
+            metrics.start_metrics_server(wrong)
     with metrics.start_metrics_server("127.0.0.1:0") as taken:
         port = taken.url.rsplit(":", 1)[1].split("/")[0]
         with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port} for metrics"):

@@ -24,8 +24,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from nixcas.api import Store
 from nixcas.bridge.app import NarBridge
 from nixcas.bridge.server import start_bridge
+from nixcas.composition import blob_service_from_url, pathinfo_service_from_url
 from nixcas.ops import tracing
-from nixcas.registry import blob_service_from_url, pathinfo_service_from_url
 from nixcas.store.importer import Services, import_path
 from nixcas.store.narindex import NarIndex
 from nixcas.testing import postgres, seaweedfs

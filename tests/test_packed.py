@@ -14,8 +14,8 @@ from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.gc import StoredObject
+from nixcas.composition import blob_service_from_url
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError
-from nixcas.registry import blob_service_from_url
 from nixcas.testing import packed
 
 
@@ -274,9 +274,9 @@ async def test_reads_across_more_packs_than_it_keeps_open(tmp_path: Path, monkey
 
 
 async def test_gc_merges_many_small_packs_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nixcas.castore.blob.packed as packed_module
+    import nixcas.castore.blob.packcompact as packcompact
 
-    monkeypatch.setattr(packed_module, "MERGE_COUNT", 4)
+    monkeypatch.setattr(packcompact, "MERGE_COUNT", 4)
     root = tmp_path / "blobs"
     blobs = [b"one import's blob %d\n" % i for i in range(5)]
     for data in blobs[:3]:

@@ -13,8 +13,8 @@ from nixcas._proto.tvix.store.protos import pathinfo_pb2 as pb
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import pathinfo_service_from_url
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError
-from nixcas.registry import pathinfo_service_from_url
 from nixcas.server import RunningServer, start_server
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
 from nixcas.store.pathinfo.base import PathInfoService

@@ -23,9 +23,9 @@ from nixcas.castore.pins.memory import MemoryPinService
 from nixcas.castore.pins.postgres import PostgresPinService, PostgresPinServiceConfig
 from nixcas.castore.pins.sqlite import SqlitePinService, SqlitePinServiceConfig
 from nixcas.castore.sizerule import SizeRule
-from nixcas.composition import Composition
+from nixcas.composition import Composition, pin_service_from_url
 from nixcas.errors import ConfigurationError, StorageError, ValidationError
-from nixcas.registry import parse_service_url, pin_service_from_url
+from nixcas.registry import parse_service_url
 from nixcas.server import RunningServer, start_server
 from nixcas.store.gc import collect_garbage
 from nixcas.testing.daemon import clean_env, nixcas_command, short_tmpdir

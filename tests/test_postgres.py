@@ -26,8 +26,9 @@ from nixcas.castore.dirs.postgres import PostgresDirectoryService, PostgresDirec
 from nixcas.castore.gc import StoredObject, collect
 from nixcas.castore.nodes import FileNode
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import directory_service_from_url, pathinfo_service_from_url
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
-from nixcas.registry import directory_service_from_url, parse_service_url, pathinfo_service_from_url
+from nixcas.registry import parse_service_url
 from nixcas.store.gc import delete_paths
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.postgres import PostgresPathInfoService, PostgresPathInfoServiceConfig

@@ -10,8 +10,8 @@ from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
+from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import ConfigurationError
-from nixcas.registry import blob_service_from_url, directory_service_from_url
 
 # "{tmp}" is replaced by a per-test temporary directory, so that accepted URLs
 # with absolute paths do not touch the real filesystem.

@@ -17,8 +17,8 @@ from nixcas.castore.gc import WriteLeases
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.sizerule import SizeRule
 from nixcas.cli.store import services
+from nixcas.composition import directory_service_from_url
 from nixcas.errors import ConfigurationError
-from nixcas.registry import directory_service_from_url
 from nixcas.store.fsck import fsck
 from nixcas.store.gc import collect_garbage
 from nixcas.store.importer import import_path

@@ -26,7 +26,7 @@ from nixcas.castore.dirs.cache import CacheDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.objectstore import ObjectStore, parse_objectstore_url
 from nixcas.castore.sizerule import SizeRule
-from nixcas.registry import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
+from nixcas.composition import blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.store.nar.render import render_nar
 from nixcas.store.pathinfo.cache import CachePathInfoService
 from nixcas.store.pathinfo.sqlite import SqlitePathInfoService

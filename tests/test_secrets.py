@@ -25,8 +25,9 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.grpc.channel import GrpcEndpoint
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import pathinfo_service_from_url
 from nixcas.errors import ConfigurationError, NixcasError
-from nixcas.registry import parse_service_url, pathinfo_service_from_url
+from nixcas.registry import parse_service_url
 from nixcas.store import nixbase32
 from nixcas.store.pathinfo.nixhttp import NixHttpPathInfoService, NixHttpPathInfoServiceConfig
 from nixcas.store.signing import SigningKey

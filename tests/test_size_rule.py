@@ -29,8 +29,8 @@ from nixcas.castore.fsck import CastoreChecker
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
+from nixcas.composition import directory_service_from_url
 from nixcas.errors import ClosureError, ConfigurationError, DirectoryError, StorageError
-from nixcas.registry import directory_service_from_url
 from nixcas.server import start_server
 from nixcas.store.nar.ingest import ingest_nar_bytes
 from nixcas.store.nar.render import render_nar

@@ -30,14 +30,9 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
-from nixcas.composition import Composition
+from nixcas.composition import Composition, blob_service_from_url, directory_service_from_url, pathinfo_service_from_url
 from nixcas.errors import ConfigurationError, PathInfoError, StorageError, ValidationError
-from nixcas.registry import (
-    blob_service_from_url,
-    directory_service_from_url,
-    parse_service_url,
-    pathinfo_service_from_url,
-)
+from nixcas.registry import parse_service_url
 from nixcas.server import start_server
 from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, HashAlgo

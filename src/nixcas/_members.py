@@ -366,7 +366,6 @@ class MembersConfig(ServiceConfig[S_co]):
             members.append(value)
         config = cls(members)
         config.validate(repr(shown(url)))
-        config.check_references(repr(shown(url)))
         return config
 
     def validate(self, where: str) -> None:

@@ -40,6 +40,11 @@ shared: one name is one object, even when asked for concurrently.  A cycle
 (``a`` wraps ``b`` wraps ``a``) is a :class:`~nixcas.errors.ConfigurationError`
 naming the whole chain.  Closing the composition closes every instance it
 built, dependants first.
+
+A single URL opens a private instance the same way (:func:`blob_service_from_url`,
+:func:`directory_service_from_url`, :func:`pathinfo_service_from_url`,
+:func:`pin_service_from_url`): a composition of that one URL whose instances
+belong to their user.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 from nixcas._aio import Closing
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
-from nixcas.registry import KINDS, parse_service_url
+from nixcas.registry import KINDS, check_references, parse_service_url
 from nixcas.urls import remember_secrets
 
 if TYPE_CHECKING:  # the service interfaces come with their backends, when one is built
@@ -63,7 +68,14 @@ if TYPE_CHECKING:  # the service interfaces come with their backends, when one i
     from nixcas.castore.sizerule import SizeRule
     from nixcas.store.pathinfo.base import PathInfoService
 
-__all__ = ["ENTRYPOINT", "Composition"]
+__all__ = [
+    "ENTRYPOINT",
+    "Composition",
+    "blob_service_from_url",
+    "directory_service_from_url",
+    "pathinfo_service_from_url",
+    "pin_service_from_url",
+]
 
 ENTRYPOINT: Final = "root"
 LEGACY_ENTRYPOINT: Final = "default"
@@ -167,7 +179,8 @@ class Composition(Closing):
                 backend = KINDS[kind].get(tag)
                 if backend is None:
                     raise ConfigurationError(f"{where}: unknown type {tag!r} (known: {', '.join(sorted(KINDS[kind]))})")
-                configs[kind][name] = backend.from_table(fields, where)
+                configs[kind][name] = config = backend.from_table(fields, where)
+                check_references(config, where)
         _check_references(configs, source)
         return cls(configs)
 
@@ -303,3 +316,31 @@ class Composition(Closing):
         self._instances.clear()
         if first_error is not None:
             raise first_error
+
+
+async def blob_service_from_url(url: str) -> BlobService:
+    """A :class:`BlobService` for ``url``; closing it closes whatever it wraps."""
+    config = parse_service_url("blobservices", url)
+    return cast("BlobService", await config.build(Composition(owns_instances=True)))
+
+
+async def directory_service_from_url(url: str, *, size_rule: SizeRule | None = None) -> DirectoryService:
+    """A :class:`DirectoryService` for ``url``; closing it closes whatever it wraps.
+
+    ``size_rule``: the directory size rule asked for (a new store records it,
+    an existing one must follow it; see :mod:`nixcas.castore.sizerule`).
+    """
+    config = parse_service_url("directoryservices", url)
+    return cast("DirectoryService", await config.build(Composition(owns_instances=True, size_rule=size_rule)))
+
+
+async def pathinfo_service_from_url(url: str) -> PathInfoService:
+    """A :class:`PathInfoService` for ``url``; closing it closes whatever it wraps."""
+    config = parse_service_url("pathinfoservices", url)
+    return cast("PathInfoService", await config.build(Composition(owns_instances=True)))
+
+
+async def pin_service_from_url(url: str) -> PinService:
+    """A :class:`PinService` for ``url``; closing it closes whatever it wraps."""
+    config = parse_service_url("pinservices", url)
+    return cast("PinService", await config.build(Composition(owns_instances=True)))

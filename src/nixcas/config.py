@@ -141,7 +141,6 @@ class ServiceConfig(ABC, Generic[S_co]):
             if str(e).startswith(where):
                 raise
             raise ConfigurationError(f"{where}: {e}") from None
-        config.check_references(where)
         return config
 
     def validate(self, where: str) -> None:
@@ -155,19 +154,6 @@ class ServiceConfig(ABC, Generic[S_co]):
             for ref in value if isinstance(value, list) else [value]:
                 out.append((field, kind, ref))
         return out
-
-    def check_references(self, where: str) -> None:
-        """Refuse empty references and parse those that are URLs, so a bad one fails now, not when built."""
-        from nixcas.registry import parse_service_url
-
-        for name, kind, ref in self.referenced():
-            if not ref:
-                raise ConfigurationError(f"{where}: {name} must name a service (a composition entry or a URL)")
-            if "://" in ref:
-                try:
-                    parse_service_url(kind, ref)
-                except ConfigurationError as e:
-                    raise ConfigurationError(f"{where}: {name}: {e}") from None
 
     @abstractmethod
     async def build(self, resolver: Resolver) -> S_co:
@@ -189,9 +175,7 @@ class NearFarConfig(ServiceConfig[S_co]):
     def from_url(cls, url: SplitResult) -> Self:
         from nixcas.urls import near_far_from_url
 
-        config = cls(*near_far_from_url(url))
-        config.check_references(repr(shown(url)))
-        return config
+        return cls(*near_far_from_url(url))
 
     async def open_pair(self, resolver: Resolver) -> tuple[Any, Any]:
         """The near and far services (of the kind named in :attr:`references`)."""

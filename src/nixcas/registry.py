@@ -1,4 +1,4 @@
-"""From a service URL (or a composition table) to a service instance.
+"""From a service URL (or a composition table's ``type``) to the backend's config.
 
 The backend is chosen by the URL *tag*: the scheme up to the first ``+``.
 In composition files the same tag is the ``type`` field.
@@ -55,26 +55,23 @@ pin services
 ``A``/``B`` (each ``member`` too, in order) are names in a composition file, or (percent-encoded) URLs.
 Unknown tags, hosts or paths where none belong, and unknown options raise
 :class:`~nixcas.errors.ConfigurationError` when the URL is parsed, never later.
+
+Imports go one way: :mod:`nixcas.config` (the config base classes) <- this
+module (which config a tag names) <- :mod:`nixcas.composition` (configs built
+into instances, e.g. :func:`~nixcas.composition.blob_service_from_url`).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 from nixcas._extras import MissingExtra, missing_extra
 from nixcas.config import ServiceConfig
 from nixcas.errors import ConfigurationError
 from nixcas.urls import remember_secrets, shown, url_tag
-
-if TYPE_CHECKING:
-    from nixcas.castore.blob.base import BlobService
-    from nixcas.castore.dirs.base import DirectoryService
-    from nixcas.castore.pins.base import PinService
-    from nixcas.castore.sizerule import SizeRule
-    from nixcas.store.pathinfo.base import PathInfoService
 
 __all__ = [
     "BLOB_SERVICES",
@@ -83,11 +80,8 @@ __all__ = [
     "PATHINFO_SERVICES",
     "PIN_SERVICES",
     "BackendTable",
-    "blob_service_from_url",
-    "directory_service_from_url",
+    "check_references",
     "parse_service_url",
-    "pathinfo_service_from_url",
-    "pin_service_from_url",
 ]
 
 
@@ -201,40 +195,18 @@ def parse_service_url(kind: str, url: str) -> ServiceConfig[object]:
     if backend is None:
         known = ", ".join(sorted(table))
         raise ConfigurationError(f"invalid {noun} URL {shown(url)!r}: unknown type {url_tag(parts)!r} (known: {known})")
-    return backend.from_url(parts)
+    config = backend.from_url(parts)
+    check_references(config, repr(shown(parts)))
+    return config
 
 
-async def blob_service_from_url(url: str) -> BlobService:
-    """A :class:`BlobService` for ``url``; closing it closes whatever it wraps."""
-    from nixcas.composition import Composition
-
-    config = parse_service_url("blobservices", url)
-    return cast("BlobService", await config.build(Composition(owns_instances=True)))
-
-
-async def directory_service_from_url(url: str, *, size_rule: SizeRule | None = None) -> DirectoryService:
-    """A :class:`DirectoryService` for ``url``; closing it closes whatever it wraps.
-
-    ``size_rule``: the directory size rule asked for (a new store records it,
-    an existing one must follow it; see :mod:`nixcas.castore.sizerule`).
-    """
-    from nixcas.composition import Composition
-
-    config = parse_service_url("directoryservices", url)
-    return cast("DirectoryService", await config.build(Composition(owns_instances=True, size_rule=size_rule)))
-
-
-async def pathinfo_service_from_url(url: str) -> PathInfoService:
-    """A :class:`PathInfoService` for ``url``; closing it closes whatever it wraps."""
-    from nixcas.composition import Composition
-
-    config = parse_service_url("pathinfoservices", url)
-    return cast("PathInfoService", await config.build(Composition(owns_instances=True)))
-
-
-async def pin_service_from_url(url: str) -> PinService:
-    """A :class:`PinService` for ``url``; closing it closes whatever it wraps."""
-    from nixcas.composition import Composition
-
-    config = parse_service_url("pinservices", url)
-    return cast("PinService", await config.build(Composition(owns_instances=True)))
+def check_references(config: ServiceConfig[object], where: str) -> None:
+    """Refuse empty references and parse those that are URLs, so a bad one fails now, not when built."""
+    for name, kind, ref in config.referenced():
+        if not ref:
+            raise ConfigurationError(f"{where}: {name} must name a service (a composition entry or a URL)")
+        if "://" in ref:
+            try:
+                parse_service_url(kind, ref)
+            except ConfigurationError as e:
+                raise ConfigurationError(f"{where}: {name}: {e}") from None

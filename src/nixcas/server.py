@@ -13,7 +13,6 @@ unix socket (:mod:`nixcas._relay`): grpc cannot adopt a socket it did not bind.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -252,9 +251,3 @@ async def _serve_activated(
     running = RunningServer(server, url, names, health_servicer, relay=relay, private_dir=private_dir)
     running.unix_path = target
     return running
-
-
-async def serve_until_signalled(running: RunningServer, stop: asyncio.Event, grace: float) -> None:
-    """Run until ``stop`` is set, then shut down gracefully."""
-    await stop.wait()
-    await running.stop(grace)

@@ -244,10 +244,6 @@ class CastoreChecker:
             level = next_level
             depth += 1
 
-    def reached(self, kind: str, digest: B3Digest) -> bool:
-        """Whether a tree walk already examined this object."""
-        return digest in (self._dirs if kind == "directory" else self._blob_results)
-
     # -- everything stored -----------------------------------------------------------
 
     async def stored_directories(self, sweepable: SweepableDirectories) -> AsyncIterator[Problem]:

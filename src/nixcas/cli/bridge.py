@@ -54,11 +54,6 @@ class BridgeOptions:
         """Remove this class's fields from a command's keyword arguments (the rest are service options)."""
         return cls(*(options.pop(f.name) for f in fields(cls)))
 
-    @property
-    def auth_configured(self) -> bool:
-        """Whether the bridge checks tokens (then nobody writes without a ``write`` token)."""
-        return self.token_file is not None
-
     def load(self, settings: Settings) -> tuple[Tokens | None, SigningKey | None, str]:
         """The tokens, the signing key and the NAR index path; unusable files are configuration errors."""
         from nixcas.bridge.auth import Tokens

@@ -77,7 +77,7 @@ class Settings:
 
         url = self.pathinfo_service_addr or service_urls(self.store_dir)[2]
         if self.composition is None and url.partition(":")[0].partition("+")[0] in STANDALONE_PATHINFO_TAGS:
-            from nixcas.registry import pathinfo_service_from_url
+            from nixcas.composition import pathinfo_service_from_url
 
             async with await pathinfo_service_from_url(url) as service:
                 yield service

@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 from prometheus_client.registry import Collector
 
 from nixcas.errors import ConfigurationError
+from nixcas.listen import parse_listen_address
 from nixcas.ops import stats
 
 __all__ = [
@@ -183,15 +184,18 @@ class MetricsServer(contextlib.AbstractContextManager["MetricsServer"]):
     """``GET /metrics`` on its own port, served by a thread (works beside any event loop, trio's too)."""
 
     def __init__(self, listen: str) -> None:
-        host, sep, port = listen.rpartition(":")
-        if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        try:
+            address = parse_listen_address(listen)
+        except ConfigurationError:
+            address = None
+        if address is None or address.unix_path is not None:  # the HTTP server listens on TCP only
             raise ConfigurationError(f"--metrics-listen-address {listen!r}: expected host:port ([::1]:9100)")
         _register()
         try:
-            self._server, self._thread = start_http_server(int(port), host.strip("[]"))
+            self._server, self._thread = start_http_server(address.port, address.host)
         except OSError as e:
             raise ConfigurationError(f"cannot listen on {listen} for metrics: {e.strerror or e}") from None
-        self.url = f"http://{host}:{self._server.server_address[1]}/metrics"
+        self.url = f"http://{address.url_host}:{self._server.server_address[1]}/metrics"
         log.info("metrics on %s", self.url)
 
     def close(self) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import operator
 import os
 import secrets
 import sqlite3
@@ -61,6 +60,7 @@ from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.blob.local import LocalBlobService, _Slow
+from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, survey_packs
 from nixcas.castore.blob.packfile import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -72,6 +72,7 @@ from nixcas.castore.blob.packfile import (
     select_row,
     verified,
 )
+from nixcas.castore.blob.packrun import read_run
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
@@ -83,20 +84,6 @@ __all__ = ["DB_NAME", "PACKS_DIR", "PackedBlobService", "PackedBlobServiceConfig
 
 PACK_MAX = 1 << 30
 """A writer starts a new pack file once its current one is this large."""
-
-MERGE_BELOW = 64 << 20
-"""Packs smaller than this are merged by GC once there are :data:`MERGE_COUNT` of them."""
-
-MERGE_COUNT = 16
-"""How many small packs make GC merge them into one."""
-
-RUN_GAP = 64 << 10
-"""Blobs of one :meth:`PackedBlobService.read_run` this close in a pack are read with one ``preadv`` (the gap too)."""
-
-_RUN_SELECT = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
-_RUN_QUERY = 900
-"""Digests per query of a run (below SQLite's oldest limit of 999 parameters)."""
-_PACK_OFFSET = operator.itemgetter(3, 4)
 
 MAX_OPEN_PACKS = 64
 """Pack files a service keeps open for reading (least recently used closed first)."""
@@ -177,15 +164,6 @@ class PackedBlobServiceConfig(ServiceConfig[BlobService]):
         )
 
 
-@dataclass
-class _Pack:
-    """The pack file this service appends to (locked while it does)."""
-
-    id: int
-    fd: int
-    size: int
-
-
 class PackedBlobService(LocalBlobService):
     """Single-chunk blobs appended to pack files indexed in SQLite; larger blobs as :class:`LocalBlobService` chunks."""
 
@@ -207,7 +185,7 @@ class PackedBlobService(LocalBlobService):
         self._connections_lock = threading.Lock()
         self._closed = False
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
-        self._pack: _Pack | None = None
+        self._pack: OpenPack | None = None
         self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
         self._readers_lock = threading.Lock()
         self._db().executescript(_SCHEMA)
@@ -253,7 +231,7 @@ class PackedBlobService(LocalBlobService):
     def _pack_path(self, name: str) -> str:
         return f"{self._packs_dir}/{name}.pack"
 
-    def _open_pack(self, db: sqlite3.Connection) -> _Pack:
+    def _open_pack(self, db: sqlite3.Connection) -> OpenPack:
         """A new pack file, locked, and its row (in the caller's transaction)."""
         while True:
             name = secrets.token_hex(12)
@@ -271,7 +249,7 @@ class PackedBlobService(LocalBlobService):
             os.close(fd)
         pack_id = db.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid
         assert pack_id is not None
-        return _Pack(pack_id, fd, 0)
+        return OpenPack(pack_id, fd, 0)
 
     def _encode(self, data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
         if self.compress and len(data) >= _COMPRESS_FROM:
@@ -338,7 +316,7 @@ class PackedBlobService(LocalBlobService):
         )
 
     @staticmethod
-    def _pwrite_all(pack: _Pack, pieces: list[bytes | memoryview]) -> int:
+    def _pwrite_all(pack: OpenPack, pieces: list[bytes | memoryview]) -> int:
         """``pieces`` at the end of ``pack``, in ``pwritev`` calls of at most 1,024 (IOV_MAX); bytes written."""
         written = 0
         for i in range(0, len(pieces), 1024):
@@ -525,68 +503,15 @@ class PackedBlobService(LocalBlobService):
 
     def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
-        try:
-            return self._read_run_sync(wanted, buffer)
-        except (OSError, StorageError, zstandard.ZstdError):
-            return None
-
-    def _read_run_sync(
-        self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview
-    ) -> list[bytes | memoryview] | None:
         if not wanted:
             return []
-        db = self._db()
-        keys = list(dict.fromkeys(raw for raw, _ in wanted))
-        rows: list[tuple[bytes, int, int, int, int, int]] = []
-        for i in range(0, len(keys), _RUN_QUERY):
-            batch = keys[i : i + _RUN_QUERY]
-            rows += db.execute(_RUN_SELECT.format(",".join("?" * len(batch))), batch).fetchall()
-        if len(rows) != len(keys):
-            return None  # not all in packs (or missing): the caller reads them blob by blob
-        rows.sort(key=_PACK_OFFSET)
-        # Read ranges (pack, start, end, place in buffer): blobs at most RUN_GAP apart share one.
-        ranges: list[tuple[int, int, int, int]] = []
-        placed: list[int] = []  # each row's place in the buffer
-        room = len(buffer)
-        at = 0  # the buffer's end so far
-        pack_id = start = end = -1
-        for _, size, _, pack, offset, length in rows:
-            if length > size + (size >> 8) + 1024:  # more than size bytes can compress to
-                return None
-            if pack == pack_id and end <= offset <= end + RUN_GAP and at + offset + length - end <= room:
-                at += offset - end
-                placed.append(at)
-                at += length
-                end = offset + length
-                continue
-            if pack_id >= 0:
-                ranges.append((pack_id, start, end, at - (end - start)))
-            pack_id, start, end = pack, offset, offset + length
-            placed.append(at)
-            at += length
-        ranges.append((pack_id, start, end, at - (end - start)))
-        view = buffer if at <= room else memoryview(bytearray(at))
-        for pack, start, end, place in ranges:
-            if self._preadv(pack, view[place : place + end - start], start, db) != end - start:
-                return None  # the pack file ends early: the per-blob path reports it
-        found: dict[bytes, bytes | memoryview] = {}
-        hasher = blake3.blake3
-        for (raw, size, codec, _, _, length), place in zip(rows, placed, strict=True):
-            data: bytes | memoryview = view[place : place + length]
-            if codec:
-                if codec != CODEC_ZSTD:
-                    return None
-                data = self._decompressor().decompress(data, max_output_size=size)
-            if len(data) != size or hasher(data).digest() != raw:
-                return None
-            found[raw] = data
-        out: list[bytes | memoryview] = []
-        for raw, size in wanted:
-            data = found[raw]
-            if len(data) != size:
-                return None
-            out.append(data)
-        return out
+        try:
+            db = self._db()
+            return read_run(
+                db, wanted, buffer, lambda pack, into, at: self._preadv(pack, into, at, db), self._decompressor
+            )
+        except (OSError, StorageError, zstandard.ZstdError):
+            return None
 
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         if not 0 < size <= self.whole_max:
@@ -639,97 +564,20 @@ class PackedBlobService(LocalBlobService):
         return done
 
     def _compact_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
-        """Free the dead space of pack files no writer holds; what was freed, as temporary objects.
-
-        A pack with no row is removed, one whose live bytes are less than half
-        its size is rewritten, and small packs (each import process writes its
-        own) are merged into one once there are :data:`MERGE_COUNT` of them.
-        """
+        """Free the dead space of pack files no writer holds (:mod:`~nixcas.castore.blob.packcompact`)."""
         db = self._db()
-        known = dict(db.execute("SELECT name, id FROM packs"))
-        live = {
-            pack: (count, used)
-            for pack, count, used in db.execute("SELECT pack, count(*), sum(length) FROM blobs GROUP BY pack")
-        }
-        freed: list[StoredObject] = []
-        rewrite: list[tuple[int, int, str]] = []  # (pack id, locked fd, path)
-        small: list[tuple[int, int, str]] = []
-        dead: list[StoredObject] = []  # the dead bytes of each small pack, freed if they are merged
+        survey = survey_packs(db, self._packs_dir, cutoff_ns, dry_run)
         try:
-            for entry in list(os.scandir(self._packs_dir)):
-                name = entry.name.removesuffix(".pack")
-                if name == entry.name:
-                    continue
-                try:
-                    fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue  # a writer is appending to it
-                st = os.fstat(fd)
-                pack_id = known.get(name)
-                count, used = live.get(pack_id, (0, 0)) if pack_id is not None else (0, 0)
-                if pack_id is None:  # a writer died before its first row: nothing refers to it
-                    if st.st_mtime_ns < cutoff_ns:
-                        if not dry_run:
-                            os.unlink(entry.path)
-                        freed.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
-                    os.close(fd)
-                elif count and used * 2 >= st.st_size:  # mostly live (an empty blob's row keeps an empty pack)
-                    if st.st_size < MERGE_BELOW:
-                        small.append((pack_id, fd, entry.path))
-                        dead.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
-                    else:
-                        os.close(fd)
-                else:
-                    rewrite.append((pack_id, fd, entry.path))
-                    freed.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
-            if len(small) >= MERGE_COUNT:
-                rewrite.extend(small)
-                freed.extend(o for o in dead if o.size)
-                small = []
-            if rewrite and not dry_run:
-                self._rewrite_sync(db, rewrite)
+            if survey.rewrite and not dry_run:
+                self._rewrite_sync(db, survey.rewrite)
         finally:
-            for _, fd, _ in rewrite + small:
-                os.close(fd)
-        return freed
+            survey.close()
+        return survey.freed
 
-    def _rewrite_sync(self, db: sqlite3.Connection, packs: Sequence[tuple[int, int, str]]) -> None:
-        """Copy the live blobs of ``packs`` (id, open and locked fd, path) into one new pack; drop them."""
+    def _rewrite_sync(self, db: sqlite3.Connection, packs: Sequence[LockedPack]) -> None:
+        """Copy the live blobs of ``packs`` into one new pack; drop them."""
         with self._write_lock:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                new: _Pack | None = None
-                moved = []
-                try:
-                    for pack_id, fd, path in packs:
-                        rows = db.execute(
-                            "SELECT digest, offset, length FROM blobs WHERE pack = ? ORDER BY offset", (pack_id,)
-                        ).fetchall()
-                        for digest, offset, length in rows:
-                            data = os.pread(fd, length, offset)
-                            if len(data) != length:
-                                raise StorageError(f"{self}: pack {path} ends early; run fsck")
-                            if new is None:
-                                new = self._open_pack(db)
-                            os.pwrite(new.fd, data, new.size)
-                            moved.append((new.id, new.size, digest))
-                            new.size += length
-                    if new is not None:
-                        os.fsync(new.fd)  # the copies are on disk before any row names them
-                finally:
-                    if new is not None:
-                        os.close(new.fd)
-                db.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE digest = ?", moved)
-                db.executemany("DELETE FROM packs WHERE id = ?", [(pack_id,) for pack_id, _, _ in packs])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            copy_live_blobs(db, packs, self._open_pack, str(self))
         for pack_id, _, path in packs:
             self._forget_reader(pack_id)
             with contextlib.suppress(FileNotFoundError):

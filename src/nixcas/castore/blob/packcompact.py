@@ -1,0 +1,176 @@
+"""Compaction of ``packed://`` pack files: the dead space a GC sweep leaves behind, freed.
+
+A pack with no row (its writer died before the first one) is removed once
+older than the cutoff, one whose live bytes are less than half its size is
+rewritten, and small packs (each import process writes its own) are merged
+into one once there are :data:`MERGE_COUNT` of them.  A pack is only touched
+while this process holds its ``flock``: a writer appending to it holds the
+lock, so its pack is never compacted.  Rewriting copies the live blobs into a
+new pack, ``fsync``-s it and moves their rows in one transaction; the old
+files are removed after the commit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from nixcas.castore.digest import EMPTY_DIGEST
+from nixcas.castore.gc import StoredObject
+from nixcas.errors import StorageError
+
+__all__ = ["MERGE_BELOW", "MERGE_COUNT", "LockedPack", "OpenPack", "Survey", "copy_live_blobs", "survey_packs"]
+
+MERGE_BELOW = 64 << 20
+"""Packs smaller than this are merged by GC once there are :data:`MERGE_COUNT` of them."""
+
+MERGE_COUNT = 16
+"""How many small packs make GC merge them into one."""
+
+LockedPack = tuple[int, int, str]
+"""``(pack id, open and locked descriptor, path)`` of a pack being compacted."""
+
+
+@dataclass
+class OpenPack:
+    """A pack file being appended to (locked by its writer)."""
+
+    id: int
+    fd: int
+    size: int
+
+
+@dataclass
+class Survey:
+    """What :func:`survey_packs` found: the space it frees, and the packs to rewrite (held locked)."""
+
+    freed: list[StoredObject] = field(default_factory=list)
+    rewrite: list[LockedPack] = field(default_factory=list)
+    small: list[LockedPack] = field(default_factory=list)
+    """Mostly live packs below :data:`MERGE_BELOW`: merged (moved to :attr:`rewrite`) once there are enough."""
+    small_dead: list[StoredObject] = field(default_factory=list)
+    """The dead bytes of each small pack, freed if they are merged."""
+
+    def close(self) -> None:
+        """Release every pack held (closing its descriptor drops its lock)."""
+        for _, fd, _ in self.rewrite + self.small:
+            os.close(fd)
+        self.rewrite, self.small = [], []
+
+
+def survey_packs(db: sqlite3.Connection, packs_dir: str, cutoff_ns: int, dry_run: bool) -> Survey:
+    """Lock every pack no writer holds and decide its fate; orphans older than ``cutoff_ns`` are removed now.
+
+    The caller rewrites :attr:`Survey.rewrite` (unless ``dry_run``) and closes the survey.
+    """
+    known = dict(db.execute("SELECT name, id FROM packs"))
+    live = {
+        pack: (count, used)
+        for pack, count, used in db.execute("SELECT pack, count(*), sum(length) FROM blobs GROUP BY pack")
+    }
+    survey = Survey()
+    try:
+        for entry in list(os.scandir(packs_dir)):
+            name = entry.name.removesuffix(".pack")
+            if name == entry.name:
+                continue
+            fd = _lock(entry.path)
+            if fd is not None:
+                _judge(survey, fd, entry.path, known.get(name), live, cutoff_ns, dry_run)
+        if len(survey.small) >= MERGE_COUNT:
+            survey.rewrite.extend(survey.small)
+            survey.freed.extend(o for o in survey.small_dead if o.size)
+            survey.small = []
+    except BaseException:
+        survey.close()
+        raise
+    return survey
+
+
+def _lock(path: str) -> int | None:
+    """An open descriptor of the pack at ``path``, locked; ``None`` if it is gone or a writer holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None  # a writer is appending to it
+    return fd
+
+
+def _judge(
+    survey: Survey,
+    fd: int,
+    path: str,
+    pack_id: int | None,
+    live: dict[int, tuple[int, int]],
+    cutoff_ns: int,
+    dry_run: bool,
+) -> None:
+    """Remove, keep (closing ``fd``), rewrite or hold as small the locked pack ``fd``."""
+    st = os.fstat(fd)
+    if pack_id is None:  # a writer died before its first row: nothing refers to it
+        if st.st_mtime_ns < cutoff_ns:
+            if not dry_run:
+                os.unlink(path)
+            survey.freed.append(StoredObject(EMPTY_DIGEST, st.st_size, st.st_mtime_ns))
+        os.close(fd)
+        return
+    count, used = live.get(pack_id, (0, 0))
+    if count and used * 2 >= st.st_size:  # mostly live (an empty blob's row keeps an empty pack)
+        if st.st_size < MERGE_BELOW:
+            survey.small.append((pack_id, fd, path))
+            survey.small_dead.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
+        else:
+            os.close(fd)
+        return
+    survey.rewrite.append((pack_id, fd, path))
+    survey.freed.append(StoredObject(EMPTY_DIGEST, st.st_size - used, st.st_mtime_ns))
+
+
+def copy_live_blobs(
+    db: sqlite3.Connection,
+    packs: Sequence[LockedPack],
+    open_pack: Callable[[sqlite3.Connection], OpenPack],
+    where: str,
+) -> None:
+    """Copy the live blobs of ``packs`` into one new pack (from ``open_pack``), move their rows, drop the packs.
+
+    One write transaction; the copies are on disk before it commits.  The
+    caller holds the service's write lock and removes the old files after.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        new: OpenPack | None = None
+        moved = []
+        try:
+            for pack_id, fd, path in packs:
+                rows = db.execute(
+                    "SELECT digest, offset, length FROM blobs WHERE pack = ? ORDER BY offset", (pack_id,)
+                ).fetchall()
+                for digest, offset, length in rows:
+                    data = os.pread(fd, length, offset)
+                    if len(data) != length:
+                        raise StorageError(f"{where}: pack {path} ends early; run fsck")
+                    if new is None:
+                        new = open_pack(db)
+                    os.pwrite(new.fd, data, new.size)
+                    moved.append((new.id, new.size, digest))
+                    new.size += length
+            if new is not None:
+                os.fsync(new.fd)  # the copies are on disk before any row names them
+        finally:
+            if new is not None:
+                os.close(new.fd)
+        db.executemany("UPDATE blobs SET pack = ?, offset = ? WHERE digest = ?", moved)
+        db.executemany("DELETE FROM packs WHERE id = ?", [(pack_id,) for pack_id, _, _ in packs])
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
