@@ -218,6 +218,7 @@ class Backend:
         try:
             while (message := await self.receive()) is not None:
                 request, flags, payload, fds = message
+                log.debug("vhost-user request %d, flags %#x, %d bytes, %d fds", request, flags, len(payload), len(fds))
                 try:
                     reply = self.handle(request, payload, fds)
                 except BaseException:
