@@ -87,9 +87,7 @@ def kvm_usable() -> bool:
     probe = [str(found.qemu), "-accel", "kvm", "-cpu", "host", "-nodefaults", "-no-user-config"]
     probe += ["-display", "none", "-m", "16M", "-S", "-monitor", "stdio"]
     try:
-        done = subprocess.run(  # noqa: S603 - our own command line
-            probe, input=b"quit\n", capture_output=True, timeout=10, check=False
-        )
+        done = subprocess.run(probe, input=b"quit\n", capture_output=True, timeout=10, check=False)
     except subprocess.TimeoutExpired:
         return False
     return done.returncode == 0
@@ -209,15 +207,15 @@ def qemu_command(initramfs: Path, socket: Path, console: Path) -> list[str]:
 
 def run_vm(initramfs: Path, socket: Path, console: Path, *, timeout: float = 120.0) -> str:
     """Boot the VM until it powers off; what it printed on its serial console."""
-    proc = subprocess.Popen(  # noqa: S603 - our own command line
-        qemu_command(initramfs, socket, console), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen(qemu_command(initramfs, socket, console), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"the VM did not power off in {timeout} s; console:\n{console.read_text(errors='replace')}")
+        raise RuntimeError(
+            f"the VM did not power off in {timeout} s; console:\n{console.read_text(errors='replace')}"
+        ) from None
     text = console.read_text(errors="surrogateescape") if console.exists() else ""
     if proc.returncode != 0:
         raise RuntimeError(f"qemu exited {proc.returncode}: {err.decode(errors='replace')}\nconsole:\n{text}")
