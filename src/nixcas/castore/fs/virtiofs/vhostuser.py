@@ -213,7 +213,7 @@ class Backend:
     # -- the connection -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the connection until the front-end hangs up or breaks the protocol."""
+        """Serve the connection until the front-end hangs up or breaks the protocol; the socket is closed then."""
         self.sock.setblocking(False)
         try:
             while (message := await self.receive()) is not None:
@@ -234,6 +234,7 @@ class Backend:
         except OSError as e:
             log.error("vhost-user connection: %s", e)
         finally:
+            self.sock.close()
             await self.close()
 
     async def close(self) -> None:
