@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "LISTING_INIT",
     "VIRTIOFS_MODULES",
     "VmImage",
     "build_initramfs",
@@ -36,6 +37,32 @@ VIRTIOFS_MODULES = ("virtiofs", "virtio_pci")
 
 TAG = "nixstore"
 MEMORY_MIB = 256
+
+
+LISTING_INIT = r"""#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+/load-modules
+if $B mount -t virtiofs nixstore /mnt -o ro; then
+  echo NIXCAS-BEGIN
+  cd /mnt
+  $B find . | while read -r p; do
+    if [ -L "$p" ]; then printf 'L\t%s\t%s\n' "$p" "$($B readlink "$p")"
+    elif [ -d "$p" ]; then printf 'D\t%s\t%s\n' "$p" "$($B stat -c %a "$p")"
+    else printf 'F\t%s\t%s\t%s\t%s\n' "$p" "$($B stat -c %a "$p")" "$($B stat -c %s "$p")" \
+      "$($B sha256sum "$p" | $B cut -d' ' -f1)"
+    fi
+  done
+  cd /
+  $B umount /mnt && echo NIXCAS-END
+else
+  echo NIXCAS-MOUNT-FAILED
+fi
+$B poweroff -f
+"""
+"""A guest ``/init`` that mounts the tag and prints one tab-separated line per path: ``F path mode size sha256``,
+``D path mode``, ``L path target``, between ``NIXCAS-BEGIN`` and ``NIXCAS-END`` (printed after a clean unmount)."""
 
 
 @dataclass(frozen=True)
