@@ -381,8 +381,10 @@ class Backend:
         elif request == Req.SET_VRING_ERR:
             _close(queue.err)
             queue.err = fd
-        else:
-            self._stop(queue)
+        else:  # a new kick fd for a running queue keeps its requests in flight
+            if queue.kick >= 0:
+                self.loop.remove_reader(queue.kick)
+                _close(queue.kick)
             queue.kick = fd
             if not self.features & VHOST_USER_F_PROTOCOL_FEATURES:
                 queue.enabled = True  # without protocol features a ring starts enabled
