@@ -15,9 +15,8 @@ import click
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.cli.common import Settings, parse_digest, pass_settings, run
 from nixcas.cli.lazy import LazyCommand, LazyGroup
-from nixcas.cli.mount import mount_options, serve_mount
+from nixcas.cli.mount import mount_options, serve_mount, virtiofs_options
 from nixcas.cli.render import ls_line, node_json, node_line
-from nixcas.cli.virtiofs import serve_virtiofs, virtiofs_options
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
 
 if TYPE_CHECKING:  # each command imports what it uses: `castore ls` and `cat` stay light
@@ -317,6 +316,8 @@ def virtiofs(settings: Settings, digest: str, socket_path: Path, list_root: bool
 
     Its entries are the root of the filesystem; contents are fetched lazily.
     """
+    from nixcas.cli.virtiofs import serve_virtiofs
+
     root = parse_digest(digest)
 
     async def roots(store: Store) -> RootNodes:

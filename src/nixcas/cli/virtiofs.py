@@ -4,34 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
 from nixcas.cli.common import Settings, fail, run, service_options
+from nixcas.cli.mount import virtiofs_options
 from nixcas.cli.observe import telemetry_options
 
 if TYPE_CHECKING:  # `nixcas castore` imports this module: keep it light
     from nixcas.api import Store
     from nixcas.castore.fs.roots import RootNodes
-
-
-def virtiofs_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every virtiofs command takes."""
-    for option in reversed(
-        [
-            click.option(
-                "-l", "--list-root", is_flag=True, help="Allow listing the root (otherwise readdir of it is EPERM)."
-            ),
-            click.option(
-                "--show-xattr",
-                is_flag=True,
-                help="Offer user.{tvix,snix}.castore.{blob,directory}.digest extended attributes.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
 
 
 def serve_virtiofs(
