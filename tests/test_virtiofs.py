@@ -564,3 +564,30 @@ async def test_a_server_outlives_bad_front_ends_and_serves_the_next(tmp_path: Pa
         with contextlib.suppress(asyncio.CancelledError):
             await serving
         listener.close()
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
+def test_bad_socket_and_digest_are_usage_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nixcas.cli.app import cli
+
+    def run(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(cli, ["--store-dir", str(tmp_path / "store"), *args])
+        return result.exit_code, result.output
+
+    code, out = run("castore", "virtiofs", "00" * 32, str(tmp_path / "absent" / "fs.sock"))
+    assert code == 2 and "not a directory" in out
+    (tmp_path / "file").write_bytes(b"keep me")
+    code, out = run("castore", "virtiofs", "00" * 32, str(tmp_path / "file"))
+    assert code == 2 and "is not a socket" in out
+    assert (tmp_path / "file").read_bytes() == b"keep me"
+    code, out = run("castore", "virtiofs", "xyz", str(tmp_path / "fs.sock"))
+    assert code == 2
+    code, out = run("castore", "virtiofs", "00" * 32, str(tmp_path / "fs.sock"))
+    assert code == 1 and "not found" in out
+    assert not (tmp_path / "fs.sock").exists()
+    code, out = run("virtiofs", str(tmp_path / "absent" / "fs.sock"))
+    assert code == 2 and "not a directory" in out
