@@ -241,6 +241,14 @@ class FuseSession:
             return self._error(unique, errno.ERANGE)
         return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, unique) + body
 
+    def too_large(self, head: bytes, capacity: int) -> bytes | None:
+        """The reply to a request larger than we read (a write: ``EROFS``; else ``E2BIG``), from its first bytes."""
+        if len(head) < IN_HEADER.size or capacity < OUT_HEADER.size:
+            return None
+        _, opcode, unique, *_ = IN_HEADER.unpack_from(head)
+        log.warning("FUSE request %d (opcode %d) larger than %d bytes: refused", unique, opcode, len(head))
+        return self._error(unique, errno.EROFS if opcode in WRITING_OPS else errno.E2BIG)
+
     @staticmethod
     def _error(unique: int, code: int) -> bytes:
         return OUT_HEADER.pack(OUT_HEADER.size, -code, unique)

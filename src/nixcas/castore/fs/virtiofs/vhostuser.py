@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -66,6 +67,9 @@ PROTOCOL_FEATURES = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK
 
 MAX_QUEUES = 16
 """hiprio and up to 15 request queues."""
+
+MAX_INFLIGHT = 64
+"""Requests answered at once per connection (the others wait in their rings): bounds memory whatever the guest does."""
 
 VRING_NOFD = 0x100
 VRING_INDEX = 0xFF
@@ -142,6 +146,9 @@ class Backend:
         self.queues = [Queue(i) for i in range(MAX_QUEUES)]
         self.requests = 0
         """FUSE requests answered on this connection."""
+        self.inflight = 0
+        self._waiting: set[Queue] = set()
+        """Queues left with chains available when :data:`MAX_INFLIGHT` was reached."""
 
     # -- socket -----------------------------------------------------------------------
 
@@ -427,6 +434,9 @@ class Backend:
             return
         returned = False
         while True:
+            if self.inflight >= MAX_INFLIGHT:
+                self._waiting.add(queue)
+                break
             try:
                 head = ring.pop()
             except BadDescriptor as e:
@@ -445,12 +455,24 @@ class Backend:
                 continue
             task = self.loop.create_task(self._answer(queue, queue.generation, chain))
             queue.tasks.add(task)
-            task.add_done_callback(queue.tasks.discard)
+            self.inflight += 1
+            task.add_done_callback(functools.partial(self._done, queue))
         if returned:
             self._notify(queue)
 
+    def _done(self, queue: Queue, task: asyncio.Task[None]) -> None:
+        queue.tasks.discard(task)
+        self.inflight -= 1
+        if self._waiting:
+            waiting, self._waiting = self._waiting, set()
+            for q in waiting:
+                self._service(q)
+
     async def _answer(self, queue: Queue, generation: int, chain: Chain) -> None:
-        reply = await self.session.handle(chain.readable, chain.capacity)
+        if chain.truncated:
+            reply = self.session.too_large(chain.readable, chain.capacity)
+        else:
+            reply = await self.session.handle(chain.readable, chain.capacity)
         self.requests += 1
         ring = queue.ring
         if ring is None or queue.generation != generation:

@@ -30,8 +30,9 @@ DESC = struct.Struct("<QIHH")
 """One descriptor: guest-physical address, length, flags, next."""
 
 MAX_QUEUE_SIZE = 32768
-MAX_REQUEST = 4 << 20
-"""The most bytes a request's driver-written part may carry (a read-only filesystem needs a few KiB)."""
+MAX_REQUEST = 64 << 10
+"""The most bytes of a request's driver-written part that are read (a read-only filesystem needs a few hundred;
+more is a write, answered from its header alone)."""
 
 
 class BadDescriptor(Exception):
@@ -115,6 +116,8 @@ class Chain:
     """What the driver wrote (every device-readable descriptor, in order)."""
     writable: list[tuple[int, int]]
     """Where the device may write: ``(guest_phys_addr, length)`` in order."""
+    truncated: bool = False
+    """The driver wrote more than :data:`MAX_REQUEST` bytes: ``readable`` holds the first ones."""
 
     @property
     def capacity(self) -> int:
@@ -160,7 +163,7 @@ class Virtqueue:
         readable = bytearray()
         writable: list[tuple[int, int]] = []
         table, table_off, table_len = self._desc[0], self._desc[1], self.size
-        index, seen, indirect = head, 0, False
+        index, seen, indirect, truncated = head, 0, False, False
         while True:
             seen += 1
             if seen > table_len:
@@ -182,15 +185,16 @@ class Virtqueue:
             elif writable:
                 raise BadDescriptor("a device-readable descriptor after a device-writable one")
             else:
-                if len(readable) + length > MAX_REQUEST:
-                    raise BadDescriptor(f"request of more than {MAX_REQUEST} bytes")
-                readable += self.memory.read(addr, length)
+                take = min(length, MAX_REQUEST - len(readable))
+                truncated = truncated or take < length
+                if take:
+                    readable += self.memory.read(addr, take)
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             if nxt >= table_len:
                 raise BadDescriptor(f"next descriptor {nxt} outside a table of {table_len}")
             index = nxt
-        return Chain(head, bytes(readable), writable)
+        return Chain(head, bytes(readable), writable, truncated)
 
     def push(self, chain: Chain, reply: bytes) -> int:
         """Write ``reply`` into the chain's writable buffers and return it on the used ring; bytes written."""
