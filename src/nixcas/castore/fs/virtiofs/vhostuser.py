@@ -148,6 +148,7 @@ class Backend:
         """FUSE requests answered on this connection."""
         self.inflight = 0
         self._waiting: set[Queue] = set()
+        self._to_notify: set[Queue] = set()
         """Queues left with chains available when :data:`MAX_INFLIGHT` was reached."""
 
     # -- socket -----------------------------------------------------------------------
@@ -484,8 +485,17 @@ class Backend:
             ring.put_used(chain.head, 0)
         self._notify(queue)
 
-    @staticmethod
-    def _notify(queue: Queue) -> None:
-        if queue.call >= 0:
+    def _notify(self, queue: Queue) -> None:
+        """Signal the queue's call eventfd once the replies finished in this step of the loop are all on the ring."""
+        if not self._to_notify:
+            self.loop.call_soon(self._flush_notify)
+        self._to_notify.add(queue)
+
+    def _flush_notify(self) -> None:
+        queues, self._to_notify = self._to_notify, set()
+        for queue in queues:
+            ring = queue.ring
+            if queue.call < 0 or ring is None or ring.interrupts_suppressed():
+                continue  # the driver polls the used ring itself meanwhile
             with contextlib.suppress(BlockingIOError):
                 os.write(queue.call, U64.pack(1))

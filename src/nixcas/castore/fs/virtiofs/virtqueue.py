@@ -25,6 +25,7 @@ __all__ = ["BadDescriptor", "Chain", "GuestMemory", "MemoryRegion", "Virtqueue"]
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 
 DESC = struct.Struct("<QIHH")
 """One descriptor: guest-physical address, length, flags, next."""
@@ -144,6 +145,12 @@ class Virtqueue:
         m, off = self._avail
         idx: int = struct.unpack_from("<H", m, off + 2)[0]
         return (idx - self.last_avail) & 0xFFFF
+
+    def interrupts_suppressed(self) -> bool:
+        """Whether the driver asked not to be notified of used buffers (``VIRTQ_AVAIL_F_NO_INTERRUPT``)."""
+        m, off = self._avail
+        flags: int = struct.unpack_from("<H", m, off)[0]
+        return bool(flags & VIRTQ_AVAIL_F_NO_INTERRUPT)
 
     def pop(self) -> int | None:
         """The head of the next available chain, or ``None``."""
