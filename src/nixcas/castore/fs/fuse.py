@@ -35,14 +35,26 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.fs.directories import DirectoryFetcher
 from nixcas.castore.fs.inodes import Inode, InodeTable
-from nixcas.castore.fs.ops import BLKSIZE, CACHE_TIMEOUT, XATTR_NAMES, Attributes, FsCore, FsError, Handle
-from nixcas.castore.fs.ops import FileHandle as _FileHandle  # noqa: F401  (the names tests know)
-from nixcas.castore.fs.ops import RootListing as _RootListing  # noqa: F401
+from nixcas.castore.fs.ops import (
+    BLKSIZE,
+    CACHE_TIMEOUT,
+    XATTR_NAMES,
+    Attributes,
+    FileHandle,
+    FsCore,
+    FsError,
+    Handle,
+    RootListing,
+)
 from nixcas.castore.fs.roots import RootNodes
 
 __all__ = ["CACHE_TIMEOUT", "XATTR_NAMES", "CastoreFs", "serve"]
 
 log = logging.getLogger("nixcas.fs")
+
+_FileHandle = FileHandle
+_RootListing = RootListing
+"""The handle classes under the names they had when they were defined here."""
 
 T = TypeVar("T")
 
