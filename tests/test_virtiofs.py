@@ -685,3 +685,24 @@ async def test_no_notification_while_the_driver_suppresses_them() -> None:
         fe.notified[1] = fe.used_seen[1]
         struct.pack_into("<H", fe.mem, 0x11000, 0)
         assert (await fe.fuse(LOOKUP, 1, b"plain\0"))[0] == 0  # notified again
+
+
+async def test_a_front_end_that_never_reads_its_replies_stalls_only_its_connection() -> None:
+    async with connected() as (fe, task):
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(200_000):  # until both socket buffers are full
+                fe.send(GET_FEATURES)
+                sent += 1
+                if sent % 64 == 0:
+                    await asyncio.sleep(0)  # let the back-end answer into the full buffer
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert not task.done()
+        ticks = 0
+        for _ in range(10):  # the event loop still runs
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 10
+        fe.sock.close()  # hanging up ends the stalled connection
+        await asyncio.wait_for(asyncio.shield(task), 5)

@@ -211,12 +211,9 @@ class Backend:
             raise
         return request, flags, payload, fds
 
-    def _send(self, request: int, payload: bytes) -> None:
-        self.sock.setblocking(True)  # replies are small: the socket buffer takes them
-        try:
-            self.sock.sendall(HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload)
-        finally:
-            self.sock.setblocking(False)
+    async def _send(self, request: int, payload: bytes) -> None:
+        """A reply (a front-end that stops reading stalls its own connection only)."""
+        await self.loop.sock_sendall(self.sock, HEADER.pack(request, VERSION | FLAG_REPLY, len(payload)) + payload)
 
     # -- the connection -------------------------------------------------------------------
 
@@ -234,13 +231,15 @@ class Backend:
                         _close(fd)
                     raise
                 if reply is not None:
-                    self._send(request, reply)
+                    await self._send(request, reply)
                 elif flags & FLAG_NEED_REPLY and self.protocol_features & PROTOCOL_F_REPLY_ACK:
-                    self._send(request, U64.pack(0))
+                    await self._send(request, U64.pack(0))
         except VhostUserError as e:
             log.error("vhost-user front-end: %s; closing the connection", e)
         except OSError as e:
             log.error("vhost-user connection: %s", e)
+        except Exception:
+            log.exception("vhost-user connection: unexpected error; closing it")
         finally:
             self.sock.close()
             await self.close()
