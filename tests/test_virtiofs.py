@@ -706,3 +706,20 @@ async def test_a_front_end_that_never_reads_its_replies_stalls_only_its_connecti
         assert ticks == 10
         fe.sock.close()  # hanging up ends the stalled connection
         await asyncio.wait_for(asyncio.shield(task), 5)
+
+
+async def test_a_new_memory_table_and_kick_fd_while_running() -> None:
+    """QEMU sends a new table when guest memory changes; the queues go on in the new maps, nothing lost."""
+    async with connected() as (fe, task):
+        await fe.setup()
+        await fe.init()
+        fe.mem_table(flags=1 | NEED_REPLY)
+        assert await fe.reply() == (SET_MEM_TABLE, struct.pack("<Q", 0))
+        assert (await fe.fuse(LOOKUP, 1, b"sub\0"))[0] == 0
+        new_kick = os.eventfd(0, os.EFD_NONBLOCK)
+        fe.send(SET_VRING_KICK, struct.pack("<Q", 1), (new_kick,))
+        await fe.roundtrip()
+        os.close(fe.kick[1])
+        fe.kick[1] = new_kick
+        assert (await fe.fuse(LOOKUP, 1, b"plain\0"))[0] == 0
+        assert not task.done()

@@ -357,11 +357,13 @@ class Backend:
             for fd in fds:
                 _close(fd)
         old, self.memory = self.memory, memory
-        for queue in self.queues:
-            if queue.ring is not None:
-                self._start(queue)
-        if old is not None:
-            old.close()
+        try:
+            for queue in self.queues:
+                if queue.ring is not None:  # running queues now read the new maps
+                    self._start(queue)
+        finally:
+            if old is not None:
+                old.close()
         log.info(
             "guest memory: %s",
             ", ".join(f"{size >> 20} MiB at {gpa:#x}" for gpa, size, _, _ in table),
@@ -496,5 +498,9 @@ class Backend:
             ring = queue.ring
             if queue.call < 0 or ring is None or ring.interrupts_suppressed():
                 continue  # the driver polls the used ring itself meanwhile
-            with contextlib.suppress(BlockingIOError):
+            try:
                 os.write(queue.call, U64.pack(1))
+            except BlockingIOError:
+                pass  # the counter is full: the front-end has a wake-up pending anyway
+            except OSError as e:
+                log.error("queue %d: cannot signal its call fd: %s", queue.index, e)
