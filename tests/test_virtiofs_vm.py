@@ -36,6 +36,9 @@ def make_tree(root: Path) -> None:
     (root / "share" / "doc" / "deep" / "random").write_bytes(rng.randbytes(1_500_000))
     (root / "share" / "empty").write_bytes(b"")
     (root / "share" / "with space").write_bytes(b"spaced\n")
+    (root / "share" / "copy-of-README").write_bytes(b"read me\n")  # the same content: the same inode
+    (root / "share" / "README-executable").write_bytes(b"read me\n")  # ... but not with another mode
+    (root / "share" / "README-executable").chmod(0o755)
     (root / "emptydir").mkdir()
     (root / "lib").symlink_to("share/doc")
     (root / "abs").symlink_to("/nix/store/somewhere-else")
@@ -92,5 +95,9 @@ def test_a_vm_reads_the_tree_over_virtiofs(tmp_path: Path) -> None:
         assert not sock.exists()
     assert "NIXCAS-BEGIN" in console and "NIXCAS-END" in console, console
     body = console.split("NIXCAS-BEGIN", 1)[1].split("NIXCAS-END", 1)[0]
-    got = {tuple(line.split("\t")) for line in body.replace("\r", "").splitlines() if "\t" in line}
-    assert got == expected_listing(tree)
+    lines = [line.split("\t") for line in body.replace("\r", "").splitlines() if "\t" in line]
+    assert {tuple(fields[:5]) for fields in lines} == expected_listing(tree)
+    inodes = {fields[1]: fields[5] for fields in lines if fields[0] == "F"}
+    assert inodes["./share/copy-of-README"] == inodes["./share/doc/README"]  # one inode per content, as over FUSE
+    assert inodes["./share/README-executable"] != inodes["./share/doc/README"]
+    assert len(set(inodes.values())) == len(inodes) - 1

@@ -50,8 +50,8 @@ if $B mount -t virtiofs nixstore /mnt -o ro; then
   $B find . | while read -r p; do
     if [ -L "$p" ]; then printf 'L\t%s\t%s\n' "$p" "$($B readlink "$p")"
     elif [ -d "$p" ]; then printf 'D\t%s\t%s\n' "$p" "$($B stat -c %a "$p")"
-    else printf 'F\t%s\t%s\t%s\t%s\n' "$p" "$($B stat -c %a "$p")" "$($B stat -c %s "$p")" \
-      "$($B sha256sum "$p" | $B cut -d' ' -f1)"
+    else printf 'F\t%s\t%s\t%s\t%s\t%s\n' "$p" "$($B stat -c %a "$p")" "$($B stat -c %s "$p")" \
+      "$($B sha256sum "$p" | $B cut -d' ' -f1)" "$($B stat -c %i "$p")"
     fi
   done
   cd /
@@ -61,7 +61,7 @@ else
 fi
 $B poweroff -f
 """
-"""A guest ``/init`` that mounts the tag and prints one tab-separated line per path: ``F path mode size sha256``,
+"""A guest ``/init`` that mounts the tag and prints one tab-separated line per path: ``F path mode size sha256 inode``,
 ``D path mode``, ``L path target``, between ``NIXCAS-BEGIN`` and ``NIXCAS-END`` (printed after a clean unmount)."""
 
 
