@@ -42,6 +42,11 @@ COMMANDS = {
         "mount",
         "Mount the store paths read-only at MOUNTPOINT (one entry per <hash>-<name>), until unmounted or signalled.",
     ),
+    "virtiofs": LazyCommand(
+        "nixcas.cli.virtiofs",
+        "virtiofs",
+        "Serve the store paths to VMs as a virtio-fs device (vhost-user socket SOCKET), until signalled.",
+    ),
     "gc": LazyCommand(
         "nixcas.cli.gc",
         "gc",

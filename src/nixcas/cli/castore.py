@@ -15,7 +15,7 @@ import click
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.cli.common import Settings, parse_digest, pass_settings, run
 from nixcas.cli.lazy import LazyCommand, LazyGroup
-from nixcas.cli.mount import mount_options, serve_mount
+from nixcas.cli.mount import mount_options, serve_mount, virtiofs_options
 from nixcas.cli.render import ls_line, node_json, node_line
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
 
@@ -304,6 +304,28 @@ def mount(
         return DirectoryRootNodes(await store.get_directory(root))
 
     serve_mount(settings, mountpoint, roots, list_root=list_root, allow_other=allow_other, show_xattr=show_xattr)
+
+
+@castore.command()
+@click.argument("digest")
+@click.argument("socket_path", metavar="SOCKET", type=click.Path(dir_okay=False, path_type=Path))
+@virtiofs_options
+@pass_settings
+def virtiofs(settings: Settings, digest: str, socket_path: Path, list_root: bool, show_xattr: bool) -> None:
+    """Serve the directory DIGEST to VMs as a virtio-fs device (vhost-user socket SOCKET), until signalled.
+
+    Its entries are the root of the filesystem; contents are fetched lazily.
+    """
+    from nixcas.cli.virtiofs import serve_virtiofs
+
+    root = parse_digest(digest)
+
+    async def roots(store: Store) -> RootNodes:
+        from nixcas.castore.fs.roots import DirectoryRootNodes
+
+        return DirectoryRootNodes(await store.get_directory(root))
+
+    serve_virtiofs(settings, socket_path, roots, list_root=list_root, show_xattr=show_xattr)
 
 
 async def write_verified_range(blobs: BlobService, blob: B3Digest, start: int, end: int, out: BinaryIO) -> None:

@@ -36,6 +36,24 @@ def mount_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def virtiofs_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every virtiofs command takes (here: `nixcas castore --help` loads this module, not cli.virtiofs)."""
+    for option in reversed(
+        [
+            click.option(
+                "-l", "--list-root", is_flag=True, help="Allow listing the root (otherwise readdir of it is EPERM)."
+            ),
+            click.option(
+                "--show-xattr",
+                is_flag=True,
+                help="Offer user.{tvix,snix}.castore.{blob,directory}.digest extended attributes.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.is_dir():
         raise click.BadParameter(f"{mountpoint}: not a directory", param_hint="MOUNTPOINT")
