@@ -28,6 +28,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.cache import CacheDirectoryService
 from nixcas.castore.dirs.lru import LruDirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ChecksumMismatch, ConfigurationError, NixcasError, StorageError
@@ -600,6 +601,23 @@ class TestCacheFromUrl(DirectoryServiceSuite):
         assert isinstance(svc, CacheDirectoryService)
         yield svc
         await svc.close()
+
+    @pytest.fixture
+    def store_raw(self, directory_service: DirectoryService) -> RawStore:
+        """The raw bytes land in near's LRU and in far's SQLite table (through far's own connection)."""
+        assert isinstance(directory_service, CacheDirectoryService)
+        near, far = directory_service.near, directory_service.far
+        assert isinstance(near, LruDirectoryService)
+        assert isinstance(far, SqliteDirectoryService)
+
+        async def store(digest: B3Digest, raw: bytes) -> None:
+            def write() -> None:
+                far._db.conn.execute("INSERT OR REPLACE INTO directories (digest, data) VALUES (?, ?)", (digest, raw))
+
+            await far._db.run(write)
+            near._data[digest] = raw
+
+        return store
 
 
 class TestLru(DirectoryServiceSuite):
