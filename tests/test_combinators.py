@@ -114,6 +114,8 @@ def memory_raw_store(*services: MemoryDirectoryService | LruDirectoryService) ->
 class TestCombinedMemory(BlobServiceSuite):
     """Writes and reads near (memory); far (memory) stays empty."""
 
+    covers = ("combined",)
+
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
         svc = CombinedBlobService(MemoryBlobService(), MemoryBlobService())
@@ -132,6 +134,8 @@ class TestCombinedMemory(BlobServiceSuite):
 
 class TestCombinedFillFromFar(BlobServiceSuite):
     """Every blob is written far, so every first read streams from far and fills near."""
+
+    covers = ("combined",)
 
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
@@ -155,6 +159,8 @@ class TestCombinedFillFromFar(BlobServiceSuite):
 
 class TestCombinedObjectStoreNear(BlobServiceSuite):
     """Near is an object store on disk (its writer spills big blobs to temp files), far is memory."""
+
+    covers = ("combined",)
 
     @pytest_asyncio.fixture
     async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
@@ -542,6 +548,8 @@ async def test_large_blob_memory_near(
 
 
 class TestCacheMemory(DirectoryServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = CacheDirectoryService(MemoryDirectoryService(SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
@@ -558,6 +566,8 @@ class TestCacheMemory(DirectoryServiceSuite):
 
 
 class TestCacheLru(DirectoryServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = CacheDirectoryService(LruDirectoryService(1000, SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
@@ -574,6 +584,8 @@ class TestCacheLru(DirectoryServiceSuite):
 
 class TestCacheFillFromFar(DirectoryServiceSuite):
     """Writes go far, so every read fetches, validates and stores the closure near first."""
+
+    covers = ("cache",)
 
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
@@ -595,6 +607,8 @@ class TestCacheFillFromFar(DirectoryServiceSuite):
 
 
 class TestCacheFromUrl(DirectoryServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url("cache://?near=lru%3A%2F%2F%3Fcapacity%3D1000&far=sqlite%3A%2F%2F")
@@ -621,6 +635,8 @@ class TestCacheFromUrl(DirectoryServiceSuite):
 
 
 class TestLru(DirectoryServiceSuite):
+    covers = ("lru",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = LruDirectoryService(1000, SizeRule.TVIX)

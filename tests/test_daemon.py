@@ -179,6 +179,8 @@ def any_daemon(request: pytest.FixtureRequest) -> Daemon:
 class DaemonBlobSuite(BlobServiceSuite):
     """The BlobService contract through GrpcBlobService and a daemon (subclasses pick it)."""
 
+    covers = ("grpc",)
+
     protocol: ClassVar[str] = "tvix"
 
     @pytest_asyncio.fixture
@@ -196,6 +198,8 @@ class DaemonBlobSuite(BlobServiceSuite):
 
 class DaemonDirectorySuite(DirectoryServiceSuite):
     """The DirectoryService contract through GrpcDirectoryService and a daemon."""
+
+    covers = ("grpc",)
 
     protocol: ClassVar[str] = "tvix"
 

@@ -92,6 +92,8 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 
 
 class TestGrpcBlobService(BlobServiceSuite):
+    covers = ("grpc",)
+
     @pytest_asyncio.fixture
     async def blob_service(self, server: RunningServer) -> AsyncIterator[BlobService]:
         svc = await blob_service_from_url(server.url + "?wait-connect=1")
@@ -135,6 +137,8 @@ class TestGrpcChunkStoreBlobService(TestGrpcBlobService):
 
 
 class TestGrpcDirectoryService(DirectoryServiceSuite):
+    covers = ("grpc",)
+
     @pytest_asyncio.fixture
     async def directory_service(self, server: RunningServer) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url(server.url)

@@ -100,6 +100,8 @@ async def collect_all(svc: DirectoryService, root: B3Digest) -> list[Directory]:
 
 
 class TestMemoryObjectStoreDirectoryService(DirectoryServiceSuite):
+    covers = ("objectstore",)
+
     ROOTS_ONLY = True
 
     @pytest_asyncio.fixture
@@ -115,6 +117,8 @@ class TestMemoryObjectStoreDirectoryService(DirectoryServiceSuite):
 
 
 class TestFileObjectStoreDirectoryService(DirectoryServiceSuite):
+    covers = ("objectstore",)
+
     ROOTS_ONLY = True
 
     @pytest_asyncio.fixture
@@ -130,6 +134,8 @@ class TestFileObjectStoreDirectoryService(DirectoryServiceSuite):
 
 
 class TestS3DirectoryService(DirectoryServiceSuite):
+    covers = ("objectstore",)
+
     ROOTS_ONLY = True
 
     @pytest_asyncio.fixture

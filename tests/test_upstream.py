@@ -65,6 +65,8 @@ OTHER = SigningKey.generate("upstream.test-1")  # same name, another key
 
 
 class TestLru(PathInfoServiceSuite):
+    covers = ("lru",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url("lru://?capacity=1000")
@@ -83,6 +85,8 @@ class TestLru(PathInfoServiceSuite):
 
 
 class TestCache(PathInfoServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url("cache://?near=lru%3A%2F%2F%3Fcapacity%3D100&far=memory%3A%2F%2F")
@@ -117,6 +121,8 @@ class TestCache(PathInfoServiceSuite):
 
 
 class TestSigning(PathInfoServiceSuite):
+    covers = ("keyfile-signing",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self, tmp_path: Path) -> AsyncIterator[PathInfoService]:
         (tmp_path / "key").write_text(str(KEY))

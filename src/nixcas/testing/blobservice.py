@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar
 
 import blake3
 import pytest
@@ -33,6 +34,7 @@ from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, NixcasError, ValidationError
 from nixcas.testing.fixtures import BLOB_A, BLOB_B, EMPTY, HELLOWORLD
+from nixcas.testing.matrix import check_covers
 
 __all__ = ["BlobCorrupter", "BlobServiceSuite", "Boom", "TempFiles", "read_exactly", "split", "write_parts"]
 
@@ -111,6 +113,13 @@ CORRUPTIONS = [
 
 class BlobServiceSuite:
     """Contract tests; a subclass provides the ``blob_service`` fixture."""
+
+    covers: ClassVar[tuple[str, ...]] = ()
+    """The tags of :data:`nixcas.registry.BLOB_SERVICES` this subclass runs (checked before every test)."""
+
+    @pytest.fixture(autouse=True)
+    def _runs_the_covered_backends(self, blob_service: BlobService) -> None:
+        check_covers("blobservices", self.covers, blob_service)
 
     chunks_large_blobs = True
     """Whether the backend may split blobs (``chunks()`` then lists ≥ 2 chunks adding up to the blob)."""

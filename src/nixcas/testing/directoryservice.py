@@ -23,6 +23,7 @@ Usage in a backend's test module::
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar
 
 import blake3
 import pytest
@@ -43,6 +44,7 @@ from nixcas.testing.fixtures import (
     DIRECTORY_WITH_KEEP,
     DUMMY_DIGEST,
 )
+from nixcas.testing.matrix import check_covers
 
 __all__ = ["DirectoryServiceSuite", "RawStore"]
 
@@ -100,6 +102,13 @@ async def upload_rejected(svc: DirectoryService, directories: Sequence[Directory
 
 class DirectoryServiceSuite:
     """Contract tests; a subclass provides the ``directory_service`` fixture."""
+
+    covers: ClassVar[tuple[str, ...]] = ()
+    """The tags of :data:`nixcas.registry.DIRECTORY_SERVICES` this subclass runs (checked before every test)."""
+
+    @pytest.fixture(autouse=True)
+    def _runs_the_covered_backends(self, directory_service: DirectoryService) -> None:
+        check_covers("directoryservices", self.covers, directory_service)
 
     ROOTS_ONLY = False
     """The backend answers ``get``/``get_recursive`` only for closure roots (the snix
