@@ -41,7 +41,7 @@ from nixcas.testing.fixtures import (
 
 VECTORS = {
     d["name"].split(" ")[0]: d
-    for d in json.loads((Path(__file__).parent / "data" / "vectors.json").read_text())["directories"]
+    for d in json.loads((Path(__file__).parents[1] / "data" / "vectors.json").read_text())["directories"]
 }
 
 

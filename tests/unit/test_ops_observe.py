@@ -427,7 +427,7 @@ def test_every_metric_is_documented() -> None:
     """The README's metrics table names every metric nixcas defines (and no other ``nixcas_`` one)."""
     from nixcas.ops import stats
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme[readme.index("### Metrics") : readme.index("### Tracing")]
     documented = set(re.findall(r"`(nixcas_\w+)`", section))
     defined = {f"{name}_total" for name in stats.COUNTERS}
