@@ -121,8 +121,18 @@ class BlobServiceSuite:
     def _runs_the_covered_backends(self, blob_service: BlobService) -> None:
         check_covers("blobservices", self.covers, blob_service)
 
+    corruption_error: ClassVar[type[NixcasError]] = ChecksumMismatch
+    """What reading corrupted stored bytes raises (its message says "checksum mismatch").  Through a
+    daemon either side may notice first: the client's own check, or the server's ``DATA_LOSS``."""
+
     chunks_large_blobs = True
     """Whether the backend may split blobs (``chunks()`` then lists ≥ 2 chunks adding up to the blob)."""
+
+    def raises_corruption(self, also: str = "") -> pytest.RaisesExc[NixcasError]:
+        """``pytest.raises`` for :attr:`corruption_error` (other than ChecksumMismatch: saying "checksum mismatch")."""
+        if self.corruption_error is ChecksumMismatch:
+            return pytest.raises(ChecksumMismatch, match=also or None)
+        return pytest.raises(self.corruption_error, match=f"{also}.*checksum mismatch" if also else "checksum mismatch")
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -309,9 +319,9 @@ class BlobServiceSuite:
         reader = await blob_service.open_read(digest)
         assert reader is not None
         async with reader:
-            with pytest.raises(ChecksumMismatch):
+            with self.raises_corruption():
                 await reader.read_all()
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await blob_service.read(digest)
 
     # -- read_many -------------------------------------------------------------------
@@ -369,9 +379,9 @@ class BlobServiceSuite:
         digest = await blob_service.put(data)
         good = await blob_service.put(b"fine")
         await corrupt_blob(digest, bad)
-        with pytest.raises(ChecksumMismatch, match=digest.hex()):
+        with self.raises_corruption(digest.hex()):
             await blob_service.read_many({good: 4, digest: max(len(data), len(bad))})
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await blob_service.read_many({digest: max(len(data), len(bad))}, parallel=1)
         if len(bad) > len(data):  # too large for the size asked for: left out, not read
             assert await blob_service.read_many({good: 4, digest: len(data)}) == {good: b"fine"}

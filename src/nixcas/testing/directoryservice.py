@@ -110,9 +110,19 @@ class DirectoryServiceSuite:
     def _runs_the_covered_backends(self, directory_service: DirectoryService) -> None:
         check_covers("directoryservices", self.covers, directory_service)
 
+    corruption_error: ClassVar[type[StorageError]] = ChecksumMismatch
+    """What reading bytes stored under the wrong digest raises (its message says "checksum mismatch").
+    A gRPC client's server checks them first and answers ``DATA_LOSS``: a RemoteError there."""
+
     ROOTS_ONLY = False
     """The backend answers ``get``/``get_recursive`` only for closure roots (the snix
     object-store layout); directories inside a closure are then checked absent instead."""
+
+    def raises_corruption(self, also: str = "") -> pytest.RaisesExc[StorageError]:
+        """``pytest.raises`` for :attr:`corruption_error` (other than ChecksumMismatch: saying "checksum mismatch")."""
+        if self.corruption_error is ChecksumMismatch:
+            return pytest.raises(ChecksumMismatch, match=also or None)
+        return pytest.raises(self.corruption_error, match=f"{also}.*checksum mismatch" if also else "checksum mismatch")
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -312,15 +322,15 @@ class DirectoryServiceSuite:
     async def test_get_corrupted(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
         digest = await directory_service.put(DIRECTORY_WITH_KEEP)
         await store_raw(digest, DIRECTORY_B.encode())  # valid Directory, wrong digest
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await directory_service.get(digest)
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await collect(directory_service, digest)
 
     async def test_get_corrupted_garbage(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
         digest = await directory_service.put(DIRECTORY_WITH_KEEP)
         await store_raw(digest, b"\xff\xff\xff")
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await directory_service.get(digest)
 
     async def test_get_undecodable(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
@@ -363,5 +373,5 @@ class DirectoryServiceSuite:
     async def test_get_recursive_raw_corrupted(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
         digest = await directory_service.put(DIRECTORY_WITH_KEEP)
         await store_raw(digest, DIRECTORY_B.encode())
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             [item async for item in directory_service.get_recursive_raw(digest)]
