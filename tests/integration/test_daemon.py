@@ -34,6 +34,7 @@ import pytest_asyncio
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
+from test_blobservice import corrupt_object
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.blob.grpc import GrpcBlobService
@@ -43,7 +44,8 @@ from nixcas.castore.dirs.grpc import GrpcDirectoryService
 from nixcas.castore.grpc.status import RemoteError
 from nixcas.errors import StorageError
 from nixcas.registry import blob_service_from_url, directory_service_from_url
-from nixcas.testing.blobservice import BlobServiceSuite, TempFiles
+from nixcas.testing import packed
+from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite, TempFiles
 from nixcas.testing.daemon import (
     STARTUP_TIMEOUT,
     Daemon,
@@ -128,11 +130,11 @@ def spawn_python(script: str) -> subprocess.Popen[bytes]:
 
 
 DAMAGED: set[Path] = set()
-"""Stores the directory suite's raw hook wrote to past every check (see :func:`assert_clean_exit`)."""
+"""Stores the suites' raw hooks wrote to past every check (see :func:`assert_clean_exit`)."""
 
 DAMAGE_REPORTED = re.compile(
-    r"Z ERROR nixcas\.castore\.grpc\.status: DirectoryService\.Get failed: directory [0-9a-f]{64}"
-    r"(: checksum mismatch| is stored in an invalid form| is referenced but missing)"
+    r"Z ERROR nixcas\.castore\.grpc\.status: (DirectoryService\.Get failed: directory|BlobService\.\w+ failed: blob)"
+    r" [0-9a-f]{64}(: checksum mismatch| is stored in an invalid form| is referenced but missing)"
 )
 """How the daemon reports the damage the raw hook made (what the suite's clients see as errors)."""
 
@@ -211,6 +213,21 @@ class DaemonBlobSuite(BlobServiceSuite):
     @pytest.fixture
     def temp_files(self, daemon: Daemon) -> TempFiles:
         return daemon.settled_temp_files
+
+    corruption_error = StorageError  # the client's own check, or its server's DATA_LOSS
+
+    @pytest.fixture
+    def corrupt_blob(self, daemon: Daemon) -> BlobCorrupter:
+        """Damage the daemon's embedded store on disk (a pack row, else an object file)."""
+        assert daemon.store is not None
+        root = daemon.store / "blobs"
+
+        async def corrupt(digest: B3Digest, data: bytes) -> None:
+            DAMAGED.add(root.parent)
+            if not packed.corrupt_blob(root, digest, data):
+                corrupt_object(root, digest, data)
+
+        return corrupt
 
 
 class DaemonDirectorySuite(DirectoryServiceSuite):
