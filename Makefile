@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest proto bench bench-import bench-dump bench-startup bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-bridge-push bench-s3 system-deps clean
+.PHONY: run test lint typecheck pytest pytest-unit proto bench bench-import bench-dump bench-startup bench-grpc bench-nar bench-fuse bench-gc bench-chunking bench-bridge bench-bridge-push bench-s3 system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ typecheck: $(VENV)/.installed-dev
 PYTEST_WORKERS ?= 2
 pytest: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
+
+## pytest-unit: the quick run: in-process tests only (tests/unit, nothing marked compat)
+pytest-unit: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) tests/unit -m "not compat"
 
 ## proto: regenerate src/nixcas/_proto from proto/
 proto: $(VENV)/.installed-dev

@@ -1,24 +1,68 @@
 """Servers shared by the whole test session (started once, stopped by PID at the end), and the
-run's private home: no test reads or writes the user's own store."""
+run's private home: no test reads or writes the user's own store.
+
+The tests live in three directories, by what they need:
+
+* ``tests/unit``: in-process tests (a quick ``python -c`` at most);
+* ``tests/integration``: tests that run ``nixcas`` itself as processes (CLI, daemons, bridges);
+* ``tests/compat``: tests against real external programs (Nix, FUSE, PostgreSQL, SeaweedFS, sshd).
+
+Every test of ``tests/compat``, and every test elsewhere that uses one of those programs
+(the ``seaweedfs``/``pg_server`` fixtures, ``needs_nix``, ``needs_fuse``), is marked ``compat``;
+the tests of ``tests/integration`` are marked ``integration``.  ``pytest tests/unit -m "not compat"``
+is the quick run; ``make test`` runs everything.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nixcas.testing.fuse import needs_fuse
 from nixcas.testing.isolation import Snapshot, changes, private_environment, real_data_dir, snapshot
+from nixcas.testing.nix import needs_nix
 from nixcas.testing.postgres import PostgresServer, postgres_or_skip
 from nixcas.testing.seaweedfs import SeaweedFS, find_weed
+
+TESTS = Path(__file__).resolve().parent
+LAYERS = ("unit", "integration", "compat")
+"""The test directories; a test module may import helpers from another's module by name
+(pytest's default ``prepend`` import mode), so all three are on ``sys.path`` however the run was started."""
+for _layer in LAYERS:
+    if str(TESTS / _layer) not in sys.path:
+        sys.path.insert(0, str(TESTS / _layer))
+
+EXTERNAL_FIXTURES = frozenset({"seaweedfs", "s3_url", "pg_server", "pg_url"})
+"""Session fixtures that start a real external server: a test using one is a ``compat`` test."""
+EXTERNAL_MARKS = (needs_nix.mark, needs_fuse.mark)
 
 _names = itertools.count()
 
 REAL_DATA_DIR = real_data_dir(os.environ)
 """The user's own default store, as it was before the run changed HOME and XDG_DATA_HOME."""
 _REAL_DATA_BEFORE = pytest.StashKey[Snapshot]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``compat`` on tests needing an external program, ``integration`` on those of tests/integration."""
+    for item in items:
+        layer = item.path.parent.name if item.path.parent.parent == TESTS else None
+        if layer == "integration":
+            item.add_marker(pytest.mark.integration)
+        if layer == "compat" or uses_external_program(item):
+            item.add_marker(pytest.mark.compat)
+
+
+def uses_external_program(item: pytest.Item) -> bool:
+    """Whether ``item`` starts a real external server or is skipped without Nix or FUSE."""
+    if EXTERNAL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        return True
+    return any(mark in EXTERNAL_MARKS for mark in item.iter_markers("skipif"))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

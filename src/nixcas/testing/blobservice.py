@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar
 
 import blake3
 import pytest
@@ -33,6 +34,7 @@ from nixcas.castore.blob.base import BlobReader, BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, NixcasError, ValidationError
 from nixcas.testing.fixtures import BLOB_A, BLOB_B, EMPTY, HELLOWORLD
+from nixcas.testing.matrix import check_covers
 
 __all__ = ["BlobCorrupter", "BlobServiceSuite", "Boom", "TempFiles", "read_exactly", "split", "write_parts"]
 
@@ -112,8 +114,25 @@ CORRUPTIONS = [
 class BlobServiceSuite:
     """Contract tests; a subclass provides the ``blob_service`` fixture."""
 
+    covers: ClassVar[tuple[str, ...]] = ()
+    """The tags of :data:`nixcas.registry.BLOB_SERVICES` this subclass runs (checked before every test)."""
+
+    @pytest.fixture(autouse=True)
+    def _runs_the_covered_backends(self, blob_service: BlobService) -> None:
+        check_covers("blobservices", self.covers, blob_service)
+
+    corruption_error: ClassVar[type[NixcasError]] = ChecksumMismatch
+    """What reading corrupted stored bytes raises (its message says "checksum mismatch").  Through a
+    daemon either side may notice first: the client's own check, or the server's ``DATA_LOSS``."""
+
     chunks_large_blobs = True
     """Whether the backend may split blobs (``chunks()`` then lists ≥ 2 chunks adding up to the blob)."""
+
+    def raises_corruption(self, also: str = "") -> pytest.RaisesExc[NixcasError]:
+        """``pytest.raises`` for :attr:`corruption_error` (other than ChecksumMismatch: saying "checksum mismatch")."""
+        if self.corruption_error is ChecksumMismatch:
+            return pytest.raises(ChecksumMismatch, match=also or None)
+        return pytest.raises(self.corruption_error, match=f"{also}.*checksum mismatch" if also else "checksum mismatch")
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -297,12 +316,19 @@ class BlobServiceSuite:
     ) -> None:
         digest = await blob_service.put(data)
         await corrupt_blob(digest, bad)
-        reader = await blob_service.open_read(digest)
-        assert reader is not None
-        async with reader:
-            with pytest.raises(ChecksumMismatch):
-                await reader.read_all()
-        with pytest.raises(ChecksumMismatch):
+        if self.corruption_error is ChecksumMismatch:  # a service checking its own bytes does so as they stream
+            reader = await blob_service.open_read(digest)
+            assert reader is not None
+            async with reader:
+                with self.raises_corruption():
+                    await reader.read_all()
+        else:  # a client's server may check before sending anything
+            with self.raises_corruption():
+                reader = await blob_service.open_read(digest)
+                assert reader is not None
+                async with reader:
+                    await reader.read_all()
+        with self.raises_corruption():
             await blob_service.read(digest)
 
     # -- read_many -------------------------------------------------------------------
@@ -360,12 +386,16 @@ class BlobServiceSuite:
         digest = await blob_service.put(data)
         good = await blob_service.put(b"fine")
         await corrupt_blob(digest, bad)
-        with pytest.raises(ChecksumMismatch, match=digest.hex()):
+        with self.raises_corruption(digest.hex()):
             await blob_service.read_many({good: 4, digest: max(len(data), len(bad))})
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await blob_service.read_many({digest: max(len(data), len(bad))}, parallel=1)
-        if len(bad) > len(data):  # too large for the size asked for: left out, not read
+        if len(bad) > len(data) and self.corruption_error is ChecksumMismatch:
+            # too large for the size asked for: left out, not read
             assert await blob_service.read_many({good: 4, digest: len(data)}) == {good: b"fine"}
+        elif len(bad) > len(data):  # a client's server reads it, for its size, and finds it corrupt
+            with self.raises_corruption(digest.hex()):
+                await blob_service.read_many({good: 4, digest: len(data)})
 
     # -- writer lifecycle --------------------------------------------------------
 

@@ -23,6 +23,7 @@ Usage in a backend's test module::
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar
 
 import blake3
 import pytest
@@ -43,6 +44,7 @@ from nixcas.testing.fixtures import (
     DIRECTORY_WITH_KEEP,
     DUMMY_DIGEST,
 )
+from nixcas.testing.matrix import check_covers
 
 __all__ = ["DirectoryServiceSuite", "RawStore"]
 
@@ -101,9 +103,26 @@ async def upload_rejected(svc: DirectoryService, directories: Sequence[Directory
 class DirectoryServiceSuite:
     """Contract tests; a subclass provides the ``directory_service`` fixture."""
 
+    covers: ClassVar[tuple[str, ...]] = ()
+    """The tags of :data:`nixcas.registry.DIRECTORY_SERVICES` this subclass runs (checked before every test)."""
+
+    @pytest.fixture(autouse=True)
+    def _runs_the_covered_backends(self, directory_service: DirectoryService) -> None:
+        check_covers("directoryservices", self.covers, directory_service)
+
+    corruption_error: ClassVar[type[StorageError]] = ChecksumMismatch
+    """What reading bytes stored under the wrong digest raises (its message says "checksum mismatch").
+    A gRPC client's server checks them first and answers ``DATA_LOSS``: a RemoteError there."""
+
     ROOTS_ONLY = False
     """The backend answers ``get``/``get_recursive`` only for closure roots (the snix
     object-store layout); directories inside a closure are then checked absent instead."""
+
+    def raises_corruption(self, also: str = "") -> pytest.RaisesExc[StorageError]:
+        """``pytest.raises`` for :attr:`corruption_error` (other than ChecksumMismatch: saying "checksum mismatch")."""
+        if self.corruption_error is ChecksumMismatch:
+            return pytest.raises(ChecksumMismatch, match=also or None)
+        return pytest.raises(self.corruption_error, match=f"{also}.*checksum mismatch" if also else "checksum mismatch")
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -303,15 +322,15 @@ class DirectoryServiceSuite:
     async def test_get_corrupted(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
         digest = await directory_service.put(DIRECTORY_WITH_KEEP)
         await store_raw(digest, DIRECTORY_B.encode())  # valid Directory, wrong digest
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await directory_service.get(digest)
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await collect(directory_service, digest)
 
     async def test_get_corrupted_garbage(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
         digest = await directory_service.put(DIRECTORY_WITH_KEEP)
         await store_raw(digest, b"\xff\xff\xff")
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             await directory_service.get(digest)
 
     async def test_get_undecodable(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
@@ -354,5 +373,5 @@ class DirectoryServiceSuite:
     async def test_get_recursive_raw_corrupted(self, directory_service: DirectoryService, store_raw: RawStore) -> None:
         digest = await directory_service.put(DIRECTORY_WITH_KEEP)
         await store_raw(digest, DIRECTORY_B.encode())
-        with pytest.raises(ChecksumMismatch):
+        with self.raises_corruption():
             [item async for item in directory_service.get_recursive_raw(digest)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
 import pytest
 
@@ -30,6 +31,7 @@ from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import StorePath
 from nixcas.testing.fixtures import DIRECTORY_COMPLICATED, HELLOWORLD_DIGEST
+from nixcas.testing.matrix import check_covers
 
 __all__ = ["PathInfoServiceSuite", "RawPathInfoStore", "dummy_path_info", "make_path_info"]
 
@@ -72,6 +74,13 @@ def make_path_info(name: str, seed: int = 0, *, references: tuple[StorePath, ...
 
 class PathInfoServiceSuite:
     """Contract tests; a subclass provides the ``pathinfo_service`` fixture."""
+
+    covers: ClassVar[tuple[str, ...]] = ()
+    """The tags of :data:`nixcas.registry.PATHINFO_SERVICES` this subclass runs (checked before every test)."""
+
+    @pytest.fixture(autouse=True)
+    def _runs_the_covered_backends(self, pathinfo_service: PathInfoService) -> None:
+        check_covers("pathinfoservices", self.covers, pathinfo_service)
 
     supports_list = True
 

@@ -22,7 +22,7 @@ from nixcas.castore import blake3_tree as bt
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import StorageError, ValidationError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 BLAKE3_VECTORS = json.loads((DATA / "blake3_test_vectors.json").read_text())
 BAO_VECTORS = json.loads((DATA / "bao_test_vectors.json").read_text())
 

@@ -38,6 +38,8 @@ def sqlite_raw_store(svc: DirectoryService) -> RawStore:
 
 
 class TestMemoryDirectoryService(DirectoryServiceSuite):
+    covers = ("memory",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url("memory://")
@@ -57,6 +59,8 @@ class TestMemoryDirectoryService(DirectoryServiceSuite):
 
 
 class TestSqliteMemoryDirectoryService(DirectoryServiceSuite):
+    covers = ("sqlite",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url("sqlite://")
@@ -71,6 +75,8 @@ class TestSqliteMemoryDirectoryService(DirectoryServiceSuite):
 
 
 class TestSqliteFileDirectoryService(DirectoryServiceSuite):
+    covers = ("sqlite",)
+
     @pytest_asyncio.fixture
     async def directory_service(self, tmp_path: Path) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url(f"sqlite://{tmp_path}/d.sqlite")

@@ -378,12 +378,12 @@ def test_avg_chunk_size_refused(tmp_path: Path, value: str) -> None:
 
 # -- pyfastcdc against the Rust fastcdc crate (what snix uses) ---------------------------------------
 
-FASTCDC_VECTORS = json.loads((Path(__file__).parent / "data" / "fastcdc_v2020_vectors.json").read_text())
+FASTCDC_VECTORS = json.loads((Path(__file__).parents[1] / "data" / "fastcdc_v2020_vectors.json").read_text())
 
 
 @pytest.mark.parametrize("case", FASTCDC_VECTORS["cases"], ids=lambda c: f"{c['avg']}-seed{c['seed']}")
 def test_pyfastcdc_cuts_where_the_rust_crate_cuts(case: dict[str, Any]) -> None:
-    data = (Path(__file__).parent / "data" / "SekienAkashita.jpg").read_bytes()
+    data = (Path(__file__).parents[1] / "data" / "SekienAkashita.jpg").read_bytes()
     cdc = FastCDC(case["avg"], min_size=case["min"], max_size=case["max"], normalized_chunking=1, seed=case["seed"])
     chunks = list(cdc.cut_buf(data))
     assert [[c.gear_hash, c.length] for c in chunks] == case["chunks"]

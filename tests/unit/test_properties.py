@@ -12,7 +12,7 @@ default, derandomized so every run is the same).  Long-run mode: set
 ``NIXCAS_FUZZ_EXAMPLES`` higher (e.g. 100000) and the inputs become random per
 run::
 
-    NIXCAS_FUZZ_EXAMPLES=100000 pytest tests/test_properties.py --timeout=0
+    NIXCAS_FUZZ_EXAMPLES=100000 pytest tests/unit/test_properties.py --timeout=0
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from nixcas.store.store_path import (
 )
 from nixcas.testing.nix import NIX_HASH, NIX_INSTANTIATE, NIX_STORE, needs_nix, run_nix
 
-VECTORS_FILE = Path(__file__).parent / "data" / "vectors.json"
+VECTORS_FILE = Path(__file__).parents[1] / "data" / "vectors.json"
 
 # --- literal facts (reference §10.3 / §10.4, and values printed by Nix 2.8 on this machine) ---
 

@@ -172,6 +172,8 @@ def test_signature_text() -> None:
 
 
 class TestMemoryPathInfoService(PathInfoServiceSuite):
+    covers = ("memory",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url("memory://")
@@ -191,6 +193,8 @@ class TestMemoryPathInfoService(PathInfoServiceSuite):
 
 
 class TestSqlitePathInfoService(PathInfoServiceSuite):
+    covers = ("sqlite",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self, tmp_path: Path) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url(f"sqlite://{tmp_path}/pathinfo.sqlite")
@@ -213,6 +217,8 @@ class TestSqlitePathInfoService(PathInfoServiceSuite):
 
 
 class TestGrpcPathInfoService(PathInfoServiceSuite):
+    covers = ("grpc",)
+
     @pytest_asyncio.fixture
     async def backing(self) -> MemoryPathInfoService:
         return MemoryPathInfoService()

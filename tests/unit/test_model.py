@@ -40,7 +40,7 @@ from nixcas.testing.fixtures import (
     HELLOWORLD,
 )
 
-VECTORS: dict[str, Any] = json.loads((Path(__file__).parent / "data" / "vectors.json").read_text())
+VECTORS: dict[str, Any] = json.loads((Path(__file__).parents[1] / "data" / "vectors.json").read_text())
 
 BLOB_FIXTURES = {"EMPTY": EMPTY, "HELLOWORLD": HELLOWORLD, "BLOB_A": BLOB_A, "BLOB_B": BLOB_B}
 DIRECTORY_FIXTURES = {

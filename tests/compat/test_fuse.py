@@ -39,7 +39,7 @@ from nixcas.testing.fuse import Mount, mount_impossible, needs_fuse, running_mou
 
 pytestmark = needs_fuse
 
-VECTORS = json.loads((Path(__file__).parent / "data" / "vectors.json").read_text())
+VECTORS = json.loads((Path(__file__).parents[1] / "data" / "vectors.json").read_text())
 HELLOWORLD_B3 = next(b["b3_display"] for b in VECTORS["blobs"] if b["name"] == "HELLOWORLD")
 WITH_KEEP_HEX = next(d["digest_hex"] for d in VECTORS["directories"] if d["name"] == "DIRECTORY_WITH_KEEP")
 COMPLICATED_PATH = VECTORS["ca_import_store_paths"]["complicated"]

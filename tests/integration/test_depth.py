@@ -47,7 +47,7 @@ from nixcas.store.narindex import NarIndex
 from nixcas.store.pathinfo.memory import MemoryPathInfoService
 from nixcas.testing.daemon import raw_calculate_nar
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def chain_nar(depth: int) -> bytes:

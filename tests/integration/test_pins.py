@@ -30,6 +30,7 @@ from nixcas.server import RunningServer, start_server
 from nixcas.store.gc import collect_garbage
 from nixcas.testing.daemon import clean_env, nixcas_command, short_tmpdir
 from nixcas.testing.maintenance import one_line_error
+from nixcas.testing.matrix import check_covers
 
 D1 = B3Digest.of(b"one")
 D2 = B3Digest.of(b"two")
@@ -45,7 +46,11 @@ async def _served(pins: PinService, sock: Path) -> tuple[RunningServer, GrpcPinS
     return running, client
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql", "grpc"])
+PIN_BACKENDS = ("memory", "sqlite", "postgresql", "grpc")
+"""The pin service tags the contract below runs (tests/unit/test_contract_matrix.py reads it)."""
+
+
+@pytest.fixture(params=PIN_BACKENDS)
 async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens the backend under test; every opening sees the same pins (except memory: one instance)."""
     kind = request.param
@@ -56,6 +61,7 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
         async def open_one() -> PinService:
             if kind == "memory":
+                check_covers("pinservices", [kind], shared_memory)
                 return shared_memory
             if kind == "sqlite":
                 service: PinService = await pin_service_from_url(f"sqlite://{tmp_path / 'pins.sqlite'}")
@@ -67,6 +73,7 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
                 running, service = await _served(backing, sockets / f"s{len(servers)}.sock")
                 servers.append(running)
             opened.append(service)
+            check_covers("pinservices", [kind], service)
             return service
 
         yield open_one

@@ -28,6 +28,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.cache import CacheDirectoryService
 from nixcas.castore.dirs.lru import LruDirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.sizerule import SizeRule
 from nixcas.composition import directory_service_from_url
@@ -113,6 +114,8 @@ def memory_raw_store(*services: MemoryDirectoryService | LruDirectoryService) ->
 class TestCombinedMemory(BlobServiceSuite):
     """Writes and reads near (memory); far (memory) stays empty."""
 
+    covers = ("combined",)
+
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
         svc = CombinedBlobService(MemoryBlobService(), MemoryBlobService())
@@ -131,6 +134,8 @@ class TestCombinedMemory(BlobServiceSuite):
 
 class TestCombinedFillFromFar(BlobServiceSuite):
     """Every blob is written far, so every first read streams from far and fills near."""
+
+    covers = ("combined",)
 
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
@@ -154,6 +159,8 @@ class TestCombinedFillFromFar(BlobServiceSuite):
 
 class TestCombinedObjectStoreNear(BlobServiceSuite):
     """Near is an object store on disk (its writer spills big blobs to temp files), far is memory."""
+
+    covers = ("combined",)
 
     @pytest_asyncio.fixture
     async def blob_service(self, tmp_path: Path) -> AsyncIterator[BlobService]:
@@ -541,6 +548,8 @@ async def test_large_blob_memory_near(
 
 
 class TestCacheMemory(DirectoryServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = CacheDirectoryService(MemoryDirectoryService(SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
@@ -557,6 +566,8 @@ class TestCacheMemory(DirectoryServiceSuite):
 
 
 class TestCacheLru(DirectoryServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = CacheDirectoryService(LruDirectoryService(1000, SizeRule.TVIX), MemoryDirectoryService(SizeRule.TVIX))
@@ -573,6 +584,8 @@ class TestCacheLru(DirectoryServiceSuite):
 
 class TestCacheFillFromFar(DirectoryServiceSuite):
     """Writes go far, so every read fetches, validates and stores the closure near first."""
+
+    covers = ("cache",)
 
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
@@ -594,6 +607,8 @@ class TestCacheFillFromFar(DirectoryServiceSuite):
 
 
 class TestCacheFromUrl(DirectoryServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url("cache://?near=lru%3A%2F%2F%3Fcapacity%3D1000&far=sqlite%3A%2F%2F")
@@ -601,8 +616,27 @@ class TestCacheFromUrl(DirectoryServiceSuite):
         yield svc
         await svc.close()
 
+    @pytest.fixture
+    def store_raw(self, directory_service: DirectoryService) -> RawStore:
+        """The raw bytes land in near's LRU and in far's SQLite table (through far's own connection)."""
+        assert isinstance(directory_service, CacheDirectoryService)
+        near, far = directory_service.near, directory_service.far
+        assert isinstance(near, LruDirectoryService)
+        assert isinstance(far, SqliteDirectoryService)
+
+        async def store(digest: B3Digest, raw: bytes) -> None:
+            def write() -> None:
+                far._db.conn.execute("INSERT OR REPLACE INTO directories (digest, data) VALUES (?, ?)", (digest, raw))
+
+            await far._db.run(write)
+            near._data[digest] = raw
+
+        return store
+
 
 class TestLru(DirectoryServiceSuite):
+    covers = ("lru",)
+
     @pytest_asyncio.fixture
     async def directory_service(self) -> AsyncIterator[DirectoryService]:
         svc = LruDirectoryService(1000, SizeRule.TVIX)

@@ -55,6 +55,8 @@ def files_under(root: Path) -> list[str]:
 
 
 class TestMemoryBlobService(BlobServiceSuite):
+    covers = ("memory",)
+
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
         svc = await blob_service_from_url("memory://")
@@ -114,6 +116,8 @@ class TestLocalBlobService(BlobServiceSuite):
 
 class TestPackedBlobService(TestLocalBlobService):
     """The embedded store: small blobs are pack rows, large ones objects of the same layout."""
+
+    covers = ("packed",)
 
     URL = "packed://{root}"
     KIND = PackedBlobService

@@ -40,7 +40,7 @@ from nixcas.testing.fixtures import (
 
 VECTORS = {
     d["name"].split(" ")[0]: d
-    for d in json.loads((Path(__file__).parent / "data" / "vectors.json").read_text())["directories"]
+    for d in json.loads((Path(__file__).parents[1] / "data" / "vectors.json").read_text())["directories"]
 }
 
 
@@ -99,6 +99,8 @@ async def collect_all(svc: DirectoryService, root: B3Digest) -> list[Directory]:
 
 
 class TestMemoryObjectStoreDirectoryService(DirectoryServiceSuite):
+    covers = ("objectstore",)
+
     ROOTS_ONLY = True
 
     @pytest_asyncio.fixture
@@ -114,6 +116,8 @@ class TestMemoryObjectStoreDirectoryService(DirectoryServiceSuite):
 
 
 class TestFileObjectStoreDirectoryService(DirectoryServiceSuite):
+    covers = ("objectstore",)
+
     ROOTS_ONLY = True
 
     @pytest_asyncio.fixture
@@ -129,6 +133,8 @@ class TestFileObjectStoreDirectoryService(DirectoryServiceSuite):
 
 
 class TestS3DirectoryService(DirectoryServiceSuite):
+    covers = ("objectstore",)
+
     ROOTS_ONLY = True
 
     @pytest_asyncio.fixture

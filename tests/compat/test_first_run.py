@@ -17,7 +17,7 @@ from nixcas.errors import ConfigurationError
 from nixcas.testing.daemon import clean_env, free_port, nixcas_command
 from nixcas.testing.nix import NIX, nix_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NO_ROOT = """
 [blobservices.mine]
 type = "memory"

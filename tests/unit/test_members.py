@@ -256,6 +256,8 @@ def mode(request: pytest.FixtureRequest) -> str:
 class TestMembersBlobService(BlobServiceSuite):
     """An empty member first, the seeded one second: every read finds its blob in the second member."""
 
+    covers = ("priority", "race")
+
     @pytest_asyncio.fixture
     async def blob_service(self, mode: str) -> AsyncIterator[BlobService]:
         seed = MemoryBlobService()
@@ -274,6 +276,8 @@ class TestMembersBlobService(BlobServiceSuite):
 
 
 class TestMembersDirectoryService(DirectoryServiceSuite):
+    covers = ("priority", "race")
+
     @pytest_asyncio.fixture
     async def directory_service(self, mode: str) -> AsyncIterator[DirectoryService]:
         seed = MemoryDirectoryService(SizeRule.TVIX)
@@ -291,6 +295,8 @@ class TestMembersDirectoryService(DirectoryServiceSuite):
 
 
 class TestMembersPathInfoService(PathInfoServiceSuite):
+    covers = ("priority", "race")
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self, mode: str) -> AsyncIterator[PathInfoService]:
         seed = MemoryPathInfoService()

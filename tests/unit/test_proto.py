@@ -19,7 +19,7 @@ from nixcas._proto.snix.store.protos import rpc_pathinfo_pb2 as snix_rpc_pathinf
 from nixcas._proto.tvix.castore.protos import castore_pb2, rpc_blobstore_pb2, rpc_directory_pb2
 from nixcas._proto.tvix.store.protos import pathinfo_pb2, rpc_pathinfo_pb2
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "src" / "nixcas" / "_proto"
 
 

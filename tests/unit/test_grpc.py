@@ -33,7 +33,7 @@ from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
 from nixcas.server import RunningServer, start_server
 from nixcas.testing.blobservice import BlobCorrupter, BlobServiceSuite
-from nixcas.testing.directoryservice import DirectoryServiceSuite
+from nixcas.testing.directoryservice import DirectoryServiceSuite, RawStore
 from nixcas.testing.fixtures import (
     DIRECTORY_A,
     DIRECTORY_B,
@@ -92,6 +92,8 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
 
 
 class TestGrpcBlobService(BlobServiceSuite):
+    covers = ("grpc",)
+
     @pytest_asyncio.fixture
     async def blob_service(self, server: RunningServer) -> AsyncIterator[BlobService]:
         svc = await blob_service_from_url(server.url + "?wait-connect=1")
@@ -135,12 +137,25 @@ class TestGrpcChunkStoreBlobService(TestGrpcBlobService):
 
 
 class TestGrpcDirectoryService(DirectoryServiceSuite):
+    covers = ("grpc",)
+    corruption_error = RemoteError
+
     @pytest_asyncio.fixture
     async def directory_service(self, server: RunningServer) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url(server.url)
         assert isinstance(svc, GrpcDirectoryService)
         yield svc
         await svc.close()
+
+    @pytest.fixture
+    def store_raw(self, backing: tuple[LyingMemoryBlobService, MemoryDirectoryService]) -> RawStore:
+        """Bytes in the server's own store: it checks them and answers DATA_LOSS, which the client raises."""
+        data = backing[1]._data
+
+        async def store(digest: B3Digest, raw: bytes) -> None:
+            data[digest] = raw
+
+        return store
 
 
 class TestGrpcDirectoryServiceSnix(TestGrpcDirectoryService):

@@ -32,7 +32,7 @@ from nixcas.store.signing import (
 from nixcas.store.store_path import StorePath
 from nixcas.testing.pathinfoservice import dummy_path_info
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 V: dict[str, Any] = json.loads((DATA / "narinfo_vectors.json").read_text())
 SIGS: dict[str, Any] = json.loads((DATA / "vectors.json").read_text())["signatures"]
 

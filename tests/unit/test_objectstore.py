@@ -47,6 +47,8 @@ def _corrupter(svc: BlobService) -> BlobCorrupter:
 
 
 class TestMemoryObjectStoreBlobService(BlobServiceSuite):
+    covers = ("objectstore",)
+
     @pytest_asyncio.fixture
     async def blob_service(self) -> AsyncIterator[BlobService]:
         svc = await blob_service_from_url("objectstore+memory:///")
@@ -64,6 +66,8 @@ class TestMemoryObjectStoreBlobService(BlobServiceSuite):
 
 
 class TestS3BlobService(BlobServiceSuite):
+    covers = ("objectstore",)
+
     @pytest_asyncio.fixture
     async def blob_service(self, s3_url: str) -> AsyncIterator[BlobService]:
         svc = await blob_service_from_url(s3_url)

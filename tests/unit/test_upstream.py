@@ -49,7 +49,7 @@ from nixcas.store.pathinfo.nixhttp import NixHttpPathInfoService, NixHttpPathInf
 from nixcas.store.pathinfo.signing import KeyfileSigningPathInfoService
 from nixcas.store.signing import SigningKey, has_valid_signature, path_info_fingerprint
 from nixcas.store.store_path import build_ca_path
-from nixcas.testing.pathinfoservice import PathInfoServiceSuite, make_path_info
+from nixcas.testing.pathinfoservice import PathInfoServiceSuite, RawPathInfoStore, make_path_info
 from nixcas.testing.samples import Sample, make_sample
 
 KEY = SigningKey.generate("upstream.test-1")
@@ -60,22 +60,64 @@ OTHER = SigningKey.generate("upstream.test-1")  # same name, another key
 
 
 class TestLru(PathInfoServiceSuite):
+    covers = ("lru",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url("lru://?capacity=1000")
         yield svc
         await svc.close()
 
+    @pytest.fixture
+    def store_raw(self, pathinfo_service: PathInfoService) -> RawPathInfoStore:
+        assert isinstance(pathinfo_service, LruPathInfoService)
+        data = pathinfo_service._data
+
+        async def store(digest: bytes, raw: bytes) -> None:
+            data.remember(digest, raw)
+
+        return store
+
 
 class TestCache(PathInfoServiceSuite):
+    covers = ("cache",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url("cache://?near=lru%3A%2F%2F%3Fcapacity%3D100&far=memory%3A%2F%2F")
         yield svc
         await svc.close()
 
+    @pytest.fixture
+    def store_raw(self, pathinfo_service: PathInfoService) -> RawPathInfoStore:
+        """The raw bytes land in near's LRU and in far's dict (a record put through the cache is near only)."""
+        assert isinstance(pathinfo_service, CachePathInfoService)
+        near, far = pathinfo_service.near, pathinfo_service.far
+        assert isinstance(near, LruPathInfoService)
+        assert isinstance(far, MemoryPathInfoService)
+
+        async def store(digest: bytes, raw: bytes) -> None:
+            near._data.remember(digest, raw)
+            far._data[digest] = raw
+
+        return store
+
+    async def test_corrupt_far_record_is_refused_and_not_kept(self, pathinfo_service: PathInfoService) -> None:
+        """A record far holds under the wrong key is an error on the miss, and never reaches near."""
+        assert isinstance(pathinfo_service, CachePathInfoService)
+        near, far = pathinfo_service.near, pathinfo_service.far
+        assert isinstance(near, LruPathInfoService)
+        assert isinstance(far, MemoryPathInfoService)
+        a, b = make_path_info("a", 1), make_path_info("b", 2)
+        far._data[a.store_path.digest] = b.encode()
+        with pytest.raises(StorageError):
+            await pathinfo_service.get(a.store_path.digest)
+        assert len(near) == 0
+
 
 class TestSigning(PathInfoServiceSuite):
+    covers = ("keyfile-signing",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self, tmp_path: Path) -> AsyncIterator[PathInfoService]:
         (tmp_path / "key").write_text(str(KEY))
@@ -89,6 +131,17 @@ class TestSigning(PathInfoServiceSuite):
         )
         yield await composition.pathinfo_service("root")
         await composition.close()
+
+    @pytest.fixture
+    def store_raw(self, pathinfo_service: PathInfoService) -> RawPathInfoStore:
+        assert isinstance(pathinfo_service, KeyfileSigningPathInfoService)
+        inner = pathinfo_service.inner
+        assert isinstance(inner, MemoryPathInfoService)
+
+        async def store(digest: bytes, raw: bytes) -> None:
+            inner._data[digest] = raw
+
+        return store
 
 
 async def test_lru_evicts() -> None:

@@ -65,6 +65,8 @@ async def upload_complicated(svc: DirectoryService) -> B3Digest:
 
 
 class TestPostgresDirectoryService(DirectoryServiceSuite):
+    covers = ("postgresql",)
+
     @pytest_asyncio.fixture
     async def directory_service(self, pg_url: str) -> AsyncIterator[DirectoryService]:
         svc = await directory_service_from_url(pg_url)
@@ -86,6 +88,8 @@ class TestPostgresDirectoryService(DirectoryServiceSuite):
 
 
 class TestPostgresPathInfoService(PathInfoServiceSuite):
+    covers = ("postgresql",)
+
     @pytest_asyncio.fixture
     async def pathinfo_service(self, pg_url: str) -> AsyncIterator[PathInfoService]:
         svc = await pathinfo_service_from_url(pg_url)

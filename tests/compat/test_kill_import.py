@@ -20,7 +20,7 @@ from nixcas.testing.nix import NIX_STORE, fixed_tree, needs_nix, run_nix
 pytestmark = needs_nix
 
 ROUNDS = int(os.environ.get("NIXCAS_KILL_ROUNDS", "4"))
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

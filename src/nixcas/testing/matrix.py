@@ -1,0 +1,40 @@
+"""Which registry entries the contract suites run.
+
+Each suite subclass names the registry tags it exercises in ``covers`` (say
+``covers = ("cache",)`` for a ``cache://`` directory service).  The suite's
+autouse fixture calls :func:`check_covers` before every test, so a class cannot
+claim a backend its fixture does not build; ``tests/unit/test_contract_matrix.py``
+then checks that every tag of :data:`nixcas.registry.KINDS` is claimed by some
+suite or excluded with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from nixcas.registry import KINDS
+
+__all__ = ["check_covers", "uncovered"]
+
+
+def check_covers(kind: str, covers: Iterable[str], service: object) -> None:
+    """Fail unless ``service`` is an instance of the backend each tag in ``covers`` names.
+
+    One module (or package) per backend: the service (or a class it derives
+    from) must be defined in the module of the tag's config class, or below it
+    when that module is a package.
+    """
+    modules = {cls.__module__ for cls in type(service).__mro__}
+    for tag in covers:
+        config = KINDS[kind][tag]
+        home = config.__module__
+        if not any(m == home or m.startswith(home + ".") for m in modules):
+            raise AssertionError(
+                f"a suite claims {kind} {tag!r} ({config.__module__}) but runs {type(service).__qualname__}"
+            )
+
+
+def uncovered(table: Iterable[str], covered: Iterable[str], excluded: Mapping[str, str]) -> list[str]:
+    """The tags of ``table`` neither covered by a suite nor excluded with a reason, sorted."""
+    done = set(covered) | {tag for tag, reason in excluded.items() if reason.strip()}
+    return sorted(set(table) - done)
