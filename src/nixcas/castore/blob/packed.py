@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import operator
 import os
 import secrets
 import sqlite3
@@ -69,6 +68,7 @@ from nixcas.castore.blob.packfile import (
     Row,
     load,
     pack_name,
+    read_run,
     select_row,
     verified,
 )
@@ -89,14 +89,6 @@ MERGE_BELOW = 64 << 20
 
 MERGE_COUNT = 16
 """How many small packs make GC merge them into one."""
-
-RUN_GAP = 64 << 10
-"""Blobs of one :meth:`PackedBlobService.read_run` this close in a pack are read with one ``preadv`` (the gap too)."""
-
-_RUN_SELECT = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
-_RUN_QUERY = 900
-"""Digests per query of a run (below SQLite's oldest limit of 999 parameters)."""
-_PACK_OFFSET = operator.itemgetter(3, 4)
 
 MAX_OPEN_PACKS = 64
 """Pack files a service keeps open for reading (least recently used closed first)."""
@@ -533,60 +525,12 @@ class PackedBlobService(LocalBlobService):
     def _read_run_sync(
         self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview
     ) -> list[bytes | memoryview] | None:
-        if not wanted:
-            return []
         db = self._db()
-        keys = list(dict.fromkeys(raw for raw, _ in wanted))
-        rows: list[tuple[bytes, int, int, int, int, int]] = []
-        for i in range(0, len(keys), _RUN_QUERY):
-            batch = keys[i : i + _RUN_QUERY]
-            rows += db.execute(_RUN_SELECT.format(",".join("?" * len(batch))), batch).fetchall()
-        if len(rows) != len(keys):
-            return None  # not all in packs (or missing): the caller reads them blob by blob
-        rows.sort(key=_PACK_OFFSET)
-        # Read ranges (pack, start, end, place in buffer): blobs at most RUN_GAP apart share one.
-        ranges: list[tuple[int, int, int, int]] = []
-        placed: list[int] = []  # each row's place in the buffer
-        room = len(buffer)
-        at = 0  # the buffer's end so far
-        pack_id = start = end = -1
-        for _, size, _, pack, offset, length in rows:
-            if length > size + (size >> 8) + 1024:  # more than size bytes can compress to
-                return None
-            if pack == pack_id and end <= offset <= end + RUN_GAP and at + offset + length - end <= room:
-                at += offset - end
-                placed.append(at)
-                at += length
-                end = offset + length
-                continue
-            if pack_id >= 0:
-                ranges.append((pack_id, start, end, at - (end - start)))
-            pack_id, start, end = pack, offset, offset + length
-            placed.append(at)
-            at += length
-        ranges.append((pack_id, start, end, at - (end - start)))
-        view = buffer if at <= room else memoryview(bytearray(at))
-        for pack, start, end, place in ranges:
-            if self._preadv(pack, view[place : place + end - start], start, db) != end - start:
-                return None  # the pack file ends early: the per-blob path reports it
-        found: dict[bytes, bytes | memoryview] = {}
-        hasher = blake3.blake3
-        for (raw, size, codec, _, _, length), place in zip(rows, placed, strict=True):
-            data: bytes | memoryview = view[place : place + length]
-            if codec:
-                if codec != CODEC_ZSTD:
-                    return None
-                data = self._decompressor().decompress(data, max_output_size=size)
-            if len(data) != size or hasher(data).digest() != raw:
-                return None
-            found[raw] = data
-        out: list[bytes | memoryview] = []
-        for raw, size in wanted:
-            data = found[raw]
-            if len(data) != size:
-                return None
-            out.append(data)
-        return out
+
+        def preadv(pack: int, into: memoryview, offset: int) -> int:
+            return self._preadv(pack, into, offset, db)
+
+        return read_run(db, wanted, buffer, preadv, self._decompressor)
 
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         if not 0 < size <= self.whole_max:
