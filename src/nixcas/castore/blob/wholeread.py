@@ -27,9 +27,20 @@ import blake3
 
 TYPE_CHECKING = False  # not typing's: the fast path loads nothing it does not use
 if TYPE_CHECKING:
+    import sqlite3
+
     import zstandard
 
-__all__ = ["compressed_bound", "object_path", "parse_index", "raw_blocks", "read_chunks_into", "read_index"]
+__all__ = [
+    "WHOLE_MAX",
+    "PackedReads",
+    "compressed_bound",
+    "object_path",
+    "parse_index",
+    "raw_blocks",
+    "read_chunks_into",
+    "read_index",
+]
 
 READ_ONLY = os.O_RDONLY | os.O_CLOEXEC
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -204,3 +215,97 @@ def read_chunks_into(
     if hasher.digest() != digest:
         return None
     return view[:size]
+
+
+WHOLE_MAX = 64 << 20
+"""The largest blob read whole (and hashed once) before it is returned (``BulkReads.read_whole``)."""
+
+PACKED_RUN_MAX = 128 << 10
+"""The largest blob of the embedded store's pack files: half its average chunk size (``packed://``'s default)."""
+
+
+class PackedReads:
+    """The :class:`~nixcas.castore.blob.base.BulkReads` of a ``packed://`` directory with its default options,
+    read-only and without the blob service (no asyncio, no zstandard unless a blob was stored compressed).
+
+    The same reads as :class:`~nixcas.castore.blob.packed.PackedBlobService`'s: runs of pack rows
+    through :func:`~nixcas.castore.blob.packfile.read_run`, a bigger blob (or one that is not a row)
+    from the object layout through :func:`read_chunks_into`.  Nothing is ever created or changed.
+    Anything it cannot serve, or any error, is ``None``: the caller reads those blobs through the
+    service, which reports what is wrong.  Used from one thread at a time (its SQLite connection is
+    opened by the first read).
+    """
+
+    run_max = PACKED_RUN_MAX
+    whole_max = WHOLE_MAX
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._db: sqlite3.Connection | None = None
+        self._packs: dict[int, int] = {}
+        self._dctx: zstandard.ZstdDecompressor | None = None
+
+    def close(self) -> None:
+        """Close the database and the pack files."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        for fd in self._packs.values():
+            os.close(fd)
+        self._packs.clear()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            import sqlite3
+
+            path = f"{self.root}/packs.sqlite".replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+            # read on the reader thread, closed by its owner: never used by two threads at once
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        return self._db
+
+    def _preadv(self, pack: int, into: memoryview, offset: int) -> int:
+        fd = self._packs.get(pack)
+        if fd is None:
+            from nixcas.castore.blob.packfile import pack_name
+
+            name = pack_name(self._connection(), pack)
+            if name is None:
+                return -1
+            fd = self._packs[pack] = os.open(f"{self.root}/packs/{name}.pack", READ_ONLY)
+        got = 0
+        while got < len(into):
+            n = os.preadv(fd, [into[got:]], offset + got)
+            if not n:
+                break
+            got += n
+        return got
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        if self._dctx is None:
+            import zstandard
+
+            self._dctx = zstandard.ZstdDecompressor()
+        return self._dctx
+
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+        from nixcas.castore.blob.packfile import read_run
+
+        try:
+            return read_run(self._connection(), wanted, buffer, self._preadv, self._decompressor)
+        except Exception:
+            return None
+
+    def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
+        if not 0 < size <= self.whole_max:
+            return None
+        try:
+            if size <= self.run_max:
+                run = self.read_run([(digest, size)], buffer)
+                if run is not None:
+                    return run[0]
+            chunks = read_index(self.root, digest)
+            if chunks is None:
+                return None
+            return read_chunks_into(self.root, digest, size, chunks or [(digest, size)], buffer, self._decompressor)
+        except Exception:
+            return None

@@ -43,7 +43,7 @@ from _queue import SimpleQueue
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from nixcas.castore.canonical import decode_canonical
+from nixcas.castore.canonical import canonical_fields
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.nodes import (
     MAX_DEPTH,
@@ -72,7 +72,7 @@ from nixcas.store.nar.wire import (
 
 TYPE_CHECKING = False  # not typing's: the command line's fast path imports this module, and needs nothing of it
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from typing import Protocol
 
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
@@ -98,8 +98,7 @@ if TYPE_CHECKING:
         def get(self, digest: bytes, /) -> bytes | None:
             """The stored bytes of ``digest`` (checked against it), or ``None`` if there are none."""
 
-    Entry = tuple[bytes, int, Any]
-    """A directory entry: name, kind (0 directory, 1 file, 2 symlink), and a message or node with its fields."""
+    from nixcas.castore.canonical import Fields
 
 __all__ = [
     "RUN_BYTES",
@@ -138,7 +137,6 @@ _PAD_CLOSE = [bytes(-n & 7) + _CLOSE_ENTRY for n in range(8)]
 _U64 = struct.Struct("<Q")
 _ZEROS = bytes(8)
 _NAME = operator.itemgetter(0)
-_KINDS = {DirectoryNode: 0, FileNode: 1, SymlinkNode: 2}
 
 
 class Plan:
@@ -219,28 +217,31 @@ async def fetch_raw_closure(node: Node, directories: DirectoryService) -> dict[b
 # -- planning --------------------------------------------------------------------------
 
 
-def _entries(raw: bytes, path: TreePath) -> list[Entry]:
-    """A stored Directory's entries in name order: (name, kind (0 directory, 1 file, 2 symlink), message or node).
+def _entries(raw: bytes, path: TreePath) -> list[Fields]:
+    """A stored Directory's entries in name order: (name, kind (0 directory, 1 file, 2 symlink), digest or target,
+    size, executable).
 
     Checked as :meth:`~nixcas.castore.directory.Directory.decode` does: each list sorted, names
-    unique across the lists and valid.  Canonical bytes are read without protobuf while it is not
-    loaded (:func:`~nixcas.castore.canonical.decode_canonical`); anything else, or anything once
-    protobuf is loaded (faster per entry), goes through protobuf, which reports the precise error.
+    unique across the lists and valid (all names of the directory at once; one by one only to name
+    the bad one).  Canonical bytes are read without protobuf while it is not loaded
+    (:func:`~nixcas.castore.canonical.canonical_fields`); anything else, or anything once protobuf
+    is loaded, goes through protobuf, which reports the precise error.
     """
-    if "google.protobuf" not in sys.modules:
-        decoded = decode_canonical(raw)
-        if decoded is not None:
-            entries: list[Entry] = [(name, _KINDS[type(node)], node) for name, node in decoded]
-            if entries and entries[0][1] != entries[-1][1]:  # more than one list: merge (names stay unique)
-                entries.sort(key=_NAME)
-                if any(a[0] == b[0] for a, b in itertools.pairwise(entries)):
-                    return _message_entries(raw, path)  # a name twice: reported there
-            return entries
-    return _message_entries(raw, path)
+    entries = canonical_fields(raw) if "google.protobuf" not in sys.modules else None
+    if entries is None:
+        entries = _message_entries(raw, path)
+    if entries:
+        _check_names([entry[0] for entry in entries])
+    if len(entries) > 1 and entries[0][1] != entries[-1][1]:  # more than one list: merge (names stay unique)
+        entries.sort(key=_NAME)
+        names = [entry[0] for entry in entries]
+        if len(set(names)) != len(names):
+            _name_order(names, path)
+    return entries
 
 
-def _message_entries(raw: bytes, path: TreePath) -> list[Entry]:
-    """:func:`_entries` through protobuf (every name checked at once; one by one only to name the bad one)."""
+def _message_entries(raw: bytes, path: TreePath) -> list[Fields]:
+    """The entries of any Directory message, through protobuf, in the lists' order (each list checked sorted)."""
     from google.protobuf.message import DecodeError
 
     from nixcas.castore.proto import pb
@@ -249,20 +250,20 @@ def _message_entries(raw: bytes, path: TreePath) -> list[Entry]:
         msg = pb.Directory.FromString(raw)
     except DecodeError as e:
         raise DirectoryError(f"directory {path.show_below_root()}: cannot decode Directory message: {e}") from None
-    entries: list[Entry] = []
-    names: list[bytes] = []
-    lists: tuple[Any, Any, Any] = (msg.directories, msg.files, msg.symlinks)
-    for kind, items in enumerate(lists):
-        if not items:
-            continue
-        part = [(e.name, kind, e) for e in items]
-        listed = [entry[0] for entry in part]
+    entries: list[Fields] = [(e.name, 0, e.digest, e.size, False) for e in msg.directories]
+    entries += [(e.name, 1, e.digest, e.size, e.executable) for e in msg.files]
+    entries += [(e.name, 2, e.target, 0, False) for e in msg.symlinks]
+    start = 0
+    for part in (len(msg.directories), len(msg.files), len(msg.symlinks)):
+        listed = [entry[0] for entry in entries[start : start + part]]
         if listed != sorted(set(listed)):
             _name_order(listed, path)
-        entries += part
-        names += listed
-    if not names:
-        return entries
+        start += part
+    return entries
+
+
+def _check_names(names: list[bytes]) -> None:
+    """Every name valid (:func:`~nixcas.castore.nodes.validate_name`), checked at once; one by one to name a bad one."""
     joined = b"/".join(names)
     if (
         joined.count(b"/") != len(names) - 1
@@ -274,11 +275,6 @@ def _message_entries(raw: bytes, path: TreePath) -> list[Entry]:
     ):
         for name in names:
             validate_name(name)
-    if len(names) > len(listed):  # more than one list: merge them (names must stay unique)
-        entries.sort(key=_NAME)
-        if len(set(names)) != len(names):
-            _name_order([entry[0] for entry in entries], path)
-    return entries
 
 
 def _name_order(names: list[bytes], path: TreePath) -> None:
@@ -337,7 +333,7 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
     if top is None:
         raise _missing_directory(root.digest, None, b"")
     # Each frame: a directory's entries, the next one's index, its path.
-    stack: list[tuple[list[Entry], int, TreePath]] = [(_entries(top, _ROOT), 0, _ROOT)]
+    stack: list[tuple[list[Fields], int, TreePath]] = [(_entries(top, _ROOT), 0, _ROOT)]
     append_frame, append_digest, append_size, append_path = frames.append, digests.append, sizes.append, paths.append
     pack, join, zeros, empty = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST
     while stack:
@@ -347,11 +343,9 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
         descend = None
         n = len(entries)
         while i < n:
-            name, kind, msg = entries[i]
+            name, kind, digest, size, executable = entries[i]
             i += 1
             if kind == 1:
-                digest: bytes = msg.digest
-                size: int = msg.size
                 length = len(name)
                 buf += join(
                     (
@@ -359,7 +353,7 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
                         pack(length),
                         name,
                         zeros[: -length & 7],
-                        _FILE_EXECUTABLE if msg.executable else _FILE_REGULAR,
+                        _FILE_EXECUTABLE if executable else _FILE_REGULAR,
                         pack(size),
                     )
                 )
@@ -373,9 +367,9 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
                 else:
                     buf += _CLOSE_ENTRY
             elif kind == 2:
-                buf += _symlink_entry(name, msg.target)
+                buf += _symlink_entry(name, digest)
             else:
-                descend = _enter(closure, path, name, msg.digest)
+                descend = _enter(closure, path, name, digest)
                 buf += join((ENTRY_PREFIX, encode_str(name), TOK_NODE, NODE_DIRECTORY))
                 break
         if descend is not None:
@@ -414,7 +408,7 @@ def _symlink_entry(name: bytes, target: bytes) -> bytes:
     return b"".join((ENTRY_PREFIX, encode_str(name), TOK_NODE, NODE_SYMLINK, encode_str(target), _CLOSE_ENTRY))
 
 
-def _enter(closure: DirectoryBytes, parent: TreePath, name: bytes, digest: bytes) -> tuple[list[Entry], int, TreePath]:
+def _enter(closure: DirectoryBytes, parent: TreePath, name: bytes, digest: bytes) -> tuple[list[Fields], int, TreePath]:
     """The stack frame of a subdirectory: its entries (from ``closure``), from the first, and its path."""
     raw = closure.get(digest)
     if raw is None:
