@@ -227,7 +227,7 @@ def _entries(raw: bytes, path: TreePath) -> list[Fields]:
     (:func:`~nixcas.castore.canonical.canonical_fields`); anything else, or anything once protobuf
     is loaded, goes through protobuf, which reports the precise error.
     """
-    entries = canonical_fields(raw) if "google.protobuf" not in sys.modules else None
+    entries = None if _protobuf_loaded() else canonical_fields(raw)
     if entries is None:
         entries = _message_entries(raw, path)
     if entries:
@@ -238,6 +238,10 @@ def _entries(raw: bytes, path: TreePath) -> list[Fields]:
         if len(set(names)) != len(names):
             _name_order(names, path)
     return entries
+
+
+def _protobuf_loaded() -> bool:
+    return "google.protobuf" in sys.modules
 
 
 def _message_entries(raw: bytes, path: TreePath) -> list[Fields]:
