@@ -267,7 +267,7 @@ def dump_path(base: str, operand: str) -> int | None:
     from nixcas.castore.blob.packfile import DB_NAME
     from nixcas.castore.blob.wholeread import PackedReads
     from nixcas.embedded import BLOBS, DIRECTORIES_DB
-    from nixcas.store.nar.dump import Output, plan_nar, write_planned
+    from nixcas.store.nar.dump import Output, plan_steps, write_planned
 
     out = sys.stdout
     if out is None or out.isatty():
@@ -281,25 +281,25 @@ def dump_path(base: str, operand: str) -> int | None:
     db = open_existing(os.path.join(base, DIRECTORIES_DB))
     if db is None:
         return None
-    try:
-        plan = plan_nar(info.node, StoredDirectories(db))
-    finally:
-        db.close()
     out.flush()
     output = Output(out.fileno())
     reads = PackedReads(blobs)
-    try:
-        done = write_planned(output, plan, reads) is None
+    try:  # planned (the files planned so far read meanwhile), then written
+        plan, planning = plan_steps(info.node, StoredDirectories(db))
+        done = write_planned(output, plan, reads, planning=planning) is None
     except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly, as `run` does
         discard_stdout()
         return EXIT_BROKEN_PIPE
-    except OSError as e:  # the output failed after some of it was written: reported as the full path reports it
-        sys.stderr.write(f"nixcas: error: {os_error_line(e)}\n")
+    except OSError as e:
+        if not output.position:
+            return None  # (a plan that fails, say): the full path writes or reports it all
+        sys.stderr.write(f"nixcas: error: {os_error_line(e)}\n")  # the output failed after some of it was written
         return 1
-    except Exception:  # the full path takes over after what was written
+    except Exception:  # the full path takes over after what was written (nothing, if the plan failed)
         done = False
     finally:
         reads.close()
+        db.close()
     if done:
         return 0
     _dump_written = output.position  # (a file it could not read, or an error: the full path reports it)

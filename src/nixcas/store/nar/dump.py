@@ -41,7 +41,7 @@ import sys
 import threading
 from _queue import SimpleQueue
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from nixcas.castore.canonical import canonical_fields
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
@@ -101,6 +101,7 @@ if TYPE_CHECKING:
     from nixcas.castore.canonical import Fields
 
 __all__ = [
+    "plan_steps",
     "RUN_BYTES",
     "RUN_FILES",
     "WINDOW_BYTES",
@@ -126,6 +127,8 @@ RUN_BYTES = 1 << 20
 """Most bytes of file contents in one run (read, then hashed while still in the CPU's cache)."""
 WINDOW_BYTES = 128 << 20
 """File contents read ahead of the writer, at most (a job bigger than this still runs, alone)."""
+PLANNING_BYTES = 32 << 20
+"""File contents read while the plan is being made (nothing is written until it is complete), at most."""
 _IOV_MAX = 1024
 _SLACK = 256 << 10
 """Room beyond a job's contents (block headers of stored frames, gaps between blobs in a pack)."""
@@ -189,8 +192,8 @@ async def dump_nar(fd: int, node: Node, blobs: BlobService, directories: Directo
             out.write([chunk])
             total += len(chunk)
         return total
-    plan = plan_nar(node, await fetch_raw_closure(node, directories))
-    return await _dump_planned(out, plan, reads, blobs)
+    plan, steps = plan_steps(node, await fetch_raw_closure(node, directories))
+    return await _dump_planned(out, plan, steps, reads, blobs)
 
 
 async def fetch_raw_closure(node: Node, directories: DirectoryService) -> dict[bytes, bytes]:
@@ -299,13 +302,29 @@ def plan_nar(root: Node, closure: DirectoryBytes) -> Plan:
     valid, sorted and unique, digests of 32 bytes, sizes that agree with the empty blob, symlink
     targets valid, depth at most :data:`~nixcas.castore.nodes.MAX_DEPTH`, every directory present.
     """
+    plan, steps = plan_steps(root, closure)
+    for _ in steps:
+        pass
+    return plan
+
+
+def plan_steps(root: Node, closure: DirectoryBytes) -> tuple[Plan, Iterator[None]]:
+    """:func:`plan_nar` step by step: the :class:`Plan` is complete once the steps are done.
+
+    Each step plans at least :data:`RUN_FILES` more files (a whole directory at a time), so a
+    reader may start on the files planned so far (:func:`write_planned`).
+    """
+    plan = Plan([], [], [], [])
     if isinstance(root, DirectoryNode):
-        return _plan_tree(root, closure)
+        return plan, _plan_tree(root, closure, plan)
+    _plan_leaf(root, plan)
+    return plan, iter(())
+
+
+def _plan_leaf(root: Node, plan: Plan) -> None:
+    """The NAR of a file or a symlink."""
     buf = bytearray(NAR_MAGIC)
-    frames: list[bytes] = []
-    digests: list[bytes] = []
-    sizes: list[int] = []
-    paths: list[tuple[TreePath, bytes] | None] = []
+    frames, digests, sizes, paths = plan.frames, plan.digests, plan.sizes, plan.paths
     if isinstance(root, FileNode):
         buf += NODE_EXECUTABLE if root.executable else NODE_REGULAR
         buf += u64_le(root.size)
@@ -322,15 +341,13 @@ def plan_nar(root: Node, closure: DirectoryBytes) -> Plan:
         buf += encode_str(root.target)
     buf += TOK_CLOSE
     frames.append(bytes(buf))
-    return Plan(frames, digests, sizes, paths)
 
 
-def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
-    """:func:`plan_nar` of a directory: depth first, each file's framing inline (the hot loop), the rest in helpers."""
-    frames: list[bytes] = []
-    digests: list[bytes] = []
-    sizes: list[int] = []
-    paths: list[tuple[TreePath, bytes] | None] = []
+def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iterator[None]:
+    """:func:`plan_steps` of a directory: depth first, each file's framing inline (the hot loop), the rest in
+    helpers; a step ends with a directory once :data:`RUN_FILES` more files are planned."""
+    frames, digests, sizes, paths = plan.frames, plan.digests, plan.sizes, plan.paths
+    step_end = RUN_FILES
     buf = bytearray(NAR_MAGIC)
     buf += NODE_DIRECTORY
     top = closure.get(root.digest)
@@ -341,6 +358,9 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
     append_frame, append_digest, append_size, append_path = frames.append, digests.append, sizes.append, paths.append
     pack, join, zeros, empty = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST
     while stack:
+        if len(sizes) >= step_end:
+            step_end = len(sizes) + RUN_FILES
+            yield
         entries, i, path = stack.pop()
         if not i and entries and path.depth >= MAX_DEPTH:
             raise _too_deep(path)
@@ -382,7 +402,6 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes) -> Plan:
             continue
         buf += TOK_CLOSE if path.parent is None else _CLOSE_ENTRY
     frames.append(bytes(buf))
-    return Plan(frames, digests, sizes, paths)
 
 
 _ROOT = TreePath(None, b"")
@@ -493,7 +512,8 @@ class _Buffers:
     """Read buffers reused from job to job, at most ``limit`` bytes of them kept.
 
     Fresh memory costs the kernel a page fault and a zeroed page on first touch (about as much
-    as reading the bytes into it): buffers are reused, and big ones are huge-page mappings.
+    as reading the bytes into it): buffers are reused, and bigger ones are mappings (huge pages
+    for the biggest).
     """
 
     def __init__(self, limit: int) -> None:
@@ -507,11 +527,12 @@ class _Buffers:
             best = min(fits, key=len)
             self._free.remove(best)
             return best
-        if need < _HUGE:
+        if need < _MAPPED:
             return memoryview(bytearray(need))
-        size = -(-need // _HUGE) * _HUGE
+        unit = _HUGE if need >= _HUGE else mmap.PAGESIZE
+        size = -(-need // unit) * unit
         area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
+        if unit == _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
             with contextlib.suppress(OSError):
                 area.madvise(mmap.MADV_HUGEPAGE)
         return memoryview(area)
@@ -524,8 +545,10 @@ class _Buffers:
             self._free.pop()
 
 
+_MAPPED = 256 << 10
+"""Buffers of at least this size are anonymous mappings: not cleared by this thread (the kernel clears each page
+when the reader first writes to it, on the reader's thread, without the GIL), in pages, or in huge pages from:"""
 _HUGE = 2 << 20
-"""Buffers of at least this size are anonymous mappings in units of a huge page."""
 
 _Pieces = list[bytes | memoryview]
 _Task = tuple[Callable[[], _Pieces | None], "SimpleQueue[_Pieces | BaseException | None]", threading.Event]
@@ -567,12 +590,11 @@ _RUN, _WHOLE, _STREAMED = 0, 1, 2
 """Kinds of job: a run of small files (``read_run``), one file read whole, one file too big for either."""
 
 
-def _job_bounds(sizes: list[int], i: int, run_max: int, whole_max: int) -> tuple[int, int, int]:
-    """The job starting at file ``i``: (the file after it, bytes of contents read ahead, kind)."""
+def _job_bounds(sizes: list[int], i: int, n: int, run_max: int, whole_max: int) -> tuple[int, int, int]:
+    """The job starting at file ``i`` (of the first ``n``): (the file after it, bytes of contents read ahead, kind)."""
     size = sizes[i]
     if size > run_max:
         return (i + 1, size, _WHOLE) if size <= whole_max else (i + 1, 0, _STREAMED)
-    n = len(sizes)
     stop, total = i, 0
     while stop < n and stop - i < RUN_FILES and sizes[stop] <= run_max and total + sizes[stop] <= RUN_BYTES:
         total += sizes[stop]
@@ -609,18 +631,25 @@ class Unread:
 
 
 def write_planned(
-    out: Output, plan: Plan, reads: Reads, start: int = 0, halt: threading.Event | None = None
+    out: Output,
+    plan: Plan,
+    reads: Reads,
+    start: int = 0,
+    halt: threading.Event | None = None,
+    planning: Iterator[None] | None = None,
 ) -> Unread | None:
     """Write the NAR of ``plan`` from ``frames[start]`` on, every file through ``reads`` (checked against its BLAKE3
     before a byte of it is written); ``None`` once the end is written, else the job that could not be served.
 
     One worker thread reads and hashes up to :data:`WINDOW_BYTES` of contents ahead, into buffers
     reused from job to job, while this thread writes finished jobs in order with ``writev``.
+    With ``planning`` (the steps of :func:`plan_steps` of ``plan``), the plan is completed here
+    first, the worker reading the files planned so far meanwhile (at most :data:`PLANNING_BYTES`):
+    nothing is written before the whole plan is made, so a plan that fails writes nothing.
     ``halt`` set (by another thread) stops at the next job.  Synchronous, no event loop: the
     command line's fast path writes a whole NAR with it.
     """
     sizes = plan.sizes
-    n = len(sizes)
     run_max, whole_max = reads.run_max, reads.whole_max
     window: deque[tuple[int, int, int, int, memoryview | None]] = deque()  # start, stop, cost, kind, buffer
     buffers = _Buffers(WINDOW_BYTES + 2 * RUN_BYTES)
@@ -628,21 +657,28 @@ def write_planned(
     stopped = threading.Event()
     held = 0
     next_file = start
+
+    def fill(jobs: int, most: int) -> None:
+        nonlocal held, next_file
+        n = len(sizes)
+        while next_file < n and len(window) < jobs:
+            i = next_file
+            stop, cost, kind = _job_bounds(sizes, i, n, run_max, whole_max)
+            if window and held + cost > most:
+                return
+            buffer = None
+            if kind != _STREAMED:
+                buffer = buffers.take(cost + (cost >> 7 if kind == _WHOLE else 0) + _SLACK)
+                _WORKER.submit((_job_reader(reads, plan, kind, i, stop, buffer), results, stopped))
+            window.append((i, stop, cost, kind, buffer))
+            held += cost
+            next_file = stop
+
     try:
+        for _ in planning or ():
+            fill(sys.maxsize, PLANNING_BYTES)
         while True:
-            while next_file < n and len(window) < 2 * WORKERS:
-                i = next_file
-                stop, cost, kind = _job_bounds(sizes, i, run_max, whole_max)
-                if window and held + cost > WINDOW_BYTES:
-                    break
-                buffer = None
-                if kind != _STREAMED:
-                    buffer = buffers.take(cost + (cost >> 7 if kind == _WHOLE else 0) + _SLACK)
-                    job = _job_reader(reads, plan, kind, i, stop, buffer)
-                    _WORKER.submit((job, results, stopped))
-                window.append((i, stop, cost, kind, buffer))
-                held += cost
-                next_file = stop
+            fill(2 * WORKERS, WINDOW_BYTES)
             if not window:
                 break
             i, stop, cost, kind, buffer = window.popleft()
@@ -671,7 +707,9 @@ def _job_reader(
     return read
 
 
-async def _dump_planned(out: Output, plan: Plan, reads: Reads, blobs: BlobService) -> int:
+async def _dump_planned(
+    out: Output, plan: Plan, planning: Iterator[None] | None, reads: Reads, blobs: BlobService
+) -> int:
     """:func:`write_planned` on a thread; files it cannot serve through the async API, one by one, then on."""
     import asyncio
     import logging
@@ -680,7 +718,8 @@ async def _dump_planned(out: Output, plan: Plan, reads: Reads, blobs: BlobServic
     while True:
         halt = threading.Event()
         try:
-            unread = await asyncio.to_thread(write_planned, out, plan, reads, start, halt)
+            unread = await asyncio.to_thread(write_planned, out, plan, reads, start, halt, planning)
+            planning = None
         except asyncio.CancelledError:
             halt.set()
             raise
