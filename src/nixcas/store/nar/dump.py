@@ -2,29 +2,34 @@
 
 For a blob service with :class:`~nixcas.castore.blob.base.BulkReads` (the
 embedded store), the whole NAR is planned first and then read in large
-batches on worker threads:
+batches on a worker thread:
 
-* the directory closure is fetched once as stored bytes (hash-checked) and
-  turned into a *plan* without building node objects: the framing before
+* the directory closure (stored bytes, hash-checked) is turned into a *plan*
+  without building node objects (:func:`plan_steps`): the framing before
   each file's contents, and each file's digest and size;
 * consecutive small files form a *run*, read with one
   :meth:`~nixcas.castore.blob.base.BulkReads.read_run` (one indexed lookup,
   the pack bytes in offset order, each blob checked against its BLAKE3);
   a bigger file is one :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`,
   hashed whole before a byte of it is returned;
-* a worker thread reads and hashes ahead while this coroutine writes
-  finished jobs in order with
+* one worker thread reads and hashes ahead (already while the plan is being
+  made) while :func:`write_planned` writes finished jobs in order with
   ``writev``, at most :data:`WINDOW_BYTES` of file contents ahead, into
   buffers reused from job to job.
 
+:func:`write_planned` is synchronous and this module imports neither asyncio,
+protobuf nor typing: the command line's fast path (:mod:`nixcas.cli.fast`)
+writes a NAR with it on the embedded store without loading them.
+
 Whatever a job cannot serve (a missing, damaged or differently sized blob, a
 blob bigger than ``whole_max``, a batch that failed) is written file by file
-through the async API, as :func:`~nixcas.store.nar.render.render_nar` does:
-the NAR up to that file is written and the file's precise error is raised, so
-nothing unverified is ever written.  Other blob services render through
+through the async API by :func:`dump_nar`, as
+:func:`~nixcas.store.nar.render.render_nar` does: the NAR up to that file is
+written and the file's precise error is raised, so nothing unverified is ever
+written.  Other blob services render through
 :func:`~nixcas.store.nar.render.render_nar`.  The bytes are the same either way.
 
-The writes block the calling thread (this is for a command writing to its
+The writes block the writing thread (this is for a command writing to its
 standard output, not for a server's event loop).
 """
 
@@ -127,7 +132,7 @@ RUN_BYTES = 1 << 20
 """Most bytes of file contents in one run (read, then hashed while still in the CPU's cache)."""
 WINDOW_BYTES = 128 << 20
 """File contents read ahead of the writer, at most (a job bigger than this still runs, alone)."""
-PLANNING_BYTES = 32 << 20
+PLANNING_BYTES = 16 << 20
 """File contents read while the plan is being made (nothing is written until it is complete), at most."""
 _IOV_MAX = 1024
 _SLACK = 256 << 10
