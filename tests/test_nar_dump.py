@@ -10,7 +10,7 @@ import hashlib
 import os
 import random
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import blake3
@@ -378,3 +378,45 @@ async def test_the_fast_paths_reads_serve_what_the_service_serves(tmp_path: Path
             assert mine is not None and theirs is not None and bytes(mine) == bytes(theirs)
     finally:
         await blobs.close()
+
+
+async def test_a_failed_write_returns_only_once_the_reader_is_done(tmp_path: Path) -> None:
+    """The caller closes its reads (the fast path: a SQLite connection) right after: no job may still run then.
+
+    (A closed pipe used to return at once, and closing the connection under the running job crashed the process.)
+    """
+    import time
+
+    from nixcas.castore.blob.wholeread import PackedReads
+
+    root = tmp_path / "blobs"
+    blobs = PackedBlobService(root)
+    try:
+        node, directories, _ = await tree_in(tmp_path, blobs)
+        plan = plan_nar(node, await dump_module.fetch_raw_closure(node, directories))
+    finally:
+        await blobs.close()
+    running: list[int] = []
+
+    class SlowReads(PackedReads):
+        def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+            running.append(1)
+            time.sleep(0.05)
+            try:
+                return super().read_run(wanted, buffer)
+            finally:
+                running.pop()
+
+    r, w = os.pipe()
+    os.close(r)
+    reads = SlowReads(str(root))
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(dump_module, "RUN_FILES", 8)  # several jobs, some still queued or running at the failure
+    try:
+        with pytest.raises(BrokenPipeError):
+            dump_module.write_planned(dump_module.Output(w), plan, reads)
+        assert running == []
+    finally:
+        monkey.undo()
+        reads.close()
+        os.close(w)

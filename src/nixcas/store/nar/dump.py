@@ -581,7 +581,8 @@ class _Worker:
     def _run(self) -> None:
         while True:
             read, results, halt = self._tasks.get()
-            if halt.is_set():
+            if halt.is_set():  # the dump ended: its jobs not started are answered, not run
+                results.put(None)
                 continue
             try:
                 results.put(read())
@@ -662,9 +663,10 @@ def write_planned(
     stopped = threading.Event()
     held = 0
     next_file = start
+    pending = 0  # jobs submitted whose results were not taken
 
     def fill(jobs: int, most: int) -> None:
-        nonlocal held, next_file
+        nonlocal held, next_file, pending
         n = len(sizes)
         while next_file < n and len(window) < jobs:
             i = next_file
@@ -675,6 +677,7 @@ def write_planned(
             if kind != _STREAMED:
                 buffer = buffers.take(cost + (cost >> 7 if kind == _WHOLE else 0) + _SLACK)
                 _WORKER.submit((_job_reader(reads, plan, kind, i, stop, buffer), results, stopped))
+                pending += 1
             window.append((i, stop, cost, kind, buffer))
             held += cost
             next_file = stop
@@ -687,7 +690,10 @@ def write_planned(
             if not window:
                 break
             i, stop, cost, kind, buffer = window.popleft()
-            got = None if kind == _STREAMED else results.get()
+            got = None
+            if kind != _STREAMED:
+                got = results.get()
+                pending -= 1
             if halt is not None and halt.is_set():
                 raise InterruptedError("the dump was stopped")
             if got is None or isinstance(got, BaseException):
@@ -699,8 +705,10 @@ def write_planned(
             held -= cost
         out.write([plan.frames[-1]])
         return None
-    finally:
-        stopped.set()  # jobs not started are dropped
+    finally:  # jobs not started are dropped, a running one finishes: ``reads`` and the buffers are free again
+        stopped.set()
+        for _ in range(pending):
+            results.get()
 
 
 def _job_reader(
