@@ -98,7 +98,8 @@ if TYPE_CHECKING:
             """See :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`."""
 
     class DirectoryBytes(Protocol):
-        """Stored Directory bytes by raw digest (a ``dict``, or the fast path's reader of the database)."""
+        """Stored Directory bytes by raw digest (a ``dict``, or the fast path's reader of the database, which also
+        has ``prefetch(digests)``: the planner announces the subdirectories it will ask for, a directory's at once)."""
 
         def get(self, digest: bytes, /) -> bytes | None:
             """The stored bytes of ``digest`` (checked against it), or ``None`` if there are none."""
@@ -359,7 +360,7 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iter
     if top is None:
         raise _missing_directory(root.digest, None, b"")
     # Each frame: a directory's entries, the next one's index, its path.
-    stack: list[tuple[list[Fields], int, TreePath]] = [(_entries(top, _ROOT), 0, _ROOT)]
+    stack: list[tuple[list[Fields], int, TreePath]] = [(_entries_from(closure, top, _ROOT), 0, _ROOT)]
     append_frame, append_digest, append_size, append_path = frames.append, digests.append, sizes.append, paths.append
     pack, join, zeros, empty = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST
     while stack:
@@ -444,7 +445,18 @@ def _enter(closure: DirectoryBytes, parent: TreePath, name: bytes, digest: bytes
             raise DirectoryError(f"invalid node {name[:300]!r}: invalid digest length {len(digest)}")
         raise _missing_directory(digest, parent, name)
     child = TreePath(parent, name)
-    return _entries(raw, child), 0, child
+    return _entries_from(closure, raw, child), 0, child
+
+
+def _entries_from(closure: DirectoryBytes, raw: bytes, path: TreePath) -> list[Fields]:
+    """:func:`_entries`, and the subdirectories announced to a ``closure`` that reads ahead (``prefetch``)."""
+    entries = _entries(raw, path)
+    prefetch = getattr(closure, "prefetch", None)
+    if prefetch is not None:
+        below = [entry[2] for entry in entries if not entry[1]]
+        if len(below) > 1:
+            prefetch(below)
+    return entries
 
 
 def _missing_directory(digest: bytes, parent: TreePath | None, name: bytes) -> Exception:
