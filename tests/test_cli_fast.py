@@ -87,6 +87,8 @@ def known(tmp_path_factory: pytest.TempPathFactory) -> Store:
     (tree / "run").write_bytes(b"#!/bin/sh\n")
     (tree / "run").chmod(0o755)
     (tree / "sub" / "b.txt").write_bytes(b"world\n")
+    (tree / "sub2").mkdir()
+    (tree / "sub2" / "c.txt").write_bytes(b"again\n")
     (tree / "link").symlink_to("a.txt")
     (tree / "caf\u00e9").write_bytes(b"")
     (tree / "big").write_bytes(bytes(range(256)) * 1024)
@@ -188,7 +190,7 @@ def test_fast_path_answers_as_the_full_command_line(
             assert err.startswith((b"nixcas: error: ", b"Usage:")), (argv, err)
     listing = full(["--store-dir", str(known.dir), "castore", "ls", known.root], capsysbinary, monkeypatch)[0]
     kinds = [line.split()[0] for line in listing.decode().splitlines()]
-    assert kinds == ["file", "file", "file", "symlink", "exe", "dir"]
+    assert kinds == ["file", "file", "file", "symlink", "exe", "dir", "dir"]
     cat = full(["--store-dir", str(known.dir), "castore", "cat", known.blob], capsysbinary, monkeypatch)[0]
     assert cat == b"hello\n" * 50
 
@@ -338,8 +340,17 @@ def test_dump_path_answers_as_the_full_command_line(
     known: Store, capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d = ["--store-dir", str(known.dir)]
+    prefetched: list[int] = []
+    prefetch = fast.StoredDirectories.prefetch
+
+    def recorded(self: fast.StoredDirectories, digests: list[bytes]) -> None:
+        prefetched.append(len(digests))
+        prefetch(self, digests)
+
+    monkeypatch.setattr(fast.StoredDirectories, "prefetch", recorded)
     (nar, err, code), answered = dump_both([*d, "dump-path", known.tree], capfdbinary, monkeypatch)
     assert (answered, code, err) == (True, 0, b"")
+    assert prefetched == [2]  # sub and sub2, read with one query
     assert nar.startswith(b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1") and bytes(range(256)) * 1024 in nar
     missing = "/nix/store/" + "1" * 32 + "-nothing"
     for argv, status in (
