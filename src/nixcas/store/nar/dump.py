@@ -77,7 +77,7 @@ from nixcas.store.nar.wire import (
 
 TYPE_CHECKING = False  # not typing's: the command line's fast path imports this module, and needs nothing of it
 if TYPE_CHECKING:
-    from typing import Protocol
+    from typing import Any, Protocol
 
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
@@ -238,14 +238,15 @@ def _entries(raw: bytes, path: TreePath) -> list[Fields]:
     """
     entries = None if _protobuf_loaded() else canonical_fields(raw)
     if entries is None:
-        entries = _message_entries(raw, path)
-    if entries:
-        _check_names([entry[0] for entry in entries])
-    if len(entries) > 1 and entries[0][1] != entries[-1][1]:  # more than one list: merge (names stay unique)
-        entries.sort(key=_NAME)
+        entries, names = _message_entries(raw, path)
+    else:
         names = [entry[0] for entry in entries]
-        if len(set(names)) != len(names):
-            _name_order(names, path)
+    if names:
+        _check_names(names)
+        if entries[0][1] != entries[-1][1]:  # more than one list: merge them (names must stay unique)
+            if len(set(names)) != len(names):
+                _name_order(sorted(names), path)
+            entries.sort(key=_NAME)
     return entries
 
 
@@ -253,8 +254,9 @@ def _protobuf_loaded() -> bool:
     return "google.protobuf" in sys.modules
 
 
-def _message_entries(raw: bytes, path: TreePath) -> list[Fields]:
-    """The entries of any Directory message, through protobuf, in the lists' order (each list checked sorted)."""
+def _message_entries(raw: bytes, path: TreePath) -> tuple[list[Fields], list[bytes]]:
+    """The entries of any Directory message through protobuf, in the lists' order (each list checked sorted), and
+    their names."""
     from google.protobuf.message import DecodeError
 
     from nixcas.castore.proto import pb
@@ -263,16 +265,24 @@ def _message_entries(raw: bytes, path: TreePath) -> list[Fields]:
         msg = pb.Directory.FromString(raw)
     except DecodeError as e:
         raise DirectoryError(f"directory {path.show_below_root()}: cannot decode Directory message: {e}") from None
-    entries: list[Fields] = [(e.name, 0, e.digest, e.size, False) for e in msg.directories]
-    entries += [(e.name, 1, e.digest, e.size, e.executable) for e in msg.files]
-    entries += [(e.name, 2, e.target, 0, False) for e in msg.symlinks]
-    start = 0
-    for part in (len(msg.directories), len(msg.files), len(msg.symlinks)):
-        listed = [entry[0] for entry in entries[start : start + part]]
+    entries: list[Fields] = []
+    names: list[bytes] = []
+    for kind in (0, 1, 2):
+        items: Any = (msg.directories, msg.files, msg.symlinks)[kind]
+        if not items:
+            continue
+        if kind == 1:
+            part: list[Fields] = [(e.name, 1, e.digest, e.size, e.executable) for e in items]
+        elif kind == 0:
+            part = [(e.name, 0, e.digest, e.size, False) for e in items]
+        else:
+            part = [(e.name, 2, e.target, 0, False) for e in items]
+        listed = [entry[0] for entry in part]
         if listed != sorted(set(listed)):
             _name_order(listed, path)
-        start += part
-    return entries
+        entries += part
+        names += listed
+    return entries, names
 
 
 def _check_names(names: list[bytes]) -> None:
