@@ -4,6 +4,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/dump_path.py [--tree generated|tiny|copy:PATH] [--runs 7] [--workdir DIR] [--json OUT]
+        [--reuse DIR --path STORE_PATH] [--baseline NIXCAS]
 
 The tree (the generators of ``bench/import_tree.py``) is added once with
 ``nix-store --add`` and imported once into a fresh embedded nixcas store
@@ -13,6 +14,10 @@ path to ``/dev/null`` as a child process (start-up, opening the store, the
 PathInfo lookup and every byte's BLAKE3 check included for nixcas); wall
 time and CPU of the child from ``os.wait4``.  One untimed warm-up each, so
 both read from the page cache.
+
+``--no-delete`` keeps the tree, the store and the store path; ``--reuse DIR --path P`` measures
+them again without adding or importing anything (the NARs are still compared).  ``--baseline
+NIXCAS`` runs another ``nixcas`` (say, an older checkout's) as one more peer in the same rounds.
 """
 
 from __future__ import annotations
@@ -125,6 +130,23 @@ def floor_child(store: Path) -> None:
                 raise SystemExit("corrupt")
 
 
+def setup(args: argparse.Namespace) -> tuple[Path, str, Path, Path, str]:
+    """A new tree added with ``nix-store --add`` and imported into a new nixcas store (work dir, path, tree, store)."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="dump-path-", dir=args.workdir))
+    tree = work / "tree"
+    stats = make_tree(args.tree, tree, args.files, args.large, args.large_mib)
+    store = work / "nixcas"
+    nix_path = subprocess.run([args.nix_store, "--add", str(tree)], check=True, capture_output=True, text=True)
+    path = nix_path.stdout.strip()
+    ours = subprocess.run(
+        [args.nixcas, "--store-dir", str(store), "import", str(tree)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    if ours != path:
+        raise SystemExit(f"store paths differ: nixcas {ours}, nix-store {path}")
+    return work, path, tree, store, f"{stats.small_files} files, {stats.content_bytes / 1e6:.1f} MB"
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--floor-child":
         floor_child(Path(sys.argv[2]))
@@ -140,27 +162,31 @@ def main() -> None:
     p.add_argument("--no-delete", action="store_true", help="keep the store path, the tree and the store")
     p.add_argument("--nixcas", default=str(REPO / ".venv" / "bin" / "nixcas"))
     p.add_argument("--nix-store", default=shutil.which("nix-store") or "nix-store")
+    p.add_argument("--reuse", type=Path, help="the work directory of an earlier --no-delete run (with --path)")
+    p.add_argument("--path", help="its store path")
+    p.add_argument("--baseline", help="another nixcas command, measured as one more peer")
     args = p.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="dump-path-", dir=args.workdir))
-    tree = work / "tree"
-    stats = make_tree(args.tree, tree, args.files, args.large, args.large_mib)
-    store = work / "nixcas"
-    nix_path = subprocess.run([args.nix_store, "--add", str(tree)], check=True, capture_output=True, text=True)
-    path = nix_path.stdout.strip()
-    ours = subprocess.run(
-        [args.nixcas, "--store-dir", str(store), "import", str(tree)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    if ours != path:
-        raise SystemExit(f"store paths differ: nixcas {ours}, nix-store {path}")
+    if args.reuse is not None:
+        work, path = args.reuse, args.path
+        tree, store = work / "tree", work / "nixcas"
+        files = sum(len(names) for _, _, names in os.walk(tree))
+        size = sum(os.lstat(os.path.join(d, n)).st_size for d, _, names in os.walk(tree) for n in names)
+        described = f"{files} files, {size / 1e6:.1f} MB"
+    else:
+        work, path, tree, store, described = setup(args)
     nixcas = [args.nixcas, "--store-dir", str(store), "dump-path", path]
     nix = [args.nix_store, "--dump", path]
-    if sha256_of(nixcas) != sha256_of(nix):
-        raise SystemExit("the NARs differ")
-    floor = [sys.executable, str(Path(__file__).resolve()), "--floor-child", str(store)]
-    runs: dict[str, list[tuple[float, float]]] = {"nixcas": [], "nix-store": [], "floor": []}
+    tools = [("nixcas", nixcas), ("nix-store", nix)]
+    if args.baseline:
+        tools.append(("baseline", [args.baseline, "--store-dir", str(store), "dump-path", path]))
+    expected = sha256_of(nix)
+    for name, argv in tools:
+        if sha256_of(argv) != expected:
+            raise SystemExit(f"the NARs differ: {name}")
+    tools.append(("floor", [sys.executable, str(Path(__file__).resolve()), "--floor-child", str(store)]))
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in tools}
     for i in range(args.runs + 1):
-        for name, argv in (("nixcas", nixcas), ("nix-store", nix), ("floor", floor)):
+        for name, argv in tools:
             result = timed(argv)
             if i:
                 runs[name].append(result)
@@ -173,15 +199,21 @@ def main() -> None:
         }
     ratio = summary["nixcas"]["median_s"] / summary["nix-store"]["median_s"]
     paired = statistics.median(a[0] / b[0] for a, b in zip(runs["nixcas"], runs["nix-store"], strict=True))
-    print(f"tree {args.tree}: {stats.small_files} files, {stats.content_bytes / 1e6:.1f} MB; path {path}")
+    print(f"tree {args.reuse or args.tree}: {described}; path {path}")
     print("| tool | median s | min s | median CPU s |")
     print("|---|---:|---:|---:|")
     for name, s in summary.items():
         print(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['median_cpu_s']:.3f} |")
     print(f"ratio (median) {ratio:.2f}x, paired {paired:.2f}x; load average {os.getloadavg()}")
+    cpu = summary["nixcas"]["median_cpu_s"] / summary["nix-store"]["median_cpu_s"]
+    floor_ratio = summary["floor"]["median_s"] / summary["nix-store"]["median_s"]
+    print(f"CPU ratio (median) {cpu:.2f}x; floor / nix-store {floor_ratio:.2f}x")
+    if args.baseline:
+        before = summary["baseline"]["median_s"] / summary["nix-store"]["median_s"]
+        print(f"baseline / nix-store (median) {before:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"tree": args.tree, "runs": runs, "summary": summary, "ratio": ratio}))
-    if args.no_delete:
+    if args.no_delete or args.reuse is not None:
         print(f"deleted nothing: {work}, {path}")
         return
     subprocess.run([args.nix_store, "--delete", path], capture_output=True, check=False)

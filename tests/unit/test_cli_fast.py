@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,8 @@ def known(tmp_path_factory: pytest.TempPathFactory) -> Store:
     (tree / "run").write_bytes(b"#!/bin/sh\n")
     (tree / "run").chmod(0o755)
     (tree / "sub" / "b.txt").write_bytes(b"world\n")
+    (tree / "sub2").mkdir()
+    (tree / "sub2" / "c.txt").write_bytes(b"again\n")
     (tree / "link").symlink_to("a.txt")
     (tree / "caf\u00e9").write_bytes(b"")
     (tree / "big").write_bytes(bytes(range(256)) * 1024)
@@ -187,7 +190,7 @@ def test_fast_path_answers_as_the_full_command_line(
             assert err.startswith((b"nixcas: error: ", b"Usage:")), (argv, err)
     listing = full(["--store-dir", str(known.dir), "castore", "ls", known.root], capsysbinary, monkeypatch)[0]
     kinds = [line.split()[0] for line in listing.decode().splitlines()]
-    assert kinds == ["file", "file", "file", "symlink", "exe", "dir"]
+    assert kinds == ["file", "file", "file", "symlink", "exe", "dir", "dir"]
     cat = full(["--store-dir", str(known.dir), "castore", "cat", known.blob], capsysbinary, monkeypatch)[0]
     assert cat == b"hello\n" * 50
 
@@ -297,3 +300,131 @@ def test_a_global_option_click_refuses_in_the_environment_goes_to_click(
         ["--store-dir", str(known.dir), "path-info", known.tree], capsysbinary, monkeypatch
     )
     assert (out, code, answered) == (b"", 2, False)
+
+
+# -- dump-path: the NAR written by the fast path, or by the full path after what the fast path wrote -----------
+
+
+def full_fd(argv: list[str], capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch) -> Outcome:
+    """``nixcas ARGV`` through click alone, standard output and error captured at the descriptors."""
+    monkeypatch.setattr(sys, "argv", ["nixcas", *argv])
+    code: object = 0
+    try:
+        _main()
+    except SystemExit as e:
+        code = e.code
+    out, err = capfdbinary.readouterr()
+    return out, err, code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def dump_both(
+    argv: list[str], capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Outcome, bool]:
+    """``dump-path`` through click alone, then as the console script runs it (the fast path, and the full path
+    after whatever it wrote): the two outcomes must be equal; the outcome and whether the fast path answered."""
+    monkeypatch.setattr(fast, "_dump_written", 0)
+    reference = full_fd(argv, capfdbinary, monkeypatch)
+    code = fast.answer(argv)
+    out, err = capfdbinary.readouterr()
+    if code is None:
+        assert err == b""
+        more, err, code = full_fd(argv, capfdbinary, monkeypatch)
+        outcome, answered = (out + more, err, code), False
+    else:
+        outcome, answered = (out, err, code), True
+    assert outcome == reference, argv
+    return outcome, answered
+
+
+def test_dump_path_answers_as_the_full_command_line(
+    known: Store, capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = ["--store-dir", str(known.dir)]
+    prefetched: list[int] = []
+    prefetch = fast.StoredDirectories.prefetch
+
+    def recorded(self: fast.StoredDirectories, digests: list[bytes]) -> None:
+        prefetched.append(len(digests))
+        prefetch(self, digests)
+
+    monkeypatch.setattr(fast.StoredDirectories, "prefetch", recorded)
+    (nar, err, code), answered = dump_both([*d, "dump-path", known.tree], capfdbinary, monkeypatch)
+    assert (answered, code, err) == (True, 0, b"")
+    assert prefetched == [2]  # sub and sub2, read with one query
+    assert nar.startswith(b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1") and bytes(range(256)) * 1024 in nar
+    missing = "/nix/store/" + "1" * 32 + "-nothing"
+    for argv, status in (
+        ([*d, "dump-path", missing], 1),
+        ([*d, "dump-path", known.tree.rsplit("-", 1)[0] + "-renamed"], 1),
+        ([*d, "dump-path", "not-a-store-path"], 2),
+        ([*d, "dump-path"], 2),
+        ([*d, "dump-path", known.tree, known.tree], 2),
+        ([*d, "dump-path", "--json", known.tree], 2),
+    ):
+        (out, err, code), answered = dump_both(argv, capfdbinary, monkeypatch)
+        assert (out, code, answered) == (b"", status, False), argv
+        assert err.startswith((b"nixcas: error: ", b"Usage:")), (argv, err)
+
+
+@pytest.mark.parametrize("damage", ["pack", "chunk", "directory"])
+def test_dump_path_of_a_damaged_store_is_a_verified_prefix_and_the_full_paths_error(
+    damage: str,
+    tmp_path: Path,
+    known: Store,
+    capfdbinary: pytest.CaptureFixture[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing unverified is written: the fast path stops before the damaged file, and the full path writes the
+    rest of the same prefix and reports the error in its words (the output is the full path's, byte for byte)."""
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(known.dir, store_dir)
+    d = ["--store-dir", str(store_dir)]
+    good, _ = dump_both([*d, "dump-path", known.tree], capfdbinary, monkeypatch)
+    if damage == "pack":  # sub/b.txt, in the last run: the fast path has written everything up to it
+        for pack in (store_dir / "blobs" / "packs").iterdir():
+            data = bytearray(pack.read_bytes())
+            data[data.find(b"world")] ^= 1
+            pack.write_bytes(bytes(data))
+    elif damage == "chunk":
+        chunk = next(p for p in (store_dir / "blobs" / "chunks").rglob("*") if p.is_file())
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 1
+        chunk.write_bytes(bytes(data))
+    else:
+        db = sqlite3.connect(store_dir / "directories.sqlite")
+        with db:
+            db.execute("UPDATE directories SET data = data || x'00' WHERE digest = ?", (bytes.fromhex(known.sub),))
+        db.close()
+    (out, err, code), answered = dump_both([*d, "dump-path", known.tree], capfdbinary, monkeypatch)
+    assert (code, answered) == (1, False)
+    assert good[0].startswith(out) and len(out) < len(good[0])
+    assert err.startswith(b"nixcas: error: "), err
+    if damage == "pack":
+        assert fast.dump_written() > len(bytes(range(256)) * 1024)  # the fast path wrote up to the damaged file
+    elif damage == "directory":
+        assert fast.dump_written() == 0 and out == b""
+
+
+def test_dump_path_loads_nothing_heavy(tmp_path: Path, known: Store) -> None:
+    """No click, asyncio, protobuf, zstandard or typing for a NAR of pack rows and a chunked blob."""
+    script = (
+        "import atexit, sys\n"
+        "out = sys.argv.pop(1)\n"
+        "atexit.register(lambda: open(out, 'w').write('\\n'.join(sorted(sys.modules))))\n"
+        "from nixcas.cli.main import main\n"
+        "main()\n"
+    )
+    modules = tmp_path / "modules"
+    nar = tmp_path / "nar"
+    with nar.open("wb") as stdout:
+        subprocess.run(
+            [sys.executable, "-c", script, str(modules), "--store-dir", str(known.dir), "dump-path", known.tree],
+            stdout=stdout,
+            check=True,
+            timeout=120,
+        )
+    assert bytes(range(256)) * 1024 in nar.read_bytes()
+    tops = {m.split(".")[0] for m in modules.read_text().split("\n")}
+    assert tops & {"asyncio", "click", "google", "grpc", "zstandard", "concurrent", "typing", "logging"} == set()

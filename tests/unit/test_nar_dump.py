@@ -10,7 +10,7 @@ import hashlib
 import os
 import random
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import blake3
@@ -283,3 +283,140 @@ async def test_repeated_dumps_reuse_the_workers_and_their_connections(tmp_path: 
         assert out.read_bytes() == nar
     finally:
         await blobs.close()
+
+
+async def test_the_plan_is_the_same_without_protobuf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directories read as canonical fields (the fast path, protobuf not loaded) give the plan protobuf gives,
+    and refuse the same damaged directories with the same errors."""
+    blobs = MemoryBlobService()
+    node, directories, _ = await tree_in(tmp_path, blobs)
+    closure = await dump_module.fetch_raw_closure(node, directories)
+    with_protobuf = plan_nar(node, closure)
+    monkeypatch.setattr(dump_module, "_protobuf_loaded", lambda: False)
+    without = plan_nar(node, closure)
+    assert (without.frames, without.digests, without.sizes) == (
+        with_protobuf.frames,
+        with_protobuf.digests,
+        with_protobuf.sizes,
+    )
+    one = B3Digest(blake3.blake3(b"x").digest())
+    for bad in (
+        {"files": [(b"b", one), (b"a", one)]},
+        {"files": [(b"a", one)], "symlinks": [(b"a", b"x")]},
+        {"files": [(b"a/b", one)]},
+        {"files": [(b"a", b"short")]},
+        {"symlinks": [(b"a", b"")]},
+    ):
+        errors = []
+        for loaded in (False, True):
+            monkeypatch.setattr(dump_module, "_protobuf_loaded", lambda loaded=loaded: loaded)
+            bad_node, bad_closure = stored_directory(**bad)
+            with pytest.raises((DirectoryError, InvalidNameError)) as info:
+                plan_nar(bad_node, bad_closure)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1], bad
+
+
+def test_output_leaves_out_what_was_written_before(tmp_path: Path) -> None:
+    pieces: list[bytes | memoryview] = [b"0123", memoryview(b"4567"), b"89", b"abcdef"]
+    for skip in (0, 3, 4, 9, 10, 16):
+        path = tmp_path / f"out-{skip}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+        out = dump_module.Output(fd, skip)
+        out.write(pieces[:2])
+        out.write(pieces[2:])
+        os.close(fd)
+        assert path.read_bytes() == b"0123456789abcdef"[skip:]
+        assert out.position == 16
+
+
+def test_a_blob_index_is_read_without_protobuf() -> None:
+    from nixcas.castore.blob import chunking, wholeread
+    from nixcas.castore.blob.base import ChunkMeta
+    from nixcas.castore.blob.layout import decode_index, encode_index
+
+    rng = random.Random(7)  # noqa: S311
+    for sizes in ([1, 1], [5, 1 << 20, 127, 128, 300_000], [(1 << 26) - 1, 1 << 26]):
+        chunks = [ChunkMeta(B3Digest(rng.randbytes(32)), size) for size in sizes]
+        data = encode_index(chunks)
+        assert wholeread.parse_index(data) == [(bytes(c.digest), c.size) for c in chunks]
+        for i in range(len(data)):  # any other bytes: refused here, or read as protobuf reads them
+            mutated = bytearray(data)
+            mutated[i] ^= 1 << rng.randrange(8)
+            parsed = wholeread.parse_index(bytes(mutated))
+            if parsed is not None:
+                assert parsed == [(bytes(c.digest), c.size) for c in decode_index(B3Digest(bytes(32)), bytes(mutated))]
+        assert wholeread.parse_index(data[:-1]) is None
+    for size in (0, 1, 1000, (128 << 10) - 1, 128 << 10, 64 << 20):
+        assert wholeread.compressed_bound(size) == chunking.compressed_bound(size)
+
+
+async def test_the_fast_paths_reads_serve_what_the_service_serves(tmp_path: Path) -> None:
+    """PackedReads (no service, read-only) reads the packed store's runs and whole blobs as the service does."""
+    from nixcas.castore.blob.wholeread import PackedReads
+
+    root = tmp_path / "blobs"
+    blobs = PackedBlobService(root)
+    try:
+        node, directories, nar = await tree_in(tmp_path, blobs)
+        plan = plan_nar(node, await dump_module.fetch_raw_closure(node, directories))
+        reads = PackedReads(str(root))
+        out_path = tmp_path / "out.nar"
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT)
+        try:
+            assert dump_module.write_planned(dump_module.Output(fd), plan, reads) is None
+        finally:
+            os.close(fd)
+            reads.close()
+        assert out_path.read_bytes() == nar
+        for i in range(len(plan.sizes)):  # one by one: the same bytes as the service's
+            buffer = memoryview(bytearray(plan.sizes[i] + (1 << 20)))
+            reads = PackedReads(str(root))
+            mine = reads.read_whole(plan.digests[i], plan.sizes[i], buffer)
+            reads.close()
+            theirs = blobs.read_whole(plan.digests[i], plan.sizes[i], memoryview(bytearray(len(buffer))))
+            assert mine is not None and theirs is not None and bytes(mine) == bytes(theirs)
+    finally:
+        await blobs.close()
+
+
+async def test_a_failed_write_returns_only_once_the_reader_is_done(tmp_path: Path) -> None:
+    """The caller closes its reads (the fast path: a SQLite connection) right after: no job may still run then.
+
+    (A closed pipe used to return at once, and closing the connection under the running job crashed the process.)
+    """
+    import time
+
+    from nixcas.castore.blob.wholeread import PackedReads
+
+    root = tmp_path / "blobs"
+    blobs = PackedBlobService(root)
+    try:
+        node, directories, _ = await tree_in(tmp_path, blobs)
+        plan = plan_nar(node, await dump_module.fetch_raw_closure(node, directories))
+    finally:
+        await blobs.close()
+    running: list[int] = []
+
+    class SlowReads(PackedReads):
+        def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+            running.append(1)
+            time.sleep(0.05)
+            try:
+                return super().read_run(wanted, buffer)
+            finally:
+                running.pop()
+
+    r, w = os.pipe()
+    os.close(r)
+    reads = SlowReads(str(root))
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(dump_module, "RUN_FILES", 8)  # several jobs, some still queued or running at the failure
+    try:
+        with pytest.raises(BrokenPipeError):
+            dump_module.write_planned(dump_module.Output(w), plan, reads)
+        assert running == []
+    finally:
+        monkey.undo()
+        reads.close()
+        os.close(w)

@@ -21,7 +21,7 @@ from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.castore.nodes import U64_MAX, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 from nixcas.errors import ValidationError
 
-__all__ = ["decode_canonical", "read_varint"]
+__all__ = ["Fields", "canonical_fields", "decode_canonical", "read_varint"]
 
 # Wire tags (field number << 3 | wire type) of castore.proto's messages.
 _LIST_TAGS = {0x0A: 0, 0x12: 1, 0x1A: 2}
@@ -47,79 +47,106 @@ def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
 
 def decode_canonical(data: bytes) -> list[tuple[bytes, Node]] | None:
     """The entries of canonical Directory bytes (directories, files, symlinks); ``None`` if not canonical."""
+    fields = canonical_fields(data)
+    if fields is None:
+        return None
     entries: list[tuple[bytes, Node]] = []
+    append = entries.append
+    try:
+        for name, kind, value, size, executable in fields:
+            validate_name(name)
+            if kind == 2:
+                append((name, SymlinkNode(value)))
+            else:
+                append(
+                    (
+                        name,
+                        DirectoryNode(B3Digest(value), size)
+                        if kind == 0
+                        else FileNode(B3Digest(value), size, executable),
+                    )
+                )
+    except ValidationError:  # an invalid name or target: protobuf's path reports it
+        return None
+    return entries
+
+
+Fields = tuple[bytes, int, bytes, int, bool]
+"""An entry of canonical Directory bytes as it is stored: name, kind (0 directory, 1 file, 2 symlink),
+digest (or target), size, executable."""
+
+
+def canonical_fields(data: bytes) -> list[Fields] | None:
+    """:func:`decode_canonical`'s entries as stored fields, in the lists' order; ``None`` if not canonical.
+
+    Each list sorted with no repeats, every field as the deterministic encoding writes it,
+    digests of 32 bytes, targets and names not empty; the names (and targets) are *not*
+    validated here (a caller validating a whole directory's names at once is faster).
+    """
+    entries: list[Fields] = []
     append = entries.append
     end = len(data)
     pos = 0
     kind = 0
     previous = b""
-    try:
-        while pos < end:
-            list_kind = _LIST_TAGS.get(data[pos], -1)
-            if list_kind != kind:
-                if list_kind < kind:  # unknown field, or the lists out of order
-                    return None
-                kind, previous = list_kind, b""
-            length = data[pos + 1] if pos + 1 < end else 0x80
-            if length < 0x80:
-                pos += 2
-            else:
-                length, pos = read_varint(data, pos + 1, end)
-                if length < 0:
-                    return None
-            stop = pos + length
-            if stop > end:
+    while pos < end:
+        list_kind = _LIST_TAGS.get(data[pos], -1)
+        if list_kind != kind:
+            if list_kind < kind:  # unknown field, or the lists out of order
                 return None
-            # name = 1 comes first, never empty
-            if pos + 2 > stop or data[pos] != _NAME or not 0 < data[pos + 1] < 0x80:
+            kind, previous = list_kind, b""
+        length = data[pos + 1] if pos + 1 < end else 0x80
+        if length < 0x80:
+            pos += 2
+        else:
+            length, pos = read_varint(data, pos + 1, end)
+            if length < 0:
                 return None
-            n = data[pos + 1]  # a name of 128 bytes or more (a two-byte length) takes protobuf's path
-            name = data[pos + 2 : pos + 2 + n]
-            pos += 2 + n
-            if name <= previous or pos > stop:  # sorted, no repeats
+        stop = pos + length
+        if stop > end:
+            return None
+        # name = 1 comes first, never empty
+        if pos + 2 > stop or data[pos] != _NAME or not 0 < data[pos + 1] < 0x80:
+            return None
+        n = data[pos + 1]  # a name of 128 bytes or more (a two-byte length) takes protobuf's path
+        name = data[pos + 2 : pos + 2 + n]
+        pos += 2 + n
+        if name <= previous or pos > stop:  # sorted, no repeats
+            return None
+        previous = name
+        # digest (or target) = 2, never empty
+        if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
+            return None
+        n = data[pos + 1]
+        if n >= 0x80:
+            n, pos = read_varint(data, pos + 1, stop)
+            if n < 0:
                 return None
-            previous = name
-            # digest (or target) = 2, never empty
-            if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
-                return None
-            n = data[pos + 1]
-            if n >= 0x80:
-                n, pos = read_varint(data, pos + 1, stop)
-                if n < 0:
-                    return None
-            else:
-                pos += 2
-            value = data[pos : pos + n]
-            pos += n
-            if not value or pos > stop:
-                return None
-            if kind == 2:
-                if pos != stop:
-                    return None
-                append((validate_name(name), SymlinkNode(value)))
-                continue
-            if len(value) != DIGEST_LEN:
-                return None
-            size = 0
-            executable = False
-            if pos < stop and data[pos] == _SIZE:
-                size, pos = read_varint(data, pos + 1, stop)
-                if size <= 0:  # zero is left out, not written
-                    return None
-            if kind == 1 and pos < stop and data[pos] == _EXECUTABLE:
-                if pos + 2 > stop or data[pos + 1] != 1:
-                    return None
-                executable = True
-                pos += 2
+        else:
+            pos += 2
+        value = data[pos : pos + n]
+        pos += n
+        if not value or pos > stop:
+            return None
+        if kind == 2:
             if pos != stop:
                 return None
-            validate_name(name)
-            append(
-                (
-                    name,
-                    DirectoryNode(B3Digest(value), size) if kind == 0 else FileNode(B3Digest(value), size, executable),
-                )
-            )
-    except ValidationError:  # an invalid name or target: protobuf's path reports it
-        return None
+            append((name, 2, value, 0, False))
+            continue
+        if len(value) != DIGEST_LEN:
+            return None
+        size = 0
+        executable = False
+        if pos < stop and data[pos] == _SIZE:
+            size, pos = read_varint(data, pos + 1, stop)
+            if size <= 0:  # zero is left out, not written
+                return None
+        if kind == 1 and pos < stop and data[pos] == _EXECUTABLE:
+            if pos + 2 > stop or data[pos + 1] != 1:
+                return None
+            executable = True
+            pos += 2
+        if pos != stop:
+            return None
+        append((name, kind, value, size, executable))
     return entries

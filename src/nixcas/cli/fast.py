@@ -1,4 +1,4 @@
-"""The read-only fast path: ``path-info``, ``castore ls`` and ``castore cat`` on the embedded store.
+"""The read-only fast path: ``path-info``, ``castore ls``, ``castore cat`` and ``dump-path`` on the embedded store.
 
 These three commands read one record each, which takes a millisecond; what
 a user waits for is start-up.  Loading click and asyncio (and protobuf for
@@ -8,6 +8,7 @@ whole answer, so :func:`answer` serves exactly these forms without them::
     nixcas [--store-dir DIR] path-info [--json] STORE_PATH
     nixcas [--store-dir DIR] castore ls [--json] DIGEST
     nixcas [--store-dir DIR] castore cat DIGEST
+    nixcas [--store-dir DIR] dump-path STORE_PATH
 
 on the embedded store (no service URL, no composition in the options or the
 environment), whose files exist.  It reads them with :mod:`sqlite3` and
@@ -19,6 +20,17 @@ kept in a pack file is checked against its BLAKE3
 (:mod:`nixcas.castore.blob.packfile`) before anything is written.  The lines
 printed are made by the functions the full commands print with
 (:mod:`nixcas.cli.render`).
+
+``dump-path`` plans the whole NAR first (every Directory's BLAKE3 checked), then
+writes it through the renderer of the full command
+(:func:`~nixcas.store.nar.dump.write_planned`, reading through
+:class:`~nixcas.castore.blob.wholeread.PackedReads`): every file's bytes are
+checked against its BLAKE3 before one of them is written.  If a file cannot be
+served that way (not in the store, damaged, a blob of an older layout, too big
+to read whole), what was written so far is a prefix of the NAR: the full
+command line then runs, leaves out that many bytes (:func:`dump_written`) and
+writes the rest, or the error, in its own words.  Standard output must not be
+a terminal (the full command refuses one).
 
 Anything else returns ``None`` and the full command line (click) runs: other
 options or forms, help, another store, a missing store or record, a blob
@@ -39,7 +51,9 @@ if TYPE_CHECKING:
 
     import zstandard
 
-__all__ = ["EXIT_BROKEN_PIPE", "answer", "discard_stdout"]
+    from nixcas.store.pathinfo.model import PathInfo
+
+__all__ = ["EXIT_BROKEN_PIPE", "answer", "discard_stdout", "dump_written"]
 
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe."""
@@ -70,6 +84,8 @@ def answer(argv: list[str]) -> int | None:
             text: str | bytes | None = path_info(base, operand, as_json)
         elif not size_rule_agrees(base):
             return None
+        elif command == "dump-path":
+            return dump_path(base, operand)
         elif command == "ls":
             text = castore_ls(base, operand, as_json)
         else:
@@ -115,8 +131,8 @@ def parse(argv: list[str]) -> tuple[str | None, str, str, bool] | None:
             store_dir, rest = first[len(STORE_DIR_OPTION) + 1 :], rest[1:]
         else:
             return None
-    if rest[:1] == ["path-info"]:
-        command, args, json_ok = "path-info", rest[1:], True
+    if rest[:1] in (["path-info"], ["dump-path"]):
+        command, args, json_ok = rest[0], rest[1:], rest[0] == "path-info"
     elif rest[:2] in (["castore", "ls"], ["castore", "cat"]):
         command, args, json_ok = rest[1], rest[2:], rest[1] == "ls"
     else:
@@ -184,8 +200,17 @@ def size_rule_agrees(base: str) -> bool:
 
 def path_info(base: str, operand: str, as_json: bool) -> str | None:
     """``path-info``: the record of STORE_PATH in ``DIR/pathinfo.sqlite``, validated, as the full command prints it."""
-    from nixcas._sqlite import get_data
     from nixcas.cli.render import path_info_lines
+
+    info = lookup(base, operand)
+    if info is None:
+        return None
+    return "".join(line + "\n" for line in path_info_lines(info, as_json))
+
+
+def lookup(base: str, operand: str) -> PathInfo | None:
+    """The PathInfo of STORE_PATH in ``DIR/pathinfo.sqlite``, validated; ``None`` if there is none (or no database)."""
+    from nixcas._sqlite import get_data
     from nixcas.embedded import PATHINFO_DB
     from nixcas.store.pathinfo.model import verified_record
     from nixcas.store.store_path import StorePath
@@ -204,7 +229,96 @@ def path_info(base: str, operand: str, as_json: bool) -> str | None:
     info = verified_record(path.digest, raw, f"SqlitePathInfoService({db_path!r})")
     if info.store_path != path:
         return None  # the same hash with another name: not in the store, as the full path says
-    return "".join(line + "\n" for line in path_info_lines(info, as_json))
+    return info
+
+
+_dump_written = 0
+
+
+def dump_written() -> int:
+    """How many bytes of the NAR the fast path wrote before it left ``dump-path`` to the full command line."""
+    return _dump_written
+
+
+class StoredDirectories:
+    """Stored Directory bytes by raw digest from ``directories.sqlite``, each checked against its BLAKE3."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._ahead: dict[bytes, bytes] = {}
+
+    def prefetch(self, digests: list[bytes]) -> None:
+        """Read ``digests`` (the subdirectories of one directory) with one query; :meth:`get` takes them from here."""
+        from nixcas._sqlite import select_in
+
+        for digest, data in select_in(self._db, "SELECT digest, data FROM directories WHERE digest IN ({})", digests):
+            self._ahead[bytes(digest)] = bytes(data)
+
+    def get(self, digest: bytes, /) -> bytes | None:
+        from nixcas._sqlite import get_data
+        from nixcas.castore.digest import B3Digest
+        from nixcas.castore.directory import check_stored
+
+        raw = self._ahead.pop(digest, None)
+        if raw is None:
+            raw = get_data(self._db, "directories", digest)
+        if raw is not None:
+            check_stored(B3Digest(digest), raw)
+        return raw
+
+
+def dump_path(base: str, operand: str) -> int | None:
+    """``dump-path``: the NAR of STORE_PATH to standard output, every byte checked before it is written.
+
+    ``None`` (before anything is written, or with :func:`dump_written` bytes written): the full
+    command line takes over.
+    """
+    global _dump_written
+    from nixcas.castore.blob.packfile import DB_NAME
+    from nixcas.castore.blob.wholeread import PackedReads
+    from nixcas.embedded import BLOBS, DIRECTORIES_DB
+    from nixcas.store.nar.dump import Output, plan_steps, write_planned
+
+    out = sys.stdout
+    if out is None or out.isatty():
+        return None  # the full command refuses a terminal
+    blobs = os.path.join(base, BLOBS)
+    if not os.path.isfile(os.path.join(blobs, DB_NAME)):
+        return None  # the full path opens (and would create) the blob service
+    info = lookup(base, operand)
+    if info is None:
+        return None
+    db = open_existing(os.path.join(base, DIRECTORIES_DB))
+    if db is None:
+        return None
+    out.flush()
+    output = Output(out.fileno())
+    reads = PackedReads(blobs)
+    try:  # planned (the files planned so far read meanwhile), then written
+        plan, planning = plan_steps(info.node, StoredDirectories(db))
+        done = write_planned(output, plan, reads, planning=planning) is None
+    except BrokenPipeError:  # the reader went away (`nixcas dump-path … | head`): stop quietly, as `run` does
+        discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        if not output.position:
+            return None  # (a plan that fails, say): the full path writes or reports it all
+        sys.stderr.write(f"nixcas: error: {os_error_line(e)}\n")  # the output failed after some of it was written
+        return 1
+    except Exception:  # the full path takes over after what was written (nothing, if the plan failed)
+        done = False
+    finally:
+        reads.close()
+        db.close()
+    if done:
+        return 0
+    _dump_written = output.position  # (a file it could not read, or an error: the full path reports it)
+    return None
+
+
+def os_error_line(e: OSError) -> str:
+    """An :class:`OSError` in one line, as the full command line's ``run`` reports it."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
 
 
 def castore_ls(base: str, operand: str, as_json: bool) -> str | None:

@@ -97,6 +97,7 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
 @pass_settings
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
+    from nixcas.cli.fast import dump_written
     from nixcas.store.nar.dump import dump_nar
 
     path = parse_store_path(store_path)
@@ -107,7 +108,8 @@ def dump_path(settings: Settings, store_path: str) -> None:
         sys.stdout.flush()
         async with await settings.open_store(with_pathinfo=True) as store:
             info = await lookup(store.pathinfos, path)
-            await dump_nar(sys.stdout.fileno(), info.node, store.blobs, store.directories)
+            # after the fast path stopped at a file it could not read: the rest of the NAR (or the error)
+            await dump_nar(sys.stdout.fileno(), info.node, store.blobs, store.directories, skip=dump_written())
 
     run(go)
 

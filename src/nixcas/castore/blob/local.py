@@ -59,6 +59,8 @@ from nixcas.castore.blob.chunking import (
     decompress_chunk,
 )
 from nixcas.castore.blob.layout import ZSTD_LEVEL, bao_key, blob_index_key, chunk_key, decode_index, encode_index
+from nixcas.castore.blob.wholeread import raw_blocks as raw_blocks  # (tests and older callers import it here)
+from nixcas.castore.blob.wholeread import read_chunks_into
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
@@ -90,50 +92,7 @@ _READ_ONLY = os.O_RDONLY | os.O_CLOEXEC
 WHOLE_MAX = 64 << 20
 """The largest blob :meth:`LocalBlobService.read_whole` reads whole (and hashes once) before returning it."""
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_FCS_BYTES = (0, 2, 4, 8)
 _DICT_ID_BYTES = (0, 1, 2, 4)
-
-
-def raw_blocks(data: memoryview, start: int, end: int) -> list[tuple[int, int]] | None:
-    """Where the content of ``data[start:end]`` lies if it is one zstd frame of raw blocks: (offset, length) each.
-
-    The default store writes chunk objects as such frames (``STORE_LEVEL``): their content is
-    the blocks' payloads as they are, so reading one needs no decompressor and no copy.
-    Anything else (compressed or RLE blocks, a dictionary, several frames, trailing bytes,
-    a content size that disagrees with the blocks) gives ``None``: zstd decodes it.
-    """
-    if end - start < 6 or data[start : start + 4] != _ZSTD_MAGIC:
-        return None
-    descriptor = data[start + 4]
-    if descriptor & 0x08 or descriptor & 0x03:  # reserved bit; a dictionary
-        return None
-    single_segment = descriptor & 0x20
-    fcs_len = _FCS_BYTES[descriptor >> 6] or (1 if single_segment else 0)
-    pos = start + 5 + (0 if single_segment else 1)
-    declared = int.from_bytes(data[pos : pos + fcs_len], "little") + (256 if fcs_len == 2 else 0)
-    pos += fcs_len
-    blocks: list[tuple[int, int]] = []
-    total = 0
-    while True:
-        if pos + 3 > end:
-            return None
-        header = data[pos] | data[pos + 1] << 8 | data[pos + 2] << 16
-        size = header >> 3
-        pos += 3
-        if header & 0x06 or pos + size > end:  # not a raw block, or cut short
-            return None
-        if size:
-            blocks.append((pos, size))
-        pos += size
-        total += size
-        if header & 1:
-            break
-    if descriptor & 0x04:  # content checksum (BLAKE3 is checked instead)
-        pos += 4
-    if pos != end or (fcs_len and declared != total):
-        return None
-    return blocks
 
 
 class _Slow:
@@ -519,43 +478,8 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
         cache) into one BLAKE3 of the whole blob, which checks every chunk and the chunk list at
         once, before a byte is returned.
         """
-        if sum(c.size for c in chunks) != size:
-            return None
-        need = size + max(compressed_bound(c.size) - c.size for c in chunks)
-        view = buffer if len(buffer) >= need else memoryview(bytearray(need))
-        hasher = blake3.blake3()
-        pos = 0
-        for chunk in chunks:
-            fd = os.open(self._chunk_path(chunk.digest), _READ_ONLY)
-            try:
-                stored = os.fstat(fd).st_size
-                if stored > compressed_bound(chunk.size):
-                    return None
-                got = 0
-                while got < stored:
-                    n = os.preadv(fd, [view[pos + got : pos + stored]], got)
-                    if not n:
-                        return None
-                    got += n
-            finally:
-                os.close(fd)
-            blocks = raw_blocks(view, pos, pos + stored)
-            if blocks is None:
-                where = f"{self}: chunk {chunk.digest.hex()}"
-                data = decompress_chunk(self._decompressor(), bytes(view[pos : pos + stored]), chunk.size, where)
-                view[pos : pos + chunk.size] = data
-            else:
-                if sum(length for _, length in blocks) != chunk.size:
-                    return None
-                at = pos
-                for offset, length in blocks:
-                    view[at : at + length] = view[offset : offset + length]  # overlapping: memmove
-                    at += length
-            hasher.update(view[pos : pos + chunk.size])  # while it is in the cache
-            pos += chunk.size
-        if hasher.digest() != digest:
-            return None
-        return view[:size]
+        listed = [(bytes(c.digest), c.size) for c in chunks]
+        return read_chunks_into(self._root, digest, size, listed, buffer, self._decompressor)
 
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         try:

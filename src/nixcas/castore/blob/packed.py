@@ -69,10 +69,10 @@ from nixcas.castore.blob.packfile import (
     Row,
     load,
     pack_name,
+    read_run,
     select_row,
     verified,
 )
-from nixcas.castore.blob.packrun import read_run
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig

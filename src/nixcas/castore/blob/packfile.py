@@ -12,7 +12,7 @@ read by.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import blake3
 
@@ -22,7 +22,19 @@ TYPE_CHECKING = False  # not typing's: `castore cat` needs nothing else of it
 if TYPE_CHECKING:
     import zstandard
 
-__all__ = ["CODEC_RAW", "CODEC_ZSTD", "DB_NAME", "PACKS_DIR", "Row", "load", "pack_name", "select_row", "verified"]
+__all__ = [
+    "CODEC_RAW",
+    "CODEC_ZSTD",
+    "DB_NAME",
+    "PACKS_DIR",
+    "RUN_GAP",
+    "Row",
+    "load",
+    "pack_name",
+    "read_run",
+    "select_row",
+    "verified",
+]
 
 DB_NAME = "packs.sqlite"
 """The index of small blobs (and of the pack files), in the store's directory."""
@@ -35,6 +47,17 @@ CODEC_RAW, CODEC_ZSTD = 0, 1
 
 Row = tuple[int, int, int, int, int]
 """``(size, codec, pack, offset, length)`` of a stored blob."""
+
+RUN_GAP = 64 << 10
+"""Blobs of one :func:`read_run` this close in a pack are read with one ``preadv`` (the gap too)."""
+
+_RUN_SELECT = "SELECT digest, size, codec, pack, offset, length FROM blobs WHERE digest IN ({})"
+_RUN_QUERY = 900
+"""Digests per query of a run (below SQLite's oldest limit of 999 parameters)."""
+
+
+def _pack_offset(row: tuple[bytes, int, int, int, int, int]) -> tuple[int, int]:
+    return row[3], row[4]
 
 
 def select_row(db: sqlite3.Connection, digest: bytes) -> Row | None:
@@ -86,3 +109,72 @@ def verified(digest: bytes, data: bytes) -> bytes:
     if got != digest:
         raise ChecksumMismatch(f"blob {digest.hex()}", digest.hex(), got.hex())
     return data
+
+
+def read_run(
+    db: sqlite3.Connection,
+    wanted: Sequence[tuple[bytes, int]],
+    buffer: memoryview,
+    preadv: Callable[[int, memoryview, int], int],
+    decompressor: Callable[[], zstandard.ZstdDecompressor],
+) -> list[bytes | memoryview] | None:
+    """The contents of ``wanted`` (digest, size), each checked against its BLAKE3; ``None``: not all are pack rows
+    of these sizes, or one is damaged (the caller reads them blob by blob, which reports it).
+
+    One indexed lookup for the run, then the pack bytes in offset order, blobs at most
+    :data:`RUN_GAP` apart with one ``preadv(pack, into, offset)`` (the bytes read) into
+    ``buffer``; the contents returned are views of it (a compressed blob is decompressed).
+    """
+    if not wanted:
+        return []
+    keys = list(dict.fromkeys(raw for raw, _ in wanted))
+    rows: list[tuple[bytes, int, int, int, int, int]] = []
+    for i in range(0, len(keys), _RUN_QUERY):
+        batch = keys[i : i + _RUN_QUERY]
+        rows += db.execute(_RUN_SELECT.format(",".join("?" * len(batch))), batch).fetchall()
+    if len(rows) != len(keys):
+        return None  # not all in packs (or missing)
+    rows.sort(key=_pack_offset)
+    # Read ranges (pack, start, end, place in buffer): blobs at most RUN_GAP apart share one.
+    ranges: list[tuple[int, int, int, int]] = []
+    placed: list[int] = []  # each row's place in the buffer
+    room = len(buffer)
+    at = 0  # the buffer's end so far
+    pack_id = start = end = -1
+    for _, size, _, pack, offset, length in rows:
+        if length > size + (size >> 8) + 1024:  # more than size bytes can compress to
+            return None
+        if pack == pack_id and end <= offset <= end + RUN_GAP and at + offset + length - end <= room:
+            at += offset - end
+            placed.append(at)
+            at += length
+            end = offset + length
+            continue
+        if pack_id >= 0:
+            ranges.append((pack_id, start, end, at - (end - start)))
+        pack_id, start, end = pack, offset, offset + length
+        placed.append(at)
+        at += length
+    ranges.append((pack_id, start, end, at - (end - start)))
+    view = buffer if at <= room else memoryview(bytearray(at))
+    for pack, start, end, place in ranges:
+        if preadv(pack, view[place : place + end - start], start) != end - start:
+            return None  # the pack file ends early
+    found: dict[bytes, bytes | memoryview] = {}
+    hasher = blake3.blake3
+    for (raw, size, codec, _, _, length), place in zip(rows, placed, strict=True):
+        data: bytes | memoryview = view[place : place + length]
+        if codec:
+            if codec != CODEC_ZSTD:
+                return None
+            data = decompressor().decompress(data, max_output_size=size)
+        if len(data) != size or hasher(data).digest() != raw:
+            return None
+        found[raw] = data
+    out: list[bytes | memoryview] = []
+    for raw, size in wanted:
+        data = found[raw]
+        if len(data) != size:
+            return None
+        out.append(data)
+    return out

@@ -15,9 +15,11 @@ submodule (say :mod:`nixcas.store.nar.hashing`) does not load the others.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: `nixcas dump-path` loads this package and nothing of typing
 if TYPE_CHECKING:
+    from typing import Any
+
     from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
     from nixcas.store.nar.ingest import ingest_nar, ingest_nar_bytes
     from nixcas.store.nar.parser import (
