@@ -22,7 +22,7 @@ from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
+from nixcas.castore.sweep import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
 from nixcas.castore.graph import leaves_first
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node
 from nixcas.errors import ChecksumMismatch, NixcasError, StorageError

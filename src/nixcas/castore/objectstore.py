@@ -38,7 +38,7 @@ from urllib.parse import SplitResult, parse_qsl, urlsplit, urlunsplit
 from nixcas._extras import missing_extra
 from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.errors import ConfigurationError, StorageError, UnavailableError
 from nixcas.ops import tracing
 from nixcas.urls import is_decimal, scrubbed, shown

@@ -19,7 +19,7 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.fsck import CastoreChecker, CastoreRepairer, CheckableOutboards, Problem
-from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
+from nixcas.castore.sweep import SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.pins import PinService
 from nixcas.errors import NixcasError

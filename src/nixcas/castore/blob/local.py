@@ -60,7 +60,7 @@ from nixcas.castore.blob.chunking import (
 )
 from nixcas.castore.blob.layout import ZSTD_LEVEL, bao_key, blob_index_key, chunk_key, decode_index, encode_index
 from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
 from nixcas.ops import stats
@@ -771,7 +771,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
             self._dirty = False
             await asyncio.to_thread(_syncfs, self.root)
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
     #
     # A blob's age is the mtime of its chunk object (single-chunk blobs; the
     # empty index is a hard link shared by many blobs, so its own mtime means

@@ -71,7 +71,7 @@ from nixcas.castore.blob.chunking import (
 )
 from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index, encode_index, key_digest
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
     ObjectMeta,
@@ -399,7 +399,7 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
             raise StorageError(f"{self}: index of {digest.hex()} refers to missing chunk {missing[0].digest.hex()}")
         await self._put_object(blob_index_key(digest), encode_index(list(chunks)))
 
-    # -- garbage collection (nixcas.castore.gc) --------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ------------------------------------
     #
     # A blob's age is its index's modification time (a writer that relies on an old
     # blob writes its index again).  Deletion looks at the age again first (HEAD);

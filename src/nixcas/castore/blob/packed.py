@@ -73,7 +73,7 @@ from nixcas.castore.blob.packfile import (
     verified,
 )
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.ops import stats

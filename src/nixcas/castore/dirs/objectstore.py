@@ -70,7 +70,7 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL, key_digest, object_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
     ObjectStore,
@@ -497,7 +497,7 @@ class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
         await self.store.put(key, data)
         self.presence.noted(key, len(data))
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
     #
     # A closure object's age is its modification time (a writer relying on an old one
     # writes it again).  Deletion looks at the age again first (HEAD); see the blob
