@@ -38,6 +38,7 @@ __all__ = [
     "ChunkMeta",
     "ChunkStore",
     "FailedReader",
+    "VerifiedBytesReader",
     "VerifyingReader",
     "check_chunk",
 ]
@@ -71,6 +72,10 @@ def check_chunk(chunk: ChunkMeta, data: bytes, where: str) -> bytes:
 
 class BlobReader(Closing, ABC):
     """An async, seekable reader over one blob's bytes."""
+
+    verified: ClassVar[bool] = False
+    """Every byte this reader returns was hashed against the blob's digest before it was opened
+    (:meth:`BlobService.open_read` then hands it out as it is instead of hashing it again)."""
 
     @abstractmethod
     async def read(self, n: int = -1) -> bytes:
@@ -130,8 +135,16 @@ class BytesReader(BlobReader):
         return self._pos
 
 
+class VerifiedBytesReader(BytesReader):
+    """A :class:`BytesReader` over a whole blob already hashed against its digest (by the backend that read it)."""
+
+    verified: ClassVar[bool] = True
+
+
 class FailedReader(BlobReader):
     """A blob found damaged when opened: every read (and ``SEEK_END``) raises the error, no byte is returned."""
+
+    verified: ClassVar[bool] = True  # it returns no byte at all
 
     def __init__(self, error: StorageError) -> None:
         self._error = error
@@ -397,9 +410,49 @@ class BlobService(Closing, ABC):
         return found
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        """A seekable reader whose sequential full read is verified against ``digest``."""
+        """A seekable reader whose sequential full read is verified against ``digest``.
+
+        A reader the backend verified whole when it opened it (:attr:`BlobReader.verified`) is
+        handed out as it is: every byte is hashed once.
+        """
         reader = await self._open_read(digest)
-        return None if reader is None else VerifyingReader(reader, digest)
+        if reader is None or reader.verified:
+            return reader
+        return VerifyingReader(reader, digest)
+
+    async def open_raw(self, digest: B3Digest) -> BlobReader | None:
+        """The backend's reader without verify-on-read, for a caller that checks what it reads itself.
+
+        For wrappers and verifiers only: a bao range reader checks against the outboard, a
+        wrapper hands the reader to its own :meth:`open_read` (which verifies the whole), a
+        member race hashes a small blob's bytes.  ``None`` if the blob is missing.
+        """
+        return await self._open_read(digest)
+
+    async def read_many_raw(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, *, parallel: int = READ_MANY_PARALLEL
+    ) -> dict[B3Digest, bytes]:
+        """:meth:`read_many` for a wrapper that verifies the result itself (through ``checker``).
+
+        The blobs found (some maybe over their maximum); those the backend hashed are
+        marked in ``checker`` (:meth:`BlobChecker.checked`), the caller hashes the others
+        before it hands them on (as :meth:`read_many` does).
+        """
+        return await self._read_many(max_sizes, checker, max(1, parallel))
+
+    async def missing(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
+        """Those of ``digests`` not stored (in the given order): :meth:`has` for many blobs at once.
+
+        The default asks :meth:`has` for up to 256 at a time; backends answer a batch with fewer
+        round trips (one worker-thread hop on a local disk, listings instead of ``HEAD`` requests
+        in object storage).
+        """
+        out: list[B3Digest] = []
+        for i in range(0, len(digests), 256):
+            batch = digests[i : i + 256]
+            present = await asyncio.gather(*(self.has(d) for d in batch))
+            out.extend(d for d, here in zip(batch, present, strict=True) if not here)
+        return out
 
     async def put(self, data: bytes) -> B3Digest:
         """Store a blob held in memory; return its digest."""

@@ -43,6 +43,7 @@ from nixcas.castore.blob.base import (
     ChunkMeta,
     ChunkStore,
     FailedReader,
+    VerifiedBytesReader,
     WriterState,
     check_chunk,
     resolve_seek,
@@ -589,6 +590,13 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         return await asyncio.to_thread(self._chunks_sync, digest)
 
+    async def missing(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
+        def absent() -> list[B3Digest]:
+            exists = os.path.exists
+            return [d for d in digests if not exists(self._index_path(d)) and not exists(self._chunk_path(d))]
+
+        return await asyncio.to_thread(absent)
+
     def _read_object_sync(self, digest: B3Digest) -> bytes | StorageError | _Slow | None:
         """A single-chunk blob's bytes, verified; ``None`` if absent; :data:`_SLOW`: a big legacy object.
 
@@ -627,7 +635,7 @@ class LocalBlobService(BlobService, ChunkStore, BulkReads):
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         found = await asyncio.to_thread(self._read_object_sync, digest)
         if isinstance(found, bytes):
-            return BytesReader(found)
+            return VerifiedBytesReader(found)
         if isinstance(found, StorageError):
             return FailedReader(found)
         if found is _SLOW:

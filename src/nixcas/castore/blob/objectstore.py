@@ -55,6 +55,7 @@ from nixcas.castore.blob.base import (
     ChunkMeta,
     ChunkStore,
     FailedReader,
+    VerifiedBytesReader,
     WriterState,
     check_chunk,
 )
@@ -71,7 +72,6 @@ from nixcas.castore.blob.chunking import (
 )
 from nixcas.castore.blob.layout import ZSTD_LEVEL, blob_index_key, chunk_key, decode_index, encode_index, key_digest
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
-from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
     ObjectMeta,
@@ -83,6 +83,7 @@ from nixcas.castore.objectstore import (
     refresh_after_option,
     zstd_level_option,
 )
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
 from nixcas.ops import stats
@@ -276,6 +277,21 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
         # Most blobs are single chunk objects: look for that first.
         return await self._exists(chunk_key(digest)) or await self._exists(blob_index_key(digest))
 
+    async def missing(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
+        # Batched (cache, key-range listings) for what is present; an "absent" from a listing may be
+        # stale for a reader (another process may have written since), so those are asked again.
+        unique = list(dict.fromkeys(digests))
+        found = await self.presence.check([chunk_key(d) for d in unique])
+        rest = [d for d in unique if found[chunk_key(d)] is None]
+        if rest:
+            found.update(await self.presence.check([blob_index_key(d) for d in rest]))
+            rest = [d for d in rest if found[blob_index_key(d)] is None]
+        present = set(unique) - set(rest)
+        if rest:
+            again = await asyncio.gather(*(self.has(d) for d in rest))
+            present.update(d for d, here in zip(rest, again, strict=True) if here)
+        return [d for d in digests if d not in present]
+
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         raw = await self.store.get(blob_index_key(digest), cap=MAX_INDEX_BYTES)
         if raw is None:
@@ -315,7 +331,7 @@ class ObjectStoreBlobService(ObjectStoreBacked, BlobService, ChunkStore):
         except ChecksumMismatch as e:
             return FailedReader(e)
         if single is not None:
-            return BytesReader(single)
+            return VerifiedBytesReader(single)
         chunks = await self.chunks(digest)
         if chunks is None:
             return None

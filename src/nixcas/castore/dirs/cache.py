@@ -112,7 +112,7 @@ class CacheDirectoryService(DirectoryService):
         return None if found is None else found.encode()
 
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
-        await self.near._put_raw(items)
+        await self.near.put_validated(items)
 
     async def close(self) -> None:
         if self._close_inner:

@@ -10,8 +10,8 @@ from urllib.parse import SplitResult
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.sweep import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import require_bare_url
 

@@ -70,7 +70,6 @@ from nixcas.castore.blob.layout import ZSTD_LEVEL, key_digest, object_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
     ObjectStore,
@@ -82,6 +81,7 @@ from nixcas.castore.objectstore import (
     zstd_level_option,
 )
 from nixcas.castore.sizerule import SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
 from nixcas.urls import is_decimal, shown

@@ -20,8 +20,8 @@ from typing import ClassVar
 from nixcas._postgres import Connection, PostgresConfig, PostgresDatabase
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.castore.sizerule import RULE_KEY, SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["PostgresDirectoryService", "PostgresDirectoryServiceConfig"]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, get_data, select_in
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.castore.sizerule import RULE_KEY, SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
