@@ -101,7 +101,7 @@ from import_tree import (
 )
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import Node

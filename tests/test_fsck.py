@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import blob_index_key, chunk_key
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.store.pathinfo.model import PathInfo

@@ -17,7 +17,7 @@ import blake3
 import pytest
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.packed import PackedBlobService
@@ -310,7 +310,7 @@ async def test_a_streaming_upload_without_lease_never_publishes_a_broken_blob(tm
 
 
 async def test_a_long_upload_keeps_its_staged_chunks_young(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nixcas.castore.blob.local as local
+    import nixcas.castore.objectstore.writers as local
 
     monkeypatch.setattr(local, "KEEP_ALIVE_SECONDS", 0.0)  # refresh on every write
     blobs = LocalBlobService(str(tmp_path / "blobs"))

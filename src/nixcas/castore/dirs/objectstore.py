@@ -66,7 +66,6 @@ from google.protobuf.message import DecodeError
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.blob.chunking import compressed_bound
-from nixcas.castore.blob.layout import ZSTD_LEVEL, key_digest, object_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
@@ -80,6 +79,7 @@ from nixcas.castore.objectstore import (
     refresh_after_option,
     zstd_level_option,
 )
+from nixcas.castore.objectstore.layout import ZSTD_LEVEL, key_digest, object_key
 from nixcas.castore.sizerule import SizeRule
 from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
