@@ -79,7 +79,8 @@ from nixcas.castore.objectstore import (
     refresh_after_option,
     zstd_level_option,
 )
-from nixcas.castore.objectstore.layout import ZSTD_LEVEL, key_digest, object_key
+from nixcas.castore.objectstore.layout import ZSTD_LEVEL, object_key
+from nixcas.castore.objectstore.scan import scan_listing
 from nixcas.castore.sizerule import SizeRule
 from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
@@ -503,15 +504,8 @@ class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
     # writes it again).  Deletion looks at the age again first (HEAD); see the blob
     # backend for the window between that HEAD and the DELETE.
 
-    async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
-        async for page in self.store.list("dirs/b3/"):
-            batch = []
-            for meta in page:
-                digest = key_digest(meta.key)
-                if digest is not None:
-                    batch.append(StoredObject(digest, meta.size, meta.mtime_ns))
-            if batch:
-                yield batch
+    def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
+        return scan_listing(self.store, "dirs")
 
     async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         return await self._delete_old(objects, cutoff_ns, directory_key)

@@ -33,7 +33,7 @@ MAX_INDEX_BYTES = 64 << 20
 
 
 async def scan_listing(store: ObjectIO, kind: str) -> AsyncIterator[list[StoredObject]]:
-    """Every object of ``kind`` (``blobs``, ``chunks``, ``bao``) a listing of ``store`` finds, in batches.
+    """Every object of ``kind`` (``blobs``, ``chunks``, ``bao``, ``dirs``) a listing of ``store`` finds, in batches.
 
     Keys that do not name a digest in their place are skipped; a blob's
     non-empty index is read for the chunks it lists.
@@ -44,6 +44,8 @@ async def scan_listing(store: ObjectIO, kind: str) -> AsyncIterator[list[StoredO
             digest = key_digest(meta.key)
             if digest is not None:
                 objects.append((digest, meta))
+        if not objects:
+            continue
         if kind != "blobs":
             yield [StoredObject(d, m.size, m.mtime_ns) for d, m in objects]
             continue
