@@ -58,6 +58,10 @@ class LayoutBlobService(BlobService, ChunkStore):
     async def _publish_index(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
         """Publish the index of a checked chunk list whose chunks are all stored."""
 
+    async def _store_written(self, data: bytes) -> B3Digest:
+        """Store a small blob a writer buffered whole, at its close (see :class:`ChunkingWriter`)."""
+        return (await self._store_blobs([data]))[0]
+
     async def put(self, data: bytes) -> B3Digest:
         digest = (await self._store_blobs([data]))[0]
         stats.written(self.stats_name, [len(data)])
@@ -144,7 +148,7 @@ class ChunkingWriter(BlobWriter, ABC):
             self._state.check_complete()
             if self._chunker is None:
                 data, self._buffer = b"".join(self._buffer), []
-                digest = (await self._layout._store_blobs([data]))[0]
+                digest = await self._layout._store_written(data)
             else:
                 digest = await self._finish()
         except BaseException:

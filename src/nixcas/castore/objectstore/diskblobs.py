@@ -271,7 +271,12 @@ class LocalBlobService(DiskReads, LayoutBlobService):
         return LocalBlobWriter(self, expected_size)
 
     async def _store_blobs(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        return await to_thread_uninterrupted(lambda: [self._store_sync(b) for b in blobs])
+        if len(blobs) == 1:
+            return [await asyncio.to_thread(self._store_sync, blobs[0])]
+        return await asyncio.to_thread(lambda: [self._store_sync(b) for b in blobs])
+
+    async def _store_written(self, data: bytes) -> B3Digest:
+        return await to_thread_uninterrupted(lambda: self._store_sync(data))
 
     async def _store_chunk(self, chunk: ChunkMeta, data: bytes) -> None:
         await to_thread_uninterrupted(lambda: self._put_chunks_sync([data]))
