@@ -18,23 +18,57 @@ their configuration and service class):
 * :mod:`.writers` — the streaming blob writers (buffer, cut, store chunks, index last);
 * :mod:`.diskblobs`, :mod:`.bulk`, :mod:`.remoteblobs` — the blob stores on each adapter.
 
-The names below are the package's public interface (importing it loads no obstore).
+The names below are the package's public interface, loaded on first use (the local-disk store
+loads neither the obstore client nor its options).
 """
 
 from __future__ import annotations
 
-from nixcas.castore.objectstore.client import ObjectStore, create_bucket, create_bucket_sync, open_object_store
-from nixcas.castore.objectstore.io import ObjectIO, ObjectMeta
-from nixcas.castore.objectstore.options import (
-    CLIENT_OPTIONS,
-    REFRESH_AFTER,
-    SCHEMES,
-    check_client_options,
-    parse_objectstore_url,
-    refresh_after_option,
-    zstd_level_option,
-)
-from nixcas.castore.objectstore.presence import ObjectStoreBacked, Presence, key_range
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nixcas.castore.objectstore.client import ObjectStore, create_bucket, create_bucket_sync, open_object_store
+    from nixcas.castore.objectstore.io import ObjectIO, ObjectMeta
+    from nixcas.castore.objectstore.options import (
+        CLIENT_OPTIONS,
+        REFRESH_AFTER,
+        SCHEMES,
+        check_client_options,
+        parse_objectstore_url,
+        refresh_after_option,
+        zstd_level_option,
+    )
+    from nixcas.castore.objectstore.presence import ObjectStoreBacked, Presence, key_range
+
+_HOMES = {
+    "ObjectStore": "client",
+    "create_bucket": "client",
+    "create_bucket_sync": "client",
+    "open_object_store": "client",
+    "ObjectIO": "io",
+    "ObjectMeta": "io",
+    "CLIENT_OPTIONS": "options",
+    "REFRESH_AFTER": "options",
+    "SCHEMES": "options",
+    "check_client_options": "options",
+    "parse_objectstore_url": "options",
+    "refresh_after_option": "options",
+    "zstd_level_option": "options",
+    "ObjectStoreBacked": "presence",
+    "Presence": "presence",
+    "key_range": "presence",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, each loaded from its module on first use (a local store never loads the obstore client)."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+
 
 __all__ = [
     "CLIENT_OPTIONS",
