@@ -17,7 +17,6 @@ import blake3
 import pytest
 
 from nixcas.api import Store
-from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.packed import PackedBlobService
@@ -27,6 +26,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.gc import Deletion, StoredObject, WriteLeases, collect, parse_duration
 from nixcas.castore.nodes import FileNode
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree

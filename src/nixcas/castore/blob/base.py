@@ -74,8 +74,7 @@ class BlobReader(Closing, ABC):
     """An async, seekable reader over one blob's bytes."""
 
     verified: ClassVar[bool] = False
-    """Every byte this reader returns was hashed against the blob's digest before it was opened
-    (:meth:`BlobService.open_read` then hands it out as it is instead of hashing it again)."""
+    """Every byte it returns was hashed against the digest already (``open_read`` does not hash again)."""
 
     @abstractmethod
     async def read(self, n: int = -1) -> bytes:
@@ -410,43 +409,26 @@ class BlobService(Closing, ABC):
         return found
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        """A seekable reader whose sequential full read is verified against ``digest``.
-
-        A reader the backend verified whole when it opened it (:attr:`BlobReader.verified`) is
-        handed out as it is: every byte is hashed once.
-        """
+        """A seekable reader whose sequential full read is verified against ``digest`` (once: see ``verified``)."""
         reader = await self._open_read(digest)
         if reader is None or reader.verified:
             return reader
         return VerifyingReader(reader, digest)
 
     async def open_raw(self, digest: B3Digest) -> BlobReader | None:
-        """The backend's reader without verify-on-read, for a caller that checks what it reads itself.
-
-        For wrappers and verifiers only: a bao range reader checks against the outboard, a
-        wrapper hands the reader to its own :meth:`open_read` (which verifies the whole), a
-        member race hashes a small blob's bytes.  ``None`` if the blob is missing.
-        """
+        """The backend's reader without verify-on-read (``None``: missing), for a caller that checks
+        what it reads itself: a bao range reader, a wrapper whose own :meth:`open_read` verifies."""
         return await self._open_read(digest)
 
     async def read_many_raw(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, *, parallel: int = READ_MANY_PARALLEL
     ) -> dict[B3Digest, bytes]:
-        """:meth:`read_many` for a wrapper that verifies the result itself (through ``checker``).
-
-        The blobs found (some maybe over their maximum); those the backend hashed are
-        marked in ``checker`` (:meth:`BlobChecker.checked`), the caller hashes the others
-        before it hands them on (as :meth:`read_many` does).
-        """
+        """:meth:`read_many` unverified, for a wrapper that checks the result: blobs the backend hashed
+        are marked in ``checker``, the caller hashes the others (and drops those over their maximum)."""
         return await self._read_many(max_sizes, checker, max(1, parallel))
 
     async def missing(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
-        """Those of ``digests`` not stored (in the given order): :meth:`has` for many blobs at once.
-
-        The default asks :meth:`has` for up to 256 at a time; backends answer a batch with fewer
-        round trips (one worker-thread hop on a local disk, listings instead of ``HEAD`` requests
-        in object storage).
-        """
+        """Those of ``digests`` not stored, in order: :meth:`has` for many (backends batch it)."""
         out: list[B3Digest] = []
         for i in range(0, len(digests), 256):
             batch = digests[i : i + 256]
