@@ -140,7 +140,7 @@ class LocalBlobService(DiskReads, LayoutBlobService):
         ``digest`` before anything is returned: a tampered or swapped object
         gives the error every read then raises.  Larger objects (written
         before blobs were chunked), and objects that expand past the cap, go
-        to :class:`_ZstdFileReader`, which verifies them in a first pass
+        to :class:`~.readers.LegacyObjectReader`, which verifies them in a first pass
         (as it does objects of several zstd frames).
         """
         try:
