@@ -101,10 +101,10 @@ from import_tree import (
 )
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import Node
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, decode_index
 from nixcas.composition import blob_service_from_url, directory_service_from_url
 from nixcas.store.nar import ingest_nar, render_nar
 from nixcas.store.nar.plan import Hole, fetch_closure, iter_plan

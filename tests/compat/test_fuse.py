@@ -30,8 +30,8 @@ import zstandard
 from pyfastcdc import FastCDC
 
 from nixcas.castore.blob.combined import FILL_WINDOW
-from nixcas.castore.blob.layout import blob_index_key, chunk_key
 from nixcas.castore.digest import B3Digest
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key
 from nixcas.testing import packed
 from nixcas.testing.daemon import clean_env, nixcas_command, running_daemon, short_tmpdir
 from nixcas.testing.fixtures import BLOB_B, HELLOWORLD, SYMLINK_TARGET

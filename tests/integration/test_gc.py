@@ -17,7 +17,6 @@ import blake3
 import pytest
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.blob.packed import PackedBlobService
@@ -27,6 +26,7 @@ from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.dirs.sqlite import SqliteDirectoryService
 from nixcas.castore.gc import Deletion, StoredObject, WriteLeases, collect, parse_duration
 from nixcas.castore.nodes import FileNode
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, decode_index
 from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.testing.maintenance import dump_path, import_all, nixcas, one_line_error, write_chunked, write_tree
@@ -310,7 +310,7 @@ async def test_a_streaming_upload_without_lease_never_publishes_a_broken_blob(tm
 
 
 async def test_a_long_upload_keeps_its_staged_chunks_young(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import nixcas.castore.blob.local as local
+    import nixcas.castore.objectstore.writers as local
 
     monkeypatch.setattr(local, "KEEP_ALIVE_SECONDS", 0.0)  # refresh on every write
     blobs = LocalBlobService(str(tmp_path / "blobs"))

@@ -122,7 +122,7 @@ def test_cat_of_damaged_blob_writes_nothing(tmp_path: Path, data: bytes, damage:
 async def test_legacy_object_expanding_past_the_limit_is_refused(
     local: LocalBlobService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nixcas.castore.blob.local as local_module
+    import nixcas.castore.objectstore.readers as local_module
 
     monkeypatch.setattr(local_module, "LEGACY_MAX_SIZE", 8 << 20)
     digest = plant(local.root, LEGACY, bomb(False))

@@ -13,9 +13,9 @@ import pytest
 import zstandard
 
 from nixcas.api import Store
-from nixcas.castore.blob.layout import blob_index_key, chunk_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.testing import packed
 from nixcas.testing.daemon import running_daemon

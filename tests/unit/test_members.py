@@ -968,7 +968,7 @@ async def test_large_blob_bad_chunk_continues_on_the_next_member(mode: str, tmp_
     makes the next member continue at its offset, and the read ends verified."""
     import zstandard
 
-    from nixcas.castore.blob.layout import chunk_key
+    from nixcas.castore.objectstore.layout import chunk_key
 
     local = await blob_service_from_url(f"objectstore+file://{tmp_path}/b")
     try:

@@ -333,7 +333,7 @@ def test_output_leaves_out_what_was_written_before(tmp_path: Path) -> None:
 def test_a_blob_index_is_read_without_protobuf() -> None:
     from nixcas.castore.blob import chunking, wholeread
     from nixcas.castore.blob.base import ChunkMeta
-    from nixcas.castore.blob.layout import decode_index, encode_index
+    from nixcas.castore.objectstore.layout import decode_index, encode_index
 
     rng = random.Random(7)  # noqa: S311
     for sizes in ([1, 1], [5, 1 << 20, 127, 128, 300_000], [(1 << 26) - 1, 1 << 26]):

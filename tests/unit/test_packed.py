@@ -337,7 +337,7 @@ async def test_a_new_pack_removed_before_its_writer_locked_it_is_not_used(
 @pytest.mark.parametrize("url", ["packed://{}", "objectstore+file://{}"])
 async def test_read_chunks_checks_each_chunk_and_the_whole_blob(tmp_path: Path, url: str) -> None:
     """BulkReads.read_chunks: a chunked blob piece by piece; a chunk list of another blob fails at its end."""
-    from nixcas.castore.blob.layout import blob_index_key
+    from nixcas.castore.objectstore.layout import blob_index_key
 
     svc = await blob_service_from_url(url.format(tmp_path / "blobs"))
     other = blake3.blake3(b"other").digest(length=len(LARGE))

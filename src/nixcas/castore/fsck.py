@@ -22,9 +22,9 @@ from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
 from nixcas.castore.graph import leaves_first
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node
+from nixcas.castore.sweep import FOREVER_NS, HasOutboards, StoredObject, SweepableBlobs, SweepableDirectories
 from nixcas.errors import ChecksumMismatch, NixcasError, StorageError
 
 __all__ = ["CastoreChecker", "CastoreRepairer", "CheckableOutboards", "Problem"]
@@ -149,9 +149,9 @@ class CastoreChecker:
             chunks = await self.blobs.chunks(digest)
             if chunks is None:
                 return "is missing", None
-            for chunk in chunks:
-                if not await self.blobs.has(chunk.digest):
-                    return f"is missing its chunk {chunk.digest.hex()}", None
+            absent = await self.blobs.missing([c.digest for c in chunks])
+            if absent:
+                return f"is missing its chunk {absent[0].hex()}", None
             if chunks:
                 return await self._check_chunked(digest, chunks)
             reader = await self.blobs.open_read(digest)

@@ -33,22 +33,33 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import blake3
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
+from nixcas.castore.sweep import (
+    FOREVER_NS,
+    Deletion,
+    HasOutboards,
+    HasTemporaryFiles,
+    StoredObject,
+    SweepableBlobs,
+    SweepableDirectories,
+)
 from nixcas.errors import ChecksumMismatch, ConfigurationError, StorageError, ValidationError
 from nixcas.urls import is_decimal
 
 __all__ = [
+    "FOREVER_NS",
     "KINDS",
     "Deletion",
     "GcProgress",
     "GcReport",
     "HasOutboards",
+    "HasTemporaryFiles",
     "KindReport",
     "Marked",
     "StoredObject",
@@ -64,80 +75,6 @@ __all__ = [
 
 KINDS = ("directory", "blob", "chunk", "outboard", "temporary")
 """The kinds of object a collection reports on, in sweep order."""
-
-FOREVER_NS = (1 << 63) - 1
-"""A cutoff no object is younger than (deletes unconditionally: repairs)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    """One stored object as a sweep sees it."""
-
-    digest: B3Digest
-    size: int
-    """Bytes it occupies in the backend (compressed chunk bytes, index bytes, encoded directory)."""
-    mtime_ns: int
-    """When it was last written or re-put (nanoseconds since the epoch)."""
-    chunks: tuple[B3Digest, ...] = ()
-    """Blobs: the chunk objects its index lists (empty when the blob is one chunk)."""
-
-
-@dataclass
-class Deletion:
-    """What a delete call did: removed, or kept because it turned out younger than the cutoff.
-
-    Objects in neither list were already gone (counted as success).
-    """
-
-    deleted: list[StoredObject] = field(default_factory=list)
-    kept: list[StoredObject] = field(default_factory=list)
-
-
-@runtime_checkable
-class SweepableBlobs(Protocol):
-    """A blob service GC can enumerate and delete from."""
-
-    def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
-        """Every stored blob, in batches."""
-
-    def scan_chunks(self) -> AsyncIterator[list[StoredObject]]:
-        """Every stored chunk object (none for backends that keep blobs whole), in batches."""
-
-    async def delete_blobs(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        """Delete those blobs (not their chunks) that are still older than ``cutoff_ns``."""
-
-    async def delete_chunks(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        """Delete those chunk objects that are still older than ``cutoff_ns``."""
-
-
-@runtime_checkable
-class HasOutboards(Protocol):
-    """A blob backend that caches derived bao outboards (``bao/``), one per blob digest."""
-
-    def scan_outboards(self) -> AsyncIterator[list[StoredObject]]:
-        """Every cached outboard, in batches (``digest`` is the blob's)."""
-
-    async def delete_outboards(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        """Delete those outboards that are still older than ``cutoff_ns``."""
-
-
-@runtime_checkable
-class HasTemporaryFiles(Protocol):
-    """A backend that keeps temporary files (the local blob store's ``tmp/``)."""
-
-    async def sweep_temporary(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
-        """Undo interrupted deletions; remove temporary files older than the cutoff; return those removed."""
-
-
-@runtime_checkable
-class SweepableDirectories(Protocol):
-    """A directory service GC can enumerate and delete from."""
-
-    def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
-        """Every stored directory, in batches."""
-
-    async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
-        """Delete those directories that are still older than ``cutoff_ns``."""
 
 
 def require_sweepable(blobs: BlobService, directories: DirectoryService) -> tuple[SweepableBlobs, SweepableDirectories]:
@@ -187,33 +124,6 @@ def parse_duration(text: str) -> int:
     for number, unit in re.findall(r"(\d+)(ms|s|m|h|d)", rest):
         total += int(number) * _UNITS[unit]
     return total
-
-
-SCAN_BATCH = 1000
-
-
-def scan_in_memory(data: dict[B3Digest, bytes], mtimes: dict[B3Digest, int]) -> Iterator[list[StoredObject]]:
-    """The objects of an in-memory backend (``digest -> bytes``, ``digest -> mtime``), in batches."""
-    items = list(data.items())
-    for i in range(0, len(items), SCAN_BATCH):
-        yield [StoredObject(d, len(raw), mtimes.get(d, 0)) for d, raw in items[i : i + SCAN_BATCH]]
-
-
-def delete_in_memory(
-    data: dict[B3Digest, bytes], mtimes: dict[B3Digest, int], objects: Sequence[StoredObject], cutoff_ns: int
-) -> Deletion:
-    """Delete-if-older for an in-memory backend (runs on the event loop: atomic with its puts)."""
-    done = Deletion()
-    for obj in objects:
-        if obj.digest not in data:
-            continue
-        if mtimes.get(obj.digest, 0) >= cutoff_ns:
-            done.kept.append(obj)
-        else:
-            del data[obj.digest]
-            mtimes.pop(obj.digest, None)
-            done.deleted.append(obj)
-    return done
 
 
 # -- write leases ------------------------------------------------------------------
@@ -536,6 +446,19 @@ async def _sweep(
         progress.advance(len(batch))
 
 
+class _Laps:
+    """Seconds per phase, into ``report.seconds``."""
+
+    def __init__(self, report: GcReport) -> None:
+        self.report = report
+        self.started = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.report.seconds[name] = now - self.started
+        self.started = now
+
+
 async def collect(
     blobs: BlobService,
     directories: DirectoryService,
@@ -557,14 +480,7 @@ async def collect(
     sweep_blobs, sweep_dirs = require_sweepable(blobs, directories)
     progress = progress or _NoProgress()
     report = GcReport(dry_run, cutoff_ns)
-
-    started = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal started
-        now = time.perf_counter()
-        report.seconds[name] = now - started
-        started = now
+    lap = _Laps(report)
 
     progress.phase("marking", None)
     marked = await mark(directories, root_directories, root_blobs, on_directory=progress.advance)
@@ -582,7 +498,15 @@ async def collect(
         progress,
     )
     lap("directory")
+    await _sweep_blob_side(sweep_blobs, marked, report, lap, progress)
+    return report
 
+
+async def _sweep_blob_side(
+    blobs: SweepableBlobs, marked: Marked, report: GcReport, lap: Callable[[str], None], progress: GcProgress
+) -> None:
+    """Blobs, then what only surviving blobs keep alive (chunks, cached outboards), then temporary files."""
+    cutoff_ns, dry_run = report.cutoff_ns, report.dry_run
     # A single-chunk blob's chunk object has the blob's own digest; marked blobs keep theirs
     # even if their index went missing.
     live_chunks: set[B3Digest] = set(marked.blobs)
@@ -593,9 +517,9 @@ async def collect(
 
     progress.phase("blobs", None)
     await _sweep(
-        sweep_blobs.scan_blobs(),
+        blobs.scan_blobs(),
         lambda o: o.digest in marked.blobs or o.digest == EMPTY_DIGEST,
-        sweep_blobs.delete_blobs,
+        blobs.delete_blobs,
         report.kinds["blob"],
         cutoff_ns,
         dry_run,
@@ -603,8 +527,7 @@ async def collect(
         survivors=keep_chunks,
     )
     lap("blob")
-    # Then what only surviving blobs keep alive: chunks, and cached outboards (derived data).
-    dependents = [("chunk", sweep_blobs.scan_chunks, sweep_blobs.delete_chunks)]
+    dependents = [("chunk", blobs.scan_chunks, blobs.delete_chunks)]
     if isinstance(blobs, HasOutboards):
         dependents.append(("outboard", blobs.scan_outboards, blobs.delete_outboards))
     for kind, scan, delete in dependents:
@@ -618,4 +541,3 @@ async def collect(
         temporary.scanned = temporary.freed = len(swept)
         temporary.freed_bytes = sum(o.size for o in swept)
         lap("temporary")
-    return report

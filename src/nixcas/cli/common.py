@@ -103,7 +103,7 @@ class Settings:
         self, *, with_pathinfo: bool = False, with_pins: bool = False
     ) -> AsyncIterator[Store]:
         """:meth:`open_store`, under a write lease (until closed) when GC can act on its services."""
-        from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
+        from nixcas.castore.sweep import SweepableBlobs, SweepableDirectories
 
         async with await self.open_store(with_pathinfo=with_pathinfo, with_pins=with_pins) as store:
             if isinstance(store.blobs, SweepableBlobs) or isinstance(store.directories, SweepableDirectories):

@@ -19,9 +19,9 @@ from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.fsck import CastoreChecker, CastoreRepairer, CheckableOutboards, Problem
-from nixcas.castore.gc import SweepableBlobs, SweepableDirectories
 from nixcas.castore.nodes import DirectoryNode, FileNode
 from nixcas.castore.pins import PinService
+from nixcas.castore.sweep import SweepableBlobs, SweepableDirectories
 from nixcas.errors import NixcasError
 from nixcas.store import nixbase32
 from nixcas.store.hashes import HashAlgo, NixHash

@@ -12,8 +12,8 @@ import zstandard
 
 from nixcas.api import Store
 from nixcas.castore.blob.base import ChunkMeta
-from nixcas.castore.blob.layout import blob_index_key, chunk_key, encode_index
 from nixcas.castore.digest import B3Digest
+from nixcas.castore.objectstore.layout import blob_index_key, chunk_key, encode_index
 from nixcas.store.importer import Services, import_path
 from nixcas.store.pathinfo.model import PathInfo
 

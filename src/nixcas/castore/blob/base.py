@@ -38,6 +38,7 @@ __all__ = [
     "ChunkMeta",
     "ChunkStore",
     "FailedReader",
+    "VerifiedBytesReader",
     "VerifyingReader",
     "check_chunk",
 ]
@@ -71,6 +72,9 @@ def check_chunk(chunk: ChunkMeta, data: bytes, where: str) -> bytes:
 
 class BlobReader(Closing, ABC):
     """An async, seekable reader over one blob's bytes."""
+
+    verified: ClassVar[bool] = False
+    """Every byte it returns was hashed against the digest already (``open_read`` does not hash again)."""
 
     @abstractmethod
     async def read(self, n: int = -1) -> bytes:
@@ -130,8 +134,16 @@ class BytesReader(BlobReader):
         return self._pos
 
 
+class VerifiedBytesReader(BytesReader):
+    """A :class:`BytesReader` over a whole blob already hashed against its digest (by the backend that read it)."""
+
+    verified: ClassVar[bool] = True
+
+
 class FailedReader(BlobReader):
     """A blob found damaged when opened: every read (and ``SEEK_END``) raises the error, no byte is returned."""
+
+    verified: ClassVar[bool] = True  # it returns no byte at all
 
     def __init__(self, error: StorageError) -> None:
         self._error = error
@@ -397,9 +409,32 @@ class BlobService(Closing, ABC):
         return found
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        """A seekable reader whose sequential full read is verified against ``digest``."""
+        """A seekable reader whose sequential full read is verified against ``digest`` (once: see ``verified``)."""
         reader = await self._open_read(digest)
-        return None if reader is None else VerifyingReader(reader, digest)
+        if reader is None or reader.verified:
+            return reader
+        return VerifyingReader(reader, digest)
+
+    async def open_raw(self, digest: B3Digest) -> BlobReader | None:
+        """The backend's reader without verify-on-read (``None``: missing), for a caller that checks
+        what it reads itself: a bao range reader, a wrapper whose own :meth:`open_read` verifies."""
+        return await self._open_read(digest)
+
+    async def read_many_raw(
+        self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, *, parallel: int = READ_MANY_PARALLEL
+    ) -> dict[B3Digest, bytes]:
+        """:meth:`read_many` unverified, for a wrapper that checks the result: blobs the backend hashed
+        are marked in ``checker``, the caller hashes the others (and drops those over their maximum)."""
+        return await self._read_many(max_sizes, checker, max(1, parallel))
+
+    async def missing(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
+        """Those of ``digests`` not stored, in order: :meth:`has` for many (backends batch it)."""
+        out: list[B3Digest] = []
+        for i in range(0, len(digests), 256):
+            batch = digests[i : i + 256]
+            present = await asyncio.gather(*(self.has(d) for d in batch))
+            out.extend(d for d, here in zip(batch, present, strict=True) if not here)
+        return out
 
     async def put(self, data: bytes) -> B3Digest:
         """Store a blob held in memory; return its digest."""

@@ -98,7 +98,7 @@ class CombinedBlobService(NearFar[BlobService], BlobService):
     async def _open_read(self, digest: B3Digest) -> BlobReader | None:
         # The outer VerifyingReader (base class) checks the bytes handed out;
         # inner readers come unverified to avoid hashing everything twice.
-        reader = await self.near._open_read(digest)
+        reader = await self.near.open_raw(digest)
         stats.lookup("blob", reader is not None)
         if reader is not None:
             return reader
@@ -110,7 +110,7 @@ class CombinedBlobService(NearFar[BlobService], BlobService):
             if len(chunks) >= 2:
                 return _FillingChunkedReader(self.far, self.near, digest, chunks)
         with stats.upstream("blob"):
-            reader = await self.far._open_read(digest)
+            reader = await self.far.open_raw(digest)
         if reader is None:
             return None
         return _FillingReader(reader, digest, await self.near.open_write())
@@ -122,10 +122,10 @@ class CombinedBlobService(NearFar[BlobService], BlobService):
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker, parallel: int
     ) -> dict[B3Digest, bytes]:
         """Near's batch first; the rest from far, verified, then kept near too."""
-        found = await self.near._read_many(max_sizes, checker, parallel)
+        found = await self.near.read_many_raw(max_sizes, checker, parallel=parallel)
         rest = {digest: cap for digest, cap in max_sizes.items() if digest not in found}
         if rest:
-            fetched = await self.far._read_many(rest, checker, parallel)
+            fetched = await self.far.read_many_raw(rest, checker, parallel=parallel)
             for digest, data in fetched.items():
                 if not checker.checked(digest, data):
                     checker.check(digest, data)  # only verified bytes land near

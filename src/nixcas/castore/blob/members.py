@@ -66,9 +66,9 @@ from nixcas.castore.blob.base import (
     BlobReader,
     BlobService,
     BlobWriter,
-    BytesReader,
     ChunkMeta,
     FailedReader,
+    VerifiedBytesReader,
     resolve_seek,
     run_bounded,
 )
@@ -137,7 +137,7 @@ class MembersBlobService(MembersService[BlobService], BlobService):
                 return None
             member, opened = found
             if opened.rest is None:
-                return BytesReader(opened.head)
+                return VerifiedBytesReader(opened.head)
             await candidates.settle(release=True)  # the rest are fallbacks now: nothing of theirs stays open
             handed_off = True
             return _FallbackReader(digest, member, opened, candidates, outcome)
@@ -233,7 +233,7 @@ class _Opened:
 async def _open(member: BlobService, digest: B3Digest) -> _Opened | None:
     """A member's answer for blob ``digest``: ``None`` if absent; :class:`WrongAnswer` if a small blob's
     bytes do not hash to the digest."""
-    reader = await member._open_read(digest)
+    reader = await member.open_raw(digest)
     if reader is None:
         return None
     try:

@@ -18,7 +18,7 @@ from nixcas.castore.blob.base import (
     WriterState,
 )
 from nixcas.castore.digest import B3Digest
-from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
+from nixcas.castore.sweep import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import MemoryUrlConfig
 
@@ -63,7 +63,7 @@ class MemoryBlobService(BlobService):
     async def open_write(self, expected_size: int | None = None) -> BlobWriter:
         return _MemoryBlobWriter(self._blobs, expected_size, self._mtimes)
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
 
     async def scan_blobs(self) -> AsyncIterator[list[StoredObject]]:
         for batch in scan_in_memory(self._blobs, self._mtimes):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from nixcas.castore.digest import EMPTY_DIGEST
-from nixcas.castore.gc import StoredObject
+from nixcas.castore.sweep import StoredObject
 from nixcas.errors import StorageError
 
 __all__ = ["MERGE_BELOW", "MERGE_COUNT", "LockedPack", "OpenPack", "Survey", "copy_live_blobs", "survey_packs"]

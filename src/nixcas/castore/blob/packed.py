@@ -58,7 +58,6 @@ import zstandard
 from nixcas._sqlite import delete_if_older, select_in
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
-from nixcas.castore.blob.layout import ZSTD_LEVEL
 from nixcas.castore.blob.local import LocalBlobService, _Slow
 from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, survey_packs
 from nixcas.castore.blob.packfile import (
@@ -74,7 +73,8 @@ from nixcas.castore.blob.packfile import (
     verified,
 )
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
-from nixcas.castore.gc import Deletion, StoredObject
+from nixcas.castore.objectstore.layout import ZSTD_LEVEL
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ConfigurationError, StorageError
 from nixcas.ops import stats

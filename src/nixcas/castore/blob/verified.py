@@ -66,7 +66,7 @@ async def _fetch_groups(blobs: BlobService, digest: B3Digest, size: int, needed:
         raise NotFoundError(f"blob {digest.hex()} not found")
     if len(chunks) >= 2:
         return await _groups_from_chunks(blobs, digest, size, chunks, spans)
-    reader = await blobs._open_read(digest)  # unverified on purpose: the outboard checks it
+    reader = await blobs.open_raw(digest)  # unverified on purpose: the outboard checks it
     if reader is None:
         raise NotFoundError(f"blob {digest.hex()} not found")
     out: dict[int, bytes] = {}

@@ -50,7 +50,7 @@ _CHUNKS_TAG = 0x12
 
 
 def object_path(root: str, kind: str, digest: bytes) -> str:
-    """``ROOT/<kind>/b3/<hex[0:4]>/<hex>`` (:func:`~nixcas.castore.blob.layout.object_key` under ``root``)."""
+    """``ROOT/<kind>/b3/<hex[0:4]>/<hex>`` (:func:`~nixcas.castore.objectstore.layout.object_key` under ``root``)."""
     h = digest.hex()
     return f"{root}/{kind}/b3/{h[:4]}/{h}"
 
@@ -150,8 +150,8 @@ def read_index(root: str, digest: bytes) -> list[tuple[bytes, int]] | None:
     chunks = parse_index(data)
     if chunks is None:
         from nixcas.castore.blob.chunking import check_chunk_list
-        from nixcas.castore.blob.layout import decode_index
         from nixcas.castore.digest import B3Digest
+        from nixcas.castore.objectstore.layout import decode_index
 
         metas = decode_index(B3Digest(digest), data)
         check_chunk_list(B3Digest(digest), metas, root)

@@ -112,6 +112,15 @@ class DirectoryService(Closing, ABC):
         """Stored bytes of those of ``digests`` that exist, *unchecked* (GC and fsck check them themselves)."""
         return await self._get_many_raw(digests)
 
+    async def put_validated(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Store a closure a :class:`DirectoryPutter` already validated, leaves first, all or nothing.
+
+        For a wrapper that forwards what its own putter checked (a cache filling its near
+        store): the bytes are each digest's canonical encoding and every child is in
+        ``items`` or already stored.  Everyone else uploads through :meth:`put_multiple_start`.
+        """
+        await self._put_raw(items)
+
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         """The closure of ``root``: root first, then breadth-first, each Directory once.
 
@@ -205,7 +214,7 @@ class DirectoryPutter(AbortOnError):
             if self._aborted:
                 raise StorageError("directory putter was aborted")
             root, directories = self._validator.finish()
-            await self._service._put_raw([(d.digest, d.encode()) for d in directories])
+            await self._service.put_validated([(d.digest, d.encode()) for d in directories])
             self._root = root
         return self._root
 

@@ -107,4 +107,4 @@ class CacheDirectoryService(NearFar[DirectoryService], DirectoryService):
         return None if found is None else found.encode()
 
     async def _put_raw(self, items: Sequence[tuple[B3Digest, bytes]]) -> None:
-        await self.near._put_raw(items)
+        await self.near.put_validated(items)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.gc import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.castore.sizerule import DEFAULT_SIZE_RULE, SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject, delete_in_memory, scan_in_memory
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.urls import MemoryUrlConfig
 
@@ -44,7 +44,7 @@ class MemoryDirectoryService(DirectoryService):
             self._data.setdefault(digest, raw)
             self._mtimes[digest] = now
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
 
     async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
         for batch in scan_in_memory(self._data, self._mtimes):

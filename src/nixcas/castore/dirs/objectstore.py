@@ -66,11 +66,9 @@ from google.protobuf.message import DecodeError
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as pb
 from nixcas.castore.blob.chunking import compressed_bound
-from nixcas.castore.blob.layout import ZSTD_LEVEL, key_digest, object_key
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.objectstore import (
     REFRESH_AFTER,
     ObjectStore,
@@ -81,7 +79,10 @@ from nixcas.castore.objectstore import (
     refresh_after_option,
     zstd_level_option,
 )
+from nixcas.castore.objectstore.layout import ZSTD_LEVEL, object_key
+from nixcas.castore.objectstore.scan import scan_listing
 from nixcas.castore.sizerule import SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 from nixcas.errors import ChecksumMismatch, ClosureError, ConfigurationError, StorageError, ValidationError
 from nixcas.urls import is_decimal, shown
@@ -497,21 +498,14 @@ class ObjectStoreDirectoryService(ObjectStoreBacked, DirectoryService):
         await self.store.put(key, data)
         self.presence.noted(key, len(data))
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
     #
     # A closure object's age is its modification time (a writer relying on an old one
     # writes it again).  Deletion looks at the age again first (HEAD); see the blob
     # backend for the window between that HEAD and the DELETE.
 
-    async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
-        async for page in self.store.list("dirs/b3/"):
-            batch = []
-            for meta in page:
-                digest = key_digest(meta.key)
-                if digest is not None:
-                    batch.append(StoredObject(digest, meta.size, meta.mtime_ns))
-            if batch:
-                yield batch
+    def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
+        return scan_listing(self.store, "dirs")
 
     async def delete_directories(self, objects: Sequence[StoredObject], cutoff_ns: int) -> Deletion:
         return await self._delete_old(objects, cutoff_ns, directory_key)

@@ -20,8 +20,8 @@ from typing import ClassVar
 from nixcas._postgres import Connection, PostgresConfig, PostgresDatabase
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.sizerule import RULE_KEY, SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["PostgresDirectoryService", "PostgresDirectoryServiceConfig"]
@@ -164,7 +164,7 @@ class PostgresDirectoryService(DirectoryService):
     async def close(self) -> None:
         await self._db.close()
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
 
     async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
         """Every row in pages of :data:`_PAGE`, by key (each page one short read; nothing is held open)."""

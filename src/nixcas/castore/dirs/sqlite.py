@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, get_data, select_in
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
-from nixcas.castore.gc import Deletion, StoredObject
 from nixcas.castore.sizerule import RULE_KEY, SizeRule
+from nixcas.castore.sweep import Deletion, StoredObject
 from nixcas.config import Resolver, ServiceConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
@@ -126,7 +126,7 @@ class SqliteDirectoryService(DirectoryService):
     async def close(self) -> None:
         await self._db.close()
 
-    # -- garbage collection (nixcas.castore.gc) ------------------------------------
+    # -- garbage collection (nixcas.castore.sweep) ----------------------------------
 
     async def scan_directories(self) -> AsyncIterator[list[StoredObject]]:
         after = b""

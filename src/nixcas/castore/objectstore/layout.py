@@ -1,4 +1,4 @@
-"""The object layout shared by object-store blob backends (snix compatible).
+"""The snix object layout: keys, the blob index, and how a blob becomes objects.
 
 Under a base path:
 
@@ -13,23 +13,37 @@ Under a base path:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from nixcas.castore.blob.base import ChunkMeta
+from nixcas.castore.blob.chunking import cut
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.errors import StorageError
 
 __all__ = [
+    "SINGLE_CHUNK_CAP",
+    "SPILL_THRESHOLD",
     "ZSTD_LEVEL",
     "bao_key",
     "blob_index_key",
+    "blob_object_key",
     "chunk_key",
     "decode_index",
     "encode_index",
     "key_digest",
     "object_key",
+    "split_blob",
 ]
 
 ZSTD_LEVEL = 1
 """Default zstd level for new chunks: fast, and any level decodes the same."""
+
+SPILL_THRESHOLD = 1 << 20
+"""A writer keeps a blob of up to this many bytes in memory and stores it in one step at close."""
+
+SINGLE_CHUNK_CAP = 4 << 20
+"""A single-chunk blob of at most this many bytes (every chunk a writer makes, at any ``avg_chunk_size``)
+is read, decompressed (bounded) and verified in one step before a byte is returned."""
 
 
 def object_key(kind: str, digest: B3Digest) -> str:
@@ -92,3 +106,21 @@ def decode_index(digest: B3Digest, data: bytes) -> list[ChunkMeta]:
             raise StorageError(f"blob index of {digest.hex()}: chunk {i} has digest length {len(c.digest)}")
         chunks.append(ChunkMeta(B3Digest(c.digest), c.size))
     return chunks
+
+
+def split_blob(data: bytes | memoryview, avg_chunk_size: int) -> Sequence[bytes | memoryview]:
+    """The chunks a whole blob is stored as: FastCDC pieces, or the blob itself if it is at most the smallest chunk."""
+    return cut(data, avg_chunk_size) if len(data) > avg_chunk_size // 2 else [data]
+
+
+def blob_object_key(digest: B3Digest, pieces: Sequence[bytes | memoryview]) -> str:
+    """The object whose presence says a blob cut into ``pieces`` is stored in object storage.
+
+    A blob of one chunk is its chunk object alone: snix also writes an empty
+    index beside it, but its readers (``has``, ``open_read``, ``Stat``) all fall
+    back to the chunk object, so leaving the index out halves the requests for
+    small files at no cost in compatibility (the local-disk store keeps the
+    empty index: a hard link, no request).  Blobs of several chunks are their
+    index (written last), the empty blob its empty index.
+    """
+    return chunk_key(digest) if len(pieces) == 1 and pieces[0] else blob_index_key(digest)
