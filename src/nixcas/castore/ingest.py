@@ -42,6 +42,7 @@ __all__ = [
     "stamp_of",
 ]
 
+
 class WalkObserver(Protocol):
     """Sees a filesystem walk in canonical order: depth first, names sorted by their bytes.
 
