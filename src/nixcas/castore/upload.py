@@ -27,7 +27,6 @@ This module knows nothing of Nix: the Nix layer feeds it NAR contents.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -304,5 +303,4 @@ async def run_ahead(batches: AsyncIterator[list[T]], depth: int = BATCHES_AHEAD)
         producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
         if isinstance(batches, AsyncGenerator):
-            with contextlib.suppress(RuntimeError):
-                await batches.aclose()
+            await batches.aclose()  # its producer is done: closing runs the source's own clean-up now
