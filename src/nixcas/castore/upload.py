@@ -183,12 +183,13 @@ class Uploader:
     async def room(self) -> None:
         """Wait until at most :data:`BATCHES_AHEAD` batches are uploading (bounds the bytes held)."""
         running = self._running
-        while running and running[0].task is not None and running[0].task.done():
-            running.popleft().task.result()  # type: ignore[union-attr]  # checked just above
-        while len(running) > BATCHES_AHEAD:
-            task = running.popleft().task
+        while running:
+            task = running[0].task
             assert task is not None
-            await task
+            if len(running) <= BATCHES_AHEAD and not task.done():
+                return
+            running.popleft()
+            await task  # at once if it is done; its error, if it failed
 
     def large(self, size: int, executable: bool, upload: Callable[[], Awaitable[B3Digest]]) -> PendingFile:
         """Run ``upload`` (which streams one large file, e.g. with :meth:`stream`) as a task of its own."""
