@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 import nixcas.castore.ingest as ingest_module
+import nixcas.castore.upload as upload_module
 from nixcas.castore.blob.base import BlobService, BlobWriter
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
@@ -571,7 +572,7 @@ async def test_parallel_large_uploads_failing_together_leave_no_unretrieved_erro
     root = tmp_path / "two-large"
     root.mkdir()
     for name in ("a", "b", "c"):
-        (root / name).write_bytes(blake3.blake3(name.encode()).digest(length=2 * ingest_module.SMALL_FILE))
+        (root / name).write_bytes(blake3.blake3(name.encode()).digest(length=2 * upload_module.SMALL_BLOB))
     unhandled: list[dict[str, Any]] = []
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
@@ -604,7 +605,7 @@ class _FailingBatches(MemoryBlobService):
 async def test_a_failing_upload_with_batches_queued_ends_the_import(tmp_path: Path) -> None:
     root = tmp_path / "many"
     root.mkdir()
-    for i in range(4 * ingest_module.BATCH_FILES):
+    for i in range(4 * upload_module.BATCH_FILES):
         (root / str(i)).write_bytes(b"%d" % i)
     with pytest.raises(StorageError, match="unreachable"):
         await asyncio.wait_for(ingest_path(root, _FailingBatches(), MemoryDirectoryService(SizeRule.TVIX)), timeout=60)
@@ -635,7 +636,7 @@ class _Touching:
 
 async def test_a_large_file_changed_after_the_walk_saw_it_fails_the_import(stores: Stores, src: Path) -> None:
     big = src / "big"
-    big.write_bytes(os.urandom(ingest_module.SMALL_FILE + 1))
+    big.write_bytes(os.urandom(upload_module.SMALL_BLOB + 1))
     (src / "small").write_bytes(b"small")
     with pytest.raises(IngestError, match="big: changed while being imported"):
         await ingest_path(src, stores.blobs, stores.directories, observer=_Touching(big))
@@ -648,7 +649,7 @@ async def test_nar_hasher_hashes_what_nix_hashes(tmp_path: Path) -> None:
 
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
-    (tree / "sub" / "big").write_bytes(os.urandom(ingest_module.SMALL_FILE * 3 + 5))
+    (tree / "sub" / "big").write_bytes(os.urandom(upload_module.SMALL_BLOB * 3 + 5))
     (tree / "a").write_bytes(b"a\n")
     (tree / "x").write_bytes(b"#!/bin/sh\n")
     (tree / "x").chmod(0o755)

@@ -27,7 +27,7 @@ import os
 import tarfile
 import threading
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, BinaryIO, Self, TypeAlias
 
@@ -35,9 +35,10 @@ import zstandard
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.ingest import IngestEntry, Progress, ingest_entries, upload_stream
+from nixcas.castore.ingest import IngestEntry, ingest_entries
 from nixcas.castore.nodes import MAX_DEPTH, FileNode, Node, SymlinkNode, validate_name
 from nixcas.castore.treepath import TreePath
+from nixcas.castore.upload import BATCH_BYTES, BATCH_FILES, SMALL_BLOB, PendingFile, Progress, Uploader
 from nixcas.errors import DepthError, IngestError, NixcasError, ValidationError
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ingest_archive"]
 
-SMALL_MEMBER = 256 << 10
-"""Members up to this size are read whole and uploaded in batches; larger ones stream."""
-BATCH_MEMBERS = 512
-BATCH_BYTES = 16 << 20
 SOURCE_BUFFER = 1 << 16
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -221,7 +218,7 @@ class _File:
     executable: bool
     data: bytes | None = None
     read: Callable[[int], bytes] | None = None
-    node: FileNode | None = None
+    node: FileNode | PendingFile | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -367,7 +364,7 @@ class _Reader:
                     batch, batch_bytes = [], 0
                     continue
                 batch_bytes += item.size
-            if len(batch) >= BATCH_MEMBERS or batch_bytes >= BATCH_BYTES:
+            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                 yield batch
                 batch, batch_bytes = [], 0
         if batch:
@@ -397,7 +394,7 @@ class _Reader:
         contents = archive.extractfile(info)
         if contents is None:  # not reached: regular members always have contents
             raise IngestError(f"{where}: no contents")
-        if info.size <= SMALL_MEMBER:
+        if info.size <= SMALL_BLOB:
             item.data = self._read_member(contents, info.size, name)
             if len(item.data) != info.size:
                 raise self._error(EOFError(f"ended after {len(item.data)} of {info.size} bytes"), name)
@@ -492,13 +489,19 @@ def _top_level(root: _Dir, label: str) -> tuple[bytes, _Dir]:
     raise IngestError(f"{label}: expected exactly one top-level directory, got {got}")
 
 
-async def _upload_small(blobs: BlobService, files: list[_File], progress: Progress | None) -> None:
-    digests = await blobs.put_many([f.data for f in files if f.data is not None])
-    for f, digest in zip(files, digests, strict=True):
-        f.node = FileNode(digest, f.size, f.executable)
-        f.data = None
-    if progress is not None:
-        progress(sum(f.size for f in files))
+async def _upload(uploader: Uploader, item: _File, label: str) -> None:
+    """Hand a member's contents to the uploader; a large one is streamed before the archive is read on."""
+    if item.data is not None:
+        item.node, item.data = uploader.small(item.data, item.executable), None
+    elif item.read is not None:
+        read = item.read
+
+        def read_off_loop(n: int) -> Awaitable[bytes]:
+            return asyncio.to_thread(read, n)
+
+        what = f"{label}: {item.name}"
+        digest = await uploader.stream(item.size, read_off_loop, what, check_end=True)
+        item.node, item.read = FileNode(digest, item.size, item.executable), None
 
 
 async def ingest_archive(
@@ -518,26 +521,16 @@ async def ingest_archive(
     label = _label(source)
     reader = _Reader(source, label)
     tree = _Dir()
-    uploading: asyncio.Future[None] | None = None
-    try:
-        while (batch := await asyncio.to_thread(reader.next_batch)) is not None:
-            small = [i for i in batch if isinstance(i, _File) and i.data is not None]
-            if small:
-                if uploading is not None:
-                    await uploading  # at most one batch in flight
-                uploading = asyncio.ensure_future(_upload_small(blobs, small, progress))
-            for item in batch:
-                if isinstance(item, _File) and item.read is not None:
-                    digest = await upload_stream(blobs, item.read, item.size, f"{label}: {item.name}", progress)
-                    item.node = FileNode(digest, item.size, item.executable)
-                    item.read = None
-                _insert(tree, item, label)
-        if uploading is not None:
-            await uploading
-    finally:
-        if uploading is not None and not uploading.done():
-            uploading.cancel()
-            await asyncio.gather(uploading, return_exceptions=True)
-        await asyncio.to_thread(reader.close)
+    async with Uploader(blobs, progress) as uploader:
+        try:
+            while (batch := await asyncio.to_thread(reader.next_batch)) is not None:
+                for item in batch:
+                    if isinstance(item, _File):
+                        await _upload(uploader, item, label)
+                    _insert(tree, item, label)
+                await uploader.room()
+            await uploader.finish()
+        finally:
+            await asyncio.to_thread(reader.close)
     top, root = _top_level(tree, label)
     return await ingest_entries(_entries(top, root), directories, before_commit=blobs.sync)

@@ -6,28 +6,30 @@ the closure as it goes and commits it in one step at the end.
 :func:`ingest_path` feeds it from a filesystem walk: symlinks are not
 followed, the owner-exec bit becomes ``executable``, sockets/FIFOs/devices
 are refused with the path named, and so is anything nested deeper than
-:data:`~nixcas.castore.nodes.MAX_DEPTH`.  Small files are read and uploaded in
-batches; large files stream in blocks; reading runs ahead of uploading in a
-worker thread, and the bytes in flight are bounded.
+:data:`~nixcas.castore.nodes.MAX_DEPTH`.  Reading runs in a worker thread; the
+contents go to the one uploader of :mod:`nixcas.castore.upload` (small files
+in batches, large ones streamed), which bounds the bytes in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
-from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, FileNode, Node, SymlinkNode
+from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, Node, SymlinkNode
 from nixcas.castore.treepath import TreePath
+from nixcas.castore.upload import BATCH_BYTES, BATCH_FILES, SMALL_BLOB, PendingFile, Progress, Uploader, run_ahead
 from nixcas.errors import DepthError, IngestError, StorageError, ValidationError
 
 __all__ = [
@@ -38,21 +40,7 @@ __all__ = [
     "ingest_entries",
     "ingest_path",
     "stamp_of",
-    "upload_stream",
 ]
-
-SMALL_FILE = 256 << 10
-"""Files up to this size are read whole and uploaded in batches."""
-BATCH_FILES = 2048
-BATCH_BYTES = 16 << 20
-READ_BLOCK = 1 << 20
-LARGE_PARALLEL = 2
-BATCHES_AHEAD = 3
-
-T = TypeVar("T")
-
-Progress = Callable[[int], None]
-"""Called with the number of content bytes just ingested."""
 
 
 class WalkObserver(Protocol):
@@ -103,10 +91,11 @@ class IngestEntry:
     entries that came before it.  The path is a :class:`~nixcas.castore.treepath.TreePath`
     whose root is the root entry (producers share each directory's path among
     its children: memory linear in the depth), or a tuple of names (root first).
+    A file still uploading is a :class:`~nixcas.castore.upload.PendingFile`.
     """
 
     path: TreePath | tuple[bytes, ...]
-    node: Node | None
+    node: Node | PendingFile | None
 
 
 def _show(path: TreePath) -> str:
@@ -133,17 +122,14 @@ class _Builder:
             raise IngestError(f"{_show(path)}: entry after the root")
         if path.depth > MAX_DEPTH:
             raise DepthError(f"{_show(path)}: nested deeper than the {MAX_DEPTH} levels a tree may have")
-        node = entry.node
-        if node is None:
-            children = self._pending.pop(path, [])
-            try:
-                directory = Directory(children)
-            except ValidationError as e:
-                raise IngestError(f"{_show(path)}: {e}") from None
-            if self._putter is None:
-                self._putter = self._directories.put_multiple_start()
-            await self._putter.put(directory)
-            node = directory.node(self._directories.size_rule)
+        pending = entry.node
+        node: Node
+        if pending is None:
+            node = await self._directory(path)
+        elif type(pending) is PendingFile:
+            node = pending.ready() or await pending.node()
+        else:
+            node = pending  # type: ignore[assignment]  # not a PendingFile (checked by type, the fastest test)
         parent = path.parent
         if parent is None:
             if self._pending:
@@ -156,6 +142,18 @@ class _Builder:
                 self._pending[parent] = [(path.name, node)]
             else:
                 siblings.append((path.name, node))
+
+    async def _directory(self, path: TreePath) -> Node:
+        """Store the Directory at ``path`` from its children (all added before it)."""
+        children = self._pending.pop(path, [])
+        try:
+            directory = Directory(children)
+        except ValidationError as e:
+            raise IngestError(f"{_show(path)}: {e}") from None
+        if self._putter is None:
+            self._putter = self._directories.put_multiple_start()
+        await self._putter.put(directory)
+        return directory.node(self._directories.size_rule)
 
     async def finish(self) -> Node:
         if self.root is None:
@@ -199,28 +197,13 @@ async def ingest_entries(
         raise
 
 
-async def upload_stream(
-    blobs: BlobService,
-    read: Callable[[int], bytes],
-    size: int,
-    what: str,
-    progress: Progress | None = None,
-) -> B3Digest:
-    """Upload ``size`` bytes from a blocking ``read(n)`` callable, in blocks, off the event loop."""
-    writer = await blobs.open_write(size)
-    async with writer:
-        remaining = size
-        while remaining > 0:
-            block = await asyncio.to_thread(read, min(READ_BLOCK, remaining))
-            if not block:
-                raise IngestError(f"{what}: ended after {size - remaining} of {size} bytes")
-            await writer.write(block)
-            remaining -= len(block)
-            if progress is not None:
-                progress(len(block))
-        if await asyncio.to_thread(read, 1):
-            raise IngestError(f"{what}: longer than its declared size {size}")
-        return await writer.close()
+def _stream_blocking(uploader: Uploader, read: Callable[[int], bytes], size: int, what: str) -> Awaitable[B3Digest]:
+    """:meth:`Uploader.stream` from a blocking ``read``, each call on a worker thread; nothing may follow."""
+
+    def read_off_loop(n: int) -> Awaitable[bytes]:
+        return asyncio.to_thread(read, n)
+
+    return uploader.stream(size, read_off_loop, what, check_end=True)
 
 
 # -- filesystem walk --------------------------------------------------------------
@@ -237,15 +220,6 @@ class _FileItem:
 
 
 _Item = IngestEntry | _FileItem
-
-
-@dataclass(slots=True)
-class _Started:
-    """A batch whose uploads are under way."""
-
-    items: list[_Item]
-    small: asyncio.Future[list[FileNode]]
-    larges: dict[int, asyncio.Future[FileNode]]
 
 
 def _visit(fs_path: bytes, path: TreePath) -> _Item | list[bytes]:
@@ -269,7 +243,7 @@ def _visit(fs_path: bytes, path: TreePath) -> _Item | list[bytes]:
         except ValidationError as e:
             raise IngestError(f"{os.fsdecode(fs_path)}: {e}") from None
     if stat.S_ISREG(mode):
-        data = _read_small(fs_path, st.st_size) if st.st_size <= SMALL_FILE else None
+        data = _read_small(fs_path, st.st_size) if st.st_size <= SMALL_BLOB else None
         return _FileItem(path, fs_path, st.st_size, bool(mode & stat.S_IXUSR), data, stamp_of(st))
     kind = (
         "socket" if stat.S_ISSOCK(mode) else
@@ -357,7 +331,8 @@ def _batches(items: Iterator[_Item]) -> Iterator[list[_Item]]:
         yield batch
 
 
-async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress | None) -> FileNode:
+async def _upload_large(uploader: Uploader, item: _FileItem) -> B3Digest:
+    """Stream a large file, checking that it still has the stamp the walk saw, before and after."""
     where = os.fsdecode(item.fs_path)
     changed = IngestError(f"{where}: changed while being imported; retry")
     try:
@@ -367,7 +342,7 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
     try:
         if stamp_of(os.fstat(f.fileno())) != item.stamp:
             raise changed
-        digest = await upload_stream(blobs, f.read, item.size, f"{where} (changed while being imported)", progress)
+        digest = await _stream_blocking(uploader, f.read, item.size, f"{where} (changed while being imported)")
         if stamp_of(os.fstat(f.fileno())) != item.stamp:
             raise changed
     except OSError as e:
@@ -378,88 +353,32 @@ async def _upload_large(blobs: BlobService, item: _FileItem, progress: Progress 
         raise IngestError(f"{where}: {e}") from None
     finally:
         await asyncio.to_thread(f.close)
-    return FileNode(digest, item.size, item.executable)
+    return digest
+
+
+def _hand_over(uploader: Uploader, item: _Item) -> IngestEntry:
+    """The entry of one walked item, its contents handed to the uploader."""
+    if isinstance(item, IngestEntry):
+        return item
+    data, item.data = item.data, None  # the uploader holds the bytes until they are stored
+    if data is not None:
+        return IngestEntry(item.path, uploader.small(data, item.executable))
+    return IngestEntry(
+        item.path, uploader.large(item.size, item.executable, functools.partial(_upload_large, uploader, item))
+    )
 
 
 async def _entries_from_walk(
-    root: bytes,
-    blobs: BlobService,
-    progress: Progress | None,
-    observer: WalkObserver | None = None,
-) -> AsyncGenerator[IngestEntry, None]:
+    root: bytes, uploader: Uploader, observer: WalkObserver | None = None
+) -> AsyncGenerator[list[IngestEntry], None]:
+    """The walk's entries, a batch at a time: read in a worker thread, uploads started, in walk order."""
     name = os.path.basename(os.path.normpath(root)) or b"root"
     batches = _batches(_walk(root, TreePath(None, name), observer))
-    large_slots = asyncio.Semaphore(LARGE_PARALLEL)
-
-    def next_batch() -> list[_Item] | None:
-        return next(batches, None)
-
-    async def large(item: _FileItem) -> FileNode:
-        async with large_slots:
-            return await _upload_large(blobs, item, progress)
-
-    async def small(items: list[_FileItem]) -> list[FileNode]:
-        if not items:
-            return []
-        digests = await blobs.put_many([i.data for i in items if i.data is not None])
-        for i in items:
-            i.data = None  # uploaded: do not hold the bytes until the entry is emitted
-        if progress is not None:
-            progress(sum(i.size for i in items))
-        return [FileNode(d, i.size, i.executable) for d, i in zip(digests, items, strict=True)]
-
-    # A producer reads batches (in a thread) and starts their uploads at once;
-    # the consumer below emits entries in walk order.  The queue bounds how far
-    # the producer runs ahead, hence the bytes held in memory; small-file
-    # batches and large-file streams overlap instead of waiting for each other.
-    queue: asyncio.Queue[_Started | BaseException | None] = asyncio.Queue(maxsize=BATCHES_AHEAD)
-    started: set[asyncio.Future[Any]] = set()
-
-    def finished(fut: asyncio.Future[Any]) -> None:
-        started.discard(fut)
-        if not fut.cancelled():
-            fut.exception()  # seen: a failure the consumer never awaits (it stopped at another) is not logged
-
-    def track(fut: asyncio.Future[T]) -> asyncio.Future[T]:
-        started.add(fut)
-        fut.add_done_callback(finished)
-        return fut
-
-    async def produce() -> None:
-        try:
-            while (batch := await asyncio.to_thread(next_batch)) is not None:
-                smalls = [i for i in batch if isinstance(i, _FileItem) and i.data is not None]
-                small_task = track(asyncio.ensure_future(small(smalls)))
-                larges = {
-                    id(i): track(asyncio.ensure_future(large(i)))
-                    for i in batch
-                    if isinstance(i, _FileItem) and i.data is None
-                }
-                await queue.put(_Started(batch, small_task, larges))
-            await queue.put(None)
-        except asyncio.CancelledError:
-            raise  # the consumer is gone (it cancelled us): nobody would take a queued error
-        except BaseException as e:  # handed to the consumer, which raises it
-            await queue.put(e)
-
-    producer = asyncio.ensure_future(produce())
-    try:
-        while (started_batch := await queue.get()) is not None:
-            if isinstance(started_batch, BaseException):
-                raise started_batch
-            small_nodes = iter(await started_batch.small)
-            for item in started_batch.items:
-                if isinstance(item, IngestEntry):
-                    yield item
-                else:
-                    large_task = started_batch.larges.get(id(item))
-                    node = next(small_nodes) if large_task is None else await large_task
-                    yield IngestEntry(item.path, node)
-    finally:
-        pending = [producer, *started]
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+        entries = [_hand_over(uploader, item) for item in batch]
+        uploader.flush()  # one batch per hand-off: the consumer waits for these files next
+        await uploader.room()
+        yield entries
 
 
 async def ingest_path(
@@ -477,5 +396,12 @@ async def ingest_path(
     ``observer`` sees the tree in canonical order as it is read (:class:`WalkObserver`).
     """
     root = os.fsencode(Path(os.fsdecode(path)))
-    async with contextlib.aclosing(_entries_from_walk(root, blobs, progress, observer)) as entries:
-        return await ingest_entries(entries, directories, before_commit=blobs.sync)
+    async with Uploader(blobs, progress) as uploader:
+
+        async def before_commit() -> None:
+            await uploader.finish()
+            await blobs.sync()
+
+        entries = run_ahead(_entries_from_walk(root, uploader, observer))
+        async with contextlib.aclosing(entries):
+            return await ingest_entries(entries, directories, before_commit=before_commit)

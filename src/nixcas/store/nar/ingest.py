@@ -2,11 +2,11 @@
 
 :func:`ingest_nar` parses the NAR strictly (:func:`~nixcas.store.nar.parser.parse_nar`)
 while hashing every byte read (SHA-256 and a byte count).  File contents go
-to the blob service as they arrive: small files are collected into batches
-uploaded in the background (``put_many``), big files stream into a blob
-writer in the blocks the parser yields, with their size declared up front.
-Directories are assembled through :func:`~nixcas.castore.ingest.ingest_entries`
-and committed in one step only after the whole NAR was parsed, every blob was
+to castore's one uploader (:mod:`nixcas.castore.upload`) as they arrive: small
+files in batches uploaded in the background, big files streamed into a blob
+writer, with their size declared up front.  Directories are assembled through
+:func:`~nixcas.castore.ingest.ingest_entries` while parsing goes on, and
+committed in one step only after the whole NAR was parsed, every blob was
 stored and synced, and the NAR's size and SHA-256 matched the expectations (if
 given).  A malformed or mismatching NAR therefore never makes a Directory
 visible.  Blobs uploaded before a failure stay in the blob service: they are
@@ -21,14 +21,12 @@ import hashlib
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from nixcas.castore.blob.base import BlobService
-from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import IngestEntry, ingest_entries
 from nixcas.castore.nodes import FileNode, Node, SymlinkNode
-from nixcas.castore.treepath import TreePath
+from nixcas.castore.upload import BATCH_FILES, SMALL_BLOB, PendingFile, Uploader, run_ahead
 from nixcas.errors import NarError
 from nixcas.store.nar.parser import (
     AsyncByteSource,
@@ -40,20 +38,13 @@ from nixcas.store.nar.parser import (
     as_source,
     parse_nar,
 )
+from nixcas.store.nar.plan import show_path
 
 __all__ = ["ingest_nar", "ingest_nar_bytes"]
 
-SMALL_FILE = 1 << 20
-"""Files up to this size are collected in memory and uploaded in batches."""
-BATCH_FILES = 512
-BATCH_BYTES = 16 << 20
-BATCHES_AHEAD = 3
-"""Batches uploading in the background while parsing goes on (bounds memory to about 64 MiB)."""
 THREAD_HASH_MIN = 256 << 10
 """Reads at least this big are SHA-256-hashed on a worker thread."""
 HASH_AHEAD = 4
-WRITE_BLOCK = 1 << 20
-"""Big files are written to the blob writer in blocks of at least this size."""
 
 
 class _HashingSource:
@@ -107,26 +98,6 @@ class _HashingSource:
             self._executor = None
 
 
-@dataclass(slots=True)
-class _Batch:
-    """Small files uploaded together."""
-
-    data: list[bytes] = field(default_factory=list)
-    size: int = 0
-    task: asyncio.Future[list[B3Digest]] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Small:
-    """A small file whose digest comes from its batch."""
-
-    path: TreePath
-    size: int
-    executable: bool
-    batch: _Batch
-    index: int
-
-
 async def _next_chunk(events: AsyncGenerator[NarEvent, None]) -> bytes:
     """The next piece of the current file's contents."""
     event = await anext(events)
@@ -144,45 +115,53 @@ async def _read_small(events: AsyncGenerator[NarEvent, None], size: int) -> byte
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _upload_large(blobs: BlobService, events: AsyncGenerator[NarEvent, None], size: int) -> B3Digest:
-    """Stream a big file into a blob writer in blocks of at least :data:`WRITE_BLOCK` bytes.
+async def _file_node(
+    event: NarFile, events: AsyncGenerator[NarEvent, None], uploader: Uploader
+) -> FileNode | PendingFile:
+    """Hand a file's contents (the chunk events after ``event``) to the uploader."""
+    if event.size <= SMALL_BLOB:
+        data = await _read_small(events, event.size) if event.size else b""
+        return uploader.small(data, event.executable)
 
-    Small pieces from the source are coalesced; the next block is parsed while
-    the previous one is being written.
-    """
-    writer = await blobs.open_write(size)
-    async with writer:
-        pending: asyncio.Future[None] | None = None
-        try:
-            got = 0
-            parts: list[bytes] = []
-            held = 0
-            while got < size:
-                data = await _next_chunk(events)
-                got += len(data)
-                if held + len(data) < WRITE_BLOCK and got < size:
-                    parts.append(data)
-                    held += len(data)
-                    continue
-                if parts:
-                    parts.append(data)
-                    data = b"".join(parts)
-                    parts, held = [], 0
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(writer.write(data))
-            if pending is not None:
-                await pending
-                pending = None
-        finally:
-            if pending is not None:
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
-        return await writer.close()
+    def read(n: int) -> Awaitable[bytes]:
+        return _next_chunk(events)  # pieces of at most the parser's chunk size, never past the file
+
+    digest = await uploader.stream(event.size, read, show_path(event.path))
+    return FileNode(digest, event.size, event.executable)
 
 
-async def _put_empty(blobs: BlobService) -> list[B3Digest]:
-    return [await blobs.put(b"")]
+async def _entries(source: AsyncByteSource, uploader: Uploader) -> AsyncGenerator[list[IngestEntry], None]:
+    """The NAR's entries in post-order, handed over whenever the uploader started a batch (and at the end)."""
+    events = parse_nar(source)
+    entries: list[IngestEntry] = []
+    started = uploader.batches_started
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, NarFile):
+                entries.append(IngestEntry(event.path, await _file_node(event, events, uploader)))
+            elif isinstance(event, NarSymlink):
+                entries.append(IngestEntry(event.path, SymlinkNode(event.target)))
+            elif isinstance(event, NarDirectoryEnd):
+                entries.append(IngestEntry(event.path, None))
+            else:
+                continue
+            if uploader.batches_started != started or len(entries) >= BATCH_FILES:
+                await uploader.room()
+                started = uploader.batches_started
+                yield entries
+                entries = []
+    uploader.flush()
+    yield entries
+
+
+async def _check(hashing: _HashingSource, expected_size: int | None, expected_sha256: bytes | None) -> bytes:
+    """The NAR's SHA-256, once its size and hash are what was expected."""
+    size, sha256 = hashing.size, await hashing.finish()
+    if expected_size is not None and size != expected_size:
+        raise NarError(f"NAR size mismatch: expected {expected_size} bytes, got {size}")
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise NarError(f"NAR sha256 mismatch: expected {expected_sha256.hex()}, got {sha256.hex()}")
+    return sha256
 
 
 async def ingest_nar(
@@ -205,78 +184,22 @@ async def ingest_nar(
     (default: ``blobs.sync``; a server passes a shared group commit).
     """
     hashing = _HashingSource(as_source(source), expected_size)
-    events = parse_nar(hashing)
-    entries: list[IngestEntry | _Small] = []
-    batch = _Batch()
-    running: deque[_Batch] = deque()
-    any_empty = False
+    sha256 = b""
 
-    def start_batch() -> None:
-        nonlocal batch
-        if batch.data:
-            data = batch.data
-            batch.task = asyncio.ensure_future(blobs.put_many(data))
-            batch.data = []
-            running.append(batch)
-            batch = _Batch()
+    async def before_commit() -> None:
+        nonlocal sha256
+        await uploader.finish()
+        sha256 = await _check(hashing, expected_size, expected_sha256)
+        await (sync or blobs.sync)()
 
     try:
-        async with contextlib.aclosing(events):
-            async for event in events:
-                if isinstance(event, NarFile):
-                    path = event.path
-                    if event.size == 0:
-                        any_empty = True
-                        entries.append(IngestEntry(path, FileNode(EMPTY_DIGEST, 0, event.executable)))
-                    elif event.size <= SMALL_FILE:
-                        data = await _read_small(events, event.size)
-                        entries.append(_Small(path, event.size, event.executable, batch, len(batch.data)))
-                        batch.data.append(data)
-                        batch.size += len(data)
-                        if len(batch.data) >= BATCH_FILES or batch.size >= BATCH_BYTES:
-                            start_batch()
-                            while len(running) > BATCHES_AHEAD:
-                                task = running.popleft().task
-                                assert task is not None
-                                await task
-                    else:
-                        digest = await _upload_large(blobs, events, event.size)
-                        entries.append(IngestEntry(path, FileNode(digest, event.size, event.executable)))
-                elif isinstance(event, NarSymlink):
-                    entries.append(IngestEntry(event.path, SymlinkNode(event.target)))
-                elif isinstance(event, NarDirectoryEnd):
-                    entries.append(IngestEntry(event.path, None))
-        start_batch()
-        if any_empty:
-            running.append(_Batch(task=asyncio.ensure_future(_put_empty(blobs))))
-        for b in running:
-            assert b.task is not None
-            await b.task
-
-        size, sha256 = hashing.size, await hashing.finish()
-        if expected_size is not None and size != expected_size:
-            raise NarError(f"NAR size mismatch: expected {expected_size} bytes, got {size}")
-        if expected_sha256 is not None and sha256 != expected_sha256:
-            raise NarError(f"NAR sha256 mismatch: expected {expected_sha256.hex()}, got {sha256.hex()}")
-
-        resolved: list[IngestEntry] = []
-        for entry in entries:
-            if isinstance(entry, _Small):
-                assert entry.batch.task is not None
-                digest = entry.batch.task.result()[entry.index]
-                resolved.append(IngestEntry(entry.path, FileNode(digest, entry.size, entry.executable)))
-            else:
-                resolved.append(entry)
-        entries.clear()
-        root = await ingest_entries(resolved, directories, before_commit=sync or blobs.sync)
-        return root, size, sha256
+        async with Uploader(blobs) as uploader:
+            entries = run_ahead(_entries(hashing, uploader))
+            async with contextlib.aclosing(entries):
+                root = await ingest_entries(entries, directories, before_commit=before_commit)
+        return root, hashing.size, sha256
     finally:
         hashing.close()
-        tasks = [b.task for b in running if b.task is not None]
-        for t in tasks:
-            t.cancel()
-        if tasks:  # also retrieves the errors of failed uploads nobody awaited
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def ingest_nar_bytes(

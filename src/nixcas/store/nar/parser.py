@@ -289,28 +289,15 @@ async def parse_nar(
     inp = _Input(as_source(source))
     chunk_size = max(1, chunk_size)
     await inp.expect(NAR_MAGIC, "the NAR magic 'nix-archive-1'")
-    # Per open directory: its path and the previous entry name.
-    stack: list[tuple[Path, bytes | None]] = []
-    path: Path = ROOT_PATH
-    while True:
+    stack: list[tuple[Path, bytes | None]] = []  # per open directory: its path and the previous entry name
+    path: Path | None = ROOT_PATH
+    while path is not None:
         inp.path = path
         await inp.expect(OPEN_TYPE, "'(' 'type' (a node)")
         start = inp.offset
         kind = await inp.token("node type")
         if kind == b"regular":
-            start = inp.offset
-            tok = await inp.token("'executable' or 'contents'")
-            executable = tok == b"executable"
-            if executable:
-                await inp.expect(TOK_EMPTY, "'' after 'executable'")
-                start = inp.offset
-                tok = await inp.token("'contents'")
-            if tok != b"contents":
-                raise inp.error(f"expected 'contents', found {tok[:64]!r}", start)
-            start = inp.offset
-            size = await inp.u64("file size")
-            if size > MAX_FILE_SIZE:
-                raise inp.error(f"absurd file size {size}", start)
+            size, executable = await _file_header(inp)
             yield NarFile(path, size, executable)
             remaining = size
             while remaining:
@@ -322,15 +309,7 @@ async def parse_nar(
             await inp.padding(size, "file contents")
             await inp.expect(TOK_CLOSE, "')' after file contents")
         elif kind == b"symlink":
-            await inp.expect(TOK_TARGET, "'target'")
-            start = inp.offset
-            target = await inp.string(MAX_TARGET_LEN, "symlink target")
-            try:
-                validate_symlink_target(target)
-            except InvalidSymlinkTargetError as e:
-                raise inp.error(str(e), start) from None
-            await inp.expect(TOK_CLOSE, "')' after symlink target")
-            yield NarSymlink(path, target)
+            yield NarSymlink(path, await _symlink_target(inp))
         elif kind == b"directory":
             yield NarDirectory(path)
             stack.append((path, None))
@@ -338,41 +317,75 @@ async def parse_nar(
             raise inp.error(f"unknown node type {kind[:64]!r}", start)
         if kind != b"directory" and path.parent is not None:
             await inp.expect(TOK_CLOSE, "')' closing the entry")
-        # Find the next node: the next entry of the innermost open directory,
-        # closing directories that have no more entries.
-        while stack:
-            dir_path, prev = stack[-1]
-            inp.path = dir_path
-            start = inp.offset
-            tok = await inp.token("'entry' or ')'")
-            if tok == b"entry":
-                await inp.expect(TOK_OPEN, "'(' opening the entry")
-                await inp.expect(TOK_NAME, "'name'")
-                start = inp.offset
-                name = await inp.string(MAX_NAME_LEN, "entry name")
-                try:
-                    validate_name(name)
-                except InvalidNameError as e:
-                    raise inp.error(str(e), start) from None
-                if prev is not None and name <= prev:
-                    problem = "duplicate entry" if name == prev else "entries not sorted"
-                    raise inp.error(f"{problem}: {name[:300]!r} after {prev[:300]!r}", start)
-                if dir_path.depth >= MAX_DEPTH:
-                    raise inp.error(f"nested deeper than {MAX_DEPTH} levels (the most a tree may have)", start)
-                stack[-1] = (dir_path, name)
-                path = TreePath(dir_path, name)
-                inp.path = path
-                await inp.expect(TOK_NODE, "'node'")
-                break
-            if tok != b")":
-                raise inp.error(f"expected 'entry' or ')', found {tok[:64]!r}", start)
-            stack.pop()
-            yield NarDirectoryEnd(dir_path)
-            if dir_path.parent is not None:
-                inp.path = dir_path.parent
+        # The next node: the next entry of the innermost open directory, closing those that have no more.
+        path = None
+        while stack and (path := await _next_entry(inp, stack)) is None:
+            done = stack.pop()[0]
+            yield NarDirectoryEnd(done)
+            if done.parent is not None:
+                inp.path = done.parent
                 await inp.expect(TOK_CLOSE, "')' closing the entry")
-        else:
-            break
     inp.path = ROOT_PATH
     if not await inp.at_eof():
         raise inp.error("trailing data after the root node")
+
+
+async def _file_header(inp: _Input) -> tuple[int, bool]:
+    """A regular file's ``executable`` flag and size, after its type: ``(size, executable)``."""
+    start = inp.offset
+    tok = await inp.token("'executable' or 'contents'")
+    executable = tok == b"executable"
+    if executable:
+        await inp.expect(TOK_EMPTY, "'' after 'executable'")
+        start = inp.offset
+        tok = await inp.token("'contents'")
+    if tok != b"contents":
+        raise inp.error(f"expected 'contents', found {tok[:64]!r}", start)
+    start = inp.offset
+    size = await inp.u64("file size")
+    if size > MAX_FILE_SIZE:
+        raise inp.error(f"absurd file size {size}", start)
+    return size, executable
+
+
+async def _symlink_target(inp: _Input) -> bytes:
+    """A symlink's validated target and the ``)`` after it, after its type."""
+    await inp.expect(TOK_TARGET, "'target'")
+    start = inp.offset
+    target = await inp.string(MAX_TARGET_LEN, "symlink target")
+    try:
+        validate_symlink_target(target)
+    except InvalidSymlinkTargetError as e:
+        raise inp.error(str(e), start) from None
+    await inp.expect(TOK_CLOSE, "')' after symlink target")
+    return target
+
+
+async def _next_entry(inp: _Input, stack: list[tuple[Path, bytes | None]]) -> Path | None:
+    """The path of the innermost open directory's next entry (up to its ``node``), or ``None`` at its ``)``."""
+    dir_path, prev = stack[-1]
+    inp.path = dir_path
+    start = inp.offset
+    tok = await inp.token("'entry' or ')'")
+    if tok != b"entry":
+        if tok != b")":
+            raise inp.error(f"expected 'entry' or ')', found {tok[:64]!r}", start)
+        return None
+    await inp.expect(TOK_OPEN, "'(' opening the entry")
+    await inp.expect(TOK_NAME, "'name'")
+    start = inp.offset
+    name = await inp.string(MAX_NAME_LEN, "entry name")
+    try:
+        validate_name(name)
+    except InvalidNameError as e:
+        raise inp.error(str(e), start) from None
+    if prev is not None and name <= prev:
+        problem = "duplicate entry" if name == prev else "entries not sorted"
+        raise inp.error(f"{problem}: {name[:300]!r} after {prev[:300]!r}", start)
+    if dir_path.depth >= MAX_DEPTH:
+        raise inp.error(f"nested deeper than {MAX_DEPTH} levels (the most a tree may have)", start)
+    stack[-1] = (dir_path, name)
+    path = TreePath(dir_path, name)
+    inp.path = path
+    await inp.expect(TOK_NODE, "'node'")
+    return path
