@@ -97,7 +97,7 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
 @pass_settings
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
-    from nixcas.store.nar.dump import dump_nar
+    from nixcas.store.nar.source import NarSource
 
     path = parse_store_path(store_path)
     if sys.stdout.isatty():
@@ -107,7 +107,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
         sys.stdout.flush()
         async with await settings.open_store(with_pathinfo=True) as store:
             info = await lookup(store.pathinfos, path)
-            await dump_nar(sys.stdout.fileno(), info.node, store.blobs, store.directories)
+            await NarSource(info.node, store.blobs, store.directories).dump(sys.stdout.fileno())
 
     run(go)
 

@@ -36,7 +36,7 @@ from nixcas.castore.nodes import Node
 from nixcas.errors import NotFoundError
 from nixcas.store.nar.dump import Plan, dump_nar, fetch_raw_closure, plan_nar
 from nixcas.store.nar.plan import BlobSizeMismatch, Hole
-from nixcas.store.nar.render import render_nar
+from nixcas.store.nar.render import BUFFER_BYTES, PREFETCH, render_nar
 from nixcas.store.nar.seekable import SeekableNar
 
 __all__ = ["RANGE_CHUNK", "NarSource"]
@@ -54,10 +54,22 @@ class NarSource:
     request.
     """
 
-    def __init__(self, node: Node, blobs: BlobService, directories: DirectoryService) -> None:
+    def __init__(
+        self,
+        node: Node,
+        blobs: BlobService,
+        directories: DirectoryService,
+        *,
+        prefetch: int = PREFETCH,
+        buffer_bytes: int = BUFFER_BYTES,
+    ) -> None:
+        """``prefetch`` and ``buffer_bytes`` bound the stream's window on blob services without bulk reads
+        (see :func:`~nixcas.store.nar.render.render_nar`)."""
         self.node = node
         self.blobs = blobs
         self.directories = directories
+        self._prefetch = prefetch
+        self._buffer_bytes = buffer_bytes
         self._plan: Plan | None = None
 
     async def plan(self) -> Plan:
@@ -126,7 +138,14 @@ class NarSource:
         reads = self.blobs.bulk_reads()
         chunks: AsyncGenerator[bytes | memoryview, None]
         if reads is None:
-            chunks = render_nar(self.node, self.blobs, self.directories, plan=self._items(plan))
+            chunks = render_nar(
+                self.node,
+                self.blobs,
+                self.directories,
+                plan=self._items(plan),
+                prefetch=self._prefetch,
+                buffer_bytes=self._buffer_bytes,
+            )
         else:
             from nixcas.store.nar.bulk import bulk_stream
 
