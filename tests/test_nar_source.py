@@ -235,3 +235,32 @@ async def test_a_stream_closed_early_leaves_the_worker_free(tmp_path: Path) -> N
         assert await collect(NarSource(node, blobs, directories)) == (nar, None)
     finally:
         await blobs.close()
+
+
+async def test_a_chunk_list_that_does_not_make_the_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunk intact but listed in the wrong order: the blob's digest catches it before its end is yielded."""
+    monkeypatch.setattr(bulk, "WHOLE_MAX", 256 << 10)
+    monkeypatch.setattr(bulk, "STEP", 64 << 10)
+    blobs = PackedBlobService(tmp_path / "blobs")
+    try:
+        node, directories, nar = await tree_in(tmp_path, blobs)
+        data = (tmp_path / "tree" / "m/big").read_bytes()
+        digest = B3Digest(blake3.blake3(data).digest())
+        listed = (await blobs.chunks(digest)) or []
+        assert len(listed) >= 3
+        real_chunks = blobs.chunks
+
+        async def swapped(asked: B3Digest) -> object:
+            if asked == digest:
+                return [listed[1], listed[0], *listed[2:]]
+            return await real_chunks(asked)
+
+        monkeypatch.setattr(blobs, "chunks", swapped)
+        yielded, error = await collect(NarSource(node, blobs, directories))
+        assert isinstance(error, ChecksumMismatch)
+        assert "/m/big" in str(error)
+        start = contents_offset(nar, data)
+        assert len(yielded) <= start + len(data) - listed[-1].size  # the last chunk never went out
+        assert yielded[:start] == nar[:start]
+    finally:
+        await blobs.close()

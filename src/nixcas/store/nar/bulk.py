@@ -10,10 +10,13 @@ BLAKE3 before it is yielded:
 * a file up to :data:`WHOLE_MAX` is one
   :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`, hashed whole before a
   byte of it is yielded, into a buffer of its own (yielded without a copy);
-* a bigger file is read chunk by chunk
-  (:meth:`~nixcas.castore.blob.base.BulkReads.read_chunks`: each chunk checked
-  before it is yielded, the chunk list against the blob's digest at the end),
-  in steps of about :data:`STEP` bytes, one step read ahead.
+* a bigger file is read chunk by chunk, in steps of about :data:`STEP` bytes,
+  one step read ahead: its chunk list from
+  :meth:`~nixcas.castore.blob.base.BlobService.chunks`, each chunk one
+  :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` (checked against the
+  chunk's digest before it is yielded, into a buffer of its own), and the
+  chunks' bytes also hashed into the blob's BLAKE3, compared with its digest
+  before the last chunk is yielded (what ties the chunk list to the blob).
 
 At most :data:`JOBS_AHEAD` jobs and about :data:`WINDOW_BYTES` of contents are
 read ahead (one job bigger than that runs alone).  What a job cannot serve (a
@@ -30,12 +33,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncGenerator, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
-from nixcas.castore.blob.base import BlobService, BulkReads
+import blake3
+
+from nixcas.castore.blob.base import BlobService, BulkReads, ChunkMeta
+from nixcas.errors import ChecksumMismatch, StorageError
 from nixcas.store.nar.dump import RUN_FILES, Plan
+from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.render import file_contents
 
 __all__ = ["JOBS_AHEAD", "RUN_BYTES", "STEP", "WHOLE_MAX", "WINDOW_BYTES", "bulk_stream"]
@@ -64,10 +72,10 @@ class _Job:
     start: int
     stop: int
     cost: int
-    future: Future[Pieces | None] | None
+    future: asyncio.Future[Pieces | None] | None
     buffer: bytearray | None = None
-    chunks: list[Iterator[bytes] | None] = field(default_factory=list)
-    """A big file's chunk iterator, once its first step opened it (``[None]``: not chunked)."""
+    big: _Big | None = None
+    """A big file's state once its first step found its chunk list."""
 
 
 def _run_job(
@@ -84,35 +92,52 @@ def _run_job(
     return [b"".join(pieces)]
 
 
-def _whole_job(reads: BulkReads, digest: bytes, size: int, frame: bytes) -> Pieces | None:
-    """A file read and hashed whole into a buffer of its own (yielded as it is, so never reused)."""
-    data = reads.read_whole(digest, size, _EMPTY)
+def _whole_job(reads: BulkReads, digest: bytes, size: int, frame: bytes, buffer: bytearray) -> Pieces | None:
+    """A file read and hashed whole into ``buffer`` (yielded as a view of it)."""
+    data = reads.read_whole(digest, size, memoryview(buffer))
     return None if data is None else [frame, data]
 
 
-def _first_step(reads: BulkReads, digest: bytes, size: int, frame: bytes, job: _Job) -> Pieces | None:
-    """Open a big file's chunk iterator (kept in ``job``) and read its first step."""
-    chunks = reads.read_chunks(digest, size)
-    job.chunks.append(chunks)
-    if chunks is None:
-        return None
-    return [frame, *_step(chunks)]
+def _unshared(buffer: bytearray) -> bool:
+    """Whether no view of ``buffer`` is alive (a bytearray with views cannot shrink: probe by shrinking)."""
+    try:
+        last = buffer.pop()
+    except BufferError:
+        return False
+    buffer.append(last)
+    return True
 
 
-def _step(chunks: Iterator[bytes]) -> Pieces:
-    """The next chunks of a big file, about :data:`STEP` bytes (all that is left at its end).
+class _Buffers:
+    """Read buffers reused within a stream, once no view of them is alive any more.
 
-    The iterator is driven to its end before the last chunks are returned: its
-    last step checks the chunk list against the blob's digest.
+    A piece yielded is a view of a buffer; whoever consumes the stream may keep
+    it (a transport that queues it, say) as long as it likes: a buffer is taken
+    again only when nothing refers to its bytes.  Fresh memory is costly (the
+    allocator zeroes it, the kernel faults it in), about as much as reading the
+    bytes into it.
     """
-    pieces: Pieces = []
-    got = 0
-    for chunk in chunks:
-        pieces.append(chunk)
-        got += len(chunk)
-        if got >= STEP:
-            break
-    return pieces
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+
+    def take(self, need: int) -> bytearray:
+        for k, buffer in enumerate(self._free):
+            if len(buffer) >= need and _unshared(buffer):
+                return self._free.pop(k)
+        return bytearray(need)
+
+    def give(self, buffer: bytearray) -> None:
+        self._free.append(buffer)
+        if len(self._free) > self._keep:
+            self._free.pop(0)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned job's error as seen (the consumer reports the errors of the jobs it reaches)."""
+    if not future.cancelled():
+        future.exception()
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -131,13 +156,14 @@ def _pool() -> ThreadPoolExecutor:
 class _Reader:
     """The jobs of one stream, submitted in plan order within the window's bounds."""
 
-    def __init__(self, plan: Plan, reads: BulkReads) -> None:
+    def __init__(self, plan: Plan, reads: BulkReads, blobs: BlobService) -> None:
         self.plan = plan
         self.reads = reads
+        self.blobs = blobs
         self.window: deque[_Job] = deque()
         self.held = 0
         self.next_file = 0
-        self.free: list[bytearray] = []
+        self.buffers = _Buffers(2 * JOBS_AHEAD + 2)
         self.pool = _pool()
 
     def _run_end(self, i: int) -> tuple[int, int]:
@@ -148,12 +174,6 @@ class _Reader:
             total += sizes[stop]
             stop += 1
         return max(stop, i + 1), total
-
-    def _buffer(self, need: int) -> bytearray:
-        for k, buffer in enumerate(self.free):
-            if len(buffer) >= need:
-                return self.free.pop(k)
-        return bytearray(need)
 
     def fill(self) -> None:
         """Submit jobs while fewer than :data:`JOBS_AHEAD` are out and the window has room."""
@@ -166,31 +186,136 @@ class _Reader:
                 return
             job = _Job(i, stop, cost, None)
             if size <= reads.run_max:
-                job.buffer = self._buffer(cost + _SLACK)
+                job.buffer = self.buffers.take(cost + _SLACK)
                 wanted = list(zip(plan.digests[i:stop], plan.sizes[i:stop], strict=True))
-                job.future = self.pool.submit(_run_job, reads, wanted, plan.frames[i:stop], job.buffer)
+                job.future = self._submit(_run_job, reads, wanted, plan.frames[i:stop], job.buffer)
             elif size <= min(WHOLE_MAX, reads.whole_max):
                 job.cost = size
-                job.future = self.pool.submit(_whole_job, reads, plan.digests[i], size, plan.frames[i])
+                job.buffer = self.buffers.take(size + (size >> 7) + _SLACK)
+                job.future = self._submit(_whole_job, reads, plan.digests[i], size, plan.frames[i], job.buffer)
             else:
-                job.future = self.pool.submit(_first_step, reads, plan.digests[i], size, plan.frames[i], job)
+                job.future = asyncio.ensure_future(_big_head(self, job, self.blobs))
+                job.future.add_done_callback(_retrieved)
             self.window.append(job)
             self.held += job.cost
             self.next_file = stop
+
+    def _submit(self, fn: Callable[..., Pieces | None], *args: Any) -> asyncio.Future[Pieces | None]:
+        future = asyncio.wrap_future(self.pool.submit(fn, *args))
+        future.add_done_callback(_retrieved)
+        return future
 
     def done(self, job: _Job) -> None:
         """The head job is written: release its budget (and its buffer, which the worker no longer uses)."""
         self.window.popleft()
         self.held -= job.cost
         if job.buffer is not None:
-            self.free.append(job.buffer)
+            self.buffers.give(job.buffer)
 
     def abandon(self) -> None:
-        """Cancel the jobs not started; running ones finish on their own (their buffers are dropped)."""
+        """Cancel the jobs; those running on the worker finish on their own (their buffers are dropped)."""
         for job in self.window:
             if job.future is not None:
                 job.future.cancel()
         self.window.clear()
+
+
+class _Big:
+    """A big file read chunk by chunk: its chunk list, the next chunk, and the BLAKE3 of the chunks so far.
+
+    Each chunk is read and checked against its own digest (one
+    :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` of the chunk, into
+    a buffer of its own); the chunks' bytes also go into one BLAKE3 of the
+    whole blob, compared with its digest before the last chunk is yielded.
+    Only one step of a file is read at a time.
+    """
+
+    __slots__ = ("chunks", "hasher", "hole", "next")
+
+    def __init__(self, hole: Hole, chunks: list[ChunkMeta]) -> None:
+        self.hole = hole
+        self.chunks = chunks
+        self.next = 0
+        self.hasher = blake3.blake3()
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.chunks)
+
+    @property
+    def step_bytes(self) -> int:
+        """The buffer a step needs: :data:`STEP` and room for the biggest chunk beyond it."""
+        return STEP + _room(max(c.size for c in self.chunks))
+
+    def add(self, data: bytes | memoryview) -> None:
+        """Count in the next chunk (checked already); at the end, check the chunk list against the blob."""
+        self.hasher.update(data)
+        self.next += 1
+        if self.done:
+            got = self.hasher.digest()
+            if got != self.hole.digest:
+                where = f"blob {self.hole.digest.hex()} (file {show_path(self.hole.path)} in the NAR): its chunks"
+                raise ChecksumMismatch(where, self.hole.digest.hex(), got.hex())
+
+
+def _big_step(reads: BulkReads, big: _Big, buffer: bytearray) -> tuple[Pieces, bool]:
+    """The next chunks of a big file, about :data:`STEP` bytes, read into ``buffer`` while they fit.
+
+    ``True`` with them: the next chunk needs the async API.
+    """
+    view = memoryview(buffer)
+    pieces: Pieces = []
+    at = 0
+    while not big.done and at < STEP:
+        chunk = big.chunks[big.next]
+        room = _room(chunk.size)
+        if pieces and at + room > len(view):
+            break
+        data = reads.read_whole(
+            bytes(chunk.digest), chunk.size, view[at : at + room] if at + room <= len(view) else _EMPTY
+        )
+        if data is None:
+            return pieces, True
+        big.add(data)
+        pieces.append(data)
+        at += room
+    return pieces, False
+
+
+def _room(size: int) -> int:
+    """Buffer room for reading a chunk of ``size`` bytes (its stored frame may be a little bigger)."""
+    return size + (size >> 7) + _SLACK
+
+
+async def _chunk_async(blobs: BlobService, big: _Big) -> bytes:
+    """The next chunk through the async API, which raises the precise error (damaged, missing)."""
+    chunk = big.chunks[big.next]
+    data = await blobs.read_chunk(chunk)
+    if data is None:
+        raise StorageError(
+            f"blob {big.hole.digest.hex()}: chunk {chunk.digest.hex()} not found "
+            f"(file {show_path(big.hole.path)} in the NAR)"
+        )
+    big.add(data)
+    return data
+
+
+async def _step(reader: _Reader, big: _Big, buffer: bytearray) -> Pieces:
+    pieces, stuck = await asyncio.wrap_future(reader.pool.submit(_big_step, reader.reads, big, buffer))
+    if stuck:
+        pieces.append(await _chunk_async(reader.blobs, big))
+    return pieces
+
+
+async def _big_head(reader: _Reader, job: _Job, blobs: BlobService) -> Pieces | None:
+    """Fetch a big file's chunk list and read its first step (``None``: not chunked, read it one by one)."""
+    hole = reader.plan.hole(job.start)
+    chunks = await blobs.chunks(hole.digest)
+    if not chunks or sum(c.size for c in chunks) != hole.size:
+        return None
+    job.big = _Big(hole, chunks)
+    job.buffer = reader.buffers.take(job.big.step_bytes)
+    return [reader.plan.frames[job.start], *await _step(reader, job.big, job.buffer)]
 
 
 async def _job_pieces(reader: _Reader, job: _Job, blobs: BlobService) -> AsyncGenerator[bytes | memoryview, None]:
@@ -198,32 +323,33 @@ async def _job_pieces(reader: _Reader, job: _Job, blobs: BlobService) -> AsyncGe
     plan = reader.plan
     pieces: Pieces | None = None
     if job.future is not None:
-        pieces = await asyncio.wrap_future(job.future)
+        pieces = await job.future
     if pieces is None:  # read file by file: the NAR up to a bad file, then its precise error
         for i in range(job.start, job.stop):
             yield plan.frames[i]
             async for data in file_contents(blobs, plan.hole(i)):
                 yield data
         return
-    chunks = job.chunks[0] if job.chunks else None
-    if chunks is None:
-        for part in pieces:
-            yield part
-        return
-    hole = plan.hole(job.start)
-    got = sum(map(len, pieces)) - len(plan.frames[job.start])
-    while True:  # one step read ahead while this one is yielded
-        if got > hole.size:
-            raise hole.long()
-        ahead = reader.pool.submit(_step, chunks) if got < hole.size else None
-        for part in pieces:
-            yield part
-        if ahead is None:
-            break
-        pieces = await asyncio.wrap_future(ahead)
-        if not pieces:
-            raise hole.short(got)
-        got += sum(map(len, pieces))
+    big = job.big
+    ahead: asyncio.Future[Pieces] | None = None
+    try:
+        while True:  # a big file: one step read ahead (into a second buffer) while this one is yielded
+            if big is not None and not big.done:
+                spare = reader.buffers.take(big.step_bytes)
+                ahead = asyncio.ensure_future(_step(reader, big, spare))
+                ahead.add_done_callback(_retrieved)
+            for part in pieces:
+                yield part
+            part = b""  # no view of the buffer held here any more
+            if ahead is None:
+                return
+            pieces, ahead = await ahead, None
+            assert job.buffer is not None
+            reader.buffers.give(job.buffer)  # taken again once the views yielded from it are gone
+            job.buffer = spare
+    finally:
+        if ahead is not None:
+            ahead.cancel()
 
 
 async def bulk_stream(plan: Plan, reads: BulkReads, blobs: BlobService) -> AsyncGenerator[bytes | memoryview, None]:
@@ -232,7 +358,7 @@ async def bulk_stream(plan: Plan, reads: BulkReads, blobs: BlobService) -> Async
     Pieces are ``bytes`` or read-only views of buffers never reused.  Closing
     the generator early abandons the reads ahead.
     """
-    reader = _Reader(plan, reads)
+    reader = _Reader(plan, reads, blobs)
     try:
         reader.fill()
         while reader.window:
