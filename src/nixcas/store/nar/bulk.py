@@ -11,7 +11,7 @@ BLAKE3 before it is yielded:
   :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`, hashed whole before a
   byte of it is yielded, into a buffer of its own (yielded without a copy);
 * a bigger file is read chunk by chunk, in steps of about :data:`STEP` bytes,
-  one step read ahead: its chunk list from
+  :data:`STEPS_AHEAD` steps read ahead: its chunk list from
   :meth:`~nixcas.castore.blob.base.BlobService.chunks`, each chunk one
   :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` (checked against the
   chunk's digest before it is yielded, into a buffer of its own), and the
@@ -46,7 +46,7 @@ from nixcas.store.nar.dump import RUN_FILES, Plan
 from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.render import file_contents
 
-__all__ = ["JOBS_AHEAD", "RUN_BYTES", "STEP", "WHOLE_MAX", "WINDOW_BYTES", "bulk_stream"]
+__all__ = ["JOBS_AHEAD", "RUN_BYTES", "STEP", "STEPS_AHEAD", "WHOLE_MAX", "WINDOW_BYTES", "bulk_stream"]
 
 WINDOW_BYTES = 32 << 20
 """File contents read ahead of the consumer, at most (per stream)."""
@@ -58,6 +58,8 @@ WHOLE_MAX = 16 << 20
 """Files up to this size are read (and hashed) whole; bigger ones chunk by chunk."""
 STEP = 4 << 20
 """A big file is read in steps of about this many bytes."""
+STEPS_AHEAD = 2
+"""Steps of a big file read ahead of the one being yielded (a reserve against the threads' scheduling delays)."""
 _SLACK = 256 << 10
 """Room beyond a run's contents (gaps between blobs in a pack)."""
 _EMPTY = memoryview(bytearray())
@@ -140,17 +142,26 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[str, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _pool() -> ThreadPoolExecutor:
-    """The worker thread of every stream of the process (one: hashing views holds the GIL)."""
-    global _POOL
+def _named_pool(name: str) -> ThreadPoolExecutor:
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(1, thread_name_prefix="nixcas-nar")
-        return _POOL
+        pool = _POOLS.get(name)
+        if pool is None:
+            pool = _POOLS[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
+        return pool
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The reading thread of every stream of the process (one: more only contend for two cores)."""
+    return _named_pool("nixcas-nar")
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """The thread hashing big files whole (one, so a file's steps are hashed in order)."""
+    return _named_pool("nixcas-nar-hash")
 
 
 class _Reader:
@@ -224,19 +235,22 @@ class _Big:
     """A big file read chunk by chunk: its chunk list, the next chunk, and the BLAKE3 of the chunks so far.
 
     Each chunk is read and checked against its own digest (one
-    :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` of the chunk, into
-    a buffer of its own); the chunks' bytes also go into one BLAKE3 of the
-    whole blob, compared with its digest before the last chunk is yielded.
-    Only one step of a file is read at a time.
+    :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` of the chunk, on the
+    reading thread); the chunks' bytes also go into one BLAKE3 of the whole
+    blob, on a thread of its own (:func:`_hash_pool`) a step behind, compared
+    with its digest before the last step is yielded.  Only one step of a file
+    is read at a time.
     """
 
-    __slots__ = ("chunks", "hasher", "hole", "next")
+    __slots__ = ("chunks", "hashed", "hasher", "hole", "next")
 
     def __init__(self, hole: Hole, chunks: list[ChunkMeta]) -> None:
         self.hole = hole
         self.chunks = chunks
         self.next = 0
         self.hasher = blake3.blake3()
+        self.hashed: asyncio.Future[None] | None = None
+        """The BLAKE3 update of the last step read."""
 
     @property
     def done(self) -> bool:
@@ -247,15 +261,22 @@ class _Big:
         """The buffer a step needs: :data:`STEP` and room for the biggest chunk beyond it."""
         return STEP + _room(max(c.size for c in self.chunks))
 
-    def add(self, data: bytes | memoryview) -> None:
-        """Count in the next chunk (checked already); at the end, check the chunk list against the blob."""
-        self.hasher.update(data)
-        self.next += 1
-        if self.done:
-            got = self.hasher.digest()
-            if got != self.hole.digest:
-                where = f"blob {self.hole.digest.hex()} (file {show_path(self.hole.path)} in the NAR): its chunks"
-                raise ChecksumMismatch(where, self.hole.digest.hex(), got.hex())
+    async def hash(self, pieces: Pieces) -> None:
+        """Hash a step into the blob's BLAKE3 (in order, on its thread); after the last, check the chunk list."""
+        self.hashed = asyncio.wrap_future(_hash_pool().submit(_update, self.hasher, pieces))
+        if not self.done:
+            self.hashed.add_done_callback(_retrieved)
+            return
+        await self.hashed
+        got = self.hasher.digest()
+        if got != self.hole.digest:
+            where = f"blob {self.hole.digest.hex()} (file {show_path(self.hole.path)} in the NAR): its chunks"
+            raise ChecksumMismatch(where, self.hole.digest.hex(), got.hex())
+
+
+def _update(hasher: Any, pieces: Pieces) -> None:
+    for piece in pieces:
+        hasher.update(piece)
 
 
 def _big_step(reads: BulkReads, big: _Big, buffer: bytearray) -> tuple[Pieces, bool]:
@@ -276,7 +297,7 @@ def _big_step(reads: BulkReads, big: _Big, buffer: bytearray) -> tuple[Pieces, b
         )
         if data is None:
             return pieces, True
-        big.add(data)
+        big.next += 1
         pieces.append(data)
         at += room
     return pieces, False
@@ -296,7 +317,7 @@ async def _chunk_async(blobs: BlobService, big: _Big) -> bytes:
             f"blob {big.hole.digest.hex()}: chunk {chunk.digest.hex()} not found "
             f"(file {show_path(big.hole.path)} in the NAR)"
         )
-    big.add(data)
+    big.next += 1
     return data
 
 
@@ -304,6 +325,7 @@ async def _step(reader: _Reader, big: _Big, buffer: bytearray) -> Pieces:
     pieces, stuck = await asyncio.wrap_future(reader.pool.submit(_big_step, reader.reads, big, buffer))
     if stuck:
         pieces.append(await _chunk_async(reader.blobs, big))
+    await big.hash(pieces)
     return pieces
 
 
@@ -330,26 +352,43 @@ async def _job_pieces(reader: _Reader, job: _Job, blobs: BlobService) -> AsyncGe
             async for data in file_contents(blobs, plan.hole(i)):
                 yield data
         return
-    big = job.big
-    ahead: asyncio.Future[Pieces] | None = None
+    big, buffer = job.big, job.buffer
+    if big is None:
+        for part in pieces:
+            yield part
+        return
+    job.buffer = None  # given back here, step by step
+    steps: asyncio.Queue[tuple[Pieces, bytearray] | Exception | None] = asyncio.Queue(STEPS_AHEAD)
+    producer = asyncio.ensure_future(_produce(reader, big, steps))
     try:
-        while True:  # a big file: one step read ahead (into a second buffer) while this one is yielded
-            if big is not None and not big.done:
-                spare = reader.buffers.take(big.step_bytes)
-                ahead = asyncio.ensure_future(_step(reader, big, spare))
-                ahead.add_done_callback(_retrieved)
+        while True:  # a big file: the next steps are read (into buffers of their own) while this one is yielded
             for part in pieces:
                 yield part
             part = b""  # no view of the buffer held here any more
-            if ahead is None:
+            if buffer is not None:
+                reader.buffers.give(buffer)  # taken again once the views yielded from it are gone
+            item = await steps.get()
+            if item is None:
                 return
-            pieces, ahead = await ahead, None
-            assert job.buffer is not None
-            reader.buffers.give(job.buffer)  # taken again once the views yielded from it are gone
-            job.buffer = spare
+            if isinstance(item, Exception):
+                raise item
+            pieces, buffer = item
     finally:
-        if ahead is not None:
-            ahead.cancel()
+        producer.cancel()
+
+
+async def _produce(
+    reader: _Reader, big: _Big, steps: asyncio.Queue[tuple[Pieces, bytearray] | Exception | None]
+) -> None:
+    """Read a big file's steps after its first, in order, into ``steps``; then ``None`` (or the error)."""
+    try:
+        while not big.done:
+            buffer = reader.buffers.take(big.step_bytes)
+            await steps.put((await _step(reader, big, buffer), buffer))
+    except Exception as e:  # the consumer raises it in stream order
+        await steps.put(e)
+        return
+    await steps.put(None)
 
 
 async def bulk_stream(plan: Plan, reads: BulkReads, blobs: BlobService) -> AsyncGenerator[bytes | memoryview, None]:
