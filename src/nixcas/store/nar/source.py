@@ -82,6 +82,10 @@ class NarSource:
         """The NAR's size in bytes (no blob is read)."""
         return (await self.plan()).nar_size
 
+    async def blob_digests(self) -> list[B3Digest]:
+        """The blobs the NAR reads (each once): the contents of its files, empty files excepted."""
+        return [B3Digest(d) for d in dict.fromkeys((await self.plan()).digests)]
+
     def _declared(self, plan: Plan) -> dict[bytes, set[int]]:
         declared: dict[bytes, set[int]] = {}
         for digest, size in zip(plan.digests, plan.sizes, strict=True):
@@ -110,10 +114,9 @@ class NarSource:
     async def present(self) -> bool:
         """Whether every directory and blob of the NAR is in the store (sizes are not checked)."""
         try:
-            plan = await self.plan()
+            pending = await self.blob_digests()
         except NotFoundError:
             return False
-        pending = [B3Digest(d) for d in dict.fromkeys(plan.digests)]
         for i in range(0, len(pending), _HAS_BATCH):
             if not all(await asyncio.gather(*(self.blobs.has(d) for d in pending[i : i + _HAS_BATCH]))):
                 return False
