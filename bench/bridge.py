@@ -4,7 +4,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/bridge.py [--workdir DIR] [--large-mib 256] [--small 500] [--runs 5]
-                                     [--seconds 5] [--json OUT]
+                                     [--seconds 5] [--json OUT] [--nar-only] [--compare-src SRC]
 
 Setup (not timed, except where noted):
 
@@ -22,7 +22,8 @@ Setup (not timed, except where noted):
 Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
 
 * **NAR single stream**: one ``curl -o /dev/null`` of the large path's NAR (the
-  URL each server's narinfo names); MiB/s = NAR bytes / curl's total time;
+  URL each server's narinfo names); MiB/s = NAR bytes / curl's total time; and
+  the CPU time (user + system) the server's processes used during it, per GiB;
 * **NAR 8 concurrent**: eight such curls at once; MiB/s = 8 x NAR bytes / wall
   time from the first start to the last exit;
 * **narinfo/s**: ``wrk -t2 -c16 -d{seconds}s`` with a Lua script requesting the
@@ -31,9 +32,15 @@ Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
   ``/nix-cache-info``, a constant body the bridge answers without touching the
   store: what its HTTP stack (aiohttp, its workers) manages by itself;
 * **NAR floors** (for information, in this process, no HTTP): the same NAR
-  rendered by ``render_nar`` from the bridge's store into nothing (what the
-  renderer alone reaches), and one BLAKE3 pass over the NAR's bytes held in
-  memory, one thread (the least a stream that verifies every byte must do).
+  rendered by ``render_nar`` and streamed by ``NarSource.stream`` (what the
+  bridge sends) from the bridge's store into nothing, and one BLAKE3 pass over
+  the NAR's bytes held in memory, one thread (the least a stream that verifies
+  every byte must do).
+
+``--nar-only`` measures the single stream alone (no 8 concurrent, no ``wrk``).
+``--compare-src SRC`` starts a second bridge on the same store from other
+sources (``PYTHONPATH=SRC``, e.g. main's ``src``), measured as ``before`` in the
+same rounds; the order of the servers alternates every round.
 
 The bridge runs on the event loop ``--event-loop`` names (default: its own
 ``auto``, uvloop when installed); the one it used is recorded in the facts.
