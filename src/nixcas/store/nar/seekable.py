@@ -55,11 +55,6 @@ class SeekableNar(BlobReader):
         closure = await fetch_closure(node, directories)
         return cls(blobs, list(iter_plan(node, closure)))
 
-    @property
-    def blob_segments(self) -> int:
-        """The number of blob holes (files with contents) in the NAR."""
-        return sum(1 for s in self._segments if not isinstance(s, bytes))
-
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes from the current position (everything remaining for ``n < 0``)."""
         remaining = self.size - self._pos
