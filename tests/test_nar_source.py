@@ -300,3 +300,15 @@ async def test_the_bridge_serves_the_bulk_stream(tmp_path: Path) -> None:
                 await response.read()
     finally:
         await blobs.close()
+
+
+async def test_calculate_nar_reads_through_the_source(tmp_path: Path) -> None:
+    from nixcas.store.nar.hashing import SimpleNarCalculationService
+
+    blobs = PackedBlobService(tmp_path / "blobs")
+    try:
+        node, directories, nar = await tree_in(tmp_path, blobs)
+        service = SimpleNarCalculationService(blobs, directories)
+        assert await service.calculate_nar(node) == (len(nar), hashlib.sha256(nar).digest())
+    finally:
+        await blobs.close()
