@@ -192,7 +192,11 @@ class _Reader:
         while self.next_file < len(plan.sizes) and len(self.window) < JOBS_AHEAD:
             i = self.next_file
             size = plan.sizes[i]
-            stop, cost = (i + 1, min(size, STEP)) if size > reads.run_max else self._run_end(i)
+            whole = reads.run_max < size <= min(WHOLE_MAX, reads.whole_max)
+            if size <= reads.run_max:
+                stop, cost = self._run_end(i)
+            else:
+                stop, cost = i + 1, size if whole else STEP
             if self.window and self.held + cost > WINDOW_BYTES:
                 return
             job = _Job(i, stop, cost, None)
@@ -200,8 +204,7 @@ class _Reader:
                 job.buffer = self.buffers.take(cost + _SLACK)
                 wanted = list(zip(plan.digests[i:stop], plan.sizes[i:stop], strict=True))
                 job.future = self._submit(_run_job, reads, wanted, plan.frames[i:stop], job.buffer)
-            elif size <= min(WHOLE_MAX, reads.whole_max):
-                job.cost = size
+            elif whole:
                 job.buffer = self.buffers.take(size + (size >> 7) + _SLACK)
                 job.future = self._submit(_whole_job, reads, plan.digests[i], size, plan.frames[i], job.buffer)
             else:
