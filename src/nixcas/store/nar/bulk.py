@@ -46,7 +46,7 @@ from nixcas.store.nar.dump import RUN_FILES, Plan
 from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.render import file_contents
 
-__all__ = ["JOBS_AHEAD", "RUN_BYTES", "STEP", "STEPS_AHEAD", "WHOLE_MAX", "WINDOW_BYTES", "bulk_stream"]
+__all__ = ["JOBS_AHEAD", "KEEP_BYTES", "RUN_BYTES", "STEP", "STEPS_AHEAD", "WHOLE_MAX", "WINDOW_BYTES", "bulk_stream"]
 
 WINDOW_BYTES = 32 << 20
 """File contents read ahead of the consumer, at most (per stream)."""
@@ -60,6 +60,8 @@ STEP = 4 << 20
 """A big file is read in steps of about this many bytes."""
 STEPS_AHEAD = 2
 """Steps of a big file read ahead of the one being yielded (a reserve against the threads' scheduling delays)."""
+KEEP_BYTES = 64 << 20
+"""Read buffers kept for reuse, at most (per process, all streams together)."""
 _SLACK = 256 << 10
 """Room beyond a run's contents (gaps between blobs in a pack)."""
 _EMPTY = memoryview(bytearray())
@@ -111,29 +113,36 @@ def _unshared(buffer: bytearray) -> bool:
 
 
 class _Buffers:
-    """Read buffers reused within a stream, once no view of them is alive any more.
+    """Read buffers reused from stream to stream, once no view of them is alive any more.
 
     A piece yielded is a view of a buffer; whoever consumes the stream may keep
     it (a transport that queues it, say) as long as it likes: a buffer is taken
     again only when nothing refers to its bytes.  Fresh memory is costly (the
-    allocator zeroes it, the kernel faults it in), about as much as reading the
-    bytes into it.
+    allocator zeroes it, the kernel faults it in page by page), about as much
+    as reading the bytes into it.  At most ``keep`` bytes of buffers are kept.
     """
 
     def __init__(self, keep: int) -> None:
         self._free: list[bytearray] = []
         self._keep = keep
+        self._lock = threading.Lock()  # streams of several event loops may share the process's buffers
 
     def take(self, need: int) -> bytearray:
-        for k, buffer in enumerate(self._free):
-            if len(buffer) >= need and _unshared(buffer):
-                return self._free.pop(k)
+        with self._lock:
+            for k, buffer in enumerate(self._free):
+                if len(buffer) >= need and _unshared(buffer):
+                    return self._free.pop(k)
         return bytearray(need)
 
     def give(self, buffer: bytearray) -> None:
-        self._free.append(buffer)
-        if len(self._free) > self._keep:
-            self._free.pop(0)
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=len)  # the smallest that fits is taken first
+            while sum(map(len, self._free)) > self._keep:
+                self._free.pop(0)
+
+
+_BUFFERS = _Buffers(KEEP_BYTES)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -174,7 +183,7 @@ class _Reader:
         self.window: deque[_Job] = deque()
         self.held = 0
         self.next_file = 0
-        self.buffers = _Buffers(2 * JOBS_AHEAD + 2)
+        self.buffers = _BUFFERS
         self.pool = _pool()
 
     def _run_end(self, i: int) -> tuple[int, int]:
