@@ -1,28 +1,32 @@
 """The NAR stream of a blob service with :class:`~nixcas.castore.blob.base.BulkReads`, for servers.
 
 :func:`bulk_stream` yields a planned NAR (:class:`~nixcas.store.nar.dump.Plan`)
-while a worker thread reads ahead of it, each byte hashed once against its
-BLAKE3 before it is yielded:
+while :data:`READERS` worker threads read ahead of it, each byte hashed against
+the BLAKE3 it is stored under before it is yielded:
 
 * consecutive small files form a *run*: one
   :meth:`~nixcas.castore.blob.base.BulkReads.read_run`, whose contents and the
   framing between them are joined on the worker into one piece (one write);
 * a file up to :data:`WHOLE_MAX` is one
   :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`, hashed whole before a
-  byte of it is yielded, into a buffer of its own (yielded without a copy);
-* a bigger file is read chunk by chunk, in steps of about :data:`STEP` bytes,
-  :data:`STEPS_AHEAD` steps read ahead: its chunk list from
-  :meth:`~nixcas.castore.blob.base.BlobService.chunks`, each chunk one
-  :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` (checked against the
-  chunk's digest before it is yielded, into a buffer of its own), and the
-  chunks' bytes also hashed into the blob's BLAKE3, compared with its digest
-  before the last chunk is yielded (what ties the chunk list to the blob).
+  byte of it is yielded;
+* a bigger file is read chunk by chunk (its chunk list from
+  :meth:`~nixcas.castore.blob.base.BlobService.chunks`), in steps of about
+  :data:`STEP` bytes, :data:`STEPS_AHEAD` steps read at once: each chunk one
+  :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`, checked against the
+  chunk's digest before it is yielded; the chunks' bytes also go, in order, into
+  the blob's BLAKE3 on a thread of its own, compared with the blob's digest
+  before the last step is yielded (what ties the chunk list to the blob).
 
-At most :data:`JOBS_AHEAD` jobs and about :data:`WINDOW_BYTES` of contents are
-read ahead (one job bigger than that runs alone).  What a job cannot serve (a
-missing, damaged or differently sized blob, a blob kept in a form only the
-async API reads) is read file by file through the async API
-(:func:`~nixcas.store.nar.render.file_contents`), which raises the file's
+Reads go into buffers reused (by every stream of the process) once no view of
+them is alive; pieces are ``bytes`` or views of those buffers.  At most
+:data:`JOBS_AHEAD` jobs and about :data:`WINDOW_BYTES` of contents are read
+ahead, a big file at most four or five steps (one job bigger than the window
+runs alone).  What a job cannot serve (a missing, damaged or differently sized
+blob, a blob kept in a form only the async API reads) is read file by file (or
+chunk by chunk) through the async API
+(:func:`~nixcas.store.nar.render.file_contents`,
+:meth:`~nixcas.castore.blob.base.BlobService.read_chunk`), which raises the
 precise error after the NAR up to that file: nothing unverified is yielded.
 Unlike :func:`~nixcas.store.nar.dump.dump_nar` nothing here blocks the event
 loop: the stream only awaits its jobs.
@@ -46,7 +50,17 @@ from nixcas.store.nar.dump import RUN_FILES, Plan
 from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.render import file_contents
 
-__all__ = ["JOBS_AHEAD", "KEEP_BYTES", "RUN_BYTES", "STEP", "STEPS_AHEAD", "WHOLE_MAX", "WINDOW_BYTES", "bulk_stream"]
+__all__ = [
+    "JOBS_AHEAD",
+    "KEEP_BYTES",
+    "READERS",
+    "RUN_BYTES",
+    "STEP",
+    "STEPS_AHEAD",
+    "WHOLE_MAX",
+    "WINDOW_BYTES",
+    "bulk_stream",
+]
 
 WINDOW_BYTES = 32 << 20
 """File contents read ahead of the consumer, at most (per stream)."""
@@ -59,10 +73,14 @@ WHOLE_MAX = 16 << 20
 STEP = 4 << 20
 """A big file is read in steps of about this many bytes."""
 STEPS_AHEAD = 2
-"""Steps of a big file read ahead of the one being yielded (a reserve against the threads' scheduling delays)."""
+"""Steps of a big file being read at once, ahead of the one being yielded (and one more, read, waiting)."""
+READERS = 2
+"""Threads reading (and checking) for every stream of the process: steps of a big file are read in parallel."""
 KEEP_BYTES = 64 << 20
 """Read buffers kept for reuse, at most (per process, all streams together)."""
 _SLACK = 256 << 10
+_CHUNK_SLACK = 4 << 10
+"""Room beyond a chunk's size and 1/128 of it (a stored frame's block headers)."""
 """Room beyond a run's contents (gaps between blobs in a pack)."""
 _EMPTY = memoryview(bytearray())
 
@@ -155,17 +173,17 @@ _POOLS: dict[str, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _named_pool(name: str) -> ThreadPoolExecutor:
+def _named_pool(name: str, threads: int = 1) -> ThreadPoolExecutor:
     with _POOL_LOCK:
         pool = _POOLS.get(name)
         if pool is None:
-            pool = _POOLS[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
+            pool = _POOLS[name] = ThreadPoolExecutor(threads, thread_name_prefix=name)
         return pool
 
 
 def _pool() -> ThreadPoolExecutor:
-    """The reading thread of every stream of the process (one: more only contend for two cores)."""
-    return _named_pool("nixcas-nar")
+    """The reading threads of every stream of the process."""
+    return _named_pool("nixcas-nar", READERS)
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -244,42 +262,43 @@ class _Reader:
 
 
 class _Big:
-    """A big file read chunk by chunk: its chunk list, the next chunk, and the BLAKE3 of the chunks so far.
+    """A big file read chunk by chunk in steps: its chunk list cut into steps, and the BLAKE3 of the steps so far.
 
     Each chunk is read and checked against its own digest (one
-    :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` of the chunk, on the
-    reading thread); the chunks' bytes also go into one BLAKE3 of the whole
-    blob, on a thread of its own (:func:`_hash_pool`) a step behind, compared
-    with its digest before the last step is yielded.  Only one step of a file
-    is read at a time.
+    :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` of the chunk, on a
+    reading thread; steps are read in parallel); the chunks' bytes also go, in
+    order, into one BLAKE3 of the whole blob on a thread of its own
+    (:func:`_hash_pool`), compared with its digest before the last step is
+    yielded.
     """
 
-    __slots__ = ("chunks", "hashed", "hasher", "hole", "next")
+    __slots__ = ("chunks", "hasher", "hole", "steps")
 
     def __init__(self, hole: Hole, chunks: list[ChunkMeta]) -> None:
         self.hole = hole
         self.chunks = chunks
-        self.next = 0
         self.hasher = blake3.blake3()
-        self.hashed: asyncio.Future[None] | None = None
-        """The BLAKE3 update of the last step read."""
+        self.steps: list[tuple[int, int]] = []
+        """Chunk index ranges of about :data:`STEP` bytes each."""
+        start = got = 0
+        for k, chunk in enumerate(chunks):
+            got += chunk.size
+            if got >= STEP or k == len(chunks) - 1:
+                self.steps.append((start, k + 1))
+                start, got = k + 1, 0
 
-    @property
-    def done(self) -> bool:
-        return self.next == len(self.chunks)
+    def step_bytes(self, step: int) -> int:
+        """The buffer a step needs, rounded up to whole MiB (so that buffers fit the next steps too)."""
+        start, stop = self.steps[step]
+        return -(-sum(_room(c.size) for c in self.chunks[start:stop]) >> 20) << 20
 
-    @property
-    def step_bytes(self) -> int:
-        """The buffer a step needs: :data:`STEP` and room for the biggest chunk beyond it."""
-        return STEP + _room(max(c.size for c in self.chunks))
-
-    async def hash(self, pieces: Pieces) -> None:
+    async def hash(self, pieces: Pieces, last: bool) -> None:
         """Hash a step into the blob's BLAKE3 (in order, on its thread); after the last, check the chunk list."""
-        self.hashed = asyncio.wrap_future(_hash_pool().submit(_update, self.hasher, pieces))
-        if not self.done:
-            self.hashed.add_done_callback(_retrieved)
+        hashed = asyncio.wrap_future(_hash_pool().submit(_update, self.hasher, pieces))
+        if not last:
+            hashed.add_done_callback(_retrieved)
             return
-        await self.hashed
+        await hashed
         got = self.hasher.digest()
         if got != self.hole.digest:
             where = f"blob {self.hole.digest.hex()} (file {show_path(self.hole.path)} in the NAR): its chunks"
@@ -291,54 +310,54 @@ def _update(hasher: Any, pieces: Pieces) -> None:
         hasher.update(piece)
 
 
-def _big_step(reads: BulkReads, big: _Big, buffer: bytearray) -> tuple[Pieces, bool]:
-    """The next chunks of a big file, about :data:`STEP` bytes, read into ``buffer`` while they fit.
-
-    ``True`` with them: the next chunk needs the async API.
-    """
+def _read_step(reads: BulkReads, chunks: list[ChunkMeta], buffer: bytearray) -> Pieces:
+    """Chunks read and checked into ``buffer``, in order, up to the first one the batched reads cannot serve."""
     view = memoryview(buffer)
     pieces: Pieces = []
     at = 0
-    while not big.done and at < STEP:
-        chunk = big.chunks[big.next]
+    for chunk in chunks:
         room = _room(chunk.size)
-        if pieces and at + room > len(view):
-            break
-        data = reads.read_whole(
-            bytes(chunk.digest), chunk.size, view[at : at + room] if at + room <= len(view) else _EMPTY
-        )
+        data = reads.read_whole(bytes(chunk.digest), chunk.size, view[at : at + room])
         if data is None:
-            return pieces, True
-        big.next += 1
+            break
         pieces.append(data)
         at += room
-    return pieces, False
+    return pieces
 
 
 def _room(size: int) -> int:
     """Buffer room for reading a chunk of ``size`` bytes (its stored frame may be a little bigger)."""
-    return size + (size >> 7) + _SLACK
+    return size + (size >> 7) + _CHUNK_SLACK
 
 
-async def _chunk_async(blobs: BlobService, big: _Big) -> bytes:
-    """The next chunk through the async API, which raises the precise error (damaged, missing)."""
-    chunk = big.chunks[big.next]
+async def _chunk_async(blobs: BlobService, big: _Big, chunk: ChunkMeta) -> bytes:
+    """A chunk through the async API, which raises the precise error (damaged, missing)."""
     data = await blobs.read_chunk(chunk)
     if data is None:
         raise StorageError(
             f"blob {big.hole.digest.hex()}: chunk {chunk.digest.hex()} not found "
             f"(file {show_path(big.hole.path)} in the NAR)"
         )
-    big.next += 1
     return data
 
 
-async def _step(reader: _Reader, big: _Big, buffer: bytearray) -> Pieces:
-    pieces, stuck = await asyncio.wrap_future(reader.pool.submit(_big_step, reader.reads, big, buffer))
-    if stuck:
-        pieces.append(await _chunk_async(reader.blobs, big))
-    await big.hash(pieces)
+async def _step(reader: _Reader, big: _Big, step: int, read: asyncio.Future[Pieces]) -> Pieces:
+    """Step ``step`` once ``read`` (its batched read) is done, completed through the async API if need be, hashed."""
+    pieces = await read
+    start, stop = big.steps[step]
+    for chunk in big.chunks[start + len(pieces) : stop]:
+        pieces.append(await _chunk_async(reader.blobs, big, chunk))
+    await big.hash(pieces, last=step == len(big.steps) - 1)
     return pieces
+
+
+def _start_step(reader: _Reader, big: _Big, step: int) -> tuple[asyncio.Future[Pieces], bytearray]:
+    """Submit a step's batched read (into a buffer of its own)."""
+    buffer = reader.buffers.take(big.step_bytes(step))
+    start, stop = big.steps[step]
+    read = asyncio.wrap_future(reader.pool.submit(_read_step, reader.reads, big.chunks[start:stop], buffer))
+    read.add_done_callback(_retrieved)
+    return read, buffer
 
 
 async def _big_head(reader: _Reader, job: _Job, blobs: BlobService) -> Pieces | None:
@@ -348,8 +367,8 @@ async def _big_head(reader: _Reader, job: _Job, blobs: BlobService) -> Pieces | 
     if not chunks or sum(c.size for c in chunks) != hole.size:
         return None
     job.big = _Big(hole, chunks)
-    job.buffer = reader.buffers.take(job.big.step_bytes)
-    return [reader.plan.frames[job.start], *await _step(reader, job.big, job.buffer)]
+    read, job.buffer = _start_step(reader, job.big, 0)
+    return [reader.plan.frames[job.start], *await _step(reader, job.big, 0, read)]
 
 
 async def _job_pieces(reader: _Reader, job: _Job, blobs: BlobService) -> AsyncGenerator[bytes | memoryview, None]:
@@ -370,7 +389,7 @@ async def _job_pieces(reader: _Reader, job: _Job, blobs: BlobService) -> AsyncGe
             yield part
         return
     job.buffer = None  # given back here, step by step
-    steps: asyncio.Queue[tuple[Pieces, bytearray] | Exception | None] = asyncio.Queue(STEPS_AHEAD)
+    steps: asyncio.Queue[tuple[Pieces, bytearray] | Exception | None] = asyncio.Queue(1)
     producer = asyncio.ensure_future(_produce(reader, big, steps))
     try:
         while True:  # a big file: the next steps are read (into buffers of their own) while this one is yielded
@@ -392,14 +411,26 @@ async def _job_pieces(reader: _Reader, job: _Job, blobs: BlobService) -> AsyncGe
 async def _produce(
     reader: _Reader, big: _Big, steps: asyncio.Queue[tuple[Pieces, bytearray] | Exception | None]
 ) -> None:
-    """Read a big file's steps after its first, in order, into ``steps``; then ``None`` (or the error)."""
+    """Read a big file's steps after its first into ``steps`` in order (then ``None``, or the error).
+
+    Up to :data:`STEPS_AHEAD` reads are submitted at once, so the reading
+    threads work on several steps while the consumer yields.
+    """
+    reads: deque[tuple[int, asyncio.Future[Pieces], bytearray]] = deque()
+    following = 1
     try:
-        while not big.done:
-            buffer = reader.buffers.take(big.step_bytes)
-            await steps.put((await _step(reader, big, buffer), buffer))
+        while reads or following < len(big.steps):
+            while following < len(big.steps) and len(reads) < STEPS_AHEAD:
+                reads.append((following, *_start_step(reader, big, following)))
+                following += 1
+            step, read, buffer = reads.popleft()
+            await steps.put((await _step(reader, big, step, read), buffer))
     except Exception as e:  # the consumer raises it in stream order
         await steps.put(e)
         return
+    finally:
+        for _, read, _ in reads:
+            read.cancel()
     await steps.put(None)
 
 
