@@ -557,10 +557,10 @@ class NarBridge:
         if request.method == "HEAD":
             await response.write_eof()
             return response
-        chunks: AsyncGenerator[bytes | memoryview, None]
-        chunks = nar.stream() if byte_range is None else nar.range(byte_range.start, byte_range.length)
+        source = nar.stream() if byte_range is None else nar.range(byte_range.start, byte_range.length)
+        chunks: AsyncGenerator[bytes | memoryview, None] = source
         if encoding is not None:
-            chunks = encode_stream(chunks, encoding)
+            chunks = encode_stream(source, encoding)
         try:
             async for chunk in chunks:
                 await response.write(chunk)
@@ -569,8 +569,9 @@ class NarBridge:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        finally:
-            await chunks.aclose()  # reads ahead stop at once when the client went away
+        finally:  # reads ahead stop at once when the client went away
+            await chunks.aclose()
+            await source.aclose()
         await response.write_eof()
         return response
 
