@@ -4,7 +4,7 @@
 Run from the repository root::
 
     .venv/bin/python bench/bridge.py [--workdir DIR] [--large-mib 256] [--small 500] [--runs 5]
-                                     [--seconds 5] [--json OUT]
+                                     [--seconds 5] [--json OUT] [--nar-only] [--compare-src SRC]
 
 Setup (not timed, except where noted):
 
@@ -22,7 +22,8 @@ Setup (not timed, except where noted):
 Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
 
 * **NAR single stream**: one ``curl -o /dev/null`` of the large path's NAR (the
-  URL each server's narinfo names); MiB/s = NAR bytes / curl's total time;
+  URL each server's narinfo names); MiB/s = NAR bytes / curl's total time; and
+  the CPU time (user + system) the server's processes used during it, per GiB;
 * **NAR 8 concurrent**: eight such curls at once; MiB/s = 8 x NAR bytes / wall
   time from the first start to the last exit;
 * **narinfo/s**: ``wrk -t2 -c16 -d{seconds}s`` with a Lua script requesting the
@@ -31,9 +32,15 @@ Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
   ``/nix-cache-info``, a constant body the bridge answers without touching the
   store: what its HTTP stack (aiohttp, its workers) manages by itself;
 * **NAR floors** (for information, in this process, no HTTP): the same NAR
-  rendered by ``render_nar`` from the bridge's store into nothing (what the
-  renderer alone reaches), and one BLAKE3 pass over the NAR's bytes held in
-  memory, one thread (the least a stream that verifies every byte must do).
+  rendered by ``render_nar`` and streamed by ``NarSource.stream`` (what the
+  bridge sends) from the bridge's store into nothing, and one BLAKE3 pass over
+  the NAR's bytes held in memory, one thread (the least a stream that verifies
+  every byte must do).
+
+``--nar-only`` measures the single stream alone (no 8 concurrent, no ``wrk``).
+``--compare-src SRC`` starts a second bridge on the same store from other
+sources (``PYTHONPATH=SRC``, e.g. main's ``src``), measured as ``before`` in the
+same rounds; the order of the servers alternates every round.
 
 The bridge runs on the event loop ``--event-loop`` names (default: its own
 ``auto``, uvloop when installed); the one it used is recorded in the facts.
@@ -179,16 +186,21 @@ class Servers:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, int] = {}
+        """Base URL -> PID of the server's first process (its workers are its children)."""
 
-    def start_bridge(self, extra: list[str] | None = None) -> str:
+    def start_bridge(self, extra: list[str] | None = None, src: str | None = None, name: str = "bridge") -> str:
+        """A bridge on the benchmark's store; ``src``: run it from those sources (``PYTHONPATH``)."""
         port = free_port()
-        log = open(self.workdir / "bridge.log", "wb")  # noqa: SIM115 - lives as long as the process
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        env = None if src is None else {**os.environ, "PYTHONPATH": src}
         proc = subprocess.Popen(
             [*NIXCAS, "--store-dir", str(self.workdir / "nixcas"), "nar-bridge", "-l", f"127.0.0.1:{port}",
              "--allow-writes", *(extra or [])],
-            stdout=subprocess.DEVNULL, stderr=log,
+            stdout=subprocess.DEVNULL, stderr=log, env=env,
         )  # fmt: skip
         self.procs.append(proc)
+        self.pids[f"http://127.0.0.1:{port}"] = proc.pid
         wait_port(port)
         return f"http://127.0.0.1:{port}"
 
@@ -210,6 +222,7 @@ class Servers:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(self.workdir)], stderr=subprocess.DEVNULL)
         self.procs.append(proc)
+        self.pids[f"http://127.0.0.1:{port}"] = proc.pid
         wait_port(port)
         return f"http://127.0.0.1:{port}"
 
@@ -223,6 +236,28 @@ class Servers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its descendants still running."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += times.get(p, 0.0)
+        todo.extend(c for c, parent in parents.items() if parent == p)
+    return total
 
 
 def curl_time(url: str) -> tuple[float, int]:
@@ -260,9 +295,10 @@ def wrk_rate(base: str, paths: list[str], seconds: int, workdir: Path) -> float:
     sys.exit(f"wrk output without a rate:\n{out}")
 
 
-def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float, float]:
-    """MiB/s of ``render_nar`` of ``store_path`` from the store in ``store_dir`` (no HTTP), and of one
-    BLAKE3 pass over the NAR in ``nar_file`` (read into memory first, not timed)."""
+def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float, float, float]:
+    """MiB/s of ``render_nar`` and of ``NarSource.stream`` (what the bridge sends) of ``store_path`` from
+    the store in ``store_dir`` (no HTTP), and of one BLAKE3 pass over the NAR in ``nar_file`` (read into
+    memory first, not timed)."""
     import asyncio
 
     import blake3
@@ -270,7 +306,12 @@ def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float,
     from nixcas.api import open_store
     from nixcas.store.nar.render import render_nar
 
-    async def render() -> tuple[int, float]:
+    try:
+        from nixcas.store.nar.source import NarSource
+    except ImportError:  # sources from before NarSource
+        NarSource = None  # type: ignore[misc,assignment]
+
+    async def render() -> tuple[int, float, float]:
         async with await open_store(store_dir, with_pathinfo=True) as store:
             assert store.pathinfos is not None
             info = await store.pathinfos.get(nixbase32.decode(store_path[11:43]))
@@ -279,15 +320,22 @@ def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float,
             start = time.perf_counter()
             async for chunk in render_nar(info.node, store.blobs, store.directories):
                 size += len(chunk)
-            return size, time.perf_counter() - start
+            rendered = time.perf_counter() - start
+            streamed = float("nan")
+            if NarSource is not None:
+                start = time.perf_counter()
+                async for piece in NarSource(info.node, store.blobs, store.directories).stream():
+                    size -= len(piece)
+                streamed = time.perf_counter() - start
+                assert size == 0
+            return len(data), rendered, streamed
 
-    size, seconds = asyncio.run(render())
     data = nar_file.read_bytes()
-    assert len(data) == size
+    size, rendered, streamed = asyncio.run(render())
     start = time.perf_counter()
     blake3.blake3(data).digest()
     hashed = time.perf_counter() - start
-    return size / seconds / 2**20, size / hashed / 2**20
+    return size / rendered / 2**20, size / streamed / 2**20, size / hashed / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -301,6 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
     parser.add_argument("--event-loop", default=None, help="nar-bridge --event-loop (default: its own, auto)")
+    parser.add_argument("--nar-only", action="store_true", help="only the single NAR stream (no 8x, no wrk)")
+    parser.add_argument(
+        "--compare-src", default=None, help="also serve from these sources (a PYTHONPATH, e.g. main's src) as 'before'"
+    )
     args = parser.parse_args(argv)
     for tool in ("nix", "nix-store", "nginx", "wrk", "curl"):
         if shutil.which(tool) is None and not (tool == "nginx" and Path("/usr/sbin/nginx").exists()):
@@ -329,70 +381,104 @@ def main(argv: list[str] | None = None) -> None:
         file_copy_s = time.perf_counter() - t0
         print(f"nix copy to the bridge: {upload_s:.2f} s; to file://: {file_copy_s:.2f} s", flush=True)
         nginx = servers.start_nginx(cache)
+        bases = {"nar-bridge": bridge, "nginx": nginx}
+        if args.compare_src is not None:
+            bases["before"] = servers.start_bridge(extra, src=args.compare_src, name="before")
 
         urls: dict[str, str] = {}
-        for name, base in (("nar-bridge", bridge), ("nginx", nginx)):
+        for name, base in bases.items():
             info = NarInfo.parse(fetch(f"{base}/{large[11:43]}.narinfo").decode())
+            if name == "nginx":
+                nar_file = cache / info.url
             urls[name] = f"{base}/{info.url}"
             size, sha = nar_sha256(urls[name])
             if (size, sha) != (info.nar_size, info.nar_sha256):
                 sys.exit(f"{name}: the NAR does not match its NarHash/NarSize")
             print(f"{name}: NAR {size} bytes, sha256:{nixbase32.encode(sha)} ok", flush=True)
         nar_bytes = info.nar_size
-        nar_file = cache / info.url
         log_text = (workdir / "bridge.log").read_text(errors="replace")
         loop_used = log_text.split("event loop: ", 1)[1].split(";", 1)[0] if "event loop: " in log_text else "?"
         facts["bridge_event_loop"] = loop_used
 
-        results: dict[str, dict[str, list[float]]] = {n: {"single": [], "concurrent": [], "narinfo": []} for n in urls}
+        results: dict[str, dict[str, list[float]]] = {
+            n: {"single": [], "cpu_per_gib": [], "concurrent": [], "narinfo": []} for n in urls
+        }
         results["nar-bridge"]["floor"] = []
-        results["floors"] = {"render_only": [], "blake3_one_pass": []}
+        results["floors"] = {"render_only": [], "stream_only": [], "blake3_one_pass": [], "loadavg": []}
+        order = list(urls)
         for r in range(args.runs):
-            for name in ("nar-bridge", "nginx") if r % 2 == 0 else ("nginx", "nar-bridge"):
+            results["floors"]["loadavg"].append(os.getloadavg()[0])
+            for name in order if r % 2 == 0 else order[::-1]:
+                base = bases[name]
+                cpu = tree_cpu(servers.pids[base])
                 seconds, size = curl_time(urls[name])
+                cpu = tree_cpu(servers.pids[base]) - cpu
                 assert size == nar_bytes
                 results[name]["single"].append(size / seconds / 2**20)
-                wall, total = concurrent(urls[name], 8)
-                assert total == 8 * nar_bytes
-                results[name]["concurrent"].append(total / wall / 2**20)
-                base = bridge if name == "nar-bridge" else nginx
-                results[name]["narinfo"].append(wrk_rate(base, smalls, args.seconds, workdir))
-                if name == "nar-bridge":
+                results[name]["cpu_per_gib"].append(cpu / (size / 2**30))
+                if not args.nar_only:
+                    wall, total = concurrent(urls[name], 8)
+                    assert total == 8 * nar_bytes
+                    results[name]["concurrent"].append(total / wall / 2**20)
+                    results[name]["narinfo"].append(wrk_rate(base, smalls, args.seconds, workdir))
+                if name == "nar-bridge" and not args.nar_only:
                     results[name]["floor"].append(wrk_rate(base, ["/nix-cache-info"], args.seconds, workdir))
                 if name == "nar-bridge":
-                    rendered, hashed = nar_floors(workdir / "nixcas", large, nar_file)
+                    rendered, streamed, hashed = nar_floors(workdir / "nixcas", large, nar_file)
                     results["floors"]["render_only"].append(rendered)
+                    results["floors"]["stream_only"].append(streamed)
                     results["floors"]["blake3_one_pass"].append(hashed)
+                extra_text = (
+                    ""
+                    if args.nar_only
+                    else f", 8x {results[name]['concurrent'][-1]:7.0f} MiB/s, "
+                    f"narinfo {results[name]['narinfo'][-1]:8.0f}/s"
+                )
                 print(
-                    f"round {r + 1} {name:10}: single {results[name]['single'][-1]:7.0f} MiB/s, "
-                    f"8x {results[name]['concurrent'][-1]:7.0f} MiB/s, narinfo {results[name]['narinfo'][-1]:8.0f}/s",
+                    f"round {r + 1} {name:10}: single {results[name]['single'][-1]:7.0f} MiB/s "
+                    f"({results[name]['cpu_per_gib'][-1]:.2f} CPU-s/GiB){extra_text}",
                     flush=True,
                 )
         summary = {
-            name: {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in rows.items()}
+            name: {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in rows.items() if v}
             for name, rows in results.items()
         }
         print("\n| measure | nar-bridge (median) | nginx (median) | ratio |\n|---|---:|---:|---:|")
         for key, label, unit in (
             ("single", "NAR GET, single stream", "MiB/s"),
+            ("cpu_per_gib", "NAR GET, single stream, server CPU", "s/GiB"),
             ("concurrent", "NAR GET, 8 concurrent", "MiB/s"),
             ("narinfo", "narinfo GET", "req/s"),
         ):
+            if key not in summary["nar-bridge"]:
+                continue
             ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
-            print(f"| {label} ({unit}) | {ours:,.0f} | {peer:,.0f} | {ours / peer:.2f}x |")
-        floor = summary["nar-bridge"]["floor"]["median"]
-        floor_ratio = floor / summary["nginx"]["narinfo"]["median"]
-        print(f"| bridge HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | {floor_ratio:.2f}x |")
+            print(f"| {label} ({unit}) | {ours:,.2f} | {peer:,.2f} | {ours / peer:.2f}x |")
+            if "before" in summary:
+                before = summary["before"][key]["median"]
+                print(
+                    f"| {label} ({unit}), before (--compare-src) | {before:,.2f} | {peer:,.2f} | {before / peer:.2f}x |"
+                )
+        if "floor" in summary["nar-bridge"]:
+            floor = summary["nar-bridge"]["floor"]["median"]
+            floor_ratio = floor / summary["nginx"]["narinfo"]["median"]
+            print(f"| bridge HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | {floor_ratio:.2f}x |")
         single = summary["nginx"]["single"]["median"]
-        floor_labels = (("render_only", "render_nar alone, no HTTP"), ("blake3_one_pass", "one BLAKE3 pass, 1 thread"))
+        floor_labels = (
+            ("render_only", "render_nar alone, no HTTP"),
+            ("stream_only", "NarSource.stream alone, no HTTP"),
+            ("blake3_one_pass", "one BLAKE3 pass, 1 thread"),
+        )
         for key, label in floor_labels:
             value = summary["floors"][key]["median"]
             print(f"| NAR floor: {label} (MiB/s) | {value:,.0f} | | {value / single:.2f}x |")
         print(f"bridge event loop: {facts['bridge_event_loop']}")
-        targets = {
-            "single stream >= 150 MiB/s": summary["nar-bridge"]["single"]["median"] >= 150,
-            "narinfo >= 1500/s": summary["nar-bridge"]["narinfo"]["median"] >= 1500,
-        }
+        print(f"load average (1 min) at the rounds' starts: {results['floors']['loadavg']}")
+        targets = {"single stream >= 0.8x nginx": summary["nar-bridge"]["single"]["median"] >= 0.8 * single}
+        if "narinfo" in summary["nar-bridge"]:
+            targets["narinfo >= 0.5x nginx"] = (
+                summary["nar-bridge"]["narinfo"]["median"] >= 0.5 * summary["nginx"]["narinfo"]["median"]
+            )
         for target, met in targets.items():
             print(f"target {target}: {'met' if met else 'NOT met'}")
         facts["loadavg_end"] = os.getloadavg()

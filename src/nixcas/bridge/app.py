@@ -30,7 +30,7 @@ import base64
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -43,7 +43,7 @@ from nixcas.bridge.http import ByteRange, Unsatisfiable, choose_encoding, encode
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.nodes import FileNode, Node
+from nixcas.castore.nodes import Node
 from nixcas.castore.proto import encode_node
 from nixcas.errors import NixbaseError, NixcasError, NotFoundError, StorageError, ValidationError
 from nixcas.ops.web import USER
@@ -52,9 +52,8 @@ from nixcas.store.compression import FileHashing, UnsupportedCompression, decomp
 from nixcas.store.importer import check_content_address
 from nixcas.store.nar.ingest import ingest_nar
 from nixcas.store.nar.listing import UnlistableName, check_listable, nar_listing
-from nixcas.store.nar.plan import BlobSizeMismatch, Closure, fetch_closure, iter_plan, plan_size
-from nixcas.store.nar.render import render_nar
-from nixcas.store.nar.seekable import SeekableNar
+from nixcas.store.nar.plan import BlobSizeMismatch, fetch_closure
+from nixcas.store.nar.source import NarSource
 from nixcas.store.narindex import NarIndex, UploadedNar
 from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo, parse_nar_file_name, parse_narinfo_name
 from nixcas.store.narurl import CASTORE_NAR_PREFIXES, decode_root_node
@@ -68,7 +67,6 @@ __all__ = ["NAR_PREFIXES", "PUBLIC_PATHS", "USER", "NarBridge", "nar_url"]
 log = logging.getLogger("nixcas.bridge")
 
 NAR_PREFIXES: Final = CASTORE_NAR_PREFIXES
-RANGE_CHUNK: Final = 1 << 20
 NAR_TYPE: Final = "application/x-nix-nar"
 NARINFO_TYPE: Final = "text/x-nix-narinfo"
 LISTING_TYPE: Final = "application/json"
@@ -485,46 +483,10 @@ class NarBridge:
         upload whose narinfo never came (nothing roots it until then); such an
         entry must neither make Nix skip the upload nor become a PathInfo.
         """
-        try:
-            closure = await fetch_closure(nar.node, self.directories)
-        except NotFoundError:
-            return False
-        return await self._blobs_present(nar.node, closure)
+        return await self._nar(nar.node).present()
 
-    async def _blobs_present(self, node: Node, closure: Closure) -> bool:
-        """Whether the store has every blob of ``node``'s NAR (``closure``: its directories)."""
-        blobs = {n.digest for d in closure.values() for _, n in d if isinstance(n, FileNode)}
-        if isinstance(node, FileNode):
-            blobs.add(node.digest)
-        pending = list(blobs)
-        for i in range(0, len(pending), 256):
-            if not all(await asyncio.gather(*(self.blobs.has(b) for b in pending[i : i + 256]))):
-                return False
-        return True
-
-    async def _check_blob_sizes(self, node: Node, closure: Closure) -> None:
-        """Every blob of ``node``'s NAR is stored, with the size its file nodes declare.
-
-        Checked before any header is sent (a 200 with a Content-Length would
-        promise bytes the rendering cannot deliver): a missing blob is a
-        :class:`~nixcas.errors.NotFoundError`, a size that contradicts the
-        stored blob a :class:`~nixcas.store.nar.plan.BlobSizeMismatch` (409).
-        """
-        declared: dict[B3Digest, set[int]] = {}
-        files = [n for d in closure.values() for _, n in d if isinstance(n, FileNode)]
-        if isinstance(node, FileNode):
-            files.append(node)
-        for f in files:
-            declared.setdefault(f.digest, set()).add(f.size)
-        pending = list(declared)
-        for digest, size in zip(pending, await self.blobs.sizes(pending), strict=True):
-            if size is None:
-                raise NotFoundError("the content of this NAR is not (completely) in the store")
-            wrong = sorted(declared[digest] - {size})
-            if wrong:
-                raise BlobSizeMismatch(
-                    f"blob {digest.hex()} has {size} bytes, but a file node of this NAR declares {wrong[0]}"
-                )
+    def _nar(self, node: Node) -> NarSource:
+        return NarSource(node, self.blobs, self.directories)
 
     async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
         others = [r for r in references if r != path]
@@ -557,14 +519,14 @@ class NarBridge:
         self, request: web.Request, node: Node, expected_size: int, *, compression: str = "none"
     ) -> web.StreamResponse:
         """The NAR of ``node`` (ranges, content encoding), or the whole NAR file compressed with ``compression``."""
-        closure = await fetch_closure(node, self.directories)
-        size = plan_size(node, closure)
-        await self._check_blob_sizes(node, closure)  # before any header: a 200 would promise the bytes
+        nar = self._nar(node)
+        size = await nar.size()
+        await nar.check()  # before any header: a 200 would promise the bytes
         if size != expected_size:
             raise ValidationError(f"wrong narsize: the NAR of this node is {size} bytes, not {expected_size}")
         if compression != "none":
             response = web.StreamResponse(headers={"Cache-Control": IMMUTABLE})
-            return await self._send(request, response, node, closure, None, compression)
+            return await self._send(request, response, nar, None, compression)
         headers = {"Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes", "Vary": "Accept-Encoding"}
         try:
             byte_range = parse_range(request.headers.get("Range"), size)
@@ -580,14 +542,13 @@ class NarBridge:
             response.headers["Content-Encoding"] = encoding
         else:
             response.content_length = size if byte_range is None else byte_range.length
-        return await self._send(request, response, node, closure, byte_range, encoding)
+        return await self._send(request, response, nar, byte_range, encoding)
 
     async def _send(
         self,
         request: web.Request,
         response: web.StreamResponse,
-        node: Node,
-        closure: Closure,
+        nar: NarSource,
         byte_range: ByteRange | None,
         encoding: str | None,
     ) -> web.StreamResponse:
@@ -596,13 +557,10 @@ class NarBridge:
         if request.method == "HEAD":
             await response.write_eof()
             return response
-        chunks: AsyncIterator[bytes]
-        if byte_range is None:
-            chunks = render_nar(node, self.blobs, self.directories, closure=closure)
-        else:
-            chunks = self._range(node, closure, byte_range.start, byte_range.length)
+        source = nar.stream() if byte_range is None else nar.range(byte_range.start, byte_range.length)
+        chunks: AsyncGenerator[bytes | memoryview, None] = source
         if encoding is not None:
-            chunks = encode_stream(chunks, encoding)
+            chunks = encode_stream(source, encoding)
         try:
             async for chunk in chunks:
                 await response.write(chunk)
@@ -611,18 +569,11 @@ class NarBridge:
             if request.transport is not None:
                 request.transport.abort()
             return response
+        finally:  # reads ahead stop at once when the client went away
+            await chunks.aclose()
+            await source.aclose()
         await response.write_eof()
         return response
-
-    async def _range(self, node: Node, closure: Closure, start: int, length: int) -> AsyncIterator[bytes]:
-        async with SeekableNar(self.blobs, list(iter_plan(node, closure))) as nar:
-            await nar.seek(start)
-            while length > 0:
-                data = await nar.read(min(RANGE_CHUNK, length))
-                if not data:
-                    return
-                length -= len(data)
-                yield data
 
     async def get_nar_file(self, request: web.Request) -> web.StreamResponse:
         """An uploaded NAR file by the name it was uploaded under.

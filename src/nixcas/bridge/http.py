@@ -6,7 +6,7 @@ import asyncio
 import bz2
 import lzma
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -106,7 +106,7 @@ def choose_encoding(accept_encoding: str | None) -> str | None:
 
 
 class _Compressor(Protocol):
-    def compress(self, data: bytes, /) -> bytes: ...
+    def compress(self, data: bytes | memoryview, /) -> bytes: ...
 
     def flush(self) -> bytes: ...
 
@@ -123,8 +123,8 @@ def _compressor(encoding: str) -> _Compressor:
 
 
 async def encode_stream(
-    chunks: AsyncIterator[bytes], encoding: str, executor: Executor | None = None
-) -> AsyncIterator[bytes]:
+    chunks: AsyncIterator[bytes | memoryview], encoding: str, executor: Executor | None = None
+) -> AsyncGenerator[bytes, None]:
     """``chunks`` compressed with ``encoding`` (zstd, gzip, xz, bzip2); big chunks are compressed on worker threads."""
     compressor = _compressor(encoding)
     loop = asyncio.get_running_loop()

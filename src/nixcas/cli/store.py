@@ -98,7 +98,7 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
 def dump_path(settings: Settings, store_path: str) -> None:
     """Write the NAR of STORE_PATH to standard output (as `nix-store --dump`)."""
     from nixcas.cli.fast import dump_written
-    from nixcas.store.nar.dump import dump_nar
+    from nixcas.store.nar.source import NarSource
 
     path = parse_store_path(store_path)
     if sys.stdout.isatty():
@@ -109,7 +109,7 @@ def dump_path(settings: Settings, store_path: str) -> None:
         async with await settings.open_store(with_pathinfo=True) as store:
             info = await lookup(store.pathinfos, path)
             # after the fast path stopped at a file it could not read: the rest of the NAR (or the error)
-            await dump_nar(sys.stdout.fileno(), info.node, store.blobs, store.directories, skip=dump_written())
+            await NarSource(info.node, store.blobs, store.directories).dump(sys.stdout.fileno(), skip=dump_written())
 
     run(go)
 

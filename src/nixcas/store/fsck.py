@@ -25,7 +25,7 @@ from nixcas.castore.sweep import SweepableBlobs, SweepableDirectories
 from nixcas.errors import NixcasError
 from nixcas.store import nixbase32
 from nixcas.store.hashes import HashAlgo, NixHash
-from nixcas.store.nar.render import nar_size_sha256
+from nixcas.store.nar.source import NarSource
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import STORE_DIR, StorePath
@@ -129,7 +129,7 @@ class _Pass:
 
     async def nar_problem(self, info: PathInfo) -> Problem | None:
         try:
-            size, sha256 = await nar_size_sha256(info.node, self.blobs, self.directories)
+            size, sha256 = await NarSource(info.node, self.blobs, self.directories).size_sha256()
         except NixcasError as e:
             return Problem(str(info.store_path), "pathinfo", str(info.store_path), f"NAR cannot be rendered: {e}")
         if size != info.nar_size or sha256 != info.nar_sha256:

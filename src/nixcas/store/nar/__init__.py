@@ -2,6 +2,8 @@
 
 * :func:`render_nar` / :func:`write_nar` / :func:`nar_size_sha256` stream a
   castore node as a NAR, prefetching blobs in a bounded window;
+* :class:`NarSource` is the NAR of one root node for every reader of NARs
+  (size, presence, a verified stream, byte ranges, SHA-256, a dump to a file);
 * :class:`SeekableNar` reads a node's NAR at arbitrary offsets;
 * :class:`NarCalculationService` / :class:`SimpleNarCalculationService`
   compute (and cache) NAR size and SHA-256 per node;
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from nixcas.store.nar.plan import BlobSizeMismatch, NarContentNotFound
     from nixcas.store.nar.render import nar_size, nar_size_sha256, render_nar, write_nar
     from nixcas.store.nar.seekable import SeekableNar
+    from nixcas.store.nar.source import NarSource
 
 _EXPORTS = {
     "AsyncByteSource": "parser",
@@ -51,6 +54,7 @@ _EXPORTS = {
     "NarEvent": "parser",
     "NarFile": "parser",
     "NarFileChunk": "parser",
+    "NarSource": "source",
     "NarSymlink": "parser",
     "SeekableNar": "seekable",
     "SimpleNarCalculationService": "hashing",
@@ -76,6 +80,7 @@ __all__ = [
     "NarEvent",
     "NarFile",
     "NarFileChunk",
+    "NarSource",
     "NarSymlink",
     "SeekableNar",
     "SimpleNarCalculationService",

@@ -23,7 +23,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.ingest import Stamp, stamp_of
 from nixcas.castore.nodes import Node
 from nixcas.errors import IngestError
-from nixcas.store.nar.render import BUFFER_BYTES, PREFETCH, nar_size_sha256
+from nixcas.store.nar.render import BUFFER_BYTES, PREFETCH
 from nixcas.store.nar.wire import (
     ENTRY_PREFIX,
     NAR_MAGIC,
@@ -97,9 +97,12 @@ class SimpleNarCalculationService(NarCalculationService):
         return await asyncio.shield(task)
 
     async def _compute(self, node: Node) -> tuple[int, bytes]:
-        return await nar_size_sha256(
+        from nixcas.store.nar.source import NarSource  # loaded by the first calculation, not by imports
+
+        source = NarSource(
             node, self._blobs, self._directories, prefetch=self._prefetch, buffer_bytes=self._buffer_bytes
         )
+        return await source.size_sha256()
 
     def _finished(self, node: Node, task: asyncio.Task[tuple[int, bytes]]) -> None:
         if self._running.get(node) is task:

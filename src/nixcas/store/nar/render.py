@@ -38,7 +38,7 @@ import hashlib
 import inspect
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ __all__ = [
     "OUTPUT_CHUNK",
     "PREFETCH",
     "SMALL_FILE",
+    "file_contents",
     "nar_size",
     "nar_size_sha256",
     "render_nar",
@@ -252,6 +253,159 @@ class _Output:
             yield self._take()
 
 
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """The window's bounds, derived once from :func:`render_nar`'s arguments."""
+
+    prefetch: int
+    buffer_bytes: int
+    batch_files: int
+    stream_above: int
+    """Files bigger than this are streamed block by block."""
+    batch_up_to: int
+    """Files up to this size go into batches."""
+    batch_bytes: int
+    max_batches: int
+
+    @classmethod
+    def of(cls, prefetch: int, buffer_bytes: int, batch_files: int) -> _Limits:
+        prefetch, buffer_bytes, batch_files = max(1, prefetch), max(1, buffer_bytes), max(1, batch_files)
+        stream_above = buffer_bytes // 4
+        return cls(
+            prefetch=prefetch,
+            buffer_bytes=buffer_bytes,
+            batch_files=batch_files,
+            stream_above=stream_above,
+            batch_up_to=min(SMALL_FILE, stream_above),
+            batch_bytes=min(BATCH_BYTES, buffer_bytes),
+            max_batches=min(prefetch, BATCHES),
+        )
+
+
+class _Window:
+    """The plan's next items with their fetches started, within the limits' budget.
+
+    ``items`` holds framing (``bytes``), files (:class:`_Fetch`) and batches
+    (:class:`_Batch`) in stream order; :meth:`fill` starts fetches until a
+    bound is reached, :meth:`pop` releases the written head.
+    """
+
+    def __init__(self, plan: Iterator[bytes | Hole], blobs: BlobService, limits: _Limits) -> None:
+        self.items: deque[bytes | _Fetch | _Batch] = deque()
+        self._plan = plan
+        self._blobs = blobs
+        self._limits = limits
+        self._held = 0  # budget used by the items
+        self._fetches = 0  # files and batches among the items
+        self._batches = 0  # batches among the items
+        self._peeked: bytes | Hole | None = None
+        self._exhausted = False
+
+    def _take(self) -> bytes | Hole | None:
+        item = self._peeked if self._peeked is not None else next(self._plan, None)
+        self._peeked = None
+        if item is None:
+            self._exhausted = True
+        return item
+
+    def fill(self) -> None:
+        """Take plan items into the window (starting their fetches) while the bounds allow."""
+        limits = self._limits
+        while not self._exhausted:
+            item = self._take()
+            if item is None:
+                return
+            if isinstance(item, bytes):
+                if self.items and self._held + len(item) > limits.buffer_bytes:
+                    self._peeked = item
+                    return
+                self.items.append(item)
+                self._held += len(item)
+                continue
+            streamed = item.size > limits.stream_above
+            cost = min(item.size, BLOCK) if streamed else item.size
+            batched = item.size <= limits.batch_up_to
+            if self.items and (
+                self._fetches >= limits.prefetch
+                or self._held + cost > limits.buffer_bytes
+                or (batched and self._batches >= limits.max_batches)
+            ):
+                self._peeked = item
+                return
+            if batched:
+                self._start_batch(item)
+            else:
+                self._start_fetch(item, cost, streamed)
+            self._fetches += 1
+
+    def _start_fetch(self, hole: Hole, cost: int, streamed: bool) -> None:
+        fetch = _Fetch(hole, cost, streamed)
+        blobs = self._blobs
+        fetch.task = asyncio.ensure_future(_fetch_head(blobs, fetch) if streamed else _fetch_whole(blobs, hole))
+        self.items.append(fetch)
+        self._held += cost
+
+    def _start_batch(self, hole: Hole) -> None:
+        batch = _Batch()
+        batch.add(hole)
+        self._fill_batch(batch)
+        batch.task = asyncio.ensure_future(self._blobs.read_many(batch.sizes, parallel=self._limits.prefetch))
+        self.items.append(batch)
+        self._held += batch.cost
+        self._batches += 1
+
+    def _fill_batch(self, batch: _Batch) -> None:
+        """Extend ``batch`` (holding one hole) with framing and small holes while they fit."""
+        limits = self._limits
+        while not self._exhausted:
+            item = self._take()
+            if item is None:
+                return
+            cost = len(item) if isinstance(item, bytes) else item.size
+            if (
+                (isinstance(item, Hole) and (item.size > limits.batch_up_to or batch.holes >= limits.batch_files))
+                or batch.cost + cost > limits.batch_bytes
+                or self._held + batch.cost + cost > limits.buffer_bytes
+            ):
+                self._peeked = item
+                return
+            batch.add(item)
+
+    def pop(self) -> None:
+        """Release the head (written out) from the budget."""
+        item = self.items.popleft()
+        if isinstance(item, bytes):
+            self._held -= len(item)
+            return
+        self._held -= item.cost
+        self._fetches -= 1
+        if isinstance(item, _Batch):
+            self._batches -= 1
+
+
+async def _write_item(item: bytes | _Fetch | _Batch, blobs: BlobService, out: _Output) -> AsyncGenerator[bytes, None]:
+    """The output chunks that writing one window item completes."""
+    if isinstance(item, bytes):
+        for chunk in out.push(item):
+            yield chunk
+        return
+    if isinstance(item, _Batch):
+        async with contextlib.aclosing(_batch_parts(blobs, item)) as parts:
+            async for part in parts:
+                for chunk in out.push(part):
+                    yield chunk
+        return
+    assert item.task is not None
+    pieces = await item.task
+    for part in pieces:
+        for chunk in out.push(part):
+            yield chunk
+    if item.streamed:
+        async with contextlib.aclosing(_stream_rest(item, len(pieces[0]), out)) as rest:
+            async for chunk in rest:
+                yield chunk
+
+
 async def render_nar(
     node: Node,
     blobs: BlobService,
@@ -261,6 +415,7 @@ async def render_nar(
     buffer_bytes: int = BUFFER_BYTES,
     batch_files: int = BATCH_FILES,
     closure: Closure | None = None,
+    plan: Iterable[bytes | Hole] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """Stream the NAR of an (anonymous) castore node, in chunks of about 128 KiB or more.
 
@@ -273,120 +428,28 @@ async def render_nar(
     for a missing blob or directory, :class:`~nixcas.store.nar.plan.BlobSizeMismatch`
     for a blob shorter or longer than declared; both name the digest and the
     path in the NAR.  Closing the iterator early cancels all prefetching.  A ``closure`` already
-    fetched with :func:`~nixcas.store.nar.plan.fetch_closure` is used instead of fetching it again.
+    fetched with :func:`~nixcas.store.nar.plan.fetch_closure` is used instead of fetching it again,
+    and a ``plan`` already made (the items :func:`~nixcas.store.nar.plan.iter_plan` yields) instead
+    of the closure.
     """
-    if closure is None:
-        closure = await fetch_closure(node, directories)
-    prefetch = max(1, prefetch)
-    buffer_bytes = max(1, buffer_bytes)
-    batch_files = max(1, batch_files)
-    stream_above = buffer_bytes // 4
-    batch_up_to = min(SMALL_FILE, stream_above)  # file sizes that go into batches
-    batch_bytes = min(BATCH_BYTES, buffer_bytes)
-    plan = iter_plan(node, closure)
-    window: deque[bytes | _Fetch | _Batch] = deque()
-    held = 0  # budget used by the window
-    fetches = 0  # files and batches in the window
-    batches = 0  # batches in the window
-    max_batches = min(prefetch, BATCHES)
-    peeked: bytes | Hole | None = None
-    exhausted = False
-
-    def take() -> bytes | Hole | None:
-        nonlocal peeked, exhausted
-        item = peeked if peeked is not None else next(plan, None)
-        peeked = None
-        if item is None:
-            exhausted = True
-        return item
-
-    def fill_batch(batch: _Batch) -> None:
-        """Extend ``batch`` (holding one hole) with framing and small holes while they fit."""
-        nonlocal peeked
-        while not exhausted:
-            item = take()
-            if item is None:
-                return
-            cost = len(item) if isinstance(item, bytes) else item.size
-            if (
-                (isinstance(item, Hole) and (item.size > batch_up_to or batch.holes >= batch_files))
-                or batch.cost + cost > batch_bytes
-                or held + batch.cost + cost > buffer_bytes
-            ):
-                peeked = item
-                return
-            batch.add(item)
-
-    def fill() -> None:
-        nonlocal held, fetches, batches, peeked
-        while not exhausted:
-            item = take()
-            if item is None:
-                return
-            if isinstance(item, bytes):
-                if window and held + len(item) > buffer_bytes:
-                    peeked = item
-                    return
-                window.append(item)
-                held += len(item)
-                continue
-            streamed = item.size > stream_above
-            cost = min(item.size, BLOCK) if streamed else item.size
-            batched = item.size <= batch_up_to
-            if window and (fetches >= prefetch or held + cost > buffer_bytes or (batched and batches >= max_batches)):
-                peeked = item
-                return
-            if batched:
-                batches += 1
-                batch = _Batch()
-                batch.add(item)
-                fill_batch(batch)
-                batch.task = asyncio.ensure_future(blobs.read_many(batch.sizes, parallel=prefetch))
-                window.append(batch)
-                held += batch.cost
-            else:
-                fetch = _Fetch(item, cost, streamed)
-                fetch.task = asyncio.ensure_future(_fetch_head(blobs, fetch) if streamed else _fetch_whole(blobs, item))
-                window.append(fetch)
-                held += cost
-            fetches += 1
-
+    if plan is None:
+        if closure is None:
+            closure = await fetch_closure(node, directories)
+        plan = iter_plan(node, closure)
+    window = _Window(iter(plan), blobs, _Limits.of(prefetch, buffer_bytes, batch_files))
     out = _Output()
     try:
-        fill()
-        while window:
-            item = window[0]
-            if isinstance(item, bytes):
-                for chunk in out.push(item):
+        window.fill()
+        while window.items:
+            async with contextlib.aclosing(_write_item(window.items[0], blobs, out)) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                cost = len(item)
-            elif isinstance(item, _Batch):
-                async with contextlib.aclosing(_batch_parts(blobs, item)) as parts:
-                    async for part in parts:
-                        for chunk in out.push(part):
-                            yield chunk
-                cost = item.cost
-                fetches -= 1
-                batches -= 1
-            else:
-                assert item.task is not None
-                pieces = await item.task
-                for part in pieces:
-                    for chunk in out.push(part):
-                        yield chunk
-                if item.streamed:
-                    async with contextlib.aclosing(_stream_rest(item, len(pieces[0]), out)) as rest:
-                        async for chunk in rest:
-                            yield chunk
-                cost = item.cost
-                fetches -= 1
-            window.popleft()
-            held -= cost
-            fill()
+            window.pop()
+            window.fill()
         for chunk in out.flush():
             yield chunk
     finally:
-        await _abandon(window)
+        await _abandon(window.items)
 
 
 async def _stream_rest(fetch: _Fetch, got: int, out: _Output) -> AsyncGenerator[bytes, None]:
@@ -432,6 +495,30 @@ async def _abandon(window: deque[bytes | _Fetch | _Batch]) -> None:
             with contextlib.suppress(Exception):
                 await f.reader.close()
             f.reader = None
+
+
+async def file_contents(blobs: BlobService, hole: Hole) -> AsyncGenerator[bytes, None]:
+    """One file's contents through the async API, exactly ``hole.size`` bytes, with its precise error.
+
+    A small file is read whole and to its end (so verified) before a byte is
+    yielded; a big one block by block, each block verified by the blob reader.
+    """
+    if hole.size <= SMALL_FILE:
+        for piece in await _fetch_whole(blobs, hole):
+            yield piece
+        return
+    reader = await _open(blobs, hole)
+    async with reader:
+        got = 0
+        while got < hole.size:
+            data = await reader.read(min(BLOCK, hole.size - got))
+            if not data:
+                raise hole.short(got)
+            got += len(data)
+            if got > hole.size:
+                raise hole.long()
+            yield data
+        await _read_exact_end(reader, hole)
 
 
 async def write_nar(

@@ -317,8 +317,7 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
             return None
         from nixcas.castore.blob.combined import CombinedBlobService
         from nixcas.castore.dirs.cache import CacheDirectoryService
-        from nixcas.store.nar.plan import fetch_closure, plan_size
-        from nixcas.store.nar.render import render_nar
+        from nixcas.store.nar.source import NarSource
 
         blobs = CombinedBlobService(self.blobs, self.castore[0])
         directories = CacheDirectoryService(self.directories, self.castore[1])
@@ -327,15 +326,15 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         if ca is not None and ca.kind is CAKind.NAR and ca.hash.algo is not HashAlgo.SHA256:
             ca_hash, ca_digest = hashlib.new(ca.hash.algo), ca.hash.digest
         try:
-            closure = await fetch_closure(node, directories)
-            size = plan_size(node, closure)
+            nar = NarSource(node, blobs, directories)
+            size = await nar.size()
             if size != narinfo.nar_size:
                 log.warning(
                     "%s: the castore root's NAR has %d bytes, not %d; downloading the NAR", url, size, narinfo.nar_size
                 )
                 return None
             sha256 = hashlib.sha256()
-            async for chunk in render_nar(node, blobs, directories, closure=closure):
+            async for chunk in nar.stream():
                 sha256.update(chunk)
                 if ca_hash is not None:
                     ca_hash.update(chunk)
@@ -348,10 +347,7 @@ class NixHttpPathInfoService(PathInfoServiceWrapper):
         # The far blobs were kept locally as they streamed; a local write that failed is only logged
         # there, so check: the root must be complete in the local services before it is used.
         # (An empty file is framing alone: its blob is never stored or read.)
-        files = [n for d in closure.values() for _, n in d if isinstance(n, FileNode)]
-        if isinstance(node, FileNode):
-            files.append(node)
-        digests = list({f.digest for f in files if f.size})
+        digests = await nar.blob_digests()
         try:
             missing = sum(size is None for size in await self.blobs.sizes(digests))
         except (NixcasError, OSError) as e:

@@ -86,11 +86,11 @@ async def add_signatures(s: Session) -> None:
 
 
 async def nar_from_path(s: Session) -> None:
-    from nixcas.store.nar.render import render_nar
+    from nixcas.store.nar.source import NarSource
 
     path = parse_path(await read_path(s))
     info = await s.state.require(path)
-    chunks = render_nar(info.node, s.state.blobs, s.state.directories)
+    chunks = NarSource(info.node, s.state.blobs, s.state.directories).stream()
     try:
         first = await anext(chunks, None)  # a missing blob or directory still gets an error frame
         s.last()
