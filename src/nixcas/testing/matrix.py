@@ -10,6 +10,8 @@ suite or excluded with a reason.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from collections.abc import Iterable, Mapping
 
 from nixcas.registry import KINDS
@@ -21,14 +23,19 @@ def check_covers(kind: str, covers: Iterable[str], service: object) -> None:
     """Fail unless ``service`` is an instance of the backend each tag in ``covers`` names.
 
     One module (or package) per backend: the service (or a class it derives
-    from) must be defined in the module of the tag's config class, or below it
-    when that module is a package.
+    from) must be defined in the module of the tag's config class (below it,
+    when that module is a package), or be the class that module exports under
+    its name (a backend module keeping only its configuration).
     """
-    modules = {cls.__module__ for cls in type(service).__mro__}
+    classes = type(service).__mro__
+    modules = {cls.__module__ for cls in classes}
     for tag in covers:
         config = KINDS[kind][tag]
         home = config.__module__
-        if not any(m == home or m.startswith(home + ".") for m in modules):
+        exported = vars(sys.modules[home])  # a backend module may name a service the shared layout defines
+        if not any(m == home or m.startswith(home + ".") for m in modules) and not any(
+            exported.get(cls.__name__) is cls for cls in classes if not inspect.isabstract(cls)
+        ):
             raise AssertionError(
                 f"a suite claims {kind} {tag!r} ({config.__module__}) but runs {type(service).__qualname__}"
             )
