@@ -17,41 +17,31 @@ if TYPE_CHECKING:  # `nixcas castore` shares mount_options: keep this module lig
     from nixcas.castore.fs.roots import RootNodes
 
 
+_LIST_ROOT = click.option(
+    "-l", "--list-root", is_flag=True, help="Allow listing the root (otherwise readdir of it is EPERM)."
+)
+_ALLOW_OTHER = click.option("--allow-other", is_flag=True, help="Let other users access the mount (FUSE allow_other).")
+_SHOW_XATTR = click.option(
+    "--show-xattr", is_flag=True, help="Offer user.{tvix,snix}.castore.{blob,directory}.digest extended attributes."
+)
+
+
 def mount_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options every mount command takes."""
-    for option in reversed(
-        [
-            click.option(
-                "-l", "--list-root", is_flag=True, help="Allow listing the root (otherwise readdir of it is EPERM)."
-            ),
-            click.option("--allow-other", is_flag=True, help="Let other users access the mount (FUSE allow_other)."),
-            click.option(
-                "--show-xattr",
-                is_flag=True,
-                help="Offer user.{tvix,snix}.castore.{blob,directory}.digest extended attributes.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
+    return _LIST_ROOT(_ALLOW_OTHER(_SHOW_XATTR(f)))
 
 
 def virtiofs_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The options every virtiofs command takes (here: `nixcas castore --help` loads this module, not cli.virtiofs)."""
-    for option in reversed(
-        [
-            click.option(
-                "-l", "--list-root", is_flag=True, help="Allow listing the root (otherwise readdir of it is EPERM)."
-            ),
-            click.option(
-                "--show-xattr",
-                is_flag=True,
-                help="Offer user.{tvix,snix}.castore.{blob,directory}.digest extended attributes.",
-            ),
-        ]
-    ):
-        f = option(f)
-    return f
+    return _LIST_ROOT(_SHOW_XATTR(f))
+
+
+async def pathinfo_roots(store: Store) -> RootNodes:
+    """The store's paths as a filesystem root (one entry per <hash>-<name>): `nixcas mount` and `nixcas virtiofs`."""
+    from nixcas.store.fs import PathInfoRootNodes
+
+    assert store.pathinfos is not None
+    return PathInfoRootNodes(store.pathinfos)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -135,18 +125,11 @@ def mount(
 
     Contents are fetched lazily: directories on first access, file data as it is read.
     """
-    from nixcas.store.fs import PathInfoRootNodes
-
     settings = settings.with_service_options(services)
-
-    async def roots(store: Store) -> RootNodes:
-        assert store.pathinfos is not None
-        return PathInfoRootNodes(store.pathinfos)
-
     serve_mount(
         settings,
         mountpoint,
-        roots,
+        pathinfo_roots,
         list_root=list_root,
         allow_other=allow_other,
         show_xattr=show_xattr,

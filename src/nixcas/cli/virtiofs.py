@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from nixcas.cli.common import Settings, fail, run, service_options
-from nixcas.cli.mount import virtiofs_options
+from nixcas.cli.mount import pathinfo_roots, virtiofs_options
 from nixcas.cli.observe import telemetry_options
 
 if TYPE_CHECKING:  # `nixcas castore` imports this module: keep it light
@@ -84,18 +84,11 @@ def virtiofs(
     QEMU (vhost-user-fs-pci) or cloud-hypervisor (--fs) connect to SOCKET; one VM at a time, one after another.
     Contents are fetched lazily: directories on first access, file data as it is read.
     """
-    from nixcas.store.fs import PathInfoRootNodes
-
     settings = settings.with_service_options(services)
-
-    async def roots(store: Store) -> RootNodes:
-        assert store.pathinfos is not None
-        return PathInfoRootNodes(store.pathinfos)
-
     serve_virtiofs(
         settings,
         socket_path,
-        roots,
+        pathinfo_roots,
         list_root=list_root,
         show_xattr=show_xattr,
         with_pathinfo=True,

@@ -72,6 +72,7 @@ from nixcas.castore.blob.packfile import (
     select_row,
     verified,
 )
+from nixcas.castore.blob.wholeread import pread_into
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.objectstore.layout import ZSTD_LEVEL
 from nixcas.castore.sweep import Deletion, StoredObject
@@ -372,16 +373,7 @@ class PackedBlobService(LocalBlobService):
     def _preadv(self, pack_id: int, into: memoryview, offset: int, db: sqlite3.Connection) -> int:
         """Fill ``into`` from ``offset`` of pack ``pack_id`` (as :meth:`_pread`); the bytes read (fewer: the end)."""
 
-        def fill(fd: int) -> int:
-            got = 0
-            while got < len(into):
-                n = os.preadv(fd, [into[got:]], offset + got)
-                if not n:
-                    break
-                got += n
-            return got
-
-        return self._with_pack(pack_id, db, fill)
+        return self._with_pack(pack_id, db, lambda fd: pread_into(fd, into, offset))
 
     def _with_pack(self, pack_id: int, db: sqlite3.Connection, read: Callable[[int], T]) -> T:
         """``read(fd)`` on pack ``pack_id``'s descriptor, under the lock of the cache of open packs."""

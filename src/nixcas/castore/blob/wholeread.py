@@ -37,6 +37,7 @@ __all__ = [
     "compressed_bound",
     "object_path",
     "parse_index",
+    "pread_into",
     "raw_blocks",
     "read_chunks_into",
     "read_index",
@@ -53,6 +54,17 @@ def object_path(root: str, kind: str, digest: bytes) -> str:
     """``ROOT/<kind>/b3/<hex[0:4]>/<hex>`` (:func:`~nixcas.castore.objectstore.layout.object_key` under ``root``)."""
     h = digest.hex()
     return f"{root}/{kind}/b3/{h[:4]}/{h}"
+
+
+def pread_into(fd: int, into: memoryview, offset: int) -> int:
+    """Fill ``into`` from ``offset`` of ``fd``; the bytes read (fewer only at the end of the file)."""
+    got = 0
+    while got < len(into):
+        n = os.preadv(fd, [into[got:]], offset + got)
+        if not n:
+            break
+        got += n
+    return got
 
 
 def compressed_bound(size: int) -> int:
@@ -188,12 +200,8 @@ def read_chunks_into(
             stored = os.fstat(fd).st_size
             if stored > compressed_bound(chunk_size):
                 return None
-            got = 0
-            while got < stored:
-                n = os.preadv(fd, [view[pos + got : pos + stored]], got)
-                if not n:
-                    return None
-                got += n
+            if pread_into(fd, view[pos : pos + stored], 0) != stored:
+                return None
         finally:
             os.close(fd)
         blocks = raw_blocks(view, pos, pos + stored)
@@ -272,13 +280,7 @@ class PackedReads:
             if name is None:
                 return -1
             fd = self._packs[pack] = os.open(f"{self.root}/packs/{name}.pack", READ_ONLY)
-        got = 0
-        while got < len(into):
-            n = os.preadv(fd, [into[got:]], offset + got)
-            if not n:
-                break
-            got += n
-        return got
+        return pread_into(fd, into, offset)
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         if self._dctx is None:
