@@ -29,8 +29,10 @@ from nixcas.castore.ingest import ingest_path
 from nixcas.castore.nodes import DirectoryNode, Node
 from nixcas.errors import ChecksumMismatch, DirectoryError, InvalidNameError, StorageError
 from nixcas.store.nar import dump as dump_module
-from nixcas.store.nar.dump import dump_nar, plan_nar, write_all
+from nixcas.store.nar import rawplan
+from nixcas.store.nar.dump import dump_nar, write_all
 from nixcas.store.nar.plan import NarContentNotFound
+from nixcas.store.nar.rawplan import plan_nar
 from nixcas.store.nar.render import render_nar
 from nixcas.testing import packed
 
@@ -104,7 +106,8 @@ async def test_small_windows_and_the_async_path_give_the_same_bytes(
     blobs = PackedBlobService(tmp_path / "blobs")
     try:
         node, directories, nar = await tree_in(tmp_path, blobs)
-        monkeypatch.setattr(dump_module, "RUN_FILES", 3)
+        monkeypatch.setattr(rawplan, "RUN_FILES", 3)  # planned in small steps
+        monkeypatch.setattr(dump_module, "RUN_FILES", 3)  # and read in small runs
         monkeypatch.setattr(dump_module, "WINDOW_BYTES", 10_000)
         monkeypatch.setattr(blobs, "whole_max", 1 << 20)  # the 3 MiB files go the async way
         out = tmp_path / "out.nar"
@@ -292,7 +295,7 @@ async def test_the_plan_is_the_same_without_protobuf(tmp_path: Path, monkeypatch
     node, directories, _ = await tree_in(tmp_path, blobs)
     closure = await dump_module.fetch_raw_closure(node, directories)
     with_protobuf = plan_nar(node, closure)
-    monkeypatch.setattr(dump_module, "_protobuf_loaded", lambda: False)
+    monkeypatch.setattr(rawplan, "_protobuf_loaded", lambda: False)
     without = plan_nar(node, closure)
     assert (without.frames, without.digests, without.sizes) == (
         with_protobuf.frames,
@@ -309,7 +312,7 @@ async def test_the_plan_is_the_same_without_protobuf(tmp_path: Path, monkeypatch
     ):
         errors = []
         for loaded in (False, True):
-            monkeypatch.setattr(dump_module, "_protobuf_loaded", lambda loaded=loaded: loaded)
+            monkeypatch.setattr(rawplan, "_protobuf_loaded", lambda loaded=loaded: loaded)
             bad_node, bad_closure = stored_directory(**bad)
             with pytest.raises((DirectoryError, InvalidNameError)) as info:
                 plan_nar(bad_node, bad_closure)

@@ -277,7 +277,8 @@ def dump_path(base: str, operand: str) -> int | None:
     from nixcas.castore.blob.packfile import DB_NAME
     from nixcas.castore.blob.wholeread import PackedReads
     from nixcas.embedded import BLOBS, DIRECTORIES_DB
-    from nixcas.store.nar.dump import Output, plan_steps, write_planned
+    from nixcas.store.nar.dump import Output, write_planned
+    from nixcas.store.nar.rawplan import plan_steps
 
     out = sys.stdout
     if out is None or out.isatty():

@@ -1,6 +1,6 @@
 """The NAR stream of a blob service with :class:`~nixcas.castore.blob.base.BulkReads`, for servers.
 
-:func:`bulk_stream` yields a planned NAR (:class:`~nixcas.store.nar.dump.Plan`)
+:func:`bulk_stream` yields a planned NAR (:class:`~nixcas.store.nar.rawplan.Plan`)
 while :data:`READERS` worker threads read ahead of it, each byte hashed against
 the BLAKE3 it is stored under before it is yielded:
 
@@ -46,8 +46,8 @@ import blake3
 
 from nixcas.castore.blob.base import BlobService, BulkReads, ChunkMeta
 from nixcas.errors import ChecksumMismatch, StorageError
-from nixcas.store.nar.dump import RUN_FILES, Plan
 from nixcas.store.nar.plan import Hole, show_path
+from nixcas.store.nar.rawplan import RUN_FILES, Plan
 from nixcas.store.nar.render import file_contents
 
 __all__ = [

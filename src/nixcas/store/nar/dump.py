@@ -5,8 +5,9 @@ embedded store), the whole NAR is planned first and then read in large
 batches on a worker thread:
 
 * the directory closure (stored bytes, hash-checked) is turned into a *plan*
-  without building node objects (:func:`plan_steps`): the framing before
-  each file's contents, and each file's digest and size;
+  without building node objects
+  (:func:`~nixcas.store.nar.rawplan.plan_steps`): the framing before each
+  file's contents, and each file's digest and size;
 * consecutive small files form a *run*, read with one
   :meth:`~nixcas.castore.blob.base.BulkReads.read_run` (one indexed lookup,
   the pack bytes in offset order, each blob checked against its BLAKE3);
@@ -36,53 +37,27 @@ standard output, not for a server's event loop).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import mmap
-import operator
 import os
 import select
-import struct
 import sys
 import threading
 from _queue import SimpleQueue
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
-from nixcas.castore.canonical import canonical_fields
-from nixcas.castore.digest import DIGEST_LEN, EMPTY_DIGEST, B3Digest
-from nixcas.castore.nodes import (
-    MAX_DEPTH,
-    MAX_NAME_LEN,
-    DirectoryNode,
-    FileNode,
-    SymlinkNode,
-    validate_name,
-    validate_symlink_target,
-)
-from nixcas.castore.treepath import TreePath
-from nixcas.errors import DirectoryError, InvalidSymlinkTargetError
-from nixcas.store.nar.wire import (
-    ENTRY_PREFIX,
-    NAR_MAGIC,
-    NODE_DIRECTORY,
-    NODE_EXECUTABLE,
-    NODE_REGULAR,
-    NODE_SYMLINK,
-    TOK_CLOSE,
-    TOK_NODE,
-    encode_str,
-    padding,
-    u64_le,
-)
+from nixcas.castore.nodes import DirectoryNode
+from nixcas.store.nar.rawplan import RUN_FILES, plan_steps
 
 TYPE_CHECKING = False  # not typing's: the command line's fast path imports this module, and needs nothing of it
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from typing import Protocol
 
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
     from nixcas.castore.nodes import Node
     from nixcas.store.nar.plan import Hole
+    from nixcas.store.nar.rawplan import Plan
 
     class Reads(Protocol):
         """What the renderer needs of :class:`~nixcas.castore.blob.base.BulkReads` (the fast path has its own)."""
@@ -97,25 +72,17 @@ if TYPE_CHECKING:
         def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
             """See :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`."""
 
-    class DirectoryBytes(Protocol):
-        """Stored Directory bytes by raw digest (a ``dict``, or the fast path's reader of the database, which also
-        has ``prefetch(digests)``: the planner announces the subdirectories it will ask for, a directory's at once)."""
-
-        def get(self, digest: bytes, /) -> bytes | None:
-            """The stored bytes of ``digest`` (checked against it), or ``None`` if there are none."""
-
-    from nixcas.castore.canonical import Fields
 
 __all__ = [
-    "plan_steps",
+    "PLANNING_BYTES",
     "RUN_BYTES",
-    "RUN_FILES",
     "WINDOW_BYTES",
     "WORKERS",
     "Output",
-    "Plan",
+    "Unread",
     "dump_nar",
-    "plan_nar",
+    "fetch_raw_closure",
+    "write_all",
     "write_planned",
 ]
 
@@ -127,10 +94,9 @@ but ``bytes`` (it releases it only for immutable input), so a second worker only
 the GIL (measured: no faster, and less steady, on two cores).  The writer's ``writev`` runs
 beside it.
 """
-RUN_FILES = 1024
-"""Most files in one run (one ``read_run``; its pieces are two ``writev`` calls of at most IOV_MAX)."""
 RUN_BYTES = 1 << 20
-"""Most bytes of file contents in one run (read, then hashed while still in the CPU's cache)."""
+"""Most bytes of file contents in one run (read, then hashed while still in the CPU's cache); most files in one
+run: :data:`~nixcas.store.nar.rawplan.RUN_FILES`."""
 WINDOW_BYTES = 128 << 20
 """File contents read ahead of the writer, at most (a job bigger than this still runs, alone)."""
 PLANNING_BYTES = 16 << 20
@@ -138,48 +104,6 @@ PLANNING_BYTES = 16 << 20
 _IOV_MAX = 1024
 _SLACK = 256 << 10
 """Room beyond a job's contents (block headers of stored frames, gaps between blobs in a pack)."""
-_CLOSE_ENTRY = TOK_CLOSE + TOK_CLOSE
-_FILE_REGULAR = TOK_NODE + NODE_REGULAR
-_FILE_EXECUTABLE = TOK_NODE + NODE_EXECUTABLE
-_PAD_CLOSE = [bytes(-n & 7) + _CLOSE_ENTRY for n in range(8)]
-"""The padding after contents of a size ``n`` (mod 8), and the end of the file and of its entry."""
-_U64 = struct.Struct("<Q")
-_ZEROS = bytes(8)
-_NAME = operator.itemgetter(0)
-
-
-class Plan:
-    """A NAR as framing and holes: ``frames[i]`` comes before file ``i`` (``digests[i]``, ``sizes[i]``,
-    at ``paths[i]``: parent and name), and ``frames[-1]`` after the last file."""
-
-    __slots__ = ("digests", "frames", "paths", "sizes")
-
-    def __init__(
-        self,
-        frames: list[bytes],
-        digests: list[bytes],
-        sizes: list[int],
-        paths: list[tuple[TreePath, bytes] | None],
-    ) -> None:
-        self.frames = frames
-        self.digests = digests
-        self.sizes = sizes
-        self.paths = paths
-
-    def hole(self, i: int) -> Hole:
-        from nixcas.store.nar.plan import ROOT, Hole
-
-        where = self.paths[i]
-        path = ROOT if where is None else TreePath(*where)
-        return Hole(B3Digest(self.digests[i]), self.sizes[i], path)
-
-    @property
-    def nar_size(self) -> int:
-        return sum(map(len, self.frames)) + sum(self.sizes)
-
-    def offset(self, i: int) -> int:
-        """Where ``frames[i]`` starts in the NAR."""
-        return sum(map(len, self.frames[:i])) + sum(self.sizes[:i])
 
 
 async def dump_nar(fd: int, node: Node, blobs: BlobService, directories: DirectoryService, skip: int = 0) -> int:
@@ -221,264 +145,6 @@ async def fetch_raw_closure(node: Node, directories: DirectoryService) -> dict[b
     if node.digest not in closure:
         raise NarContentNotFound("directory", node.digest, ROOT)
     return closure
-
-
-# -- planning --------------------------------------------------------------------------
-
-
-def _entries(raw: bytes, path: TreePath) -> list[Fields]:
-    """A stored Directory's entries in name order: (name, kind (0 directory, 1 file, 2 symlink), digest or target,
-    size, executable).
-
-    Checked as :meth:`~nixcas.castore.directory.Directory.decode` does: each list sorted, names
-    unique across the lists and valid (all names of the directory at once; one by one only to name
-    the bad one).  Canonical bytes are read without protobuf while it is not loaded
-    (:func:`~nixcas.castore.canonical.canonical_fields`); anything else, or anything once protobuf
-    is loaded, goes through protobuf, which reports the precise error.
-    """
-    entries = None if _protobuf_loaded() else canonical_fields(raw)
-    if entries is None:
-        entries, names = _message_entries(raw, path)
-    else:
-        names = [entry[0] for entry in entries]
-    if names:
-        _check_names(names)
-        if entries[0][1] != entries[-1][1]:  # more than one list: merge them (names must stay unique)
-            if len(set(names)) != len(names):
-                _name_order(sorted(names), path)
-            entries.sort(key=_NAME)
-    return entries
-
-
-def _protobuf_loaded() -> bool:
-    return "google.protobuf" in sys.modules
-
-
-def _message_entries(raw: bytes, path: TreePath) -> tuple[list[Fields], list[bytes]]:
-    """The entries of any Directory message through protobuf, in the lists' order (each list checked sorted), and
-    their names."""
-    from google.protobuf.message import DecodeError
-
-    from nixcas.castore.proto import pb
-
-    try:
-        msg = pb.Directory.FromString(raw)
-    except DecodeError as e:
-        raise DirectoryError(f"directory {path.show_below_root()}: cannot decode Directory message: {e}") from None
-    entries: list[Fields] = []
-    names: list[bytes] = []
-    for kind in (0, 1, 2):
-        items: Any = (msg.directories, msg.files, msg.symlinks)[kind]
-        if not items:
-            continue
-        if kind == 1:
-            part: list[Fields] = [(e.name, 1, e.digest, e.size, e.executable) for e in items]
-        elif kind == 0:
-            part = [(e.name, 0, e.digest, e.size, False) for e in items]
-        else:
-            part = [(e.name, 2, e.target, 0, False) for e in items]
-        listed = [entry[0] for entry in part]
-        if listed != sorted(set(listed)):
-            _name_order(listed, path)
-        entries += part
-        names += listed
-    return entries, names
-
-
-def _check_names(names: list[bytes]) -> None:
-    """Every name valid (:func:`~nixcas.castore.nodes.validate_name`), checked at once; one by one to name a bad one."""
-    joined = b"/".join(names)
-    if (
-        joined.count(b"/") != len(names) - 1
-        or b"\0" in joined
-        or max(map(len, names)) > MAX_NAME_LEN
-        or b"" in names
-        or b"." in names
-        or b".." in names
-    ):
-        for name in names:
-            validate_name(name)
-
-
-def _name_order(names: list[bytes], path: TreePath) -> None:
-    """Raise for the first name that is not sorted after the one before (or repeats it)."""
-    for previous, name in itertools.pairwise(names):
-        if name == previous:
-            raise DirectoryError(f"directory {path.show_below_root()}: duplicate name {name[:300]!r}")
-        if name < previous:
-            raise DirectoryError(
-                f"directory {path.show_below_root()}: {name[:300]!r} is not sorted after {previous[:300]!r}"
-            )
-
-
-def plan_nar(root: Node, closure: DirectoryBytes) -> Plan:
-    """The NAR of ``root`` as a :class:`Plan`; directories from ``closure`` (stored bytes by digest).
-
-    The same checks as :func:`~nixcas.store.nar.plan.iter_plan` with Directory decoding: names
-    valid, sorted and unique, digests of 32 bytes, sizes that agree with the empty blob, symlink
-    targets valid, depth at most :data:`~nixcas.castore.nodes.MAX_DEPTH`, every directory present.
-    """
-    plan, steps = plan_steps(root, closure)
-    for _ in steps:
-        pass
-    return plan
-
-
-def plan_steps(root: Node, closure: DirectoryBytes) -> tuple[Plan, Iterator[None]]:
-    """:func:`plan_nar` step by step: the :class:`Plan` is complete once the steps are done.
-
-    Each step plans at least :data:`RUN_FILES` more files (a whole directory at a time), so a
-    reader may start on the files planned so far (:func:`write_planned`).
-    """
-    plan = Plan([], [], [], [])
-    if isinstance(root, DirectoryNode):
-        return plan, _plan_tree(root, closure, plan)
-    _plan_leaf(root, plan)
-    return plan, iter(())
-
-
-def _plan_leaf(root: Node, plan: Plan) -> None:
-    """The NAR of a file or a symlink."""
-    buf = bytearray(NAR_MAGIC)
-    frames, digests, sizes, paths = plan.frames, plan.digests, plan.sizes, plan.paths
-    if isinstance(root, FileNode):
-        buf += NODE_EXECUTABLE if root.executable else NODE_REGULAR
-        buf += u64_le(root.size)
-        if _has_contents(root.digest, root.size, None, b""):
-            frames.append(bytes(buf))
-            buf.clear()
-            digests.append(bytes(root.digest))
-            sizes.append(root.size)
-            paths.append(None)
-            buf += padding(root.size)
-    else:
-        assert isinstance(root, SymlinkNode)
-        buf += NODE_SYMLINK
-        buf += encode_str(root.target)
-    buf += TOK_CLOSE
-    frames.append(bytes(buf))
-
-
-def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iterator[None]:
-    """:func:`plan_steps` of a directory: depth first, each file's framing inline (the hot loop), the rest in
-    helpers; a step ends with a directory once :data:`RUN_FILES` more files are planned."""
-    frames, digests, sizes, paths = plan.frames, plan.digests, plan.sizes, plan.paths
-    step_end = RUN_FILES
-    buf = bytearray(NAR_MAGIC)
-    buf += NODE_DIRECTORY
-    top = closure.get(root.digest)
-    if top is None:
-        raise _missing_directory(root.digest, None, b"")
-    # Each frame: a directory's entries, the next one's index, its path.
-    stack: list[tuple[list[Fields], int, TreePath]] = [(_entries_from(closure, top, _ROOT), 0, _ROOT)]
-    append_frame, append_digest, append_size, append_path = frames.append, digests.append, sizes.append, paths.append
-    pack, join, zeros, empty = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST
-    while stack:
-        if len(sizes) >= step_end:
-            step_end = len(sizes) + RUN_FILES
-            yield
-        entries, i, path = stack.pop()
-        if not i and entries and path.depth >= MAX_DEPTH:
-            raise _too_deep(path)
-        descend = None
-        n = len(entries)
-        while i < n:
-            name, kind, digest, size, executable = entries[i]
-            i += 1
-            if kind == 1:
-                length = len(name)
-                buf += join(
-                    (
-                        ENTRY_PREFIX,
-                        pack(length),
-                        name,
-                        zeros[: -length & 7],
-                        _FILE_EXECUTABLE if executable else _FILE_REGULAR,
-                        pack(size),
-                    )
-                )
-                if (size and digest != empty and len(digest) == DIGEST_LEN) or _has_contents(digest, size, path, name):
-                    append_frame(bytes(buf))
-                    buf.clear()
-                    append_digest(digest)
-                    append_size(size)
-                    append_path((path, name))
-                    buf += _PAD_CLOSE[size & 7]
-                else:
-                    buf += _CLOSE_ENTRY
-            elif kind == 2:
-                buf += _symlink_entry(name, digest)
-            else:
-                descend = _enter(closure, path, name, digest)
-                buf += join((ENTRY_PREFIX, encode_str(name), TOK_NODE, NODE_DIRECTORY))
-                break
-        if descend is not None:
-            stack.append((entries, i, path))
-            stack.append(descend)
-            continue
-        buf += TOK_CLOSE if path.parent is None else _CLOSE_ENTRY
-    frames.append(bytes(buf))
-
-
-_ROOT = TreePath(None, b"")
-"""The NAR's root (:data:`nixcas.store.nar.plan.ROOT`)."""
-
-
-def _has_contents(digest: bytes, size: int, parent: TreePath | None, name: bytes) -> bool:
-    """Whether a file has contents (a hole in the plan): ``False`` for the empty file; a contradiction raises."""
-    if len(digest) != DIGEST_LEN:
-        raise DirectoryError(f"invalid node {name[:300]!r}: invalid digest length {len(digest)}")
-    if size and digest != EMPTY_DIGEST:
-        return True
-    if not size and digest == EMPTY_DIGEST:
-        return False
-    from nixcas.store.nar.plan import ROOT, _check_file
-
-    _check_file(FileNode(B3Digest(digest), size), ROOT if parent is None else TreePath(parent, name))
-    raise AssertionError("unreachable: _check_file raises for a size that contradicts the digest")
-
-
-def _symlink_entry(name: bytes, target: bytes) -> bytes:
-    """The whole entry of a symlink, its target checked."""
-    try:
-        validate_symlink_target(target)
-    except InvalidSymlinkTargetError as e:
-        raise DirectoryError(f"invalid node {name[:300]!r}: {e}") from None
-    return b"".join((ENTRY_PREFIX, encode_str(name), TOK_NODE, NODE_SYMLINK, encode_str(target), _CLOSE_ENTRY))
-
-
-def _enter(closure: DirectoryBytes, parent: TreePath, name: bytes, digest: bytes) -> tuple[list[Fields], int, TreePath]:
-    """The stack frame of a subdirectory: its entries (from ``closure``), from the first, and its path."""
-    raw = closure.get(digest)
-    if raw is None:
-        if len(digest) != DIGEST_LEN:
-            raise DirectoryError(f"invalid node {name[:300]!r}: invalid digest length {len(digest)}")
-        raise _missing_directory(digest, parent, name)
-    child = TreePath(parent, name)
-    return _entries_from(closure, raw, child), 0, child
-
-
-def _entries_from(closure: DirectoryBytes, raw: bytes, path: TreePath) -> list[Fields]:
-    """:func:`_entries`, and the subdirectories announced to a ``closure`` that reads ahead (``prefetch``)."""
-    entries = _entries(raw, path)
-    prefetch = getattr(closure, "prefetch", None)
-    if prefetch is not None:
-        below = [entry[2] for entry in entries if not entry[1]]
-        if len(below) > 1:
-            prefetch(below)
-    return entries
-
-
-def _missing_directory(digest: bytes, parent: TreePath | None, name: bytes) -> Exception:
-    from nixcas.store.nar.plan import ROOT, NarContentNotFound
-
-    return NarContentNotFound("directory", B3Digest(digest), ROOT if parent is None else TreePath(parent, name))
-
-
-def _too_deep(path: TreePath) -> Exception:
-    from nixcas.store.nar.plan import too_deep
-
-    return too_deep(path)
 
 
 # -- writing ---------------------------------------------------------------------------
@@ -671,9 +337,10 @@ def write_planned(
 
     One worker thread reads and hashes up to :data:`WINDOW_BYTES` of contents ahead, into buffers
     reused from job to job, while this thread writes finished jobs in order with ``writev``.
-    With ``planning`` (the steps of :func:`plan_steps` of ``plan``), the plan is completed here
-    first, the worker reading the files planned so far meanwhile (at most :data:`PLANNING_BYTES`):
-    nothing is written before the whole plan is made, so a plan that fails writes nothing.
+    With ``planning`` (the steps of :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the
+    plan is completed here first, the worker reading the files planned so far meanwhile (at most
+    :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan that
+    fails writes nothing.
     ``halt`` set (by another thread) stops at the next job.  Synchronous, no event loop: the
     command line's fast path writes a whole NAR with it.
     """

@@ -12,7 +12,7 @@ nix-daemon's ``NarFromPath`` and ``nixcas dump-path`` ask of a NAR:
   descriptor, through :func:`~nixcas.store.nar.dump.dump_nar`).
 
 The closure is fetched once per source, as stored bytes, and laid out as a
-:class:`~nixcas.store.nar.dump.Plan` (framing and file holes) that every
+:class:`~nixcas.store.nar.rawplan.Plan` (framing and file holes) that every
 answer shares.  On a blob service with
 :class:`~nixcas.castore.blob.base.BulkReads` (the embedded store) the stream
 reads on a worker thread (:mod:`nixcas.store.nar.bulk`), hashing each byte
@@ -34,8 +34,9 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.nodes import Node
 from nixcas.errors import NotFoundError
-from nixcas.store.nar.dump import Plan, dump_nar, fetch_raw_closure, plan_nar
+from nixcas.store.nar.dump import dump_nar, fetch_raw_closure
 from nixcas.store.nar.plan import BlobSizeMismatch, Hole
+from nixcas.store.nar.rawplan import Plan, plan_nar
 from nixcas.store.nar.render import BUFFER_BYTES, PREFETCH, render_nar
 from nixcas.store.nar.seekable import SeekableNar
 
