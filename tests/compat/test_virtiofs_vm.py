@@ -1,6 +1,7 @@
-"""A real VM reads a nixcas tree over virtio-fs: QEMU boots the host's Debian kernel with a busybox initramfs.
+"""A real VM reads a nixcas store path over virtio-fs: QEMU boots the host's Debian kernel with a busybox initramfs.
 
-``nixcas castore virtiofs`` serves an ingested tree on a vhost-user socket;
+``nixcas virtiofs`` serves the store paths of an imported tree (and ``nixcas
+castore virtiofs`` an ingested one) on a vhost-user socket;
 the guest mounts the tag, walks it and prints names, modes, sizes, symlink
 targets and the sha256 of every file on its serial console, then powers
 off; the test compares that with the source tree.  KVM when it works here,
@@ -63,10 +64,18 @@ def expected_listing(root: Path) -> set[tuple[str, ...]]:
     return out
 
 
-def test_a_vm_reads_the_tree_over_virtiofs(tmp_path: Path) -> None:
-    tree, store = tmp_path / "tree", tmp_path / "store"
-    make_tree(tree)
+def serve_command(mode: str, tree: Path, store: Path, sock: Path) -> tuple[list[str], str]:
+    """The server's command line for ``mode``, and the path under the mount root where ``tree`` appears."""
     env = clean_env()
+    if mode == "store-path":  # nixcas import, then every store path at the root (one entry per <hash>-<name>)
+        imported = subprocess.run(
+            nixcas_command("--store-dir", str(store), "import", str(tree)),
+            capture_output=True,
+            env=env,
+            check=True,
+        )
+        name = imported.stdout.decode().strip().rsplit("/", 1)[1]
+        return nixcas_command("--store-dir", str(store), "virtiofs", "--list-root", str(sock)), f"./{name}"
     ingest = subprocess.run(
         nixcas_command("--store-dir", str(store), "castore", "ingest", str(tree), "--json"),
         capture_output=True,
@@ -74,17 +83,20 @@ def test_a_vm_reads_the_tree_over_virtiofs(tmp_path: Path) -> None:
         check=True,
     )
     digest = json.loads(ingest.stdout)["digest"]
+    return nixcas_command("--store-dir", str(store), "castore", "virtiofs", "--list-root", digest, str(sock)), "."
+
+
+@pytest.mark.parametrize("mode", ["store-path", "castore"])
+def test_a_vm_reads_the_tree_over_virtiofs(tmp_path: Path, mode: str) -> None:
+    tree, store = tmp_path / "tree", tmp_path / "store"
+    make_tree(tree)
     initramfs = build_initramfs(LISTING_INIT, tmp_path / "initramfs.gz")
     with short_tmpdir() as short:
         sock = short / "fs.sock"
+        command, at = serve_command(mode, tree, store, sock)
         log = tmp_path / "virtiofs.log"
         with log.open("wb") as err:
-            proc = subprocess.Popen(
-                nixcas_command("--store-dir", str(store), "castore", "virtiofs", "--list-root", digest, str(sock)),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env=env,
-            )
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=clean_env())
         server = ServerProcess(proc, log)
         try:
             assert read_line(proc, 20) == f"listening on {sock}\n".encode(), server.stderr()
@@ -96,8 +108,12 @@ def test_a_vm_reads_the_tree_over_virtiofs(tmp_path: Path) -> None:
     assert "NIXCAS-BEGIN" in console and "NIXCAS-END" in console, console
     body = console.split("NIXCAS-BEGIN", 1)[1].split("NIXCAS-END", 1)[0]
     lines = [line.split("\t") for line in body.replace("\r", "").splitlines() if "\t" in line]
-    assert {tuple(fields[:5]) for fields in lines} == expected_listing(tree)
+    listing = {tuple(fields[:5]) for fields in lines}
+    if at != ".":  # the store path's entry at the root, and the tree below it
+        assert ("D", ".", "555") in listing
+        listing = {(f[0], "." + f[1][len(at) :], *f[2:]) for f in listing if f[1].startswith(at)}
+    assert listing == expected_listing(tree)
     inodes = {fields[1]: fields[5] for fields in lines if fields[0] == "F"}
-    assert inodes["./share/copy-of-README"] == inodes["./share/doc/README"]  # one inode per content, as over FUSE
-    assert inodes["./share/README-executable"] != inodes["./share/doc/README"]
+    assert inodes[f"{at}/share/copy-of-README"] == inodes[f"{at}/share/doc/README"]  # one inode per content, as FUSE
+    assert inodes[f"{at}/share/README-executable"] != inodes[f"{at}/share/doc/README"]
     assert len(set(inodes.values())) == len(inodes) - 1
