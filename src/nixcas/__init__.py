@@ -11,6 +11,8 @@ name is needed: ``nixcas --version`` loads neither asyncio nor protobuf, and
 
 from __future__ import annotations
 
+from nixcas._lazy import lazy_exports
+
 TYPE_CHECKING = False  # not typing's: `import typing` alone is a few ms of every start
 if TYPE_CHECKING:
     from nixcas.api import Store, default_store_dir, open_store
@@ -63,14 +65,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nixcas' has no attribute {name!r}")
-    value = getattr(__import__(module, fromlist=[name]), name)  # the module itself, not its top package
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

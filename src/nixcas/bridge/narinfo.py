@@ -19,11 +19,11 @@ from nixcas.bridge.base import NAR_PREFIXES, BridgeBase, fail
 from nixcas.bridge.http import choose_encoding, encode_stream
 from nixcas.castore.nodes import Node
 from nixcas.castore.proto import encode_node
-from nixcas.errors import NixbaseError, NixcasError, ValidationError
+from nixcas.errors import NixcasError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.nar.listing import UnlistableName, check_listable, nar_listing
 from nixcas.store.nar.plan import fetch_closure
-from nixcas.store.narinfo import NarInfo, parse_narinfo_name
+from nixcas.store.narinfo import NarInfo, parse_hashed_name, parse_narinfo_name
 from nixcas.store.store_path import ENCODED_DIGEST_LEN
 
 __all__ = ["LISTING_TYPE", "NARINFO_CACHE", "NARINFO_TYPE", "Handler", "NarinfoRoutes", "nar_url", "parse_listing_name"]
@@ -47,13 +47,7 @@ def nar_url(node: Node, nar_size: int, prefix: str = NAR_PREFIXES[0]) -> str:
 
 def parse_listing_name(name: str) -> bytes:
     """``<32 nixbase32 chars>.ls`` → the 20-byte store path digest; :class:`ValidationError` otherwise."""
-    hash_part, dot, ext = name.partition(".")
-    if ext != "ls" or not dot or len(hash_part) != ENCODED_DIGEST_LEN:
-        raise ValidationError(f"invalid listing name {name[:100]!r}: expected <32 nixbase32 characters>.ls")
-    try:
-        return nixbase32.decode(hash_part)
-    except NixbaseError as e:
-        raise ValidationError(f"invalid listing name {name[:100]!r}: {e}") from None
+    return parse_hashed_name(name, "ls", ValidationError)
 
 
 async def _chunks(source: Iterator[bytes]) -> AsyncIterator[bytes]:

@@ -6,13 +6,11 @@ submodule (say :mod:`nixcas.castore.digest`) does not load the others.
 
 from __future__ import annotations
 
-import importlib
+from nixcas._lazy import lazy_exports
 
 TYPE_CHECKING = False  # not typing's: `import typing` is a few ms of a start that needs nothing else of it
 
 if TYPE_CHECKING:
-    from typing import Any
-
     from nixcas.castore.blob.base import BlobReader, BlobService, BlobWriter, ChunkMeta
     from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
     from nixcas.castore.directory import Directory
@@ -61,14 +59,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nixcas.castore' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

@@ -73,13 +73,21 @@ def fingerprint(store_path: StorePath, nar_sha256: bytes, nar_size: int, referen
 
 def parse_narinfo_name(name: str) -> bytes:
     """``<32 nixbase32 chars>.narinfo`` → the 20-byte store path digest; :class:`PathInfoError` otherwise."""
-    hash_part, dot, ext = name.partition(".")
-    if ext != "narinfo" or not dot or len(hash_part) != ENCODED_DIGEST_LEN:
-        raise PathInfoError(f"invalid narinfo name {name[:100]!r}: expected <32 nixbase32 characters>.narinfo")
+    return parse_hashed_name(name, "narinfo", PathInfoError)
+
+
+def parse_hashed_name(name: str, ext: str, error: type[Exception]) -> bytes:
+    """``<32 nixbase32 chars>.<ext>`` (a narinfo, a listing) → the 20-byte store path digest; ``error`` otherwise."""
+    hash_part, dot, got = name.partition(".")
+    if got != ext or not dot or len(hash_part) != ENCODED_DIGEST_LEN:
+        raise error(f"invalid {_KIND.get(ext, ext)} name {name[:100]!r}: expected <32 nixbase32 characters>.{ext}")
     try:
         return nixbase32.decode(hash_part)
     except NixbaseError as e:
-        raise PathInfoError(f"invalid narinfo name {name[:100]!r}: {e}") from None
+        raise error(f"invalid {_KIND.get(ext, ext)} name {name[:100]!r}: {e}") from None
+
+
+_KIND = {"ls": "listing"}
 
 
 def parse_nar_file_name(name: str) -> tuple[bytes, str]:

@@ -16,12 +16,10 @@ submodule (say :mod:`nixcas.store.nar.hashing`) does not load the others.
 
 from __future__ import annotations
 
-import importlib
+from nixcas._lazy import lazy_exports
 
 TYPE_CHECKING = False  # not typing's: `nixcas dump-path` loads this package and nothing of typing
 if TYPE_CHECKING:
-    from typing import Any
-
     from nixcas.store.nar.hashing import NarCalculationService, SimpleNarCalculationService
     from nixcas.store.nar.ingest import ingest_nar, ingest_nar_bytes
     from nixcas.store.nar.parser import (
@@ -95,14 +93,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'nixcas.store.nar' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"nixcas.store.nar.{module}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, relative=True)

@@ -439,20 +439,7 @@ async def _dump_planned(
 
 async def _copy_blob(out: Output, blobs: BlobService, hole: Hole) -> None:
     """One file's contents through the async API (verified as :func:`~nixcas.store.nar.render.render_nar` does)."""
-    from nixcas.store.nar.render import BLOCK, SMALL_FILE, _fetch_whole, _open, _read_exact_end
+    from nixcas.store.nar.render import file_contents
 
-    if hole.size <= SMALL_FILE:  # read whole and to its end (so verified) before a byte is written
-        out.write(await _fetch_whole(blobs, hole))
-        return
-    reader = await _open(blobs, hole)
-    async with reader:
-        got = 0
-        while got < hole.size:
-            data = await reader.read(min(BLOCK, hole.size - got))
-            if not data:
-                raise hole.short(got)
-            got += len(data)
-            if got > hole.size:
-                raise hole.long()
-            out.write([data])
-        await _read_exact_end(reader, hole)
+    async for piece in file_contents(blobs, hole):
+        out.write([piece])
