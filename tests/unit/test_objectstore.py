@@ -301,7 +301,9 @@ async def test_server_killed_mid_import_leaves_nothing_visible_and_retry_succeed
         await svc.close()
 
         server.start()
-        again = await blob_service_from_url(url)
+        # the retry may meet a restarted server still loading its volumes (slow on a busy machine): patient requests
+        patient = server.url("killed", "p", retry_timeout="60", max_retries="5", timeout="30")
+        again = await blob_service_from_url(patient)
         assert not await again.has(digest)  # no index: the blob is not visible
         assert await again.open_read(digest) is None
         async with await again.open_write(len(data)) as writer:
