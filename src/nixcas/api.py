@@ -350,27 +350,5 @@ class Store(Closing):
             await self.composition.close()
 
 
-async def open_store(
-    store_dir: str | os.PathLike[str] | None = None,
-    *,
-    blob_service_url: str | None = None,
-    directory_service_url: str | None = None,
-    pathinfo_service_url: str | None = None,
-    pin_service_url: str | None = None,
-    composition: Composition | str | os.PathLike[str] | None = None,
-    with_pathinfo: bool = False,
-    with_pins: bool = False,
-    size_rule: SizeRule | None = None,
-) -> Store:
-    """Open a :class:`Store` (see :meth:`Store.open`)."""
-    return await Store.open(
-        store_dir,
-        blob_service_url=blob_service_url,
-        directory_service_url=directory_service_url,
-        pathinfo_service_url=pathinfo_service_url,
-        pin_service_url=pin_service_url,
-        composition=composition,
-        with_pathinfo=with_pathinfo,
-        with_pins=with_pins,
-        size_rule=size_rule,
-    )
+open_store = Store.open
+"""Open a :class:`Store` (the same as :meth:`Store.open`)."""
