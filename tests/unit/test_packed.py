@@ -361,3 +361,38 @@ async def test_read_chunks_checks_each_chunk_and_the_whole_blob(tmp_path: Path, 
             list(swapped)  # every chunk is sound: only the whole blob's hash tells
     finally:
         await svc.close()
+
+
+async def test_close_waits_for_bulk_reads_of_other_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read_run running on another thread finishes before close() closes the connections it uses.
+
+    (NAR streams abandon reads that keep running on worker threads; closing a SQLite connection under a query
+    of another thread crashed the process.)
+    """
+    import asyncio
+    import threading
+
+    blobs = PackedBlobService(tmp_path / "blobs")
+    data = b"read while closing" * 50
+    digest = await blobs.put(data)
+    raw = bytes(digest)
+    original = blobs._preadv
+    started = threading.Event()
+
+    def slow_preadv(*args: object) -> int:
+        started.set()
+        time.sleep(0.3)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blobs, "_preadv", slow_preadv)
+    result: list[object] = []
+    reader = threading.Thread(
+        target=lambda: result.append(blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16))))
+    )
+    reader.start()
+    assert await asyncio.to_thread(started.wait, 5)
+    await blobs.close()
+    reader.join()
+    assert result and result[0] is not None, "the read was cut off by close()"
+    assert [bytes(piece) for piece in result[0]] == [data]  # type: ignore[attr-defined]
+    assert blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16))) is None  # closed: the caller falls back

@@ -184,7 +184,9 @@ class PackedBlobService(LocalBlobService):
         os.makedirs(self._packs_dir, exist_ok=True)
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._closed = False
+        self._closed = self._closing = False
+        self._bulk_reading = 0  # BulkReads calls running on other threads (close waits for them)
+        self._bulk_idle = threading.Condition(self._connections_lock)
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
         self._pack: OpenPack | None = None
         self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
@@ -211,6 +213,9 @@ class PackedBlobService(LocalBlobService):
     async def close(self) -> None:
         def close_all() -> None:
             with self._connections_lock:
+                self._closing = True  # no new bulk read starts
+                while self._bulk_reading:  # a connection must not be closed under a query of another thread
+                    self._bulk_idle.wait()
                 self._closed = True
                 connections, self._connections = self._connections, []
             with self._write_lock:
@@ -497,6 +502,10 @@ class PackedBlobService(LocalBlobService):
         """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
         if not wanted:
             return []
+        with self._connections_lock:
+            if self._closing:
+                return None  # the caller's async fallback reports the closed service
+            self._bulk_reading += 1
         try:
             db = self._db()
             return read_run(
@@ -504,6 +513,11 @@ class PackedBlobService(LocalBlobService):
             )
         except (OSError, StorageError, zstandard.ZstdError):
             return None
+        finally:
+            with self._connections_lock:
+                self._bulk_reading -= 1
+                if not self._bulk_reading:
+                    self._bulk_idle.notify_all()
 
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         if not 0 < size <= self.whole_max:
