@@ -54,6 +54,28 @@ def timed(argv: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_utime + usage.ru_stime
 
 
+def summarize(runs: dict[str, list[tuple[float, float]]]) -> tuple[dict[str, Any], float, float]:
+    """Each tool's median and minimum wall time and median CPU; nixcas / nix-store by median and paired by round."""
+    summary: dict[str, Any] = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            "median_s": statistics.median(r[0] for r in rs),
+            "min_s": min(r[0] for r in rs),
+            "median_cpu_s": statistics.median(r[1] for r in rs),
+        }
+    ratio = summary["nixcas"]["median_s"] / summary["nix-store"]["median_s"]
+    paired = statistics.median(a[0] / b[0] for a, b in zip(runs["nixcas"], runs["nix-store"], strict=True))
+    return summary, ratio, paired
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The summary as a Markdown table."""
+    print("| tool | median s | min s | median CPU s |")
+    print("|---|---:|---:|---:|")
+    for name, s in summary.items():
+        print(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['median_cpu_s']:.3f} |")
+
+
 def sha256_of(argv: list[str]) -> str:
     h = hashlib.sha256()
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
@@ -63,26 +85,6 @@ def sha256_of(argv: list[str]) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(argv)}")
     return h.hexdigest()
-
-
-def _raw_payloads(data: memoryview) -> list[memoryview] | None:
-    """The block payloads of one zstd frame of raw blocks (the default store's chunk objects); else ``None``."""
-    if len(data) < 6 or bytes(data[:4]) != b"\x28\xb5\x2f\xfd" or data[4] & 0x0B:
-        return None
-    descriptor = data[4]
-    single = descriptor & 0x20
-    pos = 5 + (0 if single else 1) + ((0, 2, 4, 8)[descriptor >> 6] or (1 if single else 0))
-    out = []
-    while pos + 3 <= len(data):
-        header = int.from_bytes(data[pos : pos + 3], "little")
-        pos += 3
-        if header & 0x06:
-            return None
-        out.append(data[pos : pos + (header >> 3)])
-        pos += header >> 3
-        if header & 1:
-            return out
-    return None
 
 
 def floor_child(store: Path) -> None:
@@ -99,6 +101,8 @@ def floor_child(store: Path) -> None:
 
     import blake3
     import zstandard
+
+    from nixcas.castore.blob.wholeread import raw_blocks
 
     blobs = store / "blobs"
     buffer = memoryview(bytearray(8 << 20))
@@ -123,8 +127,9 @@ def floor_child(store: Path) -> None:
             got = os.preadv(fd, [stored], 0)
             os.close(fd)
             hasher = blake3.blake3()
-            payloads = _raw_payloads(stored[:got])
-            for piece in payloads if payloads is not None else [dctx.decompress(stored[:got])]:
+            blocks = raw_blocks(stored, 0, got)
+            pieces = [dctx.decompress(stored[:got])] if blocks is None else [stored[o : o + n] for o, n in blocks]
+            for piece in pieces:
                 hasher.update(piece)
             if hasher.hexdigest() != entry.name:
                 raise SystemExit("corrupt")
@@ -190,20 +195,9 @@ def main() -> None:
             result = timed(argv)
             if i:
                 runs[name].append(result)
-    summary: dict[str, Any] = {}
-    for name, rs in runs.items():
-        summary[name] = {
-            "median_s": statistics.median(r[0] for r in rs),
-            "min_s": min(r[0] for r in rs),
-            "median_cpu_s": statistics.median(r[1] for r in rs),
-        }
-    ratio = summary["nixcas"]["median_s"] / summary["nix-store"]["median_s"]
-    paired = statistics.median(a[0] / b[0] for a, b in zip(runs["nixcas"], runs["nix-store"], strict=True))
+    summary, ratio, paired = summarize(runs)
     print(f"tree {args.reuse or args.tree}: {described}; path {path}")
-    print("| tool | median s | min s | median CPU s |")
-    print("|---|---:|---:|---:|")
-    for name, s in summary.items():
-        print(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['median_cpu_s']:.3f} |")
+    print_summary(summary)
     print(f"ratio (median) {ratio:.2f}x, paired {paired:.2f}x; load average {os.getloadavg()}")
     cpu = summary["nixcas"]["median_cpu_s"] / summary["nix-store"]["median_cpu_s"]
     floor_ratio = summary["floor"]["median_s"] / summary["nix-store"]["median_s"]

@@ -22,46 +22,22 @@ this machine"); the first pair of outputs is checked to be identical (the same
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dump_path import print_summary, sha256_of, summarize, timed
 from import_tree import PROBE_DIRS, REPO, create_probe, make_tree
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (user + system, of all children) of ``argv``."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.stderr is not None:
-        proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}: {err}")
-    return seconds, usage.ru_utime + usage.ru_stime
-
-
 def nar_sha256(nix_store: str, path: Path) -> str:
-    h = hashlib.sha256()
-    with subprocess.Popen([nix_store, "--dump", str(path)], stdout=subprocess.PIPE) as proc:
-        assert proc.stdout is not None
-        while block := proc.stdout.read(1 << 20):
-            h.update(block)
-    if proc.returncode != 0:
-        raise SystemExit(f"nix-store --dump {path} failed")
-    return h.hexdigest()
+    return sha256_of([nix_store, "--dump", str(path)])
 
 
 def main() -> None:
@@ -114,23 +90,12 @@ def main() -> None:
             for out in (outputs / "nixcas-0", outputs / "nix-0"):
                 if nar_sha256(args.nix_store, out) != want:
                     raise SystemExit(f"{out} differs from the tree")
-    summary: dict[str, Any] = {}
-    for name, rs in runs.items():
-        summary[name] = {
-            "median_s": statistics.median(r[0] for r in rs),
-            "min_s": min(r[0] for r in rs),
-            "median_cpu_s": statistics.median(r[1] for r in rs),
-        }
-    ratio = summary["nixcas"]["median_s"] / summary["nix-store"]["median_s"]
-    paired = statistics.median(a[0] / b[0] for a, b in zip(runs["nixcas"], runs["nix-store"], strict=True))
+    summary, ratio, paired = summarize(runs)
     print(
         f"tree {args.tree}: {stats.small_files} files, {stats.content_bytes / 1e6:.1f} MB; "
         f"file-creation probe {probe:.1f} µs{'; --link' if args.link else ''}"
     )
-    print("| tool | median s | min s | median CPU s |")
-    print("|---|---:|---:|---:|")
-    for name, s in summary.items():
-        print(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['median_cpu_s']:.3f} |")
+    print_summary(summary)
     print(
         "runs (nixcas, nix-store): "
         + ", ".join(f"{a[0]:.3f}/{b[0]:.3f}" for a, b in zip(runs["nixcas"], runs["nix-store"], strict=True))
