@@ -51,7 +51,9 @@ from import_tree import base_facts
 from nixcas.store.narinfo import NarInfo
 
 
-def make_paths(workdir: Path, small: int, large_mib: int, seed: int) -> tuple[Path, list[str]]:
+def make_paths(workdir: Path, small: int, large_mib: int, seed: int, tree_files: int = 0) -> tuple[Path, list[str]]:
+    """``small`` files of 1–8 KiB, a tree of ``tree_files`` files in 50 directories (if any) and one file of
+    ``large_mib`` MiB (half compressible), added to a new chroot store: (the store, their store paths)."""
     rng = random.Random(seed)  # noqa: S311 - benchmark data
     src = workdir / "src"
     src.mkdir()
@@ -60,6 +62,13 @@ def make_paths(workdir: Path, small: int, large_mib: int, seed: int) -> tuple[Pa
         p = src / f"small-{i}.txt"
         p.write_bytes(rng.randbytes(rng.randint(1024, 8192)))
         files.append(str(p))
+    if tree_files:
+        tree = src / "tree"
+        for i in range(tree_files):
+            d = tree / f"d{i % 50}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"f{i}").write_bytes(rng.randbytes(rng.randint(100, 16384)))
+        files.append(str(tree))
     large = src / "large.bin"
     with open(large, "wb") as f:
         for i in range(large_mib):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import shutil
 import signal
@@ -42,33 +41,8 @@ from pathlib import Path
 from typing import Any
 
 # The sibling script (``bench/`` is on sys.path when this file is run).
-from bridge import FOUR_BITS, nix_env, run
-
-
-def make_paths(workdir: Path, small: int, tree_files: int, large_mib: int, seed: int) -> tuple[Path, list[str]]:
-    rng = random.Random(seed)  # noqa: S311 - benchmark data
-    src = workdir / "src"
-    src.mkdir()
-    files = []
-    for i in range(small):
-        p = src / f"small-{i}.txt"
-        p.write_bytes(rng.randbytes(rng.randint(1024, 8192)))
-        files.append(str(p))
-    tree = src / "tree"
-    for i in range(tree_files):
-        d = tree / f"d{i % 50}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"f{i}").write_bytes(rng.randbytes(rng.randint(100, 16384)))
-    files.append(str(tree))
-    large = src / "large.bin"
-    with open(large, "wb") as f:
-        for i in range(large_mib):
-            block = rng.randbytes(1 << 20)
-            f.write(block if i % 2 == 0 else block.translate(FOUR_BITS))
-    files.append(str(large))
-    store = workdir / "nix-a"
-    paths = run(["nix-store", "--store", str(store), "--add", *files], nix_env(workdir, "add")).split()
-    return store, paths
+from bridge import nix_env, run
+from bridge_push import make_paths
 
 
 def start_daemon(workdir: Path, store: Path, sock: Path) -> subprocess.Popen[bytes]:
@@ -122,7 +96,7 @@ def main() -> None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="nd-", dir=args.workdir))
     try:
-        source, paths = make_paths(workdir, args.small, args.tree_files, args.large_mib, args.seed)
+        source, paths = make_paths(workdir, args.small, args.large_mib, args.seed, args.tree_files)
         info_argv = ["nix", "path-info", "--store", str(source), "--json", *paths]
         nar_bytes = sum(e["narSize"] for e in json.loads(run(info_argv, nix_env(workdir, "info"))))
         times: dict[str, list[float]] = {"nixcas nix-daemon": [], "local chroot store": []}
