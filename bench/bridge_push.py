@@ -52,7 +52,7 @@ from nixcas.store.narinfo import NarInfo
 
 
 def make_paths(workdir: Path, small: int, large_mib: int, seed: int, tree_files: int = 0) -> tuple[Path, list[str]]:
-    """``small`` files of 1–8 KiB, a tree of ``tree_files`` files in 50 directories (if any) and one file of
+    """``small`` files of 1 to 8 KiB, a tree of ``tree_files`` files in 50 directories (if any) and one file of
     ``large_mib`` MiB (half compressible), added to a new chroot store: (the store, their store paths)."""
     rng = random.Random(seed)  # noqa: S311 - benchmark data
     src = workdir / "src"
