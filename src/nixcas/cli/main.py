@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -9,6 +10,23 @@ from nixcas import __version__
 
 VERSION_LINE = f"nixcas, version {__version__}"
 """What ``nixcas --version`` prints (click's ``version_option`` prints the same)."""
+
+GC_YOUNG_THRESHOLD = 50_000
+"""Container allocations between young garbage collections (CPython's default is 700)."""
+
+
+def tune_gc() -> None:
+    """Cyclic garbage collection sized for commands that make many objects (an import, a dump, a server).
+
+    What is loaded so far is frozen, so no later collection walks it again,
+    and young collections run after 50,000 allocations instead of 700: an
+    import of 20,000 small files spent about a tenth of its CPU in the
+    collector.  Reference counting still frees everything at once; only
+    garbage in cycles waits a little longer.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def main() -> None:
@@ -18,6 +36,7 @@ def main() -> None:
         sys.stdout.write(VERSION_LINE + "\n")
         sys.exit(0)
 
+    tune_gc()
     from nixcas.cli.fast import answer
 
     code = answer(sys.argv[1:])  # path-info, castore ls/cat on the embedded store: without click or asyncio
@@ -37,6 +56,8 @@ def _main() -> None:
 
     from nixcas.cli.app import cli
     from nixcas.cli.common import EXIT_USAGE, fail, tune_malloc
+
+    gc.freeze()  # click and the command tree too
 
     if "GLIBC_TUNABLES" not in os.environ:
         tune_malloc()
