@@ -72,6 +72,18 @@ def summary(results: dict[str, list[tuple[float, float]]], peer: str) -> None:
         )
 
 
+def run_floor(bench: import_tree.Bench, store_parent: Path, index: int) -> import_tree.ChildResult:
+    """``bench/import_floor.py`` into a new directory (after an untimed ``sync``); its NAR hash must be Nix's."""
+    store = tempfile.mkdtemp(dir=store_parent, prefix=".nixcas-floor-")
+    os.sync()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    r = import_tree.run_child([sys.executable, str(REPO / "bench" / "import_floor.py"), str(bench.tree), store], env)
+    import_tree.check_ok(r)
+    if bench.nix_nar_hash is not None and f"sha256:{r.stdout.strip()}" != bench.nix_nar_hash:
+        raise SystemExit(f"round {index}: the floor's NAR hash {r.stdout.strip()} is not Nix's {bench.nix_nar_hash}")
+    return r
+
+
 def run_tree(args: argparse.Namespace, workdir: Path) -> None:
     tree = workdir / "tree"
     stats = import_tree.make_tree(args.tree, tree, args.files, args.large, args.large_mib)
@@ -81,15 +93,19 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
         command=args.command,
     )  # fmt: skip
     sources = {"nixcas before": str(args.base), "nixcas after": str(REPO / "src")}
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in [*sources, "nix-store --add"]}
+    peers = ["nix-store --add", *(["floor"] if args.floor else [])]
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in [*sources, *peers]}
     try:
         for i in range(args.runs + 1):
             bench.rename_tree(f"tree-{i}")
             order = list(sources) if i % 2 == 0 else list(sources)[::-1]
-            for tool in [*order, "nix-store --add"]:
+            for tool in [*order, *peers]:
+                r: import_tree.Run | import_tree.ChildResult
                 if tool in sources:
                     os.environ["PYTHONPATH"] = sources[tool]
                     r = bench.run_nixcas(i, i == 0)
+                elif tool == "floor":
+                    r = run_floor(bench, args.store_parent, i)
                 else:
                     r = bench.run_nix(i, i == 0)
                 cpu = r.user_seconds + r.system_seconds
@@ -156,6 +172,7 @@ def main() -> None:
     p.add_argument("--large-mib", type=int, default=64)
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--command", choices=["ingest", "import"], default="ingest")
+    p.add_argument("--floor", action="store_true", help="tree: also run bench/import_floor.py in every round")
     p.add_argument("--store-parent", type=Path, default=Path("/nix/store"))
     p.add_argument("--nixcas", default=str(REPO / ".venv" / "bin" / "nixcas"))
     p.add_argument("--nix-store", default="nix-store")

@@ -1,0 +1,117 @@
+"""The floor of an import: the least work any correct, durable importer of a tree must do.
+
+Run as ``python bench/import_floor.py TREE STORE_DIR`` (``bench/ingest_ab.py tree --floor`` runs it
+as a peer in the same rounds as ``nixcas import`` and ``nix-store --add``).  On one thread, with
+nothing but the standard library, ``blake3`` and ``nixcas.store.nixbase32`` (to print the hash):
+
+* walk the tree in NAR order (names sorted as bytes), ``lstat`` every entry;
+* read every regular file once (1 MiB blocks), BLAKE3 its bytes (the blob's digest) and feed
+  them, framed as the NAR, to one SHA-256 (the store path's NAR hash, printed so the caller
+  can check it equals Nix's);
+* append every file's bytes to one pack file, and record digest, size and offset per file in
+  one SQLite transaction;
+* make it durable: ``fsync`` of the pack, the commit's sync, then ``syncfs`` of the file system
+  (what nixcas's importer does before it publishes a store path; ``nix-store --add`` syncs
+  nothing of the file contents).
+
+No chunking, no Directory messages, no PathInfo, no store path, no checks: anything an
+importer does beyond this is not in the floor.  Prints ``NARHASH`` (nixbase32 SHA-256).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sqlite3
+import stat
+import struct
+import sys
+
+import blake3
+
+from nixcas.store import nixbase32
+
+BLOCK = 1 << 20
+
+
+def _str(sha: hashlib._Hash, data: bytes) -> None:
+    sha.update(struct.pack("<Q", len(data)))
+    sha.update(data)
+    if len(data) % 8:
+        sha.update(b"\0" * (8 - len(data) % 8))
+
+
+class Floor:
+    def __init__(self, store: str) -> None:
+        os.makedirs(store, exist_ok=True)
+        self.pack = os.open(f"{store}/floor.pack", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.offset = 0
+        self.rows: list[tuple[bytes, int, int]] = []
+        self.db = sqlite3.connect(f"{store}/floor.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS blobs (digest BLOB PRIMARY KEY, size INT, offset INT)")
+        self.sha = hashlib.sha256()
+
+    def file(self, path: bytes, size: int, executable: bool) -> None:
+        sha = self.sha
+        _str(sha, b"(")
+        _str(sha, b"type")
+        _str(sha, b"regular")
+        if executable:
+            _str(sha, b"executable")
+            _str(sha, b"")
+        _str(sha, b"contents")
+        sha.update(struct.pack("<Q", size))
+        digest = blake3.blake3()
+        with open(path, "rb", buffering=0) as f:
+            while block := f.read(BLOCK):
+                digest.update(block)
+                sha.update(block)
+                os.write(self.pack, block)
+        if size % 8:
+            sha.update(b"\0" * (8 - size % 8))
+        _str(sha, b")")
+        self.rows.append((digest.digest(), size, self.offset))
+        self.offset += size
+
+    def node(self, path: bytes) -> None:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            self.file(path, st.st_size, bool(st.st_mode & 0o100))
+        elif stat.S_ISLNK(st.st_mode):
+            for token in (b"(", b"type", b"symlink", b"target", os.readlink(path), b")"):
+                _str(self.sha, token)
+        else:
+            for token in (b"(", b"type", b"directory"):
+                _str(self.sha, token)
+            for name in sorted(os.listdir(path)):
+                for token in (b"entry", b"(", b"name", name, b"node"):
+                    _str(self.sha, token)
+                self.node(os.path.join(path, name))
+                _str(self.sha, b")")
+            _str(self.sha, b")")
+
+    def finish(self) -> str:
+        os.fsync(self.pack)
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", self.rows)
+        self.db.execute("COMMIT")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(self.pack) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs")
+        os.close(self.pack)
+        self.db.close()
+        return nixbase32.encode(self.sha.digest())
+
+
+def main() -> None:
+    tree, store = os.fsencode(sys.argv[1]), sys.argv[2]
+    floor = Floor(store)
+    _str(floor.sha, b"nix-archive-1")
+    floor.node(tree)
+    print(floor.finish())
+
+
+if __name__ == "__main__":
+    main()
