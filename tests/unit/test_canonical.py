@@ -67,6 +67,14 @@ def test_every_canonical_encoding_with_short_names_is_read() -> None:
         assert Directory(entries).encode() == data
 
 
+def test_encoding_is_protobufs_deterministic_serialization() -> None:
+    """Directory.encode writes without protobuf exactly what protobuf's deterministic serialization gives."""
+    rng = random.Random(7)  # noqa: S311 - reproducible test data
+    for _ in range(400):
+        directory = random_directory(rng)
+        assert directory.encode() == directory.to_proto().SerializeToString(deterministic=True)
+
+
 def test_empty_directory() -> None:
     assert decode_canonical(b"") == []
 

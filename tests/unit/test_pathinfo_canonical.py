@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.errors import PathInfoError, ValidationError
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
-from nixcas.store.pathinfo.canonical import decode_canonical
+from nixcas.store.pathinfo.canonical import decode_canonical, encode_canonical
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import StorePath
 from nixcas.testing.daemon import clean_env
@@ -96,6 +97,18 @@ def test_every_canonical_encoding_with_short_names_is_read() -> None:
         assert decoded == info
         read += 1
     assert read > 100
+
+
+def test_encoding_is_protobufs_deterministic_serialization() -> None:
+    """PathInfo.encode writes without protobuf exactly what protobuf's deterministic serialization gives."""
+    rng = random.Random(5)  # noqa: S311 - reproducible test data
+    for _ in range(400):
+        info = random_path_info(rng)
+        assert encode_canonical(info) == info.to_proto().SerializeToString(deterministic=True)
+    for kind, algo in CA_KINDS:
+        info = random_path_info(rng)
+        info = dataclasses.replace(info, ca=CAHash(kind, NixHash(algo, rng.randbytes(algo.digest_size))))
+        assert info.encode() == info.to_proto().SerializeToString(deterministic=True)
 
 
 def test_every_ca_type_is_read() -> None:

@@ -1,4 +1,4 @@
-"""Canonical ``Directory`` bytes read without protobuf: what a command listing one directory needs.
+"""Canonical ``Directory`` bytes read and written without protobuf: what a command listing one directory needs.
 
 A stored Directory is the deterministic protobuf encoding of a valid
 Directory (that is what its digest is computed over).  Reading such bytes
@@ -13,21 +13,75 @@ unknown fields; every name, digest, size and target valid.  For anything
 else it returns ``None`` and the caller decodes with protobuf, which gives
 the same result or the precise error.  So accepted bytes are their own
 canonical encoding (re-encoding them gives them back).
+
+:func:`encode_canonical` writes those bytes for a valid Directory's entries
+(what protobuf's deterministic serialization gives, which the tests check):
+an import stores every Directory it makes without loading protobuf.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.castore.nodes import U64_MAX, DirectoryNode, FileNode, Node, SymlinkNode, validate_name
 from nixcas.errors import ValidationError
 
-__all__ = ["Fields", "canonical_fields", "decode_canonical", "read_varint"]
+__all__ = [
+    "Fields",
+    "canonical_fields",
+    "decode_canonical",
+    "encode_canonical",
+    "encode_entry",
+    "read_varint",
+    "varint",
+]
 
 # Wire tags (field number << 3 | wire type) of castore.proto's messages.
 _LIST_TAGS = {0x0A: 0, 0x12: 1, 0x1A: 2}
 """Directory: directories = 1, files = 2, symlinks = 3 (length-delimited)."""
 _NAME, _DIGEST_OR_TARGET, _SIZE, _EXECUTABLE = 0x0A, 0x12, 0x18, 0x20
 """name = 1 and digest (or target) = 2 (length-delimited); size = 3 and executable = 4 (varint)."""
+
+
+def varint(value: int) -> bytes:
+    """``value`` (0 to 2**64 - 1) as a protobuf varint, in its shortest form."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _delimited(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    return bytes((tag, n)) + value if n < 0x80 else bytes((tag,)) + varint(n) + value
+
+
+def encode_entry(name: bytes, node: Node) -> tuple[int, bytes]:
+    """A Directory entry (or a ``Node`` message's one field): its list's tag, and its message bytes."""
+    if isinstance(node, SymlinkNode):
+        return 0x1A, _delimited(_NAME, name) + _delimited(_DIGEST_OR_TARGET, node.target)
+    entry = _delimited(_NAME, name) + _delimited(_DIGEST_OR_TARGET, node.digest)
+    if node.size:
+        entry += bytes((_SIZE,)) + varint(node.size)
+    if isinstance(node, FileNode):
+        if node.executable:
+            entry += b"\x20\x01"
+        return 0x12, entry
+    return 0x0A, entry
+
+
+def encode_canonical(entries: Iterable[tuple[bytes, Node]]) -> bytes:
+    """The canonical encoding of a valid Directory's entries (sorted by name): directories, files, symlinks."""
+    lists: dict[int, list[bytes]] = {0x0A: [], 0x12: [], 0x1A: []}
+    for name, node in entries:
+        tag, entry = encode_entry(name, node)
+        lists[tag].append(_delimited(tag, entry))
+    return b"".join([*lists[0x0A], *lists[0x12], *lists[0x1A]])
 
 
 def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:

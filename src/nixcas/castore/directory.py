@@ -151,9 +151,11 @@ class Directory:
         return msg
 
     def encode(self) -> bytes:
-        """The canonical protobuf encoding (what the digest is computed over)."""
+        """The canonical protobuf encoding (what the digest is computed over), written without protobuf."""
         if self._encoded is None:
-            self._encoded = self.to_proto().SerializeToString(deterministic=True)
+            from nixcas.castore.canonical import encode_canonical
+
+            self._encoded = encode_canonical(self._entries)
         return self._encoded
 
     @property

@@ -1,4 +1,4 @@
-"""Canonical ``PathInfo`` bytes read without protobuf: what ``path-info`` needs to show one record.
+"""Canonical ``PathInfo`` bytes read and written without protobuf: what ``path-info`` needs to show one record.
 
 Every record nixcas stores is the deterministic protobuf encoding of a valid
 PathInfo; loading google.protobuf and the generated modules to read one costs
@@ -13,6 +13,10 @@ laid out as a ``Directory`` of one entry).  For anything else it returns
 uses protobuf.  What it reads is validated by
 :meth:`PathInfo.from_parts <nixcas.store.pathinfo.model.PathInfo.from_parts>`,
 the checks protobuf's path makes, so both give the same PathInfo or error.
+
+:func:`encode_canonical` writes a PathInfo's record the same way (what
+protobuf's deterministic serialization gives, which the tests check), so an
+import stores its record without loading protobuf.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from nixcas.castore.canonical import decode_canonical as decode_canonical_entries
-from nixcas.castore.canonical import read_varint
+from nixcas.castore.canonical import encode_entry, read_varint, varint
 from nixcas.castore.nodes import Node
 from nixcas.store.pathinfo.model import PathInfo
 
@@ -28,7 +32,7 @@ TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["decode_canonical"]
+__all__ = ["decode_canonical", "encode_canonical"]
 
 _VARINT, _BYTES, _MESSAGE, _REPEATED = 0, 1, 2, 3
 """Field kinds: a varint, bytes or a string, a message (present even when empty), a repeated bytes/message field."""
@@ -125,3 +129,37 @@ def decode_canonical(data: bytes) -> PathInfo | None:
         deriver=deriver,
         ca=ca,
     )
+
+
+def _field(number: int, value: bytes) -> bytes:
+    """A length-delimited field (numbers 1 to 15: a one-byte tag)."""
+    return bytes((number << 3 | 2,)) + varint(len(value)) + value
+
+
+def _named(name: str, data: bytes) -> bytes:
+    """``NARInfo.Signature`` / ``StorePath``: name = 1, then data (or digest) = 2, each left out when empty."""
+    raw = name.encode()
+    return (_field(1, raw) if raw else b"") + (_field(2, data) if data else b"")
+
+
+def encode_canonical(info: PathInfo) -> bytes:
+    """The record of ``info``: the bytes ``PathInfo.to_proto().SerializeToString(deterministic=True)`` gives."""
+    tag, entry = encode_entry(info.store_path.basename.encode(), info.node)
+    narinfo = [
+        b"\x08" + varint(info.nar_size) if info.nar_size else b"",
+        _field(2, info.nar_sha256) if info.nar_sha256 else b"",
+    ]
+    narinfo.extend(_field(3, _named(sig.name, sig.data)) for sig in info.signatures)
+    narinfo.extend(_field(4, ref.basename.encode()) for ref in info.references)
+    if info.deriver is not None:
+        narinfo.append(_field(5, _named(info.deriver.name, info.deriver.digest)))
+    if info.ca is not None:
+        kind = info.ca.proto_type
+        ca = (b"\x08" + varint(kind) if kind else b"") + (
+            _field(2, info.ca.hash.digest) if info.ca.hash.digest else b""
+        )
+        narinfo.append(_field(6, ca))
+    parts = [_field(1, bytes((tag,)) + varint(len(entry)) + entry)]
+    parts.extend(_field(2, ref.digest) for ref in info.references)
+    parts.append(_field(3, b"".join(narinfo)))
+    return b"".join(parts)

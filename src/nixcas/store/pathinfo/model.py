@@ -189,7 +189,9 @@ class PathInfo:
 
     @cached_property
     def _encoded(self) -> bytes:
-        return self.to_proto().SerializeToString(deterministic=True)
+        from nixcas.store.pathinfo.canonical import encode_canonical
+
+        return encode_canonical(self)
 
     @classmethod
     def decode(cls, data: bytes) -> PathInfo:
