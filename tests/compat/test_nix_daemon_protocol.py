@@ -475,6 +475,18 @@ async def test_a_signature_name_with_a_line_break_is_refused() -> None:
         assert info is not None and [str(sig) for sig in info.signatures] == DEP.sigs
 
 
+async def test_a_nar_deeper_than_the_limit_is_refused_and_the_session_goes_on() -> None:
+    """Issue 16, defect 1 at this entry point: nesting past MAX_DEPTH (2048) is refused while parsing."""
+    step = [s(t) for t in (b"entry", b"(", b"name", b"a", b"node", b"(", b"type", b"directory")]
+    deep = [s(b"nix-archive-1"), s(b"("), s(b"type"), s(b"directory"), *step * 2049, s(b")") * (2 * 2049 + 1)]
+    item = signed("deep", b"".join(deep))
+    async with daemon() as d, d.connect() as c:
+        error = await c.add(item)
+        assert error is not None and "deeper than" in error and "2048 levels" in error
+        assert not await c.is_valid(item.path)
+        assert await c.add(DEP) is None
+
+
 async def _pins(d: Daemon) -> AsyncIterator[Pin]:
     assert d.state.pins is not None
     for pin in await d.state.pins.list():
