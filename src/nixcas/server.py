@@ -25,8 +25,8 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from nixcas._proto.nixcas.pin.v1 import pin_pb2
 from nixcas._proto.snix.castore.protos import rpc_blobservice_pb2 as snix_blob_pb
@@ -42,6 +42,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.grpc.channel import CHANNEL_OPTIONS
 from nixcas.castore.grpc.chunkstore import add_chunkstore_servicers
 from nixcas.castore.grpc.pin_servicer import add_pin_servicer
+from nixcas.castore.grpc.register import add_servicer
 from nixcas.castore.grpc.servicers import add_castore_servicers
 from nixcas.castore.pins.base import PinService
 from nixcas.errors import ConfigurationError
@@ -115,16 +116,10 @@ def _descriptor_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.Descrip
 
 
 def _add_reflection(server: grpc.aio.Server, names: list[str]) -> None:
+    """Reflection ``v1alpha`` and ``v1`` (the same messages); undecodable requests are ``INVALID_ARGUMENT``."""
     servicer = reflection.aio.ReflectionServicer(names, pool=_descriptor_pool(_DESCRIBED_FILES))
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)  # v1alpha
-    v1 = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
-    )
+    service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+    add_servicer(server, servicer, service, names=(REFLECTION_V1ALPHA, REFLECTION_V1))
 
 
 @dataclass
@@ -199,7 +194,7 @@ async def start_server(
     if pins is not None:
         names += add_pin_servicer(server, pins)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_servicer(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"], names=(HEALTH,))
     for name in ("", *names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _add_reflection(server, [*names, HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA])

@@ -459,6 +459,34 @@ async def test_roots_and_signatures() -> None:
         assert error is not None and "not privileged" in error
 
 
+async def test_a_signature_name_with_a_line_break_is_refused() -> None:
+    """Issue 16, defect 3 at this entry point: no narinfo line can be injected through a signature name."""
+    bad = "cache.example.org-1\nSystem x86_64-linux:" + "A" * 86 + "=="  # the text form's name ends at a ':'
+    injected = signed("injected", nar_file(b"x\n"))
+    injected.sigs.append(bad)
+    async with daemon() as d, d.connect() as c:
+        error = await c.add(injected, dont_check_sigs=True)
+        assert error is not None and "invalid signature" in error
+        assert not await c.is_valid(injected.path)
+        assert await c.add(DEP) is None
+        error = await c.op(u64(ADD_SIGNATURES), s(str(DEP.path)), strs([bad]))
+        assert error is not None and "invalid signature" in error
+        info = await d.state.pathinfos.get(DEP.path.digest)
+        assert info is not None and [str(sig) for sig in info.signatures] == DEP.sigs
+
+
+async def test_a_nar_deeper_than_the_limit_is_refused_and_the_session_goes_on() -> None:
+    """Issue 16, defect 1 at this entry point: nesting past MAX_DEPTH (2048) is refused while parsing."""
+    step = [s(t) for t in (b"entry", b"(", b"name", b"a", b"node", b"(", b"type", b"directory")]
+    deep = [s(b"nix-archive-1"), s(b"("), s(b"type"), s(b"directory"), *step * 2049, s(b")") * (2 * 2049 + 1)]
+    item = signed("deep", b"".join(deep))
+    async with daemon() as d, d.connect() as c:
+        error = await c.add(item)
+        assert error is not None and "deeper than" in error and "2048 levels" in error
+        assert not await c.is_valid(item.path)
+        assert await c.add(DEP) is None
+
+
 async def _pins(d: Daemon) -> AsyncIterator[Pin]:
     assert d.state.pins is not None
     for pin in await d.state.pins.list():

@@ -6,12 +6,16 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from nixcas._proto.tvix.castore.protos import castore_pb2 as castore_pb
 from nixcas._proto.tvix.castore.protos import rpc_blobstore_pb2 as blob_pb
@@ -26,7 +30,7 @@ from nixcas.castore.nodes import FileNode
 from nixcas.castore.proto import encode_node
 from nixcas.castore.sizerule import SizeRule
 from nixcas.errors import PathInfoError
-from nixcas.server import RunningServer, start_server
+from nixcas.server import HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA, RunningServer, start_server
 from nixcas.store import nixbase32
 from nixcas.store.nar.plan import plan_size
 from nixcas.store.narindex import NarIndex
@@ -139,6 +143,21 @@ METHODS = [(s, m) for s in SERVICES for m in s.methods]
 GARBAGE = [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f"]  # an invalid tag; a length past the end
 
 
+async def call_raw(channel: grpc.aio.Channel, path: str, method: MethodDescriptor, request: bytes) -> None:
+    """Call ``path`` with ``request`` as the raw bytes of its (only) request message."""
+    kw: dict[str, Any] = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    if method.client_streaming and method.server_streaming:
+        async for _ in channel.stream_stream(path, **kw)(iter([request])):
+            pass
+    elif method.client_streaming:
+        await channel.stream_unary(path, **kw)(iter([request]))
+    elif method.server_streaming:
+        async for _ in channel.unary_stream(path, **kw)(request):
+            pass
+    else:
+        await channel.unary_unary(path, **kw)(request)
+
+
 @pytest.mark.parametrize("prefix", ["tvix", "snix"])
 @pytest.mark.parametrize(("service", "method"), METHODS, ids=[f"{s.name}.{m.name}" for s, m in METHODS])
 async def test_undecodable_request_is_invalid_argument_on_every_method(
@@ -148,33 +167,51 @@ async def test_undecodable_request_is_invalid_argument_on_every_method(
     service: object,
     method: object,
 ) -> None:
-    from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-
     assert isinstance(service, ServiceDescriptor) and isinstance(method, MethodDescriptor)
     running = daemon[0]
     path = f"/{prefix}.{service.full_name.partition('.')[2]}/{method.name}"
     target = running.url.replace("grpc+unix://", "unix:")
     caplog.set_level(logging.DEBUG)
     async with grpc.aio.insecure_channel(target) as channel:
-        kw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
-
-        async def call(garbage: bytes) -> None:
-            if method.client_streaming and method.server_streaming:
-                async for _ in channel.stream_stream(path, **kw)(iter([garbage])):
-                    pass
-            elif method.client_streaming:
-                await channel.stream_unary(path, **kw)(iter([garbage]))
-            elif method.server_streaming:
-                async for _ in channel.unary_stream(path, **kw)(garbage):
-                    pass
-            else:
-                await channel.unary_unary(path, **kw)(garbage)
-
         for garbage in GARBAGE:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await call(garbage)
+                await call_raw(channel, path, method, garbage)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
             assert method.name in (err.value.details() or "")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+GRPC_OWN = [
+    (name, service, method)
+    for name, service in (
+        (HEALTH, health_pb2.DESCRIPTOR.services_by_name["Health"]),
+        (REFLECTION_V1ALPHA, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]),
+        (REFLECTION_V1, reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]),
+    )
+    for method in service.methods
+]
+
+
+@pytest.mark.parametrize(("name", "service", "method"), GRPC_OWN, ids=[f"{n}.{m.name}" for n, _, m in GRPC_OWN])
+async def test_undecodable_request_to_health_and_reflection_is_invalid_argument(
+    daemon: tuple[RunningServer, MemoryBlobService, MemoryDirectoryService],
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+    service: ServiceDescriptor,
+    method: MethodDescriptor,
+) -> None:
+    """grpc's own services on the daemon's socket too (they answered UNKNOWN and logged an ERROR traceback)."""
+    target = daemon[0].url.replace("grpc+unix://", "unix:")
+    caplog.set_level(logging.DEBUG)
+    async with grpc.aio.insecure_channel(target) as channel:
+        for garbage in GARBAGE:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call_raw(channel, f"/{name}/{method.name}", method, garbage)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert f"{service.name}.{method.name}" in (err.value.details() or "")
+        if method.name == "Check":  # a well-formed request is still answered
+            await call_raw(channel, f"/{name}/Check", method, health_pb2.HealthCheckRequest().SerializeToString())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "Traceback" not in caplog.text
 

@@ -71,13 +71,22 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
         yield request
 
 
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """The responses of a streaming handler: yielded, or (grpc's health ``Watch``) written with ``context.write``."""
+    if hasattr(result, "__aiter__"):
+        async for response in result:
+            yield response
+    else:
+        await result
+
+
 def _guarded(handler: Callable[..., Any], method: MethodDescriptor) -> Callable[..., Any]:
     """``handler``, aborting with ``INVALID_ARGUMENT`` where a request did not decode."""
     if method.client_streaming:
         if method.server_streaming:
 
             async def stream_stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-                async for response in handler(_checked(requests, context), context):
+                async for response in _responses(handler(_checked(requests, context), context)):
                     yield response
 
             return stream_stream
@@ -91,7 +100,7 @@ def _guarded(handler: Callable[..., Any], method: MethodDescriptor) -> Callable[
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             if isinstance(request, _Undecodable):
                 await _refuse(context, request)
-            async for response in handler(request, context):
+            async for response in _responses(handler(request, context)):
                 yield response
 
         return unary_stream
@@ -105,9 +114,15 @@ def _guarded(handler: Callable[..., Any], method: MethodDescriptor) -> Callable[
 
 
 def add_servicer(
-    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, prefixes: Sequence[str] = PACKAGE_PREFIXES
+    server: grpc.aio.Server,
+    servicer: object,
+    service: ServiceDescriptor,
+    prefixes: Sequence[str] = PACKAGE_PREFIXES,
+    *,
+    names: Sequence[str] | None = None,
 ) -> list[str]:
-    """Install ``servicer``'s methods for ``service`` under every prefix; return the service names."""
+    """Install ``servicer``'s methods for ``service`` under every prefix (or under ``names``, when
+    given: e.g. grpc's own health and reflection services); return the service names."""
     serializers: Mapping[str, Callable[[Any], bytes]] = getattr(servicer, "SERIALIZERS", {})
     deserializers: Mapping[str, Callable[[bytes], Any]] = getattr(servicer, "DESERIALIZERS", {})
     handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -119,7 +134,7 @@ def add_servicer(
             request_deserializer=_tolerant(deserialize, f"{service.name}.{method.name}"),
             response_serializer=serializers.get(method.name, GetMessageClass(method.output_type).SerializeToString),
         )
-    names = service_names(service, prefixes)
+    names = list(names) if names is not None else service_names(service, prefixes)
     for name in names:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     return names
