@@ -86,7 +86,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, str
 
 
 def test_import_loads_no_protobuf(tmp_path: Path) -> None:
-    """``import`` writes its Directory messages and its PathInfo record without protobuf (~30 ms of start-up)."""
+    """``import`` writes its Directory messages and its PathInfo record without protobuf (~30 ms of start-up),
+    and finds ``syncfs`` without running ldconfig."""
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
     (tree / "sub" / "a").write_bytes(b"a\n")
@@ -95,6 +96,7 @@ def test_import_loads_no_protobuf(tmp_path: Path) -> None:
     assert result.stdout.decode().startswith("/nix/store/")
     assert loaded(modules, *ALWAYS_HEAVY, "google") == []
     assert [m for m in modules if m.startswith("nixcas._proto")] == []
+    assert "ctypes.util" not in modules  # find_library runs ldconfig: ~7 ms for a symbol the process has
 
 
 def test_version_loads_neither_click_nor_asyncio_nor_protobuf(tmp_path: Path) -> None:

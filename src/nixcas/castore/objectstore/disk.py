@@ -47,9 +47,7 @@ READ_ONLY = os.O_RDONLY | os.O_CLOEXEC
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    import ctypes.util  # runs ldconfig: only writers need libc, so readers do not pay for it
-
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    return ctypes.CDLL(None, use_errno=True)  # the process's own symbols, libc's among them (no ldconfig run)
 
 
 def _syncfs(path: Path) -> None:
