@@ -396,3 +396,34 @@ async def test_close_waits_for_bulk_reads_of_other_threads(tmp_path: Path, monke
     assert result and result[0] is not None, "the read was cut off by close()"
     assert [bytes(piece) for piece in result[0]] == [data]  # type: ignore[attr-defined]
     assert blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16))) is None  # closed: the caller falls back
+
+
+async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunk file a large blob's writer stages, and every object put whole, has its disk write started
+    when it is written (not at the final syncfs), and the blob reads back."""
+    import os
+
+    from nixcas.castore.objectstore import disk, writers
+
+    started: list[int] = []
+    start = disk.start_writeback
+
+    def record(fd: int) -> None:
+        started.append(os.fstat(fd).st_size)
+        start(fd)
+
+    monkeypatch.setattr(writers, "start_writeback", record)
+    monkeypatch.setattr(disk, "start_writeback", record)
+    root = tmp_path / "blobs"
+    svc = await open_packed(root)
+    try:
+        writer = await svc.open_write(len(LARGE))
+        async with writer:
+            await writer.write(LARGE)
+            digest = await writer.close()
+        chunks = await svc.chunks(digest)
+        assert chunks and len(started) == len({c.digest for c in chunks}) + 1  # each new chunk, then the index
+        assert all(size > 0 for size in started)
+        assert await svc.read_many({digest: len(LARGE)}) == {digest: LARGE}
+    finally:
+        await svc.close()

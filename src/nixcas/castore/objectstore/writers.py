@@ -35,6 +35,7 @@ from nixcas.castore.blob.chunking import (
 )
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.objectstore.blobs import ChunkingWriter
+from nixcas.castore.objectstore.disk import start_writeback
 from nixcas.castore.objectstore.layout import (
     blob_index_key,
     chunk_key,
@@ -91,6 +92,8 @@ class LocalBlobWriter(ChunkingWriter):
             self._staged[digest] = tmp_path
             with contextlib.closing(os.fdopen(fd, "wb")) as f:
                 f.write(service._compressor().compress(data))
+                f.flush()
+                start_writeback(fd)
 
     def _feed_sync(self, data: list[bytes]) -> None:
         if self._chunker is None:
