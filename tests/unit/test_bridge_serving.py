@@ -239,10 +239,10 @@ async def test_lean_route_keeps_private_caches_private_and_is_counted(
 ) -> None:
     """A private bridge's narinfo needs a token on the lean route too; a lean answer is still metered."""
     import aiohttp
+    from prometheus_client import REGISTRY
 
     from nixcas.bridge.auth import Token, Tokens
     from nixcas.bridge.server import start_bridge
-    from prometheus_client import REGISTRY
 
     def answered(status: int) -> float:
         labels = {"route": "get_narinfo", "method": "GET", "status": str(status)}
