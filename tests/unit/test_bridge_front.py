@@ -285,3 +285,20 @@ async def test_shutdown_closes_the_fronts_connections(served: Served) -> None:
     await served.running.stop()
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
     writer.close()
+
+
+async def test_an_unexpected_lookup_error_goes_to_aiohttp(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front's lookup raising what it never should: aiohttp answers (here with its route's own lookup)."""
+
+    def broken(hash_part: str) -> bytes | None:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(served.bridge, "_narinfo_now", broken)
+    reader, writer = await served.connect()
+    try:
+        writer.write(get(served.narinfo))
+        status, _, body = await read_response(reader)
+        assert status == 200 and b"StorePath: " in body
+        assert len(served.handed) == 1
+    finally:
+        writer.close()

@@ -203,7 +203,10 @@ class FrontProtocol(asyncio.Protocol):
                 return self._hand_over(data[pos:])
             target = match.group(1)
             if len(target) == 41:  # /<32 characters>.narinfo
-                body = answer(target[1:33].decode())
+                try:
+                    body = answer(target[1:33].decode())
+                except Exception:  # unexpected: aiohttp's route meets it again and answers 500
+                    body = None
                 if body is None:
                     return self._hand_over(data[pos:])
                 route, content_type = "get_narinfo", _NARINFO_TYPE
