@@ -488,12 +488,11 @@ def main(argv: list[str] | None = None) -> None:
             if key not in summary["nar-bridge"]:
                 continue
             ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
-            print(f"| {label} ({unit}) | {ours:,.2f} | {peer:,.2f} | {ours / peer:.2f}x |")
+            print(f"| {label} ({unit}) | {ours:,.2f} | {peer:,.2f} | {f'{ours / peer:.2f}x' if peer else '-'} |")
             if "before" in summary:
                 before = summary["before"][key]["median"]
-                print(
-                    f"| {label} ({unit}), before (--compare-src) | {before:,.2f} | {peer:,.2f} | {before / peer:.2f}x |"
-                )
+                ratio = f"{before / peer:.2f}x" if peer else "-"
+                print(f"| {label} ({unit}), before | {before:,.2f} | {peer:,.2f} | {ratio} |")
         for name in ("nar-bridge", "before"):
             if "floor" in summary.get(name, {}):
                 floor = summary[name]["floor"]["median"]
