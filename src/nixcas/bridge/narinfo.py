@@ -2,7 +2,8 @@
 
 A narinfo is rendered from the stored PathInfo record (signed on the fly with
 a key) once per distinct record, then reused; :meth:`NarinfoRoutes.front` answers
-the common ``GET`` of a stored path's narinfo in front of the router.  The
+the common ``GET`` of a stored path's narinfo in front of the router (and
+:mod:`nixcas.bridge.front` before aiohttp, for plain requests).  The
 listing is computed from the path's directories (no blob is read).
 """
 
