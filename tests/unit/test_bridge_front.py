@@ -165,8 +165,22 @@ class _Transport(asyncio.Transport):
         self.sent = b""
         self.closed = False
 
+        self.reading = True
+        self.full_after: int | None = None
+        """Bytes after which the client stops reading (the protocol's writing is paused)."""
+        self.protocol: asyncio.Protocol | None = None
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.sent += bytes(data)
+        if self.full_after is not None and len(self.sent) >= self.full_after and self.protocol is not None:
+            self.full_after = None
+            self.protocol.pause_writing()
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 1) if name == "peername" else default
@@ -176,6 +190,23 @@ class _Transport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return self.closed
+
+
+async def test_no_answer_while_the_client_does_not_read(served: Served) -> None:
+    """Pipelined requests to a client that stopped reading: the front pauses, and answers the rest once it reads."""
+    transport = _Transport()
+    protocol = served.running.runner.server()  # type: ignore[misc]
+    assert isinstance(protocol, FrontProtocol)
+    protocol.connection_made(transport)
+    transport.protocol, transport.full_after = protocol, 1
+    protocol.data_received(get(served.narinfo) * 3)
+    assert transport.sent.count(b"HTTP/1.1 200 OK") == 1 and not transport.reading
+    protocol.data_received(get("/nix-cache-info"))  # what was in flight when reading paused
+    assert transport.sent.count(b"HTTP/1.1 200 OK") == 1
+    protocol.resume_writing()
+    assert transport.sent.count(b"HTTP/1.1 200 OK") == 4 and transport.reading
+    assert transport.sent.endswith(served.bridge._cache_info) and served.handed == []
+    protocol.connection_lost(None)
 
 
 async def test_hand_over_mid_buffer_with_a_body(served: Served) -> None:

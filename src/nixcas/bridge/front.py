@@ -7,7 +7,9 @@ record is read on every request, its rendering reused) and ``GET
 /nix-cache-info``.  Requests may be pipelined or split over many reads; the
 answers leave in order, each counted in the metrics and written as an access
 line exactly as the aiohttp server does (:func:`nixcas.ops.web.record`,
-:func:`~nixcas.ops.web.access_line`; route ``get_narinfo`` or ``cache_info``).
+:func:`~nixcas.ops.web.access_line`; route ``get_narinfo`` or ``cache_info``; the
+in-flight gauge and the draining count are left alone: each answer is complete
+before the front returns to the event loop).
 
 Everything else is handed to aiohttp unchanged, and aiohttp owns the
 connection from then on: the transport is switched to the server's own
@@ -220,7 +222,7 @@ class FrontProtocol(asyncio.Protocol):
             level = record(route, "GET", 200, seconds, 0, sent)
             if level:
                 access_line(level, self._client, "GET", target.decode(), route, 200, seconds, 0, sent, "-")
-            if self._writing_paused:
+            if self._writing_paused or transport.is_closing():
                 if pos < end:
                     self._pending = data[pos:]
                 return
