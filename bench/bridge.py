@@ -37,10 +37,15 @@ Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
   the NAR's bytes held in memory, one thread (the least a stream that verifies
   every byte must do).
 
-``--nar-only`` measures the single stream alone (no 8 concurrent, no ``wrk``).
+``--nar-only`` measures the single stream alone (no 8 concurrent, no ``wrk``);
+``--narinfo-only`` measures the narinfo rate, the CPU the server used per narinfo
+and each bridge's HTTP floor alone (no NAR streams, no NAR floors).
 ``--compare-src SRC`` starts a second bridge on the same store from other
 sources (``PYTHONPATH=SRC``, e.g. main's ``src``), measured as ``before`` in the
-same rounds; the order of the servers alternates every round.
+same rounds; the order of the servers alternates every round.  ``--compare-env
+KEY=VALUE`` (repeatable) starts that second bridge with these environment
+variables (from these sources, unless ``--compare-src`` is given too), e.g.
+``NIXCAS_BRIDGE_FRONT=0`` for the bridge without its front protocol.
 
 The bridge runs on the event loop ``--event-loop`` names (default: its own
 ``auto``, uvloop when installed); the one it used is recorded in the facts.
@@ -189,11 +194,15 @@ class Servers:
         self.pids: dict[str, int] = {}
         """Base URL -> PID of the server's first process (its workers are its children)."""
 
-    def start_bridge(self, extra: list[str] | None = None, src: str | None = None, name: str = "bridge") -> str:
-        """A bridge on the benchmark's store; ``src``: run it from those sources (``PYTHONPATH``)."""
+    def start_bridge(
+        self, extra: list[str] | None = None, src: str | None = None, name: str = "bridge",
+        env: dict[str, str] | None = None,
+    ) -> str:  # fmt: skip
+        """A bridge on the benchmark's store; ``src``: run it from those sources (``PYTHONPATH``), with ``env`` set."""
         port = free_port()
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-        env = None if src is None else {**os.environ, "PYTHONPATH": src}
+        if src is not None or env:
+            env = {**os.environ, **(env or {}), **({"PYTHONPATH": src} if src is not None else {})}
         proc = subprocess.Popen(
             [*NIXCAS, "--store-dir", str(self.workdir / "nixcas"), "nar-bridge", "-l", f"127.0.0.1:{port}",
              "--allow-writes", *(extra or [])],
@@ -295,6 +304,17 @@ def wrk_rate(base: str, paths: list[str], seconds: int, workdir: Path) -> float:
     sys.exit(f"wrk output without a rate:\n{out}")
 
 
+def narinfo_round(rows: dict[str, list[float]], base: str, pid: int, smalls: list[str], seconds: int,
+                  workdir: Path, floor: bool) -> None:  # fmt: skip
+    """One ``--narinfo-only`` round of one server: narinfo/s, server CPU per narinfo (µs), the HTTP floor."""
+    cpu = tree_cpu(pid)
+    rate = wrk_rate(base, smalls, seconds, workdir)
+    rows["narinfo"].append(rate)
+    rows["narinfo_cpu_us"].append((tree_cpu(pid) - cpu) / (rate * seconds) * 1e6)
+    if floor:
+        rows.setdefault("floor", []).append(wrk_rate(base, ["/nix-cache-info"], seconds, workdir))
+
+
 def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float, float, float]:
     """MiB/s of ``render_nar`` and of ``NarSource.stream`` (what the bridge sends) of ``store_path`` from
     the store in ``store_dir`` (no HTTP), and of one BLAKE3 pass over the NAR in ``nar_file`` (read into
@@ -350,6 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
     parser.add_argument("--event-loop", default=None, help="nar-bridge --event-loop (default: its own, auto)")
     parser.add_argument("--nar-only", action="store_true", help="only the single NAR stream (no 8x, no wrk)")
+    parser.add_argument("--narinfo-only", action="store_true", help="only narinfo/s and the HTTP floor (no NARs)")
+    parser.add_argument(
+        "--compare-env", action="append", default=[], metavar="KEY=VALUE",
+        help="start the 'before' bridge with this environment variable (repeatable)",
+    )  # fmt: skip
     parser.add_argument(
         "--compare-src", default=None, help="also serve from these sources (a PYTHONPATH, e.g. main's src) as 'before'"
     )
@@ -382,8 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"nix copy to the bridge: {upload_s:.2f} s; to file://: {file_copy_s:.2f} s", flush=True)
         nginx = servers.start_nginx(cache)
         bases = {"nar-bridge": bridge, "nginx": nginx}
-        if args.compare_src is not None:
-            bases["before"] = servers.start_bridge(extra, src=args.compare_src, name="before")
+        if args.compare_src is not None or args.compare_env:
+            compare_env = dict(item.split("=", 1) for item in args.compare_env)
+            bases["before"] = servers.start_bridge(extra, src=args.compare_src, name="before", env=compare_env)
 
         urls: dict[str, str] = {}
         for name, base in bases.items():
@@ -401,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         facts["bridge_event_loop"] = loop_used
 
         results: dict[str, dict[str, list[float]]] = {
-            n: {"single": [], "cpu_per_gib": [], "concurrent": [], "narinfo": []} for n in urls
+            n: {"single": [], "cpu_per_gib": [], "concurrent": [], "narinfo": [], "narinfo_cpu_us": []} for n in urls
         }
         results["nar-bridge"]["floor"] = []
         results["floors"] = {"render_only": [], "stream_only": [], "blake3_one_pass": [], "loadavg": []}
@@ -410,6 +436,14 @@ def main(argv: list[str] | None = None) -> None:
             results["floors"]["loadavg"].append(os.getloadavg()[0])
             for name in order if r % 2 == 0 else order[::-1]:
                 base = bases[name]
+                if args.narinfo_only:
+                    narinfo_round(results[name], base, servers.pids[base], smalls, args.seconds, workdir,
+                                  name != "nginx")  # fmt: skip
+                    rows = results[name]
+                    floor_text = f", floor {rows['floor'][-1]:8.0f}/s" if "floor" in rows else ""
+                    print(f"round {r + 1} {name:10}: narinfo {rows['narinfo'][-1]:8.0f}/s, "
+                          f"{rows['narinfo_cpu_us'][-1]:.0f} µs CPU each{floor_text}", flush=True)  # fmt: skip
+                    continue
                 cpu = tree_cpu(servers.pids[base])
                 seconds, size = curl_time(urls[name])
                 cpu = tree_cpu(servers.pids[base]) - cpu
@@ -449,20 +483,30 @@ def main(argv: list[str] | None = None) -> None:
             ("cpu_per_gib", "NAR GET, single stream, server CPU", "s/GiB"),
             ("concurrent", "NAR GET, 8 concurrent", "MiB/s"),
             ("narinfo", "narinfo GET", "req/s"),
+            ("narinfo_cpu_us", "narinfo GET, server CPU per request", "µs"),
         ):
             if key not in summary["nar-bridge"]:
                 continue
             ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
-            print(f"| {label} ({unit}) | {ours:,.2f} | {peer:,.2f} | {ours / peer:.2f}x |")
+            print(f"| {label} ({unit}) | {ours:,.2f} | {peer:,.2f} | {f'{ours / peer:.2f}x' if peer else '-'} |")
             if "before" in summary:
                 before = summary["before"][key]["median"]
-                print(
-                    f"| {label} ({unit}), before (--compare-src) | {before:,.2f} | {peer:,.2f} | {before / peer:.2f}x |"
-                )
-        if "floor" in summary["nar-bridge"]:
-            floor = summary["nar-bridge"]["floor"]["median"]
-            floor_ratio = floor / summary["nginx"]["narinfo"]["median"]
-            print(f"| bridge HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | {floor_ratio:.2f}x |")
+                ratio = f"{before / peer:.2f}x" if peer else "-"
+                print(f"| {label} ({unit}), before | {before:,.2f} | {peer:,.2f} | {ratio} |")
+        for name in ("nar-bridge", "before"):
+            if "floor" in summary.get(name, {}):
+                floor = summary[name]["floor"]["median"]
+                floor_ratio = floor / summary["nginx"]["narinfo"]["median"]
+                print(f"| {name} HTTP floor: /nix-cache-info (req/s) | {floor:,.0f} | | {floor_ratio:.2f}x |")
+        print(f"load average (1 min) at the rounds' starts: {results['floors']['loadavg']}")
+        if args.narinfo_only:
+            ours, peer = summary["nar-bridge"]["narinfo"]["median"], summary["nginx"]["narinfo"]["median"]
+            print(f"target narinfo >= 0.5x nginx: {'met' if ours >= 0.5 * peer else 'NOT met'}")
+            facts["loadavg_end"] = os.getloadavg()
+            if args.json is not None:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps({"facts": facts, "runs": results, "summary": summary}, indent=1))
+            return
         single = summary["nginx"]["single"]["median"]
         floor_labels = (
             ("render_only", "render_nar alone, no HTTP"),
@@ -473,7 +517,6 @@ def main(argv: list[str] | None = None) -> None:
             value = summary["floors"][key]["median"]
             print(f"| NAR floor: {label} (MiB/s) | {value:,.0f} | | {value / single:.2f}x |")
         print(f"bridge event loop: {facts['bridge_event_loop']}")
-        print(f"load average (1 min) at the rounds' starts: {results['floors']['loadavg']}")
         targets = {"single stream >= 0.8x nginx": summary["nar-bridge"]["single"]["median"] >= 0.8 * single}
         if "narinfo" in summary["nar-bridge"]:
             targets["narinfo >= 0.5x nginx"] = (

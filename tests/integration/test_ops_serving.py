@@ -301,6 +301,9 @@ async def test_tls_for_bridge_and_daemon(tmp_path: Path) -> None:
         async with ClientSession() as http:
             async with http.get(f"{web.url}/nix-cache-info", ssl=trusting) as r:
                 assert r.status == 200 and "StoreDir: /nix/store" in await r.text()
+            for path, status in (("/nope", 404), ("/nix-cache-info", 200)):  # handed to aiohttp over TLS: the same
+                async with http.get(f"{web.url}{path}", ssl=trusting) as r:
+                    assert r.status == status
             plain = web.url.replace("https://", "http://")
             with pytest.raises(Exception):  # noqa: B017,PT011 - plain HTTP gets no answer from a TLS port
                 await _status(http, f"{plain}/nix-cache-info")

@@ -2,7 +2,8 @@
 
 A narinfo is rendered from the stored PathInfo record (signed on the fly with
 a key) once per distinct record, then reused; :meth:`NarinfoRoutes.front` answers
-the common ``GET`` of a stored path's narinfo in front of the router.  The
+the common ``GET`` of a stored path's narinfo in front of the router (and
+:mod:`nixcas.bridge.front` before aiohttp, for plain requests).  The
 listing is computed from the path's directories (no blob is read).
 """
 
@@ -81,8 +82,7 @@ class NarinfoRoutes(BridgeBase):
         middleware but the bridge's own and the ``known`` ones (the runner's
         observation and draining), so any other middleware sees every request.
         """
-        own = (self._errors, self._authenticate, *known)
-        if any(middleware not in own for middleware in app.middlewares):
+        if not self.lean(app, known):
             return handler
         from nixcas.ops import tracing
         from nixcas.ops.web import ROUTE
@@ -108,6 +108,12 @@ class NarinfoRoutes(BridgeBase):
             return await handler(request)
 
         return dispatch
+
+    def lean(self, app: web.Application, known: Sequence[object] = ()) -> bool:
+        """Whether requests may be answered before ``app``'s router: it has no middleware but the bridge's
+        own and the ``known`` ones (any other middleware must see every request)."""
+        own = (self._errors, self._authenticate, *known)
+        return all(middleware in own for middleware in app.middlewares)
 
     def _narinfo_now(self, hash_part: str) -> bytes | None:
         """The narinfo of ``hash_part`` if the store answers at once and has a valid record; else ``None``."""

@@ -132,9 +132,11 @@ class RunningBridge:
 class _BridgeRunner(web.AppRunner):
     """The aiohttp runner every listener uses: our access log, metrics and traces (:mod:`nixcas.ops.web`)
     instead of aiohttp's access log (outermost, so a draining 503 is logged too), bad requests logged on
-    one line each; its server puts the bridge's lean narinfo route before the router."""
+    one line each; its server puts the bridge's lean narinfo route before the router, and its connections
+    start with the front protocol (:mod:`nixcas.bridge.front`)."""
 
     def __init__(self, bridge: NarBridge, draining: Draining) -> None:
+        from nixcas.bridge.front import KEEPALIVE_TIMEOUT
         from nixcas.ops.web import AccessLogger, access_log, instrument, observe
 
         app = bridge.application()
@@ -147,17 +149,24 @@ class _BridgeRunner(web.AppRunner):
             handle_signals=False,
             shutdown_timeout=CANCEL_WAIT,  # the grace period itself is RunningBridge.stop's
             logger=BAD_REQUEST_LOG,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,  # the front's too
         )
         self._bridge = bridge
         self._draining = draining
         self._known = (observe, draining.middleware)
 
     async def _make_server(self) -> web.Server:
+        from nixcas.bridge.front import FrontServer, front_enabled
+
         server = await super()._make_server()
         draining = self._draining
-        server.request_handler = self._bridge.front(
-            self.app, server.request_handler, lambda: not draining.draining, known=self._known
-        )
+
+        def serving() -> bool:
+            return not draining.draining
+
+        server.request_handler = self._bridge.front(self.app, server.request_handler, serving, known=self._known)
+        if front_enabled() and self._bridge.lean(self.app, self._known):
+            return FrontServer.adopt(server, self._bridge, serving)
         return server
 
 

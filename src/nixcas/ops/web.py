@@ -32,7 +32,10 @@ from nixcas.ops.logs import bounded
 from nixcas.ops.metrics import CONTENT_TYPE, HTTP_IN_FLIGHT, HttpMetrics, exposition
 from nixcas.urls import is_secret_name, redacted
 
-__all__ = ["MAX_TARGET", "ROUTE", "USER", "AccessLogger", "access_log", "instrument", "observe", "shown_target"]
+__all__ = [
+    "MAX_TARGET", "ROUTE", "USER", "AccessLogger", "access_line", "access_log", "instrument", "observe", "record",
+    "shown_target",
+]  # fmt: skip
 
 access_log = logging.getLogger("nixcas.access")
 MAX_TARGET: Final = 200
@@ -130,21 +133,37 @@ class AccessLogger(AbstractAccessLogger):
 
 def _record(request: BaseRequest, status: int, sent: int, seconds: float) -> None:
     route = request[ROUTE]
+    method = request.method
     received = request.content.total_bytes
-    _recorder().record(route, request.method, status, seconds, received, sent)
+    level = record(route, method, status, seconds, received, sent)
+    if level:
+        client = request.remote or "-"  # an IP address (aiohttp's peername), or "" on a unix socket
+        user = request.get(USER) or "-"
+        access_line(level, client, method, request.raw_path, route, status, seconds, received, sent, user)
+
+
+def record(route: str, method: str, status: int, seconds: float, received: int, sent: int) -> int:
+    """Count one answered request in the metrics; the level to write its access line at (0: none is written).
+
+    Every answer goes through here: the aiohttp server's (:class:`AccessLogger`, :func:`observe`) and the
+    bridge's front protocol's (:mod:`nixcas.bridge.front`), followed by :func:`access_line` when not 0.
+    """
+    _recorder().record(route, method, status, seconds, received, sent)
     upload = UPLOAD_ROUTES.get(route)
     if upload is not None:
         stats.count("nixcas_bridge_uploads", upload, "accepted" if status < 300 else "refused")
     level = logging.DEBUG if route == "metrics" else logging.INFO
-    if access_log.isEnabledFor(level):
-        _log(level, request, route, status, seconds, received, sent)
+    return level if access_log.isEnabledFor(level) else 0
 
 
-def _log(level: int, request: BaseRequest, route: str, status: int, seconds: float, received: int, sent: int) -> None:
-    target = shown_target(request.raw_path)
-    client = request.remote or "-"  # an IP address (aiohttp's peername), or "" on a unix socket
-    user = request.get(USER) or "-"
-    method = request.method if len(request.method) <= 20 else bounded(request.method, 20)
+def access_line(
+    level: int, client: str, method: str, raw_target: str, route: str, status: int, seconds: float, received: int,
+    sent: int, user: str,
+) -> None:  # fmt: skip
+    """Write one request's access line (``raw_target``: its path and query as sent)."""
+    target = shown_target(raw_target)
+    if len(method) > 20:
+        method = bounded(method, 20)
     duration = seconds * 1000
     extra = f" in={received}B" if received else ""
     line = f'{client} "{method} {target}" {status} {sent}B {duration:.1f}ms user={user}{extra}'
