@@ -116,7 +116,10 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
         print(f"load average at the end: {os.getloadavg()}")
         summary(results, "nix-store --add")
     finally:
-        bench.cleanup()
+        if args.no_delete:
+            print(f"deleted nothing: {workdir}, the stores and nix paths {' '.join(bench.nix_paths)}")
+        else:
+            bench.cleanup()
 
 
 def run_nar(args: argparse.Namespace, workdir: Path) -> None:
@@ -173,6 +176,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--command", choices=["ingest", "import"], default="ingest")
     p.add_argument("--floor", action="store_true", help="tree: also run bench/import_floor.py in every round")
+    p.add_argument("--no-delete", action="store_true", help="tree: keep the trees, stores and nix paths (delete later)")
     p.add_argument("--store-parent", type=Path, default=Path("/nix/store"))
     p.add_argument("--nixcas", default=str(REPO / ".venv" / "bin" / "nixcas"))
     p.add_argument("--nix-store", default="nix-store")
@@ -182,7 +186,8 @@ def main() -> None:
     try:
         (run_tree if args.what == "tree" else run_nar)(args, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.no_delete:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
