@@ -398,6 +398,36 @@ async def test_close_waits_for_bulk_reads_of_other_threads(tmp_path: Path, monke
     assert blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16))) is None  # closed: the caller falls back
 
 
+async def test_close_waits_for_whole_reads_of_chunked_blobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_whole of a chunked blob (its chunk list looked up in the thread's SQLite connection) running on
+    another thread finishes before close() closes the connections (a pytest worker crashed there)."""
+    import asyncio
+    import threading
+
+    blobs = PackedBlobService(tmp_path / "blobs")
+    digest = await blobs.put(LARGE)
+    assert await blobs.chunks(digest)
+    original = blobs._chunks_sync
+    started = threading.Event()
+
+    def slow_chunks(*args: object) -> object:
+        started.set()
+        time.sleep(0.3)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(blobs, "_chunks_sync", slow_chunks)
+    result: list[object] = []
+    buffer = memoryview(bytearray(len(LARGE)))
+    reader = threading.Thread(target=lambda: result.append(blobs.read_whole(bytes(digest), len(LARGE), buffer)))
+    reader.start()
+    assert await asyncio.to_thread(started.wait, 5)
+    await blobs.close()
+    reader.join()
+    assert result and result[0] is not None, "the read was cut off by close()"
+    assert bytes(result[0]) == LARGE  # type: ignore[call-overload]
+    assert blobs.read_whole(bytes(digest), len(LARGE), buffer) is None  # closed: the caller falls back
+
+
 async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every chunk file a large blob's writer stages, and every object put whole, has its disk write started
     when it is written (not at the final syncfs), and the blob reads back."""

@@ -10,10 +10,9 @@ zstd-compressed with ``compress`` when that makes them smaller.  A
 batch of small blobs is one append, one ``fsync`` and one SQLite
 transaction, instead of two files, a rename and shard directories per blob:
 what an import of many small files spends its time on.  Larger blobs keep
-the snix chunk layout of ``objectstore+file://``
-(:class:`~nixcas.castore.blob.local.LocalBlobService`) in the same
-directory (chunk objects are zstd frames; without ``compress`` frames of raw
-blocks, written and read at about the speed of a copy), and every read falls back to that layout, so a store written
+the snix chunk layout of ``objectstore+file://`` (:class:`~nixcas.castore.blob.local.LocalBlobService`)
+in the same directory (chunk objects are zstd frames; without ``compress`` frames of raw blocks, written
+and read at about the speed of a copy), and every read falls back to that layout, so a store written
 before this backend existed is read as it is (new small blobs go to packs).
 
 Guarantees are those of the object layout:
@@ -94,11 +93,8 @@ T = TypeVar("T")
 STORE_LEVEL = -(1 << 17)
 """zstd's fastest level: frames of raw blocks (chunk objects must be zstd frames), at about the speed of a copy."""
 
-_COMPRESS_FROM = 64
-"""Blobs shorter than this are stored raw (zstd's frame overhead would eat any gain)."""
-
-_SCAN_BATCH = 4096
-"""Rows per batch of a GC scan."""
+_COMPRESS_FROM = 64  # blobs shorter than this are stored raw (zstd's frame overhead would eat any gain)
+_SCAN_BATCH = 4096  # rows per batch of a GC scan
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs (
@@ -498,26 +494,35 @@ class PackedBlobService(LocalBlobService):
 
     # -- BulkReads (``nixcas dump-path``) ------------------------------------------------
 
-    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
-        """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
-        if not wanted:
-            return []
+    def _bulk_read(self, read: Callable[[], T]) -> T | None:
+        """``read()`` here unless closing (``None``: the caller falls back); :meth:`close` waits for it."""
         with self._connections_lock:
             if self._closing:
-                return None  # the caller's async fallback reports the closed service
+                return None
             self._bulk_reading += 1
         try:
-            db = self._db()
-            return read_run(
-                db, wanted, buffer, lambda pack, into, at: self._preadv(pack, into, at, db), self._decompressor
-            )
-        except (OSError, StorageError, zstandard.ZstdError):
-            return None
+            return read()
         finally:
             with self._connections_lock:
                 self._bulk_reading -= 1
                 if not self._bulk_reading:
                     self._bulk_idle.notify_all()
+
+    def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+        """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
+        if not wanted:
+            return []
+
+        def read() -> list[bytes | memoryview] | None:
+            db = self._db()
+            try:
+                return read_run(
+                    db, wanted, buffer, lambda p, into, at: self._preadv(p, into, at, db), self._decompressor
+                )
+            except (OSError, StorageError, zstandard.ZstdError):
+                return None
+
+        return self._bulk_read(read)
 
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         if not 0 < size <= self.whole_max:
@@ -526,7 +531,7 @@ class PackedBlobService(LocalBlobService):
             run = self.read_run([(digest, size)], buffer)
             if run is not None:
                 return run[0]
-        return super().read_whole(digest, size, buffer)
+        return self._bulk_read(lambda: super(PackedBlobService, self).read_whole(digest, size, buffer))  # (SQLite too)
 
     # -- garbage collection -------------------------------------------------------------
 
