@@ -91,7 +91,7 @@ pid {pid};
 error_log {log} warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    {access_log};
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -213,7 +213,8 @@ class Servers:
         wait_port(port)
         return f"http://127.0.0.1:{port}"
 
-    def start_nginx(self, root: Path) -> str:
+    def start_nginx(self, root: Path, access_log: bool = False) -> str:
+        """nginx serving ``root``; ``access_log``: one line a request to a file, as the bridge writes one to stderr."""
         port = free_port()
         conf = self.workdir / "nginx.conf"
         tmp = self.workdir / "nginx-tmp"
@@ -226,6 +227,7 @@ class Servers:
                 tmp=tmp,
                 port=port,
                 root=root,
+                access_log=f"access_log {self.workdir / 'access.log'}" if access_log else "access_log off",
             )
         )
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -368,6 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=20261124)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
+    parser.add_argument(
+        "--nginx-access-log", action="store_true", help="nginx writes an access line a request too (as the bridge does)"
+    )
     parser.add_argument("--event-loop", default=None, help="nar-bridge --event-loop (default: its own, auto)")
     parser.add_argument("--nar-only", action="store_true", help="only the single NAR stream (no 8x, no wrk)")
     parser.add_argument("--narinfo-only", action="store_true", help="only narinfo/s and the HTTP floor (no NARs)")
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         run(["nix", "copy", "--store", str(store), "--to", f"file://{cache}?compression=none", large, *smalls], env)
         file_copy_s = time.perf_counter() - t0
         print(f"nix copy to the bridge: {upload_s:.2f} s; to file://: {file_copy_s:.2f} s", flush=True)
-        nginx = servers.start_nginx(cache)
+        nginx = servers.start_nginx(cache, access_log=args.nginx_access_log)
         bases = {"nar-bridge": bridge, "nginx": nginx}
         if args.compare_src is not None or args.compare_env:
             compare_env = dict(item.split("=", 1) for item in args.compare_env)
