@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -363,69 +364,59 @@ async def test_read_chunks_checks_each_chunk_and_the_whole_blob(tmp_path: Path, 
         await svc.close()
 
 
+async def _read_while_closing(
+    blobs: PackedBlobService, monkeypatch: pytest.MonkeyPatch, slowed: str, read: Callable[[], object]
+) -> object:
+    """``read()`` on another thread, its ``slowed`` method held up until ``close()`` has begun; its result."""
+    import asyncio
+    import threading
+
+    original = getattr(blobs, slowed)
+    started = threading.Event()
+
+    def slow(*args: object) -> object:
+        started.set()
+        time.sleep(0.3)
+        return original(*args)
+
+    monkeypatch.setattr(blobs, slowed, slow)
+    result: list[object] = []
+    reader = threading.Thread(target=lambda: result.append(read()))
+    reader.start()
+    assert await asyncio.to_thread(started.wait, 5)
+    await blobs.close()
+    reader.join()
+    assert result and result[0] is not None, "the read was cut off by close()"
+    assert read() is None  # closed: the caller falls back
+    return result[0]
+
+
 async def test_close_waits_for_bulk_reads_of_other_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read_run running on another thread finishes before close() closes the connections it uses.
 
     (NAR streams abandon reads that keep running on worker threads; closing a SQLite connection under a query
     of another thread crashed the process.)
     """
-    import asyncio
-    import threading
-
     blobs = PackedBlobService(tmp_path / "blobs")
     data = b"read while closing" * 50
-    digest = await blobs.put(data)
-    raw = bytes(digest)
-    original = blobs._preadv
-    started = threading.Event()
-
-    def slow_preadv(*args: object) -> int:
-        started.set()
-        time.sleep(0.3)
-        return original(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(blobs, "_preadv", slow_preadv)
-    result: list[object] = []
-    reader = threading.Thread(
-        target=lambda: result.append(blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16))))
+    raw = bytes(await blobs.put(data))
+    got = await _read_while_closing(
+        blobs, monkeypatch, "_preadv", lambda: blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16)))
     )
-    reader.start()
-    assert await asyncio.to_thread(started.wait, 5)
-    await blobs.close()
-    reader.join()
-    assert result and result[0] is not None, "the read was cut off by close()"
-    assert [bytes(piece) for piece in result[0]] == [data]  # type: ignore[attr-defined]
-    assert blobs.read_run([(raw, len(data))], memoryview(bytearray(1 << 16))) is None  # closed: the caller falls back
+    assert [bytes(piece) for piece in got] == [data]  # type: ignore[attr-defined]
 
 
 async def test_close_waits_for_whole_reads_of_chunked_blobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """read_whole of a chunked blob (its chunk list looked up in the thread's SQLite connection) running on
     another thread finishes before close() closes the connections (a pytest worker crashed there)."""
-    import asyncio
-    import threading
-
     blobs = PackedBlobService(tmp_path / "blobs")
     digest = await blobs.put(LARGE)
     assert await blobs.chunks(digest)
-    original = blobs._chunks_sync
-    started = threading.Event()
-
-    def slow_chunks(*args: object) -> object:
-        started.set()
-        time.sleep(0.3)
-        return original(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(blobs, "_chunks_sync", slow_chunks)
-    result: list[object] = []
     buffer = memoryview(bytearray(len(LARGE)))
-    reader = threading.Thread(target=lambda: result.append(blobs.read_whole(bytes(digest), len(LARGE), buffer)))
-    reader.start()
-    assert await asyncio.to_thread(started.wait, 5)
-    await blobs.close()
-    reader.join()
-    assert result and result[0] is not None, "the read was cut off by close()"
-    assert bytes(result[0]) == LARGE  # type: ignore[call-overload]
-    assert blobs.read_whole(bytes(digest), len(LARGE), buffer) is None  # closed: the caller falls back
+    got = await _read_while_closing(
+        blobs, monkeypatch, "_chunks_sync", lambda: blobs.read_whole(bytes(digest), len(LARGE), buffer)
+    )
+    assert bytes(got) == LARGE  # type: ignore[call-overload]
 
 
 async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
