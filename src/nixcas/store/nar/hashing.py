@@ -214,15 +214,20 @@ class NarHasher:
         while (handed := self._queue.get()) is not None:
             batch, cost = handed
             try:
+                small: list[bytes] = []  # hashed joined: one GIL release per run, not one per file
                 for piece in batch:
                     if self._error is not None:
                         break  # failed already: drain, hashing nothing
                     if isinstance(piece, _Large):
-                        self._add(piece.head)
+                        small.append(piece.head)
+                        self._add(b"".join(small))
+                        small = []
                         self._read(piece)
-                        self._add(piece.tail)
+                        small.append(piece.tail)
                     else:
-                        self._add(piece)
+                        small.append(piece)
+                if small and self._error is None:
+                    self._add(b"".join(small))
             except IngestError as e:
                 self._error = e
             except Exception as e:  # reported by result(), as an import error
