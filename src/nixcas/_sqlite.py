@@ -43,6 +43,11 @@ def get_data(conn: sqlite3.Connection, table: str, key: bytes) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
+def _first(conn: sqlite3.Connection, query: str, key: bytes) -> bytes | None:
+    row = conn.execute(query, (key,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
 def select_in(conn: sqlite3.Connection, query: str, keys: Sequence[Any]) -> Iterator[Any]:
     """The rows of ``query`` for all ``keys``, asked :data:`BATCH` at a time; its ``{}`` stands for the ``IN`` list."""
     for i in range(0, len(keys), BATCH):
@@ -180,12 +185,26 @@ class SqliteDatabase:
                 reader.execute(f"PRAGMA mmap_size={READER_MMAP}")  # pages read without a syscall each
                 self._reader = reader
             return fn(self._reader)
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise Busy from None
-            raise StorageError(f"{self._what}: {e}") from e
         except sqlite3.Error as e:
-            raise StorageError(f"{self._what}: {e}") from e
+            raise self._read_error(e) from e
+
+    def value_now(self, query: str, key: bytes) -> bytes | None:
+        """:meth:`read_now` of a point read: the first column of the row ``query`` selects with ``key`` as its
+        one parameter, or ``None`` (for a server's hot path: no closure, the open reader used directly)."""
+        reader = self._reader
+        if reader is None or self._closed:
+            return self.read_now(lambda conn: _first(conn, query, key))
+        try:
+            row = reader.execute(query, (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise self._read_error(e) from e
+        return None if row is None else bytes(row[0])
+
+    def _read_error(self, e: sqlite3.Error) -> Exception:
+        """What a read at once raises for ``e``: :class:`Busy` if the database is locked, else a StorageError."""
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+            return Busy()
+        return StorageError(f"{self._what}: {e}")
 
     def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         """``fn`` wrapped in one immediate write transaction (for :meth:`run`)."""

@@ -136,6 +136,7 @@ class FrontProtocol(asyncio.Protocol):
         self._active = False
         self._idle: asyncio.TimerHandle | None = None
         self._client = "-"
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast("asyncio.Transport", transport)
@@ -143,7 +144,7 @@ class FrontProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._client = str(peer[0]) if isinstance(peer, (list, tuple)) else (peer or "-")
         self._server._owned.add(self)
-        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT, self._check_idle)
+        self._idle = self._loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
@@ -221,7 +222,9 @@ class FrontProtocol(asyncio.Protocol):
             seconds = time.perf_counter() - start
             level = record(route, "GET", 200, seconds, 0, sent)
             if level:
-                access_line(level, self._client, "GET", target.decode(), route, 200, seconds, 0, sent, "-")
+                # the target is plain (the pattern's); the line goes out with the others of this loop iteration
+                client, loop = self._client, self._loop
+                access_line(level, client, "GET", target.decode(), route, 200, seconds, 0, sent, "-", loop, plain=True)
             if self._writing_paused or transport.is_closing():
                 if pos < end:
                     self._pending = data[pos:]
