@@ -4,7 +4,9 @@ Every statement runs in the database's own single thread, so one
 connection serves all calls in order.  The one exception is
 :meth:`SqliteDatabase.read_now`: a point read on a second, read-only
 connection in the caller's thread that never waits for a lock (a server's
-hot path, where the hand-off to the database thread costs more than the read).
+hot path, where the hand-off to the database thread costs more than the read;
+:meth:`SqliteDatabase.value_now`'s point reads of one event-loop iteration share
+one read transaction).
 Files use WAL with ``synchronous=FULL`` (a committed transaction survives a
 crash); no path means a private in-memory database.
 """

@@ -9,7 +9,11 @@ answers leave in order, each counted in the metrics and written as an access
 line exactly as the aiohttp server does (:func:`nixcas.ops.web.record`,
 :func:`~nixcas.ops.web.access_line`; route ``get_narinfo`` or ``cache_info``; the
 in-flight gauge and the draining count are left alone: each answer is complete
-before the front returns to the event loop).
+before the front returns to the event loop).  The access lines of one iteration of
+the loop go out together as the next begins (``soon`` of
+:func:`nixcas.ops.logs.write_directly`), and the narinfo records read in one
+iteration share one SQLite read transaction
+(:meth:`nixcas._sqlite.SqliteDatabase.value_now`).
 
 Everything else is handed to aiohttp unchanged, and aiohttp owns the
 connection from then on: the transport is switched to the server's own
