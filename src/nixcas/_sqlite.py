@@ -218,11 +218,12 @@ class SqliteDatabase:
         reader = self._reader
         if reader is None or self._closed:
             return self.read_now(lambda conn: _first(conn, query, key))
-        loop = _running_loop()
+        snapshot = self._snapshot
         try:
-            if loop is not self._snapshot:
-                if self._snapshot is not None:  # the loop that began it no longer runs (never left open)
+            if snapshot is None or not snapshot.is_running():  # running: this is the iteration that began it
+                if snapshot is not None:  # its loop no longer runs (the end it scheduled may never come)
                     self._end_snapshot()
+                loop = _running_loop()  # asked once an iteration (Python 3.11 asks the kernel for the pid)
                 if loop is not None:
                     reader.execute("BEGIN")
                     self._snapshot = loop
