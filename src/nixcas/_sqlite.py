@@ -4,7 +4,9 @@ Every statement runs in the database's own single thread, so one
 connection serves all calls in order.  The one exception is
 :meth:`SqliteDatabase.read_now`: a point read on a second, read-only
 connection in the caller's thread that never waits for a lock (a server's
-hot path, where the hand-off to the database thread costs more than the read).
+hot path, where the hand-off to the database thread costs more than the read;
+:meth:`SqliteDatabase.value_now`'s point reads of one event-loop iteration share
+one read transaction).
 Files use WAL with ``synchronous=FULL`` (a committed transaction survives a
 crash); no path means a private in-memory database.
 """
@@ -40,6 +42,24 @@ def get_data(conn: sqlite3.Connection, table: str, key: bytes) -> bytes | None:
     ``table`` is the caller's own name, never input.
     """
     row = conn.execute(f"SELECT data FROM {table} WHERE digest = ?", (key,)).fetchone()  # noqa: S608
+    return None if row is None else bytes(row[0])
+
+
+def _running_loop() -> Any:
+    """The running event loop of this thread, or ``None`` (asyncio loaded by the first call)."""
+    global _loop_getter
+    if _loop_getter is None:
+        from asyncio import _get_running_loop
+
+        _loop_getter = _get_running_loop
+    return _loop_getter()
+
+
+_loop_getter: Callable[[], Any] | None = None
+
+
+def _first(conn: sqlite3.Connection, query: str, key: bytes) -> bytes | None:
+    row = conn.execute(query, (key,)).fetchone()
     return None if row is None else bytes(row[0])
 
 
@@ -107,6 +127,8 @@ class SqliteDatabase:
         self._what = f"{what} {path or ':memory:'}"
         self._closed = False
         self._reader: sqlite3.Connection | None = None
+        self._snapshot: Any = None
+        """The event loop whose current iteration the reader's open read transaction belongs to (:meth:`value_now`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         self._executor: ThreadPoolExecutor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nixcas-sqlite")
@@ -180,12 +202,54 @@ class SqliteDatabase:
                 reader.execute(f"PRAGMA mmap_size={READER_MMAP}")  # pages read without a syscall each
                 self._reader = reader
             return fn(self._reader)
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise Busy from None
-            raise StorageError(f"{self._what}: {e}") from e
         except sqlite3.Error as e:
-            raise StorageError(f"{self._what}: {e}") from e
+            raise self._read_error(e) from e
+
+    def value_now(self, query: str, key: bytes) -> bytes | None:
+        """:meth:`read_now` of a point read: the first column of the row ``query`` selects with ``key`` as its
+        one parameter, or ``None`` (for a server's hot path: no closure, the open reader used directly).
+
+        Called from a running event loop, the point reads of one iteration of that loop share one read
+        transaction, begun by the first of them and ended when the loop's next iteration starts: it sees
+        every transaction committed before any request answered in that iteration was received (each
+        was readable before the iteration began), and a read never waits for a lock.  Beginning and
+        ending a read transaction (its locks, the file's size) costs more than the read itself.
+        """
+        reader = self._reader
+        if reader is None or self._closed:
+            return self.read_now(lambda conn: _first(conn, query, key))
+        snapshot = self._snapshot
+        try:
+            if snapshot is None or not snapshot.is_running():  # running: this is the iteration that began it
+                if snapshot is not None:  # its loop no longer runs (the end it scheduled may never come)
+                    self._end_snapshot()
+                loop = _running_loop()  # asked once an iteration (Python 3.11 asks the kernel for the pid)
+                if loop is not None:
+                    reader.execute("BEGIN")
+                    self._snapshot = loop
+                    loop.call_soon(self._end_snapshot)
+            row = reader.execute(query, (key,)).fetchone()
+        except sqlite3.Error as e:
+            self._end_snapshot()
+            raise self._read_error(e) from e
+        return None if row is None else bytes(row[0])
+
+    def _end_snapshot(self) -> None:
+        """End the read transaction :meth:`value_now` began, if it is still open."""
+        if self._snapshot is None:
+            return
+        self._snapshot = None
+        if self._reader is not None and self._reader.in_transaction:
+            try:
+                self._reader.execute("COMMIT")  # a read transaction: nothing to write
+            except sqlite3.Error:
+                self._reader.rollback()
+
+    def _read_error(self, e: sqlite3.Error) -> Exception:
+        """What a read at once raises for ``e``: :class:`Busy` if the database is locked, else a StorageError."""
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+            return Busy()
+        return StorageError(f"{self._what}: {e}")
 
     def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> Callable[[], T]:
         """``fn`` wrapped in one immediate write transaction (for :meth:`run`)."""
@@ -202,6 +266,7 @@ class SqliteDatabase:
             return
         await self.run(self.conn.close)
         if self._reader is not None:
+            self._snapshot = None
             self._reader.close()
             self._reader = None
         self._closed = True

@@ -9,7 +9,11 @@ answers leave in order, each counted in the metrics and written as an access
 line exactly as the aiohttp server does (:func:`nixcas.ops.web.record`,
 :func:`~nixcas.ops.web.access_line`; route ``get_narinfo`` or ``cache_info``; the
 in-flight gauge and the draining count are left alone: each answer is complete
-before the front returns to the event loop).
+before the front returns to the event loop).  The access lines of one iteration of
+the loop go out together as the next begins (``soon`` of
+:func:`nixcas.ops.logs.write_directly`), and the narinfo records read in one
+iteration share one SQLite read transaction
+(:meth:`nixcas._sqlite.SqliteDatabase.value_now`).
 
 Everything else is handed to aiohttp unchanged, and aiohttp owns the
 connection from then on: the transport is switched to the server's own
@@ -136,6 +140,7 @@ class FrontProtocol(asyncio.Protocol):
         self._active = False
         self._idle: asyncio.TimerHandle | None = None
         self._client = "-"
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast("asyncio.Transport", transport)
@@ -143,7 +148,7 @@ class FrontProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._client = str(peer[0]) if isinstance(peer, (list, tuple)) else (peer or "-")
         self._server._owned.add(self)
-        self._idle = asyncio.get_running_loop().call_later(KEEPALIVE_TIMEOUT, self._check_idle)
+        self._idle = self._loop.call_later(KEEPALIVE_TIMEOUT, self._check_idle)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()
@@ -221,7 +226,9 @@ class FrontProtocol(asyncio.Protocol):
             seconds = time.perf_counter() - start
             level = record(route, "GET", 200, seconds, 0, sent)
             if level:
-                access_line(level, self._client, "GET", target.decode(), route, 200, seconds, 0, sent, "-")
+                # the target is plain (the pattern's); the line goes out with the others of this loop iteration
+                client, loop = self._client, self._loop
+                access_line(level, client, "GET", target.decode(), route, 200, seconds, 0, sent, "-", loop, plain=True)
             if self._writing_paused or transport.is_closing():
                 if pos < end:
                     self._pending = data[pos:]

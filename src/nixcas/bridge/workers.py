@@ -26,6 +26,7 @@ from types import FrameType
 
 from nixcas.errors import ConfigurationError
 from nixcas.listen import clear_stale_socket, parse_listen_address
+from nixcas.ops import logs
 from nixcas.systemd import notify
 
 __all__ = ["Listeners", "open_listeners", "run_workers"]
@@ -185,6 +186,7 @@ def _fork(indices: range, listeners: Listeners, serve: Serve, parent: int, pids:
                 logging.exception("worker %d failed", index)
             finally:
                 with contextlib.suppress(Exception):
+                    logs.flush_pending()  # access lines held for the loop's next iteration: os._exit runs no atexit
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(code)

@@ -11,17 +11,21 @@ more than a short line per request, nor split one into several.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 from nixcas.urls import redacted
 
-__all__ = ["LEVELS", "MAX_MESSAGE", "LogOptions", "bounded", "configure", "serving"]
+if TYPE_CHECKING:
+    from asyncio import AbstractEventLoop
+
+__all__ = ["LEVELS", "MAX_MESSAGE", "LogOptions", "bounded", "configure", "flush_pending", "serving", "write_directly"]
 
 LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _ORDER: Final = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
@@ -123,11 +127,17 @@ class JsonFormatter(logging.Formatter):
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The one handler :func:`configure` installs on the root logger (replaced, never duplicated)."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if _pending:
+            flush_pending()  # the lines held for the loop's next iteration go first: lines stay in order
+        super().emit(record)
+
 
 def configure(options: LogOptions, *, server: bool = False, stream: TextIO | None = None) -> None:
     """Install the handler on the root logger with ``options`` (a server's default level is INFO), writing to
     ``stream`` (standard error by default)."""
     global _options
+    flush_pending()
     _options = options
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
@@ -147,10 +157,17 @@ _handler: _Handler | None = None
 """The handler :func:`configure` installed."""
 
 
-def write_directly(logger: logging.Logger, level: int, message: str) -> bool:
+def write_directly(
+    logger: logging.Logger, level: int, message: str, soon: AbstractEventLoop | None = None
+) -> bool:  # fmt: skip
     """Write ``message`` as ``logger``'s text line at ``level`` without a LogRecord, if that is all logging would
     do: text lines, our handler the root's only one, no other handler or filter on the way.  Else ``False``
-    (the caller logs as usual).  An access line costs a third of going through :mod:`logging`."""
+    (the caller logs as usual).  An access line costs a third of going through :mod:`logging`.
+
+    With ``soon`` (the running event loop) the line, its time taken now, is held and written with the
+    others held in the same iteration of that loop, in one write, at the start of its next iteration
+    (:func:`flush_pending`); any other line of the handler, and the process's exit, writes them first.
+    """
     handler = _handler
     root = logger.parent
     if (
@@ -168,10 +185,37 @@ def write_directly(logger: logging.Logger, level: int, message: str) -> bool:
     ):
         return False
     line = f"{_timestamp(time.time())} {logging.getLevelName(level)} {logger.name}: {bounded(redacted(message))}\n"
+    if soon is not None:
+        if not _pending:
+            soon.call_soon(flush_pending)
+        _pending.append(line)
+        return True
     with handler.lock or contextlib.nullcontext():
+        if _pending:
+            line = "".join(_pending) + line
+            _pending.clear()
         handler.stream.write(line)
         handler.stream.flush()
     return True
+
+
+_pending: list[str] = []
+"""Lines :func:`write_directly` holds until the event loop's next iteration (all for :data:`_handler`)."""
+
+
+def flush_pending() -> None:
+    """Write the lines :func:`write_directly` holds, in one write, in order (nothing when none is held)."""
+    handler = _handler
+    if not _pending or handler is None:
+        return
+    with handler.lock or contextlib.nullcontext():
+        text = "".join(_pending)
+        _pending.clear()
+        handler.stream.write(text)
+        handler.stream.flush()
+
+
+atexit.register(flush_pending)
 
 
 def json_lines() -> bool:

@@ -158,16 +158,21 @@ def record(route: str, method: str, status: int, seconds: float, received: int, 
 
 def access_line(
     level: int, client: str, method: str, raw_target: str, route: str, status: int, seconds: float, received: int,
-    sent: int, user: str,
+    sent: int, user: str, soon: asyncio.AbstractEventLoop | None = None, *, plain: bool = False,
 ) -> None:  # fmt: skip
-    """Write one request's access line (``raw_target``: its path and query as sent)."""
-    target = shown_target(raw_target)
+    """Write one request's access line (``raw_target``: its path and query as sent).
+
+    ``plain``: the target is known fit to show as it is (printable ASCII without ``?``, at most
+    :data:`MAX_TARGET` characters); ``soon``: the running loop, to write the line with the others of this
+    iteration of the loop (:func:`nixcas.ops.logs.write_directly`).
+    """
+    target = raw_target if plain else shown_target(raw_target)
     if len(method) > 20:
         method = bounded(method, 20)
     duration = seconds * 1000
     extra = f" in={received}B" if received else ""
     line = f'{client} "{method} {target}" {status} {sent}B {duration:.1f}ms user={user}{extra}'
-    if logs.write_directly(access_log, level, line):
+    if logs.write_directly(access_log, level, line, soon):
         return
     fields = None
     if logs.json_lines():  # built only for JSON lines (a text line needs just the message)

@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS pathinfo (
 ) WITHOUT ROWID;
 """
 _PAGE = 1000
+_GET = "SELECT data FROM pathinfo WHERE digest = ?"
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class SqlitePathInfoService(PathInfoService):
 
     def get_encoded_now(self, digest: bytes) -> bytes | Literal[False] | None:
         try:
-            return self._db.read_now(lambda conn: get_data(conn, "pathinfo", check_digest(digest)))
+            return self._db.value_now(_GET, check_digest(digest))
         except Busy:
             return False
 
