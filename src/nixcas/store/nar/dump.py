@@ -335,12 +335,15 @@ def write_planned(
     """Write the NAR of ``plan`` from ``frames[start]`` on, every file through ``reads`` (checked against its BLAKE3
     before a byte of it is written); ``None`` once the end is written, else the job that could not be served.
 
-    One worker thread reads and hashes up to :data:`WINDOW_BYTES` of contents ahead, into buffers
-    reused from job to job, while this thread writes finished jobs in order with ``writev``.
+    Runs of small files are read on this thread when their turn comes, into one reused buffer:
+    their reads hold the GIL (SQLite's rows, a BLAKE3 call per blob), so a second thread only
+    took turns with this one (measured: slower).  Bigger files are read and hashed by one worker
+    thread up to :data:`WINDOW_BYTES` of contents ahead, into buffers reused from job to job,
+    while this thread writes finished jobs in order with ``writev``.
     With ``planning`` (the steps of :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the
-    plan is completed here first, the worker reading the files planned so far meanwhile (at most
-    :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan that
-    fails writes nothing.
+    plan is completed here first, the worker reading the bigger files planned so far meanwhile
+    (at most :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan
+    that fails writes nothing.
     ``halt`` set (by another thread) stops at the next job.  Synchronous, no event loop: the
     command line's fast path writes a whole NAR with it.
     """
@@ -353,18 +356,19 @@ def write_planned(
     held = 0
     next_file = start
     pending = 0  # jobs submitted whose results were not taken
+    run_buffer: memoryview | None = None
 
     def fill(jobs: int, most: int) -> None:
         nonlocal held, next_file, pending
         n = len(sizes)
-        while next_file < n and len(window) < jobs:
+        while next_file < n and pending < jobs:
             i = next_file
             stop, cost, kind = _job_bounds(sizes, i, n, run_max, whole_max)
             if window and held + cost > most:
                 return
             buffer = None
-            if kind != _STREAMED:
-                buffer = buffers.take(cost + (cost >> 7 if kind == _WHOLE else 0) + _SLACK)
+            if kind == _WHOLE:
+                buffer = buffers.take(cost + (cost >> 7) + _SLACK)
                 _WORKER.submit((_job_reader(reads, plan, kind, i, stop, buffer), results, stopped))
                 pending += 1
             window.append((i, stop, cost, kind, buffer))
@@ -379,8 +383,12 @@ def write_planned(
             if not window:
                 break
             i, stop, cost, kind, buffer = window.popleft()
-            got = None
-            if kind != _STREAMED:
+            got: _Pieces | BaseException | None = None
+            if kind == _RUN:
+                if run_buffer is None:
+                    run_buffer = buffers.take(RUN_BYTES + _SLACK)
+                got = _read_here(reads, plan, i, stop, run_buffer)
+            elif kind == _WHOLE:
                 got = results.get()
                 pending -= 1
             if halt is not None and halt.is_set():
@@ -398,6 +406,14 @@ def write_planned(
         stopped.set()
         for _ in range(pending):
             results.get()
+
+
+def _read_here(reads: Reads, plan: Plan, start: int, stop: int, buffer: memoryview) -> _Pieces | BaseException | None:
+    """A run read on the writing thread: its pieces, or why not (as the worker hands a failure back)."""
+    try:
+        return _read_job(reads, plan, _RUN, start, stop, buffer)
+    except Exception as e:
+        return e
 
 
 def _job_reader(
