@@ -192,9 +192,16 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
         size = 0
         executable = False
         if pos < stop and data[pos] == _SIZE:
-            size, pos = read_varint(data, pos + 1, stop)
-            if size <= 0:  # zero is left out, not written
-                return None
+            size = data[pos + 1] if pos + 2 <= stop else 0
+            if 0 < size < 0x80:  # one byte (the common sizes in one or two bytes read here)
+                pos += 2
+            elif size >= 0x80 and pos + 3 <= stop and 0 < data[pos + 2] < 0x80:
+                size = size & 0x7F | data[pos + 2] << 7
+                pos += 3
+            else:
+                size, pos = read_varint(data, pos + 1, stop)
+                if size <= 0:  # zero is left out, not written
+                    return None
         if kind == 1 and pos < stop and data[pos] == _EXECUTABLE:
             if pos + 2 > stop or data[pos + 1] != 1:
                 return None

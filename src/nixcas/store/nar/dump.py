@@ -306,10 +306,11 @@ def _read_job(reads: Reads, plan: Plan, kind: int, start: int, stop: int, buffer
     contents = reads.read_run(wanted, buffer)
     if contents is None:
         return None
-    pieces: _Pieces = []
-    for frame, data in zip(frames[start:stop], contents, strict=True):
-        pieces.append(frame)
-        pieces.append(data)
+    if len(contents) != stop - start:
+        return None
+    pieces: _Pieces = [b""] * (2 * len(contents))
+    pieces[::2] = frames[start:stop]  # each file's framing, then its contents
+    pieces[1::2] = contents
     return pieces
 
 
