@@ -140,8 +140,7 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
     entries: list[Fields] = []
     append = entries.append
     end = len(data)
-    pos = 0
-    kind = 0
+    pos = kind = 0
     previous = b""
     while pos < end:
         list_kind = _LIST_TAGS.get(data[pos], -1)
@@ -168,27 +167,27 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
         if name <= previous or pos > stop:  # sorted, no repeats
             return None
         previous = name
-        # digest (or target) = 2, never empty
-        if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
-            return None
-        n = data[pos + 1]
-        if n >= 0x80:
-            n, pos = read_varint(data, pos + 1, stop)
-            if n < 0:
+        if kind != 2:  # digest = 2: 32 bytes
+            if pos + 2 + DIGEST_LEN > stop or data[pos] != _DIGEST_OR_TARGET or data[pos + 1] != DIGEST_LEN:
                 return None
-        else:
-            pos += 2
-        value = data[pos : pos + n]
-        pos += n
-        if not value or pos > stop:
-            return None
-        if kind == 2:
-            if pos != stop:
+            value = data[pos + 2 : pos + 2 + DIGEST_LEN]
+            pos += 2 + DIGEST_LEN
+        else:  # target = 2, never empty
+            if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
+                return None
+            n = data[pos + 1]
+            if n >= 0x80:
+                n, pos = read_varint(data, pos + 1, stop)
+                if n < 0:
+                    return None
+            else:
+                pos += 2
+            value = data[pos : pos + n]
+            pos += n
+            if not value or pos != stop:
                 return None
             append((name, 2, value, 0, False))
             continue
-        if len(value) != DIGEST_LEN:
-            return None
         size = 0
         executable = False
         if pos < stop and data[pos] == _SIZE:
