@@ -36,10 +36,8 @@ standard output, not for a server's event loop).
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import select
 import sys
 import threading
 from _queue import SimpleQueue
@@ -169,6 +167,8 @@ def _write_rest(fd: int, batch: Sequence[bytes | memoryview], done: int) -> None
         try:
             rest = rest[os.write(fd, rest) :]
         except BlockingIOError:
+            import select  # (only for a non-blocking descriptor that is full)
+
             select.select([], [fd], [])
 
 
@@ -226,6 +226,8 @@ class _Buffers:
         size = -(-need // unit) * unit
         area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if unit == _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            import contextlib  # (big files only)
+
             with contextlib.suppress(OSError):
                 area.madvise(mmap.MADV_HUGEPAGE)
         return memoryview(area)
