@@ -141,13 +141,13 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
     append = entries.append
     end = len(data)
     pos = kind = 0
-    previous = b""
+    tag, previous = 0x0A, b""  # the list's tag, the name before
     while pos < end:
-        list_kind = _LIST_TAGS.get(data[pos], -1)
-        if list_kind != kind:
+        if data[pos] != tag:
+            list_kind = _LIST_TAGS.get(data[pos], -1)
             if list_kind < kind:  # unknown field, or the lists out of order
                 return None
-            kind, previous = list_kind, b""
+            kind, tag, previous = list_kind, data[pos], b""
         length = data[pos + 1] if pos + 1 < end else 0x80
         if length < 0x80:
             pos += 2
@@ -159,9 +159,9 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
         if stop > end:
             return None
         # name = 1 comes first, never empty
-        if pos + 2 > stop or data[pos] != _NAME or not 0 < data[pos + 1] < 0x80:
+        n = data[pos + 1] if pos + 2 <= stop else 0  # a name of 128 bytes or more (a two-byte length): protobuf's path
+        if not 0 < n < 0x80 or data[pos] != _NAME:
             return None
-        n = data[pos + 1]  # a name of 128 bytes or more (a two-byte length) takes protobuf's path
         name = data[pos + 2 : pos + 2 + n]
         pos += 2 + n
         if name <= previous or pos > stop:  # sorted, no repeats
