@@ -291,6 +291,11 @@ def _job_bounds(sizes: list[int], i: int, n: int, run_max: int, whole_max: int) 
     size = sizes[i]
     if size > run_max:
         return (i + 1, size, _WHOLE) if size <= whole_max else (i + 1, 0, _STREAMED)
+    end = min(n, i + RUN_FILES)
+    window = sizes[i:end]
+    total = sum(window)
+    if total <= RUN_BYTES and max(window) <= run_max:  # (the usual run: the next RUN_FILES files, all small)
+        return end, total, _RUN
     stop, total = i, 0
     while stop < n and stop - i < RUN_FILES and sizes[stop] <= run_max and total + sizes[stop] <= RUN_BYTES:
         total += sizes[stop]
