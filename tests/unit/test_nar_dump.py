@@ -478,12 +478,12 @@ async def test_runs_are_read_on_the_writing_thread_and_big_files_on_the_worker(t
 
     out = tmp_path / "out.nar"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT)
-    reads = Failing(str(root))
+    failing = Failing(str(root))
     try:
-        unread = dump_module.write_planned(dump_module.Output(fd), plan, reads)
+        unread = dump_module.write_planned(dump_module.Output(fd), plan, failing)
     finally:
         os.close(fd)
-        reads.close()
+        failing.close()
     assert unread is not None and unread.start == 0 and isinstance(unread.error, OSError)
     assert out.read_bytes() == b""  # nothing of the run was written
 
