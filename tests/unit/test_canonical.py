@@ -179,3 +179,21 @@ print(o.digest.hex(), len(o), "google.protobuf.message" in sys.modules)
         f"{directory.digest.hex()} {len(directory)} False",
         f"{expected.digest.hex()} 1 True",
     ]
+
+
+def test_sizes_at_the_varint_boundaries_and_longer_forms() -> None:
+    """Sizes of one, two and three varint bytes are read (the first two without read_varint); a size written in
+    more bytes than it needs, or zero, is not canonical."""
+    from nixcas.castore.canonical import canonical_fields
+
+    digest = B3Digest(bytes(range(32)))
+    for size in (1, 127, 128, 255, 300, 16383, 16384, 2**21 - 1, 2**21, U64_MAX):
+        data = Directory([(b"f", FileNode(digest, size, size % 2 == 1))]).encode()
+        assert canonical_fields(data) == [(b"f", 1, bytes(digest), size, size % 2 == 1)]
+    plain = Directory([(b"f", FileNode(digest, 5))]).encode()
+    assert plain.endswith(b"\x18\x05")
+    for size_bytes in (b"\x85\x00", b"\x85\x80\x00", b"\x00"):  # 5 in two and three bytes; zero written out
+        entry = plain[2:-1] + size_bytes
+        data = bytes((plain[0], len(entry))) + entry
+        assert canonical_fields(data) is None
+        assert decode_canonical(data) is None

@@ -428,3 +428,18 @@ def test_dump_path_loads_nothing_heavy(tmp_path: Path, known: Store) -> None:
     assert bytes(range(256)) * 1024 in nar.read_bytes()
     tops = {m.split(".")[0] for m in modules.read_text().split("\n")}
     assert tops & {"asyncio", "click", "google", "grpc", "zstandard", "concurrent", "typing", "logging"} == set()
+
+
+def test_leaving_after_a_fast_answer_runs_atexit_and_flushes() -> None:
+    """A fast-path answer ends the process without finalizing the interpreter, but as ``sys.exit`` would end it:
+    ``atexit`` functions run, buffered output is written, the status is the answer's."""
+    script = (
+        "import atexit, sys\n"
+        "from nixcas.cli.main import leave\n"
+        "atexit.register(lambda: sys.stdout.write(' and atexit'))\n"
+        "sys.stdout.write('buffered')\n"
+        "sys.stderr.write('error line')\n"
+        "leave(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, b"buffered and atexit", b"error line")

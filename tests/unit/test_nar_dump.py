@@ -423,3 +423,108 @@ async def test_a_failed_write_returns_only_once_the_reader_is_done(tmp_path: Pat
         monkey.undo()
         reads.close()
         os.close(w)
+
+
+async def test_runs_are_read_on_the_writing_thread_and_big_files_on_the_worker(tmp_path: Path) -> None:
+    """Small files are read where they are written (a second thread only took turns with it for the GIL); bigger
+    ones are read ahead by the worker; the NAR is the same.  A run that fails there is handed back unread."""
+    import time
+
+    from nixcas.castore.blob.wholeread import PackedReads
+
+    root = tmp_path / "blobs"
+    blobs = PackedBlobService(root)
+    try:
+        node, directories, nar = await tree_in(tmp_path, blobs)
+        plan = plan_nar(node, await dump_module.fetch_raw_closure(node, directories))
+    finally:
+        await blobs.close()
+    threads: dict[str, set[int]] = {"run": set(), "whole": set()}
+
+    class Recording(PackedReads):
+        def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+            threads["run"].add(threading.get_ident())
+            return super().read_run(wanted, buffer)
+
+        def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
+            threads["whole"].add(threading.get_ident())
+            time.sleep(0.01)  # the runs after the big files go on meanwhile
+            return super().read_whole(digest, size, buffer)
+
+    r, w = os.pipe()
+    got = bytearray()
+
+    def drain() -> None:
+        while piece := os.read(r, 1 << 16):
+            got.extend(piece)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    reads = Recording(str(root))
+    try:
+        assert dump_module.write_planned(dump_module.Output(w), plan, reads) is None
+    finally:
+        os.close(w)
+        reader.join()
+        os.close(r)
+        reads.close()
+    assert bytes(got) == nar
+    assert threads["run"] == {threading.get_ident()}
+    assert threads["whole"] and threading.get_ident() not in threads["whole"]
+
+    class Failing(PackedReads):
+        def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
+            raise OSError("no run today")
+
+    out = tmp_path / "out.nar"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT)
+    failing = Failing(str(root))
+    try:
+        unread = dump_module.write_planned(dump_module.Output(fd), plan, failing)
+    finally:
+        os.close(fd)
+        failing.close()
+    assert unread is not None and unread.start == 0 and isinstance(unread.error, OSError)
+    assert out.read_bytes() == b""  # nothing of the run was written
+
+
+def test_job_bounds_of_a_full_window_agree_with_the_file_by_file_rule() -> None:
+    """The shortcut for a window of small files gives the bounds the file-by-file rule gives, whatever the sizes."""
+
+    def by_rule(sizes: list[int], i: int, n: int, run_max: int) -> tuple[int, int]:
+        stop, total = i, 0
+        while stop < n and stop - i < rawplan.RUN_FILES and sizes[stop] <= run_max:
+            if total + sizes[stop] > dump_module.RUN_BYTES:
+                break
+            total += sizes[stop]
+            stop += 1
+        return max(stop, i + 1), total
+
+    rng = random.Random(3)  # noqa: S311
+    run_max = 128 << 10
+    for _ in range(200):
+        typical = rng.choice([1, 500, 1000, 2000, 100_000])
+        sizes = [rng.randint(1, typical) for _ in range(rng.randint(1, 3000))]
+        if rng.random() < 0.3:
+            sizes[rng.randrange(len(sizes))] = run_max + 1
+        i = rng.randrange(len(sizes))
+        if sizes[i] > run_max:
+            continue
+        stop, total, kind = dump_module._job_bounds(sizes, i, len(sizes), run_max, 64 << 20)
+        assert kind == dump_module._RUN
+        assert (stop, total) == by_rule(sizes, i, len(sizes), run_max)
+
+
+def test_the_fast_paths_reads_have_a_decompressor_per_thread(tmp_path: Path) -> None:
+    """read_run and read_whole may run on two threads at once: they never share a zstd decompressor."""
+    from nixcas.castore.blob.wholeread import PackedReads
+
+    reads = PackedReads(str(tmp_path))
+    mine = reads._decompressor()
+    assert reads._decompressor() is mine
+    theirs: list[object] = []
+    other = threading.Thread(target=lambda: theirs.append(reads._decompressor()))
+    other.start()
+    other.join()
+    assert theirs and theirs[0] is not mine
+    reads.close()

@@ -140,15 +140,14 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
     entries: list[Fields] = []
     append = entries.append
     end = len(data)
-    pos = 0
-    kind = 0
-    previous = b""
+    pos = kind = 0
+    tag, previous = 0x0A, b""  # the list's tag, the name before
     while pos < end:
-        list_kind = _LIST_TAGS.get(data[pos], -1)
-        if list_kind != kind:
+        if data[pos] != tag:
+            list_kind = _LIST_TAGS.get(data[pos], -1)
             if list_kind < kind:  # unknown field, or the lists out of order
                 return None
-            kind, previous = list_kind, b""
+            kind, tag, previous = list_kind, data[pos], b""
         length = data[pos + 1] if pos + 1 < end else 0x80
         if length < 0x80:
             pos += 2
@@ -160,41 +159,48 @@ def canonical_fields(data: bytes) -> list[Fields] | None:
         if stop > end:
             return None
         # name = 1 comes first, never empty
-        if pos + 2 > stop or data[pos] != _NAME or not 0 < data[pos + 1] < 0x80:
+        n = data[pos + 1] if pos + 2 <= stop else 0  # a name of 128 bytes or more (a two-byte length): protobuf's path
+        if not 0 < n < 0x80 or data[pos] != _NAME:
             return None
-        n = data[pos + 1]  # a name of 128 bytes or more (a two-byte length) takes protobuf's path
         name = data[pos + 2 : pos + 2 + n]
         pos += 2 + n
         if name <= previous or pos > stop:  # sorted, no repeats
             return None
         previous = name
-        # digest (or target) = 2, never empty
-        if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
-            return None
-        n = data[pos + 1]
-        if n >= 0x80:
-            n, pos = read_varint(data, pos + 1, stop)
-            if n < 0:
+        if kind != 2:  # digest = 2: 32 bytes
+            if pos + 2 + DIGEST_LEN > stop or data[pos] != _DIGEST_OR_TARGET or data[pos + 1] != DIGEST_LEN:
                 return None
-        else:
-            pos += 2
-        value = data[pos : pos + n]
-        pos += n
-        if not value or pos > stop:
-            return None
-        if kind == 2:
-            if pos != stop:
+            value = data[pos + 2 : pos + 2 + DIGEST_LEN]
+            pos += 2 + DIGEST_LEN
+        else:  # target = 2, never empty
+            if pos + 2 > stop or data[pos] != _DIGEST_OR_TARGET:
+                return None
+            n = data[pos + 1]
+            if n >= 0x80:
+                n, pos = read_varint(data, pos + 1, stop)
+                if n < 0:
+                    return None
+            else:
+                pos += 2
+            value = data[pos : pos + n]
+            pos += n
+            if not value or pos != stop:
                 return None
             append((name, 2, value, 0, False))
             continue
-        if len(value) != DIGEST_LEN:
-            return None
         size = 0
         executable = False
         if pos < stop and data[pos] == _SIZE:
-            size, pos = read_varint(data, pos + 1, stop)
-            if size <= 0:  # zero is left out, not written
-                return None
+            size = data[pos + 1] if pos + 2 <= stop else 0
+            if 0 < size < 0x80:  # one byte (the common sizes in one or two bytes read here)
+                pos += 2
+            elif size >= 0x80 and pos + 3 <= stop and 0 < data[pos + 2] < 0x80:
+                size = size & 0x7F | data[pos + 2] << 7
+                pos += 3
+            else:
+                size, pos = read_varint(data, pos + 1, stop)
+                if size <= 0:  # zero is left out, not written
+                    return None
         if kind == 1 and pos < stop and data[pos] == _EXECUTABLE:
             if pos + 2 > stop or data[pos + 1] != 1:
                 return None

@@ -11,6 +11,7 @@ read by.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 from collections.abc import Callable, Sequence
 
@@ -56,8 +57,8 @@ _RUN_QUERY = 900
 """Digests per query of a run (below SQLite's oldest limit of 999 parameters)."""
 
 
-def _pack_offset(row: tuple[bytes, int, int, int, int, int]) -> tuple[int, int]:
-    return row[3], row[4]
+_PACK_OFFSET = operator.itemgetter(3, 4)
+"""A row's (pack, offset)."""
 
 
 def select_row(db: sqlite3.Connection, digest: bytes) -> Row | None:
@@ -127,18 +128,53 @@ def read_run(
     """
     if not wanted:
         return []
-    keys = list(dict.fromkeys(raw for raw, _ in wanted))
+    digests = [w[0] for w in wanted]
+    keys = list(dict.fromkeys(digests))
     rows: list[tuple[bytes, int, int, int, int, int]] = []
     for i in range(0, len(keys), _RUN_QUERY):
         batch = keys[i : i + _RUN_QUERY]
         rows += db.execute(_RUN_SELECT.format(",".join("?" * len(batch))), batch).fetchall()
     if len(rows) != len(keys):
         return None  # not all in packs (or missing)
-    rows.sort(key=_pack_offset)
-    # Read ranges (pack, start, end, place in buffer): blobs at most RUN_GAP apart share one.
+    rows.sort(key=_PACK_OFFSET)
+    placed = _place(rows, len(buffer))
+    if placed is None:
+        return None
+    ranges, places, at = placed
+    view = buffer if at <= len(buffer) else memoryview(bytearray(at))
+    for pack, start, end, place in ranges:
+        if preadv(pack, view[place : place + end - start], start) != end - start:
+            return None  # the pack file ends early
+    found: dict[bytes, bytes | memoryview] = {}
+    hasher = blake3.blake3
+    for (raw, size, codec, _, _, length), place in zip(rows, places, strict=True):
+        data: bytes | memoryview = view[place : place + length]
+        if codec:
+            if codec != CODEC_ZSTD:
+                return None
+            data = decompressor().decompress(data, max_output_size=size)
+            if len(data) != size:
+                return None
+        elif length != size:
+            return None
+        if hasher(data).digest() != raw:
+            return None
+        found[raw] = data
+    out = [found[raw] for raw in digests]
+    if list(map(len, out)) != [w[1] for w in wanted]:
+        return None
+    return out
+
+
+def _place(
+    rows: list[tuple[bytes, int, int, int, int, int]], room: int
+) -> tuple[list[tuple[int, int, int, int]], list[int], int] | None:
+    """Where the rows (sorted by pack and offset) go in a buffer of ``room`` bytes: the read ranges (pack, start,
+    end, place in the buffer; blobs at most :data:`RUN_GAP` apart share one), each row's place, and the bytes
+    needed; ``None`` if a row is longer than its size can be stored in."""
     ranges: list[tuple[int, int, int, int]] = []
-    placed: list[int] = []  # each row's place in the buffer
-    room = len(buffer)
+    places: list[int] = []
+    append = places.append
     at = 0  # the buffer's end so far
     pack_id = start = end = -1
     for _, size, _, pack, offset, length in rows:
@@ -146,35 +182,14 @@ def read_run(
             return None
         if pack == pack_id and end <= offset <= end + RUN_GAP and at + offset + length - end <= room:
             at += offset - end
-            placed.append(at)
+            append(at)
             at += length
             end = offset + length
             continue
         if pack_id >= 0:
             ranges.append((pack_id, start, end, at - (end - start)))
         pack_id, start, end = pack, offset, offset + length
-        placed.append(at)
+        append(at)
         at += length
     ranges.append((pack_id, start, end, at - (end - start)))
-    view = buffer if at <= room else memoryview(bytearray(at))
-    for pack, start, end, place in ranges:
-        if preadv(pack, view[place : place + end - start], start) != end - start:
-            return None  # the pack file ends early
-    found: dict[bytes, bytes | memoryview] = {}
-    hasher = blake3.blake3
-    for (raw, size, codec, _, _, length), place in zip(rows, placed, strict=True):
-        data: bytes | memoryview = view[place : place + length]
-        if codec:
-            if codec != CODEC_ZSTD:
-                return None
-            data = decompressor().decompress(data, max_output_size=size)
-        if len(data) != size or hasher(data).digest() != raw:
-            return None
-        found[raw] = data
-    out: list[bytes | memoryview] = []
-    for raw, size in wanted:
-        data = found[raw]
-        if len(data) != size:
-            return None
-        out.append(data)
-    return out
+    return ranges, places, at

@@ -21,6 +21,7 @@ functions, so the blob service and the command line's fast path
 from __future__ import annotations
 
 import os
+from _thread import get_ident
 from collections.abc import Callable, Sequence
 
 import blake3
@@ -240,8 +241,9 @@ class PackedReads:
     through :func:`~nixcas.castore.blob.packfile.read_run`, a bigger blob (or one that is not a row)
     from the object layout through :func:`read_chunks_into`.  Nothing is ever created or changed.
     Anything it cannot serve, or any error, is ``None``: the caller reads those blobs through the
-    service, which reports what is wrong.  Used from one thread at a time (its SQLite connection is
-    opened by the first read).
+    service, which reports what is wrong.  :meth:`read_run` is used from one thread at a time (its
+    SQLite connection is opened by the first read), :meth:`read_whole` of a blob bigger than
+    :attr:`run_max` may run beside it on another (each thread has its own decompressor).
     """
 
     run_max = PACKED_RUN_MAX
@@ -251,7 +253,7 @@ class PackedReads:
         self.root = root
         self._db: sqlite3.Connection | None = None
         self._packs: dict[int, int] = {}
-        self._dctx: zstandard.ZstdDecompressor | None = None
+        self._dctx: dict[int, zstandard.ZstdDecompressor] = {}
 
     def close(self) -> None:
         """Close the database and the pack files."""
@@ -283,11 +285,14 @@ class PackedReads:
         return pread_into(fd, into, offset)
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
-        if self._dctx is None:
+        """This thread's decompressor (one may not be used by two threads at once)."""
+        thread = get_ident()
+        dctx = self._dctx.get(thread)
+        if dctx is None:
             import zstandard
 
-            self._dctx = zstandard.ZstdDecompressor()
-        return self._dctx
+            dctx = self._dctx[thread] = zstandard.ZstdDecompressor()
+        return dctx
 
     def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         from nixcas.castore.blob.packfile import read_run

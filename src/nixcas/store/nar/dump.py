@@ -36,10 +36,8 @@ standard output, not for a server's event loop).
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import select
 import sys
 import threading
 from _queue import SimpleQueue
@@ -169,6 +167,8 @@ def _write_rest(fd: int, batch: Sequence[bytes | memoryview], done: int) -> None
         try:
             rest = rest[os.write(fd, rest) :]
         except BlockingIOError:
+            import select  # (only for a non-blocking descriptor that is full)
+
             select.select([], [fd], [])
 
 
@@ -226,6 +226,8 @@ class _Buffers:
         size = -(-need // unit) * unit
         area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if unit == _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            import contextlib  # (big files only)
+
             with contextlib.suppress(OSError):
                 area.madvise(mmap.MADV_HUGEPAGE)
         return memoryview(area)
@@ -289,6 +291,11 @@ def _job_bounds(sizes: list[int], i: int, n: int, run_max: int, whole_max: int) 
     size = sizes[i]
     if size > run_max:
         return (i + 1, size, _WHOLE) if size <= whole_max else (i + 1, 0, _STREAMED)
+    end = min(n, i + RUN_FILES)
+    window = sizes[i:end]
+    total = sum(window)
+    if total <= RUN_BYTES and max(window) <= run_max:  # (the usual run: the next RUN_FILES files, all small)
+        return end, total, _RUN
     stop, total = i, 0
     while stop < n and stop - i < RUN_FILES and sizes[stop] <= run_max and total + sizes[stop] <= RUN_BYTES:
         total += sizes[stop]
@@ -306,10 +313,11 @@ def _read_job(reads: Reads, plan: Plan, kind: int, start: int, stop: int, buffer
     contents = reads.read_run(wanted, buffer)
     if contents is None:
         return None
-    pieces: _Pieces = []
-    for frame, data in zip(frames[start:stop], contents, strict=True):
-        pieces.append(frame)
-        pieces.append(data)
+    if len(contents) != stop - start:
+        return None
+    pieces: _Pieces = [b""] * (2 * len(contents))
+    pieces[::2] = frames[start:stop]  # each file's framing, then its contents
+    pieces[1::2] = contents
     return pieces
 
 
@@ -335,12 +343,15 @@ def write_planned(
     """Write the NAR of ``plan`` from ``frames[start]`` on, every file through ``reads`` (checked against its BLAKE3
     before a byte of it is written); ``None`` once the end is written, else the job that could not be served.
 
-    One worker thread reads and hashes up to :data:`WINDOW_BYTES` of contents ahead, into buffers
-    reused from job to job, while this thread writes finished jobs in order with ``writev``.
+    Runs of small files are read on this thread when their turn comes, into one reused buffer:
+    their reads hold the GIL (SQLite's rows, a BLAKE3 call per blob), so a second thread only
+    took turns with this one (measured: slower).  Bigger files are read and hashed by one worker
+    thread up to :data:`WINDOW_BYTES` of contents ahead, into buffers reused from job to job,
+    while this thread writes finished jobs in order with ``writev``.
     With ``planning`` (the steps of :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the
-    plan is completed here first, the worker reading the files planned so far meanwhile (at most
-    :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan that
-    fails writes nothing.
+    plan is completed here first, the worker reading the bigger files planned so far meanwhile
+    (at most :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan
+    that fails writes nothing.
     ``halt`` set (by another thread) stops at the next job.  Synchronous, no event loop: the
     command line's fast path writes a whole NAR with it.
     """
@@ -353,18 +364,19 @@ def write_planned(
     held = 0
     next_file = start
     pending = 0  # jobs submitted whose results were not taken
+    run_buffer: memoryview | None = None
 
     def fill(jobs: int, most: int) -> None:
         nonlocal held, next_file, pending
         n = len(sizes)
-        while next_file < n and len(window) < jobs:
+        while next_file < n and pending < jobs:
             i = next_file
             stop, cost, kind = _job_bounds(sizes, i, n, run_max, whole_max)
             if window and held + cost > most:
                 return
             buffer = None
-            if kind != _STREAMED:
-                buffer = buffers.take(cost + (cost >> 7 if kind == _WHOLE else 0) + _SLACK)
+            if kind == _WHOLE:
+                buffer = buffers.take(cost + (cost >> 7) + _SLACK)
                 _WORKER.submit((_job_reader(reads, plan, kind, i, stop, buffer), results, stopped))
                 pending += 1
             window.append((i, stop, cost, kind, buffer))
@@ -379,8 +391,12 @@ def write_planned(
             if not window:
                 break
             i, stop, cost, kind, buffer = window.popleft()
-            got = None
-            if kind != _STREAMED:
+            got: _Pieces | BaseException | None = None
+            if kind == _RUN:
+                if run_buffer is None:
+                    run_buffer = buffers.take(RUN_BYTES + _SLACK)
+                got = _read_here(reads, plan, i, stop, run_buffer)
+            elif kind == _WHOLE:
                 got = results.get()
                 pending -= 1
             if halt is not None and halt.is_set():
@@ -398,6 +414,14 @@ def write_planned(
         stopped.set()
         for _ in range(pending):
             results.get()
+
+
+def _read_here(reads: Reads, plan: Plan, start: int, stop: int, buffer: memoryview) -> _Pieces | BaseException | None:
+    """A run read on the writing thread: its pieces, or why not (as the worker hands a failure back)."""
+    try:
+        return _read_job(reads, plan, _RUN, start, stop, buffer)
+    except Exception as e:
+        return e
 
 
 def _job_reader(

@@ -84,6 +84,8 @@ _FILE_EXECUTABLE = TOK_NODE + NODE_EXECUTABLE
 _PAD_CLOSE = [bytes(-n & 7) + _CLOSE_ENTRY for n in range(8)]
 """The padding after contents of a size ``n`` (mod 8), and the end of the file and of its entry."""
 _U64 = struct.Struct("<Q")
+_ENTRY_HEADS = [ENTRY_PREFIX + _U64.pack(n) for n in range(MAX_NAME_LEN + 1)]
+"""The start of an entry, up to its name, by the name's length."""
 _ZEROS = bytes(8)
 _NAME = operator.itemgetter(0)
 
@@ -268,7 +270,8 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iter
     # Each frame: a directory's entries, the next one's index, its path.
     stack: list[tuple[list[Fields], int, TreePath]] = [(_entries_from(closure, top, _ROOT), 0, _ROOT)]
     append_frame, append_digest, append_size, append_path = frames.append, digests.append, sizes.append, paths.append
-    pack, join, zeros, empty = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST
+    pack, join, zeros, empty, heads = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST, _ENTRY_HEADS
+    regular, exe = _FILE_REGULAR, _FILE_EXECUTABLE
     while stack:
         if len(sizes) >= step_end:
             step_end = len(sizes) + RUN_FILES
@@ -282,25 +285,17 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iter
             name, kind, digest, size, executable = entries[i]
             i += 1
             if kind == 1:
-                length = len(name)
-                buf += join(
-                    (
-                        ENTRY_PREFIX,
-                        pack(length),
-                        name,
-                        zeros[: -length & 7],
-                        _FILE_EXECUTABLE if executable else _FILE_REGULAR,
-                        pack(size),
-                    )
-                )
+                length = len(name)  # at most MAX_NAME_LEN: the names were checked
+                entry = (buf, heads[length], name, zeros[: -length & 7], exe if executable else regular, pack(size))
                 if (size and digest != empty and len(digest) == DIGEST_LEN) or _has_contents(digest, size, path, name):
-                    append_frame(bytes(buf))
+                    append_frame(join(entry))
                     buf.clear()
                     append_digest(digest)
                     append_size(size)
                     append_path((path, name))
                     buf += _PAD_CLOSE[size & 7]
                 else:
+                    buf[:] = join(entry)
                     buf += _CLOSE_ENTRY
             elif kind == 2:
                 buf += _symlink_entry(name, digest)
