@@ -56,7 +56,8 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _delimited(tag: int, value: bytes) -> bytes:
+def delimited(tag: int, value: bytes) -> bytes:
+    """A length-delimited field: its one-byte ``tag``, the value's length as a varint, the value."""
     n = len(value)
     return bytes((tag, n)) + value if n < 0x80 else bytes((tag,)) + varint(n) + value
 
@@ -64,8 +65,8 @@ def _delimited(tag: int, value: bytes) -> bytes:
 def encode_entry(name: bytes, node: Node) -> tuple[int, bytes]:
     """A Directory entry (or a ``Node`` message's one field): its list's tag, and its message bytes."""
     if isinstance(node, SymlinkNode):
-        return 0x1A, _delimited(_NAME, name) + _delimited(_DIGEST_OR_TARGET, node.target)
-    entry = _delimited(_NAME, name) + _delimited(_DIGEST_OR_TARGET, node.digest)
+        return 0x1A, delimited(_NAME, name) + delimited(_DIGEST_OR_TARGET, node.target)
+    entry = delimited(_NAME, name) + delimited(_DIGEST_OR_TARGET, node.digest)
     if node.size:
         entry += bytes((_SIZE,)) + varint(node.size)
     if isinstance(node, FileNode):
@@ -80,7 +81,7 @@ def encode_canonical(entries: Iterable[tuple[bytes, Node]]) -> bytes:
     lists: dict[int, list[bytes]] = {0x0A: [], 0x12: [], 0x1A: []}
     for name, node in entries:
         tag, entry = encode_entry(name, node)
-        lists[tag].append(_delimited(tag, entry))
+        lists[tag].append(delimited(tag, entry))
     return b"".join([*lists[0x0A], *lists[0x12], *lists[0x1A]])
 
 

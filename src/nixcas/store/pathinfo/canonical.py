@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from nixcas.castore.canonical import decode_canonical as decode_canonical_entries
-from nixcas.castore.canonical import encode_entry, read_varint, varint
+from nixcas.castore.canonical import delimited, encode_entry, read_varint, varint
 from nixcas.castore.nodes import Node
 from nixcas.store.pathinfo.model import PathInfo
 
@@ -133,7 +133,7 @@ def decode_canonical(data: bytes) -> PathInfo | None:
 
 def _field(number: int, value: bytes) -> bytes:
     """A length-delimited field (numbers 1 to 15: a one-byte tag)."""
-    return bytes((number << 3 | 2,)) + varint(len(value)) + value
+    return delimited(number << 3 | 2, value)
 
 
 def _named(name: str, data: bytes) -> bytes:
@@ -159,7 +159,7 @@ def encode_canonical(info: PathInfo) -> bytes:
             _field(2, info.ca.hash.digest) if info.ca.hash.digest else b""
         )
         narinfo.append(_field(6, ca))
-    parts = [_field(1, bytes((tag,)) + varint(len(entry)) + entry)]
+    parts = [_field(1, delimited(tag, entry))]
     parts.extend(_field(2, ref.digest) for ref in info.references)
     parts.append(_field(3, b"".join(narinfo)))
     return b"".join(parts)
