@@ -467,3 +467,12 @@ async def test_credentials_stay_out_of_every_url_error(url: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
         await blob_service_from_url(url)
     assert "TOPSECRET" not in str(raised.value)
+
+
+def test_seaweedfs_ports_are_distinct_and_clear_of_each_others_grpc_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed port is soon offered again: two of SeaweedFS's listeners once got the same port (weed exited)."""
+    from nixcas.testing import seaweedfs
+
+    offered = iter([20001, 20001, 20002, 30001, 20002, 20003, 20004, 20005])
+    monkeypatch.setattr(seaweedfs, "free_port", lambda: next(offered))
+    assert seaweedfs.free_ports(3) == [20002, 20003, 20004]  # 30001 is 20001's gRPC port: that pick starts over

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from nixcas.testing.daemon import free_port as free_loopback_port
 
-__all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SeaweedFS", "find_weed", "free_port"]
+__all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SeaweedFS", "find_weed", "free_port", "free_ports"]
 
 ACCESS_KEY = "nixcas-test"
 SECRET_KEY = "nixcas-test-secret"  # noqa: S105 - a throwaway credential of a loopback test server
@@ -57,6 +57,19 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct :func:`free_port` ports, none another's gRPC port (one port closed is soon offered again,
+    so choosing them one by one gave two of SeaweedFS's listeners the same port now and then)."""
+    while True:
+        ports: list[int] = []
+        while len(ports) < count:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        if not {port + 10000 for port in ports} & set(ports):
+            return ports
+
+
 class SeaweedFS:
     """One ``weed server`` with an S3 gateway on ``127.0.0.1:<s3_port>``."""
 
@@ -79,9 +92,8 @@ class SeaweedFS:
                 }
             )
         )
-        self.ports = {
-            name: free_port() for name in ("master", "volume", "filer", "s3", "iceberg", "lance", "mq", "agent")
-        }
+        names = ("master", "volume", "filer", "s3", "iceberg", "lance", "mq", "agent")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
