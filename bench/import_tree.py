@@ -747,7 +747,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.runs:
             for i in range(args.runs + 1):
                 warmup = i == 0
-                bench.rename_tree(f"tree-{i}")
+                bench.rename_tree(f"tree-{os.getpid()}-{i}")  # a new store path, even beside kept ones
                 for tool in ("nixcas", "nix-store"):
                     print(f"{'warm-up' if warmup else f'run {i}'}: {tool} ...", flush=True)
                     r = bench.run_nixcas(i, warmup) if tool == "nixcas" else bench.run_nix(i, warmup)

@@ -97,7 +97,7 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in [*sources, *peers]}
     try:
         for i in range(args.runs + 1):
-            bench.rename_tree(f"tree-{i}")
+            bench.rename_tree(f"tree-{os.getpid()}-{i}")  # a new store path, even beside kept ones
             order = list(sources) if i % 2 == 0 else list(sources)[::-1]
             for tool in [*order, *peers]:
                 r: import_tree.Run | import_tree.ChildResult
