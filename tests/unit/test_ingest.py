@@ -664,3 +664,26 @@ async def test_nar_hasher_hashes_what_nix_hashes(tmp_path: Path) -> None:
         finally:
             hasher.close()
         assert got == await nar_size_sha256(node, blobs, dirs)
+
+
+def test_a_small_file_is_read_in_one_call_and_a_changed_size_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file of the size the walk saw is one read (size + 1 asked, size got: the end); a file that
+    grew or shrank since the walk saw it is refused."""
+    path = tmp_path / "f"
+    path.write_bytes(b"0123456789")
+    reads: list[int] = []
+    real_read = os.read
+
+    def counting_read(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(os, "read", counting_read)
+    assert ingest_module._read_small(os.fsencode(path), 10) == b"0123456789"
+    assert reads == [11]
+    with pytest.raises(IngestError, match="changed while being imported"):
+        ingest_module._read_small(os.fsencode(path), 9)  # it grew
+    with pytest.raises(IngestError, match="changed while being imported"):
+        ingest_module._read_small(os.fsencode(path), 11)  # it shrank

@@ -305,8 +305,8 @@ def _read_small(fs_path: bytes, size: int) -> bytes:
     try:
         fd = os.open(fs_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            data = os.read(fd, size + 1)
-            while len(data) <= size and (more := os.read(fd, size + 1 - len(data))):
+            data = os.read(fd, size + 1)  # size bytes of the size + 1 asked for: the end (a regular file's read)
+            while len(data) < size and (more := os.read(fd, size + 1 - len(data))):
                 data += more
         finally:
             os.close(fd)
