@@ -176,7 +176,11 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--command", choices=["ingest", "import"], default="ingest")
     p.add_argument("--floor", action="store_true", help="tree: also run bench/import_floor.py in every round")
-    p.add_argument("--no-delete", action="store_true", help="tree: keep the trees, stores and nix paths (delete later: ~15 GB a run on the generated tree)")
+    p.add_argument(
+        "--no-delete",
+        action="store_true",
+        help="tree: keep the trees, stores and nix paths (delete later: ~15 GB a run on the generated tree)",
+    )
     p.add_argument("--store-parent", type=Path, default=Path("/nix/store"))
     p.add_argument("--nixcas", default=str(REPO / ".venv" / "bin" / "nixcas"))
     p.add_argument("--nix-store", default="nix-store")
