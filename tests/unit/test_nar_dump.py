@@ -82,6 +82,18 @@ async def tree_in(tmp_path: Path, blobs: BlobService) -> tuple[Node, DirectorySe
     return node, directories, nar
 
 
+async def packed_plan(tmp_path: Path) -> tuple[Path, rawplan.Plan, bytes]:
+    """The tree imported into a packed store at ``tmp_path / "blobs"`` (closed again): that directory, the
+    raw plan of its NAR, and the NAR."""
+    root = tmp_path / "blobs"
+    blobs = PackedBlobService(root)
+    try:
+        node, directories, nar = await tree_in(tmp_path, blobs)
+        return root, plan_nar(node, await dump_module.fetch_raw_closure(node, directories)), nar
+    finally:
+        await blobs.close()
+
+
 async def dump_to_file(path: Path, node: Node, blobs: BlobService, directories: DirectoryService) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -392,13 +404,7 @@ async def test_a_failed_write_returns_only_once_the_reader_is_done(tmp_path: Pat
 
     from nixcas.castore.blob.wholeread import PackedReads
 
-    root = tmp_path / "blobs"
-    blobs = PackedBlobService(root)
-    try:
-        node, directories, _ = await tree_in(tmp_path, blobs)
-        plan = plan_nar(node, await dump_module.fetch_raw_closure(node, directories))
-    finally:
-        await blobs.close()
+    root, plan, _ = await packed_plan(tmp_path)
     running: list[int] = []
 
     class SlowReads(PackedReads):
@@ -432,13 +438,7 @@ async def test_runs_are_read_on_the_writing_thread_and_big_files_on_the_worker(t
 
     from nixcas.castore.blob.wholeread import PackedReads
 
-    root = tmp_path / "blobs"
-    blobs = PackedBlobService(root)
-    try:
-        node, directories, nar = await tree_in(tmp_path, blobs)
-        plan = plan_nar(node, await dump_module.fetch_raw_closure(node, directories))
-    finally:
-        await blobs.close()
+    root, plan, nar = await packed_plan(tmp_path)
     threads: dict[str, set[int]] = {"run": set(), "whole": set()}
 
     class Recording(PackedReads):
