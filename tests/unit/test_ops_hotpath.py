@@ -88,6 +88,19 @@ async def test_any_other_line_writes_the_held_ones_first(
     assert len(stream.getvalue().splitlines()) == 4
 
 
+async def test_a_flush_of_the_handler_writes_the_held_lines(
+    stream: CountingStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``logging.shutdown`` flushes every handler: at exit, and in a failing command before its ``os._exit``
+    (which skips the event loop's next iteration and every atexit function)."""
+    only_ours(monkeypatch)
+    logs.write_directly(ACCESS, logging.INFO, "held", asyncio.get_running_loop())
+    assert stream.getvalue() == ""
+    assert logs._handler is not None
+    logs._handler.flush()
+    assert stream.getvalue().endswith("nixcas.access: held\n")
+
+
 async def test_configure_writes_held_lines_to_the_stream_they_were_meant_for(
     stream: CountingStream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

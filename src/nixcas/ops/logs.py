@@ -11,7 +11,6 @@ more than a short line per request, nor split one into several.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import re
@@ -132,6 +131,12 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
             flush_pending()  # the lines held for the loop's next iteration go first: lines stay in order
         super().emit(record)
 
+    def flush(self) -> None:
+        """Write the held lines too: ``logging.shutdown`` (at exit, and before a failing command's
+        ``os._exit``) flushes every handler."""
+        flush_pending()
+        super().flush()
+
 
 def configure(options: LogOptions, *, server: bool = False, stream: TextIO | None = None) -> None:
     """Install the handler on the root logger with ``options`` (a server's default level is INFO), writing to
@@ -166,7 +171,8 @@ def write_directly(
 
     With ``soon`` (the running event loop) the line, its time taken now, is held and written with the
     others held in the same iteration of that loop, in one write, at the start of its next iteration
-    (:func:`flush_pending`); any other line of the handler, and the process's exit, writes them first.
+    (:func:`flush_pending`); any other line of the handler, and a flush of it (``logging.shutdown`` at the
+    process's exit), writes them first.
     """
     handler = _handler
     root = logger.parent
@@ -213,9 +219,6 @@ def flush_pending() -> None:
         _pending.clear()
         handler.stream.write(text)
         handler.stream.flush()
-
-
-atexit.register(flush_pending)
 
 
 def json_lines() -> bool:
