@@ -6,8 +6,8 @@ nothing but the standard library, ``blake3`` and ``nixcas.store.nixbase32`` (to 
 
 * walk the tree in NAR order (names sorted as bytes), ``lstat`` every entry;
 * read every regular file once (1 MiB blocks), BLAKE3 its bytes (the blob's digest) and feed
-  them, framed as the NAR, to one SHA-256 (the store path's NAR hash, printed so the caller
-  can check it equals Nix's);
+  them, framed as the NAR (the tokens of ``nixcas.store.nar.wire``), to one SHA-256 (the store
+  path's NAR hash, printed so the caller can check it equals Nix's);
 * append every file's bytes to one pack file, and record digest, size and offset per file in
   one SQLite transaction;
 * make it durable: ``fsync`` of the pack, the commit's sync, then ``syncfs`` of the file system
@@ -25,21 +25,26 @@ import hashlib
 import os
 import sqlite3
 import stat
-import struct
 import sys
 
 import blake3
 
 from nixcas.store import nixbase32
+from nixcas.store.nar.wire import (
+    ENTRY_PREFIX,
+    NAR_MAGIC,
+    NODE_DIRECTORY,
+    NODE_EXECUTABLE,
+    NODE_REGULAR,
+    NODE_SYMLINK,
+    TOK_CLOSE,
+    TOK_NODE,
+    encode_str,
+    padding,
+    u64_le,
+)
 
 BLOCK = 1 << 20
-
-
-def _str(sha: hashlib._Hash, data: bytes) -> None:
-    sha.update(struct.pack("<Q", len(data)))
-    sha.update(data)
-    if len(data) % 8:
-        sha.update(b"\0" * (8 - len(data) % 8))
 
 
 class Floor:
@@ -55,23 +60,14 @@ class Floor:
 
     def file(self, path: bytes, size: int, executable: bool) -> None:
         sha = self.sha
-        _str(sha, b"(")
-        _str(sha, b"type")
-        _str(sha, b"regular")
-        if executable:
-            _str(sha, b"executable")
-            _str(sha, b"")
-        _str(sha, b"contents")
-        sha.update(struct.pack("<Q", size))
+        sha.update((NODE_EXECUTABLE if executable else NODE_REGULAR) + u64_le(size))
         digest = blake3.blake3()
         with open(path, "rb", buffering=0) as f:
             while block := f.read(BLOCK):
                 digest.update(block)
                 sha.update(block)
                 os.write(self.pack, block)
-        if size % 8:
-            sha.update(b"\0" * (8 - size % 8))
-        _str(sha, b")")
+        sha.update(padding(size) + TOK_CLOSE)
         self.rows.append((digest.digest(), size, self.offset))
         self.offset += size
 
@@ -80,17 +76,14 @@ class Floor:
         if stat.S_ISREG(st.st_mode):
             self.file(path, st.st_size, bool(st.st_mode & 0o100))
         elif stat.S_ISLNK(st.st_mode):
-            for token in (b"(", b"type", b"symlink", b"target", os.readlink(path), b")"):
-                _str(self.sha, token)
+            self.sha.update(NODE_SYMLINK + encode_str(os.readlink(path)) + TOK_CLOSE)
         else:
-            for token in (b"(", b"type", b"directory"):
-                _str(self.sha, token)
+            self.sha.update(NODE_DIRECTORY)
             for name in sorted(os.listdir(path)):
-                for token in (b"entry", b"(", b"name", name, b"node"):
-                    _str(self.sha, token)
+                self.sha.update(ENTRY_PREFIX + encode_str(name) + TOK_NODE)
                 self.node(os.path.join(path, name))
-                _str(self.sha, b")")
-            _str(self.sha, b")")
+                self.sha.update(TOK_CLOSE)
+            self.sha.update(TOK_CLOSE)
 
     def finish(self) -> str:
         os.fsync(self.pack)
@@ -108,7 +101,7 @@ class Floor:
 def main() -> None:
     tree, store = os.fsencode(sys.argv[1]), sys.argv[2]
     floor = Floor(store)
-    _str(floor.sha, b"nix-archive-1")
+    floor.sha.update(NAR_MAGIC)
     floor.node(tree)
     print(floor.finish())
 
