@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # asyncio, its executor and URL parsing are loaded by the ser
 
     T = TypeVar("T")
 
-__all__ = ["Busy", "SqliteDatabase", "SqlitePathConfig", "delete_if_older", "get_data", "select_in"]
+__all__ = ["Busy", "SqliteDatabase", "SqlitePathConfig", "delete_if_older", "first_value", "get_data", "select_in"]
 
 READER_MMAP = 256 << 20
 """Bytes of the database :meth:`SqliteDatabase.read_now`'s connection maps (address space, not memory)."""
@@ -41,8 +41,7 @@ def get_data(conn: sqlite3.Connection, table: str, key: bytes) -> bytes | None:
 
     ``table`` is the caller's own name, never input.
     """
-    row = conn.execute(f"SELECT data FROM {table} WHERE digest = ?", (key,)).fetchone()  # noqa: S608
-    return None if row is None else bytes(row[0])
+    return first_value(conn, f"SELECT data FROM {table} WHERE digest = ?", key)  # noqa: S608
 
 
 def _running_loop() -> Any:
@@ -58,7 +57,8 @@ def _running_loop() -> Any:
 _loop_getter: Callable[[], Any] | None = None
 
 
-def _first(conn: sqlite3.Connection, query: str, key: bytes) -> bytes | None:
+def first_value(conn: sqlite3.Connection, query: str, key: bytes) -> bytes | None:
+    """The first column of the row ``query`` selects with ``key`` as its one parameter, as bytes; or ``None``."""
     row = conn.execute(query, (key,)).fetchone()
     return None if row is None else bytes(row[0])
 
@@ -217,7 +217,7 @@ class SqliteDatabase:
         """
         reader = self._reader
         if reader is None or self._closed:
-            return self.read_now(lambda conn: _first(conn, query, key))
+            return self.read_now(lambda conn: first_value(conn, query, key))
         snapshot = self._snapshot
         try:
             if snapshot is None or not snapshot.is_running():  # running: this is the iteration that began it
@@ -228,11 +228,10 @@ class SqliteDatabase:
                     reader.execute("BEGIN")
                     self._snapshot = loop
                     loop.call_soon(self._end_snapshot)
-            row = reader.execute(query, (key,)).fetchone()
+            return first_value(reader, query, key)
         except sqlite3.Error as e:
             self._end_snapshot()
             raise self._read_error(e) from e
-        return None if row is None else bytes(row[0])
 
     def _end_snapshot(self) -> None:
         """End the read transaction :meth:`value_now` began, if it is still open."""
