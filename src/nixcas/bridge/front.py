@@ -47,7 +47,6 @@ from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler
 
 from nixcas.bridge.narinfo import NARINFO_TYPE, NarinfoRoutes
-from nixcas.ops import tracing
 from nixcas.ops.web import access_line, record
 
 __all__ = ["KEEPALIVE_TIMEOUT", "MAX_HEAD", "MAX_HEADERS", "FrontProtocol", "FrontServer", "front_enabled"]
@@ -121,7 +120,7 @@ class FrontServer(web.Server):
 
     def declines(self) -> bool:
         """Whether every request now goes to aiohttp (private bridge, draining, tracing on)."""
-        return self._bridge.private or not self._serving() or tracing.enabled()
+        return not self._bridge.answers_early(self._serving)
 
     def pre_shutdown(self) -> None:
         for connection in list(self._owned):

@@ -21,6 +21,7 @@ from nixcas.bridge.http import choose_encoding, encode_stream
 from nixcas.castore.nodes import Node
 from nixcas.castore.proto import encode_node
 from nixcas.errors import NixcasError, ValidationError
+from nixcas.ops import tracing
 from nixcas.store import nixbase32
 from nixcas.store.nar.listing import UnlistableName, check_listable, nar_listing
 from nixcas.store.nar.plan import fetch_closure
@@ -84,7 +85,6 @@ class NarinfoRoutes(BridgeBase):
         """
         if not self.lean(app, known):
             return handler
-        from nixcas.ops import tracing
         from nixcas.ops.web import ROUTE
 
         headers = _NARINFO_HEADERS
@@ -96,10 +96,8 @@ class NarinfoRoutes(BridgeBase):
             if (
                 lean
                 and request.method == "GET"
-                and not self.private
                 and "Authorization" not in request.headers
-                and serving()
-                and not tracing.enabled()
+                and self.answers_early(serving)
             ):
                 body = answer(path[1 : 1 + ENCODED_DIGEST_LEN])
                 if body is not None:
@@ -114,6 +112,11 @@ class NarinfoRoutes(BridgeBase):
         own and the ``known`` ones (any other middleware must see every request)."""
         own = (self._errors, self._authenticate, *known)
         return all(middleware in own for middleware in app.middlewares)
+
+    def answers_early(self, serving: Callable[[], bool]) -> bool:
+        """Whether a plain GET may be answered before aiohttp's middlewares now: the bridge is public,
+        ``serving`` (not draining) and not tracing (a private, draining or traced request takes the full route)."""
+        return not self.private and serving() and not tracing.enabled()
 
     def _narinfo_now(self, hash_part: str) -> bytes | None:
         """The narinfo of ``hash_part`` if the store answers at once and has a valid record; else ``None``."""
