@@ -22,13 +22,26 @@ from nixcas.errors import ConfigurationError, StorageError
 
 TYPE_CHECKING = False  # not typing's: a plain read (`path-info`, `castore ls`) loads nothing else of it
 if TYPE_CHECKING:  # asyncio, its executor and URL parsing are loaded by the services, not by a plain read
+    import threading
     from concurrent.futures import ThreadPoolExecutor
-    from typing import Any, Self, TypeVar
+    from typing import Any, Concatenate, ParamSpec, Self, TypeVar
     from urllib.parse import SplitResult
 
     T = TypeVar("T")
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
-__all__ = ["Busy", "SqliteDatabase", "SqlitePathConfig", "delete_if_older", "first_value", "get_data", "select_in"]
+__all__ = [
+    "Busy",
+    "ConnectionUses",
+    "SqliteDatabase",
+    "SqlitePathConfig",
+    "delete_if_older",
+    "first_value",
+    "get_data",
+    "select_in",
+    "using_connection",
+]
 
 READER_MMAP = 256 << 20
 """Bytes of the database :meth:`SqliteDatabase.read_now`'s connection maps (address space, not memory)."""
@@ -270,3 +283,66 @@ class SqliteDatabase:
             self._reader = None
         self._closed = True
         self._executor.shutdown(wait=True)
+
+
+class ConnectionUses:
+    """The uses of a service's per-thread SQLite connections, counted so that closing them waits for all.
+
+    Closing a connection while another thread runs a query on it crashes the process, and reads keep running on
+    worker threads after their caller went away (an abandoned NAR stream).  :meth:`begin` refuses once
+    :meth:`close` has begun (but not a use nested in one this thread holds); :meth:`close` returns once every
+    use begun before has ended.
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        import threading  # (a plain read loads no threading)
+
+        self._idle = threading.Condition(lock)
+        self._running = 0  # threads in a use
+        self._closing = False
+        self._depth = threading.local()  # this thread's nested uses
+
+    def begin(self) -> bool:
+        """Count one use (``False``: the connections are closing; use none)."""
+        depth: int = getattr(self._depth, "n", 0)
+        if not depth:
+            with self._idle:
+                if self._closing:
+                    return False
+                self._running += 1
+        self._depth.n = depth + 1
+        return True
+
+    def end(self) -> None:
+        self._depth.n -= 1
+        if self._depth.n:
+            return
+        with self._idle:
+            self._running -= 1
+            if not self._running:
+                self._idle.notify_all()
+
+    def close(self) -> None:
+        """Refuse new uses and wait for the running ones; called holding the lock given to the constructor."""
+        self._closing = True
+        while self._running:
+            self._idle.wait()
+
+
+def using_connection(method: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
+    """``method`` of a service with ``_uses`` (:class:`ConnectionUses`) counted as a use of its thread's
+    connection; refused with :class:`StorageError` once the service is closing."""
+
+    import functools
+
+    @functools.wraps(method)
+    def use(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        uses: ConnectionUses = self._uses
+        if not uses.begin():
+            raise StorageError(f"{self}: closed")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            uses.end()
+
+    return use

@@ -10,7 +10,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from nixcas.castore.blob.base import BlobService
+from nixcas.castore.blob.base import BlobService, ChunkMeta
 from nixcas.castore.blob.local import LocalBlobService
 from nixcas.castore.blob.packed import PackedBlobService
 from nixcas.castore.digest import B3Digest
@@ -417,6 +417,23 @@ async def test_close_waits_for_whole_reads_of_chunked_blobs(tmp_path: Path, monk
         blobs, monkeypatch, "_chunks_sync", lambda: blobs.read_whole(bytes(digest), len(LARGE), buffer)
     )
     assert bytes(got) == LARGE  # type: ignore[call-overload]
+
+
+async def test_close_waits_for_every_query_of_other_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only bulk reads: any read of a worker thread (here a chunk's, as read_many and NAR streams do) holds
+    close() until its queries are done; once closed, a read is refused, never run on a closed connection
+    (a pytest worker crashed in test_read_many_large)."""
+    blobs = PackedBlobService(tmp_path / "blobs")
+    digest = await blobs.put(SMALL)
+    chunk = ChunkMeta(digest, len(SMALL))
+
+    def read() -> bytes | None:
+        try:
+            return blobs._read_chunk_sync(chunk)
+        except StorageError:
+            return None
+
+    assert await _read_while_closing(blobs, monkeypatch, "_select_sync", read) == SMALL
 
 
 async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,7 +54,7 @@ from urllib.parse import SplitResult, unquote
 import blake3
 import zstandard
 
-from nixcas._sqlite import delete_if_older, select_in
+from nixcas._sqlite import ConnectionUses, delete_if_older, select_in, using_connection
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.local import LocalBlobService, _Slow
@@ -180,9 +180,8 @@ class PackedBlobService(LocalBlobService):
         os.makedirs(self._packs_dir, exist_ok=True)
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._closed = self._closing = False
-        self._bulk_reading = 0  # BulkReads calls running on other threads (close waits for them)
-        self._bulk_idle = threading.Condition(self._connections_lock)
+        self._closed = False
+        self._uses = ConnectionUses(self._connections_lock)  # close waits for the queries of other threads
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
         self._pack: OpenPack | None = None
         self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
@@ -209,9 +208,7 @@ class PackedBlobService(LocalBlobService):
     async def close(self) -> None:
         def close_all() -> None:
             with self._connections_lock:
-                self._closing = True  # no new bulk read starts
-                while self._bulk_reading:  # a connection must not be closed under a query of another thread
-                    self._bulk_idle.wait()
+                self._uses.close()
                 self._closed = True
                 connections, self._connections = self._connections, []
             with self._write_lock:
@@ -260,6 +257,7 @@ class PackedBlobService(LocalBlobService):
                 return CODEC_ZSTD, packed
         return CODEC_RAW, data
 
+    @using_connection
     def _append_sync(self, items: Sequence[tuple[B3Digest, bytes | memoryview]]) -> None:
         """Store small blobs: refresh those present, append the others to the pack, ``fsync``, then index them.
 
@@ -351,6 +349,7 @@ class PackedBlobService(LocalBlobService):
         stats.written("local", map(len, blobs))
         return digests
 
+    @using_connection
     def _touch_sync(self, digest: B3Digest) -> bool:
         db = self._db()
         if db.execute("UPDATE blobs SET mtime_ns = ? WHERE digest = ?", (time.time_ns(), bytes(digest))).rowcount:
@@ -360,6 +359,7 @@ class PackedBlobService(LocalBlobService):
 
     # -- reads ------------------------------------------------------------------------
 
+    @using_connection
     def _select_sync(self, digest: B3Digest) -> Row | None:
         return select_row(self._db(), bytes(digest))
 
@@ -415,6 +415,7 @@ class PackedBlobService(LocalBlobService):
 
         return load(f"{self}: blob {digest.hex()}", row, pread, self._decompressor)
 
+    @using_connection
     def _fetch_sync(self, digest: B3Digest) -> bytes | None:
         """A small blob's bytes (size-checked); ``None`` if it is not a row.  A pack compacted meanwhile is retried."""
         db = self._db()
@@ -457,12 +458,14 @@ class PackedBlobService(LocalBlobService):
         row = self._select_sync(digest)
         return row[0] if row is not None else super()._blob_size_sync(digest)
 
+    @using_connection
     def _sizes_sync(self, digests: Sequence[B3Digest]) -> list[int | None]:
         keys = [bytes(d) for d in digests]
         recorded = dict(select_in(self._db(), "SELECT digest, size FROM blobs WHERE digest IN ({})", keys))
         in_files = super()._blob_size_sync  # (a comprehension has no zero-argument super())
         return [recorded[k] if k in recorded else in_files(d) for k, d in zip(keys, digests, strict=True)]
 
+    @using_connection
     def _read_many_sync(
         self, max_sizes: Mapping[B3Digest, int], checker: BlobChecker
     ) -> tuple[dict[B3Digest, bytes], list[B3Digest]]:
@@ -494,19 +497,13 @@ class PackedBlobService(LocalBlobService):
 
     # -- BulkReads (``nixcas dump-path``) ------------------------------------------------
 
-    def _bulk_read(self, read: Callable[[], T]) -> T | None:
-        """``read()`` here unless closing (``None``: the caller falls back); :meth:`close` waits for it."""
-        with self._connections_lock:
-            if self._closing:
-                return None
-            self._bulk_reading += 1
+    def _bulk_read(self, read: Callable[[], T]) -> T | None:  # None when closing: the caller falls back
+        if not self._uses.begin():
+            return None
         try:
             return read()
         finally:
-            with self._connections_lock:
-                self._bulk_reading -= 1
-                if not self._bulk_reading:
-                    self._bulk_idle.notify_all()
+            self._uses.end()
 
     def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         """One indexed lookup for the run, then its pack bytes in offset order, nearby blobs in one ``preadv``."""
@@ -535,6 +532,7 @@ class PackedBlobService(LocalBlobService):
 
     # -- garbage collection -------------------------------------------------------------
 
+    @using_connection
     def _scan_rows_sync(self, after: bytes) -> list[StoredObject]:
         rows = self._db().execute(
             "SELECT digest, length, mtime_ns FROM blobs WHERE digest > ? ORDER BY digest LIMIT ?",
@@ -550,6 +548,7 @@ class PackedBlobService(LocalBlobService):
         async for batch in super().scan_blobs():
             yield batch
 
+    @using_connection
     def _delete_rows_sync(self, objects: Sequence[StoredObject], cutoff_ns: int) -> tuple[Deletion, list[StoredObject]]:
         """Rows deleted or kept; the objects that are no row (files of the object layout)."""
         db = self._db()
@@ -574,6 +573,7 @@ class PackedBlobService(LocalBlobService):
             done.kept.extend(more.kept)
         return done
 
+    @using_connection
     def _compact_sync(self, cutoff_ns: int, dry_run: bool) -> list[StoredObject]:
         """Free the dead space of pack files no writer holds (:mod:`~nixcas.castore.blob.packcompact`)."""
         db = self._db()
