@@ -36,6 +36,12 @@ Measurements, alternating bridge / nginx within each of ``--runs`` rounds:
   bridge sends) from the bridge's store into nothing, and one BLAKE3 pass over
   the NAR's bytes held in memory, one thread (the least a stream that verifies
   every byte must do).
+* **NAR single stream, floor**: the same ``curl`` from ``bench/nar_floor.py``, a
+  server that does only what serving this NAR with every byte verified needs
+  (each chunk object read, decompressed and BLAKE3-checked on two threads before
+  it is sent, the whole blob hashed on a third; no store API, no asyncio, no HTTP
+  library): the least a verifying server of this store's layout can do, measured
+  against nginx in the same rounds.
 
 ``--nar-only`` measures the single stream alone (no 8 concurrent, no ``wrk``);
 ``--narinfo-only`` measures the narinfo rate, the CPU the server used per narinfo
@@ -75,9 +81,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-# The sibling script (``bench/`` is on sys.path when this file is run): shared machine facts.
+# The sibling scripts (``bench/`` is on sys.path when this file is run): shared machine facts, chunk objects.
 from import_tree import base_facts
+from nar import chunk_object_paths
 
+from nixcas.castore.digest import B3Digest
 from nixcas.store import nixbase32
 from nixcas.store.narinfo import NarInfo
 
@@ -237,6 +245,21 @@ class Servers:
         wait_port(port)
         return f"http://127.0.0.1:{port}"
 
+    def start_floor(self, nar_file: Path, blob: bytes, chunks: list[Path]) -> str:
+        """``bench/nar_floor.py``: the least a server verifying every byte of this NAR before sending it does."""
+        port = free_port()
+        chunk_list = self.workdir / "floor-chunks.txt"
+        chunk_list.write_text("\n".join(map(str, chunks)))
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "nar_floor.py"), str(port), str(nar_file), blob.hex(),
+             str(chunk_list)],
+            stdout=subprocess.DEVNULL, stderr=open(self.workdir / "floor.log", "wb"),  # noqa: SIM115
+        )  # fmt: skip
+        self.procs.append(proc)
+        self.pids[f"http://127.0.0.1:{port}"] = proc.pid
+        wait_port(port)
+        return f"http://127.0.0.1:{port}"
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -315,6 +338,22 @@ def narinfo_round(rows: dict[str, list[float]], base: str, pid: int, smalls: lis
     rows["narinfo_cpu_us"].append((tree_cpu(pid) - cpu) / (rate * seconds) * 1e6)
     if floor:
         rows.setdefault("floor", []).append(wrk_rate(base, ["/nix-cache-info"], seconds, workdir))
+
+
+def large_blob(store_dir: Path, store_path: str) -> B3Digest:
+    """The BLAKE3 digest of the large path's file in the bridge's store."""
+    import asyncio
+
+    from nixcas.api import open_store
+
+    async def digest() -> B3Digest:
+        async with await open_store(store_dir, with_pathinfo=True) as store:
+            assert store.pathinfos is not None
+            info = await store.pathinfos.get(nixbase32.decode(store_path[11:43]))
+            assert info is not None
+            return info.node.digest  # type: ignore[union-attr]
+
+    return asyncio.run(digest())
 
 
 def nar_floors(store_dir: Path, store_path: str, nar_file: Path) -> tuple[float, float, float]:
@@ -427,6 +466,14 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"{name}: the NAR does not match its NarHash/NarSize")
             print(f"{name}: NAR {size} bytes, sha256:{nixbase32.encode(sha)} ok", flush=True)
         nar_bytes = info.nar_size
+        if not args.narinfo_only:  # the verifying floor server: the same NAR, no store API, no HTTP library
+            blob = large_blob(workdir / "nixcas", large)
+            bases["floor"] = servers.start_floor(nar_file, blob, chunk_object_paths(workdir / "nixcas" / "blobs", blob))
+            urls["floor"] = f"{bases['floor']}/{info.url}"
+            size, sha = nar_sha256(urls["floor"])
+            if (size, sha) != (info.nar_size, info.nar_sha256):
+                sys.exit("floor: the NAR does not match its NarHash/NarSize")
+            print(f"floor: NAR {size} bytes ok", flush=True)
         log_text = (workdir / "bridge.log").read_text(errors="replace")
         loop_used = log_text.split("event loop: ", 1)[1].split(";", 1)[0] if "event loop: " in log_text else "?"
         facts["bridge_event_loop"] = loop_used
@@ -455,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
                 assert size == nar_bytes
                 results[name]["single"].append(size / seconds / 2**20)
                 results[name]["cpu_per_gib"].append(cpu / (size / 2**30))
-                if not args.nar_only:
+                if not args.nar_only and name != "floor":
                     wall, total = concurrent(urls[name], 8)
                     assert total == 8 * nar_bytes
                     results[name]["concurrent"].append(total / wall / 2**20)
@@ -469,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
                     results["floors"]["blake3_one_pass"].append(hashed)
                 extra_text = (
                     ""
-                    if args.nar_only
+                    if args.nar_only or name == "floor"
                     else f", 8x {results[name]['concurrent'][-1]:7.0f} MiB/s, "
                     f"narinfo {results[name]['narinfo'][-1]:8.0f}/s"
                 )
@@ -494,10 +541,11 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             ours, peer = summary["nar-bridge"][key]["median"], summary["nginx"][key]["median"]
             print(f"| {label} ({unit}) | {ours:,.2f} | {peer:,.2f} | {f'{ours / peer:.2f}x' if peer else '-'} |")
-            if "before" in summary:
-                before = summary["before"][key]["median"]
-                ratio = f"{before / peer:.2f}x" if peer else "-"
-                print(f"| {label} ({unit}), before | {before:,.2f} | {peer:,.2f} | {ratio} |")
+            for other in ("before", "floor"):
+                if key in summary.get(other, {}):
+                    value = summary[other][key]["median"]
+                    ratio = f"{value / peer:.2f}x" if peer else "-"
+                    print(f"| {label} ({unit}), {other} | {value:,.2f} | {peer:,.2f} | {ratio} |")
         for name in ("nar-bridge", "before"):
             if "floor" in summary.get(name, {}):
                 floor = summary[name]["floor"]["median"]
