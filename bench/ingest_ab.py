@@ -72,12 +72,14 @@ def summary(results: dict[str, list[tuple[float, float]]], peer: str) -> None:
         )
 
 
-def run_floor(bench: import_tree.Bench, store_parent: Path, index: int) -> import_tree.ChildResult:
-    """``bench/import_floor.py`` into a new directory (after an untimed ``sync``); its NAR hash must be Nix's."""
+def run_floor(bench: import_tree.Bench, store_parent: Path, index: int, threads: int = 1) -> import_tree.ChildResult:
+    """``bench/import_floor.py`` (on ``threads`` threads) into a new directory (after an untimed ``sync``); its NAR
+    hash must be Nix's."""
     store = tempfile.mkdtemp(dir=store_parent, prefix=".nixcas-floor-")
     os.sync()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    r = import_tree.run_child([sys.executable, str(REPO / "bench" / "import_floor.py"), str(bench.tree), store], env)
+    floor = [sys.executable, str(REPO / "bench" / "import_floor.py"), "--threads", str(threads)]
+    r = import_tree.run_child([*floor, str(bench.tree), store], env)
     import_tree.check_ok(r)
     if bench.nix_nar_hash is not None and f"sha256:{r.stdout.strip()}" != bench.nix_nar_hash:
         raise SystemExit(f"round {index}: the floor's NAR hash {r.stdout.strip()} is not Nix's {bench.nix_nar_hash}")
@@ -93,7 +95,7 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
         command=args.command,
     )  # fmt: skip
     sources = {"nixcas before": str(args.base), "nixcas after": str(REPO / "src")}
-    peers = ["nix-store --add", *(["floor"] if args.floor else [])]
+    peers = ["nix-store --add", *(["floor", "floor-2t"] if args.floor else [])]
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in [*sources, *peers]}
     try:
         for i in range(args.runs + 1):
@@ -104,8 +106,8 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
                 if tool in sources:
                     os.environ["PYTHONPATH"] = sources[tool]
                     r = bench.run_nixcas(i, i == 0)
-                elif tool == "floor":
-                    r = run_floor(bench, args.store_parent, i)
+                elif tool in ("floor", "floor-2t"):
+                    r = run_floor(bench, args.store_parent, i, 1 if tool == "floor" else 2)
                 else:
                     r = bench.run_nix(i, i == 0)
                 cpu = r.user_seconds + r.system_seconds
@@ -175,7 +177,9 @@ def main() -> None:
     p.add_argument("--large-mib", type=int, default=64)
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--command", choices=["ingest", "import"], default="ingest")
-    p.add_argument("--floor", action="store_true", help="tree: also run bench/import_floor.py in every round")
+    p.add_argument(
+        "--floor", action="store_true", help="tree: also run bench/import_floor.py (one and two threads) in every round"
+    )
     p.add_argument(
         "--no-delete",
         action="store_true",
