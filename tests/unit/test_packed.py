@@ -364,6 +364,46 @@ async def test_read_chunks_checks_each_chunk_and_the_whole_blob(tmp_path: Path, 
         await svc.close()
 
 
+@pytest.mark.parametrize("url", ["packed://{}", "objectstore+file://{}"])
+async def test_read_chunk_into_reads_the_chunk_object_verified(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BulkReads.read_chunk_into: a chunk object read directly (no lookup of a blob of that digest first) and
+    checked; damaged, it is not served; a chunk kept as a small blob (another form) is still found."""
+    from nixcas.castore.objectstore.layout import chunk_key
+
+    svc = await blob_service_from_url(url.format(tmp_path / "blobs"))
+    try:
+        large = await svc.put(LARGE)
+        chunks = await svc.chunks(large)
+        assert chunks is not None and len(chunks) > 1
+        reads = svc.bulk_reads()
+        assert reads is not None
+        buffer = memoryview(bytearray(1 << 20))
+        first, second = chunks[0], chunks[1]
+        start = first.size
+        with monkeypatch.context() as m:
+
+            def no_lookup(digest: B3Digest) -> None:
+                raise AssertionError(f"looked up {digest.hex()} as a blob")
+
+            m.setattr(svc, "_chunks_sync", no_lookup)
+            got = reads.read_chunk_into(bytes(second.digest), second.size, buffer)
+        assert got is not None and bytes(got) == LARGE[start : start + second.size]
+        assert reads.read_chunk_into(bytes(second.digest), second.size - 1, buffer) is None  # another size
+        assert reads.read_chunk_into(b"\0" * 32, 5, buffer) is None  # missing
+        path = tmp_path / "blobs" / chunk_key(first.digest)
+        stored = bytearray(path.read_bytes())
+        stored[-2] ^= 0xFF  # one byte of the contents (the frame's last block ends the file)
+        path.write_bytes(stored)
+        assert reads.read_chunk_into(bytes(first.digest), first.size, buffer) is None
+        small = await svc.put(SMALL)  # a blob of one chunk: kept as a pack row by packed://
+        got = reads.read_chunk_into(bytes(small), len(SMALL), buffer)
+        assert got is not None and bytes(got) == SMALL
+    finally:
+        await svc.close()
+
+
 async def _read_while_closing(
     blobs: PackedBlobService, monkeypatch: pytest.MonkeyPatch, slowed: str, read: Callable[[], object]
 ) -> object:

@@ -337,6 +337,12 @@ class BulkReads(ABC):
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
 
+    def read_chunk_into(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
+        """One chunk of a chunked blob (raw digest, exact size), verified against its digest: as
+        :meth:`read_whole`, which is the default; a backend with chunk objects reads the object
+        directly, without first looking for a blob of that digest."""
+        return self.read_whole(digest, size, buffer)
+
     def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
         """A chunked blob of exactly ``size`` bytes, chunk by chunk: for blobs too big to hold whole.
 

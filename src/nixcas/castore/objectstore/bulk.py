@@ -161,6 +161,18 @@ class DiskReads(DiskSweep, BulkReads):
         except (OSError, StorageError, zstandard.ZstdError):
             return None
 
+    def read_chunk_into(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
+        """The chunk object itself (no blob index looked for first); else as :meth:`read_whole` (a chunk
+        kept in another form, e.g. as a packed blob)."""
+        if 0 < size <= self.whole_max:
+            try:
+                data = read_chunks_into(self._root, digest, size, [(digest, size)], buffer, self._decompressor)
+            except (OSError, StorageError, zstandard.ZstdError):
+                data = None
+            if data is not None:
+                return data
+        return self.read_whole(digest, size, buffer)
+
     def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
         try:
             chunks = self._chunks_sync(B3Digest(digest))

@@ -13,7 +13,7 @@ the BLAKE3 it is stored under before it is yielded:
 * a bigger file is read chunk by chunk (its chunk list from
   :meth:`~nixcas.castore.blob.base.BlobService.chunks`), in steps of about
   :data:`STEP` bytes, :data:`STEPS_AHEAD` steps read at once: each chunk one
-  :meth:`~nixcas.castore.blob.base.BulkReads.read_whole`, checked against the
+  :meth:`~nixcas.castore.blob.base.BulkReads.read_chunk_into`, checked against the
   chunk's digest before it is yielded; the chunks' bytes also go, in order, into
   the blob's BLAKE3 on a thread of its own, compared with the blob's digest
   before the last step is yielded (what ties the chunk list to the blob).
@@ -265,7 +265,7 @@ class _Big:
     """A big file read chunk by chunk in steps: its chunk list cut into steps, and the BLAKE3 of the steps so far.
 
     Each chunk is read and checked against its own digest (one
-    :meth:`~nixcas.castore.blob.base.BulkReads.read_whole` of the chunk, on a
+    :meth:`~nixcas.castore.blob.base.BulkReads.read_chunk_into`, on a
     reading thread; steps are read in parallel); the chunks' bytes also go, in
     order, into one BLAKE3 of the whole blob on a thread of its own
     (:func:`_hash_pool`), compared with its digest before the last step is
@@ -317,7 +317,7 @@ def _read_step(reads: BulkReads, chunks: list[ChunkMeta], buffer: bytearray) -> 
     at = 0
     for chunk in chunks:
         room = _room(chunk.size)
-        data = reads.read_whole(bytes(chunk.digest), chunk.size, view[at : at + room])
+        data = reads.read_chunk_into(bytes(chunk.digest), chunk.size, view[at : at + room])
         if data is None:
             break
         pieces.append(data)
