@@ -14,7 +14,10 @@ import itertools
 import os
 import random
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
 
+import blake3
 import pyfuse3
 import pytest
 
@@ -518,6 +521,51 @@ async def test_chunked_file_chunk_list_not_making_up_the_blob_fails_at_the_end()
     right = ChunkedFile(blobs, digest, chunks)
     assert b"".join([await right.pread(o, 300_000) for o in range(0, len(BIG), 300_000)]) == BIG
     await right.close()
+
+
+async def test_chunked_file_over_the_embedded_store_reads_chunk_objects_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over packed:// (BulkReads) groups are read as chunk objects, not through read_many; a damaged object fails
+    the reads that cover it (then found through the async API) and only those; all bytes read in order are right."""
+    from nixcas.castore.objectstore.layout import chunk_key
+    from nixcas.composition import blob_service_from_url
+
+    blobs = await blob_service_from_url(f"packed://{tmp_path / 'blobs'}")
+    try:
+        data = blake3.blake3(b"mounted").digest(length=6 << 20)
+        digest = await blobs.put(data)
+        chunks = await blobs.chunks(digest)
+        assert chunks is not None and len(chunks) > 4
+        async_reads: list[str] = []
+        with monkeypatch.context() as m:
+            for name in ("read_many", "read_chunk"):
+                original = getattr(blobs, name)
+
+                async def counted(*args: object, _name: str = name, _original: Any = original) -> object:
+                    async_reads.append(_name)
+                    return await _original(*args)
+
+                m.setattr(blobs, name, counted)
+            cf = ChunkedFile(blobs, digest, chunks, name="big")
+            got = b"".join([await cf.pread(o, 128 << 10) for o in range(0, len(data), 128 << 10)])
+            assert got == data
+            await cf.close()
+        assert async_reads == []
+        starts = list(itertools.accumulate((c.size for c in chunks), initial=0))
+        bad = len(chunks) // 2
+        path = tmp_path / "blobs" / chunk_key(chunks[bad].digest)
+        stored = bytearray(path.read_bytes())
+        stored[-2] ^= 0xFF
+        path.write_bytes(stored)
+        cf = ChunkedFile(blobs, digest, chunks, name="big")
+        with pytest.raises(StorageError):
+            await cf.pread(starts[bad] + 5, 10)
+        assert await cf.pread(starts[bad] - 10, 10) == data[starts[bad] - 10 : starts[bad]]
+        assert await cf.pread(starts[bad + 1], 1000) == data[starts[bad + 1] : starts[bad + 1] + 1000]
+        await cf.close()
+    finally:
+        await blobs.close()
 
 
 async def test_chunked_file_missing_chunk_is_an_error_and_retried() -> None:

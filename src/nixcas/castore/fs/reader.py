@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 import blake3
 
-from nixcas.castore.blob.base import READ_BLOCK, BlobReader, BlobService, ChunkMeta
+from nixcas.castore.blob.base import READ_BLOCK, BlobReader, BlobService, BulkReads, ChunkMeta
+from nixcas.castore.blob.buffers import ReusedBuffers
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, StorageError
 
@@ -223,6 +224,9 @@ CHUNKS_PARALLEL = 3
 CHUNKS_GROUP = 2 * READ_BLOCK
 """Consecutive chunks :class:`ChunkedFile` fetches together, in one :meth:`BlobService.read_many` (2 MiB)."""
 
+_GROUP_BUFFERS = ReusedBuffers(32 << 20)
+"""The buffers groups are read into by a store with :class:`BulkReads` (every open file of the process)."""
+
 
 class ChunkedFile:
     """``pread`` over a chunked blob: chunks fetched and checked in parallel, the blob hashed whole on the side.
@@ -230,7 +234,10 @@ class ChunkedFile:
     Built from the blob's chunk list (:meth:`BlobService.chunks`).  Chunks
     are fetched in groups of consecutive ones (about ``group`` bytes) with
     one :meth:`BlobService.read_many` each, which checks every chunk against
-    its BLAKE3 before it returns (in one worker thread for the local store);
+    its BLAKE3 before it returns; a store with :class:`BulkReads` (the
+    embedded one) reads a group on one worker thread instead, each chunk
+    object into a buffer reused once no reply refers to it
+    (:meth:`BulkReads.read_chunk_into`, checked the same way);
     a chunk of the wrong size, a missing one, or any failure of the group
     sends that group's chunks through :meth:`BlobService.read_chunk` one by
     one, so a read never hands out a byte of a chunk that did not verify and
@@ -263,6 +270,7 @@ class ChunkedFile:
         name: str = "blob",
     ) -> None:
         self._blobs = blobs
+        self._reads = blobs.bulk_reads()
         self._digest = digest
         self._chunks = list(chunks)
         self._starts: list[int] = []
@@ -283,7 +291,7 @@ class ChunkedFile:
         self._behind = behind
         self._name = name
         self._slots = asyncio.Semaphore(max(1, parallel))
-        self._window: dict[int, asyncio.Future[list[bytes | Exception]]] = {}
+        self._window: dict[int, asyncio.Future[list[bytes | memoryview | Exception]]] = {}
         """Group index -> its fetch (running or done): the groups held around the reader."""
         self._pins: dict[int, int] = {}
         """Group index -> reads waiting on it (never dropped while pinned)."""
@@ -292,7 +300,7 @@ class ChunkedFile:
         self._hasher = blake3.blake3()
         self._queued = 0
         """Groups handed to the whole-blob hash so far (always the first ones, in order)."""
-        self._backlog: deque[bytes] = deque()
+        self._backlog: deque[bytes | memoryview] = deque()
         self._hash_task: asyncio.Task[None] | None = None
         self._whole_error: StorageError | None = None
         self._whole_checked = False
@@ -340,7 +348,7 @@ class ChunkedFile:
                 else:
                     del self._pins[g]
         lo, hi = self._index(offset), self._index(stop - 1)
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         for g, fetched in zip(range(first, last + 1), groups, strict=True):
             base = self._groups[g]
             for i in range(max(lo, base), min(hi + 1, base + len(fetched))):
@@ -354,7 +362,7 @@ class ChunkedFile:
             await self._check_whole()
         skip = offset - self._starts[lo]
         if len(parts) == 1:
-            return parts[0][skip : skip + stop - offset]
+            return bytes(parts[0][skip : skip + stop - offset])
         views = [memoryview(p) for p in parts]
         views[0] = views[0][skip:]
         views[-1] = views[-1][: stop - self._starts[hi]]
@@ -383,24 +391,28 @@ class ChunkedFile:
             else:
                 fetch.cancel()
 
-    def _fetch(self, g: int) -> asyncio.Future[list[bytes | Exception]]:
+    def _fetch(self, g: int) -> asyncio.Future[list[bytes | memoryview | Exception]]:
         fetch = self._window.get(g)
         if fetch is None:
             fetch = self._window[g] = asyncio.ensure_future(self._read_group(g))
             fetch.add_done_callback(lambda _: self._feed_hash())
         return fetch
 
-    async def _read_group(self, g: int) -> list[bytes | Exception]:
+    async def _read_group(self, g: int) -> list[bytes | memoryview | Exception]:
         """The chunks of group ``g``, each checked against its digest, or the error that stopped it."""
         chunks = self._chunks[slice(*self._group_chunks(g))]
         async with self._slots:
+            if self._reads is not None:
+                read = await asyncio.to_thread(_read_chunks, self._reads, chunks)
+                if read is not None:
+                    return list(read)
             try:  # every chunk is a blob by itself: read_many checks each against its digest
                 found = await self._blobs.read_many({c.digest: c.size for c in chunks})
                 if all(len(found.get(c.digest, b"")) == c.size for c in chunks):
                     return [found[c.digest] for c in chunks]
             except Exception:  # noqa: S110 - one by one below, to tell which chunk is wrong
                 pass
-            out: list[bytes | Exception] = []
+            out: list[bytes | memoryview | Exception] = []
             for i, chunk in enumerate(chunks, self._groups[g]):
                 try:
                     data = await self._blobs.read_chunk(chunk)  # checked against its size and digest
@@ -421,7 +433,7 @@ class ChunkedFile:
             chunks = fetch.result()
             if any(isinstance(c, Exception) for c in chunks):
                 return
-            self._backlog.extend(c for c in chunks if isinstance(c, bytes))
+            self._backlog.extend(c for c in chunks if not isinstance(c, Exception))
             self._queued += 1
         if self._backlog and (self._hash_task is None or self._hash_task.done()) and not self._closed:
             self._hash_task = asyncio.ensure_future(self._hash())
@@ -437,7 +449,7 @@ class ChunkedFile:
             if got != self._digest:
                 self._whole_error = ChecksumMismatch(f"{self._name}", self._digest.hex(), got.hex())
 
-    def _hash_batch(self, batch: list[bytes]) -> None:
+    def _hash_batch(self, batch: list[bytes | memoryview]) -> None:
         for data in batch:
             self._hasher.update(data)
 
@@ -477,3 +489,23 @@ class ChunkedFile:
         await asyncio.gather(*fetches, return_exceptions=True)
         if self._hash_task is not None:
             await asyncio.gather(self._hash_task, return_exceptions=True)
+
+
+def _read_chunks(reads: BulkReads, chunks: Sequence[ChunkMeta]) -> list[memoryview] | None:
+    """Each chunk read and checked into one reused buffer (views of it); ``None`` if one cannot be (the caller
+    then reads the group through the async API, which tells which chunk is wrong and why)."""
+    rooms = [c.size + (c.size >> 7) + (4 << 10) for c in chunks]  # a stored frame's block headers fit too
+    buffer = _GROUP_BUFFERS.take(sum(rooms))
+    try:
+        view = memoryview(buffer)
+        out: list[memoryview] = []
+        at = 0
+        for chunk, room in zip(chunks, rooms, strict=True):
+            data = reads.read_chunk_into(bytes(chunk.digest), chunk.size, view[at : at + room])
+            if data is None or len(data) != chunk.size:
+                return None
+            out.append(memoryview(data))
+            at += room
+        return out
+    finally:
+        _GROUP_BUFFERS.give(buffer)  # taken again only once no view of it is alive

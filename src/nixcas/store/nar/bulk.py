@@ -45,6 +45,7 @@ from typing import Any
 import blake3
 
 from nixcas.castore.blob.base import BlobService, BulkReads, ChunkMeta
+from nixcas.castore.blob.buffers import ReusedBuffers
 from nixcas.errors import ChecksumMismatch, StorageError
 from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.rawplan import RUN_FILES, Plan
@@ -120,47 +121,7 @@ def _whole_job(reads: BulkReads, digest: bytes, size: int, frame: bytes, buffer:
     return None if data is None else [frame, data]
 
 
-def _unshared(buffer: bytearray) -> bool:
-    """Whether no view of ``buffer`` is alive (a bytearray with views cannot shrink: probe by shrinking)."""
-    try:
-        last = buffer.pop()
-    except BufferError:
-        return False
-    buffer.append(last)
-    return True
-
-
-class _Buffers:
-    """Read buffers reused from stream to stream, once no view of them is alive any more.
-
-    A piece yielded is a view of a buffer; whoever consumes the stream may keep
-    it (a transport that queues it, say) as long as it likes: a buffer is taken
-    again only when nothing refers to its bytes.  Fresh memory is costly (the
-    allocator zeroes it, the kernel faults it in page by page), about as much
-    as reading the bytes into it.  At most ``keep`` bytes of buffers are kept.
-    """
-
-    def __init__(self, keep: int) -> None:
-        self._free: list[bytearray] = []
-        self._keep = keep
-        self._lock = threading.Lock()  # streams of several event loops may share the process's buffers
-
-    def take(self, need: int) -> bytearray:
-        with self._lock:
-            for k, buffer in enumerate(self._free):
-                if len(buffer) >= need and _unshared(buffer):
-                    return self._free.pop(k)
-        return bytearray(need)
-
-    def give(self, buffer: bytearray) -> None:
-        with self._lock:
-            self._free.append(buffer)
-            self._free.sort(key=len)  # the smallest that fits is taken first
-            while sum(map(len, self._free)) > self._keep:
-                self._free.pop(0)
-
-
-_BUFFERS = _Buffers(KEEP_BYTES)
+_BUFFERS = ReusedBuffers(KEEP_BYTES)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

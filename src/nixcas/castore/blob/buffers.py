@@ -1,0 +1,51 @@
+"""Read buffers reused once no view of them is alive: for readers that hand out views of what they read.
+
+Fresh memory is costly (the allocator zeroes it, the kernel faults it in page
+by page), about as much as reading the bytes into it.  A reader that reads
+into a buffer taken from :class:`ReusedBuffers` and hands out views of it may
+give the buffer back at once: it is taken again only when nothing refers to
+its bytes any more (a consumer, a transport that queues a view, may keep
+them as long as it likes).
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["ReusedBuffers"]
+
+
+def _unshared(buffer: bytearray) -> bool:
+    """Whether no view of ``buffer`` is alive (a bytearray with views cannot shrink: probe by shrinking)."""
+    try:
+        last = buffer.pop()
+    except BufferError:
+        return False
+    buffer.append(last)
+    return True
+
+
+class ReusedBuffers:
+    """Buffers given back, taken again (the smallest that fits) once no view of them is alive; at most ``keep``
+    bytes of them are kept.  Thread-safe: readers of several threads and event loops share one."""
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, need: int) -> bytearray:
+        """A buffer of at least ``need`` bytes (a kept one without views, else a new one)."""
+        with self._lock:
+            for k, buffer in enumerate(self._free):
+                if len(buffer) >= need and _unshared(buffer):
+                    return self._free.pop(k)
+        return bytearray(need)
+
+    def give(self, buffer: bytearray) -> None:
+        """Keep ``buffer`` for a later :meth:`take` (views of it may still be alive)."""
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=len)
+            while sum(map(len, self._free)) > self._keep:
+                self._free.pop(0)
