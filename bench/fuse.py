@@ -34,7 +34,9 @@ Every timed operation is a child process, timed by wall clock:
 * **floor**: what any verifying reader of this store must do for the large
   file, without FUSE: read every chunk object, decompress it, BLAKE3 it
   against its name, and BLAKE3 the whole blob in order, on two threads (both
-  cores) in a child process.
+  cores) in a child process; *into reused buffers*: the same with each object
+  read and decompressed into memory reused from chunk to chunk, the whole-blob
+  hash on a third thread (``bench/nar_floor.py --verify``), the least of the two.
 * **find + stat**: ``find DIR -printf '%i %m %s %P\\n'`` (one ``lstat`` per
   entry) of the 10,000-file tree: *local* (dentries cached), *mount, fresh*
   (every directory fetched on first access), *mount, again*, and *mount over
@@ -271,6 +273,10 @@ class Bench:
             self.record("read mount, cold", lambda: dd(m.path / big), m.pid)
         floor = [sys.executable, "-c", FLOOR_SCRIPT, self.big_digest, *map(str, self.chunks)]
         self.record("floor: verify chunks, 2 threads", lambda: run_timed(floor)[0])
+        chunk_list = self.work / "floor-chunks.txt"
+        chunk_list.write_text("\n".join(map(str, self.chunks)))
+        reused = [sys.executable, str(REPO / "bench" / "nar_floor.py"), "--verify", self.big_digest, str(chunk_list)]
+        self.record("floor: verify chunks into reused buffers", lambda: run_timed(reused)[0])
         self.record("find local", lambda: find(self.small)[0])
         with self.mount() as m:
             self.record("find mount, fresh", lambda: find(m.path / "small")[0], m.pid)
@@ -331,6 +337,12 @@ class Bench:
             f"({'met' if find_s <= TARGET_FIND_SECONDS else 'NOT met'}: target <= {TARGET_FIND_SECONDS:.0f} s)",
             f"mount peak RSS after reading the large file: {statistics.median(self.rss):.0f} MiB (median)",
         ]
+        for floor in ("floor: verify chunks, 2 threads", "floor: verify chunks into reused buffers"):
+            floor_ratios = [c / f for c, f in zip(self.samples["read local, cold"], self.samples[floor], strict=True)]
+            verdicts.append(
+                f"{floor}: cold local read / floor, same round {statistics.median(floor_ratios):.2f}x median "
+                f"(rounds: {', '.join(f'{r:.2f}' for r in floor_ratios)})"
+            )
         peer = self.samples.get("read mount (peer sources), fresh")
         if peer:
             peer_ratios = [c / p for c, p in zip(self.samples["read local, cold"], peer, strict=True)]

@@ -7,6 +7,10 @@ store API, no asyncio, no HTTP library, no request parsing beyond the blank
 line, no access line, no metrics::
 
     python bench/nar_floor.py PORT NAR_FILE BLOB_HEX CHUNK_LIST
+    python bench/nar_floor.py --verify BLOB_HEX CHUNK_LIST
+
+``--verify`` reads and checks the blob the same way and sends it nowhere: the
+floor of a verifying reader of this layout (``bench/fuse.py``'s floor).
 
 ``CHUNK_LIST`` names the blob's chunk objects in order, one path a line; the
 NAR file (the ``file://`` cache's copy) gives only the NAR framing before and
@@ -26,6 +30,7 @@ import socket
 import sys
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +66,34 @@ def _chunk(path: str, out: bytearray) -> memoryview:
     return data
 
 
+def verified_chunks(blob: bytes, chunks: list[tuple[str, int]]) -> Iterator[memoryview]:
+    """The blob's chunks in order, each verified before it is yielded; the last one only once the whole blob's
+    BLAKE3 (on a thread of its own) matches ``blob``.  A view is valid until the next one is asked for."""
+    biggest = max(size for _, size in chunks)
+    slots = [bytearray(biggest) for _ in range(SLOTS)]
+    hashed: list[Future[blake3.blake3] | None] = [None] * SLOTS
+    whole = blake3.blake3(max_threads=1)
+    with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(1) as hasher:
+
+        def submit(k: int) -> Future[memoryview]:
+            slot = hashed[k % SLOTS]
+            if slot is not None:
+                slot.result()  # the blob hash is past this slot's last chunk (used already)
+            return readers.submit(_chunk, chunks[k][0], slots[k % SLOTS])
+
+        pending: deque[Future[memoryview]] = deque(submit(k) for k in range(min(AHEAD, len(chunks))))
+        for k in range(len(chunks)):
+            data = pending.popleft().result()
+            hashed[k % SLOTS] = done = hasher.submit(whole.update, data)
+            if k + AHEAD < len(chunks):
+                pending.append(submit(k + AHEAD))
+            if k == len(chunks) - 1:
+                done.result()
+                if whole.digest() != blob:
+                    raise ValueError("blob: BLAKE3 mismatch")
+            yield data
+
+
 def serve_one(conn: socket.socket, head: bytes, tail: bytes, blob: bytes, chunks: list[tuple[str, int]],
               total: int) -> None:  # fmt: skip
     """Answer one GET on ``conn`` with the NAR of ``total`` bytes, each chunk verified before it is sent."""
@@ -74,33 +107,17 @@ def serve_one(conn: socket.socket, head: bytes, tail: bytes, blob: bytes, chunks
         b"HTTP/1.1 200 OK\r\nContent-Type: application/x-nix-nar\r\nContent-Length: %d\r\n"
         b"Connection: close\r\n\r\n" % total + head
     )
-    biggest = max(size for _, size in chunks)
-    slots = [bytearray(biggest) for _ in range(SLOTS)]
-    hashed: list[Future[blake3.blake3] | None] = [None] * SLOTS
-    whole = blake3.blake3(max_threads=1)
-    with ThreadPoolExecutor(2) as readers, ThreadPoolExecutor(1) as hasher:
-
-        def submit(k: int) -> Future[memoryview]:
-            slot = hashed[k % SLOTS]
-            if slot is not None:
-                slot.result()  # the blob hash is past this slot's last chunk (sent already)
-            return readers.submit(_chunk, chunks[k][0], slots[k % SLOTS])
-
-        pending: deque[Future[memoryview]] = deque(submit(k) for k in range(min(AHEAD, len(chunks))))
-        for k in range(len(chunks)):
-            data = pending.popleft().result()
-            hashed[k % SLOTS] = done = hasher.submit(whole.update, data)
-            if k + AHEAD < len(chunks):
-                pending.append(submit(k + AHEAD))
-            if k == len(chunks) - 1:
-                done.result()
-                if whole.digest() != blob:
-                    raise ValueError("blob: BLAKE3 mismatch")
-            conn.sendall(data)
+    for data in verified_chunks(blob, chunks):
+        conn.sendall(data)
     conn.sendall(tail)
 
 
 def main() -> None:
+    if sys.argv[1] == "--verify":  # the floor of reading the blob in order, verified (bench/fuse.py): no socket
+        blob, chunks = bytes.fromhex(sys.argv[2]), _sizes(Path(sys.argv[3]).read_text().split())
+        for _ in verified_chunks(blob, chunks):
+            pass
+        return
     port, nar_file, blob_hex, chunk_list = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     chunks = _sizes(chunk_list.read_text().split())
     contents = sum(size for _, size in chunks)
