@@ -598,3 +598,36 @@ async def test_large_chunked_files_open_as_chunked_files() -> None:
     assert await fs.read(small_fh, 0, 100) == HELLOWORLD
     await fs.release(big_fh)
     await fs.release(small_fh)
+
+
+@pytest.mark.parametrize("ours", [True, False])
+async def test_wait_readable_closed_after_the_device_became_readable_logs_nothing(ours: bool) -> None:
+    """The session closes (notify_closing) after the selector saw the device readable, before the reader callback
+    ran: pyfuse3's own wait_readable then logs an InvalidStateError at unmount; ours stays quiet."""
+    import pyfuse3.asyncio
+
+    from nixcas.castore.fs.fuse import wait_readable
+
+    wait = wait_readable if ours else pyfuse3.asyncio.wait_readable
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    r, w = os.pipe()
+    try:
+        waiter = asyncio.ensure_future(wait(r))
+        await asyncio.sleep(0)  # registered with the selector
+        os.write(w, b"x")
+        loop.call_soon(pyfuse3.asyncio.notify_closing, r)  # runs before the reader callback of this iteration
+        with pytest.raises(pyfuse3.asyncio.ClosedResourceError):
+            await waiter
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+        os.close(r)
+        os.close(w)
+    if ours:
+        assert errors == []
+    else:  # the race is real: pyfuse3's version logs it
+        assert any(isinstance(e.get("exception"), asyncio.InvalidStateError) for e in errors)
+    assert r not in pyfuse3.asyncio._read_futures

@@ -226,6 +226,35 @@ MALLOC_TRIM_THRESHOLD = 32 << 20
 """... and keeps up to this much freed memory at the heap's top for reuse instead of handing it back."""
 
 
+async def wait_readable(fd: int) -> None:
+    """pyfuse3's asyncio ``wait_readable``, without its race at unmount.
+
+    pyfuse3's version registers ``future.set_result`` as the reader callback;
+    when the session closes (``notify_closing`` fails the future) after the
+    selector saw the device readable but before that callback ran, the callback
+    raises ``InvalidStateError``, which asyncio logs as an ERROR with a
+    traceback on an orderly unmount.  Here the callback does nothing to a future
+    already done; the bookkeeping ``notify_closing`` relies on is pyfuse3's own.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    waiting = pyfuse3.asyncio._read_futures[fd]
+    waiting.add(future)
+
+    def readable() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    try:
+        loop.add_reader(fd, readable)
+        future.add_done_callback(lambda _: loop.remove_reader(fd))
+        await future
+    finally:
+        waiting.discard(future)
+        if not waiting:
+            pyfuse3.asyncio._read_futures.pop(fd, None)
+
+
 def keep_freed_buffers() -> bool:
     """Make glibc's malloc reuse the memory of freed chunk buffers instead of handing it back to the kernel.
 
@@ -295,6 +324,7 @@ async def serve(
     (a libfuse session is process-global in pyfuse3).
     """
     pyfuse3.asyncio.enable()
+    pyfuse3.asyncio.wait_readable = wait_readable  # pyfuse3 looks it up at each call
     keep_freed_buffers()
     options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=nixcas"}
     if allow_other:
