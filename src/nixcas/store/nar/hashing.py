@@ -43,7 +43,7 @@ __all__ = ["NarCalculationService", "NarHasher", "SimpleNarCalculationService"]
 _CLOSE2 = TOK_CLOSE + TOK_CLOSE
 """A node's ``)`` and that of the entry holding it."""
 
-_READ_BLOCK = 4 << 20
+_READ_BLOCK = 1 << 20
 
 _FLUSH_BYTES = 1 << 20
 _FLUSH_PIECES = 1024
@@ -156,7 +156,6 @@ class NarHasher:
         self._pending_cost = 0
         self._error: IngestError | None = None
         self._closed = False
-        self._buffer: memoryview | None = None  # the hashing thread's, reused by every large file
         self._thread = threading.Thread(target=self._run, name="nar-hasher", daemon=True)
         self._thread.start()
 
@@ -254,15 +253,12 @@ class NarHasher:
             if stamp_of(os.fstat(fd)) != item.stamp:
                 raise changed
             remaining = item.size
-            buffer = self._buffer
-            if buffer is None:  # not a fresh block per read: each is faulted in page by page
-                buffer = self._buffer = memoryview(bytearray(_READ_BLOCK))
             while remaining > 0:
-                got = os.readv(fd, [buffer[: min(_READ_BLOCK, remaining)]])
-                if not got:
+                block = os.read(fd, min(_READ_BLOCK, remaining))
+                if not block:
                     raise changed
-                self._sha.update(buffer[:got])
-                remaining -= got
+                self._sha.update(block)
+                remaining -= len(block)
             if stamp_of(os.fstat(fd)) != item.stamp:
                 raise changed
         except OSError as e:
