@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from _thread import get_ident
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import blake3
 
@@ -254,6 +254,7 @@ class PackedReads:
         self._db: sqlite3.Connection | None = None
         self._packs: dict[int, int] = {}
         self._dctx: dict[int, zstandard.ZstdDecompressor] = {}
+        self._rows: dict[bytes, tuple[bytes, int, int, int, int, int]] | None = None
 
     def close(self) -> None:
         """Close the database and the pack files."""
@@ -294,11 +295,25 @@ class PackedReads:
             dctx = self._dctx[thread] = zstandard.ZstdDecompressor()
         return dctx
 
+    def will_read(self, digests: Collection[bytes]) -> None:
+        """The blobs the caller is about to read in runs (a hint): if they are many for the size of the index, the
+        whole index is read at once and runs take their rows from it
+        (:func:`~nixcas.castore.blob.packfile.read_index_rows`).
+
+        On the thread that reads the runs, before the first; an error only leaves the lookups as they were.
+        """
+        from nixcas.castore.blob.packfile import read_index_rows
+
+        try:
+            self._rows = read_index_rows(self._connection(), len(digests))
+        except Exception:
+            self._rows = None
+
     def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         from nixcas.castore.blob.packfile import read_run
 
         try:
-            return read_run(self._connection(), wanted, buffer, self._preadv, self._decompressor)
+            return read_run(self._connection(), wanted, buffer, self._preadv, self._decompressor, self._rows)
         except Exception:
             return None
 
