@@ -464,17 +464,18 @@ class _Repeats:
         """A run's pieces, as :func:`_read_job` gives them, the contents of kept files not read again."""
         digests, sizes = plan.digests[start:stop], plan.sizes[start:stop]
         kept, left = self.kept, self.left
-        fresh = [(digest, size) for digest, size in zip(digests, sizes, strict=True) if digest not in kept]
-        got = reads.read_run(fresh, buffer) if fresh else []
+        fresh: dict[bytes, int] = {}  # each blob not kept, once
+        for digest, size in zip(digests, sizes, strict=True):
+            if digest not in kept:
+                fresh.setdefault(digest, size)
+        got = reads.read_run(list(fresh.items()), buffer) if fresh else []
         if got is None or len(got) != len(fresh):
             return None
-        read = dict(zip([digest for digest, _ in fresh], got, strict=True))
+        read = dict(zip(fresh, got, strict=True))
         pieces: _Pieces = []
         for frame, digest, size in zip(plan.frames[start:stop], digests, sizes, strict=True):
-            data: bytes | memoryview | None = kept.get(digest)
-            if data is None:
-                data = read[digest]
-            elif len(data) != size:
+            data = kept.get(digest) or read[digest]
+            if len(data) != size:
                 return None  # (another size for the same digest: a read refuses it too)
             uses = left.get(digest)
             if uses == 1:
