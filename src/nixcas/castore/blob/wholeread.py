@@ -270,8 +270,11 @@ class PackedReads:
             import sqlite3
 
             path = f"{self.root}/packs.sqlite".replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+            from nixcas._sqlite import READER_MMAP
+
             # read on the reader thread, closed by its owner: never used by two threads at once
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA mmap_size={READER_MMAP}")  # pages read without a syscall each
         return self._db
 
     def _preadv(self, pack: int, into: memoryview, offset: int) -> int:
