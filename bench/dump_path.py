@@ -87,54 +87,6 @@ def sha256_of(argv: list[str]) -> str:
     return h.hexdigest()
 
 
-def floor_child(store: Path) -> None:
-    """The floor: every stored blob read once and BLAKE3-checked, in one thread.
-
-    Small blobs with one ``pread`` each from the packs (in pack order), chunk objects of large
-    ones whole, all into one reused buffer (fresh memory costs a page fault per 4 KiB here);
-    a chunk object of raw zstd blocks is hashed in place, any other is decompressed.  No
-    framing, no directory walk, no asyncio, no output: the least work a verifying renderer of
-    this store must do for these bytes.  Run as its own process, so its start-up is counted as
-    the tools' is.
-    """
-    import sqlite3
-
-    import blake3
-    import zstandard
-
-    from nixcas.castore.blob.wholeread import raw_blocks
-
-    blobs = store / "blobs"
-    buffer = memoryview(bytearray(8 << 20))
-    db = sqlite3.connect(blobs / "packs.sqlite")
-    packs = {
-        pid: os.open(blobs / "packs" / f"{name}.pack", os.O_RDONLY)
-        for pid, name in db.execute("SELECT id, name FROM packs")
-    }
-    rows = db.execute("SELECT digest, pack, offset, length FROM blobs ORDER BY pack, offset").fetchall()
-    for digest, pack, offset, length in rows:
-        data = buffer[:length]
-        if os.preadv(packs[pack], [data], offset) != length or blake3.blake3(data).digest() != digest:
-            raise SystemExit("corrupt")
-    dctx = zstandard.ZstdDecompressor()
-    chunks = blobs / "chunks" / "b3"
-    shards = [e.path for e in os.scandir(chunks) if e.is_dir()] if chunks.is_dir() else []
-    for shard in shards:
-        for entry in os.scandir(shard):
-            fd = os.open(entry.path, os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            stored = buffer[:size]
-            got = os.preadv(fd, [stored], 0)
-            os.close(fd)
-            hasher = blake3.blake3()
-            blocks = raw_blocks(stored, 0, got)
-            pieces = [dctx.decompress(stored[:got])] if blocks is None else [stored[o : o + n] for o, n in blocks]
-            for piece in pieces:
-                hasher.update(piece)
-            if hasher.hexdigest() != entry.name:
-                raise SystemExit("corrupt")
-
-
 def setup(args: argparse.Namespace) -> tuple[Path, str, Path, Path, str]:
     """A new tree added with ``nix-store --add`` and imported into a new nixcas store (work dir, path, tree, store)."""
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -153,9 +105,6 @@ def setup(args: argparse.Namespace) -> tuple[Path, str, Path, Path, str]:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--floor-child":
-        floor_child(Path(sys.argv[2]))
-        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", default="generated", help="generated | tiny | copy:PATH (see bench/import_tree.py)")
     p.add_argument("--files", type=int, default=None, help="files of the generated/tiny tree (10,000 / 20,000)")
@@ -188,7 +137,8 @@ def main() -> None:
     for name, argv in tools:
         if sha256_of(argv) != expected:
             raise SystemExit(f"the NARs differ: {name}")
-    tools.append(("floor", [sys.executable, str(Path(__file__).resolve()), "--floor-child", str(store)]))
+    floor = Path(__file__).resolve().parent / "dump_floor.py"  # (its own small process: bench/dump_floor.py)
+    tools.append(("floor", [sys.executable, str(floor), str(store)]))
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in tools}
     for i in range(args.runs + 1):
         for name, argv in tools:
