@@ -346,15 +346,14 @@ def write_planned(
     """Write the NAR of ``plan`` from ``frames[start]`` on, every file through ``reads`` (checked against its BLAKE3
     before a byte of it is written); ``None`` once the end is written, else the job that could not be served.
 
-    Runs of small files are read on this thread when their turn comes, into one reused buffer:
-    their reads hold the GIL (SQLite's rows, a BLAKE3 call per blob), so a second thread only
-    took turns with this one (measured: slower).  Bigger files are read and hashed by one worker
-    thread up to :data:`WINDOW_BYTES` of contents ahead, into buffers reused from job to job,
-    while this thread writes finished jobs in order with ``writev``.
-    With ``planning`` (the steps of :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the
-    plan is completed here first, the worker reading the bigger files planned so far meanwhile
-    (at most :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan
-    that fails writes nothing.
+    Runs of small files are read on this thread when their turn comes, into one reused buffer (a
+    second thread only took turns with this one for the GIL: measured slower); a blob the rest of
+    the plan holds again is read once (:class:`_Repeats`).  Bigger files are read and hashed by one
+    worker thread up to :data:`WINDOW_BYTES` of contents ahead, into buffers reused from job to job,
+    while this thread writes finished jobs in order with ``writev``.  With ``planning`` (the steps of
+    :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the plan is completed here first, the
+    worker reading the bigger files planned so far meanwhile (at most :data:`PLANNING_BYTES`):
+    nothing is written before the whole plan is made, so a plan that fails writes nothing.
     ``halt`` set (by another thread) stops at the next job.  Synchronous, no event loop: the
     command line's fast path writes a whole NAR with it.
     """
@@ -367,7 +366,6 @@ def write_planned(
     held = 0
     next_file = start
     pending = 0  # jobs submitted whose results were not taken
-    run_buffer: memoryview | None = None
 
     def fill(jobs: int, most: int) -> None:
         nonlocal held, next_file, pending
@@ -389,11 +387,8 @@ def write_planned(
     try:
         for _ in planning or ():
             fill(sys.maxsize, PLANNING_BYTES)
-        uses = Counter(plan.digests[start:])  # (the plan is complete: nothing is written before)
-        repeats = _Repeats.of(uses)
-        will_read = getattr(reads, "will_read", None)  # (a hint some reads take: the fast path's)
-        if will_read is not None:
-            will_read(uses.keys())
+        repeats = _planned(plan, start, reads)  # (the plan is complete: nothing is written before)
+        run_buffer = buffers.take(RUN_BYTES + _SLACK)  # (a mapping: its pages are made when first read into)
         while True:
             fill(2 * WORKERS, WINDOW_BYTES)
             if not window:
@@ -401,8 +396,6 @@ def write_planned(
             i, stop, cost, kind, buffer = window.popleft()
             got: _Pieces | BaseException | None = None
             if kind == _RUN:
-                if run_buffer is None:
-                    run_buffer = buffers.take(RUN_BYTES + _SLACK)
                 got = _read_here(reads, plan, i, stop, run_buffer, repeats)
             elif kind == _WHOLE:
                 got = results.get()
@@ -422,6 +415,16 @@ def write_planned(
         stopped.set()
         for _ in range(pending):
             results.get()
+
+
+def _planned(plan: Plan, start: int, reads: Reads) -> _Repeats | None:
+    """Once the plan is complete: the blobs it holds more than once from file ``start`` on, and, to reads that take
+    the hint (the fast path's), the distinct blobs it will ask for."""
+    uses = Counter(plan.digests[start:])
+    will_read = getattr(reads, "will_read", None)
+    if will_read is not None:
+        will_read(uses.keys())
+    return _Repeats.of(uses)
 
 
 def _read_here(
