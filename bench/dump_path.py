@@ -87,72 +87,6 @@ def sha256_of(argv: list[str]) -> str:
     return h.hexdigest()
 
 
-def floor_child(store: Path, threads: int = 1) -> None:
-    """The floor: every stored blob read once and BLAKE3-checked, on ``threads`` threads (1: the one-thread floor;
-    2: the two-core floor, ``floor-2t``: the pack rows and the chunk shards split between two threads, each with
-    its own buffer; BLAKE3, the reads and the decompression release the GIL).
-
-    Small blobs with one ``pread`` each from the packs (in pack order), chunk objects of large
-    ones whole, all into one reused buffer per thread (fresh memory costs a page fault per 4 KiB
-    here); a chunk object of raw zstd blocks is hashed in place, any other is decompressed.  No
-    framing, no directory walk, no asyncio, no output: the least work a verifying renderer of
-    this store must do for these bytes.  Run as its own process, so its start-up is counted as
-    the tools' is.
-    """
-    import sqlite3
-    from concurrent.futures import ThreadPoolExecutor
-
-    blobs = store / "blobs"
-    db = sqlite3.connect(blobs / "packs.sqlite")
-    packs = {
-        pid: os.open(blobs / "packs" / f"{name}.pack", os.O_RDONLY)
-        for pid, name in db.execute("SELECT id, name FROM packs")
-    }
-    rows = db.execute("SELECT digest, pack, offset, length FROM blobs ORDER BY pack, offset").fetchall()
-    chunks = blobs / "chunks" / "b3"
-    shards = [e.path for e in os.scandir(chunks) if e.is_dir()] if chunks.is_dir() else []
-    with ThreadPoolExecutor(threads) as pool:
-        done = pool.map(
-            _floor_part,
-            [packs] * threads,
-            [rows[k::threads] for k in range(threads)],
-            [shards[k::threads] for k in range(threads)],
-        )
-        for ok in done:
-            if not ok:
-                raise SystemExit("corrupt")
-
-
-def _floor_part(packs: dict[int, int], rows: list[tuple[bytes, int, int, int]], shards: list[str]) -> bool:
-    """One thread's share of the floor: these pack rows, then the chunk objects of these shards; all sound?"""
-    import blake3
-    import zstandard
-
-    from nixcas.castore.blob.wholeread import raw_blocks
-
-    buffer = memoryview(bytearray(8 << 20))
-    for digest, pack, offset, length in rows:
-        data = buffer[:length]
-        if os.preadv(packs[pack], [data], offset) != length or blake3.blake3(data).digest() != digest:
-            return False
-    dctx = zstandard.ZstdDecompressor()
-    for shard in shards:
-        for entry in os.scandir(shard):
-            fd = os.open(entry.path, os.O_RDONLY)
-            size = os.fstat(fd).st_size
-            stored = buffer[:size]
-            got = os.preadv(fd, [stored], 0)
-            os.close(fd)
-            hasher = blake3.blake3()
-            blocks = raw_blocks(stored, 0, got)
-            pieces = [dctx.decompress(stored[:got])] if blocks is None else [stored[o : o + n] for o, n in blocks]
-            for piece in pieces:
-                hasher.update(piece)
-            if hasher.hexdigest() != entry.name:
-                return False
-    return True
-
-
 def setup(args: argparse.Namespace) -> tuple[Path, str, Path, Path, str]:
     """A new tree added with ``nix-store --add`` and imported into a new nixcas store (work dir, path, tree, store)."""
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -171,9 +105,6 @@ def setup(args: argparse.Namespace) -> tuple[Path, str, Path, Path, str]:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--floor-child":
-        floor_child(Path(sys.argv[2]), int(sys.argv[3]))
-        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tree", default="generated", help="generated | tiny | copy:PATH (see bench/import_tree.py)")
     p.add_argument("--files", type=int, default=None, help="files of the generated/tiny tree (10,000 / 20,000)")
@@ -206,8 +137,9 @@ def main() -> None:
     for name, argv in tools:
         if sha256_of(argv) != expected:
             raise SystemExit(f"the NARs differ: {name}")
-    for name, threads in (("floor", "1"), ("floor-2t", "2")):
-        tools.append((name, [sys.executable, str(Path(__file__).resolve()), "--floor-child", str(store), threads]))
+    floor = Path(__file__).resolve().parent / "dump_floor.py"  # (its own small process: bench/dump_floor.py)
+    tools.append(("floor", [sys.executable, str(floor), str(store)]))
+    tools.append(("floor-2t", [sys.executable, str(floor), str(store), "2"]))  # the two-core floor
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in tools}
     for i in range(args.runs + 1):
         for name, argv in tools:
@@ -221,7 +153,7 @@ def main() -> None:
     cpu = summary["nixcas"]["median_cpu_s"] / summary["nix-store"]["median_cpu_s"]
     floor_ratio = summary["floor"]["median_s"] / summary["nix-store"]["median_s"]
     floor_2t = summary["floor-2t"]["median_s"] / summary["nix-store"]["median_s"]
-    print(f"CPU ratio (median) {cpu:.2f}x; floor / nix-store {floor_ratio:.2f}x, two threads {floor_2t:.2f}x")
+    print(f"CPU ratio (median) {cpu:.2f}x; floor / nix-store {floor_ratio:.2f}x, on two threads {floor_2t:.2f}x")
     if args.baseline:
         before = summary["baseline"]["median_s"] / summary["nix-store"]["median_s"]
         print(f"baseline / nix-store (median) {before:.2f}x")

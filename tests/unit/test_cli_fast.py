@@ -13,8 +13,10 @@ import base64
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,6 +91,7 @@ def known(tmp_path_factory: pytest.TempPathFactory) -> Store:
     (tree / "sub" / "b.txt").write_bytes(b"world\n")
     (tree / "sub2").mkdir()
     (tree / "sub2" / "c.txt").write_bytes(b"again\n")
+    (tree / "sub2" / "a-copy.txt").write_bytes(b"hello\n" * 50)  # a.txt again: read and checked once per dump
     (tree / "link").symlink_to("a.txt")
     (tree / "caf\u00e9").write_bytes(b"")
     (tree / "big").write_bytes(bytes(range(256)) * 1024)
@@ -405,6 +408,77 @@ def test_dump_path_of_a_damaged_store_is_a_verified_prefix_and_the_full_paths_er
         assert fast.dump_written() > len(bytes(range(256)) * 1024)  # the fast path wrote up to the damaged file
     elif damage == "directory":
         assert fast.dump_written() == 0 and out == b""
+
+
+def test_dump_path_with_a_copy_and_the_index_read_whole_stops_before_a_damaged_blob(
+    tmp_path: Path, known: Store, capfdbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run holding a kept copy (a.txt again) and a damaged blob (sub/b.txt), its rows from one scan of the
+    index: the fast path writes nothing of it, the full path writes up to the damaged file, one line, exit 1."""
+    import shutil
+
+    from nixcas.castore.blob import packfile
+
+    monkeypatch.setattr(packfile, "_LOOKUPS_PER_PAGE", 0)  # the index is read whole, however few the blobs
+    store_dir = tmp_path / "store"
+    shutil.copytree(known.dir, store_dir)
+    argv = ["--store-dir", str(store_dir), "dump-path", known.tree]
+    (good, err, code), answered = dump_both(argv, capfdbinary, monkeypatch)
+    assert (answered, code, err) == (True, 0, b"")
+    assert good.count(b"hello\n" * 50) == 2
+    for pack in (store_dir / "blobs" / "packs").iterdir():
+        data = bytearray(pack.read_bytes())
+        data[data.find(b"world")] ^= 1
+        pack.write_bytes(bytes(data))
+    (out, err, code), answered = dump_both(argv, capfdbinary, monkeypatch)
+    assert (code, answered) == (1, False)
+    assert out == good[: good.index(b"world\n")]  # everything before the damaged file's contents
+    assert 0 < fast.dump_written() < len(out)  # the fast path wrote the runs before, none of this one
+    assert err.startswith(b"nixcas: error: ") and err.count(b"\n") == 1, err
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["good", "damaged-directory"])
+def test_dump_path_reads_a_small_directory_database_at_once(
+    damaged: bool,
+    tmp_path: Path,
+    known: Store,
+    capfdbinary: pytest.CaptureFixture[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tree that is a good share of ``directories.sqlite``: its Directories come from one scan, not a query per
+    directory, and each is still checked against its digest when the plan takes it."""
+    import shutil
+
+    import nixcas._sqlite
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(known.dir, store_dir)
+    argv = ["--store-dir", str(store_dir), "dump-path", known.tree]
+    (good, _, _), _ = dump_both(argv, capfdbinary, monkeypatch)
+    if damaged:
+        db = sqlite3.connect(store_dir / "directories.sqlite")
+        with db:
+            db.execute("UPDATE directories SET data = data || x'00' WHERE digest = ?", (bytes.fromhex(known.sub),))
+        db.close()
+    monkeypatch.setattr(fast, "_ENTRIES_PER_PAGE", 0)  # the known tree is small: scan whatever its size
+    queried: list[int] = []
+    select_in = nixcas._sqlite.select_in
+
+    def recorded(db: sqlite3.Connection, query: str, keys: Sequence[bytes]) -> Iterator[Any]:
+        queried.append(len(keys))
+        return select_in(db, query, keys)
+
+    monkeypatch.setattr(nixcas._sqlite, "select_in", recorded)
+    code = fast.answer(argv)
+    out, err = capfdbinary.readouterr()
+    assert not any(queried)  # every subdirectory was read ahead
+    if damaged:
+        assert (code, out, err) == (None, b"", b"")  # the full path reports it, nothing written
+        monkeypatch.setattr(fast, "_ENTRIES_PER_PAGE", 10**9)  # (and the scan declined: the same outcome)
+        (out, err, code), answered = dump_both(argv, capfdbinary, monkeypatch)
+        assert (code, answered, out) == (1, False, b"") and err.startswith(b"nixcas: error: ")
+    else:
+        assert (code, out, err) == (0, good, b"")
 
 
 def test_dump_path_loads_nothing_heavy(tmp_path: Path, known: Store) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from _thread import get_ident
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import blake3
 
@@ -254,6 +254,7 @@ class PackedReads:
         self._db: sqlite3.Connection | None = None
         self._packs: dict[int, int] = {}
         self._dctx: dict[int, zstandard.ZstdDecompressor] = {}
+        self._rows: dict[bytes, tuple[bytes, int, int, int, int, int]] | None = None
 
     def close(self) -> None:
         """Close the database and the pack files."""
@@ -269,8 +270,11 @@ class PackedReads:
             import sqlite3
 
             path = f"{self.root}/packs.sqlite".replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+            from nixcas._sqlite import READER_MMAP
+
             # read on the reader thread, closed by its owner: never used by two threads at once
             self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA mmap_size={READER_MMAP}")  # pages read without a syscall each
         return self._db
 
     def _preadv(self, pack: int, into: memoryview, offset: int) -> int:
@@ -294,11 +298,25 @@ class PackedReads:
             dctx = self._dctx[thread] = zstandard.ZstdDecompressor()
         return dctx
 
+    def will_read(self, digests: Collection[bytes]) -> None:
+        """The blobs the caller is about to read in runs (a hint): if they are many for the size of the index, the
+        whole index is read at once and runs take their rows from it
+        (:func:`~nixcas.castore.blob.packfile.read_index_rows`).
+
+        On the thread that reads the runs, before the first; an error only leaves the lookups as they were.
+        """
+        from nixcas.castore.blob.packfile import read_index_rows
+
+        try:
+            self._rows = read_index_rows(self._connection(), len(digests))
+        except Exception:
+            self._rows = None
+
     def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
         from nixcas.castore.blob.packfile import read_run
 
         try:
-            return read_run(self._connection(), wanted, buffer, self._preadv, self._decompressor)
+            return read_run(self._connection(), wanted, buffer, self._preadv, self._decompressor, self._rows)
         except Exception:
             return None
 

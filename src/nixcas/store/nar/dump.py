@@ -41,7 +41,7 @@ import os
 import sys
 import threading
 from _queue import SimpleQueue
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 
 from nixcas.castore.nodes import DirectoryNode
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "KEPT_BYTES",
     "PLANNING_BYTES",
     "RUN_BYTES",
     "WINDOW_BYTES",
@@ -99,6 +100,8 @@ WINDOW_BYTES = 128 << 20
 """File contents read ahead of the writer, at most (a job bigger than this still runs, alone)."""
 PLANNING_BYTES = 16 << 20
 """File contents read while the plan is being made (nothing is written until it is complete), at most."""
+KEPT_BYTES = 16 << 20
+"""Verified contents of small files kept for their later copies in the same NAR, at most (see :class:`_Repeats`)."""
 _IOV_MAX = 1024
 _SLACK = 256 << 10
 """Room beyond a job's contents (block headers of stored frames, gaps between blobs in a pack)."""
@@ -343,15 +346,14 @@ def write_planned(
     """Write the NAR of ``plan`` from ``frames[start]`` on, every file through ``reads`` (checked against its BLAKE3
     before a byte of it is written); ``None`` once the end is written, else the job that could not be served.
 
-    Runs of small files are read on this thread when their turn comes, into one reused buffer:
-    their reads hold the GIL (SQLite's rows, a BLAKE3 call per blob), so a second thread only
-    took turns with this one (measured: slower).  Bigger files are read and hashed by one worker
-    thread up to :data:`WINDOW_BYTES` of contents ahead, into buffers reused from job to job,
-    while this thread writes finished jobs in order with ``writev``.
-    With ``planning`` (the steps of :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the
-    plan is completed here first, the worker reading the bigger files planned so far meanwhile
-    (at most :data:`PLANNING_BYTES`): nothing is written before the whole plan is made, so a plan
-    that fails writes nothing.
+    Runs of small files are read on this thread when their turn comes, into one reused buffer (a
+    second thread only took turns with this one for the GIL: measured slower); a blob the rest of
+    the plan holds again is read once (:class:`_Repeats`).  Bigger files are read and hashed by one
+    worker thread up to :data:`WINDOW_BYTES` of contents ahead, into buffers reused from job to job,
+    while this thread writes finished jobs in order with ``writev``.  With ``planning`` (the steps of
+    :func:`~nixcas.store.nar.rawplan.plan_steps` of ``plan``), the plan is completed here first, the
+    worker reading the bigger files planned so far meanwhile (at most :data:`PLANNING_BYTES`):
+    nothing is written before the whole plan is made, so a plan that fails writes nothing.
     ``halt`` set (by another thread) stops at the next job.  Synchronous, no event loop: the
     command line's fast path writes a whole NAR with it.
     """
@@ -364,7 +366,6 @@ def write_planned(
     held = 0
     next_file = start
     pending = 0  # jobs submitted whose results were not taken
-    run_buffer: memoryview | None = None
 
     def fill(jobs: int, most: int) -> None:
         nonlocal held, next_file, pending
@@ -386,6 +387,8 @@ def write_planned(
     try:
         for _ in planning or ():
             fill(sys.maxsize, PLANNING_BYTES)
+        repeats = _planned(plan, start, reads)  # (the plan is complete: nothing is written before)
+        run_buffer = buffers.take(RUN_BYTES + _SLACK)  # (a mapping: its pages are made when first read into)
         while True:
             fill(2 * WORKERS, WINDOW_BYTES)
             if not window:
@@ -393,9 +396,7 @@ def write_planned(
             i, stop, cost, kind, buffer = window.popleft()
             got: _Pieces | BaseException | None = None
             if kind == _RUN:
-                if run_buffer is None:
-                    run_buffer = buffers.take(RUN_BYTES + _SLACK)
-                got = _read_here(reads, plan, i, stop, run_buffer)
+                got = _read_here(reads, plan, i, stop, run_buffer, repeats)
             elif kind == _WHOLE:
                 got = results.get()
                 pending -= 1
@@ -416,12 +417,81 @@ def write_planned(
             results.get()
 
 
-def _read_here(reads: Reads, plan: Plan, start: int, stop: int, buffer: memoryview) -> _Pieces | BaseException | None:
+def _planned(plan: Plan, start: int, reads: Reads) -> _Repeats | None:
+    """Once the plan is complete: the blobs it holds more than once from file ``start`` on, and, to reads that take
+    the hint (the fast path's), the distinct blobs it will ask for."""
+    uses = Counter(plan.digests[start:])
+    will_read = getattr(reads, "will_read", None)
+    if will_read is not None:
+        will_read(uses.keys())
+    return _Repeats.of(uses)
+
+
+def _read_here(
+    reads: Reads, plan: Plan, start: int, stop: int, buffer: memoryview, repeats: _Repeats | None
+) -> _Pieces | BaseException | None:
     """A run read on the writing thread: its pieces, or why not (as the worker hands a failure back)."""
     try:
-        return _read_job(reads, plan, _RUN, start, stop, buffer)
+        if repeats is None or repeats.left.keys().isdisjoint(plan.digests[start:stop]):
+            return _read_job(reads, plan, _RUN, start, stop, buffer)
+        return repeats.read_run(reads, plan, start, stop, buffer)
     except Exception as e:
         return e
+
+
+class _Repeats:
+    """Small files whose contents come again later in the NAR: each read and checked against its BLAKE3 once.
+
+    A tree may hold many copies of a few files (``/usr/include`` here: 2,045 copies, 46 MB of its
+    115 MB, of 3.3 MB of distinct contents).  The first time such a file's contents are read (and
+    checked), an immutable copy is kept, at most :data:`KEPT_BYTES` in all, and written for its
+    later copies without reading or hashing them again; it is dropped after its last use.  Each
+    later copy must have the size the plan gives it, as a read would check.
+    """
+
+    __slots__ = ("kept", "left", "room")
+
+    def __init__(self, left: dict[bytes, int]) -> None:
+        self.left = left
+        """Uses still to come, by digest (only of digests the rest of the plan has more than once)."""
+        self.kept: dict[bytes, bytes] = {}
+        self.room = KEPT_BYTES
+
+    @classmethod
+    def of(cls, uses: Counter[bytes]) -> _Repeats | None:
+        """The repeats among files used so many times (by digest), or ``None`` if there are none."""
+        left = {digest: n for digest, n in uses.items() if n > 1}
+        return cls(left) if left else None
+
+    def read_run(self, reads: Reads, plan: Plan, start: int, stop: int, buffer: memoryview) -> _Pieces | None:
+        """A run's pieces, as :func:`_read_job` gives them, the contents of kept files not read again."""
+        digests, sizes = plan.digests[start:stop], plan.sizes[start:stop]
+        kept, left = self.kept, self.left
+        fresh: dict[bytes, int] = {}  # each blob not kept, once
+        for digest, size in zip(digests, sizes, strict=True):
+            if digest not in kept:
+                fresh.setdefault(digest, size)
+        got = reads.read_run(list(fresh.items()), buffer) if fresh else []
+        if got is None or len(got) != len(fresh):
+            return None
+        read = dict(zip(fresh, got, strict=True))
+        pieces: _Pieces = []
+        for frame, digest, size in zip(plan.frames[start:stop], digests, sizes, strict=True):
+            data = kept.get(digest) or read[digest]
+            if len(data) != size:
+                return None  # (another size for the same digest: a read refuses it too)
+            uses = left.get(digest)
+            if uses == 1:
+                del left[digest]
+                if kept.pop(digest, None) is not None:
+                    self.room += size
+            elif uses is not None:
+                left[digest] = uses - 1
+                if digest not in kept and size <= self.room:
+                    data = kept[digest] = bytes(data)
+                    self.room -= size
+            pieces += (frame, data)
+        return pieces
 
 
 def _job_reader(

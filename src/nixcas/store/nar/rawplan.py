@@ -269,6 +269,7 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iter
         raise _missing_directory(root.digest, None, b"")
     # Each frame: a directory's entries, the next one's index, its path.
     stack: list[tuple[list[Fields], int, TreePath]] = [(_entries_from(closure, top, _ROOT), 0, _ROOT)]
+    seen = _Seen()
     append_frame, append_digest, append_size, append_path = frames.append, digests.append, sizes.append, paths.append
     pack, join, zeros, empty, heads = _U64.pack, b"".join, _ZEROS, EMPTY_DIGEST, _ENTRY_HEADS
     regular, exe = _FILE_REGULAR, _FILE_EXECUTABLE
@@ -300,7 +301,7 @@ def _plan_tree(root: DirectoryNode, closure: DirectoryBytes, plan: Plan) -> Iter
             elif kind == 2:
                 buf += _symlink_entry(name, digest)
             else:
-                descend = _enter(closure, path, name, digest)
+                descend = _enter(closure, path, name, digest, seen)
                 buf += join((ENTRY_PREFIX, encode_str(name), TOK_NODE, NODE_DIRECTORY))
                 break
         if descend is not None:
@@ -338,15 +339,41 @@ def _symlink_entry(name: bytes, target: bytes) -> bytes:
     return b"".join((ENTRY_PREFIX, encode_str(name), TOK_NODE, NODE_SYMLINK, encode_str(target), _CLOSE_ENTRY))
 
 
-def _enter(closure: DirectoryBytes, parent: TreePath, name: bytes, digest: bytes) -> tuple[list[Fields], int, TreePath]:
-    """The stack frame of a subdirectory: its entries (from ``closure``), from the first, and its path."""
+class _Seen(dict[bytes, list["Fields"]]):
+    """The entries of the directories planned so far, by digest, at most :data:`SEEN_ENTRIES` of them: a tree may
+    hold the same directory many times (``/usr/include`` here: 825 directories, 476 distinct)."""
+
+    __slots__ = ("room",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = SEEN_ENTRIES
+
+
+SEEN_ENTRIES = 1 << 17
+"""Most entries of directories :func:`_plan_tree` keeps, to plan another copy of one without reading and checking
+its bytes again."""
+
+
+def _enter(
+    closure: DirectoryBytes, parent: TreePath, name: bytes, digest: bytes, seen: _Seen
+) -> tuple[list[Fields], int, TreePath]:
+    """The stack frame of a subdirectory: its entries (from ``seen``, else from ``closure``), from the first, and its
+    path."""
+    child = TreePath(parent, name)
+    entries = seen.get(digest)
+    if entries is not None:
+        return entries, 0, child
     raw = closure.get(digest)
     if raw is None:
         if len(digest) != DIGEST_LEN:
             raise DirectoryError(f"invalid node {name[:300]!r}: invalid digest length {len(digest)}")
         raise _missing_directory(digest, parent, name)
-    child = TreePath(parent, name)
-    return _entries_from(closure, raw, child), 0, child
+    entries = _entries_from(closure, raw, child)
+    if len(entries) <= seen.room:
+        seen[digest] = entries
+        seen.room -= len(entries)
+    return entries, 0, child
 
 
 def _entries_from(closure: DirectoryBytes, raw: bytes, path: TreePath) -> list[Fields]:
