@@ -465,3 +465,38 @@ async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeyp
         assert await svc.read_many({digest: len(LARGE)}) == {digest: LARGE}
     finally:
         await svc.close()
+
+
+async def test_small_blobs_are_durable_when_put_returns_and_need_no_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of small blobs commits durably (the pack's directory synced once, for a new pack), so ``sync``
+    runs no ``syncfs`` for it; a large blob's chunk files still get one."""
+    from nixcas.castore.blob import packcompact
+    from nixcas.castore.blob import packed as packed_module
+    from nixcas.castore.objectstore import disk
+
+    barriers: list[Path] = []
+    directories: list[str] = []
+    monkeypatch.setattr(disk, "_syncfs", barriers.append)
+    real_sync_directory = packcompact.sync_directory
+
+    def record_directory(path: str) -> None:
+        directories.append(path)
+        real_sync_directory(path)
+
+    monkeypatch.setattr(packed_module, "sync_directory", record_directory)
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        small = (await svc.put_many([SMALL]))[0]
+        assert svc._db().execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: the commit is durable
+        await svc.put(TINY)
+        await svc.sync()
+        assert barriers == [] and directories == [str(root / "packs")]  # one new pack, named durably once
+        await svc.put(LARGE)
+        await svc.sync()
+        assert barriers == [root]
+        assert await svc.read_many({small: len(SMALL)}) == {small: SMALL}
+    finally:
+        await svc.close()

@@ -59,7 +59,7 @@ class UploadRoutes(BridgeBase):
         self._uploaded[sha256] = nar
         if len(self._uploaded) > UPLOADS_REMEMBERED:
             self._uploaded.popitem(last=False)
-        log.info("stored NAR %s (%d bytes)", name, size)
+        log.debug("stored NAR %s (%d bytes)", name, size)  # the access line has the request (a line a path costs)
         return web.Response(text="")
 
     async def put_listing(self, request: web.Request) -> web.Response:
@@ -119,7 +119,7 @@ class UploadRoutes(BridgeBase):
         check_content_address(info)
         await self._check_references(info.store_path, info.references)
         await self.pathinfos.put(info)
-        log.info("registered %s", info.store_path)
+        log.debug("registered %s", info.store_path)
         return web.Response(text="")
 
     async def _still_stored(self, nar: UploadedNar) -> bool:

@@ -22,7 +22,16 @@ from nixcas.castore.digest import EMPTY_DIGEST
 from nixcas.castore.sweep import StoredObject
 from nixcas.errors import StorageError
 
-__all__ = ["MERGE_BELOW", "MERGE_COUNT", "LockedPack", "OpenPack", "Survey", "copy_live_blobs", "survey_packs"]
+__all__ = [
+    "MERGE_BELOW",
+    "MERGE_COUNT",
+    "LockedPack",
+    "OpenPack",
+    "Survey",
+    "copy_live_blobs",
+    "survey_packs",
+    "sync_directory",
+]
 
 MERGE_BELOW = 64 << 20
 """Packs smaller than this are merged by GC once there are :data:`MERGE_COUNT` of them."""
@@ -41,6 +50,15 @@ class OpenPack:
     id: int
     fd: int
     size: int
+
+
+def sync_directory(path: str) -> None:
+    """``fsync`` the directory ``path``: the names created in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

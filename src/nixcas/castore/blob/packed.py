@@ -22,9 +22,10 @@ Guarantees are those of the object layout:
 * **crash safety** -- a batch's bytes are appended and ``fsync``-ed before
   the rows naming them are committed, so no row can ever point at bytes that
   a crash lost; bytes without a row (an interrupted batch) are dead space;
-* **durability** -- :meth:`sync` (called by importers before they publish
-  metadata) is one ``syncfs`` of the store's file system, which includes
-  SQLite's write-ahead log;
+* **durability** -- a batch of small blobs is durable when its put returns (rows
+  committed with ``synchronous=FULL`` after the pack's ``fsync``); :meth:`sync`
+  (before importers publish metadata) is one ``syncfs`` for what the object
+  layout wrote since the last one, if anything (small blobs alone need none);
 * **GC** -- a put of a present blob refreshes its time; a sweep deletes a row
   only ``WHERE`` it is still older than the cutoff (one atomic statement).
   Pack files are then compacted in the sweep of temporary objects: a pack
@@ -58,7 +59,7 @@ from nixcas._sqlite import ConnectionUses, delete_if_older, select_in, using_con
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.local import LocalBlobService, _Slow
-from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, survey_packs
+from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, survey_packs, sync_directory
 from nixcas.castore.blob.packfile import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -199,7 +200,7 @@ class PackedBlobService(LocalBlobService):
                 raise StorageError(f"{self}: closed")
             db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # durability comes from sync() (syncfs covers the WAL)
+            db.execute("PRAGMA synchronous=FULL")  # a commit is durable when it returns: no barrier needed after
             with self._connections_lock:
                 self._connections.append(db)
             self._local.db = db
@@ -276,22 +277,23 @@ class PackedBlobService(LocalBlobService):
                 new = [(d, data) for d, data in wanted.items() if d not in present]
                 if new:
                     self._write_rows(db, new, now)
-                db.execute("COMMIT")
+                db.execute("COMMIT")  # durable (synchronous=FULL), so nothing is left for sync()
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._dirty = True
 
     def _present(self, db: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:
         return {row[0] for row in select_in(db, "SELECT digest FROM blobs WHERE digest IN ({})", digests)}
 
     def _write_rows(self, db: sqlite3.Connection, new: list[tuple[bytes, bytes | memoryview]], now: int) -> None:
         pack = self._pack
-        if pack is None or pack.size >= PACK_MAX:
+        created = pack is None or pack.size >= PACK_MAX
+        if created:
             if pack is not None:
                 os.close(pack.fd)  # full: unlocked, GC may merge it now
                 self._pack = None
             pack = self._pack = self._open_pack(db)
+        assert pack is not None
         rows = []
         pieces = []
         offset = pack.size
@@ -305,6 +307,8 @@ class PackedBlobService(LocalBlobService):
             if written != offset - pack.size:
                 raise StorageError(f"{self}: short write to a pack file ({written} of {offset - pack.size} bytes)")
             os.fsync(pack.fd)  # the bytes are on disk before any row names them
+            if created:  # and so is the new pack's name
+                sync_directory(self._packs_dir)
         except BaseException:
             os.close(pack.fd)  # what was written is dead space; start a new pack next time
             self._pack = None
@@ -353,8 +357,7 @@ class PackedBlobService(LocalBlobService):
     def _touch_sync(self, digest: B3Digest) -> bool:
         db = self._db()
         if db.execute("UPDATE blobs SET mtime_ns = ? WHERE digest = ?", (time.time_ns(), bytes(digest))).rowcount:
-            self._dirty = True
-            return True
+            return True  # committed durably (synchronous=FULL)
         return super()._touch_sync(digest)
 
     # -- reads ------------------------------------------------------------------------
