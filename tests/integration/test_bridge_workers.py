@@ -308,3 +308,39 @@ def test_workers_on_a_unix_socket_and_a_store_that_cannot_open(tmp_path: Path) -
     assert result.returncode == 1
     assert result.stderr.startswith(b"nixcas: error: ") and result.stderr.count(b"\n") == 1, result.stderr
     assert result.stdout == b""
+
+
+async def test_a_small_upload_is_durable_without_a_file_system_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into the embedded blob store, a NAR of small files is acknowledged without any ``syncfs`` (its blobs were
+    committed durably by their put); a NAR with a large file still waits for one before its 2xx."""
+    from nixcas.castore.blob.packed import PackedBlobService
+    from nixcas.castore.objectstore import disk
+
+    barriers: list[float] = []
+
+    def syncfs(path: Path) -> None:
+        barriers.append(time.monotonic())
+
+    monkeypatch.setattr(disk, "_syncfs", syncfs)
+    small = await make_sample(tmp_path, "small", {"a": b"small file\n", "b/c": b"another\n"})
+    large = await make_sample(tmp_path, "large", {"big": os.urandom(3 << 20)})
+    blobs = await asyncio.to_thread(PackedBlobService, tmp_path / "blobs")
+    index = NarIndex(str(tmp_path / "index.sqlite"))
+    bridge = NarBridge(blobs, MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService(), index, allow_writes=True)
+    client = TestClient(TestServer(bridge.application()))
+    await client.start_server()
+    try:
+        for sample in (small, large):
+            async with client.put(f"/nar/{sample.nb32}.nar", data=sample.nar) as r:
+                assert r.status == 200, await r.text()
+                acknowledged = time.monotonic()
+            assert (await index.get(sample.sha256)) is not None
+            if sample is small:
+                assert barriers == []
+        assert len(barriers) == 1 and barriers[0] <= acknowledged
+    finally:
+        await client.close()
+        await index.close()
+        await blobs.close()
