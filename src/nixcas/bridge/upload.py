@@ -25,6 +25,7 @@ from nixcas.store.importer import check_content_address
 from nixcas.store.nar.ingest import ingest_nar
 from nixcas.store.narindex import UploadedNar
 from nixcas.store.narinfo import MAX_NARINFO_SIZE, NarInfo, parse_nar_file_name, parse_narinfo_name
+from nixcas.store.pathinfo.model import PathInfo
 from nixcas.store.store_path import StorePath
 
 __all__ = ["UPLOADS_REMEMBERED", "UploadRoutes"]
@@ -132,8 +133,23 @@ class UploadRoutes(BridgeBase):
         return await self._nar(nar.node).present()
 
     async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
+        """Every reference but the path itself must be registered (under its own name).
+
+        Each is a point read at once where the backend offers one (a local
+        database: no hand-off to its thread per reference); the others are
+        asked concurrently.
+        """
         others = [r for r in references if r != path]
-        found = await asyncio.gather(*(self.pathinfos.get(r.digest) for r in others))
-        missing = [str(r) for r, info in zip(others, found, strict=True) if info is None or info.store_path != r]
+        found: dict[StorePath, PathInfo | None] = {}
+        later: list[StorePath] = []
+        for r in others:
+            raw = self.pathinfos.get_encoded_now(r.digest)
+            if raw is False:
+                later.append(r)
+            else:
+                found[r] = None if raw is None else self.pathinfos.decode_stored(r.digest, raw)
+        if later:
+            found.update(zip(later, await asyncio.gather(*(self.pathinfos.get(r.digest) for r in later)), strict=True))
+        missing = [str(r) for r in others if (info := found[r]) is None or info.store_path != r]
         if missing:
             raise ValidationError(f"{path}: references not in the store (upload them first): {', '.join(missing[:5])}")
