@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ __all__ = [
     "OpenPack",
     "Survey",
     "copy_live_blobs",
+    "create_pack",
     "survey_packs",
     "sync_directory",
 ]
@@ -50,6 +52,34 @@ class OpenPack:
     id: int
     fd: int
     size: int
+
+
+def create_pack(path_of: Callable[[str], str]) -> tuple[str, int]:
+    """A new, empty pack file at ``path_of(name)`` for a fresh random name, locked (``flock``: never compacted
+    while its writer holds it), its name durable (the directory synced): ``(name, fd)``."""
+    while True:
+        name = secrets.token_hex(12)
+        path = path_of(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(path, fd):  # not taken for an orphan and removed by a GC before the lock was held
+                sync_directory(os.path.dirname(path))
+                return name, fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def sync_directory(path: str) -> None:

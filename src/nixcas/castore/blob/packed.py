@@ -22,10 +22,9 @@ Guarantees are those of the object layout:
 * **crash safety** -- a batch's bytes are appended and ``fsync``-ed before
   the rows naming them are committed, so no row can ever point at bytes that
   a crash lost; bytes without a row (an interrupted batch) are dead space;
-* **durability** -- a batch of small blobs is durable when its put returns (rows
-  committed with ``synchronous=FULL`` after the pack's ``fsync``); :meth:`sync`
-  (before importers publish metadata) is one ``syncfs`` for what the object
-  layout wrote since the last one, if anything (small blobs alone need none);
+* **durability** -- a batch of small blobs is durable when its put returns (pack ``fsync``-ed, rows committed
+  with ``synchronous=FULL``); :meth:`sync` (before importers publish metadata) is one ``syncfs`` for what
+  the object layout wrote since the last one, if anything (small blobs alone need none);
 * **GC** -- a put of a present blob refreshes its time; a sweep deletes a row
   only ``WHERE`` it is still older than the cutoff (one atomic statement).
   Pack files are then compacted in the sweep of temporary objects: a pack
@@ -40,9 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -59,7 +56,7 @@ from nixcas._sqlite import ConnectionUses, delete_if_older, select_in, using_con
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.local import LocalBlobService, _Slow
-from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, survey_packs, sync_directory
+from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, create_pack, survey_packs
 from nixcas.castore.blob.packfile import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -232,21 +229,8 @@ class PackedBlobService(LocalBlobService):
         return f"{self._packs_dir}/{name}.pack"
 
     def _open_pack(self, db: sqlite3.Connection) -> OpenPack:
-        """A new pack file, locked, and its row (in the caller's transaction)."""
-        while True:
-            name = secrets.token_hex(12)
-            path = self._pack_path(name)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX)  # never compacted while this writer holds it
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break  # not taken for an orphan and removed by a GC before the lock was held
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        """A new pack file, locked, its name durable, and its row (in the caller's transaction)."""
+        name, fd = create_pack(self._pack_path)
         pack_id = db.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid
         assert pack_id is not None
         return OpenPack(pack_id, fd, 0)
@@ -287,13 +271,11 @@ class PackedBlobService(LocalBlobService):
 
     def _write_rows(self, db: sqlite3.Connection, new: list[tuple[bytes, bytes | memoryview]], now: int) -> None:
         pack = self._pack
-        created = pack is None or pack.size >= PACK_MAX
-        if created:
+        if pack is None or pack.size >= PACK_MAX:
             if pack is not None:
                 os.close(pack.fd)  # full: unlocked, GC may merge it now
                 self._pack = None
             pack = self._pack = self._open_pack(db)
-        assert pack is not None
         rows = []
         pieces = []
         offset = pack.size
@@ -307,8 +289,6 @@ class PackedBlobService(LocalBlobService):
             if written != offset - pack.size:
                 raise StorageError(f"{self}: short write to a pack file ({written} of {offset - pack.size} bytes)")
             os.fsync(pack.fd)  # the bytes are on disk before any row names them
-            if created:  # and so is the new pack's name
-                sync_directory(self._packs_dir)
         except BaseException:
             os.close(pack.fd)  # what was written is dead space; start a new pack next time
             self._pack = None
