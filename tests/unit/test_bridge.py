@@ -312,6 +312,24 @@ async def test_references_in_a_local_database_are_read_at_once(
         await pathinfos.close()
 
 
+async def test_a_narinfo_checks_its_nars_blobs_all_at_once(
+    env: Env, sample: Sample, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the NAR is still stored is one ``missing`` of all its blobs (the embedded store answers it with one
+    query), not one ``has`` per file."""
+    await upload(env, sample)
+    asked: list[int] = []
+    missing = env.blobs.missing
+
+    async def counted(digests: list[B3Digest]) -> list[B3Digest]:
+        asked.append(len(digests))
+        return await missing(digests)
+
+    monkeypatch.setattr(env.blobs, "missing", counted)
+    assert (await put_narinfo(env, sample, sample.narinfo()))[0] == 200
+    assert asked == [2]  # bin/hello and big (the empty file needs no blob)
+
+
 # -- access ---------------------------------------------------------------------------------
 
 

@@ -502,3 +502,17 @@ async def test_small_blobs_are_durable_when_put_returns_and_need_no_barrier(
         assert await svc.read_many({small: len(SMALL)}) == {small: SMALL}
     finally:
         await svc.close()
+
+
+async def test_missing_knows_rows_and_object_files(tmp_path: Path) -> None:
+    """``missing`` (many ``has`` at once) sees the small blobs in packs, not only the object files."""
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        small, tiny = await svc.put_many([SMALL, TINY])
+        large = await svc.put(LARGE)
+        absent = b3(b"never stored")
+        assert await svc.missing([small, absent, large, tiny]) == [absent]
+        assert await svc.missing([]) == []
+    finally:
+        await svc.close()

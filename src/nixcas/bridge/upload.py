@@ -18,7 +18,7 @@ from aiohttp import web
 
 from nixcas.bridge.base import BridgeBase, RequestBody
 from nixcas.bridge.narinfo import parse_listing_name
-from nixcas.errors import ValidationError
+from nixcas.errors import NotFoundError, ValidationError
 from nixcas.store import nixbase32
 from nixcas.store.compression import FileHashing, decompressing
 from nixcas.store.importer import check_content_address
@@ -130,7 +130,11 @@ class UploadRoutes(BridgeBase):
         upload whose narinfo never came (nothing roots it until then); such an
         entry must neither make Nix skip the upload nor become a PathInfo.
         """
-        return await self._nar(nar.node).present()
+        try:
+            digests = await self._nar(nar.node).blob_digests()
+        except NotFoundError:  # a directory is gone
+            return False
+        return not await self.blobs.missing(digests)  # all at once (the embedded store: one query)
 
     async def _check_references(self, path: StorePath, references: tuple[StorePath, ...]) -> None:
         """Every reference but the path itself must be registered (under its own name).

@@ -419,6 +419,12 @@ class PackedBlobService(LocalBlobService):
             return True
         return await super().has(digest)
 
+    @using_connection
+    def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
+        """Pack rows first (one query a batch), then the object files of the rest."""
+        rows = self._present(self._db(), [bytes(d) for d in digests])
+        return super()._missing_sync([d for d in digests if bytes(d) not in rows])
+
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         if self._select_sync(digest) is not None:
             return []  # a single-chunk blob: it is its own chunk
