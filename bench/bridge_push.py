@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         facts["nix_version"] = run(["nix-store", "--version"]).strip()
         print(f"generating {args.small} small + {args.large_mib} MiB paths in {workdir} ...", flush=True)
         store, paths = make_paths(workdir, args.small, args.large_mib, args.seed)
+        shutil.rmtree(workdir / "src")  # added to the store: the sources are not needed any more
         times: dict[str, list[float]] = {side: [] for side in sides}
         cpu: dict[str, list[float]] = {side: [] for side in sides if side != "file://"}
         loads: list[float] = []
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                         check_upload(base, paths)
                 finally:
                     servers.stop()
+                    shutil.rmtree(directory, ignore_errors=True)  # one side's copy on disk at a time
                 shown = f", server CPU {cpu[side][-1]:.2f} s" if side in cpu else ""
                 print(f"round {r + 1} {side:12}: {times[side][-1]:.3f} s{shown}", flush=True)
         medians = {side: statistics.median(t) for side, t in times.items()}
