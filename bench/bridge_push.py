@@ -4,11 +4,13 @@
 Run from the repository root::
 
     .venv/bin/python bench/bridge_push.py [--workdir DIR] [--small 200] [--large-mib 64] [--runs 3]
-                                          [--workers N] [--compare-src SRC] [--no-floors] [--json OUT]
+                                          [--tree-files N] [--workers N] [--compare-src SRC] [--no-floors]
+                                          [--json OUT]
 
 Setup (not timed): a throwaway chroot Nix store gets ``--small`` small files
 (1-8 KiB) and one ``--large-mib`` MiB file (half random, half 4 bits of
-entropy per byte), each a store path via ``nix-store --add``.
+entropy per byte), each a store path via ``nix-store --add``; with ``--tree-files N``
+one more path, a tree of N files (100 B to 16 KiB) in 50 directories.
 
 Each round, rotating which side goes first, times one ``nix copy`` of all
 the paths (uncompressed, ``?compression=none`` on both sides):
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--large-mib", type=int, default=64)
+    parser.add_argument("--tree-files", type=int, default=0, help="one more path: a tree of this many files")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
     parser.add_argument("--compare-src", default=None, help="also push into a bridge from these sources, as 'before'")
@@ -194,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         facts = base_facts(workdir)
         facts["nix_version"] = run(["nix-store", "--version"]).strip()
-        print(f"generating {args.small} small + {args.large_mib} MiB paths in {workdir} ...", flush=True)
-        store, paths = make_paths(workdir, args.small, args.large_mib, args.seed)
+        tree = f" + a tree of {args.tree_files} files" if args.tree_files else ""
+        print(f"generating {args.small} small{tree} + {args.large_mib} MiB paths in {workdir} ...", flush=True)
+        store, paths = make_paths(workdir, args.small, args.large_mib, args.seed, args.tree_files)
         shutil.rmtree(workdir / "src")  # added to the store: the sources are not needed any more
         times: dict[str, list[float]] = {side: [] for side in sides}
         cpu: dict[str, list[float]] = {side: [] for side in sides if side != "file://"}

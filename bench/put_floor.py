@@ -9,7 +9,7 @@ A plain asyncio HTTP/1.1 server (streams, keep-alive, ``Expect: 100-continue``)
 answering what ``nix copy --to http://…`` sends: ``GET /nix-cache-info``, ``GET``
 and ``HEAD`` of what was stored before (else 404), and ``PUT`` of any file with a
 ``Content-Length``.  Each PUT's body is appended to one log file (``DIR/puts.log``,
-a small header naming it, then its bytes) and the log is ``fdatasync``-ed
+a small header naming it, then its bytes as they arrive) and the log is ``fdatasync``-ed
 before the 2xx: one durable write a request, nothing checked, nothing parsed,
 no per-file inode, directory entry or rename.  Which file is where is kept in
 memory only (a real server would need that index durable too: this is below
@@ -40,15 +40,26 @@ class Floor:
         """Path -> (offset, length) of its bytes in the log."""
         self.bodies: dict[str, bytes] = {"/nix-cache-info": CACHE_INFO}
 
-    def store(self, path: str, body: bytes) -> None:
-        header = f"{path} {len(body)}\n".encode()
-        os.writev(self.fd, [header, body])
+    async def store(self, path: str, length: int, reader: asyncio.StreamReader) -> None:
+        """Append the body (``length`` bytes, written as it arrives, 1 MiB at a time) to the log; sync it."""
+        header = f"{path} {length}\n".encode()
+        os.write(self.fd, header)
+        left = length
+        parts = []
+        while left:
+            data = await reader.read(min(left, 1 << 20))
+            if not data:
+                raise asyncio.IncompleteReadError(b"", left)
+            os.write(self.fd, data)
+            left -= len(data)
+            if path.endswith(".narinfo"):  # answered from memory too (small)
+                parts.append(data)
         if self.sync:
             os.fdatasync(self.fd)
-        self.files[path] = (self.size + len(header), len(body))
-        self.size += len(header) + len(body)
-        if path.endswith(".narinfo"):  # answered from memory (the log holds it durably)
-            self.bodies[path] = body
+        if parts:
+            self.bodies[path] = b"".join(parts)
+        self.files[path] = (self.size + len(header), length)
+        self.size += len(header) + length
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -68,8 +79,7 @@ class Floor:
                         return
                     if headers.get("expect", "").lower() == "100-continue":
                         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    body = await reader.readexactly(int(headers["content-length"]))
-                    self.store(path, body)
+                    await self.store(path, int(headers["content-length"]), reader)
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 elif method in ("GET", "HEAD"):
                     data = self.bodies.get(path)
