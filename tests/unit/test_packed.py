@@ -470,32 +470,39 @@ async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeyp
         await svc.close()
 
 
-async def test_small_blobs_are_durable_when_put_returns_and_need_no_barrier(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A batch of small blobs commits durably (the pack's directory synced once, for a new pack), so ``sync``
-    runs no ``syncfs`` for it; a large blob's chunk files still get one."""
-    from nixcas.castore.blob import packcompact
+async def test_small_blobs_need_only_an_fsync_of_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync`` after small blobs alone is one ``fsync`` of SQLite's write-ahead log (their pack was ``fsync``-ed
+    when appended, its name when created), no ``syncfs``; after a large blob's chunk files, one ``syncfs``."""
+    import os
+
     from nixcas.castore.objectstore import disk
 
     barriers: list[Path] = []
-    directories: list[str] = []
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
     monkeypatch.setattr(disk, "_syncfs", barriers.append)
-    real_sync_directory = packcompact.sync_directory
-
-    def record_directory(path: str) -> None:
-        directories.append(path)
-        real_sync_directory(path)
-
-    monkeypatch.setattr(packcompact, "sync_directory", record_directory)
+    monkeypatch.setattr(os, "fsync", record)
     root = tmp_path / "blobs"
     svc = await open_packed(root, "")
     try:
         small = (await svc.put_many([SMALL]))[0]
-        assert svc._db().execute("PRAGMA synchronous").fetchone() == (2,)  # FULL: the commit is durable
         await svc.put(TINY)
+        pack = next((root / "packs").iterdir()).stat().st_ino
+        assert pack in synced and (root / "packs").stat().st_ino in synced  # the bytes, the new pack's name
+        synced.clear()
         await svc.sync()
-        assert barriers == [] and directories == [str(root / "packs")]  # one new pack, named durably once
+        wal = (root / "packs.sqlite-wal").stat().st_ino
+        assert barriers == [] and synced == [wal, root.stat().st_ino]  # the log, and once its name
+        synced.clear()
+        await svc.sync()  # nothing written since
+        await svc.put(SMALL)  # present: its time refreshed, a row written
+        await svc.sync()
+        assert barriers == [] and synced == [wal]
         await svc.put(LARGE)
         await svc.sync()
         assert barriers == [root]

@@ -1,4 +1,5 @@
-"""Compaction of ``packed://`` pack files: the dead space a GC sweep leaves behind, freed.
+"""Compaction of ``packed://`` pack files: the dead space a GC sweep leaves behind, freed (and the
+creation of a pack file, and the ``fsync`` of the rows' write-ahead log, which ``packed.py`` leaves here).
 
 A pack with no row (its writer died before the first one) is removed once
 older than the cutoff, one whose live bytes are less than half its size is
@@ -33,6 +34,7 @@ __all__ = [
     "create_pack",
     "survey_packs",
     "sync_directory",
+    "sync_wal",
 ]
 
 MERGE_BELOW = 64 << 20
@@ -80,6 +82,26 @@ def _same_file(path: str, fd: int) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+def sync_wal(db_path: str, named: int) -> int:
+    """``fsync`` the write-ahead log of the SQLite database ``db_path`` (its committed transactions are durable
+    then), and its directory too unless ``named`` is the log's inode (its name made durable before): that inode.
+
+    A missing log was checkpointed into the database and removed, which SQLite syncs itself.
+    """
+    try:
+        fd = os.open(f"{db_path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return named
+    try:
+        os.fsync(fd)
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    if inode != named:
+        sync_directory(os.path.dirname(db_path))
+    return inode
 
 
 def sync_directory(path: str) -> None:

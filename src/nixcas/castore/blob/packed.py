@@ -22,9 +22,9 @@ Guarantees are those of the object layout:
 * **crash safety** -- a batch's bytes are appended and ``fsync``-ed before
   the rows naming them are committed, so no row can ever point at bytes that
   a crash lost; bytes without a row (an interrupted batch) are dead space;
-* **durability** -- a batch of small blobs is durable when its put returns (pack ``fsync``-ed, rows committed
-  with ``synchronous=FULL``); :meth:`sync` (before importers publish metadata) is one ``syncfs`` for what
-  the object layout wrote since the last one, if anything (small blobs alone need none);
+* **durability** -- :meth:`sync` (called by importers before they publish metadata) is one ``syncfs`` if
+  the object layout wrote since the last one (it covers SQLite's write-ahead log too), else one ``fsync`` of
+  the write-ahead log if rows were committed (their packs were ``fsync``-ed already), else nothing;
 * **GC** -- a put of a present blob refreshes its time; a sweep deletes a row
   only ``WHERE`` it is still older than the cutoff (one atomic statement).
   Pack files are then compacted in the sweep of temporary objects: a pack
@@ -56,7 +56,7 @@ from nixcas._sqlite import ConnectionUses, delete_if_older, select_in, using_con
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.local import LocalBlobService, _Slow
-from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, create_pack, survey_packs
+from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, create_pack, survey_packs, sync_wal
 from nixcas.castore.blob.packfile import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -181,6 +181,8 @@ class PackedBlobService(LocalBlobService):
         self._closed = False
         self._uses = ConnectionUses(self._connections_lock)  # close waits for the queries of other threads
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
+        self._rows_dirty = False  # rows committed since the last sync(): the WAL needs an fsync
+        self._wal_inode = 0  # the WAL file whose name was last made durable
         self._pack: OpenPack | None = None
         self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
         self._readers_lock = threading.Lock()
@@ -197,7 +199,7 @@ class PackedBlobService(LocalBlobService):
                 raise StorageError(f"{self}: closed")
             db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # a commit is durable when it returns: no barrier needed after
+            db.execute("PRAGMA synchronous=NORMAL")  # durability comes from sync() (an fsync of the WAL, or syncfs)
             with self._connections_lock:
                 self._connections.append(db)
             self._local.db = db
@@ -261,10 +263,11 @@ class PackedBlobService(LocalBlobService):
                 new = [(d, data) for d, data in wanted.items() if d not in present]
                 if new:
                     self._write_rows(db, new, now)
-                db.execute("COMMIT")  # durable (synchronous=FULL), so nothing is left for sync()
+                db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            self._rows_dirty = True
 
     def _present(self, db: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:
         return {row[0] for row in select_in(db, "SELECT digest FROM blobs WHERE digest IN ({})", digests)}
@@ -337,7 +340,8 @@ class PackedBlobService(LocalBlobService):
     def _touch_sync(self, digest: B3Digest) -> bool:
         db = self._db()
         if db.execute("UPDATE blobs SET mtime_ns = ? WHERE digest = ?", (time.time_ns(), bytes(digest))).rowcount:
-            return True  # committed durably (synchronous=FULL)
+            self._rows_dirty = True
+            return True
         return super()._touch_sync(digest)
 
     # -- reads ------------------------------------------------------------------------
@@ -419,9 +423,16 @@ class PackedBlobService(LocalBlobService):
             return True
         return await super().has(digest)
 
+    async def sync(self) -> None:
+        if self._dirty:  # object files written: syncfs, which covers the rows too
+            self._rows_dirty = False
+            await super().sync()
+        elif self._rows_dirty:  # only rows (their packs fsync-ed when appended): the WAL alone
+            self._rows_dirty = False  # (a failed fsync fails its callers; the next rows set it again)
+            self._wal_inode = await asyncio.to_thread(sync_wal, self._db_path, self._wal_inode)
+
     @using_connection
-    def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
-        """Pack rows first (one query a batch), then the object files of the rest."""
+    def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:  # rows first, then object files
         rows = self._present(self._db(), [bytes(d) for d in digests])
         return super()._missing_sync([d for d in digests if bytes(d) not in rows])
 
