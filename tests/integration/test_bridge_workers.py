@@ -315,7 +315,7 @@ async def test_a_small_upload_is_durable_without_a_file_system_barrier(
 ) -> None:
     """Into the embedded blob store, a NAR of small files is acknowledged after an ``fsync`` of the blob rows'
     write-ahead log, without any ``syncfs``; a NAR with a large file still waits for one before its 2xx."""
-    from nixcas.castore.blob import packcompact, packed
+    from nixcas.castore.blob import packcompact
     from nixcas.castore.blob.packed import PackedBlobService
     from nixcas.castore.objectstore import disk
 
@@ -332,7 +332,7 @@ async def test_a_small_upload_is_durable_without_a_file_system_barrier(
         return inode
 
     monkeypatch.setattr(disk, "_syncfs", syncfs)
-    monkeypatch.setattr(packed, "sync_wal", wal)
+    monkeypatch.setattr(packcompact, "sync_wal", wal)
     small = await make_sample(tmp_path, "small", {"a": b"small file\n", "b/c": b"another\n"})
     large = await make_sample(tmp_path, "large", {"big": os.urandom(3 << 20)})
     blobs = await asyncio.to_thread(PackedBlobService, tmp_path / "blobs")

@@ -511,6 +511,46 @@ async def test_small_blobs_need_only_an_fsync_of_the_log(tmp_path: Path, monkeyp
         await svc.close()
 
 
+async def test_a_sync_returns_only_after_a_log_fsync_that_covers_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers of ``sync`` while the write-ahead log's ``fsync`` runs wait for it (or a later one) and share it;
+    rows committed after it started get their own."""
+    import asyncio
+    import threading
+
+    from nixcas.castore.blob import packcompact
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real_sync_wal = packcompact.sync_wal
+
+    def slow_sync_wal(path: str, named: int) -> int:
+        calls.append(len(calls))
+        started.set()
+        release.wait(10)
+        return real_sync_wal(path, named)
+
+    monkeypatch.setattr(packcompact, "sync_wal", slow_sync_wal)
+    svc = await open_packed(tmp_path / "blobs", "")
+    try:
+        await svc.put_many([SMALL])
+        first = asyncio.ensure_future(svc.sync())
+        assert await asyncio.to_thread(started.wait, 10)
+        await svc.put_many([TINY])  # committed while the first fsync runs: not covered by it
+        second, third = asyncio.ensure_future(svc.sync()), asyncio.ensure_future(svc.sync())
+        await asyncio.sleep(0.02)
+        assert not first.done() and not second.done() and not third.done()
+        release.set()
+        await asyncio.gather(first, second, third)
+        assert calls == [0, 1]  # the second and third shared one fsync, started after TINY's commit
+        await svc.sync()
+        assert calls == [0, 1]  # nothing new
+    finally:
+        release.set()
+        await svc.close()
+
+
 async def test_missing_knows_rows_and_object_files(tmp_path: Path) -> None:
     """``missing`` (many ``has`` at once) sees the small blobs in packs, not only the object files."""
     root = tmp_path / "blobs"

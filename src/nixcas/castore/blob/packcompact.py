@@ -13,10 +13,12 @@ files are removed after the commit.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +28,7 @@ from nixcas.errors import StorageError
 
 __all__ = [
     "MERGE_BELOW",
+    "LogBarrier",
     "MERGE_COUNT",
     "LockedPack",
     "OpenPack",
@@ -82,6 +85,44 @@ def _same_file(path: str, fd: int) -> bool:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
     except FileNotFoundError:
         return False
+
+
+class LogBarrier:
+    """Makes the transactions committed to a SQLite database in WAL mode (``synchronous=NORMAL``) durable.
+
+    Writers call :meth:`committed` after each commit; :meth:`sync` returns once an ``fsync`` of the
+    write-ahead log that started after every commit counted before the call has completed (callers
+    waiting together share one), and does nothing when none was counted since the last.
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
+        self._count = 0
+        self._count_lock = threading.Lock()
+        self._synced = 0
+        self._named = 0  # the inode of the log whose name was made durable
+        self._sync_lock = asyncio.Lock()
+
+    def committed(self) -> None:
+        with self._count_lock:
+            self._count += 1
+
+    def covered(self, count: int) -> None:
+        """Commits up to ``count`` (a :meth:`count` taken before a barrier that covered them) are durable."""
+        self._synced = max(self._synced, count)
+
+    def count(self) -> int:
+        with self._count_lock:
+            return self._count
+
+    async def sync(self) -> None:
+        target = self.count()
+        async with self._sync_lock:
+            if target <= self._synced:  # nothing new, or covered by the fsync this call waited for
+                return
+            start = self.count()
+            self._named = await asyncio.to_thread(sync_wal, self.db_path, self._named)
+            self.covered(start)
 
 
 def sync_wal(db_path: str, named: int) -> int:

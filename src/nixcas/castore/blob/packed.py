@@ -56,7 +56,7 @@ from nixcas._sqlite import ConnectionUses, delete_if_older, select_in, using_con
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.local import LocalBlobService, _Slow
-from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, create_pack, survey_packs, sync_wal
+from nixcas.castore.blob.packcompact import LockedPack, LogBarrier, OpenPack, copy_live_blobs, create_pack, survey_packs
 from nixcas.castore.blob.packfile import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -181,8 +181,7 @@ class PackedBlobService(LocalBlobService):
         self._closed = False
         self._uses = ConnectionUses(self._connections_lock)  # close waits for the queries of other threads
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
-        self._rows_dirty = False  # rows committed since the last sync(): the WAL needs an fsync
-        self._wal_inode = 0  # the WAL file whose name was last made durable
+        self._log = LogBarrier(self._db_path)  # the rows' durability (their packs are fsync-ed when appended)
         self._pack: OpenPack | None = None
         self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
         self._readers_lock = threading.Lock()
@@ -267,7 +266,7 @@ class PackedBlobService(LocalBlobService):
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._rows_dirty = True
+            self._log.committed()
 
     def _present(self, db: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:
         return {row[0] for row in select_in(db, "SELECT digest FROM blobs WHERE digest IN ({})", digests)}
@@ -340,7 +339,7 @@ class PackedBlobService(LocalBlobService):
     def _touch_sync(self, digest: B3Digest) -> bool:
         db = self._db()
         if db.execute("UPDATE blobs SET mtime_ns = ? WHERE digest = ?", (time.time_ns(), bytes(digest))).rowcount:
-            self._rows_dirty = True
+            self._log.committed()
             return True
         return super()._touch_sync(digest)
 
@@ -424,12 +423,11 @@ class PackedBlobService(LocalBlobService):
         return await super().has(digest)
 
     async def sync(self) -> None:
-        if self._dirty:  # object files written: syncfs, which covers the rows too
-            self._rows_dirty = False
+        if self._dirty:  # object files written: syncfs, which covers the rows committed before it too
+            rows = self._log.count()
             await super().sync()
-        elif self._rows_dirty:  # only rows (their packs fsync-ed when appended): the WAL alone
-            self._rows_dirty = False  # (a failed fsync fails its callers; the next rows set it again)
-            self._wal_inode = await asyncio.to_thread(sync_wal, self._db_path, self._wal_inode)
+            self._log.covered(rows)
+        await self._log.sync()  # rows committed since (if any): an fsync of the write-ahead log alone
 
     @using_connection
     def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:  # rows first, then object files
