@@ -503,6 +503,12 @@ async def test_small_blobs_need_only_an_fsync_of_the_log(tmp_path: Path, monkeyp
         await svc.put(SMALL)  # present: its time refreshed, a row written
         await svc.sync()
         assert barriers == [] and synced == [wal]
+        synced.clear()
+        await svc.put_many_before_sync([b"the last batch of an ingest"])  # its log fsync in the same hand-off
+        assert synced[-1] == wal
+        count = len(synced)
+        await svc.sync()
+        assert len(synced) == count  # nothing left for the sync
         await svc.put(LARGE)
         await svc.sync()
         assert barriers == [root]

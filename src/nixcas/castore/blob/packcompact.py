@@ -19,7 +19,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from nixcas.castore.digest import EMPTY_DIGEST
@@ -109,16 +109,28 @@ class LogBarrier:
 
     def covered(self, count: int) -> None:
         """Commits up to ``count`` (a :meth:`count` taken before a barrier that covered them) are durable."""
-        self._synced = max(self._synced, count)
+        with self._count_lock:
+            self._synced = max(self._synced, count)
 
     def count(self) -> int:
         with self._count_lock:
             return self._count
 
-    async def sync(self) -> None:
+    def sync_now(self) -> None:
+        """An ``fsync`` of the log now, in the calling (worker) thread, for the commits counted so far."""
+        start = self.count()
+        self._named = sync_wal(self.db_path, self._named)
+        self.covered(start)
+
+    async def sync(self, first: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The log's ``fsync`` if needed; ``first``: a barrier to run before, which covers what was committed."""
+        if first is not None:
+            before = self.count()
+            await first()
+            self.covered(before)
         target = self.count()
         async with self._sync_lock:
-            if target <= self._synced:  # nothing new, or covered by the fsync this call waited for
+            if target <= self._synced:  # nothing new, or covered by an fsync this call waited for (or sync_now)
                 return
             start = self.count()
             self._named = await asyncio.to_thread(sync_wal, self.db_path, self._named)

@@ -316,7 +316,7 @@ class PackedBlobService(LocalBlobService):
         self._append_sync([(digest, data)])
         return digest
 
-    def _store_many_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+    def _store_many_sync(self, blobs: Sequence[bytes], synced: bool = False) -> list[B3Digest]:
         digests: list[B3Digest] = []
         small: list[tuple[B3Digest, bytes | memoryview]] = []
         for data in blobs:
@@ -328,12 +328,17 @@ class PackedBlobService(LocalBlobService):
             small.append((digest, data))
         if small:
             self._append_sync(small)
+            if synced and not self._dirty:  # the sync that follows would be this log fsync: done in this hand-off
+                self._log.sync_now()
         return digests
 
-    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        digests = await asyncio.to_thread(self._store_many_sync, blobs)
+    async def put_many(self, blobs: Sequence[bytes], synced: bool = False) -> list[B3Digest]:
+        digests = await asyncio.to_thread(self._store_many_sync, blobs, synced)
         stats.written("local", map(len, blobs))
         return digests
+
+    async def put_many_before_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        return await self.put_many(blobs, True)
 
     @using_connection
     def _touch_sync(self, digest: B3Digest) -> bool:
@@ -422,12 +427,8 @@ class PackedBlobService(LocalBlobService):
             return True
         return await super().has(digest)
 
-    async def sync(self) -> None:
-        if self._dirty:  # object files written: syncfs, which covers the rows committed before it too
-            rows = self._log.count()
-            await super().sync()
-            self._log.covered(rows)
-        await self._log.sync()  # rows committed since (if any): an fsync of the write-ahead log alone
+    async def sync(self) -> None:  # syncfs if object files were written, then the rows' log if anything is left
+        await self._log.sync(super().sync if self._dirty else None)
 
     @using_connection
     def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:  # rows first, then object files
