@@ -28,9 +28,9 @@ from nixcas.errors import StorageError
 
 __all__ = [
     "MERGE_BELOW",
-    "LogBarrier",
     "MERGE_COUNT",
     "LockedPack",
+    "LogBarrier",
     "OpenPack",
     "Survey",
     "copy_live_blobs",
