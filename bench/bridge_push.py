@@ -4,13 +4,15 @@
 Run from the repository root::
 
     .venv/bin/python bench/bridge_push.py [--workdir DIR] [--small 200] [--large-mib 64] [--runs 3]
-                                          [--workers N] [--json OUT]
+                                          [--tree-files N] [--workers N] [--compare-src SRC] [--no-floors]
+                                          [--json OUT]
 
 Setup (not timed): a throwaway chroot Nix store gets ``--small`` small files
 (1-8 KiB) and one ``--large-mib`` MiB file (half random, half 4 bits of
-entropy per byte), each a store path via ``nix-store --add``.
+entropy per byte), each a store path via ``nix-store --add``; with ``--tree-files N``
+one more path, a tree of N files (100 B to 16 KiB) in 50 directories.
 
-Each round, alternating which side goes first, times one ``nix copy`` of all
+Each round, rotating which side goes first, times one ``nix copy`` of all
 the paths (uncompressed, ``?compression=none`` on both sides):
 
 * **nar-bridge**: into a fresh embedded store through a freshly started
@@ -21,7 +23,15 @@ the paths (uncompressed, ``?compression=none`` on both sides):
   it does not fsync);
 * **nginx WebDAV** (for information: the floor of the HTTP protocol itself): the
   same ``nix copy --to http://…`` into nginx with ``dav_methods PUT``, which
-  stores each uploaded file as it comes, checking nothing and syncing nothing.
+  stores each uploaded file as it comes, checking nothing and syncing nothing;
+* **floor-sync** (the durable floor): ``bench/put_floor.py``, a minimal asyncio
+  server appending each PUT to one log file and ``fdatasync``-ing it before the
+  2xx (one durable write a request, nothing checked); **floor-nosync** the same
+  without the ``fdatasync`` (Python's HTTP handling alone);
+* **before** (with ``--compare-src SRC``): the bridge run from other sources.
+
+The bridge's and the floors' CPU time (their process trees) during each copy is
+reported too.
 
 Each side gets a fresh Nix cache directory (``XDG_CACHE_HOME``) per round, so
 neither answers from narinfos it remembers.  After the timed copies the bridge's
@@ -45,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 # The sibling scripts (``bench/`` is on sys.path when this file is run).
-from bridge import FOUR_BITS, Servers, fetch, free_port, nix_env, run, wait_port
+from bridge import FOUR_BITS, Servers, fetch, free_port, nix_env, run, tree_cpu, wait_port
 from import_tree import base_facts
 
 from nixcas.store.narinfo import NarInfo
@@ -116,7 +126,52 @@ def start_dav(servers: Servers, directory: Path) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-SIDES = ("nar-bridge", "file://", "nginx-dav")
+def start_floor(servers: Servers, directory: Path, sync: bool) -> str:
+    """``bench/put_floor.py`` (one ``fdatasync`` a PUT, or none) serving ``directory``, by PID in ``servers``."""
+    directory.mkdir(parents=True)
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("put_floor.py")), str(directory), str(port)]
+    proc = subprocess.Popen([*argv, *([] if sync else ["--no-sync"])], stdout=subprocess.DEVNULL)
+    servers.procs.append(proc)
+    servers.pids[f"http://127.0.0.1:{port}"] = proc.pid
+    wait_port(port)
+    return f"http://127.0.0.1:{port}"
+
+
+SIDES = ("nar-bridge", "before", "file://", "nginx-dav", "floor-sync", "floor-nosync")
+"""``before`` only with ``--compare-src``."""
+
+
+def start_side(side: str, servers: Servers, directory: Path, args: argparse.Namespace) -> str:
+    """Start the server of ``side`` (if it has one): the URL ``nix copy --to`` gets."""
+    if side in ("nar-bridge", "before"):
+        directory.mkdir()
+        extra = [] if args.workers is None else ["--workers", str(args.workers)]
+        return servers.start_bridge(extra, src=args.compare_src if side == "before" else None)
+    if side == "nginx-dav":
+        return start_dav(servers, directory)
+    if side.startswith("floor-"):
+        return start_floor(servers, directory, side == "floor-sync")
+    return f"file://{directory}"
+
+
+def settled_cpu(pid: int) -> float:
+    """The CPU time of ``pid``'s process tree once it stopped growing (every worker started): the copy's start."""
+    before = tree_cpu(pid)
+    for _ in range(50):
+        time.sleep(0.1)
+        now = tree_cpu(pid)
+        if now - before < 0.005:
+            return now
+        before = now
+    return before
+
+
+def check_upload(base: str, paths: list[str]) -> None:
+    """Every path's narinfo is served, naming the path (the upload is complete)."""
+    for p in paths:
+        info = NarInfo.parse(fetch(f"{base}/{p[11:43]}.narinfo").decode())
+        assert str(info.store_path) == p, (info.store_path, p)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,53 +179,65 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--large-mib", type=int, default=64)
+    parser.add_argument("--tree-files", type=int, default=0, help="one more path: a tree of this many files")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="nar-bridge --workers (default: its own)")
+    parser.add_argument("--compare-src", default=None, help="also push into a bridge from these sources, as 'before'")
+    parser.add_argument("--no-floors", action="store_true", help="skip the put_floor.py sides")
     parser.add_argument("--seed", type=int, default=20261207)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     for tool in ("nix", "nix-store"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed (scripts/system-deps.sh bench)")
+    sides = [s for s in SIDES if (s != "before" or args.compare_src) and not (args.no_floors and "floor" in s)]
     parent = args.workdir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bridge-push-", dir=parent)).absolute()
     try:
         facts = base_facts(workdir)
         facts["nix_version"] = run(["nix-store", "--version"]).strip()
-        print(f"generating {args.small} small + {args.large_mib} MiB paths in {workdir} ...", flush=True)
-        store, paths = make_paths(workdir, args.small, args.large_mib, args.seed)
-        times: dict[str, list[float]] = {side: [] for side in SIDES}
+        tree = f" + a tree of {args.tree_files} files" if args.tree_files else ""
+        print(f"generating {args.small} small{tree} + {args.large_mib} MiB paths in {workdir} ...", flush=True)
+        store, paths = make_paths(workdir, args.small, args.large_mib, args.seed, args.tree_files)
+        shutil.rmtree(workdir / "src")  # added to the store: the sources are not needed any more
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        cpu: dict[str, list[float]] = {side: [] for side in sides if side != "file://"}
+        loads: list[float] = []
         for r in range(args.runs):
-            for side in SIDES[r % 3 :] + SIDES[: r % 3]:  # each side goes first in turn
-                env = nix_env(workdir, f"copy-{side[:4]}-{r}")
-                servers = Servers(workdir / f"{side[:4]}-{r}")
+            loads.append(os.getloadavg()[0])
+            for side in sides[r % len(sides) :] + sides[: r % len(sides)]:  # each side goes first in turn
+                env = nix_env(workdir, f"copy-{side[:6]}-{r}")
+                directory = workdir / f"{side.replace('/', '').replace(':', '')}-{r}"
+                servers = Servers(directory)
                 try:
-                    if side == "nar-bridge":
-                        (workdir / f"{side[:4]}-{r}").mkdir()
-                        extra = [] if args.workers is None else ["--workers", str(args.workers)]
-                        url = servers.start_bridge(extra) + "?compression=none"
-                    elif side == "nginx-dav":
-                        url = start_dav(servers, workdir / f"{side[:4]}-{r}") + "?compression=none"
-                    else:
-                        url = f"file://{workdir / f'cache-{r}'}?compression=none"
+                    base = start_side(side, servers, directory, args)
+                    pid = servers.procs[0].pid if servers.procs else None
+                    cpu0 = settled_cpu(pid) if pid is not None else 0.0
                     t0 = time.perf_counter()
-                    run(["nix", "copy", "--store", str(store), "--to", url, *paths], env)
+                    run(["nix", "copy", "--store", str(store), "--to", base + "?compression=none", *paths], env)
                     times[side].append(time.perf_counter() - t0)
-                    if side == "nar-bridge":  # the upload is complete: every narinfo names Nix's NarHash
-                        base = url.partition("?")[0]
-                        for p in paths:
-                            info = NarInfo.parse(fetch(f"{base}/{p[11:43]}.narinfo").decode())
-                            assert str(info.store_path) == p, (info.store_path, p)
+                    if pid is not None:
+                        cpu[side].append(tree_cpu(pid) - cpu0)
+                    if side in ("nar-bridge", "before", "floor-sync"):
+                        check_upload(base, paths)
                 finally:
                     servers.stop()
-                print(f"round {r + 1} {side:10}: {times[side][-1]:.3f} s", flush=True)
+                    shutil.rmtree(directory, ignore_errors=True)  # one side's copy on disk at a time
+                shown = f", server CPU {cpu[side][-1]:.2f} s" if side in cpu else ""
+                print(f"round {r + 1} {side:12}: {times[side][-1]:.3f} s{shown}", flush=True)
         medians = {side: statistics.median(t) for side, t in times.items()}
-        ours, peer, dav = medians["nar-bridge"], medians["file://"], medians["nginx-dav"]
-        print(f"\nnix copy of {len(paths)} paths (medians): nar-bridge {ours:.2f} s, file:// {peer:.2f} s, ", end="")
-        print(f"nginx WebDAV {dav:.2f} s; bridge / file:// {ours / peer:.2f}x, / WebDAV {ours / dav:.2f}x")
+        peer = medians["file://"]
+        load = f"load average {min(loads):.1f}-{max(loads):.1f}"
+        print(f"\nnix copy of {len(paths)} paths, medians of {args.runs} ({load}):")
+        for side in sides:
+            shown = f", server CPU {statistics.median(cpu[side]):.2f} s" if side in cpu else ""
+            print(f"  {side:12} {medians[side]:7.3f} s  {medians[side] / peer:5.2f}x file://{shown}")
+        facts["loadavg_rounds"] = loads
         facts["loadavg_end"] = os.getloadavg()
-        report: dict[str, Any] = {"facts": facts, "paths": len(paths), "seconds": times, "medians": medians}
+        report: dict[str, Any] = {
+            "facts": facts, "paths": len(paths), "seconds": times, "server_cpu": cpu, "medians": medians,
+        }  # fmt: skip
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(report, indent=1))

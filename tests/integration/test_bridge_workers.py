@@ -308,3 +308,58 @@ def test_workers_on_a_unix_socket_and_a_store_that_cannot_open(tmp_path: Path) -
     assert result.returncode == 1
     assert result.stderr.startswith(b"nixcas: error: ") and result.stderr.count(b"\n") == 1, result.stderr
     assert result.stdout == b""
+
+
+async def test_a_small_upload_is_durable_without_a_file_system_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into the embedded blob store, a NAR of small files is acknowledged after one ``fsync`` of the blob rows'
+    write-ahead log, made with the put of its last batch, without any ``syncfs``; a NAR with a large file
+    still waits for one before its 2xx."""
+    from nixcas.castore.blob import packcompact
+    from nixcas.castore.blob.packed import PackedBlobService
+    from nixcas.castore.objectstore import disk
+
+    barriers: list[float] = []
+    logs: list[float] = []
+    sync_wal = packcompact.sync_wal
+
+    def syncfs(path: Path) -> None:
+        barriers.append(time.monotonic())
+
+    def wal(path: str, named: int) -> int:
+        inode = sync_wal(path, named)
+        logs.append(time.monotonic())
+        return inode
+
+    monkeypatch.setattr(disk, "_syncfs", syncfs)
+    monkeypatch.setattr(packcompact, "sync_wal", wal)
+    in_put: list[float] = []  # the log fsyncs made in the hand-off that stored the last batch
+    sync_now = packcompact.LogBarrier.sync_now
+
+    def recorded(self: packcompact.LogBarrier) -> None:
+        in_put.append(time.monotonic())
+        sync_now(self)
+
+    monkeypatch.setattr(packcompact.LogBarrier, "sync_now", recorded)
+    small = await make_sample(tmp_path, "small", {"a": b"small file\n", "b/c": b"another\n"})
+    large = await make_sample(tmp_path, "large", {"big": os.urandom(3 << 20)})
+    blobs = await asyncio.to_thread(PackedBlobService, tmp_path / "blobs")
+    index = NarIndex(str(tmp_path / "index.sqlite"))
+    bridge = NarBridge(blobs, MemoryDirectoryService(SizeRule.TVIX), MemoryPathInfoService(), index, allow_writes=True)
+    client = TestClient(TestServer(bridge.application()))
+    await client.start_server()
+    try:
+        for sample in (small, large):
+            async with client.put(f"/nar/{sample.nb32}.nar", data=sample.nar) as r:
+                assert r.status == 200, await r.text()
+                acknowledged = time.monotonic()
+            assert (await index.get(sample.sha256)) is not None
+            if sample is small:
+                assert barriers == [] and len(logs) == 1 and logs[0] <= acknowledged
+                assert len(in_put) == 1  # with the blobs' put: the barrier found nothing left to do
+        assert len(barriers) == 1 and barriers[0] <= acknowledged
+    finally:
+        await client.close()
+        await index.close()
+        await blobs.close()

@@ -272,6 +272,64 @@ async def test_references_must_be_present(env: Env, tmp_path: Path, sample: Samp
     assert (await put_narinfo(env, sample, text))[0] == 200
 
 
+async def test_references_in_a_local_database_are_read_at_once(
+    tmp_path: Path, sample: Sample, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the embedded path-info database, each reference is a point read on the event loop (no hand-off to
+    the database thread per reference), checked as before: present, and under its own name."""
+    from nixcas.store.pathinfo.sqlite import SqlitePathInfoService
+
+    pathinfos = SqlitePathInfoService(str(tmp_path / "pathinfo.sqlite"))
+    index = NarIndex(None)
+    bridge = NarBridge(MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX), pathinfos, index, allow_writes=True)
+    env = Env(TestClient(TestServer(bridge.application())), bridge, bridge.blobs, bridge.directories, pathinfos, index)  # type: ignore[arg-type]
+    await env.client.start_server()
+    try:
+        deps = [await make_sample(tmp_path, f"dep-{i}", {"f": f"dependency {i}".encode()}) for i in range(3)]
+        for dep in deps:
+            await upload(env, dep)
+            assert (await put_narinfo(env, dep, dep.narinfo()))[0] == 200
+        await upload(env, sample)
+        hand_offs: list[bytes] = []
+        get_raw = pathinfos._get_raw
+
+        async def counted(digest: bytes) -> bytes | None:
+            hand_offs.append(digest)
+            return await get_raw(digest)
+
+        monkeypatch.setattr(pathinfos, "_get_raw", counted)
+        no_ca = f"CA: fixed:r:sha256:{sample.nb32}\n"
+        renamed = deps[0].store_path.basename.replace("dep-0", "other-0")  # a registered hash, another name
+        status, body = await put_narinfo(env, sample, sample.narinfo(references=renamed).replace(no_ca, ""))
+        assert status == 400 and f"/nix/store/{renamed}" in body
+        refs = " ".join(d.store_path.basename for d in deps)
+        assert (await put_narinfo(env, sample, sample.narinfo(references=refs).replace(no_ca, "")))[0] == 200
+        assert hand_offs == []
+        assert (await pathinfos.get(sample.store_path.digest)) is not None
+    finally:
+        await env.client.close()
+        await index.close()
+        await pathinfos.close()
+
+
+async def test_a_narinfo_checks_its_nars_blobs_all_at_once(
+    env: Env, sample: Sample, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the NAR is still stored is one ``missing`` of all its blobs (the embedded store answers it with one
+    query), not one ``has`` per file."""
+    await upload(env, sample)
+    asked: list[int] = []
+    missing = env.blobs.missing
+
+    async def counted(digests: list[B3Digest]) -> list[B3Digest]:
+        asked.append(len(digests))
+        return await missing(digests)
+
+    monkeypatch.setattr(env.blobs, "missing", counted)
+    assert (await put_narinfo(env, sample, sample.narinfo()))[0] == 200
+    assert asked == [2]  # bin/hello and big (the empty file needs no blob)
+
+
 # -- access ---------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -223,6 +224,8 @@ async def test_a_row_never_names_bytes_that_were_not_synced(tmp_path: Path, monk
     real_fsync = os.fsync
 
     def failing_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # a new pack's directory: fine
+            return real_fsync(fd)
         calls.append("fsync")
         raise OSError(5, "Input/output error")
 
@@ -503,5 +506,106 @@ async def test_chunk_files_start_their_writeback_at_once(tmp_path: Path, monkeyp
         assert chunks and len(started) == len({c.digest for c in chunks}) + 1  # each new chunk, then the index
         assert all(size > 0 for size in started)
         assert await svc.read_many({digest: len(LARGE)}) == {digest: LARGE}
+    finally:
+        await svc.close()
+
+
+async def test_small_blobs_need_only_an_fsync_of_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync`` after small blobs alone is one ``fsync`` of SQLite's write-ahead log (their pack was ``fsync``-ed
+    when appended, its name when created), no ``syncfs``; after a large blob's chunk files, one ``syncfs``."""
+    import os
+
+    from nixcas.castore.objectstore import disk
+
+    barriers: list[Path] = []
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(disk, "_syncfs", barriers.append)
+    monkeypatch.setattr(os, "fsync", record)
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        small = (await svc.put_many([SMALL]))[0]
+        await svc.put(TINY)
+        pack = next((root / "packs").iterdir()).stat().st_ino
+        assert pack in synced and (root / "packs").stat().st_ino in synced  # the bytes, the new pack's name
+        synced.clear()
+        await svc.sync()
+        wal = (root / "packs.sqlite-wal").stat().st_ino
+        assert barriers == [] and synced == [wal, root.stat().st_ino]  # the log, and once its name
+        synced.clear()
+        await svc.sync()  # nothing written since
+        await svc.put(SMALL)  # present: its time refreshed, a row written
+        await svc.sync()
+        assert barriers == [] and synced == [wal]
+        synced.clear()
+        await svc.put_many_before_sync([b"the last batch of an ingest"])  # its log fsync in the same hand-off
+        assert synced[-1] == wal
+        count = len(synced)
+        await svc.sync()
+        assert len(synced) == count  # nothing left for the sync
+        await svc.put(LARGE)
+        await svc.sync()
+        assert barriers == [root]
+        assert await svc.read_many({small: len(SMALL)}) == {small: SMALL}
+    finally:
+        await svc.close()
+
+
+async def test_a_sync_returns_only_after_a_log_fsync_that_covers_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers of ``sync`` while the write-ahead log's ``fsync`` runs wait for it (or a later one) and share it;
+    rows committed after it started get their own."""
+    import asyncio
+    import threading
+
+    from nixcas.castore.blob import packcompact
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+    real_sync_wal = packcompact.sync_wal
+
+    def slow_sync_wal(path: str, named: int) -> int:
+        calls.append(len(calls))
+        started.set()
+        release.wait(10)
+        return real_sync_wal(path, named)
+
+    monkeypatch.setattr(packcompact, "sync_wal", slow_sync_wal)
+    svc = await open_packed(tmp_path / "blobs", "")
+    try:
+        await svc.put_many([SMALL])
+        first = asyncio.ensure_future(svc.sync())
+        assert await asyncio.to_thread(started.wait, 10)
+        await svc.put_many([TINY])  # committed while the first fsync runs: not covered by it
+        second, third = asyncio.ensure_future(svc.sync()), asyncio.ensure_future(svc.sync())
+        await asyncio.sleep(0.02)
+        assert not first.done() and not second.done() and not third.done()
+        release.set()
+        await asyncio.gather(first, second, third)
+        assert calls == [0, 1]  # the second and third shared one fsync, started after TINY's commit
+        await svc.sync()
+        assert calls == [0, 1]  # nothing new
+    finally:
+        release.set()
+        await svc.close()
+
+
+async def test_missing_knows_rows_and_object_files(tmp_path: Path) -> None:
+    """``missing`` (many ``has`` at once) sees the small blobs in packs, not only the object files."""
+    root = tmp_path / "blobs"
+    svc = await open_packed(root, "")
+    try:
+        small, tiny = await svc.put_many([SMALL, TINY])
+        large = await svc.put(LARGE)
+        absent = b3(b"never stored")
+        assert await svc.missing([small, absent, large, tiny]) == [absent]
+        assert await svc.missing([]) == []
     finally:
         await svc.close()

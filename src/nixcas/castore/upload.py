@@ -163,19 +163,20 @@ class Uploader:
             self.flush()
         return pending
 
-    def flush(self) -> None:
-        """Start uploading the current batch (if it holds anything)."""
+    def flush(self, *, synced: bool = False) -> None:
+        """Start uploading the current batch (if it holds anything); ``synced``: the last one, a sync follows."""
         batch = self._batch
         if not batch.data:
             return
         self._batch = _Batch(self)
-        batch.task = self._track(asyncio.ensure_future(self._put_batch(batch.data, batch.size)))
+        batch.task = self._track(asyncio.ensure_future(self._put_batch(batch.data, batch.size, synced)))
         batch.data = []
         self._running.append(batch)
         self.batches_started += 1
 
-    async def _put_batch(self, data: list[bytes], size: int) -> list[B3Digest]:
-        digests = await self._blobs.put_many(data)
+    async def _put_batch(self, data: list[bytes], size: int, synced: bool = False) -> list[B3Digest]:
+        blobs = self._blobs
+        digests = await (blobs.put_many_before_sync(data) if synced else blobs.put_many(data))
         if self._progress is not None:
             self._progress(size)
         return digests

@@ -453,6 +453,11 @@ class BlobService(Closing, ABC):
         """Store several in-memory blobs; backends may batch this."""
         return list(await asyncio.gather(*(self.put(b) for b in blobs)))
 
+    async def put_many_before_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """:meth:`put_many` of a batch a :meth:`sync` follows at once (the last of an ingest): a backend may
+        make it durable on the way, so that the sync has nothing left to do.  The caller still syncs."""
+        return await self.put_many(blobs)
+
     async def read(self, digest: B3Digest) -> bytes | None:
         """The whole blob in memory (only for blobs known to be small), verified."""
         reader = await self.open_read(digest)

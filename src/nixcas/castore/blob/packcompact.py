@@ -1,4 +1,5 @@
-"""Compaction of ``packed://`` pack files: the dead space a GC sweep leaves behind, freed.
+"""Compaction of ``packed://`` pack files: the dead space a GC sweep leaves behind, freed (and the
+creation of a pack file, and the ``fsync`` of the rows' write-ahead log, which ``packed.py`` leaves here).
 
 A pack with no row (its writer died before the first one) is removed once
 older than the cutoff, one whose live bytes are less than half its size is
@@ -12,17 +13,32 @@ files are removed after the commit.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
+import secrets
 import sqlite3
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from nixcas.castore.digest import EMPTY_DIGEST
 from nixcas.castore.sweep import StoredObject
 from nixcas.errors import StorageError
 
-__all__ = ["MERGE_BELOW", "MERGE_COUNT", "LockedPack", "OpenPack", "Survey", "copy_live_blobs", "survey_packs"]
+__all__ = [
+    "MERGE_BELOW",
+    "MERGE_COUNT",
+    "LockedPack",
+    "LogBarrier",
+    "OpenPack",
+    "Survey",
+    "copy_live_blobs",
+    "create_pack",
+    "survey_packs",
+    "sync_directory",
+    "sync_wal",
+]
 
 MERGE_BELOW = 64 << 20
 """Packs smaller than this are merged by GC once there are :data:`MERGE_COUNT` of them."""
@@ -41,6 +57,113 @@ class OpenPack:
     id: int
     fd: int
     size: int
+
+
+def create_pack(path_of: Callable[[str], str]) -> tuple[str, int]:
+    """A new, empty pack file at ``path_of(name)`` for a fresh random name, locked (``flock``: never compacted
+    while its writer holds it), its name durable (the directory synced): ``(name, fd)``."""
+    while True:
+        name = secrets.token_hex(12)
+        path = path_of(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(path, fd):  # not taken for an orphan and removed by a GC before the lock was held
+                sync_directory(os.path.dirname(path))
+                return name, fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(path: str, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class LogBarrier:
+    """Makes the transactions committed to a SQLite database in WAL mode (``synchronous=NORMAL``) durable.
+
+    Writers call :meth:`committed` after each commit; :meth:`sync` returns once an ``fsync`` of the
+    write-ahead log that started after every commit counted before the call has completed (callers
+    waiting together share one), and does nothing when none was counted since the last.
+    """
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
+        self._count = 0
+        self._count_lock = threading.Lock()
+        self._synced = 0
+        self._named = 0  # the inode of the log whose name was made durable
+        self._sync_lock = asyncio.Lock()
+
+    def committed(self) -> None:
+        with self._count_lock:
+            self._count += 1
+
+    def covered(self, count: int) -> None:
+        """Commits up to ``count`` (a :meth:`count` taken before a barrier that covered them) are durable."""
+        with self._count_lock:
+            self._synced = max(self._synced, count)
+
+    def count(self) -> int:
+        with self._count_lock:
+            return self._count
+
+    def sync_now(self) -> None:
+        """An ``fsync`` of the log now, in the calling (worker) thread, for the commits counted so far."""
+        start = self.count()
+        self._named = sync_wal(self.db_path, self._named)
+        self.covered(start)
+
+    async def sync(self, first: Callable[[], Awaitable[None]] | None = None) -> None:
+        """The log's ``fsync`` if needed; ``first``: a barrier to run before, which covers what was committed."""
+        if first is not None:
+            before = self.count()
+            await first()
+            self.covered(before)
+        target = self.count()
+        async with self._sync_lock:
+            if target <= self._synced:  # nothing new, or covered by an fsync this call waited for (or sync_now)
+                return
+            start = self.count()
+            self._named = await asyncio.to_thread(sync_wal, self.db_path, self._named)
+            self.covered(start)
+
+
+def sync_wal(db_path: str, named: int) -> int:
+    """``fsync`` the write-ahead log of the SQLite database ``db_path`` (its committed transactions are durable
+    then), and its directory too unless ``named`` is the log's inode (its name made durable before): that inode.
+
+    A missing log was checkpointed into the database and removed, which SQLite syncs itself.
+    """
+    try:
+        fd = os.open(f"{db_path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return named
+    try:
+        os.fsync(fd)
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    if inode != named:
+        sync_directory(os.path.dirname(db_path))
+    return inode
+
+
+def sync_directory(path: str) -> None:
+    """``fsync`` the directory ``path``: the names created in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass

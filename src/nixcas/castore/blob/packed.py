@@ -22,9 +22,9 @@ Guarantees are those of the object layout:
 * **crash safety** -- a batch's bytes are appended and ``fsync``-ed before
   the rows naming them are committed, so no row can ever point at bytes that
   a crash lost; bytes without a row (an interrupted batch) are dead space;
-* **durability** -- :meth:`sync` (called by importers before they publish
-  metadata) is one ``syncfs`` of the store's file system, which includes
-  SQLite's write-ahead log;
+* **durability** -- :meth:`sync` (called by importers before they publish metadata) is one ``syncfs`` if
+  the object layout wrote since the last one (it covers SQLite's write-ahead log too), else one ``fsync`` of
+  the write-ahead log if rows were committed (their packs were ``fsync``-ed already), else nothing;
 * **GC** -- a put of a present blob refreshes its time; a sweep deletes a row
   only ``WHERE`` it is still older than the cutoff (one atomic statement).
   Pack files are then compacted in the sweep of temporary objects: a pack
@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -58,7 +56,7 @@ from nixcas._sqlite import ConnectionUses, delete_if_older, select_in, using_con
 from nixcas.castore.blob.base import BlobChecker, BlobService, ChunkMeta, check_chunk
 from nixcas.castore.blob.chunking import AVG_CHUNK_SIZE, check_avg_chunk_size
 from nixcas.castore.blob.local import LocalBlobService, _Slow
-from nixcas.castore.blob.packcompact import LockedPack, OpenPack, copy_live_blobs, survey_packs
+from nixcas.castore.blob.packcompact import LockedPack, LogBarrier, OpenPack, copy_live_blobs, create_pack, survey_packs
 from nixcas.castore.blob.packfile import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -183,6 +181,7 @@ class PackedBlobService(LocalBlobService):
         self._closed = False
         self._uses = ConnectionUses(self._connections_lock)  # close waits for the queries of other threads
         self._write_lock = threading.Lock()  # one batch appended at a time (they share the pack)
+        self._log = LogBarrier(self._db_path)  # the rows' durability (their packs are fsync-ed when appended)
         self._pack: OpenPack | None = None
         self._readers: OrderedDict[int, int] = OrderedDict()  # pack id -> read-only fd, least recent first
         self._readers_lock = threading.Lock()
@@ -199,7 +198,7 @@ class PackedBlobService(LocalBlobService):
                 raise StorageError(f"{self}: closed")
             db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # durability comes from sync() (syncfs covers the WAL)
+            db.execute("PRAGMA synchronous=NORMAL")  # durability comes from sync() (an fsync of the WAL, or syncfs)
             with self._connections_lock:
                 self._connections.append(db)
             self._local.db = db
@@ -231,21 +230,8 @@ class PackedBlobService(LocalBlobService):
         return f"{self._packs_dir}/{name}.pack"
 
     def _open_pack(self, db: sqlite3.Connection) -> OpenPack:
-        """A new pack file, locked, and its row (in the caller's transaction)."""
-        while True:
-            name = secrets.token_hex(12)
-            path = self._pack_path(name)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                continue
-            fcntl.flock(fd, fcntl.LOCK_EX)  # never compacted while this writer holds it
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break  # not taken for an orphan and removed by a GC before the lock was held
-            except FileNotFoundError:
-                pass
-            os.close(fd)
+        """A new pack file, locked, its name durable, and its row (in the caller's transaction)."""
+        name, fd = create_pack(self._pack_path)
         pack_id = db.execute("INSERT INTO packs (name) VALUES (?)", (name,)).lastrowid
         assert pack_id is not None
         return OpenPack(pack_id, fd, 0)
@@ -280,7 +266,7 @@ class PackedBlobService(LocalBlobService):
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._dirty = True
+            self._log.committed()
 
     def _present(self, db: sqlite3.Connection, digests: list[bytes]) -> set[bytes]:
         return {row[0] for row in select_in(db, "SELECT digest FROM blobs WHERE digest IN ({})", digests)}
@@ -330,7 +316,7 @@ class PackedBlobService(LocalBlobService):
         self._append_sync([(digest, data)])
         return digest
 
-    def _store_many_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+    def _store_many_sync(self, blobs: Sequence[bytes], synced: bool = False) -> list[B3Digest]:
         digests: list[B3Digest] = []
         small: list[tuple[B3Digest, bytes | memoryview]] = []
         for data in blobs:
@@ -342,18 +328,23 @@ class PackedBlobService(LocalBlobService):
             small.append((digest, data))
         if small:
             self._append_sync(small)
+            if synced and not self._dirty:  # the sync that follows would be this log fsync: done in this hand-off
+                self._log.sync_now()
         return digests
 
-    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
-        digests = await asyncio.to_thread(self._store_many_sync, blobs)
+    async def put_many(self, blobs: Sequence[bytes], synced: bool = False) -> list[B3Digest]:
+        digests = await asyncio.to_thread(self._store_many_sync, blobs, synced)
         stats.written("local", map(len, blobs))
         return digests
+
+    async def put_many_before_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        return await self.put_many(blobs, True)
 
     @using_connection
     def _touch_sync(self, digest: B3Digest) -> bool:
         db = self._db()
         if db.execute("UPDATE blobs SET mtime_ns = ? WHERE digest = ?", (time.time_ns(), bytes(digest))).rowcount:
-            self._dirty = True
+            self._log.committed()
             return True
         return super()._touch_sync(digest)
 
@@ -435,6 +426,14 @@ class PackedBlobService(LocalBlobService):
         if await asyncio.to_thread(self._select_sync, digest) is not None:
             return True
         return await super().has(digest)
+
+    async def sync(self) -> None:  # syncfs if object files were written, then the rows' log if anything is left
+        await self._log.sync(super().sync if self._dirty else None)
+
+    @using_connection
+    def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:  # rows first, then object files
+        rows = self._present(self._db(), [bytes(d) for d in digests])
+        return super()._missing_sync([d for d in digests if bytes(d) not in rows])
 
     def _chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
         if self._select_sync(digest) is not None:

@@ -126,11 +126,11 @@ class LocalBlobService(DiskReads, LayoutBlobService):
         return await asyncio.to_thread(self._chunks_sync, digest)
 
     async def missing(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
-        def absent() -> list[B3Digest]:
-            exists = os.path.exists
-            return [d for d in digests if not exists(self._index_path(d)) and not exists(self._chunk_path(d))]
+        return await asyncio.to_thread(self._missing_sync, digests)
 
-        return await asyncio.to_thread(absent)
+    def _missing_sync(self, digests: Sequence[B3Digest]) -> list[B3Digest]:
+        exists = os.path.exists
+        return [d for d in digests if not exists(self._index_path(d)) and not exists(self._chunk_path(d))]
 
     def _read_object_sync(self, digest: B3Digest) -> bytes | StorageError | _Slow | None:
         """A single-chunk blob's bytes, verified; ``None`` if absent; :data:`_SLOW`: a big legacy object.

@@ -150,7 +150,7 @@ async def _entries(source: AsyncByteSource, uploader: Uploader) -> AsyncGenerato
                 started = uploader.batches_started
                 yield entries
                 entries = []
-    uploader.flush()
+    uploader.flush(synced=True)  # the last batch: the barrier before the commit follows it
     yield entries
 
 
