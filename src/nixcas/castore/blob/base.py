@@ -330,17 +330,14 @@ class BulkReads(ABC):
 
     @abstractmethod
     def read_run(self, wanted: Sequence[tuple[bytes, int]], buffer: memoryview) -> list[bytes | memoryview] | None:
-        """The contents of each of ``wanted`` (raw 32-byte digest, exact size; at most :attr:`run_max`), in order,
-        each verified."""
+        """The contents of each of ``wanted`` (raw digest, exact size; at most :attr:`run_max`), in order, verified."""
 
     @abstractmethod
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
 
     def read_chunk_into(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
-        """One chunk of a chunked blob (raw digest, exact size), verified against its digest: as
-        :meth:`read_whole`, which is the default; a backend with chunk objects reads the object
-        directly, without first looking for a blob of that digest."""
+        """One chunk of a chunked blob (raw digest, exact size), verified: by default :meth:`read_whole`."""
         return self.read_whole(digest, size, buffer)
 
     def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
