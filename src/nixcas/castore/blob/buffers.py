@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["ReusedBuffers"]
+__all__ = ["ReusedBuffers", "chunk_room"]
 
 
 def _unshared(buffer: bytearray) -> bool:
@@ -49,3 +49,8 @@ class ReusedBuffers:
             self._free.sort(key=len)
             while sum(map(len, self._free)) > self._keep:
                 self._free.pop(0)
+
+
+def chunk_room(size: int) -> int:
+    """Room to read a chunk of ``size`` bytes in place: its stored frame (block headers) is a little bigger."""
+    return size + (size >> 7) + (4 << 10)

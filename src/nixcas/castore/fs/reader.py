@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import blake3
 
 from nixcas.castore.blob.base import READ_BLOCK, BlobReader, BlobService, BulkReads, ChunkMeta
-from nixcas.castore.blob.buffers import ReusedBuffers
+from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, StorageError
 
@@ -494,7 +494,7 @@ class ChunkedFile:
 def _read_chunks(reads: BulkReads, chunks: Sequence[ChunkMeta]) -> list[memoryview] | None:
     """Each chunk read and checked into one reused buffer (views of it); ``None`` if one cannot be (the caller
     then reads the group through the async API, which tells which chunk is wrong and why)."""
-    rooms = [c.size + (c.size >> 7) + (4 << 10) for c in chunks]  # a stored frame's block headers fit too
+    rooms = [chunk_room(c.size) for c in chunks]
     buffer = _GROUP_BUFFERS.take(sum(rooms))
     try:
         view = memoryview(buffer)

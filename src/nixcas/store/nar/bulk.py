@@ -45,7 +45,7 @@ from typing import Any
 import blake3
 
 from nixcas.castore.blob.base import BlobService, BulkReads, ChunkMeta
-from nixcas.castore.blob.buffers import ReusedBuffers
+from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room
 from nixcas.errors import ChecksumMismatch, StorageError
 from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.rawplan import RUN_FILES, Plan
@@ -80,8 +80,6 @@ READERS = 2
 KEEP_BYTES = 64 << 20
 """Read buffers kept for reuse, at most (per process, all streams together)."""
 _SLACK = 256 << 10
-_CHUNK_SLACK = 4 << 10
-"""Room beyond a chunk's size and 1/128 of it (a stored frame's block headers)."""
 """Room beyond a run's contents (gaps between blobs in a pack)."""
 _EMPTY = memoryview(bytearray())
 
@@ -251,7 +249,7 @@ class _Big:
     def step_bytes(self, step: int) -> int:
         """The buffer a step needs, rounded up to whole MiB (so that buffers fit the next steps too)."""
         start, stop = self.steps[step]
-        return -(-sum(_room(c.size) for c in self.chunks[start:stop]) >> 20) << 20
+        return -(-sum(chunk_room(c.size) for c in self.chunks[start:stop]) >> 20) << 20
 
     async def hash(self, pieces: Pieces, last: bool) -> None:
         """Hash a step into the blob's BLAKE3 (in order, on its thread); after the last, check the chunk list."""
@@ -277,18 +275,13 @@ def _read_step(reads: BulkReads, chunks: list[ChunkMeta], buffer: bytearray) -> 
     pieces: Pieces = []
     at = 0
     for chunk in chunks:
-        room = _room(chunk.size)
+        room = chunk_room(chunk.size)
         data = reads.read_chunk_into(bytes(chunk.digest), chunk.size, view[at : at + room])
         if data is None:
             break
         pieces.append(data)
         at += room
     return pieces
-
-
-def _room(size: int) -> int:
-    """Buffer room for reading a chunk of ``size`` bytes (its stored frame may be a little bigger)."""
-    return size + (size >> 7) + _CHUNK_SLACK
 
 
 async def _chunk_async(blobs: BlobService, big: _Big, chunk: ChunkMeta) -> bytes:
