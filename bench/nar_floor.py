@@ -17,9 +17,10 @@ NAR file (the ``file://`` cache's copy) gives only the NAR framing before and
 after the contents (a few dozen bytes, read once at start).  For every GET the
 server answers ``200`` with the NAR: each chunk object is read and decompressed
 on one of two threads (into buffers reused from chunk to chunk) and checked
-against the BLAKE3 it is named by, before it is sent, 16 chunks ahead; the chunks also go, in order, into one BLAKE3 of
-the whole blob on a third thread, compared with the blob's digest before the
-last chunk is sent (what ties the chunk list to the blob, as in the bridge).
+against the BLAKE3 it is named by, before it is sent, 16 chunks ahead; the
+chunks also go, in order, into one BLAKE3 of the whole blob on a third thread,
+compared with the blob's digest before the last chunk is sent (what ties the
+chunk list to the blob, as in the bridge).
 A mismatch closes the connection without the rest of the body.
 """
 
