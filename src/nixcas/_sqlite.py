@@ -16,16 +16,14 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
-from nixcas.errors import ConfigurationError, StorageError
+from nixcas.errors import StorageError
 
 TYPE_CHECKING = False  # not typing's: a plain read (`path-info`, `castore ls`) loads nothing else of it
 if TYPE_CHECKING:  # asyncio, its executor and URL parsing are loaded by the services, not by a plain read
     import threading
     from concurrent.futures import ThreadPoolExecutor
-    from typing import Any, Concatenate, ParamSpec, Self, TypeVar
-    from urllib.parse import SplitResult
+    from typing import Any, Concatenate, ParamSpec, TypeVar
 
     T = TypeVar("T")
     P = ParamSpec("P")
@@ -35,7 +33,6 @@ __all__ = [
     "Busy",
     "ConnectionUses",
     "SqliteDatabase",
-    "SqlitePathConfig",
     "delete_if_older",
     "first_value",
     "get_data",
@@ -97,35 +94,6 @@ def delete_if_older(conn: sqlite3.Connection, table: str, time_column: str, key:
 
 class Busy(Exception):
     """:meth:`SqliteDatabase.read_now` could not answer without waiting: use :meth:`SqliteDatabase.run`."""
-
-
-@dataclass(frozen=True)
-class SqlitePathConfig:
-    """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional)."""
-
-    type_tag = "sqlite"  # a class variable (ServiceConfig.type_tag), not a field
-    path: str | None = None
-
-    @classmethod
-    def from_url(cls, url: SplitResult) -> Self:
-        from urllib.parse import unquote
-
-        from nixcas.urls import query_options, shown
-
-        if url.netloc:
-            raise ConfigurationError(f"{shown(url)!r}: sqlite URLs take no host (write sqlite:///abs/path)")
-        query_options(url, set())
-        config = cls(unquote(url.path) or None)
-        config.validate(repr(shown(url)))
-        return config
-
-    def validate(self, where: str) -> None:
-        if self.path is None:
-            return
-        if not self.path.startswith("/"):
-            raise ConfigurationError(f"{where}: needs an absolute path")
-        if self.path.rstrip("/") == "" or self.path.endswith("/"):
-            raise ConfigurationError(f"{where}: needs a file path, not a directory")
 
 
 class SqliteDatabase:

@@ -37,14 +37,14 @@ from typing import (
 from urllib.parse import SplitResult
 
 from nixcas.errors import ConfigurationError
-from nixcas.urls import shown
+from nixcas.urls import query_options, shown
 
 if TYPE_CHECKING:
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.dirs.base import DirectoryService
     from nixcas.castore.sizerule import SizeRule
 
-__all__ = ["NearFarConfig", "Resolver", "ServiceConfig"]
+__all__ = ["NearFarConfig", "Resolver", "ServiceConfig", "SqlitePathConfig"]
 
 S_co = TypeVar("S_co", covariant=True)
 
@@ -188,3 +188,33 @@ class NearFarConfig(ServiceConfig[S_co]):
                 await near.close()  # type: ignore[attr-defined]
             raise
         return near, far
+
+
+@dataclasses.dataclass(frozen=True)
+class SqlitePathConfig:
+    """``sqlite:///abs/path`` (a file) or ``sqlite://`` (in memory); composition: ``path`` (optional).
+
+    The fields of every SQLite backend's config (a mixin of its :class:`ServiceConfig`).
+    """
+
+    type_tag = "sqlite"  # a class variable (ServiceConfig.type_tag), not a field
+    path: str | None = None
+
+    @classmethod
+    def from_url(cls, url: SplitResult) -> Self:
+        from urllib.parse import unquote
+
+        if url.netloc:
+            raise ConfigurationError(f"{shown(url)!r}: sqlite URLs take no host (write sqlite:///abs/path)")
+        query_options(url, set())
+        config = cls(unquote(url.path) or None)
+        config.validate(repr(shown(url)))
+        return config
+
+    def validate(self, where: str) -> None:
+        if self.path is None:
+            return
+        if not self.path.startswith("/"):
+            raise ConfigurationError(f"{where}: needs an absolute path")
+        if self.path.rstrip("/") == "" or self.path.endswith("/"):
+            raise ConfigurationError(f"{where}: needs a file path, not a directory")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import sqlite3
@@ -429,7 +428,7 @@ async def test_delete_refuses_referenced_paths(tmp_path: Path, trees: dict[str, 
     async with await Store.open(store, with_pathinfo=True) as s:
         assert s.pathinfos is not None
         # c refers to a and to itself
-        await s.pathinfos.put(dataclasses.replace(c, references=(a.store_path, c.store_path), ca=None))
+        await s.pathinfos.put(c.replace(references=(a.store_path, c.store_path), ca=None))
     refused = nixcas("delete", str(b.store_path), str(a.store_path), store=store)
     one_line_error(refused, 1, f"{a.store_path} is still referenced by {c.store_path}; use --force")
     assert nixcas("path-info", str(b.store_path), store=store).returncode == 0  # nothing was deleted

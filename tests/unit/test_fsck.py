@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sqlite3
 from pathlib import Path
@@ -159,7 +158,7 @@ def set_nar_hash(store: Path, info: PathInfo, sha256: bytes) -> None:
     async def go() -> None:
         async with await Store.open(store, with_pathinfo=True) as s:
             assert s.pathinfos is not None
-            await s.pathinfos.put(dataclasses.replace(info, nar_sha256=sha256, ca=None))
+            await s.pathinfos.put(info.replace(nar_sha256=sha256, ca=None))
 
     asyncio.run(go())
 

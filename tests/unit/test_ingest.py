@@ -154,6 +154,7 @@ async def test_single_file(stores: Stores, src: Path) -> None:
     (src / "hello").write_bytes(b"Hello World!")
     os.chmod(src / "hello", 0o644)
     node = await stores.ingest(src / "hello")
+    assert isinstance(node, FileNode)
     assert node == FileNode(B3Digest(bytes.fromhex(HELLOWORLD_HEX)), 12, executable=False)
     assert await stores.blobs.read(node.digest) == b"Hello World!"
     assert stores.commits == []  # no Directory for a file root
@@ -174,6 +175,7 @@ async def test_executable_bit(stores: Stores, src: Path, mode: int, executable: 
 async def test_empty_file(stores: Stores, src: Path) -> None:
     (src / "e").write_bytes(b"")
     node = await stores.ingest(src / "e")
+    assert isinstance(node, FileNode)
     assert node == FileNode(B3Digest(bytes.fromhex(EMPTY_HEX)), 0)
     assert await stores.blobs.read(node.digest) == b""
 
@@ -198,6 +200,7 @@ async def test_symlink_to_directory_not_followed(stores: Stores, src: Path) -> N
 async def test_empty_dir(stores: Stores, src: Path) -> None:
     (src / "empty").mkdir()
     node = await stores.ingest(src / "empty")
+    assert isinstance(node, DirectoryNode)
     assert node == DirectoryNode(B3Digest(bytes.fromhex(EMPTY_HEX)), 0)
     got = await stores.directories.get(node.digest)
     assert got is not None
@@ -453,6 +456,7 @@ def complicated_entries(root: bytes = b"r") -> list[IngestEntry]:
 
 async def test_entries_complicated(stores: Stores) -> None:
     node = await ingest_entries(complicated_entries(), stores.directories)
+    assert isinstance(node, DirectoryNode)
     assert node == DirectoryNode(B3Digest(bytes.fromhex(COMPLICATED_HEX)), 8)
     got = [d.digest.hex() async for d in stores.directories.get_recursive(node.digest)]
     assert got == [COMPLICATED_HEX, WITH_KEEP_HEX]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import subprocess
 import sys
@@ -107,7 +106,7 @@ def test_encoding_is_protobufs_deterministic_serialization() -> None:
         assert encode_canonical(info) == info.to_proto().SerializeToString(deterministic=True)
     for kind, algo in CA_KINDS:
         info = random_path_info(rng)
-        info = dataclasses.replace(info, ca=CAHash(kind, NixHash(algo, rng.randbytes(algo.digest_size))))
+        info = info.replace(ca=CAHash(kind, NixHash(algo, rng.randbytes(algo.digest_size))))
         assert info.encode() == info.to_proto().SerializeToString(deterministic=True)
 
 

@@ -162,7 +162,7 @@ def test_architecture_folder_map_is_the_tree() -> None:
 
 
 CASTORE_MAY_IMPORT = {"castore", "_proto", "ops", "errors", "config", "urls", "_aio", "_extras", "_lru", "_members"}
-CASTORE_MAY_IMPORT |= {"_lazy", "_postgres", "_sqlite"}
+CASTORE_MAY_IMPORT |= {"_lazy", "_postgres", "_record", "_sqlite"}
 """What docs/architecture.md allows castore to import: itself, the shared modules, never the Nix layer or an edge."""
 
 

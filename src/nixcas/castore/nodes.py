@@ -7,8 +7,7 @@ constructed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from nixcas._record import Record
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import InvalidNameError, InvalidSymlinkTargetError, ValidationError
 
@@ -62,45 +61,56 @@ def validate_symlink_target(target: bytes) -> bytes:
     return target
 
 
+_set = object.__setattr__
+
+
 def _check_size(size: int) -> None:
     if not 0 <= size <= U64_MAX:
         raise ValidationError(f"size {size} is not an unsigned 64-bit integer")
 
 
-@dataclass(frozen=True, slots=True)
-class _DigestAndSize:
+class _DigestAndSize(Record):
     """What both nodes that reference stored data hold: its digest and its size (checked on creation)."""
 
+    __slots__ = ("digest", "size")
+    __match_args__ = ("digest", "size")
     digest: B3Digest
     size: int
 
-    def __post_init__(self) -> None:
-        if type(self.digest) is not B3Digest:
-            object.__setattr__(self, "digest", B3Digest(self.digest))
-        if not 0 <= self.size <= U64_MAX:
-            _check_size(self.size)
+    def __init__(self, digest: B3Digest, size: int) -> None:
+        _set(self, "digest", digest if type(digest) is B3Digest else B3Digest(digest))
+        if not 0 <= size <= U64_MAX:
+            _check_size(size)
+        _set(self, "size", size)
 
 
-@dataclass(frozen=True, slots=True)
 class DirectoryNode(_DigestAndSize):
     """A reference to a Directory by digest, with the Directory's size."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True, slots=True)
+
 class FileNode(_DigestAndSize):
     """A reference to a blob by digest, with its size and executable bit."""
 
-    executable: bool = False
+    __slots__ = ("executable",)
+    __match_args__ = ("digest", "size", "executable")
+    executable: bool
+
+    def __init__(self, digest: B3Digest, size: int, executable: bool = False) -> None:
+        _DigestAndSize.__init__(self, digest, size)
+        _set(self, "executable", executable)
 
 
-@dataclass(frozen=True, slots=True)
-class SymlinkNode:
+class SymlinkNode(Record):
     """A symbolic link; the target is raw bytes."""
 
+    __slots__ = ("target",)
+    __match_args__ = ("target",)
     target: bytes
 
-    def __post_init__(self) -> None:
-        validate_symlink_target(self.target)
+    def __init__(self, target: bytes) -> None:
+        _set(self, "target", validate_symlink_target(target))
 
 
 Node: TypeAlias = DirectoryNode | FileNode | SymlinkNode

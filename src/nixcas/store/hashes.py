@@ -12,14 +12,17 @@ import base64
 import binascii
 import enum
 import re
-from dataclasses import dataclass
 
+from nixcas._record import Record
 from nixcas.errors import NixbaseError
 from nixcas.store import nixbase32
 
 TYPE_CHECKING = False  # not typing's: `path-info` loads nothing else of it
 if TYPE_CHECKING:
     from hashlib import _Hash
+
+
+_set = object.__setattr__
 
 
 class HashAlgo(enum.StrEnum):
@@ -102,20 +105,23 @@ def _decode_any(text: str, algo: HashAlgo, what: str = "hash") -> bytes:
     )
 
 
-@dataclass(frozen=True)
-class NixHash:
+class NixHash(Record):
     """A digest together with its algorithm, as in Nix's ``Hash``."""
 
+    __slots__ = ("algo", "digest")
+    __match_args__ = ("algo", "digest")
     algo: HashAlgo
     digest: bytes
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.algo, HashAlgo):
-            object.__setattr__(self, "algo", HashAlgo.parse(self.algo))
-        if not isinstance(self.digest, bytes):
-            object.__setattr__(self, "digest", bytes(self.digest))
-        if len(self.digest) != self.algo.digest_size:
-            raise NixbaseError(f"a {self.algo} digest is {self.algo.digest_size} bytes, got {len(self.digest)}")
+    def __init__(self, algo: HashAlgo | str, digest: bytes) -> None:
+        if not isinstance(algo, HashAlgo):
+            algo = HashAlgo.parse(algo)
+        if not isinstance(digest, bytes):
+            digest = bytes(digest)
+        if len(digest) != algo.digest_size:
+            raise NixbaseError(f"a {algo} digest is {algo.digest_size} bytes, got {len(digest)}")
+        _set(self, "algo", algo)
+        _set(self, "digest", digest)
 
     @classmethod
     def of(cls, algo: HashAlgo, data: bytes) -> NixHash:
@@ -217,19 +223,22 @@ _PROTO_TYPES: dict[tuple[CAKind, HashAlgo], int] = {
 _FROM_PROTO_TYPES: dict[int, tuple[CAKind, HashAlgo]] = {v: k for k, v in _PROTO_TYPES.items()}
 
 
-@dataclass(frozen=True)
-class CAHash:
+class CAHash(Record):
     """A content address: a :class:`CAKind` and the hash it was computed with.
 
     ``TEXT`` only allows sha256 (checked on construction).
     """
 
+    __slots__ = ("hash", "kind")
+    __match_args__ = ("kind", "hash")
     kind: CAKind
     hash: NixHash
 
-    def __post_init__(self) -> None:
-        if self.kind is CAKind.TEXT and self.hash.algo is not HashAlgo.SHA256:
-            raise NixbaseError(f"a text content address must use sha256, not {self.hash.algo}")
+    def __init__(self, kind: CAKind, hash: NixHash) -> None:
+        if kind is CAKind.TEXT and hash.algo is not HashAlgo.SHA256:
+            raise NixbaseError(f"a text content address must use sha256, not {hash.algo}")
+        _set(self, "kind", kind)
+        _set(self, "hash", hash)
 
     @classmethod
     def nar(cls, algo: HashAlgo, digest: bytes) -> CAHash:

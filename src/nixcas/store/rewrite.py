@@ -253,7 +253,7 @@ async def rewrite_directories(
             if new is not None:
                 switched[info.node.digest] = new
                 if not dry_run:
-                    await pathinfos.put(dataclasses.replace(info, node=new))
+                    await pathinfos.put(info.replace(node=new))
                     rewriter.stepped()
     if pins is not None:
         for pin in await pins.list():

@@ -25,8 +25,8 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from nixcas._record import Record
 from nixcas.errors import NixbaseError, StorePathError
 from nixcas.store import nixbase32
 from nixcas.store.hashes import CAHash, CAKind, HashAlgo, NixHash
@@ -99,8 +99,7 @@ def validate_name(name: str | bytes) -> str:
 
 
 @functools.total_ordering
-@dataclass(frozen=True, repr=False, order=False)
-class StorePath:
+class StorePath(Record):
     """A store path: 20-byte digest plus name.
 
     Ordering matches the order of the basenames (digest compared as its
@@ -108,17 +107,20 @@ class StorePath:
     order of the absolute paths.
     """
 
+    __match_args__ = ("digest", "name")
     digest: bytes
     name: str
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.digest, bytes):
-            if not isinstance(self.digest, bytearray | memoryview):
-                raise StorePathError(f"a store path digest must be bytes, got {type(self.digest).__name__}")
-            object.__setattr__(self, "digest", bytes(self.digest))
-        if len(self.digest) != DIGEST_SIZE:
-            raise StorePathError(f"a store path digest is {DIGEST_SIZE} bytes, got {len(self.digest)}")
-        object.__setattr__(self, "name", validate_name(self.name))
+    def __init__(self, digest: bytes, name: str | bytes) -> None:
+        if not isinstance(digest, bytes):
+            if not isinstance(digest, bytearray | memoryview):
+                raise StorePathError(f"a store path digest must be bytes, got {type(digest).__name__}")
+            digest = bytes(digest)
+        if len(digest) != DIGEST_SIZE:
+            raise StorePathError(f"a store path digest is {DIGEST_SIZE} bytes, got {len(digest)}")
+        fields = self.__dict__
+        fields["digest"] = digest
+        fields["name"] = validate_name(name)
 
     @classmethod
     def from_basename(cls, s: str | bytes) -> StorePath:

@@ -17,12 +17,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from nixcas._sqlite import SqliteDatabase, SqlitePathConfig, delete_if_older, get_data, select_in
+from nixcas._sqlite import SqliteDatabase, delete_if_older, get_data, select_in
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.dirs.base import DirectoryService, settle_size_rule
 from nixcas.castore.sizerule import RULE_KEY, SizeRule
 from nixcas.castore.sweep import Deletion, StoredObject
-from nixcas.config import Resolver, ServiceConfig
+from nixcas.config import Resolver, ServiceConfig, SqlitePathConfig
 
 __all__ = ["SqliteDirectoryService", "SqliteDirectoryServiceConfig"]
 

@@ -9,10 +9,10 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from nixcas._sqlite import SqliteDatabase, SqlitePathConfig
+from nixcas._sqlite import SqliteDatabase
 from nixcas.castore.digest import DIGEST_LEN, B3Digest
 from nixcas.castore.pins.base import Pin, PinService, check_pin
-from nixcas.config import Resolver, ServiceConfig
+from nixcas.config import Resolver, ServiceConfig, SqlitePathConfig
 
 __all__ = ["SqlitePinService", "SqlitePinServiceConfig"]
 

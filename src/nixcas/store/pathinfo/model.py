@@ -15,9 +15,9 @@ import binascii
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 
+from nixcas._record import Record
 from nixcas.castore.nodes import Node
 from nixcas.errors import NixbaseError, PathInfoError, StorageError, StorePathError, ValidationError
 from nixcas.store import nixbase32
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # protobuf is loaded by the first encode, or a decode of non-
 
 __all__ = ["PathInfo", "Signature", "check_path_info_fields", "split_named_base64", "verified_record"]
 
+_set = object.__setattr__
 SIGNATURE_SIZE: Final = 64
 KEY_NAME = re.compile(r"[A-Za-z0-9.\-]+")
 """What a key (and signature) name may consist of."""
@@ -51,22 +52,25 @@ def split_named_base64(text: str, what: str, error: type[ValidationError] = Path
         raise error(f"invalid {what} {name!r}: bad base64") from None
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(Record):
     """A narinfo signature: key name and 64 ed25519 signature bytes; text form ``name:base64``."""
 
+    __slots__ = ("data", "name")
+    __match_args__ = ("name", "data")
     name: str
     data: bytes
 
-    def __post_init__(self) -> None:
+    def __init__(self, name: str, data: bytes) -> None:
         # Checked here, where every signature is made (gRPC, narinfo text, nix path-info JSON, signing):
         # the name is written into narinfo lines, so a newline in it would add lines of its own.
-        if not isinstance(self.name, str) or not KEY_NAME.fullmatch(self.name):
-            shown = self.name[:100] if isinstance(self.name, str) else self.name
+        if not isinstance(name, str) or not KEY_NAME.fullmatch(name):
+            shown = name[:100] if isinstance(name, str) else name
             raise PathInfoError(f"invalid signature name {shown!r}: a key name is A-Z a-z 0-9 . - only")
-        if not isinstance(self.data, bytes) or len(self.data) != SIGNATURE_SIZE:
-            size = len(self.data) if isinstance(self.data, bytes | bytearray) else type(self.data).__name__
-            raise PathInfoError(f"signature {self.name!r}: {size} bytes, want {SIGNATURE_SIZE}")
+        if not isinstance(data, bytes) or len(data) != SIGNATURE_SIZE:
+            size = len(data) if isinstance(data, bytes | bytearray) else type(data).__name__
+            raise PathInfoError(f"signature {name!r}: {size} bytes, want {SIGNATURE_SIZE}")
+        _set(self, "name", name)
+        _set(self, "data", data)
 
     @classmethod
     def parse(cls, text: str) -> Signature:
@@ -114,26 +118,43 @@ def check_path_info_fields(
         raise PathInfoError(f"{store_path}: invalid content address: a {type(ca).__name__}, not a CAHash")
 
 
-@dataclass(frozen=True)
-class PathInfo:
+class PathInfo(Record):
     """A store path's root node and NAR metadata.  Keyed by ``store_path.digest``."""
 
+    __match_args__ = ("store_path", "node", "references", "nar_size", "nar_sha256", "signatures", "deriver", "ca")
     store_path: StorePath
     node: Node
     references: tuple[StorePath, ...]
     nar_size: int
     nar_sha256: bytes
-    signatures: tuple[Signature, ...] = ()
-    deriver: StorePath | None = None
+    signatures: tuple[Signature, ...]
+    deriver: StorePath | None
     """The deriver, its name without the ``.drv`` suffix (as tvix stores it)."""
-    ca: CAHash | None = None
+    ca: CAHash | None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "references", tuple(self.references))
-        object.__setattr__(self, "signatures", tuple(self.signatures))
-        check_path_info_fields(
-            self.store_path, self.references, self.nar_size, self.nar_sha256, self.signatures, self.deriver, self.ca
-        )
+    def __init__(
+        self,
+        store_path: StorePath,
+        node: Node,
+        references: Iterable[StorePath],
+        nar_size: int,
+        nar_sha256: bytes,
+        signatures: Iterable[Signature] = (),
+        deriver: StorePath | None = None,
+        ca: CAHash | None = None,
+    ) -> None:
+        references = tuple(references)
+        signatures = tuple(signatures)
+        check_path_info_fields(store_path, references, nar_size, nar_sha256, signatures, deriver, ca)
+        fields = self.__dict__
+        fields["store_path"] = store_path
+        fields["node"] = node
+        fields["references"] = references
+        fields["nar_size"] = nar_size
+        fields["nar_sha256"] = nar_sha256
+        fields["signatures"] = signatures
+        fields["deriver"] = deriver
+        fields["ca"] = ca
 
     @property
     def digest(self) -> bytes:

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from nixcas._sqlite import Busy, SqliteDatabase, SqlitePathConfig, get_data
-from nixcas.config import Resolver, ServiceConfig
+from nixcas._sqlite import Busy, SqliteDatabase, get_data
+from nixcas.config import Resolver, ServiceConfig, SqlitePathConfig
 from nixcas.store.pathinfo.base import PathInfoService, check_digest
 
 __all__ = ["SqlitePathInfoService", "SqlitePathInfoServiceConfig"]
