@@ -17,6 +17,12 @@ nothing but the standard library, ``blake3`` and ``nixcas.store.nixbase32`` (to 
 No chunking, no Directory messages, no PathInfo, no store path, no checks: anything an
 importer does beyond this is not in the floor.  Prints ``NARHASH`` (nixbase32 SHA-256).
 
+``--chunk`` (``floor-2t-cdc`` with two threads): the floor of the chunked layout nixcas keeps large
+blobs in (what verified ranges, the mount's reads and dedup stand on).  A file above
+``SMALL_BLOB`` (256 KiB, nixcas's limit) is also cut by FastCDC (``pyfastcdc``, the average nixcas
+uses) and each chunk hashed with BLAKE3; the chunks are appended to the pack as they come, raw
+(nixcas would also try zstd on them), one digest row per chunk.
+
 ``--threads 2`` (the two-core floor, ``floor-2t`` in ``bench/ingest_ab.py``): the NAR's SHA-256
 runs on a second thread, fed the framing and contents in pieces of about 1 MiB (small files'
 bytes joined), while the first reads, hashes BLAKE3 and appends to the pack; and the pack's
@@ -53,6 +59,8 @@ from nixcas.store.nar.wire import (
 )
 
 BLOCK = 1 << 20
+SMALL_BLOB = 256 << 10
+AVG_CHUNK = 256 << 10
 WRITEBACK = 8 << 20
 SYNC_FILE_RANGE_WRITE = 2
 
@@ -93,7 +101,7 @@ class _ShaThread:
 
 
 class Floor:
-    def __init__(self, store: str, threads: int = 1) -> None:
+    def __init__(self, store: str, threads: int = 1, chunk: bool = False) -> None:
         os.makedirs(store, exist_ok=True)
         self.pack = os.open(f"{store}/floor.pack", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.offset = 0
@@ -105,23 +113,39 @@ class Floor:
         self.libc = ctypes.CDLL(None, use_errno=True)
         self.writeback = threads > 1
         self.started = 0
+        self.cdc = None
+        if chunk:
+            from pyfastcdc.cy import FastCDC
+
+            self.cdc = FastCDC(
+                AVG_CHUNK, min_size=AVG_CHUNK // 2, max_size=AVG_CHUNK * 2, normalized_chunking=1, seed=0
+            )
 
     def file(self, path: bytes, size: int, executable: bool) -> None:
         sha = self.sha
         sha.update((NODE_EXECUTABLE if executable else NODE_REGULAR) + u64_le(size))
-        digest = blake3.blake3()
-        with open(path, "rb", buffering=0) as f:
-            while block := f.read(BLOCK):
-                digest.update(block)
-                sha.update(block)
-                os.write(self.pack, block)
+        start = self.offset
+        if self.cdc is not None and size > SMALL_BLOB:  # read once, whole: hashed, cut, each chunk hashed and appended
+            with open(path, "rb", buffering=0) as f:
+                data = f.read()
+            sha.update(data)
+            blob = blake3.blake3(data).digest()
+            for c in self.cdc.cut_buf(data):
+                self.rows.append((blake3.blake3(c.data).digest(), len(c.data), self.offset))
+                self.offset += os.write(self.pack, c.data)
+        else:
+            digest = blake3.blake3()
+            with open(path, "rb", buffering=0) as f:
+                while block := f.read(BLOCK):
+                    digest.update(block)
+                    sha.update(block)
+                    self.offset += os.write(self.pack, block)
+            blob = digest.digest()
         sha.update(padding(size) + TOK_CLOSE)
-        if self.writeback and self.offset + size - self.started >= WRITEBACK:
-            end = self.offset + size
-            self.libc.sync_file_range(self.pack, self.started, end - self.started, SYNC_FILE_RANGE_WRITE)
-            self.started = end
-        self.rows.append((digest.digest(), size, self.offset))
-        self.offset += size
+        if self.writeback and self.offset - self.started >= WRITEBACK:
+            self.libc.sync_file_range(self.pack, self.started, self.offset - self.started, SYNC_FILE_RANGE_WRITE)
+            self.started = self.offset
+        self.rows.append((blob, size, start))
 
     def node(self, path: bytes) -> None:
         st = os.lstat(path)
@@ -151,11 +175,14 @@ class Floor:
 
 def main() -> None:
     args = sys.argv[1:]
-    threads = 1
-    if args[:1] == ["--threads"]:
-        threads, args = int(args[1]), args[2:]
+    threads, chunk = 1, False
+    while args[:1] in (["--threads"], ["--chunk"]):
+        if args[0] == "--chunk":
+            chunk, args = True, args[1:]
+        else:
+            threads, args = int(args[1]), args[2:]
     tree, store = os.fsencode(args[0]), args[1]
-    floor = Floor(store, threads)
+    floor = Floor(store, threads, chunk)
     floor.sha.update(NAR_MAGIC)
     floor.node(tree)
     print(floor.finish())

@@ -72,13 +72,17 @@ def summary(results: dict[str, list[tuple[float, float]]], peer: str) -> None:
         )
 
 
-def run_floor(bench: import_tree.Bench, store_parent: Path, index: int, threads: int = 1) -> import_tree.ChildResult:
-    """``bench/import_floor.py`` (on ``threads`` threads) into a new directory (after an untimed ``sync``); its NAR
-    hash must be Nix's."""
+def run_floor(
+    bench: import_tree.Bench, store_parent: Path, index: int, threads: int = 1, chunk: bool = False
+) -> import_tree.ChildResult:
+    """``bench/import_floor.py`` (on ``threads`` threads; ``chunk``: large files cut and hashed as chunks) into a new
+    directory (after an untimed ``sync``); its NAR hash must be Nix's."""
     store = tempfile.mkdtemp(dir=store_parent, prefix=".nixcas-floor-")
     os.sync()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     floor = [sys.executable, str(REPO / "bench" / "import_floor.py"), "--threads", str(threads)]
+    if chunk:
+        floor.append("--chunk")
     r = import_tree.run_child([*floor, str(bench.tree), store], env)
     import_tree.check_ok(r)
     if bench.nix_nar_hash is not None and f"sha256:{r.stdout.strip()}" != bench.nix_nar_hash:
@@ -95,7 +99,7 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
         command=args.command,
     )  # fmt: skip
     sources = {"nixcas before": str(args.base), "nixcas after": str(REPO / "src")}
-    peers = ["nix-store --add", *(["floor", "floor-2t"] if args.floor else [])]
+    peers = ["nix-store --add", *(["floor", "floor-2t", "floor-2t-cdc"] if args.floor else [])]
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in [*sources, *peers]}
     try:
         for i in range(args.runs + 1):
@@ -106,8 +110,8 @@ def run_tree(args: argparse.Namespace, workdir: Path) -> None:
                 if tool in sources:
                     os.environ["PYTHONPATH"] = sources[tool]
                     r = bench.run_nixcas(i, i == 0)
-                elif tool in ("floor", "floor-2t"):
-                    r = run_floor(bench, args.store_parent, i, 1 if tool == "floor" else 2)
+                elif tool.startswith("floor"):
+                    r = run_floor(bench, args.store_parent, i, 1 if tool == "floor" else 2, tool.endswith("-cdc"))
                 else:
                     r = bench.run_nix(i, i == 0)
                 cpu = r.user_seconds + r.system_seconds
@@ -178,7 +182,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--command", choices=["ingest", "import"], default="ingest")
     p.add_argument(
-        "--floor", action="store_true", help="tree: also run bench/import_floor.py (one and two threads) in every round"
+        "--floor",
+        action="store_true",
+        help="tree: also run bench/import_floor.py in every round (one and two threads, two chunking large files)",
     )
     p.add_argument(
         "--no-delete",
