@@ -1,13 +1,14 @@
 """Immutable value classes of the data model, without :mod:`dataclasses`.
 
 Importing :mod:`dataclasses` loads :mod:`inspect` (with ``ast``, ``dis`` and ``tokenize``), and
-each dataclass compiles its methods when its module is imported: about 20 ms of every command
-that touches a node, a store path or a PathInfo (``dump-path``, ``path-info``, ``castore ls``),
-more than their whole answer.  :class:`Record` gives the same behaviour from the list of fields
-a subclass declares as ``__match_args__`` (in its constructor's order, which also makes positional
-class patterns work): equality with instances of the same class, a hash, a ``repr``, pickling and
-:meth:`Record.replace`, and refuses assignment.  Each subclass writes its own ``__init__``
-(checking its values there) and sets its fields with ``object.__setattr__`` (or in ``__dict__``).
+each dataclass compiles its methods when its module is imported: about 10 ms of every command
+that touches a node, a store path or a PathInfo (``dump-path``, ``path-info``, ``castore ls``;
+measured in BENCHMARKS.md), a third of a one-file ``dump-path``.  :class:`Record` gives the same
+behaviour from the list of fields a subclass declares as ``__match_args__`` (in its constructor's
+order, which also makes positional class patterns work): equality with instances of the same
+class, a hash, a ``repr``, pickling and :meth:`Record.replace`, and refuses assignment.  Each
+subclass writes its own ``__init__`` (checking its values there) and sets its fields with
+``object.__setattr__`` (or in ``__dict__``).
 """
 
 from __future__ import annotations

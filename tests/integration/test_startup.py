@@ -23,7 +23,7 @@ ALWAYS_HEAVY = ("grpc", "aiohttp", "numpy", "obstore", "psycopg", "psycopg_pool"
 FAST_PATH_HEAVY = ("asyncio", "click", "google", "zstandard", "concurrent", "pyfastcdc")
 """Not loaded either by path-info, castore ls and castore cat on the embedded store (the fast path, nixcas.cli.fast)."""
 MODEL_HEAVY = ("typing", "dataclasses", "inspect")
-"""Not loaded by the data model (nodes, store paths, PathInfo): ~20 ms of a fast path's start (nixcas._record)."""
+"""Not loaded by the data model (nodes, store paths, PathInfo): ~10 ms of a fast path's start (nixcas._record)."""
 
 WRAPPER = """
 import atexit, sys
