@@ -59,6 +59,8 @@ from nixcas.store.nar.wire import (
 )
 
 BLOCK = 1 << 20
+# nixcas.castore.upload.SMALL_BLOB and nixcas.castore.blob.chunking.AVG_CHUNK_SIZE, written out: importing
+# either module loads asyncio, whose start-up this floor would then time as its own.
 SMALL_BLOB = 256 << 10
 AVG_CHUNK = 256 << 10
 WRITEBACK = 8 << 20

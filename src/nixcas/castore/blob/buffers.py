@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["ReusedBuffers", "chunk_room"]
+TYPE_CHECKING = False  # not typing's
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from nixcas.castore.blob.base import BulkReads, ChunkMeta
+
+__all__ = ["ReusedBuffers", "chunk_room", "read_in_rooms"]
 
 
 def _unshared(buffer: bytearray) -> bool:
@@ -54,3 +60,22 @@ class ReusedBuffers:
 def chunk_room(size: int) -> int:
     """Room to read a chunk of ``size`` bytes in place: its stored frame (block headers) is a little bigger."""
     return size + (size >> 7) + (4 << 10)
+
+
+def read_in_rooms(reads: BulkReads, chunks: Sequence[ChunkMeta], buffer: bytearray) -> list[bytes | memoryview]:
+    """Chunks read and checked (:meth:`BulkReads.read_chunk_into`) into consecutive rooms of ``buffer``, in order,
+    up to the first one the batched reads cannot serve (the caller reads the rest another way).
+
+    ``buffer`` holds at least the sum of the chunks' :func:`chunk_room`; the pieces are views of it or bytes.
+    """
+    view = memoryview(buffer)
+    pieces: list[bytes | memoryview] = []
+    at = 0
+    for chunk in chunks:
+        room = chunk_room(chunk.size)
+        data = reads.read_chunk_into(bytes(chunk.digest), chunk.size, view[at : at + room])
+        if data is None:
+            break
+        pieces.append(data)
+        at += room
+    return pieces

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import blake3
 
 from nixcas.castore.blob.base import READ_BLOCK, BlobReader, BlobService, BulkReads, ChunkMeta
-from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room
+from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room, read_in_rooms
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, StorageError
 
@@ -491,21 +491,14 @@ class ChunkedFile:
             await asyncio.gather(self._hash_task, return_exceptions=True)
 
 
-def _read_chunks(reads: BulkReads, chunks: Sequence[ChunkMeta]) -> list[memoryview] | None:
+def _read_chunks(reads: BulkReads, chunks: Sequence[ChunkMeta]) -> list[bytes | memoryview] | None:
     """Each chunk read and checked into one reused buffer (views of it); ``None`` if one cannot be (the caller
     then reads the group through the async API, which tells which chunk is wrong and why)."""
-    rooms = [chunk_room(c.size) for c in chunks]
-    buffer = _GROUP_BUFFERS.take(sum(rooms))
+    buffer = _GROUP_BUFFERS.take(sum(chunk_room(c.size) for c in chunks))
     try:
-        view = memoryview(buffer)
-        out: list[memoryview] = []
-        at = 0
-        for chunk, room in zip(chunks, rooms, strict=True):
-            data = reads.read_chunk_into(bytes(chunk.digest), chunk.size, view[at : at + room])
-            if data is None or len(data) != chunk.size:
-                return None
-            out.append(memoryview(data))
-            at += room
-        return out
+        pieces = read_in_rooms(reads, chunks, buffer)
+        if len(pieces) != len(chunks) or any(len(p) != c.size for p, c in zip(pieces, chunks, strict=True)):
+            return None
+        return pieces
     finally:
         _GROUP_BUFFERS.give(buffer)  # taken again only once no view of it is alive

@@ -45,7 +45,7 @@ from typing import Any
 import blake3
 
 from nixcas.castore.blob.base import BlobService, BulkReads, ChunkMeta
-from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room
+from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room, read_in_rooms
 from nixcas.errors import ChecksumMismatch, StorageError
 from nixcas.store.nar.plan import Hole, show_path
 from nixcas.store.nar.rawplan import RUN_FILES, Plan
@@ -269,21 +269,6 @@ def _update(hasher: Any, pieces: Pieces) -> None:
         hasher.update(piece)
 
 
-def _read_step(reads: BulkReads, chunks: list[ChunkMeta], buffer: bytearray) -> Pieces:
-    """Chunks read and checked into ``buffer``, in order, up to the first one the batched reads cannot serve."""
-    view = memoryview(buffer)
-    pieces: Pieces = []
-    at = 0
-    for chunk in chunks:
-        room = chunk_room(chunk.size)
-        data = reads.read_chunk_into(bytes(chunk.digest), chunk.size, view[at : at + room])
-        if data is None:
-            break
-        pieces.append(data)
-        at += room
-    return pieces
-
-
 async def _chunk_async(blobs: BlobService, big: _Big, chunk: ChunkMeta) -> bytes:
     """A chunk through the async API, which raises the precise error (damaged, missing)."""
     data = await blobs.read_chunk(chunk)
@@ -309,7 +294,7 @@ def _start_step(reader: _Reader, big: _Big, step: int) -> tuple[asyncio.Future[P
     """Submit a step's batched read (into a buffer of its own)."""
     buffer = reader.buffers.take(big.step_bytes(step))
     start, stop = big.steps[step]
-    read = asyncio.wrap_future(reader.pool.submit(_read_step, reader.reads, big.chunks[start:stop], buffer))
+    read = asyncio.wrap_future(reader.pool.submit(read_in_rooms, reader.reads, big.chunks[start:stop], buffer))
     read.add_done_callback(_retrieved)
     return read, buffer
 
