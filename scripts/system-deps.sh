@@ -3,8 +3,8 @@
 # Usage: scripts/system-deps.sh test|bench
 set -euo pipefail
 case "${1:-test}" in
-  test)  packages=(nix-bin fuse3 libfuse3-dev pkg-config gcc python3-dev postgresql openssh-server qemu-system-x86 linux-image-amd64 busybox-static) ;;  # real Nix; FUSE mounts (pyfuse3 is built); PostgreSQL server; sshd (ssh-ng:// test); a VM over virtio-fs
-  bench) packages=(nix-bin postgresql time fuse3 libfuse3-dev pkg-config gcc python3-dev casync borgbackup nginx-light wrk curl) ;;  # peers: nix-store, casync, borg, nginx; GNU time; load clients; FUSE
+  test)  packages=(nix-bin fuse3 gcc python3-dev postgresql openssh-server qemu-system-x86 linux-image-amd64 busybox-static) ;;  # real Nix; FUSE mounts (fusermount3); PostgreSQL server; sshd (ssh-ng:// test); a VM over virtio-fs
+  bench) packages=(nix-bin postgresql time fuse3 gcc python3-dev casync borgbackup nginx-light wrk curl) ;;  # peers: nix-store, casync, borg, nginx; GNU time; load clients; FUSE
   *) echo "system-deps: unknown profile $1" >&2; exit 2 ;;
 esac
 missing=()

@@ -121,7 +121,7 @@ def errno_of(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def _can_mount(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Skip (saying why) when libfuse refuses to mount on this machine although /dev/fuse exists."""
+    """Skip (saying why) when fusermount3 refuses to mount on this machine although /dev/fuse exists."""
     reason = mount_impossible(tmp_path_factory.mktemp("probe"))
     if reason is not None:
         pytest.skip(reason)

@@ -31,9 +31,9 @@ from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.fs.fuseproto import FuseSession
 from nixcas.castore.fs.ops import FsCore
 from nixcas.castore.fs.roots import DirectoryRootNodes
-from nixcas.castore.fs.virtiofs.fuseproto import FuseSession
 from nixcas.castore.fs.virtiofs.server import VirtioFsServer, listen
 from nixcas.castore.fs.virtiofs.vhostuser import Backend
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
@@ -390,23 +390,6 @@ async def test_lookup_getattr_readdir_read_over_the_rings() -> None:
             fe.chain(0, [(*fe.buffer(forget), 0)])
             assert (await fe.used(0))[1] == 0
         assert (await fe.fuse(GETATTR, link, bytes(16)))[0] == -errno.ENOENT
-
-
-async def test_the_same_inode_numbers_as_the_fuse_mount() -> None:
-    """virtio-fs and pyfuse3 share FsCore: the same lookups give the same numbers."""
-    from nixcas.castore.fs.fuse import CastoreFs
-
-    fs = await core()
-    mount = CastoreFs(fs.roots, fs.blobs, fs.directories)
-    async with connected() as (fe, _):
-        await fe.setup()
-        await fe.init()
-        for parent, name in ((1, b"sub"), (2, b"plain"), (1, b"plain"), (2, b"keep"), (2, b"big")):
-            error, body = await fe.fuse(LOOKUP, parent, name + b"\0")
-            assert error == 0
-            attrs = await mount.lookup(parent, name)
-            assert struct.unpack_from("<Q", body)[0] == attrs.st_ino
-            assert attr_of(body, 40)["mode"] == attrs.st_mode and attr_of(body, 40)["size"] == attrs.st_size
 
 
 async def test_indirect_descriptors() -> None:

@@ -244,7 +244,7 @@ def stop_on_signals() -> asyncio.Event:
     return stop
 
 
-NATIVE_RUNTIMES = ("obstore", "grpc", "psycopg", "psycopg_pool", "pyfuse3", "trio")
+NATIVE_RUNTIMES = ("obstore", "grpc", "psycopg", "psycopg_pool")
 """Modules that run native threads of their own, which interpreter finalization can crash."""
 
 

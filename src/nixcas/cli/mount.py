@@ -67,10 +67,9 @@ def serve_mount(
 
     Prints ``mounted at /abs/mountpoint`` on stdout once mounted.
     """
-    try:
-        from nixcas.castore.fs.fuse import CastoreFs, serve
-    except ImportError as e:
-        fail(f"FUSE support needs pyfuse3 (pip install 'nixcas[fuse]'; it builds against libfuse3-dev): {e}")
+    from nixcas.castore.fs.fuse import MountError, serve
+    from nixcas.castore.fs.ops import FsCore
+
     check_mountpoint(mountpoint)
     import logging
 
@@ -80,24 +79,18 @@ def serve_mount(
 
     async def go() -> None:
         async with await settings.open_store(with_pathinfo=with_pathinfo) as store:
-            fs = CastoreFs(
+            core = FsCore(
                 await roots(store), store.blobs, store.directories, list_root=list_root, show_xattr=show_xattr
             )
 
-            mounted = False
-
             def on_mounted() -> None:
-                nonlocal mounted
-                mounted = True
                 click.echo(f"mounted at {where}")
                 logging.info("serving %r, %r at %s", store.blobs, store.directories, where)
 
             try:
-                await serve(fs, where, allow_other=allow_other, on_mounted=on_mounted)
-            except RuntimeError as e:
-                if mounted:
-                    raise
-                fail(f"cannot mount at {where}: {e}")  # pyfuse3's words; libfuse printed why above
+                await serve(core, where, allow_other=allow_other, on_mounted=on_mounted)
+            except MountError as e:
+                fail(f"cannot mount at {where}: {e.strerror}")  # fusermount3's words
             logging.info("unmounted %s", where)
 
     with telemetry("nixcas-mount", metrics_listen_address, otlp_endpoint, settings.store_root()):

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import pytest
 
+from nixcas.castore.fs.fuse import FUSERMOUNT
 from nixcas.testing.daemon import ServerProcess, clean_env, nixcas_command, read_line
 
 __all__ = [
@@ -34,8 +35,8 @@ MOUNT_TIMEOUT = 20.0
 def _fuse_skip_reason() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is absent on this machine: FUSE mounts are impossible here"
-    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
-        return "not root and fusermount3 is missing (Debian fuse3; `make test` installs it): cannot mount"
+    if shutil.which(FUSERMOUNT) is None:
+        return f"{FUSERMOUNT} is missing (Debian fuse3; `make test` installs it): it makes every mount"
     return None
 
 
@@ -45,10 +46,10 @@ needs_fuse = pytest.mark.skipif(FUSE_SKIP_REASON is not None, reason=FUSE_SKIP_R
 
 
 def mount_impossible(workdir: Path) -> str | None:
-    """Why this machine cannot mount at all (libfuse refuses: no permission, no kernel support), or None.
+    """Why this machine cannot mount at all (fusermount3 refuses: no permission, no kernel support), or None.
 
     Mounts an empty directory with ``nixcas castore mount``.  Only a refusal
-    by libfuse itself counts; any other failure is left to the tests to report.
+    by fusermount3 itself counts; any other failure is left to the tests to report.
     """
     store, mountpoint, empty = workdir / "store", workdir / "mp", workdir / "empty"
     mountpoint.mkdir()
@@ -74,7 +75,7 @@ def mount_impossible(workdir: Path) -> str | None:
         proc.wait(MOUNT_TIMEOUT)
         assert proc.stderr is not None
         err = proc.stderr.read().decode(errors="replace")
-        if "cannot mount at" in err and "fuse_session_mount failed" in err:  # the kernel or fusermount3 refused
+        if "cannot mount at" in err and f"{FUSERMOUNT}:" in err:  # the kernel or fusermount3 refused
             return "mounting is impossible here: " + " / ".join(err.strip().splitlines())
         return None
     finally:
@@ -95,8 +96,8 @@ def unmount(mountpoint: Path) -> None:
     """Detach ``mountpoint`` if something is still mounted there (lazily, so a hung server cannot block us)."""
     if not os.path.ismount(mountpoint):
         return
-    if shutil.which("fusermount3"):
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
+    if shutil.which(FUSERMOUNT):
+        subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], check=False, capture_output=True)
     if os.path.ismount(mountpoint):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
 

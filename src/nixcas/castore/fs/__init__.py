@@ -5,8 +5,9 @@
 - :mod:`.directories` — directory fetches, small subtrees in one request;
 - :mod:`.reader` — positional reads with read-ahead over a blob reader;
 - :mod:`.ops` — the filesystem's operations, whatever the transport (:class:`~.ops.FsCore`);
-- :mod:`.fuse` — the pyfuse3 operations and the mount loop (imports pyfuse3);
-- :mod:`.virtiofs` — the same filesystem for VMs: a vhost-user-fs back-end (no pyfuse3).
+- :mod:`.fuseproto` — the FUSE wire protocol, answered by :class:`~.ops.FsCore` (for both transports);
+- :mod:`.fuse` — the kernel's transport: a mount by ``fusermount3``, requests read from ``/dev/fuse``;
+- :mod:`.virtiofs` — the VMs' transport: a vhost-user-fs back-end.
 """
 
 from nixcas.castore.fs.roots import DirectoryRootNodes, RootNodes

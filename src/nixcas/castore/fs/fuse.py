@@ -1,219 +1,46 @@
-"""A read-only FUSE filesystem over castore nodes (pyfuse3, libfuse3, asyncio).
+"""A read-only FUSE mount of castore nodes: ``/dev/fuse`` answered by our own FUSE session (no libfuse).
 
-:class:`CastoreFs` hands the kernel's requests to :class:`~nixcas.castore.fs.ops.FsCore`
-(shared with the virtio-fs backend), which answers them from a :class:`RootNodes`
-(what the root holds), a :class:`DirectoryService` (directories, fetched on
-first access) and a :class:`BlobService` (file contents, opened on ``open``
-and read through :class:`ReadAhead`).  :func:`serve` mounts it and runs
-until the filesystem is unmounted or the process gets SIGINT/SIGTERM.
+``fusermount3`` mounts the filesystem and hands over the FUSE device (as
+libfuse does for a mount by a user; it works the same for root).  Requests
+are read from the device on the event loop and each is answered by a task of
+its own through :class:`~nixcas.castore.fs.fuseproto.FuseSession`, the code
+that answers a virtual machine over virtio-fs, calling
+:class:`~nixcas.castore.fs.ops.FsCore`.  A reply is written with one
+``writev`` of its pieces: the header and views of the chunks that hold a
+read's bytes, never joined, copied by the kernel with the GIL released.
+:func:`serve` mounts and runs until the filesystem is unmounted or the process
+gets SIGINT/SIGTERM.
 
-Semantics follow tvix/snix (reference §8): invalid or unknown names are
-``ENOENT``; a directory or blob the store cannot deliver is ``EIO``;
-listing the root without ``list_root`` is ``EPERM``; ``readlink`` of a
-non-symlink is ``EINVAL``; opening a directory is ``EISDIR``; extended
-attributes are offered only with ``show_xattr`` (else ``ENOSYS``, which
-the kernel remembers) and a name other than the digest ones is
-``ENODATA``.  Everything is immutable, so the kernel may cache entries,
-attributes and file pages for as long as it likes.  Every failure is logged
-with the path it concerns.
+Semantics follow tvix/snix (reference §8) and are :class:`FsCore`'s: invalid
+or unknown names are ``ENOENT``; a directory or blob the store cannot
+deliver is ``EIO``; listing the root without ``list_root`` is ``EPERM``;
+``readlink`` of a non-symlink is ``EINVAL``; opening a directory is
+``EISDIR``; extended attributes are offered only with ``show_xattr`` (else
+``ENOSYS``, which the kernel remembers).  Everything is immutable, so the
+kernel may cache entries, attributes, listings and file pages for as long as
+it likes.  Every failure is logged with the path it concerns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import re
+import shutil
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
 
-import pyfuse3
-import pyfuse3.asyncio
+from nixcas.castore.fs.fuseproto import IN_HEADER, MAX_READ, FuseSession, Op
+from nixcas.castore.fs.ops import FsCore
 
-from nixcas.castore.blob.base import BlobService
-from nixcas.castore.dirs.base import DirectoryService
-from nixcas.castore.fs.directories import DirectoryFetcher
-from nixcas.castore.fs.inodes import Inode, InodeTable
-from nixcas.castore.fs.ops import (
-    BLKSIZE,
-    CACHE_TIMEOUT,
-    XATTR_NAMES,
-    Attributes,
-    FileHandle,
-    FsCore,
-    FsError,
-    Handle,
-    RootListing,
-)
-from nixcas.castore.fs.roots import RootNodes
-
-__all__ = ["CACHE_TIMEOUT", "XATTR_NAMES", "CastoreFs", "serve"]
+__all__ = ["FUSERMOUNT", "READ_AHEAD_KIB", "DeviceSession", "MountError", "mount_device", "serve", "unmount"]
 
 log = logging.getLogger("nixcas.fs")
-
-_FileHandle = FileHandle
-_RootListing = RootListing
-"""The handle classes under the names they had when they were defined here."""
-
-T = TypeVar("T")
-
-
-async def _fuse(op: Awaitable[T]) -> T:
-    """Await ``op``; its :class:`FsError` becomes pyfuse3's."""
-    try:
-        return await op
-    except FsError as e:
-        raise pyfuse3.FUSEError(e.errno) from None
-
-
-def _sync(op: Callable[[], T]) -> T:
-    try:
-        return op()
-    except FsError as e:
-        raise pyfuse3.FUSEError(e.errno) from None
-
-
-class CastoreFs(pyfuse3.Operations):
-    """The pyfuse3 operations of a read-only castore mount: :class:`FsCore`'s, in pyfuse3's types."""
-
-    supports_dot_lookup = False  # no NFS export: the kernel never looks up '.' or '..'
-
-    def __init__(
-        self,
-        roots: RootNodes,
-        blobs: BlobService,
-        directories: DirectoryService,
-        *,
-        list_root: bool = False,
-        show_xattr: bool = False,
-    ) -> None:
-        super().__init__()
-        self.core = FsCore(roots, blobs, directories, list_root=list_root, show_xattr=show_xattr)
-        self.after_init: Callable[[], None] | None = None
-        """Called once the kernel has taken the answer to its INIT request (it then applies its settings)."""
-
-    @property
-    def roots(self) -> RootNodes:
-        return self.core.roots
-
-    @property
-    def blobs(self) -> BlobService:
-        return self.core.blobs
-
-    @property
-    def directories(self) -> DirectoryService:
-        return self.core.directories
-
-    @property
-    def inodes(self) -> InodeTable:
-        return self.core.inodes
-
-    @property
-    def fetcher(self) -> DirectoryFetcher:
-        return self.core.fetcher
-
-    @property
-    def handles(self) -> dict[int, Handle]:
-        return self.core.handles
-
-    def init(self) -> None:
-        # libfuse answers INIT right after this returns, within the same step of the loop.
-        if self.after_init is not None:
-            asyncio.get_running_loop().call_soon(self.after_init)
-
-    @staticmethod
-    def entry_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = attributes.ino
-        attrs.generation = 0
-        attrs.entry_timeout = CACHE_TIMEOUT
-        attrs.attr_timeout = CACHE_TIMEOUT
-        attrs.st_nlink = attributes.nlink
-        attrs.st_uid = attributes.uid
-        attrs.st_gid = attributes.gid
-        attrs.st_blksize = attributes.blksize
-        attrs.st_mode = attributes.mode
-        attrs.st_size = attributes.size
-        attrs.st_blocks = attributes.blocks
-        if attributes.time_ns:
-            attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = attributes.time_ns
-        return attrs
-
-    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """The attributes of ``inode`` (st_size of a directory: its ``size`` field)."""
-        return self.entry_attributes(self.core.attributes(inode))
-
-    # -- lookups and attributes ------------------------------------------------------
-
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
-    ) -> pyfuse3.EntryAttributes:
-        return self.attributes(await _fuse(self.core.lookup(parent_inode, name)))
-
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            self.core.forget(ino, count)
-
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
-        return self.attributes(_sync(lambda: self.core.inode(inode)))
-
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
-        return _sync(lambda: self.core.readlink(inode))
-
-    async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
-        data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = BLKSIZE
-        data.f_namemax = 255
-        return data
-
-    # -- directories ---------------------------------------------------------------
-
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
-        return _sync(lambda: self.core.opendir(inode))
-
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        def emit(name: bytes, inode: Inode, next_id: int) -> bool:
-            """One readdirplus entry; the kernel holds a reference to it only if it fit."""
-            return bool(pyfuse3.readdir_reply(token, name, self.attributes(inode), next_id))
-
-        await _fuse(self.core.readdir(fh, start_id, emit))
-
-    async def releasedir(self, fh: int) -> None:
-        await _fuse(self.core.releasedir(fh))
-
-    # -- files ---------------------------------------------------------------------------
-
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.FileInfo:
-        fh = await _fuse(self.core.open(inode, flags))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _fuse(self.core.read(fh, off, size))
-
-    async def release(self, fh: int) -> None:
-        await _fuse(self.core.release(fh))
-
-    # -- extended attributes --------------------------------------------------------------
-
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None) -> bytes:
-        return _sync(lambda: self.core.getxattr(inode, name))
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> Sequence[bytes]:
-        return _sync(lambda: self.core.listxattr(inode))
-
-    # -- state -----------------------------------------------------------------------------
-
-    def stats(self) -> str:
-        """What the mount holds in memory (logged on SIGUSR1 and at unmount)."""
-        return self.core.stats()
-
-    # -- shutdown -------------------------------------------------------------------------
-
-    async def close(self) -> None:
-        """Close every open file and listing (after the session ended)."""
-        await _fuse(self.core.close())
-
 
 READ_AHEAD_KIB = 1024
 """The kernel's read-ahead on the mount (its default for FUSE is 128 KiB): 1 MiB reads, 8x fewer requests."""
@@ -224,35 +51,6 @@ MALLOC_MMAP_THRESHOLD = 4 << 20
 
 MALLOC_TRIM_THRESHOLD = 32 << 20
 """... and keeps up to this much freed memory at the heap's top for reuse instead of handing it back."""
-
-
-async def wait_readable(fd: int) -> None:
-    """pyfuse3's asyncio ``wait_readable``, without its race at unmount.
-
-    pyfuse3's version registers ``future.set_result`` as the reader callback;
-    when the session closes (``notify_closing`` fails the future) after the
-    selector saw the device readable but before that callback ran, the callback
-    raises ``InvalidStateError``, which asyncio logs as an ERROR with a
-    traceback on an orderly unmount.  Here the callback does nothing to a future
-    already done; the bookkeeping ``notify_closing`` relies on is pyfuse3's own.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    waiting = pyfuse3.asyncio._read_futures[fd]
-    waiting.add(future)
-
-    def readable() -> None:
-        if not future.done():
-            future.set_result(None)
-
-    try:
-        loop.add_reader(fd, readable)
-        future.add_done_callback(lambda _: loop.remove_reader(fd))
-        await future
-    finally:
-        waiting.discard(future)
-        if not waiting:
-            pyfuse3.asyncio._read_futures.pop(fd, None)
 
 
 def keep_freed_buffers() -> bool:
@@ -304,8 +102,159 @@ def set_read_ahead(mountpoint: str, kib: int) -> bool:
     return True
 
 
+FUSERMOUNT = "fusermount3"
+"""The setuid helper of libfuse 3 that mounts a FUSE filesystem and passes its device back."""
+
+REQUEST_ROOM = MAX_READ + 64 * 1024
+"""Room for one request: the kernel refuses a read of the device into less than its largest write
+request (``max_write`` plus headers), and this filesystem offers the same ``max_write`` as its reads."""
+
+DEFAULT_OPTIONS = ("ro", "nosuid", "nodev", "default_permissions")
+"""Mount options every mount gets: read-only, and permissions checked by the kernel from the modes."""
+
+
+class MountError(OSError):
+    """The filesystem could not be mounted (``fusermount3``'s words)."""
+
+
+def mount_device(mountpoint: str, options: Sequence[str]) -> int:
+    """Mount a FUSE filesystem at ``mountpoint`` with ``fusermount3``; the FUSE device it hands back."""
+    helper = shutil.which(FUSERMOUNT)
+    if helper is None:
+        raise MountError(errno.ENOENT, f"{FUSERMOUNT} not found (Debian: apt install fuse3)")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        done = subprocess.run(
+            [FUSERMOUNT, "-o", ",".join(options), "--", mountpoint],  # its messages begin with its argv[0]
+            executable=helper,
+            env={**os.environ, "_FUSE_COMMFD": str(theirs.fileno())},
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+        theirs.close()
+        said = done.stderr.decode(errors="replace").strip().splitlines()
+        if done.returncode != 0:
+            raise MountError(errno.EIO, said[-1] if said else f"{FUSERMOUNT} failed (exit {done.returncode})")
+        ours.settimeout(5)
+        try:
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        except OSError as e:
+            raise MountError(errno.EIO, f"{FUSERMOUNT} passed no FUSE device: {e}") from None
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        unmount(mountpoint)
+        raise MountError(errno.EIO, f"{FUSERMOUNT} passed no FUSE device")
+    return fds[0]
+
+
+def unmount(mountpoint: str) -> None:
+    """Detach the mount at ``mountpoint`` (lazily: open files keep it until closed); quiet if it is gone."""
+    helper = shutil.which(FUSERMOUNT)
+    if helper is not None:
+        subprocess.run(
+            [FUSERMOUNT, "-u", "-z", "-q", "--", mountpoint],
+            executable=helper,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+
+
+class DeviceSession:
+    """Requests read from a FUSE device, each answered by a task of its own, replies written as they are ready.
+
+    The device is any descriptor that reads one whole request and takes one whole
+    reply per call (``/dev/fuse``; a ``SOCK_SEQPACKET`` socket in tests).
+    """
+
+    def __init__(self, session: FuseSession, fd: int, *, after_init: Callable[[], None] | None = None) -> None:
+        self.session = session
+        self.fd = fd
+        self.after_init = after_init
+        """Called once the kernel has the answer to its INIT request (it then applies its settings)."""
+        self.requests = 0
+        self.unmounted = False
+        """Whether the session ended because the filesystem was unmounted (the device reads ``ENODEV``)."""
+        self._room = bytearray(REQUEST_ROOM)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ended: asyncio.Future[None] | None = None
+
+    async def run(self) -> None:
+        """Serve until the filesystem is unmounted or :meth:`stop`; requests still being answered are cancelled."""
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        os.set_blocking(self.fd, False)
+        loop.add_reader(self.fd, self._readable)
+        try:
+            await self._ended
+        finally:
+            loop.remove_reader(self.fd)
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self, error: BaseException | None = None) -> None:
+        """End :meth:`run` (with ``error`` raised from it, if given)."""
+        if self._ended is not None and not self._ended.done():
+            if error is None:
+                self._ended.set_result(None)
+            else:
+                self._ended.set_exception(error)
+
+    def _gone(self) -> None:
+        self.unmounted = True
+        self.stop()
+
+    def _readable(self) -> None:
+        """Read every request waiting on the device; start answering each."""
+        room = self._room
+        while True:
+            try:
+                n = os.readv(self.fd, [room])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # interrupted before it was read: the kernel no longer waits
+                    continue
+                if e.errno == errno.ENODEV:
+                    self._gone()
+                else:
+                    log.error("reading the FUSE device: %s", e)
+                    self.stop(e)
+                return
+            if n == 0:
+                self._gone()
+                return
+            self.requests += 1
+            task = asyncio.ensure_future(self._answer(bytes(room[:n])))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, request: bytes) -> None:
+        reply = await self.session.handle(request, REQUEST_ROOM)
+        if reply is None:
+            return
+        try:
+            os.writev(self.fd, reply)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                self._gone()
+            elif e.errno != errno.ENOENT:  # ENOENT: interrupted meanwhile, the kernel no longer waits for it
+                log.error("writing the reply to a FUSE request: %s", e)
+            return
+        if self.after_init is not None and IN_HEADER.unpack_from(request)[1] == Op.INIT:
+            after, self.after_init = self.after_init, None
+            after()
+
+
 async def serve(
-    fs: CastoreFs,
+    core: FsCore,
     mountpoint: str | os.PathLike[str],
     *,
     allow_other: bool = False,
@@ -313,42 +262,44 @@ async def serve(
     read_ahead_kib: int = READ_AHEAD_KIB,
     on_mounted: Callable[[], None] | None = None,
 ) -> None:
-    """Mount ``fs`` read-only at ``mountpoint`` and serve it until unmounted or SIGINT/SIGTERM.
+    """Mount ``core`` read-only at ``mountpoint`` and serve it until unmounted or SIGINT/SIGTERM.
 
     SIGUSR1 logs how many inodes and handles the filesystem holds.  When
     allowed (root), the kernel's read-ahead on the mount is raised to
     ``read_ahead_kib``, so sequential reads arrive as 1 MiB requests instead
-    of 128 KiB ones.
-
-    The mount is removed however this returns.  Only one mount per process
-    (a libfuse session is process-global in pyfuse3).
+    of 128 KiB ones.  The mount is removed however this returns (unless it
+    is already gone); :class:`MountError` if it cannot be made.
     """
-    pyfuse3.asyncio.enable()
-    pyfuse3.asyncio.wait_readable = wait_readable  # pyfuse3 looks it up at each call
     keep_freed_buffers()
-    options = set(pyfuse3.default_options) | {"ro", f"fsname={fsname}", "subtype=nixcas"}
-    if allow_other:
-        options.add("allow_other")
     where = os.path.abspath(mountpoint)
     real = os.path.realpath(where)  # now: once mounted, looking at the mount point needs this very loop
-    fs.after_init = lambda: log.info(
-        "kernel read-ahead %s", f"{read_ahead_kib} KiB" if set_read_ahead(real, read_ahead_kib) else "unchanged"
-    )
-    pyfuse3.init(fs, where, options)
+    options = [*DEFAULT_OPTIONS, f"fsname={fsname}", "subtype=nixcas"]
+    if allow_other:
+        options.append("allow_other")
+
+    def after_init() -> None:
+        raised = set_read_ahead(real, read_ahead_kib)
+        log.info("kernel read-ahead %s", f"{read_ahead_kib} KiB" if raised else "unchanged")
+
+    fd = mount_device(where, options)
+    device = DeviceSession(FuseSession(core), fd, after_init=after_init)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
         for sig in signals:
-            loop.add_signal_handler(sig, pyfuse3.terminate)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("holding %s", fs.stats()))
+            loop.add_signal_handler(sig, device.stop)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("holding %s", core.stats()))
         if on_mounted is not None:
             on_mounted()
-        await pyfuse3.main()
+        await device.run()
     finally:
         for sig in (*signals, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
-        log.info("session ended holding %s", fs.stats())
+        log.info("session ended after %d requests holding %s", device.requests, core.stats())
         try:
-            await fs.close()
+            await core.close()
         finally:
-            pyfuse3.close(unmount=True)
+            if not device.unmounted:
+                unmount(where)
+            with contextlib.suppress(OSError):
+                os.close(fd)

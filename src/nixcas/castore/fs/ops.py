@@ -3,8 +3,8 @@
 :class:`FsCore` answers what a FUSE kernel asks (lookup, getattr, readdir,
 open, read, xattrs, ...) from a :class:`RootNodes`, a
 :class:`DirectoryService` and a :class:`BlobService`.  It knows nothing of
-how requests arrive: the pyfuse3 mount (:mod:`.fuse`) and the virtio-fs
-backend (:mod:`.virtiofs`) both call it, so inode numbering, shared
+how requests arrive: the FUSE mount (:mod:`.fuse`) and the virtio-fs
+backend (:mod:`.virtiofs`) both call it (through :mod:`.fuseproto`), so inode numbering, shared
 inodes, extended attributes, lazy fetching, read-ahead and verification
 are the same whichever way a filesystem is served.
 
@@ -366,11 +366,15 @@ class FsCore:
             raise Missing(f"blob {node.digest} not found")
         return ReadAhead(reader, node.size, name=name)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> list[bytes | memoryview]:
+        """Up to ``size`` bytes at ``off``, as the pieces of the blob that hold them (a transport writes them
+        out as they are: views of the chunks read, no copy)."""
         handle = self._handle(fh)
         if not isinstance(handle, FileHandle):
             raise FsError(errno.EISDIR)
-        return await self.guard(f"reading {size} bytes at {off} of", handle.inode, handle.reader.pread(off, size))
+        return await self.guard(
+            f"reading {size} bytes at {off} of", handle.inode, handle.reader.pread_pieces(off, size)
+        )
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)

@@ -84,6 +84,10 @@ class ReadAhead:
         """The byte range held in memory (for tests and diagnostics)."""
         return self._start, self._end
 
+    async def pread_pieces(self, offset: int, n: int) -> list[bytes | memoryview]:
+        """:meth:`pread` as the pieces a reply is written from (one here)."""
+        return [await self.pread(offset, n)]
+
     async def pread(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer only at the end of the blob)."""
         if self._closed:
@@ -316,6 +320,11 @@ class ChunkedFile:
 
     async def pread(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes at ``offset`` (fewer only at the end of the blob), every one verified."""
+        pieces = await self.pread_pieces(offset, n)
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+
+    async def pread_pieces(self, offset: int, n: int) -> list[bytes | memoryview]:
+        """:meth:`pread` as pieces of the chunks that hold the bytes (views, not copies), in order."""
         if self._closed:
             raise StorageError(f"{self._name}: reader is closed")
         if offset < 0 or n < 0:
@@ -324,7 +333,7 @@ class ChunkedFile:
             raise self._whole_error
         stop = min(self._size, offset + n)
         if offset >= stop:
-            return b""
+            return []
         first, last = self._group(offset), self._group(stop - 1)
         if self._furthest - self._ahead <= offset <= self._furthest + self._ahead:
             self._furthest = max(self._furthest, stop)
@@ -361,12 +370,12 @@ class ChunkedFile:
         if stop == self._size:
             await self._check_whole()
         skip = offset - self._starts[lo]
-        if len(parts) == 1:
-            return bytes(parts[0][skip : skip + stop - offset])
-        views = [memoryview(p) for p in parts]
+        views: list[bytes | memoryview] = [memoryview(p) for p in parts]
+        if len(views) == 1:
+            return [views[0][skip : skip + stop - offset]]
         views[0] = views[0][skip:]
         views[-1] = views[-1][: stop - self._starts[hi]]
-        return b"".join(views)
+        return views
 
     def _index(self, offset: int) -> int:
         """The chunk holding byte ``offset``."""

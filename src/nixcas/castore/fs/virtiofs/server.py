@@ -18,8 +18,8 @@ import socket
 import stat
 from collections.abc import Callable
 
+from nixcas.castore.fs.fuseproto import FuseSession
 from nixcas.castore.fs.ops import FsCore
-from nixcas.castore.fs.virtiofs.fuseproto import FuseSession
 from nixcas.castore.fs.virtiofs.vhostuser import Backend
 
 __all__ = ["VirtioFsServer", "serve"]

@@ -10,7 +10,7 @@ queue's call eventfd once we put replies on the used ring.
 
 The queues are the ones of virtio-fs: queue 0 is ``hiprio`` (FORGET and
 INTERRUPT), the others carry requests; all are served the same way, every
-request by :class:`~nixcas.castore.fs.virtiofs.fuseproto.FuseSession`,
+request by :class:`~nixcas.castore.fs.fuseproto.FuseSession`,
 concurrently.
 
 A malformed message (bad size, version, unknown request, bad region or
@@ -31,7 +31,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from nixcas.castore.fs.virtiofs.fuseproto import FuseSession
+from nixcas.castore.fs.fuseproto import FuseSession
 from nixcas.castore.fs.virtiofs.virtqueue import BadDescriptor, Chain, GuestMemory, Virtqueue
 
 __all__ = ["MAX_QUEUES", "Backend", "Req", "VhostUserError"]
@@ -480,7 +480,7 @@ class Backend:
         if ring is None or queue.generation != generation:
             return  # the queue stopped (or restarted) meanwhile: the guest no longer waits for this
         try:
-            ring.push(chain, reply or b"")
+            ring.push(chain, reply or ())
         except BadDescriptor as e:  # the memory table changed under the request
             log.error("queue %d: reply to chain %d: %s", queue.index, chain.head, e)
             ring.put_used(chain.head, 0)

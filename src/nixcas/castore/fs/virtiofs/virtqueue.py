@@ -18,6 +18,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = ["BadDescriptor", "Chain", "GuestMemory", "MemoryRegion", "Virtqueue"]
@@ -203,16 +204,25 @@ class Virtqueue:
             index = nxt
         return Chain(head, bytes(readable), writable, truncated)
 
-    def push(self, chain: Chain, reply: bytes) -> int:
-        """Write ``reply`` into the chain's writable buffers and return it on the used ring; bytes written."""
-        view = memoryview(reply)
-        written = 0
-        for addr, length in chain.writable:
-            if written >= len(view):
-                break
-            piece = view[written : written + length]
-            self.memory.write(addr, piece)
-            written += len(piece)
+    def push(self, chain: Chain, reply: Sequence[bytes | memoryview]) -> int:
+        """Write the pieces of ``reply``, in order, into the chain's writable buffers and return it on the used
+        ring; bytes written."""
+        buffers = iter(chain.writable)
+        addr = room = written = 0
+        for piece in reply:
+            view = memoryview(piece)
+            while view:
+                if room == 0:
+                    step = next(buffers, None)
+                    if step is None:
+                        self.put_used(chain.head, written)
+                        return written
+                    addr, room = step
+                    continue
+                part = view[:room]
+                self.memory.write(addr, part)
+                addr, room, written = addr + len(part), room - len(part), written + len(part)
+                view = view[len(part) :]
         self.put_used(chain.head, written)
         return written
 

@@ -1,12 +1,13 @@
 """The FUSE wire protocol (``linux/fuse.h``, 7.31) for a read-only filesystem, answered by :class:`FsCore`.
 
-Over virtio-fs there is no libfuse: each request arrives as bytes (a
-``fuse_in_header`` and its arguments) and the reply is bytes (a
-``fuse_out_header`` and its result).  :class:`FuseSession` decodes a
-request, calls the transport-neutral operations of
-:class:`~nixcas.castore.fs.ops.FsCore` (the same the pyfuse3 mount calls)
-and encodes the answer.  A request too short for its opcode's arguments is
-``EINVAL``; an opcode a read-only filesystem does not serve is ``ENOSYS``
+Both transports speak it without libfuse: the kernel's ``/dev/fuse``
+(:mod:`nixcas.castore.fs.fuse`) and a virtual machine's virtio-fs queues
+(:mod:`nixcas.castore.fs.virtiofs`).  Each request arrives as bytes (a
+``fuse_in_header`` and its arguments); :class:`FuseSession` decodes it, calls
+the transport-neutral operations of :class:`~nixcas.castore.fs.ops.FsCore`
+and encodes the answer as the pieces of the reply (a read's are views of the
+chunks that hold its bytes).  A request too short for its opcode's arguments
+is ``EINVAL``; an opcode a read-only filesystem does not serve is ``ENOSYS``
 (or ``EROFS`` for one that would write).
 """
 
@@ -16,14 +17,14 @@ import errno
 import logging
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from nixcas.castore.fs.inodes import Inode
 from nixcas.castore.fs.ops import BLKSIZE, CACHE_TIMEOUT, Attributes, FsCore, FsError
 
-__all__ = ["IN_HEADER", "OUT_HEADER", "FuseSession", "Op", "parse_entry", "parse_attr"]
+__all__ = ["IN_HEADER", "OUT_HEADER", "FuseSession", "Op", "Reply", "parse_entry", "parse_attr", "reply_bytes"]
 
-log = logging.getLogger("nixcas.fs.virtiofs")
+log = logging.getLogger("nixcas.fs")
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 """``fuse_in_header``: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding (40 bytes)."""
@@ -73,6 +74,15 @@ MAX_PAGES = 256
 MAX_READ = MAX_PAGES * 4096
 
 _VALID = int(CACHE_TIMEOUT)
+
+Reply = list[bytes | memoryview]
+"""A reply as the pieces to write out in order: its ``fuse_out_header``, then its body (a read's body is
+views of the chunks that hold the bytes, written out without being joined first)."""
+
+
+def reply_bytes(reply: Sequence[bytes | memoryview]) -> bytes:
+    """A reply's pieces as one ``bytes`` (tests, tools)."""
+    return b"".join(reply)
 
 
 class Op:
@@ -185,7 +195,7 @@ class FuseSession:
         self.initialized = False
         self.minor = 0
         self.max_read = MAX_READ
-        self._ops: dict[int, Callable[[int, bytes], Awaitable[bytes]]] = {
+        self._ops: dict[int, Callable[[int, bytes], Awaitable[bytes | Reply]]] = {
             Op.INIT: self._init,
             Op.DESTROY: self._destroy,
             Op.LOOKUP: self._lookup,
@@ -206,8 +216,8 @@ class FuseSession:
             Op.LISTXATTR: self._listxattr,
         }
 
-    async def handle(self, request: bytes, capacity: int) -> bytes | None:
-        """The reply to one request (``None`` for one that gets none); ``capacity``: room for the reply.
+    async def handle(self, request: bytes, capacity: int) -> Reply | None:
+        """The reply to one request, in pieces (``None`` for one that gets none); ``capacity``: room for it.
 
         A request shorter than its header or than the length it claims gets
         no reply at all (its ``unique`` cannot be trusted): the caller
@@ -236,12 +246,19 @@ class FuseSession:
         except Exception:
             log.exception("FUSE request %d (opcode %d) on inode %d failed", unique, opcode, nodeid)
             return self._error(unique, errno.EIO)
-        if OUT_HEADER.size + len(body) > capacity:
-            log.warning("FUSE request %d (opcode %d): no room for a %d-byte reply", unique, opcode, len(body))
+        if isinstance(body, bytes):
+            size = len(body)
+            reply: Reply = [b"", body]
+        else:
+            size = sum(map(len, body))
+            reply = [b"", *body]
+        if OUT_HEADER.size + size > capacity:
+            log.warning("FUSE request %d (opcode %d): no room for a %d-byte reply", unique, opcode, size)
             return self._error(unique, errno.ERANGE)
-        return OUT_HEADER.pack(OUT_HEADER.size + len(body), 0, unique) + body
+        reply[0] = OUT_HEADER.pack(OUT_HEADER.size + size, 0, unique)
+        return reply
 
-    def too_large(self, head: bytes, capacity: int) -> bytes | None:
+    def too_large(self, head: bytes, capacity: int) -> Reply | None:
         """The reply to a request larger than we read (a write: ``EROFS``; else ``E2BIG``), from its first bytes."""
         if len(head) < IN_HEADER.size or capacity < OUT_HEADER.size:
             return None
@@ -250,8 +267,8 @@ class FuseSession:
         return self._error(unique, errno.EROFS if opcode in WRITING_OPS else errno.E2BIG)
 
     @staticmethod
-    def _error(unique: int, code: int) -> bytes:
-        return OUT_HEADER.pack(OUT_HEADER.size, -code, unique)
+    def _error(unique: int, code: int) -> Reply:
+        return [OUT_HEADER.pack(OUT_HEADER.size, -code, unique)]
 
     def _forget(self, opcode: int, nodeid: int, args: bytes) -> None:
         if opcode == Op.FORGET and len(args) >= FORGET_IN.size:
@@ -355,7 +372,7 @@ class FuseSession:
         fh = await self.core.open(nodeid, flags)
         return OPEN_OUT.pack(fh, FOPEN_KEEP_CACHE, 0)
 
-    async def _read(self, nodeid: int, args: bytes) -> bytes:
+    async def _read(self, nodeid: int, args: bytes) -> Reply:
         fh, offset, size, *_ = _args(READ_IN, args)
         return await self.core.read(fh, offset, min(size, self.max_read))
 
