@@ -93,3 +93,28 @@ def test_shell_completion_as_documented() -> None:
     assert "plain,--store-dir" in result.stdout.splitlines()
     env = {**env, "COMP_WORDS": "nixcas g", "COMP_CWORD": "1"}
     assert CliRunner().invoke(cli, [], env=env, prog_name="nixcas").stdout.split() == ["plain,gc", "plain,generate-key"]
+
+
+@pytest.mark.parametrize("command", ["import", "ingest", "copy", "dump-path"])
+def test_the_commands_that_ingest_share_the_gil_finely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """``import``, ``castore ingest`` and ``copy`` set a 1 ms GIL switch interval (their threads all work at
+    once); other commands keep CPython's."""
+    import sys
+
+    intervals: list[float] = []
+    monkeypatch.setattr(sys, "setswitchinterval", intervals.append)
+    store = str(tmp_path / "store")
+    source = tmp_path / "hello.txt"
+    source.write_bytes(b"hello\n")
+    paths = tmp_path / "paths.json"
+    paths.write_text("[]")
+    args = {
+        "import": ("import", str(source)),
+        "ingest": ("castore", "ingest", str(source)),
+        "copy": ("copy", str(paths)),
+        "dump-path": ("dump-path", "/nix/store/" + "0" * 32 + "-absent"),
+    }[command]
+    nixcas("--store-dir", store, *args)
+    assert intervals == ([] if command == "dump-path" else [0.001])

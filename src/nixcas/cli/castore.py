@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import click
 
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
-from nixcas.cli.common import Settings, parse_digest, pass_settings, run
+from nixcas.cli.common import Settings, parse_digest, pass_settings, run, share_the_gil_finely
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount, virtiofs_options
 from nixcas.cli.render import ls_line, node_json, node_line
@@ -153,6 +153,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
     if not os.path.lexists(path):
         raise click.BadParameter(f"{path}: no such file or directory", param_hint="PATH")
     as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
+    share_the_gil_finely()
 
     async def go() -> Node:
         with progress_for(path, as_tar) as advance:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from nixcas.cli.common import Settings, pass_settings, run
+from nixcas.cli.common import Settings, pass_settings, run, share_the_gil_finely
 from nixcas.cli.render import path_info_lines
 from nixcas.errors import NotFoundError, PathInfoError, StorePathError
 from nixcas.store.store_path import STORE_DIR, StorePath
@@ -67,6 +67,8 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
             path_to_name(path)
         except StorePathError as e:
             raise click.BadParameter(str(e), param_hint="PATHS") from None
+
+    share_the_gil_finely()
 
     async def go() -> None:
         async with settings.open_store_to_write(with_pathinfo=True) as store:
@@ -182,6 +184,7 @@ def copy(settings: Settings, source: Any, nix_store_dir: str, as_json: bool) -> 
         raise click.BadParameter(f"{name}: not JSON: {e}", param_hint="SOURCE") from None
     except PathInfoError as e:
         raise click.BadParameter(str(e), param_hint="SOURCE") from None
+    share_the_gil_finely()
 
     async def go() -> tuple[list[str], list[str]]:
         copied: list[str] = []
