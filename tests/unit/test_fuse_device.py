@@ -70,21 +70,36 @@ class Kernel:
             await asyncio.wait_for(loop.sock_recv(self.sock, 1 << 16), 0.2)
 
 
-async def core() -> FsCore:
+class SlowRoots(DirectoryRootNodes):
+    """Root lookups that wait for ``release`` (counted in ``waiting``)."""
+
+    def __init__(self, directory: Directory) -> None:
+        super().__init__(directory)
+        self.waiting = 0
+        self.release = asyncio.Event()
+
+    async def get_by_basename(self, name: bytes) -> Node | None:
+        self.waiting += 1
+        await self.release.wait()
+        return await super().get_by_basename(name)
+
+
+async def core(roots: type[DirectoryRootNodes] = DirectoryRootNodes) -> FsCore:
     blobs, dirs = MemoryBlobService(), MemoryDirectoryService(SizeRule.TVIX)
     entries: dict[bytes, Node] = {
         b"big": FileNode(await blobs.put(BLOB_B), len(BLOB_B)),
         b"plain": FileNode(await blobs.put(HELLOWORLD), len(HELLOWORLD)),
     }
-    return FsCore(DirectoryRootNodes(Directory(entries)), blobs, dirs)
+    return FsCore(roots(Directory(entries)), blobs, dirs)
 
 
 @contextlib.asynccontextmanager
-async def device(inits: list[str] | None = None) -> AsyncIterator[tuple[Kernel, DeviceSession, asyncio.Task[None]]]:
+async def device(
+    inits: list[str] | None = None, fs: FsCore | None = None
+) -> AsyncIterator[tuple[Kernel, DeviceSession, asyncio.Task[None]]]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    session = DeviceSession(
-        FuseSession(await core()), theirs.fileno(), after_init=None if inits is None else lambda: inits.append("init")
-    )
+    after_init = None if inits is None else lambda: inits.append("init")
+    session = DeviceSession(FuseSession(fs or await core()), theirs.fileno(), after_init=after_init)
     task = asyncio.create_task(session.run())
     try:
         yield Kernel(ours), session, task
@@ -149,6 +164,28 @@ async def test_bad_requests_get_their_error_or_no_reply_and_the_session_goes_on(
         assert (await kernel.ask(LOOKUP, 1, b"no terminator"))[0] == -errno.EINVAL
         assert (await kernel.ask(GETATTR, 1, bytes(16)))[0] == 0
         assert not task.done()
+
+
+async def test_requests_answered_at_once_are_bounded_the_rest_wait_in_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nixcas.castore.fs import fuse
+
+    monkeypatch.setattr(fuse, "MAX_INFLIGHT", 2)
+    fs = await core(SlowRoots)
+    roots = fs.roots
+    assert isinstance(roots, SlowRoots)
+    async with device(fs=fs) as (kernel, session, _):
+        await init(kernel)
+        sent = [kernel.send(LOOKUP, 1, b"plain\0") for _ in range(4)]
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        assert (roots.waiting, session.requests) == (2, 3)  # two answered at once; the others not even read
+        roots.release.set()
+        answered = sorted([(await kernel.reply())[0] for _ in sent])
+        assert answered == sent
+        assert roots.waiting == 4
+        assert (await kernel.ask(GETATTR, 1, bytes(16)))[0] == 0  # reading again
 
 
 async def test_the_session_ends_when_the_device_goes_away() -> None:

@@ -35,7 +35,7 @@ import socket
 import subprocess
 from collections.abc import Callable, Sequence
 
-from nixcas.castore.fs.fuseproto import IN_HEADER, MAX_READ, FuseSession, Op
+from nixcas.castore.fs.fuseproto import IN_HEADER, MAX_INFLIGHT, MAX_READ, FuseSession, Op
 from nixcas.castore.fs.ops import FsCore
 
 __all__ = ["FUSERMOUNT", "READ_AHEAD_KIB", "DeviceSession", "MountError", "mount_device", "serve", "unmount"]
@@ -183,6 +183,8 @@ class DeviceSession:
         self._room = bytearray(REQUEST_ROOM)
         self._tasks: set[asyncio.Task[None]] = set()
         self._ended: asyncio.Future[None] | None = None
+        self._paused = False
+        """Whether the device is left unread: :data:`MAX_INFLIGHT` requests are being answered."""
 
     async def run(self) -> None:
         """Serve until the filesystem is unmounted or :meth:`stop`; requests still being answered are cancelled."""
@@ -194,6 +196,7 @@ class DeviceSession:
             await self._ended
         finally:
             loop.remove_reader(self.fd)
+            self._paused = False
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -212,9 +215,16 @@ class DeviceSession:
         self.stop()
 
     def _readable(self) -> None:
-        """Read every request waiting on the device; start answering each."""
+        """Read the requests waiting on the device, up to :data:`MAX_INFLIGHT` being answered; start answering each.
+
+        At the limit the device is left unread (the kernel holds the rest) until an answer is written.
+        """
         room = self._room
         while True:
+            if len(self._tasks) >= MAX_INFLIGHT:
+                asyncio.get_running_loop().remove_reader(self.fd)
+                self._paused = True
+                return
             try:
                 n = os.readv(self.fd, [room])
             except (BlockingIOError, InterruptedError):
@@ -234,7 +244,13 @@ class DeviceSession:
             self.requests += 1
             task = asyncio.ensure_future(self._answer(bytes(room[:n])))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._paused and self._ended is not None and not self._ended.done():
+            self._paused = False
+            asyncio.get_running_loop().add_reader(self.fd, self._readable)
 
     async def _answer(self, request: bytes) -> None:
         reply = await self.session.handle(request, REQUEST_ROOM)

@@ -17,12 +17,21 @@ import errno
 import logging
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 from nixcas.castore.fs.inodes import Inode
 from nixcas.castore.fs.ops import BLKSIZE, CACHE_TIMEOUT, Attributes, FsCore, FsError
 
-__all__ = ["IN_HEADER", "OUT_HEADER", "FuseSession", "Op", "Reply", "parse_entry", "parse_attr", "reply_bytes"]
+__all__ = [
+    "IN_HEADER",
+    "MAX_INFLIGHT",
+    "OUT_HEADER",
+    "FuseSession",
+    "Op",
+    "Reply",
+    "parse_attr",
+    "parse_entry",
+]
 
 log = logging.getLogger("nixcas.fs")
 
@@ -69,6 +78,10 @@ WANTED_FLAGS = (
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
 
+MAX_INFLIGHT = 64
+"""Requests a transport answers at once (the others wait in the kernel or in their rings): memory stays bounded
+whatever the clients do, each read holding at most :data:`MAX_READ` bytes."""
+
 MAX_PAGES = 256
 """Reads of up to 1 MiB (the kernel lowers this to what its virtqueue can carry)."""
 MAX_READ = MAX_PAGES * 4096
@@ -78,11 +91,6 @@ _VALID = int(CACHE_TIMEOUT)
 Reply = list[bytes | memoryview]
 """A reply as the pieces to write out in order: its ``fuse_out_header``, then its body (a read's body is
 views of the chunks that hold the bytes, written out without being joined first)."""
-
-
-def reply_bytes(reply: Sequence[bytes | memoryview]) -> bytes:
-    """A reply's pieces as one ``bytes`` (tests, tools)."""
-    return b"".join(reply)
 
 
 class Op:

@@ -31,7 +31,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from nixcas.castore.fs.fuseproto import FuseSession
+from nixcas.castore.fs.fuseproto import MAX_INFLIGHT, FuseSession
 from nixcas.castore.fs.virtiofs.virtqueue import BadDescriptor, Chain, GuestMemory, Virtqueue
 
 __all__ = ["MAX_QUEUES", "Backend", "Req", "VhostUserError"]
@@ -68,8 +68,6 @@ PROTOCOL_FEATURES = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK
 MAX_QUEUES = 16
 """hiprio and up to 15 request queues."""
 
-MAX_INFLIGHT = 64
-"""Requests answered at once per connection (the others wait in their rings): bounds memory whatever the guest does."""
 
 VRING_NOFD = 0x100
 VRING_INDEX = 0xFF
