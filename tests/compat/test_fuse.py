@@ -659,6 +659,23 @@ def test_reads_through_a_local_cache_fill_it(tmp_path: Path, tree: Path) -> None
     assert set(range(first, last + 1)) <= set(near_chunks) <= set(range(first, last + FILL_WINDOW))
 
 
+def test_a_killed_mount_leaves_no_dead_mount_behind(tmp_path: Path, store: tuple[Path, str]) -> None:
+    """``kill -9`` of the mount process: fusermount3 (auto_unmount) removes the mount; a SIGTERM'd one too."""
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        mount = castore_mount(store[0], store[1], tmp_path / f"mp{sig}", tmp_path / f"log{sig}", "--list-root")
+        try:
+            assert os.path.ismount(mount.path)
+            mount.proc.send_signal(sig)
+            mount.proc.wait(20)
+            deadline = time.monotonic() + 10
+            while os.path.ismount(mount.path) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not os.path.ismount(mount.path)
+            assert os.listdir(mount.path) == []  # the empty directory again, not "Transport endpoint not connected"
+        finally:
+            mount.kill()
+
+
 # -- usage errors -----------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,16 @@ from collections.abc import Callable, Sequence
 from nixcas.castore.fs.fuseproto import IN_HEADER, MAX_INFLIGHT, MAX_READ, FuseSession, Op
 from nixcas.castore.fs.ops import FsCore
 
-__all__ = ["FUSERMOUNT", "READ_AHEAD_KIB", "DeviceSession", "MountError", "mount_device", "serve", "unmount"]
+__all__ = [
+    "FUSERMOUNT",
+    "READ_AHEAD_KIB",
+    "DeviceSession",
+    "MountError",
+    "MountedDevice",
+    "mount_device",
+    "serve",
+    "unmount",
+]
 
 log = logging.getLogger("nixcas.fs")
 
@@ -117,38 +126,73 @@ class MountError(OSError):
     """The filesystem could not be mounted (``fusermount3``'s words)."""
 
 
-def mount_device(mountpoint: str, options: Sequence[str]) -> int:
-    """Mount a FUSE filesystem at ``mountpoint`` with ``fusermount3``; the FUSE device it hands back."""
+class MountedDevice:
+    """The FUSE device of a mount, and ``fusermount3`` waiting to remove the mount once this process is gone.
+
+    The mount is made with ``auto_unmount``: ``fusermount3`` stays, blocked on the socket it passed the
+    device over, and unmounts (lazily) when that socket closes: at :meth:`close`, or when this process
+    dies, however it dies (``kill -9`` leaves no dead mount behind).
+    """
+
+    def __init__(self, fd: int, helper: subprocess.Popen[bytes], channel: socket.socket) -> None:
+        self.fd = fd
+        self._helper = helper
+        self._channel = channel
+
+    def close(self) -> None:
+        """Close the device; ``fusermount3`` then removes the mount if it is still there, and exits."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self._channel.close()
+        try:
+            self._helper.wait(HELPER_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not exit after the session; left running", FUSERMOUNT)
+        if self._helper.stderr is not None:
+            self._helper.stderr.close()
+
+
+HELPER_EXIT_TIMEOUT = 10.0
+"""Seconds ``fusermount3`` may take to mount (and to exit once the session is over)."""
+
+
+def mount_device(mountpoint: str, options: Sequence[str]) -> MountedDevice:
+    """Mount a FUSE filesystem at ``mountpoint`` with ``fusermount3`` (``auto_unmount``); the device it hands back."""
     helper = shutil.which(FUSERMOUNT)
     if helper is None:
         raise MountError(errno.ENOENT, f"{FUSERMOUNT} not found (Debian: apt install fuse3)")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours, theirs:
-        done = subprocess.run(
-            [FUSERMOUNT, "-o", ",".join(options), "--", mountpoint],  # its messages begin with its argv[0]
-            executable=helper,
-            env={**os.environ, "_FUSE_COMMFD": str(theirs.fileno())},
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            check=False,
-        )
-        theirs.close()
-        said = done.stderr.decode(errors="replace").strip().splitlines()
-        if done.returncode != 0:
-            raise MountError(errno.EIO, said[-1] if said else f"{FUSERMOUNT} failed (exit {done.returncode})")
-        ours.settimeout(5)
+    try:
+        with theirs:
+            process = subprocess.Popen(
+                [FUSERMOUNT, "-o", ",".join([*options, "auto_unmount"]), "--", mountpoint],  # argv[0]: its messages
+                executable=helper,
+                env={**os.environ, "_FUSE_COMMFD": str(theirs.fileno())},
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        ours.settimeout(HELPER_EXIT_TIMEOUT)
         try:
             _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-        except OSError as e:
-            raise MountError(errno.EIO, f"{FUSERMOUNT} passed no FUSE device: {e}") from None
-    if len(fds) != 1:
-        for fd in fds:
-            os.close(fd)
-        unmount(mountpoint)
-        raise MountError(errno.EIO, f"{FUSERMOUNT} passed no FUSE device")
-    return fds[0]
+        except OSError:
+            fds = []
+        if len(fds) != 1:  # it failed (and exits), or passed something else
+            for fd in fds:
+                os.close(fd)
+            try:
+                _, err = process.communicate(timeout=HELPER_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                _, err = process.communicate()
+            said = err.decode(errors="replace").strip().splitlines()
+            raise MountError(errno.EIO, said[-1] if said else f"{FUSERMOUNT} passed no FUSE device")
+        ours.settimeout(None)
+    except BaseException:
+        ours.close()
+        raise
+    return MountedDevice(fds[0], process, ours)
 
 
 def unmount(mountpoint: str) -> None:
@@ -297,8 +341,8 @@ async def serve(
         raised = set_read_ahead(real, read_ahead_kib)
         log.info("kernel read-ahead %s", f"{read_ahead_kib} KiB" if raised else "unchanged")
 
-    fd = mount_device(where, options)
-    device = DeviceSession(FuseSession(core), fd, after_init=after_init)
+    mounted = mount_device(where, options)
+    device = DeviceSession(FuseSession(core), mounted.fd, after_init=after_init)
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
     try:
@@ -317,5 +361,4 @@ async def serve(
         finally:
             if not device.unmounted:
                 unmount(where)
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            mounted.close()
