@@ -165,7 +165,7 @@ def mount_device(mountpoint: str, options: Sequence[str]) -> MountedDevice:
     try:
         with theirs:
             process = subprocess.Popen(
-                [FUSERMOUNT, "-o", ",".join([*options, "auto_unmount"]), "--", mountpoint],  # argv[0]: its messages
+                [FUSERMOUNT, "-o", ",".join([*options, "auto_unmount"]), "--", mountpoint],  # named so in its messages
                 executable=helper,
                 env={**os.environ, "_FUSE_COMMFD": str(theirs.fileno())},
                 pass_fds=(theirs.fileno(),),
@@ -181,6 +181,7 @@ def mount_device(mountpoint: str, options: Sequence[str]) -> MountedDevice:
         if len(fds) != 1:  # it failed (and exits), or passed something else
             for fd in fds:
                 os.close(fd)
+            ours.close()  # a helper that did mount now removes the mount and exits
             try:
                 _, err = process.communicate(timeout=HELPER_EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
