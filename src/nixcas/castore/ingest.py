@@ -222,12 +222,13 @@ class _FileItem:
 _Item = IngestEntry | _FileItem
 
 
-def _visit(fs_path: bytes, path: TreePath) -> _Item | list[bytes]:
-    """One filesystem object: a directory's entry names, or an item for anything else."""
-    try:
-        st = os.lstat(fs_path)
-    except OSError as e:
-        raise IngestError(f"{os.fsdecode(fs_path)}: cannot stat: {e.strerror}") from None
+def _visit(fs_path: bytes, path: TreePath, st: os.stat_result | None = None) -> _Item | list[bytes]:
+    """One filesystem object (``st``: its ``lstat``, if taken): a directory's entry names, or an item for the rest."""
+    if st is None:
+        try:
+            st = os.lstat(fs_path)
+        except OSError as e:
+            raise IngestError(f"{os.fsdecode(fs_path)}: cannot stat: {e.strerror}") from None
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         try:
@@ -255,42 +256,72 @@ def _visit(fs_path: bytes, path: TreePath) -> _Item | list[bytes]:
     raise IngestError(f"{os.fsdecode(fs_path)}: cannot import a {kind}")
 
 
-def _walk(fs_path: bytes, path: TreePath, observer: WalkObserver | None = None) -> Iterator[_Item]:
-    """Post-order walk without recursion; small files come with their contents.
+def _walk(fs_path: bytes, path: TreePath, observer: WalkObserver | None = None) -> Iterator[list[_Item]]:
+    """Post-order walk without recursion, in batches (:func:`_batches`); small files come with their contents.
 
     Deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH` is refused before it is visited.
-    Names are visited sorted, so ``observer`` sees the tree in canonical order.
+    Names are visited sorted, so ``observer`` sees the tree in canonical order.  The walk is
+    on the critical path of an import and shares the GIL with its other threads, so a
+    regular file, by far the most common entry, is handled here without further calls:
+    joined path, ``lstat``, its kind, its contents, its item.
     """
     first = _visit(fs_path, path)
     if not isinstance(first, list):
         if observer is not None:
             _observe(observer, None, first)
-        yield first
+        yield [first]
         return
     if observer is not None:
         observer.directory(None)
-    stack = [(fs_path, path, iter(first))]
+    batch: list[_Item] = []
+    size = 0
+    file_seen = observer.file if observer is not None else None
+    lstat, read_small, s_ifmt, s_ifreg, s_ixusr = os.lstat, _read_small, 0o170000, stat.S_IFREG, stat.S_IXUSR
+    stack = [(fs_path.rstrip(b"/") + b"/", path, iter(first))]
     while stack:
-        parent_fs, parent, names = stack[-1]
-        name = next(names, None)
-        if name is None:
+        prefix, parent, names = stack[-1]
+        for name in names:
+            child_fs, child = prefix + name, TreePath(parent, name)
+            if child.depth > MAX_DEPTH:
+                raise DepthError(f"{child.show()}: nested deeper than the {MAX_DEPTH} levels a tree may have")
+            try:
+                st = lstat(child_fs)
+            except OSError as e:
+                raise IngestError(f"{os.fsdecode(child_fs)}: cannot stat: {e.strerror}") from None
+            mode = st.st_mode
+            if mode & s_ifmt == s_ifreg:  # the common case, inline
+                length = st.st_size
+                data = read_small(child_fs, length) if length <= SMALL_BLOB else None
+                stamp = (st.st_dev, st.st_ino, length, st.st_mtime_ns, st.st_ctime_ns)
+                executable = bool(mode & s_ixusr)
+                if file_seen is not None:
+                    file_seen(name, executable, length, data, child_fs, stamp)
+                batch.append(_FileItem(child, child_fs, length, executable, data, stamp))
+                if data is not None:
+                    size += length
+            else:
+                visited = _visit(child_fs, child, st)
+                if isinstance(visited, list):
+                    if observer is not None:
+                        observer.directory(name)
+                    stack.append((child_fs + b"/", child, iter(visited)))
+                    break
+                if observer is not None:
+                    _observe(observer, name, visited)
+                batch.append(visited)
+            if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+        else:  # the directory is done
             stack.pop()
             if observer is not None:
                 observer.leave()
-            yield IngestEntry(parent, None)
-            continue
-        child_fs, child = os.path.join(parent_fs, name), TreePath(parent, name)
-        if child.depth > MAX_DEPTH:
-            raise DepthError(f"{child.show()}: nested deeper than the {MAX_DEPTH} levels a tree may have")
-        visited = _visit(child_fs, child)
-        if isinstance(visited, list):
-            if observer is not None:
-                observer.directory(name)
-            stack.append((child_fs, child, iter(visited)))
-        else:
-            if observer is not None:
-                _observe(observer, name, visited)
-            yield visited
+            batch.append(IngestEntry(parent, None))
+            if len(batch) >= BATCH_FILES:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _observe(observer: WalkObserver, name: bytes | None, item: _Item) -> None:
@@ -315,20 +346,6 @@ def _read_small(fs_path: bytes, size: int) -> bytes:
     if len(data) != size:
         raise IngestError(f"{os.fsdecode(fs_path)}: changed while being imported (size {size}, read {len(data)})")
     return data
-
-
-def _batches(items: Iterator[_Item]) -> Iterator[list[_Item]]:
-    batch: list[_Item] = []
-    size = 0
-    for item in items:
-        batch.append(item)
-        if isinstance(item, _FileItem) and item.data is not None:
-            size += item.size
-        if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 async def _upload_large(uploader: Uploader, item: _FileItem) -> B3Digest:
@@ -373,7 +390,7 @@ async def _entries_from_walk(
 ) -> AsyncGenerator[list[IngestEntry], None]:
     """The walk's entries, a batch at a time: read in a worker thread, uploads started, in walk order."""
     name = os.path.basename(os.path.normpath(root)) or b"root"
-    batches = _batches(_walk(root, TreePath(None, name), observer))
+    batches = _walk(root, TreePath(None, name), observer)
     while (batch := await asyncio.to_thread(next, batches, None)) is not None:
         entries = [_hand_over(uploader, item) for item in batch]
         uploader.flush()  # one batch per hand-off: the consumer waits for these files next

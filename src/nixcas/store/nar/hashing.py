@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import queue
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -42,11 +43,16 @@ __all__ = ["NarCalculationService", "NarHasher", "SimpleNarCalculationService"]
 
 _CLOSE2 = TOK_CLOSE + TOK_CLOSE
 """A node's ``)`` and that of the entry holding it."""
+_FILE_NODE = (TOK_NODE + NODE_REGULAR, TOK_NODE + NODE_EXECUTABLE)
+"""What follows a file entry's name, by its executable bit."""
+_PADS = tuple(bytes(n) for n in range(8))
+"""The zero padding after ``n`` bytes, by ``-n & 7``."""
+_u64 = struct.Struct("<Q").pack
 
 _READ_BLOCK = 1 << 20
 
 _FLUSH_BYTES = 1 << 20
-_FLUSH_PIECES = 1024
+_FLUSH_PIECES = 4096
 """The walk hands pieces to the hashing thread in batches of about this many bytes or pieces."""
 
 
@@ -200,6 +206,15 @@ class NarHasher:
     def file(
         self, name: bytes | None, executable: bool, size: int, data: bytes | None, fs_path: bytes, stamp: Stamp
     ) -> None:
+        if data is not None and name is not None:  # a small file in a directory, most entries: framed in one step
+            pending = self._pending
+            n = len(name)
+            pending += (ENTRY_PREFIX, _u64(n), name, _PADS[-n & 7], _FILE_NODE[executable], _u64(size))
+            pending += (data, _PADS[-size & 7], _CLOSE2)
+            self._pending_cost += size
+            if self._pending_cost >= _FLUSH_BYTES or len(pending) >= _FLUSH_PIECES:
+                self._flush()
+            return
         head = self._entry(name) + (NODE_EXECUTABLE if executable else NODE_REGULAR) + u64_le(size)
         tail = padding(size) + (TOK_CLOSE if name is None else _CLOSE2)
         if data is not None:
