@@ -48,6 +48,9 @@ def varint(value: int) -> bytes:
     """``value`` (0 to 2**64 - 1) as a protobuf varint, in its shortest form."""
     if value < 0x80:
         return bytes((value,))
+    if value < 0x200000:  # two or three bytes: most file sizes
+        low = value & 0x7F | 0x80
+        return bytes((low, value >> 7)) if value < 0x4000 else bytes((low, value >> 7 & 0x7F | 0x80, value >> 14))
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
@@ -76,13 +79,41 @@ def encode_entry(name: bytes, node: Node) -> tuple[int, bytes]:
     return 0x0A, entry
 
 
+_BYTE = tuple(bytes((i,)) for i in range(0x80))
+"""Each one-byte varint (0 to 127): names, entries and most small sizes are shorter than 128."""
+_DIGEST_FIELD = bytes((_DIGEST_OR_TARGET, DIGEST_LEN))
+
+
+def _named(name: bytes, digest: bytes, size: int) -> bytes:
+    """A file's or directory's name, digest and size fields (a name shorter than 128 bytes)."""
+    fields = b"\x0a" + _BYTE[len(name)] + name + _DIGEST_FIELD + digest
+    return fields + b"\x18" + (_BYTE[size] if size < 0x80 else varint(size)) if size else fields
+
+
 def encode_canonical(entries: Iterable[tuple[bytes, Node]]) -> bytes:
-    """The canonical encoding of a valid Directory's entries (sorted by name): directories, files, symlinks."""
-    lists: dict[int, list[bytes]] = {0x0A: [], 0x12: [], 0x1A: []}
+    """The canonical encoding of a valid Directory's entries (sorted by name): directories, files, symlinks.
+
+    Every Directory an import makes is encoded here (its digest is taken over these bytes), so
+    the usual entry (a name and an entry shorter than 128 bytes, a file or directory node) is
+    written with table lookups and concatenation only; anything else by :func:`encode_entry`.
+    """
+    directories: list[bytes] = []
+    files: list[bytes] = []
+    symlinks: list[bytes] = []
+    byte = _BYTE
     for name, node in entries:
+        if len(name) < 0x80:
+            if type(node) is FileNode:
+                entry = _named(name, node.digest, node.size) + (b"\x20\x01" if node.executable else b"")
+                files.append(b"\x12" + byte[len(entry)] + entry if len(entry) < 0x80 else delimited(0x12, entry))
+                continue
+            if type(node) is DirectoryNode:
+                entry = _named(name, node.digest, node.size)
+                directories.append(b"\x0a" + byte[len(entry)] + entry if len(entry) < 0x80 else delimited(0x0A, entry))
+                continue
         tag, entry = encode_entry(name, node)
-        lists[tag].append(delimited(tag, entry))
-    return b"".join([*lists[0x0A], *lists[0x12], *lists[0x1A]])
+        (directories if tag == 0x0A else files if tag == 0x12 else symlinks).append(delimited(tag, entry))
+    return b"".join(directories + files + symlinks)
 
 
 def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
