@@ -257,7 +257,10 @@ def _visit(fs_path: bytes, path: TreePath, st: os.stat_result | None = None) -> 
 
 
 def _walk(fs_path: bytes, path: TreePath, observer: WalkObserver | None = None) -> Iterator[list[_Item]]:
-    """Post-order walk without recursion, in batches (:func:`_batches`); small files come with their contents.
+    """Post-order walk without recursion, in batches; small files come with their contents.
+
+    A batch ends after :data:`~nixcas.castore.upload.BATCH_FILES` items or
+    :data:`~nixcas.castore.upload.BATCH_BYTES` bytes of small files' contents.
 
     Deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH` is refused before it is visited.
     Names are visited sorted, so ``observer`` sees the tree in canonical order.  The walk is
