@@ -221,7 +221,7 @@ class NarHasher:
             self._put(head, data, tail, cost=len(data))
         else:
             self._pending.append(_Large(head, fs_path, size, stamp, tail))
-            self._flush()  # its hashing starts now, while the walk goes on
+            self._flush()  # its hashing starts now, while the walk goes on; and it ends its batch (see _run)
 
     # -- the hashing thread ---------------------------------------------------------------
 
@@ -229,20 +229,16 @@ class NarHasher:
         while (handed := self._queue.get()) is not None:
             batch, cost = handed
             try:
-                small: list[bytes] = []  # hashed joined: one GIL release per run, not one per file
-                for piece in batch:
-                    if self._error is not None:
-                        break  # failed already: drain, hashing nothing
-                    if isinstance(piece, _Large):
-                        small.append(piece.head)
-                        self._add(b"".join(small))
-                        small = []
-                        self._read(piece)
-                        small.append(piece.tail)
-                    else:
-                        small.append(piece)
-                if small and self._error is None:
-                    self._add(b"".join(small))
+                if self._error is None:  # failed already: drain, hashing nothing
+                    # A large file ends its batch (:meth:`file` hands it over at once), so the pieces before it
+                    # are bytes, hashed joined: one GIL release per batch, and no Python step per piece.
+                    last = batch[-1] if batch else None
+                    if isinstance(last, _Large):
+                        batch[-1] = last.head
+                    self._add(b"".join(batch))  # type: ignore[arg-type]  # bytes only now (see above)
+                    if isinstance(last, _Large):
+                        self._read(last)
+                        self._add(last.tail)
             except IngestError as e:
                 self._error = e
             except Exception as e:  # reported by result(), as an import error
