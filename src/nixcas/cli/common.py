@@ -286,7 +286,7 @@ def share_the_gil_finely() -> None:
     threads of their own; each releases the GIL for every system call and every
     hash, and waited for it to come back up to CPython's default 5 ms, while the
     others ran Python.  At 1 ms, ``nixcas import`` of ``/usr/include`` took 40 ms
-    less (paired medians of 16 rounds; 0.2 and 0.5 ms gave 32 ms).  A read through a
+    less (paired medians of 16 rounds; 0.2 and 0.5 ms gave 28 to 32 ms).  A read through a
     mount did not gain from it, so this is for the commands that ingest only.
     """
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
