@@ -188,6 +188,24 @@ async def test_requests_answered_at_once_are_bounded_the_rest_wait_in_the_device
         assert (await kernel.ask(GETATTR, 1, bytes(16)))[0] == 0  # reading again
 
 
+async def test_a_failure_while_answering_is_logged_and_the_session_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with device() as (kernel, session, task):
+        await init(kernel)
+
+        async def broken(request: bytes, capacity: int) -> None:
+            raise RuntimeError("a bug")
+
+        with monkeypatch.context() as m:
+            m.setattr(session.session, "handle", broken)
+            kernel.send(GETATTR, 1, bytes(16))
+            await kernel.nothing_more()
+        assert "answering a FUSE request failed" in caplog.text and "a bug" in caplog.text
+        assert (await kernel.ask(GETATTR, 1, bytes(16)))[0] == 0
+        assert not task.done()
+
+
 async def test_the_session_ends_when_the_device_goes_away() -> None:
     async with device() as (kernel, session, task):
         await init(kernel)

@@ -293,6 +293,8 @@ class DeviceSession:
 
     def _answered(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:  # a bug: the request has no answer
+            log.error("answering a FUSE request failed", exc_info=error)
         if self._paused and self._ended is not None and not self._ended.done():
             self._paused = False
             asyncio.get_running_loop().add_reader(self.fd, self._readable)
