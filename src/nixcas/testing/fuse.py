@@ -16,6 +16,7 @@ from typing import ClassVar
 import pytest
 
 from nixcas.castore.fs.fuse import FUSERMOUNT
+from nixcas.castore.fs.fuse import unmount as unmount_lazily
 from nixcas.testing.daemon import ServerProcess, clean_env, nixcas_command, read_line
 
 __all__ = [
@@ -96,8 +97,7 @@ def unmount(mountpoint: Path) -> None:
     """Detach ``mountpoint`` if something is still mounted there (lazily, so a hung server cannot block us)."""
     if not os.path.ismount(mountpoint):
         return
-    if shutil.which(FUSERMOUNT):
-        subprocess.run([FUSERMOUNT, "-u", "-z", str(mountpoint)], check=False, capture_output=True)
+    unmount_lazily(str(mountpoint))
     if os.path.ismount(mountpoint):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
 

@@ -30,13 +30,12 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 from collections.abc import Callable, Sequence
 
 from nixcas.castore.fs.fuseproto import IN_HEADER, MAX_INFLIGHT, MAX_READ, FuseSession, Op
-from nixcas.castore.fs.ops import FsCore
+from nixcas.castore.fs.ops import FsCore, signals_while_serving
 
 __all__ = [
     "FUSERMOUNT",
@@ -346,18 +345,12 @@ async def serve(
 
     mounted = mount_device(where, options)
     device = DeviceSession(FuseSession(core), mounted.fd, after_init=after_init)
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        for sig in signals:
-            loop.add_signal_handler(sig, device.stop)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("holding %s", core.stats()))
-        if on_mounted is not None:
-            on_mounted()
-        await device.run()
+        with signals_while_serving(core, device.stop, log):
+            if on_mounted is not None:
+                on_mounted()
+            await device.run()
     finally:
-        for sig in (*signals, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
         log.info("session ended after %d requests holding %s", device.requests, core.stats())
         try:
             await core.close()

@@ -15,12 +15,14 @@ transports translate it to their own error reply).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
 import os
+import signal
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,6 +45,7 @@ __all__ = [
     "Attributes",
     "FsCore",
     "FsError",
+    "signals_while_serving",
 ]
 
 log = logging.getLogger("nixcas.fs")
@@ -428,3 +431,21 @@ class FsCore:
     def reset(self) -> None:
         """Forget every inode but the root (a new kernel session knows none); open handles stay until :meth:`close`."""
         self.inodes = InodeTable()
+
+
+@contextlib.contextmanager
+def signals_while_serving(core: FsCore, stop: Callable[[], object], logger: logging.Logger) -> Iterator[None]:
+    """While serving ``core`` on the running loop: SIGINT and SIGTERM call ``stop``, SIGUSR1 logs what it holds.
+
+    Both transports (the FUSE mount and virtio-fs) serve under this; the handlers go when it ends.
+    """
+    loop = asyncio.get_running_loop()
+    ending = (signal.SIGINT, signal.SIGTERM)
+    try:
+        for sig in ending:
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: logger.info("holding %s", core.stats()))
+        yield
+    finally:
+        for sig in (*ending, signal.SIGUSR1):
+            loop.remove_signal_handler(sig)

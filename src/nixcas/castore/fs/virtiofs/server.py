@@ -13,13 +13,12 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import stat
 from collections.abc import Callable
 
 from nixcas.castore.fs.fuseproto import FuseSession
-from nixcas.castore.fs.ops import FsCore
+from nixcas.castore.fs.ops import FsCore, signals_while_serving
 from nixcas.castore.fs.virtiofs.vhostuser import Backend
 
 __all__ = ["VirtioFsServer", "serve"]
@@ -75,21 +74,15 @@ async def serve(core: FsCore, path: str | os.PathLike[str], *, on_listening: Cal
     """Listen at ``path`` and serve front-ends one after another until SIGINT/SIGTERM; the socket is removed."""
     listener = listen(path)
     server = VirtioFsServer(core)
-    loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    signals = (signal.SIGINT, signal.SIGTERM)
     try:
-        for sig in signals:
-            loop.add_signal_handler(sig, task.cancel)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("holding %s", core.stats()))
-        if on_listening is not None:
-            on_listening()
-        with contextlib.suppress(asyncio.CancelledError):
-            await server.serve_forever(listener)
+        with signals_while_serving(core, task.cancel, log):
+            if on_listening is not None:
+                on_listening()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server.serve_forever(listener)
     finally:
-        for sig in (*signals, signal.SIGUSR1):
-            loop.remove_signal_handler(sig)
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
