@@ -295,7 +295,7 @@ def _walk(fs_path: bytes, path: TreePath, observer: WalkObserver | None = None) 
             if mode & s_ifmt == s_ifreg:  # the common case, inline
                 length = st.st_size
                 data = read_small(child_fs, length) if length <= SMALL_BLOB else None
-                stamp = (st.st_dev, st.st_ino, length, st.st_mtime_ns, st.st_ctime_ns)
+                stamp = stamp_of(st)
                 executable = bool(mode & s_ixusr)
                 if file_seen is not None:
                     file_seen(name, executable, length, data, child_fs, stamp)
