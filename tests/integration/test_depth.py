@@ -138,6 +138,7 @@ async def test_filesystem_ingest_refuses_deeper_than_the_limit(tmp_path: Path, m
     # A real tree deeper than 2048 levels cannot even be created by full paths
     # (PATH_MAX): check the walker's limit with a small one.
     monkeypatch.setattr("nixcas.castore.ingest.MAX_DEPTH", 4)
+    monkeypatch.setattr("nixcas.castore.walk.MAX_DEPTH", 4)
     (tmp_path / "t" / "1" / "2" / "3").mkdir(parents=True)
     (tmp_path / "t" / "1" / "2" / "3" / "4").write_bytes(b"at the limit")
     dirs = MemoryDirectoryService(SizeRule.TVIX)

@@ -20,6 +20,7 @@ import pytest_asyncio
 
 import nixcas.castore.ingest as ingest_module
 import nixcas.castore.upload as upload_module
+import nixcas.castore.walk as walk_module
 from nixcas.castore.blob.base import BlobService, BlobWriter
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
@@ -685,9 +686,9 @@ def test_a_small_file_is_read_in_one_call_and_a_changed_size_is_refused(
         return real_read(fd, n)
 
     monkeypatch.setattr(os, "read", counting_read)
-    assert ingest_module._read_small(os.fsencode(path), 10) == b"0123456789"
+    assert walk_module.read_small(os.fsencode(path), 10) == b"0123456789"
     assert reads == [11]
     with pytest.raises(IngestError, match="changed while being imported"):
-        ingest_module._read_small(os.fsencode(path), 9)  # it grew
+        walk_module.read_small(os.fsencode(path), 9)  # it grew
     with pytest.raises(IngestError, match="changed while being imported"):
-        ingest_module._read_small(os.fsencode(path), 11)  # it shrank
+        walk_module.read_small(os.fsencode(path), 11)  # it shrank

@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from nixcas.castore.blob.base import BlobService, BlobWriter
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.nodes import FileNode
+from nixcas.castore.walk import BATCH_BYTES, BATCH_FILES, SMALL_BLOB
 from nixcas.errors import IngestError
 
 __all__ = [
@@ -49,12 +50,6 @@ __all__ = [
     "run_ahead",
 ]
 
-SMALL_BLOB = 256 << 10
-"""Files up to this size are read whole and uploaded in batches; larger ones stream."""
-BATCH_FILES = 2048
-"""Small files per ``put_many`` (the packed store writes a batch with one ``pwritev`` and one ``fsync``)."""
-BATCH_BYTES = 16 << 20
-"""Bytes per ``put_many``."""
 BATCHES_AHEAD = 3
 """Batches uploading while the next one fills; also hand-offs a source may run ahead of its consumer."""
 LARGE_PARALLEL = 2
@@ -71,10 +66,11 @@ Progress = Callable[[int], None]
 class _Batch:
     """Small files uploaded together."""
 
-    __slots__ = ("data", "size", "task", "uploader")
+    __slots__ = ("data", "digests", "size", "task", "uploader")
 
     def __init__(self, uploader: Uploader) -> None:
-        self.data: list[bytes] = []
+        self.data: list[bytes | memoryview] = []
+        self.digests: list[B3Digest] | None = None  # given with the contents (small_hashed), else computed
         self.size = 0
         self.task: asyncio.Future[list[B3Digest]] | None = None
         self.uploader = uploader
@@ -139,6 +135,7 @@ class Uploader:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._large_slots = asyncio.Semaphore(LARGE_PARALLEL)
         self._empty_stored = False
+        self._unwatched: list[asyncio.Future[list[B3Digest]]] = []  # batches started since the last when_stored
         self.batches_started = 0
 
     async def __aenter__(self) -> Uploader:
@@ -147,10 +144,13 @@ class Uploader:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def small(self, data: bytes, executable: bool) -> PendingFile | FileNode:
-        """Queue a small file's contents for the current batch."""
+    def small(self, data: bytes | memoryview, executable: bool) -> PendingFile | FileNode:
+        """Queue a small file's contents for the current batch (held, not copied, until it is stored)."""
         size = len(data)
         batch = self._batch
+        if batch.digests is not None:  # a batch is either all given digests or none
+            self.flush()
+            batch = self._batch
         if not size:
             if not self._empty_stored:
                 self._empty_stored = True
@@ -163,20 +163,69 @@ class Uploader:
             self.flush()
         return pending
 
+    def small_hashed(self, digest: B3Digest, data: bytes | memoryview, executable: bool) -> FileNode:
+        """:meth:`small`, for contents whose BLAKE3 ``digest`` this program has just computed from these bytes.
+
+        The node is known at once; the blob is stored with the batch
+        (:meth:`~nixcas.castore.blob.base.BlobService.put_many_hashed`) before
+        :meth:`finish` returns.  For an import's walk in a process of its own,
+        which hashes each file where it has the GIL to itself.
+        """
+        size = len(data)
+        batch = self._batch
+        if batch.digests is None:
+            if batch.data:
+                self.flush()
+                batch = self._batch
+            batch.digests = []
+        if not size:
+            if not self._empty_stored:
+                self._empty_stored = True
+                batch.data.append(data)
+                batch.digests.append(EMPTY_DIGEST)
+            return FileNode(EMPTY_DIGEST, 0, executable)
+        batch.data.append(data)
+        batch.digests.append(digest)
+        batch.size += size
+        if len(batch.data) >= BATCH_FILES or batch.size >= BATCH_BYTES:
+            self.flush()
+        return FileNode(digest, size, executable)
+
     def flush(self, *, synced: bool = False) -> None:
         """Start uploading the current batch (if it holds anything); ``synced``: the last one, a sync follows."""
         batch = self._batch
         if not batch.data:
             return
         self._batch = _Batch(self)
-        batch.task = self._track(asyncio.ensure_future(self._put_batch(batch.data, batch.size, synced)))
+        put = self._put_batch(batch.data, batch.size, synced, batch.digests)
+        batch.task = self._track(asyncio.ensure_future(put))
         batch.data = []
         self._running.append(batch)
+        self._unwatched.append(batch.task)
         self.batches_started += 1
 
-    async def _put_batch(self, data: list[bytes], size: int, synced: bool = False) -> list[B3Digest]:
+    def when_stored(self, callback: Callable[[], object]) -> None:
+        """Start the current batch, and call ``callback`` once every batch started since the last call is done.
+
+        Done means stored, failed or cancelled: after that the uploader holds none of their
+        contents (a source can then reuse the memory they were in).
+        """
+        self.flush()
+        tasks, self._unwatched = self._unwatched, []
+        if not tasks:
+            callback()
+            return
+        asyncio.gather(*tasks, return_exceptions=True).add_done_callback(lambda _: callback())
+
+    async def _put_batch(
+        self, data: list[bytes | memoryview], size: int, synced: bool, given: list[B3Digest] | None
+    ) -> list[B3Digest]:
         blobs = self._blobs
-        digests = await (blobs.put_many_before_sync(data) if synced else blobs.put_many(data))
+        held = cast("list[bytes]", data)  # views only where the service takes them (BlobService.accepts_views)
+        if given is not None:
+            digests = await blobs.put_many_hashed(given, held)
+        else:
+            digests = await (blobs.put_many_before_sync(held) if synced else blobs.put_many(held))
         if self._progress is not None:
             self._progress(size)
         return digests

@@ -60,6 +60,11 @@ def main() -> None:
         sys.exit(0)
 
     tune_gc()
+    if "import" in sys.argv:
+        from nixcas.cli import prewalk
+
+        prewalk.start(sys.argv[1:])  # `import PATH`: its walk starts now, in a process of its own
+
     from nixcas.cli.fast import answer
 
     code = answer(sys.argv[1:])  # path-info, castore ls/cat on the embedded store: without click or asyncio
@@ -71,6 +76,9 @@ def main() -> None:
     try:
         _main()
     except SystemExit as e:
+        started = sys.modules.get("nixcas.cli.prewalk")
+        if started is not None:
+            started.stop()
         exit_process(e.code)
 
 

@@ -57,6 +57,7 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
 
     On a terminal, stderr shows the files and bytes to read, the rate and the time left.
     """
+    from nixcas.cli import prewalk
     from nixcas.cli.progress import transfer_progress
     from nixcas.store.importer import import_path, path_to_name
 
@@ -69,6 +70,7 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
             raise click.BadParameter(str(e), param_hint="PATHS") from None
 
     share_the_gil_finely()
+    walkers = {path: prewalk.take(path) for path in paths}  # one already walking, started with the process
 
     async def go() -> None:
         async with settings.open_store_to_write(with_pathinfo=True) as store:
@@ -79,7 +81,7 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
 
                 async def one(path: Path) -> PathInfo:
                     async with limit:
-                        return await import_path(path, svc, progress=advance)
+                        return await import_path(path, svc, progress=advance, walker=walkers.pop(path, None))
 
                 tasks = [asyncio.ensure_future(one(p)) for p in paths]
                 try:
@@ -91,7 +93,12 @@ def import_(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> None:
                         task.cancel()
                     await asyncio.gather(*tasks, return_exceptions=True)
 
-    run(go)
+    try:
+        run(go)
+    finally:
+        for walker in walkers.values():  # not reached: the store could not be opened
+            if walker is not None:
+                walker.close()
 
 
 @click.command("dump-path")

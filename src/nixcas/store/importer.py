@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nixcas.castore.blob.base import BlobService
 from nixcas.castore.dirs.base import DirectoryService
@@ -29,6 +29,9 @@ from nixcas.store.nar.hashing import NarCalculationService, NarHasher, SimpleNar
 from nixcas.store.pathinfo.base import PathInfoService
 from nixcas.store.pathinfo.model import PathInfo, Signature
 from nixcas.store.store_path import STORE_DIR, StorePath, build_ca_path, build_nar_path, validate_name
+
+if TYPE_CHECKING:
+    from nixcas.castore.walkproc import WalkProcess
 
 __all__ = [
     "ExportedPathInfo",
@@ -63,15 +66,26 @@ class Services:
 
 
 async def ingest_and_hash(
-    path: str | os.PathLike[str], services: Services, progress: Progress | None = None
+    path: str | os.PathLike[str],
+    services: Services,
+    progress: Progress | None = None,
+    walker: WalkProcess | None = None,
 ) -> tuple[Node, int, bytes]:
     """Ingest ``path``; its root node, NAR size and NAR SHA-256.
 
     With a local NAR calculation the NAR is hashed while the tree is read,
-    from the bytes being imported (:class:`~nixcas.store.nar.hashing.NarHasher`):
+    from the bytes being imported (:class:`~nixcas.store.nar.hasher.NarHasher`):
     no second pass over the files and nothing read back from the store.  A
-    remote NAR calculation service is asked instead.
+    remote NAR calculation service is asked instead.  ``walker``: the walk of
+    ``path`` running in a process of its own, with a :class:`~nixcas.store.nar.hasher.NarHasher`
+    as its observer; it is closed here.
     """
+    if walker is not None:
+        node = await ingest_path(path, services.blobs, services.directories, progress=progress, walker=walker)
+        size, sha256 = walker.result()
+        if type(size) is not int or type(sha256) is not bytes or len(sha256) != 32:
+            raise IngestError(f"{os.fsdecode(path)}: the walking process gave no NAR hash")
+        return node, size, sha256
     if isinstance(services.nar, SimpleNarCalculationService):
         hasher = NarHasher()
         try:
@@ -86,11 +100,19 @@ async def ingest_and_hash(
 
 
 async def import_path(
-    path: str | os.PathLike[str], services: Services, *, progress: Progress | None = None
+    path: str | os.PathLike[str],
+    services: Services,
+    *,
+    progress: Progress | None = None,
+    walker: WalkProcess | None = None,
 ) -> PathInfo:
-    """Ingest ``path`` and register it as ``nix-store --add`` would; return its PathInfo."""
+    """Ingest ``path`` and register it as ``nix-store --add`` would; return its PathInfo.
+
+    ``walker``: the walk of ``path`` started early in a process of its own (:mod:`nixcas.cli.prewalk`);
+    closed here in any case.
+    """
     name = path_to_name(path)
-    node, nar_size, nar_sha256 = await ingest_and_hash(path, services, progress)
+    node, nar_size, nar_sha256 = await ingest_and_hash(path, services, progress, walker)
     info = PathInfo(
         store_path=build_nar_path(name, nar_sha256),
         node=node,

@@ -310,16 +310,13 @@ class WriterState:
 
 
 class BulkReads(ABC):
-    """Synchronous, verified reads of many blobs: what a renderer of whole trees reads from worker threads.
+    """Synchronous, verified reads of many blobs, from worker threads (:meth:`BlobService.bulk_reads`).
 
-    A backend that can read its own storage without the event loop (``packed``, ``objectstore+file``)
-    offers this through :meth:`BlobService.bulk_reads`; ``nixcas dump-path`` then reads a tree's blobs
-    in large batches on threads instead of blob by blob through the async API.  Methods are thread-safe
-    and never block on the event loop.  Every byte returned has been hashed against its blob's digest.
-    A blob a method cannot serve (missing, of another size, damaged, or kept in a form only the async API
-    reads) makes it return ``None`` for the whole call: the caller reads those blobs through the async API,
-    which reports precisely what is wrong.  Results may be views into ``buffer`` (a writable buffer, used
-    when it is large enough): they stay valid until the caller hands that buffer out again.
+    For backends that read their own storage without the event loop (``packed``, ``objectstore+file``):
+    ``dump-path`` reads a tree's blobs in large batches.  Thread-safe; every byte returned is hashed
+    against its digest.  A blob a method cannot serve (missing, of another size, damaged, in a form only
+    the async API reads) makes the whole call ``None``: the async API then reports what is wrong.  Results
+    may be views into ``buffer`` (if large enough), valid until the caller hands it out again.
     """
 
     run_max: int
@@ -343,12 +340,10 @@ class BulkReads(ABC):
     def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
         """A chunked blob of exactly ``size`` bytes, chunk by chunk: for blobs too big to hold whole.
 
-        Each chunk is checked against its digest and size before it is yielded, and the whole blob's
-        BLAKE3 at the end: the last step raises :class:`ChecksumMismatch` if the chunk list does not
-        make up ``digest``, so a caller publishes what it wrote only once the iterator is exhausted.
-        A damaged or missing chunk raises :class:`StorageError`.  ``None``, before anything is read,
-        for a blob that is missing, not chunked, or of another size.  The default (backends without
-        chunk files): ``None`` always.
+        Each chunk is checked (digest, size) before it is yielded, and the whole blob's BLAKE3 at the end
+        (:class:`ChecksumMismatch`): publish what was written only once the iterator is exhausted.  A damaged
+        or missing chunk raises :class:`StorageError`; ``None`` (before anything is read) for a blob that is
+        missing, not chunked, or of another size, and always by default (backends without chunk files).
         """
         return None
 
@@ -360,6 +355,9 @@ class BlobService(Closing, ABC):
     """Whether a chunked blob may be read chunk by chunk (:meth:`chunks`, then :meth:`read_chunk` for each,
     the whole hashed by the caller) instead of through :meth:`open_read`, which a mount does to fetch
     chunks in parallel; ``False`` where :meth:`open_read` does more than read (``combined`` fills near)."""
+
+    accepts_views: ClassVar[bool] = False
+    """Whether :meth:`put_many` takes ``memoryview`` objects too (held only until it returns), not only bytes."""
 
     def bulk_reads(self) -> BulkReads | None:
         """Synchronous batched reads of this backend's storage, if it has them (see :class:`BulkReads`).
@@ -450,6 +448,13 @@ class BlobService(Closing, ABC):
         """Store several in-memory blobs; backends may batch this."""
         return list(await asyncio.gather(*(self.put(b) for b in blobs)))
 
+    async def put_many_hashed(self, digests: Sequence[B3Digest], blobs: Sequence[bytes]) -> list[B3Digest]:
+        """:meth:`put_many` of blobs whose digests this program computed from these very bytes (an import's walking
+        process); here they are computed again.  Never for digests from outside."""
+        if (stored := await self.put_many(blobs)) != list(digests):
+            raise StorageError("blobs given with their digests were stored under others: a bug")
+        return stored
+
     async def put_many_before_sync(self, blobs: Sequence[bytes]) -> list[B3Digest]:
         """:meth:`put_many` of a batch a :meth:`sync` follows at once (the last of an ingest): a backend may
         make it durable on the way, so that the sync has nothing left to do.  The caller still syncs."""
@@ -468,17 +473,12 @@ class BlobService(Closing, ABC):
     ) -> dict[B3Digest, bytes]:
         """The whole contents of several small blobs, verified: for many small files at once.
 
-        ``max_sizes`` maps each wanted digest to the largest size the caller
-        accepts (usually the size it expects).  The result holds every blob
-        that exists and fits.  Blobs that are missing, and blobs larger than
-        their maximum, are *left out* (a too-large blob is never read whole:
-        backends look at the stored size or stop reading after ``max + 1``
-        bytes); a caller that must tell the two apart asks :meth:`open_read`.
-        Every blob returned has been hashed against its digest; one that does
-        not match raises :class:`ChecksumMismatch` (for the whole call).
-        ``parallel`` bounds the concurrent reads of backends that read blob by
-        blob; backends with a batched read (``objectstore+file``, ``memory``)
-        ignore it.
+        ``max_sizes`` maps each wanted digest to the largest size the caller accepts (usually the size
+        it expects).  The result holds every blob that exists and fits; missing blobs and blobs over
+        their maximum are *left out* (never read whole: backends look at the stored size or stop after
+        ``max + 1`` bytes); to tell the two apart, ask :meth:`open_read`.  Every blob returned was hashed
+        against its digest; a mismatch raises :class:`ChecksumMismatch` (for the whole call).  ``parallel``
+        bounds concurrent reads where blobs are read one by one (``objectstore+file``, ``memory``: batches).
         """
         for digest, cap in max_sizes.items():
             if cap < 0:

@@ -1,0 +1,89 @@
+"""``nixcas import PATH``: the walk of PATH started before the command line loads.
+
+Loading click, asyncio and the store's services takes longer than walking a
+tree of a few thousand files (BENCHMARKS.md).  :func:`start` recognizes the
+plain form of an import of one path,
+
+    nixcas [--store-dir DIR] import [--json] PATH
+
+and forks the walk of PATH at once (:class:`~nixcas.castore.walkproc.WalkProcess`,
+hashing the NAR there with :class:`~nixcas.store.nar.hasher.NarHasher`).  The
+command then :func:`take`\\ s it for that path; anything else (another form, a
+usage error, a path the command names differently) leaves it untaken, and
+:func:`stop` ends it.  Whether or not a walk was started, the command does the
+same work and prints the same; the walk is only somewhere else.
+
+Set ``NIXCAS_PREWALK=0`` to walk in the importing process itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # not typing's: this runs before anything else is loaded
+if TYPE_CHECKING:
+    from nixcas.castore.walkproc import WalkProcess
+    from nixcas.store.nar.hasher import NarHasher
+
+__all__ = ["ENV", "parse", "start", "stop", "take"]
+
+ENV = "NIXCAS_PREWALK"
+"""``0``: no walk in a process of its own."""
+
+_started: dict[bytes, WalkProcess] = {}
+
+
+def parse(argv: list[str]) -> bytes | None:
+    """The path of ``[--store-dir DIR] import [--json] PATH``, if ``argv`` is that form; else ``None``.
+
+    The path must be written as the command names it (no ``.`` or empty component, no
+    trailing ``/``), and exist.
+    """
+    rest = argv
+    if rest and rest[0].startswith("--store-dir"):
+        if rest[0] == "--store-dir" and len(rest) > 1:
+            rest = rest[2:]
+        elif rest[0].startswith("--store-dir="):
+            rest = rest[1:]
+        else:
+            return None
+    if rest[:1] != ["import"]:
+        return None
+    operands = [arg for arg in rest[1:] if arg != "--json"]
+    if len(operands) != 1 or operands[0].startswith("-") or len(rest) - len(operands) > 2:
+        return None
+    path = os.fsencode(operands[0])
+    parts = path.split(b"/")
+    if b"." in parts or b"" in parts[1:] or path == b"/" or not os.path.lexists(path):
+        return None
+    return path
+
+
+def start(argv: list[str]) -> None:
+    """Start walking the path to import, if ``argv`` is the plain form (:func:`parse`); call before any thread."""
+    if os.environ.get(ENV) == "0":
+        return
+    path = parse(argv)
+    if path is None:
+        return
+    from nixcas.castore.walkproc import WalkProcess
+
+    _started[path] = WalkProcess.start(path, _nar_hasher)
+
+
+def take(path: str | os.PathLike[str]) -> WalkProcess | None:
+    """The walk started for ``path`` (now the caller's to close), if there is one."""
+    return _started.pop(os.fsencode(path), None)
+
+
+def stop() -> None:
+    """End the walks nobody took."""
+    while _started:
+        _started.popitem()[1].close()
+
+
+def _nar_hasher() -> NarHasher:
+    """The observer of the walk, made in the walking process."""
+    from nixcas.store.nar.hasher import NarHasher
+
+    return NarHasher()
