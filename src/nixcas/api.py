@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the Nix layer and ingest are loaded only by the calls that 
     from nixcas.castore.ingest import Progress
     from nixcas.castore.pins.base import PinService
     from nixcas.castore.sizerule import SizeRule
+    from nixcas.castore.walkproc import WalkProcess
     from nixcas.config import ServiceConfig
     from nixcas.store.nar.hashing import NarCalculationService
     from nixcas.store.pathinfo.base import PathInfoService
@@ -273,11 +274,13 @@ class Store(Closing):
             self._nar = remote or SimpleNarCalculationService(self.blobs, self.directories)
         return self._nar
 
-    async def ingest(self, path: str | os.PathLike[str], *, progress: Progress | None = None) -> Node:
-        """Import a file, symlink or directory tree; return its root node."""
+    async def ingest(
+        self, path: str | os.PathLike[str], *, progress: Progress | None = None, walker: WalkProcess | None = None
+    ) -> Node:
+        """Import a file, symlink or directory tree; return its root node (``walker``: its walk, already running)."""
         from nixcas.castore.ingest import ingest_path
 
-        return await ingest_path(path, self.blobs, self.directories, progress=progress)
+        return await ingest_path(path, self.blobs, self.directories, progress=progress, walker=walker)
 
     async def ingest_archive(
         self, source: str | os.PathLike[str] | BinaryIO, *, progress: Progress | None = None

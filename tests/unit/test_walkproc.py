@@ -240,30 +240,36 @@ async def test_a_wrong_given_digest_is_refused_where_it_is_checked(tmp_path: Pat
 @pytest.mark.parametrize(
     ("argv", "walked"),
     [
-        (["import", "P"], True),
-        (["import", "--json", "P"], True),
-        (["--store-dir", "S", "import", "P"], True),
-        (["--store-dir=S", "import", "P", "--json"], True),
-        (["import", "P", "P"], False),  # several paths: walked in the importing process
-        (["import", "P/"], False),  # named otherwise by the command
-        (["import", "./P"], False),
-        (["import", "missing"], False),  # click's error
-        (["--log-level", "debug", "import", "P"], False),
-        (["castore", "ingest", "P"], False),
-        (["import", "--json", "--json", "P"], False),
-        (["import", "-P"], False),
+        (["import", "P"], "import"),
+        (["import", "--json", "P"], "import"),
+        (["--store-dir", "S", "import", "P"], "import"),
+        (["--store-dir=S", "import", "P", "--json"], "import"),
+        (["castore", "ingest", "P"], "ingest"),
+        (["--store-dir", "S", "castore", "ingest", "--json", "P"], "ingest"),
+        (["import", "P", "P"], None),  # several paths: walked in the importing process
+        (["import", "P/"], None),  # named otherwise by the command
+        (["import", "./P"], None),
+        (["import", "missing"], None),  # click's error
+        (["--log-level", "debug", "import", "P"], None),
+        (["castore", "ingest", "--as", "tar", "P"], None),
+        (["castore", "ingest", "P.tar"], None),  # perhaps an archive
+        (["castore", "ls", "P"], None),
+        (["import", "--json", "--json", "P"], None),
+        (["import", "-P"], None),
     ],
 )
-def test_prewalk_recognizes_the_plain_form_of_an_import(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], walked: bool
+def test_prewalk_recognizes_the_plain_forms_of_an_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], walked: str | None
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "P").mkdir()
-    assert (prewalk.parse(argv) == b"P") is walked
+    (tmp_path / "P.tar").mkdir()
+    assert prewalk.parse(argv) == (None if walked is None else (walked, b"P.tar" if "P.tar" in argv else b"P"))
 
 
-def test_the_import_command_takes_the_walk_started_with_the_process(tmp_path: Path) -> None:
-    """`nixcas import PATH` forks its walk before click loads and uses it: same store path as in process."""
+@pytest.mark.parametrize("command", [["import"], ["castore", "ingest", "--json"]], ids=["import", "castore-ingest"])
+def test_the_command_takes_the_walk_started_with_the_process(tmp_path: Path, command: list[str]) -> None:
+    """`nixcas import PATH` forks its walk before click loads and uses it: the same output as without."""
     root = make_tree(tmp_path)
     script = (
         "import sys, nixcas.castore.walkproc as w\n"
@@ -281,7 +287,7 @@ def test_the_import_command_takes_the_walk_started_with_the_process(tmp_path: Pa
         store = tmp_path / f"store{prewalk_env}"
         env = {**os.environ, prewalk.ENV: prewalk_env}
         done = subprocess.run(
-            [sys.executable, "-c", script, "--store-dir", str(store), "import", str(root)],
+            [sys.executable, "-c", script, "--store-dir", str(store), *command, str(root)],
             capture_output=True,
             text=True,
             env=env,
@@ -291,7 +297,7 @@ def test_the_import_command_takes_the_walk_started_with_the_process(tmp_path: Pa
         walked = [os.fsencode(root)] if prewalk_env == "1" else []
         assert done.stderr.strip() == f"walked {walked} left []"
         outputs.append(done.stdout)
-    assert outputs[0] == outputs[1] and outputs[0].startswith("/nix/store/")
+    assert outputs[0] == outputs[1] and outputs[0].startswith("/nix/store/" if command == ["import"] else "{")
 
 
 def test_an_interrupted_import_leaves_no_walking_process(tmp_path: Path) -> None:

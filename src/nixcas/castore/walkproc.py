@@ -10,12 +10,17 @@ child runs :func:`~nixcas.castore.walk.walk` (and an observer, such as the
 NAR hasher) with a GIL of its own, while the parent loads and opens the store.
 
 The child copies each batch's small files into one of :data:`SLOTS` slots of a
-shared memory mapping and sends the batch's description (one ``marshal``-ed
-message per batch) through a pipe; the parent builds the same items the walk
-yields in-process, their contents views of the slot, and hands the slot back
-(one byte through a second pipe) once the batch is stored.  Memory stays
-bounded: the child waits for a free slot, and a slot holds at most one batch
-(:data:`~nixcas.castore.walk.BATCH_BYTES` plus one small file).
+shared memory mapping, hashes each one there (BLAKE3, of the very bytes it
+hands over) and sends the batch's description (one ``marshal``-ed message per
+batch) through a pipe; the parent builds the same items the walk yields
+in-process, their contents views of the slot and their digests given, and
+hands the slot back (one byte through a second pipe) once the batch is stored.
+Hashing there matters: a thread that hashes one small file at a time gives up
+the GIL for each, and beside a thread running Python it waits up to a switch
+interval to get it back (1,200 digests of 13 KB: 8 ms alone, 950 ms beside a
+busy thread).  Memory stays bounded: the child waits for a free slot, and a
+slot holds at most one batch (:data:`~nixcas.castore.walk.BATCH_BYTES` plus
+one small file).
 
 Paths are sent once per directory: a directory is given a number when its
 first entry is sent, and its items name it by that number; the number is
@@ -144,8 +149,11 @@ class WalkProcess:
         finally:
             with self._lock:
                 self._reading = False
-                if self._closed:
+                closed = self._closed
+                if closed:  # while this waited: nobody wants the batch any more
                     self._close_files()
+        if closed:
+            return None
         kind = message[0]
         if kind == "end":
             self._result = message[1]

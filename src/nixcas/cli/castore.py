@@ -144,6 +144,7 @@ def castore() -> None:
 def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: str | None) -> None:
     """Import a file, symlink, directory tree or tarball; print its root node."""
     from nixcas.castore.pins import validate_pin_name
+    from nixcas.cli import prewalk
 
     if pin_name is not None:
         try:
@@ -154,6 +155,7 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
         raise click.BadParameter(f"{path}: no such file or directory", param_hint="PATH")
     as_tar = kind == "tar" or (kind == "auto" and path.name.endswith(TAR_SUFFIXES) and path.is_file())
     share_the_gil_finely()
+    walker = None if as_tar else prewalk.take(path)  # already walking, started with the process
 
     async def go() -> Node:
         with progress_for(path, as_tar) as advance:
@@ -161,12 +163,16 @@ def ingest(settings: Settings, path: Path, as_json: bool, kind: str, pin_name: s
                 if as_tar:
                     node = await store.ingest_archive(path, progress=advance)
                 else:
-                    node = await store.ingest(path, progress=advance)
+                    node = await store.ingest(path, progress=advance, walker=walker)
                 if pin_name is not None:
                     await pin_node(store, pin_name, node)
                 return node
 
-    node = run(go)
+    try:
+        node = run(go)
+    finally:
+        if walker is not None:
+            walker.close()  # if the store could not be opened; else closed already
     click.echo(json.dumps(node_json(node)) if as_json else node_line(node))
 
 

@@ -60,7 +60,7 @@ def main() -> None:
         sys.exit(0)
 
     tune_gc()
-    if "import" in sys.argv:
+    if "import" in sys.argv or "ingest" in sys.argv:
         from nixcas.cli import prewalk
 
         prewalk.start(sys.argv[1:])  # `import PATH`: its walk starts now, in a process of its own

@@ -1,17 +1,18 @@
-"""``nixcas import PATH``: the walk of PATH started before the command line loads.
+"""``nixcas import PATH`` and ``castore ingest PATH``: the walk of PATH started before the command line loads.
 
 Loading click, asyncio and the store's services takes longer than walking a
 tree of a few thousand files (BENCHMARKS.md).  :func:`start` recognizes the
-plain form of an import of one path,
+plain forms of an import of one path,
 
     nixcas [--store-dir DIR] import [--json] PATH
+    nixcas [--store-dir DIR] castore ingest [--json] PATH
 
-and forks the walk of PATH at once (:class:`~nixcas.castore.walkproc.WalkProcess`,
-hashing the NAR there with :class:`~nixcas.store.nar.hasher.NarHasher`).  The
-command then :func:`take`\\ s it for that path; anything else (another form, a
-usage error, a path the command names differently) leaves it untaken, and
-:func:`stop` ends it.  Whether or not a walk was started, the command does the
-same work and prints the same; the walk is only somewhere else.
+and forks the walk of PATH at once (:class:`~nixcas.castore.walkproc.WalkProcess`;
+for ``import``, hashing the NAR there with :class:`~nixcas.store.nar.hasher.NarHasher`).
+The command then :func:`take`\\ s it for that path; anything else (another form, a
+usage error, a path the command names differently, a tar archive) leaves it
+untaken, and :func:`stop` ends it.  Whether or not a walk was started, the
+command does the same work and prints the same; the walk is only somewhere else.
 
 Set ``NIXCAS_PREWALK=0`` to walk in the importing process itself.
 """
@@ -29,15 +30,17 @@ __all__ = ["ENV", "parse", "start", "stop", "take"]
 
 ENV = "NIXCAS_PREWALK"
 """``0``: no walk in a process of its own."""
+TAR_SUFFIXES = (b".tar", b".tar.gz", b".tgz", b".tar.xz", b".txz", b".tar.zst", b".tzst")
+"""The names ``castore ingest`` may take for a tar archive (``cli.castore.TAR_SUFFIXES``)."""
 
 _started: dict[bytes, WalkProcess] = {}
 
 
-def parse(argv: list[str]) -> bytes | None:
-    """The path of ``[--store-dir DIR] import [--json] PATH``, if ``argv`` is that form; else ``None``.
+def parse(argv: list[str]) -> tuple[str, bytes] | None:
+    """``("import" or "ingest", PATH)`` if ``argv`` is one of the plain forms; else ``None``.
 
     The path must be written as the command names it (no ``.`` or empty component, no
-    trailing ``/``), and exist.
+    trailing ``/``), exist, and for ``castore ingest`` not be named as a tar archive.
     """
     rest = argv
     if rest and rest[0].startswith("--store-dir"):
@@ -47,28 +50,35 @@ def parse(argv: list[str]) -> bytes | None:
             rest = rest[1:]
         else:
             return None
-    if rest[:1] != ["import"]:
+    if rest[:1] == ["import"]:
+        command, rest = "import", rest[1:]
+    elif rest[:2] == ["castore", "ingest"]:
+        command, rest = "ingest", rest[2:]
+    else:
         return None
-    operands = [arg for arg in rest[1:] if arg != "--json"]
-    if len(operands) != 1 or operands[0].startswith("-") or len(rest) - len(operands) > 2:
+    operands = [arg for arg in rest if arg != "--json"]
+    if len(operands) != 1 or operands[0].startswith("-") or len(rest) - len(operands) > 1:
         return None
     path = os.fsencode(operands[0])
     parts = path.split(b"/")
     if b"." in parts or b"" in parts[1:] or path == b"/" or not os.path.lexists(path):
         return None
-    return path
+    if command == "ingest" and path.endswith(TAR_SUFFIXES):
+        return None  # perhaps a tar archive: the command decides
+    return command, path
 
 
 def start(argv: list[str]) -> None:
-    """Start walking the path to import, if ``argv`` is the plain form (:func:`parse`); call before any thread."""
+    """Start walking the path to import, if ``argv`` is a plain form (:func:`parse`); call before any thread."""
     if os.environ.get(ENV) == "0":
         return
-    path = parse(argv)
-    if path is None:
+    parsed = parse(argv)
+    if parsed is None:
         return
     from nixcas.castore.walkproc import WalkProcess
 
-    _started[path] = WalkProcess.start(path, _nar_hasher)
+    command, path = parsed
+    _started[path] = WalkProcess.start(path, _nar_hasher if command == "import" else None)
 
 
 def take(path: str | os.PathLike[str]) -> WalkProcess | None:
