@@ -322,3 +322,15 @@ def test_an_interrupted_import_leaves_no_walking_process(tmp_path: Path) -> None
             return
         time.sleep(0.05)
     raise AssertionError("a process of the import's group is still running")
+
+
+def test_without_a_process_to_spare_the_command_walks_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "P").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    prewalk.start(["import", "P"])
+    assert prewalk.take("P") is None

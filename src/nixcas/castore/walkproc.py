@@ -118,7 +118,13 @@ class WalkProcess:
             pass  # a smaller pipe only means more wake-ups
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (message_r, message_w, release_r, release_w):
+                os.close(fd)
+            slots.close()
+            raise
         if pid == 0:  # the child
             code = 1
             try:

@@ -78,7 +78,10 @@ def start(argv: list[str]) -> None:
     from nixcas.castore.walkproc import WalkProcess
 
     command, path = parsed
-    _started[path] = WalkProcess.start(path, _nar_hasher if command == "import" else None)
+    try:
+        _started[path] = WalkProcess.start(path, _nar_hasher if command == "import" else None)
+    except OSError:
+        pass  # no process or memory to spare: the command walks the tree itself
 
 
 def take(path: str | os.PathLike[str]) -> WalkProcess | None:
