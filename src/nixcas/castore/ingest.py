@@ -3,12 +3,14 @@
 :func:`ingest_entries` is the generic core: it consumes entries children
 before parents, builds each Directory when its own entry arrives, validates
 the closure as it goes and commits it in one step at the end.
-:func:`ingest_path` feeds it from a filesystem walk: symlinks are not
-followed, the owner-exec bit becomes ``executable``, sockets/FIFOs/devices
-are refused with the path named, and so is anything nested deeper than
-:data:`~nixcas.castore.nodes.MAX_DEPTH`.  Reading runs in a worker thread; the
-contents go to the one uploader of :mod:`nixcas.castore.upload` (small files
-in batches, large ones streamed), which bounds the bytes in flight.
+:func:`ingest_path` feeds it from a filesystem walk (:mod:`nixcas.castore.walk`):
+symlinks are not followed, the owner-exec bit becomes ``executable``,
+sockets/FIFOs/devices are refused with the path named, and so is anything
+nested deeper than :data:`~nixcas.castore.nodes.MAX_DEPTH`.  The walk runs in
+a worker thread, or in a process of its own started earlier
+(:mod:`nixcas.castore.walkproc`); the contents go to the one uploader of
+:mod:`nixcas.castore.upload` (small files in batches, large ones streamed),
+which bounds the bytes in flight.
 """
 
 from __future__ import annotations
