@@ -252,3 +252,48 @@ async def test_every_ingest_feeds_the_uploader(tmp_path: Path, monkeypatch: pyte
     assert nar_root == root and size == len(nar)
     assert sorted(len(b) for b in nar_blobs.batches) == [1, 3, 3]
     assert sum(nar_blobs.writes) == upload_module.SMALL_BLOB + 1
+
+
+async def test_files_given_with_their_digests_have_their_nodes_at_once() -> None:
+    """small_hashed: the node at once, the blob stored with its batch (apart from files without a digest)."""
+    blobs = Recording()
+    blobs.gate = asyncio.Event()
+    async with Uploader(blobs) as uploader:
+        plain = uploader.small(b"plain", False)
+        hashed = uploader.small_hashed(b3(b"given"), memoryview(b"given"), True)  # a batch of its own
+        assert hashed == FileNode(b3(b"given"), 5, True)
+        empty = uploader.small_hashed(EMPTY_DIGEST, b"", False)
+        assert empty == FileNode(EMPTY_DIGEST, 0, False)
+        uploader.flush()
+        blobs.gate.set()
+        await uploader.finish()
+        assert await node_of(plain) == FileNode(b3(b"plain"), 5, False)
+    assert [[bytes(b) for b in batch] for batch in blobs.batches] == [[b"plain"], [b"given", b""]]
+    assert await blobs.read(b3(b"given")) == b"given"
+
+
+async def test_when_stored_waits_for_the_batches_started_since_the_last_call() -> None:
+    blobs = Recording()
+    blobs.gate = asyncio.Event()
+    called: list[str] = []
+    async with Uploader(blobs) as uploader:
+        uploader.when_stored(lambda: called.append("nothing held"))
+        assert called == ["nothing held"]  # nothing uploading: at once
+        uploader.small(b"a", False)
+        uploader.when_stored(lambda: called.append("a stored"))
+        uploader.small(b"b", False)
+        uploader.when_stored(lambda: called.append("b stored"))
+        await asyncio.sleep(0.05)
+        assert called == ["nothing held"]  # both batches wait at the gate
+        blobs.gate.set()
+        await uploader.finish()
+        await asyncio.sleep(0.01)  # the callbacks of the finished batches run
+        assert called == ["nothing held", "a stored", "b stored"]
+        blobs.gate = None
+        blobs.fail_batch = True
+        uploader.small(b"c", False)
+        uploader.when_stored(lambda: called.append("c done"))  # failed is done too
+        with pytest.raises(StorageError):
+            await uploader.finish()
+        await asyncio.sleep(0.01)
+        assert called[-1] == "c done"
