@@ -334,3 +334,45 @@ def test_without_a_process_to_spare_the_command_walks_itself(tmp_path: Path, mon
     monkeypatch.setattr(os, "fork", no_fork)
     prewalk.start(["import", "P"])
     assert prewalk.take("P") is None
+
+
+def test_a_slot_holds_any_batch_of_the_walk() -> None:
+    from nixcas.castore import walkproc
+
+    assert walkproc.SLOT_BYTES == walk_module.BATCH_BYTES + walk_module.SMALL_BLOB
+
+
+def test_nothing_but_the_walk_process_module_is_loaded_before_the_fork(tmp_path: Path) -> None:
+    """The earlier the fork, the earlier the walk: no click, asyncio, walk or data model before it."""
+    (tmp_path / "P").mkdir()
+    script = (
+        "import os, sys\n"
+        "real = os.fork\n"
+        "def fork():\n"
+        "    print(sorted(m for m in sys.modules if m.startswith(('nixcas', 'asyncio', 'click', 'blake3'))),"
+        " file=sys.stderr, flush=True)\n"
+        "    return real()\n"
+        "os.fork = fork\n"
+        "from nixcas.cli.main import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "--store-dir", str(tmp_path / "s"), "import", "P"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = done.stderr.splitlines()[0]
+    assert loaded == str(
+        [
+            "nixcas",
+            "nixcas._lazy",
+            "nixcas.castore",
+            "nixcas.castore.walkproc",
+            "nixcas.cli",
+            "nixcas.cli.main",
+            "nixcas.cli.prewalk",
+        ]
+    )

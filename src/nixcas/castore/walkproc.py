@@ -29,21 +29,18 @@ only the directories still open (linear in the depth).
 
 The child ignores ``SIGINT`` (the parent stops it) and ends when its work is
 done, or when the parent closes its end (a write fails, a read sees the end).
-Only this module, the walk and the data model are loaded before the fork.
+Only this module (and builtin modules) is loaded before the fork; the walk and the data model load
+on both sides after it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import marshal
 import mmap
 import os
-import signal
 import struct
 import sys
-import threading
-
-from nixcas.castore.walk import BATCH_BYTES, SMALL_BLOB
 
 TYPE_CHECKING = False  # not typing's: loaded before the fork, on the way to every import
 if TYPE_CHECKING:
@@ -66,8 +63,9 @@ __all__ = ["SLOTS", "SLOT_BYTES", "WalkProcess"]
 
 SLOTS = 5
 """Batches the child may have handed over and not had back: three uploading, one being read, one being filled."""
-SLOT_BYTES = BATCH_BYTES + SMALL_BLOB
-"""A batch's small files: it ends once it holds :data:`~nixcas.castore.walk.BATCH_BYTES`."""
+SLOT_BYTES = (16 << 20) + (256 << 10)
+"""A batch's small files: it ends once it holds :data:`~nixcas.castore.walk.BATCH_BYTES` (16 MiB), and each
+is at most :data:`~nixcas.castore.walk.SMALL_BLOB` (256 KiB).  Written out: the walk loads only after the fork."""
 PIPE_BYTES = 1 << 20
 """The pipe's capacity asked for: a batch's description in one go."""
 
@@ -95,8 +93,8 @@ class WalkProcess:
         self._result: Any = None
         self._status = 0
         self._done = False
-        self._lock = threading.Lock()
-        self._reap_lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
+        self._reap_lock = _thread.allocate_lock()
         self._reading = False
         self._closed = False
 
@@ -220,6 +218,8 @@ class WalkProcess:
         """Hand ``slot`` back to the child: nothing of its batch is read any more."""
         if self._closed or self._done:
             return
+        import contextlib  # (loaded by now; not before the fork)
+
         with contextlib.suppress(OSError):  # else the child is gone; its end (or error) is read from the other pipe
             os.write(self._releases, bytes((slot,)))
 
@@ -236,8 +236,11 @@ class WalkProcess:
                 return
             self._closed = True
             reading = self._reading
+        import contextlib
+        import signal
+
         if not self._done:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):  # else ended already
                 os.kill(self._pid, signal.SIGKILL)
         self._reap()
         with contextlib.suppress(OSError):
@@ -278,6 +281,8 @@ def _error(kind: str, message: str) -> Exception:
 def _child(
     root: bytes, messages: int, releases: int, slots: mmap.mmap, make_observer: Callable[[], ResultObserver] | None
 ) -> None:
+    import signal
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the walk
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

@@ -78,7 +78,7 @@ def start(argv: list[str]) -> None:
     from nixcas.castore.walkproc import WalkProcess
 
     command, path = parsed
-    try:
+    try:  # noqa: SIM105  # contextlib is not loaded yet here
         _started[path] = WalkProcess.start(path, _nar_hasher if command == "import" else None)
     except OSError:
         pass  # no process or memory to spare: the command walks the tree itself
