@@ -75,8 +75,8 @@ _HEADER = struct.Struct("<Q")
 # A batch's records, in walk order (ids name directories; -1 is the root's parent):
 _FILE = 0  # (_FILE, parent id, name, executable, size, offset in the slot or -1 for a large file, stamp, BLAKE3)
 _SYMLINK = 1  # (_SYMLINK, parent id, name, target)
-_LEAVE = 2  # (_LEAVE, id): the directory is done (its entry)
-_ENTER = 3  # (_ENTER, id, parent id, name): a directory, before its first record
+_LEAVE = 2  # (_LEAVE, id, None): the directory is done (its entry)
+_ENTER = 3  # (_ENTER, parent id, name, id): a directory, before its first record
 
 
 class WalkProcess:
@@ -174,33 +174,24 @@ class WalkProcess:
         root_name = os.path.basename(os.path.normpath(self.root)) or b"root"
         items: list[Item] = []
         for record in records:
-            tag = record[0]
+            tag, parent, name = record[:3]
+            if tag == _LEAVE:
+                items.append(IngestEntry(dirs.pop(parent)[0], None))
+                continue
+            if parent < 0:
+                path, fs_path = TreePath(None, root_name), self.root
+            else:
+                parent_path, prefix = dirs[parent]
+                path, fs_path = TreePath(parent_path, name), prefix + name
             if tag == _FILE:
-                _, parent, name, executable, size, offset, stamp, digest = record
-                path, fs_path = self._place(parent, name, root_name)
+                _, _, _, executable, size, offset, stamp, digest = record
                 data = None if offset < 0 else view[offset : offset + size] if size else b""
                 items.append(FileItem(path, fs_path, size, executable, data, stamp, digest))
             elif tag == _ENTER:
-                _, number, parent, name = record
-                if parent < 0:
-                    dirs[number] = (TreePath(None, root_name), self.root.rstrip(b"/") + b"/")
-                else:
-                    parent_path, prefix = dirs[parent]
-                    dirs[number] = (TreePath(parent_path, name), prefix + name + b"/")
-            elif tag == _LEAVE:
-                items.append(IngestEntry(dirs.pop(record[1])[0], None))
-            else:
-                _, parent, name, target = record
-                items.append(IngestEntry(self._place(parent, name, root_name)[0], SymlinkNode(target)))
+                dirs[record[3]] = (path, fs_path.rstrip(b"/") + b"/")
+            else:  # a symlink
+                items.append(IngestEntry(path, SymlinkNode(record[3])))
         return slot, items
-
-    def _place(self, parent: int, name: bytes, root_name: bytes) -> tuple[TreePath, bytes]:
-        from nixcas.castore.treepath import TreePath
-
-        if parent < 0:
-            return TreePath(None, root_name), self.root
-        parent_path, prefix = self._dirs[parent]
-        return TreePath(parent_path, name), prefix + name
 
     def _receive(self) -> Any:
         header = self._messages.read(_HEADER.size)
@@ -323,7 +314,7 @@ def _child(
             parent = -1 if path is None else ids[id(path)]
             for p in reversed(chain):
                 n = next(numbers)
-                records.append((_ENTER, n, parent, p.name))
+                records.append((_ENTER, parent, p.name, n))
                 ids[id(p)] = parent = n
             return parent
 
@@ -352,7 +343,7 @@ def _child(
                     parent = number(path.parent, records)
                     records.append((_FILE, parent, path.name, item.executable, item.size, at, item.stamp, digest))
                 elif item.node is None:
-                    records.append((_LEAVE, number(path, records)))
+                    records.append((_LEAVE, number(path, records), None))
                     del ids[id(path)]
                 else:
                     parent = number(path.parent, records)
