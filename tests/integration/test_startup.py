@@ -222,7 +222,13 @@ def test_help_imports_no_subcommand(tmp_path: Path) -> None:
         assert sorted(m for m in modules if m.startswith("nixcas.cli.")) == sorted(
             {"nixcas.cli.main", "nixcas.cli.app", "nixcas.cli.common", "nixcas.cli.fast", "nixcas.cli.lazy"}
             | (
-                {"nixcas.cli.castore", "nixcas.cli.mount", "nixcas.cli.render", "nixcas.cli.observe"}
+                {
+                    "nixcas.cli.castore",
+                    "nixcas.cli.mount",
+                    "nixcas.cli.render",
+                    "nixcas.cli.observe",
+                    "nixcas.cli.prewalk",
+                }
                 if args[0] == "castore"
                 else set()
             )

@@ -16,6 +16,7 @@ from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.cli.common import Settings, parse_digest, pass_settings, run, share_the_gil_finely
 from nixcas.cli.lazy import LazyCommand, LazyGroup
 from nixcas.cli.mount import mount_options, serve_mount, virtiofs_options
+from nixcas.cli.prewalk import TAR_SUFFIXES
 from nixcas.cli.render import ls_line, node_json, node_line
 from nixcas.errors import NixcasError, NotFoundError, ValidationError
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:  # each command imports what it uses: `castore ls` and `cat` s
     from nixcas.castore.blob.base import BlobService
     from nixcas.castore.digest import B3Digest
     from nixcas.castore.fs.roots import RootNodes
-
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
 
 
 def node_from_json(text: str) -> Node:

@@ -30,8 +30,8 @@ __all__ = ["ENV", "parse", "start", "stop", "take"]
 
 ENV = "NIXCAS_PREWALK"
 """``0``: no walk in a process of its own."""
-TAR_SUFFIXES = (b".tar", b".tar.gz", b".tgz", b".tar.xz", b".txz", b".tar.zst", b".tzst")
-"""The names ``castore ingest`` may take for a tar archive (``cli.castore.TAR_SUFFIXES``)."""
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+"""The names ``castore ingest --as auto`` takes for a tar archive (if the path is a file)."""
 
 _started: dict[bytes, WalkProcess] = {}
 
@@ -59,12 +59,12 @@ def parse(argv: list[str]) -> tuple[str, bytes] | None:
     operands = [arg for arg in rest if arg != "--json"]
     if len(operands) != 1 or operands[0].startswith("-") or len(rest) - len(operands) > 1:
         return None
+    if command == "ingest" and operands[0].endswith(TAR_SUFFIXES):
+        return None  # perhaps a tar archive: the command decides
     path = os.fsencode(operands[0])
     parts = path.split(b"/")
     if b"." in parts or b"" in parts[1:] or path == b"/" or not os.path.lexists(path):
         return None
-    if command == "ingest" and path.endswith(TAR_SUFFIXES):
-        return None  # perhaps a tar archive: the command decides
     return command, path
 
 
