@@ -297,3 +297,16 @@ async def test_when_stored_waits_for_the_batches_started_since_the_last_call() -
             await uploader.finish()
         await asyncio.sleep(0.01)
         assert called[-1] == "c done"
+
+
+async def test_a_file_without_its_digest_after_an_empty_one_with_it_is_hashed_by_the_store() -> None:
+    """A batch that held only the empty file's turn (nothing queued) takes either kind next."""
+    blobs = Recording()
+    async with Uploader(blobs) as uploader:
+        uploader.small_hashed(EMPTY_DIGEST, b"", False)  # stored with this batch
+        uploader.small_hashed(EMPTY_DIGEST, b"", False)  # stored already: nothing queued
+        uploader.flush()
+        plain = uploader.small(b"plain", False)
+        await uploader.finish()
+        assert await node_of(plain) == FileNode(b3(b"plain"), 5, False)
+    assert [[bytes(b) for b in batch] for batch in blobs.batches] == [[b""], [b"plain"]]

@@ -146,22 +146,7 @@ class Uploader:
 
     def small(self, data: bytes | memoryview, executable: bool) -> PendingFile | FileNode:
         """Queue a small file's contents for the current batch (held, not copied, until it is stored)."""
-        size = len(data)
-        batch = self._batch
-        if batch.digests is not None:  # a batch is either all given digests or none
-            self.flush()
-            batch = self._batch
-        if not size:
-            if not self._empty_stored:
-                self._empty_stored = True
-                batch.data.append(data)
-            return FileNode(EMPTY_DIGEST, 0, executable)
-        pending = PendingFile(size, executable, batch, len(batch.data))
-        batch.data.append(data)
-        batch.size += size
-        if len(batch.data) >= BATCH_FILES or batch.size >= BATCH_BYTES:
-            self.flush()
-        return pending
+        return self._queue(data, executable, None)
 
     def small_hashed(self, digest: B3Digest, data: bytes | memoryview, executable: bool) -> FileNode:
         """:meth:`small`, for contents whose BLAKE3 ``digest`` this program has just computed from these bytes.
@@ -171,25 +156,37 @@ class Uploader:
         :meth:`finish` returns.  For an import's walk in a process of its own,
         which hashes each file where it has the GIL to itself.
         """
+        node = self._queue(data, executable, digest)
+        assert isinstance(node, FileNode)
+        return node
+
+    def _queue(self, data: bytes | memoryview, executable: bool, digest: B3Digest | None) -> PendingFile | FileNode:
         size = len(data)
         batch = self._batch
-        if batch.digests is None:
+        if (batch.digests is None) != (digest is None):  # a batch is either all given digests or none
             if batch.data:
                 self.flush()
                 batch = self._batch
-            batch.digests = []
+            batch.digests = None if digest is None else []
+        digests = batch.digests
         if not size:
             if not self._empty_stored:
                 self._empty_stored = True
                 batch.data.append(data)
-                batch.digests.append(EMPTY_DIGEST)
+                if digests is not None:
+                    digests.append(EMPTY_DIGEST)
             return FileNode(EMPTY_DIGEST, 0, executable)
+        node: PendingFile | FileNode
+        if digests is None or digest is None:
+            node = PendingFile(size, executable, batch, len(batch.data))
+        else:
+            node = FileNode(digest, size, executable)
+            digests.append(digest)
         batch.data.append(data)
-        batch.digests.append(digest)
         batch.size += size
         if len(batch.data) >= BATCH_FILES or batch.size >= BATCH_BYTES:
             self.flush()
-        return FileNode(digest, size, executable)
+        return node
 
     def flush(self, *, synced: bool = False) -> None:
         """Start uploading the current batch (if it holds anything); ``synced``: the last one, a sync follows."""
