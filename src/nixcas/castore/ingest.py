@@ -30,7 +30,7 @@ from nixcas.castore.dirs.base import DirectoryPutter, DirectoryService
 from nixcas.castore.nodes import MAX_DEPTH, DirectoryNode, Node
 from nixcas.castore.treepath import TreePath
 from nixcas.castore.upload import PendingFile, Progress, Uploader, run_ahead
-from nixcas.castore.walk import FileItem, IngestEntry, Item, Stamp, stamp_of, walk
+from nixcas.castore.walk import FileItem, IngestEntry, Item, Stamp, root_name, stamp_of, walk
 from nixcas.errors import DepthError, IngestError, StorageError, ValidationError
 
 if TYPE_CHECKING:
@@ -228,8 +228,7 @@ async def _entries_from_walk(
     root: bytes, uploader: Uploader, observer: WalkObserver | None = None
 ) -> AsyncGenerator[list[IngestEntry], None]:
     """The walk's entries, a batch at a time: read in a worker thread, uploads started, in walk order."""
-    name = os.path.basename(os.path.normpath(root)) or b"root"
-    batches = walk(root, TreePath(None, name), observer)
+    batches = walk(root, TreePath(None, root_name(root)), observer)
     while (batch := await asyncio.to_thread(next, batches, None)) is not None:
         entries = [_hand_over(uploader, item) for item in batch]
         uploader.flush()  # one batch per hand-off: the consumer waits for these files next

@@ -34,6 +34,7 @@ __all__ = [
     "Stamp",
     "observe",
     "read_small",
+    "root_name",
     "stamp_of",
     "visit",
     "walk",
@@ -102,6 +103,11 @@ class FileItem:
 
 Item = IngestEntry | FileItem
 """What the walk yields: a file, or the entry of a symlink or of a directory (after its children)."""
+
+
+def root_name(fs_path: bytes) -> bytes:
+    """The name a walk of ``fs_path`` gives its root: the last component (``root`` for ``/``)."""
+    return os.path.basename(os.path.normpath(fs_path)) or b"root"
 
 
 def visit(fs_path: bytes, path: TreePath, st: os.stat_result | None = None) -> Item | list[bytes]:

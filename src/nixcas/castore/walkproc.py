@@ -142,7 +142,7 @@ class WalkProcess:
         """The next batch (its slot and items), ``None`` at the end; the walk's error, in order (blocking)."""
         from nixcas.castore.nodes import SymlinkNode
         from nixcas.castore.treepath import TreePath
-        from nixcas.castore.walk import FileItem, IngestEntry
+        from nixcas.castore.walk import FileItem, IngestEntry, root_name
 
         with self._lock:
             if self._closed or self._done:
@@ -171,7 +171,7 @@ class WalkProcess:
         _, slot, records = message
         view = self._view[slot * SLOT_BYTES : (slot + 1) * SLOT_BYTES]
         dirs = self._dirs
-        root_name = os.path.basename(os.path.normpath(self.root)) or b"root"
+        name_of_root = root_name(self.root)  # once a batch: cheap
         items: list[Item] = []
         for record in records:
             tag, parent, name = record[:3]
@@ -179,7 +179,7 @@ class WalkProcess:
                 items.append(IngestEntry(dirs.pop(parent)[0], None))
                 continue
             if parent < 0:
-                path, fs_path = TreePath(None, root_name), self.root
+                path, fs_path = TreePath(None, name_of_root), self.root
             else:
                 parent_path, prefix = dirs[parent]
                 path, fs_path = TreePath(parent_path, name), prefix + name
@@ -291,14 +291,13 @@ def _child(
         from blake3 import blake3 as hash_of
 
         from nixcas.castore.treepath import TreePath
-        from nixcas.castore.walk import FileItem, walk
+        from nixcas.castore.walk import FileItem, root_name, walk
 
         observer = make_observer() if make_observer is not None else None
         view = memoryview(slots)
         free = list(range(SLOTS))
         ids: dict[int, int] = {}  # id() of an open directory's TreePath -> its number
         numbers = iter(range(1 << 62))
-        root_name = os.path.basename(os.path.normpath(root)) or b"root"
 
         def number(path: TreePath | None, records: list[tuple[Any, ...]]) -> int:
             """The number of the directory ``path`` (-1: none), its undefined ancestors defined first."""
@@ -318,7 +317,7 @@ def _child(
                 ids[id(p)] = parent = n
             return parent
 
-        for batch in walk(root, TreePath(None, root_name), observer):
+        for batch in walk(root, TreePath(None, root_name(root)), observer):
             if not free:
                 got = os.read(releases, 1)
                 if not got:
