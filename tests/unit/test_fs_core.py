@@ -13,6 +13,7 @@ import io
 import itertools
 import os
 import random
+import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
 from nixcas.castore.fs.directories import DirectoryFetcher
 from nixcas.castore.fs.ops import FileHandle, FsCore, FsError, RootListing
-from nixcas.castore.fs.reader import ChunkedFile, ReadAhead
+from nixcas.castore.fs.reader import ChunkedFile, InOrderHash, ReadAhead
 from nixcas.castore.fs.roots import DirectoryRootNodes
 from nixcas.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from nixcas.castore.sizerule import SizeRule
@@ -504,13 +505,24 @@ async def test_chunked_file_damaged_chunk_fails_only_the_reads_that_cover_it() -
 
 
 async def test_chunked_file_chunk_list_not_making_up_the_blob_fails_at_the_end() -> None:
-    """Every chunk is right but the list is not the blob's (two chunks swapped): the last read fails."""
+    """Every chunk is right but the list is not the blob's (two chunks swapped): the last read fails, and so does
+    every read after the whole blob was hashed (read ahead, it may be before the end is asked for)."""
     blobs = ChunkedMemory()
     digest, chunks = await blobs.put_chunked(BIG, chunk_cuts(len(BIG), 3))
     swapped = [chunks[1], chunks[0], *chunks[2:]]
     cf = ChunkedFile(blobs, digest, swapped, name="swapped")
+    as_listed = (
+        BIG[chunks[0].size : chunks[0].size + chunks[1].size]
+        + BIG[: chunks[0].size]
+        + BIG[chunks[0].size + chunks[1].size :]
+    )
+    failed = False
     for offset in range(0, len(BIG) - MiB, MiB):
-        await cf.pread(offset, MiB)
+        try:
+            assert await cf.pread(offset, MiB) == as_listed[offset : offset + MiB]
+            assert not failed
+        except ChecksumMismatch:
+            failed = True
     with pytest.raises(ChecksumMismatch, match="swapped"):
         await cf.pread(len(BIG) - MiB, MiB)
     with pytest.raises(ChecksumMismatch):  # and stays failed
@@ -526,6 +538,56 @@ async def test_chunked_file_chunk_list_not_making_up_the_blob_fails_at_the_end()
     right = ChunkedFile(blobs, digest, chunks)
     assert b"".join([await right.pread(o, 300_000) for o in range(0, len(BIG), 300_000)]) == BIG
     await right.close()
+
+
+def _groups_of(data: bytes, n: int) -> list[list[bytes]]:
+    """``data`` cut into ``n`` groups of two pieces each."""
+    step = -(-len(data) // n)
+    out = []
+    for lo in range(0, len(data), step):
+        group = data[lo : lo + step]
+        out.append([group[: len(group) // 2], group[len(group) // 2 :]])
+    return out
+
+
+def test_in_order_hash_takes_groups_offered_out_of_order_from_many_threads() -> None:
+    groups = _groups_of(BIG, 40)
+    order = list(range(len(groups)))
+    random.Random(3).shuffle(order)  # noqa: S311
+    for expected, mismatch in ((B3Digest.of(BIG), None), (B3Digest.of(b"other"), blake3.blake3(BIG).hexdigest())):
+        whole = InOrderHash(bytes(expected), len(groups), keep=len(groups))
+
+        def offer(part: list[int], whole: InOrderHash = whole) -> None:
+            for g in part:
+                whole.offer(g, groups[g])
+
+        threads = [threading.Thread(target=offer, args=(order[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        whole.settle()
+        assert whole.finished and whole.position == len(groups)
+        assert whole.mismatch == mismatch
+
+
+def test_in_order_hash_keeps_few_groups_and_stops_at_a_gap() -> None:
+    groups = _groups_of(BIG, 10)
+    whole = InOrderHash(bytes(B3Digest.of(BIG)), len(groups), keep=2)
+    whole.offer(5, groups[5])  # too far ahead: let go
+    whole.offer(2, groups[2])
+    whole.discard(2)  # dropped from the window: let go too
+    for g in (0, 1, 3, 4):
+        whole.offer(g, groups[g])
+    assert whole.position == 2 and not whole.finished  # stopped at the gap
+    for g in range(2, 10):
+        whole.offer(g, groups[g])
+    assert whole.finished and whole.mismatch is None
+    closed = InOrderHash(bytes(B3Digest.of(BIG)), len(groups), keep=10)
+    closed.offer(0, groups[0])
+    closed.close()
+    closed.offer(1, groups[1])
+    assert closed.position == 1 and not closed.finished
 
 
 async def test_chunked_file_over_the_embedded_store_reads_chunk_objects_checked(

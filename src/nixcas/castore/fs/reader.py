@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Sequence
 
@@ -35,7 +36,16 @@ from nixcas.castore.blob.buffers import ReusedBuffers, chunk_room, read_in_rooms
 from nixcas.castore.digest import B3Digest
 from nixcas.errors import ChecksumMismatch, StorageError
 
-__all__ = ["AHEAD", "BEHIND", "CHUNKS_AHEAD", "CHUNKS_BEHIND", "CHUNKS_PARALLEL", "ChunkedFile", "ReadAhead"]
+__all__ = [
+    "AHEAD",
+    "BEHIND",
+    "CHUNKS_AHEAD",
+    "CHUNKS_BEHIND",
+    "CHUNKS_PARALLEL",
+    "ChunkedFile",
+    "InOrderHash",
+    "ReadAhead",
+]
 
 AHEAD = 8 * READ_BLOCK
 """How far past the furthest byte asked for the background task reads (8 MiB)."""
@@ -252,13 +262,16 @@ class ChunkedFile:
     on them), so memory stays bounded by the window.
 
     The chunk list itself is checked the way :class:`VerifyingReader` checks a
-    stream: the chunks fetched in order from the first one are fed, in
-    order, to one BLAKE3 hasher of the whole blob, on a worker thread and
-    overlapped with serving; a read that reaches the end of the blob waits
-    for that hash (and for the groups before it still on their way) and fails
-    unless it is the blob's digest (and every later read fails the same way).  A read that jumped over chunks leaves the
-    whole-blob hash behind at the first group not read, as a seek does for
-    :class:`VerifyingReader`; it resumes when that group is read.
+    stream: the groups fetched in order from the first one are fed, in
+    order, to one BLAKE3 hasher of the whole blob (:class:`InOrderHash`), by
+    the worker thread that read each group, right after reading it (its bytes
+    still in the CPU's cache), overlapped with serving; a read that reaches
+    the end of the blob waits for that hash (and for the groups before it
+    still on their way) and fails unless it is the blob's digest; once the
+    whole blob hashed to another digest, every read fails.  A read that
+    jumped over chunks leaves the whole-blob hash behind at the first group
+    not read, as a seek does for :class:`VerifyingReader`; it resumes when
+    that group is read.
     """
 
     def __init__(
@@ -301,13 +314,10 @@ class ChunkedFile:
         """Group index -> reads waiting on it (never dropped while pinned)."""
         self._furthest = 0
         """The end of the furthest read of the current sequential run."""
-        self._hasher = blake3.blake3()
-        self._queued = 0
-        """Groups handed to the whole-blob hash so far (always the first ones, in order)."""
-        self._backlog: deque[bytes | memoryview] = deque()
-        self._hash_task: asyncio.Task[None] | None = None
+        self._whole = InOrderHash(
+            bytes(digest), len(self._groups), keep=(ahead + behind) // max(1, group) + parallel + 2
+        )
         self._whole_error: StorageError | None = None
-        self._whole_checked = False
         self._closed = False
 
     @property
@@ -329,8 +339,7 @@ class ChunkedFile:
             raise StorageError(f"{self._name}: reader is closed")
         if offset < 0 or n < 0:
             raise ValueError(f"negative offset or size ({offset}, {n})")
-        if self._whole_error is not None:
-            raise self._whole_error
+        self._raise_whole_error()
         stop = min(self._size, offset + n)
         if offset >= stop:
             return []
@@ -391,9 +400,9 @@ class ChunkedFile:
 
     def _trim(self, low: int, high: int) -> None:
         """Drop (and stop fetching) the groups outside ``[low, high]`` that no read waits on."""
-        self._feed_hash()  # first, so nothing fetched in order is dropped before it is hashed
         for g in [g for g in self._window if (g < low or g > high) and g not in self._pins]:
             fetch = self._window.pop(g)
+            self._whole.discard(g)
             if fetch.done():
                 if not fetch.cancelled():
                     fetch.exception()  # fetched ahead and never read: its error goes with it
@@ -404,21 +413,25 @@ class ChunkedFile:
         fetch = self._window.get(g)
         if fetch is None:
             fetch = self._window[g] = asyncio.ensure_future(self._read_group(g))
-            fetch.add_done_callback(lambda _: self._feed_hash())
         return fetch
 
     async def _read_group(self, g: int) -> list[bytes | memoryview | Exception]:
-        """The chunks of group ``g``, each checked against its digest, or the error that stopped it."""
+        """The chunks of group ``g``, each checked against its digest, or the error that stopped it.
+
+        A group read whole is offered to the whole-blob hash by the thread that read it, right away.
+        """
         chunks = self._chunks[slice(*self._group_chunks(g))]
         async with self._slots:
             if self._reads is not None:
-                read = await asyncio.to_thread(_read_chunks, self._reads, chunks)
+                read = await asyncio.to_thread(_read_chunks, self._reads, chunks, self._whole, g)
                 if read is not None:
                     return list(read)
             try:  # every chunk is a blob by itself: read_many checks each against its digest
                 found = await self._blobs.read_many({c.digest: c.size for c in chunks})
                 if all(len(found.get(c.digest, b"")) == c.size for c in chunks):
-                    return [found[c.digest] for c in chunks]
+                    pieces: list[bytes | memoryview] = [found[c.digest] for c in chunks]
+                    await asyncio.to_thread(self._whole.offer, g, pieces)
+                    return list(pieces)
             except Exception:  # noqa: S110 - one by one below, to tell which chunk is wrong
                 pass
             out: list[bytes | memoryview | Exception] = []
@@ -430,58 +443,39 @@ class ChunkedFile:
                     out.append(data)
                 except Exception as e:
                     out.append(e)
+            if not any(isinstance(c, Exception) for c in out):
+                await asyncio.to_thread(self._whole.offer, g, [c for c in out if not isinstance(c, Exception)])
             return out
 
     # -- the whole-blob hash ------------------------------------------------------------
-
-    def _feed_hash(self) -> None:
-        """Queue for the whole-blob hash every group fetched right after those already queued."""
-        while (fetch := self._window.get(self._queued)) is not None and fetch.done():
-            if fetch.cancelled() or fetch.exception() is not None:
-                return
-            chunks = fetch.result()
-            if any(isinstance(c, Exception) for c in chunks):
-                return
-            self._backlog.extend(c for c in chunks if not isinstance(c, Exception))
-            self._queued += 1
-        if self._backlog and (self._hash_task is None or self._hash_task.done()) and not self._closed:
-            self._hash_task = asyncio.ensure_future(self._hash())
-
-    async def _hash(self) -> None:
-        while self._backlog:
-            batch = list(self._backlog)
-            self._backlog.clear()
-            await asyncio.to_thread(self._hash_batch, batch)
-        if self._queued == len(self._groups) and not self._whole_checked:
-            self._whole_checked = True
-            got = B3Digest(self._hasher.digest())
-            if got != self._digest:
-                self._whole_error = ChecksumMismatch(f"{self._name}", self._digest.hex(), got.hex())
-
-    def _hash_batch(self, batch: list[bytes | memoryview]) -> None:
-        for data in batch:
-            self._hasher.update(data)
 
     async def _check_whole(self) -> None:
         """At the end of the blob: if it was read in order from the start, its digest must match (waits).
 
         Reads of one file arrive concurrently, so the groups between the
         whole-blob hash and the end may still be on their way: while they are
-        all held, wait for them.  A gap (a group never fetched, or dropped after
-        a jump) means the blob was not read in order; only its chunks are checked.
+        all held, wait for them (each is offered to the hash by the thread that
+        read it), then for the hash.  A gap (a group never fetched, or dropped
+        after a jump) means the blob was not read in order; only its chunks are
+        checked.
         """
-        while self._queued < len(self._groups):
-            fetch = self._window.get(self._queued)
+        g = self._whole.position
+        while g < len(self._groups):
+            fetch = self._window.get(g)
             if fetch is None:
                 break
-            queued = self._queued
             await asyncio.wait([fetch])
-            self._feed_hash()
-            if self._queued == queued:  # that group failed, or was dropped meanwhile
+            if fetch.cancelled() or fetch.exception() is not None:
                 break
-        if self._queued == len(self._groups):
-            while (task := self._hash_task) is not None and not task.done():
-                await asyncio.shield(task)
+            g += 1
+        if g == len(self._groups) and not self._whole.finished:
+            await asyncio.to_thread(self._whole.settle)
+        self._raise_whole_error()
+
+    def _raise_whole_error(self) -> None:
+        """Once the whole blob hashed to another digest, every read fails."""
+        if self._whole_error is None and (got := self._whole.mismatch) is not None:
+            self._whole_error = ChecksumMismatch(f"{self._name}", self._digest.hex(), got)
         if self._whole_error is not None:
             raise self._whole_error
 
@@ -492,22 +486,98 @@ class ChunkedFile:
         self._closed = True
         fetches = list(self._window.values())
         self._window.clear()
-        self._backlog.clear()
+        self._whole.close()
         for fetch in fetches:
             fetch.cancel()
         await asyncio.gather(*fetches, return_exceptions=True)
-        if self._hash_task is not None:
-            await asyncio.gather(self._hash_task, return_exceptions=True)
 
 
-def _read_chunks(reads: BulkReads, chunks: Sequence[ChunkMeta]) -> list[bytes | memoryview] | None:
-    """Each chunk read and checked into one reused buffer (views of it); ``None`` if one cannot be (the caller
-    then reads the group through the async API, which tells which chunk is wrong and why)."""
+def _read_chunks(
+    reads: BulkReads, chunks: Sequence[ChunkMeta], whole: InOrderHash, g: int
+) -> list[bytes | memoryview] | None:
+    """Each chunk read and checked into one reused buffer (views of it), then offered to the whole-blob hash as
+    group ``g``; ``None`` if one cannot be (the caller then reads the group through the async API, which tells
+    which chunk is wrong and why)."""
     buffer = _GROUP_BUFFERS.take(sum(chunk_room(c.size) for c in chunks))
     try:
         pieces = read_in_rooms(reads, chunks, buffer)
         if len(pieces) != len(chunks) or any(len(p) != c.size for p, c in zip(pieces, chunks, strict=True)):
             return None
-        return pieces
     finally:
         _GROUP_BUFFERS.give(buffer)  # taken again only once no view of it is alive
+    whole.offer(g, pieces)
+    return pieces
+
+
+class InOrderHash:
+    """The BLAKE3 of a whole blob, fed its groups of chunks in order by whichever threads read them.
+
+    A group offered out of order waits (at most ``keep`` of them, the rest are
+    let go: the hash then stops at the gap, as after a jump).  The first
+    thread that offers the next group hashes it, and every waiting group
+    after it, while the others only leave theirs: no thread ever waits for
+    another, and a group is hashed right after it was read, while its bytes
+    are still in the CPU's cache.  Once all ``groups`` are hashed,
+    :attr:`finished` is true and :attr:`mismatch` the hex digest found if it
+    is not ``expected``.
+    """
+
+    def __init__(self, expected: bytes, groups: int, *, keep: int) -> None:
+        self._expected = expected
+        self._groups = groups
+        self._keep = keep
+        self._hasher = blake3.blake3()
+        self._cond = threading.Condition()
+        self._waiting: dict[int, Sequence[bytes | memoryview]] = {}
+        self._busy = False
+        self._closed = False
+        self.position = 0
+        """Groups hashed so far (always the first ones)."""
+        self.mismatch: str | None = None
+        """The whole blob's BLAKE3 (hex), once every group is hashed, if it is not the expected one."""
+
+    @property
+    def finished(self) -> bool:
+        return self.position == self._groups
+
+    def offer(self, g: int, pieces: Sequence[bytes | memoryview]) -> None:
+        """Group ``g``'s verified chunks; hashed now if it is the next group (and those waiting after it)."""
+        with self._cond:
+            if self._closed or g < self.position or g in self._waiting or g - self.position > self._keep:
+                return
+            self._waiting[g] = pieces
+            if self._busy:
+                return  # the thread hashing now takes it too
+            self._busy = True
+        try:
+            while True:
+                with self._cond:
+                    batch = None if self._closed else self._waiting.pop(self.position, None)
+                    if batch is None:
+                        return
+                for data in batch:
+                    self._hasher.update(data)
+                with self._cond:
+                    self.position += 1
+                    if self.position == self._groups and (got := self._hasher.digest()) != self._expected:
+                        self.mismatch = got.hex()
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def discard(self, g: int) -> None:
+        """Group ``g`` is no longer held: let it go if it waits (the hash stops there unless it is offered again)."""
+        with self._cond:
+            self._waiting.pop(g, None)
+
+    def settle(self) -> None:
+        """Wait until no thread is hashing (blocking: from a worker thread)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy)
+
+    def close(self) -> None:
+        """Stop hashing and let every waiting group go."""
+        with self._cond:
+            self._closed = True
+            self._waiting.clear()
