@@ -42,6 +42,7 @@ __all__ = [
     "CHUNKS_AHEAD",
     "CHUNKS_BEHIND",
     "CHUNKS_PARALLEL",
+    "CHUNKS_PARALLEL_LOCAL",
     "ChunkedFile",
     "InOrderHash",
     "ReadAhead",
@@ -233,7 +234,11 @@ CHUNKS_BEHIND = 4 * READ_BLOCK
 """How much already-read data :class:`ChunkedFile` keeps for reads the kernel sends out of order (4 MiB)."""
 
 CHUNKS_PARALLEL = 3
-"""Groups of chunks one :class:`ChunkedFile` fetches at once (each read, decompressed and hashed on a thread)."""
+"""Groups of chunks one :class:`ChunkedFile` fetches at once from a store it waits on (a network's latency)."""
+
+CHUNKS_PARALLEL_LOCAL = 2
+"""The same for a store read on this machine's threads (:class:`BulkReads`): as many as a small machine has
+cores; a third adds CPU (the threads take turns) and no speed (BENCHMARKS.md, FUSE run L)."""
 
 CHUNKS_GROUP = 2 * READ_BLOCK
 """Consecutive chunks :class:`ChunkedFile` fetches together, in one :meth:`BlobService.read_many` (2 MiB)."""
@@ -256,7 +261,9 @@ class ChunkedFile:
     sends that group's chunks through :meth:`BlobService.read_chunk` one by
     one, so a read never hands out a byte of a chunk that did not verify and
     a damaged chunk fails exactly the reads that cover it.  While the reader
-    goes forward, up to ``parallel`` groups are fetched at once, up to
+    goes forward, up to ``parallel`` groups are fetched at once (by default
+    :data:`CHUNKS_PARALLEL_LOCAL` with :class:`BulkReads`, else
+    :data:`CHUNKS_PARALLEL`), up to
     ``ahead`` bytes past the furthest byte asked for; groups more than
     ``behind`` bytes behind the reader are dropped (unless a read still waits
     on them), so memory stays bounded by the window.
@@ -282,12 +289,14 @@ class ChunkedFile:
         *,
         ahead: int = CHUNKS_AHEAD,
         behind: int = CHUNKS_BEHIND,
-        parallel: int = CHUNKS_PARALLEL,
+        parallel: int | None = None,
         group: int = CHUNKS_GROUP,
         name: str = "blob",
     ) -> None:
         self._blobs = blobs
         self._reads = blobs.bulk_reads()
+        if parallel is None:
+            parallel = CHUNKS_PARALLEL if self._reads is None else CHUNKS_PARALLEL_LOCAL
         self._digest = digest
         self._chunks = list(chunks)
         self._starts: list[int] = []
