@@ -14,6 +14,8 @@ import itertools
 import os
 import random
 import threading
+import time
+import types
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
 from nixcas.castore.dirs.base import DirectoryService
 from nixcas.castore.dirs.memory import MemoryDirectoryService
+from nixcas.castore.fs import reader as reader_module
 from nixcas.castore.fs.directories import DirectoryFetcher
 from nixcas.castore.fs.ops import FileHandle, FsCore, FsError, RootListing
 from nixcas.castore.fs.reader import ChunkedFile, InOrderHash, ReadAhead
@@ -555,7 +558,7 @@ def test_in_order_hash_takes_groups_offered_out_of_order_from_many_threads() -> 
     order = list(range(len(groups)))
     random.Random(3).shuffle(order)  # noqa: S311
     for expected, mismatch in ((B3Digest.of(BIG), None), (B3Digest.of(b"other"), blake3.blake3(BIG).hexdigest())):
-        whole = InOrderHash(bytes(expected), len(groups), keep=len(groups))
+        whole = InOrderHash(bytes(expected), len(groups))
 
         def offer(part: list[int], whole: InOrderHash = whole) -> None:
             for g in part:
@@ -571,19 +574,58 @@ def test_in_order_hash_takes_groups_offered_out_of_order_from_many_threads() -> 
         assert whole.mismatch == mismatch
 
 
-def test_in_order_hash_keeps_few_groups_and_stops_at_a_gap() -> None:
+async def test_chunked_file_read_in_order_is_hashed_whole_however_far_the_hash_lags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole-blob hash may fall far behind the reader (a slow hasher here): groups dropped from the window
+    meanwhile are still hashed, so a wrong chunk list still fails the read of the end."""
+
+    real = blake3.blake3
+
+    class SlowHasher:
+        def __init__(self) -> None:
+            self._inner = real()
+
+        def update(self, data: bytes | memoryview) -> None:
+            time.sleep(0.002)
+            self._inner.update(data)
+
+        def digest(self) -> bytes:
+            return self._inner.digest()
+
+    monkeypatch.setattr(reader_module, "blake3", types.SimpleNamespace(blake3=SlowHasher))
+    blobs = ChunkedMemory()
+    digest, chunks = await blobs.put_chunked(BIG, chunk_cuts(len(BIG), 3))
+    swapped = [chunks[1], chunks[0], *chunks[2:]]
+    cf = ChunkedFile(blobs, digest, swapped, name="swapped", ahead=256 << 10, behind=0, group=128 << 10)
+
+    async def read_all() -> None:
+        for offset in range(0, len(BIG), 128 << 10):
+            await cf.pread(offset, 128 << 10)
+
+    with pytest.raises(ChecksumMismatch, match="swapped"):
+        await read_all()
+    await cf.close()
+
+
+def test_in_order_hash_lets_go_only_what_waits_behind_a_gap() -> None:
     groups = _groups_of(BIG, 10)
-    whole = InOrderHash(bytes(B3Digest.of(BIG)), len(groups), keep=2)
-    whole.offer(5, groups[5])  # too far ahead: let go
-    whole.offer(2, groups[2])
-    whole.discard(2)  # dropped from the window: let go too
-    for g in (0, 1, 3, 4):
+    whole = InOrderHash(bytes(B3Digest.of(BIG)), len(groups))
+    for g in (1, 2, 3):
         whole.offer(g, groups[g])
-    assert whole.position == 2 and not whole.finished  # stopped at the gap
-    for g in range(2, 10):
+    assert whole.position == 0  # group 0 not offered yet: they wait
+    whole.let_go(lambda g: g == 0)  # group 0 is being read: the hash can go on, nothing is let go
+    whole.offer(0, groups[0])
+    assert whole.position == 4
+    for g in (5, 6, 7):
+        whole.offer(g, groups[g])
+    whole.let_go(lambda g: g == 7)  # group 4 is held nowhere (a jump): 5 and 6 go, 7 is still held
+    whole.offer(4, groups[4])
+    assert whole.position == 5 and not whole.finished  # stopped at the gap left by 5
+    for g in range(5, 10):
         whole.offer(g, groups[g])
     assert whole.finished and whole.mismatch is None
-    closed = InOrderHash(bytes(B3Digest.of(BIG)), len(groups), keep=10)
+    closed = InOrderHash(bytes(B3Digest.of(BIG)), len(groups))
     closed.offer(0, groups[0])
     closed.close()
     closed.offer(1, groups[1])

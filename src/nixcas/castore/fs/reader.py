@@ -27,7 +27,7 @@ import bisect
 import contextlib
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import blake3
 
@@ -323,9 +323,7 @@ class ChunkedFile:
         """Group index -> reads waiting on it (never dropped while pinned)."""
         self._furthest = 0
         """The end of the furthest read of the current sequential run."""
-        self._whole = InOrderHash(
-            bytes(digest), len(self._groups), keep=(ahead + behind) // max(1, group) + parallel + 2
-        )
+        self._whole = InOrderHash(bytes(digest), len(self._groups))
         self._whole_error: StorageError | None = None
         self._closed = False
 
@@ -411,12 +409,12 @@ class ChunkedFile:
         """Drop (and stop fetching) the groups outside ``[low, high]`` that no read waits on."""
         for g in [g for g in self._window if (g < low or g > high) and g not in self._pins]:
             fetch = self._window.pop(g)
-            self._whole.discard(g)
             if fetch.done():
                 if not fetch.cancelled():
                     fetch.exception()  # fetched ahead and never read: its error goes with it
             else:
                 fetch.cancel()
+        self._whole.let_go(self._window.__contains__)
 
     def _fetch(self, g: int) -> asyncio.Future[list[bytes | memoryview | Exception]]:
         fetch = self._window.get(g)
@@ -521,20 +519,22 @@ def _read_chunks(
 class InOrderHash:
     """The BLAKE3 of a whole blob, fed its groups of chunks in order by whichever threads read them.
 
-    A group offered out of order waits (at most ``keep`` of them, the rest are
-    let go: the hash then stops at the gap, as after a jump).  The first
-    thread that offers the next group hashes it, and every waiting group
-    after it, while the others only leave theirs: no thread ever waits for
-    another, and a group is hashed right after it was read, while its bytes
-    are still in the CPU's cache.  Once all ``groups`` are hashed,
+    The first thread that offers the next group hashes it, and every group
+    waiting after it, while the others only leave theirs: no thread ever
+    waits for another, and a group is hashed right after it was read, while
+    its bytes are still in the CPU's cache.  Once all ``groups`` are hashed,
     :attr:`finished` is true and :attr:`mismatch` the hex digest found if it
     is not ``expected``.
+
+    Nothing offered is let go while the hash can still go on, so a blob read
+    in order is always hashed whole; groups that wait behind a gap (a jump
+    left the next group unread) are let go with the window that held them
+    (:meth:`let_go`).
     """
 
-    def __init__(self, expected: bytes, groups: int, *, keep: int) -> None:
+    def __init__(self, expected: bytes, groups: int) -> None:
         self._expected = expected
         self._groups = groups
-        self._keep = keep
         self._hasher = blake3.blake3()
         self._cond = threading.Condition()
         self._waiting: dict[int, Sequence[bytes | memoryview]] = {}
@@ -552,7 +552,7 @@ class InOrderHash:
     def offer(self, g: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Group ``g``'s verified chunks; hashed now if it is the next group (and those waiting after it)."""
         with self._cond:
-            if self._closed or g < self.position or g in self._waiting or g - self.position > self._keep:
+            if self._closed or g < self.position or g in self._waiting:
                 return
             self._waiting[g] = pieces
             if self._busy:
@@ -575,10 +575,14 @@ class InOrderHash:
                 self._busy = False
                 self._cond.notify_all()
 
-    def discard(self, g: int) -> None:
-        """Group ``g`` is no longer held: let it go if it waits (the hash stops there unless it is offered again)."""
+    def let_go(self, held: Callable[[int], bool]) -> None:
+        """Let waiting groups go that are no longer ``held``, if the hash is stuck: the next group is neither
+        being hashed, nor waiting, nor held (being read, or read) by the caller."""
         with self._cond:
-            self._waiting.pop(g, None)
+            if self._busy or self.position in self._waiting or held(self.position):
+                return
+            for g in [g for g in self._waiting if not held(g)]:
+                del self._waiting[g]
 
     def settle(self) -> None:
         """Wait until no thread is hashing (blocking: from a worker thread)."""
