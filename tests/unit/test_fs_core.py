@@ -677,6 +677,41 @@ async def test_chunked_file_over_the_embedded_store_reads_chunk_objects_checked(
         await blobs.close()
 
 
+async def test_chunked_file_asks_the_disk_for_each_group_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before reading a group of chunk objects one after another, the reader hints all but the first (read at
+    once anyway) to the store, which asks the kernel to read them ahead; a digest that is no chunk file is
+    ignored."""
+    from nixcas.composition import blob_service_from_url
+
+    blobs = await blob_service_from_url(f"packed://{tmp_path / 'blobs'}")
+    try:
+        data = blake3.blake3(b"hinted").digest(length=6 << 20)
+        digest = await blobs.put(data)
+        chunks = await blobs.chunks(digest)
+        assert chunks is not None and len(chunks) > 4
+        reads = blobs.bulk_reads()
+        assert reads is not None
+        reads.will_read_chunks([bytes(c.digest) for c in chunks] + [b"\0" * 32])  # a real one: no error
+        hinted: list[list[bytes]] = []
+        monkeypatch.setattr(type(reads), "will_read_chunks", lambda self, digests: hinted.append(list(digests)))
+        cf = ChunkedFile(blobs, digest, chunks, name="big")
+        assert b"".join([await cf.pread(o, 1 << 20) for o in range(0, len(data), 1 << 20)]) == data
+        await cf.close()
+        index = {bytes(c.digest): i for i, c in enumerate(chunks)}
+        groups = []
+        for h in hinted:  # each: a group's chunks in order, but its first
+            first = index[h[0]] - 1
+            assert h == [bytes(c.digest) for c in chunks[first + 1 : first + 1 + len(h)]]
+            groups.append((first, first + 1 + len(h)))
+        groups.sort()
+        assert groups[0][0] == 0 and groups[-1][1] == len(chunks)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))  # every chunk, each group once
+    finally:
+        await blobs.close()
+
+
 async def test_chunked_file_missing_chunk_is_an_error_and_retried() -> None:
     blobs, cf, chunks = await chunked_file()
     data = blobs._blobs.pop(chunks[3].digest)

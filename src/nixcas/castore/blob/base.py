@@ -333,6 +333,12 @@ class BulkReads(ABC):
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
 
+    def will_read_chunks(self, digests: Sequence[bytes]) -> None:
+        """A hint: these chunks (raw digests) are read next, one after another.  A backend that reads files asks
+        the kernel to start reading them all now, so a group of chunks not in the page cache waits for the disk
+        once, not once per chunk; by default nothing.  Errors are ignored."""
+        return
+
     def read_chunk_into(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One chunk of a chunked blob (raw digest, exact size), verified: by default :meth:`read_whole`."""
         return self.read_whole(digest, size, buffer)

@@ -505,6 +505,8 @@ def _read_chunks(
     """Each chunk read and checked into one reused buffer (views of it), then offered to the whole-blob hash as
     group ``g``; ``None`` if one cannot be (the caller then reads the group through the async API, which tells
     which chunk is wrong and why)."""
+    if len(chunks) > 1:  # from the disk at once, if they must be
+        reads.will_read_chunks([bytes(c.digest) for c in chunks[1:]])
     buffer = _GROUP_BUFFERS.take(sum(chunk_room(c.size) for c in chunks))
     try:
         pieces = read_in_rooms(reads, chunks, buffer)

@@ -8,6 +8,7 @@ byte is returned.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -24,7 +25,7 @@ from nixcas.castore.blob.chunking import (
     compressed_bound,
     decompress_at_most,
 )
-from nixcas.castore.blob.wholeread import read_chunks_into
+from nixcas.castore.blob.wholeread import object_path, read_chunks_into
 from nixcas.castore.digest import EMPTY_DIGEST, B3Digest
 from nixcas.castore.objectstore.codec import decode_chunk
 from nixcas.castore.objectstore.disk import READ_ONLY
@@ -160,6 +161,18 @@ class DiskReads(DiskSweep, BulkReads):
             return self._read_whole_sync(digest, size, chunks or [ChunkMeta(B3Digest(digest), size)], buffer)
         except (OSError, StorageError, zstandard.ZstdError):
             return None
+
+    def will_read_chunks(self, digests: Sequence[bytes]) -> None:
+        for digest in digests:
+            try:
+                fd = os.open(object_path(self._root, "chunks", digest), READ_ONLY)
+            except OSError:
+                continue  # not a chunk object (a pack row), or missing: its read says so
+            try:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def read_chunk_into(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """The chunk object itself (no blob index looked for first); else as :meth:`read_whole` (a chunk
