@@ -73,7 +73,7 @@ from typing import Any
 import blake3
 
 # The sibling scripts (``bench/`` is on sys.path when this file is run): the same tree generators.
-from import_tree import base_facts, generate_tree
+from import_tree import base_facts, generate_tree, meminfo_kib
 from nar import chunk_object_paths, generate_large_file
 
 from nixcas.castore.digest import B3Digest
@@ -183,6 +183,8 @@ class Bench:
         self.digest = ""
         self.big_digest = ""
         self.loads: list[float] = []
+        self.free_mib: list[int] = []
+        """MemFree at each round's start: a fresh read takes 1 GiB of page cache, costly to reclaim in a full memory."""
         self.chunks: list[Path] = []
         self.mounts = 0
         self.entries = 0
@@ -257,6 +259,7 @@ class Bench:
         assert self.chunks
         big = Path("large") / "big.bin"
         self.loads.append(os.getloadavg()[0])
+        self.free_mib.append((meminfo_kib("MemFree") or 0) // 1024)
         self.record("read local, page cache", lambda: dd(self.big))
         with self.mount() as m:
             self.record("read mount, fresh", lambda: dd(m.path / big), m.pid)
@@ -332,7 +335,8 @@ class Bench:
             f"fresh mount / cold local read, same round: {ratio:.2f}x median "
             f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)}; "
             f"{'met' if ratio >= TARGET_COLD_RATIO else 'NOT met'}: target >= {TARGET_COLD_RATIO}x); "
-            f"load average at each round's start: {', '.join(f'{x:.1f}' for x in self.loads)}",
+            f"load average at each round's start: {', '.join(f'{x:.1f}' for x in self.loads)}; "
+            f"free memory {min(self.free_mib)}-{max(self.free_mib)} MiB",
             f"find + stat of {self.entries} entries through a fresh mount: {find_s:.3f} s "
             f"({'met' if find_s <= TARGET_FIND_SECONDS else 'NOT met'}: target <= {TARGET_FIND_SECONDS:.0f} s)",
             f"mount peak RSS after reading the large file: {statistics.median(self.rss):.0f} MiB (median)",
@@ -360,6 +364,7 @@ class Bench:
             "mount_peak_rss_mib": self.rss,
             "fresh_vs_cold_ratios": ratios,
             "load_averages": self.loads,
+            "free_memory_mib": self.free_mib,
             "verdicts": verdicts,
         }
 

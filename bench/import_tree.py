@@ -491,6 +491,7 @@ def base_facts(workdir: Path) -> dict[str, Any]:
         "sched_affinity_cpus": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model(),
         "memory_total_kib": _meminfo_total(),
+        "memory_free_kib_start": meminfo_kib("MemFree"),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "nixcas_commit": command_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO),
@@ -510,10 +511,15 @@ def machine_facts(nix_store: str, workdir: Path, store_parent: Path) -> dict[str
 
 
 def _meminfo_total() -> int | None:
+    return meminfo_kib("MemTotal")
+
+
+def meminfo_kib(field: str) -> int | None:
+    """A field of /proc/meminfo in KiB (``MemTotal``, ``MemFree``...), ``None`` if unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
     except OSError:
         return None
