@@ -333,24 +333,18 @@ class BulkReads(ABC):
     def read_whole(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One blob of exactly ``size`` bytes (at most :attr:`whole_max`), verified whole before it is returned."""
 
-    def will_read_chunks(self, digests: Sequence[bytes]) -> None:
-        """A hint: these chunks (raw digests) are read next, one after another.  A backend that reads files asks
-        the kernel to start reading them all now, so a group of chunks not in the page cache waits for the disk
-        once, not once per chunk; by default nothing.  Errors are ignored."""
-        return
+    def will_read_chunks(self, digests: Sequence[bytes]) -> None:  # noqa: B027 - a hint: by default nothing
+        """A hint: these chunks are read next (a file backend has the kernel read them all ahead; errors ignored)."""
 
     def read_chunk_into(self, digest: bytes, size: int, buffer: memoryview) -> bytes | memoryview | None:
         """One chunk of a chunked blob (raw digest, exact size), verified: by default :meth:`read_whole`."""
         return self.read_whole(digest, size, buffer)
 
     def read_chunks(self, digest: bytes, size: int) -> Iterator[bytes] | None:
-        """A chunked blob of exactly ``size`` bytes, chunk by chunk: for blobs too big to hold whole.
-
-        Each chunk is checked (digest, size) before it is yielded, and the whole blob's BLAKE3 at the end
-        (:class:`ChecksumMismatch`): publish what was written only once the iterator is exhausted.  A damaged
-        or missing chunk raises :class:`StorageError`; ``None`` (before anything is read) for a blob that is
-        missing, not chunked, or of another size, and always by default (backends without chunk files).
-        """
+        """A chunked blob of exactly ``size`` bytes, chunk by chunk (too big to hold whole), each chunk checked
+        (digest, size) before it is yielded and the whole blob's BLAKE3 at the end (:class:`ChecksumMismatch`: publish
+        only once it is exhausted); a damaged or missing chunk raises :class:`StorageError`; ``None`` (before anything
+        is read) if missing, not chunked or of another size, and always by default (backends without chunk files)."""
         return None
 
 
