@@ -531,7 +531,10 @@ class InOrderHash:
     Nothing offered is let go while the hash can still go on, so a blob read
     in order is always hashed whole; groups that wait behind a gap (a jump
     left the next group unread) are let go with the window that held them
-    (:meth:`let_go`).
+    (:meth:`let_go`).  The thread that hashes hands back the group it read only
+    once nothing is left waiting, so a reader going in order is never more
+    than the groups being read ahead of the hash, and what waits stays within
+    the window.
     """
 
     def __init__(self, expected: bytes, groups: int) -> None:
@@ -560,11 +563,13 @@ class InOrderHash:
             if self._busy:
                 return  # the thread hashing now takes it too
             self._busy = True
+        done = False
         try:
             while True:
                 with self._cond:
                     batch = None if self._closed else self._waiting.pop(self.position, None)
-                    if batch is None:
+                    if batch is None:  # no longer hashing, in the same breath: a group offered now finds no owner
+                        done = self._stop_hashing()
                         return
                 for data in batch:
                     self._hasher.update(data)
@@ -573,9 +578,15 @@ class InOrderHash:
                     if self.position == self._groups and (got := self._hasher.digest()) != self._expected:
                         self.mismatch = got.hex()
         finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+            if not done:  # an error: no longer hashing either
+                with self._cond:
+                    self._stop_hashing()
+
+    def _stop_hashing(self) -> bool:
+        """(Under the lock.)"""
+        self._busy = False
+        self._cond.notify_all()
+        return True
 
     def let_go(self, held: Callable[[int], bool]) -> None:
         """Let waiting groups go that are no longer ``held``, if the hash is stuck: the next group is neither
