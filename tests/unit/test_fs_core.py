@@ -577,8 +577,8 @@ def test_in_order_hash_takes_groups_offered_out_of_order_from_many_threads() -> 
 async def test_chunked_file_read_in_order_is_hashed_whole_however_far_the_hash_lags(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The whole-blob hash may fall far behind the reader (a slow hasher here): groups dropped from the window
-    meanwhile are still hashed, so a wrong chunk list still fails the read of the end."""
+    """A slow whole-blob hash, with a window that keeps nothing behind the reader: a file read in order is still
+    hashed whole (no group is dropped before it is hashed), so a wrong chunk list still fails the read of the end."""
 
     real = blake3.blake3
 
@@ -693,7 +693,7 @@ async def test_chunked_file_asks_the_disk_for_each_group_at_once(
         assert chunks is not None and len(chunks) > 4
         reads = blobs.bulk_reads()
         assert reads is not None
-        reads.will_read_chunks([bytes(c.digest) for c in chunks] + [b"\0" * 32])  # a real one: no error
+        reads.will_read_chunks([bytes(c.digest) for c in chunks] + [b"\0" * 32])  # the real hint: no error
         hinted: list[list[bytes]] = []
         monkeypatch.setattr(type(reads), "will_read_chunks", lambda self, digests: hinted.append(list(digests)))
         cf = ChunkedFile(blobs, digest, chunks, name="big")
