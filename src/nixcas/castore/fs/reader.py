@@ -563,13 +563,13 @@ class InOrderHash:
             if self._busy:
                 return  # the thread hashing now takes it too
             self._busy = True
-        done = False
         try:
             while True:
                 with self._cond:
                     batch = None if self._closed else self._waiting.pop(self.position, None)
-                    if batch is None:  # no longer hashing, in the same breath: a group offered now finds no owner
-                        done = self._stop_hashing()
+                    if batch is None:  # no longer hashing, in the same locked step: a group offered next finds none
+                        self._busy = False
+                        self._cond.notify_all()
                         return
                 for data in batch:
                     self._hasher.update(data)
@@ -577,16 +577,11 @@ class InOrderHash:
                     self.position += 1
                     if self.position == self._groups and (got := self._hasher.digest()) != self._expected:
                         self.mismatch = got.hex()
-        finally:
-            if not done:  # an error: no longer hashing either
-                with self._cond:
-                    self._stop_hashing()
-
-    def _stop_hashing(self) -> bool:
-        """(Under the lock.)"""
-        self._busy = False
-        self._cond.notify_all()
-        return True
+        except BaseException:  # an error: no longer hashing either
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+            raise
 
     def let_go(self, held: Callable[[int], bool]) -> None:
         """Let waiting groups go that are no longer ``held``, if the hash is stuck: the next group is neither
