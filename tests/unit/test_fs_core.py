@@ -8,6 +8,7 @@ the inode table holds) by calling the operations directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import itertools
@@ -23,7 +24,7 @@ from typing import Any
 import blake3
 import pytest
 
-from nixcas.castore.blob.base import BlobChecker, BlobReader, BytesReader, ChunkMeta, VerifyingReader
+from nixcas.castore.blob.base import BlobChecker, BlobReader, BlobService, BytesReader, ChunkMeta, VerifyingReader
 from nixcas.castore.blob.memory import MemoryBlobService
 from nixcas.castore.digest import B3Digest
 from nixcas.castore.directory import Directory
@@ -632,20 +633,32 @@ def test_in_order_hash_lets_go_only_what_waits_behind_a_gap() -> None:
     assert closed.position == 1 and not closed.finished
 
 
+@contextlib.asynccontextmanager
+async def packed_chunked_blob(
+    tmp_path: Path, seed: bytes
+) -> AsyncIterator[tuple[BlobService, bytes, B3Digest, list[ChunkMeta]]]:
+    """A packed:// store holding one 6 MiB blob made from ``seed``, kept in chunks: (store, bytes, digest, chunks)."""
+    from nixcas.composition import blob_service_from_url
+
+    blobs = await blob_service_from_url(f"packed://{tmp_path / 'blobs'}")
+    try:
+        data = blake3.blake3(seed).digest(length=6 << 20)
+        digest = await blobs.put(data)
+        chunks = await blobs.chunks(digest)
+        assert chunks is not None and len(chunks) > 4
+        yield blobs, data, digest, chunks
+    finally:
+        await blobs.close()
+
+
 async def test_chunked_file_over_the_embedded_store_reads_chunk_objects_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Over packed:// (BulkReads) groups are read as chunk objects, not through read_many; a damaged object fails
     the reads that cover it (then found through the async API) and only those; all bytes read in order are right."""
     from nixcas.castore.objectstore.layout import chunk_key
-    from nixcas.composition import blob_service_from_url
 
-    blobs = await blob_service_from_url(f"packed://{tmp_path / 'blobs'}")
-    try:
-        data = blake3.blake3(b"mounted").digest(length=6 << 20)
-        digest = await blobs.put(data)
-        chunks = await blobs.chunks(digest)
-        assert chunks is not None and len(chunks) > 4
+    async with packed_chunked_blob(tmp_path, b"mounted") as (blobs, data, digest, chunks):
         async_reads: list[str] = []
         with monkeypatch.context() as m:
             for name in ("read_many", "read_chunk"):
@@ -673,8 +686,6 @@ async def test_chunked_file_over_the_embedded_store_reads_chunk_objects_checked(
         assert await cf.pread(starts[bad] - 10, 10) == data[starts[bad] - 10 : starts[bad]]
         assert await cf.pread(starts[bad + 1], 1000) == data[starts[bad + 1] : starts[bad + 1] + 1000]
         await cf.close()
-    finally:
-        await blobs.close()
 
 
 async def test_chunked_file_asks_the_disk_for_each_group_at_once(
@@ -683,14 +694,7 @@ async def test_chunked_file_asks_the_disk_for_each_group_at_once(
     """Before reading a group of chunk objects one after another, the reader hints all but the first (read at
     once anyway) to the store, which asks the kernel to read them ahead; a digest that is no chunk file is
     ignored."""
-    from nixcas.composition import blob_service_from_url
-
-    blobs = await blob_service_from_url(f"packed://{tmp_path / 'blobs'}")
-    try:
-        data = blake3.blake3(b"hinted").digest(length=6 << 20)
-        digest = await blobs.put(data)
-        chunks = await blobs.chunks(digest)
-        assert chunks is not None and len(chunks) > 4
+    async with packed_chunked_blob(tmp_path, b"hinted") as (blobs, data, digest, chunks):
         reads = blobs.bulk_reads()
         assert reads is not None
         reads.will_read_chunks([bytes(c.digest) for c in chunks] + [b"\0" * 32])  # the real hint: no error
@@ -708,8 +712,6 @@ async def test_chunked_file_asks_the_disk_for_each_group_at_once(
         groups.sort()
         assert groups[0][0] == 0 and groups[-1][1] == len(chunks)
         assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))  # every chunk, each group once
-    finally:
-        await blobs.close()
 
 
 async def test_chunked_file_missing_chunk_is_an_error_and_retried() -> None:
